@@ -1,0 +1,41 @@
+"""tdfunc: functional interpretability for PyTorch over TensorDict state.
+
+A model run is a pure function of (state, inputs, activation edits) returning (outputs, captures);
+every method is built from that call and from ``torch.func``.
+"""
+
+from ._call import functional_call as functional_call
+from ._call import intervene as intervene
+from ._edits import Delta as Delta
+from ._edits import Rule as Rule
+from ._edits import delta as delta
+from ._edits import rule as rule
+from ._errors import EditError as EditError
+from ._errors import NotReachedError as NotReachedError
+from ._errors import SiteError as SiteError
+from ._errors import StateError as StateError
+from ._errors import TdfuncError as TdfuncError
+from ._sites import install_sites as install_sites
+from ._sites import remove_sites as remove_sites
+from ._state import state as state
+from ._tap import Tap as Tap
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "functional_call",
+    "intervene",
+    "state",
+    "delta",
+    "rule",
+    "Delta",
+    "Rule",
+    "Tap",
+    "install_sites",
+    "remove_sites",
+    "TdfuncError",
+    "SiteError",
+    "EditError",
+    "StateError",
+    "NotReachedError",
+]

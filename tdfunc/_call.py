@@ -1,0 +1,174 @@
+"""The core call: ``functional_call`` with edits and captures, and the ``intervene`` transform."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+from tensordict import TensorDict, TensorDictBase
+from torch import nn
+
+from . import _runtime
+from ._state import flat_state
+from ._types import Capture, Edits, State
+
+__all__ = ["functional_call", "intervene"]
+
+
+def _check_module(fn: str, module: Any) -> None:
+    if not isinstance(module, nn.Module):
+        raise TypeError(
+            f"{fn}: expected an nn.Module as the module, got {type(module).__name__} ({module!r:.60})."
+        )
+
+
+def functional_call(
+    module: nn.Module,
+    state: State,
+    args: Any,
+    kwargs: Mapping[str, Any] | None = None,
+    *,
+    edits: Edits | None = None,
+    capture: Capture | None = None,
+) -> Any:
+    """Run ``module`` as a pure function of (state, inputs, activation edits).
+
+    .. math::  (y, \\{a_s\\}_{s \\in C}) = F(\\theta, x;\\; a_s \\leftarrow e_s(a_s)\\ \\forall s \\in E)
+
+    Like :func:`torch.func.functional_call`, with ``state`` a TensorDict (partial allowed: entries
+    it lacks come from the module).  ``edits`` change values inside the forward; ``capture``
+    returns values from inside it.  Nothing is written to the module, the state or the inputs
+    (TensorDict inputs are shallow-copied, so a ``TensorDictModule``'s writes stay inside).
+
+    Sites (keys of ``edits``, entries of ``capture``):
+
+    * ``"blocks.0.mlp"`` — the output of that submodule (its first element if it returns a tuple);
+    * ``"blocks.0.mlp:input"`` / ``":input.N"`` — its first / N-th positional input;
+      ``":output.N"`` — element N of a tuple output;
+    * ``"blocks.0.mlp@k"`` — only its k-th call (0-based) when it runs several times in one forward;
+      ``"@*"`` captures every call, stacked on a new leading dimension.  An edit without ``@``
+      applies to every call; a capture without ``@`` of a module that ran several times is an error;
+    * globs: ``"blocks.*.mlp"`` (``*`` within one name segment, ``**`` across segments);
+      a glob capture returns one entry per matched module, keyed by its name;
+    * a :class:`tdfunc.Tap` placed in model code is a site under its own path.
+
+    Edits:
+
+    * a ``Tensor`` — substitute the value (broadcast to its shape; same dtype and device);
+    * a callable ``fn(value) -> value`` — e.g. ``lambda v: v * mask`` (same shape);
+    * :func:`tdfunc.delta` ``(t)`` — add ``t``; differentiate w.r.t. ``t`` for the gradient at the site;
+    * :func:`tdfunc.rule` ``(fn)`` — ``fn(module, args, kwargs, output)`` replaces the output.
+
+    Several edits at one site apply in the order of the mapping; captures see the value after the
+    edits of the same call.  Edits run outside the call: a model called inside an edit runs plain.
+
+    Args:
+        module: the model.
+        state: a TensorDict from :func:`tdfunc.state` (or part of one, or a stacked one under
+            ``vmap``), a mapping of dotted names to tensors, or ``None`` for the module's own tensors.
+        args: positional inputs (a tuple, or a single value).
+        kwargs: keyword inputs.
+        edits: mapping from site to edit.
+        capture: a site or list of sites to return.
+
+    Returns:
+        The module's output, or ``(output, captures)`` when ``capture`` is given, with ``captures``
+        a TensorDict keyed by site string (``captures["blocks.0.mlp"]``).
+
+    Raises:
+        SiteError: unknown site (with the nearest names), glob matching nothing, bad site syntax.
+        EditError: a substitute / delta / edit result whose shape, dtype or device does not fit.
+        StateError: a state key that names no parameter or buffer.
+        NotReachedError: an edited or captured site that the forward never reached.
+
+    Example:
+        >>> import torch, tdfunc
+        >>> net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+        >>> x = torch.randn(3, 4)
+        >>> y, caps = tdfunc.functional_call(net, tdfunc.state(net), (x,), capture=["1"])
+        >>> torch.equal(y, net(x)), caps["1"].shape
+        (True, torch.Size([3, 8]))
+        >>> z = tdfunc.functional_call(net, None, (x,), edits={"1": torch.zeros(8)})
+        >>> torch.allclose(z, net[2].bias.expand(3, 2))
+        True
+
+    Composes with: ``vmap`` (over inputs, edit tensors, stacked states), ``grad`` / ``vjp`` /
+    ``jacrev`` (incl. double backward), ``torch.compile(fullgraph=True)`` (after
+    :func:`tdfunc.install_sites`).
+    """
+    fn = "tdfunc.functional_call"
+    _check_module(fn, module)
+    params = flat_state(fn, module, state)
+    if not isinstance(args, tuple):
+        args = (args,)
+    args = tuple(a.copy() if isinstance(a, TensorDictBase) else a for a in args)
+    if kwargs is not None and not isinstance(kwargs, Mapping):
+        raise TypeError(f"{fn}: kwargs must be a mapping or None, got {type(kwargs).__name__}.")
+    kwargs = dict(kwargs or {})
+    plan = _runtime.make_plan(fn, module, edits, capture)
+    run = torch.func.functional_call if params else None
+    call = (lambda: run(module, params, args, kwargs)) if params else (lambda: module(*args, **kwargs))
+    if plan is None:
+        out = call()
+        return (out, TensorDict({}, batch_size=[])) if capture is not None else out
+    out, frame = _runtime.run_in_frame(plan, call)
+    captures = _runtime.finish(frame)
+    return (out, captures) if capture is not None else out
+
+
+def intervene(
+    f: Callable[..., Any],
+    module: nn.Module,
+    *,
+    edits: Edits | None = None,
+    capture: Capture | None = None,
+) -> Callable[..., Any]:
+    """Transform ``f`` so every call of ``module`` (and its submodules) inside it is edited / captured.
+
+    ``f`` is opaque: it may call ``module`` directly, through :func:`tdfunc.functional_call`, or
+    several times.  Site call indices (``"@k"``) count calls over the whole run of ``f``.
+
+    Nesting order: edits apply innermost first.  In
+    ``intervene(lambda x: tdfunc.functional_call(m, s, x, edits=E_in), m, edits=E_out)`` a site
+    edited by both gets ``E_out(E_in(value))``: the outer transform sees what the inner function
+    computes, and an outer capture sees the value after both.
+
+    Args:
+        f: any function.
+        module: the module whose sites ``edits`` and ``capture`` name.
+        edits: mapping from site to edit (as in :func:`tdfunc.functional_call`).
+        capture: sites to return.
+
+    Returns:
+        ``g`` with ``f``'s signature, returning ``f(...)``, or ``(f(...), captures)`` when ``capture`` is given.
+
+    Example:
+        >>> import torch, tdfunc
+        >>> net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+        >>> f = lambda x: net(x).sum()
+        >>> g = tdfunc.intervene(f, net, edits={"1": lambda v: 0 * v}, capture=["0"])
+        >>> out, caps = g(torch.randn(3, 4))
+        >>> torch.allclose(out, 3 * net[2].bias.sum()), caps["0"].shape
+        (True, torch.Size([3, 8]))
+
+    Composes with: ``vmap``, ``grad``, ``torch.compile(fullgraph=True)``, and nests with itself
+    and with :func:`tdfunc.functional_call`.
+    """
+    fn = "tdfunc.intervene"
+    if not callable(f):
+        raise TypeError(f"{fn}: expected a callable f, got {type(f).__name__} ({f!r:.60}).")
+    _check_module(fn, module)
+    plan = _runtime.make_plan(fn, module, edits, capture)
+
+    @functools.wraps(f)
+    def intervened(*args: Any, **kwargs: Any) -> Any:
+        if plan is None:
+            out = f(*args, **kwargs)
+            return (out, TensorDict({}, batch_size=[])) if capture is not None else out
+        out, frame = _runtime.run_in_frame(plan, f, *args, **kwargs)
+        captures = _runtime.finish(frame)
+        return (out, captures) if capture is not None else out
+
+    return intervened

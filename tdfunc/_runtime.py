@@ -1,0 +1,385 @@
+"""The runtime behind every tdfunc call: plans, the thread-local frame stack and the site hooks.
+
+A *plan* maps module objects to the operations (edits, then captures) to run at their input or
+output.  A call pushes a *frame* (the plan plus per-call counters and captured values) on a
+thread-local stack and pops it in ``finally``.  The persistent hooks installed on used sites read
+the stack: with no frame they return at once, so a module computes exactly what it did before.
+
+Nesting: the frames on the stack all apply, innermost (most recently pushed) first, so an outer
+:func:`tdfunc.intervene` sees the value an inner call produced.  While a user edit function or rule
+runs, a barrier (``None``) hides every frame below it: a model called inside an edit runs plain.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from tensordict import TensorDict, TensorDictBase
+from torch import nn
+
+from ._edits import Delta, Rule
+from ._errors import EditError, NotReachedError, SiteError, shape_str, suggest
+from ._sites import ALL_CALLS, SiteSpec, install, module_table, parse_site, resolve_site
+
+_LOCAL = threading.local()
+
+
+class _Op:
+    """One edit or capture at one (module, port)."""
+
+    __slots__ = ("slot", "key", "element", "call", "payload", "capture", "port")
+
+    def __init__(self, slot, key, port, element, call, payload, capture):
+        self.slot, self.key, self.port, self.element = slot, key, port, element
+        self.call, self.payload, self.capture = call, payload, capture
+
+
+class _Entry:
+    """The ops of one module, per port, and the index of its call counters."""
+
+    __slots__ = ("counter", "inputs", "outputs")
+
+    def __init__(self, counter):
+        self.counter = counter
+        self.inputs: list[_Op] = []
+        self.outputs: list[_Op] = []
+
+
+class Plan:
+    __slots__ = ("fn", "entries", "edits", "captures", "n_counters")
+
+    def __init__(self, fn: str):
+        self.fn = fn
+        self.entries: dict[nn.Module, _Entry] = {}
+        self.edits: list[_Op] = []
+        self.captures: list[_Op] = []
+        self.n_counters = 0
+
+
+class Frame:
+    __slots__ = ("plan", "counts", "hits", "values")
+
+    def __init__(self, plan: Plan):
+        self.plan = plan
+        self.counts = [0] * plan.n_counters
+        n = len(plan.edits) + len(plan.captures)
+        self.hits = [0] * n
+        self.values: list[list[Any]] = [[] for _ in range(n)]
+
+
+# --- planning ------------------------------------------------------------------------------------
+
+
+def _walk(root: nn.Module, path: str) -> nn.Module | None:
+    m: nn.Module | None = root
+    for seg in path.split("."):
+        m = m._modules.get(seg) if m is not None else None
+    return m
+
+
+def _resolve(fn: str, root: nn.Module, spec: SiteSpec, cache: dict) -> list[tuple[str, nn.Module]]:
+    if not spec.is_glob:
+        m = _walk(root, spec.path)
+        if m is not None:
+            return [(spec.path, m)]
+    if "table" not in cache:
+        cache["table"] = module_table(root)
+    return resolve_site(fn, root, spec, cache["table"])
+
+
+def _sites_of(fn: str, what: str, value: Any) -> list:
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, (list, tuple)):
+        return list(value)
+    raise TypeError(
+        f"{fn}: {what} must be a site string or a list of site strings, got {type(value).__name__} "
+        f"({value!r:.80}); e.g. {what}=['blocks.0.mlp', 'blocks.*.attn']."
+    )
+
+
+def _check_edit_value(fn: str, site: str, payload: Any) -> None:
+    if isinstance(payload, (torch.Tensor, Delta, Rule, TensorDictBase)) or callable(payload):
+        return
+    raise EditError(
+        f"{fn}: the edit at site {site!r} is a {type(payload).__name__} ({payload!r:.60}); expected a "
+        "Tensor (substitute the value), a callable fn(value) -> value, tdfunc.delta(t) (add t) or "
+        "tdfunc.rule(fn) (rewrite the module's output)."
+    )
+
+
+def make_plan(fn: str, root: nn.Module, edits: Mapping | None, capture: Any) -> Plan | None:
+    """Resolve edits and captures to module objects and install their sites. ``None`` if empty."""
+    if edits is not None and not isinstance(edits, Mapping):
+        raise TypeError(
+            f"{fn}: edits must be a mapping from site to edit, got {type(edits).__name__} ({edits!r:.80}); "
+            "e.g. edits={'blocks.0.mlp': tdfunc.delta(v)}."
+        )
+    cap_sites = _sites_of(fn, "capture", capture)
+    if not edits and not cap_sites:
+        return None
+    plan, cache = Plan(fn), {}
+    used: list[tuple[str, nn.Module]] = []
+    seen_keys: set[str] = set()
+    requests = [(s, v, False) for s, v in (edits or {}).items()] + [(s, None, True) for s in cap_sites]
+    for site, payload, is_capture in requests:
+        spec = parse_site(fn, site)
+        if not is_capture:
+            _check_edit_value(fn, spec.text, payload)
+            if isinstance(payload, Rule) and spec.port != "output":
+                raise EditError(
+                    f"{fn}: tdfunc.rule edits rewrite a module's output, but site {spec.text!r} is an input; "
+                    f"use the output site {spec.path!r} or a plain callable edit."
+                )
+        for name, m in _resolve(fn, root, spec, cache):
+            key = name + spec.suffix if spec.is_glob else spec.text
+            if is_capture:
+                if key in seen_keys:
+                    continue
+                seen_keys.add(key)
+            entry = plan.entries.get(m)
+            if entry is None:
+                entry = plan.entries[m] = _Entry(plan.n_counters)
+                plan.n_counters += 2
+                used.append((name, m))
+            op = _Op(len(plan.edits) + len(plan.captures), key, spec.port, spec.element, spec.call, payload, is_capture)
+            (plan.captures if is_capture else plan.edits).append(op)
+            (entry.inputs if spec.port == "input" else entry.outputs).append(op)
+    for entry in plan.entries.values():  # per frame: its edits first, then its captures
+        entry.inputs.sort(key=lambda o: o.capture)
+        entry.outputs.sort(key=lambda o: o.capture)
+    install(fn, used)
+    return plan
+
+
+# --- the stack -----------------------------------------------------------------------------------
+
+
+def push(frame: Frame | None) -> None:
+    stack = getattr(_LOCAL, "stack", None)
+    if stack is None:
+        stack = _LOCAL.stack = []
+    stack.append(frame)
+
+
+def pop() -> None:
+    _LOCAL.stack.pop()
+
+
+def _user(fn, *args):
+    """Run user code (an edit or a rule) outside every active frame."""
+    push(None)
+    try:
+        return fn(*args)
+    finally:
+        pop()
+
+
+# --- applying ops --------------------------------------------------------------------------------
+
+
+def _describe(v: Any) -> str:
+    if isinstance(v, torch.Tensor):
+        return f"a tensor of shape {shape_str(v.shape)}, dtype {v.dtype}, device {v.device}"
+    return f"a {type(v).__name__}"
+
+
+def _fit(fn: str, site: str, what: str, new: Any, value: Any, exact: bool) -> Any:
+    """Check that ``new`` can stand for ``value``; broadcast it when ``exact`` is False."""
+    if not isinstance(value, torch.Tensor):
+        if isinstance(value, TensorDictBase) and not isinstance(new, TensorDictBase):
+            raise EditError(f"{fn}: {what} at site {site!r} is {_describe(new)}, but the site holds a TensorDict.")
+        return new
+    if not isinstance(new, torch.Tensor):
+        raise EditError(
+            f"{fn}: {what} at site {site!r} is {_describe(new)} ({new!r:.60}), but the site holds "
+            f"{_describe(value)}; an edit must give a tensor of that shape."
+        )
+    if new.dtype != value.dtype or new.device != value.device:
+        raise EditError(
+            f"{fn}: {what} at site {site!r} has dtype {new.dtype} on {new.device}, but the site's value has "
+            f"dtype {value.dtype} on {value.device}; convert it with .to(value.dtype, value.device)."
+        )
+    if new.shape != value.shape:
+        ok = False
+        if not exact and new.dim() <= value.dim():
+            ok = all(a == b or a == 1 for a, b in zip(new.shape[::-1], value.shape[::-1]))
+        if not ok:
+            how = "broadcastable to" if not exact else "equal to"
+            raise EditError(
+                f"{fn}: {what} at site {site!r} has shape {shape_str(new.shape)}, but the site's value has shape "
+                f"{shape_str(value.shape)}; give a tensor with a shape {how} {shape_str(value.shape)}."
+            )
+        if what == "the substitute":
+            new = new.expand(value.shape)
+    return new
+
+
+def _edit(fn: str, op: _Op, value: Any, module, args, kwargs, output) -> Any:
+    p = op.payload
+    if isinstance(p, (torch.Tensor, TensorDictBase)):
+        return _fit(fn, op.key, "the substitute", p, value, exact=False)
+    if isinstance(p, Delta):
+        return value + _fit(fn, op.key, "the delta", p.tensor, value, exact=False)
+    if isinstance(p, Rule):
+        new = _user(p.fn, module, args, kwargs, value if op.element is not None else output)
+        if op.element is None and not isinstance(output, (torch.Tensor, TensorDictBase)):
+            new = _get(fn, op, new, "output")
+        return _fit(fn, op.key, "the rule's result", new, value, exact=True)
+    return _fit(fn, op.key, "the edit function's result", _user(p, value), value, exact=True)
+
+
+def _get(fn: str, op: _Op, container: Any, port: str) -> Any:
+    i = op.element
+    if i is None:
+        if isinstance(container, (torch.Tensor, TensorDictBase)):
+            return container
+        i = 0
+    if isinstance(container, (tuple, list)) and len(container) > i:
+        return container[i]
+    what = "positional inputs are" if port == "input" else "output is"
+    size = f" of length {len(container)}" if isinstance(container, (tuple, list)) else ""
+    fix = (
+        "an input passed by keyword cannot be addressed; pass it positionally or edit another site."
+        if port == "input"
+        else "use 'path:output.N' with a valid N."
+    )
+    raise SiteError(f"{fn}: site {op.key!r}: the module's {what} {_describe(container)}{size}, with no element {i}; {fix}")
+
+
+def _put(container: Any, op: _Op, new: Any) -> Any:
+    i = op.element
+    if i is None:
+        if isinstance(container, (torch.Tensor, TensorDictBase)):
+            return new
+        i = 0
+    items = list(container)
+    items[i] = new
+    if isinstance(container, list):
+        return items
+    return tuple(items) if type(container) is tuple else type(container)(*items)  # namedtuples
+
+
+def _capture_copy(value: Any) -> Any:
+    # Clone: a later in-place op (ReLU(inplace=True)) must not rewrite what was captured.
+    return value.clone() if isinstance(value, (torch.Tensor, TensorDictBase)) else value
+
+
+def _run(frame: Frame, ops: list[_Op], counter: int, port: str, module, args, kwargs, container) -> Any:
+    k = frame.counts[counter]
+    frame.counts[counter] = k + 1
+    fn = frame.plan.fn
+    for op in ops:
+        if op.call is not None and op.call != ALL_CALLS and op.call != k:
+            continue
+        value = _get(fn, op, container, port)
+        frame.hits[op.slot] += 1
+        if op.capture:
+            frame.values[op.slot].append(_capture_copy(value))
+        else:
+            new = _edit(fn, op, value, module, args, kwargs, container)
+            container = _put(container, op, new)
+    return container
+
+
+def _active(stack: list) -> list[Frame]:
+    frames = []
+    i = len(stack) - 1
+    while i >= 0 and stack[i] is not None:
+        frames.append(stack[i])
+        i -= 1
+    return frames
+
+
+def input_hook(module, args, kwargs):
+    stack = getattr(_LOCAL, "stack", None)
+    if not stack:
+        return None
+    changed = False
+    for frame in _active(stack):
+        entry = frame.plan.entries.get(module)
+        if entry is not None and entry.inputs:
+            args = _run(frame, entry.inputs, entry.counter, "input", module, args, kwargs, args)
+            changed = True
+    return (args, kwargs) if changed else None
+
+
+def output_hook(module, args, kwargs, output):
+    stack = getattr(_LOCAL, "stack", None)
+    if not stack:
+        return None
+    changed = False
+    for frame in _active(stack):
+        entry = frame.plan.entries.get(module)
+        if entry is not None and entry.outputs:
+            output = _run(frame, entry.outputs, entry.counter + 1, "output", module, args, kwargs, output)
+            changed = True
+    return output if changed else None
+
+
+# --- finishing a frame ---------------------------------------------------------------------------
+
+
+def _calls(frame: Frame, op: _Op) -> int:
+    for m, entry in frame.plan.entries.items():
+        if op in entry.inputs:
+            return frame.counts[entry.counter]
+        if op in entry.outputs:
+            return frame.counts[entry.counter + 1]
+    return 0
+
+
+def finish(frame: Frame) -> TensorDict:
+    """Check every edit was applied and every capture found once; return the captures."""
+    fn = frame.plan.fn
+    for op in frame.plan.edits:
+        if frame.hits[op.slot] == 0:
+            n = _calls(frame, op)
+            raise NotReachedError(
+                f"{fn}: the edit at site {op.key!r} was never applied: the module ran {n} time(s) in this call"
+                + (f", so it has no call {op.call}" if op.call not in (None, ALL_CALLS) else "")
+                + ". Check that the forward reaches this module (and with these inputs), or remove the edit."
+            )
+    out = {}
+    for op in frame.plan.captures:
+        vals = frame.values[op.slot]
+        n = _calls(frame, op)
+        if not vals:
+            raise NotReachedError(
+                f"{fn}: nothing was captured at site {op.key!r}: the module ran {n} time(s) in this call"
+                + (f", so it has no call {op.call}" if op.call not in (None, ALL_CALLS) else "")
+                + ". Capture a site the forward reaches."
+            )
+        if op.call is None and len(vals) > 1:
+            raise NotReachedError(
+                f"{fn}: site {op.key!r} ran {len(vals)} times in this call, so a single capture is ambiguous; "
+                f"capture '{op.key}@0' … '{op.key}@{len(vals) - 1}' for one call, or '{op.key}@*' for all of them "
+                "stacked on a new leading dimension."
+            )
+        if op.call == ALL_CALLS:
+            shapes = {tuple(v.shape) for v in vals if isinstance(v, torch.Tensor)}
+            if len(shapes) > 1:
+                raise NotReachedError(
+                    f"{fn}: site {op.key!r} gave values of different shapes {sorted(shapes)} over its "
+                    f"{len(vals)} calls and cannot be stacked; capture each call with '@k'."
+                )
+            out[op.key] = torch.stack(vals)
+        else:
+            out[op.key] = vals[0]
+    return TensorDict(out, batch_size=[])
+
+
+def run_in_frame(plan: Plan, fn, *args, **kwargs):
+    """Call ``fn`` with ``plan``'s frame on the stack; return (result, frame)."""
+    frame = Frame(plan)
+    push(frame)
+    try:
+        result = fn(*args, **kwargs)
+    finally:
+        pop()
+    return result, frame

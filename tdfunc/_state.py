@@ -1,0 +1,105 @@
+"""State: a module's parameters and buffers as a TensorDict, and its flattening for a call."""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Mapping
+
+import torch
+from tensordict import TensorDict, TensorDictBase
+from torch import nn
+
+from ._errors import StateError, suggest
+
+__all__ = ["state", "flat_state"]
+
+
+def state(module: nn.Module, *, copy: bool = False) -> TensorDict:
+    """A module's parameters and buffers as a TensorDict mirroring the module tree.
+
+    ``state(model)[("layers", "0", "weight")]`` is ``model.layers[0].weight`` as a plain tensor
+    (``requires_grad=False``, not an ``nn.Parameter``).  By default the tensors **share storage
+    with the module** (no copy): writing into them in place writes into the model.  No tdfunc
+    function ever writes into a state; weight interventions return new TensorDicts.  Pass
+    ``copy=True`` for an independent copy.
+
+    Stacked states work as ensembles under ``vmap``:
+    ``torch.func.vmap(lambda s: tdfunc.functional_call(model, s, (x,)))(torch.stack([s1, s2]))``.
+
+    Args:
+        module: any ``nn.Module``.
+        copy: clone every tensor instead of sharing storage.
+
+    Returns:
+        A TensorDict with ``batch_size=[]``; tied parameters appear once, under their first name.
+
+    Example:
+        >>> import torch, tdfunc
+        >>> net = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2))
+        >>> s = tdfunc.state(net)
+        >>> s["0", "weight"].shape, s["1", "running_mean"].shape
+        (torch.Size([2, 3]), torch.Size([2]))
+        >>> s["0", "weight"].requires_grad, type(s["0", "weight"]) is torch.Tensor
+        (False, True)
+
+    Composes with: ``TensorDict.stack`` / ``torch.stack`` (ensembles under ``vmap``), ``grad`` over the state.
+    """
+    if not isinstance(module, nn.Module):
+        raise TypeError(
+            f"tdfunc.state: expected an nn.Module, got {type(module).__name__} ({module!r:.60}); "
+            "pass the model itself, e.g. tdfunc.state(model)."
+        )
+    nested: dict = {}
+    for name, t in list(module.named_parameters()) + list(module.named_buffers()):
+        *path, leaf = name.split(".")
+        d = nested
+        for seg in path:
+            d = d.setdefault(seg, {})
+        t = t.detach()
+        d[leaf] = t.clone() if copy else t
+    return TensorDict(nested, batch_size=[])
+
+
+_NAMES: "weakref.WeakKeyDictionary[nn.Module, frozenset[str]]" = weakref.WeakKeyDictionary()
+
+
+def _names(module: nn.Module) -> frozenset[str]:
+    names = frozenset(n for n, _ in module.named_parameters(remove_duplicate=False)) | frozenset(
+        n for n, _ in module.named_buffers(remove_duplicate=False)
+    )
+    if not torch.compiler.is_compiling():
+        _NAMES[module] = names
+    return names
+
+
+def flat_state(fn: str, module: nn.Module, state: TensorDictBase | Mapping | None) -> dict[str, torch.Tensor]:
+    """Dotted-name dict of a (partial) state, checked against the module's tensor names."""
+    if state is None:
+        return {}
+    if isinstance(state, TensorDictBase):
+        flat = {}
+        for key, value in state.items(include_nested=True, leaves_only=True):
+            flat[key if isinstance(key, str) else ".".join(key)] = value
+    elif isinstance(state, Mapping):
+        flat = dict(TensorDict(dict(state), batch_size=[]).flatten_keys(".").items()) if any(
+            isinstance(v, Mapping) for v in state.values()
+        ) else dict(state)
+    else:
+        raise TypeError(
+            f"{fn}: state must be a TensorDict (tdfunc.state(model)), a mapping of dotted names to tensors, "
+            f"or None, got {type(state).__name__} ({state!r:.60})."
+        )
+    if torch.compiler.is_compiling():
+        return flat
+    names = _NAMES.get(module)
+    if names is None or any(k not in names for k in flat):
+        names = _names(module)
+    for k, v in flat.items():
+        if k not in names:
+            raise StateError(
+                f"{fn}: unknown state key {k!r}: {type(module).__name__} has no parameter or buffer of that "
+                f"name.{suggest(k, names)} Build the state with tdfunc.state(model) or select from it."
+            )
+        if not isinstance(v, torch.Tensor):
+            raise StateError(f"{fn}: state entry {k!r} is a {type(v).__name__}, expected a tensor.")
+    return flat
