@@ -107,7 +107,7 @@ def _check_edit_value(fn: str, site: str, payload: Any) -> None:
     if isinstance(payload, (torch.Tensor, Delta, Rule, TensorDictBase)) or callable(payload):
         return
     raise EditError(
-        f"{fn}: the edit at site {site!r} is a {type(payload).__name__} ({payload!r:.60}); expected a "
+        f"{fn}: the edit at site {site!r} is a value of type {type(payload).__name__} ({payload!r:.60}); expected a "
         "Tensor (substitute the value), a callable fn(value) -> value, tdfunc.delta(t) (add t) or "
         "tdfunc.rule(fn) (rewrite the module's output)."
     )
@@ -186,7 +186,11 @@ def _user(fn, *args):
 def _describe(v: Any) -> str:
     if isinstance(v, torch.Tensor):
         return f"a tensor of shape {shape_str(v.shape)}, dtype {v.dtype}, device {v.device}"
-    return f"a {type(v).__name__}"
+    return f"a value of type {type(v).__name__}"
+
+
+def _times(n: int) -> str:
+    return {0: "never ran", 1: "ran once"}.get(n, f"ran {n} times")
 
 
 def _fit(fn: str, site: str, what: str, new: Any, value: Any, exact: bool) -> Any:
@@ -341,7 +345,7 @@ def finish(frame: Frame) -> TensorDict:
         if frame.hits[op.slot] == 0:
             n = _calls(frame, op)
             raise NotReachedError(
-                f"{fn}: the edit at site {op.key!r} was never applied: the module ran {n} time(s) in this call"
+                f"{fn}: the edit at site {op.key!r} was never applied: the module {_times(n)} in this call"
                 + (f", so it has no call {op.call}" if op.call not in (None, ALL_CALLS) else "")
                 + ". Check that the forward reaches this module (and with these inputs), or remove the edit."
             )
@@ -351,7 +355,7 @@ def finish(frame: Frame) -> TensorDict:
         n = _calls(frame, op)
         if not vals:
             raise NotReachedError(
-                f"{fn}: nothing was captured at site {op.key!r}: the module ran {n} time(s) in this call"
+                f"{fn}: nothing was captured at site {op.key!r}: the module {_times(n)} in this call"
                 + (f", so it has no call {op.call}" if op.call not in (None, ALL_CALLS) else "")
                 + ". Capture a site the forward reaches."
             )

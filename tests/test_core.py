@@ -1,0 +1,316 @@
+"""Behaviour of the core: state, sites, edit forms, nesting, re-entrancy, threads, in-place ops."""
+
+from __future__ import annotations
+
+import copy
+import io
+import threading
+
+import pytest
+import torch
+from tensordict import TensorDict
+from torch import nn
+from torch.func import vmap
+
+import tdfunc
+from models import CNN, MLP, Recurrent, TinyTransformer
+
+
+# --- state ------------------------------------------------------------------------------------------
+
+
+def test_state_mirrors_tree_plain_tensors_shared_storage():
+    tt = TinyTransformer()
+    s = tdfunc.state(tt)
+    w = s["blocks", "0", "attn", "qkv", "weight"]
+    assert type(w) is torch.Tensor and not w.requires_grad
+    assert w.data_ptr() == tt.blocks[0].attn.qkv.weight.data_ptr()  # no copy by default
+    as_tuple = lambda k: k if isinstance(k, tuple) else (k,)
+    assert {as_tuple(k) for k in s.keys(include_nested=True, leaves_only=True)} == {
+        tuple(n.split(".")) for n, _ in list(tt.named_parameters()) + list(tt.named_buffers())
+    }
+    c = tdfunc.state(tt, copy=True)
+    assert c["blocks", "0", "attn", "qkv", "weight"].data_ptr() != w.data_ptr()
+    assert (c == s).all()
+
+
+def test_state_buffers_and_partial_state_fall_back_to_module():
+    cnn = CNN().eval()
+    s = tdfunc.state(cnn)
+    assert ("bn", "running_var") in s.keys(include_nested=True)
+    x = torch.randn(2, 1, 6, 6)
+    partial = TensorDict({"fc": {"bias": torch.full((5,), 3.0)}}, batch_size=[])
+    out = tdfunc.functional_call(cnn, partial, (x,))
+    ref = cnn(x) - cnn.fc.bias + 3.0
+    torch.testing.assert_close(out, ref)
+    flat = {"fc.bias": torch.full((5,), 3.0)}  # a flat mapping with dotted names works too
+    torch.testing.assert_close(tdfunc.functional_call(cnn, flat, (x,)), ref)
+
+
+def test_tied_weights_follow_the_state():
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(7, 4)
+            self.out = nn.Linear(4, 7, bias=False)
+            self.out.weight = self.emb.weight
+
+        def forward(self, t):
+            return self.out(self.emb(t))
+
+    m = Tied()
+    s = tdfunc.state(m)
+    assert ("out", "weight") not in s.keys(include_nested=True)  # tied tensors appear once
+    new = s.apply(torch.zeros_like)
+    assert torch.equal(tdfunc.functional_call(m, new, (torch.tensor([1, 2]),)), torch.zeros(2, 7))
+
+
+def test_stacked_states_from_modules_under_vmap():
+    members = [MLP() for _ in range(4)]
+    stacked = TensorDict.from_modules(*members).data  # detached stacked view
+    x = torch.randn(5, 6)
+    out = vmap(lambda s: tdfunc.functional_call(members[0], s, (x,)))(stacked)
+    ref = torch.stack([m(x) for m in members])
+    torch.testing.assert_close(out, ref)
+
+
+# --- edit forms ------------------------------------------------------------------------------------
+
+
+def _mlp_by_hand(m, x, act=None, fc2_in=None):
+    a = m.act(m.fc1(x))
+    a = act(a) if act else a
+    z = m.fc2(fc2_in(a) if fc2_in else a)
+    return m.head(m.act2(z))
+
+
+def test_edit_forms_match_hand_computation():
+    m, x = MLP(), torch.randn(4, 6)
+    sub = torch.randn(8)
+    torch.testing.assert_close(
+        tdfunc.functional_call(m, None, (x,), edits={"act": sub}), _mlp_by_hand(m, x, act=lambda a: sub.expand_as(a))
+    )
+    torch.testing.assert_close(
+        tdfunc.functional_call(m, None, (x,), edits={"act": lambda v: -v}), _mlp_by_hand(m, x, act=lambda a: -a)
+    )
+    d = torch.randn(4, 8)
+    torch.testing.assert_close(
+        tdfunc.functional_call(m, None, (x,), edits={"act": tdfunc.delta(d)}), _mlp_by_hand(m, x, act=lambda a: a + d)
+    )
+    torch.testing.assert_close(
+        tdfunc.functional_call(m, None, (x,), edits={"fc2:input": lambda v: 2 * v}),
+        _mlp_by_hand(m, x, fc2_in=lambda a: 2 * a),
+    )
+    # several edits at one site apply in mapping order; a capture sees the value after them
+    out, caps = tdfunc.functional_call(
+        m, None, (x,), edits={"act": lambda v: v + 1, "*": lambda v: v}, capture=["act"]
+    )
+    torch.testing.assert_close(caps["act"], m.act(m.fc1(x)) + 1)
+
+
+def test_delta_gives_the_activation_gradient_like_a_backward_hook():
+    m, x = MLP(), torch.randn(4, 6)
+    d0 = torch.zeros(4, 8)
+    g = torch.func.grad(lambda d: tdfunc.functional_call(m, None, (x,), edits={"fc2": tdfunc.delta(d)})[:, 1].sum())(d0)
+    seen = {}
+    h = m.fc2.register_full_backward_hook(lambda mod, gin, gout: seen.update(g=gout[0]))
+    m(x)[:, 1].sum().backward()
+    h.remove()
+    assert torch.equal(g, seen["g"])
+
+
+def test_rule_sees_substituted_weights():
+    m, x = MLP(), torch.randn(4, 6)
+    s = tdfunc.state(m, copy=True)
+    s["fc2", "weight"] = torch.randn(8, 8)
+    seen = {}
+    r = tdfunc.rule(lambda mod, a, k, out: (seen.update(w=mod.weight), out)[1])
+    tdfunc.functional_call(m, s, (x,), edits={"fc2": r})
+    assert torch.equal(seen["w"], s["fc2", "weight"])
+
+
+def test_tuple_outputs_and_output_elements():
+    class Pair(nn.Module):
+        def forward(self, x):
+            return x + 1, x * 10
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.pair = Pair()
+
+        def forward(self, x):
+            a, b = self.pair(x)
+            return a + b
+
+    x = torch.ones(3)
+    out, caps = tdfunc.functional_call(Net(), None, (x,), capture=["pair", "pair:output.1"])
+    assert torch.equal(caps["pair"], x + 1) and torch.equal(caps["pair:output.1"], 10 * x)
+    out = tdfunc.functional_call(Net(), None, (x,), edits={"pair:output.1": torch.zeros(3)})
+    assert torch.equal(out, x + 1)
+
+
+# --- sites ------------------------------------------------------------------------------------------
+
+
+def test_glob_capture_keys_and_double_star():
+    tt = TinyTransformer(layers=3)
+    toks = torch.randint(0, 17, (2, 5))
+    _, caps = tdfunc.functional_call(tt, None, (toks,), capture=["blocks.*.mlp", "**.scores"])
+    assert set(caps.keys()) == {f"blocks.{i}.mlp" for i in range(3)} | {f"blocks.{i}.attn.scores" for i in range(3)}
+    _, one = tdfunc.functional_call(tt, None, (toks,), capture="blocks.1.mlp")
+    assert torch.equal(one["blocks.1.mlp"], caps["blocks.1.mlp"])
+
+
+def test_kth_call_and_all_calls():
+    rec, x = Recurrent(), torch.randn(2, 5)
+    _, caps = tdfunc.functional_call(rec, None, (x,), capture=["act@0", "act@2", "act@*"])
+    h, hs = x, []
+    for _ in range(3):
+        h = rec.act(rec.cell(h))
+        hs.append(h)
+    assert torch.equal(caps["act@0"], hs[0]) and torch.equal(caps["act@2"], hs[2])
+    assert torch.equal(caps["act@*"], torch.stack(hs))
+    # an edit at one call only
+    y = tdfunc.functional_call(rec, None, (x,), edits={"act@1": torch.zeros(2, 5)})
+    assert torch.equal(y, rec.act(rec.cell(torch.zeros(2, 5))))
+
+
+def test_tap_exposes_attention_scores():
+    tt = TinyTransformer()
+    toks = torch.randint(0, 17, (2, 5))
+    flat = lambda v: torch.where(torch.isinf(v), v, torch.zeros_like(v))  # uniform attention where allowed
+    y, caps = tdfunc.functional_call(tt, None, (toks,), edits={"blocks.0.attn.scores": flat}, capture=["blocks.0.attn.scores"])
+    assert caps["blocks.0.attn.scores"].shape == (2, 2, 5, 5)
+    assert torch.equal(caps["blocks.0.attn.scores"][..., 0, 0], torch.zeros(2, 2))
+    assert not torch.equal(y, tt(toks))
+    assert torch.equal(tt(toks), tt(toks))  # plain call unaffected
+
+
+def test_inplace_op_after_site_does_not_corrupt_capture():
+    net = nn.Sequential(nn.Linear(4, 6), nn.ReLU(inplace=True), nn.Linear(6, 2))
+    x = torch.randn(8, 4)
+    _, caps = tdfunc.functional_call(net, None, (x,), capture=["0"])
+    torch.testing.assert_close(caps["0"], net[0](x))
+    assert (caps["0"] < 0).any()
+
+
+# --- nesting, re-entrancy, threads ------------------------------------------------------------------
+
+
+def test_nesting_order_inner_first_then_outer():
+    m, x = MLP(), torch.randn(3, 6)
+    inner = lambda x: tdfunc.functional_call(m, None, (x,), edits={"act": lambda v: v + 1.0}, capture="act")
+    g = tdfunc.intervene(inner, m, edits={"act": lambda v: 2.0 * v}, capture="act")
+    (y, inner_caps), outer_caps = g(x)
+    a = m.act(m.fc1(x))
+    torch.testing.assert_close(inner_caps["act"], a + 1.0)  # inner capture: after the inner edit
+    torch.testing.assert_close(outer_caps["act"], 2.0 * (a + 1.0))  # outer: after both
+    torch.testing.assert_close(y, _mlp_by_hand(m, x, act=lambda a: 2.0 * (a + 1.0)))
+
+
+def test_intervene_counts_calls_over_the_whole_function():
+    m = MLP()
+    x1, x2 = torch.randn(2, 6), torch.randn(2, 6)
+    g = tdfunc.intervene(lambda: m(x1) + m(x2), m, edits={"act@1": torch.zeros(8)}, capture=["fc1@*"])
+    y, caps = g()
+    torch.testing.assert_close(y, m(x1) + _mlp_by_hand(m, x2, act=lambda a: torch.zeros_like(a)))
+    torch.testing.assert_close(caps["fc1@*"], torch.stack([m.fc1(x1), m.fc1(x2)]))
+
+
+def test_reentrant_edit_that_runs_the_same_model():
+    m, x = MLP(), torch.randn(3, 6)
+
+    def edit(v):
+        plain = m(x)  # runs plain: the enclosing call's edits do not apply in here
+        nested = tdfunc.functional_call(m, None, (x,), edits={"act": torch.zeros(8)})
+        assert torch.equal(plain, _mlp_by_hand(m, x))
+        assert torch.equal(nested, _mlp_by_hand(m, x, act=lambda a: torch.zeros_like(a)))
+        return v * 0 + plain.sum()
+
+    y = tdfunc.functional_call(m, None, (x,), edits={"act": edit})
+    torch.testing.assert_close(y, _mlp_by_hand(m, x, act=lambda a: torch.full_like(a, m(x).sum().item())))
+
+
+def test_two_threads_different_edits_no_leaks():
+    m = MLP()
+    x = torch.randn(2, 6)
+    n = 1000
+    scales = {0: 0.0, 1: 3.0}
+    expected = {k: _mlp_by_hand(m, x, act=lambda a, s=s: a * s) for k, s in scales.items()}
+    bad = {0: 0, 1: 0}
+    barrier = threading.Barrier(2)
+
+    def worker(k):
+        barrier.wait()
+        for _ in range(n):
+            y = tdfunc.functional_call(m, None, (x,), edits={"act": lambda v: v * scales[k]})
+            bad[k] += not torch.equal(y, expected[k])
+            bad[k] += not torch.equal(m(x), expected_plain)  # plain calls in between stay plain
+
+    expected_plain = m(x)
+    threads = [threading.Thread(target=worker, args=(k,)) for k in scales]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert bad == {0: 0, 1: 0}
+
+
+# --- module hygiene -------------------------------------------------------------------------------
+
+
+def test_installed_sites_are_inert_and_survive_deepcopy_save_and_compile():
+    m, x = MLP(), torch.randn(3, 6)
+    ref = m(x)
+    tdfunc.install_sites(m, "**")
+    assert torch.equal(m(x), ref)
+    m2 = copy.deepcopy(m)
+    assert torch.equal(m2(x), ref)
+    # the copy's sites address the copy, not the original
+    _, caps = tdfunc.functional_call(m2, None, (x,), capture="act", edits={"fc1": torch.zeros(3, 8)})
+    assert torch.equal(caps["act"], torch.zeros(3, 8))
+    buf = io.BytesIO()
+    torch.save(m, buf)
+    buf.seek(0)
+    m3 = torch.load(buf, weights_only=False)
+    assert torch.equal(m3(x), ref)
+    assert m.state_dict().keys() == MLP().state_dict().keys()
+    torch._dynamo.reset()
+    assert torch.equal(torch.compile(m, fullgraph=True, backend="aot_eager")(x), ref)
+    assert tdfunc.remove_sites(m) == 5  # every submodule; the root has no site
+    assert not any(mm._forward_hooks or mm._forward_pre_hooks for mm in m.modules())
+    torch._dynamo.reset()
+
+
+def test_sites_installed_only_where_used():
+    m = MLP()
+    tdfunc.functional_call(m, None, (torch.randn(1, 6),), capture="fc2")
+    assert [n for n, mm in m.named_modules() if mm._forward_hooks] == ["fc2"]
+    tdfunc.remove_sites(m)
+
+
+def test_compiled_call_no_recompile_for_new_edit_values():
+    m, x = MLP(), torch.randn(3, 6)
+    tdfunc.install_sites(m, ["act", "fc2"])
+    torch._dynamo.reset()
+    f = torch.compile(
+        lambda x, d: tdfunc.functional_call(m, None, (x,), edits={"act": tdfunc.delta(d)}, capture="fc2"),
+        fullgraph=True,
+        backend="aot_eager",
+    )
+    f(x, torch.zeros(3, 8))
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for i in range(3):
+            y, caps = f(x + i, torch.randn(3, 8))
+    tdfunc.remove_sites(m)
+    torch._dynamo.reset()
+
+
+def test_tensordict_inputs_are_not_mutated():
+    from tensordict.nn import TensorDictModule
+
+    tdm = TensorDictModule(nn.Linear(3, 2), in_keys=["x"], out_keys=["y"])
+    td = TensorDict({"x": torch.randn(4, 3)}, batch_size=[4])
+    out = tdfunc.functional_call(tdm, tdfunc.state(tdm), (td,))
+    assert "y" in out.keys() and "y" not in td.keys()
