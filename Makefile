@@ -12,18 +12,23 @@ venv: $(STAMP)
 
 $(STAMP):
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
 	# the CPU build of torch (already on these machines); a bare `torch` would pull a 5.6 GB CUDA build
 	$(PY) -m pip install -q "torch==2.13.0"
 	$(PY) -m pip install -q -r requirements-dev.txt
 	$(PY) -m pip install -q --no-deps -e .
+	# tensordict 0.14.3 (what TorchRL 0.14 pins) as an overlay, to run the core tests on it too
+	$(PY) -m pip install -q --no-deps --upgrade --target $(VENV)/td014 "tensordict==0.14.3"
 	rm -f $(VENV)/.installed-*; touch $@
 
 demo: venv
 	$(PY) demo/demo.py
 
+CORE_TESTS = tests/test_core.py tests/test_compose.py tests/test_errors.py tests/test_models.py
+
 test: venv
 	$(PY) -m pytest -q -n 2 --dist loadfile
+	@echo "--- core tests again on tensordict 0.14.3 ---"
+	PYTHONPATH=$(VENV)/td014 $(PY) -m pytest -q -n 2 --dist loadfile $(CORE_TESTS)
 
 bench: venv
 	$(PY) -m bench.run
