@@ -5,6 +5,10 @@ every method is built from that call and from ``torch.func``.
 """
 
 from ._call import functional_call as functional_call
+from .attribution._common import AttributionError as AttributionError
+from .attribution._gradient import input_x_gradient as input_x_gradient
+from .attribution._gradient import saliency as saliency
+from .attribution._ig import integrated_gradients as integrated_gradients
 from ._call import intervene as intervene
 from ._edits import Delta as Delta
 from ._edits import Rule as Rule
@@ -31,6 +35,10 @@ __all__ = [
     "Delta",
     "Rule",
     "Tap",
+    "saliency",
+    "input_x_gradient",
+    "integrated_gradients",
+    "AttributionError",
     "install_sites",
     "remove_sites",
     "TdfuncError",

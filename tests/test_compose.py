@@ -10,13 +10,10 @@ API on a float64 model.  Every case must satisfy, with no per-case special-casin
 * purity: the module's tensors, flags, modes and plain outputs are bit-identical afterwards,
   also when the call raises mid-forward (checked by wrapping the case in a raising intervene).
 
-Later families add rows to ``CASES``.
+Method families add rows in ``tests/cases_<family>.py`` (a ``cases() -> list[Case]`` function).
 """
 
 from __future__ import annotations
-
-from collections.abc import Callable
-from dataclasses import dataclass, field
 
 import pytest
 import torch
@@ -25,22 +22,8 @@ from tensordict import TensorDict
 from torch.func import grad, jacrev, vjp, vmap
 
 import tdfunc
+from compose_case import B, Case
 from models import CNN, MLP, Recurrent, TinyTransformer, assert_same_snapshot, snapshot
-
-B = 3
-
-
-@dataclass
-class Case:
-    name: str
-    module: torch.nn.Module
-    fn: Callable
-    args: tuple  # batched: every arg with in_dims 0 has a leading dim of size B
-    in_dims: tuple
-    diff: tuple  # argnums to differentiate (float tensors)
-    raise_site: str  # a site the forward reaches (for the raising purity check)
-    backend: str = "aot_eager"
-    probe: torch.Tensor = field(default=None)  # plain-call input for the purity check
 
 
 def _example(case: Case, i: int) -> tuple:
@@ -125,7 +108,17 @@ def _cases() -> list[Case]:
     return cases
 
 
-CASES = _cases()
+def _all_cases() -> list[Case]:
+    import importlib
+    import pathlib
+
+    cases = _cases()
+    for path in sorted(pathlib.Path(__file__).parent.glob("cases_*.py")):  # one module per method family
+        cases += importlib.import_module(path.stem).cases()
+    return cases
+
+
+CASES = _all_cases()
 IDS = [c.name for c in CASES]
 
 

@@ -1,0 +1,1 @@
+"""Attribution methods. Public names are re-exported by :mod:`tdfunc`."""

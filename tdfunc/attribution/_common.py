@@ -1,0 +1,170 @@
+"""The calling shape shared by every attribution method.
+
+``method(f, td, ...) -> TensorDict`` where ``f(td) -> Tensor`` has shape ``td.batch_size`` (one
+target per example) or ``td.batch_size + (K,)`` (K targets), the attributed inputs are entries of
+``td`` (``in_keys``; every floating-point entry by default), baselines are ``("baseline", key)``
+entries (zeros when absent), and the result holds ``("attr", key)`` of shape
+``batch (+ K) + feature shape``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from tensordict import TensorDict, TensorDictBase
+from torch.func import vjp, vmap
+
+from .._errors import TdfuncError, shape_str, suggest
+
+__all__ = ["AttributionError", "Inputs", "prepare", "with_inputs", "check_output", "grads_per_target", "result"]
+
+BASELINE = "baseline"
+Key = tuple  # nested keys are always tuples here
+
+
+class AttributionError(TdfuncError, ValueError):
+    """Bad input to an attribution method (keys, baselines, shapes of ``f``'s output, options)."""
+
+
+def _norm(key) -> Key:
+    return key if isinstance(key, tuple) else (key,)
+
+
+def _show(key: Key) -> str:
+    return repr(key[0]) if len(key) == 1 else repr(key)
+
+
+@dataclass
+class Inputs:
+    keys: list[Key]
+    x: dict  # key -> tensor
+    baseline: dict  # key -> tensor broadcast to x's shape
+    batch: torch.Size
+
+
+def prepare(fn: str, td: TensorDictBase, in_keys: Sequence | None, *, baselines: bool = True) -> Inputs:
+    """Validate ``td`` and the attributed keys; collect inputs and baselines."""
+    if not isinstance(td, TensorDictBase):
+        raise TypeError(
+            f"{fn}: td must be a TensorDict holding the inputs, got {type(td).__name__} ({td!r:.60}); "
+            "e.g. TensorDict({'x': x}, batch_size=[len(x)])."
+        )
+    leaves = [_norm(k) for k in td.keys(include_nested=True, leaves_only=True)]
+    if in_keys is None:
+        keys = [k for k in leaves if k[0] != BASELINE and td.get(k).is_floating_point()]
+        if not keys:
+            raise AttributionError(
+                f"{fn}: td has no floating-point entry to attribute (entries: {[_show(k) for k in leaves]}); "
+                "store the inputs as float tensors or name them with in_keys=[...]."
+            )
+    else:
+        if isinstance(in_keys, (str, tuple)):
+            in_keys = [in_keys]
+        keys = [_norm(k) for k in in_keys]
+    x, base = {}, {}
+    for k in keys:
+        if k not in leaves:
+            names = [".".join(c) for c in leaves]
+            raise AttributionError(
+                f"{fn}: unknown input key {_show(k)}: td has no such entry.{suggest('.'.join(k), names)} "
+                f"Entries: {[_show(c) for c in leaves]}."
+            )
+        v = td.get(k)
+        if not v.is_floating_point():
+            raise AttributionError(
+                f"{fn}: input {_show(k)} has dtype {v.dtype}; gradients need a floating-point input. "
+                "Attribute a float tensor (e.g. embeddings instead of token ids: pass inputs_embeds)."
+            )
+        x[k] = v
+        if not baselines:
+            continue
+        bkey = (BASELINE, *k)
+        b = td.get(bkey) if bkey in leaves else None
+        if b is None:
+            base[k] = torch.zeros_like(v)
+            continue
+        if b.device != v.device or b.dtype != v.dtype:
+            raise AttributionError(
+                f"{fn}: baseline for {_show(k)} has dtype {b.dtype} on {b.device} but the input has dtype "
+                f"{v.dtype} on {v.device}; convert it with .to(input)."
+            )
+        try:
+            base[k] = b.expand(v.shape) if b.shape != v.shape else b
+        except RuntimeError:
+            raise AttributionError(
+                f"{fn}: baseline for {_show(k)} has shape {shape_str(b.shape)} but the input has shape "
+                f"{shape_str(v.shape)}; give a baseline broadcastable to the input."
+            ) from None
+    return Inputs(keys, x, base, td.batch_size)
+
+
+def with_inputs(td: TensorDictBase, xs: dict) -> TensorDictBase:
+    """A shallow copy of ``td`` with the attributed entries replaced (``td`` itself is untouched)."""
+    out = td.clone(False)
+    for k, v in xs.items():
+        out.set(k, v)
+    return out
+
+
+def check_output(fn: str, y: object, batch: torch.Size) -> int | None:
+    """Number of targets K from ``f``'s output shape, or None for one target per example."""
+    if not isinstance(y, torch.Tensor):
+        raise AttributionError(
+            f"{fn}: f must return a tensor of shape batch {shape_str(batch)} or batch + (K,), "
+            f"got {type(y).__name__}."
+        )
+    n = len(batch)
+    if tuple(y.shape[:n]) == tuple(batch) and y.dim() in (n, n + 1):
+        return None if y.dim() == n else int(y.shape[-1])
+    raise AttributionError(
+        f"{fn}: f returned shape {shape_str(y.shape)}, but td has batch shape {shape_str(batch)}; f must return "
+        f"one value per example {shape_str(batch)} or K per example {shape_str((*batch, 'K'))}. "
+        "Select the target inside f, e.g. lambda td: model(td['x']).gather(-1, labels[:, None])[:, 0]."
+    )
+
+
+def grads_per_target(
+    fn: str, g: Callable, xs: dict, lead: int, batch: torch.Size
+) -> tuple[torch.Tensor, dict, int | None]:
+    """One forward ``y = g(xs)``, then one vector-Jacobian product per target.
+
+    ``g``'s output has ``lead`` extra leading dims (e.g. path steps) before ``batch (+ K)``.
+    Returns ``(y, grads, K)`` with ``grads[key]`` of shape ``(K,) + xs[key].shape`` (no K dim when
+    there is one target per example).  The K products reuse the one forward: sequential on the
+    CPU, one vmapped product on accelerators (measured in bench/).
+    """
+    y, pull = vjp(g, xs)
+    if not isinstance(y, torch.Tensor):
+        check_output(fn, y, batch)
+    k = check_output(fn, y[(0,) * lead] if lead else y, batch)
+    if k is None:
+        return y, pull(torch.ones_like(y))[0], None
+    eye = torch.eye(k, dtype=y.dtype, device=y.device).view(k, *([1] * (y.dim() - 1)), k)
+    cots = eye.expand(k, *y.shape)
+    if y.device.type == "cpu":
+        per = [pull(cots[i])[0] for i in range(k)]
+        grads = {key: torch.stack([p[key] for p in per]) for key in xs}
+    else:
+        grads = vmap(lambda c: pull(c)[0])(cots)
+    return y, grads, k
+
+
+def result(batch: torch.Size, attrs: dict, extra: dict | None = None) -> TensorDict:
+    out = TensorDict({}, batch_size=batch)
+    for k, v in attrs.items():
+        out.set(("attr", *k), v)
+    for k, v in (extra or {}).items():
+        out.set(k, v)
+    return out
+
+
+def move_target_dim(t: torch.Tensor, k: int | None, batch_dims: int) -> torch.Tensor:
+    """(K, *batch, *feat) -> (*batch, K, *feat)."""
+    return t if k is None else t.movedim(0, batch_dims)
+
+
+def per_target(t: torch.Tensor, k: int | None, batch_dims: int) -> torch.Tensor:
+    """Insert a size-1 target dim after the batch dims so an input broadcasts against (*batch, K, *feat)."""
+    return t if k is None else t.unsqueeze(batch_dims)
