@@ -14,8 +14,7 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT))  # first, so `demo` is this package, not this script
 
 import tdfunc  # noqa: E402
 from demo.digits import accuracy, cache_path, train_digits_cnn  # noqa: E402
