@@ -11,6 +11,7 @@ Grammar::
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -155,21 +156,30 @@ def is_installed(module: nn.Module) -> bool:
     return any(h is output_hook for h in module._forward_hooks.values())
 
 
+_INSTALL_LOCK = threading.Lock()
+
+
 def install(fn: str, modules: list[tuple[str, nn.Module]]) -> None:
-    """Install the site hooks on each module that lacks them (idempotent)."""
+    """Install the site hooks on each module that lacks them (idempotent, thread-safe)."""
+    missing = [(name, m) for name, m in modules if not is_installed(m)]
+    if missing:
+        _install(fn, missing)
+
+
+def _install(fn: str, modules: list[tuple[str, nn.Module]]) -> None:
     from ._runtime import input_hook, output_hook
 
     for name, m in modules:
-        if is_installed(m):
-            continue
         if torch.compiler.is_compiling():
             raise SiteError(
                 f"{fn}: site {name!r} is used inside torch.compile but its hook is not installed, and hooks "
                 f"cannot be added inside a compiled region. Call tdfunc.install_sites(model, [{name!r}]) "
                 "(or tdfunc.install_sites(model, '**')) once before compiling."
             )
-        m.register_forward_pre_hook(input_hook, with_kwargs=True)
-        m.register_forward_hook(output_hook, with_kwargs=True)
+        with _INSTALL_LOCK:  # two threads installing the same site must not hook it twice
+            if not is_installed(m):
+                m.register_forward_pre_hook(input_hook, with_kwargs=True)
+                m.register_forward_hook(output_hook, with_kwargs=True)
 
 
 def remove_sites(module: nn.Module) -> int:

@@ -314,3 +314,20 @@ def test_tensordict_inputs_are_not_mutated():
     td = TensorDict({"x": torch.randn(4, 3)}, batch_size=[4])
     out = tdfunc.functional_call(tdm, tdfunc.state(tdm), (td,))
     assert "y" in out.keys() and "y" not in td.keys()
+
+
+def test_concurrent_first_use_installs_each_site_once():
+    for _ in range(20):
+        m = MLP()
+        barrier = threading.Barrier(4)
+
+        def use():
+            barrier.wait()
+            tdfunc.functional_call(m, None, (torch.randn(1, 6),), capture=["act", "fc2"])
+
+        threads = [threading.Thread(target=use) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert len(m.act._forward_hooks) == 1 and len(m.fc2._forward_pre_hooks) == 1
