@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["Delta", "Rule", "delta", "rule"]
+__all__ = ["Delta", "Rule", "FromSite", "delta", "rule", "from_site"]
 
 
 @dataclass(frozen=True)
@@ -23,6 +23,14 @@ class Rule:
     """Replace a module's output with ``fn(module, args, kwargs, output)``. Build it with :func:`tdfunc.rule`."""
 
     fn: Callable[[torch.nn.Module, tuple, dict, Any], Any]
+
+
+@dataclass(frozen=True)
+class FromSite:
+    """Set a site's value from another site's value in the same call. Build it with :func:`tdfunc.from_site`."""
+
+    source: str
+    fn: Callable[[Any], Any] | None
 
 
 def delta(t: torch.Tensor) -> Delta:
@@ -78,3 +86,32 @@ def rule(fn: Callable[[torch.nn.Module, tuple, dict, Any], Any]) -> Rule:
             f"({fn!r:.60})."
         )
     return Rule(fn)
+
+
+def from_site(source: str, fn: Callable[[Any], Any] | None = None) -> FromSite:
+    """An edit that computes a site's value from the value at an earlier ``source`` site.
+
+    In ``edits={"b": tdfunc.from_site("a", fn)}`` the value at site ``b`` becomes ``fn(value at a)``
+    (or the value at ``a`` itself when ``fn`` is None), where ``a`` ran earlier in the same forward
+    (its latest call, after the call's own edits at ``a``).  This is how a transcoder replaces a
+    layer's output with a map of that layer's input, or how a skip connection is rerouted.
+
+    Args:
+        source: a site string without globs, reached before the edited site.
+        fn: a function of the source value giving a tensor of the edited site's shape.
+
+    Example:
+        >>> import torch, tdfunc
+        >>> net = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.Tanh(), torch.nn.Linear(3, 2))
+        >>> x = torch.randn(4, 3)
+        >>> y = tdfunc.functional_call(net, None, (x,), edits={"1": tdfunc.from_site("0:input")})
+        >>> torch.allclose(y, net[2](x))  # the Linear+Tanh block bypassed
+        True
+
+    Composes with: ``vmap``, ``grad``, ``torch.compile`` (as every edit).
+    """
+    if not isinstance(source, str):
+        raise TypeError(f"tdfunc.from_site: source must be a site string, got {type(source).__name__} ({source!r:.60}).")
+    if fn is not None and not callable(fn):
+        raise TypeError(f"tdfunc.from_site: fn must be callable or None, got {type(fn).__name__} ({fn!r:.60}).")
+    return FromSite(source, fn)

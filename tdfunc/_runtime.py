@@ -20,7 +20,7 @@ import torch
 from tensordict import TensorDict, TensorDictBase
 from torch import nn
 
-from ._edits import Delta, Rule
+from ._edits import Delta, FromSite, Rule
 from ._errors import EditError, NotReachedError, SiteError, shape_str, suggest
 from ._sites import ALL_CALLS, SiteSpec, install, module_table, parse_site, resolve_site
 
@@ -30,11 +30,13 @@ _LOCAL = threading.local()
 class _Op:
     """One edit or capture at one (module, port)."""
 
-    __slots__ = ("slot", "key", "element", "call", "payload", "capture", "port")
+    __slots__ = ("slot", "key", "element", "call", "payload", "capture", "port", "hidden", "read")
 
-    def __init__(self, slot, key, port, element, call, payload, capture):
+    def __init__(self, slot, key, port, element, call, payload, capture, hidden=False):
         self.slot, self.key, self.port, self.element = slot, key, port, element
         self.call, self.payload, self.capture = call, payload, capture
+        self.hidden = hidden  # a read for a from_site edit: recorded, never returned
+        self.read: _Op | None = None  # for from_site edits: the op recording the source
 
 
 class _Entry:
@@ -104,7 +106,7 @@ def _sites_of(fn: str, what: str, value: Any) -> list:
 
 
 def _check_edit_value(fn: str, site: str, payload: Any) -> None:
-    if isinstance(payload, (torch.Tensor, Delta, Rule, TensorDictBase)) or callable(payload):
+    if isinstance(payload, (torch.Tensor, Delta, Rule, FromSite, TensorDictBase)) or callable(payload):
         return
     raise EditError(
         f"{fn}: the edit at site {site!r} is a value of type {type(payload).__name__} ({payload!r:.60}); expected a "
@@ -127,6 +129,17 @@ def make_plan(fn: str, root: nn.Module, edits: Mapping | None, capture: Any) -> 
     used: list[tuple[str, nn.Module]] = []
     seen_keys: set[str] = set()
     requests = [(s, v, False) for s, v in (edits or {}).items()] + [(s, None, True) for s in cap_sites]
+    def add(name, m, spec, key, payload, is_capture, hidden=False) -> _Op:
+        entry = plan.entries.get(m)
+        if entry is None:
+            entry = plan.entries[m] = _Entry(plan.n_counters)
+            plan.n_counters += 2
+            used.append((name, m))
+        op = _Op(len(plan.edits) + len(plan.captures), key, spec.port, spec.element, spec.call, payload, is_capture, hidden)
+        (plan.captures if is_capture else plan.edits).append(op)
+        (entry.inputs if spec.port == "input" else entry.outputs).append(op)
+        return op
+
     for site, payload, is_capture in requests:
         spec = parse_site(fn, site)
         if not is_capture:
@@ -142,14 +155,15 @@ def make_plan(fn: str, root: nn.Module, edits: Mapping | None, capture: Any) -> 
                 if key in seen_keys:
                     continue
                 seen_keys.add(key)
-            entry = plan.entries.get(m)
-            if entry is None:
-                entry = plan.entries[m] = _Entry(plan.n_counters)
-                plan.n_counters += 2
-                used.append((name, m))
-            op = _Op(len(plan.edits) + len(plan.captures), key, spec.port, spec.element, spec.call, payload, is_capture)
-            (plan.captures if is_capture else plan.edits).append(op)
-            (entry.inputs if spec.port == "input" else entry.outputs).append(op)
+            op = add(name, m, spec, key, payload, is_capture)
+            if isinstance(payload, FromSite):
+                src = parse_site(fn, payload.source)
+                if src.is_glob:
+                    raise SiteError(
+                        f"{fn}: tdfunc.from_site source {src.text!r} at site {spec.text!r} is a glob; name one site."
+                    )
+                (src_name, src_m), = _resolve(fn, root, src, cache)
+                op.read = add(src_name, src_m, src, src.text, None, True, hidden=True)
     for entry in plan.entries.values():  # per frame: its edits first, then its captures
         entry.inputs.sort(key=lambda o: o.capture)
         entry.outputs.sort(key=lambda o: o.capture)
@@ -224,12 +238,21 @@ def _fit(fn: str, site: str, what: str, new: Any, value: Any, exact: bool) -> An
     return new
 
 
-def _edit(fn: str, op: _Op, value: Any, module, args, kwargs, output) -> Any:
-    p = op.payload
+def _edit(frame: Frame, op: _Op, value: Any, module, args, kwargs, output) -> Any:
+    fn, p = frame.plan.fn, op.payload
     if isinstance(p, (torch.Tensor, TensorDictBase)):
         return _fit(fn, op.key, "the substitute", p, value, exact=False)
     if isinstance(p, Delta):
         return value + _fit(fn, op.key, "the delta", p.tensor, value, exact=False)
+    if isinstance(p, FromSite):
+        seen = frame.values[op.read.slot]
+        if not seen:
+            raise NotReachedError(
+                f"{fn}: tdfunc.from_site at site {op.key!r} needs the value of {p.source!r}, which has not run yet "
+                "in this call; the source must be reached before the edited site."
+            )
+        new = seen[-1] if p.fn is None else _user(p.fn, seen[-1])
+        return _fit(fn, op.key, "the from_site value", new, value, exact=True)
     if isinstance(p, Rule):
         new = _user(p.fn, module, args, kwargs, value if op.element is not None else output)
         if op.element is None and not isinstance(output, (torch.Tensor, TensorDictBase)):
@@ -286,7 +309,7 @@ def _run(frame: Frame, ops: list[_Op], counter: int, port: str, module, args, kw
         if op.capture:
             frame.values[op.slot].append(_capture_copy(value))
         else:
-            new = _edit(fn, op, value, module, args, kwargs, container)
+            new = _edit(frame, op, value, module, args, kwargs, container)
             container = _put(container, op, new)
     return container
 
@@ -351,6 +374,8 @@ def finish(frame: Frame) -> TensorDict:
             )
     out = {}
     for op in frame.plan.captures:
+        if op.hidden:
+            continue
         vals = frame.values[op.slot]
         n = _calls(frame, op)
         if not vals:

@@ -72,6 +72,11 @@ def _cases() -> list[Case]:
 
     cases.append(Case("call:rule", mlp, call_rule, (x6,), (0,), (0,), "fc2", probe=x6))
 
+    def call_from_site(x, w):  # a transcoder: fc2's output from act's value, weights vmapped
+        return tdfunc.functional_call(mlp, s_mlp, (x,), edits={"fc2": tdfunc.from_site("act", lambda a: a @ w)})
+
+    cases.append(Case("call:from-site", mlp, call_from_site, (x6, torch.randn(B, 8, 8, dtype=dt)), (0, 0), (0, 1), "act", probe=x6))
+
     tt = TinyTransformer().to(dt)
     s_tt = tdfunc.state(tt)
     emb = torch.randn(B, 5, 16, dtype=dt)

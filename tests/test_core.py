@@ -331,3 +331,21 @@ def test_concurrent_first_use_installs_each_site_once():
         for t in threads:
             t.join()
         assert len(m.act._forward_hooks) == 1 and len(m.fc2._forward_pre_hooks) == 1
+
+
+def test_from_site_reads_an_earlier_site_in_the_same_call():
+    m, x = MLP(), torch.randn(3, 6)
+    w = torch.randn(8, 8)
+    # a "transcoder": fc2's output computed from act's value (after act's own edit in this call)
+    y, caps = tdfunc.functional_call(
+        m, None, (x,), edits={"act": lambda v: 2 * v, "fc2": tdfunc.from_site("act", lambda a: a @ w)}, capture="fc2"
+    )
+    a = 2 * m.act(m.fc1(x))
+    torch.testing.assert_close(caps["fc2"], a @ w)
+    torch.testing.assert_close(y, m.head(m.act2(a @ w)))
+    # differentiable with respect to the transcoder weights, and vmappable over them
+    g = torch.func.grad(lambda w: tdfunc.functional_call(m, None, (x,), edits={"fc2": tdfunc.from_site("act", lambda a: a @ w)}).sum())(w)
+    assert g.shape == w.shape and g.abs().sum() > 0
+    ws = torch.randn(4, 8, 8)
+    out = vmap(lambda w: tdfunc.functional_call(m, None, (x,), edits={"fc2": tdfunc.from_site("act", lambda a: a @ w)}))(ws)
+    torch.testing.assert_close(out, torch.stack([m.head(m.act2(m.act(m.fc1(x)) @ w)) for w in ws]))

@@ -85,6 +85,14 @@ PINNED = [
      TypeError, 'tdfunc.state: expected an nn.Module, got int (3); pass the model itself, e.g. tdfunc.state(model).'),
     ('intervene_non_callable', lambda: tdfunc.intervene(3, MLP()),
      TypeError, 'tdfunc.intervene: expected a callable f, got int (3).'),
+    ('from_site_source_not_run_yet', lambda: tdfunc.functional_call(MLP(), None, (X,), edits={'fc1': tdfunc.from_site('head')}),
+     NotReachedError, "tdfunc.functional_call: tdfunc.from_site at site 'fc1' needs the value of 'head', which has not run yet in this call; the source must be reached before the edited site."),
+    ('from_site_glob_source', lambda: tdfunc.functional_call(MLP(), None, (X,), edits={'fc1': tdfunc.from_site('f*')}),
+     SiteError, "tdfunc.functional_call: tdfunc.from_site source 'f*' at site 'fc1' is a glob; name one site."),
+    ('from_site_shape', lambda: tdfunc.functional_call(MLP(), None, (X,), edits={'fc2': tdfunc.from_site('fc1:input')}),
+     EditError, "tdfunc.functional_call: the from_site value at site 'fc2' has shape (2, 6), but the site's value has shape (2, 8); give a tensor with a shape equal to (2, 8)."),
+    ('from_site_source_not_a_string', lambda: tdfunc.from_site(3),
+     TypeError, "tdfunc.from_site: source must be a site string, got int (3)."),
 ]
 
 
