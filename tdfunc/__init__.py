@@ -9,11 +9,6 @@ from .attribution._common import AttributionError as AttributionError
 from .attribution._gradient import input_x_gradient as input_x_gradient
 from .attribution._gradient import saliency as saliency
 from .attribution._ig import integrated_gradients as integrated_gradients
-from .attribution._layer import grad_cam as grad_cam
-from .attribution._layer import layer_gradient_x_activation as layer_gradient_x_activation
-from .attribution._layer import layer_integrated_gradients as layer_integrated_gradients
-from .attribution._noise import smooth_grad as smooth_grad
-from .attribution._guided import guided_backprop as guided_backprop
 from .attribution._maximise import activation_maximisation as activation_maximisation
 from .attribution._metrics import infidelity as infidelity
 from .attribution._metrics import sensitivity_max as sensitivity_max
@@ -50,11 +45,6 @@ __all__ = [
     "saliency",
     "input_x_gradient",
     "integrated_gradients",
-    "grad_cam",
-    "layer_gradient_x_activation",
-    "layer_integrated_gradients",
-    "smooth_grad",
-    "guided_backprop",
     "activation_maximisation",
     "infidelity",
     "sensitivity_max",
