@@ -9,6 +9,9 @@ from .attribution._common import AttributionError as AttributionError
 from .attribution._gradient import input_x_gradient as input_x_gradient
 from .attribution._gradient import saliency as saliency
 from .attribution._ig import integrated_gradients as integrated_gradients
+from .attribution._layer import grad_cam as grad_cam
+from .attribution._layer import layer_gradient_x_activation as layer_gradient_x_activation
+from .attribution._layer import layer_integrated_gradients as layer_integrated_gradients
 from .attribution._maximise import activation_maximisation as activation_maximisation
 from .attribution._metrics import infidelity as infidelity
 from .attribution._metrics import sensitivity_max as sensitivity_max
@@ -45,6 +48,9 @@ __all__ = [
     "saliency",
     "input_x_gradient",
     "integrated_gradients",
+    "grad_cam",
+    "layer_gradient_x_activation",
+    "layer_integrated_gradients",
     "activation_maximisation",
     "infidelity",
     "sensitivity_max",

@@ -40,7 +40,7 @@ def _cases() -> list[Case]:
     x6 = torch.randn(B, 6, dtype=dt)
 
     def call_state(x, w):
-        return tdfunc.functional_call(mlp, s_mlp.update({("fc1", "weight"): w}, inplace=False), (x,))
+        return tdfunc.functional_call(mlp, s_mlp.copy().set(("fc1", "weight"), w), (x,))
 
     cases.append(Case("call:state", mlp, call_state, (x6, s_mlp["fc1", "weight"].clone()), (0, None), (0, 1), "fc1", probe=x6))
 

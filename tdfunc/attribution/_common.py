@@ -120,7 +120,7 @@ def check_output(fn: str, y: object, batch: torch.Size) -> int | None:
         return None if y.dim() == n else int(y.shape[-1])
     raise AttributionError(
         f"{fn}: f returned shape {shape_str(y.shape)}, but td has batch shape {shape_str(batch)}; f must return "
-        f"one value per example {shape_str(batch)} or K per example {shape_str((*batch, 'K'))}. "
+        f"one value per example {shape_str(batch)} or K per example ({''.join(f'{int(n)}, ' for n in batch)}K). "
         "Select the target inside f, e.g. lambda td: model(td['x']).gather(-1, labels[:, None])[:, 0]."
     )
 

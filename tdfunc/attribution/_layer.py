@@ -1,0 +1,315 @@
+"""Layer attribution at any site: Grad-CAM, layer gradient x activation, layer integrated gradients.
+
+The gradient at a site comes from an additive zero delta there (``value + d``, differentiated with
+respect to ``d`` at ``d = 0``), never from a backward hook, so every method composes with
+``vmap`` / ``grad`` / ``torch.compile``.  ``f`` is opaque (it calls the model somewhere): a first
+forward captures the site's value (its shape sizes the delta, its value is the activation), then
+one forward with the delta and one vector-Jacobian product per target give every target's
+gradient.  Cost: two forwards + K backward passes for K per-class maps (captum: K forwards + K
+backward passes).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from tensordict import TensorDict, TensorDictBase
+from torch import nn
+from torch.func import vmap
+
+from .. import _runtime
+from .._edits import delta
+from .._errors import shape_str
+from .._sites import ALL_CALLS, parse_site
+from ._common import (
+    AttributionError,
+    check_output,
+    grads_per_target,
+    move_target_dim,
+    per_target,
+    prepare,
+    with_inputs,
+)
+from ._ig import _check_options, quadrature
+
+__all__ = ["grad_cam", "layer_gradient_x_activation", "layer_integrated_gradients"]
+
+
+def _check(fn: str, td: object, module: object, site: object) -> None:
+    if not isinstance(module, nn.Module):
+        raise TypeError(
+            f"{fn}: module must be the nn.Module whose site is attributed, got {type(module).__name__} "
+            f"({module!r:.60}); pass the model itself, e.g. {fn}(f, td, model, 'layer1')."
+        )
+    if not isinstance(td, TensorDictBase):
+        raise TypeError(
+            f"{fn}: td must be a TensorDict holding the inputs, got {type(td).__name__} ({td!r:.60}); "
+            "e.g. TensorDict({'x': x}, batch_size=[len(x)])."
+        )
+    spec = parse_site(fn, site)
+    if spec.is_glob or spec.call == ALL_CALLS:
+        raise AttributionError(
+            f"{fn}: site {site!r} names several values; attribute one site at a time "
+            "(no globs; '@k' for the k-th call of a module that runs several times)."
+        )
+
+
+def _run(fn: str, f: Callable, module: nn.Module, td: TensorDictBase, edits: dict | None, capture: list | None):
+    """``f(td)`` with ``edits`` / ``capture`` at sites of ``module`` (intervene, errors naming ``fn``)."""
+    plan = _runtime.make_plan(fn, module, edits, capture)
+    out, frame = _runtime.run_in_frame(plan, f, td)
+    caps = _runtime.finish(frame)
+    return out if capture is None else (out, caps)
+
+
+def _activation(fn: str, f: Callable, module: nn.Module, td: TensorDictBase, site: str):
+    """One forward: ``(f(td), value at site)``; the value must be batch-first."""
+    y, caps = _run(fn, f, module, td, None, [site])
+    check_output(fn, y, td.batch_size)
+    a = caps[site]
+    batch = td.batch_size
+    if not isinstance(a, torch.Tensor) or not a.is_floating_point():
+        what = f"dtype {a.dtype}" if isinstance(a, torch.Tensor) else f"a value of type {type(a).__name__}"
+        raise AttributionError(
+            f"{fn}: site {site!r} holds {what}; layer attribution needs a floating-point tensor there. "
+            "Attribute another site (e.g. ':output.N' for one element of a tuple output)."
+        )
+    if tuple(a.shape[: len(batch)]) != tuple(batch):
+        raise AttributionError(
+            f"{fn}: the value at site {site!r} has shape {shape_str(a.shape)}, which does not start with td's "
+            f"batch shape {shape_str(batch)}; the site must hold one activation per example, batch dims first. "
+            "Give td the batch shape the model sees, or attribute another site."
+        )
+    return y, a
+
+
+def _site_gradient(fn: str, f: Callable, td: TensorDictBase, module: nn.Module, site: str, channels: bool = False):
+    """(activation, gradient of every target at the site, K): two forwards + K vjps."""
+    _check(fn, td, module, site)
+    _, act = _activation(fn, f, module, td, site)
+    if channels and act.dim() <= len(td.batch_size):
+        raise AttributionError(
+            f"{fn}: the value at site {site!r} has shape {shape_str(act.shape)}, with no channel dim after td's "
+            f"batch shape {shape_str(td.batch_size)}; Grad-CAM needs batch + (C, *spatial). Attribute another site."
+        )
+    g = lambda xs: _run(fn, f, module, td, {site: delta(xs["d"])}, None)
+    _, grads, k = grads_per_target(fn, g, {"d": torch.zeros_like(act)}, 0, td.batch_size)
+    return act, grads["d"], k
+
+
+def _out(td: TensorDictBase, site: str, value: torch.Tensor, extra: dict | None = None) -> TensorDict:
+    out = TensorDict({}, batch_size=td.batch_size)
+    out.set(("attr", site), value)
+    for k, v in (extra or {}).items():
+        out.set(k, v)
+    return out
+
+
+def grad_cam(
+    f: Callable[[TensorDictBase], torch.Tensor],
+    td: TensorDictBase,
+    module: nn.Module,
+    site: str,
+    *,
+    relu_attributions: bool = False,
+    attr_dim_summation: bool = True,
+) -> TensorDict:
+    """Grad-CAM at any site (Selvaraju et al., 2017), captum's ``LayerGradCam``.
+
+    With ``A`` the site's value of one example, channels on its first dim ``c`` and the rest
+    spatial (``u``):
+
+    .. math::  w_{k,c} = \\frac{1}{|u|}\\sum_u \\frac{\\partial f_k}{\\partial A_{c,u}}, \\qquad
+               \\mathrm{CAM}_{k,u} = \\sum_c w_{k,c} A_{c,u}\\ \\ (\\text{then ReLU if asked})
+
+    A site with one dim per example (``(B, C)``) uses the gradient itself as weights.
+
+    Args:
+        f: ``f(td) -> Tensor`` of shape ``td.batch_size`` or ``td.batch_size + (K,)`` (every class
+            at once); it calls ``module`` somewhere (directly or through ``tdfunc.functional_call``).
+        td: the inputs, passed to ``f`` as they are.
+        module: the model whose site is attributed.
+        site: a site of ``module``: ``"layer4"``, ``"layer4:input"``, a :class:`tdfunc.Tap`,
+            ``"relu@1"``.  Its value must be batch-first: ``td.batch_size + (C, *spatial)``.
+        relu_attributions: ReLU on the map (the original Grad-CAM; captum's default False).
+        attr_dim_summation: sum over channels, keeping a size-1 channel dim (captum's default);
+            False returns ``w * A`` per channel.
+
+    Returns:
+        TensorDict with ``("attr", site)`` (the site string is one key) of shape
+        ``batch (+ K) + (1, *spatial)`` (``(C, *spatial)`` without summation).
+
+    Raises:
+        SiteError: unknown or malformed site.  NotReachedError: ``f`` never reaches the site, or
+        reaches it several times (use ``"@k"``).  AttributionError: ``f``'s output shape, a site
+        value that is not batch-first.  TypeError: ``module`` is not an ``nn.Module``.
+
+    Example:
+        >>> import torch, tdfunc
+        >>> from tensordict import TensorDict
+        >>> net = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.ReLU(),
+        ...                           torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(4, 3))
+        >>> td = TensorDict({"x": torch.randn(2, 1, 8, 8)}, batch_size=[2])
+        >>> out = tdfunc.grad_cam(lambda t: net(t["x"]), td, net, "1")  # 3 classes, one forward
+        >>> out["attr", "1"].shape
+        torch.Size([2, 3, 1, 6, 6])
+
+    References:
+        Selvaraju et al. Grad-CAM: Visual Explanations from Deep Networks via Gradient-based
+        Localization. ICCV 2017.
+
+    Composes with: ``vmap`` (over examples or targets), ``grad`` (double backward),
+    ``torch.compile(fullgraph=True)`` after ``tdfunc.install_sites(module, site)``.
+    """
+    fn = "tdfunc.grad_cam"
+    act, grad, k = _site_gradient(fn, f, td, module, site, channels=True)
+    nb = len(td.batch_size)
+    c = nb + (k is not None)  # the channel dim of the (K,) + act-shaped gradient
+    spatial = tuple(range(c + 1, grad.dim()))
+    weights = grad.mean(spatial, keepdim=True) if spatial else grad
+    cam = weights * act
+    if attr_dim_summation:
+        cam = cam.sum(c, keepdim=True)
+    if relu_attributions:
+        cam = torch.relu(cam)
+    return _out(td, site, move_target_dim(cam, k, nb))
+
+
+def layer_gradient_x_activation(
+    f: Callable[[TensorDictBase], torch.Tensor],
+    td: TensorDictBase,
+    module: nn.Module,
+    site: str,
+    *,
+    multiply_by_inputs: bool = True,
+) -> TensorDict:
+    """Gradient times activation at any site, captum's ``LayerGradientXActivation``.
+
+    .. math::  A_{b,k} = a_b \\odot \\frac{\\partial f_k(x)_b}{\\partial a_b}, \\qquad a = \\text{the site's value}
+
+    Args:
+        f, td, module, site: as in :func:`tdfunc.grad_cam` (any batch-first site value).
+        multiply_by_inputs: multiply by the activation (captum's default); False returns the
+            gradient at the site alone.
+
+    Returns:
+        TensorDict with ``("attr", site)`` of shape ``batch (+ K) + the site's per-example shape``.
+
+    Raises:
+        As :func:`tdfunc.grad_cam`.
+
+    Example:
+        >>> import torch, tdfunc
+        >>> from tensordict import TensorDict
+        >>> net = torch.nn.Sequential(torch.nn.Linear(3, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2))
+        >>> td = TensorDict({"x": torch.randn(4, 3)}, batch_size=[4])
+        >>> out = tdfunc.layer_gradient_x_activation(lambda t: net(t["x"]), td, net, "1", multiply_by_inputs=False)
+        >>> torch.allclose(out["attr", "1"][:, :, 0], net[2].weight[:, 0].expand(4, 2))  # d logit / d hidden
+        True
+
+    References:
+        Shrikumar, Greenside, Shcherbina, Kundaje. Not Just a Black Box. arXiv:1605.01713, 2016.
+
+    Composes with: ``vmap`` (over examples or targets), ``grad`` (double backward),
+    ``torch.compile(fullgraph=True)`` after ``tdfunc.install_sites(module, site)``.
+    """
+    fn = "tdfunc.layer_gradient_x_activation"
+    act, grad, k = _site_gradient(fn, f, td, module, site)
+    nb = len(td.batch_size)
+    grad = move_target_dim(grad, k, nb)
+    return _out(td, site, grad * per_target(act, k, nb) if multiply_by_inputs else grad)
+
+
+def layer_integrated_gradients(
+    f: Callable[[TensorDictBase], torch.Tensor],
+    td: TensorDictBase,
+    module: nn.Module,
+    site: str,
+    *,
+    n_steps: int = 50,
+    method: str = "gausslegendre",
+    multiply_by_inputs: bool = True,
+    chunk_size: int | None = None,
+    return_convergence_delta: bool = False,
+    in_keys: Sequence | None = None,
+) -> TensorDict:
+    """Integrated gradients at a site (captum's ``LayerIntegratedGradients``), every target from one path forward.
+
+    With ``a`` and ``a'`` the site's values at the inputs and at the baseline inputs, ``f`` runs
+    on the inputs with the site's value replaced by points of the straight path between them:
+
+    .. math::
+        \\mathrm{LIG}_{b,k} = (a_b - a'_b) \\odot \\int_0^1
+            \\frac{\\partial f_k(x;\\ \\text{site} \\leftarrow a' + \\alpha (a - a'))_b}{\\partial a_b}\\, d\\alpha
+        \\approx (a_b - a'_b) \\odot \\sum_s w_s\\, \\nabla_a f_k(\\ldots\\alpha_s\\ldots)_b
+
+    Cost: two capture forwards (at ``x`` and at the baseline; captum does the same), one forward
+    over the ``n_steps`` path points and one vector-Jacobian product per target.
+
+    Args:
+        f, td, module, site: as in :func:`tdfunc.grad_cam` (any batch-first site value).
+        n_steps, method, chunk_size: as in :func:`tdfunc.integrated_gradients` (the path is
+            ``vmap``-ped; ``f`` always sees ``td``'s batch shape).
+        multiply_by_inputs: multiply by ``a - a'`` (captum's default True).
+        return_convergence_delta: also return ``"convergence_delta"`` of shape ``batch (+ K)``:
+            ``sum(attr) - (f(x) - f(x'))`` (no extra forward: the capture passes give both).
+        in_keys: the inputs replaced by their ``("baseline", key)`` entries (zeros when absent)
+            to get ``a'``; default every floating-point entry.
+
+    Returns:
+        TensorDict with ``("attr", site)`` of shape ``batch (+ K) + the site's per-example shape``
+        (and ``"convergence_delta"`` when asked).
+
+    Raises:
+        As :func:`tdfunc.grad_cam`, and AttributionError for a bad method, ``n_steps``,
+        ``chunk_size``, input key or baseline.
+
+    Example:
+        >>> import torch, tdfunc
+        >>> from tensordict import TensorDict
+        >>> net = torch.nn.Sequential(torch.nn.Linear(3, 8), torch.nn.Tanh(), torch.nn.Linear(8, 4))
+        >>> td = TensorDict({"x": torch.randn(5, 3)}, batch_size=[5])
+        >>> out = tdfunc.layer_integrated_gradients(lambda t: net(t["x"]), td, net, "1", return_convergence_delta=True)
+        >>> out["attr", "1"].shape, out["convergence_delta"].shape   # 4 classes from one path forward
+        (torch.Size([5, 4, 8]), torch.Size([5, 4]))
+        >>> bool(out["convergence_delta"].abs().max() < 1e-5)
+        True
+
+    References:
+        Sundararajan, Taly, Yan. Axiomatic Attribution for Deep Networks. ICML 2017;
+        Kokhlikyan et al. Captum: A unified and generic model interpretability library. 2020.
+
+    Composes with: ``vmap`` (over examples or targets), ``grad`` (double backward),
+    ``torch.compile(fullgraph=True)`` after ``tdfunc.install_sites(module, site)``.
+    """
+    fn = "tdfunc.layer_integrated_gradients"
+    _check_options(fn, n_steps, method, chunk_size, "vmap")
+    _check(fn, td, module, site)
+    p = prepare(fn, td, in_keys)
+    nb = len(p.batch)
+    y_x, a_x = _activation(fn, f, module, td, site)
+    y_b, a_b = _activation(fn, f, module, with_inputs(td, p.baseline), site)
+    alphas64, weights64 = quadrature(method, n_steps)
+    chunk = n_steps if chunk_size is None else min(chunk_size, n_steps)
+    substituted = lambda a: _run(fn, f, module, td, {site: a}, None)
+    g = lambda xs: vmap(substituted)(xs["a"])
+    total, k = None, None
+    for start in range(0, n_steps, chunk):
+        stop = min(start + chunk, n_steps)
+        s = stop - start
+        alpha = alphas64[start:stop].to(a_x.dtype).to(a_x.device).view(s, *([1] * a_x.dim()))
+        _, grads, k = grads_per_target(fn, g, {"a": a_b + alpha * (a_x - a_b)}, 1, p.batch)
+        gr = grads["a"]
+        step = 1 if k is None else 2  # the path dim: after the target dim when there is one
+        w = weights64[start:stop].to(gr.dtype).to(gr.device).view(s, *([1] * (gr.dim() - step)))
+        contrib = (gr * w).sum(step - 1)
+        total = contrib if total is None else total + contrib
+    attr = move_target_dim(total, k, nb)
+    if multiply_by_inputs:
+        attr = attr * per_target(a_x - a_b, k, nb)
+    extra = {}
+    if return_convergence_delta:
+        lead = nb + (k is not None)
+        extra["convergence_delta"] = attr.reshape(*attr.shape[:lead], -1).sum(-1) - (y_x - y_b)
+    return _out(td, site, attr, extra)

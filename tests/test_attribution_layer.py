@@ -1,0 +1,339 @@
+"""Layer attribution (grad_cam, layer_gradient_x_activation, layer_integrated_gradients) vs captum.
+
+Every class's map comes from one call with a K-target ``f``; column ``c`` must equal captum's
+``target=c``.  Sites: conv / ReLU outputs and an ``:input`` port of a CNN with pooling, an MLP,
+and a ``Tap`` in a small transformer fed float embeddings.  The gradient at a site (additive zero
+delta) is checked against a forward-hook + ``autograd.grad`` reference, the vmap over targets
+against the loop, and every error message is pinned.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from captum.attr import LayerGradCam, LayerGradientXActivation, LayerIntegratedGradients
+from tensordict import TensorDict
+from torch import nn
+from torch.func import vmap
+
+import tdfunc
+from tdfunc import AttributionError, NotReachedError, SiteError
+from tdfunc.attribution._common import check_output
+from models import CNN, MLP, Recurrent, TinyTransformer
+
+DT = torch.float64
+METHODS = ["riemann_left", "riemann_right", "riemann_middle", "riemann_trapezoid", "gausslegendre"]
+# captum's riemann nodes (torch.linspace) and every rule's step sizes (.float()) are float32, so its IG
+# agrees to ~1e-6 relative; test_layer_ig_equals_float64_hook_reference checks to 1e-12 in float64
+IG_TOL = dict(rtol=1e-5, atol=1e-7)
+EXACT = dict(rtol=1e-12, atol=1e-12)
+
+
+class PoolCNN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 3, 3, padding=1)
+        self.relu1 = nn.ReLU()
+        self.pool1 = nn.MaxPool2d(2)
+        self.conv2 = nn.Conv2d(3, 4, 3, padding=1)
+        self.relu2 = nn.ReLU()
+        self.pool2 = nn.AdaptiveAvgPool2d(2)
+        self.fc = nn.Linear(16, 3)
+
+    def forward(self, x):
+        h = self.pool1(self.relu1(self.conv1(x)))
+        return self.fc(self.pool2(self.relu2(self.conv2(h))).flatten(1))
+
+
+def _setup(name):
+    torch.manual_seed(0)
+    if name == "cnn":
+        model = PoolCNN().to(DT)
+        x = torch.randn(4, 1, 8, 8, dtype=DT)
+        return model, model, x, [("conv2", model.conv2, False), ("relu1", model.relu1, False), ("conv2:input", model.conv2, True)]
+    if name == "mlp":
+        model = MLP().to(DT)
+        x = torch.randn(5, 6, dtype=DT)
+        return model, model, x, [("fc2", model.fc2, False), ("head:input", model.head, True)]
+    tt = TinyTransformer(vocab=5).to(DT)
+    x = torch.randn(3, 4, 16, dtype=DT)  # float embeddings
+    return tt, lambda h: tt(h)[:, -1], x, [("blocks.0.resid", tt.blocks[0].resid, False)]
+
+
+SETUPS = ["cnn", "mlp", "transformer"]
+
+
+def _td(x, baseline=None):
+    td = TensorDict({"x": x}, batch_size=[len(x)])
+    if baseline is not None:
+        td["baseline", "x"] = baseline
+    return td
+
+
+@pytest.mark.parametrize("name", SETUPS)
+def test_grad_cam_every_class_matches_captum(name):
+    model, fwd, x, sites = _setup(name)
+    td = _td(x)
+    for site, layer, to_input in sites:
+        for opts in ({}, {"relu_attributions": True}, {"attr_dim_summation": False}):
+            out = tdfunc.grad_cam(lambda t: fwd(t["x"]), td, model, site, **opts)["attr", site]
+            for c in range(out.shape[1]):
+                ref = LayerGradCam(fwd, layer).attribute(x, target=c, attribute_to_layer_input=to_input, **opts)
+                torch.testing.assert_close(out[:, c], ref, **EXACT)
+
+
+@pytest.mark.parametrize("name", SETUPS)
+def test_layer_gradient_x_activation_every_class_matches_captum(name):
+    model, fwd, x, sites = _setup(name)
+    td = _td(x)
+    for site, layer, to_input in sites:
+        for mul in (True, False):
+            out = tdfunc.layer_gradient_x_activation(lambda t: fwd(t["x"]), td, model, site, multiply_by_inputs=mul)
+            out = out["attr", site]
+            ref_method = LayerGradientXActivation(fwd, layer, multiply_by_inputs=mul)
+            for c in range(out.shape[1]):
+                ref = ref_method.attribute(x, target=c, attribute_to_layer_input=to_input)
+                torch.testing.assert_close(out[:, c], ref, **EXACT)
+
+
+@pytest.mark.parametrize("name", SETUPS)
+def test_layer_integrated_gradients_every_class_and_method_matches_captum(name):
+    model, fwd, x, sites = _setup(name)
+    base = 0.1 * torch.randn_like(x)
+    td = _td(x, base)
+    for site, layer, to_input in sites:
+        for method in METHODS:
+            out = tdfunc.layer_integrated_gradients(
+                lambda t: fwd(t["x"]), td, model, site, n_steps=6, method=method, return_convergence_delta=True
+            )
+            attr, delta = out["attr", site], out["convergence_delta"]
+            for c in range(attr.shape[1]):
+                ref, ref_delta = LayerIntegratedGradients(fwd, layer).attribute(
+                    x, base, target=c, n_steps=6, method=method, attribute_to_layer_input=to_input,
+                    return_convergence_delta=True,
+                )
+                torch.testing.assert_close(attr[:, c], ref, **IG_TOL)
+                torch.testing.assert_close(delta[:, c], ref_delta, **IG_TOL)
+    # captum's multiply_by_inputs=False and chunking (captum: internal_batch_size) once, on the last site
+    out = tdfunc.layer_integrated_gradients(lambda t: fwd(t["x"]), td, model, site, n_steps=5, multiply_by_inputs=False, chunk_size=2)
+    ref = LayerIntegratedGradients(fwd, layer, multiply_by_inputs=False).attribute(
+        x, base, target=1, n_steps=5, attribute_to_layer_input=to_input, internal_batch_size=2 * len(x)
+    )
+    torch.testing.assert_close(out["attr", site][:, 1], ref, **IG_TOL)
+
+
+def _nodes(method, n):
+    if method == "gausslegendre":
+        nodes, weights = np.polynomial.legendre.leggauss(n)
+        return 0.5 * (nodes + 1), 0.5 * weights
+    start = {"riemann_left": 0.0, "riemann_right": 1 / n, "riemann_middle": 0.5 / n, "riemann_trapezoid": 0.0}[method]
+    stop = 1.0 if method == "riemann_trapezoid" else start + 1 - 1 / n
+    weights = np.full(n, 1 / n)
+    if method == "riemann_trapezoid":
+        weights[[0, -1]] /= 2
+    return np.linspace(start, stop, n), weights
+
+
+def _hook_lig(fwd, layer, x, base, c, method, n):
+    """Layer IG from the paper's equation with forward hooks, in float64: the reference."""
+    seen = []
+    handle = layer.register_forward_hook(lambda m, a, out: seen.append(out.detach()))
+    with torch.no_grad():
+        fwd(x), fwd(base)
+    handle.remove()
+    a_x, a_b = seen
+    total = torch.zeros_like(a_x)
+    for alpha, weight in zip(*_nodes(method, n)):
+        a = (a_b + float(alpha) * (a_x - a_b)).requires_grad_(True)
+        handle = layer.register_forward_hook(lambda m, args, out: a)
+        try:
+            y = fwd(x)[:, c].sum()
+        finally:
+            handle.remove()
+        total += float(weight) * torch.autograd.grad(y, a)[0]
+    return total * (a_x - a_b)
+
+
+@pytest.mark.parametrize("name", ["mlp", "transformer"])
+def test_layer_ig_equals_float64_hook_reference(name):
+    model, fwd, x, sites = _setup(name)
+    site, layer, _ = sites[0]
+    base = 0.1 * torch.randn_like(x)
+    for method in METHODS:
+        out = tdfunc.layer_integrated_gradients(lambda t: fwd(t["x"]), _td(x, base), model, site, n_steps=5, method=method)
+        for c in (0, 2):
+            torch.testing.assert_close(out["attr", site][:, c], _hook_lig(fwd, layer, x, base, c, method, 5), **EXACT)
+
+
+def test_f_closing_over_labels_matches_captum_per_example_targets():
+    model, fwd, x, _ = _setup("cnn")
+    labels = torch.tensor([2, 0, 1, 2])
+    f = lambda t: model(t["x"]).gather(-1, labels[:, None])[:, 0]
+    td = _td(x)
+    pairs = [
+        (tdfunc.grad_cam(f, td, model, "relu2"), LayerGradCam(model, model.relu2).attribute(x, target=labels)),
+        (tdfunc.layer_gradient_x_activation(f, td, model, "relu2"), LayerGradientXActivation(model, model.relu2).attribute(x, target=labels)),
+    ]
+    for ours, ref in pairs:
+        torch.testing.assert_close(ours["attr", "relu2"], ref, **EXACT)
+    ours = tdfunc.layer_integrated_gradients(f, td, model, "relu2", n_steps=4)["attr", "relu2"]
+    ref = LayerIntegratedGradients(model, model.relu2).attribute(x, target=labels, n_steps=4)
+    torch.testing.assert_close(ours, ref, **IG_TOL)
+
+
+def test_in_keys_hold_other_inputs_fixed_like_captum_baselines():
+    """Only 'x' goes to its baseline; 'z' stays: captum with baselines (0, z)."""
+    torch.manual_seed(0)
+    mlp = MLP().to(DT)
+    x, z = torch.randn(4, 6, dtype=DT), torch.randn(4, 6, dtype=DT)
+    td = TensorDict({"x": x, "z": z}, batch_size=[4])
+    out = tdfunc.layer_integrated_gradients(lambda t: mlp(t["x"] * t["z"]), td, mlp, "act", n_steps=4, in_keys=["x"])
+    fwd = lambda x, z: mlp(x * z)
+    ref = LayerIntegratedGradients(fwd, mlp.act).attribute((x, z), (torch.zeros_like(x), z), target=2, n_steps=4)
+    torch.testing.assert_close(out["attr", "act"][:, 2], ref, **IG_TOL)
+
+
+METHODS_BY_NAME = {
+    "grad_cam": lambda f, td, m, s: tdfunc.grad_cam(f, td, m, s),
+    "gxa": lambda f, td, m, s: tdfunc.layer_gradient_x_activation(f, td, m, s),
+    "lig": lambda f, td, m, s: tdfunc.layer_integrated_gradients(f, td, m, s, n_steps=3),
+}
+
+
+@pytest.mark.parametrize("method", list(METHODS_BY_NAME))
+def test_vmap_over_targets_equals_loop_and_k_targets(method):
+    attribute = METHODS_BY_NAME[method]
+    model, fwd, x, _ = _setup("cnn")
+    td = _td(x)
+    per_class = lambda w: attribute(lambda t: model(t["x"]) @ w, td, model, "conv2")["attr", "conv2"]
+    eye = torch.eye(3, dtype=DT)
+    batched = vmap(per_class)(eye)
+    loop = torch.stack([per_class(w) for w in eye])
+    every = attribute(lambda t: model(t["x"]), td, model, "conv2")["attr", "conv2"]
+    torch.testing.assert_close(batched, loop, **EXACT)
+    torch.testing.assert_close(batched, every.movedim(1, 0), **EXACT)
+
+
+def _hook_gradient(model, layer, x, fwd, call=0):
+    """d sum(fwd(x)[:, c]) / d(output of the `call`-th call of layer), with a forward hook."""
+    seen = []
+    handle = layer.register_forward_hook(lambda m, a, out: seen.append(out))
+    try:
+        y = fwd(x)
+    finally:
+        handle.remove()
+    return torch.stack([torch.autograd.grad(y[:, c].sum(), seen[call], retain_graph=True)[0] for c in range(y.shape[1])], 1)
+
+
+def test_site_gradient_equals_hook_reference():
+    torch.manual_seed(0)
+    cnn = CNN().to(DT).eval()  # in-place ReLU called twice: site 'relu@1'
+    x = torch.randn(4, 1, 6, 6, dtype=DT)
+    grad = tdfunc.layer_gradient_x_activation(lambda t: cnn(t["x"]), _td(x), cnn, "relu@1", multiply_by_inputs=False)
+    torch.testing.assert_close(grad["attr", "relu@1"], _hook_gradient(cnn, cnn.relu, x, cnn, call=1), rtol=0, atol=0)
+
+    tt, fwd, h, _ = _setup("transformer")
+    grad = tdfunc.layer_gradient_x_activation(lambda t: fwd(t["x"]), _td(h), tt, "blocks.0.resid", multiply_by_inputs=False)
+    torch.testing.assert_close(grad["attr", "blocks.0.resid"], _hook_gradient(tt, tt.blocks[0].resid, h, fwd), rtol=0, atol=0)
+
+
+def test_batch_shape_of_two_dims_and_empty_batch():
+    model, fwd, x, _ = _setup("mlp")
+    x = x[:4]
+    flat = tdfunc.layer_integrated_gradients(lambda t: model(t["x"]), _td(x), model, "act", n_steps=3)["attr", "act"]
+    td2 = TensorDict({"x": x.view(2, 2, 6)}, batch_size=[2, 2])
+    two = tdfunc.layer_integrated_gradients(lambda t: model(t["x"]), td2, model, "act", n_steps=3)["attr", "act"]
+    torch.testing.assert_close(two, flat.view(2, 2, 3, 8), **EXACT)
+    one = tdfunc.grad_cam(lambda t: model(t["x"]), TensorDict({"x": x[0]}, batch_size=[]), model, "act")
+    full = tdfunc.grad_cam(lambda t: model(t["x"]), _td(x), model, "act")
+    torch.testing.assert_close(one["attr", "act"], full["attr", "act"][0], **EXACT)
+
+
+def test_state_and_inputs_untouched():
+    model, fwd, x, _ = _setup("mlp")
+    td = _td(x)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x0 = x.clone()
+    tdfunc.layer_integrated_gradients(lambda t: model(t["x"]), td, model, "fc2", n_steps=2)
+    assert set(td.keys()) == {"x"} and torch.equal(td["x"], x0)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    tdfunc.remove_sites(model)
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+
+
+# --- errors, pinned word for word -------------------------------------------------------------------
+
+X = torch.randn(4, 6)
+TD = TensorDict({"x": X}, batch_size=[4])
+M, REC = MLP(), Recurrent()
+SCALAR = nn.Sequential(nn.Linear(6, 1), nn.Flatten(0))  # one number per example at site '1'
+
+
+class Skip(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(6, 3)
+        self.unused = nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.a(x)
+
+
+def _f(model):
+    return lambda t: model(t["x"])
+
+
+PINNED = [
+    ("unknown_site", lambda: tdfunc.grad_cam(_f(M), TD, M, "fc3"), SiteError,
+     "tdfunc.grad_cam: unknown site 'fc3': MLP has no submodule 'fc3'. Did you mean 'fc2', 'fc1'? List the names with [n for n, _ in model.named_modules()]."),
+    ("site_never_reached", lambda: tdfunc.layer_gradient_x_activation(_f(Skip()), TD, Skip(), "unused"), NotReachedError,
+     "tdfunc.layer_gradient_x_activation: nothing was captured at site 'unused': the module never ran in this call. Capture a site the forward reaches."),
+    ("non_module", lambda: tdfunc.layer_integrated_gradients(_f(MLP()), TD, "fc1", "fc1"), TypeError,
+     "tdfunc.layer_integrated_gradients: module must be the nn.Module whose site is attributed, got str ('fc1'); pass the model itself, e.g. tdfunc.layer_integrated_gradients(f, td, model, 'layer1')."),
+    ("glob_site", lambda: tdfunc.grad_cam(_f(M), TD, M, "fc*"), AttributionError,
+     "tdfunc.grad_cam: site 'fc*' names several values; attribute one site at a time (no globs; '@k' for the k-th call of a module that runs several times)."),
+    ("site_ran_several_times", lambda: tdfunc.grad_cam(lambda t: REC(t["x"][:, :5]), TD, REC, "cell"), NotReachedError,
+     "tdfunc.grad_cam: site 'cell' ran 3 times in this call, so a single capture is ambiguous; capture 'cell@0' … 'cell@2' for one call, or 'cell@*' for all of them stacked on a new leading dimension."),
+    ("site_not_batch_first", lambda: tdfunc.layer_gradient_x_activation(lambda t: M(t["x"].view(2, 2, 6)).view(4, 3), TD, M, "fc1"), AttributionError,
+     "tdfunc.layer_gradient_x_activation: the value at site 'fc1' has shape (2, 2, 8), which does not start with td's batch shape (4,); the site must hold one activation per example, batch dims first. Give td the batch shape the model sees, or attribute another site."),
+    ("grad_cam_without_channels", lambda: tdfunc.grad_cam(_f(SCALAR), TD, SCALAR, "1"), AttributionError,
+     "tdfunc.grad_cam: the value at site '1' has shape (4,), with no channel dim after td's batch shape (4,); Grad-CAM needs batch + (C, *spatial). Attribute another site."),
+    ("td_not_a_tensordict", lambda: tdfunc.grad_cam(_f(M), torch.zeros(2), M, "fc1"), TypeError,
+     "tdfunc.grad_cam: td must be a TensorDict holding the inputs, got Tensor (tensor([0., 0.])); e.g. TensorDict({'x': x}, batch_size=[len(x)])."),
+    ("bad_method", lambda: tdfunc.layer_integrated_gradients(_f(M), TD, M, "fc1", method="simpson"), AttributionError,
+     "tdfunc.layer_integrated_gradients: unknown method 'simpson'; choose one of ['riemann_left', 'riemann_right', 'riemann_middle', 'riemann_trapezoid', 'gausslegendre']."),
+]
+
+
+@pytest.mark.parametrize("name,call,exc,message", PINNED, ids=[p[0] for p in PINNED])
+def test_error_message(name, call, exc, message):
+    with pytest.raises(exc) as info:
+        call()
+    assert str(info.value) == message
+
+
+def _check_output_formats_k() -> bool:
+    try:
+        check_output("probe", torch.zeros(()), torch.Size([2]))
+    except AttributionError:
+        return True
+    except ValueError:  # shape_str((*batch, 'K')) calls int('K'): reported to the lead
+        return False
+    return True
+
+
+F_SHAPE = [
+    ("grad_cam", lambda: tdfunc.grad_cam(lambda t: M(t["x"]).sum(), TD, M, "fc1"),
+     "tdfunc.grad_cam: f returned shape (), but td has batch shape (4,); f must return one value per example (4,) or K per example (4, K). Select the target inside f, e.g. lambda td: model(td['x']).gather(-1, labels[:, None])[:, 0]."),
+    ("layer_integrated_gradients", lambda: tdfunc.layer_integrated_gradients(lambda t: M(t["x"])[None], TD, M, "fc1"),
+     "tdfunc.layer_integrated_gradients: f returned shape (1, 4, 3), but td has batch shape (4,); f must return one value per example (4,) or K per example (4, K). Select the target inside f, e.g. lambda td: model(td['x']).gather(-1, labels[:, None])[:, 0]."),
+]
+
+
+@pytest.mark.xfail(not _check_output_formats_k(), reason="_common.check_output cannot format (*batch, 'K') yet", raises=ValueError, strict=True)
+@pytest.mark.parametrize("name,call,message", F_SHAPE, ids=[p[0] for p in F_SHAPE])
+def test_error_f_wrong_shape(name, call, message):
+    with pytest.raises(AttributionError) as info:
+        call()
+    assert str(info.value) == message
