@@ -12,6 +12,8 @@ from .attribution._ig import integrated_gradients as integrated_gradients
 from .attribution._layer import grad_cam as grad_cam
 from .attribution._layer import layer_gradient_x_activation as layer_gradient_x_activation
 from .attribution._layer import layer_integrated_gradients as layer_integrated_gradients
+from .attribution._noise import smooth_grad as smooth_grad
+from .attribution._guided import guided_backprop as guided_backprop
 from .attribution._maximise import activation_maximisation as activation_maximisation
 from .attribution._metrics import infidelity as infidelity
 from .attribution._metrics import sensitivity_max as sensitivity_max
@@ -51,6 +53,8 @@ __all__ = [
     "grad_cam",
     "layer_gradient_x_activation",
     "layer_integrated_gradients",
+    "smooth_grad",
+    "guided_backprop",
     "activation_maximisation",
     "infidelity",
     "sensitivity_max",
