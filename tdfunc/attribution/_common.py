@@ -36,6 +36,10 @@ def _show(key: Key) -> str:
     return repr(key[0]) if len(key) == 1 else repr(key)
 
 
+def _show_all(keys: list[Key]) -> str:
+    return "[" + ", ".join(_show(k) for k in keys) + "]"
+
+
 @dataclass
 class Inputs:
     keys: list[Key]
@@ -48,7 +52,7 @@ def prepare(fn: str, td: TensorDictBase, in_keys: Sequence | None, *, baselines:
     """Validate ``td`` and the attributed keys; collect inputs and baselines."""
     if not isinstance(td, TensorDictBase):
         raise TypeError(
-            f"{fn}: td must be a TensorDict holding the inputs, got {type(td).__name__} ({td!r:.60}); "
+            f"{fn}: td must be a TensorDict holding the inputs, got {type(td).__name__}; "
             "e.g. TensorDict({'x': x}, batch_size=[len(x)])."
         )
     leaves = [_norm(k) for k in td.keys(include_nested=True, leaves_only=True)]
@@ -56,7 +60,7 @@ def prepare(fn: str, td: TensorDictBase, in_keys: Sequence | None, *, baselines:
         keys = [k for k in leaves if k[0] != BASELINE and td.get(k).is_floating_point()]
         if not keys:
             raise AttributionError(
-                f"{fn}: td has no floating-point entry to attribute (entries: {[_show(k) for k in leaves]}); "
+                f"{fn}: td has no floating-point entry to attribute (entries: {_show_all(leaves)}); "
                 "store the inputs as float tensors or name them with in_keys=[...]."
             )
     else:
@@ -66,10 +70,13 @@ def prepare(fn: str, td: TensorDictBase, in_keys: Sequence | None, *, baselines:
     x, base = {}, {}
     for k in keys:
         if k not in leaves:
-            names = [".".join(c) for c in leaves]
+            near = suggest(".".join(k), {".".join(c): c for c in leaves})
+            if near:  # show suggestions as keys, not dotted names
+                near = " Did you mean " + ", ".join(
+                    _show(tuple(n.split("."))) for n in near[len(" Did you mean ") : -1].replace("'", "").split(", ")
+                ) + "?"
             raise AttributionError(
-                f"{fn}: unknown input key {_show(k)}: td has no such entry.{suggest('.'.join(k), names)} "
-                f"Entries: {[_show(c) for c in leaves]}."
+                f"{fn}: unknown input key {_show(k)}: td has no such entry.{near} Entries: {_show_all(leaves)}."
             )
         v = td.get(k)
         if not v.is_floating_point():
@@ -98,6 +105,21 @@ def prepare(fn: str, td: TensorDictBase, in_keys: Sequence | None, *, baselines:
                 f"{shape_str(v.shape)}; give a baseline broadcastable to the input."
             ) from None
     return Inputs(keys, x, base, td.batch_size)
+
+
+def tensor_output(fn: str, f: Callable, batch: torch.Size) -> Callable:
+    """``f`` with its output checked to be a tensor before a transform (vmap, vjp) sees it."""
+
+    def checked(td: TensorDictBase) -> torch.Tensor:
+        y = f(td)
+        if not isinstance(y, torch.Tensor):
+            raise AttributionError(
+                f"{fn}: f must return a tensor of shape batch {shape_str(batch)} or batch + (K,), "
+                f"got {type(y).__name__}."
+            )
+        return y
+
+    return checked
 
 
 def with_inputs(td: TensorDictBase, xs: dict) -> TensorDictBase:

@@ -7,13 +7,14 @@ from collections.abc import Callable, Sequence
 import torch
 from tensordict import TensorDict, TensorDictBase
 
-from ._common import grads_per_target, move_target_dim, per_target, prepare, result, with_inputs
+from ._common import grads_per_target, move_target_dim, per_target, prepare, result, tensor_output, with_inputs
 
 __all__ = ["saliency", "input_x_gradient"]
 
 
 def _gradients(fn: str, f: Callable, td: TensorDictBase, in_keys):
     p = prepare(fn, td, in_keys, baselines=False)
+    f = tensor_output(fn, f, p.batch)
     _, grads, k = grads_per_target(fn, lambda xs: f(with_inputs(td, xs)), p.x, 0, p.batch)
     n = len(p.batch)
     return p, {key: move_target_dim(g, k, n) for key, g in grads.items()}, k

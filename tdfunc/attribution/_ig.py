@@ -17,6 +17,7 @@ from ._common import (
     per_target,
     prepare,
     result,
+    tensor_output,
     with_inputs,
 )
 
@@ -95,7 +96,9 @@ def integrated_gradients(
         in_keys: entries to attribute (others are held fixed); default every float entry.
         n_steps: number of path points.
         method: ``"gausslegendre"`` (default), ``"riemann_left"``, ``"riemann_right"``,
-            ``"riemann_middle"`` or ``"riemann_trapezoid"``.
+            ``"riemann_middle"`` or ``"riemann_trapezoid"``.  The last is captum's rule, kept for
+            equality with it: weights ``1/n`` with the ends halved, which sum to ``(n-1)/n``, so it is
+            not complete even for a linear ``f``.
         multiply_by_inputs: multiply the integrated gradient by ``x - x'`` (captum's default True;
             tdhook's default is False).
         chunk_size: path points per forward; bounds memory to ``chunk_size`` copies of the batch
@@ -133,6 +136,7 @@ def integrated_gradients(
     fn = "tdfunc.integrated_gradients"
     _check_options(fn, n_steps, method, chunk_size, strategy)
     p = prepare(fn, td, in_keys)
+    f = tensor_output(fn, f, p.batch)
     nb = len(p.batch)
     alphas64, weights64 = quadrature(method, n_steps)
     chunk = n_steps if chunk_size is None else min(chunk_size, n_steps)
