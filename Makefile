@@ -26,9 +26,9 @@ demo: venv
 CORE_TESTS = tests/test_core.py tests/test_compose.py tests/test_errors.py tests/test_models.py
 
 test: venv
-	$(PY) -m pytest -q -n 2 --dist loadfile
+	$(PY) -m pytest -q -n 2
 	@echo "--- core tests again on tensordict 0.14.3 ---"
-	PYTHONPATH=$(VENV)/td014 $(PY) -m pytest -q -n 2 --dist loadfile $(CORE_TESTS)
+	TDFUNC_CORE_ONLY=1 PYTHONPATH=$(VENV)/td014 $(PY) -m pytest -q -n 2 $(CORE_TESTS)
 
 bench: venv
 	$(PY) -m bench.run
