@@ -32,6 +32,7 @@ def functional_call(
     *,
     edits: Edits | None = None,
     capture: Capture | None = None,
+    strict: bool = True,
 ) -> Any:
     """Run ``module`` as a pure function of (state, inputs, activation edits).
 
@@ -72,6 +73,8 @@ def functional_call(
         kwargs: keyword inputs.
         edits: mapping from site to edit.
         capture: a site or list of sites to return.
+        strict: with ``False``, an edit or capture whose site the forward never reaches is skipped
+            (the capture is then absent from the result) instead of raising ``NotReachedError``.
 
     Returns:
         The module's output, or ``(output, captures)`` when ``capture`` is given, with ``captures``
@@ -107,7 +110,7 @@ def functional_call(
     if kwargs is not None and not isinstance(kwargs, Mapping):
         raise TypeError(f"{fn}: kwargs must be a mapping or None, got {type(kwargs).__name__}.")
     kwargs = dict(kwargs or {})
-    plan = _runtime.make_plan(fn, module, edits, capture)
+    plan = _runtime.make_plan(fn, module, edits, capture, strict)
     run = torch.func.functional_call if params else None
     call = (lambda: run(module, params, args, kwargs)) if params else (lambda: module(*args, **kwargs))
     if plan is None:
@@ -124,6 +127,7 @@ def intervene(
     *,
     edits: Edits | None = None,
     capture: Capture | None = None,
+    strict: bool = True,
 ) -> Callable[..., Any]:
     """Transform ``f`` so every call of ``module`` (and its submodules) inside it is edited / captured.
 
@@ -140,6 +144,8 @@ def intervene(
         module: the module whose sites ``edits`` and ``capture`` name.
         edits: mapping from site to edit (as in :func:`tdfunc.functional_call`).
         capture: sites to return.
+        strict: with ``False``, sites ``f`` never reaches are skipped instead of raising
+            ``NotReachedError`` (as in :func:`tdfunc.functional_call`).
 
     Returns:
         ``g`` with ``f``'s signature, returning ``f(...)``, or ``(f(...), captures)`` when ``capture`` is given.
@@ -160,7 +166,7 @@ def intervene(
     if not callable(f):
         raise TypeError(f"{fn}: expected a callable f, got {type(f).__name__} ({f!r:.60}).")
     _check_module(fn, module)
-    plan = _runtime.make_plan(fn, module, edits, capture)
+    plan = _runtime.make_plan(fn, module, edits, capture, strict)
 
     @functools.wraps(f)
     def intervened(*args: Any, **kwargs: Any) -> Any:

@@ -51,10 +51,11 @@ class _Entry:
 
 
 class Plan:
-    __slots__ = ("fn", "entries", "edits", "captures", "n_counters")
+    __slots__ = ("fn", "entries", "edits", "captures", "n_counters", "strict")
 
-    def __init__(self, fn: str):
+    def __init__(self, fn: str, strict: bool = True):
         self.fn = fn
+        self.strict = strict  # False: unreached edits are skipped and unreached captures left out
         self.entries: dict[nn.Module, _Entry] = {}
         self.edits: list[_Op] = []
         self.captures: list[_Op] = []
@@ -115,7 +116,7 @@ def _check_edit_value(fn: str, site: str, payload: Any) -> None:
     )
 
 
-def make_plan(fn: str, root: nn.Module, edits: Mapping | None, capture: Any) -> Plan | None:
+def make_plan(fn: str, root: nn.Module, edits: Mapping | None, capture: Any, strict: bool = True) -> Plan | None:
     """Resolve edits and captures to module objects and install their sites. ``None`` if empty."""
     if edits is not None and not isinstance(edits, Mapping):
         raise TypeError(
@@ -125,7 +126,7 @@ def make_plan(fn: str, root: nn.Module, edits: Mapping | None, capture: Any) -> 
     cap_sites = _sites_of(fn, "capture", capture)
     if not edits and not cap_sites:
         return None
-    plan, cache = Plan(fn), {}
+    plan, cache = Plan(fn, strict), {}
     used: list[tuple[str, nn.Module]] = []
     seen_keys: set[str] = set()
     requests = [(s, v, False) for s, v in (edits or {}).items()] + [(s, None, True) for s in cap_sites]
@@ -365,7 +366,7 @@ def finish(frame: Frame) -> TensorDict:
     """Check every edit was applied and every capture found once; return the captures."""
     fn = frame.plan.fn
     for op in frame.plan.edits:
-        if frame.hits[op.slot] == 0:
+        if frame.hits[op.slot] == 0 and frame.plan.strict:
             n = _calls(frame, op)
             raise NotReachedError(
                 f"{fn}: the edit at site {op.key!r} was never applied: the module {_times(n)} in this call"
@@ -377,6 +378,8 @@ def finish(frame: Frame) -> TensorDict:
         if op.hidden:
             continue
         vals = frame.values[op.slot]
+        if not vals and not frame.plan.strict:
+            continue
         n = _calls(frame, op)
         if not vals:
             raise NotReachedError(

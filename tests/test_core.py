@@ -349,3 +349,23 @@ def test_from_site_reads_an_earlier_site_in_the_same_call():
     ws = torch.randn(4, 8, 8)
     out = vmap(lambda w: tdfunc.functional_call(m, None, (x,), edits={"fc2": tdfunc.from_site("act", lambda a: a @ w)}))(ws)
     torch.testing.assert_close(out, torch.stack([m.head(m.act2(m.act(m.fc1(x)) @ w)) for w in ws]))
+
+
+def test_non_strict_skips_unreached_sites():
+    class Skip(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.unused = nn.Linear(2, 2), nn.Linear(2, 2)
+
+        def forward(self, x):
+            return self.a(x)
+
+    m, x = Skip(), torch.randn(3, 2)
+    y, caps = tdfunc.functional_call(
+        m, None, (x,), edits={"unused": torch.zeros(2), "a": lambda v: -v}, capture=["unused", "a"], strict=False
+    )
+    assert torch.equal(y, -m.a(x)) and set(caps.keys()) == {"a"}
+    g = tdfunc.intervene(lambda: m(x), m, edits={"unused": torch.zeros(2)}, strict=False)
+    assert torch.equal(g(), m(x))
+    with pytest.raises(tdfunc.NotReachedError):
+        tdfunc.functional_call(m, None, (x,), edits={"unused": torch.zeros(2)})

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Sequence
 
 import torch
@@ -124,8 +123,8 @@ def guided_backprop(
     Raises:
         AttributionError: ``module`` has no ``nn.ReLU``; unknown key, non-float input, ``f`` output
             of the wrong shape.
-        NotReachedError: ``f`` did not run one of ``module``'s ``nn.ReLU`` modules, or ran them
-            differently in its two forwards.
+        NotReachedError: ``f`` ran ``module``'s ``nn.ReLU`` modules differently in its two forwards
+            (``f`` must be deterministic).  ReLU modules ``f`` never runs are left alone.
 
     Example:
         >>> import torch, tdfunc
@@ -149,23 +148,15 @@ def guided_backprop(
     fn = "tdfunc.guided_backprop"
     sites = relu_sites(fn, module)
     p = prepare(fn, td, in_keys, baselines=False)
-    try:
-        # First forward, outside the vjp: every ReLU output v as a function of the outer variables only.
-        seen = {s: [] for s in sites}
-        intervene(f, module, edits={s: _record(seen[s]) for s in sites})(td)
+    # First forward, outside the vjp: every ReLU output v as a function of the outer variables only.
+    # Non-strict: an nn.ReLU of module that f does not run is simply not rewritten (as in captum).
+    seen = {s: [] for s in sites}
+    intervene(f, module, edits={s: _record(seen[s]) for s in sites}, strict=False)(td)
 
-        def g(xs):  # second forward: each ReLU output becomes v + guide(out - v)
-            guided = intervene(f, module, edits={s: _guided(seen[s]) for s in sites})
-            return guided(with_inputs(td, xs))
+    def g(xs):  # second forward: each ReLU output becomes v + guide(out - v)
+        guided = intervene(f, module, edits={s: _guided(seen[s]) for s in sites}, strict=False)
+        return guided(with_inputs(td, xs))
 
-        _, grads, k = grads_per_target(fn, g, p.x, 0, p.batch)
-    except NotReachedError as e:
-        hit = re.match(r"tdfunc\.intervene: the edit at site '([^']*)' was never applied", str(e))
-        if hit is None or hit.group(1) not in sites:
-            raise  # from f's own edits
-        raise NotReachedError(
-            f"{fn}: f never ran the nn.ReLU module {hit.group(1)!r} of {type(module).__name__}; guided "
-            "backprop rewrites every nn.ReLU of module, so pass as module the (sub)model that f runs in full."
-        ) from None
+    _, grads, k = grads_per_target(fn, g, p.x, 0, p.batch)
     n = len(p.batch)
     return result(td.batch_size, {key: move_target_dim(g, k, n) for key, g in grads.items()})
