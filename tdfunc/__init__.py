@@ -33,6 +33,24 @@ from ._sites import install_sites as install_sites
 from ._sites import remove_sites as remove_sites
 from ._state import state as state
 from ._tap import Tap as Tap
+from .weights._common import WeightError as WeightError
+from .weights._prune import magnitude_scores as magnitude_scores
+from .weights._prune import snip_scores as snip_scores
+from .weights._prune import prune_masks as prune_masks
+from .weights._prune import apply_masks as apply_masks
+from .weights._task import task_vector as task_vector
+from .weights._task import apply_task_vector as apply_task_vector
+from .weights._task import ties_merge as ties_merge
+from .weights._task import task_vector_sweep as task_vector_sweep
+from .weights._task import interpolate as interpolate
+from .weights._adapters import sae_init as sae_init
+from .weights._adapters import sae_encode as sae_encode
+from .weights._adapters import sae_decode as sae_decode
+from .weights._adapters import sae_edit as sae_edit
+from .weights._adapters import transcoder_init as transcoder_init
+from .weights._adapters import transcoder_edit as transcoder_edit
+from .weights._adapters import lora_init as lora_init
+from .weights._adapters import apply_lora as apply_lora
 
 __version__ = "0.1.0"
 
@@ -66,4 +84,22 @@ __all__ = [
     "EditError",
     "StateError",
     "NotReachedError",
+    "WeightError",
+    "magnitude_scores",
+    "snip_scores",
+    "prune_masks",
+    "apply_masks",
+    "task_vector",
+    "apply_task_vector",
+    "ties_merge",
+    "task_vector_sweep",
+    "interpolate",
+    "sae_init",
+    "sae_encode",
+    "sae_decode",
+    "sae_edit",
+    "transcoder_init",
+    "transcoder_edit",
+    "lora_init",
+    "apply_lora",
 ]
