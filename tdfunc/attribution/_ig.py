@@ -102,7 +102,10 @@ def integrated_gradients(
         multiply_by_inputs: multiply the integrated gradient by ``x - x'`` (captum's default True;
             tdhook's default is False).
         chunk_size: path points per forward; bounds memory to ``chunk_size`` copies of the batch
-            (None: all ``n_steps`` at once).
+            (None: all ``n_steps`` at once).  The bound holds when the result needs no outer graph:
+            under ``torch.no_grad()`` or with a detached state (``tdfunc.state``); when ``f`` uses
+            parameters that require grad, autograd keeps every chunk's activations so that the
+            attribution stays differentiable.
         strategy: ``"vmap"`` (default; ``vmap`` over the path, ``f`` sees ``td``'s batch shape) or
             ``"fold"`` (path folded into the batch dim: often faster eager on the CPU, but ``f`` then
             sees batch ``chunk * B`` and must not close over per-example data).
@@ -156,11 +159,11 @@ def integrated_gradients(
         else:
             folded_td = td.expand(s, *p.batch).reshape(s * p.batch.numel()) if nb else td.expand(s)
             g = lambda xs: _unfold(f(with_inputs(folded_td, {k: v.reshape(-1, *v.shape[nb + 1 :]) for k, v in xs.items()})), s, p.batch)
-        _, grads, k_targets = grads_per_target(fn, g, scaled, 1, p.batch)
-        step = 1 if k_targets is None else 2  # the path dim: after the target dim when there is one
-        for key, gr in grads.items():
-            w = weights64[start:stop].to(gr.dtype).to(gr.device).view(s, *([1] * (gr.dim() - step)))
-            contrib = (gr * w).sum(step - 1)
+        w = weights64[start:stop]
+        path_sum = lambda key, gr: torch.tensordot(w.to(gr.dtype).to(gr.device), gr, dims=1)  # noqa: E731
+        # the weighted sum over the path is taken per target, before the K targets are stacked
+        _, grads, k_targets = grads_per_target(fn, g, scaled, 1, p.batch, reduce=path_sum)
+        for key, contrib in grads.items():
             total[key] = contrib if key not in total else total[key] + contrib
     attrs = {}
     for key, t in total.items():
