@@ -17,6 +17,9 @@ from .attribution._guided import guided_backprop as guided_backprop
 from .attribution._maximise import activation_maximisation as activation_maximisation
 from .attribution._metrics import infidelity as infidelity
 from .attribution._metrics import sensitivity_max as sensitivity_max
+from .attribution._perturb import occlusion as occlusion
+from .attribution._perturb import feature_ablation as feature_ablation
+from .attribution._perturb import shapley_value_sampling as shapley_value_sampling
 from ._call import intervene as intervene
 from ._edits import Delta as Delta
 from ._edits import Rule as Rule
@@ -51,6 +54,13 @@ from .weights._adapters import transcoder_init as transcoder_init
 from .weights._adapters import transcoder_edit as transcoder_edit
 from .weights._adapters import lora_init as lora_init
 from .weights._adapters import apply_lora as apply_lora
+from .latent._geometry import GeometryError as GeometryError
+from .latent._geometry import twonn_dimension as twonn_dimension
+from .latent._geometry import mle_dimension as mle_dimension
+from .latent._geometry import local_pca_dimension as local_pca_dimension
+from .latent._geometry import ca_pca_dimension as ca_pca_dimension
+from .latent._geometry import cka as cka
+from .latent._geometry import information_imbalance as information_imbalance
 
 __version__ = "0.1.0"
 
@@ -76,6 +86,9 @@ __all__ = [
     "activation_maximisation",
     "infidelity",
     "sensitivity_max",
+    "occlusion",
+    "feature_ablation",
+    "shapley_value_sampling",
     "AttributionError",
     "install_sites",
     "remove_sites",
@@ -102,4 +115,11 @@ __all__ = [
     "transcoder_edit",
     "lora_init",
     "apply_lora",
+    "GeometryError",
+    "twonn_dimension",
+    "mle_dimension",
+    "local_pca_dimension",
+    "ca_pca_dimension",
+    "cka",
+    "information_imbalance",
 ]

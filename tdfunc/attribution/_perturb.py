@@ -1,0 +1,473 @@
+"""Perturbation attribution: occlusion, feature ablation, Shapley value sampling (captum's definitions).
+
+Every perturbed input is built as one stacked tensor ``(n_perturbations, *x.shape)`` from boolean
+masks ``M_j`` (``x_j = where(M_j, baseline, x)``) and evaluated by one ``vmap``-ed call of ``f``
+over the perturbations (``chunk_size`` of them at a time), instead of captum's Python loop of
+forwards.  ``f`` always sees ``td``'s batch shape.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+
+import torch
+from tensordict import TensorDict, TensorDictBase
+from torch.func import vmap
+
+from .._errors import shape_str
+from ._common import AttributionError, Inputs, _norm, _show, check_output, prepare, result, with_inputs
+
+__all__ = ["occlusion", "feature_ablation", "shapley_value_sampling"]
+
+
+def _check_chunk(fn: str, chunk_size) -> None:
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+        raise AttributionError(f"{fn}: chunk_size must be None or an integer >= 1, got {chunk_size!r}.")
+
+
+def _per_key(fn: str, name: str, value, keys: list, what: str) -> dict:
+    """A per-input option given as a dict key -> value, or a bare value when there is one input."""
+    if isinstance(value, Mapping):
+        given = {_norm(k): v for k, v in value.items()}
+        for k in keys:
+            if k not in given:
+                raise AttributionError(
+                    f"{fn}: {name} has no entry for {_show(k)}; give one {what} per attributed input "
+                    f"(a dict key -> {what}, or a bare {what} when there is one input)."
+                )
+        return {k: given[k] for k in keys}
+    if len(keys) != 1:
+        raise AttributionError(
+            f"{fn}: {name} must be a dict key -> {what} when attributing several inputs "
+            f"({', '.join(_show(k) for k in keys)}), got {type(value).__name__}."
+        )
+    return {keys[0]: value}
+
+
+def _run(f: Callable, td: TensorDictBase, p: Inputs, n: int, chunk_size: int | None, masks_for: Callable, y0=None):
+    """Evaluate ``f`` on the ``n`` perturbed inputs ``where(M_j, baseline, x)``, vmapped over ``j``.
+
+    ``masks_for(start, stop)`` gives, for the perturbations ``start .. stop - 1``, key -> bool mask of
+    shape ``(stop - start, *s)`` with ``s`` broadcastable to the input (keys left out are not perturbed).
+    Returns the stacked outputs ``(n, *batch (+ K))`` and, when ``y0`` is given,
+    ``sum_j (y0 - y_j) * M_j`` per key (``batch (+ K) + feature shape``).
+    """
+    nb = len(p.batch)
+    chunk = n if chunk_size is None else min(chunk_size, n)
+    ys, total = [], {}
+    call = vmap(lambda xs: f(with_inputs(td, xs)))
+    for start in range(0, n, chunk):
+        masks = masks_for(start, min(start + chunk, n))
+        xs = {k: torch.where(m, p.baseline[k], p.x[k]) for k, m in masks.items()}
+        y = call(xs)
+        ys.append(y)
+        if y0 is None:
+            continue
+        diff = y0 - y  # (c, *batch (+ K))
+        for k, m in masks.items():
+            feat = p.x[k].dim() - nb
+            d = diff.reshape(*diff.shape, *([1] * feat))
+            mm = m.to(d.dtype)
+            if diff.dim() > nb + 1:  # a target dim: masks broadcast over it
+                mm = mm.unsqueeze(nb + 1)
+            part = (d * mm).sum(0)
+            total[k] = part if k not in total else total[k] + part
+    return torch.cat(ys) if len(ys) > 1 else ys[0], total
+
+
+def _expand_attr(t: torch.Tensor, x: torch.Tensor, k: int | None, nb: int) -> torch.Tensor:
+    want = (*x.shape[:nb], *(() if k is None else (k,)), *x.shape[nb:])
+    return t.expand(want) if tuple(t.shape) != want else t
+
+
+def _baseline_outputs(fn: str, f: Callable, td: TensorDictBase, p: Inputs):
+    y0 = f(td)
+    return y0, check_output(fn, y0, p.batch)
+
+
+# ---------------------------------------------------------------------------------------------- occlusion
+
+
+def _as_tuple(fn: str, name: str, v, key, ndim: int) -> tuple:
+    if isinstance(v, bool):
+        raise AttributionError(f"{fn}: {name} for {_show(key)} must be a tuple of integers, got {v!r}.")
+    if isinstance(v, int) and name == "strides":
+        return (v,) * ndim
+    if isinstance(v, torch.Size) or (isinstance(v, (tuple, list)) and all(isinstance(s, int) and not isinstance(s, bool) for s in v)):
+        return tuple(int(s) for s in v)
+    raise AttributionError(f"{fn}: {name} for {_show(key)} must be a tuple of integers, got {v!r}.")
+
+
+def _window_tables(fn: str, key, feat: tuple, window, stride, device) -> tuple[list, list]:
+    """Per feature dim, the (count, size) table of which positions each window shift covers."""
+    window = _as_tuple(fn, "sliding_window_shapes", window, key, len(feat))
+    stride = _as_tuple(fn, "strides", 1 if stride is None else stride, key, len(feat))
+    if len(window) != len(feat):
+        example = shape_str((1,) * len(feat)) if feat else "()"
+        raise AttributionError(
+            f"{fn}: sliding window {window!r} for {_show(key)} has {len(window)} dims, but the input's feature "
+            f"shape {shape_str(feat)} has {len(feat)}; give one window size per feature dim, e.g. {example}."
+        )
+    if any(w < 1 or w > d for w, d in zip(window, feat)):
+        raise AttributionError(
+            f"{fn}: sliding window {window!r} for {_show(key)} does not fit the feature shape "
+            f"{shape_str(feat)}; every window size must be between 1 and the feature size."
+        )
+    if len(stride) != len(feat) or any(s < 1 for s in stride):
+        raise AttributionError(
+            f"{fn}: strides {stride!r} for {_show(key)} must be one integer >= 1 per feature dim "
+            f"({len(feat)} dims) or a single integer >= 1."
+        )
+    tables, counts = [], []
+    for i, (d, w, s) in enumerate(zip(feat, window, stride)):
+        if w < d and s > w:
+            raise AttributionError(
+                f"{fn}: stride {s} exceeds the window size {w} in feature dim {i} of {_show(key)}; the windows "
+                "would skip elements (captum's rule): use strides <= window sizes."
+            )
+        c = math.ceil((d - w) / s) + 1  # captum's shift count; the last window may be cut at the edge
+        pos = torch.arange(d, device=device)
+        off = (torch.arange(c, device=device) * s)[:, None]
+        tables.append((pos >= off) & (pos < off + w))
+        counts.append(c)
+    return tables, counts
+
+
+def occlusion(
+    f: Callable[[TensorDictBase], torch.Tensor],
+    td: TensorDictBase,
+    *,
+    sliding_window_shapes: Mapping | Sequence[int],
+    strides: Mapping | Sequence[int] | int | None = None,
+    in_keys: Sequence | None = None,
+    chunk_size: int | None = None,
+) -> TensorDict:
+    """Occlusion (Zeiler & Fergus, 2014), captum's ``Occlusion``: slide a window of baseline values.
+
+    .. math::
+        A_{b,k}(x)_i = \\frac{1}{|\\{w : i \\in w\\}|} \\sum_{w \\ni i}
+            \\big(f_k(x)_b - f_k(x^{(w)})_b\\big),
+        \\qquad x^{(w)} = x \\text{ with the window } w \\text{ set to the baseline}
+
+    Windows of ``sliding_window_shapes`` start at multiples of ``strides`` in every feature dim
+    (``ceil((d - w) / s) + 1`` shifts, the last one cut at the edge, as captum); each input has its
+    own windows.  All ``n_windows`` occluded inputs are one stacked tensor evaluated by one
+    ``vmap``-ed call of ``f`` (``chunk_size`` windows at a time).
+
+    Args:
+        f: ``f(td) -> Tensor`` of shape ``td.batch_size`` or ``td.batch_size + (K,)``.
+        td: the inputs; baselines are ``("baseline", key)`` entries (zeros when absent).
+        sliding_window_shapes: a window shape (one size per feature dim) per input: a dict
+            key -> shape, or a tuple when one input is attributed.
+        strides: the step per feature dim: a dict key -> (int or tuple), an int or a tuple when one
+            input is attributed; default 1.  A stride may not exceed its window size.
+        in_keys: entries to attribute; default every floating-point entry.
+        chunk_size: windows per forward; bounds memory to ``chunk_size`` copies of the inputs.
+
+    Returns:
+        TensorDict with ``("attr", key)`` of shape ``batch (+ K) + feature shape``.
+
+    Raises:
+        AttributionError: a window of the wrong length or larger than the input, a stride < 1 or
+            larger than its window, unknown key, ``f`` output of the wrong shape.
+
+    Example:
+        >>> import torch, tdfunc
+        >>> from tensordict import TensorDict
+        >>> lin = torch.nn.Linear(4, 2)
+        >>> td = TensorDict({"x": torch.randn(3, 4)}, batch_size=[3])
+        >>> out = tdfunc.occlusion(lambda t: lin(t["x"]), td, sliding_window_shapes=(1,))
+        >>> torch.allclose(out["attr", "x"], td["x"][:, None] * lin.weight)  # linear f: x * w
+        True
+
+    References:
+        Zeiler, Fergus. Visualizing and Understanding Convolutional Networks. ECCV 2014.
+
+    Composes with: ``vmap``, ``grad`` (w.r.t. inputs or parameters; double backward),
+    ``torch.compile(fullgraph=True)``.
+    """
+    fn = "tdfunc.occlusion"
+    _check_chunk(fn, chunk_size)
+    p = prepare(fn, td, in_keys)
+    nb = len(p.batch)
+    windows = _per_key(fn, "sliding_window_shapes", sliding_window_shapes, p.keys, "window shape")
+    steps = _per_key(fn, "strides", strides, p.keys, "stride") if strides is not None else dict.fromkeys(p.keys)
+    spans, n = {}, 0
+    for key in p.keys:
+        x = p.x[key]
+        tables, counts = _window_tables(fn, key, tuple(x.shape[nb:]), windows[key], steps[key], x.device)
+        total = math.prod(counts)
+        spans[key] = (n, total, tables, counts)
+        n += total
+    y0, k = _baseline_outputs(fn, f, td, p)
+
+    def masks_for(lo, hi):
+        out = {}
+        for key, (start, total, tables, counts) in spans.items():
+            if hi <= start or lo >= start + total:
+                continue  # this chunk holds no window of this input
+            local = torch.arange(lo - start, hi - start, device=tables[0].device if tables else p.x[key].device)
+            m = ((local >= 0) & (local < total)).view(-1, *([1] * len(tables)))
+            rest = local.clamp(0, total - 1)
+            for i, (table, c) in enumerate(zip(tables, counts)):  # captum: the first dim moves fastest
+                row = table[rest % c]  # (chunk, d_i)
+                rest = rest // c
+                m = m & row.view(-1, *([1] * i), row.shape[-1], *([1] * (len(tables) - i - 1)))
+            out[key] = m.view(m.shape[0], *([1] * nb), *m.shape[1:])
+        return out
+
+    _, total = _run(f, td, p, n, chunk_size, masks_for, y0)
+    attrs = {}
+    for key, (start, count, tables, counts) in spans.items():
+        cover = torch.ones((), dtype=p.x[key].dtype, device=p.x[key].device)
+        for i, table in enumerate(tables):  # windows covering each position: a product over dims
+            c = table.sum(0).to(cover.dtype)
+            cover = cover.unsqueeze(-1) * c if i else c
+        attrs[key] = _expand_attr(total[key] / cover, p.x[key], k, nb)
+    return result(td.batch_size, attrs)
+
+
+# ------------------------------------------------------------------------------------ feature masks
+
+
+def _feature_masks(fn: str, feature_mask, p: Inputs) -> dict:
+    """key -> integer mask of the input's number of dims, broadcastable to it (default: one id per scalar)."""
+    nb = len(p.batch)
+    if feature_mask is None:
+        out, offset = {}, 0
+        for key in p.keys:
+            x = p.x[key]
+            feat = tuple(x.shape[nb:])
+            m = math.prod(feat)
+            out[key] = torch.arange(offset, offset + m, device=x.device).view(*([1] * nb), *feat)
+            offset += m
+        return out
+    given = _per_key(fn, "feature_mask", feature_mask, p.keys, "integer mask")
+    out = {}
+    for key, m in given.items():
+        x = p.x[key]
+        if not isinstance(m, torch.Tensor) or m.is_floating_point() or m.is_complex() or m.dtype == torch.bool:
+            what = type(m).__name__ if not isinstance(m, torch.Tensor) else f"a {m.dtype} tensor"
+            raise AttributionError(
+                f"{fn}: feature_mask for {_show(key)} must be an integer tensor of feature ids, got {what}; "
+                "e.g. torch.arange(n).view(shape)."
+            )
+        try:
+            ok = m.dim() <= x.dim() and torch.broadcast_shapes(m.shape, x.shape) == x.shape
+        except RuntimeError:
+            ok = False
+        if not ok:
+            raise AttributionError(
+                f"{fn}: feature_mask for {_show(key)} has shape {shape_str(m.shape)} but the input has shape "
+                f"{shape_str(x.shape)}; give an integer mask broadcastable to the input (batch + feature shape)."
+            )
+        out[key] = m.to(x.device).reshape(*([1] * (x.dim() - m.dim())), *m.shape)
+    return out
+
+
+def feature_ablation(
+    f: Callable[[TensorDictBase], torch.Tensor],
+    td: TensorDictBase,
+    *,
+    feature_mask: Mapping | torch.Tensor | None = None,
+    in_keys: Sequence | None = None,
+    chunk_size: int | None = None,
+) -> TensorDict:
+    """Feature ablation, captum's ``FeatureAblation``: replace one feature group at a time by the baseline.
+
+    .. math::  A_{b,k}(x)_i = f_k(x)_b - f_k(x^{(g(i))})_b,
+        \\qquad x^{(g)} = x \\text{ with every position of feature id } g \\text{ set to the baseline}
+
+    Feature ids are the distinct values of ``feature_mask`` over every input (an id used in two
+    inputs ablates both at once, as captum).  The ``n_features`` ablated inputs are one stacked
+    tensor evaluated by one ``vmap``-ed call of ``f`` (``chunk_size`` features at a time).
+
+    Args:
+        f: ``f(td) -> Tensor`` of shape ``td.batch_size`` or ``td.batch_size + (K,)``.
+        td: the inputs; baselines are ``("baseline", key)`` entries (zeros when absent).
+        feature_mask: integer feature ids per input, broadcastable to the input (batch + feature
+            shape; a mask of the feature shape applies to every example): a dict key -> tensor, or
+            a tensor when one input is attributed.  Default: every scalar its own feature.
+        in_keys: entries to attribute; default every floating-point entry.
+        chunk_size: features per forward; bounds memory to ``chunk_size`` copies of the inputs.
+
+    Returns:
+        TensorDict with ``("attr", key)`` of shape ``batch (+ K) + feature shape``.
+
+    Raises:
+        AttributionError: a feature_mask that is not an integer tensor broadcastable to its
+            input, unknown key, ``f`` output of the wrong shape.
+
+    Example:
+        >>> import torch, tdfunc
+        >>> from tensordict import TensorDict
+        >>> lin = torch.nn.Linear(4, 1)
+        >>> td = TensorDict({"x": torch.randn(3, 4)}, batch_size=[3])
+        >>> out = tdfunc.feature_ablation(lambda t: lin(t["x"])[:, 0], td, feature_mask=torch.tensor([0, 0, 1, 1]))
+        >>> torch.allclose(out["attr", "x"][:, 0], (td["x"] * lin.weight)[:, :2].sum(-1))
+        True
+
+    References:
+        Zeiler, Fergus. Visualizing and Understanding Convolutional Networks. ECCV 2014 (occlusion
+        of single features); captum's ``FeatureAblation``.
+
+    Composes with: ``vmap``, ``grad`` (double backward), ``torch.compile(fullgraph=True)`` with the
+    default mask (a custom mask's ids are read with ``torch.unique``).
+    """
+    fn = "tdfunc.feature_ablation"
+    _check_chunk(fn, chunk_size)
+    p = prepare(fn, td, in_keys)
+    nb = len(p.batch)
+    masks = _feature_masks(fn, feature_mask, p)
+    dev = next(iter(p.x.values())).device
+    if feature_mask is None:
+        n = sum(math.prod(p.x[key].shape[nb:]) for key in p.keys)
+        ids = torch.arange(n, device=dev)
+    else:
+        ids = torch.unique(torch.cat([m.flatten().to(dev) for m in masks.values()]))
+        n = int(ids.numel())
+    y0, k = _baseline_outputs(fn, f, td, p)
+
+    def masks_for(lo, hi):
+        cur = ids[lo:hi]
+        return {key: m.unsqueeze(0) == cur.view(-1, *([1] * m.dim())) for key, m in masks.items()}
+
+    _, total = _run(f, td, p, n, chunk_size, masks_for, y0)
+    return result(td.batch_size, {key: _expand_attr(t, p.x[key], k, nb) for key, t in total.items()})
+
+
+# ------------------------------------------------------------------------------------ Shapley values
+
+
+def _check_permutations(fn: str, perms, n_samples: int, n_feat: int) -> torch.Tensor:
+    want = shape_str((n_samples, n_feat))
+    if not isinstance(perms, torch.Tensor) or perms.is_floating_point() or perms.is_complex() or perms.dtype == torch.bool:
+        got = type(perms).__name__ if not isinstance(perms, torch.Tensor) else f"a {perms.dtype} tensor"
+        raise AttributionError(f"{fn}: permutations must be an integer tensor of shape {want}, got {got}.")
+    if tuple(perms.shape) != (n_samples, n_feat):
+        raise AttributionError(
+            f"{fn}: permutations has shape {shape_str(perms.shape)}; expected {want} (n_samples, n_features)."
+        )
+    if not torch.compiler.is_compiling():
+        ok = bool((perms.sort(1).values == torch.arange(n_feat, device=perms.device)).all())
+        if not ok:
+            raise AttributionError(
+                f"{fn}: every row of permutations must hold each feature id 0 .. {n_feat - 1} exactly once."
+            )
+    return perms
+
+
+def shapley_value_sampling(
+    f: Callable[[TensorDictBase], torch.Tensor],
+    td: TensorDictBase,
+    *,
+    feature_mask: Mapping | torch.Tensor | None = None,
+    n_samples: int = 25,
+    generator: torch.Generator | None = None,
+    permutations: torch.Tensor | None = None,
+    in_keys: Sequence | None = None,
+    chunk_size: int | None = None,
+) -> TensorDict:
+    """Shapley value sampling (Castro et al., 2009), captum's ``ShapleyValueSampling``.
+
+    .. math::
+        \\phi_{b,k}(g) = \\frac{1}{S} \\sum_{s=1}^{S}
+            \\Big(f_k\\big(x^{(\\pi_s^{\\le g})}\\big)_b - f_k\\big(x^{(\\pi_s^{< g})}\\big)_b\\Big)
+
+    where ``x^(P)`` holds the input on the features ``P`` and the baseline elsewhere, and
+    ``π_s^{<g}`` are the features before ``g`` in the random permutation ``π_s``; every position
+    of feature ``g`` gets ``φ(g)``.  The values sum to ``f(x) - f(x')`` for every permutation
+    (efficiency).  Feature ids are ``0 .. max(feature_mask)`` shared across inputs (as captum);
+    the permutations are ``torch.randperm(n_features, generator=generator)`` drawn once per sample
+    (captum's draws after ``torch.manual_seed(s)`` when ``generator`` is seeded with ``s``).  The
+    ``S * n_features`` inputs are one stacked tensor evaluated by one ``vmap``-ed call of ``f``.
+
+    Args:
+        f: ``f(td) -> Tensor`` of shape ``td.batch_size`` or ``td.batch_size + (K,)``.
+        td: the inputs; baselines are ``("baseline", key)`` entries (zeros when absent).
+        feature_mask: integer feature ids ``0 .. n_features - 1`` per input, broadcastable to the
+            input (see :func:`tdfunc.feature_ablation`); default every scalar its own feature.
+        n_samples: ``S``, the number of permutations.
+        generator: random generator of the permutations (default: torch's global one).
+        permutations: an integer tensor ``(n_samples, n_features)`` of permutations to use instead
+            of drawing them (no random op: for ``vmap`` over examples and ``torch.compile``; the
+            exact Shapley values when it lists all ``n_features!`` of them).
+        in_keys: entries to attribute; default every floating-point entry.
+        chunk_size: perturbed inputs per forward (None: all ``S * n_features`` at once).
+
+    Returns:
+        TensorDict with ``("attr", key)`` of shape ``batch (+ K) + feature shape``.
+
+    Raises:
+        AttributionError: ``n_samples < 1``, ``permutations`` that are not ``n_samples``
+            permutations of the feature ids, a bad feature_mask, unknown key, ``f`` output of the
+            wrong shape.
+
+    Example:
+        >>> import torch, tdfunc
+        >>> from tensordict import TensorDict
+        >>> net = torch.nn.Sequential(torch.nn.Linear(3, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2))
+        >>> td = TensorDict({"x": torch.randn(4, 3)}, batch_size=[4])
+        >>> out = tdfunc.shapley_value_sampling(lambda t: net(t["x"]), td, n_samples=5)
+        >>> gap = net(td["x"]) - net(torch.zeros(4, 3))  # efficiency: the values sum to f(x) - f(x')
+        >>> torch.allclose(out["attr", "x"].sum(-1), gap, atol=1e-5)
+        True
+
+    References:
+        Castro, Gómez, Tejada. Polynomial calculation of the Shapley value based on sampling.
+        Computers & Operations Research, 2009.
+
+    Composes with: ``vmap`` and ``torch.compile(fullgraph=True)`` given ``permutations`` (random
+    draws under ``vmap`` follow its ``randomness`` rule; a compiled region cannot create a
+    generator) and the default mask, ``grad`` (double backward).
+    """
+    fn = "tdfunc.shapley_value_sampling"
+    if isinstance(n_samples, bool) or not isinstance(n_samples, int) or n_samples < 1:
+        raise AttributionError(f"{fn}: n_samples must be an integer >= 1, got {n_samples!r}.")
+    _check_chunk(fn, chunk_size)
+    p = prepare(fn, td, in_keys)
+    nb = len(p.batch)
+    masks = _feature_masks(fn, feature_mask, p)
+    dev = next(iter(p.x.values())).device
+    if feature_mask is None:
+        n_feat = sum(math.prod(p.x[key].shape[nb:]) for key in p.keys)
+    else:
+        lows = [int(m.min()) for m in masks.values() if m.numel()]
+        if lows and min(lows) < 0:
+            raise AttributionError(
+                f"{fn}: feature_mask has the negative id {min(lows)}; feature ids must be 0 .. n_features - 1."
+            )
+        n_feat = max(int(m.max()) for m in masks.values() if m.numel()) + 1
+    if permutations is None:
+        perms = torch.stack([torch.randperm(n_feat, generator=generator) for _ in range(n_samples)]).to(dev)
+    else:
+        perms = _check_permutations(fn, permutations, n_samples, n_feat).to(dev)
+    rank = torch.argsort(perms, dim=1)  # rank[s, g]: the step at which permutation s adds feature g
+    s_n = n_samples
+
+    def masks_for(lo, hi):  # perturbation (s, i): features of rank <= i hold the input, the rest the baseline
+        idx = torch.arange(lo, hi, device=dev)
+        s, i = idx // n_feat, idx % n_feat
+        out = {}
+        for key, m in masks.items():
+            r = rank[s][:, m.flatten()].view(-1, *m.shape)
+            out[key] = ~(r <= i.view(-1, *([1] * m.dim())))  # True: set to the baseline
+        return out
+
+    at_base = f(with_inputs(td, p.baseline))
+    k = check_output(fn, at_base, p.batch)
+    ys, _ = _run(f, td, p, s_n * n_feat, chunk_size, masks_for)
+    ys = ys.reshape(s_n, n_feat, *ys.shape[1:])
+    prev = torch.cat([at_base.expand(s_n, 1, *at_base.shape), ys[:, :-1]], dim=1)
+    steps = ys - prev  # (S, F, *batch (+ K)): the gain of the feature added at each step
+    gains = steps[torch.arange(s_n, device=dev)[:, None], rank]  # (S, F, ...) reordered by feature id
+    phi = gains.mean(0).movedim(0, -1)  # (*batch (+ K), F)
+    attrs = {}
+    for key, m in masks.items():
+        x = p.x[key]
+        idx = m.expand(x.shape).reshape(*x.shape[:nb], -1)  # (*batch, P)
+        if k is not None:
+            idx = idx.unsqueeze(nb).expand(*x.shape[:nb], k, idx.shape[-1])
+        attrs[key] = phi.gather(-1, idx).reshape(*phi.shape[:-1], *x.shape[nb:])
+    return result(td.batch_size, attrs)

@@ -1,0 +1,42 @@
+"""Composition-table rows for representation geometry (see test_compose.py).
+
+Each row maps a point cloud of model inputs through a tiny Linear(+Tanh) model and measures the
+geometry of its representations; vmap runs over a batch of point clouds, grad is w.r.t. the inputs.
+"""
+
+from __future__ import annotations
+
+import torch
+
+import tdfunc
+from compose_case import B, Case
+
+
+def cases() -> list[Case]:
+    torch.manual_seed(0)
+    dt = torch.float64
+    net = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Tanh()).to(dt)
+    s = tdfunc.state(net)
+    clouds = torch.randn(B, 12, 4, dtype=dt)  # B point clouds of 12 inputs
+
+    def reps(pts):
+        out, caps = tdfunc.functional_call(net, s, (pts,), capture=["0"])
+        return caps["0"], out
+
+    def cka_rows(pts):  # both kernels, biased and debiased, as a (2, 1) matrix each
+        lin, act = reps(pts)
+        stack = torch.stack([lin, act])
+        return torch.cat([tdfunc.cka(stack, pts[None]).flatten(),
+                          tdfunc.cka(stack, pts, kernel="rbf").flatten(),
+                          tdfunc.cka(act, lin, debiased=True)[None],
+                          tdfunc.information_imbalance(stack, pts).flatten()])
+
+    def dims(pts):
+        lin, act = reps(pts)
+        return torch.stack([tdfunc.twonn_dimension(act, discard_fraction=0.2), tdfunc.mle_dimension(lin, k=4)])
+
+    probe = clouds[0]
+    return [
+        Case("latent:cka+imbalance", net, cka_rows, (clouds,), (0,), (0,), "0", probe=probe),
+        Case("latent:dimension", net, dims, (clouds,), (0,), (0,), "0", probe=probe),
+    ]

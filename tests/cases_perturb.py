@@ -1,0 +1,74 @@
+"""Composition-table rows for perturbation attribution (occlusion, feature ablation, Shapley sampling).
+
+Each row is a function of one example (returning a flat tensor) on a float64 model: vmapped over
+examples (inputs, baselines), over targets (one-hot target weights closed over by ``f``) and over
+parameters; the attribution is differentiable in the input (``where(mask, baseline, x)``) and in
+the parameters, so gradcheck / gradgradcheck run through the vmapped perturbation forward.
+Shapley rows pass fixed ``permutations`` (a random draw is not allowed under ``vmap``'s default
+randomness mode, nor a generator created inside a compiled region).
+"""
+
+from __future__ import annotations
+
+import torch
+from tensordict import TensorDict
+
+import tdfunc
+from compose_case import B, Case
+from models import CNN, MLP
+
+
+def cases() -> list[Case]:
+    torch.manual_seed(0)
+    dt = torch.float64
+    rows = []
+
+    cnn = CNN(c=2, n_cls=3).to(dt).eval()
+    img = torch.randn(B, 1, 4, 4, dtype=dt)
+
+    def occlusion_cnn_k(x):  # every class; 2x2 windows with stride (1, 1, 2): overlapping rows
+        td = TensorDict({"x": x[None]}, batch_size=[1])
+        out = tdfunc.occlusion(lambda t: cnn(t["x"]), td, sliding_window_shapes=(1, 2, 2), strides=(1, 1, 2))
+        return out["attr", "x"].flatten()
+
+    rows.append(Case("perturb:occlusion-cnn-K", cnn, occlusion_cnn_k, (img,), (0,), (0,), "conv1", probe=img))
+
+    mlp = MLP().to(dt)
+    s_mlp = tdfunc.state(mlp)
+    net = lambda x: tdfunc.functional_call(mlp, s_mlp, (x,))
+    x6 = torch.randn(B, 6, dtype=dt)
+    base6 = 0.1 * torch.randn(B, 6, dtype=dt)
+    onehot = torch.eye(3, dtype=dt)
+
+    def occlusion_baseline(x, b):  # one target, a baseline vmapped with the input, empty batch shape
+        td = TensorDict({"x": x, ("baseline", "x"): b}, batch_size=[])
+        return tdfunc.occlusion(lambda t: net(t["x"])[1], td, sliding_window_shapes=(3,), strides=2)["attr", "x"]
+
+    rows.append(Case("perturb:occlusion-baseline", mlp, occlusion_baseline, (x6, base6), (0, 0), (0, 1), "fc1", probe=x6))
+
+    def ablation_targets(x, w):  # vmap over targets; default mask (one feature per scalar), 2 chunks
+        td = TensorDict({"x": x[None]}, batch_size=[1])
+        return tdfunc.feature_ablation(lambda t: net(t["x"]) @ w, td, chunk_size=4)["attr", "x"][0]
+
+    rows.append(Case("perturb:feature-ablation-targets", mlp, ablation_targets, (x6[0], onehot), (None, 0), (0, 1), "act", probe=x6))
+
+    w_fc1 = s_mlp["fc1", "weight"]
+
+    def ablation_weights(x, weight):  # d(attribution)/d(parameters); vmap over ensembles
+        state = TensorDict({("fc1", "weight"): weight})
+        td = TensorDict({"x": x[None]}, batch_size=[1])
+        f = lambda t: tdfunc.functional_call(mlp, state, (t["x"],))
+        return tdfunc.feature_ablation(f, td)["attr", "x"].flatten()
+
+    weights = w_fc1 + 0.1 * torch.randn(B, *w_fc1.shape, dtype=dt)
+    rows.append(Case("perturb:feature-ablation-weights", mlp, ablation_weights, (x6[2], weights), (None, 0), (1,), "fc2", probe=x6))
+
+    perms = torch.stack([torch.randperm(6) for _ in range(2)])
+
+    def shapley_k(x, b):  # every class, fixed permutations, a vmapped baseline, 3 chunks
+        td = TensorDict({"x": x[None], ("baseline", "x"): b[None]}, batch_size=[1])
+        out = tdfunc.shapley_value_sampling(lambda t: net(t["x"]), td, n_samples=2, permutations=perms, chunk_size=5)
+        return out["attr", "x"].flatten()
+
+    rows.append(Case("perturb:shapley-K", mlp, shapley_k, (x6, base6), (0, 0), (0, 1), "head", probe=x6))
+    return rows
