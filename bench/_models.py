@@ -104,3 +104,39 @@ def tiny_gpt(seed: int = 0, **overrides) -> TinyGPT:
 def tokens(batch: int, cfg: GPTConfig = GPTConfig(), seed: int = 1) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randint(0, cfg.vocab, (batch, cfg.seq_len), generator=g)
+
+
+class SmallCNN(nn.Module):
+    """Three 3x3 conv layers (ReLU, 2x2 max-pool after each) and a linear head.
+
+    Input ``(B, 3, 32, 32)``, output ``(B, n_classes)`` logits. Module names: ``conv1``,
+    ``conv2``, ``conv3`` (each an ``nn.Conv2d``), ``act``, ``pool``, ``head``.
+    """
+
+    def __init__(self, channels: tuple[int, int, int] = (8, 16, 32), n_classes: int = 10):
+        super().__init__()
+        c1, c2, c3 = channels
+        self.conv1 = nn.Conv2d(3, c1, 3, padding=1)
+        self.conv2 = nn.Conv2d(c1, c2, 3, padding=1)
+        self.conv3 = nn.Conv2d(c2, c3, 3, padding=1)
+        self.act = nn.ReLU()
+        self.pool = nn.MaxPool2d(2)
+        self.head = nn.Linear(c3 * 4 * 4, n_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.pool(self.act(self.conv1(x)))
+        x = self.pool(self.act(self.conv2(x)))
+        x = self.pool(self.act(self.conv3(x)))
+        return self.head(x.flatten(-3))
+
+
+def small_cnn(seed: int = 0, **overrides) -> SmallCNN:
+    """A deterministic ``SmallCNN`` in eval mode (default channels 8/16/32, 10 classes, input 3x32x32)."""
+    torch.manual_seed(seed)
+    return SmallCNN(**overrides).eval()
+
+
+def images(batch: int, seed: int = 1) -> torch.Tensor:
+    """``(batch, 3, 32, 32)`` standard-normal images, deterministic."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, 3, 32, 32, generator=g)
