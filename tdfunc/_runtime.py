@@ -111,8 +111,8 @@ def _check_edit_value(fn: str, site: str, payload: Any) -> None:
         return
     raise EditError(
         f"{fn}: the edit at site {site!r} is a value of type {type(payload).__name__} ({payload!r:.60}); expected a "
-        "Tensor (substitute the value), a callable fn(value) -> value, tdfunc.delta(t) (add t) or "
-        "tdfunc.rule(fn) (rewrite the module's output)."
+        "Tensor (substitute the value), a callable fn(value) -> value, tdfunc.delta(t) (add t), "
+        "tdfunc.from_site(site, fn) (compute it from another site) or tdfunc.rule(fn) (rewrite the module's output)."
     )
 
 
@@ -130,6 +130,7 @@ def make_plan(fn: str, root: nn.Module, edits: Mapping | None, capture: Any, str
     used: list[tuple[str, nn.Module]] = []
     seen_keys: set[str] = set()
     requests = [(s, v, False) for s, v in (edits or {}).items()] + [(s, None, True) for s in cap_sites]
+
     def add(name, m, spec, key, payload, is_capture, hidden=False) -> _Op:
         entry = plan.entries.get(m)
         if entry is None:

@@ -54,7 +54,7 @@ PINNED = [
     ('edit_changes_shape', lambda: tdfunc.functional_call(MLP(), None, (X,), edits={'act': lambda v: v[0]}),
      EditError, "tdfunc.functional_call: the edit function's result at site 'act' has shape (8,), but the site's value has shape (2, 8); give a tensor with a shape equal to (2, 8)."),
     ('edit_of_wrong_type', lambda: tdfunc.functional_call(MLP(), None, (X,), edits={'act': 3.0}),
-     EditError, "tdfunc.functional_call: the edit at site 'act' is a value of type float (3.0); expected a Tensor (substitute the value), a callable fn(value) -> value, tdfunc.delta(t) (add t) or tdfunc.rule(fn) (rewrite the module's output)."),
+     EditError, "tdfunc.functional_call: the edit at site 'act' is a value of type float (3.0); expected a Tensor (substitute the value), a callable fn(value) -> value, tdfunc.delta(t) (add t), tdfunc.from_site(site, fn) (compute it from another site) or tdfunc.rule(fn) (rewrite the module's output)."),
     ('rule_at_input', lambda: tdfunc.functional_call(MLP(), None, (X,), edits={'fc1:input': tdfunc.rule(lambda *a: a[-1])}),
      EditError, "tdfunc.functional_call: tdfunc.rule edits rewrite a module's output, but site 'fc1:input' is an input; use the output site 'fc1' or a plain callable edit."),
     ('unknown_state_key', lambda: tdfunc.functional_call(MLP(), {'fc1.wieght': torch.zeros(8, 6)}, (X,)),
