@@ -4,7 +4,7 @@
 PYTHON ?= python3
 VENV   ?= .venv
 PY      = $(VENV)/bin/python
-STAMP   = $(VENV)/.installed-$(shell cat pyproject.toml requirements-dev.txt 2>/dev/null | cksum | cut -d' ' -f1)
+STAMP   = $(VENV)/.installed-$(shell cat pyproject.toml requirements-dev.txt Makefile 2>/dev/null | cksum | cut -d' ' -f1)
 
 .PHONY: venv demo test bench clean
 
@@ -15,6 +15,9 @@ $(STAMP):
 	# the CPU build of torch (already on these machines); a bare `torch` would pull a 5.6 GB CUDA build
 	$(PY) -m pip install -q "torch==2.13.0"
 	$(PY) -m pip install -q -r requirements-dev.txt
+	# zennit (LRP reference, test-only, LGPL): its torchvision requirement has no CPU build here, so
+	# it is installed without dependencies and the LRP tests give it a stub torchvision
+	$(PY) -m pip install -q --no-deps "zennit==0.5.1"
 	$(PY) -m pip install -q --no-deps -e .
 	# tensordict 0.14.3 (what TorchRL 0.14 pins) as an overlay, to run the core tests on it too
 	$(PY) -m pip install -q --no-deps --upgrade --target $(VENV)/td014 "tensordict==0.14.3"

@@ -20,6 +20,14 @@ from .attribution._metrics import sensitivity_max as sensitivity_max
 from .attribution._perturb import occlusion as occlusion
 from .attribution._perturb import feature_ablation as feature_ablation
 from .attribution._perturb import shapley_value_sampling as shapley_value_sampling
+from .attribution._lrp import lrp as lrp
+from .attribution._lrp import lrp_epsilon as lrp_epsilon
+from .attribution._lrp import lrp_zplus as lrp_zplus
+from .attribution._lrp import lrp_alpha_beta as lrp_alpha_beta
+from .attribution._lrp import lrp_gamma as lrp_gamma
+from .attribution._lrp import lrp_flat as lrp_flat
+from .attribution._lrp import lrp_wsquare as lrp_wsquare
+from .attribution._lrp import lrp_pass as lrp_pass
 from ._call import intervene as intervene
 from ._edits import Delta as Delta
 from ._edits import Rule as Rule
@@ -61,6 +69,15 @@ from .latent._geometry import local_pca_dimension as local_pca_dimension
 from .latent._geometry import ca_pca_dimension as ca_pca_dimension
 from .latent._geometry import cka as cka
 from .latent._geometry import information_imbalance as information_imbalance
+from .latent._cache import CacheError as CacheError
+from .latent._cache import cache_activations as cache_activations
+from .latent._probe import ProbeError as ProbeError
+from .latent._probe import probe_init as probe_init
+from .latent._probe import probe_apply as probe_apply
+from .latent._probe import probe_fit as probe_fit
+from .latent._probe import probe_evaluate as probe_evaluate
+from .latent._probe import fit_probes as fit_probes
+from .latent._probe import fit_sklearn_probes as fit_sklearn_probes
 
 __version__ = "0.1.0"
 
@@ -90,6 +107,14 @@ __all__ = [
     "feature_ablation",
     "shapley_value_sampling",
     "AttributionError",
+    "lrp",
+    "lrp_epsilon",
+    "lrp_zplus",
+    "lrp_alpha_beta",
+    "lrp_gamma",
+    "lrp_flat",
+    "lrp_wsquare",
+    "lrp_pass",
     "install_sites",
     "remove_sites",
     "TdfuncError",
@@ -122,4 +147,13 @@ __all__ = [
     "ca_pca_dimension",
     "cka",
     "information_imbalance",
+    "CacheError",
+    "cache_activations",
+    "ProbeError",
+    "probe_init",
+    "probe_apply",
+    "probe_fit",
+    "probe_evaluate",
+    "fit_probes",
+    "fit_sklearn_probes",
 ]
