@@ -1,0 +1,52 @@
+"""Composition-table rows for probes (see test_compose.py).
+
+Each row captures a tiny Linear(+Tanh) model's hidden layer and applies a probe to it; vmap runs
+over inputs, grad is w.r.t. the inputs and the probe's parameters (passed as tensors and assembled
+into the probe's TensorDict inside the case).
+"""
+
+from __future__ import annotations
+
+import torch
+from tensordict import TensorDict
+
+import tdfunc
+from compose_case import B, Case
+
+
+def cases() -> list[Case]:
+    torch.manual_seed(0)
+    dt = torch.float64
+    net = torch.nn.Sequential(torch.nn.Linear(4, 5), torch.nn.Tanh()).to(dt)
+    s = tdfunc.state(net)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(B, 4, dtype=dt)
+    clouds = torch.randn(B, 6, 4, dtype=dt)
+    labels = torch.tensor([0, 1, 2, 1, 0, 2])
+    lin = tdfunc.probe_init("linear", 5, 3, generator=g, dtype=dt)
+    low = tdfunc.probe_init("low_rank_bilinear", (5, 4), 3, rank=2, generator=g, dtype=dt)
+
+    def hidden(pts):
+        _, caps = tdfunc.functional_call(net, s, (pts,), capture=["1"])
+        return caps["1"]
+
+    def linear(pt, w):
+        return tdfunc.probe_apply(TensorDict({"weight": w, "bias": lin["bias"]}, batch_size=[]), hidden(pt))
+
+    def bilinear(pt, u, v):  # pairs (hidden, input), low rank, plus a quadratic full bilinear probe
+        p = TensorDict({"u": u, "v": v, "bias": low["bias"]}, batch_size=[])
+        full = TensorDict({"weight": u[:, :4] @ v.mT, "bias": low["bias"]}, batch_size=[])  # (3, 4, 4)
+        h = hidden(pt)
+        return torch.cat([tdfunc.probe_apply(p, (h, pt)), tdfunc.probe_apply(full, pt)])
+
+    def means_loss(pts, m):  # mean-difference logits and probe_evaluate's loss on a cloud of 6 inputs
+        p = TensorDict({"means": m}, batch_size=[])
+        h = hidden(pts)
+        return torch.cat([tdfunc.probe_apply(p, h).flatten(), tdfunc.probe_evaluate(p, h, labels)["loss"][None]])
+
+    w = lin["weight"].clone()
+    return [
+        Case("latent:probe-linear", net, linear, (x, w), (0, None), (0, 1), "0", probe=x),
+        Case("latent:probe-bilinear", net, bilinear, (x, low["u"].clone(), low["v"].clone()), (0, None, None), (0, 1, 2), "0", probe=x),
+        Case("latent:probe-means+loss", net, means_loss, (clouds, torch.randn(B, 3, 5, dtype=dt)), (0, 0), (0, 1), "0", probe=x),
+    ]
