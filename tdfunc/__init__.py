@@ -78,6 +78,12 @@ from .latent._probe import probe_fit as probe_fit
 from .latent._probe import probe_evaluate as probe_evaluate
 from .latent._probe import fit_probes as fit_probes
 from .latent._probe import fit_sklearn_probes as fit_sklearn_probes
+from .latent._patch import PatchError as PatchError
+from .latent._patch import patch as patch
+from .latent._patch import patching_sweep as patching_sweep
+from .latent._steer import steering_vector as steering_vector
+from .latent._steer import steer as steer
+from .latent._steer import generate_greedy as generate_greedy
 
 __version__ = "0.1.0"
 
@@ -156,4 +162,10 @@ __all__ = [
     "probe_evaluate",
     "fit_probes",
     "fit_sklearn_probes",
+    "PatchError",
+    "patch",
+    "patching_sweep",
+    "steering_vector",
+    "steer",
+    "generate_greedy",
 ]

@@ -1,0 +1,182 @@
+"""Activation steering: mean-difference vectors, steering edits, and greedy generation with edits.
+
+``steering_vector`` is data in, vectors out; ``steer`` turns vectors into an edits mapping for
+``functional_call`` (so a scale sweep is a ``vmap`` over ``scale``, and the vector is differentiable).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from tensordict import TensorDict, TensorDictBase
+
+from .._call import functional_call
+from .._edits import delta
+from ._patch import PatchError, _position_mask
+
+__all__ = ["steering_vector", "steer", "generate_greedy"]
+
+
+def _diff(fn: str, pos: Any, neg: Any, pooled: bool, what: str) -> torch.Tensor:
+    for name, x in (("acts_pos", pos), ("acts_neg", neg)):
+        if not isinstance(x, torch.Tensor) or x.dim() < 2 or not x.is_floating_point():
+            got = f"shape {tuple(x.shape)} dtype {x.dtype}" if isinstance(x, torch.Tensor) else type(x).__name__
+            raise PatchError(f"{fn}: {name}{what} must be a floating tensor (N, ..., D) of activations, got {got}.")
+    if pos.shape[0] != neg.shape[0]:
+        raise PatchError(f"{fn}: acts_pos{what} has N={pos.shape[0]} rows but acts_neg{what} has N={neg.shape[0]}; "
+                         "give paired examples (one negative per positive, the same N in both).")
+    if pos.shape[1:] != neg.shape[1:]:
+        raise PatchError(f"{fn}: acts_pos{what} has shape {tuple(pos.shape)} but acts_neg{what} has shape "
+                         f"{tuple(neg.shape)}; give activations of one shape (pad or pool positions first).")
+    v = (pos - neg).mean(0)
+    return v.mean(tuple(range(v.dim() - 1))) if pooled and v.dim() > 1 else v
+
+
+def steering_vector(acts_pos: Any, acts_neg: Any, *, pooled: bool = True) -> torch.Tensor | TensorDict:
+    """Mean-difference steering vector(s) from paired positive / negative activations.
+
+    .. math::
+        v = \\frac{1}{N} \\sum_{n=1}^{N} \\big(a^{+}_n - a^{-}_n\\big)
+        \\quad (\\text{also averaged over positions when pooled})
+
+    Args:
+        acts_pos: activations (N, ..., D) of the positive examples, or a TensorDict / mapping
+            ``{site: (N, ..., D)}`` (e.g. captures).
+        acts_neg: the paired negative activations, same shapes and keys.
+        pooled: average over every dim between N and D (positions) too, giving (D,); with
+            ``pooled=False`` a per-position vector (..., D) is returned.
+
+    Returns:
+        A tensor, or a TensorDict ``{site: vector}`` (batch size ``[]``) for TensorDict input.
+
+    Raises:
+        PatchError: different N, shapes or keys; non-float or 1-D activations.
+
+    Example:
+        >>> import torch, tdfunc
+        >>> pos, neg = torch.ones(4, 3, 2), torch.zeros(4, 3, 2)
+        >>> tdfunc.steering_vector(pos, neg)
+        tensor([1., 1.])
+        >>> tdfunc.steering_vector(pos, neg, pooled=False).shape
+        torch.Size([3, 2])
+
+    Composes with: ``vmap`` (over stacked activation sets), ``grad`` (w.r.t. the activations).
+    """
+    fn = "tdfunc.steering_vector"
+    if isinstance(acts_pos, (Mapping, TensorDictBase)) or isinstance(acts_neg, (Mapping, TensorDictBase)):
+        if not (isinstance(acts_pos, (Mapping, TensorDictBase)) and isinstance(acts_neg, (Mapping, TensorDictBase))):
+            raise PatchError(f"{fn}: acts_pos is a {type(acts_pos).__name__} but acts_neg is a "
+                             f"{type(acts_neg).__name__}; pass two tensors or two TensorDicts with the same sites.")
+        kp, kn = sorted(acts_pos.keys()), sorted(acts_neg.keys())
+        if kp != kn:
+            raise PatchError(f"{fn}: acts_pos has sites {kp} but acts_neg has sites {kn}; give both the same sites.")
+        return TensorDict({k: _diff(fn, acts_pos[k], acts_neg[k], pooled, f"[{k!r}]") for k in acts_pos.keys()},
+                          batch_size=[])
+    return _diff(fn, acts_pos, acts_neg, pooled, "")
+
+
+def steer(
+    vectors: TensorDictBase | Mapping[str, torch.Tensor],
+    scale: float | torch.Tensor = 1.0,
+    *,
+    positions: Any = None,
+) -> dict[str, Any]:
+    """An edits mapping that adds ``scale * v`` at each site (``functional_call(..., edits=steer(v))``).
+
+    .. math::
+        h_s \\leftarrow h_s + \\alpha\\, m \\odot v_s
+
+    with ``m`` selecting ``positions`` along dim 1 (every position when None). Without positions
+    the edits are ``tdfunc.delta(scale * v)``; with positions they are callables that build the mask
+    from the value's dim 1 at call time (so they follow a growing sequence in generation).
+
+    Args:
+        vectors: ``{site: vector}``, e.g. from ``steering_vector``; each broadcastable to its site.
+        scale: a number or a tensor (vmap over it for a scale sweep; differentiable).
+        positions: None, an int / list of ints (negative counts from the end, e.g. -1: the last
+            token) or a boolean mask of shape (T,) along dim 1.
+
+    Returns:
+        A dict ``{site: edit}`` to pass as ``edits``.
+
+    Raises:
+        PatchError: vectors not a mapping of tensors; out-of-range positions (when the edit runs).
+
+    Example:
+        >>> import torch, tdfunc
+        >>> net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
+        >>> x, v = torch.randn(2, 3), {"0": torch.ones(4)}
+        >>> out = tdfunc.functional_call(net, None, (x,), edits=tdfunc.steer(v, 2.0))
+        >>> torch.allclose(out, net(x) + 2.0 * net[1].weight.sum(1))
+        True
+
+    Composes with: ``vmap`` (over scales or vectors), ``grad`` (w.r.t. the vector or scale), ``compile``.
+    """
+    fn = "tdfunc.steer"
+    if not isinstance(vectors, (Mapping, TensorDictBase)) or not all(
+        isinstance(k, str) and isinstance(vectors[k], torch.Tensor) for k in vectors.keys()
+    ):
+        raise PatchError(f"{fn}: vectors must be a mapping {{site: tensor}} (e.g. from tdfunc.steering_vector), got "
+                         f"{type(vectors).__name__}; wrap a single vector as {{'site': v}}.")
+    edits: dict[str, Any] = {}
+    for site in vectors.keys():
+        v = scale * vectors[site]
+        if positions is None:
+            edits[site] = delta(v)
+        else:
+            def edit(h, v=v, site=site):
+                return h + torch.where(_position_mask(fn, site, positions, h), v, torch.zeros_like(v))
+
+            edits[site] = edit
+    return edits
+
+
+def generate_greedy(
+    module: torch.nn.Module,
+    state: TensorDictBase | None,
+    input_ids: torch.Tensor,
+    n_tokens: int,
+    *,
+    edits: Mapping[str, Any] | None = None,
+) -> torch.Tensor:
+    """Greedy decoding with edits: each step reruns the full sequence (no cache) and appends the argmax.
+
+    .. math::
+        x_{t+1} = \\arg\\max_w \\text{logits}(x_{1..t};\\ \\text{edits})_{t, w}
+
+    Args:
+        module: a causal LM returning logits (B, T, V) or an output with ``.logits``.
+        state: its (partial) state, or None.
+        input_ids: prompt tokens (B, T).
+        n_tokens: how many tokens to append (>= 0).
+        edits: edits applied at every step (e.g. ``tdfunc.steer(v, 4.0)``).
+
+    Returns:
+        Tokens (B, T + n_tokens).
+
+    Raises:
+        PatchError: ``input_ids`` not a 2-D integer tensor, or a bad ``n_tokens``.
+
+    Example:
+        >>> import torch, tdfunc
+        >>> lm = torch.nn.Sequential(torch.nn.Embedding(5, 4), torch.nn.Linear(4, 5))
+        >>> tdfunc.generate_greedy(lm, None, torch.tensor([[1, 2]]), 3).shape
+        torch.Size([1, 5])
+
+    Composes with: any edits (steering, patching, ablations); fine for short sequences (quadratic cost).
+    """
+    fn = "tdfunc.generate_greedy"
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype.is_floating_point:
+        got = f"shape {tuple(input_ids.shape)} dtype {input_ids.dtype}" if isinstance(input_ids, torch.Tensor) \
+            else type(input_ids).__name__
+        raise PatchError(f"{fn}: input_ids must be a 2-D integer tensor (B, T) of tokens, got {got}.")
+    if isinstance(n_tokens, bool) or not isinstance(n_tokens, int) or n_tokens < 0:
+        raise PatchError(f"{fn}: n_tokens must be an integer >= 0, got {n_tokens!r}.")
+    ids = input_ids
+    for _ in range(n_tokens):
+        out = functional_call(module, state, (ids,), edits=dict(edits) if edits else None)
+        logits = out.logits if hasattr(out, "logits") else out
+        ids = torch.cat([ids, logits[:, -1].argmax(-1, keepdim=True).to(ids.dtype)], dim=1)
+    return ids

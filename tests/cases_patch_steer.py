@@ -1,0 +1,50 @@
+"""Composition-table rows for patching and steering (see test_compose.py).
+
+A tiny float64 Linear-Tanh-Linear model on (1, T=3, 4) sequences: ``patch`` with a vmapped clean
+value at two positions, a ``patching_sweep`` (an inner vmap) over a vmapped corrupted input, ``steer``
+with a vmapped scale and with a differentiated vector (every position, and the last one only), and
+``steering_vector`` of the captured hidden layer of vmapped paired inputs.
+"""
+
+from __future__ import annotations
+
+import torch
+
+import tdfunc
+from compose_case import B, Case
+
+
+def cases() -> list[Case]:
+    torch.manual_seed(0)
+    dt = torch.float64
+    net = torch.nn.Sequential(torch.nn.Linear(4, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3)).to(dt)
+    s = tdfunc.state(net)
+    x = torch.randn(B, 1, 3, 4, dtype=dt)
+    clean = torch.randn(B, 1, 3, 5, dtype=dt)
+    v = torch.randn(5, dtype=dt)
+
+    def patch_clean(x, c):
+        return tdfunc.patch(net, s, (x,), {"1": c}, "1", positions=[0, 2]).flatten()
+
+    def sweep(x, x_clean):
+        return tdfunc.patching_sweep(net, s, (x_clean,), (x,), ["0", "1"], lambda y: y[0, -1, 0]).flatten()
+
+    def steer_scale(x, scale):
+        return tdfunc.functional_call(net, s, (x,), edits=tdfunc.steer({"1": v}, scale)).flatten()
+
+    def steer_vector(x, u):
+        last = tdfunc.functional_call(net, s, (x,), edits=tdfunc.steer({"1": u}, 0.5, positions=-1))
+        return torch.cat([tdfunc.functional_call(net, s, (x,), edits=tdfunc.steer({"1": u})).flatten(), last.flatten()])
+
+    def vector(x_pos, x_neg):  # the hidden layer of paired inputs, then their mean difference
+        pos, neg = (tdfunc.functional_call(net, s, (z,), capture=["1"])[1]["1"] for z in (x_pos, x_neg))
+        return torch.cat([tdfunc.steering_vector(pos, neg), tdfunc.steering_vector(pos, neg, pooled=False).flatten()])
+
+    return [
+        Case("latent:patch-vmapped-clean", net, patch_clean, (x, clean), (0, 0), (0, 1), "0", probe=x[0]),
+        Case("latent:patching-sweep", net, sweep, (x, x[0]), (0, None), (0, 1), "0", probe=x[0]),
+        Case("latent:steer-scale", net, steer_scale, (x, torch.linspace(-1, 1, B, dtype=dt)), (0, 0), (0, 1), "0", probe=x[0]),
+        Case("latent:steer-grad-vector", net, steer_vector, (x, torch.randn(B, 5, dtype=dt)), (0, 0), (0, 1), "0", probe=x[0]),
+        Case("latent:steering-vector", net, vector, (torch.randn(B, 4, 3, 4, dtype=dt), torch.randn(B, 4, 3, 4, dtype=dt)),
+             (0, 0), (0, 1), "0", probe=x[0]),
+    ]
