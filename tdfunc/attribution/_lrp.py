@@ -178,15 +178,35 @@ def _inputs(mod, x: torch.Tensor, inv: torch.Tensor | None) -> torch.Tensor:
     return mod(x)
 
 
+def _own(m: nn.Module, mod, w: torch.Tensor) -> bool:
+    """Whether the term is the layer's own product (identity input, own weight): then ``_op(m, x, w, ·)`` is ``out``
+    up to the bias, so ``out`` is reused instead of recomputed (exact types only: a subclass may change forward)."""
+    return mod is None and w is m.weight and type(m) in _SUPPORTED
+
+
+def _term(m: nn.Module, x: torch.Tensor, out: torch.Tensor, inv, mod, w: torch.Tensor) -> torch.Tensor:
+    """``W_t m_t(x)`` without bias; for the layer's own term that is ``out - bias``, same value and Jacobian."""
+    if not _own(m, mod, w):
+        return _op(m, _inputs(mod, x, inv), w, None)
+    if m.bias is None:
+        return out
+    return out - (m.bias.view(-1, 1, 1) if isinstance(m, nn.Conv2d) else m.bias)
+
+
 def _record(r: LRPRule, seen: list) -> Rule:
     def fn(module, args, kwargs, out):
         x = args[0]
         ts = r.terms(module.weight, module.bias)
         ones = any(t[0] is _ONES for t in ts)
         inv = torch.where(x == 0, torch.zeros_like(x), 1 / torch.where(x == 0, torch.ones_like(x), x)) if ones else None
-        ys = [_op(module, torch.ones_like(x) if mod is _ONES else _inputs(mod, x, None), w, b) for mod, w, b in ts]
+        ys = [
+            out
+            if _own(module, mod, w) and b is module.bias
+            else _op(module, torch.ones_like(x) if mod is _ONES else _inputs(mod, x, None), w, b)
+            for mod, w, b in ts
+        ]
         rs = r.ratios(out, ys)
-        s = sum(rt * _op(module, _inputs(mod, x, inv), w, None) for rt, (mod, w, _) in zip(rs, ts))
+        s = sum(rt * _term(module, x, out, inv, mod, w) for rt, (mod, w, _) in zip(rs, ts))
         seen.append((out.clone(), rs, s, inv))  # clone: a later in-place op must not rewrite it
         return out
 
@@ -205,7 +225,7 @@ def _rewrite(r: LRPRule, seen: list) -> Rule:
             )
         z, rs, s, inv = rec
         ts = r.terms(module.weight, module.bias)
-        return z - s + sum(rt * _op(module, _inputs(mod, args[0], inv), w, None) for rt, (mod, w, _) in zip(rs, ts))
+        return z - s + sum(rt * _term(module, args[0], out, inv, mod, w) for rt, (mod, w, _) in zip(rs, ts))
 
     return rule(fn)
 
