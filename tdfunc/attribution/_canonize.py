@@ -1,0 +1,182 @@
+"""Canonizers for LRP as pure functions of the state: BatchNorm merged into the preceding layer."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from tensordict import TensorDict, TensorDictBase
+from torch import nn
+
+from .._errors import StateError, suggest
+from .._state import state as _state
+from ._common import AttributionError
+
+__all__ = ["merge_batchnorm"]
+
+_LINEAR = (nn.Linear, nn.Conv1d, nn.Conv2d)
+_BN = (nn.BatchNorm1d, nn.BatchNorm2d)
+_FN = "tdfunc.merge_batchnorm"
+
+
+def _auto_pairs(module: nn.Module) -> list[tuple[str, str]]:
+    pairs = []
+    for prefix, parent in module.named_modules():
+        kids = list(parent.named_children())
+        for (na, a), (nb, b) in zip(kids, kids[1:]):
+            if isinstance(a, _LINEAR) and isinstance(b, _BN):
+                pairs.append((f"{prefix}.{na}" if prefix else na, f"{prefix}.{nb}" if prefix else nb))
+    return pairs
+
+
+def _get(module: nn.Module, name: str, what: str) -> nn.Module:
+    try:
+        return module.get_submodule(name)
+    except AttributeError:
+        names = [n for n, _ in module.named_modules() if n]
+        raise AttributionError(
+            f"{_FN}: {what} {name!r} names no submodule of {type(module).__name__}.{suggest(name, names)} "
+            "Pass dotted module names as in model.named_modules(), e.g. pairs=[('features.0', 'features.1')]."
+        ) from None
+
+
+def _entry(td: TensorDictBase, name: str, leaf: str) -> torch.Tensor:
+    key = (*name.split("."), leaf)
+    t = td.get(key, None)
+    return _missing(name, leaf) if t is None else t
+
+
+def _missing(name: str, leaf: str):
+    raise StateError(
+        f"{_FN}: the state has no entry {name + '.' + leaf!r}; pass a full state (tdfunc.state(model)) "
+        "or one that holds every tensor of the merged layers and BatchNorms."
+    )
+
+
+def merge_batchnorm(
+    module: nn.Module,
+    state: TensorDictBase | None = None,
+    *,
+    pairs: Sequence[tuple[str, str]] | None = None,
+) -> TensorDict:
+    """A new state in which every eval-mode BatchNorm is folded into the linear / conv layer before it.
+
+    The BatchNorm canonizer of LRP (zennit's ``SequentialMergeBatchNorm`` / ``MergeBatchNorm``), as
+    a pure function of the state: for each pair (layer ``L`` with ``weight`` / ``bias``, BatchNorm
+    ``B`` right after it), with ``s = γ / sqrt(var + eps)`` per output channel,
+
+        w' = w · s,    b' = (b − mean) · s + β,    B ← (γ=1, β=0, mean=0, var=1−eps),
+
+    so ``B`` computes the identity ``(x − 0) / sqrt(1 − eps + eps) = x`` and the model's eval-mode
+    output is unchanged while LRP rules see the whole affine map in ``L``.  (zennit sets ``var=1``,
+    leaving ``B`` a scaling by ``1/sqrt(1+eps)``; here ``B`` is exactly the identity.)  The result
+    is differentiable in ``state`` and works on stacked states (leading batch dims) and under ``vmap``.
+
+    Args:
+        module: the model; must be in eval mode for the paired BatchNorms.
+        state: the state to merge (default ``tdfunc.state(module)``); never modified.
+        pairs: ``[(layer, batchnorm), ...]`` dotted module names; by default every
+            ``Linear`` / ``Conv1d`` / ``Conv2d`` child immediately followed by a ``BatchNorm1d`` /
+            ``BatchNorm2d`` child of the same parent (``nn.Sequential`` order).
+
+    Returns:
+        A new TensorDict (same batch size as ``state``) sharing every untouched tensor with ``state``.
+
+    Raises:
+        AttributionError: a BatchNorm is in training mode or has ``track_running_stats=False``; a pair
+            names a missing module, a non-BatchNorm second element or an unsupported first element;
+            the layer has no bias (build it with ``bias=True``: a functional state cannot add a
+            parameter); the layer's output channels differ from the BatchNorm's ``num_features``.
+        StateError: ``state`` lacks a tensor of a merged layer or BatchNorm.
+
+    Example:
+        >>> import torch, tdfunc
+        >>> net = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.BatchNorm2d(2)).eval()
+        >>> net[1].running_mean.fill_(0.5); net[1].running_var.fill_(4.0)  # doctest: +ELLIPSIS
+        tensor(...
+        >>> s = tdfunc.merge_batchnorm(net)
+        >>> x = torch.randn(1, 1, 5, 5)
+        >>> torch.allclose(tdfunc.functional_call(net, s, (x,)), net(x), atol=1e-6)
+        True
+        >>> s["1", "weight"].tolist(), s["1", "running_mean"].tolist()
+        ([1.0, 1.0], [0.0, 0.0])
+
+    References:
+        Montavon et al., "Layer-Wise Relevance Propagation: An Overview" (2019), §10.2 (canonization);
+        Anders et al., "Software for Dataset-wide XAI: From Local Explanations to Global Insights
+        with Zennit, CoRelAy, and ViRelAy" (2021).
+
+    Composes with: ``tdfunc.lrp`` (call ``functional_call(module, merged, ...)`` inside ``f``),
+    ``torch.func.vmap`` over stacked states, ``torch.func.grad`` with respect to ``state``.
+    """
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"{_FN}: expected an nn.Module, got {type(module).__name__} ({module!r:.60}).")
+    if state is None:
+        state = _state(module)
+    if not isinstance(state, TensorDictBase):
+        raise TypeError(
+            f"{_FN}: state must be a TensorDict (tdfunc.state(model)) or None, got {type(state).__name__}."
+        )
+    if pairs is None:
+        pairs = _auto_pairs(module)
+    else:
+        pairs = [tuple(p) for p in pairs]
+        for p in pairs:
+            if len(p) != 2 or not all(isinstance(n, str) for n in p):
+                raise AttributionError(
+                    f"{_FN}: each pair must be (layer name, batchnorm name), got {p!r}; "
+                    "e.g. pairs=[('features.0', 'features.1')]."
+                )
+    nb = state.batch_dims
+    out = state.clone(recurse=False)
+    for lname, bname in pairs:
+        lin, bn = _get(module, lname, "layer"), _get(module, bname, "batchnorm")
+        if not isinstance(bn, nn.modules.batchnorm._BatchNorm):
+            raise AttributionError(
+                f"{_FN}: pair ({lname!r}, {bname!r}): {bname!r} is a {type(bn).__name__}, not a BatchNorm; "
+                "the second name of each pair must be the BatchNorm that follows the layer."
+            )
+        if not isinstance(lin, _LINEAR):
+            raise AttributionError(
+                f"{_FN}: pair ({lname!r}, {bname!r}): {lname!r} is a {type(lin).__name__}; "
+                "only nn.Linear, nn.Conv1d and nn.Conv2d layers can absorb a BatchNorm."
+            )
+        if bn.training:
+            raise AttributionError(
+                f"{_FN}: BatchNorm {bname!r} is in training mode, where it normalises with batch statistics "
+                "and cannot be merged; call model.eval() first."
+            )
+        if not bn.track_running_stats:
+            raise AttributionError(
+                f"{_FN}: BatchNorm {bname!r} has track_running_stats=False and normalises with batch "
+                f"statistics even in eval mode, so it cannot be merged into {lname!r}."
+            )
+        if lin.bias is None:
+            raise AttributionError(
+                f"{_FN}: layer {lname!r} has no bias, so it cannot absorb the BatchNorm's shift (a state "
+                f"cannot add a parameter); build it with bias=True (a zero bias: "
+                f"nn.init.zeros_(model.{lname}.bias) gives the same model)."
+            )
+        w, b = _entry(state, lname, "weight"), _entry(state, lname, "bias")
+        mean, var = _entry(state, bname, "running_mean"), _entry(state, bname, "running_var")
+        c_out, c_bn = w.shape[nb], mean.shape[nb]
+        if c_out != c_bn:
+            raise AttributionError(
+                f"{_FN}: pair ({lname!r}, {bname!r}): the layer has {c_out} output channels but the "
+                f"BatchNorm has {c_bn} features; pair each BatchNorm with the layer that feeds it."
+            )
+        if bn.affine:
+            gamma, beta = _entry(state, bname, "weight"), _entry(state, bname, "bias")
+        else:
+            gamma, beta = torch.ones_like(mean), torch.zeros_like(mean)
+        scale = gamma / (var + bn.eps) ** 0.5
+        shape = scale.shape + (1,) * (w.dim() - scale.dim())
+        lkey, bkey = tuple(lname.split(".")), tuple(bname.split("."))
+        out.set((*lkey, "weight"), w * scale.reshape(shape))
+        out.set((*lkey, "bias"), (b - mean) * scale + beta)
+        out.set((*bkey, "running_mean"), torch.zeros_like(mean))
+        out.set((*bkey, "running_var"), torch.full_like(var, 1.0 - bn.eps))
+        if bn.affine:
+            out.set((*bkey, "weight"), torch.ones_like(gamma))
+            out.set((*bkey, "bias"), torch.zeros_like(beta))
+    return out
