@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import copy
 import re
-import sys
 
 import pytest
 import torch
@@ -20,32 +19,6 @@ import tdfunc
 from tdfunc import AttributionError
 
 DT = torch.float64
-
-
-@pytest.fixture(scope="module")
-def zennit(tmp_path_factory):
-    root = tmp_path_factory.mktemp("stub")
-    tv = root / "torchvision"
-    (tv / "models").mkdir(parents=True)
-    (tv / "ops").mkdir()
-    (tv / "__init__.py").write_text("")
-    (tv / "models" / "__init__.py").write_text("")
-    (tv / "models" / "resnet.py").write_text("class BasicBlock: pass\nclass Bottleneck: pass\n")
-    (tv / "ops" / "__init__.py").write_text("class FrozenBatchNorm2d: pass\n")
-    had = "torchvision" in sys.modules
-    sys.path.insert(0, str(root))
-    try:
-        z = pytest.importorskip("zennit")
-        import zennit.attribution
-        import zennit.canonizers
-        import zennit.composites
-        import zennit.core
-    finally:
-        sys.path.remove(str(root))
-        if not had:
-            for name in [n for n in sys.modules if n == "torchvision" or n.startswith("torchvision.")]:
-                del sys.modules[name]
-    return z
 
 
 def _randomise_bn(m: nn.Module, seed: int) -> nn.Module:

@@ -9,7 +9,6 @@ installed with ``pip install --no-deps zennit==0.5.1`` and given a stub ``torchv
 
 from __future__ import annotations
 
-import sys
 
 import pytest
 import torch
@@ -24,32 +23,6 @@ from tdfunc.attribution._lrp import lrp_alpha_beta, lrp_epsilon, lrp_flat, lrp_g
 
 DT = torch.float64
 lrp = tdfunc.attribution._lrp.lrp
-
-
-@pytest.fixture(scope="module")
-def zennit(tmp_path_factory):
-    root = tmp_path_factory.mktemp("stub")
-    tv = root / "torchvision"
-    (tv / "models").mkdir(parents=True)
-    (tv / "ops").mkdir()
-    (tv / "__init__.py").write_text("")
-    (tv / "models" / "__init__.py").write_text("")
-    (tv / "models" / "resnet.py").write_text("class BasicBlock: pass\nclass Bottleneck: pass\n")
-    (tv / "ops" / "__init__.py").write_text("class FrozenBatchNorm2d: pass\n")
-    had = "torchvision" in sys.modules
-    sys.path.insert(0, str(root))
-    try:
-        z = pytest.importorskip("zennit")
-        import zennit.attribution
-        import zennit.composites
-        import zennit.core
-        import zennit.rules
-    finally:
-        sys.path.remove(str(root))
-        if not had:  # do not leave the stub visible to other tests
-            for name in [n for n in sys.modules if n == "torchvision" or n.startswith("torchvision.")]:
-                del sys.modules[name]
-    return z
 
 
 def zennit_lrp(z, model, x, composite):
