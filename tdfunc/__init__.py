@@ -20,6 +20,7 @@ from .attribution._metrics import sensitivity_max as sensitivity_max
 from .attribution._perturb import occlusion as occlusion
 from .attribution._perturb import feature_ablation as feature_ablation
 from .attribution._perturb import shapley_value_sampling as shapley_value_sampling
+from .attribution._kernel_shap import kernel_shap as kernel_shap
 from .attribution._lrp import lrp as lrp
 from .attribution._lrp import lrp_epsilon as lrp_epsilon
 from .attribution._lrp import lrp_zplus as lrp_zplus
@@ -113,6 +114,7 @@ __all__ = [
     "occlusion",
     "feature_ablation",
     "shapley_value_sampling",
+    "kernel_shap",
     "AttributionError",
     "lrp",
     "lrp_epsilon",

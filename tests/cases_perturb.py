@@ -71,4 +71,13 @@ def cases() -> list[Case]:
         return out["attr", "x"].flatten()
 
     rows.append(Case("perturb:shapley-K", mlp, shapley_k, (x6, base6), (0, 0), (0, 1), "head", probe=x6))
+
+    coalitions = torch.tensor([[1] * 6, [0] * 6, [1, 0, 1, 0, 1, 0], [0, 1, 1, 0, 0, 1], [1, 1, 0, 0, 1, 0]])
+
+    def kernel_shap_k(x, b):  # every class, fixed coalitions, a vmapped baseline, 2 chunks
+        td = TensorDict({"x": x[None], ("baseline", "x"): b[None]}, batch_size=[1])
+        out = tdfunc.kernel_shap(lambda t: net(t["x"]), td, n_samples=5, coalitions=coalitions, chunk_size=3)
+        return out["attr", "x"].flatten()
+
+    rows.append(Case("perturb:kernel-shap-K", mlp, kernel_shap_k, (x6, base6), (0, 0), (0, 1), "head", probe=x6))
     return rows
