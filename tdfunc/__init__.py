@@ -29,6 +29,7 @@ from .attribution._lrp import lrp_gamma as lrp_gamma
 from .attribution._lrp import lrp_flat as lrp_flat
 from .attribution._lrp import lrp_wsquare as lrp_wsquare
 from .attribution._lrp import lrp_pass as lrp_pass
+from .attribution._lrp import lrp_zbox as lrp_zbox
 from .attribution._canonize import merge_batchnorm as merge_batchnorm
 from ._call import intervene as intervene
 from ._edits import Delta as Delta
@@ -124,6 +125,7 @@ __all__ = [
     "lrp_flat",
     "lrp_wsquare",
     "lrp_pass",
+    "lrp_zbox",
     "merge_batchnorm",
     "install_sites",
     "remove_sites",

@@ -38,6 +38,7 @@ __all__ = [
     "lrp_flat",
     "lrp_wsquare",
     "lrp_pass",
+    "lrp_zbox",
 ]
 
 COMPOSITES = ("epsilon", "epsilon_plus", "epsilon_plus_flat")
@@ -48,6 +49,15 @@ _ONES = "ones"  # input modifier of the flat and w² rules: the relevance is spr
 def _stab(d: torch.Tensor, eps: float) -> torch.Tensor:
     """``d + eps * sign(d)`` with sign(0) = +1 (zennit's convention)."""
     return d + eps * (d.sign() + (d == 0).to(d.dtype))
+
+
+class _Bound:
+    """Input modifier of the zB rule: the value ``bound`` (a constant), reached as ``bound ⊙ x ⊙ (1 / x_first)``."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value):
+        self.value = value
 
 
 def _pos(t):
@@ -87,6 +97,9 @@ class LRPRule:
             return [(_ONES, torch.ones_like(w), None)]
         if n == "wsquare":
             return [(_ONES, w * w, None if b is None else b * b)]
+        if n == "zbox":
+            lo, hi = _Bound(self.params["low"]), _Bound(self.params["high"])
+            return [(None, w, b), (lo, _pos(w), _pos(b)), (hi, _neg(w), _neg(b))]
         raise AssertionError(n)  # pragma: no cover
 
     def ratios(self, z: torch.Tensor, ys: list) -> list:
@@ -99,6 +112,9 @@ class LRPRule:
         if n == "zplus":
             r = z / _stab(ys[0] + ys[1], s)
             return [r, r]
+        if n == "zbox":
+            r = z / _stab(ys[0] - ys[1] - ys[2], s)
+            return [r, -r, -r]
         if n == "alpha_beta":
             a, b = self.params["alpha"], self.params["beta"]
             rp, rn = z / _stab(ys[0] + ys[1], s), z / _stab(ys[2] + ys[3], s)
@@ -156,6 +172,40 @@ def lrp_wsquare(stabilizer: float = 1e-6) -> LRPRule:
     return LRPRule("wsquare", {"stabilizer": _check_float("tdfunc.lrp_wsquare", "stabilizer", stabilizer)})
 
 
+def _check_bound(fn: str, name: str, v):
+    if isinstance(v, torch.Tensor):
+        if not v.is_floating_point():
+            raise TypeError(f"{fn}: {name} must be a float or a floating-point tensor, got a {v.dtype} tensor.")
+        if not bool(torch.isfinite(v).all()):
+            raise AttributionError(f"{fn}: {name} must be finite everywhere, got a tensor with inf or nan entries.")
+        return v.detach()
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise TypeError(f"{fn}: {name} must be a float or a floating-point tensor, got {type(v).__name__} ({v!r:.60}).")
+    if not math.isfinite(v):
+        raise AttributionError(f"{fn}: {name} must be finite, got {v!r}.")
+    return float(v)
+
+
+def lrp_zbox(low, high, stabilizer: float = 1e-6) -> LRPRule:
+    """LRP-zᴮ (box rule, for the input layer; zennit's ``ZBox``, Montavon et al., 2017).
+
+    ``R_i = Σ_j (x_i w_ij − l_i w_ij⁺ − h_i w_ij⁻) R_j / stab(z_j − Σ_i (l_i w_ij⁺ + h_i w_ij⁻) − b_j⁺ − b_j⁻)``
+    for inputs known to lie in the box ``low <= x <= high``.  ``low`` / ``high`` are floats or tensors
+    broadcasting against the layer input (e.g. shape ``(1, C, 1, 1)`` for per-channel bounds); they
+    are constants (detached).  Like the flat rule, the bound terms reach the input as
+    ``x ⊙ (bound / x)``, so an input entry that is exactly 0 gets only its ``x w`` share (zero).
+    """
+    fn = "tdfunc.lrp_zbox"
+    lo, hi = _check_bound(fn, "low", low), _check_bound(fn, "high", high)
+    try:
+        bad = bool((torch.as_tensor(lo) > torch.as_tensor(hi)).any())
+    except RuntimeError as e:
+        raise AttributionError(f"{fn}: low and high must broadcast against each other: {e}") from None
+    if bad:
+        raise AttributionError(f"{fn}: low must be <= high everywhere (the box the inputs lie in), got low > high.")
+    return LRPRule("zbox", {"low": lo, "high": hi, "stabilizer": _check_float(fn, "stabilizer", stabilizer)})
+
+
 def lrp_pass() -> LRPRule:
     """No rewrite: the layer keeps its plain gradient (identity rule; LRP-0 with the bias's share dropped)."""
     return LRPRule("pass")
@@ -175,6 +225,9 @@ def _inputs(mod, x: torch.Tensor, inv: torch.Tensor | None) -> torch.Tensor:
         return x
     if mod is _ONES:  # x * (1 / x_first): value 1 where x != 0 (0 where x == 0), derivative 1 / x
         return x * inv
+    if isinstance(mod, _Bound):  # the bound as a constant (first forward), or bound ⊙ x ⊙ (1 / x_first)
+        v = torch.as_tensor(mod.value).to(x)
+        return v.expand_as(x) if inv is None else v * (x * inv)
     return mod(x)
 
 
@@ -193,11 +246,51 @@ def _term(m: nn.Module, x: torch.Tensor, out: torch.Tensor, inv, mod, w: torch.T
     return out - (m.bias.view(-1, 1, 1) if isinstance(m, nn.Conv2d) else m.bias)
 
 
+def _ln_parts(module: nn.LayerNorm, x: torch.Tensor):
+    """``(x - mean(x))`` over the normalised dims and ``1 / std(x)`` (biased variance + ``eps``)."""
+    dims = tuple(range(-len(module.normalized_shape), 0))
+    c = x - x.mean(dims, keepdim=True)
+    return c, torch.rsqrt((c * c).mean(dims, keepdim=True) + module.eps)
+
+
+def _ln_map(module: nn.LayerNorm, c: torch.Tensor, inv_std: torch.Tensor) -> torch.Tensor:
+    y = c * inv_std
+    return y if module.weight is None else y * module.weight
+
+
+def _record_ln(seen: list) -> Rule:
+    def fn(module, args, kwargs, out):
+        c, inv_std = _ln_parts(module, args[0])
+        seen.append((out.clone(), inv_std, _ln_map(module, c, inv_std)))
+        return out
+
+    return rule(fn)
+
+
+def _rewrite_ln(seen: list) -> Rule:
+    calls = iter(seen)
+
+    def fn(module, args, kwargs, out):
+        rec = next(calls, None)
+        if rec is None or rec[0].shape != out.shape:
+            raise NotReachedError(
+                "tdfunc.lrp: f called an nn.LayerNorm module more often, or with other shapes, than in the first of "
+                "its two forwards; f must be deterministic (put dropout layers in eval())."
+            )
+        z, inv_std, s = rec
+        return z - s + _ln_map(module, _ln_parts(module, args[0])[0], inv_std)
+
+    return rule(fn)
+
+
 def _record(r: LRPRule, seen: list) -> Rule:
+    if r.name == "layernorm":
+        return _record_ln(seen)
+
     def fn(module, args, kwargs, out):
         x = args[0]
         ts = r.terms(module.weight, module.bias)
-        ones = any(t[0] is _ONES for t in ts)
+        ones = any(t[0] is _ONES or isinstance(t[0], _Bound) for t in ts)
         inv = torch.where(x == 0, torch.zeros_like(x), 1 / torch.where(x == 0, torch.ones_like(x), x)) if ones else None
         ys = [
             out
@@ -214,6 +307,8 @@ def _record(r: LRPRule, seen: list) -> Rule:
 
 
 def _rewrite(r: LRPRule, seen: list) -> Rule:
+    if r.name == "layernorm":
+        return _rewrite_ln(seen)
     calls = iter(seen)
 
     def fn(module, args, kwargs, out):
@@ -304,6 +399,10 @@ def _assign(fn: str, module: nn.Module, rules, composite) -> dict[str, LRPRule]:
                 r = lrp_epsilon()
         if r is not None and r.name != "pass":
             out[n] = r
+    if composite is not None:  # the LN rule (Ali et al., 2022): 1 / std held constant
+        for n, m in named:
+            if isinstance(m, nn.LayerNorm):
+                out[n] = LRPRule("layernorm")
     return out
 
 
@@ -329,8 +428,12 @@ def lrp(
     else the composite's: ``'epsilon'`` (ε on every layer), ``'epsilon_plus'`` (z⁺ on
     ``nn.Conv2d``, ε on ``nn.Linear``, zennit's ``EpsilonPlus``), ``'epsilon_plus_flat'`` (also
     flat on the first layer, zennit's ``EpsilonPlusFlat``), ``None`` (no rewrite).  Activations
-    keep their gradient (for ReLU this passes relevance through unchanged).  No canonizers: fold
-    BatchNorm into the convolution before calling.
+    keep their gradient (for ReLU this passes relevance through unchanged).  With a composite,
+    every ``nn.LayerNorm`` gets the LN rule of Ali et al. (2022): relevance passes through the
+    centred-and-scaled map ``γ ⊙ (x − mean x) / std`` with ``1 / std`` held constant (taken from the
+    first forward, so outer derivatives still see it as a function of ``x`` and the weights; a bias
+    ``β`` absorbs its share, so relevance is conserved without it); ``composite=None`` leaves
+    LayerNorm's plain gradient, and ``rules`` cannot name LayerNorm modules.  No canonizers: fold BatchNorm into the convolution before calling.
 
     Each rule is a :func:`tdfunc.rule` rewrite keeping the layer's value: ``f`` runs twice, first
     to record ``z`` and each rule's ratios ``r_t`` (outside the vector-Jacobian product), then with
@@ -345,7 +448,7 @@ def lrp(
         module: the model whose ``nn.Linear`` / ``nn.Conv2d`` layers are rewritten.
         rules: ``{site pattern or nn.Module subclass: rule}`` from :func:`tdfunc.lrp_epsilon`,
             ``lrp_zplus``, ``lrp_alpha_beta``, ``lrp_gamma``, ``lrp_flat``, ``lrp_wsquare``,
-            ``lrp_pass``; overrides the composite.
+            ``lrp_pass``, ``lrp_zbox`` (input layer); overrides the composite.
         composite: ``'epsilon'``, ``'epsilon_plus'`` (default), ``'epsilon_plus_flat'`` or ``None``.
         in_keys: entries to attribute; default every floating-point entry outside ``"baseline"``.
 
@@ -373,6 +476,8 @@ def lrp(
     References:
         Bach, Binder, Montavon, Klauschen, Müller, Samek. On Pixel-Wise Explanations for Non-Linear
         Classifier Decisions by Layer-Wise Relevance Propagation. PLoS ONE 2015.
+        Ali, Schnake, Eberle, Montavon, Müller, Wolf. XAI for Transformers: Better Explanations
+        through Conservative Propagation. ICML 2022 (the LN rule).
         Montavon, Binder, Lapuschkin, Samek, Müller. Layer-Wise Relevance Propagation: An Overview.
         2019.  Anders et al. Software for Dataset-wide XAI (zennit). 2021.
 
