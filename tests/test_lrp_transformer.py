@@ -11,6 +11,7 @@ from torch import nn
 import tdfunc
 from tdfunc.attribution._common import AttributionError
 from tdfunc.attribution._lrp import lrp, lrp_epsilon
+from test_lrp import ours, zennit_lrp  # the shared zennit-per-class and tdfunc calls
 
 lrp_zbox = tdfunc.lrp_zbox
 
@@ -24,21 +25,6 @@ class Single(nn.Module):
 
     def forward(self, x):
         return self.layer(x)
-
-
-def zennit_lrp(z, model, x, composite):
-    maps = []
-    with z.attribution.Gradient(model=model, composite=composite) as attributor:
-        n = model(x).flatten(1).shape[1]
-        for k in range(n):
-            _, rel = attributor(x, lambda o: o * (torch.arange(n).view(o[0].shape) == k).to(o.dtype))
-            maps.append(rel)
-    return torch.stack(maps, 1)
-
-
-def ours(model, x, **kw):
-    td = TensorDict({"x": x}, batch_size=[x.shape[0]])
-    return lrp(lambda t: model(t["x"]).flatten(1), td, model, **kw)["attr", "x"]
 
 
 @pytest.mark.parametrize("bounds", ["float", "tensor"])

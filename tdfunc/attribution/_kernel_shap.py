@@ -16,7 +16,7 @@ from tensordict import TensorDict, TensorDictBase
 
 from .._errors import shape_str
 from ._common import AttributionError, check_output, prepare, result
-from ._perturb import _check_chunk, _feature_masks, _run
+from ._perturb import _check_chunk, _feature_masks, _n_features, _per_position, _run
 
 __all__ = ["kernel_shap"]
 
@@ -142,15 +142,7 @@ def kernel_shap(
     nb = len(p.batch)
     masks = _feature_masks(fn, feature_mask, p)
     dev = next(iter(p.x.values())).device
-    if feature_mask is None:
-        n_feat = sum(math.prod(p.x[key].shape[nb:]) for key in p.keys)
-    else:
-        lows = [int(m.min()) for m in masks.values() if m.numel()]
-        if lows and min(lows) < 0:
-            raise AttributionError(
-                f"{fn}: feature_mask has the negative id {min(lows)}; feature ids must be 0 .. n_features - 1."
-            )
-        n_feat = max(int(m.max()) for m in masks.values() if m.numel()) + 1
+    n_feat = _n_features(fn, feature_mask, masks, p)
     if coalitions is None:
         coal = _draw_coalitions(n_samples, n_feat, generator).to(dev)
     else:
@@ -165,11 +157,4 @@ def kernel_shap(
     wide = torch.float64 if dev.type != "mps" else torch.float32
     solve = _solver(coal, wide).to(ys.dtype)  # (F, S), solved in float64
     phi = torch.tensordot(solve, ys, dims=([1], [0])).movedim(0, -1)  # (*batch (+ K), F)
-    attrs = {}
-    for key, m in masks.items():
-        x = p.x[key]
-        idx = m.expand(x.shape).reshape(*x.shape[:nb], -1)  # (*batch, P)
-        if k is not None:
-            idx = idx.unsqueeze(nb).expand(*x.shape[:nb], k, idx.shape[-1])
-        attrs[key] = phi.gather(-1, idx).reshape(*phi.shape[:-1], *x.shape[nb:])
-    return result(td.batch_size, attrs)
+    return result(td.batch_size, _per_position(phi, masks, p, k))

@@ -178,7 +178,7 @@ def occlusion(
         >>> lin = torch.nn.Linear(4, 2)
         >>> td = TensorDict({"x": torch.randn(3, 4)}, batch_size=[3])
         >>> out = tdfunc.occlusion(lambda t: lin(t["x"]), td, sliding_window_shapes=(1,))
-        >>> torch.allclose(out["attr", "x"], td["x"][:, None] * lin.weight)  # linear f: x * w
+        >>> torch.allclose(out["attr", "x"], td["x"][:, None] * lin.weight, atol=1e-6)  # linear f: x * w (float32)
         True
 
     References:
@@ -305,7 +305,7 @@ def feature_ablation(
         >>> lin = torch.nn.Linear(4, 1)
         >>> td = TensorDict({"x": torch.randn(3, 4)}, batch_size=[3])
         >>> out = tdfunc.feature_ablation(lambda t: lin(t["x"])[:, 0], td, feature_mask=torch.tensor([0, 0, 1, 1]))
-        >>> torch.allclose(out["attr", "x"][:, 0], (td["x"] * lin.weight)[:, :2].sum(-1))
+        >>> torch.allclose(out["attr", "x"][:, 0], (td["x"] * lin.weight)[:, :2].sum(-1), atol=1e-6)
         True
 
     References:
@@ -356,6 +356,32 @@ def _check_permutations(fn: str, perms, n_samples: int, n_feat: int) -> torch.Te
                 f"{fn}: every row of permutations must hold each feature id 0 .. {n_feat - 1} exactly once."
             )
     return perms
+
+
+def _per_position(phi: torch.Tensor, masks: dict, p, k: int | None) -> dict:
+    """Per-feature values ``phi`` (*batch (+ K), F) spread to every input position by its feature id."""
+    nb = len(p.batch)
+    attrs = {}
+    for key, m in masks.items():
+        x = p.x[key]
+        idx = m.expand(x.shape).reshape(*x.shape[:nb], -1)  # (*batch, P)
+        if k is not None:
+            idx = idx.unsqueeze(nb).expand(*x.shape[:nb], k, idx.shape[-1])
+        attrs[key] = phi.gather(-1, idx).reshape(*phi.shape[:-1], *x.shape[nb:])
+    return attrs
+
+
+def _n_features(fn: str, feature_mask, masks: dict, p) -> int:
+    """Number of features: every scalar with the default mask, else max id + 1 (ids must be >= 0)."""
+    nb = len(p.batch)
+    if feature_mask is None:
+        return sum(math.prod(p.x[key].shape[nb:]) for key in p.keys)
+    lows = [int(m.min()) for m in masks.values() if m.numel()]
+    if lows and min(lows) < 0:
+        raise AttributionError(
+            f"{fn}: feature_mask has the negative id {min(lows)}; feature ids must be 0 .. n_features - 1."
+        )
+    return max(int(m.max()) for m in masks.values() if m.numel()) + 1
 
 
 def shapley_value_sampling(
@@ -430,15 +456,7 @@ def shapley_value_sampling(
     nb = len(p.batch)
     masks = _feature_masks(fn, feature_mask, p)
     dev = next(iter(p.x.values())).device
-    if feature_mask is None:
-        n_feat = sum(math.prod(p.x[key].shape[nb:]) for key in p.keys)
-    else:
-        lows = [int(m.min()) for m in masks.values() if m.numel()]
-        if lows and min(lows) < 0:
-            raise AttributionError(
-                f"{fn}: feature_mask has the negative id {min(lows)}; feature ids must be 0 .. n_features - 1."
-            )
-        n_feat = max(int(m.max()) for m in masks.values() if m.numel()) + 1
+    n_feat = _n_features(fn, feature_mask, masks, p)
     if permutations is None:
         perms = torch.stack([torch.randperm(n_feat, generator=generator) for _ in range(n_samples)]).to(dev)
     else:
@@ -463,11 +481,4 @@ def shapley_value_sampling(
     steps = ys - prev  # (S, F, *batch (+ K)): the gain of the feature added at each step
     gains = steps[torch.arange(s_n, device=dev)[:, None], rank]  # (S, F, ...) reordered by feature id
     phi = gains.mean(0).movedim(0, -1)  # (*batch (+ K), F)
-    attrs = {}
-    for key, m in masks.items():
-        x = p.x[key]
-        idx = m.expand(x.shape).reshape(*x.shape[:nb], -1)  # (*batch, P)
-        if k is not None:
-            idx = idx.unsqueeze(nb).expand(*x.shape[:nb], k, idx.shape[-1])
-        attrs[key] = phi.gather(-1, idx).reshape(*phi.shape[:-1], *x.shape[nb:])
-    return result(td.batch_size, attrs)
+    return result(td.batch_size, _per_position(phi, masks, p, k))

@@ -494,7 +494,8 @@ def fit_probes(
         >>> from tensordict import TensorDict
         >>> x = torch.randn(120, 6, generator=torch.Generator().manual_seed(0))
         >>> y = (x[:, 0] > 0).long()
-        >>> acts = TensorDict({"signal": x, "noise": torch.randn(120, 6)}, batch_size=[])
+        >>> noise = torch.randn(120, 6, generator=torch.Generator().manual_seed(1))
+        >>> acts = TensorDict({"signal": x, "noise": noise}, batch_size=[])
         >>> out = tdfunc.fit_probes(acts, y, steps=100, lr=0.05, generator=torch.Generator().manual_seed(0))
         >>> out["test", "signal", "accuracy"] > out["test", "noise", "accuracy"]
         tensor(True)
