@@ -65,4 +65,33 @@ def cases() -> list[Case]:
         return tdfunc.lrp(f, td, cnn, composite="epsilon_plus")["attr", "img"][0].flatten()
 
     rows.append(Case("lrp:cnn-epsilon_plus-weights", cnn, cnn_plus, (img, s_cnn["conv", "weight"].clone()), (0, None), (0, 1), "conv", probe=img))
+
+    def rules_zbox_flat_wsquare_pass(x):  # every rule constructor, each on its own site pattern
+        td = TensorDict({"x": x[None]}, batch_size=[1])
+        rules = {"fc1": tdfunc.lrp_zbox(-3.0, 3.0), "head": tdfunc.lrp_epsilon(1e-3)}
+        a = tdfunc.lrp(lambda t: tdfunc.functional_call(mlp, s_mlp, (t["x"],)), td, mlp, rules=rules)
+        rules = {"fc1": tdfunc.lrp_flat(), "head": tdfunc.lrp_zplus()}
+        b = tdfunc.lrp(lambda t: tdfunc.functional_call(mlp, s_mlp, (t["x"],)), td, mlp, rules=rules)
+        rules = {"fc1": tdfunc.lrp_wsquare(), "head": tdfunc.lrp_pass()}
+        c = tdfunc.lrp(lambda t: tdfunc.functional_call(mlp, s_mlp, (t["x"],)), td, mlp, rules=rules)
+        return torch.cat([a["attr", "x"].flatten(), b["attr", "x"].flatten(), c["attr", "x"].flatten()])
+
+    x5_nonzero = x5.sign() * (x5.abs() + 0.1)  # flat / w^2 / zbox divide by the input
+    rows.append(Case("lrp:rule-constructors", mlp, rules_zbox_flat_wsquare_pass, (x5_nonzero,), (0,), (0,), "fc1", probe=x5))
+
+    bn_net = nn.Sequential(nn.Linear(5, 6), nn.BatchNorm1d(6), nn.ReLU(), nn.Linear(6, 3)).to(dt).eval()
+    with torch.no_grad():
+        bn_net[1].running_mean.normal_()
+        bn_net[1].running_var.uniform_(0.5, 2.0)
+    s_bn = tdfunc.state(bn_net)
+
+    def merge_batchnorm_lrp(x, w):  # a BN canonizer on a state that is itself vmapped / differentiated
+        state = s_bn.copy().set(("0", "weight"), w)
+        merged = tdfunc.merge_batchnorm(bn_net, state)
+        td = TensorDict({"x": x[None]}, batch_size=[1])
+        out = tdfunc.lrp(lambda t: tdfunc.functional_call(bn_net, merged, (t["x"],)), td, bn_net, composite="epsilon")
+        return torch.cat([out["attr", "x"].flatten(), tdfunc.functional_call(bn_net, merged, (x[None],)).flatten()])
+
+    ws = s_bn["0", "weight"] + 0.1 * torch.randn(B, 6, 5, dtype=dt)
+    rows.append(Case("lrp:merge-batchnorm", bn_net, merge_batchnorm_lrp, (x5, ws), (0, 0), (0, 1), "0", probe=x5))
     return rows

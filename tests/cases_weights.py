@@ -72,6 +72,13 @@ def cases() -> list[Case]:
     sae = tdfunc.sae_init(8, 12, dtype=dt, generator=torch.Generator().manual_seed(0))
     sae["b_enc"] = 0.1 * torch.ones(12, dtype=dt)  # most features active
 
+    def sae_codes(x):  # encode / decode of captured activations, as a user's SAE training loss does
+        acts = tdfunc.functional_call(mlp, s, (x,), capture="act")[1]["act"]
+        codes = tdfunc.sae_encode(sae, acts)
+        return torch.cat([codes.flatten(), (tdfunc.sae_decode(sae, codes) - acts).flatten()])
+
+    rows.append(Case("weights:sae-encode-decode", mlp, sae_codes, (x6,), (0,), (0,), "act", probe=x6))
+
     tc = tdfunc.transcoder_init(8, 10, 8, dtype=dt, generator=torch.Generator().manual_seed(1))
     tc["b_enc"] = 0.1 * torch.ones(10, dtype=dt)
 
