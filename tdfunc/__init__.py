@@ -84,6 +84,7 @@ from .latent._probe import fit_sklearn_probes as fit_sklearn_probes
 from .latent._patch import PatchError as PatchError
 from .latent._patch import patch as patch
 from .latent._patch import patching_sweep as patching_sweep
+from .latent._patch import path_patch as path_patch
 from .latent._steer import steering_vector as steering_vector
 from .latent._steer import steer as steer
 from .latent._steer import generate_greedy as generate_greedy
@@ -171,6 +172,7 @@ __all__ = [
     "PatchError",
     "patch",
     "patching_sweep",
+    "path_patch",
     "steering_vector",
     "steer",
     "generate_greedy",

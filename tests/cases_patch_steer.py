@@ -1,7 +1,7 @@
 """Composition-table rows for patching and steering (see test_compose.py).
 
 A tiny float64 Linear-Tanh-Linear model on (1, T=3, 4) sequences: ``patch`` with a vmapped clean
-value at two positions, a ``patching_sweep`` (an inner vmap) over a vmapped corrupted input, ``steer``
+value at two positions, ``path_patch`` of vmapped clean and corrupted inputs, a ``patching_sweep`` (an inner vmap) over a vmapped corrupted input, ``steer``
 with a vmapped scale and with a differentiated vector (every position, and the last one only), and
 ``steering_vector`` of the captured hidden layer of vmapped paired inputs.
 """
@@ -29,6 +29,9 @@ def cases() -> list[Case]:
     def sweep(x, x_clean):
         return tdfunc.patching_sweep(net, s, (x_clean,), (x,), ["0", "1"], lambda y: y[0, -1, 0]).flatten()
 
+    def path(x, x_clean):
+        return tdfunc.path_patch(net, s, (x_clean,), (x,), "0", "1", positions=[1]).flatten()
+
     def steer_scale(x, scale):
         return tdfunc.functional_call(net, s, (x,), edits=tdfunc.steer({"1": v}, scale)).flatten()
 
@@ -43,6 +46,7 @@ def cases() -> list[Case]:
     return [
         Case("latent:patch-vmapped-clean", net, patch_clean, (x, clean), (0, 0), (0, 1), "0", probe=x[0]),
         Case("latent:patching-sweep", net, sweep, (x, x[0]), (0, None), (0, 1), "0", probe=x[0]),
+        Case("latent:path-patch", net, path, (x, x.flip(0)), (0, 0), (0, 1), "0", probe=x[0]),
         Case("latent:steer-scale", net, steer_scale, (x, torch.linspace(-1, 1, B, dtype=dt)), (0, 0), (0, 1), "0", probe=x[0]),
         Case("latent:steer-grad-vector", net, steer_vector, (x, torch.randn(B, 5, dtype=dt)), (0, 0), (0, 1), "0", probe=x[0]),
         Case("latent:steering-vector", net, vector, (torch.randn(B, 4, 3, 4, dtype=dt), torch.randn(B, 4, 3, 4, dtype=dt)),

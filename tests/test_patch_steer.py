@@ -164,6 +164,71 @@ def test_sweep_is_differentiable_wrt_state(tiny):
     assert torch.isfinite(g["unembed", "weight"]).all() and g["unembed", "weight"].abs().sum() > 0
 
 
+# ------------------------------------------------------------------------------------------ path patch
+
+
+def _hook_path_patch(tiny, clean, corrupt, sender, receiver, frozen):
+    """Forward-hook reference: capture, then patch the sender with every ``frozen`` module held at its corrupted
+    output and record the receiver's output; then patch only the receiver."""
+    names = [sender, *frozen]
+    _, caps_clean = tdfunc.functional_call(tiny, None, (clean,), capture=[sender])
+    _, caps_corr = tdfunc.functional_call(tiny, None, (corrupt,), capture=frozen) if frozen else (None, {})
+    seen = {}
+    mods = {n: tiny.get_submodule(n) for n in [*names, receiver]}
+    handles = [mods[sender].register_forward_hook(lambda m, a, o: caps_clean[sender].clone())]
+    handles += [mods[n].register_forward_hook(lambda m, a, o, n=n: caps_corr[n].clone()) for n in frozen]
+    handles.append(mods[receiver].register_forward_hook(lambda m, a, o: seen.setdefault("r", o.clone())))
+    try:
+        tiny(corrupt)
+    finally:
+        for h in handles:
+            h.remove()
+    return _tiny_ref(tiny, corrupt, [(receiver, None, seen["r"])])
+
+
+def test_path_patch_matches_two_step_hook_reference(tiny):
+    torch.manual_seed(2)
+    clean, corrupt = torch.randint(0, 17, (2, 8)), torch.randint(0, 17, (2, 8))
+    for freeze in (None, "blocks.*.mlp"):
+        frozen = [] if freeze is None else ["blocks.0.mlp", "blocks.1.mlp"]
+        got = tdfunc.path_patch(tiny, None, (clean,), (corrupt,), "blocks.0.attn", "blocks.1.ln1", freeze=freeze)
+        want = _hook_path_patch(tiny, clean, corrupt, "blocks.0.attn", "blocks.1.ln1", frozen)
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    # the frozen MLPs change the result: the paths through them are cut
+    a = tdfunc.path_patch(tiny, None, (clean,), (corrupt,), "blocks.0.attn", "blocks.1.ln1")
+    b = tdfunc.path_patch(tiny, None, (clean,), (corrupt,), "blocks.0.attn", "blocks.1.ln1", freeze="blocks.*.mlp")
+    assert (a - b).abs().max() > 1e-6
+
+
+def test_path_patch_limits_equal_plain_patch_and_corrupted_run(tiny):
+    clean, corrupt = torch.randint(0, 17, (1, 8)), torch.randint(0, 17, (1, 8))
+    _, caps = tdfunc.functional_call(tiny, None, (clean,), capture=["blocks.0.attn"])
+    # every path from the sender runs through ln_f: path patching is plain patching
+    for positions in (None, [1, 6]):
+        got = tdfunc.path_patch(tiny, None, (clean,), (corrupt,), "blocks.0.attn", "ln_f", positions=positions)
+        want = tdfunc.patch(tiny, None, (corrupt,), caps, "blocks.0.attn", positions=positions)
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    # a receiver upstream of the sender receives nothing: the corrupted output
+    got = tdfunc.path_patch(tiny, None, (clean,), (corrupt,), "blocks.1.attn", "blocks.0.mlp")
+    torch.testing.assert_close(got, tiny(corrupt), rtol=0, atol=0)
+    # a patch_fn acts on the sender (here: keep the corrupted value, so nothing changes)
+    got = tdfunc.path_patch(tiny, None, (clean,), (corrupt,), "blocks.0.attn", "ln_f", patch_fn=lambda v, c: v)
+    torch.testing.assert_close(got, tiny(corrupt), rtol=0, atol=0)
+
+
+def test_path_patch_gpt2_heads_to_later_block_and_grad(gpt2):
+    torch.manual_seed(3)
+    clean, corrupt = torch.randint(0, 64, (1, 6)), torch.randint(0, 64, (1, 6))
+    kw = dict(freeze="transformer.h.*.mlp")
+    got = tdfunc.path_patch(gpt2, None, (clean,), (corrupt,), "transformer.h.0.attn:output.0", "transformer.h.2.ln_1", **kw)
+    assert torch.isfinite(got.logits).all()
+    assert (got.logits - gpt2(corrupt).logits).abs().max() > 1e-4  # the path carries an effect
+    s = tdfunc.state(gpt2)
+    g = grad(lambda s: tdfunc.path_patch(gpt2, s, (clean,), (corrupt,), "transformer.h.0.attn:output.0",
+                                         "transformer.h.2.ln_1", **kw).logits[0, -1, 0])(s)
+    assert torch.isfinite(g["transformer", "wte", "weight"]).all() and g["transformer", "h", "2", "ln_1", "weight"].abs().sum() > 0
+
+
 # --------------------------------------------------------------------------------------------- steering
 
 
@@ -247,6 +312,14 @@ def _errors():
         ("sweep over", lambda: tdfunc.patching_sweep(net, None, (x,), (x,), "0", lambda y: y.sum(), over="heads"),
          "tdfunc.patching_sweep: over must be 'positions' or an int unit dim (e.g. -2 for heads in (B, T, H, Dh)), "
          "got 'heads'."),
+        ("path overlap", lambda: tdfunc.path_patch(net, None, (x,), (x,), ["0", "1"], "1"),
+         "tdfunc.path_patch: site(s) ['1'] are both senders and receivers; a receiver must be a later site than the "
+         "senders (e.g. senders='blocks.0.attn', receivers='blocks.2.attn:input')."),
+        ("path receivers", lambda: tdfunc.path_patch(net, None, (x,), (x,), "0", []),
+         "tdfunc.path_patch: sites must be a site string or a non-empty list of them, got []; pass e.g. 'blocks.*' or "
+         "['blocks.0', 'blocks.1.attn']."),
+        ("patch_fn", lambda: tdfunc.patch(net, None, (x,), caps, "1", patch_fn=3),
+         "tdfunc.patch: patch_fn must be None or a callable patch_fn(corrupted_value, clean_value) -> value, got int (3)."),
         ("steer N", lambda: tdfunc.steering_vector(torch.randn(3, 4), torch.randn(4, 4)),
          "tdfunc.steering_vector: acts_pos has N=3 rows but acts_neg has N=4; give paired examples (one negative "
          "per positive, the same N in both)."),
