@@ -30,6 +30,11 @@ from .attribution._lrp import lrp_flat as lrp_flat
 from .attribution._lrp import lrp_wsquare as lrp_wsquare
 from .attribution._lrp import lrp_pass as lrp_pass
 from .attribution._lrp import lrp_zbox as lrp_zbox
+from .attribution._lrp import lrp_identity as lrp_identity
+from .attribution._lrp import lrp_ignore as lrp_ignore
+from .attribution._lrp import lrp_softmax as lrp_softmax
+from .attribution._lrp import lrp_norm as lrp_norm
+from .attribution._lrp import lrp_attention as lrp_attention
 from .attribution._canonize import merge_batchnorm as merge_batchnorm
 from ._call import intervene as intervene
 from ._edits import Delta as Delta
@@ -127,6 +132,11 @@ __all__ = [
     "lrp_wsquare",
     "lrp_pass",
     "lrp_zbox",
+    "lrp_identity",
+    "lrp_ignore",
+    "lrp_softmax",
+    "lrp_norm",
+    "lrp_attention",
     "merge_batchnorm",
     "install_sites",
     "remove_sites",

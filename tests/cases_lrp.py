@@ -1,4 +1,4 @@
-"""Composition-table rows for tdfunc.lrp (rules as two-pass rewrites of Linear / Conv2d outputs)."""
+"""Composition-table rows for tdfunc.lrp (rules as two-pass rewrites of module outputs: Linear / Conv2d, norms, attention, softmax, activations)."""
 
 from __future__ import annotations
 
@@ -94,4 +94,99 @@ def cases() -> list[Case]:
 
     ws = s_bn["0", "weight"] + 0.1 * torch.randn(B, 6, 5, dtype=dt)
     rows.append(Case("lrp:merge-batchnorm", bn_net, merge_batchnorm_lrp, (x5, ws), (0, 0), (0, 1), "0", probe=x5))
+    return rows + transformer_cases(dt)
+
+
+# ------------------------------------------------------------------ transformer rules (AttnLRP)
+
+
+class _Encoder(nn.Module):
+    """One nn.TransformerEncoderLayer (GELU module, causal mask) and a linear head on the last token."""
+
+    def __init__(self):
+        super().__init__()
+        self.layer = nn.TransformerEncoderLayer(4, 2, 6, dropout=0.0, activation=nn.GELU(), batch_first=True)
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x):
+        mask = nn.Transformer.generate_square_subsequent_mask(x.shape[-2], dtype=x.dtype)
+        return self.head(self.layer(x, src_mask=mask, is_causal=True)[..., -1, :])
+
+
+class _CrossAttention(nn.Module):
+    """nn.MultiheadAttention, sequence-first, cross-attention with a key padding mask and need_weights=True."""
+
+    def __init__(self):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(4, 2, kdim=3, vdim=3)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x, mem=None):  # x (L, N, 4), mem (S, N, 3) with S = 3
+        mem = x[:3, :, :3] if mem is None else mem
+        pad = torch.tensor([[False, False, True]]).expand(x.shape[1], 3)
+        return self.head(self.attn(x, mem, mem, key_padding_mask=pad)[0][-1, 0])
+
+
+class _HandAttention(nn.Module):
+    """Attention written with modules: Linear projections, nn.Softmax, RMSNorm, a GELU MLP."""
+
+    def __init__(self):
+        super().__init__()
+        self.q, self.k, self.v = nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 4)
+        self.softmax, self.norm = nn.Softmax(-1), nn.RMSNorm(4)
+        self.fc, self.act, self.head = nn.Linear(4, 4), nn.GELU(), nn.Linear(4, 2)
+
+    def forward(self, x):
+        s = self.q(x) @ self.k(x).transpose(-1, -2) / 2.0
+        h = x + self.softmax(s.masked_fill(torch.ones_like(s, dtype=torch.bool).triu(1), float("-inf"))) @ self.v(x)
+        h = self.norm(h)
+        return self.head((h + self.act(self.fc(h)))[..., -1, :])
+
+
+def transformer_cases(dt) -> list[Case]:
+    rows = []
+    enc = _Encoder().to(dt).eval()
+    with torch.no_grad():  # non-trivial biases and LayerNorm affine parameters
+        for p in enc.parameters():
+            if p.dim() == 1:
+                p.add_(0.3 * torch.randn_like(p))
+    s_enc = tdfunc.state(enc)
+    x = torch.randn(B, 3, 4, dtype=dt)
+
+    def encoder_attnlrp(x, bias):  # every class; d(relevance)/d(attention's in-projection bias)
+        s = s_enc.update({("layer", "self_attn", "in_proj_bias"): bias}, inplace=False)
+        td = TensorDict({"x": x[None]}, batch_size=[1])
+        f = lambda t: tdfunc.functional_call(enc, s, (t["x"],))
+        return tdfunc.lrp(f, td, enc, composite="attnlrp")["attr", "x"][0].flatten()
+
+    bias = s_enc["layer", "self_attn", "in_proj_bias"].clone()
+    rows.append(Case("lrp:encoder-attnlrp-weights", enc, encoder_attnlrp, (x, bias), (0, None), (0, 1), "layer.self_attn", probe=x))
+
+    cross = _CrossAttention().to(dt).eval()
+    s_cross = tdfunc.state(cross)
+    xs, mem = torch.randn(B, 3, 1, 4, dtype=dt), torch.randn(3, 1, 3, dtype=dt)
+
+    def cross_constant_targets(x, w):  # vmap over targets; CP-LRP (constant probabilities), sequence-first
+        td = TensorDict({"x": x, "mem": mem}, batch_size=[])
+        f = lambda t: tdfunc.functional_call(cross, s_cross, (t["x"], t["mem"])) @ w
+        rules = {"attn": tdfunc.lrp_attention(eps=1e-3, softmax="constant")}
+        out = tdfunc.lrp(f, td, cross, rules=rules, composite="attnlrp")
+        return torch.cat([out["attr", "x"].flatten(), out["attr", "mem"].flatten()])
+
+    rows.append(Case("lrp:cross-attention-constant-targets", cross, cross_constant_targets, (xs[0], torch.eye(3, dtype=dt)), (None, 0), (0,), "attn", probe=xs[0]))
+
+    hand = _HandAttention().to(dt)
+    s_hand = tdfunc.state(hand)
+    xh = torch.randn(B, 3, 4, dtype=dt)
+
+    def softmax_identity_ignore_norm(x):  # each module rule by type or pattern
+        td = TensorDict({"x": x[None]}, batch_size=[1])
+        f = lambda t: tdfunc.functional_call(hand, s_hand, (t["x"],))
+        rules = {nn.Softmax: tdfunc.lrp_softmax(), nn.GELU: tdfunc.lrp_identity(), "norm": tdfunc.lrp_norm(), nn.Linear: tdfunc.lrp_epsilon(0.01)}
+        a = tdfunc.lrp(f, td, hand, rules=rules, composite=None)
+        rules = {"softmax": tdfunc.lrp_ignore(), nn.GELU: tdfunc.lrp_pass(), "norm": tdfunc.lrp_identity()}
+        b = tdfunc.lrp(f, td, hand, rules=rules, composite="epsilon")
+        return torch.cat([a["attr", "x"].flatten(), b["attr", "x"].flatten()])
+
+    rows.append(Case("lrp:softmax-identity-ignore-norm", hand, softmax_identity_ignore_norm, (xh,), (0,), (0,), "softmax", probe=xh))
     return rows

@@ -19,7 +19,7 @@ from torch import nn
 from torch.func import vmap
 
 import tdfunc
-from tdfunc.attribution._lrp import lrp_alpha_beta, lrp_epsilon, lrp_flat, lrp_gamma, lrp_pass, lrp_wsquare, lrp_zplus
+from tdfunc.attribution._lrp import lrp_alpha_beta, lrp_epsilon, lrp_flat, lrp_gamma, lrp_pass, lrp_wsquare, lrp_zbox, lrp_zplus
 
 DT = torch.float64
 lrp = tdfunc.attribution._lrp.lrp
@@ -297,25 +297,26 @@ def test_errors():
         lrp(f, td, m, composite="eps_plus")
     assert str(e.value) == (
         "tdfunc.lrp: unknown composite 'eps_plus'; choose one of 'epsilon', 'epsilon_plus', 'epsilon_plus_flat', "
-        "or composite=None to rewrite only the layers named in rules."
+        "'attnlrp', or composite=None to rewrite only the modules named in rules."
     )
     with pytest.raises(tdfunc.AttributionError) as e:
         lrp(f, td, m, rules={nn.ReLU: lrp_zplus()})
     assert str(e.value) == (
-        "tdfunc.lrp: rules has a rule for ReLU, but LRP rules apply to nn.Linear and nn.Conv2d only; "
-        "activations pass relevance through as their gradient does. Remove that entry."
+        "tdfunc.lrp: rules gives ReLU the rule tdfunc.lrp_zplus(stabilizer=1e-06), which applies to nn.Linear and "
+        "nn.Conv2d only; give ReLU a rule that applies to it (tdfunc.lrp_pass() and lrp_ignore() apply to any module), "
+        "or remove that entry."
     )
     with pytest.raises(tdfunc.AttributionError) as e:
         lrp(f, td, m, rules={"act*": lrp_zplus()})
     assert str(e.value) == (
-        "tdfunc.lrp: rules pattern 'act*' matches 'act1' (ReLU), 'act2' (ReLU), but LRP rules apply to nn.Linear "
-        "and nn.Conv2d only; narrow the pattern to those layers."
+        "tdfunc.lrp: rules pattern 'act*' matches 'act1' (ReLU), 'act2' (ReLU), but tdfunc.lrp_zplus(stabilizer=1e-06) "
+        "applies to nn.Linear and nn.Conv2d only; narrow the pattern to those modules."
     )
     with pytest.raises(tdfunc.AttributionError) as e:
         lrp(f, td, m, rules={"fc3": lrp_zplus()})
     assert str(e.value) == (
-        "tdfunc.lrp: rules pattern 'fc3' matches no submodule of ReluMLP; its nn.Linear / nn.Conv2d layers are "
-        "['fc1', 'fc2', 'head']."
+        "tdfunc.lrp: rules pattern 'fc3' matches no submodule of ReluMLP. Did you mean 'fc2', 'fc1'? Its submodules are "
+        "['fc1', 'act1', 'fc2', 'act2', 'head']."
     )
     with pytest.raises(tdfunc.AttributionError) as e:
         lrp_epsilon(-0.1)
@@ -332,5 +333,26 @@ def test_errors():
     )
     with pytest.raises(TypeError, match=r"^tdfunc.lrp: rules\['fc1'\] must be a rule from tdfunc.lrp_epsilon\(\)"):
         lrp(f, td, m, rules={"fc1": 0.1})
-    with pytest.raises(tdfunc.AttributionError, match=r"^tdfunc.lrp: module Tanh has no nn.Linear or nn.Conv2d submodule"):
+    with pytest.raises(tdfunc.AttributionError) as e:
         lrp(f, td, nn.Tanh())
+    assert str(e.value) == (
+        "tdfunc.lrp: module Tanh has no submodules, so there is no layer to apply an LRP rule to; pass the model that "
+        "holds them (the module f calls)."
+    )
+
+
+@pytest.mark.parametrize("kind", ["mlp", "cnn"])
+@pytest.mark.parametrize("name", [*RULES, "zbox"])
+def test_one_pass_under_no_grad_equals_two_passes(name, kind):
+    """Under no_grad lrp runs f once (constants detached from the same forward): the same relevance as two passes."""
+    torch.manual_seed(4)
+    m = (ReluMLP() if kind == "mlp" else ReluCNN()).to(DT)
+    x = torch.randn(3, 5, dtype=DT) if kind == "mlp" else torch.randn(3, 2, 5, 5, dtype=DT)
+    rule = lrp_zbox(-4.0, 4.0) if name == "zbox" else RULES[name][0]()
+    first = "fc1" if kind == "mlp" else "conv1"
+    for kw in ({"rules": {first: rule}, "composite": "epsilon_plus"}, {"rules": {nn.Linear: rule, nn.Conv2d: rule}}):
+        two = ours(m, x, **kw)
+        with torch.no_grad():
+            one = ours(m, x, **kw)
+        assert one.grad_fn is None
+        torch.testing.assert_close(one, two, rtol=0, atol=1e-12)
