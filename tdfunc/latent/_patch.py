@@ -338,18 +338,16 @@ def path_patch(
     fn = "tdfunc.path_patch"
     send, recv = _as_list(fn, senders), _as_list(fn, receivers)
     frz = [] if freeze is None else _as_list(fn, freeze)
+    received = lambda k: any(_pattern(r).fullmatch(k) for r in recv)  # noqa: E731
     _, clean = functional_call(module, state, clean_args, kwargs, capture=send)
     edits = _patch_edits(fn, clean, send, positions, patch_fn)
-    sent = list(edits)
-    if frz:
-        _, corr = functional_call(module, state, corrupted_args, kwargs, capture=frz)
-        for k in _match(fn, frz, corr):
-            if k not in edits and not any(k == r or _pattern(r).fullmatch(k) for r in recv):
-                edits[k] = corr[k]
-    _, seen = functional_call(module, state, corrupted_args, kwargs, edits=edits, capture=recv)
-    keys = _match(fn, recv, seen)
-    both = [k for k in keys if k in sent]
+    both = [k for k in edits if received(k)]
     if both:
         raise PatchError(f"{fn}: site(s) {both} are both senders and receivers; a receiver must be a later site than "
                          "the senders (e.g. senders='blocks.0.attn', receivers='blocks.2.attn:input').")
+    if frz:
+        _, corr = functional_call(module, state, corrupted_args, kwargs, capture=frz)
+        edits.update({k: corr[k] for k in _match(fn, frz, corr) if k not in edits and not received(k)})
+    _, seen = functional_call(module, state, corrupted_args, kwargs, edits=edits, capture=recv)
+    keys = _match(fn, recv, seen)
     return functional_call(module, state, corrupted_args, kwargs, edits={k: seen[k] for k in keys})
