@@ -6,7 +6,7 @@ VENV   ?= .venv
 PY      = $(VENV)/bin/python
 STAMP   = $(VENV)/.installed-$(shell cat pyproject.toml requirements-dev.txt Makefile 2>/dev/null | cksum | cut -d' ' -f1)
 
-.PHONY: venv demo test bench clean
+.PHONY: venv demo test bench clean dist wheel-check
 
 venv: $(STAMP)
 
@@ -34,7 +34,24 @@ demo: venv
 
 CORE_TESTS = tests/test_core.py tests/test_compose.py tests/test_errors.py tests/test_models.py
 
-test: venv
+# The distributions, checked the way users install: the sdist, the wheel built from it and the wheel
+# built from the tree (.ci/wheel_check.py asserts the two wheels are identical).
+dist: venv
+	rm -rf dist
+	$(PY) -m build -q --no-isolation --outdir dist . >/dev/null
+	$(PY) -m build -q --no-isolation --wheel --outdir dist/tree . >/dev/null
+	rm -rf build
+
+# A fresh venv with only the pinned torch and the core dependencies, the wheel installed into it, and
+# the README's first example and every docstring example run there, from outside the checkout.
+WHEEL_VENV = .venv-wheel
+wheel-check: dist
+	rm -rf $(WHEEL_VENV) && $(PYTHON) -m venv $(WHEEL_VENV)
+	$(WHEEL_VENV)/bin/python -m pip install -q "torch==2.13.0"
+	$(WHEEL_VENV)/bin/python -m pip install -q -c requirements-dev.txt dist/tdfunc-*.whl
+	cd $$(mktemp -d) && $(CURDIR)/$(WHEEL_VENV)/bin/python $(CURDIR)/.ci/wheel_check.py $(CURDIR) $(CURDIR)/dist
+
+test: venv wheel-check
 	$(PY) -m pytest -q -n 2
 	@echo "--- core tests again on tensordict 0.14.3 ---"
 	TDFUNC_CORE_ONLY=1 PYTHONPATH=$(VENV)/td014 $(PY) -m pytest -q -n 2 $(CORE_TESTS)

@@ -94,7 +94,7 @@ from .latent._steer import steering_vector as steering_vector
 from .latent._steer import steer as steer
 from .latent._steer import generate_greedy as generate_greedy
 
-__version__ = "0.1.0"
+from ._version import __version__ as __version__
 
 __all__ = [
     "functional_call",
