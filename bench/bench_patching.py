@@ -10,10 +10,10 @@ under ``torch.no_grad()``; all matrices are asserted equal (atol/rtol 1e-4) befo
 
 Variants (reference: ``tdfunc patching_sweep``):
 
-- ``tdfunc patching_sweep``: ``tdfunc.patching_sweep(model, state, (clean,), (corrupt,),
+- ``tdfunc patching_sweep``: ``tdfunc.latent.patching_sweep(model, state, (clean,), (corrupt,),
   "transformer.h.*", metric)``: one call, ``vmap`` over one-hot position masks; ``chunk_size=8``:
   at most 8 patches per vmapped forward.
-- ``tdfunc loop of tdfunc.patch``: our own loop baseline, one ``tdfunc.patch(..., positions=p)``
+- ``tdfunc loop of tdfunc.latent.patch``: our own loop baseline, one ``tdfunc.latent.patch(..., positions=p)``
   per (layer, position).
 - ``tdhook loop``: tdhook 0.3.0, per patch ``with HookSession(model) as s: s.replace(Target(
   "transformer.h.l", "activation", 1, (p,)), clean_l[:, [p]])`` (clean values captured once with
@@ -99,12 +99,12 @@ def make_variants(hf, clean: torch.Tensor, corrupt: torch.Tensor, chunk_size: in
     variants = {
         "tdfunc patching_sweep": sweep(),
         f"tdfunc patching_sweep chunk_size={chunk_size}": sweep(chunk_size),
-        "tdfunc loop of tdfunc.patch": tdfunc_loop,
+        "tdfunc loop of tdfunc.latent.patch": tdfunc_loop,
     }
     notes = {
-        "tdfunc patching_sweep": "reference: `tdfunc.patching_sweep(model, state, (clean,), (corrupt,), 'transformer.h.*', metric)`, one call",
+        "tdfunc patching_sweep": "reference: `tdfunc.latent.patching_sweep(model, state, (clean,), (corrupt,), 'transformer.h.*', metric)`, one call",
         f"tdfunc patching_sweep chunk_size={chunk_size}": f"the same with `chunk_size={chunk_size}` (at most {chunk_size} patches per vmapped forward)",
-        "tdfunc loop of tdfunc.patch": f"clean captures, then {n_patch} x `tdfunc.patch(model, state, (corrupt,), caps, 'transformer.h.l', positions=p)`",
+        "tdfunc loop of tdfunc.latent.patch": f"clean captures, then {n_patch} x `tdfunc.latent.patch(model, state, (corrupt,), caps, 'transformer.h.l', positions=p)`",
     }
 
     if peer("tdhook", NAME, "the tdhook loop") is not None:

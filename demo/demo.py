@@ -225,13 +225,13 @@ for i, c in enumerate((0, 3, 5, 8)):
 section("5. pruning: 10 sparsity levels evaluated in one vmapped call")
 state = tdfunc.state(model)
 amounts = [0.0, 0.5, 0.7, 0.8, 0.85, 0.9, 0.93, 0.95, 0.97, 0.99]
-masks = tdfunc.prune_masks(state, tdfunc.magnitude_scores(state), amount=amounts)  # global, by |w|
+masks = tdfunc.weights.prune_masks(state, tdfunc.weights.magnitude_scores(state), amount=amounts)  # global, by |w|
 pruned_logits = torch.func.vmap(
-    lambda m: tdfunc.functional_call(model, tdfunc.apply_masks(state, m), (x_test,))
+    lambda m: tdfunc.functional_call(model, tdfunc.weights.apply_masks(state, m), (x_test,))
 )(masks)
 prune_acc = (pruned_logits.argmax(-1) == y_test).float().mean(-1)
 loop_acc = torch.stack([
-    (tdfunc.functional_call(model, tdfunc.apply_masks(state, masks[i]), (x_test,)).argmax(-1) == y_test).float().mean()
+    (tdfunc.functional_call(model, tdfunc.weights.apply_masks(state, masks[i]), (x_test,)).argmax(-1) == y_test).float().mean()
     for i in range(len(amounts))
 ])
 prune_equal = torch.equal(prune_acc, loop_acc)

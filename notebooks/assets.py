@@ -111,7 +111,7 @@ def smollm2(dtype: torch.dtype = torch.float32):
     """SmolLM2-135M-Instruct as ``(model, tokenizer)``: a plain ``LlamaForCausalLM`` in eval mode.
 
     The model uses ``attn_implementation="eager"`` (``torch.func.vmap`` has no batching rule for
-    SDPA), so ``tdfunc.patching_sweep`` and vmapped steering sweeps work on it.  The first call
+    SDPA), so ``tdfunc.latent.patching_sweep`` and vmapped steering sweeps work on it.  The first call
     converts the packaged GGUF into the cache (~40-80 s); later calls reload it (~1 s).
 
     Args:

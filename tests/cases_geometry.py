@@ -26,14 +26,14 @@ def cases() -> list[Case]:
     def cka_rows(pts):  # both kernels, biased and debiased, as a (2, 1) matrix each
         lin, act = reps(pts)
         stack = torch.stack([lin, act])
-        return torch.cat([tdfunc.cka(stack, pts[None]).flatten(),
-                          tdfunc.cka(stack, pts, kernel="rbf").flatten(),
-                          tdfunc.cka(act, lin, debiased=True)[None],
-                          tdfunc.information_imbalance(stack, pts).flatten()])
+        return torch.cat([tdfunc.latent.cka(stack, pts[None]).flatten(),
+                          tdfunc.latent.cka(stack, pts, kernel="rbf").flatten(),
+                          tdfunc.latent.cka(act, lin, debiased=True)[None],
+                          tdfunc.latent.information_imbalance(stack, pts).flatten()])
 
     def dims(pts):
         lin, act = reps(pts)
-        return torch.stack([tdfunc.twonn_dimension(act, discard_fraction=0.2), tdfunc.mle_dimension(lin, k=4)])
+        return torch.stack([tdfunc.latent.twonn_dimension(act, discard_fraction=0.2), tdfunc.latent.mle_dimension(lin, k=4)])
 
     probe = clouds[0]
     return [

@@ -43,14 +43,14 @@ def cases() -> list[Case]:
         s = s_mlp.update({("fc1", "weight"): weight}, inplace=False)
         td = TensorDict({"x": x[None]}, batch_size=[1])
         f = lambda t: tdfunc.functional_call(mlp, s, (t["x"],))
-        return tdfunc.lrp(f, td, mlp, composite="epsilon", rules={"fc1": tdfunc.lrp_gamma(0.25)})["attr", "x"][0].flatten()
+        return tdfunc.lrp(f, td, mlp, composite="epsilon", rules={"fc1": tdfunc.lrp_rules.gamma(0.25)})["attr", "x"][0].flatten()
 
     rows.append(Case("lrp:mlp-K-weights", mlp, mlp_weights, (x5, s_mlp["fc1", "weight"].clone()), (0, None), (0, 1), "fc1", probe=x5))
 
     def mlp_targets(x, w):  # vmap over targets: a one-hot target weight vector
         td = TensorDict({"x": x[None]}, batch_size=[1])
         f = lambda t: tdfunc.functional_call(mlp, s_mlp, (t["x"],)) @ w
-        return tdfunc.lrp(f, td, mlp, rules={nn.Linear: tdfunc.lrp_alpha_beta(2, 1)})["attr", "x"][0].flatten()
+        return tdfunc.lrp(f, td, mlp, rules={nn.Linear: tdfunc.lrp_rules.alpha_beta(2, 1)})["attr", "x"][0].flatten()
 
     rows.append(Case("lrp:mlp-targets-alpha_beta", mlp, mlp_targets, (x5[0], onehot), (None, 0), (0,), "head", probe=x5))
 
@@ -68,11 +68,11 @@ def cases() -> list[Case]:
 
     def rules_zbox_flat_wsquare_pass(x):  # every rule constructor, each on its own site pattern
         td = TensorDict({"x": x[None]}, batch_size=[1])
-        rules = {"fc1": tdfunc.lrp_zbox(-3.0, 3.0), "head": tdfunc.lrp_epsilon(1e-3)}
+        rules = {"fc1": tdfunc.lrp_rules.zbox(-3.0, 3.0), "head": tdfunc.lrp_rules.epsilon(1e-3)}
         a = tdfunc.lrp(lambda t: tdfunc.functional_call(mlp, s_mlp, (t["x"],)), td, mlp, rules=rules)
-        rules = {"fc1": tdfunc.lrp_flat(), "head": tdfunc.lrp_zplus()}
+        rules = {"fc1": tdfunc.lrp_rules.flat(), "head": tdfunc.lrp_rules.zplus()}
         b = tdfunc.lrp(lambda t: tdfunc.functional_call(mlp, s_mlp, (t["x"],)), td, mlp, rules=rules)
-        rules = {"fc1": tdfunc.lrp_wsquare(), "head": tdfunc.lrp_pass()}
+        rules = {"fc1": tdfunc.lrp_rules.wsquare(), "head": tdfunc.lrp_rules.gradient()}
         c = tdfunc.lrp(lambda t: tdfunc.functional_call(mlp, s_mlp, (t["x"],)), td, mlp, rules=rules)
         return torch.cat([a["attr", "x"].flatten(), b["attr", "x"].flatten(), c["attr", "x"].flatten()])
 
@@ -87,7 +87,7 @@ def cases() -> list[Case]:
 
     def merge_batchnorm_lrp(x, w):  # a BN canonizer on a state that is itself vmapped / differentiated
         state = s_bn.copy().set(("0", "weight"), w)
-        merged = tdfunc.merge_batchnorm(bn_net, state)
+        merged = tdfunc.lrp_rules.merge_batchnorm(bn_net, state)
         td = TensorDict({"x": x[None]}, batch_size=[1])
         out = tdfunc.lrp(lambda t: tdfunc.functional_call(bn_net, merged, (t["x"],)), td, bn_net, composite="epsilon")
         return torch.cat([out["attr", "x"].flatten(), tdfunc.functional_call(bn_net, merged, (x[None],)).flatten()])
@@ -169,7 +169,7 @@ def transformer_cases(dt) -> list[Case]:
     def cross_constant_targets(x, w):  # vmap over targets; CP-LRP (constant probabilities), sequence-first
         td = TensorDict({"x": x, "mem": mem}, batch_size=[])
         f = lambda t: tdfunc.functional_call(cross, s_cross, (t["x"], t["mem"])) @ w
-        rules = {"attn": tdfunc.lrp_attention(eps=1e-3, softmax="constant")}
+        rules = {"attn": tdfunc.lrp_rules.attention(eps=1e-3, softmax="constant")}
         out = tdfunc.lrp(f, td, cross, rules=rules, composite="attnlrp")
         return torch.cat([out["attr", "x"].flatten(), out["attr", "mem"].flatten()])
 
@@ -182,9 +182,9 @@ def transformer_cases(dt) -> list[Case]:
     def softmax_identity_ignore_norm(x):  # each module rule by type or pattern
         td = TensorDict({"x": x[None]}, batch_size=[1])
         f = lambda t: tdfunc.functional_call(hand, s_hand, (t["x"],))
-        rules = {nn.Softmax: tdfunc.lrp_softmax(), nn.GELU: tdfunc.lrp_identity(), "norm": tdfunc.lrp_norm(), nn.Linear: tdfunc.lrp_epsilon(0.01)}
+        rules = {nn.Softmax: tdfunc.lrp_rules.softmax(), nn.GELU: tdfunc.lrp_rules.identity(), "norm": tdfunc.lrp_rules.norm(), nn.Linear: tdfunc.lrp_rules.epsilon(0.01)}
         a = tdfunc.lrp(f, td, hand, rules=rules, composite=None)
-        rules = {"softmax": tdfunc.lrp_ignore(), nn.GELU: tdfunc.lrp_pass(), "norm": tdfunc.lrp_identity()}
+        rules = {"softmax": tdfunc.lrp_rules.ignore(), nn.GELU: tdfunc.lrp_rules.gradient(), "norm": tdfunc.lrp_rules.identity()}
         b = tdfunc.lrp(f, td, hand, rules=rules, composite="epsilon")
         return torch.cat([a["attr", "x"].flatten(), b["attr", "x"].flatten()])
 

@@ -24,24 +24,24 @@ def cases() -> list[Case]:
     v = torch.randn(5, dtype=dt)
 
     def patch_clean(x, c):
-        return tdfunc.patch(net, s, (x,), {"1": c}, "1", positions=[0, 2]).flatten()
+        return tdfunc.latent.patch(net, s, (x,), {"1": c}, "1", positions=[0, 2]).flatten()
 
     def sweep(x, x_clean):
-        return tdfunc.patching_sweep(net, s, (x_clean,), (x,), ["0", "1"], lambda y: y[0, -1, 0]).flatten()
+        return tdfunc.latent.patching_sweep(net, s, (x_clean,), (x,), ["0", "1"], lambda y: y[0, -1, 0]).flatten()
 
     def path(x, x_clean):
-        return tdfunc.path_patch(net, s, (x_clean,), (x,), "0", "1", positions=[1]).flatten()
+        return tdfunc.latent.path_patch(net, s, (x_clean,), (x,), "0", "1", positions=[1]).flatten()
 
     def steer_scale(x, scale):
-        return tdfunc.functional_call(net, s, (x,), edits=tdfunc.steer({"1": v}, scale)).flatten()
+        return tdfunc.functional_call(net, s, (x,), edits=tdfunc.latent.steer({"1": v}, scale)).flatten()
 
     def steer_vector(x, u):
-        last = tdfunc.functional_call(net, s, (x,), edits=tdfunc.steer({"1": u}, 0.5, positions=-1))
-        return torch.cat([tdfunc.functional_call(net, s, (x,), edits=tdfunc.steer({"1": u})).flatten(), last.flatten()])
+        last = tdfunc.functional_call(net, s, (x,), edits=tdfunc.latent.steer({"1": u}, 0.5, positions=-1))
+        return torch.cat([tdfunc.functional_call(net, s, (x,), edits=tdfunc.latent.steer({"1": u})).flatten(), last.flatten()])
 
     def vector(x_pos, x_neg):  # the hidden layer of paired inputs, then their mean difference
         pos, neg = (tdfunc.functional_call(net, s, (z,), capture=["1"])[1]["1"] for z in (x_pos, x_neg))
-        return torch.cat([tdfunc.steering_vector(pos, neg), tdfunc.steering_vector(pos, neg, pooled=False).flatten()])
+        return torch.cat([tdfunc.latent.steering_vector(pos, neg), tdfunc.latent.steering_vector(pos, neg, pooled=False).flatten()])
 
     return [
         Case("latent:patch-vmapped-clean", net, patch_clean, (x, clean), (0, 0), (0, 1), "0", probe=x[0]),

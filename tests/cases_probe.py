@@ -23,26 +23,26 @@ def cases() -> list[Case]:
     x = torch.randn(B, 4, dtype=dt)
     clouds = torch.randn(B, 6, 4, dtype=dt)
     labels = torch.tensor([0, 1, 2, 1, 0, 2])
-    lin = tdfunc.probe_init("linear", 5, 3, generator=g, dtype=dt)
-    low = tdfunc.probe_init("low_rank_bilinear", (5, 4), 3, rank=2, generator=g, dtype=dt)
+    lin = tdfunc.latent.probe_init("linear", 5, 3, generator=g, dtype=dt)
+    low = tdfunc.latent.probe_init("low_rank_bilinear", (5, 4), 3, rank=2, generator=g, dtype=dt)
 
     def hidden(pts):
         _, caps = tdfunc.functional_call(net, s, (pts,), capture=["1"])
         return caps["1"]
 
     def linear(pt, w):
-        return tdfunc.probe_apply(TensorDict({"weight": w, "bias": lin["bias"]}, batch_size=[]), hidden(pt))
+        return tdfunc.latent.probe_apply(TensorDict({"weight": w, "bias": lin["bias"]}, batch_size=[]), hidden(pt))
 
     def bilinear(pt, u, v):  # pairs (hidden, input), low rank, plus a quadratic full bilinear probe
         p = TensorDict({"u": u, "v": v, "bias": low["bias"]}, batch_size=[])
         full = TensorDict({"weight": u[:, :4] @ v.mT, "bias": low["bias"]}, batch_size=[])  # (3, 4, 4)
         h = hidden(pt)
-        return torch.cat([tdfunc.probe_apply(p, (h, pt)), tdfunc.probe_apply(full, pt)])
+        return torch.cat([tdfunc.latent.probe_apply(p, (h, pt)), tdfunc.latent.probe_apply(full, pt)])
 
     def means_loss(pts, m):  # mean-difference logits and probe_evaluate's loss on a cloud of 6 inputs
         p = TensorDict({"means": m}, batch_size=[])
         h = hidden(pts)
-        return torch.cat([tdfunc.probe_apply(p, h).flatten(), tdfunc.probe_evaluate(p, h, labels)["loss"][None]])
+        return torch.cat([tdfunc.latent.probe_apply(p, h).flatten(), tdfunc.latent.probe_evaluate(p, h, labels)["loss"][None]])
 
     w = lin["weight"].clone()
     return [

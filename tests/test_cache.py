@@ -1,4 +1,4 @@
-"""tdfunc.cache_activations: in memory = direct captures, reductions, globs, GPT-2 and TensorDictModule,
+"""tdfunc.latent.cache_activations: in memory = direct captures, reductions, globs, GPT-2 and TensorDictModule,
 the on-disk cache, resumability after a real kill (also between the data write and the progress
 record), and every error message pinned."""
 
@@ -17,7 +17,7 @@ from tensordict.nn import TensorDictModule
 from torch import nn
 
 import tdfunc
-from tdfunc import CacheError
+from tdfunc.latent import CacheError
 
 # The model and data, built identically here and in the subprocesses that get killed.
 SETUP = textwrap.dedent("""
@@ -54,7 +54,7 @@ def _assert_same(cache, ref):
 
 
 def test_in_memory_equals_direct_captures_and_glob_expands():
-    cache = tdfunc.cache_activations(NET, tdfunc.state(NET), DATA, SITES, progress=False)
+    cache = tdfunc.latent.cache_activations(NET, tdfunc.state(NET), DATA, SITES, progress=False)
     assert sorted(cache.keys()) == ["0", "1", "2"] and cache.batch_size == torch.Size([30])
     assert cache["1"].shape == (30, 6, 8)
     _assert_same(cache, _direct(NET, DATA, SITES))
@@ -63,7 +63,7 @@ def test_in_memory_equals_direct_captures_and_glob_expands():
 @pytest.mark.parametrize("reduce,fn", [("last", lambda v: v[:, -1]), ("mean", lambda v: v.mean(1)),
                                        (lambda v: v.amax(1), lambda v: v.amax(1))])
 def test_reduce_named_and_callable(reduce, fn):
-    cache = tdfunc.cache_activations(NET, None, DATA, ["0", "2"], reduce=reduce, progress=False)
+    cache = tdfunc.latent.cache_activations(NET, None, DATA, ["0", "2"], reduce=reduce, progress=False)
     assert cache["0"].shape == (30, 8) and cache["2"].shape == (30, 3)
     _assert_same(cache, _direct(NET, DATA, ["0", "2"], fn))
 
@@ -76,11 +76,11 @@ def test_inputs_callable_and_progress_bar_on_stderr(capsys):
         calls.append(1)
         return (batch["input"] * 2,), {}
 
-    cache = tdfunc.cache_activations(NET, None, DATA[:2], "1", inputs=inputs)
+    cache = tdfunc.latent.cache_activations(NET, None, DATA[:2], "1", inputs=inputs)
     assert len(calls) == 2
     _assert_same(cache, _direct(NET, [TensorDict({"input": b["input"] * 2}, [5]) for b in DATA[:2]], ["1"]))
     err = capsys.readouterr()
-    assert "tdfunc.cache_activations" in err.err and "2/2" in err.err and err.out == ""
+    assert "tdfunc.latent.cache_activations" in err.err and "2/2" in err.err and err.out == ""
 
 
 def test_gpt2_every_block_output():
@@ -92,7 +92,7 @@ def test_gpt2_every_block_output():
     gpt2 = transformers.GPT2LMHeadModel(cfg).eval()
     toks = torch.randint(0, 64, (6, 7))
     data = [TensorDict({"input_ids": toks[i:i + 2]}, batch_size=[2]) for i in range(0, 6, 2)]
-    cache = tdfunc.cache_activations(gpt2, tdfunc.state(gpt2), data, "transformer.h.*", input_key="input_ids",
+    cache = tdfunc.latent.cache_activations(gpt2, tdfunc.state(gpt2), data, "transformer.h.*", input_key="input_ids",
                                      reduce="last", progress=False)
     assert sorted(cache.keys()) == ["transformer.h.0", "transformer.h.1", "transformer.h.2"]
     hidden = gpt2(toks, output_hidden_states=True).hidden_states
@@ -104,7 +104,7 @@ def test_gpt2_every_block_output():
 def test_tensordict_module_batch_passed_whole():
     tdm = TensorDictModule(nn.Sequential(nn.Linear(4, 8), nn.ReLU()), in_keys=["x"], out_keys=["h"])
     data = [TensorDict({"x": torch.randn(3, 4)}, batch_size=[3]) for _ in range(2)]
-    cache = tdfunc.cache_activations(tdm, tdfunc.state(tdm), data, "module.1", input_key=None, progress=False)
+    cache = tdfunc.latent.cache_activations(tdm, tdfunc.state(tdm), data, "module.1", input_key=None, progress=False)
     ref = torch.cat([tdm.module(b["x"]) for b in data])
     assert torch.equal(cache["module.1"], ref)
     assert all("h" not in b.keys() for b in data)
@@ -116,8 +116,8 @@ def test_tensordict_module_batch_passed_whole():
 @pytest.mark.parametrize("wrap", [list, NoLen], ids=["preallocated", "grown"])
 def test_disk_equals_memory_and_complete_cache_is_loaded(tmp_path, wrap):
     path = str(tmp_path / "c")
-    ref = tdfunc.cache_activations(NET, None, DATA, SITES, reduce="mean", progress=False)
-    cache = tdfunc.cache_activations(NET, None, wrap(DATA), SITES, path=path, reduce="mean", progress=False)
+    ref = tdfunc.latent.cache_activations(NET, None, DATA, SITES, reduce="mean", progress=False)
+    cache = tdfunc.latent.cache_activations(NET, None, wrap(DATA), SITES, path=path, reduce="mean", progress=False)
     assert all(isinstance(cache[k], MemoryMappedTensor) for k in cache.keys())
     _assert_same(cache, dict(ref.items()))
     rec = json.load(open(os.path.join(path, "cache.json")))
@@ -125,16 +125,16 @@ def test_disk_equals_memory_and_complete_cache_is_loaded(tmp_path, wrap):
     assert sorted(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path) if f.endswith(".memmap")) == [
         30 * 3 * 4, 30 * 8 * 4, 30 * 8 * 4]  # no preallocated rows left past the end
     calls = []
-    again = tdfunc.cache_activations(NET, None, wrap(DATA), SITES, path=path, reduce="mean", progress=False,
+    again = tdfunc.latent.cache_activations(NET, None, wrap(DATA), SITES, path=path, reduce="mean", progress=False,
                                      inputs=lambda b: calls.append(1) or ((b["input"],), {}))
     assert calls == [] and all(torch.equal(again[k], ref[k]) for k in ref.keys())
 
 
 def test_disk_uneven_last_batch_and_total_hint(tmp_path):
     data = DATA[:3] + [DATA[3][:2]]
-    ref = tdfunc.cache_activations(NET, None, data, "1", progress=False)
+    ref = tdfunc.latent.cache_activations(NET, None, data, "1", progress=False)
     for name, total in (("a", None), ("b", 17), ("c", 40)):
-        cache = tdfunc.cache_activations(NET, None, data, "1", path=str(tmp_path / name), total=total, progress=False)
+        cache = tdfunc.latent.cache_activations(NET, None, data, "1", path=str(tmp_path / name), total=total, progress=False)
         assert cache.batch_size == torch.Size([17]) and torch.equal(cache["1"], ref["1"])
 
 
@@ -162,10 +162,10 @@ KILLED = textwrap.dedent("""
                 os.kill(os.getpid(), signal.SIGKILL)
             write(path, record)
         C._write_progress = killing
-        tdfunc.cache_activations(NET, None, DATA, ["*"], path=path, progress=False)
+        tdfunc.latent.cache_activations(NET, None, DATA, ["*"], path=path, progress=False)
 
-    runs = {"list": lambda p: tdfunc.cache_activations(NET, None, KillingLen(DATA), ["*"], path=p, progress=False),
-            "NoLen": lambda p: tdfunc.cache_activations(NET, None, Killing(DATA), ["*"], path=p, progress=False),
+    runs = {"list": lambda p: tdfunc.latent.cache_activations(NET, None, KillingLen(DATA), ["*"], path=p, progress=False),
+            "NoLen": lambda p: tdfunc.latent.cache_activations(NET, None, Killing(DATA), ["*"], path=p, progress=False),
             "between": between}
     for name, run in runs.items():  # one interpreter, one forked child per scenario, each really killed
         pid = os.fork()
@@ -192,10 +192,10 @@ def killed(tmp_path_factory):
 
 def _resume_and_check(path: str, already: int, wrap=list):
     calls = []
-    cache = tdfunc.cache_activations(NET, None, wrap(DATA), SITES, path=path, progress=False,
+    cache = tdfunc.latent.cache_activations(NET, None, wrap(DATA), SITES, path=path, progress=False,
                                      inputs=lambda b: calls.append(1) or ((b["input"],), {}))
     assert len(calls) == len(DATA) - already  # done batches are skipped, not recomputed
-    ref = tdfunc.cache_activations(NET, None, DATA, SITES, progress=False)
+    ref = tdfunc.latent.cache_activations(NET, None, DATA, SITES, progress=False)
     assert cache.batch_size == ref.batch_size == torch.Size([30])  # nothing duplicated or lost
     _assert_same(cache, dict(ref.items()))
 
@@ -225,13 +225,13 @@ def test_resume_after_kill_between_data_write_and_progress_record(killed):
 def _raises(msg, *args, **kwargs):
     kwargs.setdefault("progress", False)
     with pytest.raises(CacheError) as e:
-        tdfunc.cache_activations(*args, **kwargs)
+        tdfunc.latent.cache_activations(*args, **kwargs)
     assert str(e.value) == msg
     assert isinstance(e.value, ValueError) and isinstance(e.value, tdfunc.TdfuncError)
 
 
 def test_errors_cache():
-    fn = "tdfunc.cache_activations"
+    fn = "tdfunc.latent.cache_activations"
     _raises(f"{fn}: unknown reduce 'max'; use None, 'last' (last position along dim 1), 'mean' (mean over dim 1) "
             "or a callable value -> value.", NET, None, DATA, "1", reduce="max")
     _raises(f"{fn}: batches yielded no batch; pass a non-empty, re-iterable iterable of TensorDict batches (a list, "
@@ -245,9 +245,9 @@ def test_errors_cache():
 
 
 def test_errors_cache_incompatible_path(tmp_path):
-    fn = "tdfunc.cache_activations"
+    fn = "tdfunc.latent.cache_activations"
     path = str(tmp_path / "c")
-    tdfunc.cache_activations(NET, None, DATA[:2], ["0", "2"], path=path, progress=False)
+    tdfunc.latent.cache_activations(NET, None, DATA[:2], ["0", "2"], path=path, progress=False)
     _raises(f"{fn}: the cache at {path!r} was written for sites ['0', '2'] with reduce=None but this call has "
             "sites ['1'] with reduce=None; pass the same sites and reduce to resume it, or another path for a new "
             "cache.", NET, None, DATA[:2], ["1"], path=path)
@@ -255,7 +255,7 @@ def test_errors_cache_incompatible_path(tmp_path):
     _raises(f"{fn}: path {path!r} exists and is not a tdfunc activation cache (no cache.json); pass a new path or "
             "an empty directory.", NET, None, DATA[:2], ["1"], path=path)
     path2 = str(tmp_path / "d")
-    tdfunc.cache_activations(NET, None, NoLen(DATA[:2]), ["0"], path=path2, progress=False)
+    tdfunc.latent.cache_activations(NET, None, NoLen(DATA[:2]), ["0"], path=path2, progress=False)
     rec = json.load(open(os.path.join(path2, "cache.json")))
     json.dump({**rec, "complete": False}, open(os.path.join(path2, "cache.json"), "w"))
     torch.manual_seed(0)

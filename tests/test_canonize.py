@@ -1,4 +1,4 @@
-"""tdfunc.merge_batchnorm: output unchanged, state untouched, zennit's MergeBatchNorm weights, LRP with
+"""tdfunc.lrp_rules.merge_batchnorm: output unchanged, state untouched, zennit's MergeBatchNorm weights, LRP with
 zennit's EpsilonPlus + SequentialMergeBatchNorm, stacked states under vmap, pinned errors.
 
 zennit (test-only oracle) is imported as in tests/test_lrp.py, with a stub ``torchvision``.
@@ -68,7 +68,7 @@ def test_output_unchanged_and_state_untouched(make, x):
     x = torch.randn(*x)
     s = tdfunc.state(m, copy=True)
     before = s.clone()
-    merged = tdfunc.merge_batchnorm(m, s)
+    merged = tdfunc.lrp_rules.merge_batchnorm(m, s)
     torch.testing.assert_close(tdfunc.functional_call(m, merged, (x,)), m(x), rtol=0, atol=1e-6)
     assert (s == before).all()  # the state passed in is never modified
     assert merged is not s and merged.batch_size == s.batch_size
@@ -82,18 +82,18 @@ def test_output_unchanged_and_state_untouched(make, x):
 
 def test_explicit_pairs_and_auto_pairs_agree():
     m = cnn()
-    auto = tdfunc.merge_batchnorm(m)
-    explicit = tdfunc.merge_batchnorm(m, pairs=[("0", "1"), ("3", "4")])
+    auto = tdfunc.lrp_rules.merge_batchnorm(m)
+    explicit = tdfunc.lrp_rules.merge_batchnorm(m, pairs=[("0", "1"), ("3", "4")])
     assert (auto == explicit).all()
-    only_first = tdfunc.merge_batchnorm(m, pairs=[("0", "1")])
+    only_first = tdfunc.lrp_rules.merge_batchnorm(m, pairs=[("0", "1")])
     assert (only_first["3", "weight"] == m[3].weight).all()
-    n = tdfunc.merge_batchnorm(Nested().eval())
+    n = tdfunc.lrp_rules.merge_batchnorm(Nested().eval())
     assert set(n.keys(True, True)) == set(tdfunc.state(Nested()).keys(True, True))
 
 
 def test_merged_weights_equal_zennit(zennit):
     m = cnn().to(DT)
-    ours = tdfunc.merge_batchnorm(m)
+    ours = tdfunc.lrp_rules.merge_batchnorm(m)
     zm = copy.deepcopy(m)
     canon = zennit.canonizers.SequentialMergeBatchNorm()
     handles = canon.apply(zm)
@@ -121,7 +121,7 @@ def _zennit_every_class(z, model, x, composite):
 def test_lrp_epsilon_plus_matches_zennit_with_canonizer(zennit, eps):
     m = cnn(eps).to(DT)
     x = torch.randn(2, 2, 6, 6, dtype=DT)
-    merged = tdfunc.merge_batchnorm(m)
+    merged = tdfunc.lrp_rules.merge_batchnorm(m)
     td = TensorDict({"x": x}, batch_size=[2])
     got = tdfunc.lrp(lambda t: tdfunc.functional_call(m, merged, (t["x"],)), td, m, composite="epsilon_plus")["attr", "x"]
     comp = zennit.composites.EpsilonPlus(canonizers=[zennit.canonizers.SequentialMergeBatchNorm()])
@@ -139,8 +139,8 @@ def test_vmap_over_stacked_states():
     for s in states:  # different conv weights too
         s["0", "weight"] = torch.randn_like(s["0", "weight"])
     stacked = torch.stack(states)
-    merged = tdfunc.merge_batchnorm(m, stacked)  # on the stacked state directly
-    inside = vmap(lambda s: tdfunc.merge_batchnorm(m, s))(stacked)  # and under vmap
+    merged = tdfunc.lrp_rules.merge_batchnorm(m, stacked)  # on the stacked state directly
+    inside = vmap(lambda s: tdfunc.lrp_rules.merge_batchnorm(m, s))(stacked)  # and under vmap
     assert merged.batch_size == (2,)
     want = vmap(lambda s: tdfunc.functional_call(m, s, (x,)))(stacked)
     for td in (merged, inside):
@@ -158,7 +158,7 @@ def test_differentiable_in_state():
 
     def loss(p, merge):
         full = buffers.clone(recurse=False).update(p)
-        full = tdfunc.merge_batchnorm(m, full) if merge else full
+        full = tdfunc.lrp_rules.merge_batchnorm(m, full) if merge else full
         return tdfunc.functional_call(m, full, (x,)).square().sum()
 
     g1, g2 = torch.func.grad(loss)(params, True), torch.func.grad(loss)(params, False)
@@ -169,35 +169,35 @@ def test_differentiable_in_state():
 def test_error_training_mode():
     m = cnn().train()
     with pytest.raises(AttributionError, match=re.escape(
-        "tdfunc.merge_batchnorm: BatchNorm '1' is in training mode, where it normalises with batch statistics "
+        "tdfunc.lrp_rules.merge_batchnorm: BatchNorm '1' is in training mode, where it normalises with batch statistics "
         "and cannot be merged; call model.eval() first."
     )):
-        tdfunc.merge_batchnorm(m)
+        tdfunc.lrp_rules.merge_batchnorm(m)
 
 
 def test_error_pair_not_batchnorm():
     with pytest.raises(AttributionError, match=re.escape(
-        "tdfunc.merge_batchnorm: pair ('0', '2'): '2' is a ReLU, not a BatchNorm; "
+        "tdfunc.lrp_rules.merge_batchnorm: pair ('0', '2'): '2' is a ReLU, not a BatchNorm; "
         "the second name of each pair must be the BatchNorm that follows the layer."
     )):
-        tdfunc.merge_batchnorm(cnn(), pairs=[("0", "2")])
+        tdfunc.lrp_rules.merge_batchnorm(cnn(), pairs=[("0", "2")])
 
 
 def test_error_channel_mismatch():
     with pytest.raises(AttributionError, match=re.escape(
-        "tdfunc.merge_batchnorm: pair ('3', '1'): the layer has 3 output channels but the BatchNorm has 4 "
+        "tdfunc.lrp_rules.merge_batchnorm: pair ('3', '1'): the layer has 3 output channels but the BatchNorm has 4 "
         "features; pair each BatchNorm with the layer that feeds it."
     )):
-        tdfunc.merge_batchnorm(cnn(), pairs=[("3", "1")])
+        tdfunc.lrp_rules.merge_batchnorm(cnn(), pairs=[("3", "1")])
 
 
 def test_error_no_bias_and_unknown_name():
     m = nn.Sequential(nn.Linear(3, 2, bias=False), nn.BatchNorm1d(2)).eval()
     with pytest.raises(AttributionError, match=re.escape(
-        "tdfunc.merge_batchnorm: layer '0' has no bias, so it cannot absorb the BatchNorm's shift (a state "
+        "tdfunc.lrp_rules.merge_batchnorm: layer '0' has no bias, so it cannot absorb the BatchNorm's shift (a state "
         "cannot add a parameter); build it with bias=True (a zero bias: nn.init.zeros_(model.0.bias) gives "
         "the same model)."
     )):
-        tdfunc.merge_batchnorm(m)
-    with pytest.raises(AttributionError, match=re.escape("tdfunc.merge_batchnorm: batchnorm '7' names no submodule")):
-        tdfunc.merge_batchnorm(m, pairs=[("0", "7")])
+        tdfunc.lrp_rules.merge_batchnorm(m)
+    with pytest.raises(AttributionError, match=re.escape("tdfunc.lrp_rules.merge_batchnorm: batchnorm '7' names no submodule")):
+        tdfunc.lrp_rules.merge_batchnorm(m, pairs=[("0", "7")])

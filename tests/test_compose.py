@@ -231,13 +231,13 @@ def test_double_backward_attribution_penalty_matches_autograd():
 # Public functions with no row, and why: loops over data, file I/O or scikit-learn, or integer results
 # (each has its own tests and pinned errors). Anything else public must appear in a row.
 NO_ROW = {
-    "cache_activations": "a loop over a dataset writing a (memory-mapped) cache",
-    "generate_greedy": "a token-by-token loop with data-dependent stopping",
-    "probe_fit": "an optimisation loop over epochs (probe_init / probe_apply / probe_evaluate have rows)",
-    "fit_probes": "many probe_fit loops with a train/test split",
-    "fit_sklearn_probes": "scikit-learn estimators (not torch functions)",
-    "local_pca_dimension": "returns integer dimension counts",
-    "ca_pca_dimension": "returns integer dimension counts",
+    "latent.cache_activations": "a loop over a dataset writing a (memory-mapped) cache",
+    "latent.generate_greedy": "a token-by-token loop with data-dependent stopping",
+    "latent.probe_fit": "an optimisation loop over epochs (probe_init / probe_apply / probe_evaluate have rows)",
+    "latent.fit_probes": "many probe_fit loops with a train/test split",
+    "latent.fit_sklearn_probes": "scikit-learn estimators (not torch functions)",
+    "latent.local_pca_dimension": "returns integer dimension counts",
+    "latent.ca_pca_dimension": "returns integer dimension counts",
 }
 
 
@@ -249,8 +249,12 @@ def test_every_public_function_has_a_composition_row():
 
     here = Path(__file__).resolve().parent
     src = "".join(p.read_text() for p in sorted(here.glob("cases_*.py"))) + Path(__file__).read_text().split("NO_ROW = {")[0]
-    used = set(re.findall(r"tdfunc\.(\w+)", src))
+    used = set(re.findall(r"tdfunc\.((?:latent\.|weights\.|lrp_rules\.|attribution\.)?\w+)", src))
+    used |= {"attribution." + n for n in used if n in tdfunc.attribution.__all__}  # top-level re-exports
     public = [n for n in tdfunc.__all__ if inspect.isfunction(getattr(tdfunc, n))]
+    for space in ("attribution", "latent", "weights", "lrp_rules"):
+        module = getattr(tdfunc, space)
+        public += [f"{space}.{n}" for n in module.__all__ if inspect.isfunction(getattr(module, n))]
     missing = [n for n in public if n not in used and n not in NO_ROW]
     assert not missing, f"public functions with no composition row: {missing}"
     stale = [n for n in NO_ROW if n in used or n not in public]

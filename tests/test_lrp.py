@@ -302,14 +302,14 @@ def test_errors():
     with pytest.raises(tdfunc.AttributionError) as e:
         lrp(f, td, m, rules={nn.ReLU: lrp_zplus()})
     assert str(e.value) == (
-        "tdfunc.lrp: rules gives ReLU the rule tdfunc.lrp_zplus(stabilizer=1e-06), which applies to nn.Linear and "
-        "nn.Conv2d only; give ReLU a rule that applies to it (tdfunc.lrp_pass() and lrp_ignore() apply to any module), "
+        "tdfunc.lrp: rules gives ReLU the rule tdfunc.lrp_rules.zplus(stabilizer=1e-06), which applies to nn.Linear and "
+        "nn.Conv2d only; give ReLU a rule that applies to it (tdfunc.lrp_rules.gradient() and tdfunc.lrp_rules.ignore() apply to any module), "
         "or remove that entry."
     )
     with pytest.raises(tdfunc.AttributionError) as e:
         lrp(f, td, m, rules={"act*": lrp_zplus()})
     assert str(e.value) == (
-        "tdfunc.lrp: rules pattern 'act*' matches 'act1' (ReLU), 'act2' (ReLU), but tdfunc.lrp_zplus(stabilizer=1e-06) "
+        "tdfunc.lrp: rules pattern 'act*' matches 'act1' (ReLU), 'act2' (ReLU), but tdfunc.lrp_rules.zplus(stabilizer=1e-06) "
         "applies to nn.Linear and nn.Conv2d only; narrow the pattern to those modules."
     )
     with pytest.raises(tdfunc.AttributionError) as e:
@@ -320,18 +320,18 @@ def test_errors():
     )
     with pytest.raises(tdfunc.AttributionError) as e:
         lrp_epsilon(-0.1)
-    assert str(e.value) == "tdfunc.lrp_epsilon: eps must be a finite number >= 0, got -0.1."
+    assert str(e.value) == "tdfunc.lrp_rules.epsilon: eps must be a finite number >= 0, got -0.1."
     with pytest.raises(tdfunc.AttributionError, match=r"eps must be a finite number >= 0, got nan"):
         lrp_epsilon(float("nan"))
-    with pytest.raises(TypeError, match=r"^tdfunc.lrp_epsilon: eps must be a float, got str \('0.1'\)\.$"):
+    with pytest.raises(TypeError, match=r"^tdfunc.lrp_rules.epsilon: eps must be a float, got str \('0.1'\)\.$"):
         lrp_epsilon("0.1")
     with pytest.raises(tdfunc.AttributionError) as e:
         lrp_alpha_beta(2, 2)
     assert str(e.value) == (
-        "tdfunc.lrp_alpha_beta: alpha - beta must be 1 (relevance conservation), got alpha=2, beta=2; "
+        "tdfunc.lrp_rules.alpha_beta: alpha - beta must be 1 (relevance conservation), got alpha=2, beta=2; "
         "e.g. alpha=2, beta=1 or alpha=1, beta=0."
     )
-    with pytest.raises(TypeError, match=r"^tdfunc.lrp: rules\['fc1'\] must be a rule from tdfunc.lrp_epsilon\(\)"):
+    with pytest.raises(TypeError, match=r"^tdfunc.lrp: rules\['fc1'\] must be a rule from tdfunc.lrp_rules.epsilon\(\)"):
         lrp(f, td, m, rules={"fc1": 0.1})
     with pytest.raises(tdfunc.AttributionError) as e:
         lrp(f, td, nn.Tanh())

@@ -47,7 +47,7 @@ def lf():
     """LXT's explicit functional rules (AttnLRP reference, test-only)."""
     return pytest.importorskip("lxt.explicit.functional")
 
-lrp_zbox = tdfunc.lrp_zbox
+lrp_zbox = tdfunc.lrp_rules.zbox
 
 DT = torch.float64
 
@@ -95,17 +95,17 @@ def test_zbox_first_layer_of_mlp_matches_zennit(zennit):
 
 
 def test_zbox_bad_arguments():
-    with pytest.raises(AttributionError, match=r"^tdfunc\.lrp_zbox: low must be <= high everywhere \(the box the inputs lie in\), got low > high\.$"):
+    with pytest.raises(AttributionError, match=r"^tdfunc\.lrp_rules\.zbox: low must be <= high everywhere \(the box the inputs lie in\), got low > high\.$"):
         lrp_zbox(1.0, 0.0)
-    with pytest.raises(AttributionError, match=r"^tdfunc\.lrp_zbox: low must be <= high everywhere"):
+    with pytest.raises(AttributionError, match=r"^tdfunc\.lrp_rules\.zbox: low must be <= high everywhere"):
         lrp_zbox(torch.tensor([0.0, 2.0]), 1.0)
-    with pytest.raises(TypeError, match=r"^tdfunc\.lrp_zbox: low must be a float or a floating-point tensor, got str \('a'\)\.$"):
+    with pytest.raises(TypeError, match=r"^tdfunc\.lrp_rules\.zbox: low must be a float or a floating-point tensor, got str \('a'\)\.$"):
         lrp_zbox("a", 1.0)
-    with pytest.raises(TypeError, match=r"^tdfunc\.lrp_zbox: high must be a float or a floating-point tensor, got a torch\.int64 tensor\.$"):
+    with pytest.raises(TypeError, match=r"^tdfunc\.lrp_rules\.zbox: high must be a float or a floating-point tensor, got a torch\.int64 tensor\.$"):
         lrp_zbox(0.0, torch.tensor([1]))
-    with pytest.raises(AttributionError, match=r"^tdfunc\.lrp_zbox: high must be finite, got inf\.$"):
+    with pytest.raises(AttributionError, match=r"^tdfunc\.lrp_rules\.zbox: high must be finite, got inf\.$"):
         lrp_zbox(0.0, float("inf"))
-    with pytest.raises(AttributionError, match=r"^tdfunc\.lrp_zbox: stabilizer must be a finite number >= 0, got -1\.0\.$"):
+    with pytest.raises(AttributionError, match=r"^tdfunc\.lrp_rules\.zbox: stabilizer must be a finite number >= 0, got -1\.0\.$"):
         lrp_zbox(0.0, 1.0, stabilizer=-1.0)
 
 
@@ -747,11 +747,11 @@ def test_encoder_layer_fast_path_is_not_taken(monkeypatch):
 
 
 def test_transformer_errors():
-    with pytest.raises(AttributionError, match=r"^tdfunc\.lrp_attention: softmax must be 'attnlrp' \(relevance through the softmax, AttnLRP\) or 'constant' \(attention probabilities held constant, CP-LRP\), got 'cp'\.$"):
+    with pytest.raises(AttributionError, match=r"^tdfunc\.lrp_rules\.attention: softmax must be 'attnlrp' \(relevance through the softmax, AttnLRP\) or 'constant' \(attention probabilities held constant, CP-LRP\), got 'cp'\.$"):
         lrp_attention(softmax="cp")
-    with pytest.raises(AttributionError, match=r"^tdfunc\.lrp_attention: eps must be a finite number >= 0, got -1\.0\.$"):
+    with pytest.raises(AttributionError, match=r"^tdfunc\.lrp_rules\.attention: eps must be a finite number >= 0, got -1\.0\.$"):
         lrp_attention(eps=-1.0)
-    with pytest.raises(TypeError, match=r"^tdfunc\.lrp_attention: eps must be a float, got str \('1e-6'\)\.$"):
+    with pytest.raises(TypeError, match=r"^tdfunc\.lrp_rules\.attention: eps must be a float, got str \('1e-6'\)\.$"):
         lrp_attention(eps="1e-6")
     x = torch.randn(2, 3, 4, dtype=DT)
     td = TensorDict({"x": x}, batch_size=[2])

@@ -185,24 +185,24 @@ def test_errors_probe():
     acts = TensorDict({"a": x}, batch_size=[])
     cases = [
         (lambda: probe_init("logistic", 3, 2),
-         "tdfunc.probe_init: unknown kind 'logistic'; choose one of ['linear', 'bilinear', 'low_rank_bilinear', "
+         "tdfunc.latent.probe_init: unknown kind 'logistic'; choose one of ['linear', 'bilinear', 'low_rank_bilinear', "
          "'mean_difference']."),
         (lambda: probe_fit("low_rank_bilinear", x, y),
-         "tdfunc.probe_fit: kind 'low_rank_bilinear' needs rank, an integer >= 1, got None; pass rank=... "
+         "tdfunc.latent.probe_fit: kind 'low_rank_bilinear' needs rank, an integer >= 1, got None; pass rank=... "
          "(the rank r of W = U V^T)."),
         (lambda: probe_fit("linear", x, y[:7]),
-         "tdfunc.probe_fit: y has 7 labels but x has N=10 rows; give one label per row."),
+         "tdfunc.latent.probe_fit: y has 7 labels but x has N=10 rows; give one label per row."),
         (lambda: fit_probes(acts, y[:9]),
-         "tdfunc.fit_probes: y has 9 labels but acts['a'] has N=10 rows; give one label per row."),
+         "tdfunc.latent.fit_probes: y has 9 labels but acts['a'] has N=10 rows; give one label per row."),
         (lambda: fit_probes(acts, y, test_fraction=1.0),
-         "tdfunc.fit_probes: test_fraction must be a number strictly between 0 and 1, got 1.0."),
+         "tdfunc.latent.fit_probes: test_fraction must be a number strictly between 0 and 1, got 1.0."),
         (lambda: fit_probes(acts, y, test_fraction=0),
-         "tdfunc.fit_probes: test_fraction must be a number strictly between 0 and 1, got 0."),
+         "tdfunc.latent.fit_probes: test_fraction must be a number strictly between 0 and 1, got 0."),
         (lambda: probe_apply({"w": x}, x),
-         "tdfunc.probe_apply: params have keys ['w'], which match no probe kind; pass the TensorDict of "
-         "tdfunc.probe_init / probe_fit (weight+bias, u+v+bias or means)."),
+         "tdfunc.latent.probe_apply: params have keys ['w'], which match no probe kind; pass the TensorDict of "
+         "tdfunc.latent.probe_init / probe_fit (weight+bias, u+v+bias or means)."),
         (lambda: probe_fit("linear", x, y.float()),
-         "tdfunc.probe_fit: y must be a 1-D integer tensor of class indices, got shape (10,) dtype torch.float32; "
+         "tdfunc.latent.probe_fit: y must be a 1-D integer tensor of class indices, got shape (10,) dtype torch.float32; "
          "pass y.long() of shape (N,)."),
     ]
     for call, msg in cases:
@@ -214,7 +214,7 @@ def test_errors_probe():
 def test_errors_sklearn_missing(monkeypatch):
     monkeypatch.setitem(sys.modules, "sklearn", None)
     monkeypatch.setitem(sys.modules, "sklearn.base", None)
-    msg = ("tdfunc.fit_sklearn_probes needs scikit-learn; install the probing extra: pip install 'tdfunc[probing]' "
+    msg = ("tdfunc.latent.fit_sklearn_probes needs scikit-learn; install the probing extra: pip install 'tdfunc[probing]' "
            "(or pip install scikit-learn).")
     with pytest.raises(ImportError, match="^" + re.escape(msg) + "$"):
         fit_sklearn_probes(TensorDict({"a": torch.randn(4, 2)}, []), torch.zeros(4, dtype=torch.long))

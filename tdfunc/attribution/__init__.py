@@ -1,1 +1,27 @@
-"""Attribution methods. Public names are re-exported by :mod:`tdfunc`."""
+"""Attribution: which inputs (or activations) a model's output depends on, and how much.
+
+Every method has one calling shape, ``method(f, td, ...) -> TensorDict``, with ``f`` any pure function of
+a TensorDict.  These names are also re-exported at the top level (``tdfunc.integrated_gradients``): they
+are the entry points users compose with ``vmap``, ``grad`` and ``torch.compile``.  LRP's rules, composites
+and canonizers live in :mod:`tdfunc.lrp_rules`.
+"""
+
+from ._common import AttributionError as AttributionError
+from ._gradient import input_x_gradient as input_x_gradient
+from ._gradient import saliency as saliency
+from ._guided import guided_backprop as guided_backprop
+from ._ig import integrated_gradients as integrated_gradients
+from ._kernel_shap import kernel_shap as kernel_shap
+from ._layer import grad_cam as grad_cam
+from ._layer import layer_gradient_x_activation as layer_gradient_x_activation
+from ._layer import layer_integrated_gradients as layer_integrated_gradients
+from ._lrp import lrp as lrp
+from ._maximise import activation_maximisation as activation_maximisation
+from ._metrics import infidelity as infidelity
+from ._metrics import sensitivity_max as sensitivity_max
+from ._noise import smooth_grad as smooth_grad
+from ._perturb import feature_ablation as feature_ablation
+from ._perturb import occlusion as occlusion
+from ._perturb import shapley_value_sampling as shapley_value_sampling
+
+__all__ = sorted(name for name in dir() if not name.startswith("_"))

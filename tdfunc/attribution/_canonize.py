@@ -16,7 +16,7 @@ __all__ = ["merge_batchnorm"]
 
 _LINEAR = (nn.Linear, nn.Conv1d, nn.Conv2d)
 _BN = (nn.BatchNorm1d, nn.BatchNorm2d)
-_FN = "tdfunc.merge_batchnorm"
+_FN = "tdfunc.lrp_rules.merge_batchnorm"
 
 
 def _auto_pairs(module: nn.Module) -> list[tuple[str, str]]:
@@ -94,7 +94,7 @@ def merge_batchnorm(
         >>> net = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.BatchNorm2d(2)).eval()
         >>> net[1].running_mean.fill_(0.5); net[1].running_var.fill_(4.0)  # doctest: +ELLIPSIS
         tensor(...
-        >>> s = tdfunc.merge_batchnorm(net)
+        >>> s = tdfunc.lrp_rules.merge_batchnorm(net)
         >>> x = torch.randn(1, 1, 5, 5)
         >>> torch.allclose(tdfunc.functional_call(net, s, (x,)), net(x), atol=1e-6)
         True

@@ -111,14 +111,15 @@ def _neg(t):
 
 @dataclass(frozen=True)
 class LRPRule:
-    """An LRP rule for one kind of module; build it with ``tdfunc.lrp_epsilon``, ``lrp_attention`` etc."""
+    """An LRP rule for one kind of module; build it with ``tdfunc.lrp_rules.epsilon``, ``lrp_attention`` etc."""
 
     name: str
     params: dict = field(default_factory=dict)
 
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.params.items())
-        return f"tdfunc.lrp_{self.name}({args})"
+        name = "gradient" if self.name == "pass" else self.name
+        return f"tdfunc.lrp_rules.{name}({args})"
 
     def applies(self, cls: type) -> bool:
         """Whether the rule can rewrite modules of type ``cls``."""
@@ -186,17 +187,17 @@ def _check_float(fn: str, name: str, v, *, low: float = 0.0) -> float:
 
 def lrp_epsilon(eps: float = 1e-6) -> LRPRule:
     """LRP-ε: ``R_i = Σ_j x_i w_ij R_j / (z_j + ε sign z_j)``; ``eps=0`` gives LRP-0 (Bach et al., 2015)."""
-    return LRPRule("epsilon", {"eps": _check_float("tdfunc.lrp_epsilon", "eps", eps)})
+    return LRPRule("epsilon", {"eps": _check_float("tdfunc.lrp_rules.epsilon", "eps", eps)})
 
 
 def lrp_zplus(stabilizer: float = 1e-6) -> LRPRule:
     """LRP-z⁺ (αβ with α=1, β=0): ``R_i = Σ_j (x_i⁺ w_ij⁺ + x_i⁻ w_ij⁻) R_j / z_j'`` (Montavon et al., 2017)."""
-    return LRPRule("zplus", {"stabilizer": _check_float("tdfunc.lrp_zplus", "stabilizer", stabilizer)})
+    return LRPRule("zplus", {"stabilizer": _check_float("tdfunc.lrp_rules.zplus", "stabilizer", stabilizer)})
 
 
 def lrp_alpha_beta(alpha: float = 2.0, beta: float = 1.0, stabilizer: float = 1e-6) -> LRPRule:
     """LRP-αβ: ``α`` × positive contributions − ``β`` × negative ones; ``alpha - beta`` must be 1."""
-    fn = "tdfunc.lrp_alpha_beta"
+    fn = "tdfunc.lrp_rules.alpha_beta"
     a, b = _check_float(fn, "alpha", alpha), _check_float(fn, "beta", beta)
     if abs(a - b - 1.0) > 1e-12:
         raise AttributionError(
@@ -208,18 +209,18 @@ def lrp_alpha_beta(alpha: float = 2.0, beta: float = 1.0, stabilizer: float = 1e
 
 def lrp_gamma(gamma: float = 0.25, stabilizer: float = 1e-6) -> LRPRule:
     """LRP-γ (generalised, zennit's ``Gamma``): weights ``w + γ w⁺`` favour positive contributions."""
-    fn = "tdfunc.lrp_gamma"
+    fn = "tdfunc.lrp_rules.gamma"
     return LRPRule("gamma", {"gamma": _check_float(fn, "gamma", gamma), "stabilizer": _check_float(fn, "stabilizer", stabilizer)})
 
 
 def lrp_flat(stabilizer: float = 1e-6) -> LRPRule:
     """LRP-flat: relevance spread uniformly over each output's receptive field (Lapuschkin et al., 2019)."""
-    return LRPRule("flat", {"stabilizer": _check_float("tdfunc.lrp_flat", "stabilizer", stabilizer)})
+    return LRPRule("flat", {"stabilizer": _check_float("tdfunc.lrp_rules.flat", "stabilizer", stabilizer)})
 
 
 def lrp_wsquare(stabilizer: float = 1e-6) -> LRPRule:
     """LRP-w²: ``R_i = Σ_j w_ij² R_j / Σ_i' w_i'j²`` (Montavon et al., 2017)."""
-    return LRPRule("wsquare", {"stabilizer": _check_float("tdfunc.lrp_wsquare", "stabilizer", stabilizer)})
+    return LRPRule("wsquare", {"stabilizer": _check_float("tdfunc.lrp_rules.wsquare", "stabilizer", stabilizer)})
 
 
 def _check_bound(fn: str, name: str, v):
@@ -245,7 +246,7 @@ def lrp_zbox(low, high, stabilizer: float = 1e-6) -> LRPRule:
     are constants (detached).  Like the flat rule, the bound terms reach the input as
     ``x ⊙ (bound / x)``, so an input entry that is exactly 0 gets only its ``x w`` share (zero).
     """
-    fn = "tdfunc.lrp_zbox"
+    fn = "tdfunc.lrp_rules.zbox"
     lo, hi = _check_bound(fn, "low", low), _check_bound(fn, "high", high)
     try:
         bad = bool((torch.as_tensor(lo) > torch.as_tensor(hi)).any())
@@ -261,7 +262,7 @@ def lrp_pass() -> LRPRule:
 
     For ``nn.Linear`` / ``nn.Conv2d`` that is LRP-0 with the bias's share dropped; for ReLU, LeakyReLU and
     Dropout in eval it equals the identity rule; on any other module it opts that module out of the
-    composite's rule (e.g. ``rules={nn.LayerNorm: tdfunc.lrp_pass()}`` for LayerNorm's own gradient).
+    composite's rule (e.g. ``rules={nn.LayerNorm: tdfunc.lrp_rules.gradient()}`` for LayerNorm's own gradient).
     Nothing is recorded or recomputed.
 
     Returns:
@@ -272,7 +273,7 @@ def lrp_pass() -> LRPRule:
         >>> from tensordict import TensorDict
         >>> net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2))
         >>> td = TensorDict({"x": torch.randn(5, 3)}, batch_size=[5])
-        >>> a = tdfunc.lrp(lambda t: net(t["x"]), td, net, rules={torch.nn.Linear: tdfunc.lrp_pass()})
+        >>> a = tdfunc.lrp(lambda t: net(t["x"]), td, net, rules={torch.nn.Linear: tdfunc.lrp_rules.gradient()})
         >>> b = tdfunc.input_x_gradient(lambda t: net(t["x"]), td)
         >>> torch.allclose(a["attr", "x"], b["attr", "x"])
         True
@@ -305,7 +306,7 @@ def lrp_identity() -> LRPRule:
         >>> lin = lambda i, o: torch.nn.Linear(i, o, bias=False, dtype=torch.float64)
         >>> net = torch.nn.Sequential(lin(3, 4), torch.nn.GELU(), lin(4, 2))
         >>> td = TensorDict({"x": torch.randn(5, 3, dtype=torch.float64)}, batch_size=[5])
-        >>> rules = {torch.nn.Linear: tdfunc.lrp_epsilon(0.0), torch.nn.GELU: tdfunc.lrp_identity()}
+        >>> rules = {torch.nn.Linear: tdfunc.lrp_rules.epsilon(0.0), torch.nn.GELU: tdfunc.lrp_rules.identity()}
         >>> r = tdfunc.lrp(lambda t: net(t["x"]), td, net, rules=rules)["attr", "x"]
         >>> torch.allclose(r.sum(-1), net(td["x"]))          # conserved: every rule is conservative here
         True
@@ -326,7 +327,7 @@ def lrp_ignore() -> LRPRule:
     The module's inputs get no relevance along this path; where its output multiplies another path,
     that path gets all of it.  On the ``nn.Softmax`` of a hand-written attention this is CP-LRP's rule
     for attention heads (Ali et al. 2022): the probabilities are constants, relevance flows through the
-    values only (for ``nn.MultiheadAttention`` use ``tdfunc.lrp_attention(softmax="constant")``).
+    values only (for ``nn.MultiheadAttention`` use ``tdfunc.lrp_rules.attention(softmax="constant")``).
     Outer derivatives still see the output as a function of the weights and inputs.
 
     Returns:
@@ -343,7 +344,7 @@ def lrp_ignore() -> LRPRule:
         ...         return (self.lin(x) * self.gate(x)).sum(-1)
         >>> net = Gate().double()
         >>> td = TensorDict({"x": torch.randn(4, 3, dtype=torch.float64)}, batch_size=[4])
-        >>> rules = {"gate": tdfunc.lrp_ignore(), "lin": tdfunc.lrp_epsilon(0.0)}
+        >>> rules = {"gate": tdfunc.lrp_rules.ignore(), "lin": tdfunc.lrp_rules.epsilon(0.0)}
         >>> r = tdfunc.lrp(lambda t: net(t["x"]), td, net, rules=rules)["attr", "x"]
         >>> torch.allclose(r.sum(-1), net(td["x"]))          # the gate is a constant: all relevance via lin
         True
@@ -364,7 +365,7 @@ def lrp_softmax() -> LRPRule:
     rewrites nothing (it names the choice; composite ``'attnlrp'`` uses it).  Masked scores
     (``-inf``) have ``s = 0`` and a zero gradient: they get relevance 0, also when the scores are the
     attributed input (``x ⊙ g`` is taken as 0 where ``x`` is infinite and ``g`` is 0, not ``nan``).
-    The alternative is :func:`tdfunc.lrp_ignore` (probabilities held constant, CP-LRP).  The rule is not
+    The alternative is :func:`tdfunc.lrp_rules.ignore` (probabilities held constant, CP-LRP).  The rule is not
     conservative: ``Σ R_in = Σ R − (Σ_i x_i s_i) Σ R``.
 
     Returns:
@@ -375,7 +376,7 @@ def lrp_softmax() -> LRPRule:
         >>> from tensordict import TensorDict
         >>> net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Softmax(-1))
         >>> td = TensorDict({"x": torch.randn(2, 3)}, batch_size=[2])
-        >>> out = tdfunc.lrp(lambda t: net(t["x"]), td, net, rules={torch.nn.Softmax: tdfunc.lrp_softmax()})
+        >>> out = tdfunc.lrp(lambda t: net(t["x"]), td, net, rules={torch.nn.Softmax: tdfunc.lrp_rules.softmax()})
         >>> out["attr", "x"].shape
         torch.Size([2, 4, 3])
 
@@ -409,7 +410,7 @@ def lrp_norm() -> LRPRule:
         >>> from tensordict import TensorDict
         >>> net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.RMSNorm(4), torch.nn.Linear(4, 2))
         >>> td = TensorDict({"x": torch.randn(5, 3)}, batch_size=[5])
-        >>> r = tdfunc.lrp(lambda t: net(t["x"]), td, net, composite=None, rules={"1": tdfunc.lrp_norm()})
+        >>> r = tdfunc.lrp(lambda t: net(t["x"]), td, net, composite=None, rules={"1": tdfunc.lrp_rules.norm()})
         >>> r["attr", "x"].shape
         torch.Size([5, 2, 3])
 
@@ -465,7 +466,7 @@ def lrp_attention(eps: float = 1e-6, softmax: str = "attnlrp") -> LRPRule:
         ...                                          batch_first=True)
         >>> model = torch.nn.Sequential(layer, torch.nn.Linear(8, 3))
         >>> td = TensorDict({"x": torch.randn(4, 5, 8)}, batch_size=[4])
-        >>> rules = {torch.nn.MultiheadAttention: tdfunc.lrp_attention(eps=1e-6, softmax="constant")}
+        >>> rules = {torch.nn.MultiheadAttention: tdfunc.lrp_rules.attention(eps=1e-6, softmax="constant")}
         >>> out = tdfunc.lrp(lambda t: model(t["x"])[:, -1], td, model, rules=rules, composite="attnlrp")
         >>> out["attr", "x"].shape                         # (batch, class, tokens, features)
         torch.Size([4, 3, 5, 8])
@@ -479,7 +480,7 @@ def lrp_attention(eps: float = 1e-6, softmax: str = "attnlrp") -> LRPRule:
     Composes with: ``vmap`` (over examples or targets), ``grad`` (double backward, exact),
     ``torch.compile(fullgraph=True)`` after :func:`tdfunc.install_sites`.
     """
-    fn = "tdfunc.lrp_attention"
+    fn = "tdfunc.lrp_rules.attention"
     e = _check_float(fn, "eps", eps)
     if not isinstance(softmax, str) or softmax not in _SOFTMAX_MODES:
         raise AttributionError(
@@ -583,9 +584,9 @@ def _identity_record(r: LRPRule, name: str, module, args, kwargs, out):
     if not isinstance(x, torch.Tensor) or x.shape != y.shape:
         got = f"input {tuple(x.shape)}" if isinstance(x, torch.Tensor) else "no positional tensor input"
         raise AttributionError(
-            f"tdfunc.lrp: tdfunc.lrp_identity() at {name!r} ({type(module).__name__}) needs an elementwise module "
-            f"whose output has its input's shape, got {got} and output {tuple(y.shape)}; use tdfunc.lrp_pass() or "
-            "tdfunc.lrp_ignore() there."
+            f"tdfunc.lrp: tdfunc.lrp_rules.identity() at {name!r} ({type(module).__name__}) needs an elementwise module "
+            f"whose output has its input's shape, got {got} and output {tuple(y.shape)}; use tdfunc.lrp_rules.gradient() or "
+            "tdfunc.lrp_rules.ignore() there."
         )
     nz = x != 0
     ratio = torch.where(nz, y / torch.where(nz, x, torch.ones_like(x)), torch.zeros_like(y))
@@ -832,16 +833,16 @@ def _check_module(fn: str, name: str, m: nn.Module, r: LRPRule) -> None:
     """Configurations a rule cannot handle, found before anything runs."""
     if r.name == "identity" and getattr(m, "inplace", False):
         raise AttributionError(
-            f"{fn}: tdfunc.lrp_identity() at {name!r} needs the input of {_kind(m)}(inplace=True), which the module "
-            "overwrites; build it with inplace=False, or give it tdfunc.lrp_pass()."
+            f"{fn}: tdfunc.lrp_rules.identity() at {name!r} needs the input of {_kind(m)}(inplace=True), which the module "
+            "overwrites; build it with inplace=False, or give it tdfunc.lrp_rules.gradient()."
         )
     if r.name == "attention":
         flags = (("add_bias_kv=True", m.bias_k is not None), ("add_zero_attn=True", m.add_zero_attn))
         bad = [what for what, on in flags if on]
         if bad:
             raise AttributionError(
-                f"{fn}: nn.MultiheadAttention {name!r} has {' and '.join(bad)}, which tdfunc.lrp_attention does not "
-                "support; build it without, or give it tdfunc.lrp_pass() (its plain gradient)."
+                f"{fn}: nn.MultiheadAttention {name!r} has {' and '.join(bad)}, which tdfunc.lrp_rules.attention does not "
+                "support; build it without, or give it tdfunc.lrp_rules.gradient() (its plain gradient)."
             )
 
 
@@ -869,7 +870,7 @@ def _assign(fn: str, module: nn.Module, rules, composite) -> dict[str, LRPRule]:
     if rules is not None and not isinstance(rules, Mapping):
         raise TypeError(
             f"{fn}: rules must be a dict mapping a site pattern or an nn.Module subclass to a rule, got "
-            f"{type(rules).__name__}; e.g. rules={{nn.Conv2d: tdfunc.lrp_zplus(), 'head': tdfunc.lrp_epsilon(0.1)}}."
+            f"{type(rules).__name__}; e.g. rules={{nn.Conv2d: tdfunc.lrp_rules.zplus(), 'head': tdfunc.lrp_rules.epsilon(0.1)}}."
         )
     named = [(n, m) for n, m in module.named_modules() if n]
     if not named:
@@ -884,14 +885,14 @@ def _assign(fn: str, module: nn.Module, rules, composite) -> dict[str, LRPRule]:
     for key, r in (rules or {}).items():
         if not isinstance(r, LRPRule):
             raise TypeError(
-                f"{fn}: rules[{key!r}] must be a rule from tdfunc.lrp_epsilon(), lrp_zplus(), ... got "
+                f"{fn}: rules[{key!r}] must be a rule from tdfunc.lrp_rules.epsilon(), lrp_zplus(), ... got "
                 f"{type(r).__name__} ({r!r:.60})."
             )
         if isinstance(key, type) and issubclass(key, nn.Module):
             if not r.applies(key) and not any(issubclass(c, key) for c in _TARGETS[r.name][0]):
                 raise AttributionError(
                     f"{fn}: rules gives {key.__name__} the rule {r!r}, which applies to {r.targets} only; give "
-                    f"{key.__name__} a rule that applies to it (tdfunc.lrp_pass() and lrp_ignore() apply to any module), "
+                    f"{key.__name__} a rule that applies to it (tdfunc.lrp_rules.gradient() and tdfunc.lrp_rules.ignore() apply to any module), "
                     "or remove that entry."
                 )
             types.append((key, r))
@@ -910,7 +911,7 @@ def _assign(fn: str, module: nn.Module, rules, composite) -> dict[str, LRPRule]:
                     f"{fn}: rules pattern {key!r} matches {hidden[0]!r}, the output projection of "
                     f"nn.MultiheadAttention {owner[hidden[0]]!r}, which uses its weight directly (the submodule never "
                     f"runs); give the attention module a rule instead, e.g. "
-                    f"rules={{{owner[hidden[0]]!r}: tdfunc.lrp_attention(eps=0.1)}}."
+                    f"rules={{{owner[hidden[0]]!r}: tdfunc.lrp_rules.attention(eps=0.1)}}."
                 )
             if not hits:
                 names = [n for n, _ in visible]
@@ -972,16 +973,16 @@ def lrp(
     * ``'epsilon_plus'``: z⁺ on ``nn.Conv2d``, ε on ``nn.Linear`` (zennit's ``EpsilonPlus``);
     * ``'epsilon_plus_flat'``: also flat on the first layer (zennit's ``EpsilonPlusFlat``);
     * ``'attnlrp'`` (transformers, Achtibat et al. 2024): ε on ``nn.Linear`` / ``nn.Conv2d``,
-      :func:`tdfunc.lrp_attention` on ``nn.MultiheadAttention``, :func:`tdfunc.lrp_identity` on
-      elementwise activation modules (GELU, SiLU, Tanh, Sigmoid, ...), :func:`tdfunc.lrp_softmax` on
+      :func:`tdfunc.lrp_rules.attention` on ``nn.MultiheadAttention``, :func:`tdfunc.lrp_rules.identity` on
+      elementwise activation modules (GELU, SiLU, Tanh, Sigmoid, ...), :func:`tdfunc.lrp_rules.softmax` on
       ``nn.Softmax``;
     * ``None``: only the modules named in ``rules``.
 
-    Every composite gives ``nn.LayerNorm`` / ``nn.RMSNorm`` the LN rule (:func:`tdfunc.lrp_norm`:
+    Every composite gives ``nn.LayerNorm`` / ``nn.RMSNorm`` the LN rule (:func:`tdfunc.lrp_rules.norm`:
     ``1 / std`` held constant).  Modules without a rule keep their gradient (ReLU and Dropout in eval
     then pass relevance on unchanged); so do residual sums, which are not modules: their plain gradient
     is the ``ε → 0`` limit of AttnLRP's ε rule for additions.  No canonizers: fold BatchNorm into the
-    convolution before calling (:func:`tdfunc.merge_batchnorm`).
+    convolution before calling (:func:`tdfunc.lrp_rules.merge_batchnorm`).
 
     Each rule is a :func:`tdfunc.rule` rewrite keeping the module's value: ``f`` runs twice, first
     to record ``z`` and each rule's ratios ``r_t`` (outside the vector-Jacobian product), then with
@@ -996,7 +997,7 @@ def lrp(
             ``module``, must be deterministic (it runs twice).
         td: the inputs with a batch shape.
         module: the model whose submodules are rewritten.
-        rules: ``{site pattern or nn.Module subclass: rule}`` from :func:`tdfunc.lrp_epsilon`,
+        rules: ``{site pattern or nn.Module subclass: rule}`` from :func:`tdfunc.lrp_rules.epsilon`,
             ``lrp_zplus``, ``lrp_alpha_beta``, ``lrp_gamma``, ``lrp_flat``, ``lrp_wsquare``,
             ``lrp_zbox`` (input layer) for ``nn.Linear`` / ``nn.Conv2d``; ``lrp_norm``,
             ``lrp_attention``, ``lrp_softmax``, ``lrp_identity`` (elementwise modules),

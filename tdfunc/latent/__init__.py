@@ -1,5 +1,32 @@
-"""Latent-space analysis: representation geometry (intrinsic dimension, CKA, information imbalance).
+"""Latent-space methods: activation caching, patching and steering, probes, representation geometry.
 
-Every function takes one representation ``(N, D)``, a stack ``(R, N, D)`` or a TensorDict of
-representations ``{site: (N, D_site)}`` and returns one result per representation (or per pair).
+``tdfunc.latent.patch(...)``, ``tdfunc.latent.fit_probes(...)``, ...; every error this family raises on
+bad input is a :class:`LatentError` (a :class:`tdfunc.TdfuncError`).
 """
+
+from ._cache import CacheError as CacheError
+from ._cache import cache_activations as cache_activations
+from ._common import LatentError as LatentError
+from ._geometry import GeometryError as GeometryError
+from ._geometry import ca_pca_dimension as ca_pca_dimension
+from ._geometry import cka as cka
+from ._geometry import information_imbalance as information_imbalance
+from ._geometry import local_pca_dimension as local_pca_dimension
+from ._geometry import mle_dimension as mle_dimension
+from ._geometry import twonn_dimension as twonn_dimension
+from ._patch import PatchError as PatchError
+from ._patch import patch as patch
+from ._patch import patching_sweep as patching_sweep
+from ._patch import path_patch as path_patch
+from ._probe import ProbeError as ProbeError
+from ._probe import fit_probes as fit_probes
+from ._probe import fit_sklearn_probes as fit_sklearn_probes
+from ._probe import probe_apply as probe_apply
+from ._probe import probe_evaluate as probe_evaluate
+from ._probe import probe_fit as probe_fit
+from ._probe import probe_init as probe_init
+from ._steer import generate_greedy as generate_greedy
+from ._steer import steer as steer
+from ._steer import steering_vector as steering_vector
+
+__all__ = sorted(name for name in dir() if not name.startswith("_"))

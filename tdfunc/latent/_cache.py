@@ -20,18 +20,18 @@ from tensordict import MemoryMappedTensor, TensorDict, TensorDictBase
 from torch import nn
 
 from .._call import functional_call
-from .._errors import TdfuncError
+from ._common import LatentError
 
 __all__ = ["CacheError", "cache_activations"]
 
-FN = "tdfunc.cache_activations"
+FN = "tdfunc.latent.cache_activations"
 REDUCTIONS = ("last", "mean")
 RECORD = "cache.json"
 _VERSION = 1
 
 
-class CacheError(TdfuncError, ValueError):
-    """Bad input to :func:`tdfunc.cache_activations` (reduction, batches, or an incompatible cache on disk)."""
+class CacheError(LatentError):
+    """Bad input to :func:`tdfunc.latent.cache_activations` (reduction, batches, or an incompatible cache on disk)."""
 
 
 # ---------------------------------------------------------------------------------------------- checks
@@ -265,12 +265,12 @@ def cache_activations(
         >>> from tensordict import TensorDict
         >>> net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
         >>> data = [TensorDict({"input": torch.randn(5, 4)}, batch_size=[5]) for _ in range(3)]
-        >>> cache = tdfunc.cache_activations(net, tdfunc.state(net), data, ["*"], progress=False)
+        >>> cache = tdfunc.latent.cache_activations(net, tdfunc.state(net), data, ["*"], progress=False)
         >>> sorted(cache.keys()), cache["1"].shape
         (['0', '1', '2'], torch.Size([15, 8]))
 
     Composes with: any site :func:`tdfunc.functional_call` captures; the result feeds
-    :func:`tdfunc.cka`, :func:`tdfunc.twonn_dimension` and SAE training (``sae_init``).
+    :func:`tdfunc.latent.cka`, :func:`tdfunc.latent.twonn_dimension` and SAE training (``sae_init``).
     """
     reducer = _reducer(reduce)
     reduce_name = reduce if isinstance(reduce, str) or reduce is None else "<callable>"

@@ -14,7 +14,7 @@ import math
 import torch
 from tensordict import TensorDict, TensorDictBase
 
-from .._errors import TdfuncError
+from ._common import LatentError
 
 __all__ = [
     "GeometryError",
@@ -29,7 +29,7 @@ __all__ = [
 KERNELS = ("linear", "rbf")
 
 
-class GeometryError(TdfuncError, ValueError):
+class GeometryError(LatentError):
     """Bad input to a representation-geometry function (shape, too few points, unknown option)."""
 
 
@@ -171,7 +171,7 @@ def twonn_dimension(x: torch.Tensor | TensorDictBase, *, discard_fraction: float
         >>> import torch, tdfunc
         >>> t = torch.rand(500, 1, dtype=torch.float64) * 2 * torch.pi
         >>> circles = torch.cat([t.cos(), t.sin()], 1) @ torch.randn(3, 2, 10, dtype=torch.float64)
-        >>> d = tdfunc.twonn_dimension(circles)  # three embeddings of a circle in 10-D at once
+        >>> d = tdfunc.latent.twonn_dimension(circles)  # three embeddings of a circle in 10-D at once
         >>> d.shape, bool((d - 1).abs().max() < 0.25)
         (torch.Size([3]), True)
 
@@ -181,7 +181,7 @@ def twonn_dimension(x: torch.Tensor | TensorDictBase, *, discard_fraction: float
 
     Composes with: ``vmap`` (over point clouds), ``grad`` (w.r.t. the points), ``torch.compile``.
     """
-    fn = "tdfunc.twonn_dimension"
+    fn = "tdfunc.latent.twonn_dimension"
     if isinstance(discard_fraction, bool) or not isinstance(discard_fraction, (int, float)) or not 0 <= discard_fraction < 1:
         raise GeometryError(f"{fn}: discard_fraction must be a number in [0, 1), got {discard_fraction!r}.")
 
@@ -224,7 +224,7 @@ def mle_dimension(x: torch.Tensor | TensorDictBase, *, k: int = 10) -> torch.Ten
     Example:
         >>> import torch, tdfunc
         >>> plane = torch.rand(2, 1000, 3, dtype=torch.float64) @ torch.randn(3, 10, dtype=torch.float64)
-        >>> d = tdfunc.mle_dimension(plane, k=10)
+        >>> d = tdfunc.latent.mle_dimension(plane, k=10)
         >>> d.shape, bool((d - 3).abs().max() < 0.5)
         (torch.Size([2]), True)
 
@@ -233,7 +233,7 @@ def mle_dimension(x: torch.Tensor | TensorDictBase, *, k: int = 10) -> torch.Ten
 
     Composes with: ``vmap`` (over point clouds), ``grad`` (w.r.t. the points), ``torch.compile``.
     """
-    fn = "tdfunc.mle_dimension"
+    fn = "tdfunc.latent.mle_dimension"
     _check_int(fn, "k", k, 2)
 
     def body(p: torch.Tensor) -> torch.Tensor:
@@ -269,7 +269,7 @@ def local_pca_dimension(x: torch.Tensor | TensorDictBase, *, k: int = 20, varian
     Example:
         >>> import torch, tdfunc
         >>> plane = torch.rand(400, 3, dtype=torch.float64) @ torch.randn(3, 10, dtype=torch.float64)
-        >>> float(tdfunc.local_pca_dimension(plane, k=20, variance=0.99))
+        >>> float(tdfunc.latent.local_pca_dimension(plane, k=20, variance=0.99))
         3.0
 
     References:
@@ -278,7 +278,7 @@ def local_pca_dimension(x: torch.Tensor | TensorDictBase, *, k: int = 20, varian
 
     Composes with: ``vmap`` (over point clouds), ``torch.compile``.
     """
-    fn = "tdfunc.local_pca_dimension"
+    fn = "tdfunc.latent.local_pca_dimension"
     _check_int(fn, "k", k, 1)
     if isinstance(variance, bool) or not isinstance(variance, (int, float)) or not 0 < variance <= 1:
         raise GeometryError(f"{fn}: variance must be a number in (0, 1], got {variance!r}.")
@@ -321,7 +321,7 @@ def ca_pca_dimension(x: torch.Tensor | TensorDictBase, *, k: int = 20) -> torch.
         >>> import torch, tdfunc
         >>> t = torch.rand(300, 1, dtype=torch.float64) * 2 * torch.pi
         >>> circle = torch.cat([t.cos(), t.sin()], 1) @ torch.linalg.qr(torch.randn(10, 10, dtype=torch.float64))[0][:2]
-        >>> float(tdfunc.ca_pca_dimension(circle, k=10))
+        >>> float(tdfunc.latent.ca_pca_dimension(circle, k=10))
         1.0
 
     References:
@@ -329,7 +329,7 @@ def ca_pca_dimension(x: torch.Tensor | TensorDictBase, *, k: int = 20) -> torch.
 
     Composes with: ``vmap`` (over point clouds), ``torch.compile``.
     """
-    fn = "tdfunc.ca_pca_dimension"
+    fn = "tdfunc.latent.ca_pca_dimension"
     _check_int(fn, "k", k, 1)
 
     def body(p: torch.Tensor) -> torch.Tensor:
@@ -412,7 +412,7 @@ def cka(
         >>> x = torch.randn(4, 50, 8, dtype=torch.float64)      # 4 representations of 50 inputs
         >>> q = torch.linalg.qr(torch.randn(8, 8, dtype=torch.float64))[0]
         >>> y = TensorDict({"rot": 3 * x[0] @ q, "noise": torch.randn(50, 5, dtype=torch.float64)})
-        >>> m = tdfunc.cka(x, y)  # all 4 x 2 pairs; TensorDict entries may have different widths
+        >>> m = tdfunc.latent.cka(x, y)  # all 4 x 2 pairs; TensorDict entries may have different widths
         >>> m.shape, round(float(m[0, 0]), 6)   # rotation and scaling leave CKA at 1
         (torch.Size([4, 2]), 1.0)
 
@@ -425,7 +425,7 @@ def cka(
     Composes with: ``vmap`` (over batches of point clouds), ``grad`` (w.r.t. both representations;
     CKA losses), ``torch.compile``.
     """
-    fn = "tdfunc.cka"
+    fn = "tdfunc.latent.cka"
     if kernel not in KERNELS:
         raise GeometryError(f"{fn}: unknown kernel {kernel!r}; choose one of {list(KERNELS)}.")
     if sigma is not None and (isinstance(sigma, bool) or not isinstance(sigma, (int, float)) or not sigma > 0):
@@ -505,10 +505,10 @@ def information_imbalance(
         >>> import torch, tdfunc
         >>> x = torch.randn(300, 4, dtype=torch.float64)
         >>> y = torch.stack([x.flip(-1), torch.randn(300, 4, dtype=torch.float64)])  # same geometry; noise
-        >>> d = tdfunc.information_imbalance(x, y)
+        >>> d = tdfunc.latent.information_imbalance(x, y)
         >>> float(d[0]) == 2 / 300, bool((d[1] - 1).abs() < 0.2)
         (True, True)
-        >>> ii = tdfunc.information_imbalance  # asymmetric: x predicts x[:, :1], not the other way
+        >>> ii = tdfunc.latent.information_imbalance  # asymmetric: x predicts x[:, :1], not the other way
         >>> bool(ii(x, x[:, :1]) < 0.5 < ii(x[:, :1], x))
         True
 
@@ -518,7 +518,7 @@ def information_imbalance(
 
     Composes with: ``vmap`` (over batches of point clouds), ``torch.compile``.
     """
-    fn = "tdfunc.information_imbalance"
+    fn = "tdfunc.latent.information_imbalance"
     _check_int(fn, "k", k, 1)
     _pre_n(fn, x, y)
     da, ab = _stack_of(fn, x, "x", _sqdist)

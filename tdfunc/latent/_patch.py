@@ -16,12 +16,12 @@ from tensordict import TensorDictBase
 from torch.func import vmap
 
 from .._call import functional_call
-from .._errors import TdfuncError
+from ._common import LatentError
 
 __all__ = ["PatchError", "patch", "patching_sweep", "path_patch"]
 
 
-class PatchError(TdfuncError, ValueError):
+class PatchError(LatentError):
     """Bad input to a patching or steering function (sites, positions, metric, activations)."""
 
 
@@ -139,12 +139,12 @@ def patch(
         >>> net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
         >>> clean, corrupt = torch.randn(1, 3), torch.randn(1, 3)
         >>> out, caps = tdfunc.functional_call(net, None, (clean,), capture=["1"])
-        >>> torch.allclose(tdfunc.patch(net, None, (corrupt,), caps, "1"), out)
+        >>> torch.allclose(tdfunc.latent.patch(net, None, (corrupt,), caps, "1"), out)
         True
 
     Composes with: ``vmap`` (over clean values, corrupted inputs, states), ``grad``, ``torch.compile``.
     """
-    edits = _patch_edits("tdfunc.patch", clean_captures, sites, positions, patch_fn)
+    edits = _patch_edits("tdfunc.latent.patch", clean_captures, sites, positions, patch_fn)
     return functional_call(module, state, corrupted_args, kwargs, edits=edits)
 
 
@@ -217,13 +217,13 @@ def patching_sweep(
         >>> import torch, tdfunc
         >>> net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
         >>> clean, corrupt = torch.randn(1, 5, 3), torch.randn(1, 5, 3)
-        >>> r = tdfunc.patching_sweep(net, None, (clean,), (corrupt,), ["0", "1"], lambda y: y[0, -1, 0])
+        >>> r = tdfunc.latent.patching_sweep(net, None, (clean,), (corrupt,), ["0", "1"], lambda y: y[0, -1, 0])
         >>> r.shape
         torch.Size([2, 5])
 
     Composes with: ``grad`` (w.r.t. state or inputs through the sweep), outer ``vmap`` over states.
     """
-    fn = "tdfunc.patching_sweep"
+    fn = "tdfunc.latent.patching_sweep"
     names = _as_list(fn, sites)
     if not (over == "positions" or (isinstance(over, int) and not isinstance(over, bool))):
         raise PatchError(f"{fn}: over must be 'positions' or an int unit dim (e.g. -2 for heads in (B, T, H, Dh)), "
@@ -291,7 +291,7 @@ def path_patch(
         y = f\\big(x^{corr};\\; r \\leftarrow r^{*}\\big)
 
     First the corrupted input runs with the senders patched to their clean values (at
-    ``positions``, through ``patch_fn``, as in :func:`tdfunc.patch`) and every ``freeze`` site
+    ``positions``, through ``patch_fn``, as in :func:`tdfunc.latent.patch`) and every ``freeze`` site
     held at its corrupted value, and the receivers' values are captured: they now carry the
     senders' effect along the paths that avoid the frozen sites. Then the corrupted input runs
     again with only the receivers replaced by those values, so the senders act on the output
@@ -305,11 +305,11 @@ def path_patch(
     Args:
         module, state: the model (never changed) and its (partial) state, None for its own.
         clean_args, corrupted_args: positional inputs of the two runs (same shapes).
-        senders: site(s) whose clean values are sent (globs allowed; as in :func:`tdfunc.patch`).
+        senders: site(s) whose clean values are sent (globs allowed; as in :func:`tdfunc.latent.patch`).
         receivers: site(s) through which alone the senders may act; must not overlap the senders.
         freeze: site(s) held at their corrupted values while the receivers are computed (senders
             and receivers are never frozen, even where a glob matches them).
-        positions: sender positions along dim 1, as in :func:`tdfunc.patch` (None: the whole site).
+        positions: sender positions along dim 1, as in :func:`tdfunc.latent.patch` (None: the whole site).
         patch_fn: ``patch_fn(corrupted_value, clean_value) -> value`` for the senders.
         kwargs: keyword inputs of every run.
 
@@ -324,7 +324,7 @@ def path_patch(
         >>> net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 4),
         ...                           torch.nn.Tanh(), torch.nn.Linear(4, 2))
         >>> clean, corrupt = torch.randn(1, 3), torch.randn(1, 3)
-        >>> y = tdfunc.path_patch(net, None, (clean,), (corrupt,), senders="0", receivers="3")
+        >>> y = tdfunc.latent.path_patch(net, None, (clean,), (corrupt,), senders="0", receivers="3")
         >>> torch.allclose(y, net(clean))        # every path from "0" runs through "3"
         True
 
@@ -335,7 +335,7 @@ def path_patch(
         Indirect Object Identification in GPT-2 small. 2022. Goldowsky-Dill, MacLeod, Sato, Arora.
         Localizing Model Behavior with Path Patching. 2023.
     """
-    fn = "tdfunc.path_patch"
+    fn = "tdfunc.latent.path_patch"
     send, recv = _as_list(fn, senders), _as_list(fn, receivers)
     frz = [] if freeze is None else _as_list(fn, freeze)
     received = lambda k: any(_pattern(r).fullmatch(k) for r in recv)  # noqa: E731

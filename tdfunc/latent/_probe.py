@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from tensordict import TensorDict, TensorDictBase
 from torch.func import grad, vmap
 
-from .._errors import TdfuncError
+from ._common import LatentError
 
 __all__ = [
     "ProbeError",
@@ -33,7 +33,7 @@ KINDS = ("linear", "bilinear", "low_rank_bilinear", "mean_difference")
 _DECAYED = ("weight", "u", "v")  # weight decay skips biases and class means
 
 
-class ProbeError(TdfuncError, ValueError):
+class ProbeError(LatentError):
     """Bad input to a probing function (unknown kind, shapes, labels, split)."""
 
 
@@ -170,7 +170,7 @@ def probe_init(
 
     Example:
         >>> import torch, tdfunc
-        >>> p = tdfunc.probe_init("low_rank_bilinear", 8, 3, rank=2, generator=torch.Generator().manual_seed(0))
+        >>> p = tdfunc.latent.probe_init("low_rank_bilinear", 8, 3, rank=2, generator=torch.Generator().manual_seed(0))
         >>> sorted(p.keys()), p["u"].shape
         (['bias', 'u', 'v'], torch.Size([3, 8, 2]))
 
@@ -179,12 +179,12 @@ def probe_init(
 
     Composes with: ``probe_apply`` under ``vmap`` / ``grad`` / ``torch.compile``.
     """
-    return TensorDict(_init("tdfunc.probe_init", kind, d_in, n_classes, rank, generator, dtype, device), batch_size=[])
+    return TensorDict(_init("tdfunc.latent.probe_init", kind, d_in, n_classes, rank, generator, dtype, device), batch_size=[])
 
 
 def _apply(fn: str, params, x) -> torch.Tensor:
     if not isinstance(params, (Mapping, TensorDictBase)):
-        raise ProbeError(f"{fn}: params must be a TensorDict (or dict) from tdfunc.probe_init / probe_fit, "
+        raise ProbeError(f"{fn}: params must be a TensorDict (or dict) from tdfunc.latent.probe_init / probe_fit, "
                          f"got {type(params).__name__}.")
     keys = set(params.keys())
     if keys == {"weight", "bias"} and params["weight"].dim() == 2:
@@ -201,7 +201,7 @@ def _apply(fn: str, params, x) -> torch.Tensor:
         m = params["means"]
         return _check_x(fn, x) @ m.mT - 0.5 * m.square().sum(-1)
     raise ProbeError(f"{fn}: params have keys {sorted(keys)}, which match no probe kind; pass the "
-                     "TensorDict of tdfunc.probe_init / probe_fit (weight+bias, u+v+bias or means).")
+                     "TensorDict of tdfunc.latent.probe_init / probe_fit (weight+bias, u+v+bias or means).")
 
 
 def probe_apply(params: TensorDictBase | Mapping, x: torch.Tensor | tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
@@ -228,11 +228,11 @@ def probe_apply(params: TensorDictBase | Mapping, x: torch.Tensor | tuple[torch.
     Example:
         >>> import torch, tdfunc
         >>> from torch.func import grad
-        >>> p = tdfunc.probe_init("linear", 4, 3, generator=torch.Generator().manual_seed(0))
+        >>> p = tdfunc.latent.probe_init("linear", 4, 3, generator=torch.Generator().manual_seed(0))
         >>> x, y = torch.randn(10, 4), torch.randint(3, (10,))
-        >>> loss = lambda p, x: torch.nn.functional.cross_entropy(tdfunc.probe_apply(p, x), y)
+        >>> loss = lambda p, x: torch.nn.functional.cross_entropy(tdfunc.latent.probe_apply(p, x), y)
         >>> g = grad(loss)(p, x)  # a TensorDict like p: one step of your own training loop
-        >>> tdfunc.probe_apply(p, x).shape, g["weight"].shape
+        >>> tdfunc.latent.probe_apply(p, x).shape, g["weight"].shape
         (torch.Size([10, 3]), torch.Size([3, 4]))
 
     References:
@@ -242,7 +242,7 @@ def probe_apply(params: TensorDictBase | Mapping, x: torch.Tensor | tuple[torch.
     Composes with: ``vmap`` (over inputs or stacked params), ``grad`` w.r.t. ``x`` and ``params``
     (double backward), ``torch.compile(fullgraph=True)``.
     """
-    return _apply("tdfunc.probe_apply", params, x)
+    return _apply("tdfunc.latent.probe_apply", params, x)
 
 
 # ------------------------------------------------------------------------------------------- fitting
@@ -339,8 +339,8 @@ def probe_fit(
         >>> import torch, tdfunc
         >>> x = torch.randn(200, 5, generator=torch.Generator().manual_seed(0))
         >>> y = (x[:, 0] - x[:, 1] > 0).long()
-        >>> p = tdfunc.probe_fit("linear", x, y, steps=100, lr=0.05, generator=torch.Generator().manual_seed(0))
-        >>> float(tdfunc.probe_evaluate(p, x, y)["accuracy"]) > 0.95
+        >>> p = tdfunc.latent.probe_fit("linear", x, y, steps=100, lr=0.05, generator=torch.Generator().manual_seed(0))
+        >>> float(tdfunc.latent.probe_evaluate(p, x, y)["accuracy"]) > 0.95
         True
 
     References:
@@ -348,7 +348,7 @@ def probe_fit(
 
     Composes with: the returned TensorDict goes into ``probe_apply`` under ``vmap`` / ``grad`` / compile.
     """
-    fn = "tdfunc.probe_fit"
+    fn = "tdfunc.latent.probe_fit"
     _check_kind(fn, kind, rank)
     _check_train_options(fn, steps, lr, weight_decay)
     if kind in ("bilinear", "low_rank_bilinear"):
@@ -396,13 +396,13 @@ def probe_evaluate(params: TensorDictBase | Mapping, x, y: torch.Tensor) -> Tens
     Example:
         >>> import torch, tdfunc
         >>> x, y = torch.tensor([[0.0], [1.0], [3.0], [4.0]]), torch.tensor([0, 0, 1, 1])
-        >>> p = tdfunc.probe_fit("mean_difference", x, y)  # means 0.5 and 3.5
-        >>> tdfunc.probe_evaluate(p, x, y)["accuracy"]
+        >>> p = tdfunc.latent.probe_fit("mean_difference", x, y)  # means 0.5 and 3.5
+        >>> tdfunc.latent.probe_evaluate(p, x, y)["accuracy"]
         tensor(1.)
 
     Composes with: ``vmap`` over stacked params / inputs, ``grad`` of ``loss``, ``torch.compile``.
     """
-    fn = "tdfunc.probe_evaluate"
+    fn = "tdfunc.latent.probe_evaluate"
     logits = _apply(fn, params, x)
     y = _check_labels(fn, y, logits.shape[0])
     acc = (logits.argmax(-1) == y).to(logits.dtype).mean()
@@ -496,7 +496,7 @@ def fit_probes(
         >>> y = (x[:, 0] > 0).long()
         >>> noise = torch.randn(120, 6, generator=torch.Generator().manual_seed(1))
         >>> acts = TensorDict({"signal": x, "noise": noise}, batch_size=[])
-        >>> out = tdfunc.fit_probes(acts, y, steps=100, lr=0.05, generator=torch.Generator().manual_seed(0))
+        >>> out = tdfunc.latent.fit_probes(acts, y, steps=100, lr=0.05, generator=torch.Generator().manual_seed(0))
         >>> out["test", "signal", "accuracy"] > out["test", "noise", "accuracy"]
         tensor(True)
 
@@ -506,7 +506,7 @@ def fit_probes(
     Composes with: ``tdfunc.functional_call(..., capture=[...])`` for ``acts``; the fitted
     ``("params", site)`` go into ``probe_apply``.
     """
-    fn = "tdfunc.fit_probes"
+    fn = "tdfunc.latent.fit_probes"
     _check_kind(fn, kind, rank)
     _check_train_options(fn, steps, lr, weight_decay)
     keys = _sites(fn, acts)
@@ -576,7 +576,7 @@ def fit_sklearn_probes(
         >>> import torch, tdfunc
         >>> from tensordict import TensorDict
         >>> x = torch.randn(120, 6, generator=torch.Generator().manual_seed(0))
-        >>> out = tdfunc.fit_sklearn_probes(TensorDict({"a": x}, []), (x[:, 0] > 0).long(), random_state=0)
+        >>> out = tdfunc.latent.fit_sklearn_probes(TensorDict({"a": x}, []), (x[:, 0] > 0).long(), random_state=0)
         >>> float(out["test", "a", "accuracy"]) > 0.9
         True
 
@@ -585,7 +585,7 @@ def fit_sklearn_probes(
 
     Composes with: ``fit_probes`` (same split for the same seed).
     """
-    fn = "tdfunc.fit_sklearn_probes"
+    fn = "tdfunc.latent.fit_sklearn_probes"
     try:
         from sklearn.base import clone
         from sklearn.linear_model import LogisticRegression

@@ -57,14 +57,14 @@ def steering_vector(acts_pos: Any, acts_neg: Any, *, pooled: bool = True) -> tor
     Example:
         >>> import torch, tdfunc
         >>> pos, neg = torch.ones(4, 3, 2), torch.zeros(4, 3, 2)
-        >>> tdfunc.steering_vector(pos, neg)
+        >>> tdfunc.latent.steering_vector(pos, neg)
         tensor([1., 1.])
-        >>> tdfunc.steering_vector(pos, neg, pooled=False).shape
+        >>> tdfunc.latent.steering_vector(pos, neg, pooled=False).shape
         torch.Size([3, 2])
 
     Composes with: ``vmap`` (over stacked activation sets), ``grad`` (w.r.t. the activations).
     """
-    fn = "tdfunc.steering_vector"
+    fn = "tdfunc.latent.steering_vector"
     if isinstance(acts_pos, (Mapping, TensorDictBase)) or isinstance(acts_neg, (Mapping, TensorDictBase)):
         if not (isinstance(acts_pos, (Mapping, TensorDictBase)) and isinstance(acts_neg, (Mapping, TensorDictBase))):
             raise PatchError(f"{fn}: acts_pos is a {type(acts_pos).__name__} but acts_neg is a "
@@ -108,17 +108,17 @@ def steer(
         >>> import torch, tdfunc
         >>> net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
         >>> x, v = torch.randn(2, 3), {"0": torch.ones(4)}
-        >>> out = tdfunc.functional_call(net, None, (x,), edits=tdfunc.steer(v, 2.0))
+        >>> out = tdfunc.functional_call(net, None, (x,), edits=tdfunc.latent.steer(v, 2.0))
         >>> torch.allclose(out, net(x) + 2.0 * net[1].weight.sum(1))
         True
 
     Composes with: ``vmap`` (over scales or vectors), ``grad`` (w.r.t. the vector or scale), ``compile``.
     """
-    fn = "tdfunc.steer"
+    fn = "tdfunc.latent.steer"
     if not isinstance(vectors, (Mapping, TensorDictBase)) or not all(
         isinstance(k, str) and isinstance(vectors[k], torch.Tensor) for k in vectors.keys()
     ):
-        raise PatchError(f"{fn}: vectors must be a mapping {{site: tensor}} (e.g. from tdfunc.steering_vector), got "
+        raise PatchError(f"{fn}: vectors must be a mapping {{site: tensor}} (e.g. from tdfunc.latent.steering_vector), got "
                          f"{type(vectors).__name__}; wrap a single vector as {{'site': v}}.")
     edits: dict[str, Any] = {}
     for site in vectors.keys():
@@ -151,7 +151,7 @@ def generate_greedy(
         state: its (partial) state, or None.
         input_ids: prompt tokens (B, T).
         n_tokens: how many tokens to append (>= 0).
-        edits: edits applied at every step (e.g. ``tdfunc.steer(v, 4.0)``).
+        edits: edits applied at every step (e.g. ``tdfunc.latent.steer(v, 4.0)``).
 
     Returns:
         Tokens (B, T + n_tokens).
@@ -162,12 +162,12 @@ def generate_greedy(
     Example:
         >>> import torch, tdfunc
         >>> lm = torch.nn.Sequential(torch.nn.Embedding(5, 4), torch.nn.Linear(4, 5))
-        >>> tdfunc.generate_greedy(lm, None, torch.tensor([[1, 2]]), 3).shape
+        >>> tdfunc.latent.generate_greedy(lm, None, torch.tensor([[1, 2]]), 3).shape
         torch.Size([1, 5])
 
     Composes with: any edits (steering, patching, ablations); fine for short sequences (quadratic cost).
     """
-    fn = "tdfunc.generate_greedy"
+    fn = "tdfunc.latent.generate_greedy"
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype.is_floating_point:
         got = f"shape {tuple(input_ids.shape)} dtype {input_ids.dtype}" if isinstance(input_ids, torch.Tensor) \
             else type(input_ids).__name__

@@ -71,9 +71,9 @@ def sae_init(
 
     Example:
         >>> import torch, tdfunc
-        >>> sae = tdfunc.sae_init(8, 32, generator=torch.Generator().manual_seed(0))
+        >>> sae = tdfunc.weights.sae_init(8, 32, generator=torch.Generator().manual_seed(0))
         >>> net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
-        >>> y = tdfunc.functional_call(net, None, (torch.randn(5, 4),), edits={"1": tdfunc.sae_edit(sae)})
+        >>> y = tdfunc.functional_call(net, None, (torch.randn(5, 4),), edits={"1": tdfunc.weights.sae_edit(sae)})
         >>> sae["W_dec"].shape, y.shape
         (torch.Size([32, 8]), torch.Size([5, 2]))
 
@@ -82,7 +82,7 @@ def sae_init(
 
     Composes with: ``grad`` (train in your own loop), ``vmap`` (stacked SAEs), ``torch.compile``.
     """
-    _check_dims("tdfunc.sae_init", d_in=d_in, d_hidden=d_hidden)
+    _check_dims("tdfunc.weights.sae_init", d_in=d_in, d_hidden=d_hidden)
     return _init(d_in, d_hidden, d_in, generator, dtype, device)
 
 
@@ -99,7 +99,7 @@ def transcoder_init(
 
     .. math::  \\hat y = \\mathrm{ReLU}(x W_{enc} + b_{enc})\\, W_{dec} + b_{dec}
 
-    Same keys as :func:`tdfunc.sae_init`, with ``"W_dec"`` (d_hidden, d_out) and ``"b_dec"`` (d_out,);
+    Same keys as :func:`tdfunc.weights.sae_init`, with ``"W_dec"`` (d_hidden, d_out) and ``"b_dec"`` (d_out,);
     decoder rows are random unit vectors, the encoder is Gaussian with std ``1/sqrt(d_in)``.
 
     Args:
@@ -111,23 +111,23 @@ def transcoder_init(
         device: device of the parameters.
 
     Returns:
-        TensorDict ``{"W_enc", "b_enc", "W_dec", "b_dec"}``; use it with :func:`tdfunc.transcoder_edit`.
+        TensorDict ``{"W_enc", "b_enc", "W_dec", "b_dec"}``; use it with :func:`tdfunc.weights.transcoder_edit`.
 
     Raises:
         WeightError: a width that is not an integer >= 1.
 
     Example:
         >>> import torch, tdfunc
-        >>> tc = tdfunc.transcoder_init(4, 16, 8)
+        >>> tc = tdfunc.weights.transcoder_init(4, 16, 8)
         >>> tc["W_enc"].shape, tc["W_dec"].shape
         (torch.Size([4, 16]), torch.Size([16, 8]))
 
     References:
         Dunefsky, Chlenski, Nanda. Transcoders Find Interpretable LLM Feature Circuits. NeurIPS 2024.
 
-    Composes with: ``grad``, ``vmap``, ``torch.compile`` (through :func:`tdfunc.transcoder_edit`).
+    Composes with: ``grad``, ``vmap``, ``torch.compile`` (through :func:`tdfunc.weights.transcoder_edit`).
     """
-    _check_dims("tdfunc.transcoder_init", d_in=d_in, d_hidden=d_hidden, d_out=d_out)
+    _check_dims("tdfunc.weights.transcoder_init", d_in=d_in, d_hidden=d_hidden, d_out=d_out)
     return _init(d_in, d_hidden, d_out, generator, dtype, device)
 
 
@@ -137,7 +137,7 @@ def _check_sae(fn: str, s: Any) -> TensorDictBase:
     if missing:
         raise WeightError(
             f"{fn}: the adapter state lacks {missing} (has {sorted(map(str, s.keys()))}); build it with "
-            "tdfunc.sae_init(d_in, d_hidden) or tdfunc.transcoder_init(d_in, d_hidden, d_out)."
+            "tdfunc.weights.sae_init(d_in, d_hidden) or tdfunc.weights.transcoder_init(d_in, d_hidden, d_out)."
         )
     we, be, wd, bd = (s.get(k) for k in _SAE_KEYS)
     ok = we.dim() == 2 and wd.dim() == 2 and be.shape == (we.shape[1],) and wd.shape[0] == we.shape[1] and bd.shape == (wd.shape[1],)
@@ -155,7 +155,7 @@ def sae_encode(sae_state: TensorDictBase, x: torch.Tensor) -> torch.Tensor:
     .. math::  f = \\mathrm{ReLU}(x W_{enc} + b_{enc})
 
     Args:
-        sae_state: from :func:`tdfunc.sae_init` / :func:`tdfunc.transcoder_init`.
+        sae_state: from :func:`tdfunc.weights.sae_init` / :func:`tdfunc.weights.transcoder_init`.
         x: activations with last dim ``d_in`` (any leading dims).
 
     Returns:
@@ -163,10 +163,10 @@ def sae_encode(sae_state: TensorDictBase, x: torch.Tensor) -> torch.Tensor:
 
     Example:
         >>> import torch, tdfunc
-        >>> sae = tdfunc.sae_init(8, 32)
+        >>> sae = tdfunc.weights.sae_init(8, 32)
         >>> x = torch.randn(5, 8)
-        >>> f = tdfunc.sae_encode(sae, x)
-        >>> f.shape, bool((f >= 0).all()), tdfunc.sae_decode(sae, f).shape
+        >>> f = tdfunc.weights.sae_encode(sae, x)
+        >>> f.shape, bool((f >= 0).all()), tdfunc.weights.sae_decode(sae, f).shape
         (torch.Size([5, 32]), True, torch.Size([5, 8]))
 
     Composes with: ``grad`` over the SAE state, ``vmap``, ``torch.compile``.
@@ -175,10 +175,10 @@ def sae_encode(sae_state: TensorDictBase, x: torch.Tensor) -> torch.Tensor:
 
 
 def sae_decode(sae_state: TensorDictBase, f: torch.Tensor) -> torch.Tensor:
-    """Reconstruction from feature activations: ``f W_dec + b_dec`` (see :func:`tdfunc.sae_encode`).
+    """Reconstruction from feature activations: ``f W_dec + b_dec`` (see :func:`tdfunc.weights.sae_encode`).
 
     Args:
-        sae_state: from :func:`tdfunc.sae_init` / :func:`tdfunc.transcoder_init`.
+        sae_state: from :func:`tdfunc.weights.sae_init` / :func:`tdfunc.weights.transcoder_init`.
         f: features with last dim ``d_hidden``.
 
     Returns:
@@ -209,11 +209,11 @@ def sae_edit(sae_state: TensorDictBase) -> Callable[[torch.Tensor], torch.Tensor
 
     .. math::  x \\leftarrow \\mathrm{ReLU}(x W_{enc} + b_{enc})\\, W_{dec} + b_{dec}
 
-    Use it as ``edits={site: tdfunc.sae_edit(sae)}``; the SAE reads the site's last dim.  The edit
+    Use it as ``edits={site: tdfunc.weights.sae_edit(sae)}``; the SAE reads the site's last dim.  The edit
     closes over ``sae_state``, so ``grad`` / ``vmap`` over the SAE parameters pass through it.
 
     Args:
-        sae_state: from :func:`tdfunc.sae_init` (or trained from it).
+        sae_state: from :func:`tdfunc.weights.sae_init` (or trained from it).
 
     Returns:
         A callable edit ``fn(value) -> value``.
@@ -225,20 +225,20 @@ def sae_edit(sae_state: TensorDictBase) -> Callable[[torch.Tensor], torch.Tensor
     Example:
         >>> import torch, tdfunc
         >>> net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
-        >>> sae, x = tdfunc.sae_init(8, 32), torch.randn(5, 4)
-        >>> y, acts = tdfunc.functional_call(net, None, (x,), edits={"1": tdfunc.sae_edit(sae)}, capture="1")
-        >>> torch.allclose(acts["1"], tdfunc.sae_decode(sae, tdfunc.sae_encode(sae, net[:2](x))))
+        >>> sae, x = tdfunc.weights.sae_init(8, 32), torch.randn(5, 4)
+        >>> y, acts = tdfunc.functional_call(net, None, (x,), edits={"1": tdfunc.weights.sae_edit(sae)}, capture="1")
+        >>> torch.allclose(acts["1"], tdfunc.weights.sae_decode(sae, tdfunc.weights.sae_encode(sae, net[:2](x))))
         True
 
     Composes with: ``grad`` over the SAE state (double backward), ``vmap`` (stacked SAEs),
     ``torch.compile``.
     """
-    fn = "tdfunc.sae_edit"
+    fn = "tdfunc.weights.sae_edit"
     s = _check_sae(fn, sae_state)
     if s.get("W_enc").shape[0] != s.get("W_dec").shape[1]:
         raise WeightError(
             f"{fn}: this adapter reads width {s.get('W_enc').shape[0]} and writes width {s.get('W_dec').shape[1]}; an SAE "
-            "edit must write what it reads. Use tdfunc.transcoder_edit(state, source_site) for a transcoder."
+            "edit must write what it reads. Use tdfunc.weights.transcoder_edit(state, source_site) for a transcoder."
         )
     return _codec(fn, s, "the edited site")
 
@@ -248,12 +248,12 @@ def transcoder_edit(tc_state: TensorDictBase, source_site: str) -> FromSite:
 
     .. math::  y_B \\leftarrow \\mathrm{ReLU}(x_A W_{enc} + b_{enc})\\, W_{dec} + b_{dec}
 
-    ``edits={B: tdfunc.transcoder_edit(tc, A)}`` replaces B's output (e.g. an MLP's) with the
+    ``edits={B: tdfunc.weights.transcoder_edit(tc, A)}`` replaces B's output (e.g. an MLP's) with the
     transcoder's reading of A (e.g. the MLP's input, ``"blocks.0.mlp:input"``) in the same call;
     ``A`` must run before ``B``.  Built on :func:`tdfunc.from_site`.
 
     Args:
-        tc_state: from :func:`tdfunc.transcoder_init` (or trained).
+        tc_state: from :func:`tdfunc.weights.transcoder_init` (or trained).
         source_site: the site whose value the transcoder reads.
 
     Returns:
@@ -266,9 +266,9 @@ def transcoder_edit(tc_state: TensorDictBase, source_site: str) -> FromSite:
     Example:
         >>> import torch, tdfunc
         >>> net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
-        >>> tc, x = tdfunc.transcoder_init(8, 16, 2), torch.randn(5, 4)
-        >>> y = tdfunc.functional_call(net, None, (x,), edits={"2": tdfunc.transcoder_edit(tc, "2:input")})
-        >>> torch.allclose(y, tdfunc.sae_decode(tc, tdfunc.sae_encode(tc, net[:2](x))))
+        >>> tc, x = tdfunc.weights.transcoder_init(8, 16, 2), torch.randn(5, 4)
+        >>> y = tdfunc.functional_call(net, None, (x,), edits={"2": tdfunc.weights.transcoder_edit(tc, "2:input")})
+        >>> torch.allclose(y, tdfunc.weights.sae_decode(tc, tdfunc.weights.sae_encode(tc, net[:2](x))))
         True
 
     References:
@@ -276,7 +276,7 @@ def transcoder_edit(tc_state: TensorDictBase, source_site: str) -> FromSite:
 
     Composes with: ``grad`` over the transcoder state, ``vmap``, ``torch.compile``.
     """
-    fn = "tdfunc.transcoder_edit"
+    fn = "tdfunc.weights.transcoder_edit"
     s = _check_sae(fn, tc_state)
     if not isinstance(source_site, str):
         raise TypeError(f"{fn}: source_site must be a site string, got {type(source_site).__name__} ({source_site!r:.60}).")
@@ -326,7 +326,7 @@ def lora_init(
     Example:
         >>> import torch, tdfunc
         >>> net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
-        >>> lora = tdfunc.lora_init(tdfunc.state(net), ["0", "2"], rank=2)
+        >>> lora = tdfunc.weights.lora_init(tdfunc.state(net), ["0", "2"], rank=2)
         >>> lora["0", "weight", "A"].shape, lora["0", "weight", "B"].shape
         (torch.Size([2, 4]), torch.Size([8, 2]))
 
@@ -335,7 +335,7 @@ def lora_init(
 
     Composes with: ``grad`` over the LoRA state in your training loop, ``vmap`` (stacked adapters).
     """
-    fn = "tdfunc.lora_init"
+    fn = "tdfunc.weights.lora_init"
     flat = leaves(check_td(fn, "state", state))
     _check_dims(fn, rank=rank)
     if isinstance(keys, (str, tuple)):
@@ -361,7 +361,7 @@ def apply_lora(state: TensorDictBase, lora_state: TensorDictBase, scale: float |
 
     Args:
         state: the base state.
-        lora_state: from :func:`tdfunc.lora_init` (or trained): ``(*key, "A")`` and ``(*key, "B")``.
+        lora_state: from :func:`tdfunc.weights.lora_init` (or trained): ``(*key, "A")`` and ``(*key, "B")``.
         scale: ``s`` (often ``alpha / r``), a number or a 0-d tensor.
 
     Returns:
@@ -375,16 +375,16 @@ def apply_lora(state: TensorDictBase, lora_state: TensorDictBase, scale: float |
         >>> import torch, tdfunc
         >>> net = torch.nn.Sequential(torch.nn.Linear(4, 8))
         >>> state = tdfunc.state(net)
-        >>> lora = tdfunc.lora_init(state, ["0"], rank=2)
+        >>> lora = tdfunc.weights.lora_init(state, ["0"], rank=2)
         >>> lora["0", "weight", "B"] = torch.ones(8, 2)
-        >>> new = tdfunc.apply_lora(state, lora, 0.5)
+        >>> new = tdfunc.weights.apply_lora(state, lora, 0.5)
         >>> torch.allclose(new["0", "weight"], net[0].weight + 0.5 * torch.ones(8, 2) @ lora["0", "weight", "A"])
         True
 
     Composes with: ``grad`` w.r.t. the LoRA state (double backward), ``vmap`` (stacked adapters),
     ``torch.compile``.
     """
-    fn = "tdfunc.apply_lora"
+    fn = "tdfunc.weights.apply_lora"
     flat = leaves(check_td(fn, "state", state))
     flat_l = leaves(check_td(fn, "lora_state", lora_state))
     scale = check_scale(fn, "scale", scale)
@@ -392,7 +392,7 @@ def apply_lora(state: TensorDictBase, lora_state: TensorDictBase, scale: float |
     for k, v in flat_l.items():
         if k[-1] not in ("A", "B") or len(k) < 2:
             raise WeightError(
-                f"{fn}: lora_state entry {dotted(k)!r} is neither an 'A' nor a 'B' factor; build it with tdfunc.lora_init."
+                f"{fn}: lora_state entry {dotted(k)!r} is neither an 'A' nor a 'B' factor; build it with tdfunc.weights.lora_init."
             )
         groups.setdefault(k[:-1], {})[k[-1]] = v
     new = {}
@@ -400,7 +400,7 @@ def apply_lora(state: TensorDictBase, lora_state: TensorDictBase, scale: float |
         if k not in flat:
             raise WeightError(
                 f"{fn}: lora_state adapts {dotted(k)!r}, which is not in the state.{suggest(dotted(k), [dotted(j) for j in flat])} "
-                "Build the adapter with tdfunc.lora_init(state, keys, rank) on the same state."
+                "Build the adapter with tdfunc.weights.lora_init(state, keys, rank) on the same state."
             )
         if set(g) != {"A", "B"}:
             raise WeightError(f"{fn}: lora_state has only factor {sorted(g)} for {dotted(k)!r}; it needs both 'A' and 'B'.")

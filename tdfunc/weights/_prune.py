@@ -31,13 +31,13 @@ def magnitude_scores(state: TensorDictBase) -> TensorDict:
     Example:
         >>> import torch, tdfunc
         >>> net = torch.nn.Sequential(torch.nn.Linear(4, 3))
-        >>> s = tdfunc.magnitude_scores(tdfunc.state(net))
+        >>> s = tdfunc.weights.magnitude_scores(tdfunc.state(net))
         >>> torch.equal(s["0", "weight"], net[0].weight.detach().abs())
         True
 
     Composes with: ``vmap`` (stacked states), ``grad``, ``torch.compile``.
     """
-    state = check_td("tdfunc.magnitude_scores", "state", state)
+    state = check_td("tdfunc.weights.magnitude_scores", "state", state)
     flat = leaves(state)
     return from_leaves({k: flat[k].abs() for k in float_keys(flat)}, state.batch_size)
 
@@ -65,8 +65,8 @@ def snip_scores(loss_fn: Callable[[TensorDictBase], torch.Tensor], state: Tensor
         >>> net = torch.nn.Sequential(torch.nn.Linear(4, 3))
         >>> x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
         >>> loss = lambda s: torch.nn.functional.cross_entropy(tdfunc.functional_call(net, s, (x,)), y)
-        >>> scores = tdfunc.snip_scores(loss, tdfunc.state(net))
-        >>> masks = tdfunc.prune_masks(tdfunc.state(net), scores, amount=0.5)
+        >>> scores = tdfunc.weights.snip_scores(loss, tdfunc.state(net))
+        >>> masks = tdfunc.weights.prune_masks(tdfunc.state(net), scores, amount=0.5)
         >>> int(masks["0", "weight"].sum())
         6
 
@@ -76,7 +76,7 @@ def snip_scores(loss_fn: Callable[[TensorDictBase], torch.Tensor], state: Tensor
     Composes with: ``vmap`` (over data or stacked states), ``grad`` (double backward),
     ``torch.compile``.
     """
-    fn = "tdfunc.snip_scores"
+    fn = "tdfunc.weights.snip_scores"
     if not callable(loss_fn):
         raise TypeError(f"{fn}: expected a callable loss_fn(state) -> scalar, got {type(loss_fn).__name__} ({loss_fn!r:.60}).")
     state = check_td(fn, "state", state)
@@ -189,7 +189,7 @@ def prune_masks(
 
     Args:
         state: the state whose tree the masks mirror.
-        scores: importance scores, e.g. :func:`tdfunc.magnitude_scores` or :func:`tdfunc.snip_scores`
+        scores: importance scores, e.g. :func:`tdfunc.weights.magnitude_scores` or :func:`tdfunc.weights.snip_scores`
             or any TensorDict with the selected entries' shapes.
         amount: fraction in [0, 1] to prune, or a list of fractions: masks for each, stacked on a
             new leading dim (vmap over them to sweep sparsity levels).
@@ -201,7 +201,7 @@ def prune_masks(
 
     Returns:
         A TensorDict of bool masks with the selected entries only (others are left alone by
-        :func:`tdfunc.apply_masks`).
+        :func:`tdfunc.weights.apply_masks`).
 
     Raises:
         WeightError: ``amount`` outside [0, 1], ``structured_dim`` out of range, unknown ``include``
@@ -211,8 +211,8 @@ def prune_masks(
         >>> import torch, tdfunc
         >>> net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
         >>> state = tdfunc.state(net)
-        >>> masks = tdfunc.prune_masks(state, tdfunc.magnitude_scores(state), amount=[0.25, 0.5, 0.9])
-        >>> pruned = torch.func.vmap(tdfunc.apply_masks, in_dims=(None, 0))(state, masks)
+        >>> masks = tdfunc.weights.prune_masks(state, tdfunc.weights.magnitude_scores(state), amount=[0.25, 0.5, 0.9])
+        >>> pruned = torch.func.vmap(tdfunc.weights.apply_masks, in_dims=(None, 0))(state, masks)
         >>> zeros = lambda w: (w == 0).flatten(1).sum(1)
         >>> (zeros(pruned["0", "weight"]) + zeros(pruned["2", "weight"])).tolist()
         [12, 24, 43]
@@ -221,9 +221,9 @@ def prune_masks(
         Han, Pool, Tran, Dally. Learning both Weights and Connections for Efficient Neural Networks. NeurIPS 2015.
 
     Composes with: ``vmap`` (over scores or stacked states; amounts are Python numbers), ``torch.compile``;
-    masks stacked over amounts vmap through :func:`tdfunc.apply_masks`.
+    masks stacked over amounts vmap through :func:`tdfunc.weights.apply_masks`.
     """
-    fn = "tdfunc.prune_masks"
+    fn = "tdfunc.weights.prune_masks"
     state = check_td(fn, "state", state)
     scores = check_td(fn, "scores", scores)
     amounts = _check_amount(fn, amount)
@@ -249,7 +249,7 @@ def prune_masks(
         if k not in flat_scores:
             raise WeightError(
                 f"{fn}: scores has no entry {dotted(k)!r}, which is selected for pruning.{suggest(dotted(k), [dotted(j) for j in flat_scores])} "
-                "Compute scores on the same state (tdfunc.magnitude_scores(state)) or narrow include=[...]."
+                "Compute scores on the same state (tdfunc.weights.magnitude_scores(state)) or narrow include=[...]."
             )
         if flat_scores[k].shape != flat[k].shape:
             raise WeightError(
@@ -286,15 +286,15 @@ def apply_masks(state: TensorDictBase, masks: TensorDictBase) -> TensorDictBase:
         >>> import torch, tdfunc
         >>> net = torch.nn.Sequential(torch.nn.Linear(3, 2))
         >>> state = tdfunc.state(net)
-        >>> masks = tdfunc.prune_masks(state, tdfunc.magnitude_scores(state), amount=0.5)
-        >>> new = tdfunc.apply_masks(state, masks)
+        >>> masks = tdfunc.weights.prune_masks(state, tdfunc.weights.magnitude_scores(state), amount=0.5)
+        >>> new = tdfunc.weights.apply_masks(state, masks)
         >>> int((new["0", "weight"] == 0).sum()), bool((state["0", "weight"] != 0).all())
         (3, True)
 
     Composes with: ``vmap`` (over stacked masks or states), ``grad`` (w.r.t. state or float masks,
     double backward), ``torch.compile``.
     """
-    fn = "tdfunc.apply_masks"
+    fn = "tdfunc.weights.apply_masks"
     state = check_td(fn, "state", state)
     masks = check_td(fn, "masks", masks)
     flat, flat_m = leaves(state), leaves(masks)
@@ -303,7 +303,7 @@ def apply_masks(state: TensorDictBase, masks: TensorDictBase) -> TensorDictBase:
         if k not in flat:
             raise WeightError(
                 f"{fn}: masks has entry {dotted(k)!r}, which is not in the state.{suggest(dotted(k), [dotted(j) for j in flat])} "
-                "Masks must mirror the state's tree (build them with tdfunc.prune_masks(state, ...))."
+                "Masks must mirror the state's tree (build them with tdfunc.weights.prune_masks(state, ...))."
             )
         t = flat[k]
         if m.dtype != torch.bool and not m.is_floating_point():
@@ -313,7 +313,7 @@ def apply_masks(state: TensorDictBase, masks: TensorDictBase) -> TensorDictBase:
             raise WeightError(
                 f"{fn}: mask for {dotted(k)!r} has shape {shape_str(m.shape)} but the state entry has shape "
                 f"{shape_str(t.shape)}; masks must mirror the state's tree and shapes (to apply stacked masks, "
-                "vmap over them: torch.func.vmap(tdfunc.apply_masks, in_dims=(None, 0)))."
+                "vmap over them: torch.func.vmap(tdfunc.weights.apply_masks, in_dims=(None, 0)))."
             )
         new[k] = t * m.to(t.dtype)
     return rebuild(state, new)

@@ -50,8 +50,8 @@ def task_vector(finetuned: TensorDictBase, pretrained: TensorDictBase) -> Tensor
     Example:
         >>> import torch, tdfunc
         >>> pre, ft = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
-        >>> tv = tdfunc.task_vector(tdfunc.state(ft), tdfunc.state(pre))
-        >>> back = tdfunc.apply_task_vector(tdfunc.state(pre), tv, 1.0)
+        >>> tv = tdfunc.weights.task_vector(tdfunc.state(ft), tdfunc.state(pre))
+        >>> back = tdfunc.weights.apply_task_vector(tdfunc.state(pre), tv, 1.0)
         >>> torch.allclose(back["weight"], ft.weight), (-tv)["bias"].shape
         (True, torch.Size([2]))
 
@@ -60,7 +60,7 @@ def task_vector(finetuned: TensorDictBase, pretrained: TensorDictBase) -> Tensor
 
     Composes with: ``vmap`` (stacked states), ``grad``, ``torch.compile``; TensorDict ``+``, ``-``, ``*``.
     """
-    fn = "tdfunc.task_vector"
+    fn = "tdfunc.weights.task_vector"
     ft = leaves(check_td(fn, "finetuned", finetuned))
     pre = leaves(check_td(fn, "pretrained", pretrained))
     keys_ft, keys_pre = float_keys(ft), float_keys(pre)
@@ -76,10 +76,10 @@ def apply_task_vector(pretrained: TensorDictBase, tv: TensorDictBase, alpha: flo
 
     Args:
         pretrained: the base state.
-        tv: a task vector (:func:`tdfunc.task_vector`, a sum of them, :func:`tdfunc.ties_merge`),
+        tv: a task vector (:func:`tdfunc.weights.task_vector`, a sum of them, :func:`tdfunc.weights.ties_merge`),
             a sub-tree of ``pretrained``.
         alpha: scaling coefficient, a number or a 0-d tensor (differentiable; vmap over a 1-D tensor
-            of alphas, or use :func:`tdfunc.task_vector_sweep`).
+            of alphas, or use :func:`tdfunc.weights.task_vector_sweep`).
 
     Returns:
         A new TensorDict; ``pretrained`` and ``tv`` are not written.
@@ -90,15 +90,15 @@ def apply_task_vector(pretrained: TensorDictBase, tv: TensorDictBase, alpha: flo
     Example:
         >>> import torch, tdfunc
         >>> pre, ft = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
-        >>> tv = tdfunc.task_vector(tdfunc.state(ft), tdfunc.state(pre))
-        >>> half = tdfunc.apply_task_vector(tdfunc.state(pre), tv, 0.5)
+        >>> tv = tdfunc.weights.task_vector(tdfunc.state(ft), tdfunc.state(pre))
+        >>> half = tdfunc.weights.apply_task_vector(tdfunc.state(pre), tv, 0.5)
         >>> torch.allclose(half["weight"], (pre.weight + ft.weight) / 2)
         True
 
     Composes with: ``vmap`` (over alphas, task vectors or states), ``grad`` (w.r.t. alpha or the
     task vector, double backward), ``torch.compile``.
     """
-    fn = "tdfunc.apply_task_vector"
+    fn = "tdfunc.weights.apply_task_vector"
     pre = leaves(check_td(fn, "pretrained", pretrained))
     flat_tv = leaves(check_td(fn, "tv", tv))
     alpha = check_scale(fn, "alpha", alpha)
@@ -117,7 +117,7 @@ def _stack_tvs(fn: str, task_vectors: Any) -> tuple[list, dict]:
         return list(flat), flat
     if not isinstance(task_vectors, (list, tuple)) or not task_vectors:
         raise TypeError(
-            f"{fn}: task_vectors must be a non-empty list of TensorDicts (tdfunc.task_vector(...)) or one stacked "
+            f"{fn}: task_vectors must be a non-empty list of TensorDicts (tdfunc.weights.task_vector(...)) or one stacked "
             f"TensorDict, got {type(task_vectors).__name__} ({task_vectors!r:.60})."
         )
     flats = [leaves(check_td(fn, f"task_vectors[{i}]", t)) for i, t in enumerate(task_vectors)]
@@ -150,7 +150,7 @@ def ties_merge(
         lambda_: scale of the merged vector.
 
     Returns:
-        The merged task vector; apply it with :func:`tdfunc.apply_task_vector`.
+        The merged task vector; apply it with :func:`tdfunc.weights.apply_task_vector`.
 
     Raises:
         WeightError: trees differ, ``density`` outside (0, 1].
@@ -160,7 +160,7 @@ def ties_merge(
         >>> from tensordict import TensorDict
         >>> t1 = TensorDict({"w": torch.tensor([1.0, -2.0, 0.1, 3.0])})
         >>> t2 = TensorDict({"w": torch.tensor([2.0, 1.0, -0.2, -1.0])})
-        >>> tdfunc.ties_merge([t1, t2], density=0.5)["w"]
+        >>> tdfunc.weights.ties_merge([t1, t2], density=0.5)["w"]
         tensor([ 1.5000, -2.0000,  0.0000,  3.0000])
 
     References:
@@ -169,7 +169,7 @@ def ties_merge(
     Composes with: ``vmap`` (over stacked sets of task vectors), ``grad`` (w.r.t. the task vectors and
     ``lambda_``, piecewise), ``torch.compile``.
     """
-    fn = "tdfunc.ties_merge"
+    fn = "tdfunc.weights.ties_merge"
     if isinstance(density, bool) or not isinstance(density, (int, float)) or not 0.0 < float(density) <= 1.0:
         raise WeightError(f"{fn}: density must be a fraction in (0, 1], got {density!r}; e.g. density=0.2 keeps the top 20%.")
     lambda_ = check_scale(fn, "lambda_", lambda_)
@@ -238,9 +238,9 @@ def task_vector_sweep(
         >>> import torch, tdfunc
         >>> pre, ft = torch.nn.Linear(3, 1), torch.nn.Linear(3, 1)
         >>> x = torch.randn(16, 3)
-        >>> tv = tdfunc.task_vector(tdfunc.state(ft), tdfunc.state(pre))
+        >>> tv = tdfunc.weights.task_vector(tdfunc.state(ft), tdfunc.state(pre))
         >>> close = lambda s: -(tdfunc.functional_call(pre, s, (x,)) - ft(x)).square().mean()
-        >>> out = tdfunc.task_vector_sweep(pre, tdfunc.state(pre), tv, torch.linspace(0, 2, 5), close)
+        >>> out = tdfunc.weights.task_vector_sweep(pre, tdfunc.state(pre), tv, torch.linspace(0, 2, 5), close)
         >>> float(out["best_alpha"]), out["metric"].shape
         (1.0, torch.Size([5]))
 
@@ -250,7 +250,7 @@ def task_vector_sweep(
     Composes with: ``vmap`` (over data the metric closes over), ``grad`` (of the metric values),
     ``torch.compile``.
     """
-    fn = "tdfunc.task_vector_sweep"
+    fn = "tdfunc.weights.task_vector_sweep"
     if not isinstance(module, nn.Module):
         raise TypeError(f"{fn}: expected an nn.Module as the module, got {type(module).__name__} ({module!r:.60}).")
     pretrained = check_td(fn, "pretrained", pretrained)
@@ -294,7 +294,7 @@ def interpolate(state_a: TensorDictBase, state_b: TensorDictBase, alphas: Sequen
 
     (``torch.lerp``: exact at ``α = 0`` and ``α = 1``).  Non-floating entries are taken from
     ``state_a``.  Evaluate a loss along the path in one call:
-    ``vmap(lambda s: loss(s))(tdfunc.interpolate(a, b, alphas))``; a uniform soup is
+    ``vmap(lambda s: loss(s))(tdfunc.weights.interpolate(a, b, alphas))``; a uniform soup is
     ``torch.stack([s1, s2, s3]).mean(0)`` (plain TensorDict ops).
 
     Args:
@@ -311,7 +311,7 @@ def interpolate(state_a: TensorDictBase, state_b: TensorDictBase, alphas: Sequen
     Example:
         >>> import torch, tdfunc
         >>> a, b = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
-        >>> path = tdfunc.interpolate(tdfunc.state(a), tdfunc.state(b), torch.linspace(0, 1, 5))
+        >>> path = tdfunc.weights.interpolate(tdfunc.state(a), tdfunc.state(b), torch.linspace(0, 1, 5))
         >>> x = torch.randn(4, 3)
         >>> losses = torch.func.vmap(lambda s: tdfunc.functional_call(a, s, (x,)).square().mean())(path)
         >>> losses.shape, torch.equal(path[4]["weight"], b.weight.detach())
@@ -324,7 +324,7 @@ def interpolate(state_a: TensorDictBase, state_b: TensorDictBase, alphas: Sequen
     Composes with: ``vmap`` (over the path, nested), ``grad`` (w.r.t. both states and alphas),
     ``torch.compile``.
     """
-    fn = "tdfunc.interpolate"
+    fn = "tdfunc.weights.interpolate"
     fa = leaves(check_td(fn, "state_a", state_a))
     fb = leaves(check_td(fn, "state_b", state_b))
     keys = float_keys(fa)
