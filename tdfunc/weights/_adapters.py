@@ -184,6 +184,13 @@ def sae_decode(sae_state: TensorDictBase, f: torch.Tensor) -> torch.Tensor:
     Returns:
         The reconstruction, last dim ``d_out`` (``d_in`` for an SAE).
 
+    Example:
+        >>> import torch, tdfunc
+        >>> sae = tdfunc.weights.sae_init(8, 32, generator=torch.Generator().manual_seed(0))
+        >>> f = torch.zeros(5, 32)
+        >>> torch.equal(tdfunc.weights.sae_decode(sae, f), sae["b_dec"].expand(5, 8))
+        True
+
     Composes with: ``grad``, ``vmap``, ``torch.compile``.
     """
     return f @ sae_state.get("W_dec") + sae_state.get("b_dec")
