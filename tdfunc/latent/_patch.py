@@ -7,7 +7,6 @@ masks; ``path_patch`` patches a sender only as seen by a set of receivers.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -16,6 +15,7 @@ from tensordict import TensorDictBase
 from torch.func import vmap
 
 from .._call import functional_call
+from .._match import site_match
 from ._common import LatentError
 
 __all__ = ["PatchError", "patch", "patching_sweep", "path_patch"]
@@ -26,12 +26,6 @@ class PatchError(LatentError):
 
 
 # ---------------------------------------------------------------------------------------------- checks
-
-
-def _pattern(site: str) -> re.Pattern:
-    # '**' spans segments, '*' stays within one name segment (no '.', ':' or '@')
-    parts = [re.escape(p).replace(r"\*", "[^.:@]*") for p in site.split("**")]
-    return re.compile(".*".join(parts))
 
 
 def _as_list(fn: str, sites: Any) -> list[str]:
@@ -50,7 +44,7 @@ def _match(fn: str, sites: Any, captures: Any) -> list[str]:
     keys = [k for k in captures.keys() if isinstance(k, str)]
     out: list[str] = []
     for site in _as_list(fn, sites):
-        hits = [site] if site in keys else [k for k in keys if _pattern(site).fullmatch(k)]
+        hits = [site] if site in keys else [k for k in keys if site_match(site, k)]
         if not hits:
             raise PatchError(f"{fn}: site {site!r} matches no entry of clean_captures (entries {keys}); capture "
                              f"it in the clean run: functional_call(..., capture=[{site!r}]).")
@@ -338,7 +332,7 @@ def path_patch(
     fn = "tdfunc.latent.path_patch"
     send, recv = _as_list(fn, senders), _as_list(fn, receivers)
     frz = [] if freeze is None else _as_list(fn, freeze)
-    received = lambda k: any(_pattern(r).fullmatch(k) for r in recv)  # noqa: E731
+    received = lambda k: any(site_match(r, k) for r in recv)  # noqa: E731
     _, clean = functional_call(module, state, clean_args, kwargs, capture=send)
     edits = _patch_edits(fn, clean, send, positions, patch_fn)
     both = [k for k in edits if received(k)]

@@ -9,7 +9,7 @@ import torch
 from tensordict import TensorDict, TensorDictBase
 
 from .._errors import TdfuncError, shape_str, suggest
-from .._sites import _path_match
+from .._match import entry_match
 
 __all__ = ["WeightError", "leaves", "dotted", "parse_key", "check_td", "check_alphas", "rebuild", "float_keys"]
 
@@ -75,14 +75,14 @@ def known_names(flat: dict[Key, torch.Tensor]) -> list[str]:
 
 
 def select(fn: str, what: str, flat: dict[Key, torch.Tensor], patterns: Sequence | str) -> list[Key]:
-    """Leaves whose dotted name matches one of the patterns (``*`` within a segment, ``**`` across)."""
+    """Leaves whose dotted name, or a module holding them, matches one of the patterns (``tdfunc._match``)."""
     if isinstance(patterns, (str, tuple)):
         patterns = [patterns]
     names = known_names(flat)
     chosen: list[Key] = []
     for p in patterns:
         segs = list(parse_key(fn, what, p))
-        hit = [k for k in flat if _path_match(segs, list(k)) or k[: len(segs)] == tuple(segs)]
+        hit = [k for k in flat if entry_match(segs, k)]
         if not hit:
             raise WeightError(
                 f"{fn}: {what} entry {dotted(tuple(segs))!r} matches no entry of the state.{suggest(dotted(tuple(segs)), names)}"
