@@ -49,6 +49,8 @@ def state(module: nn.Module, *, copy: bool = False) -> TensorDict:
             f"tdfunc.state: expected an nn.Module, got {type(module).__name__} ({module!r:.60}); "
             "pass the model itself, e.g. tdfunc.state(model)."
         )
+    if not isinstance(copy, bool):
+        raise TypeError(f"tdfunc.state: copy must be True or False, got {type(copy).__name__} ({copy!r:.60}).")
     nested: dict = {}
     for name, t in list(module.named_parameters()) + list(module.named_buffers()):
         *path, leaf = name.split(".")
@@ -73,16 +75,32 @@ def _flatten(fn: str, td: TensorDictBase, prefix: str, out: dict) -> dict:
     return out
 
 
-_NAMES: "weakref.WeakKeyDictionary[nn.Module, frozenset[str]]" = weakref.WeakKeyDictionary()
+#: per module: its tensors by dotted name (tied ones under every name), to check a state's keys and shapes
+_TENSORS: "weakref.WeakKeyDictionary[nn.Module, dict[str, torch.Tensor]]" = weakref.WeakKeyDictionary()
 
 
-def _names(module: nn.Module) -> frozenset[str]:
-    names = frozenset(n for n, _ in module.named_parameters(remove_duplicate=False)) | frozenset(
-        n for n, _ in module.named_buffers(remove_duplicate=False)
-    )
+def _tensors(module: nn.Module) -> dict[str, torch.Tensor]:
+    tensors = dict(module.named_parameters(remove_duplicate=False))
+    tensors.update(module.named_buffers(remove_duplicate=False))
     if not torch.compiler.is_compiling():
-        _NAMES[module] = names
-    return names
+        _TENSORS[module] = tensors
+    return tensors
+
+
+def _check_shape(fn: str, module: nn.Module, k: str, v: torch.Tensor, own: torch.Tensor) -> None:
+    if v.shape == own.shape:
+        return
+    shape, want = tuple(v.shape), tuple(own.shape)
+    if len(shape) == len(want) + 1 and shape[1:] == want:
+        raise StateError(
+            f"{fn}: state entry {k!r} has shape {shape}, a stack of {shape[0]} of {type(module).__name__}'s "
+            f"{want}; a stacked state (an ensemble) runs under torch.func.vmap, e.g. "
+            "vmap(lambda s: tdfunc.functional_call(model, s, args))(stacked), or select one member with state[i]."
+        )
+    raise StateError(
+        f"{fn}: state entry {k!r} has shape {shape}, but {type(module).__name__}'s tensor of that name has "
+        f"shape {want}; give a tensor of shape {want} (a state built with tdfunc.state(model))."
+    )
 
 
 def flat_state(fn: str, module: nn.Module, state: TensorDictBase | Mapping | None) -> dict[str, torch.Tensor]:
@@ -102,15 +120,22 @@ def flat_state(fn: str, module: nn.Module, state: TensorDictBase | Mapping | Non
         )
     if torch.compiler.is_compiling():
         return flat
-    names = _NAMES.get(module)
-    if names is None or any(k not in names for k in flat):
-        names = _names(module)
+    tensors = _TENSORS.get(module)
+    if tensors is not None:  # the fast path: every entry is a tensor of the cached name and shape
+        for k, v in flat.items():
+            own = tensors.get(k)
+            if own is None or not isinstance(v, torch.Tensor) or v.shape != own.shape:
+                break
+        else:
+            return flat
+    tensors = _tensors(module)  # first call, or the module may have changed since it was cached: look again
     for k, v in flat.items():
-        if k not in names:
+        if k not in tensors:
             raise StateError(
                 f"{fn}: unknown state key {k!r}: {type(module).__name__} has no parameter or buffer of that "
-                f"name.{suggest(k, names)} Build the state with tdfunc.state(model) or select from it."
+                f"name.{suggest(k, tensors)} Build the state with tdfunc.state(model) or select from it."
             )
         if not isinstance(v, torch.Tensor):
             raise StateError(f"{fn}: state entry {k!r} is a {type(v).__name__}, expected a tensor.")
+        _check_shape(fn, module, k, v, tensors[k])
     return flat
