@@ -18,7 +18,7 @@ from torch.func import vjp, vmap
 
 from .._errors import TdfuncError, shape_str, suggest
 
-__all__ = ["AttributionError", "Inputs", "prepare", "with_inputs", "check_output", "grads_per_target", "result"]
+__all__ = ["AttributionError", "MiscompileError", "Inputs", "prepare", "with_inputs", "check_output", "grads_per_target", "result"]
 
 BASELINE = "baseline"
 Key = tuple  # nested keys are always tuples here
@@ -26,6 +26,66 @@ Key = tuple  # nested keys are always tuples here
 
 class AttributionError(TdfuncError, ValueError):
     """Bad input to an attribution method (keys, baselines, shapes of ``f``'s output, options)."""
+
+
+class MiscompileError(TdfuncError, RuntimeError):
+    """A known silent miscompilation upstream: raised at trace time instead of returning a wrong result."""
+
+
+_MAX_POOLS = tuple(
+    getattr(mod, name)
+    for mod, names in (
+        (torch.nn.functional, ("max_pool1d", "max_pool2d", "max_pool3d", "max_pool1d_with_indices",
+                               "max_pool2d_with_indices", "max_pool3d_with_indices")),
+        (torch, ("max_pool1d", "max_pool2d", "max_pool3d", "max_pool1d_with_indices")),
+        (torch._C._nn, ("max_pool2d_with_indices", "max_pool3d_with_indices")),
+    )
+    for name in names
+    if hasattr(mod, name)
+)
+
+
+@torch.compiler.assume_constant_result
+def _inductor_vmapped_max_pool(vmaps: bool) -> str:
+    """Run by dynamo at trace time (never traced): the name of the max-pool op when the graph being
+    compiled for inductor already holds one and its backward will be vmapped, else ``""``.
+
+    torch 2.13's inductor (CPU) miscompiles a vmapped max-pool backward followed by a parameter
+    that requires grad (the scatter_add of the batched max_pool2d_with_indices_backward runs after
+    the fused kernel that reads its result: an all-zero gradient); see tests/test_inductor.py.
+    Any failure to introspect dynamo reads as "not affected" (the test there notices).
+    """
+    try:
+        from torch._C._functorch import TransformType
+        from torch._dynamo.symbolic_convert import InstructionTranslator
+        from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+
+        if not vmaps and all(i.key() != TransformType.Vmap for i in retrieve_all_functorch_interpreters()):
+            return ""
+        out = InstructionTranslator.current_tx().output
+        backend = getattr(out.compiler_fn, "_torchdynamo_orig_backend", out.compiler_fn)
+        if not (isinstance(backend, torch._TorchCompileInductorWrapper) or getattr(backend, "compiler_name", None) == "inductor"):
+            return ""
+        for node in out.graph.nodes:
+            if node.op == "call_function" and any(node.target is t for t in _MAX_POOLS):
+                return "max_pool"
+    except Exception:  # noqa: BLE001 - introspection of torch internals; never block a compile on it
+        return ""
+    return ""
+
+
+def _check_compiled(fn: str, vmaps: bool) -> None:
+    """Trace-time guard against a silent upstream miscompilation (no-op in eager mode)."""
+    if not torch.is_grad_enabled():  # an inference graph compiles correctly
+        return
+    if _inductor_vmapped_max_pool(vmaps):
+        raise MiscompileError(
+            f"{fn}: torch.compile's default backend (inductor) silently returns an all-zero gradient through "
+            "a max pool under vmap when parameters downstream of it require grad (a torch 2.13 bug: the "
+            "batched max-pool backward's scatter_add is scheduled after its reader). Compile with "
+            'backend="aot_eager", call under torch.no_grad() (or with parameters that do not require '
+            "grad), or call without vmap."
+        )
 
 
 def _norm(key) -> Key:
@@ -104,6 +164,14 @@ def prepare(fn: str, td: TensorDictBase, in_keys: Sequence | None, *, baselines:
                 f"{fn}: baseline for {_show(k)} has shape {shape_str(b.shape)} but the input has shape "
                 f"{shape_str(v.shape)}; give a baseline broadcastable to the input."
             ) from None
+    if baselines:
+        inputs = [k for k in leaves if k[0] != BASELINE]
+        for b in (k[1:] for k in leaves if k[0] == BASELINE and len(k) > 1):
+            if b not in inputs:
+                raise AttributionError(
+                    f"{fn}: td holds the baseline {(BASELINE, *b)!r} but no input {_show(b)}; a baseline is the entry "
+                    f"('baseline', key) of an input entry key (inputs: {_show_all(inputs)}): rename or remove it."
+                )
     return Inputs(keys, x, base, td.batch_size)
 
 
@@ -160,6 +228,8 @@ def grads_per_target(
     stacked (IG sums over the path there, so K full path gradients never coexist).
     """
     y, pull = vjp(g, xs)
+    if torch.compiler.is_compiling():
+        _check_compiled(fn, y.device.type != "cpu" if isinstance(y, torch.Tensor) else False)
     if not isinstance(y, torch.Tensor):
         check_output(fn, y, batch)
     k = check_output(fn, y[(0,) * lead] if lead else y, batch)

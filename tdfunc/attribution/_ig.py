@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 
 import torch
@@ -10,7 +9,6 @@ from tensordict import TensorDict, TensorDictBase
 from torch.func import vmap
 
 from ._common import (
-    AttributionError,
     check_output,
     grads_per_target,
     move_target_dim,
@@ -20,49 +18,9 @@ from ._common import (
     tensor_output,
     with_inputs,
 )
+from ._quadrature import check_path_options, quadrature
 
 __all__ = ["integrated_gradients", "quadrature"]
-
-METHODS = ("riemann_left", "riemann_right", "riemann_middle", "riemann_trapezoid", "gausslegendre")
-STRATEGIES = ("vmap", "fold")
-
-
-def quadrature(method: str, n_steps: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Nodes ``alpha`` in [0, 1] and weights of the path integral, in float64 (captum's rules).
-
-    Gauss–Legendre nodes come from the Golub–Welsch eigenproblem (equal to numpy's ``leggauss``
-    to ~1e-15), mapped from [-1, 1] to [0, 1].
-    """
-    n = n_steps
-    if method == "gausslegendre":
-        k = torch.arange(1, n, dtype=torch.float64)
-        off = k / torch.sqrt(4 * k * k - 1)
-        jac = torch.diag(off, 1) + torch.diag(off, -1)
-        nodes, vecs = torch.linalg.eigh(jac)
-        return 0.5 * (nodes + 1), vecs[0] ** 2  # weights 2 v0^2, halved for [0, 1]
-    w = torch.full((n,), 1.0 / n, dtype=torch.float64)
-    if method == "riemann_trapezoid":
-        w[0] /= 2
-        w[-1] /= 2
-        return torch.linspace(0, 1, n, dtype=torch.float64), w
-    start = {"riemann_left": 0.0, "riemann_right": 1.0 / n, "riemann_middle": 0.5 / n}[method]
-    return torch.linspace(start, start + 1 - 1.0 / n, n, dtype=torch.float64), w
-
-
-def _check_options(fn: str, n_steps, method, chunk_size, strategy) -> None:
-    if method not in METHODS:
-        raise AttributionError(f"{fn}: unknown method {method!r}; choose one of {list(METHODS)}.")
-    if isinstance(n_steps, bool) or not isinstance(n_steps, int) or n_steps < 1:
-        raise AttributionError(f"{fn}: n_steps must be an integer >= 1, got {n_steps!r}.")
-    if method == "riemann_trapezoid" and n_steps < 2:
-        raise AttributionError(f"{fn}: method 'riemann_trapezoid' needs n_steps >= 2, got {n_steps}.")
-    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
-        raise AttributionError(f"{fn}: chunk_size must be None or an integer >= 1, got {chunk_size!r}.")
-    if strategy not in STRATEGIES:
-        raise AttributionError(
-            f"{fn}: unknown strategy {strategy!r}; choose 'vmap' (f sees td's batch shape; default) or "
-            "'fold' (path steps folded into the batch: f must not close over per-example data)."
-        )
 
 
 def integrated_gradients(
@@ -137,7 +95,7 @@ def integrated_gradients(
     penalties in a loss), ``torch.compile(fullgraph=True)``.
     """
     fn = "tdfunc.integrated_gradients"
-    _check_options(fn, n_steps, method, chunk_size, strategy)
+    check_path_options(fn, n_steps, method, chunk_size, strategy)
     p = prepare(fn, td, in_keys)
     f = tensor_output(fn, f, p.batch)
     nb = len(p.batch)

@@ -8,15 +8,13 @@ inputs): the attributions are a fixed linear map of the outputs, shared by every
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Mapping, Sequence
 
 import torch
 from tensordict import TensorDict, TensorDictBase
 
-from .._errors import shape_str
-from ._common import AttributionError, check_output, prepare, result
-from ._perturb import _check_chunk, _feature_masks, _n_features, _per_position, _run
+from ._common import AttributionError, check_output, result
+from ._perturb_common import check_draws, per_position, run_perturbed, sampling_setup
 
 __all__ = ["kernel_shap"]
 
@@ -40,14 +38,8 @@ def _draw_coalitions(n_samples: int, n_feat: int, generator: torch.Generator | N
 
 
 def _check_coalitions(fn: str, coal, n_samples: int, n_feat: int) -> torch.Tensor:
-    want = shape_str((n_samples, n_feat))
-    if not isinstance(coal, torch.Tensor) or coal.is_floating_point() or coal.is_complex():
-        got = type(coal).__name__ if not isinstance(coal, torch.Tensor) else f"a {coal.dtype} tensor"
-        raise AttributionError(f"{fn}: coalitions must be a bool or integer 0/1 tensor of shape {want}, got {got}.")
-    if tuple(coal.shape) != (n_samples, n_feat):
-        raise AttributionError(
-            f"{fn}: coalitions has shape {shape_str(coal.shape)}; expected {want} (n_samples, n_features)."
-        )
+    ok = lambda t: not (t.is_floating_point() or t.is_complex())  # noqa: E731
+    coal = check_draws(fn, "coalitions", coal, n_samples, n_feat, "a bool or integer 0/1 tensor", ok)
     if coal.dtype != torch.bool:
         if not torch.compiler.is_compiling() and bool(((coal != 0) & (coal != 1)).any()):
             raise AttributionError(f"{fn}: coalitions must hold only 0 and 1 (1: the feature keeps its input value).")
@@ -135,14 +127,7 @@ def kernel_shap(
     default mask, ``grad`` (double backward: the fit is a constant linear map of the outputs).
     """
     fn = "tdfunc.kernel_shap"
-    if isinstance(n_samples, bool) or not isinstance(n_samples, int) or n_samples < 1:
-        raise AttributionError(f"{fn}: n_samples must be an integer >= 1, got {n_samples!r}.")
-    _check_chunk(fn, chunk_size)
-    p = prepare(fn, td, in_keys)
-    nb = len(p.batch)
-    masks = _feature_masks(fn, feature_mask, p)
-    dev = next(iter(p.x.values())).device
-    n_feat = _n_features(fn, feature_mask, masks, p)
+    p, masks, dev, n_feat = sampling_setup(fn, td, in_keys, feature_mask, n_samples, chunk_size, generator)
     if coalitions is None:
         coal = _draw_coalitions(n_samples, n_feat, generator).to(dev)
     else:
@@ -152,9 +137,9 @@ def kernel_shap(
         c = coal[lo:hi]
         return {key: ~c[:, m.flatten()].view(-1, *m.shape) for key, m in masks.items()}
 
-    ys, _ = _run(f, td, p, n_samples, chunk_size, masks_for)  # (S, *batch (+ K))
+    ys, _ = run_perturbed(f, td, p, n_samples, chunk_size, masks_for)  # (S, *batch (+ K))
     k = check_output(fn, ys[0], p.batch)
     wide = torch.float64 if dev.type != "mps" else torch.float32
     solve = _solver(coal, wide).to(ys.dtype)  # (F, S), solved in float64
     phi = torch.tensordot(solve, ys, dims=([1], [0])).movedim(0, -1)  # (*batch (+ K), F)
-    return result(td.batch_size, _per_position(phi, masks, p, k))
+    return result(td.batch_size, per_position(phi, masks, p, k))

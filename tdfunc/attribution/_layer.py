@@ -31,7 +31,8 @@ from ._common import (
     prepare,
     with_inputs,
 )
-from ._ig import _check_options, quadrature
+from ._quadrature import check_path_options as _check_options
+from ._quadrature import quadrature
 
 __all__ = ["grad_cam", "layer_gradient_x_activation", "layer_integrated_gradients"]
 

@@ -9,6 +9,7 @@ import torch
 from tensordict import TensorDict, TensorDictBase
 from torch.func import grad
 
+from .._checks import check_int
 from .._errors import shape_str
 from ._common import AttributionError, prepare, with_inputs
 
@@ -22,8 +23,7 @@ def _number(x) -> bool:
 
 
 def _check_options(fn, steps, lr, optimizer, betas, eps, l2, tv, clamp, regulariser) -> None:
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise AttributionError(f"{fn}: steps must be an integer >= 1, got {steps!r}.")
+    check_int(fn, "steps", steps, AttributionError)
     if not _number(lr) or lr <= 0:
         raise AttributionError(f"{fn}: lr must be a finite number > 0, got {lr!r}; the step size of the ascent.")
     if optimizer not in OPTIMIZERS:

@@ -9,6 +9,7 @@ import torch
 from tensordict import TensorDictBase
 from torch.func import vmap
 
+from .._checks import check_chunk_size, check_generator, check_int
 from .._errors import shape_str
 from ._common import AttributionError, _norm, _show, check_output, per_target, prepare, with_inputs
 
@@ -18,12 +19,10 @@ __all__ = ["infidelity", "sensitivity_max"]
 INFIDELITY_STD = 0.003
 
 
-def _check_common(fn: str, n_perturb_samples, chunk_size) -> None:
-    n = n_perturb_samples
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise AttributionError(f"{fn}: n_perturb_samples must be an integer >= 1, got {n!r}.")
-    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
-        raise AttributionError(f"{fn}: chunk_size must be None or an integer >= 1, got {chunk_size!r}.")
+def _check_common(fn: str, n_perturb_samples, chunk_size, generator) -> None:
+    check_int(fn, "n_perturb_samples", n_perturb_samples, AttributionError)
+    check_chunk_size(fn, chunk_size, AttributionError)
+    check_generator(fn, generator, AttributionError)
 
 
 def _attr_keys(fn: str, attributions, in_keys) -> list:
@@ -169,7 +168,7 @@ def infidelity(
     backward), ``torch.compile(fullgraph=True)``.
     """
     fn = "tdfunc.infidelity"
-    _check_common(fn, n_perturb_samples, chunk_size)
+    _check_common(fn, n_perturb_samples, chunk_size, generator)
     if perturb_fn is not None and not callable(perturb_fn):
         raise AttributionError(f"{fn}: perturb_fn must be None or a callable, got {type(perturb_fn).__name__}.")
     keys = _attr_keys(fn, attributions, in_keys)
@@ -280,7 +279,7 @@ def sensitivity_max(
     ``torch.compile(fullgraph=True)``.
     """
     fn = "tdfunc.sensitivity_max"
-    _check_common(fn, n_perturb_samples, chunk_size)
+    _check_common(fn, n_perturb_samples, chunk_size, generator)
     if not callable(method):
         raise AttributionError(
             f"{fn}: method must be an attribution method such as tdfunc.saliency, got {type(method).__name__}."

@@ -9,6 +9,7 @@ import torch
 from tensordict import TensorDict, TensorDictBase
 from torch.func import vmap
 
+from .._checks import check_chunk_size, check_generator, check_input_keys, check_int
 from .._errors import shape_str
 from ._common import AttributionError, _norm, _show, prepare, result, with_inputs
 
@@ -26,15 +27,9 @@ def _check_options(fn: str, method, nt_type, nt_samples, chunk_size, generator) 
         )
     if nt_type not in NT_TYPES:
         raise AttributionError(f"{fn}: unknown nt_type {nt_type!r}; choose one of {list(NT_TYPES)}.")
-    if isinstance(nt_samples, bool) or not isinstance(nt_samples, int) or nt_samples < 1:
-        raise AttributionError(f"{fn}: nt_samples must be an integer >= 1, got {nt_samples!r}.")
-    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
-        raise AttributionError(f"{fn}: chunk_size must be None or an integer >= 1, got {chunk_size!r}.")
-    if generator is not None and not isinstance(generator, torch.Generator):
-        raise TypeError(
-            f"{fn}: generator must be a torch.Generator or None, got {type(generator).__name__} "
-            f"({generator!r:.60}); e.g. generator=torch.Generator().manual_seed(0)."
-        )
+    check_int(fn, "nt_samples", nt_samples, AttributionError)
+    check_chunk_size(fn, chunk_size, AttributionError)
+    check_generator(fn, generator, AttributionError)
 
 
 def _names(keys: list) -> str:
@@ -53,12 +48,8 @@ def _stdevs(fn: str, stdevs, keys: list) -> dict:
     if not isinstance(stdevs, Mapping):
         return {k: one(k, stdevs) for k in keys}
     given = {_norm(k): v for k, v in stdevs.items()}
-    for k in given:
-        if k not in keys:
-            raise AttributionError(
-                f"{fn}: stdevs names {_show(k)}, which is not an attributed input "
-                f"({_names(keys)}); give one entry per attributed input, or a single float."
-            )
+    check_input_keys(fn, "stdevs", list(given), keys, AttributionError,
+                     "give one entry per attributed input, or a single float")
     missing = [k for k in keys if k not in given]
     if missing:
         raise AttributionError(
@@ -116,6 +107,8 @@ def _draws(fn: str, noise, generator, keys: list, xs: dict, nt_samples: int) -> 
                 f"{x.dtype} on {x.device}; convert it with .to(input)."
             )
         out[k] = eps
+    check_input_keys(fn, "noise", list(given), keys, AttributionError,
+                     "give one tensor of shape (nt_samples, *input.shape) per attributed input")
     return out
 
 

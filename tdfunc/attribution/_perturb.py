@@ -13,67 +13,13 @@ from collections.abc import Callable, Mapping, Sequence
 
 import torch
 from tensordict import TensorDict, TensorDictBase
-from torch.func import vmap
 
 from .._errors import shape_str
-from ._common import AttributionError, Inputs, _norm, _show, check_output, prepare, result, with_inputs
+from .._checks import check_chunk_size, per_input
+from ._common import AttributionError, Inputs, _show, check_output, prepare, result, with_inputs
+from ._perturb_common import check_draws, feature_masks, per_position, run_perturbed, sampling_setup
 
 __all__ = ["occlusion", "feature_ablation", "shapley_value_sampling"]
-
-
-def _check_chunk(fn: str, chunk_size) -> None:
-    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
-        raise AttributionError(f"{fn}: chunk_size must be None or an integer >= 1, got {chunk_size!r}.")
-
-
-def _per_key(fn: str, name: str, value, keys: list, what: str) -> dict:
-    """A per-input option given as a dict key -> value, or a bare value when there is one input."""
-    if isinstance(value, Mapping):
-        given = {_norm(k): v for k, v in value.items()}
-        for k in keys:
-            if k not in given:
-                raise AttributionError(
-                    f"{fn}: {name} has no entry for {_show(k)}; give one {what} per attributed input "
-                    f"(a dict key -> {what}, or a bare {what} when there is one input)."
-                )
-        return {k: given[k] for k in keys}
-    if len(keys) != 1:
-        raise AttributionError(
-            f"{fn}: {name} must be a dict key -> {what} when attributing several inputs "
-            f"({', '.join(_show(k) for k in keys)}), got {type(value).__name__}."
-        )
-    return {keys[0]: value}
-
-
-def _run(f: Callable, td: TensorDictBase, p: Inputs, n: int, chunk_size: int | None, masks_for: Callable, y0=None):
-    """Evaluate ``f`` on the ``n`` perturbed inputs ``where(M_j, baseline, x)``, vmapped over ``j``.
-
-    ``masks_for(start, stop)`` gives, for the perturbations ``start .. stop - 1``, key -> bool mask of
-    shape ``(stop - start, *s)`` with ``s`` broadcastable to the input (keys left out are not perturbed).
-    Returns the stacked outputs ``(n, *batch (+ K))`` and, when ``y0`` is given,
-    ``sum_j (y0 - y_j) * M_j`` per key (``batch (+ K) + feature shape``).
-    """
-    nb = len(p.batch)
-    chunk = n if chunk_size is None else min(chunk_size, n)
-    ys, total = [], {}
-    call = vmap(lambda xs: f(with_inputs(td, xs)))
-    for start in range(0, n, chunk):
-        masks = masks_for(start, min(start + chunk, n))
-        xs = {k: torch.where(m, p.baseline[k], p.x[k]) for k, m in masks.items()}
-        y = call(xs)
-        ys.append(y)
-        if y0 is None:
-            continue
-        diff = y0 - y  # (c, *batch (+ K))
-        for k, m in masks.items():
-            feat = p.x[k].dim() - nb
-            d = diff.reshape(*diff.shape, *([1] * feat))
-            mm = m.to(d.dtype)
-            if diff.dim() > nb + 1:  # a target dim: masks broadcast over it
-                mm = mm.unsqueeze(nb + 1)
-            part = (d * mm).sum(0)
-            total[k] = part if k not in total else total[k] + part
-    return torch.cat(ys) if len(ys) > 1 else ys[0], total
 
 
 def _expand_attr(t: torch.Tensor, x: torch.Tensor, k: int | None, nb: int) -> torch.Tensor:
@@ -188,11 +134,11 @@ def occlusion(
     ``torch.compile(fullgraph=True)``.
     """
     fn = "tdfunc.occlusion"
-    _check_chunk(fn, chunk_size)
+    check_chunk_size(fn, chunk_size, AttributionError)
     p = prepare(fn, td, in_keys)
     nb = len(p.batch)
-    windows = _per_key(fn, "sliding_window_shapes", sliding_window_shapes, p.keys, "window shape")
-    steps = _per_key(fn, "strides", strides, p.keys, "stride") if strides is not None else dict.fromkeys(p.keys)
+    windows = per_input(fn, "sliding_window_shapes", sliding_window_shapes, p.keys, "window shape", AttributionError)
+    steps = per_input(fn, "strides", strides, p.keys, "stride", AttributionError) if strides is not None else dict.fromkeys(p.keys)
     spans, n = {}, 0
     for key in p.keys:
         x = p.x[key]
@@ -217,7 +163,7 @@ def occlusion(
             out[key] = m.view(m.shape[0], *([1] * nb), *m.shape[1:])
         return out
 
-    _, total = _run(f, td, p, n, chunk_size, masks_for, y0)
+    _, total = run_perturbed(f, td, p, n, chunk_size, masks_for, y0)
     attrs = {}
     for key, (start, count, tables, counts) in spans.items():
         cover = torch.ones((), dtype=p.x[key].dtype, device=p.x[key].device)
@@ -229,41 +175,6 @@ def occlusion(
 
 
 # ------------------------------------------------------------------------------------ feature masks
-
-
-def _feature_masks(fn: str, feature_mask, p: Inputs) -> dict:
-    """key -> integer mask of the input's number of dims, broadcastable to it (default: one id per scalar)."""
-    nb = len(p.batch)
-    if feature_mask is None:
-        out, offset = {}, 0
-        for key in p.keys:
-            x = p.x[key]
-            feat = tuple(x.shape[nb:])
-            m = math.prod(feat)
-            out[key] = torch.arange(offset, offset + m, device=x.device).view(*([1] * nb), *feat)
-            offset += m
-        return out
-    given = _per_key(fn, "feature_mask", feature_mask, p.keys, "integer mask")
-    out = {}
-    for key, m in given.items():
-        x = p.x[key]
-        if not isinstance(m, torch.Tensor) or m.is_floating_point() or m.is_complex() or m.dtype == torch.bool:
-            what = type(m).__name__ if not isinstance(m, torch.Tensor) else f"a {m.dtype} tensor"
-            raise AttributionError(
-                f"{fn}: feature_mask for {_show(key)} must be an integer tensor of feature ids, got {what}; "
-                "e.g. torch.arange(n).view(shape)."
-            )
-        try:
-            ok = m.dim() <= x.dim() and torch.broadcast_shapes(m.shape, x.shape) == x.shape
-        except RuntimeError:
-            ok = False
-        if not ok:
-            raise AttributionError(
-                f"{fn}: feature_mask for {_show(key)} has shape {shape_str(m.shape)} but the input has shape "
-                f"{shape_str(x.shape)}; give an integer mask broadcastable to the input (batch + feature shape)."
-            )
-        out[key] = m.to(x.device).reshape(*([1] * (x.dim() - m.dim())), *m.shape)
-    return out
 
 
 def feature_ablation(
@@ -316,10 +227,10 @@ def feature_ablation(
     default mask (a custom mask's ids are read with ``torch.unique``).
     """
     fn = "tdfunc.feature_ablation"
-    _check_chunk(fn, chunk_size)
+    check_chunk_size(fn, chunk_size, AttributionError)
     p = prepare(fn, td, in_keys)
     nb = len(p.batch)
-    masks = _feature_masks(fn, feature_mask, p)
+    masks = feature_masks(fn, feature_mask, p)
     dev = next(iter(p.x.values())).device
     if feature_mask is None:
         n = sum(math.prod(p.x[key].shape[nb:]) for key in p.keys)
@@ -333,7 +244,7 @@ def feature_ablation(
         cur = ids[lo:hi]
         return {key: m.unsqueeze(0) == cur.view(-1, *([1] * m.dim())) for key, m in masks.items()}
 
-    _, total = _run(f, td, p, n, chunk_size, masks_for, y0)
+    _, total = run_perturbed(f, td, p, n, chunk_size, masks_for, y0)
     return result(td.batch_size, {key: _expand_attr(t, p.x[key], k, nb) for key, t in total.items()})
 
 
@@ -341,14 +252,8 @@ def feature_ablation(
 
 
 def _check_permutations(fn: str, perms, n_samples: int, n_feat: int) -> torch.Tensor:
-    want = shape_str((n_samples, n_feat))
-    if not isinstance(perms, torch.Tensor) or perms.is_floating_point() or perms.is_complex() or perms.dtype == torch.bool:
-        got = type(perms).__name__ if not isinstance(perms, torch.Tensor) else f"a {perms.dtype} tensor"
-        raise AttributionError(f"{fn}: permutations must be an integer tensor of shape {want}, got {got}.")
-    if tuple(perms.shape) != (n_samples, n_feat):
-        raise AttributionError(
-            f"{fn}: permutations has shape {shape_str(perms.shape)}; expected {want} (n_samples, n_features)."
-        )
+    ok = lambda t: not (t.is_floating_point() or t.is_complex() or t.dtype == torch.bool)  # noqa: E731
+    perms = check_draws(fn, "permutations", perms, n_samples, n_feat, "an integer tensor", ok)
     if not torch.compiler.is_compiling():
         ok = bool((perms.sort(1).values == torch.arange(n_feat, device=perms.device)).all())
         if not ok:
@@ -356,32 +261,6 @@ def _check_permutations(fn: str, perms, n_samples: int, n_feat: int) -> torch.Te
                 f"{fn}: every row of permutations must hold each feature id 0 .. {n_feat - 1} exactly once."
             )
     return perms
-
-
-def _per_position(phi: torch.Tensor, masks: dict, p, k: int | None) -> dict:
-    """Per-feature values ``phi`` (*batch (+ K), F) spread to every input position by its feature id."""
-    nb = len(p.batch)
-    attrs = {}
-    for key, m in masks.items():
-        x = p.x[key]
-        idx = m.expand(x.shape).reshape(*x.shape[:nb], -1)  # (*batch, P)
-        if k is not None:
-            idx = idx.unsqueeze(nb).expand(*x.shape[:nb], k, idx.shape[-1])
-        attrs[key] = phi.gather(-1, idx).reshape(*phi.shape[:-1], *x.shape[nb:])
-    return attrs
-
-
-def _n_features(fn: str, feature_mask, masks: dict, p) -> int:
-    """Number of features: every scalar with the default mask, else max id + 1 (ids must be >= 0)."""
-    nb = len(p.batch)
-    if feature_mask is None:
-        return sum(math.prod(p.x[key].shape[nb:]) for key in p.keys)
-    lows = [int(m.min()) for m in masks.values() if m.numel()]
-    if lows and min(lows) < 0:
-        raise AttributionError(
-            f"{fn}: feature_mask has the negative id {min(lows)}; feature ids must be 0 .. n_features - 1."
-        )
-    return max(int(m.max()) for m in masks.values() if m.numel()) + 1
 
 
 def shapley_value_sampling(
@@ -449,14 +328,7 @@ def shapley_value_sampling(
     generator) and the default mask, ``grad`` (double backward).
     """
     fn = "tdfunc.shapley_value_sampling"
-    if isinstance(n_samples, bool) or not isinstance(n_samples, int) or n_samples < 1:
-        raise AttributionError(f"{fn}: n_samples must be an integer >= 1, got {n_samples!r}.")
-    _check_chunk(fn, chunk_size)
-    p = prepare(fn, td, in_keys)
-    nb = len(p.batch)
-    masks = _feature_masks(fn, feature_mask, p)
-    dev = next(iter(p.x.values())).device
-    n_feat = _n_features(fn, feature_mask, masks, p)
+    p, masks, dev, n_feat = sampling_setup(fn, td, in_keys, feature_mask, n_samples, chunk_size, generator)
     if permutations is None:
         perms = torch.stack([torch.randperm(n_feat, generator=generator) for _ in range(n_samples)]).to(dev)
     else:
@@ -475,10 +347,10 @@ def shapley_value_sampling(
 
     at_base = f(with_inputs(td, p.baseline))
     k = check_output(fn, at_base, p.batch)
-    ys, _ = _run(f, td, p, s_n * n_feat, chunk_size, masks_for)
+    ys, _ = run_perturbed(f, td, p, s_n * n_feat, chunk_size, masks_for)
     ys = ys.reshape(s_n, n_feat, *ys.shape[1:])
     prev = torch.cat([at_base.expand(s_n, 1, *at_base.shape), ys[:, :-1]], dim=1)
     steps = ys - prev  # (S, F, *batch (+ K)): the gain of the feature added at each step
     gains = steps[torch.arange(s_n, device=dev)[:, None], rank]  # (S, F, ...) reordered by feature id
     phi = gains.mean(0).movedim(0, -1)  # (*batch (+ K), F)
-    return result(td.batch_size, _per_position(phi, masks, p, k))
+    return result(td.batch_size, per_position(phi, masks, p, k))
