@@ -11,6 +11,7 @@ from torch.func import grad
 
 from .._checks import check_int
 from .._errors import shape_str
+from .._optim import adam_init, adam_update
 from ._common import AttributionError, prepare, with_inputs
 
 __all__ = ["activation_maximisation"]
@@ -167,25 +168,18 @@ def activation_maximisation(
 
     b1, b2 = betas
     xs = dict(p.x)
-    m = {k: torch.zeros_like(v) for k, v in xs.items()}
-    v2 = {k: torch.zeros_like(v) for k, v in xs.items()}
+    adam = adam_init(xs)
     trace = []
-    for t in range(1, steps + 1):
+    for _ in range(steps):
         g, y = grad(value, has_aux=True)(xs)
         trace.append(y)
-        new = {}
-        for k, x in xs.items():
-            if optimizer == "adam":
-                m[k] = b1 * m[k] + (1 - b1) * g[k]
-                v2[k] = b2 * v2[k] + (1 - b2) * g[k].square()
-                denom = v2[k].sqrt() / math.sqrt(1 - b2**t) + eps
-                x = x + (lr / (1 - b1**t)) * m[k] / denom
-            elif optimizer == "sgd":
-                x = x + lr * g[k]
-            else:
-                x = x + lr * g[k].sign()
-            new[k] = x if clamp is None else x.clamp(clamp[0], clamp[1])
-        xs = new
+        if optimizer == "adam":
+            step, adam = adam_update(g, adam, lr=lr, b1=b1, b2=b2, eps=eps)
+        else:
+            step = {k: lr * (g[k] if optimizer == "sgd" else g[k].sign()) for k in xs}
+        xs = {k: x + step[k] for k, x in xs.items()}
+        if clamp is not None:
+            xs = {k: x.clamp(clamp[0], clamp[1]) for k, x in xs.items()}
     out = with_inputs(td, xs)
     trace.append(f(out))
     out.set("objective", torch.stack(trace, dim=-1))

@@ -20,6 +20,7 @@ from tensordict import MemoryMappedTensor, TensorDict, TensorDictBase
 from torch import nn
 
 from .._call import functional_call
+from .._checks import check_int, check_module
 from ._common import LatentError
 
 __all__ = ["CacheError", "cache_activations"]
@@ -53,11 +54,6 @@ def _reducer(reduce) -> Callable[[torch.Tensor, str], torch.Tensor] | None:
         return named
     raise CacheError(f"{FN}: unknown reduce {reduce!r}; use None, 'last' (last position along dim 1), "
                      "'mean' (mean over dim 1) or a callable value -> value.")
-
-
-def _check_int(name: str, v, lo: int) -> None:
-    if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < lo):
-        raise CacheError(f"{FN}: {name} must be None or an integer >= {lo}, got {v!r}.")
 
 
 def _key_str(key) -> str:
@@ -272,9 +268,10 @@ def cache_activations(
     Composes with: any site :func:`tdfunc.functional_call` captures; the result feeds
     :func:`tdfunc.latent.cka`, :func:`tdfunc.latent.twonn_dimension` and SAE training (``sae_init``).
     """
+    check_module(FN, module, CacheError, fix="; pass the model itself (the nn.Module to run)")
     reducer = _reducer(reduce)
     reduce_name = reduce if isinstance(reduce, str) or reduce is None else "<callable>"
-    _check_int("total", total, 1)
+    check_int(FN, "total", total, CacheError, optional=True)
     site_list = [sites] if isinstance(sites, str) else list(sites)
     n_batches = len(batches) if hasattr(batches, "__len__") else None
     path = os.fspath(path) if path is not None else None

@@ -15,14 +15,13 @@ from tensordict import TensorDictBase
 from torch.func import vmap
 
 from .._call import functional_call
+from .._checks import check_chunk_size, check_module
 from .._match import site_match
-from ._common import LatentError
+from ._common import PatchError, position_mask
 
 __all__ = ["PatchError", "patch", "patching_sweep", "path_patch"]
 
-
-class PatchError(LatentError):
-    """Bad input to a patching or steering function (sites, positions, metric, activations)."""
+MODULE_FIX = "; pass the model itself (the nn.Module to run)"
 
 
 # ---------------------------------------------------------------------------------------------- checks
@@ -55,37 +54,6 @@ def _match(fn: str, sites: Any, captures: Any) -> list[str]:
             if k not in out:
                 out.append(k)
     return out
-
-
-def _position_mask(fn: str, site: str, positions: Any, value: torch.Tensor) -> torch.Tensor:
-    """Boolean mask of shape (T, 1, ..., 1) selecting ``positions`` along dim 1 of ``value``."""
-    if value.dim() < 2:
-        raise PatchError(f"{fn}: positions index dim 1, but site {site!r} has shape {tuple(value.shape)}; "
-                         "pass positions=None to patch the whole site, or a patch_fn.")
-    t = value.shape[1]
-    if isinstance(positions, torch.Tensor) and positions.dtype == torch.bool:
-        if positions.shape != (t,):
-            raise PatchError(f"{fn}: the boolean positions mask has shape {tuple(positions.shape)} but site "
-                             f"{site!r} has {t} positions along dim 1; give a mask of shape ({t},).")
-        mask = positions.to(value.device)
-    else:
-        if isinstance(positions, torch.Tensor) and not positions.dtype.is_floating_point and positions.dim() <= 1:
-            idx = positions.reshape(-1).tolist()
-        elif isinstance(positions, int) and not isinstance(positions, bool):
-            idx = [positions]
-        elif isinstance(positions, Sequence) and all(isinstance(p, int) and not isinstance(p, bool) for p in positions):
-            idx = list(positions)
-        else:
-            raise PatchError(f"{fn}: positions must be None, an int, a list of ints, an integer tensor or a boolean "
-                             f"mask of shape (T,), got {positions!r}.")
-        for p in idx:
-            if not -t <= p < t:
-                raise PatchError(f"{fn}: position {p} is out of range for site {site!r} with {t} positions along "
-                                 f"dim 1; give positions in [{-t}, {t}).")
-        mask = torch.zeros(t, dtype=torch.bool, device=value.device)
-        if idx:
-            mask[torch.tensor(idx, device=value.device) % t] = True
-    return mask.reshape(t, *([1] * (value.dim() - 2)))
 
 
 # ------------------------------------------------------------------------------------------------ patch
@@ -138,7 +106,9 @@ def patch(
 
     Composes with: ``vmap`` (over clean values, corrupted inputs, states), ``grad``, ``torch.compile``.
     """
-    edits = _patch_edits("tdfunc.latent.patch", clean_captures, sites, positions, patch_fn)
+    fn = "tdfunc.latent.patch"
+    check_module(fn, module, PatchError, fix=MODULE_FIX)
+    edits = _patch_edits(fn, clean_captures, sites, positions, patch_fn)
     return functional_call(module, state, corrupted_args, kwargs, edits=edits)
 
 
@@ -150,7 +120,7 @@ def _patch_edits(fn: str, clean_captures, sites, positions, patch_fn) -> dict:
     edits = {}
     for site in _match(fn, sites, clean_captures):
         clean = clean_captures[site]
-        mask = None if positions is None else _position_mask(fn, site, positions, clean)
+        mask = None if positions is None else position_mask(fn, site, positions, clean)
         if patch_fn is None and mask is None:
             edits[site] = clean
         else:
@@ -218,12 +188,12 @@ def patching_sweep(
     Composes with: ``grad`` (w.r.t. state or inputs through the sweep), outer ``vmap`` over states.
     """
     fn = "tdfunc.latent.patching_sweep"
+    check_module(fn, module, PatchError, fix=MODULE_FIX)
     names = _as_list(fn, sites)
     if not (over == "positions" or (isinstance(over, int) and not isinstance(over, bool))):
         raise PatchError(f"{fn}: over must be 'positions' or an int unit dim (e.g. -2 for heads in (B, T, H, Dh)), "
                          f"got {over!r}.")
-    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
-        raise PatchError(f"{fn}: chunk_size must be None or an integer >= 1, got {chunk_size!r}.")
+    check_chunk_size(fn, chunk_size, PatchError)
     _, caps = functional_call(module, state, clean_args, kwargs, capture=names)
     keys = _match(fn, names, caps)
     dim = 1 if over == "positions" else over
@@ -330,6 +300,7 @@ def path_patch(
         Localizing Model Behavior with Path Patching. 2023.
     """
     fn = "tdfunc.latent.path_patch"
+    check_module(fn, module, PatchError, fix=MODULE_FIX)
     send, recv = _as_list(fn, senders), _as_list(fn, receivers)
     frz = [] if freeze is None else _as_list(fn, freeze)
     received = lambda k: any(site_match(r, k) for r in recv)  # noqa: E731

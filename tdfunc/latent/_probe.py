@@ -17,7 +17,23 @@ import torch.nn.functional as F
 from tensordict import TensorDict, TensorDictBase
 from torch.func import grad, vmap
 
-from ._common import LatentError
+from .._checks import check_generator
+from .._optim import adam_init, adam_update
+from ._probe_common import (
+    ProbeError,
+    _check_int,
+    _check_kind,
+    _check_labels,
+    _check_x,
+    _cross_entropy,
+    _key,
+    _metrics,
+    _n_classes,
+    _pair,
+    _sites,
+    _split,
+)
+from ._probe_sklearn import fit_sklearn_probes as fit_sklearn_probes
 
 __all__ = [
     "ProbeError",
@@ -29,79 +45,7 @@ __all__ = [
     "fit_sklearn_probes",
 ]
 
-KINDS = ("linear", "bilinear", "low_rank_bilinear", "mean_difference")
 _DECAYED = ("weight", "u", "v")  # weight decay skips biases and class means
-
-
-class ProbeError(LatentError):
-    """Bad input to a probing function (unknown kind, shapes, labels, split)."""
-
-
-# ---------------------------------------------------------------------------------------------- checks
-
-
-def _check_kind(fn: str, kind, rank) -> None:
-    if kind not in KINDS:
-        raise ProbeError(f"{fn}: unknown kind {kind!r}; choose one of {list(KINDS)}.")
-    if kind == "low_rank_bilinear" and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
-        raise ProbeError(f"{fn}: kind 'low_rank_bilinear' needs rank, an integer >= 1, got {rank!r}; "
-                         "pass rank=... (the rank r of W = U V^T).")
-
-
-def _check_int(fn: str, name: str, v, lo: int) -> None:
-    if isinstance(v, bool) or not isinstance(v, int) or v < lo:
-        raise ProbeError(f"{fn}: {name} must be an integer >= {lo}, got {v!r}.")
-
-
-def _check_x(fn: str, x, what: str = "x") -> torch.Tensor:
-    if not isinstance(x, torch.Tensor) or x.dim() < 1 or not x.is_floating_point():
-        got = f"shape {tuple(x.shape)} dtype {x.dtype}" if isinstance(x, torch.Tensor) else type(x).__name__
-        raise ProbeError(f"{fn}: {what} must be a floating tensor (..., D) of activations, got {got}; "
-                         f"flatten and cast it first ({what}.flatten(1).float()).")
-    return x
-
-
-def _pair(fn: str, x) -> tuple[torch.Tensor, torch.Tensor]:
-    if isinstance(x, (tuple, list)):
-        if len(x) != 2:
-            raise ProbeError(f"{fn}: a bilinear probe takes x = (x1, x2) or one tensor (x1 = x2), got a "
-                             f"{type(x).__name__} of {len(x)} items.")
-        return _check_x(fn, x[0], "x[0]"), _check_x(fn, x[1], "x[1]")
-    x = _check_x(fn, x)
-    return x, x
-
-
-def _rows(x) -> int:
-    return x[0].shape[0] if isinstance(x, (tuple, list)) else x.shape[0]
-
-
-def _check_labels(fn: str, y, n: int, what: str = "x") -> torch.Tensor:
-    if not isinstance(y, torch.Tensor) or y.dim() != 1 or y.dtype.is_floating_point or y.dtype == torch.bool:
-        got = f"shape {tuple(y.shape)} dtype {y.dtype}" if isinstance(y, torch.Tensor) else type(y).__name__
-        raise ProbeError(f"{fn}: y must be a 1-D integer tensor of class indices, got {got}; "
-                         "pass y.long() of shape (N,).")
-    if y.shape[0] != n:
-        raise ProbeError(f"{fn}: y has {y.shape[0]} labels but {what} has N={n} rows; give one label per row.")
-    return y
-
-
-def _n_classes(fn: str, y: torch.Tensor, n_classes) -> int:
-    if y.numel() == 0:
-        raise ProbeError(f"{fn}: y is empty; fitting a probe needs labelled examples.")
-    lo, hi = int(y.min()), int(y.max())
-    if lo < 0:
-        raise ProbeError(f"{fn}: y holds the negative label {lo}; labels are class indices 0..C-1.")
-    if n_classes is None:
-        return max(hi + 1, 2)
-    _check_int(fn, "n_classes", n_classes, 2)
-    if hi >= n_classes:
-        raise ProbeError(f"{fn}: y holds label {hi} but n_classes={n_classes}; pass n_classes > {hi}.")
-    return n_classes
-
-
-def _check_fraction(fn: str, v) -> None:
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < 1:
-        raise ProbeError(f"{fn}: test_fraction must be a number strictly between 0 and 1, got {v!r}.")
 
 
 # ----------------------------------------------------------------------------------- init and apply
@@ -109,6 +53,7 @@ def _check_fraction(fn: str, v) -> None:
 
 def _init(fn, kind, d_in, n_classes, rank, generator, dtype, device) -> dict:
     _check_kind(fn, kind, rank)
+    check_generator(fn, generator, ProbeError)
     _check_int(fn, "n_classes", n_classes, 2)
     dims = tuple(d_in) if isinstance(d_in, (tuple, list)) else (d_in,)
     if len(dims) not in (1, 2) or any(isinstance(d, bool) or not isinstance(d, int) or d < 1 for d in dims):
@@ -248,11 +193,6 @@ def probe_apply(params: TensorDictBase | Mapping, x: torch.Tensor | tuple[torch.
 # ------------------------------------------------------------------------------------------- fitting
 
 
-def _cross_entropy(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy; ``F.cross_entropy`` is ~30x slower under ``torch.func.grad`` on the CPU."""
-    return -torch.log_softmax(logits, -1).gather(-1, y.unsqueeze(-1)).mean()
-
-
 def _loss(fn, params, x, y, weight_decay: float) -> torch.Tensor:
     loss = _cross_entropy(_apply(fn, params, x), y)
     if weight_decay:
@@ -265,17 +205,13 @@ def _class_means(x: torch.Tensor, y: torch.Tensor, n_classes: int) -> dict:
     return {"means": (onehot.mT @ x) / onehot.sum(0)[:, None]}
 
 
-def _adam(loss, params: dict, steps: int, lr: float, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8) -> dict:
+def _adam(loss, params: dict, steps: int, lr: float) -> dict:
     """Full-batch Adam (Kingma & Ba) on a dict of tensors, gradients from ``torch.func.grad``."""
     g_fn = grad(loss)
-    m = {k: torch.zeros_like(v) for k, v in params.items()}
-    s = {k: torch.zeros_like(v) for k, v in params.items()}
-    for t in range(1, steps + 1):
-        g = g_fn(params)
-        m = {k: b1 * m[k] + (1 - b1) * g[k] for k in params}
-        s = {k: b2 * s[k] + (1 - b2) * g[k].square() for k in params}
-        c1, c2 = 1 - b1**t, 1 - b2**t
-        params = {k: params[k] - lr * (m[k] / c1) / ((s[k] / c2).sqrt() + eps) for k in params}
+    state = adam_init(params)
+    for _ in range(steps):
+        step, state = adam_update(g_fn(params), state, lr=lr)
+        params = {k: params[k] - step[k] for k in params}
     return params
 
 
@@ -350,6 +286,7 @@ def probe_fit(
     """
     fn = "tdfunc.latent.probe_fit"
     _check_kind(fn, kind, rank)
+    check_generator(fn, generator, ProbeError)
     _check_train_options(fn, steps, lr, weight_decay)
     if kind in ("bilinear", "low_rank_bilinear"):
         x1, x2 = _pair(fn, x)
@@ -404,48 +341,10 @@ def probe_evaluate(params: TensorDictBase | Mapping, x, y: torch.Tensor) -> Tens
     """
     fn = "tdfunc.latent.probe_evaluate"
     logits = _apply(fn, params, x)
-    y = _check_labels(fn, y, logits.shape[0])
-    acc = (logits.argmax(-1) == y).to(logits.dtype).mean()
-    return TensorDict({"accuracy": acc, "loss": _cross_entropy(logits, y)}, batch_size=[])
+    return _metrics(logits, _check_labels(fn, y, logits.shape[0]))
 
 
 # --------------------------------------------------------------------------------------- many sites
-
-
-def _sites(fn: str, acts) -> list:
-    if not isinstance(acts, TensorDictBase):
-        raise ProbeError(f"{fn}: acts must be a TensorDict {{site: (N, D_site)}} (e.g. the captures of "
-                         f"tdfunc.functional_call), got {type(acts).__name__}.")
-    keys = list(acts.keys(include_nested=True, leaves_only=True))
-    if not keys:
-        raise ProbeError(f"{fn}: acts is an empty TensorDict; capture at least one site.")
-    for k in keys:
-        t = _check_x(fn, acts.get(k), f"acts[{k!r}]")
-        if t.dim() != 2:
-            raise ProbeError(f"{fn}: acts[{k!r}] has shape {tuple(t.shape)}; every site must be (N, D_site) — "
-                             "flatten it first (acts.apply(lambda t: t.flatten(1))).")
-    return keys
-
-
-def _split(fn: str, acts, keys, y, test_fraction, generator):
-    _check_fraction(fn, test_fraction)
-    n = acts.get(keys[0]).shape[0]
-    for k in keys:
-        _check_labels(fn, y, acts.get(k).shape[0], f"acts[{k!r}]")
-    if n < 2:
-        raise ProbeError(f"{fn}: a train/test split needs at least 2 examples, got N={n}.")
-    n_test = min(max(round(test_fraction * n), 1), n - 1)
-    perm = torch.randperm(n, generator=generator).to(y.device)
-    return perm[n_test:].sort().values, perm[:n_test].sort().values
-
-
-def _key(site) -> tuple:
-    return site if isinstance(site, tuple) else (site,)
-
-
-def _metrics(logits: torch.Tensor, y: torch.Tensor) -> TensorDict:
-    acc = (logits.argmax(-1) == y).to(logits.dtype).mean()
-    return TensorDict({"accuracy": acc, "loss": _cross_entropy(logits, y)}, batch_size=[])
 
 
 def fit_probes(
@@ -508,6 +407,7 @@ def fit_probes(
     """
     fn = "tdfunc.latent.fit_probes"
     _check_kind(fn, kind, rank)
+    check_generator(fn, generator, ProbeError)
     _check_train_options(fn, steps, lr, weight_decay)
     keys = _sites(fn, acts)
     train, test = _split(fn, acts, keys, y, test_fraction, generator)
@@ -536,84 +436,4 @@ def fit_probes(
             out.set(("params",) + _key(k), p)
             out.set(("train",) + _key(k), _metrics(_apply(fn, p, xs[k][train]), y_tr))
             out.set(("test",) + _key(k), _metrics(_apply(fn, p, xs[k][test]), y_te))
-    return out
-
-
-def fit_sklearn_probes(
-    acts: TensorDictBase,
-    y: torch.Tensor,
-    estimator=None,
-    *,
-    test_fraction: float = 0.25,
-    random_state: int | None = None,
-) -> TensorDict:
-    """Fit a clone of a scikit-learn estimator per site; the same split and result layout as ``fit_probes``.
-
-    .. math::
-        \\text{for every site } s:\\quad \\hat f_s = \\operatorname{clone}(\\text{estimator}).\\mathrm{fit}(x_s[\\text{train}], y[\\text{train}])
-
-    The split is ``fit_probes``'s with ``generator=torch.Generator().manual_seed(random_state)``, so
-    both functions compare probes on the same examples.  ``loss`` is the mean cross-entropy of
-    ``predict_proba`` (NaN for estimators without it).  Needs the ``probing`` extra (scikit-learn).
-
-    Args:
-        acts: ``{site: (N, D_site)}``.
-        y: integer labels ``(N,)``.
-        estimator: an unfitted scikit-learn classifier, cloned per site (default
-            ``LogisticRegression(max_iter=1000)``).
-        test_fraction: held-out fraction, strictly between 0 and 1.
-        random_state: seed of the split (None: a fresh random split).
-
-    Returns:
-        TensorDict with ``("train", site)`` / ``("test", site)`` ``TensorDict(accuracy, loss)`` and
-        ``train_index`` / ``test_index``.
-
-    Raises:
-        ImportError: scikit-learn is not installed.
-        ProbeError: as ``fit_probes``.
-
-    Example:
-        >>> import torch, tdfunc
-        >>> from tensordict import TensorDict
-        >>> x = torch.randn(120, 6, generator=torch.Generator().manual_seed(0))
-        >>> out = tdfunc.latent.fit_sklearn_probes(TensorDict({"a": x}, []), (x[:, 0] > 0).long(), random_state=0)
-        >>> float(out["test", "a", "accuracy"]) > 0.9
-        True
-
-    References:
-        Pedregosa et al. Scikit-learn: Machine Learning in Python. JMLR 2011.
-
-    Composes with: ``fit_probes`` (same split for the same seed).
-    """
-    fn = "tdfunc.latent.fit_sklearn_probes"
-    try:
-        from sklearn.base import clone
-        from sklearn.linear_model import LogisticRegression
-    except ImportError as e:
-        raise ImportError(f"{fn} needs scikit-learn; install the probing extra: pip install 'tdfunc[probing]' "
-                          "(or pip install scikit-learn).") from e
-    if random_state is not None and (isinstance(random_state, bool) or not isinstance(random_state, int)):
-        raise ProbeError(f"{fn}: random_state must be None or an integer seed, got {random_state!r}.")
-    keys = _sites(fn, acts)
-    gen = None if random_state is None else torch.Generator().manual_seed(random_state)
-    train, test = _split(fn, acts, keys, y, test_fraction, gen)
-    _n_classes(fn, y, None)
-    estimator = LogisticRegression(max_iter=1000) if estimator is None else estimator
-    y_np = y.cpu().numpy()
-    out = TensorDict({"train_index": train, "test_index": test}, batch_size=[])
-    for k in keys:
-        x = acts.get(k).detach()
-        x_np = x.cpu().numpy()
-        tr, te = train.cpu().numpy(), test.cpu().numpy()
-        est = clone(estimator).fit(x_np[tr], y_np[tr])
-        for phase, idx in (("train", tr), ("test", te)):
-            acc = float((est.predict(x_np[idx]) == y_np[idx]).mean())
-            loss = math.nan
-            if hasattr(est, "predict_proba"):
-                proba = torch.as_tensor(est.predict_proba(x_np[idx]), dtype=torch.float64)
-                cls = torch.as_tensor(est.classes_).long()
-                hit = cls[None, :] == torch.as_tensor(y_np[idx]).long()[:, None]  # class absent in train: p = 0
-                loss = float(-(proba * hit).sum(1).clamp_min(1e-15).log().mean())
-            out.set((phase,) + _key(k), TensorDict({"accuracy": torch.tensor(acc, dtype=x.dtype),
-                                                    "loss": torch.tensor(loss, dtype=x.dtype)}, batch_size=[]))
     return out

@@ -13,8 +13,9 @@ import torch
 from tensordict import TensorDict, TensorDictBase
 
 from .._call import functional_call
+from .._checks import check_int, check_module
 from .._edits import delta
-from ._patch import PatchError, _position_mask
+from ._common import PatchError, position_mask
 
 __all__ = ["steering_vector", "steer", "generate_greedy"]
 
@@ -127,7 +128,7 @@ def steer(
             edits[site] = delta(v)
         else:
             def edit(h, v=v, site=site):
-                return h + torch.where(_position_mask(fn, site, positions, h), v, torch.zeros_like(v))
+                return h + torch.where(position_mask(fn, site, positions, h), v, torch.zeros_like(v))
 
             edits[site] = edit
     return edits
@@ -168,12 +169,12 @@ def generate_greedy(
     Composes with: any edits (steering, patching, ablations); fine for short sequences (quadratic cost).
     """
     fn = "tdfunc.latent.generate_greedy"
+    check_module(fn, module, PatchError, fix="; pass the model itself (the nn.Module to run)")
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype.is_floating_point:
         got = f"shape {tuple(input_ids.shape)} dtype {input_ids.dtype}" if isinstance(input_ids, torch.Tensor) \
             else type(input_ids).__name__
         raise PatchError(f"{fn}: input_ids must be a 2-D integer tensor (B, T) of tokens, got {got}.")
-    if isinstance(n_tokens, bool) or not isinstance(n_tokens, int) or n_tokens < 0:
-        raise PatchError(f"{fn}: n_tokens must be an integer >= 0, got {n_tokens!r}.")
+    check_int(fn, "n_tokens", n_tokens, PatchError, lo=0)
     ids = input_ids
     for _ in range(n_tokens):
         out = functional_call(module, state, (ids,), edits=dict(edits) if edits else None)
