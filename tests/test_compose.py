@@ -173,6 +173,50 @@ def test_compile_fullgraph_equals_eager(case):
         torch._dynamo.reset()
 
 
+# The compile column again under torch.compile's default backend (inductor, CPU), one row per family
+# (inductor compiles slowly: these 11 rows take ~40 s on 2 cores with a warm inductor cache, ~70 s
+# cold, so a subset, the cheaper row of
+# each family). call:delta+capture already runs under inductor above; call:substitute adds a core
+# call with a vmapped edit value. Gradient attribution: attr:saliency-label; layer:
+# layer:grad-cam-state; noise/guided: noise:smoothgrad-saliency-K and guided:mlp-targets (guided
+# backprop's rules); perturbation: perturb:occlusion-baseline; LRP: lrp:mlp-targets-alpha_beta;
+# latent: latent:patch-vmapped-clean, latent:steer-scale, latent:probe-linear; weights: weights:lora.
+# (tests/test_inductor.py has the upstream max-pool bug this column would not catch: no row pools.)
+INDUCTOR_ROWS = [
+    "call:substitute",
+    "attr:saliency-label",
+    "layer:grad-cam-state",
+    "noise:smoothgrad-saliency-K",
+    "guided:mlp-targets",
+    "perturb:occlusion-baseline",
+    "lrp:mlp-targets-alpha_beta",
+    "latent:patch-vmapped-clean",
+    "latent:steer-scale",
+    "latent:probe-linear",
+    "weights:lora",
+]
+_BY_NAME = {c.name: c for c in CASES}
+INDUCTOR_CASES = [_BY_NAME[n] for n in INDUCTOR_ROWS if n in _BY_NAME]  # TDFUNC_CORE_ONLY: core rows only
+
+
+@pytest.mark.parametrize("case", INDUCTOR_CASES, ids=[c.name for c in INDUCTOR_CASES])
+def test_compile_inductor_equals_eager(case):
+    tdfunc.install_sites(case.module, "**")
+    try:
+        torch._dynamo.reset()
+        compiled = torch.compile(case.fn, fullgraph=True)  # the default backend
+        for i in range(2):
+            args = _example(case, i)
+            torch.testing.assert_close(compiled(*args), case.fn(*args), rtol=1e-10, atol=1e-10)
+    finally:
+        tdfunc.remove_sites(case.module)
+        torch._dynamo.reset()
+
+
+def test_inductor_rows_name_table_rows():
+    assert os.environ.get("TDFUNC_CORE_ONLY") or len(INDUCTOR_CASES) == len(INDUCTOR_ROWS)
+
+
 class _Boom(RuntimeError):
     pass
 

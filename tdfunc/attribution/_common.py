@@ -80,9 +80,9 @@ def _check_compiled(fn: str, vmaps: bool) -> None:
         return
     if _inductor_vmapped_max_pool(vmaps):
         raise MiscompileError(
-            f"{fn}: torch.compile's default backend (inductor) silently returns an all-zero gradient through "
-            "a max pool under vmap when parameters downstream of it require grad (a torch 2.13 bug: the "
-            "batched max-pool backward's scatter_add is scheduled after its reader). Compile with "
+            f"{fn}: torch.compile with the default backend (inductor) silently returns an all-zero gradient "
+            "through a max pool under vmap when parameters downstream of it require grad (a torch 2.13 bug: the "
+            "scatter_add of the batched max-pool backward is scheduled after its reader). Compile with "
             'backend="aot_eager", call under torch.no_grad() (or with parameters that do not require '
             "grad), or call without vmap."
         )
