@@ -169,8 +169,8 @@ def prepare(fn: str, td: TensorDictBase, in_keys: Sequence | None, *, baselines:
         for b in (k[1:] for k in leaves if k[0] == BASELINE and len(k) > 1):
             if b not in inputs:
                 raise AttributionError(
-                    f"{fn}: td holds the baseline {(BASELINE, *b)!r} but no input {_show(b)}; a baseline is the entry "
-                    f"('baseline', key) of an input entry key (inputs: {_show_all(inputs)}): rename or remove it."
+                    f"{fn}: td holds the baseline {(BASELINE, *b)!r} but no input {_show(b)} (inputs: "
+                    f"{_show_all(inputs)}); store a baseline as ('baseline', key) for an input entry key, or remove it."
                 )
     return Inputs(keys, x, base, td.batch_size)
 

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from tensordict import TensorDict, TensorDictBase
 
+from .._checks import check_generator, check_int
 from .._edits import FromSite, from_site
 from .._errors import EditError, shape_str, suggest
 from ._common import WeightError, check_scale, check_td, dotted, from_leaves, known_names, leaves, parse_key, rebuild
@@ -27,10 +28,10 @@ __all__ = [
 _SAE_KEYS = ("W_enc", "b_enc", "W_dec", "b_dec")
 
 
-def _check_dims(fn: str, **dims: Any) -> None:
+def _check_dims(fn: str, generator: Any = None, **dims: Any) -> None:
     for name, v in dims.items():
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise WeightError(f"{fn}: {name} must be an integer >= 1, got {v!r}.")
+        check_int(fn, name, v, WeightError)
+    check_generator(fn, generator, WeightError)
 
 
 def _init(d_in: int, d_hidden: int, d_out: int, generator, dtype, device) -> TensorDict:
@@ -82,7 +83,7 @@ def sae_init(
 
     Composes with: ``grad`` (train in your own loop), ``vmap`` (stacked SAEs), ``torch.compile``.
     """
-    _check_dims("tdfunc.weights.sae_init", d_in=d_in, d_hidden=d_hidden)
+    _check_dims("tdfunc.weights.sae_init", generator, d_in=d_in, d_hidden=d_hidden)
     return _init(d_in, d_hidden, d_in, generator, dtype, device)
 
 
@@ -127,7 +128,7 @@ def transcoder_init(
 
     Composes with: ``grad``, ``vmap``, ``torch.compile`` (through :func:`tdfunc.weights.transcoder_edit`).
     """
-    _check_dims("tdfunc.weights.transcoder_init", d_in=d_in, d_hidden=d_hidden, d_out=d_out)
+    _check_dims("tdfunc.weights.transcoder_init", generator, d_in=d_in, d_hidden=d_hidden, d_out=d_out)
     return _init(d_in, d_hidden, d_out, generator, dtype, device)
 
 
@@ -344,7 +345,7 @@ def lora_init(
     """
     fn = "tdfunc.weights.lora_init"
     flat = leaves(check_td(fn, "state", state))
-    _check_dims(fn, rank=rank)
+    _check_dims(fn, generator, rank=rank)
     if isinstance(keys, (str, tuple)):
         keys = [keys]
     if not keys:

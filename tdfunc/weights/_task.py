@@ -10,7 +10,8 @@ from tensordict import TensorDict, TensorDictBase
 from torch import nn
 from torch.func import vmap
 
-from .._errors import shape_str, suggest
+from .._checks import check_chunk_size, check_module
+from .._errors import shape_str
 from .._state import flat_state
 from ._common import (
     WeightError,
@@ -18,7 +19,6 @@ from ._common import (
     check_same_tree,
     check_scale,
     check_td,
-    dotted,
     float_keys,
     from_leaves,
     leaves,
@@ -251,8 +251,8 @@ def task_vector_sweep(
     ``torch.compile``.
     """
     fn = "tdfunc.weights.task_vector_sweep"
-    if not isinstance(module, nn.Module):
-        raise TypeError(f"{fn}: expected an nn.Module as the module, got {type(module).__name__} ({module!r:.60}).")
+    check_module(fn, module, WeightError)
+    check_chunk_size(fn, chunk_size, WeightError)
     pretrained = check_td(fn, "pretrained", pretrained)
     tv = check_td(fn, "tv", tv)
     flat_state(fn, module, pretrained)
