@@ -51,10 +51,23 @@ wheel-check: dist
 	$(WHEEL_VENV)/bin/python -m pip install -q -c requirements-dev.txt dist/tdfunc-*.whl
 	cd $$(mktemp -d) && $(CURDIR)/$(WHEEL_VENV)/bin/python $(CURDIR)/.ci/wheel_check.py $(CURDIR) $(CURDIR)/dist
 
-test: venv wheel-check
+test: venv docs wheel-check
 	$(PY) -m pytest -q -n 2
 	@echo "--- core tests again on tensordict 0.14.3 ---"
 	TDFUNC_CORE_ONLY=1 PYTHONPATH=$(VENV)/td014 $(PY) -m pytest -q -n 2 $(CORE_TESTS)
+
+# The documentation site (mkdocs.yml, docs/): the tools of requirements-docs.txt installed into .venv once
+# (their own stamp), then a strict build -- a broken link or cross-reference, a missing API entry's target
+# or a docstring mkdocstrings cannot render fails it. Output in site/ (git-ignored).
+DOCS_STAMP = $(VENV)/.docs-installed-$(shell cat requirements-docs.txt 2>/dev/null | cksum | cut -d' ' -f1)
+
+$(DOCS_STAMP): | $(STAMP)
+	$(PY) -m pip install -q -r requirements-docs.txt
+	rm -f $(VENV)/.docs-installed-*; touch $@
+
+.PHONY: docs
+docs: venv $(DOCS_STAMP)
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict -q -d site
 
 bench: venv
 	# peers measured only by the benchmarks (TransformerLens, nnsight); not needed by the tests

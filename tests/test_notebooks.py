@@ -1,8 +1,13 @@
-"""Every notebook in notebooks/ executes top to bottom."""
+"""Every notebook in notebooks/ executes top to bottom.
+
+The executed copy (outputs and figures) is written to ``notebooks/.executed/`` (git-ignored), which the
+documentation site renders (``docs/_ext/notebooks.py``) instead of the stored notebook.
+"""
 
 from __future__ import annotations
 
 import importlib.util
+import os
 from pathlib import Path
 
 import pytest
@@ -12,6 +17,7 @@ nbclient = pytest.importorskip("nbclient")
 
 NOTEBOOK_DIR = Path(__file__).resolve().parent.parent / "notebooks"
 NOTEBOOKS = sorted(NOTEBOOK_DIR.glob("*.ipynb"))
+EXECUTED_DIR = NOTEBOOK_DIR / ".executed"  # for the docs site
 
 
 @pytest.fixture(scope="session")
@@ -41,3 +47,7 @@ def test_notebook_executes(path, request):
     nbclient.NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}}).execute()
     errors = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []) if o.output_type == "error"]
     assert not errors
+    EXECUTED_DIR.mkdir(exist_ok=True)
+    tmp = EXECUTED_DIR / f".{path.name}.{os.getpid()}.tmp"
+    nbformat.write(nb, tmp)
+    os.replace(tmp, EXECUTED_DIR / path.name)  # atomic: a docs build never reads half a notebook
