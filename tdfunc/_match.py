@@ -63,7 +63,11 @@ def _deep_match(pats: list[str], segs: list[str]) -> bool:
 
 def split_site(text: str) -> tuple[str, str]:
     """``(path, suffix)`` of a site string: ``"blocks.0.mlp:input@2"`` -> ``("blocks.0.mlp", ":input@2")``."""
-    cut = min((i for i in (text.find(":"), text.find("@")) if i >= 0), default=len(text))
+    cut = len(text)  # a plain loop: dynamo cannot trace min() over a generator with a default
+    for sep in (":", "@"):
+        i = text.find(sep)
+        if 0 <= i < cut:
+            cut = i
     return text[:cut], text[cut:]
 
 
