@@ -2,7 +2,7 @@
 
 Run with ``make demo`` (or ``.venv/bin/python demo/demo.py``).  Uses only tdfunc's public API
 (``functional_call``, ``state``, ``delta``) plus ``torch.func.vmap``; the model is never modified.
-Writes one figure to ``demo/out/demo.png``.
+Writes its figures to ``demo/out/`` (``demo.png``, ``ig_maps.png``) with ``tdfunc.plot``.
 """
 
 from __future__ import annotations
@@ -255,45 +255,31 @@ try:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    import tdfunc.plot  # needs matplotlib: pip install 'tdfunc[plot]'
+
     OUT.mkdir(parents=True, exist_ok=True)
-    fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(17, 4.2))
-    width = 0.8 / len(COLS)
-    for j, col in enumerate(COLS):
-        vals = [flip[s][j] if flip[s][j] is not None else 0.0 for s in SITES]
-        ax1.bar([i + (j - (len(COLS) - 1) / 2) * width for i in range(len(SITES))], vals, width, label=col)
-    ax1.set_xticks(range(len(SITES)), [s.replace("features.", "").replace("head.", "") for s in SITES])
-    ax1.set_ylabel("fraction flipped to clean class")
-    ax1.set_title("activation patching: part of the site patched")
-    ax1.set_ylim(0, 1.25)
-    ax1.legend(fontsize=8, ncol=3, loc="upper center")
-    for k, (name, frac) in enumerate(curves.items()):
-        ax2.plot(alphas.tolist(), frac, "--" if "random" in name else "-o", color=f"C{k // 2}", label=name)
-    ax2.set_xlabel("alpha")
-    ax2.set_ylabel("fraction predicted as target")
-    ax2.set_title("steering head.fc1 with alpha * (mean_a - mean_b)")
+    fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(17, 4.2), layout="constrained")
+    flip_grid = torch.tensor([[float("nan") if v is None else v for v in flip[s]] for s in SITES])  # (sites, parts)
+    tdfunc.plot.patching_heatmap(flip_grid, sites=[s.replace("features.", "").replace("head.", "") for s in SITES],
+                                 units=COLS, annotate="{:.2f}", ax=ax1,
+                                 title="activation patching: fraction flipped to the clean class")
+    names = [k for k in curves if "random" not in k]
+    colors = [f"C{k}" for k in range(len(names))]
+    tdfunc.plot.sweep_curve(alphas, {k: curves[k] for k in names}, colors=colors, ax=ax2, xlabel="alpha",
+                            ylabel="fraction predicted as target",
+                            title="steering head.fc1 with alpha * (mean_a - mean_b)")
+    tdfunc.plot.sweep_curve(alphas, {f"{k} random": curves[f"{k} random"] for k in names}, colors=colors, ax=ax2,
+                            linestyle="--", marker=None)
     ax2.legend(fontsize=7, ncol=2)
-    ax3.plot(amounts, prune_acc.tolist(), "-o")
-    ax3.set_xlabel("fraction of weights pruned (global magnitude)")
-    ax3.set_ylabel("test accuracy")
-    ax3.set_title("pruning sweep: one vmapped call")
-    fig.tight_layout()
+    tdfunc.plot.sweep_curve(amounts, prune_acc, ax=ax3, xlabel="fraction of weights pruned (global magnitude)",
+                            ylabel="test accuracy", title="pruning sweep: one vmapped call")
     fig.savefig(OUT / "demo.png", dpi=110)
     plt.close(fig)
     print(f"\nfigure: {(OUT / 'demo.png').relative_to(ROOT)}")
-    fig, axes = plt.subplots(len(picks), 11, figsize=(13, 1.35 * len(picks)))
-    lim = float(maps.abs().max())
-    for i in range(len(picks)):
-        axes[i, 0].imshow(td_ig["x"][i, 0], cmap="gray")
-        axes[i, 0].set_ylabel(f"a {int(y_test[picks[i]])}")
-        for c in range(10):
-            axes[i, c + 1].imshow(maps[i, c], cmap="RdBu_r", vmin=-lim, vmax=lim)
-            if i == 0:
-                axes[i, c + 1].set_title(f"class {c}", fontsize=9)
-    for ax in axes.flat:
-        ax.set_xticks([])
-        ax.set_yticks([])
+    fig, axes = tdfunc.plot.image_attribution_grid(
+        ig, td_ig["x"], key="x", outlier_perc=0, row_labels=[f"a {int(y_test[i])}" for i in picks],
+        col_labels=[f"class {c}" for c in range(10)])
     fig.suptitle("integrated gradients for every class, one call (red: evidence for the class)", fontsize=10)
-    fig.tight_layout()
     fig.savefig(OUT / "ig_maps.png", dpi=110)
     plt.close(fig)
     print(f"figure: {(OUT / 'ig_maps.png').relative_to(ROOT)}")
