@@ -8,11 +8,13 @@ Every variant computes the same logits; this is asserted (and, for the
 capture variants, that the captured block outputs are equal) before any
 timing. Reference: ``torch.func.functional_call`` (goal: tdfunc within 5%).
 
-Two model copies with the same weights are used: tdfunc installs persistent,
-inert site hooks on the modules it has been asked about, so the baselines and
-the hook-based peers run on a copy tdfunc never touched; the variant
-``plain, tdfunc sites installed`` runs ``model(x)`` on tdfunc's copy to show
-what those inert hooks cost a plain forward.
+Three model copies with the same weights are used: the baselines and the
+hook-based peers run on a copy tdfunc never touched; tdfunc's calls run on a
+second copy, where each call installs the sites it uses and removes them when
+it returns (``plain, after tdfunc calls`` runs ``model(x)`` there: nothing is
+left); the ``pinned`` variants run on a third copy whose sites were pinned
+once with ``tdfunc.install_sites`` (``plain, tdfunc sites pinned`` shows what
+those inert hooks cost a plain forward).
 
 Run: ``python -m bench.run --only call`` (or ``python -m bench.bench_call``).
 """
@@ -38,7 +40,7 @@ def _block_names(model) -> list[str]:
     return [f"blocks.{i}" for i in range(len(model.blocks))]
 
 
-def make_variants(model, model_td, x: torch.Tensor) -> tuple[dict[str, Any], dict[str, Any], dict[str, str]]:
+def make_variants(model, model_td, model_pin, x: torch.Tensor) -> tuple[dict[str, Any], dict[str, Any], dict[str, str]]:
     """Return (variants, capture_variants, notes).
 
     ``variants`` map name -> zero-arg callable returning logits (capture
@@ -59,6 +61,8 @@ def make_variants(model, model_td, x: torch.Tensor) -> tuple[dict[str, Any], dic
     fcall = torch.func.functional_call
 
     state = tdfunc.state(model_td)
+    tdfunc.install_sites(model_pin, ["blocks.*", "blocks.1.mlp"])  # pinned: stay between calls
+    state_pin = tdfunc.state(model_pin)
     zeros = torch.zeros(x.shape[0], x.shape[1], d, dtype=torch.float32, device=x.device)
     edit_fn = {"blocks.1.mlp": lambda v: v * 1.0}
     edit_delta = {"blocks.1.mlp": tdfunc.delta(zeros)}
@@ -66,6 +70,10 @@ def make_variants(model, model_td, x: torch.Tensor) -> tuple[dict[str, Any], dic
 
     def tdfunc_capture():
         out, caps = tdfunc.functional_call(model_td, state, (x,), capture=capture)
+        return out, {n: caps[n] for n in names}
+
+    def tdfunc_capture_pinned():
+        out, caps = tdfunc.functional_call(model_pin, state_pin, (x,), capture=capture)
         return out, {n: caps[n] for n in names}
 
     # --- hook-based peers: register per call, remove in finally (TransformerLens / nnsight / pyvene style)
@@ -108,6 +116,7 @@ def make_variants(model, model_td, x: torch.Tensor) -> tuple[dict[str, Any], dic
 
     capture_variants = {
         "tdfunc capture blocks.*": tdfunc_capture,
+        "tdfunc capture blocks.*, pinned": tdfunc_capture_pinned,
         "hooks capture (per call)": hooks_capture,
         "tdhook ActivationCaching": tdhook_caching,
         "tdhook HookSession.capture": tdhook_session,
@@ -118,21 +127,27 @@ def make_variants(model, model_td, x: torch.Tensor) -> tuple[dict[str, Any], dic
         "tdfunc 0 edits": lambda: tdfunc.functional_call(model_td, state, (x,)),
         "tdfunc 1 edit (fn)": lambda: tdfunc.functional_call(model_td, state, (x,), edits=edit_fn),
         "tdfunc 1 edit (delta 0)": lambda: tdfunc.functional_call(model_td, state, (x,), edits=edit_delta),
+        "tdfunc 1 edit (fn), pinned": lambda: tdfunc.functional_call(model_pin, state_pin, (x,), edits=edit_fn),
         "hooks 1 edit (per call)": hooks_edit,
         **{k: f for k, f in capture_variants.items()},
-        "plain, tdfunc sites installed": lambda: model_td(x),
+        "plain, after tdfunc calls": lambda: model_td(x),
+        "plain, tdfunc sites pinned": lambda: model_pin(x),
     }
     notes = {
         "torch.func.functional_call": "reference; params dict built once outside the loop",
         "tdfunc 0 edits": "`tdfunc.functional_call(model, state, (x,))`, state = `tdfunc.state(model)` built once",
         "tdfunc 1 edit (fn)": "edits={'blocks.1.mlp': lambda v: v * 1.0}",
         "tdfunc 1 edit (delta 0)": "edits={'blocks.1.mlp': tdfunc.delta(zeros)}",
+        "tdfunc 1 edit (fn), pinned": "the same edit on a copy whose sites were pinned once with `tdfunc.install_sites`",
         "hooks 1 edit (per call)": "register_forward_hook on blocks.1.mlp returning o * 1.0, run, remove in finally",
-        "tdfunc capture blocks.*": f"capture=['blocks.*'] ({N_LAYERS} block outputs), returns (logits, TensorDict)",
+        "tdfunc capture blocks.*": f"capture=['blocks.*'] ({N_LAYERS} block outputs), returns (logits, TensorDict); "
+        "the call installs the 4 sites and removes them when it returns",
+        "tdfunc capture blocks.*, pinned": "the same capture on a copy whose sites were pinned once with `tdfunc.install_sites`",
         "hooks capture (per call)": "register a forward hook per block, store o.detach(), run, remove in finally",
         "tdhook ActivationCaching": "tdhook 0.3.0: `with ActivationCaching(r'blocks\\.\\d+$').prepare(model) as h: h(TensorDict(input=x))`",
         "tdhook HookSession.capture": "tdhook 0.3.0: `with HookSession(model) as s: s.capture(Target('blocks.i', 'activation', -1, all 128 features))`",
-        "plain, tdfunc sites installed": "`model(x)` on tdfunc's copy, after the tdfunc variants installed their (inert) site hooks",
+        "plain, after tdfunc calls": "`model(x)` on tdfunc's copy after the tdfunc calls (they leave no hooks behind)",
+        "plain, tdfunc sites pinned": "`model(x)` on the pinned copy: what the inert site hooks cost a plain forward",
     }
     return variants, capture_variants, notes
 
@@ -141,10 +156,11 @@ def run(device: str = "cpu", quick: bool = False) -> list[dict]:
     b = Bench(NAME, device=device, quick=quick, rounds=150, warmup=15, quick_rounds=3, quick_warmup=1)
     model = tiny_gpt(seed=0).to(device)
     model_td = copy.deepcopy(model)
+    model_pin = copy.deepcopy(model)
     with torch.no_grad():
         for batch in BATCHES:
             x = tokens(batch).to(device)
-            variants, capture_variants, notes = make_variants(model, model_td, x)
+            variants, capture_variants, notes = make_variants(model, model_td, model_pin, x)
             # correctness before timing: same logits everywhere, same captured block outputs
             outs = {k: (f()[0] if k in capture_variants else f()) for k, f in variants.items()}
             b.check_equal(outs, atol=1e-5, rtol=1e-5)

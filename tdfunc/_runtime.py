@@ -1,9 +1,11 @@
 """The runtime behind every tdfunc call: plans, the thread-local frame stack and the site hooks.
 
 A *plan* maps module objects to the operations (edits, then captures) to run at their input or
-output.  A call pushes a *frame* (the plan plus per-call counters and captured values) on a
-thread-local stack and pops it in ``finally``.  The persistent hooks installed on used sites read
-the stack: with no frame they return at once, so a module computes exactly what it did before.
+output.  A call installs the hooks of the plan's modules (reference-counted per module, see
+``_sites.acquire``), pushes a *frame* (the plan plus per-call counters and captured values) on a
+thread-local stack, and in ``finally`` pops it and removes the hooks no other running call uses.
+The hooks read the stack: with no frame they return at once, so a module computes exactly what
+it did before.
 
 Nesting: the frames on the stack all apply, innermost (most recently pushed) first, so an outer
 :func:`tdfunc.intervene` sees the value an inner call produced.  While a user edit function or rule
@@ -22,7 +24,7 @@ from torch import nn
 
 from ._edits import Delta, FromSite, Rule
 from ._errors import EditError, NotReachedError, SiteError, shape_str, suggest
-from ._sites import ALL_CALLS, SiteSpec, install, module_table, parse_site, resolve_site
+from ._sites import ALL_CALLS, SiteSpec, acquire, module_table, parse_site, release, resolve_site
 
 _LOCAL = threading.local()
 
@@ -51,7 +53,7 @@ class _Entry:
 
 
 class Plan:
-    __slots__ = ("fn", "entries", "edits", "captures", "n_counters", "strict")
+    __slots__ = ("fn", "entries", "edits", "captures", "n_counters", "strict", "sites")
 
     def __init__(self, fn: str, strict: bool = True):
         self.fn = fn
@@ -60,6 +62,7 @@ class Plan:
         self.edits: list[_Op] = []
         self.captures: list[_Op] = []
         self.n_counters = 0
+        self.sites: list[tuple[str, nn.Module]] = []  # (name, module) of every entry, installed per call
 
 
 class Frame:
@@ -117,7 +120,10 @@ def _check_edit_value(fn: str, site: str, payload: Any) -> None:
 
 
 def make_plan(fn: str, root: nn.Module, edits: Mapping | None, capture: Any, strict: bool = True) -> Plan | None:
-    """Resolve edits and captures to module objects and install their sites. ``None`` if empty."""
+    """Resolve edits and captures to module objects. ``None`` if empty.
+
+    Nothing is installed here: :func:`run_in_frame` installs the plan's sites for each call.
+    """
     if edits is not None and not isinstance(edits, Mapping):
         raise TypeError(
             f"{fn}: edits must be a mapping from site to edit, got {type(edits).__name__} ({edits!r:.80}); "
@@ -127,7 +133,6 @@ def make_plan(fn: str, root: nn.Module, edits: Mapping | None, capture: Any, str
     if not edits and not cap_sites:
         return None
     plan, cache = Plan(fn, strict), {}
-    used: list[tuple[str, nn.Module]] = []
     seen_keys: set[str] = set()
     requests = [(s, v, False) for s, v in (edits or {}).items()] + [(s, None, True) for s in cap_sites]
 
@@ -136,7 +141,7 @@ def make_plan(fn: str, root: nn.Module, edits: Mapping | None, capture: Any, str
         if entry is None:
             entry = plan.entries[m] = _Entry(plan.n_counters)
             plan.n_counters += 2
-            used.append((name, m))
+            plan.sites.append((name, m))
         op = _Op(len(plan.edits) + len(plan.captures), key, spec.port, spec.element, spec.call, payload, is_capture, hidden)
         (plan.captures if is_capture else plan.edits).append(op)
         (entry.inputs if spec.port == "input" else entry.outputs).append(op)
@@ -169,7 +174,6 @@ def make_plan(fn: str, root: nn.Module, edits: Mapping | None, capture: Any, str
     for entry in plan.entries.values():  # per frame: its edits first, then its captures
         entry.inputs.sort(key=lambda o: o.capture)
         entry.outputs.sort(key=lambda o: o.capture)
-    install(fn, used)
     return plan
 
 
@@ -316,6 +320,9 @@ def _run(frame: Frame, ops: list[_Op], counter: int, port: str, module, args, kw
     return container
 
 
+_NO_OUTPUT = object()
+
+
 def _active(stack: list) -> list[Frame]:
     frames = []
     i = len(stack) - 1
@@ -325,9 +332,11 @@ def _active(stack: list) -> list[Frame]:
     return frames
 
 
-def input_hook(module, args, kwargs):
+def input_hook(module, args, kwargs=None):
+    # kwargs is None only when torch calls the hook without kwargs: another thread was adding or
+    # removing it during this call, which no call of this thread is using (it would hold the site)
     stack = getattr(_LOCAL, "stack", None)
-    if not stack:
+    if not stack or kwargs is None:
         return None
     changed = False
     for frame in _active(stack):
@@ -338,9 +347,9 @@ def input_hook(module, args, kwargs):
     return (args, kwargs) if changed else None
 
 
-def output_hook(module, args, kwargs, output):
+def output_hook(module, args, kwargs, output=_NO_OUTPUT):
     stack = getattr(_LOCAL, "stack", None)
-    if not stack:
+    if not stack or output is _NO_OUTPUT:  # called without kwargs: see input_hook
         return None
     changed = False
     for frame in _active(stack):
@@ -408,11 +417,17 @@ def finish(frame: Frame) -> TensorDict:
 
 
 def run_in_frame(plan: Plan, fn, *args, **kwargs):
-    """Call ``fn`` with ``plan``'s frame on the stack; return (result, frame)."""
+    """Call ``fn`` with ``plan``'s sites installed and its frame on the stack; return (result, frame).
+
+    The sites are acquired for this call only and released in ``finally`` (also when ``fn``
+    raises): the last running call using a site removes its hooks, unless it is pinned.
+    """
     frame = Frame(plan)
+    held = acquire(plan.fn, plan.sites)
     push(frame)
     try:
         result = fn(*args, **kwargs)
     finally:
         pop()
+        release(held)
     return result, frame

@@ -1,4 +1,4 @@
-"""Site strings: parsing, resolution to modules, and installing the persistent hooks.
+"""Site strings: parsing, resolution to modules, and installing / removing the site hooks.
 
 Grammar::
 
@@ -12,14 +12,16 @@ Grammar::
 from __future__ import annotations
 
 import threading
+import weakref
 from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
 from ._errors import SiteError, suggest
 
-__all__ = ["SiteSpec", "ALL_CALLS", "parse_site", "resolve_site", "install", "remove_sites", "is_installed"]
+__all__ = ["SiteSpec", "ALL_CALLS", "parse_site", "resolve_site", "acquire", "release", "remove_sites", "is_installed"]
 
 #: ``call`` value of a ``"path@*"`` site.
 ALL_CALLS = -1
@@ -120,9 +122,17 @@ def resolve_site(fn: str, root: nn.Module, spec: SiteSpec, table: dict[str, nn.M
     return found
 
 
-# --- the persistent hooks -------------------------------------------------------------------------
+# --- the site hooks and their lifecycle -----------------------------------------------------------
 # Both hooks are module-level functions (not closures): they survive copy.deepcopy and pickling of
 # the module, and a copied module's hooks address the copy.  They are inert outside a tdfunc call.
+#
+# A call acquires the sites of its plan before it pushes its frame and releases them in ``finally``
+# after popping it: the first user installs the two hooks, the last one removes them, so after the
+# call the module's hook dicts are what they were.  The count is per module and changes only under
+# ``_INSTALL_LOCK``, so two threads (or nested calls) sharing a site never remove it from under each
+# other.  ``install_sites`` pins a site (kept at count 0, e.g. for ``torch.compile``, where hooks
+# cannot be added); ``remove_sites`` removes pinned and unpinned sites alike.  Inside a compiled
+# region nothing is counted or installed: the site must be pinned.
 
 
 def is_installed(module: nn.Module) -> bool:
@@ -131,34 +141,106 @@ def is_installed(module: nn.Module) -> bool:
     return any(h is output_hook for h in module._forward_hooks.values())
 
 
+_HOOK_FNS: tuple | None = None
+
+
+def _hook_fns() -> tuple:
+    """(input_hook, output_hook), imported once (``_runtime`` imports this module)."""
+    global _HOOK_FNS
+    if _HOOK_FNS is None:
+        from ._runtime import input_hook, output_hook
+
+        _HOOK_FNS = (input_hook, output_hook)
+    return _HOOK_FNS
+
+
+class _Site:
+    """tdfunc's hooks on one module: how many running calls use them, and whether they are pinned.
+
+    The hooks are written into the module's hook dicts exactly as ``register_forward_pre_hook`` /
+    ``register_forward_hook(..., with_kwargs=True)`` write them (ids from torch's own counter), minus
+    the two ``RemovableHandle`` objects, which cost more than the rest of an install and removal.
+    The with-kwargs flag goes in before the hook and comes out after it.
+    """
+
+    __slots__ = ("users", "pinned", "hook_id")
+
+    def __init__(self, module: nn.Module):
+        input_hook, output_hook = _hook_fns()
+        self.users = 0
+        if any(h is output_hook for h in module._forward_hooks.values()):
+            # the hooks came with the module (a deepcopy or pickle of a module with pinned sites, or
+            # of one copied while a call used it): they stay until remove_sites, as if pinned
+            self.pinned, self.hook_id = True, None
+            return
+        self.pinned = False
+        i = self.hook_id = RemovableHandle.next_id
+        RemovableHandle.next_id = i + 2
+        module._forward_pre_hooks_with_kwargs[i] = True
+        module._forward_pre_hooks[i] = input_hook
+        module._forward_hooks_with_kwargs[i + 1] = True
+        module._forward_hooks[i + 1] = output_hook
+
+    def remove(self, module: nn.Module) -> None:
+        i = self.hook_id
+        if i is not None:
+            module._forward_pre_hooks.pop(i, None)
+            module._forward_pre_hooks_with_kwargs.pop(i, None)
+            module._forward_hooks.pop(i + 1, None)
+            module._forward_hooks_with_kwargs.pop(i + 1, None)
+
+
 _INSTALL_LOCK = threading.Lock()
+_SITES: weakref.WeakKeyDictionary[nn.Module, _Site] = weakref.WeakKeyDictionary()
 
 
-def install(fn: str, modules: list[tuple[str, nn.Module]]) -> None:
-    """Install the site hooks on each module that lacks them (idempotent, thread-safe)."""
-    missing = [(name, m) for name, m in modules if not is_installed(m)]
-    if missing:
-        _install(fn, missing)
+def _not_installed(fn: str, name: str) -> SiteError:
+    return SiteError(
+        f"{fn}: site {name!r} is used inside torch.compile but its hook is not installed, and hooks "
+        f"cannot be added inside a compiled region. Call tdfunc.install_sites(model, [{name!r}]) "
+        "(or tdfunc.install_sites(model, '**')) once before compiling."
+    )
 
 
-def _install(fn: str, modules: list[tuple[str, nn.Module]]) -> None:
-    from ._runtime import input_hook, output_hook
+def acquire(fn: str, modules: list[tuple[str, nn.Module]]) -> list[tuple[nn.Module, _Site]] | None:
+    """Install the sites of ``modules`` for one call (or count one more user); give to :func:`release`.
 
-    for name, m in modules:
-        if torch.compiler.is_compiling():
-            raise SiteError(
-                f"{fn}: site {name!r} is used inside torch.compile but its hook is not installed, and hooks "
-                f"cannot be added inside a compiled region. Call tdfunc.install_sites(model, [{name!r}]) "
-                "(or tdfunc.install_sites(model, '**')) once before compiling."
-            )
-        with _INSTALL_LOCK:  # two threads installing the same site must not hook it twice
+    Inside ``torch.compile`` nothing is counted or installed: every site must already be installed
+    (pinned with ``tdfunc.install_sites``), else SiteError.
+    """
+    if torch.compiler.is_compiling():
+        for name, m in modules:
             if not is_installed(m):
-                m.register_forward_pre_hook(input_hook, with_kwargs=True)
-                m.register_forward_hook(output_hook, with_kwargs=True)
+                raise _not_installed(fn, name)
+        return None
+    held = []
+    with _INSTALL_LOCK:
+        for _, m in modules:
+            site = _SITES.get(m)
+            if site is None:
+                site = _SITES[m] = _Site(m)
+            site.users += 1
+            held.append((m, site))
+    return held
+
+
+def release(held: list[tuple[nn.Module, _Site]] | None) -> None:
+    """Undo one :func:`acquire`: the last user of an unpinned site removes its hooks."""
+    if not held:
+        return
+    with _INSTALL_LOCK:
+        for m, site in held:
+            site.users -= 1
+            if site.users == 0 and not site.pinned:
+                site.remove(m)  # no-op for hooks remove_sites already took off
+                if _SITES.get(m) is site:  # not already dropped by remove_sites (and maybe reinstalled)
+                    del _SITES[m]
 
 
 def remove_sites(module: nn.Module) -> int:
-    """Remove every tdfunc site hook from ``module`` and its submodules.
+    """Remove every tdfunc site hook from ``module`` and its submodules, pinned or not.
+
+    A call running in another thread at that moment loses its edits and captures on these modules.
 
     Returns:
         The number of modules that had sites installed.
@@ -175,24 +257,28 @@ def remove_sites(module: nn.Module) -> int:
     if not isinstance(module, nn.Module):
         raise TypeError(f"tdfunc.remove_sites: expected an nn.Module, got {type(module).__name__}.")
     n = 0
-    for m in module.modules():
-        hit = False
-        for hooks, h in ((m._forward_hooks, output_hook), (m._forward_pre_hooks, input_hook)):
-            for k in [k for k, v in hooks.items() if v is h]:
-                del hooks[k]
-                m._forward_hooks_with_kwargs.pop(k, None)
-                m._forward_pre_hooks_with_kwargs.pop(k, None)
-                hit = True
-        n += hit
+    with _INSTALL_LOCK:
+        for m in module.modules():
+            _SITES.pop(m, None)  # a call still holding it removes nothing more when it ends
+            hit = False
+            for hooks, h in ((m._forward_hooks, output_hook), (m._forward_pre_hooks, input_hook)):
+                for k in [k for k, v in hooks.items() if v is h]:
+                    del hooks[k]
+                    m._forward_hooks_with_kwargs.pop(k, None)
+                    m._forward_pre_hooks_with_kwargs.pop(k, None)
+                    hit = True
+            n += hit
     return n
 
 
 def install_sites(module: nn.Module, sites: str | list[str] | tuple[str, ...]) -> None:
-    """Install the hooks of ``sites`` on ``module`` ahead of time.
+    """Install (pin) the hooks of ``sites`` on ``module`` ahead of time, until :func:`tdfunc.remove_sites`.
 
-    tdfunc installs a site lazily the first time a call uses it.  Inside ``torch.compile`` hooks
-    cannot be added, so install every site a compiled function will use before compiling it.
-    An installed site is inert outside a tdfunc call (the module computes exactly what it did);
+    Without it, a call installs the sites it uses and removes them when it returns (the last of
+    several concurrent or nested calls sharing a site removes it).  Inside ``torch.compile`` hooks
+    cannot be added or removed, so pin every site a compiled function will use before compiling it.
+    A pinned site is inert outside a tdfunc call (the module computes exactly what it did, though
+    torch's hook-free fast paths, e.g. ``nn.TransformerEncoderLayer``'s, are then skipped);
     :func:`tdfunc.remove_sites` removes them all.
 
     Args:
@@ -216,5 +302,13 @@ def install_sites(module: nn.Module, sites: str | list[str] | tuple[str, ...]) -
     if isinstance(sites, str):
         sites = [sites]
     table = module_table(module)
-    for s in sites:
-        install(fn, resolve_site(fn, module, parse_site(fn, s), table))
+    found = [pair for s in sites for pair in resolve_site(fn, module, parse_site(fn, s), table)]
+    if torch.compiler.is_compiling():
+        acquire(fn, found)  # checks only: hooks cannot be added here
+        return
+    with _INSTALL_LOCK:
+        for _, m in found:
+            site = _SITES.get(m)
+            if site is None:
+                site = _SITES[m] = _Site(m)
+            site.pinned = True

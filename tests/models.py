@@ -116,13 +116,31 @@ def snapshot(module: nn.Module) -> dict:
         "requires_grad": {n: p.requires_grad for n, p in module.named_parameters()},
         "training": {n: m.training for n, m in module.named_modules()},
         "ids": {n: id(t) for n, t in module.state_dict(keep_vars=True).items()},
+        "hooks": hook_dicts(module),
     }
+
+
+HOOK_DICTS = (
+    "_forward_hooks",
+    "_forward_hooks_with_kwargs",
+    "_forward_hooks_always_called",
+    "_forward_pre_hooks",
+    "_forward_pre_hooks_with_kwargs",
+    "_backward_hooks",
+    "_backward_pre_hooks",
+)
+
+
+def hook_dicts(module: nn.Module) -> dict:
+    """Every submodule's hook dicts as ordered (id, hook) lists: equal means the same hooks, same order."""
+    return {n: {d: list(getattr(m, d).items()) for d in HOOK_DICTS} for n, m in module.named_modules()}
 
 
 def assert_same_snapshot(a: dict, b: dict) -> None:
     assert a["requires_grad"] == b["requires_grad"]
     assert a["training"] == b["training"]
     assert a["ids"] == b["ids"]
+    assert a["hooks"] == b["hooks"], "hooks left on (or taken off) the module"
     assert a["tensors"].keys() == b["tensors"].keys()
     for k in a["tensors"]:
         x, y = a["tensors"][k], b["tensors"][k]

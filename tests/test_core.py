@@ -13,7 +13,7 @@ from torch import nn
 from torch.func import vmap
 
 import tdfunc
-from models import CNN, MLP, Recurrent, TinyTransformer
+from models import CNN, MLP, Recurrent, TinyTransformer, hook_dicts
 
 
 # --- state ------------------------------------------------------------------------------------------
@@ -283,11 +283,17 @@ def test_installed_sites_are_inert_and_survive_deepcopy_save_and_compile():
     torch._dynamo.reset()
 
 
-def test_sites_installed_only_where_used():
+def test_sites_installed_only_where_used_and_only_during_the_call():
     m = MLP()
-    tdfunc.functional_call(m, None, (torch.randn(1, 6),), capture="fc2")
-    assert [n for n, mm in m.named_modules() if mm._forward_hooks] == ["fc2"]
-    tdfunc.remove_sites(m)
+    seen = []
+
+    def look(v):
+        seen.append([n for n, mm in m.named_modules() if mm._forward_hooks or mm._forward_pre_hooks])
+        return v
+
+    tdfunc.functional_call(m, None, (torch.randn(1, 6),), edits={"act": look}, capture="fc2")
+    assert seen == [["act", "fc2"]]
+    assert not any(mm._forward_hooks or mm._forward_pre_hooks for mm in m.modules())
 
 
 def test_compiled_call_no_recompile_for_new_edit_values():
@@ -320,17 +326,25 @@ def test_concurrent_first_use_installs_each_site_once():
     for _ in range(20):
         m = MLP()
         barrier = threading.Barrier(4)
+        inside = threading.Barrier(4, timeout=30)
+        counts = []
+
+        def meet(v):  # all four threads are inside the forward here, holding the same two sites
+            inside.wait()
+            counts.append((len(m.act._forward_hooks), len(m.fc2._forward_pre_hooks)))
+            return v
 
         def use():
             barrier.wait()
-            tdfunc.functional_call(m, None, (torch.randn(1, 6),), capture=["act", "fc2"])
+            tdfunc.functional_call(m, None, (torch.randn(1, 6),), edits={"act": meet}, capture=["act", "fc2"])
 
         threads = [threading.Thread(target=use) for _ in range(4)]
         for t in threads:
             t.start()
         for t in threads:
             t.join()
-        assert len(m.act._forward_hooks) == 1 and len(m.fc2._forward_pre_hooks) == 1
+        assert counts == [(1, 1)] * 4
+        assert not any(mm._forward_hooks or mm._forward_pre_hooks for mm in m.modules())  # the last one removed them
 
 
 def test_from_site_reads_an_earlier_site_in_the_same_call():
@@ -369,3 +383,177 @@ def test_non_strict_skips_unreached_sites():
     assert torch.equal(g(), m(x))
     with pytest.raises(tdfunc.NotReachedError):
         tdfunc.functional_call(m, None, (x,), edits={"unused": torch.zeros(2)})
+
+
+# --- nothing left on the user's module ------------------------------------------------------------
+
+
+def _user_hooks(m):
+    """Hooks of the user's own on every submodule, registered in an order tdfunc must keep."""
+    calls = []
+    m.fc1.register_forward_hook(lambda mod, a, o: calls.append("fc1 post"))
+    m.act.register_forward_pre_hook(lambda mod, a: calls.append("act pre"))
+    m.act.register_forward_hook(lambda mod, a, k, o: calls.append("act post kw"), with_kwargs=True)
+    m.act.register_forward_hook(lambda mod, a, o: calls.append("act post first"), prepend=True)
+    m.fc2.register_forward_pre_hook(lambda mod, a, k: calls.append("fc2 pre kw"), with_kwargs=True)
+    return calls
+
+
+def test_hook_dicts_identical_after_every_kind_of_call():
+    m, x = MLP(), torch.randn(4, 6)
+    calls = _user_hooks(m)
+    before = hook_dicts(m)
+    m(x)
+    order = list(calls)
+    assert order == ["fc1 post", "act pre", "act post first", "act post kw", "fc2 pre kw"]
+
+    tdfunc.functional_call(m, None, (x,), edits={"act": lambda v: -v}, capture=["fc2:input", "**"])
+    assert hook_dicts(m) == before
+    g = tdfunc.intervene(lambda x: m(x).sum(), m, edits={"fc2": tdfunc.delta(torch.zeros(8))}, capture="act")
+    assert hook_dicts(m) == before  # building the transform installs nothing
+    g(x)
+    assert hook_dicts(m) == before
+    td = TensorDict({"x": x}, batch_size=[4])
+    tdfunc.grad_cam(lambda t: m(t["x"])[:, 0], td, m, "fc2")
+    assert hook_dicts(m) == before
+
+    def boom(v):
+        raise RuntimeError("edit raised mid-forward")
+
+    with pytest.raises(RuntimeError, match="mid-forward"):
+        tdfunc.functional_call(m, None, (x,), edits={"act": boom}, capture="fc2")
+    assert hook_dicts(m) == before
+    with pytest.raises(tdfunc.NotReachedError):  # raised after the forward, by the checks
+        tdfunc.functional_call(m, None, (x,), capture="act@3")
+    assert hook_dicts(m) == before
+    calls.clear()
+    m(x)
+    assert calls == order  # the user's hooks still run, in their order
+
+
+def _encoder_layer():
+    return nn.TransformerEncoderLayer(16, 2, dim_feedforward=32, dropout=0.0, batch_first=True).eval()
+
+
+def test_transformer_encoder_layer_fast_path_taken_again_after_a_call(monkeypatch):
+    fast = []
+    real = torch._transformer_encoder_layer_fwd
+
+    def spy(*args, **kwargs):
+        fast.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "_transformer_encoder_layer_fwd", spy)
+    layer, x = _encoder_layer(), torch.randn(2, 5, 16)
+    with torch.no_grad():
+        ref = layer(x)
+        assert len(fast) == 1  # the fast path, before tdfunc ever saw the layer
+        y, caps = tdfunc.functional_call(layer, None, (x,), capture=["linear1"])
+        assert len(fast) == 1 and caps["linear1"].shape == (2, 5, 32)  # the call itself runs the slow path
+        torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+        assert torch.equal(layer(x), ref) and len(fast) == 2  # taken again
+        tdfunc.intervene(lambda: layer(x), layer, edits={"norm2": lambda v: v})()
+        layer(x)
+        assert len(fast) == 3
+        tdfunc.install_sites(layer, "linear1")  # a pinned site stays, and torch sees its hooks
+        layer(x)
+        assert len(fast) == 3
+        tdfunc.remove_sites(layer)
+        layer(x)
+        assert len(fast) == 4
+
+
+def test_pinned_sites_survive_calls_until_remove_sites():
+    m, x = MLP(), torch.randn(3, 6)
+    tdfunc.install_sites(m, ["act", "fc2"])
+    pinned = hook_dicts(m)
+    assert tdfunc.functional_call(m, None, (x,), capture="act")[1]["act"].shape == (3, 8)
+    tdfunc.functional_call(m, None, (x,), edits={"fc1": lambda v: v, "act": lambda v: v})
+    assert hook_dicts(m) == pinned  # the pinned ones stay; fc1's (unpinned) went with its call
+    tdfunc.install_sites(m, "act")  # pinning twice installs nothing more
+    assert hook_dicts(m) == pinned
+    assert tdfunc.remove_sites(m) == 2
+    assert not any(mm._forward_hooks or mm._forward_pre_hooks for mm in m.modules())
+    assert tdfunc.functional_call(m, None, (x,), capture="act")[1]["act"].shape == (3, 8)  # reinstalled per call
+    assert not any(mm._forward_hooks or mm._forward_pre_hooks for mm in m.modules())
+
+
+def test_remove_sites_during_a_call_removes_pinned_and_unpinned():
+    m, x = MLP(), torch.randn(3, 6)
+    tdfunc.install_sites(m, "fc1")
+
+    def remove(v):
+        assert tdfunc.remove_sites(m) == 3  # fc1 (pinned), act and fc2 (this call's)
+        return v
+
+    tdfunc.functional_call(m, None, (x,), edits={"act": remove, "fc2": lambda v: v}, strict=False)
+    assert not any(mm._forward_hooks or mm._forward_pre_hooks for mm in m.modules())
+    # a site installed again by a later call is not removed by the end of the earlier one
+    tdfunc.install_sites(m, "act")
+    tdfunc.functional_call(m, None, (x,), capture="act")
+    assert tdfunc.remove_sites(m) == 1
+
+
+def test_two_threads_share_a_site_and_one_finishes_first():
+    m, x = MLP(), torch.randn(2, 6)
+    a_inside, b_done = threading.Event(), threading.Event()
+    result, errors = {}, []
+
+    def hold(v):  # thread A waits inside the forward (after act, before fc2) until B has returned
+        a_inside.set()
+        if not b_done.wait(30):
+            errors.append("B never finished")
+        result["hooks while A waits"] = (len(m.act._forward_hooks), len(m.fc2._forward_hooks))
+        return 2 * v
+
+    def thread_a():
+        try:
+            result["a"] = tdfunc.functional_call(m, None, (x,), edits={"act": hold, "fc2": lambda v: v + 1.0}, capture="fc2")
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(repr(e))
+
+    def thread_b():
+        try:
+            if not a_inside.wait(30):
+                errors.append("A never got inside")
+            result["b"] = tdfunc.functional_call(m, None, (x,), edits={"act": lambda v: 3 * v, "fc2": lambda v: v - 1.0})
+        except Exception as e:  # noqa: BLE001
+            errors.append(repr(e))
+        finally:
+            b_done.set()
+
+    threads = [threading.Thread(target=thread_a), threading.Thread(target=thread_b)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert result["hooks while A waits"] == (1, 1)  # B's end left A's sites in place
+    a = 2 * m.act(m.fc1(x))
+    y, caps = result["a"]
+    torch.testing.assert_close(caps["fc2"], m.fc2(a) + 1.0)  # A's fc2 edit, after B finished, still applied
+    torch.testing.assert_close(y, m.head(m.act2(m.fc2(a) + 1.0)))
+    torch.testing.assert_close(result["b"], m.head(m.act2(m.fc2(3 * m.act(m.fc1(x))) - 1.0)))
+    assert not any(mm._forward_hooks or mm._forward_pre_hooks for mm in m.modules())
+
+
+def test_nested_calls_keep_the_site_until_the_outer_one_ends():
+    m, x = MLP(), torch.randn(3, 6)
+    seen = {}
+
+    def f(x):
+        _, inner = tdfunc.functional_call(m, None, (x,), capture="act")  # inner call shares 'act'
+        seen["installed after inner"] = tdfunc._sites.is_installed(m.act)
+        return inner["act"], m(x)  # a later plain call inside f: the outer edit must still apply
+
+    g = tdfunc.intervene(f, m, edits={"act": lambda v: 2 * v})
+    inner_act, y = g(x)
+    assert seen["installed after inner"]
+    torch.testing.assert_close(inner_act, m.act(m.fc1(x)))  # innermost first: before the outer edit
+    torch.testing.assert_close(y, _mlp_by_hand(m, x, act=lambda a: 2 * a))
+    assert not any(mm._forward_hooks or mm._forward_pre_hooks for mm in m.modules())
+    # re-entrant: a call inside an edit of a call on the same module
+    tdfunc.functional_call(
+        m, None, (x,), edits={"act": lambda v: v + 0 * tdfunc.functional_call(m, None, (x,), capture="act")[1]["act"]}
+    )
+    assert not any(mm._forward_hooks or mm._forward_pre_hooks for mm in m.modules())
