@@ -277,6 +277,21 @@ def test_guided_backprop_equals_captum_every_class(make, shape):
     torch.testing.assert_close(one, ours[:, 1], rtol=1e-12, atol=1e-14)
 
 
+@pytest.mark.parametrize("make,shape", [(PoolCNN, (3, 2, 8, 8)), (lambda: CNN(), (3, 1, 6, 6))], ids=["maxpool", "inplace-reused"])
+def test_guided_one_forward_under_no_grad(make, shape):
+    """Under no_grad f runs once (v recorded from the same forward, detached): the same map as two forwards."""
+    net = make().to(DT).eval()
+    td = TensorDict({"x": torch.randn(*shape, dtype=DT)}, batch_size=[shape[0]])
+    runs = []
+    f = lambda t: runs.append(1) or net(t["x"])  # noqa: E731
+    two = tdfunc.guided_backprop(f, td, net)["attr", "x"]
+    assert len(runs) == 2
+    with torch.no_grad():
+        one = tdfunc.guided_backprop(f, td, net)["attr", "x"]
+    assert len(runs) == 3 and one.grad_fn is None
+    torch.testing.assert_close(one, two, rtol=0, atol=1e-15)
+
+
 def test_guided_double_backward_is_exact():
     """d(guided map)/dx and /dθ equal autograd of the written-out map (and finite differences)."""
     torch.manual_seed(0)

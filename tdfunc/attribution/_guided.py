@@ -8,9 +8,7 @@ import torch
 from tensordict import TensorDict, TensorDictBase
 from torch import nn
 
-from .._call import intervene
-from .._edits import Rule, rule
-from .._errors import NotReachedError
+from .._rewrite import Rewrite, record_then_rewrite
 from ._common import AttributionError, grads_per_target, move_target_dim, prepare, result, with_inputs
 
 __all__ = ["guided_backprop"]
@@ -39,27 +37,14 @@ class _Guide(torch.autograd.Function):
         return g.clamp(min=0) * (y > 0).to(g.dtype), None
 
 
-def _record(seen: list) -> Rule:
-    def fn(module, args, kwargs, out):
-        seen.append(out.clone())  # clone: a later in-place op must not rewrite it
-        return out
+class _Guided(Rewrite):
+    """A ReLU output ``y`` becomes ``v + guide(y - v)``, ``v`` the output recorded in the first forward."""
 
-    return rule(fn)
+    def record(self, module, args, kwargs, out):
+        return out.clone()  # clone: a later in-place op must not rewrite it
 
-
-def _guided(seen: list) -> Rule:
-    calls = iter(seen)
-
-    def fn(module, args, kwargs, out):
-        v = next(calls, None)
-        if v is None or v.shape != out.shape:
-            raise NotReachedError(
-                "tdfunc.guided_backprop: f called an nn.ReLU module more often, or with other shapes, than in "
-                "the first of its two forwards; f must be deterministic (put dropout layers in eval())."
-            )
+    def rewrite(self, module, args, kwargs, out, v):
         return v + _Guide.apply(out - v, out)
-
-    return rule(fn)
 
 
 def relu_sites(fn: str, module: nn.Module) -> list[str]:
@@ -106,7 +91,8 @@ def guided_backprop(
     backward ``relu(g)`` where ``y > 0``.  The inner product sees only ``guide`` (``v`` is a
     constant to it); outer derivatives see ``v``, the true ReLU output, while the ``guide`` term
     has value and outer derivative zero.  Rewriting the ReLU's backward in one forward would
-    instead apply ``relu`` to second-order cotangents too (wrong double backward).
+    instead apply ``relu`` to second-order cotangents too (wrong double backward).  Under
+    ``torch.no_grad()``, where nothing can differentiate the map, one forward does both (same values).
 
     Args:
         f: ``f(td) -> Tensor`` of shape ``td.batch_size`` or ``td.batch_size + (K,)``; it calls
@@ -148,15 +134,11 @@ def guided_backprop(
     fn = "tdfunc.guided_backprop"
     sites = relu_sites(fn, module)
     p = prepare(fn, td, in_keys, baselines=False)
-    # First forward, outside the vjp: every ReLU output v as a function of the outer variables only.
-    # Non-strict: an nn.ReLU of module that f does not run is simply not rewritten (as in captum).
-    seen = {s: [] for s in sites}
-    intervene(f, module, edits={s: _record(seen[s]) for s in sites}, strict=False)(td)
-
-    def g(xs):  # second forward: each ReLU output becomes v + guide(out - v)
-        guided = intervene(f, module, edits={s: _guided(seen[s]) for s in sites}, strict=False)
-        return guided(with_inputs(td, xs))
-
-    _, grads, k = grads_per_target(fn, g, p.x, 0, p.batch)
+    # First forward, outside the vjp: every ReLU output v as a function of the outer variables only (under no_grad,
+    # where nothing can differentiate the map, v is recorded in the same forward). Non-strict: an nn.ReLU of module
+    # that f does not run is simply not rewritten (as in captum).
+    guided = record_then_rewrite(fn, f, module, dict.fromkeys(sites, _Guided()), (td,))
+    # second forward: each ReLU output becomes v + guide(out - v)
+    _, grads, k = grads_per_target(fn, lambda xs: guided(with_inputs(td, xs)), p.x, 0, p.batch)
     n = len(p.batch)
     return result(td.batch_size, {key: move_target_dim(g, k, n) for key, g in grads.items()})
