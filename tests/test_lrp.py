@@ -19,7 +19,8 @@ from torch import nn
 from torch.func import vmap
 
 import tdfunc
-from tdfunc.attribution._lrp import lrp_alpha_beta, lrp_epsilon, lrp_flat, lrp_gamma, lrp_pass, lrp_wsquare, lrp_zbox, lrp_zplus
+from tdfunc.lrp_rules import alpha_beta as lrp_alpha_beta, epsilon as lrp_epsilon, flat as lrp_flat, gamma as lrp_gamma
+from tdfunc.lrp_rules import gradient as lrp_pass, wsquare as lrp_wsquare, zbox as lrp_zbox, zplus as lrp_zplus
 
 DT = torch.float64
 lrp = tdfunc.attribution._lrp.lrp
@@ -117,6 +118,81 @@ def test_epsilon_composite_matches_zennit(zennit):
         module_map=lambda ctx, n, mod: zennit.rules.Epsilon() if isinstance(mod, (nn.Linear, nn.Conv2d)) else None
     )
     torch.testing.assert_close(ours(m, x, composite="epsilon"), zennit_lrp(zennit, m, x, comp), rtol=0, atol=1e-13)
+
+
+# ------------------------------------------------------------------ a user-written rule and composite
+
+
+class UserZPlus(tdfunc.lrp_rules.Rule):
+    """z⁺ written only against the public protocol: ``R_in = x ⊙ ∂(W⁺x⁺ + W⁻x⁻)/∂x ᵀ (R / stab(W⁺x⁺ + W⁻x⁻ + b⁺))``."""
+
+    modules, targets = (nn.Linear, nn.Conv2d), "nn.Linear and nn.Conv2d"
+
+    @staticmethod
+    def _apply(m, x, w):
+        if isinstance(m, nn.Conv2d):
+            return torch.nn.functional.conv2d(x, w, None, m.stride, m.padding, m.dilation, m.groups)
+        return torch.nn.functional.linear(x, w)
+
+    def _y(self, m, x):
+        return self._apply(m, x.clamp(min=0), m.weight.clamp(min=0)) + self._apply(m, x.clamp(max=0), m.weight.clamp(max=0))
+
+    def record(self, m, args, kwargs, z):
+        y = self._y(m, args[0])
+        den = y + m.bias.clamp(min=0).view(-1, *[1] * (z.dim() - 2))
+        r = z / torch.where(den >= 0, den + 1e-6, den - 1e-6)
+        return z.clone(), r, r * y
+
+    def rewrite(self, m, args, kwargs, out, c):
+        z, r, s = c
+        return z - s + r * self._y(m, args[0])
+
+
+@pytest.mark.parametrize("model", ["mlp", "cnn"])
+def test_user_rule_matches_zennit(zennit, model):
+    torch.manual_seed(8)
+    m = (ReluMLP() if model == "mlp" else ReluCNN()).to(DT)
+    x = torch.randn(4, 5, dtype=DT) if model == "mlp" else torch.randn(2, 2, 6, 6, dtype=DT)
+    comp = zennit.core.Composite(
+        module_map=lambda ctx, n, mod: zennit.rules.ZPlus() if isinstance(mod, (nn.Linear, nn.Conv2d)) else None
+    )
+    want = zennit_lrp(zennit, m, x, comp)
+    got = ours(m, x, rules={nn.Linear: UserZPlus(), nn.Conv2d: UserZPlus()}, composite=None)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-13)
+    torch.testing.assert_close(got, ours(m, x, rules={nn.Module: lrp_zplus()}, composite=None), rtol=0, atol=1e-14)
+    assert repr(UserZPlus()) == "UserZPlus()"
+    with pytest.raises(tdfunc.AttributionError) as e:
+        ours(m, x, rules={nn.ReLU: UserZPlus()})
+    assert str(e.value).startswith("tdfunc.lrp: rules gives ReLU the rule UserZPlus(), which applies to nn.Linear and nn.Conv2d only")
+
+
+def test_composite_objects():
+    torch.manual_seed(9)
+    m, x = ReluCNN().to(DT), torch.randn(2, 2, 6, 6, dtype=DT)
+    L = tdfunc.lrp_rules
+    want = ours(m, x, composite="epsilon_plus_flat")
+    torch.testing.assert_close(ours(m, x, composite=L.COMPOSITES["epsilon_plus_flat"]), want, rtol=0, atol=0)
+    mine = L.Composite("mine", {nn.Conv2d: L.zplus(), nn.Linear: L.epsilon()}, first=L.flat())
+    torch.testing.assert_close(ours(m, x, composite=mine), want, rtol=0, atol=0)
+    assert repr(mine) == (
+        "Composite('mine', {Conv2d: tdfunc.lrp_rules.zplus(stabilizer=1e-06), Linear: tdfunc.lrp_rules.epsilon(eps=1e-06)}, "
+        "first=tdfunc.lrp_rules.flat(stabilizer=1e-06))"
+    )
+    with pytest.raises(TypeError) as e:
+        L.Composite("bad", {"conv1": L.zplus()})
+    assert str(e.value) == (
+        "tdfunc.lrp_rules.Composite: rules must map nn.Module subclasses to rules, e.g. {nn.Linear: "
+        "tdfunc.lrp_rules.epsilon()}; got 'conv1': tdfunc.lrp_rules.zplus(stabilizer=1e-06)."
+    )
+    with pytest.raises(tdfunc.AttributionError) as e:
+        L.Composite("bad", {nn.ReLU: L.zplus()})
+    assert str(e.value) == (
+        "tdfunc.lrp_rules.Composite: rules gives ReLU the rule tdfunc.lrp_rules.zplus(stabilizer=1e-06), which "
+        "applies to nn.Linear and nn.Conv2d only."
+    )
+    with pytest.raises(TypeError) as e:
+        L.Composite("bad", {}, first="flat")
+    assert str(e.value) == "tdfunc.lrp_rules.Composite: first must be a rule or None, got str ('flat')."
 
 
 # ------------------------------------------------------------------ slow reference from the papers

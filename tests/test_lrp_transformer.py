@@ -28,16 +28,9 @@ from torch import nn
 
 import tdfunc
 from tdfunc.attribution._common import AttributionError
-from tdfunc.attribution._lrp import (
-    lrp,
-    lrp_attention,
-    lrp_epsilon,
-    lrp_identity,
-    lrp_ignore,
-    lrp_norm,
-    lrp_pass,
-    lrp_softmax,
-)
+from tdfunc.attribution._lrp import lrp
+from tdfunc.lrp_rules import attention as lrp_attention, epsilon as lrp_epsilon, identity as lrp_identity
+from tdfunc.lrp_rules import ignore as lrp_ignore, norm as lrp_norm, gradient as lrp_pass, softmax as lrp_softmax
 from test_lrp import ours, zennit_lrp  # the shared zennit-per-class and tdfunc calls
 
 
@@ -761,18 +754,18 @@ def test_transformer_errors():
 
     for kw, what in ((dict(add_bias_kv=True), "add_bias_kv=True"), (dict(add_zero_attn=True), "add_zero_attn=True")):
         m = Attn(embed_dim=4, num_heads=2, batch_first=True, **kw).to(DT).eval()
-        with pytest.raises(AttributionError, match=rf"^tdfunc\.lrp: nn\.MultiheadAttention 'attn' has {what}, which tdfunc\.lrp_attention does not support; build it without, or give it tdfunc\.lrp_pass\(\) \(its plain gradient\)\.$"):
+        with pytest.raises(AttributionError, match=rf"^tdfunc\.lrp: nn\.MultiheadAttention 'attn' has {what}, which tdfunc\.lrp_rules\.attention does not support; build it without, or give it tdfunc\.lrp_rules\.gradient\(\) \(its plain gradient\)\.$"):
             run(m, composite="attnlrp")
     m = Attn(embed_dim=4, num_heads=2, batch_first=True, dropout=0.1).to(DT)  # training mode
     before = [p.clone() for p in m.parameters()]
     with pytest.raises(AttributionError, match=r"^tdfunc\.lrp: nn\.MultiheadAttention 'attn' is in training mode with dropout=0\.1; f runs twice and must be deterministic: call \.eval\(\) on the model \(or build it with dropout=0\.0\)\.$"):
         run(m, composite="attnlrp")
     assert m.training and all(torch.equal(a, b) for a, b in zip(before, m.parameters()))  # nothing changed
-    with pytest.raises(AttributionError, match=r"^tdfunc\.lrp: rules pattern 'attn\.out_proj' matches 'attn\.out_proj', the output projection of nn\.MultiheadAttention 'attn', which uses its weight directly \(the submodule never runs\); give the attention module a rule instead, e\.g\. rules=\{'attn': tdfunc\.lrp_attention\(eps=0\.1\)\}\.$"):
+    with pytest.raises(AttributionError, match=r"^tdfunc\.lrp: rules pattern 'attn\.out_proj' matches 'attn\.out_proj', the output projection of nn\.MultiheadAttention 'attn', which uses its weight directly \(the submodule never runs\); give the attention module a rule instead, e\.g\. rules=\{'attn': tdfunc\.lrp_rules\.attention\(eps=0\.1\)\}\.$"):
         run(m.eval(), rules={"attn.out_proj": lrp_epsilon(0.1)})
-    with pytest.raises(AttributionError, match=r"^tdfunc\.lrp: rules gives Linear the rule tdfunc\.lrp_attention\(eps=1e-06, softmax='attnlrp'\), which applies to nn\.MultiheadAttention only; give Linear a rule that applies to it \(tdfunc\.lrp_pass\(\) and lrp_ignore\(\) apply to any module\), or remove that entry\.$"):
+    with pytest.raises(AttributionError, match=r"^tdfunc\.lrp: rules gives Linear the rule tdfunc\.lrp_rules\.attention\(eps=1e-06, softmax='attnlrp'\), which applies to nn\.MultiheadAttention only; give Linear a rule that applies to it \(tdfunc\.lrp_rules\.gradient\(\) and tdfunc\.lrp_rules\.ignore\(\) apply to any module\), or remove that entry\.$"):
         run(m, rules={nn.Linear: lrp_attention()})
-    with pytest.raises(AttributionError, match=r"^tdfunc\.lrp: rules pattern 'attn' matches 'attn' \(MultiheadAttention\), but tdfunc\.lrp_identity\(\) applies to elementwise modules \(not nn\.Linear, nn\.ConvNd, nn\.MultiheadAttention or nn\.Softmax\) only; narrow the pattern to those modules\.$"):
+    with pytest.raises(AttributionError, match=r"^tdfunc\.lrp: rules pattern 'attn' matches 'attn' \(MultiheadAttention\), but tdfunc\.lrp_rules\.identity\(\) applies to elementwise modules \(not nn\.Linear, nn\.ConvNd, nn\.MultiheadAttention or nn\.Softmax\) only; narrow the pattern to those modules\.$"):
         run(m, rules={"attn": lrp_identity()})
 
 
@@ -780,10 +773,10 @@ def test_identity_and_layer_errors():
     x = torch.randn(2, 4, dtype=DT)
     td = TensorDict({"x": x}, batch_size=[2])
     m = nn.Sequential(nn.Linear(4, 4), nn.SiLU(inplace=True), nn.Linear(4, 2)).to(DT)
-    with pytest.raises(AttributionError, match=r"^tdfunc\.lrp: tdfunc\.lrp_identity\(\) at '1' needs the input of SiLU\(inplace=True\), which the module overwrites; build it with inplace=False, or give it tdfunc\.lrp_pass\(\)\.$"):
+    with pytest.raises(AttributionError, match=r"^tdfunc\.lrp: tdfunc\.lrp_rules\.identity\(\) at '1' needs the input of SiLU\(inplace=True\), which the module overwrites; build it with inplace=False, or give it tdfunc\.lrp_rules\.gradient\(\)\.$"):
         lrp(lambda t: m(t["x"]), td, m, composite="attnlrp")
     m = nn.Sequential(nn.Linear(4, 4), nn.AdaptiveAvgPool1d(2)).to(DT)
-    with pytest.raises(AttributionError, match=r"^tdfunc\.lrp: tdfunc\.lrp_identity\(\) at '1' \(AdaptiveAvgPool1d\) needs an elementwise module whose output has its input's shape, got input \(2, 4\) and output \(2, 2\); use tdfunc\.lrp_pass\(\) or tdfunc\.lrp_ignore\(\) there\.$"):
+    with pytest.raises(AttributionError, match=r"^tdfunc\.lrp: tdfunc\.lrp_rules\.identity\(\) at '1' \(AdaptiveAvgPool1d\) needs an elementwise module whose output has its input's shape, got input \(2, 4\) and output \(2, 2\); use tdfunc\.lrp_rules\.gradient\(\) or tdfunc\.lrp_rules\.ignore\(\) there\.$"):
         lrp(lambda t: m(t["x"]), td, m, rules={"1": lrp_identity()})
     layer = nn.TransformerEncoderLayer(4, 2, 8, dropout=0.0, activation="gelu", batch_first=True)
     with pytest.raises(AttributionError, match=r"^tdfunc\.lrp: composite 'attnlrp' gives activation modules the identity rule, but TransformerEncoderLayer '0' calls its activation as a function \('gelu'\), which no rule can reach; build the layer with a module, e\.g\. activation=nn\.GELU\(\)\.$"):

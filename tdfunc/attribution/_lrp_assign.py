@@ -1,0 +1,208 @@
+"""Which rule each submodule gets: ``rules`` entries (site patterns, then module types), then a composite."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch.nn.functional as F
+from torch import nn
+
+from .._errors import suggest
+from .._match import path_match
+from ._common import AttributionError
+from ._lrp_attention import attention
+from ._lrp_linear import epsilon, flat, zplus
+from ._lrp_rules import Rule, _Identity, identity, norm, softmax
+
+__all__ = ["Composite", "COMPOSITES", "assign"]
+
+_NORMS = (nn.LayerNorm, nn.RMSNorm)
+#: elementwise activations that composite 'attnlrp' gives the identity rule (ReLU, LeakyReLU and Dropout in eval
+#: already pass relevance unchanged as their gradient does)
+_ACTIVATIONS = (nn.GELU, nn.SiLU, nn.Mish, nn.Tanh, nn.Sigmoid, nn.Softplus, nn.ELU, nn.CELU, nn.SELU, nn.Hardswish,
+                nn.Hardsigmoid, nn.Hardtanh)
+
+
+def _could_apply(r: Rule, key: type) -> bool:
+    """Whether ``key`` or one of its subclasses is among the module types ``r`` rewrites."""
+    return (issubclass(key, r.modules) and not issubclass(key, r.excluded)) or any(issubclass(c, key) for c in r.modules)
+
+
+class Composite:
+    """A default rule per module type (the first matching entry that applies), and one for the first layer.
+
+    ``first`` goes to the first submodule (in ``named_modules()`` order) it applies to, whatever rule
+    that submodule ends up with.  Pass one as ``tdfunc.lrp(..., composite=...)``; the built-in ones are
+    ``tdfunc.lrp_rules.COMPOSITES[name]`` (``composite="epsilon_plus"`` is ``COMPOSITES["epsilon_plus"]``).
+
+    Example:
+        >>> import torch, tdfunc
+        >>> from tensordict import TensorDict
+        >>> mine = tdfunc.lrp_rules.Composite("mine", {torch.nn.Linear: tdfunc.lrp_rules.epsilon(0.1)},
+        ...                                   first=tdfunc.lrp_rules.flat())
+        >>> net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
+        >>> td = TensorDict({"x": torch.randn(5, 3)}, batch_size=[5])
+        >>> tdfunc.lrp(lambda t: net(t["x"]), td, net, composite=mine)["attr", "x"].shape
+        torch.Size([5, 2, 3])
+        >>> tdfunc.lrp_rules.COMPOSITES["epsilon_plus"].rules[torch.nn.Conv2d]
+        tdfunc.lrp_rules.zplus(stabilizer=1e-06)
+    """
+
+    def __init__(self, name: str, rules: Mapping[type, Rule], *, first: Rule | None = None):
+        fn = "tdfunc.lrp_rules.Composite"
+        for key, r in (rules.items() if isinstance(rules, Mapping) else [(rules, None)]):
+            if not (isinstance(key, type) and issubclass(key, nn.Module)) or not isinstance(r, Rule):
+                raise TypeError(
+                    f"{fn}: rules must map nn.Module subclasses to rules, e.g. {{nn.Linear: "
+                    f"tdfunc.lrp_rules.epsilon()}}; got {key!r:.60}: {r!r:.60}."
+                )
+            if not _could_apply(r, key):
+                raise AttributionError(f"{fn}: rules gives {key.__name__} the rule {r!r}, which applies to {r.targets} only.")
+        if first is not None and not isinstance(first, Rule):
+            raise TypeError(f"{fn}: first must be a rule or None, got {type(first).__name__} ({first!r:.60}).")
+        self.name, self.rules, self.first = name, dict(rules), first
+
+    def rule_for(self, module: nn.Module, first: bool) -> Rule | None:
+        """The rule for ``module`` (``first``: it is the first submodule the ``first`` rule applies to)."""
+        if first:
+            return self.first
+        return next((r for t, r in self.rules.items() if isinstance(module, t) and r.applies_to(module)), None)
+
+    def __repr__(self) -> str:
+        rules = ", ".join(f"{t.__name__}: {r!r}" for t, r in self.rules.items())
+        return f"Composite({self.name!r}, {{{rules}}}{'' if self.first is None else f', first={self.first!r}'})"
+
+
+def _built_in(name: str, conv, *, first: Rule | None = None, attn: bool = False) -> Composite:
+    rules = {nn.Conv2d: conv, nn.Linear: epsilon(), **{t: norm() for t in _NORMS}}  # every composite: the LN rule
+    if attn:
+        rules.update({nn.MultiheadAttention: attention(), nn.Softmax: softmax(), **{t: identity() for t in _ACTIVATIONS}})
+    return Composite(name, rules, first=first)
+
+
+#: the built-in composites, by the name ``tdfunc.lrp(..., composite=name)`` takes
+COMPOSITES: dict[str, Composite] = {
+    "epsilon": _built_in("epsilon", epsilon()),
+    "epsilon_plus": _built_in("epsilon_plus", zplus()),  # zennit's EpsilonPlus
+    "epsilon_plus_flat": _built_in("epsilon_plus_flat", zplus(), first=flat()),  # zennit's EpsilonPlusFlat
+    "attnlrp": _built_in("attnlrp", epsilon(), attn=True),  # AttnLRP (Achtibat et al. 2024)
+}
+
+
+def _kind(m: nn.Module) -> str:
+    return type(m).__name__
+
+
+def _check_activations(fn: str, composite: Composite, named) -> None:
+    """A composite that gives activation modules the identity rule cannot reach a functional activation."""
+    if not any(issubclass(nn.GELU, t) and isinstance(r, _Identity) for t, r in composite.rules.items()):
+        return
+    for n, m in named:
+        act = getattr(m, "activation", None)
+        if isinstance(m, (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)) and not (
+            isinstance(act, nn.Module) or act is F.relu
+        ):
+            raise AttributionError(
+                f"{fn}: composite {composite.name!r} gives activation modules the identity rule, but {_kind(m)} {n!r} "
+                f"calls its activation as a function ({getattr(act, '__name__', act)!r}), which no rule can reach; "
+                "build the layer with a module, e.g. activation=nn.GELU()."
+            )
+
+
+def _composite(fn: str, composite) -> Composite | None:
+    if composite is None or isinstance(composite, Composite):
+        return composite
+    if isinstance(composite, str) and composite in COMPOSITES:
+        return COMPOSITES[composite]
+    raise AttributionError(
+        f"{fn}: unknown composite {composite!r}; choose one of {', '.join(map(repr, COMPOSITES))}, "
+        "or composite=None to rewrite only the modules named in rules."
+    )
+
+
+def _check_entry(fn: str, key, r, named, owner, visible, module) -> None:
+    if not isinstance(r, Rule):
+        raise TypeError(
+            f"{fn}: rules[{key!r}] must be a rule from tdfunc.lrp_rules.epsilon(), lrp_zplus(), ... got "
+            f"{type(r).__name__} ({r!r:.60})."
+        )
+    if isinstance(key, type) and issubclass(key, nn.Module):
+        if not _could_apply(r, key):
+            raise AttributionError(
+                f"{fn}: rules gives {key.__name__} the rule {r!r}, which applies to {r.targets} only; give "
+                f"{key.__name__} a rule that applies to it (tdfunc.lrp_rules.gradient() and tdfunc.lrp_rules.ignore() "
+                "apply to any module), or remove that entry."
+            )
+        return
+    if not isinstance(key, str):
+        raise TypeError(
+            f"{fn}: a rules key must be a site pattern (str) or an nn.Module subclass, got "
+            f"{type(key).__name__} ({key!r:.60})."
+        )
+    hits = [(n, m) for n, m in named if path_match(key.split("."), n.split("."))]
+    hidden = [n for n, _ in hits if n in owner]
+    hits = [(n, m) for n, m in hits if n not in owner]
+    bad = [f"{n!r} ({_kind(m)})" for n, m in hits if not r.applies_to(m)]
+    if bad:
+        raise AttributionError(
+            f"{fn}: rules pattern {key!r} matches {', '.join(bad)}, but {r!r} applies to {r.targets} "
+            "only; narrow the pattern to those modules."
+        )
+    if not hits and hidden:
+        raise AttributionError(
+            f"{fn}: rules pattern {key!r} matches {hidden[0]!r}, the output projection of "
+            f"nn.MultiheadAttention {owner[hidden[0]]!r}, which uses its weight directly (the submodule never "
+            f"runs); give the attention module a rule instead, e.g. "
+            f"rules={{{owner[hidden[0]]!r}: tdfunc.lrp_rules.attention(eps=0.1)}}."
+        )
+    if not hits:
+        names = [n for n, _ in visible]
+        shown = ", ".join(map(repr, names[:12])) + (", ..." if len(names) > 12 else "")
+        raise AttributionError(
+            f"{fn}: rules pattern {key!r} matches no submodule of {_kind(module)}.{suggest(key, names)} "
+            f"Its submodules are [{shown}]."
+        )
+
+
+def assign(fn: str, module: nn.Module, rules, composite) -> dict[str, Rule]:
+    """``{site: rule}`` for every submodule whose rule rewrites, checked before anything runs."""
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"{fn}: expected an nn.Module as the module, got {type(module).__name__} ({module!r:.60}).")
+    comp = _composite(fn, composite)
+    if rules is not None and not isinstance(rules, Mapping):
+        raise TypeError(
+            f"{fn}: rules must be a dict mapping a site pattern or an nn.Module subclass to a rule, got "
+            f"{type(rules).__name__}; e.g. rules={{nn.Conv2d: tdfunc.lrp_rules.zplus(), 'head': "
+            "tdfunc.lrp_rules.epsilon(0.1)}."
+        )
+    named = [(n, m) for n, m in module.named_modules() if n]
+    if not named:
+        raise AttributionError(
+            f"{fn}: module {_kind(module)} has no submodules, so there is no layer to apply an LRP rule to; pass the "
+            "model that holds them (the module f calls)."
+        )
+    # nn.MultiheadAttention uses out_proj's weight directly (the submodule never runs): its rule covers it
+    owner = {f"{n}.out_proj": n for n, m in named if isinstance(m, nn.MultiheadAttention)}
+    visible = [(n, m) for n, m in named if n not in owner]
+    for key, r in (rules or {}).items():
+        _check_entry(fn, key, r, named, owner, visible, module)
+    pats = [(k.split("."), r) for k, r in (rules or {}).items() if isinstance(k, str)]
+    types = [(k, r) for k, r in (rules or {}).items() if isinstance(k, type)]
+    if comp is not None:
+        _check_activations(fn, comp, visible)
+    out: dict[str, Rule] = {}
+    first = comp is not None and comp.first is not None
+    for n, m in visible:
+        r = next((r for p, r in pats if path_match(p, n.split("."))), None)
+        if r is None:
+            r = next((r for t, r in types if isinstance(m, t) and r.applies_to(m)), None)
+        at_first = first and comp.first.applies_to(m)
+        if r is None and comp is not None:
+            r = comp.rule_for(m, at_first)
+        first = first and not at_first
+        if r is not None and r.rewrites:
+            reason = r.check(n, m)
+            if reason is not None:
+                raise AttributionError(f"{fn}: {reason}")
+            out[n] = r
+    return out

@@ -1,0 +1,297 @@
+"""LRP rules for ``nn.Linear`` / ``nn.Conv2d``: ε, z⁺, αβ, γ, flat, w², zᴮ as terms of one rewrite.
+
+A layer rule is a list of terms ``y_t(x) = W_t · m_t(x)`` (a modified weight applied to a modified
+input, the bias entering the denominators only) and ratios ``r_t = c_t z / stab(den_t)``; the rewrite
+is ``out = z − S + Σ_t r_t ⊙ y_t(x)`` with ``z``, ``r_t`` and ``S = Σ_t r_t ⊙ y_t(x)`` recorded, so
+``R_in = Σ_t m_t(x) ⊙ W_tᵀ (r_t ⊙ g)`` for the output gradient ``g = R_out / z``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ._common import AttributionError
+from ._lrp_rules import Rule, check_float, stab
+
+__all__ = ["epsilon", "zplus", "alpha_beta", "gamma", "flat", "wsquare", "zbox"]
+
+LAYERS = (nn.Linear, nn.Conv2d)
+_ONES = "ones"  # input modifier of the flat and w² rules: the relevance is spread as if every input were 1
+
+
+class _Bound:
+    """Input modifier of the zB rule: the value ``bound`` (a constant), reached as ``bound ⊙ x ⊙ (1 / x_first)``."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value):
+        self.value = value
+
+
+def _pos(t):
+    return None if t is None else t.clamp(min=0)
+
+
+def _neg(t):
+    return None if t is None else t.clamp(max=0)
+
+
+def _op(m: nn.Module, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    if isinstance(m, nn.Conv2d):
+        return m._conv_forward(x, w, b)
+    return F.linear(x, w, b)
+
+
+def _inputs(mod, x: torch.Tensor, inv: torch.Tensor | None) -> torch.Tensor:
+    if mod is None:
+        return x
+    if mod is _ONES:  # x * (1 / x_first): value 1 where x != 0 (0 where x == 0), derivative 1 / x
+        return x * inv
+    if isinstance(mod, _Bound):  # the bound as a constant (first forward), or bound ⊙ x ⊙ (1 / x_first)
+        v = torch.as_tensor(mod.value).to(x)
+        return v.expand_as(x) if inv is None else v * (x * inv)
+    return mod(x)
+
+
+def _own(m: nn.Module, mod, w: torch.Tensor) -> bool:
+    """Whether the term is the layer's own product (identity input, own weight): then ``_op(m, x, w, ·)`` is ``out``
+    up to the bias, so ``out`` is reused instead of recomputed (exact types only: a subclass may change forward)."""
+    return mod is None and w is m.weight and type(m) in LAYERS
+
+
+def _term(m: nn.Module, x: torch.Tensor, out: torch.Tensor, inv, mod, w: torch.Tensor) -> torch.Tensor:
+    """``W_t m_t(x)`` without bias; for the layer's own term that is ``out - bias``, same value and Jacobian."""
+    if not _own(m, mod, w):
+        return _op(m, _inputs(mod, x, inv), w, None)
+    if m.bias is None:
+        return out
+    return out - (m.bias.view(-1, 1, 1) if isinstance(m, nn.Conv2d) else m.bias)
+
+
+class _Layer(Rule):
+    """A rule given as terms (input modifier, weight, bias entering the denominator only) and their ratios."""
+
+    modules, targets = LAYERS, "nn.Linear and nn.Conv2d"
+
+    def __init__(self, **params):
+        self.__dict__.update(params)
+
+    def terms(self, w: torch.Tensor, b: torch.Tensor | None) -> list:
+        raise NotImplementedError
+
+    def ratios(self, z: torch.Tensor, ys: list) -> list:
+        """``r_t`` with ``R_in = Σ_t m_t(x) ⊙ W_tᵀ (r_t ⊙ g)`` for the output gradient ``g = R_out / z``."""
+        raise NotImplementedError
+
+    def record(self, module, args, kwargs, out):
+        x = args[0]
+        ts = self.terms(module.weight, module.bias)
+        ones = any(t[0] is _ONES or isinstance(t[0], _Bound) for t in ts)
+        inv = torch.where(x == 0, torch.zeros_like(x), 1 / torch.where(x == 0, torch.ones_like(x), x)) if ones else None
+        ys = [
+            out
+            if _own(module, mod, w) and b is module.bias
+            else _op(module, torch.ones_like(x) if mod is _ONES else _inputs(mod, x, None), w, b)
+            for mod, w, b in ts
+        ]
+        rs = self.ratios(out, ys)
+        s = sum(rt * _term(module, x, out, inv, mod, w) for rt, (mod, w, _) in zip(rs, ts))
+        return out.clone(), rs, s, inv  # clone: a later in-place op must not rewrite it
+
+    def rewrite(self, module, args, kwargs, out, constants):
+        z, rs, s, inv = constants
+        ts = self.terms(module.weight, module.bias)
+        return z - s + sum(rt * _term(module, args[0], out, inv, mod, w) for rt, (mod, w, _) in zip(rs, ts))
+
+
+class _Epsilon(_Layer):
+    _public = "epsilon"
+
+    def terms(self, w, b):
+        return [(None, w, b)]
+
+    def ratios(self, z, ys):
+        return [z / stab(ys[0], self.eps)]
+
+
+class _ZPlus(_Layer):
+    _public = "zplus"
+
+    def terms(self, w, b):
+        return [(_pos, _pos(w), _pos(b)), (_neg, _neg(w), None)]
+
+    def ratios(self, z, ys):
+        r = z / stab(ys[0] + ys[1], self.stabilizer)
+        return [r, r]
+
+
+class _AlphaBeta(_Layer):
+    _public = "alpha_beta"
+
+    def terms(self, w, b):
+        return [(_pos, _pos(w), _pos(b)), (_neg, _neg(w), None), (_pos, _neg(w), _neg(b)), (_neg, _pos(w), None)]
+
+    def ratios(self, z, ys):
+        rp, rn = z / stab(ys[0] + ys[1], self.stabilizer), z / stab(ys[2] + ys[3], self.stabilizer)
+        return [self.alpha * rp, self.alpha * rp, -self.beta * rn, -self.beta * rn]
+
+
+class _Gamma(_Layer):
+    _public = "gamma"
+
+    def terms(self, w, b):
+        g = self.gamma
+        up = lambda t: None if t is None else t + g * t.clamp(min=0)  # noqa: E731
+        dn = lambda t: None if t is None else t + g * t.clamp(max=0)  # noqa: E731
+        return [(_pos, up(w), up(b)), (_neg, dn(w), None), (_pos, dn(w), dn(b)), (_neg, up(w), None)]
+
+    def ratios(self, z, ys):
+        rp = (z > 0).to(z.dtype) * z / stab(ys[0] + ys[1], self.stabilizer)
+        rn = (z < 0).to(z.dtype) * z / stab(ys[2] + ys[3], self.stabilizer)
+        return [rp, rp, rn, rn]
+
+
+class _Flat(_Layer):
+    _public = "flat"
+
+    def terms(self, w, b):
+        return [(_ONES, torch.ones_like(w), None)]
+
+    def ratios(self, z, ys):
+        return [z / stab(ys[0], self.stabilizer)]
+
+
+class _WSquare(_Flat):
+    _public = "wsquare"
+
+    def terms(self, w, b):
+        return [(_ONES, w * w, None if b is None else b * b)]
+
+
+class _ZBox(_Layer):
+    _public = "zbox"
+
+    def terms(self, w, b):
+        lo, hi = _Bound(self.low), _Bound(self.high)
+        return [(None, w, b), (lo, _pos(w), _pos(b)), (hi, _neg(w), _neg(b))]
+
+    def ratios(self, z, ys):
+        r = z / stab(ys[0] - ys[1] - ys[2], self.stabilizer)
+        return [r, -r, -r]
+
+
+def epsilon(eps: float = 1e-6) -> Rule:
+    """LRP-ε: ``R_i = Σ_j x_i w_ij R_j / (z_j + ε sign z_j)``; ``eps=0`` gives LRP-0 (Bach et al., 2015).
+
+    Example:
+        >>> import tdfunc
+        >>> tdfunc.lrp_rules.epsilon(0.1)   # for nn.Linear / nn.Conv2d (zennit's Epsilon)
+        tdfunc.lrp_rules.epsilon(eps=0.1)
+    """
+    return _Epsilon(eps=check_float("tdfunc.lrp_rules.epsilon", "eps", eps))
+
+
+def zplus(stabilizer: float = 1e-6) -> Rule:
+    """LRP-z⁺ (αβ with α=1, β=0): ``R_i = Σ_j (x_i⁺ w_ij⁺ + x_i⁻ w_ij⁻) R_j / z_j'`` (Montavon et al., 2017).
+
+    Example:
+        >>> import tdfunc
+        >>> tdfunc.lrp_rules.zplus()        # for nn.Linear / nn.Conv2d (zennit's ZPlus)
+        tdfunc.lrp_rules.zplus(stabilizer=1e-06)
+    """
+    return _ZPlus(stabilizer=check_float("tdfunc.lrp_rules.zplus", "stabilizer", stabilizer))
+
+
+def alpha_beta(alpha: float = 2.0, beta: float = 1.0, stabilizer: float = 1e-6) -> Rule:
+    """LRP-αβ: ``α`` × positive contributions − ``β`` × negative ones; ``alpha - beta`` must be 1.
+
+    Example:
+        >>> import tdfunc
+        >>> tdfunc.lrp_rules.alpha_beta(2, 1)   # zennit's AlphaBeta
+        tdfunc.lrp_rules.alpha_beta(alpha=2.0, beta=1.0, stabilizer=1e-06)
+    """
+    fn = "tdfunc.lrp_rules.alpha_beta"
+    a, b = check_float(fn, "alpha", alpha), check_float(fn, "beta", beta)
+    if abs(a - b - 1.0) > 1e-12:
+        raise AttributionError(
+            f"{fn}: alpha - beta must be 1 (relevance conservation), got alpha={alpha!r}, beta={beta!r}; "
+            "e.g. alpha=2, beta=1 or alpha=1, beta=0."
+        )
+    return _AlphaBeta(alpha=a, beta=b, stabilizer=check_float(fn, "stabilizer", stabilizer))
+
+
+def gamma(gamma: float = 0.25, stabilizer: float = 1e-6) -> Rule:
+    """LRP-γ (generalised, zennit's ``Gamma``): weights ``w + γ w⁺`` favour positive contributions.
+
+    Example:
+        >>> import tdfunc
+        >>> tdfunc.lrp_rules.gamma(0.3)
+        tdfunc.lrp_rules.gamma(gamma=0.3, stabilizer=1e-06)
+    """
+    fn = "tdfunc.lrp_rules.gamma"
+    return _Gamma(gamma=check_float(fn, "gamma", gamma), stabilizer=check_float(fn, "stabilizer", stabilizer))
+
+
+def flat(stabilizer: float = 1e-6) -> Rule:
+    """LRP-flat: relevance spread uniformly over each output's receptive field (Lapuschkin et al., 2019).
+
+    Example:
+        >>> import tdfunc
+        >>> tdfunc.lrp_rules.flat()         # the first layer of composite 'epsilon_plus_flat'
+        tdfunc.lrp_rules.flat(stabilizer=1e-06)
+    """
+    return _Flat(stabilizer=check_float("tdfunc.lrp_rules.flat", "stabilizer", stabilizer))
+
+
+def wsquare(stabilizer: float = 1e-6) -> Rule:
+    """LRP-w²: ``R_i = Σ_j w_ij² R_j / Σ_i' w_i'j²`` (Montavon et al., 2017).
+
+    Example:
+        >>> import tdfunc
+        >>> tdfunc.lrp_rules.wsquare()
+        tdfunc.lrp_rules.wsquare(stabilizer=1e-06)
+    """
+    return _WSquare(stabilizer=check_float("tdfunc.lrp_rules.wsquare", "stabilizer", stabilizer))
+
+
+def _check_bound(fn: str, name: str, v):
+    if isinstance(v, torch.Tensor):
+        if not v.is_floating_point():
+            raise TypeError(f"{fn}: {name} must be a float or a floating-point tensor, got a {v.dtype} tensor.")
+        if not bool(torch.isfinite(v).all()):
+            raise AttributionError(f"{fn}: {name} must be finite everywhere, got a tensor with inf or nan entries.")
+        return v.detach()
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise TypeError(f"{fn}: {name} must be a float or a floating-point tensor, got {type(v).__name__} ({v!r:.60}).")
+    if not math.isfinite(v):
+        raise AttributionError(f"{fn}: {name} must be finite, got {v!r}.")
+    return float(v)
+
+
+def zbox(low, high, stabilizer: float = 1e-6) -> Rule:
+    """LRP-zᴮ (box rule, for the input layer; zennit's ``ZBox``, Montavon et al., 2017).
+
+    ``R_i = Σ_j (x_i w_ij − l_i w_ij⁺ − h_i w_ij⁻) R_j / stab(z_j − Σ_i (l_i w_ij⁺ + h_i w_ij⁻) − b_j⁺ − b_j⁻)``
+    for inputs known to lie in the box ``low <= x <= high``.  ``low`` / ``high`` are floats or tensors
+    broadcasting against the layer input (e.g. shape ``(1, C, 1, 1)`` for per-channel bounds); they
+    are constants (detached).  Like the flat rule, the bound terms reach the input as
+    ``x ⊙ (bound / x)``, so an input entry that is exactly 0 gets only its ``x w`` share (zero).
+
+    Example:
+        >>> import tdfunc
+        >>> tdfunc.lrp_rules.zbox(-1.0, 1.0)    # e.g. rules={"conv1": ...} for inputs in [-1, 1]
+        tdfunc.lrp_rules.zbox(low=-1.0, high=1.0, stabilizer=1e-06)
+    """
+    fn = "tdfunc.lrp_rules.zbox"
+    lo, hi = _check_bound(fn, "low", low), _check_bound(fn, "high", high)
+    try:
+        bad = bool((torch.as_tensor(lo) > torch.as_tensor(hi)).any())
+    except RuntimeError as e:
+        raise AttributionError(f"{fn}: low and high must broadcast against each other: {e}") from None
+    if bad:
+        raise AttributionError(f"{fn}: low must be <= high everywhere (the box the inputs lie in), got low > high.")
+    return _ZBox(low=lo, high=hi, stabilizer=check_float(fn, "stabilizer", stabilizer))
