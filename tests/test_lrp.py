@@ -407,7 +407,7 @@ def test_errors():
         "tdfunc.lrp_rules.alpha_beta: alpha - beta must be 1 (relevance conservation), got alpha=2, beta=2; "
         "e.g. alpha=2, beta=1 or alpha=1, beta=0."
     )
-    with pytest.raises(TypeError, match=r"^tdfunc.lrp: rules\['fc1'\] must be a rule from tdfunc.lrp_rules.epsilon\(\)"):
+    with pytest.raises(TypeError, match=r"^tdfunc.lrp: rules\['fc1'\] must be a rule from tdfunc.lrp_rules \(epsilon\(\), zplus\(\), ...\) or a tdfunc.lrp_rules.Rule subclass, got "):
         lrp(f, td, m, rules={"fc1": 0.1})
     with pytest.raises(tdfunc.AttributionError) as e:
         lrp(f, td, nn.Tanh())

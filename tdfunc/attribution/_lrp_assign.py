@@ -123,8 +123,8 @@ def _composite(fn: str, composite) -> Composite | None:
 def _check_entry(fn: str, key, r, named, owner, visible, module) -> None:
     if not isinstance(r, Rule):
         raise TypeError(
-            f"{fn}: rules[{key!r}] must be a rule from tdfunc.lrp_rules.epsilon(), lrp_zplus(), ... got "
-            f"{type(r).__name__} ({r!r:.60})."
+            f"{fn}: rules[{key!r}] must be a rule from tdfunc.lrp_rules (epsilon(), zplus(), ...) or a "
+            f"tdfunc.lrp_rules.Rule subclass, got {type(r).__name__} ({r!r:.60})."
         )
     if isinstance(key, type) and issubclass(key, nn.Module):
         if not _could_apply(r, key):
