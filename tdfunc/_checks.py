@@ -18,6 +18,7 @@ from torch import nn
 __all__ = [
     "type_error",
     "check_int",
+    "check_bool",
     "check_chunk_size",
     "check_generator",
     "check_module",
@@ -54,6 +55,14 @@ def check_int(fn: str, name: str, v: Any, family: type[Exception], *, lo: int = 
     if not _is_int(v) or v < lo:
         msg = f"{fn}: {name} must be {'None or ' if optional else ''}an integer >= {lo}, got {v!r}.{fix}"
         raise (type_error(family) if not _is_int(v) else family)(msg)
+    return v
+
+
+def check_bool(fn: str, name: str, v: Any, family: type[Exception] | None = None) -> bool:
+    """``v`` a ``bool``. Message: ``"{fn}: {name} must be True or False, got {type} ({value}); pass {name}=True or {name}=False."``."""
+    if not isinstance(v, bool):
+        raise type_error(family)(f"{fn}: {name} must be True or False, got {type(v).__name__} ({v!r:.60}); "
+                                 f"pass {name}=True or {name}=False.")
     return v
 
 

@@ -8,7 +8,10 @@ import torch
 from tensordict import TensorDict, TensorDictBase
 from torch.func import vmap
 
+from .._checks import check_bool
+from .._progress import progress_bar
 from ._common import (
+    AttributionError,
     check_output,
     grads_per_target,
     move_target_dim,
@@ -34,6 +37,7 @@ def integrated_gradients(
     chunk_size: int | None = None,
     strategy: str = "vmap",
     return_convergence_delta: bool = False,
+    progress: bool = False,
 ) -> TensorDict:
     """Integrated gradients (Sundararajan et al., 2017), every target's map from one path forward.
 
@@ -69,6 +73,8 @@ def integrated_gradients(
             sees batch ``chunk * B`` and must not close over per-example data).
         return_convergence_delta: also return ``"convergence_delta"``, shape ``batch (+ K)``:
             ``sum(attr) - (f(x) - f(x'))`` (two more forwards).
+        progress: show a tqdm bar on stderr over the chunks of path points (one step when
+            ``chunk_size`` is None); never shown under ``vmap`` / ``grad`` / ``torch.compile``.
 
     Returns:
         TensorDict with ``("attr", key)`` of shape ``batch (+ K) + feature shape``.
@@ -96,6 +102,7 @@ def integrated_gradients(
     """
     fn = "tdfunc.integrated_gradients"
     check_path_options(fn, n_steps, method, chunk_size, strategy)
+    check_bool(fn, "progress", progress, AttributionError)
     p = prepare(fn, td, in_keys)
     f = tensor_output(fn, f, p.batch)
     nb = len(p.batch)
@@ -103,7 +110,7 @@ def integrated_gradients(
     chunk = n_steps if chunk_size is None else min(chunk_size, n_steps)
     total: dict = {}
     k_targets = None
-    for start in range(0, n_steps, chunk):
+    for start in progress_bar(range(0, n_steps, chunk), enabled=progress, desc=fn, unit="chunk"):
         stop = min(start + chunk, n_steps)
         s = stop - start
         scaled = {}

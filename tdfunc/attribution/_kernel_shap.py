@@ -75,6 +75,7 @@ def kernel_shap(
     coalitions: torch.Tensor | None = None,
     chunk_size: int | None = None,
     in_keys: Sequence | None = None,
+    progress: bool = False,
 ) -> TensorDict:
     """Kernel SHAP (Lundberg & Lee, 2017), captum's ``KernelShap``.
 
@@ -103,6 +104,8 @@ def kernel_shap(
             drawing them (no random op: for ``vmap`` over examples and ``torch.compile``).
         chunk_size: coalitions per forward (None: all ``S`` at once).
         in_keys: entries to attribute; default every floating-point entry.
+        progress: show a tqdm bar on stderr over the chunks of coalitions (one step when
+            ``chunk_size`` is None); never shown under ``vmap`` / ``grad`` / ``torch.compile``.
 
     Returns:
         TensorDict with ``("attr", key)`` of shape ``batch (+ K) + feature shape``.
@@ -127,7 +130,7 @@ def kernel_shap(
     default mask, ``grad`` (double backward: the fit is a constant linear map of the outputs).
     """
     fn = "tdfunc.kernel_shap"
-    p, masks, dev, n_feat = sampling_setup(fn, td, in_keys, feature_mask, n_samples, chunk_size, generator)
+    p, masks, dev, n_feat = sampling_setup(fn, td, in_keys, feature_mask, n_samples, chunk_size, generator, progress)
     if coalitions is None:
         coal = _draw_coalitions(n_samples, n_feat, generator).to(dev)
     else:
@@ -137,7 +140,7 @@ def kernel_shap(
         c = coal[lo:hi]
         return {key: ~c[:, m.flatten()].view(-1, *m.shape) for key, m in masks.items()}
 
-    ys, _ = run_perturbed(f, td, p, n_samples, chunk_size, masks_for)  # (S, *batch (+ K))
+    ys, _ = run_perturbed(f, td, p, n_samples, chunk_size, masks_for, progress=progress, fn=fn)  # (S, *batch (+ K))
     k = check_output(fn, ys[0], p.batch)
     wide = torch.float64 if dev.type != "mps" else torch.float32
     solve = _solver(coal, wide).to(ys.dtype)  # (F, S), solved in float64

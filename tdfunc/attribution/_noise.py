@@ -9,8 +9,9 @@ import torch
 from tensordict import TensorDict, TensorDictBase
 from torch.func import vmap
 
-from .._checks import check_chunk_size, check_generator, check_input_keys, check_int
+from .._checks import check_bool, check_chunk_size, check_generator, check_input_keys, check_int
 from .._errors import shape_str
+from .._progress import n_chunks, progress_bar, vmap_chunks
 from ._common import AttributionError, _norm, _show, prepare, result, with_inputs
 
 __all__ = ["smooth_grad"]
@@ -132,6 +133,7 @@ def smooth_grad(
     generator: torch.Generator | None = None,
     noise: torch.Tensor | Mapping[Any, torch.Tensor] | None = None,
     chunk_size: int | None = None,
+    progress: bool = False,
     **method_kwargs: Any,
 ) -> TensorDict:
     """Noise tunnel (captum's ``NoiseTunnel``): ``method`` averaged over Gaussian-perturbed inputs.
@@ -151,8 +153,8 @@ def smooth_grad(
         method: any tdfunc attribution method of the shared calling shape, e.g.
             ``tdfunc.saliency``, ``tdfunc.input_x_gradient``, ``tdfunc.integrated_gradients``.
             ``method``, ``f``, ``td`` are positional-only, so ``method="riemann_left"`` reaches
-            integrated gradients; options named like ours (``chunk_size``) go in with
-            ``functools.partial``.
+            integrated gradients; options named like ours (``chunk_size``, ``progress``) go in
+            with ``functools.partial``.
         f: ``f(td) -> Tensor`` of shape ``td.batch_size`` or ``td.batch_size + (K,)``.
         td: the inputs (and baselines, labels, ...) with a batch shape.
         nt_type: ``"smoothgrad"`` (mean), ``"smoothgrad_sq"`` (mean of squares) or ``"vargrad"``
@@ -167,6 +169,9 @@ def smooth_grad(
             ``torch.compile`` (a generator cannot be traced) and under an outer ``vmap`` (random
             draws there need ``vmap(..., randomness="same" | "different")``).
         chunk_size: noise samples per ``vmap`` call (bounds memory; None: all at once).
+        progress: show a tqdm bar on stderr over the chunks of noise samples (one step when
+            ``chunk_size`` is None; the chunks then run as a Python loop of the same ``vmap`` calls,
+            equal results); never shown under ``vmap`` / ``grad`` / ``torch.compile``.
         **method_kwargs: passed to ``method`` (``in_keys``, ``n_steps``, ``abs``, ...).
 
     Returns:
@@ -202,6 +207,7 @@ def smooth_grad(
     """
     fn = "tdfunc.smooth_grad"
     _check_options(fn, method, nt_type, nt_samples, chunk_size, generator)
+    check_bool(fn, "progress", progress, AttributionError)
     p = prepare(fn, td, method_kwargs.get("in_keys"), baselines=False)
     std = _stdevs(fn, stdevs, p.keys)
     eps = _draws(fn, noise, generator, p.keys, p.x, nt_samples)
@@ -216,7 +222,12 @@ def smooth_grad(
             )
         return {_norm(k): out.get(k) for k in out.keys(include_nested=True, leaves_only=True)}
 
-    per = vmap(one, chunk_size=chunk_size)(noisy)
+    bar = progress_bar(enabled=progress, desc=fn, total=n_chunks(nt_samples, chunk_size), unit="chunk")
+    if bar is None:
+        per = vmap(one, chunk_size=chunk_size)(noisy)
+    else:
+        with bar:
+            per = vmap_chunks(one, chunk_size, bar)(noisy)
     nb = len(p.batch)
     attrs, extra = {}, {}
     for key, v in per.items():

@@ -15,7 +15,7 @@ import torch
 from tensordict import TensorDict, TensorDictBase
 
 from .._errors import shape_str
-from .._checks import check_chunk_size, per_input
+from .._checks import check_bool, check_chunk_size, per_input
 from ._common import AttributionError, Inputs, _show, check_output, prepare, result, with_inputs
 from ._perturb_common import check_draws, feature_masks, per_position, run_perturbed, sampling_setup
 
@@ -88,6 +88,7 @@ def occlusion(
     strides: Mapping | Sequence[int] | int | None = None,
     in_keys: Sequence | None = None,
     chunk_size: int | None = None,
+    progress: bool = False,
 ) -> TensorDict:
     """Occlusion (Zeiler & Fergus, 2014), captum's ``Occlusion``: slide a window of baseline values.
 
@@ -110,6 +111,8 @@ def occlusion(
             input is attributed; default 1.  A stride may not exceed its window size.
         in_keys: entries to attribute; default every floating-point entry.
         chunk_size: windows per forward; bounds memory to ``chunk_size`` copies of the inputs.
+        progress: show a tqdm bar on stderr over the chunks of windows (one step when ``chunk_size``
+            is None); never shown under ``vmap`` / ``grad`` / ``torch.compile``.
 
     Returns:
         TensorDict with ``("attr", key)`` of shape ``batch (+ K) + feature shape``.
@@ -135,6 +138,7 @@ def occlusion(
     """
     fn = "tdfunc.occlusion"
     check_chunk_size(fn, chunk_size, AttributionError)
+    check_bool(fn, "progress", progress, AttributionError)
     p = prepare(fn, td, in_keys)
     nb = len(p.batch)
     windows = per_input(fn, "sliding_window_shapes", sliding_window_shapes, p.keys, "window shape", AttributionError)
@@ -163,7 +167,7 @@ def occlusion(
             out[key] = m.view(m.shape[0], *([1] * nb), *m.shape[1:])
         return out
 
-    _, total = run_perturbed(f, td, p, n, chunk_size, masks_for, y0)
+    _, total = run_perturbed(f, td, p, n, chunk_size, masks_for, y0, progress=progress, fn=fn)
     attrs = {}
     for key, (start, count, tables, counts) in spans.items():
         cover = torch.ones((), dtype=p.x[key].dtype, device=p.x[key].device)
@@ -184,6 +188,7 @@ def feature_ablation(
     feature_mask: Mapping | torch.Tensor | None = None,
     in_keys: Sequence | None = None,
     chunk_size: int | None = None,
+    progress: bool = False,
 ) -> TensorDict:
     """Feature ablation, captum's ``FeatureAblation``: replace one feature group at a time by the baseline.
 
@@ -202,6 +207,8 @@ def feature_ablation(
             a tensor when one input is attributed.  Default: every scalar its own feature.
         in_keys: entries to attribute; default every floating-point entry.
         chunk_size: features per forward; bounds memory to ``chunk_size`` copies of the inputs.
+        progress: show a tqdm bar on stderr over the chunks of features (one step when ``chunk_size``
+            is None); never shown under ``vmap`` / ``grad`` / ``torch.compile``.
 
     Returns:
         TensorDict with ``("attr", key)`` of shape ``batch (+ K) + feature shape``.
@@ -228,6 +235,7 @@ def feature_ablation(
     """
     fn = "tdfunc.feature_ablation"
     check_chunk_size(fn, chunk_size, AttributionError)
+    check_bool(fn, "progress", progress, AttributionError)
     p = prepare(fn, td, in_keys)
     nb = len(p.batch)
     masks = feature_masks(fn, feature_mask, p)
@@ -244,7 +252,7 @@ def feature_ablation(
         cur = ids[lo:hi]
         return {key: m.unsqueeze(0) == cur.view(-1, *([1] * m.dim())) for key, m in masks.items()}
 
-    _, total = run_perturbed(f, td, p, n, chunk_size, masks_for, y0)
+    _, total = run_perturbed(f, td, p, n, chunk_size, masks_for, y0, progress=progress, fn=fn)
     return result(td.batch_size, {key: _expand_attr(t, p.x[key], k, nb) for key, t in total.items()})
 
 
@@ -273,6 +281,7 @@ def shapley_value_sampling(
     permutations: torch.Tensor | None = None,
     in_keys: Sequence | None = None,
     chunk_size: int | None = None,
+    progress: bool = False,
 ) -> TensorDict:
     """Shapley value sampling (Castro et al., 2009), captum's ``ShapleyValueSampling``.
 
@@ -300,6 +309,8 @@ def shapley_value_sampling(
             exact Shapley values when it lists all ``n_features!`` of them).
         in_keys: entries to attribute; default every floating-point entry.
         chunk_size: perturbed inputs per forward (None: all ``S * n_features`` at once).
+        progress: show a tqdm bar on stderr over the chunks of perturbed inputs (one step when ``chunk_size``
+            is None); never shown under ``vmap`` / ``grad`` / ``torch.compile``.
 
     Returns:
         TensorDict with ``("attr", key)`` of shape ``batch (+ K) + feature shape``.
@@ -328,7 +339,7 @@ def shapley_value_sampling(
     generator) and the default mask, ``grad`` (double backward).
     """
     fn = "tdfunc.shapley_value_sampling"
-    p, masks, dev, n_feat = sampling_setup(fn, td, in_keys, feature_mask, n_samples, chunk_size, generator)
+    p, masks, dev, n_feat = sampling_setup(fn, td, in_keys, feature_mask, n_samples, chunk_size, generator, progress)
     if permutations is None:
         perms = torch.stack([torch.randperm(n_feat, generator=generator) for _ in range(n_samples)]).to(dev)
     else:
@@ -347,7 +358,7 @@ def shapley_value_sampling(
 
     at_base = f(with_inputs(td, p.baseline))
     k = check_output(fn, at_base, p.batch)
-    ys, _ = run_perturbed(f, td, p, s_n * n_feat, chunk_size, masks_for)
+    ys, _ = run_perturbed(f, td, p, s_n * n_feat, chunk_size, masks_for, progress=progress, fn=fn)
     ys = ys.reshape(s_n, n_feat, *ys.shape[1:])
     prev = torch.cat([at_base.expand(s_n, 1, *at_base.shape), ys[:, :-1]], dim=1)
     steps = ys - prev  # (S, F, *batch (+ K)): the gain of the feature added at each step

@@ -14,26 +14,29 @@ import torch
 from tensordict import TensorDictBase
 from torch.func import vmap
 
-from .._checks import check_chunk_size, check_generator, check_int, per_input
+from .._checks import check_bool, check_chunk_size, check_generator, check_int, per_input
 from .._errors import shape_str
+from .._progress import progress_bar
 from ._common import AttributionError, Inputs, _show, prepare, with_inputs
 
 __all__ = ["run_perturbed", "feature_masks", "n_features", "per_position", "sampling_setup", "check_draws"]
 
 
-def run_perturbed(f: Callable, td: TensorDictBase, p: Inputs, n: int, chunk_size: int | None, masks_for: Callable, y0=None):
+def run_perturbed(f: Callable, td: TensorDictBase, p: Inputs, n: int, chunk_size: int | None, masks_for: Callable, y0=None,
+                  *, progress: bool = False, fn: str = ""):
     """Evaluate ``f`` on the ``n`` perturbed inputs ``where(M_j, baseline, x)``, vmapped over ``j``.
 
     ``masks_for(start, stop)`` gives, for the perturbations ``start .. stop - 1``, key -> bool mask of
     shape ``(stop - start, *s)`` with ``s`` broadcastable to the input (keys left out are not perturbed).
     Returns the stacked outputs ``(n, *batch (+ K))`` and, when ``y0`` is given,
-    ``sum_j (y0 - y_j) * M_j`` per key (``batch (+ K) + feature shape``).
+    ``sum_j (y0 - y_j) * M_j`` per key (``batch (+ K) + feature shape``).  ``progress``: a tqdm bar
+    named ``fn`` over the chunks (nothing under ``vmap`` / ``grad`` / compile).
     """
     nb = len(p.batch)
     chunk = n if chunk_size is None else min(chunk_size, n)
     ys, total = [], {}
     call = vmap(lambda xs: f(with_inputs(td, xs)))
-    for start in range(0, n, chunk):
+    for start in progress_bar(range(0, n, chunk), enabled=progress, desc=fn, unit="chunk"):
         masks = masks_for(start, min(start + chunk, n))
         xs = {k: torch.where(m, p.baseline[k], p.x[k]) for k, m in masks.items()}
         y = call(xs)
@@ -113,11 +116,13 @@ def n_features(fn: str, feature_mask, masks: dict, p) -> int:
     return max(int(m.max()) for m in masks.values() if m.numel()) + 1
 
 
-def sampling_setup(fn: str, td: TensorDictBase, in_keys, feature_mask, n_samples, chunk_size, generator):
+def sampling_setup(fn: str, td: TensorDictBase, in_keys, feature_mask, n_samples, chunk_size, generator,
+                   progress: bool = False):
     """Checks and setup of a sampler over feature coalitions: ``(inputs, masks, device, n_features)``."""
     check_int(fn, "n_samples", n_samples, AttributionError)
     check_chunk_size(fn, chunk_size, AttributionError)
     check_generator(fn, generator, AttributionError)
+    check_bool(fn, "progress", progress, AttributionError)
     p = prepare(fn, td, in_keys)
     masks = feature_masks(fn, feature_mask, p)
     dev = next(iter(p.x.values())).device

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -20,7 +19,8 @@ from tensordict import MemoryMappedTensor, TensorDict, TensorDictBase
 from torch import nn
 
 from .._call import functional_call
-from .._checks import check_int, check_module
+from .._checks import check_bool, check_int, check_module
+from .._progress import progress_bar
 from ._common import LatentError
 
 __all__ = ["CacheError", "cache_activations"]
@@ -245,7 +245,8 @@ def cache_activations(
             ``input_key``).
         total: the number of rows N, to preallocate the files (a hint: the cache ends at the rows
             actually produced).
-        progress: show a tqdm progress bar on stderr (when tqdm is installed).
+        progress: show a tqdm progress bar on stderr over the batches (never inside ``torch.compile``
+            or a ``torch.func`` transform).
 
     Returns:
         A TensorDict with batch size ``[N]``: in-memory tensors, or ``MemoryMappedTensor`` leaves
@@ -272,6 +273,7 @@ def cache_activations(
     reducer = _reducer(reduce)
     reduce_name = reduce if isinstance(reduce, str) or reduce is None else "<callable>"
     check_int(FN, "total", total, CacheError, optional=True)
+    check_bool(FN, "progress", progress, CacheError)
     site_list = [sites] if isinstance(sites, str) else list(sites)
     n_batches = len(batches) if hasattr(batches, "__len__") else None
     path = os.fspath(path) if path is not None else None
@@ -280,14 +282,7 @@ def cache_activations(
         return _load(path, record)
     done = record["batches_done"] if record is not None else 0
 
-    bar = None
-    if progress:
-        try:
-            from tqdm.auto import tqdm
-        except ImportError:  # pragma: no cover - tqdm is optional
-            tqdm = None
-        if tqdm is not None:
-            bar = tqdm(total=n_batches, initial=done, file=sys.stderr, desc=FN, unit="batch")
+    bar = progress_bar(enabled=progress, desc=FN, total=n_batches, initial=done, unit="batch")
     chunks: dict = {}
     seen = 0
     try:

@@ -17,8 +17,9 @@ import torch.nn.functional as F
 from tensordict import TensorDict, TensorDictBase
 from torch.func import grad, vmap
 
-from .._checks import check_generator
+from .._checks import check_bool, check_generator
 from .._optim import adam_init, adam_update
+from .._progress import progress_bar
 from ._probe_common import (
     ProbeError,
     _check_int,
@@ -205,13 +206,18 @@ def _class_means(x: torch.Tensor, y: torch.Tensor, n_classes: int) -> dict:
     return {"means": (onehot.mT @ x) / onehot.sum(0)[:, None]}
 
 
-def _adam(loss, params: dict, steps: int, lr: float) -> dict:
-    """Full-batch Adam (Kingma & Ba) on a dict of tensors, gradients from ``torch.func.grad``."""
+def _adam(loss, params: dict, steps: int, lr: float, bar=None) -> dict:
+    """Full-batch Adam (Kingma & Ba) on a dict of tensors, gradients from ``torch.func.grad``.
+
+    ``bar``: a progress bar ticked once per step (None: no bar).
+    """
     g_fn = grad(loss)
     state = adam_init(params)
     for _ in range(steps):
         step, state = adam_update(g_fn(params), state, lr=lr)
         params = {k: params[k] - step[k] for k in params}
+        if bar is not None:
+            bar.update(1)
     return params
 
 
@@ -241,6 +247,7 @@ def probe_fit(
     rank: int | None = None,
     n_classes: int | None = None,
     generator: torch.Generator | None = None,
+    progress: bool = False,
 ) -> TensorDict:
     """Fit a probe on activations ``x`` ``(N, D)`` and labels ``y`` ``(N,)``; full-batch Adam or closed form.
 
@@ -264,6 +271,8 @@ def probe_fit(
         rank: rank of ``"low_rank_bilinear"``.
         n_classes: number of classes (default ``max(y) + 1``).
         generator: random generator for the initialisation.
+        progress: show a tqdm bar on stderr over the Adam steps (none for ``"mean_difference"``);
+            never shown under ``vmap`` / ``grad`` / ``torch.compile``.
 
     Returns:
         The fitted parameters (a TensorDict, see ``probe_init``).
@@ -288,6 +297,7 @@ def probe_fit(
     _check_kind(fn, kind, rank)
     check_generator(fn, generator, ProbeError)
     _check_train_options(fn, steps, lr, weight_decay)
+    check_bool(fn, "progress", progress, ProbeError)
     if kind in ("bilinear", "low_rank_bilinear"):
         x1, x2 = _pair(fn, x)
         if x1.dim() != 2 or x2.dim() != 2 or x1.shape[0] != x2.shape[0]:
@@ -309,7 +319,12 @@ def probe_fit(
         _check_means_counts(fn, y, c)
         return TensorDict(_class_means(x, y, c), batch_size=[])
     params = _init(fn, kind, d_in, c, rank, generator, ref.dtype, ref.device)
-    return TensorDict(_adam(lambda p: _loss(fn, p, x, y, weight_decay), params, steps, lr), batch_size=[])
+    loss = lambda p: _loss(fn, p, x, y, weight_decay)  # noqa: E731
+    bar = progress_bar(enabled=progress, desc=fn, total=steps, unit="step")
+    if bar is None:
+        return TensorDict(_adam(loss, params, steps, lr), batch_size=[])
+    with bar:
+        return TensorDict(_adam(loss, params, steps, lr, bar), batch_size=[])
 
 
 def probe_evaluate(params: TensorDictBase | Mapping, x, y: torch.Tensor) -> TensorDict:
@@ -359,6 +374,7 @@ def fit_probes(
     rank: int | None = None,
     n_classes: int | None = None,
     generator: torch.Generator | None = None,
+    progress: bool = False,
 ) -> TensorDict:
     """Fit one probe per site of a capture TensorDict on a train split; report train and test metrics.
 
@@ -379,6 +395,9 @@ def fit_probes(
             to ``max(y) + 1`` over all of ``y``).
         test_fraction: held-out fraction, strictly between 0 and 1.
         generator: random generator for the split and the initialisations.
+        progress: show one tqdm bar on stderr over the Adam steps of every batched run (``steps`` per
+            group of equal-width sites; none for ``"mean_difference"``); never shown under ``vmap`` /
+            ``grad`` / ``torch.compile``.
 
     Returns:
         TensorDict with ``("train", site)`` and ``("test", site)`` each ``TensorDict(accuracy, loss)``,
@@ -409,6 +428,7 @@ def fit_probes(
     _check_kind(fn, kind, rank)
     check_generator(fn, generator, ProbeError)
     _check_train_options(fn, steps, lr, weight_decay)
+    check_bool(fn, "progress", progress, ProbeError)
     keys = _sites(fn, acts)
     train, test = _split(fn, acts, keys, y, test_fraction, generator)
     c = _n_classes(fn, y, n_classes)
@@ -423,17 +443,23 @@ def fit_probes(
     for k in keys:
         groups.setdefault((xs[k].shape[1], xs[k].dtype, xs[k].device), []).append(k)
     out = TensorDict({"train_index": train, "test_index": test}, batch_size=[])
-    for group in groups.values():
-        x_tr = torch.stack([xs[k][train] for k in group])
-        if kind == "mean_difference":
-            fitted = vmap(lambda xx: _class_means(xx, y_tr, c))(x_tr)
-        else:
-            stacked = {name: torch.stack([inits[k][name] for k in group]) for name in inits[group[0]]}
-            site_loss = lambda p, xx: _loss(fn, p, xx, y_tr, weight_decay)  # noqa: E731
-            fitted = _adam(lambda p: vmap(site_loss)(p, x_tr).sum(), stacked, steps, lr)
-        for i, k in enumerate(group):
-            p = TensorDict({name: v[i] for name, v in fitted.items()}, batch_size=[])
-            out.set(("params",) + _key(k), p)
-            out.set(("train",) + _key(k), _metrics(_apply(fn, p, xs[k][train]), y_tr))
-            out.set(("test",) + _key(k), _metrics(_apply(fn, p, xs[k][test]), y_te))
+    bar = None if kind == "mean_difference" else progress_bar(enabled=progress, desc=fn, total=steps * len(groups),
+                                                              unit="step")
+    try:
+        for group in groups.values():
+            x_tr = torch.stack([xs[k][train] for k in group])
+            if kind == "mean_difference":
+                fitted = vmap(lambda xx: _class_means(xx, y_tr, c))(x_tr)
+            else:
+                stacked = {name: torch.stack([inits[k][name] for k in group]) for name in inits[group[0]]}
+                site_loss = lambda p, xx: _loss(fn, p, xx, y_tr, weight_decay)  # noqa: E731
+                fitted = _adam(lambda p: vmap(site_loss)(p, x_tr).sum(), stacked, steps, lr, bar)
+            for i, k in enumerate(group):
+                p = TensorDict({name: v[i] for name, v in fitted.items()}, batch_size=[])
+                out.set(("params",) + _key(k), p)
+                out.set(("train",) + _key(k), _metrics(_apply(fn, p, xs[k][train]), y_tr))
+                out.set(("test",) + _key(k), _metrics(_apply(fn, p, xs[k][test]), y_te))
+    finally:
+        if bar is not None:
+            bar.close()
     return out

@@ -10,8 +10,9 @@ from tensordict import TensorDict, TensorDictBase
 from torch import nn
 from torch.func import vmap
 
-from .._checks import check_chunk_size, check_module
+from .._checks import check_bool, check_chunk_size, check_module
 from .._errors import shape_str
+from .._progress import n_chunks, progress_bar, vmap_chunks
 from .._state import flat_state
 from ._common import (
     WeightError,
@@ -206,6 +207,7 @@ def task_vector_sweep(
     *,
     constraint: Callable[[TensorDictBase], torch.Tensor] | None = None,
     chunk_size: int | None = None,
+    progress: bool = False,
 ) -> TensorDict:
     """Evaluate ``metric(θ_pre + α·τ)`` for every alpha in one ``vmap`` and pick the best feasible alpha.
 
@@ -225,6 +227,9 @@ def task_vector_sweep(
         constraint: ``constraint(state) -> bool scalar Tensor``; alphas where it is False are not
             chosen (e.g. control-task accuracy above a floor).  Evaluated in the same vmap.
         chunk_size: alphas per batched call (bounds memory; None: all at once).
+        progress: show a tqdm bar on stderr over the chunks of alphas (one step when ``chunk_size``
+            is None; the chunks then run as a Python loop of the same ``vmap`` calls, equal
+            results); never shown under ``vmap`` / ``grad`` / ``torch.compile``.
 
     Returns:
         TensorDict with ``"alpha"``, ``"metric"``, ``"feasible"`` (each of shape ``(A,)``),
@@ -253,6 +258,7 @@ def task_vector_sweep(
     fn = "tdfunc.weights.task_vector_sweep"
     check_module(fn, module, WeightError)
     check_chunk_size(fn, chunk_size, WeightError)
+    check_bool(fn, "progress", progress, WeightError)
     pretrained = check_td(fn, "pretrained", pretrained)
     tv = check_td(fn, "tv", tv)
     flat_state(fn, module, pretrained)
@@ -274,7 +280,12 @@ def task_vector_sweep(
                 raise WeightError(f"{fn}: {what} must return a scalar tensor per state, got {got}; reduce it (e.g. .mean()).")
         return m, c.to(torch.bool)
 
-    values, feasible = vmap(one, chunk_size=chunk_size)(alphas)
+    bar = progress_bar(enabled=progress, desc=fn, total=n_chunks(alphas.shape[0], chunk_size), unit="chunk")
+    if bar is None:
+        values, feasible = vmap(one, chunk_size=chunk_size)(alphas)
+    else:
+        with bar:
+            values, feasible = vmap_chunks(one, chunk_size, bar)(alphas)
     masked = torch.where(feasible, values, torch.full_like(values, float("-inf")))
     idx = masked.argmax()
     any_ok = feasible.any()
