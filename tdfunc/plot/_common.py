@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any, TypeVar, cast
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -11,13 +12,17 @@ import torch.nn.functional as F
 from tensordict import TensorDictBase
 
 from .._errors import TdfuncError, shape_str, suggest
+from .._types import Sign, UpsampleMode
 
 __all__ = ["PlotError", "normalize_attribution", "upsample"]
 
-SIGNS = ("all", "positive", "negative", "absolute_value")
+SIGNS: tuple[Sign, ...] = ("all", "positive", "negative", "absolute_value")
 #: the default colour map of each sign: diverging (red = positive) for "all", one-sided otherwise
-CMAPS = {"all": "RdBu_r", "positive": "Reds", "negative": "Blues_r", "absolute_value": "Purples"}
-UPSAMPLE_MODES = ("bilinear", "nearest", "bicubic", "area")
+CMAPS: dict[str, str] = {"all": "RdBu_r", "positive": "Reds", "negative": "Blues_r", "absolute_value": "Purples"}
+UPSAMPLE_MODES: tuple[UpsampleMode, ...] = ("bilinear", "nearest", "bicubic", "area")
+
+
+_S = TypeVar("_S", bound=str)
 
 
 class PlotError(TdfuncError, ValueError):
@@ -70,13 +75,13 @@ def attr_entry(fn: str, name: str, x: object, key: object) -> torch.Tensor:
     return tensor(fn, name, x.get(found[key]))
 
 
-def choice(fn: str, name: str, value: object, options: Sequence[str]) -> str:
+def choice(fn: str, name: str, value: object, options: Sequence[_S]) -> _S:
     if not isinstance(value, str):
         raise TypeError(f"{fn}: {name} is a {type(value).__name__}; give one of {', '.join(map(repr, options))}.")
     if value not in options:
         raise PlotError(f"{fn}: unknown {name} {value!r}; give one of {', '.join(map(repr, options))}."
                         f"{suggest(value, options)}")
-    return value
+    return cast(_S, value)
 
 
 def check_outlier_perc(fn: str, outlier_perc: object) -> float:
@@ -140,7 +145,7 @@ def clim(sign: str, lim: float) -> tuple[float, float]:
     return {"all": (-lim, lim), "negative": (-lim, 0.0)}.get(sign, (0.0, lim))
 
 
-def normalize_attribution(attr: torch.Tensor, *, sign: str = "all", outlier_perc: float = 2.0) -> torch.Tensor:
+def normalize_attribution(attr: torch.Tensor, *, sign: Sign = "all", outlier_perc: float = 2.0) -> torch.Tensor:
     """The attribution scaled into [-1, 1] the way it is coloured (captum's ``_normalize_attr``).
 
     .. math::  \\hat a = \\mathrm{clip}\\big(s(a) / t,\\ -1,\\ 1\\big),
@@ -179,7 +184,7 @@ def normalize_attribution(attr: torch.Tensor, *, sign: str = "all", outlier_perc
     return out
 
 
-def upsample(x: torch.Tensor, size: int | tuple[int, int], *, mode: str = "bilinear") -> torch.Tensor:
+def upsample(x: torch.Tensor, size: int | tuple[int, int], *, mode: UpsampleMode = "bilinear") -> torch.Tensor:
     """Resize maps ``(..., h, w)`` to ``(..., H, W)`` (a Grad-CAM map to the input's size).
 
     Every leading dim is a separate map: the result equals ``torch.nn.functional.interpolate`` (and
@@ -218,7 +223,7 @@ def upsample(x: torch.Tensor, size: int | tuple[int, int], *, mode: str = "bilin
     return out.reshape(*lead, *hw)
 
 
-def new_axes(ax: object, figsize: tuple[float, float], fn: str):
+def new_axes(ax: object, figsize: tuple[float, float], fn: str) -> tuple[Any, Any]:
     """``(fig, ax)``: the given axes and its figure, or a new pyplot figure with constrained layout."""
     if ax is None:
         return plt.subplots(figsize=figsize, layout="constrained")
@@ -229,7 +234,7 @@ def new_axes(ax: object, figsize: tuple[float, float], fn: str):
     return ax.figure, ax
 
 
-def no_math(texts) -> None:
+def no_math(texts: Any) -> None:
     """Show ``$`` in tokens and names literally (no mathtext)."""
     for t in texts:
         t.set_parse_math(False)

@@ -3,21 +3,24 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any, cast
 
 import matplotlib.pyplot as plt
 import numpy as np
 import torch
 from matplotlib.axes import Axes
+from matplotlib.colors import Colormap
 from matplotlib.figure import Figure
 from tensordict import TensorDictBase
 
 from .._errors import shape_str
+from .._types import Key, PlotMethod, Sign, UpsampleMode
 from ._common import (CMAPS, SIGNS, UPSAMPLE_MODES, PlotError, attr_entry, check_outlier_perc, choice, clim, labels,
                       new_axes, scale, tensor, upsample)
 
 __all__ = ["grad_cam_overlay", "image_attribution", "image_attribution_grid"]
 
-METHODS = ("heat_map", "blended_heat_map", "masked_image")
+METHODS: tuple[PlotMethod, ...] = ("heat_map", "blended_heat_map", "masked_image")
 
 
 def _check_channel_dim(fn: str, channel_dim: object) -> int:
@@ -40,7 +43,7 @@ def _one_map(fn: str, x: torch.Tensor, channel_dim: int, name: str = "attr") -> 
                     f"{name}[0].")
 
 
-def _image(fn: str, image: object, channel_dim: int, hw: tuple[int, ...], name: str = "image") -> np.ndarray:
+def _image(fn: str, image: Any, channel_dim: int, hw: tuple[int, ...], name: str = "image") -> np.ndarray:
     """(H, W) grey or (H, W, 3) RGB in [0, 1] (scaled by its min and max)."""
     x = tensor(fn, name, image)
     if x.dim() == 3:
@@ -61,7 +64,8 @@ def _image(fn: str, image: object, channel_dim: int, hw: tuple[int, ...], name: 
     return x.numpy()
 
 
-def _check_common(fn: str, method: object, sign: object, outlier_perc: object, alpha: object) -> tuple[str, str, float]:
+def _check_common(fn: str, method: object, sign: object, outlier_perc: object,
+                  alpha: object) -> tuple[PlotMethod, Sign, float]:
     method = choice(fn, "method", method, METHODS)
     sign = choice(fn, "sign", sign, SIGNS)
     if method == "masked_image" and sign == "all":
@@ -72,8 +76,8 @@ def _check_common(fn: str, method: object, sign: object, outlier_perc: object, a
     return method, sign, check_outlier_perc(fn, outlier_perc)
 
 
-def _draw(ax: Axes, shown: torch.Tensor, lim: float, sign: str, method: str, img: np.ndarray | None,
-          cmap: object, alpha: float):
+def _draw(ax: Axes, shown: torch.Tensor, lim: float, sign: str, method: str, img: Any,
+          cmap: str | Colormap | None, alpha: float) -> Any:
     """Draw one map; returns the heat map's image artist (None for a masked image)."""
     ax.set_xticks([])
     ax.set_yticks([])
@@ -114,12 +118,12 @@ def image_attribution(
     attr: torch.Tensor | TensorDictBase,
     image: torch.Tensor | None = None,
     *,
-    key: object = None,
-    method: str = "heat_map",
-    sign: str = "all",
+    key: Key | None = None,
+    method: PlotMethod = "heat_map",
+    sign: Sign = "all",
     channel_dim: int = 0,
     outlier_perc: float = 2.0,
-    cmap: object = None,
+    cmap: str | Colormap | None = None,
     alpha: float = 0.5,
     colorbar: bool = True,
     title: str | None = None,
@@ -182,12 +186,12 @@ def image_attribution_grid(
     attr: torch.Tensor | TensorDictBase,
     images: torch.Tensor | None = None,
     *,
-    key: object = None,
-    method: str = "heat_map",
-    sign: str = "all",
+    key: Key | None = None,
+    method: PlotMethod = "heat_map",
+    sign: Sign = "all",
     outlier_perc: float = 2.0,
     shared: bool = True,
-    cmap: object = None,
+    cmap: str | Colormap | None = None,
     alpha: float = 0.5,
     colorbar: bool = True,
     row_labels: Sequence[str] | None = None,
@@ -297,11 +301,11 @@ def grad_cam_overlay(
     cam: torch.Tensor | TensorDictBase,
     image: torch.Tensor,
     *,
-    key: object = None,
-    mode: str = "bilinear",
-    sign: str = "positive",
+    key: Key | None = None,
+    mode: UpsampleMode = "bilinear",
+    sign: Sign = "positive",
     outlier_perc: float = 0.0,
-    cmap: object = None,
+    cmap: str | Colormap | None = None,
     alpha: float = 0.5,
     colorbar: bool = True,
     title: str | None = None,
@@ -351,7 +355,7 @@ def grad_cam_overlay(
     if x.dim() not in (2, 3):
         raise PlotError(f"{fn}: image has shape {shape_str(x.shape)} ({x.dim()} dims); give (H, W) or (C, H, W) "
                         "with C = 1 or 3.")
-    up = upsample(m, tuple(int(s) for s in x.shape[-2:]), mode=mode)
+    up = upsample(m, cast("tuple[int, int]", tuple(int(s) for s in x.shape[-2:])), mode=mode)
     return _image_attribution(fn, up, x, key=None, method="blended_heat_map", sign=sign, channel_dim=0,
                               outlier_perc=outlier_perc, cmap=cmap, alpha=alpha, colorbar=colorbar, title=title,
                               ax=ax, figsize=figsize)

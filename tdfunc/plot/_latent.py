@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 from matplotlib.axes import Axes
+from matplotlib.colors import Colormap
 from matplotlib.figure import Figure
 from tensordict import TensorDictBase
 
@@ -14,10 +16,13 @@ from .._errors import shape_str, suggest
 from ._common import PlotError, new_axes, no_math, tensor, values
 from ._common import labels as _labels
 
+if TYPE_CHECKING:  # matplotlib.typing is new in matplotlib 3.8
+    from matplotlib.typing import ColorType
+
 __all__ = ["patching_heatmap", "probe_accuracy", "sweep_curve"]
 
 
-def _slanted(names: Sequence[str]) -> dict:
+def _slanted(names: Sequence[str]) -> dict[str, Any]:
     """Tick label options: long labels slanted so neighbours do not overlap."""
     return {"rotation": 45, "ha": "right", "rotation_mode": "anchor"} if max(map(len, names)) > 3 else {}
 
@@ -29,7 +34,7 @@ def patching_heatmap(
     units: Sequence[str] | None = None,
     transpose: bool = False,
     annotate: bool | str = False,
-    cmap: object = "RdBu_r",
+    cmap: str | Colormap = "RdBu_r",
     colorbar: bool = True,
     title: str | None = None,
     xlabel: str | None = None,
@@ -208,13 +213,13 @@ def sweep_curve(
     labels: Sequence[str] | None = None,
     baseline: float | None = None,
     baseline_label: str = "baseline",
-    colors: Sequence[object] | None = None,
+    colors: Sequence[ColorType] | None = None,
     xlabel: str | None = None,
     ylabel: str | None = None,
     title: str | None = None,
     ax: Axes | None = None,
     figsize: tuple[float, float] = (5.0, 3.0),
-    **plot_kw: object,
+    **plot_kw: Any,
 ) -> tuple[Figure, Axes]:
     """A metric against a swept value: steering scales, task-vector alphas, pruning amounts.
 
@@ -276,7 +281,7 @@ def sweep_curve(
     fig, ax = new_axes(ax, figsize, fn)
     kw = {"marker": "o", **plot_kw}
     for k, yk in enumerate(ys):
-        extra = {"color": cols[k]} if cols is not None else {}
+        extra: dict[str, Any] = {"color": cols[k]} if cols is not None else {}
         ax.plot(xs.numpy(), yk.numpy(), label=names[k] if names else None, **extra, **kw)
     if baseline is not None:
         ax.axhline(float(baseline), color="gray", ls="--", lw=1, label=baseline_label)

@@ -15,6 +15,7 @@ from matplotlib.transforms import offset_copy
 from tensordict import TensorDictBase
 
 from .._errors import shape_str
+from .._types import Key
 from ._common import PlotError, attr_entry, check_outlier_perc, new_axes, scale
 
 __all__ = ["TokenHTML", "token_attribution", "token_attribution_html"]
@@ -43,7 +44,7 @@ def _scores(fn: str, tokens: object, scores: object, key: object, outlier_perc: 
                         "length, e.g. tokens of the same input_ids the attribution was computed for).")
     _, lim = scale(fn, s, "all", check_outlier_perc(fn, outlier_perc))
     try:
-        cm = cmap if isinstance(cmap, Colormap) else colormaps[cmap]
+        cm = cmap if isinstance(cmap, Colormap) else colormaps[cmap]  # type: ignore[index]
     except (KeyError, TypeError):
         raise PlotError(f"{fn}: unknown cmap {cmap!r}; give a matplotlib colour map name (e.g. 'RdBu_r') or a "
                         "Colormap.") from None
@@ -64,7 +65,7 @@ def token_attribution(
     tokens: Sequence[str],
     scores: torch.Tensor | TensorDictBase,
     *,
-    key: object = None,
+    key: Key | None = None,
     outlier_perc: float = 0.0,
     cmap: str | Colormap = "RdBu_r",
     fontsize: float = 12.0,
@@ -124,7 +125,7 @@ def token_attribution(
 
         fig.colorbar(ScalarMappable(norm=norm, cmap=cm), ax=ax, orientation="horizontal", fraction=0.25, pad=0.02,
                      shrink=0.6)
-    renderer = fig.canvas.get_renderer()
+    renderer = fig.canvas.get_renderer()  # type: ignore[attr-defined]
     pt = 72.0 / fig.dpi  # points per pixel
     margin, pad, gap, line_h = 0.5 * fontsize, 0.25 * fontsize, 0.35 * fontsize, 1.9 * fontsize
     avail = ax.get_window_extent(renderer).width * pt - 2 * margin
@@ -159,7 +160,7 @@ def token_attribution_html(
     tokens: Sequence[str],
     scores: torch.Tensor | TensorDictBase,
     *,
-    key: object = None,
+    key: Key | None = None,
     outlier_perc: float = 0.0,
     cmap: str | Colormap = "RdBu_r",
 ) -> TokenHTML:
