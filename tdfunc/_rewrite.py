@@ -28,11 +28,12 @@ __all__ = ["Rewrite", "main_output", "record_then_rewrite"]
 class Rewrite:
     """The two halves of a value-preserving rewrite of a module's output (one object may serve many sites)."""
 
-    def record(self, module: nn.Module, args: tuple, kwargs: dict, out: Any) -> Any:
+    def record(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> Any:
         """First pass: the constants :meth:`rewrite` needs, from the call's inputs and output."""
         raise NotImplementedError(f"{type(self).__name__}.record is not implemented")
 
-    def rewrite(self, module: nn.Module, args: tuple, kwargs: dict, out: Any, constants: Any) -> Any:
+    def rewrite(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any,
+                constants: Any) -> Any:
         """Second pass: the module's new output (its first element for a tuple output), equal to it in value."""
         raise NotImplementedError(f"{type(self).__name__}.rewrite is not implemented")
 

@@ -120,7 +120,7 @@ def merge_batchnorm(
     if pairs is None:
         pairs = _auto_pairs(module)
     else:
-        pairs = [tuple(p) for p in pairs]
+        pairs = [tuple(p) for p in pairs]  # type: ignore[misc]  # checked just below
         for p in pairs:
             if len(p) != 2 or not all(isinstance(n, str) for n in p):
                 raise AttributionError(

@@ -7,13 +7,14 @@ passes (record, then rewrite) or, under ``torch.no_grad()``, one.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 
 import torch
 from tensordict import TensorDict, TensorDictBase
 from torch import nn
 
 from .._rewrite import Rewrite, record_then_rewrite
+from .._types import CompositeName, InKeys
 from ._common import AttributionError, grads_per_target, move_target_dim, per_target, prepare, result, with_inputs
 from ._lrp_assign import Composite, assign
 from ._lrp_rules import Rule
@@ -56,9 +57,9 @@ def lrp(
     td: TensorDictBase,
     module: nn.Module,
     *,
-    rules: Mapping | None = None,
-    composite: str | Composite | None = "epsilon_plus",
-    in_keys: Sequence | None = None,
+    rules: Mapping[str | type[nn.Module], Rule] | None = None,
+    composite: CompositeName | Composite | None = "epsilon_plus",
+    in_keys: InKeys | None = None,
 ) -> TensorDict:
     """Layer-wise relevance propagation (Bach et al., 2015) as input × a rule-modified gradient.
 

@@ -16,11 +16,11 @@ from ._lrp_rules import Rule, _Identity, identity, norm, softmax
 
 __all__ = ["Composite", "COMPOSITES", "assign"]
 
-_NORMS = (nn.LayerNorm, nn.RMSNorm)
+_NORMS: tuple[type[nn.Module], ...] = (nn.LayerNorm, nn.RMSNorm)
 #: elementwise activations that composite 'attnlrp' gives the identity rule (ReLU, LeakyReLU and Dropout in eval
 #: already pass relevance unchanged as their gradient does)
-_ACTIVATIONS = (nn.GELU, nn.SiLU, nn.Mish, nn.Tanh, nn.Sigmoid, nn.Softplus, nn.ELU, nn.CELU, nn.SELU, nn.Hardswish,
-                nn.Hardsigmoid, nn.Hardtanh)
+_ACTIVATIONS: tuple[type[nn.Module], ...] = (nn.GELU, nn.SiLU, nn.Mish, nn.Tanh, nn.Sigmoid, nn.Softplus, nn.ELU,
+                                             nn.CELU, nn.SELU, nn.Hardswish, nn.Hardsigmoid, nn.Hardtanh)
 
 
 def _could_apply(r: Rule, key: type) -> bool:
@@ -48,7 +48,11 @@ class Composite:
         tdfunc.lrp_rules.zplus(stabilizer=1e-06)
     """
 
-    def __init__(self, name: str, rules: Mapping[type, Rule], *, first: Rule | None = None):
+    name: str
+    rules: dict[type[nn.Module], Rule]
+    first: Rule | None
+
+    def __init__(self, name: str, rules: Mapping[type[nn.Module], Rule], *, first: Rule | None = None) -> None:
         fn = "tdfunc.lrp_rules.Composite"
         for key, r in (rules.items() if isinstance(rules, Mapping) else [(rules, None)]):
             if not (isinstance(key, type) and issubclass(key, nn.Module)) or not isinstance(r, Rule):
@@ -73,8 +77,8 @@ class Composite:
         return f"Composite({self.name!r}, {{{rules}}}{'' if self.first is None else f', first={self.first!r}'})"
 
 
-def _built_in(name: str, conv, *, first: Rule | None = None, attn: bool = False) -> Composite:
-    rules = {nn.Conv2d: conv, nn.Linear: epsilon(), **{t: norm() for t in _NORMS}}  # every composite: the LN rule
+def _built_in(name: str, conv: Rule, *, first: Rule | None = None, attn: bool = False) -> Composite:
+    rules: dict[type[nn.Module], Rule] = {nn.Conv2d: conv, nn.Linear: epsilon(), **{t: norm() for t in _NORMS}}  # every composite: the LN rule
     if attn:
         rules.update({nn.MultiheadAttention: attention(), nn.Softmax: softmax(), **{t: identity() for t in _ACTIVATIONS}})
     return Composite(name, rules, first=first)
@@ -196,7 +200,7 @@ def assign(fn: str, module: nn.Module, rules, composite) -> dict[str, Rule]:
         r = next((r for p, r in pats if path_match(p, n.split("."))), None)
         if r is None:
             r = next((r for t, r in types if isinstance(m, t) and r.applies_to(m)), None)
-        at_first = first and comp.first.applies_to(m)
+        at_first = first and comp.first.applies_to(m)  # type: ignore[union-attr]  # first: comp.first is set
         if r is None and comp is not None:
             r = comp.rule_for(m, at_first)
         first = first and not at_first

@@ -14,15 +14,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .._types import SoftmaxMode
 from ._common import AttributionError
 from ._lrp_rules import Rule, check_float, stab
 
 __all__ = ["attention"]
 
-_SOFTMAX_MODES = ("attnlrp", "constant")
+_SOFTMAX_MODES: tuple[SoftmaxMode, ...] = ("attnlrp", "constant")
 
 
-def attention(eps: float = 1e-6, softmax: str = "attnlrp") -> Rule:
+def attention(eps: float = 1e-6, softmax: SoftmaxMode = "attnlrp") -> Rule:
     """AttnLRP for ``nn.MultiheadAttention``: the module's forward recomputed with every piece rewritten.
 
     .. math::  q, k, v = x W_{q,k,v}^\\top + b\\ \\ (\\varepsilon),\\quad

@@ -50,7 +50,7 @@ def _inputs(mod, x: torch.Tensor, inv: torch.Tensor | None) -> torch.Tensor:
     if mod is None:
         return x
     if mod is _ONES:  # x * (1 / x_first): value 1 where x != 0 (0 where x == 0), derivative 1 / x
-        return x * inv
+        return x * inv  # type: ignore[operator]  # _ONES inputs always come with inv
     if isinstance(mod, _Bound):  # the bound as a constant (first forward), or bound ⊙ x ⊙ (1 / x_first)
         v = torch.as_tensor(mod.value).to(x)
         return v.expand_as(x) if inv is None else v * (x * inv)
@@ -69,7 +69,7 @@ def _term(m: nn.Module, x: torch.Tensor, out: torch.Tensor, inv, mod, w: torch.T
         return _op(m, _inputs(mod, x, inv), w, None)
     if m.bias is None:
         return out
-    return out - (m.bias.view(-1, 1, 1) if isinstance(m, nn.Conv2d) else m.bias)
+    return out - (m.bias.view(-1, 1, 1) if isinstance(m, nn.Conv2d) else m.bias)  # type: ignore[operator]
 
 
 class _Layer(Rule):
@@ -272,7 +272,7 @@ def _check_bound(fn: str, name: str, v):
     return float(v)
 
 
-def zbox(low, high, stabilizer: float = 1e-6) -> Rule:
+def zbox(low: float | torch.Tensor, high: float | torch.Tensor, stabilizer: float = 1e-6) -> Rule:
     """LRP-zᴮ (box rule, for the input layer; zennit's ``ZBox``, Montavon et al., 2017).
 
     ``R_i = Σ_j (x_i w_ij − l_i w_ij⁺ − h_i w_ij⁻) R_j / stab(z_j − Σ_i (l_i w_ij⁺ + h_i w_ij⁻) − b_j⁺ − b_j⁻)``
