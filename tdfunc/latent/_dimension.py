@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import overload
 
 import torch
 from tensordict import TensorDict, TensorDictBase
@@ -14,6 +15,11 @@ __all__ = ["twonn_dimension", "mle_dimension", "local_pca_dimension", "ca_pca_di
 
 # ------------------------------------------------------------------------------- intrinsic dimension
 
+
+@overload
+def twonn_dimension(x: torch.Tensor, *, discard_fraction: float = ...) -> torch.Tensor: ...
+@overload
+def twonn_dimension(x: TensorDictBase, *, discard_fraction: float = ...) -> TensorDict: ...
 
 def twonn_dimension(x: torch.Tensor | TensorDictBase, *, discard_fraction: float = 0.1) -> torch.Tensor | TensorDict:
     """TwoNN intrinsic dimension (Facco et al., 2017), regression form, of every representation at once.
@@ -72,6 +78,11 @@ def twonn_dimension(x: torch.Tensor | TensorDictBase, *, discard_fraction: float
     return _per_rep(fn, x, body, 3, "TwoNN (two neighbours per point)")
 
 
+@overload
+def mle_dimension(x: torch.Tensor, *, k: int = ...) -> torch.Tensor: ...
+@overload
+def mle_dimension(x: TensorDictBase, *, k: int = ...) -> TensorDict: ...
+
 def mle_dimension(x: torch.Tensor | TensorDictBase, *, k: int = 10) -> torch.Tensor | TensorDict:
     """Levina–Bickel maximum-likelihood intrinsic dimension from k nearest neighbours, batched.
 
@@ -115,6 +126,11 @@ def mle_dimension(x: torch.Tensor | TensorDictBase, *, k: int = 10) -> torch.Ten
 
     return _per_rep(fn, x, body, k + 1, f"k={k}")
 
+
+@overload
+def local_pca_dimension(x: torch.Tensor, *, k: int = ..., variance: float = ...) -> torch.Tensor: ...
+@overload
+def local_pca_dimension(x: TensorDictBase, *, k: int = ..., variance: float = ...) -> TensorDict: ...
 
 def local_pca_dimension(x: torch.Tensor | TensorDictBase, *, k: int = 20, variance: float = 0.9) -> torch.Tensor | TensorDict:
     """Local PCA intrinsic dimension (Fukunaga–Olsen): explained variance in kNN neighbourhoods, batched.
@@ -165,6 +181,11 @@ def local_pca_dimension(x: torch.Tensor | TensorDictBase, *, k: int = 20, varian
 
     return _per_rep(fn, x, body, k + 1, f"k={k}")
 
+
+@overload
+def ca_pca_dimension(x: torch.Tensor, *, k: int = ...) -> torch.Tensor: ...
+@overload
+def ca_pca_dimension(x: TensorDictBase, *, k: int = ...) -> TensorDict: ...
 
 def ca_pca_dimension(x: torch.Tensor | TensorDictBase, *, k: int = 20) -> torch.Tensor | TensorDict:
     """Curvature-adjusted local PCA dimension (CA-PCA, Gilbert & O'Neill 2023), batched.

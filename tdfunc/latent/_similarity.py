@@ -7,11 +7,12 @@ import math
 import torch
 from tensordict import TensorDictBase
 
+from .._types import Kernel
 from ._geometry import GeometryError, _check_int, _check_n, _same_n, _sqdist, _stack_of
 
 __all__ = ["cka", "information_imbalance"]
 
-KERNELS = ("linear", "rbf")
+KERNELS: tuple[Kernel, ...] = ("linear", "rbf")
 
 
 # ------------------------------------------------------------------------------------------------ CKA
@@ -37,7 +38,7 @@ def cka(
     x: torch.Tensor | TensorDictBase,
     y: torch.Tensor | TensorDictBase,
     *,
-    kernel: str = "linear",
+    kernel: Kernel = "linear",
     sigma: float | None = None,
     debiased: bool = False,
 ) -> torch.Tensor:

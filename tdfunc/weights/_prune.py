@@ -10,11 +10,12 @@ from tensordict import TensorDict, TensorDictBase
 from torch.func import grad
 
 from .._errors import shape_str, suggest
+from .._types import PruneScope
 from ._common import WeightError, check_td, dotted, float_keys, from_leaves, leaves, rebuild, select
 
 __all__ = ["magnitude_scores", "snip_scores", "prune_masks", "apply_masks"]
 
-SCOPES = ("global", "module")
+SCOPES: tuple[PruneScope, ...] = ("global", "module")
 
 
 def magnitude_scores(state: TensorDictBase) -> TensorDict:
@@ -168,7 +169,7 @@ def prune_masks(
     scores: TensorDictBase,
     *,
     amount: float | Sequence[float],
-    scope: str = "global",
+    scope: PruneScope = "global",
     structured_dim: int | None = None,
     p: float = 2,
     include: Sequence[str] | str | None = None,
