@@ -31,6 +31,8 @@ Key = Union[str, tuple[str, ...]]
 InKeys = Sequence[Key]
 #: A tensor per key, or one tensor for every key (``feature_mask=``, ``noise=``).
 PerKey = Union[Mapping[Key, torch.Tensor], torch.Tensor]
+#: Tensors by key: a TensorDict or a plain mapping (what a ``perturb_fn`` returns).
+KeyedTensors = Union[TensorDictBase, Mapping[Key, torch.Tensor]]
 
 #: ``method=`` of ``integrated_gradients`` / ``layer_integrated_gradients``: the path quadrature.
 IGMethod = Literal["riemann_left", "riemann_right", "riemann_middle", "riemann_trapezoid", "gausslegendre"]

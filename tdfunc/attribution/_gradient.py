@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 import torch
 from tensordict import TensorDict, TensorDictBase
 
+from .._types import InKeys
 from ._common import grads_per_target, move_target_dim, per_target, prepare, result, tensor_output, with_inputs
 
 __all__ = ["saliency", "input_x_gradient"]
@@ -24,7 +25,7 @@ def saliency(
     f: Callable[[TensorDictBase], torch.Tensor],
     td: TensorDictBase,
     *,
-    in_keys: Sequence | None = None,
+    in_keys: InKeys | None = None,
     abs: bool = True,
 ) -> TensorDict:
     """Gradient of each target with respect to each attributed input (Simonyan et al., 2014).
@@ -65,7 +66,7 @@ def input_x_gradient(
     f: Callable[[TensorDictBase], torch.Tensor],
     td: TensorDictBase,
     *,
-    in_keys: Sequence | None = None,
+    in_keys: InKeys | None = None,
 ) -> TensorDict:
     """Input times gradient (Shrikumar et al., 2016).
 

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 import torch
 from tensordict import TensorDict, TensorDictBase
 from torch import nn
 
 from .._rewrite import Rewrite, record_then_rewrite
+from .._types import InKeys
 from ._common import AttributionError, grads_per_target, move_target_dim, prepare, result, with_inputs
 
 __all__ = ["guided_backprop"]
@@ -72,7 +73,7 @@ def guided_backprop(
     td: TensorDictBase,
     module: nn.Module,
     *,
-    in_keys: Sequence | None = None,
+    in_keys: InKeys | None = None,
 ) -> TensorDict:
     """Guided backpropagation (Springenberg et al., 2015): the gradient with every ReLU's backward guided.
 

@@ -11,7 +11,7 @@ backward passes).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 import torch
 from tensordict import TensorDict, TensorDictBase
@@ -22,6 +22,7 @@ from .. import _runtime
 from .._edits import delta
 from .._errors import shape_str
 from .._sites import ALL_CALLS, parse_site
+from .._types import IGMethod, InKeys
 from ._common import (
     AttributionError,
     check_output,
@@ -59,7 +60,7 @@ def _check(fn: str, td: object, module: object, site: object) -> None:
 def _run(fn: str, f: Callable, module: nn.Module, td: TensorDictBase, edits: dict | None, capture: list | None):
     """``f(td)`` with ``edits`` / ``capture`` at sites of ``module`` (intervene, errors naming ``fn``)."""
     plan = _runtime.make_plan(fn, module, edits, capture)
-    out, frame = _runtime.run_in_frame(plan, f, td)
+    out, frame = _runtime.run_in_frame(plan, f, td)  # type: ignore[arg-type]  # a plan: module is given
     caps = _runtime.finish(frame)
     return out if capture is None else (out, caps)
 
@@ -229,11 +230,11 @@ def layer_integrated_gradients(
     site: str,
     *,
     n_steps: int = 50,
-    method: str = "gausslegendre",
+    method: IGMethod = "gausslegendre",
     multiply_by_inputs: bool = True,
     chunk_size: int | None = None,
     return_convergence_delta: bool = False,
-    in_keys: Sequence | None = None,
+    in_keys: InKeys | None = None,
 ) -> TensorDict:
     """Integrated gradients at a site (captum's ``LayerIntegratedGradients``), every target from one path forward.
 
@@ -306,7 +307,7 @@ def layer_integrated_gradients(
         w = weights64[start:stop].to(gr.dtype).to(gr.device).view(s, *([1] * (gr.dim() - step)))
         contrib = (gr * w).sum(step - 1)
         total = contrib if total is None else total + contrib
-    attr = move_target_dim(total, k, nb)
+    attr = move_target_dim(total, k, nb)  # type: ignore[arg-type]  # n_steps >= 1: total is set
     if multiply_by_inputs:
         attr = attr * per_target(a_x - a_b, k, nb)
     extra = {}

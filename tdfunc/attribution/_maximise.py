@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 import torch
 from tensordict import TensorDict, TensorDictBase
@@ -12,11 +12,12 @@ from torch.func import grad
 from .._checks import check_int
 from .._errors import shape_str
 from .._optim import adam_init, adam_update
+from .._types import InKeys, Optimizer
 from ._common import AttributionError, prepare, with_inputs
 
 __all__ = ["activation_maximisation"]
 
-OPTIMIZERS = ("adam", "sgd", "sign")
+OPTIMIZERS: tuple[Optimizer, ...] = ("adam", "sgd", "sign")
 
 
 def _number(x) -> bool:
@@ -67,10 +68,10 @@ def activation_maximisation(
     f: Callable[[TensorDictBase], torch.Tensor],
     td: TensorDictBase,
     *,
-    in_keys: Sequence | None = None,
+    in_keys: InKeys | None = None,
     steps: int = 100,
     lr: float = 0.1,
-    optimizer: str = "adam",
+    optimizer: Optimizer = "adam",
     betas: tuple[float, float] = (0.9, 0.999),
     eps: float = 1e-8,
     l2: float = 0.0,

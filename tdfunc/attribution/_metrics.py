@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
+from typing import Any, Literal
 
 import torch
 from tensordict import TensorDictBase
@@ -11,6 +12,7 @@ from torch.func import vmap
 
 from .._checks import check_chunk_size, check_generator, check_int
 from .._errors import shape_str
+from .._types import InKeys, KeyedTensors
 from ._common import AttributionError, _norm, _show, check_output, per_target, prepare, with_inputs
 
 __all__ = ["infidelity", "sensitivity_max"]
@@ -63,7 +65,7 @@ def _n_targets(fn: str, key, a: torch.Tensor, x: torch.Tensor, nb: int, k: int |
     else:
         want = x.shape if k is None else (*batch, k, *feat)
         if tuple(a.shape) == tuple(want):
-            return k
+            return k  # type: ignore[return-value]  # an int or None here
         expected = shape_str(want)
     targets = "" if k == "infer" else " and f returns " + ("one target per example" if k is None else f"{k} targets per example")
     raise AttributionError(
@@ -103,8 +105,8 @@ def infidelity(
     td: TensorDictBase,
     attributions: TensorDictBase,
     *,
-    in_keys: Sequence | None = None,
-    perturb_fn: Callable | None = None,
+    in_keys: InKeys | None = None,
+    perturb_fn: Callable[[TensorDictBase, torch.Generator | None], tuple[KeyedTensors, KeyedTensors]] | None = None,
     n_perturb_samples: int = 10,
     normalize: bool = False,
     generator: torch.Generator | None = None,
@@ -205,7 +207,7 @@ def infidelity(
     dot = sum(_flat_sum(per_target(pert[key], k, nb + 1) * attrs[key], lead) for key in keys)
     diff = y0 - y
     if normalize:
-        num, den = (dot * diff).sum(0), dot.square().sum(0)
+        num, den = (dot * diff).sum(0), dot.square().sum(0)  # type: ignore[union-attr]  # keys is not empty
         beta = num / torch.where(den != 0, den, torch.ones_like(den))
         dot = beta * dot
     return (dot - diff).square().mean(0)
@@ -219,11 +221,11 @@ def sensitivity_max(
     *,
     perturb_radius: float = 0.02,
     n_perturb_samples: int = 10,
-    norm_ord: str | float = "fro",
-    perturb_fn: Callable | None = None,
+    norm_ord: Literal["fro"] | float = "fro",
+    perturb_fn: Callable[[TensorDictBase, torch.Generator | None], KeyedTensors] | None = None,
     generator: torch.Generator | None = None,
     chunk_size: int | None = None,
-    **method_kwargs,
+    **method_kwargs: Any,
 ) -> torch.Tensor:
     """Max-sensitivity of an explanation (Yeh et al., 2019), captum's definition, per example and target.
 
