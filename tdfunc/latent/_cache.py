@@ -9,51 +9,81 @@ run killed mid-way continues where it stopped, with no row lost or written twice
 
 from __future__ import annotations
 
-import json
+import inspect
 import os
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
-from tensordict import MemoryMappedTensor, TensorDict, TensorDictBase
+from tensordict import TensorDict, TensorDictBase
 from torch import nn
 
 from .._call import functional_call
-from .._checks import check_bool, check_int, check_module
+from .._checks import check_bool, check_int, check_module, type_error
 from .._progress import progress_bar
-from ._common import LatentError
+from . import _cache_io as disk
+from ._cache_id import batch_digest, fingerprint, state_digest
+from ._cache_io import CacheError
 
 __all__ = ["CacheError", "cache_activations"]
 
 FN = "tdfunc.latent.cache_activations"
-REDUCTIONS = ("last", "mean")
-RECORD = "cache.json"
-_VERSION = 1
-
-
-class CacheError(LatentError):
-    """Bad input to :func:`tdfunc.latent.cache_activations` (reduction, batches, or an incompatible cache on disk)."""
+REDUCTIONS = ("last", "mean", "masked_mean")
 
 
 # ---------------------------------------------------------------------------------------------- checks
 
 
-def _reducer(reduce) -> Callable[[torch.Tensor, str], torch.Tensor] | None:
+def _takes_batch(fn: Callable) -> bool:
+    """Whether a callable ``reduce`` is called as ``reduce(value, batch)``: two required positional parameters."""
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):  # a builtin without a signature: the one-argument form
+        return False
+    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    return sum(p.kind in kinds and p.default is p.empty for p in params) >= 2
+
+
+def _reducer(reduce, mask_key) -> Callable | None:
+    """``reducer(value, key, batch, i)``, or None for no reduction."""
     if reduce is None:
         return None
     if callable(reduce):
-        return lambda v, key: reduce(v)
+        if _takes_batch(reduce):
+            return lambda v, key, batch, i: reduce(v, batch)
+        return lambda v, key, batch, i: reduce(v)
     if isinstance(reduce, str) and reduce in REDUCTIONS:
 
-        def named(v: torch.Tensor, key: str) -> torch.Tensor:
+        def named(v: torch.Tensor, key: str, batch: TensorDictBase, i: int) -> torch.Tensor:
             if v.dim() < 2:
                 raise CacheError(f"{FN}: reduce={reduce!r} reduces dim 1 but the value at {key!r} has shape "
                                  f"{tuple(v.shape)}; use reduce=None or a callable for this site.")
-            return v[:, -1] if reduce == "last" else v.mean(1)
+            if reduce == "last":
+                return v[:, -1]
+            if reduce == "mean":
+                return v.mean(1)
+            return _masked_mean(v, key, batch, i, mask_key)
 
         return named
     raise CacheError(f"{FN}: unknown reduce {reduce!r}; use None, 'last' (last position along dim 1), "
                      "'mean' (mean over dim 1) or a callable value -> value.")
+
+
+def _masked_mean(v: torch.Tensor, key: str, batch: TensorDictBase, i: int, mask_key) -> torch.Tensor:
+    if mask_key not in batch.keys(include_nested=True):
+        keys = sorted(_key_str(k) for k in batch.keys(include_nested=True, leaves_only=True))
+        raise CacheError(f"{FN}: reduce='masked_mean' reads the mask {mask_key!r} of each batch but batch {i} has "
+                         f"no such key (keys: {keys}); set mask_key to the batch's attention mask, or use "
+                         "reduce='mean' (which averages over padding too).")
+    mask = batch.get(mask_key)
+    if not isinstance(mask, torch.Tensor) or tuple(mask.shape) != tuple(v.shape[:2]):
+        shape = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
+        raise CacheError(f"{FN}: the mask {mask_key!r} of batch {i} has shape {shape} but the value at {key!r} has "
+                         f"shape {tuple(v.shape)}; the mask must be (batch, positions) = {tuple(v.shape[:2])}, "
+                         "1 for real tokens and 0 for padding.")
+    m = mask.to(device=v.device, dtype=v.dtype if v.is_floating_point() else torch.float32)
+    m = m.reshape(*m.shape, *([1] * (v.dim() - 2)))
+    return (v * m).sum(1) / m.sum(1).clamp_min(1)  # a row without any real token gives zeros
 
 
 def _key_str(key) -> str:
@@ -73,10 +103,14 @@ def _row_spec(values: dict) -> dict:
             for k, v in values.items()}
 
 
-def _batch_values(module, state, batch, i, sites, call_inputs, input_key, reduce) -> dict:
+def _check_batch(batch: Any, i: int) -> None:
     if not isinstance(batch, TensorDictBase):
         raise CacheError(f"{FN}: batch {i} is a {type(batch).__name__}, not a TensorDict; yield TensorDict "
                          "batches (e.g. TensorDict({'input': x}, batch_size=[len(x)])).")
+
+
+def _batch_values(module, state, batch, i, sites, call_inputs, input_key, reduce) -> dict:
+    _check_batch(batch, i)
     if call_inputs is None:
         if input_key is None:
             args, kwargs = (batch,), {}
@@ -97,7 +131,7 @@ def _batch_values(module, state, batch, i, sites, call_inputs, input_key, reduce
     values = {}
     for key, v in _leaves(caps).items():
         if reduce is not None:
-            v = reduce(v, _key_str(key))
+            v = reduce(v, _key_str(key), batch, i)
             if not isinstance(v, torch.Tensor):
                 raise CacheError(f"{FN}: reduce returned a {type(v).__name__} for {_key_str(key)!r}; it must "
                                  "return a tensor whose dim 0 is the batch.")
@@ -111,90 +145,49 @@ def _batch_values(module, state, batch, i, sites, call_inputs, input_key, reduce
     return values
 
 
-# ---------------------------------------------------------------------------------------------- on disk
+# ---------------------------------------------------------------------------------------------- identity
 
 
-def _write_json(path: str, record: dict) -> None:
-    """Atomic: the record is either the old one or the new one, never a torn write."""
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(record, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+class _Lost(Exception):
+    """Another process published a cache at the path while this call was building its own: start over."""
 
 
-def _write_progress(path: str, record: dict) -> None:
-    _write_json(os.path.join(path, RECORD), record)
+def _first_digest(batches: Iterable) -> str:
+    for batch in batches:
+        _check_batch(batch, 0)
+        return batch_digest(batch)
+    raise CacheError(f"{FN}: batches yielded no batch; pass a non-empty, re-iterable iterable of TensorDict "
+                     "batches (a list, or a DataLoader).")
 
 
-def _file(path: str, j: int) -> str:
-    return os.path.join(path, f"{j}.memmap")
-
-
-def _open_record(path: str, sites: list[str], reduce_name) -> dict | None:
-    if not os.path.exists(path):
-        return None
-    rec_path = os.path.join(path, RECORD)
-    if not os.path.isdir(path) or (not os.path.exists(rec_path) and os.listdir(path)):
-        raise CacheError(f"{FN}: path {path!r} exists and is not a tdfunc activation cache (no {RECORD}); pass a "
-                         "new path or an empty directory.")
-    if not os.path.exists(rec_path):
-        return None
-    with open(rec_path) as f:
-        record = json.load(f)
-    if record.get("sites") != sites or record.get("reduce") != reduce_name:
-        raise CacheError(f"{FN}: the cache at {path!r} was written for sites {record.get('sites')} with reduce="
-                         f"{record.get('reduce')!r} but this call has sites {sites} with reduce={reduce_name!r}; "
-                         "pass the same sites and reduce to resume it, or another path for a new cache.")
-    return record
-
-
-def _check_spec(path: str, record: dict, spec: dict, i: int) -> None:
-    if record["spec"] != spec:
-        have = {k: (tuple(s["shape"]), s["dtype"]) for k, s in record["spec"].items()}
-        got = {k: (tuple(s["shape"]), s["dtype"]) for k, s in spec.items()}
-        raise CacheError(f"{FN}: the cache at {path!r} holds rows {have} (shape after the batch dim, dtype) but "
-                         f"batch {i} gives {got}; pass the same model, sites and reduce to resume it, or another "
-                         "path for a new cache.")
-
-
-def _append(path: str, record: dict, values: dict) -> None:
-    """Write a batch's rows at offset ``rows_done`` of every file, then fsync (idempotent on rerun)."""
-    start = record["rows_done"]
-    index = {k: j for j, k in enumerate(record["spec"])}
-    for key, v in values.items():
-        j = index[_key_str(key)]
-        raw = v.view(torch.uint8).reshape(-1).numpy() if v.numel() else b""
-        row_bytes = v[0].numel() * v.element_size() if v.shape[0] else 0
-        with open(_file(path, j), "r+b") as f:
-            f.seek(start * row_bytes)
-            f.write(memoryview(raw) if len(raw) else b"")
-            f.flush()
-            os.fsync(f.fileno())
-
-
-def _create(path: str, sites: list[str], reduce_name, spec: dict, rows_hint: int | None) -> dict:
-    os.makedirs(path, exist_ok=True)
-    for j, s in enumerate(spec.values()):
-        dtype = getattr(torch, s["dtype"])
-        if rows_hint:  # preallocate the whole cache (sparse on most file systems)
-            MemoryMappedTensor.empty((rows_hint, *s["shape"]), dtype=dtype, filename=_file(path, j))
-        else:
-            open(_file(path, j), "wb").close()
-    record = {"version": _VERSION, "sites": sites, "reduce": reduce_name, "spec": spec,
-              "batches_done": 0, "rows_done": 0, "complete": False}
-    _write_progress(path, record)
-    return record
-
-
-def _load(path: str, record: dict) -> TensorDict:
-    n = record["rows_done"]
-    out = TensorDict({}, batch_size=[n])
-    for j, s in enumerate(record["spec"].values()):
-        dtype = getattr(torch, s["dtype"])
-        out.set(tuple(s["key"]), MemoryMappedTensor.from_filename(_file(path, j), dtype, (n, *s["shape"])))
-    return out
+def _open(path: str, ident: dict, n_batches: int | None, batches: Iterable) -> tuple[dict | None, int | None]:
+    """The verified record of the cache at ``path`` (None for a new cache) and the writers' lock when not complete."""
+    record = disk.read_record(path)
+    if record is None:
+        return None, None
+    disk.check_run(path, record, ident["sites"], ident["reduce"])
+    fd = None
+    if not record["complete"]:
+        fd = disk.lock(path)
+        try:
+            record = disk.read_record(path)  # as it is now that this process holds the lock
+            if record is not None and record["complete"]:
+                disk.unlock(fd)
+                fd = None
+        except BaseException:
+            disk.unlock(fd)
+            raise
+        if record is None:
+            disk.unlock(fd)
+            return None, None
+    try:
+        disk.check_run(path, record, ident["sites"], ident["reduce"])
+        disk.verify(path, record, ident, n_batches, _first_digest(batches) if record["complete"] else None)
+        disk.check_files(path, record, exact=record["complete"])
+    except BaseException:
+        disk.unlock(fd)
+        raise
+    return record, fd
 
 
 # ---------------------------------------------------------------------------------------------- public
@@ -207,7 +200,8 @@ def cache_activations(
     sites: str | Sequence[str],
     *,
     path: str | os.PathLike | None = None,
-    reduce: str | Callable[[torch.Tensor], torch.Tensor] | None = None,
+    reduce: str | Callable[..., torch.Tensor] | None = None,
+    mask_key: str | tuple[str, ...] = "attention_mask",
     input_key: str | None = "input",
     inputs: Callable[[TensorDictBase], tuple[tuple, dict]] | None = None,
     total: int | None = None,
@@ -215,22 +209,32 @@ def cache_activations(
 ) -> TensorDict:
     """Capture ``sites`` over every batch of a dataset into one TensorDict ``{site: (N, ...)}``.
 
-    .. math::  C_s = \\mathrm{concat}_b\\; r\\big(a_s(\\theta, x_b)\\big) \\quad \\forall s \\in S
+    .. math::  C_s = \\mathrm{concat}_b\\; r\\big(a_s(\\theta, x_b), x_b\\big) \\quad \\forall s \\in S
 
     Each batch is run with :func:`tdfunc.functional_call` under ``torch.no_grad()``; each captured
-    value is reduced by ``reduce`` (``'last'``: ``v[:, -1]``, ``'mean'``: ``v.mean(1)``, a callable
-    ``v -> v'`` keeping the batch on dim 0) and moved to the CPU; the rows of all batches are
-    concatenated along dim 0.  Globs give one entry per matched module.
+    value is reduced by ``reduce`` and moved to the CPU; the rows of all batches are concatenated
+    along dim 0.  Globs give one entry per matched module.  Reductions: ``'last'``: ``v[:, -1]``;
+    ``'mean'``: ``v.mean(1)``, **padding included**; ``'masked_mean'``: the mean over the positions
+    where the batch's ``mask_key`` entry (``(batch, positions)``, 1 = real token) is nonzero (zeros
+    for a row without any); a callable ``reduce(v)``, or ``reduce(v, batch)`` when it has two
+    required positional parameters, keeping the batch on dim 0.
 
     With ``path`` the cache is a directory of raw memory-mapped files (one per entry, preallocated to
     ``total`` rows, or to ``len(batches)`` × the first batch's rows, and grown past that) and a
-    progress record ``cache.json``.  After each batch its rows are written and fsynced, and only then
-    is the record (batches and rows done) replaced atomically.  Calling again with the same arguments
-    resumes a killed run: the batches already recorded are skipped without running the model, and
-    rows written after the last record are overwritten, so nothing is lost or duplicated.  **The
-    iterable must be re-iterable and deterministic** (same batches in the same order on every pass:
-    a list, or a ``DataLoader`` without shuffling).  A complete cache is returned without running the
-    model.
+    record ``cache.json``.  The directory appears atomically (built as a hidden sibling and renamed
+    into place).  After each batch its rows are written and fsynced, and only then is the record
+    (batches and rows done) replaced atomically.  Calling again with the same arguments resumes a
+    killed run: the batches already recorded are skipped without running the model, and rows written
+    after the last record are overwritten, so nothing is lost or duplicated.  **The iterable must be
+    re-iterable and deterministic** (same batches in the same order on every pass: a list, or a
+    ``DataLoader`` without shuffling).  A complete cache is returned without running the model.
+
+    The record identifies the run, and every resume and every load of a complete cache checks it:
+    sites, reduction (a callable by a fingerprint of its code, constants, defaults, closure and the
+    globals it reads; ``mask_key``), the state (a digest of every tensor: in full up to 65,536
+    elements, a strided sample above), a digest of the first batch, the number of batches (when
+    ``batches`` has a length) and the size of every file.  One writer at a time: a second process
+    gets a CacheError naming the first's pid (a lock the kernel releases when its holder dies).
 
     Args:
         module: the model.
@@ -238,7 +242,9 @@ def cache_activations(
         batches: an iterable of TensorDict batches (dim 0 = examples).
         sites: a site or list of sites (any :func:`tdfunc.functional_call` capture site, globs too).
         path: a directory for an on-disk, resumable cache; ``None`` keeps it in memory.
-        reduce: ``None``, ``'last'``, ``'mean'`` or a callable applied to every captured value.
+        reduce: ``None``, ``'last'``, ``'mean'``, ``'masked_mean'`` or a callable ``v -> v'`` /
+            ``(v, batch) -> v'`` applied to every captured value.
+        mask_key: the batch entry ``'masked_mean'`` reads.
         input_key: the batch entry passed as the model's one positional input; ``None`` passes the
             batch TensorDict itself (for a ``TensorDictModule``).
         inputs: ``inputs(batch) -> (args, kwargs)`` to call the model any other way (overrides
@@ -254,8 +260,11 @@ def cache_activations(
 
     Raises:
         CacheError: unknown ``reduce``; no batches; a batch that is not a TensorDict or lacks
-            ``input_key``; captures without a common batch dim 0; ``path`` not a cache, or a cache
-            written for other sites, reduce, shapes or dtypes; fewer batches than already cached.
+            ``input_key`` or ``mask_key``; captures without a common batch dim 0; ``path`` not a
+            cache, or a cache written by another run (sites, reduce, state, data, number of batches,
+            shapes or dtypes) or damaged (torn record, truncated or missing file); fewer batches than
+            already cached; another process writing the cache; any I/O failure (disk full, ...),
+            with the ``OSError`` as ``__cause__``.
 
     Example:
         >>> import torch, tdfunc
@@ -270,16 +279,46 @@ def cache_activations(
     :func:`tdfunc.latent.cka`, :func:`tdfunc.latent.twonn_dimension` and SAE training (``sae_init``).
     """
     check_module(FN, module, CacheError, fix="; pass the model itself (the nn.Module to run)")
-    reducer = _reducer(reduce)
-    reduce_name = reduce if isinstance(reduce, str) or reduce is None else "<callable>"
+    if not (isinstance(mask_key, str) or (isinstance(mask_key, tuple) and mask_key
+                                          and all(isinstance(k, str) for k in mask_key))):
+        raise type_error(CacheError)(f"{FN}: mask_key must be a batch key (a string or a tuple of strings), got "
+                                     f"{type(mask_key).__name__} ({mask_key!r:.60}).")
+    reducer = _reducer(reduce, mask_key)
     check_int(FN, "total", total, CacheError, optional=True)
     check_bool(FN, "progress", progress, CacheError)
+    for _ in range(3):
+        try:
+            return _cache(module, state, batches, sites, path, reduce, mask_key, reducer, input_key, inputs, total,
+                          progress)
+        except _Lost:
+            continue
+    raise CacheError(f"{FN}: other processes keep creating the cache at {path!r}; pass another path.")
+
+
+def _cache(module, state, batches, sites, path, reduce, mask_key, reducer, input_key, inputs, total, progress):
+    reduce_name = reduce if isinstance(reduce, str) or reduce is None else "<callable>"
     site_list = [sites] if isinstance(sites, str) else list(sites)
     n_batches = len(batches) if hasattr(batches, "__len__") else None
     path = os.fspath(path) if path is not None else None
-    record = _open_record(path, site_list, reduce_name) if path is not None else None
-    if record is not None and record["complete"]:
-        return _load(path, record)
+    record, fd, ident = None, None, None
+    if path is not None:
+        key = mask_key if isinstance(mask_key, str) else list(mask_key)  # as JSON stores it
+        ident = {"sites": site_list, "reduce": reduce_name, "mask_key": key if reduce == "masked_mean" else None,
+                 "reduce_fingerprint": fingerprint(reduce) if reduce_name == "<callable>" else None,
+                 "state": state_digest(module, state), "n_batches": n_batches}
+        record, fd = _open(path, ident, n_batches, batches)
+        if record is not None and record["complete"]:
+            return disk.load(path, record)
+    held = [fd]  # the writers' lock, from here to the end of the call (create() takes it for a new cache)
+    try:
+        return _run(module, state, batches, site_list, path, reducer, input_key, inputs, total, progress,
+                    n_batches, record, held, ident)
+    finally:
+        disk.unlock(held[0])
+
+
+def _run(module, state, batches, site_list, path, reducer, input_key, inputs, total, progress, n_batches, record,
+         held, ident):
     done = record["batches_done"] if record is not None else 0
 
     bar = progress_bar(enabled=progress, desc=FN, total=n_batches, initial=done, unit="batch")
@@ -288,6 +327,11 @@ def cache_activations(
     try:
         for i, batch in enumerate(batches):
             seen = i + 1
+            if i == 0 and path is not None:
+                _check_batch(batch, 0)
+                first_digest = batch_digest(batch)
+                if record is not None:
+                    disk.verify(path, record, ident, None, first_digest)
             if i < done:
                 continue
             values = _batch_values(module, state, batch, i, site_list, inputs, input_key, reducer)
@@ -308,11 +352,17 @@ def cache_activations(
             else:
                 if record is None:
                     hint = total if total is not None else (n_batches * rows if n_batches else None)
-                    record = _create(path, site_list, reduce_name, spec, hint)
-                _check_spec(path, record, spec, i)
-                _append(path, record, values)
+                    new = {"version": disk.VERSION, **ident, "first_batch": first_digest, "spec": spec,
+                           "batches_done": 0, "rows_done": 0, "complete": False}
+                    made = disk.create(path, new, hint)
+                    if made is None:  # another process published this cache first
+                        disk.unlock(disk.lock(path))  # a CacheError naming it while it writes; else start over
+                        raise _Lost
+                    record, held[0] = made
+                disk.check_spec(path, record, spec, i)
+                disk.append(path, record, {_key_str(k): v for k, v in values.items()})
                 record = {**record, "batches_done": i + 1, "rows_done": record["rows_done"] + rows}
-                _write_progress(path, record)
+                disk.write_progress(path, record)
             if bar is not None:
                 bar.update(1)
     finally:
@@ -330,11 +380,6 @@ def cache_activations(
         for key, cs in chunks.items():
             out.set(key, torch.cat(cs))
         return out
-    for j, s in enumerate(record["spec"].values()):  # drop any preallocated rows past the end
-        row_bytes = getattr(torch, s["dtype"]).itemsize
-        for d in s["shape"]:
-            row_bytes *= d
-        os.truncate(_file(path, j), record["rows_done"] * row_bytes)
-    record = {**record, "complete": True}
-    _write_progress(path, record)
-    return _load(path, record)
+    if not record["complete"]:
+        record = disk.finish(path, record)
+    return disk.load(path, record)
