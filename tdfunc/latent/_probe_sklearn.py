@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from tensordict import TensorDict, TensorDictBase
@@ -15,7 +16,7 @@ __all__ = ["fit_sklearn_probes"]
 def fit_sklearn_probes(
     acts: TensorDictBase,
     y: torch.Tensor,
-    estimator=None,
+    estimator: Any = None,
     *,
     test_fraction: float = 0.25,
     random_state: int | None = None,

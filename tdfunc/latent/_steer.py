@@ -7,7 +7,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, overload
 
 import torch
 from tensordict import TensorDict, TensorDictBase
@@ -15,6 +15,7 @@ from tensordict import TensorDict, TensorDictBase
 from .._call import functional_call
 from .._checks import check_int, check_module
 from .._edits import delta
+from .._types import Edits
 from ._common import PatchError, position_mask
 
 __all__ = ["steering_vector", "steer", "generate_greedy"]
@@ -34,6 +35,12 @@ def _diff(fn: str, pos: Any, neg: Any, pooled: bool, what: str) -> torch.Tensor:
     v = (pos - neg).mean(0)
     return v.mean(tuple(range(v.dim() - 1))) if pooled and v.dim() > 1 else v
 
+
+@overload
+def steering_vector(acts_pos: torch.Tensor, acts_neg: torch.Tensor, *, pooled: bool = ...) -> torch.Tensor: ...
+@overload
+def steering_vector(acts_pos: TensorDictBase | Mapping[str, torch.Tensor],
+                    acts_neg: TensorDictBase | Mapping[str, torch.Tensor], *, pooled: bool = ...) -> TensorDict: ...
 
 def steering_vector(acts_pos: Any, acts_neg: Any, *, pooled: bool = True) -> torch.Tensor | TensorDict:
     """Mean-difference steering vector(s) from paired positive / negative activations.
@@ -140,7 +147,7 @@ def generate_greedy(
     input_ids: torch.Tensor,
     n_tokens: int,
     *,
-    edits: Mapping[str, Any] | None = None,
+    edits: Edits | None = None,
 ) -> torch.Tensor:
     """Greedy decoding with edits: each step reruns the full sequence (no cache) and appends the argmax.
 

@@ -12,6 +12,7 @@ from tensordict import TensorDict, TensorDictBase
 from .._checks import check_generator, check_int
 from .._edits import FromSite, from_site
 from .._errors import EditError, shape_str, suggest
+from .._types import Key
 from ._common import WeightError, check_scale, check_td, dotted, from_leaves, known_names, leaves, parse_key, rebuild
 
 __all__ = [
@@ -310,7 +311,7 @@ def _weight_key(fn: str, flat: dict, key: Any) -> tuple:
 
 
 def lora_init(
-    state: TensorDictBase, keys: Sequence[str] | str, rank: int, *, generator: torch.Generator | None = None
+    state: TensorDictBase, keys: Key | Sequence[Key], rank: int, *, generator: torch.Generator | None = None
 ) -> TensorDict:
     """LoRA factors for the named Linear weights, as a TensorDict state.
 
