@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 import torch
 from tensordict import TensorDict, TensorDictBase
@@ -10,6 +10,7 @@ from torch.func import vmap
 
 from .._checks import check_bool
 from .._progress import progress_bar
+from .._types import IGMethod, IGStrategy, InKeys
 from ._common import (
     AttributionError,
     check_output,
@@ -30,12 +31,12 @@ def integrated_gradients(
     f: Callable[[TensorDictBase], torch.Tensor],
     td: TensorDictBase,
     *,
-    in_keys: Sequence | None = None,
+    in_keys: InKeys | None = None,
     n_steps: int = 50,
-    method: str = "gausslegendre",
+    method: IGMethod = "gausslegendre",
     multiply_by_inputs: bool = True,
     chunk_size: int | None = None,
-    strategy: str = "vmap",
+    strategy: IGStrategy = "vmap",
     return_convergence_delta: bool = False,
     progress: bool = False,
 ) -> TensorDict:

@@ -8,11 +8,12 @@ inputs): the attributions are a fixed linear map of the outputs, shared by every
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable
 
 import torch
 from tensordict import TensorDict, TensorDictBase
 
+from .._types import InKeys, PerKey
 from ._common import AttributionError, check_output, result
 from ._perturb_common import check_draws, per_position, run_perturbed, sampling_setup
 
@@ -69,12 +70,12 @@ def kernel_shap(
     f: Callable[[TensorDictBase], torch.Tensor],
     td: TensorDictBase,
     *,
-    feature_mask: Mapping | torch.Tensor | None = None,
+    feature_mask: PerKey | None = None,
     n_samples: int = 25,
     generator: torch.Generator | None = None,
     coalitions: torch.Tensor | None = None,
     chunk_size: int | None = None,
-    in_keys: Sequence | None = None,
+    in_keys: InKeys | None = None,
     progress: bool = False,
 ) -> TensorDict:
     """Kernel SHAP (Lundberg & Lee, 2017), captum's ``KernelShap``.

@@ -12,11 +12,12 @@ from torch.func import vmap
 from .._checks import check_bool, check_chunk_size, check_generator, check_input_keys, check_int
 from .._errors import shape_str
 from .._progress import n_chunks, progress_bar, vmap_chunks
+from .._types import Key, NoiseType
 from ._common import AttributionError, _norm, _show, prepare, result, with_inputs
 
 __all__ = ["smooth_grad"]
 
-NT_TYPES = ("smoothgrad", "smoothgrad_sq", "vargrad")
+NT_TYPES: tuple[NoiseType, ...] = ("smoothgrad", "smoothgrad_sq", "vargrad")
 
 
 def _check_options(fn: str, method, nt_type, nt_samples, chunk_size, generator) -> None:
@@ -90,7 +91,7 @@ def _draws(fn: str, noise, generator, keys: list, xs: dict, nt_samples: int) -> 
     given = {_norm(k): v for k, v in noise.items()}
     out = {}
     for k in keys:
-        x, eps = xs[k], given.get(k)
+        x, eps = xs[k], given.get(k)  # type: ignore[assignment]  # checked just below
         if not isinstance(eps, torch.Tensor):
             raise AttributionError(
                 f"{fn}: noise has no tensor for input {_show(k)}; give one of shape (nt_samples, *input.shape) "
@@ -127,11 +128,11 @@ def smooth_grad(
     td: TensorDictBase,
     /,
     *,
-    nt_type: str = "smoothgrad",
+    nt_type: NoiseType = "smoothgrad",
     nt_samples: int = 5,
-    stdevs: float | Mapping[Any, float] = 1.0,
+    stdevs: float | Mapping[Key, float] = 1.0,
     generator: torch.Generator | None = None,
-    noise: torch.Tensor | Mapping[Any, torch.Tensor] | None = None,
+    noise: torch.Tensor | Mapping[Key, torch.Tensor] | None = None,
     chunk_size: int | None = None,
     progress: bool = False,
     **method_kwargs: Any,

@@ -15,6 +15,7 @@ import torch
 from tensordict import TensorDict, TensorDictBase
 
 from .._errors import shape_str
+from .._types import InKeys, Key, PerKey
 from .._checks import check_bool, check_chunk_size, per_input
 from ._common import AttributionError, Inputs, _show, check_output, prepare, result, with_inputs
 from ._perturb_common import check_draws, feature_masks, per_position, run_perturbed, sampling_setup
@@ -84,9 +85,9 @@ def occlusion(
     f: Callable[[TensorDictBase], torch.Tensor],
     td: TensorDictBase,
     *,
-    sliding_window_shapes: Mapping | Sequence[int],
-    strides: Mapping | Sequence[int] | int | None = None,
-    in_keys: Sequence | None = None,
+    sliding_window_shapes: Mapping[Key, Sequence[int]] | Sequence[int],
+    strides: Mapping[Key, Sequence[int] | int] | Sequence[int] | int | None = None,
+    in_keys: InKeys | None = None,
     chunk_size: int | None = None,
     progress: bool = False,
 ) -> TensorDict:
@@ -185,8 +186,8 @@ def feature_ablation(
     f: Callable[[TensorDictBase], torch.Tensor],
     td: TensorDictBase,
     *,
-    feature_mask: Mapping | torch.Tensor | None = None,
-    in_keys: Sequence | None = None,
+    feature_mask: PerKey | None = None,
+    in_keys: InKeys | None = None,
     chunk_size: int | None = None,
     progress: bool = False,
 ) -> TensorDict:
@@ -263,8 +264,8 @@ def _check_permutations(fn: str, perms, n_samples: int, n_feat: int) -> torch.Te
     ok = lambda t: not (t.is_floating_point() or t.is_complex() or t.dtype == torch.bool)  # noqa: E731
     perms = check_draws(fn, "permutations", perms, n_samples, n_feat, "an integer tensor", ok)
     if not torch.compiler.is_compiling():
-        ok = bool((perms.sort(1).values == torch.arange(n_feat, device=perms.device)).all())
-        if not ok:
+        ok = bool((perms.sort(1).values == torch.arange(n_feat, device=perms.device)).all())  # type: ignore[assignment]
+        if not ok:  # type: ignore[truthy-function]
             raise AttributionError(
                 f"{fn}: every row of permutations must hold each feature id 0 .. {n_feat - 1} exactly once."
             )
@@ -275,11 +276,11 @@ def shapley_value_sampling(
     f: Callable[[TensorDictBase], torch.Tensor],
     td: TensorDictBase,
     *,
-    feature_mask: Mapping | torch.Tensor | None = None,
+    feature_mask: PerKey | None = None,
     n_samples: int = 25,
     generator: torch.Generator | None = None,
     permutations: torch.Tensor | None = None,
-    in_keys: Sequence | None = None,
+    in_keys: InKeys | None = None,
     chunk_size: int | None = None,
     progress: bool = False,
 ) -> TensorDict:

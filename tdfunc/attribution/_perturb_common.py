@@ -34,7 +34,7 @@ def run_perturbed(f: Callable, td: TensorDictBase, p: Inputs, n: int, chunk_size
     """
     nb = len(p.batch)
     chunk = n if chunk_size is None else min(chunk_size, n)
-    ys, total = [], {}
+    ys, total = [], {}  # type: ignore[var-annotated]
     call = vmap(lambda xs: f(with_inputs(td, xs)))
     for start in progress_bar(range(0, n, chunk), enabled=progress, desc=fn, unit="chunk"):
         masks = masks_for(start, min(start + chunk, n))

@@ -5,12 +5,13 @@ from __future__ import annotations
 import torch
 
 from .._checks import check_chunk_size, check_int
+from .._types import IGMethod, IGStrategy
 from ._common import AttributionError
 
 __all__ = ["METHODS", "STRATEGIES", "quadrature", "check_path_options"]
 
-METHODS = ("riemann_left", "riemann_right", "riemann_middle", "riemann_trapezoid", "gausslegendre")
-STRATEGIES = ("vmap", "fold")
+METHODS: tuple[IGMethod, ...] = ("riemann_left", "riemann_right", "riemann_middle", "riemann_trapezoid", "gausslegendre")
+STRATEGIES: tuple[IGStrategy, ...] = ("vmap", "fold")
 
 
 def quadrature(method: str, n_steps: int) -> tuple[torch.Tensor, torch.Tensor]:
