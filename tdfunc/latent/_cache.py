@@ -21,6 +21,7 @@ from torch import nn
 from .._call import functional_call
 from .._checks import check_bool, check_int, check_module, type_error
 from .._progress import progress_bar
+from .._types import Reduction
 from . import _cache_io as disk
 from ._cache_id import batch_digest, fingerprint, state_digest
 from ._cache_io import CacheError
@@ -28,7 +29,7 @@ from ._cache_io import CacheError
 __all__ = ["CacheError", "cache_activations"]
 
 FN = "tdfunc.latent.cache_activations"
-REDUCTIONS = ("last", "mean", "masked_mean")
+REDUCTIONS: tuple[Reduction, ...] = ("last", "mean", "masked_mean")
 
 
 # ---------------------------------------------------------------------------------------------- checks
@@ -113,7 +114,7 @@ def _batch_values(module, state, batch, i, sites, call_inputs, input_key, reduce
     _check_batch(batch, i)
     if call_inputs is None:
         if input_key is None:
-            args, kwargs = (batch,), {}
+            args, kwargs = (batch,), {}  # type: ignore[var-annotated]
         elif input_key not in batch.keys(include_nested=True):
             keys = sorted(_key_str(k) for k in batch.keys(include_nested=True, leaves_only=True))
             raise CacheError(f"{FN}: batch {i} has no key {input_key!r} (keys: {keys}); set input_key to the key "
@@ -199,11 +200,11 @@ def cache_activations(
     batches: Iterable[TensorDictBase],
     sites: str | Sequence[str],
     *,
-    path: str | os.PathLike | None = None,
-    reduce: str | Callable[..., torch.Tensor] | None = None,
+    path: str | os.PathLike[str] | None = None,
+    reduce: Reduction | Callable[..., torch.Tensor] | None = None,
     mask_key: str | tuple[str, ...] = "attention_mask",
     input_key: str | None = "input",
-    inputs: Callable[[TensorDictBase], tuple[tuple, dict]] | None = None,
+    inputs: Callable[[TensorDictBase], tuple[tuple[Any, ...], dict[str, Any]]] | None = None,
     total: int | None = None,
     progress: bool = True,
 ) -> TensorDict:

@@ -18,6 +18,7 @@ from .._call import functional_call
 from .._checks import check_bool, check_chunk_size, check_module
 from .._match import site_match
 from .._progress import n_chunks, progress_bar, vmap_chunks
+from .._types import Over
 from ._common import PatchError, position_mask
 
 __all__ = ["PatchError", "patch", "patching_sweep", "path_patch"]
@@ -63,13 +64,13 @@ def _match(fn: str, sites: Any, captures: Any) -> list[str]:
 def patch(
     module: torch.nn.Module,
     state: TensorDictBase | None,
-    corrupted_args: tuple,
+    corrupted_args: tuple[Any, ...],
     clean_captures: TensorDictBase | Mapping[str, torch.Tensor],
     sites: str | Sequence[str],
     *,
     positions: Any = None,
     patch_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
-    kwargs: dict | None = None,
+    kwargs: dict[str, Any] | None = None,
 ) -> Any:
     """Run the corrupted input with the clean run's captured values patched in at ``sites``.
 
@@ -139,14 +140,14 @@ def _patch_edits(fn: str, clean_captures, sites, positions, patch_fn) -> dict:
 def patching_sweep(
     module: torch.nn.Module,
     state: TensorDictBase | None,
-    clean_args: tuple,
-    corrupted_args: tuple,
+    clean_args: tuple[Any, ...],
+    corrupted_args: tuple[Any, ...],
     sites: str | Sequence[str],
     metric: Callable[[Any], torch.Tensor],
     *,
-    over: str | int = "positions",
+    over: Over | int = "positions",
     chunk_size: int | None = None,
-    kwargs: dict | None = None,
+    kwargs: dict[str, Any] | None = None,
     progress: bool = False,
 ) -> torch.Tensor:
     """``metric`` of the corrupted run with one (site, unit) of the clean run patched in, for every pair.
@@ -248,15 +249,15 @@ def patching_sweep(
 def path_patch(
     module: torch.nn.Module,
     state: TensorDictBase | None,
-    clean_args: tuple,
-    corrupted_args: tuple,
+    clean_args: tuple[Any, ...],
+    corrupted_args: tuple[Any, ...],
     senders: str | Sequence[str],
     receivers: str | Sequence[str],
     *,
     freeze: str | Sequence[str] | None = None,
     positions: Any = None,
     patch_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
-    kwargs: dict | None = None,
+    kwargs: dict[str, Any] | None = None,
 ) -> Any:
     """The corrupted run with the senders' clean values reaching the model only through the receivers.
 

@@ -20,6 +20,7 @@ from torch.func import grad, vmap
 from .._checks import check_bool, check_generator
 from .._optim import adam_init, adam_update
 from .._progress import progress_bar
+from .._types import ProbeKind
 from ._probe_common import (
     ProbeError,
     _check_int,
@@ -78,7 +79,7 @@ def _init(fn, kind, d_in, n_classes, rank, generator, dtype, device) -> dict:
 
 
 def probe_init(
-    kind: str,
+    kind: ProbeKind,
     d_in: int | tuple[int, int],
     n_classes: int,
     *,
@@ -150,7 +151,7 @@ def _apply(fn: str, params, x) -> torch.Tensor:
                      "TensorDict of tdfunc.latent.probe_init / probe_fit (weight+bias, u+v+bias or means).")
 
 
-def probe_apply(params: TensorDictBase | Mapping, x: torch.Tensor | tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+def probe_apply(params: TensorDictBase | Mapping[str, torch.Tensor], x: torch.Tensor | tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
     """Logits of a probe on activations ``x`` ``(..., D)`` (a pair ``(x1, x2)`` for bilinear kinds).
 
     .. math::
@@ -237,7 +238,7 @@ def _check_means_counts(fn: str, y: torch.Tensor, n_classes: int) -> None:
 
 
 def probe_fit(
-    kind: str,
+    kind: ProbeKind,
     x: torch.Tensor | tuple[torch.Tensor, torch.Tensor],
     y: torch.Tensor,
     *,
@@ -312,12 +313,12 @@ def probe_fit(
         x = _check_x(fn, x)
         if x.dim() != 2:
             raise ProbeError(f"{fn}: x has shape {tuple(x.shape)}; pass activations (N, D) (x.flatten(1)).")
-        x, d_in, ref = x.detach(), x.shape[1], x
+        x, d_in, ref = x.detach(), x.shape[1], x  # type: ignore[assignment]
     y = _check_labels(fn, y, ref.shape[0])
     c = _n_classes(fn, y, n_classes)
     if kind == "mean_difference":
         _check_means_counts(fn, y, c)
-        return TensorDict(_class_means(x, y, c), batch_size=[])
+        return TensorDict(_class_means(x, y, c), batch_size=[])  # type: ignore[arg-type]  # one tensor here
     params = _init(fn, kind, d_in, c, rank, generator, ref.dtype, ref.device)
     loss = lambda p: _loss(fn, p, x, y, weight_decay)  # noqa: E731
     bar = progress_bar(enabled=progress, desc=fn, total=steps, unit="step")
@@ -327,7 +328,8 @@ def probe_fit(
         return TensorDict(_adam(loss, params, steps, lr, bar), batch_size=[])
 
 
-def probe_evaluate(params: TensorDictBase | Mapping, x, y: torch.Tensor) -> TensorDict:
+def probe_evaluate(params: TensorDictBase | Mapping[str, torch.Tensor], x: torch.Tensor | tuple[torch.Tensor, torch.Tensor],
+                   y: torch.Tensor) -> TensorDict:
     """Accuracy and mean cross-entropy of a probe on ``(x, y)``.
 
     .. math::
@@ -366,7 +368,7 @@ def fit_probes(
     acts: TensorDictBase,
     y: torch.Tensor,
     *,
-    kind: str = "linear",
+    kind: ProbeKind = "linear",
     test_fraction: float = 0.25,
     steps: int = 200,
     lr: float = 1e-2,
@@ -451,7 +453,8 @@ def fit_probes(
             if kind == "mean_difference":
                 fitted = vmap(lambda xx: _class_means(xx, y_tr, c))(x_tr)
             else:
-                stacked = {name: torch.stack([inits[k][name] for k in group]) for name in inits[group[0]]}
+                stacked = {name: torch.stack([inits[k][name] for k in group])  # type: ignore[index]
+                           for name in inits[group[0]]}  # type: ignore[index]
                 site_loss = lambda p, xx: _loss(fn, p, xx, y_tr, weight_decay)  # noqa: E731
                 fitted = _adam(lambda p: vmap(site_loss)(p, x_tr).sum(), stacked, steps, lr, bar)
             for i, k in enumerate(group):

@@ -6,11 +6,12 @@ import torch
 from tensordict import TensorDict, TensorDictBase
 
 from .._checks import check_int
+from .._types import ProbeKind
 from ._common import LatentError
 
 __all__ = ["ProbeError", "KINDS"]
 
-KINDS = ("linear", "bilinear", "low_rank_bilinear", "mean_difference")
+KINDS: tuple[ProbeKind, ...] = ("linear", "bilinear", "low_rank_bilinear", "mean_difference")
 
 
 class ProbeError(LatentError):
