@@ -9,11 +9,14 @@ echoes the value and says what to pass instead.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import torch
 from torch import nn
+
+from ._errors import TdfuncError
 
 __all__ = [
     "type_error",
@@ -24,6 +27,11 @@ __all__ = [
     "check_module",
     "per_input",
     "check_input_keys",
+    "check_callable",
+    "check_randomness",
+    "random_op_error",
+    "check_position_dim",
+    "renamed",
 ]
 
 _TYPE_ERRORS: dict[type, type] = {}
@@ -132,3 +140,63 @@ def per_input(fn: str, name: str, value: Any, keys: Sequence[tuple], what: str, 
             f"({', '.join(_show(k) for k in keys)}), got {type(value).__name__}."
         )
     return {keys[0]: value}
+
+
+def check_callable(fn: str, name: str, f: Any, family: type[Exception] | None = None, *, expected: str = "") -> Callable:
+    """``f`` callable. Message: ``"{fn}: {name} must be a callable {expected}, got {type} ({value}); pass a function."``."""
+    if not callable(f):
+        raise type_error(family)(f"{fn}: {name} must be a callable{' ' + expected if expected else ''}, got "
+                                 f"{type(f).__name__} ({f!r:.60}); pass a function (a lambda, a def or an nn.Module).")
+    return f
+
+
+RANDOMNESS = ("error", "different", "same")
+_RANDOM_OP = "called random operation while in randomness error mode"
+
+
+def check_randomness(fn: str, randomness: Any, family: type[Exception]) -> str:
+    """``randomness`` one of ``torch.func.vmap``'s flags ``"error"``, ``"different"``, ``"same"``."""
+    if randomness not in RANDOMNESS or not isinstance(randomness, str):
+        raise family(f"{fn}: randomness must be 'error', 'different' or 'same' (torch.func.vmap's flag), got "
+                     f"{randomness!r}.")
+    return randomness
+
+
+def random_op_error(fn: str, e: BaseException, family: type[Exception], what: str = "f") -> Exception | None:
+    """The family's error for torch's "random operation in randomness error mode" from a vmap ``fn`` runs, or None."""
+    if not isinstance(e, RuntimeError) or _RANDOM_OP not in str(e):
+        return None
+    return family(f"{fn}: {what} calls a random operation (train-mode Dropout, a sampling policy, torch.rand...) inside the "
+                  "vmap this method runs, where torch's default randomness='error' forbids it; pass "
+                  "randomness='different' (independent draws per vmapped input) or randomness='same' (one draw "
+                  f"shared by all), or make {what} deterministic (model.eval()).")
+
+
+def check_position_dim(fn: str, option: str, key: str, v: Any, family: type[Exception]) -> None:
+    """A value reduced over positions (dim 1) must be ``(B, T, ..., D)``: 3 dims or more.
+
+    Message: ``"{fn}: {option} reduces dim 1 (positions) of a (B, T, ..., D) value, but the value at {key!r} has
+    shape {shape}, with no position dim (it would reduce the features); use reduce=None or a callable for this site."``
+    """
+    if isinstance(v, torch.Tensor) and v.dim() < 3:
+        raise family(f"{fn}: {option} reduces dim 1 (positions) of a (B, T, ..., D) value, but the value at {key!r} "
+                     f"has shape {tuple(v.shape)}, with no position dim (it would reduce the features); use "
+                     "reduce=None or a callable for this site.")
+
+
+_INNER = ("tdfunc.functional_call: ", "tdfunc.intervene: ")
+
+
+@contextmanager
+def renamed(fn: str) -> Iterator[None]:
+    """Re-raise a ``TdfuncError`` of tdfunc's own inner call as the public function ``fn``'s: the same error type,
+    ``"tdfunc.functional_call: "`` (or ``"tdfunc.intervene: "``) replaced by ``"{fn}: "``.  Wrap only the calls
+    tdfunc makes itself, never the user's ``f`` / ``metric``, whose own errors keep their names."""
+    try:
+        yield
+    except TdfuncError as e:
+        msg = str(e)
+        for prefix in _INNER:
+            if msg.startswith(prefix):
+                raise type(e)(f"{fn}: {msg[len(prefix):]}") from e
+        raise

@@ -48,20 +48,20 @@ def n_chunks(n: int, chunk_size: int | None) -> int:
     return 1 if chunk_size is None else max(-(-n // chunk_size), 1)
 
 
-def vmap_chunks(func: Callable, chunk_size: int | None, bar: Any) -> Callable:
+def vmap_chunks(func: Callable, chunk_size: int | None, bar: Any, *, randomness: str = "error") -> Callable:
     """``vmap(func, chunk_size=chunk_size)`` (in and out dims 0), ticking ``bar`` once per chunk.
 
     With ``bar`` None this *is* ``vmap(func, chunk_size=chunk_size)``.  With a bar the chunks are an
     explicit Python loop doing what ``vmap``'s own chunking does (split dim 0 into pieces of
     ``chunk_size``, the last one shorter; ``vmap(func)`` per piece; ``torch.cat`` of the outputs), so
-    the results are the same.
+    the results are the same.  ``randomness``: ``vmap``'s flag.
     """
     if bar is None:
-        return vmap(func, chunk_size=chunk_size)
+        return vmap(func, chunk_size=chunk_size, randomness=randomness)
 
     def run(*args):
         if chunk_size is None:
-            out = vmap(func)(*args)
+            out = vmap(func, randomness=randomness)(*args)
             bar.update(1)
             return out
         flat, spec = tree_flatten(args)
@@ -69,7 +69,7 @@ def vmap_chunks(func: Callable, chunk_size: int | None, bar: Any) -> Callable:
         outs = []
         for start in range(0, n, chunk_size):
             piece = [t[start : start + chunk_size] for t in flat]
-            outs.append(tree_flatten(vmap(func)(*tree_unflatten(piece, spec))))
+            outs.append(tree_flatten(vmap(func, randomness=randomness)(*tree_unflatten(piece, spec))))
             bar.update(1)
         out_spec = outs[0][1]
         return tree_unflatten([torch.cat(parts) for parts in zip(*(o[0] for o in outs))], out_spec)

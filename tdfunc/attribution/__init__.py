@@ -8,6 +8,7 @@ and canonizers live in :mod:`tdfunc.lrp_rules`.
 
 from ._common import AttributionError as AttributionError
 from ._common import MiscompileError as MiscompileError
+from .._finite import NonFiniteWarning as NonFiniteWarning
 from ._gradient import input_x_gradient as input_x_gradient
 from ._gradient import saliency as saliency
 from ._guided import guided_backprop as guided_backprop

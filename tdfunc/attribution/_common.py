@@ -16,7 +16,9 @@ import torch
 from tensordict import TensorDict, TensorDictBase
 from torch.func import vjp, vmap
 
+from .._checks import check_callable
 from .._errors import TdfuncError, shape_str, suggest
+from .._finite import check_finite, readable, warn_nonfinite
 
 __all__ = ["AttributionError", "MiscompileError", "Inputs", "prepare", "with_inputs", "check_output", "grads_per_target", "result"]
 
@@ -108,8 +110,19 @@ class Inputs:
     batch: torch.Size
 
 
-def prepare(fn: str, td: TensorDictBase, in_keys: Sequence | None, *, baselines: bool = True) -> Inputs:
-    """Validate ``td`` and the attributed keys; collect inputs and baselines."""
+_NO_F = object()
+NONFINITE_FIX = "replace them (e.g. torch.nan_to_num) or drop those examples before attributing"
+
+
+def prepare(fn: str, td: TensorDictBase, in_keys: Sequence | None, *, baselines: bool = True, f: object = _NO_F,
+            allow_inf: bool = False) -> Inputs:
+    """Validate ``f`` (when given), ``td`` and the attributed keys; collect inputs and baselines.
+
+    Inputs and baselines must be finite (NaN is never accepted; ``allow_inf`` lets infinite inputs
+    through, for a method that defines their attribution); the check is skipped inside transforms.
+    """
+    if f is not _NO_F:
+        check_callable(fn, "f", f, AttributionError, expected="f(td) -> Tensor")
     if not isinstance(td, TensorDictBase):
         raise TypeError(
             f"{fn}: td must be a TensorDict holding the inputs, got {type(td).__name__}; "
@@ -127,6 +140,13 @@ def prepare(fn: str, td: TensorDictBase, in_keys: Sequence | None, *, baselines:
         if isinstance(in_keys, (str, tuple)):
             in_keys = [in_keys]
         keys = [_norm(k) for k in in_keys]
+        for k in keys:
+            if k[0] == BASELINE and len(k) > 1:
+                raise AttributionError(
+                    f"{fn}: in_keys names {_show(k)}, the baseline of {_show(k[1:])}, as an input; baselines are "
+                    f"not attributed. Name the input itself (in_keys=[{_show(k[1:])}]) and keep {_show(k)} as its "
+                    "baseline."
+                )
     x, base = {}, {}
     for k in keys:
         if k not in leaves:
@@ -144,6 +164,7 @@ def prepare(fn: str, td: TensorDictBase, in_keys: Sequence | None, *, baselines:
                 f"{fn}: input {_show(k)} has dtype {v.dtype}; gradients need a floating-point input. "
                 "Attribute a float tensor (e.g. embeddings instead of token ids: pass inputs_embeds)."
             )
+        _finite_input(fn, f"input {_show(k)}", v, allow_inf)
         x[k] = v
         if not baselines:
             continue
@@ -157,6 +178,7 @@ def prepare(fn: str, td: TensorDictBase, in_keys: Sequence | None, *, baselines:
                 f"{fn}: baseline for {_show(k)} has dtype {b.dtype} on {b.device} but the input has dtype "
                 f"{v.dtype} on {v.device}; convert it with .to(input)."
             )
+        _finite_input(fn, f"baseline {_show(bkey)}", b, allow_inf)
         try:
             base[k] = b.expand(v.shape) if b.shape != v.shape else b
         except RuntimeError:
@@ -173,6 +195,28 @@ def prepare(fn: str, td: TensorDictBase, in_keys: Sequence | None, *, baselines:
                     f"{_show_all(inputs)}); store a baseline as ('baseline', key) for an input entry key, or remove it."
                 )
     return Inputs(keys, x, base, td.batch_size)
+
+
+def _finite_input(fn: str, what: str, v: torch.Tensor, allow_inf: bool) -> None:
+    if allow_inf and readable(v) and not bool(torch.isnan(v).any()):
+        return
+    check_finite(fn, what, v, AttributionError, NONFINITE_FIX)
+
+
+def check_rows_as_targets(fn: str, k: int | None, batch: torch.Size, xs: dict, lead: int = 0) -> None:
+    """An eager ``td`` with an empty batch size whose inputs all have ``k`` rows, where ``f`` returned ``(k,)``:
+    the rows were meant as examples, not ``k`` targets of one example (inside transforms: not checked)."""
+    if k is None or len(batch) or not xs or not all(readable(x) for x in xs.values()):
+        return
+    rows = {key: x.shape[lead:] for key, x in xs.items()}
+    if all(len(s) >= 2 and s[0] == k for s in rows.values()):
+        shapes = ", ".join(f"{_show(key)}: {shape_str(s)}" for key, s in rows.items())
+        raise AttributionError(
+            f"{fn}: td has an empty batch size but f returned shape ({k},) and every input has {k} rows ({shapes}), "
+            f"so the rows would be read as {k} targets of one example. Give td its batch size "
+            f"(TensorDict({{...}}, batch_size=[{k}])); for one example with {k} targets, add a batch dim of 1 "
+            "(x[None], batch_size=[1])."
+        )
 
 
 def tensor_output(fn: str, f: Callable, batch: torch.Size) -> Callable:
@@ -198,8 +242,11 @@ def with_inputs(td: TensorDictBase, xs: dict) -> TensorDictBase:
     return out
 
 
-def check_output(fn: str, y: object, batch: torch.Size) -> int | None:
-    """Number of targets K from ``f``'s output shape, or None for one target per example."""
+def check_output(fn: str, y: object, batch: torch.Size, xs: dict | None = None) -> int | None:
+    """Number of targets K from ``f``'s output shape, or None for one target per example.
+
+    ``xs`` (the attributed inputs): also refuse an empty batch size whose rows look like examples.
+    """
     if not isinstance(y, torch.Tensor):
         raise AttributionError(
             f"{fn}: f must return a tensor of shape batch {shape_str(batch)} or batch + (K,), "
@@ -207,7 +254,10 @@ def check_output(fn: str, y: object, batch: torch.Size) -> int | None:
         )
     n = len(batch)
     if tuple(y.shape[:n]) == tuple(batch) and y.dim() in (n, n + 1):
-        return None if y.dim() == n else int(y.shape[-1])
+        k = None if y.dim() == n else int(y.shape[-1])
+        if xs is not None:
+            check_rows_as_targets(fn, k, batch, xs)
+        return k
     raise AttributionError(
         f"{fn}: f returned shape {shape_str(y.shape)}, but td has batch shape {shape_str(batch)}; f must return "
         f"one value per example {shape_str(batch)} or K per example ({''.join(f'{int(n)}, ' for n in batch)}K). "
@@ -227,12 +277,23 @@ def grads_per_target(
     was ~3.5x slower).  ``reduce(key, grad)`` is applied to each target's gradient before the K are
     stacked (IG sums over the path there, so K full path gradients never coexist).
     """
-    y, pull = vjp(g, xs)
+    def floating(xs: dict) -> torch.Tensor:
+        y = g(xs)
+        if isinstance(y, torch.Tensor) and not (y.is_floating_point() or y.is_complex()):
+            raise AttributionError(
+                f"{fn}: f returned a tensor of dtype {y.dtype}; gradients need a floating-point output (a logit, a "
+                "probability, a loss). Return a float tensor (e.g. the logits, not logits.argmax(-1)), or cast it "
+                "with .float() if its values are meant."
+            )
+        return y
+
+    y, pull = vjp(floating, xs)
     if torch.compiler.is_compiling():
         _check_compiled(fn, y.device.type != "cpu" if isinstance(y, torch.Tensor) else False)
     if not isinstance(y, torch.Tensor):
         check_output(fn, y, batch)
     k = check_output(fn, y[(0,) * lead] if lead else y, batch)
+    check_rows_as_targets(fn, k, batch, xs, lead)
     red = (lambda gs: gs) if reduce is None else (lambda gs: {key: reduce(key, v) for key, v in gs.items()})
     if k is None:
         return y, red(pull(torch.ones_like(y))[0]), None
@@ -246,9 +307,12 @@ def grads_per_target(
     return y, grads, k
 
 
-def result(batch: torch.Size, attrs: dict, extra: dict | None = None) -> TensorDict:
+def result(batch: torch.Size, attrs: dict, extra: dict | None = None, *, fn: str = "") -> TensorDict:
+    """The result TensorDict; with ``fn``, a :class:`tdfunc.NonFiniteWarning` for a non-finite map."""
     out = TensorDict({}, batch_size=batch)
     for k, v in attrs.items():
+        if fn:
+            warn_nonfinite(fn, repr(("attr", *k)), v)
         out.set(("attr", *k), v)
     for k, v in (extra or {}).items():
         out.set(k, v)

@@ -14,7 +14,7 @@ __all__ = ["saliency", "input_x_gradient"]
 
 
 def _gradients(fn: str, f: Callable, td: TensorDictBase, in_keys):
-    p = prepare(fn, td, in_keys, baselines=False)
+    p = prepare(fn, td, in_keys, baselines=False, f=f)
     f = tensor_output(fn, f, p.batch)
     _, grads, k = grads_per_target(fn, lambda xs: f(with_inputs(td, xs)), p.x, 0, p.batch)
     n = len(p.batch)
@@ -59,7 +59,7 @@ def saliency(
     Composes with: ``vmap``, ``grad`` (double backward), ``torch.compile(fullgraph=True)``.
     """
     _, grads, _ = _gradients("tdfunc.saliency", f, td, in_keys)
-    return result(td.batch_size, {k: g.abs() if abs else g for k, g in grads.items()})
+    return result(td.batch_size, {k: g.abs() if abs else g for k, g in grads.items()}, fn="tdfunc.saliency")
 
 
 def input_x_gradient(
@@ -90,4 +90,5 @@ def input_x_gradient(
     """
     p, grads, k = _gradients("tdfunc.input_x_gradient", f, td, in_keys)
     n = len(p.batch)
-    return result(td.batch_size, {key: per_target(p.x[key], k, n) * g for key, g in grads.items()})
+    return result(td.batch_size, {key: per_target(p.x[key], k, n) * g for key, g in grads.items()},
+                  fn="tdfunc.input_x_gradient")

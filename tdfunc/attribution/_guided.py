@@ -134,7 +134,7 @@ def guided_backprop(
     """
     fn = "tdfunc.guided_backprop"
     sites = relu_sites(fn, module)
-    p = prepare(fn, td, in_keys, baselines=False)
+    p = prepare(fn, td, in_keys, baselines=False, f=f)
     # First forward, outside the vjp: every ReLU output v as a function of the outer variables only (under no_grad,
     # where nothing can differentiate the map, v is recorded in the same forward). Non-strict: an nn.ReLU of module
     # that f does not run is simply not rewritten (as in captum).
@@ -142,4 +142,4 @@ def guided_backprop(
     # second forward: each ReLU output becomes v + guide(out - v)
     _, grads, k = grads_per_target(fn, lambda xs: guided(with_inputs(td, xs)), p.x, 0, p.batch)
     n = len(p.batch)
-    return result(td.batch_size, {key: move_target_dim(g, k, n) for key, g in grads.items()})
+    return result(td.batch_size, {key: move_target_dim(g, k, n) for key, g in grads.items()}, fn=fn)

@@ -8,7 +8,7 @@ import torch
 from tensordict import TensorDict, TensorDictBase
 from torch.func import vmap
 
-from .._checks import check_bool
+from .._checks import check_bool, check_randomness, random_op_error
 from .._progress import progress_bar
 from .._types import IGMethod, IGStrategy, InKeys
 from ._common import (
@@ -39,6 +39,7 @@ def integrated_gradients(
     strategy: IGStrategy = "vmap",
     return_convergence_delta: bool = False,
     progress: bool = False,
+    randomness: str = "error",
 ) -> TensorDict:
     """Integrated gradients (Sundararajan et al., 2017), every target's map from one path forward.
 
@@ -76,6 +77,9 @@ def integrated_gradients(
             ``sum(attr) - (f(x) - f(x'))`` (two more forwards).
         progress: show a tqdm bar on stderr over the chunks of path points (one step when
             ``chunk_size`` is None); never shown under ``vmap`` / ``grad`` / ``torch.compile``.
+        randomness: ``torch.func.vmap``'s flag for random ops in ``f`` (train-mode dropout) under this
+            method's ``vmap``: ``"error"`` (default, as torch), ``"different"`` (independent draws per path point)
+            or ``"same"`` (one draw shared).
 
     Returns:
         TensorDict with ``("attr", key)`` of shape ``batch (+ K) + feature shape``.
@@ -104,7 +108,8 @@ def integrated_gradients(
     fn = "tdfunc.integrated_gradients"
     check_path_options(fn, n_steps, method, chunk_size, strategy)
     check_bool(fn, "progress", progress, AttributionError)
-    p = prepare(fn, td, in_keys)
+    check_randomness(fn, randomness, AttributionError)
+    p = prepare(fn, td, in_keys, f=f)
     f = tensor_output(fn, f, p.batch)
     nb = len(p.batch)
     alphas64, weights64 = quadrature(method, n_steps)
@@ -121,14 +126,20 @@ def integrated_gradients(
             scaled[key] = b + a * (x - b)
 
         if strategy == "vmap":
-            g = lambda xs: vmap(lambda one: f(with_inputs(td, one)))(xs)
+            g = lambda xs: vmap(lambda one: f(with_inputs(td, one)), randomness=randomness)(xs)
         else:
             folded_td = td.expand(s, *p.batch).reshape(s * p.batch.numel()) if nb else td.expand(s)
             g = lambda xs: _unfold(f(with_inputs(folded_td, {k: v.reshape(-1, *v.shape[nb + 1 :]) for k, v in xs.items()})), s, p.batch)
         w = weights64[start:stop]
         path_sum = lambda key, gr: torch.tensordot(w.to(gr.dtype).to(gr.device), gr, dims=1)  # noqa: E731
         # the weighted sum over the path is taken per target, before the K targets are stacked
-        _, grads, k_targets = grads_per_target(fn, g, scaled, 1, p.batch, reduce=path_sum)
+        try:
+            _, grads, k_targets = grads_per_target(fn, g, scaled, 1, p.batch, reduce=path_sum)
+        except RuntimeError as e:
+            err = random_op_error(fn, e, AttributionError)
+            if err is None:
+                raise
+            raise err from e
         for key, contrib in grads.items():
             total[key] = contrib if key not in total else total[key] + contrib
     attrs = {}
@@ -144,7 +155,7 @@ def integrated_gradients(
         lead = nb + (k_targets is not None)
         summed = sum(a.reshape(*a.shape[:lead], -1).sum(-1) for a in attrs.values())
         extra["convergence_delta"] = summed - (at_x - at_base)
-    return result(td.batch_size, attrs, extra)
+    return result(td.batch_size, attrs, extra, fn=fn)
 
 
 def _unfold(y: torch.Tensor, s: int, batch: torch.Size) -> torch.Tensor:

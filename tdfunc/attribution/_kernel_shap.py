@@ -13,6 +13,7 @@ from collections.abc import Callable
 import torch
 from tensordict import TensorDict, TensorDictBase
 
+from .._checks import check_callable
 from .._types import InKeys, PerKey
 from ._common import AttributionError, check_output, result
 from ._perturb_common import check_draws, per_position, run_perturbed, sampling_setup
@@ -77,6 +78,7 @@ def kernel_shap(
     chunk_size: int | None = None,
     in_keys: InKeys | None = None,
     progress: bool = False,
+    randomness: str = "error",
 ) -> TensorDict:
     """Kernel SHAP (Lundberg & Lee, 2017), captum's ``KernelShap``.
 
@@ -107,6 +109,9 @@ def kernel_shap(
         in_keys: entries to attribute; default every floating-point entry.
         progress: show a tqdm bar on stderr over the chunks of coalitions (one step when
             ``chunk_size`` is None); never shown under ``vmap`` / ``grad`` / ``torch.compile``.
+        randomness: ``torch.func.vmap``'s flag for random ops in ``f`` (train-mode dropout) under this
+            method's ``vmap``: ``"error"`` (default, as torch), ``"different"`` (independent draws per coalition)
+            or ``"same"`` (one draw shared).
 
     Returns:
         TensorDict with ``("attr", key)`` of shape ``batch (+ K) + feature shape``.
@@ -131,7 +136,9 @@ def kernel_shap(
     default mask, ``grad`` (double backward: the fit is a constant linear map of the outputs).
     """
     fn = "tdfunc.kernel_shap"
-    p, masks, dev, n_feat = sampling_setup(fn, td, in_keys, feature_mask, n_samples, chunk_size, generator, progress)
+    check_callable(fn, "f", f, AttributionError, expected="f(td) -> Tensor")
+    p, masks, dev, n_feat = sampling_setup(fn, td, in_keys, feature_mask, n_samples, chunk_size, generator, progress,
+                                           randomness)
     if coalitions is None:
         coal = _draw_coalitions(n_samples, n_feat, generator).to(dev)
     else:
@@ -141,9 +148,10 @@ def kernel_shap(
         c = coal[lo:hi]
         return {key: ~c[:, m.flatten()].view(-1, *m.shape) for key, m in masks.items()}
 
-    ys, _ = run_perturbed(f, td, p, n_samples, chunk_size, masks_for, progress=progress, fn=fn)  # (S, *batch (+ K))
-    k = check_output(fn, ys[0], p.batch)
+    ys, _ = run_perturbed(f, td, p, n_samples, chunk_size, masks_for, progress=progress, fn=fn,  # (S, *batch (+ K))
+                          randomness=randomness)
+    k = check_output(fn, ys[0], p.batch, p.x)
     wide = torch.float64 if dev.type != "mps" else torch.float32
     solve = _solver(coal, wide).to(ys.dtype)  # (F, S), solved in float64
     phi = torch.tensordot(solve, ys, dims=([1], [0])).movedim(0, -1)  # (*batch (+ K), F)
-    return result(td.batch_size, per_position(phi, masks, p, k))
+    return result(td.batch_size, per_position(phi, masks, p, k), fn=fn)

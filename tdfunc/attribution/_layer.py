@@ -20,11 +20,16 @@ from torch.func import vmap
 
 from .. import _runtime
 from .._edits import delta
+from .._checks import check_callable
 from .._errors import shape_str
+from .._finite import check_finite, warn_nonfinite
 from .._sites import ALL_CALLS, parse_site
 from .._types import IGMethod, InKeys
 from ._common import (
+    NONFINITE_FIX,
     AttributionError,
+    _norm,
+    _show,
     check_output,
     grads_per_target,
     move_target_dim,
@@ -89,6 +94,10 @@ def _activation(fn: str, f: Callable, module: nn.Module, td: TensorDictBase, sit
 def _site_gradient(fn: str, f: Callable, td: TensorDictBase, module: nn.Module, site: str, channels: bool = False):
     """(activation, gradient of every target at the site, K): two forwards + K vjps."""
     _check(fn, td, module, site)
+    check_callable(fn, "f", f, AttributionError, expected="f(td) -> Tensor")
+    for key in td.keys(include_nested=True, leaves_only=True):  # f may read any entry: every float one is an input
+        if td.get(key).is_floating_point():
+            check_finite(fn, f"input {_show(_norm(key))}", td.get(key), AttributionError, NONFINITE_FIX)
     _, act = _activation(fn, f, module, td, site)
     if channels and act.dim() <= len(td.batch_size):
         raise AttributionError(
@@ -100,7 +109,9 @@ def _site_gradient(fn: str, f: Callable, td: TensorDictBase, module: nn.Module, 
     return act, grads["d"], k
 
 
-def _out(td: TensorDictBase, site: str, value: torch.Tensor, extra: dict | None = None) -> TensorDict:
+def _out(td: TensorDictBase, site: str, value: torch.Tensor, extra: dict | None = None, *, fn: str = "") -> TensorDict:
+    if fn:
+        warn_nonfinite(fn, repr(("attr", site)), value)
     out = TensorDict({}, batch_size=td.batch_size)
     out.set(("attr", site), value)
     for k, v in (extra or {}).items():
@@ -175,7 +186,7 @@ def grad_cam(
         cam = cam.sum(c, keepdim=True)
     if relu_attributions:
         cam = torch.relu(cam)
-    return _out(td, site, move_target_dim(cam, k, nb))
+    return _out(td, site, move_target_dim(cam, k, nb), fn=fn)
 
 
 def layer_gradient_x_activation(
@@ -220,7 +231,7 @@ def layer_gradient_x_activation(
     act, grad, k = _site_gradient(fn, f, td, module, site)
     nb = len(td.batch_size)
     grad = move_target_dim(grad, k, nb)
-    return _out(td, site, grad * per_target(act, k, nb) if multiply_by_inputs else grad)
+    return _out(td, site, grad * per_target(act, k, nb) if multiply_by_inputs else grad, fn=fn)
 
 
 def layer_integrated_gradients(
@@ -288,7 +299,7 @@ def layer_integrated_gradients(
     fn = "tdfunc.layer_integrated_gradients"
     _check_options(fn, n_steps, method, chunk_size, "vmap")
     _check(fn, td, module, site)
-    p = prepare(fn, td, in_keys)
+    p = prepare(fn, td, in_keys, f=f)
     nb = len(p.batch)
     y_x, a_x = _activation(fn, f, module, td, site)
     y_b, a_b = _activation(fn, f, module, with_inputs(td, p.baseline), site)
@@ -314,4 +325,4 @@ def layer_integrated_gradients(
     if return_convergence_delta:
         lead = nb + (k is not None)
         extra["convergence_delta"] = attr.reshape(*attr.shape[:lead], -1).sum(-1) - (y_x - y_b)
-    return _out(td, site, attr, extra)
+    return _out(td, site, attr, extra, fn=fn)

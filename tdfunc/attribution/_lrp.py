@@ -13,6 +13,7 @@ import torch
 from tensordict import TensorDict, TensorDictBase
 from torch import nn
 
+from .._errors import NotReachedError
 from .._rewrite import Rewrite, record_then_rewrite
 from .._types import CompositeName, InKeys
 from ._common import AttributionError, grads_per_target, move_target_dim, per_target, prepare, result, with_inputs
@@ -27,8 +28,10 @@ class _Site(Rewrite):
 
     def __init__(self, name: str, rule: Rule):
         self.name, self.rule = name, rule
+        self.calls = 0  # records taken: 0 after f ran means f never called the module
 
     def record(self, module, args, kwargs, out):
+        self.calls += 1
         if any(isinstance(a, torch.Tensor) and a.is_nested for a in (*args, *kwargs.values())):
             raise AttributionError(
                 f"tdfunc.lrp: module {self.name!r} received a nested tensor: nn.TransformerEncoder converts its input "
@@ -121,7 +124,8 @@ def lrp(
             with ``add_bias_kv`` / ``add_zero_attn`` or training-mode dropout, a transformer layer with a
             functional non-ReLU activation under ``'attnlrp'``, nested-tensor inputs); unknown key,
             non-float input, ``f`` output of the wrong shape.
-        NotReachedError: ``f`` ran the rewritten modules differently in its two forwards.
+        NotReachedError: ``f`` ran the rewritten modules differently in its two forwards, or never called
+            ``module`` (none of its rewritten submodules ran).
 
     Example:
         >>> import torch, tdfunc
@@ -160,10 +164,17 @@ def lrp(
     """
     fn = "tdfunc.lrp"
     sites = {s: _Site(s, r) for s, r in assign(fn, module, rules, composite).items()}
-    p = prepare(fn, td, in_keys, baselines=False)
+    p = prepare(fn, td, in_keys, baselines=False, f=f, allow_inf=True)
     # two forwards (constants recorded in the first); one under no_grad, where nothing can differentiate the result
     rewritten = record_then_rewrite(fn, f, module, sites, (td,))
     _, grads, k = grads_per_target(fn, lambda xs: rewritten(with_inputs(td, xs)), p.x, 0, p.batch)
+    if sites and not torch.compiler.is_compiling() and not any(s.calls for s in sites.values()):
+        names = ", ".join(repr(s) for s in list(sites)[:3]) + (", ..." if len(sites) > 3 else "")
+        raise NotReachedError(
+            f"{fn}: f never called module ({type(module).__name__}): none of its {len(sites)} rewritten submodules "
+            f"({names}) ran, so the result would be plain input x gradient. f must call the module passed as "
+            f"module (not a copy of it), e.g. {fn}(lambda t: model(t['x']), td, model)."
+        )
     n = len(p.batch)
     attrs = {key: _times(per_target(p.x[key], k, n), move_target_dim(gr, k, n)) for key, gr in grads.items()}
-    return result(td.batch_size, attrs)
+    return result(td.batch_size, attrs, fn=fn)

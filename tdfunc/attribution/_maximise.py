@@ -140,7 +140,7 @@ def activation_maximisation(
         leaves = [k if isinstance(k, tuple) else (k,) for k in td.keys(include_nested=True, leaves_only=True)]
         in_keys = [k for k in leaves if k[0] not in ("objective", "baseline") and td.get(k).is_floating_point()]
         in_keys = in_keys or None  # let prepare() report a td with nothing to optimise
-    p = prepare(fn, td, in_keys, baselines=False)
+    p = prepare(fn, td, in_keys, baselines=False, f=f)
     nb = len(p.batch)
 
     def value(xs):

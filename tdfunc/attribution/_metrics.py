@@ -174,7 +174,7 @@ def infidelity(
     if perturb_fn is not None and not callable(perturb_fn):
         raise AttributionError(f"{fn}: perturb_fn must be None or a callable, got {type(perturb_fn).__name__}.")
     keys = _attr_keys(fn, attributions, in_keys)
-    p = prepare(fn, td, keys, baselines=False)
+    p = prepare(fn, td, keys, baselines=False, f=f)
     nb, n = len(p.batch), n_perturb_samples
     y0 = f(td)
     k = check_output(fn, y0, p.batch)

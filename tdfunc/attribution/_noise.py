@@ -209,7 +209,7 @@ def smooth_grad(
     fn = "tdfunc.smooth_grad"
     _check_options(fn, method, nt_type, nt_samples, chunk_size, generator)
     check_bool(fn, "progress", progress, AttributionError)
-    p = prepare(fn, td, method_kwargs.get("in_keys"), baselines=False)
+    p = prepare(fn, td, method_kwargs.get("in_keys"), baselines=False, f=f)
     std = _stdevs(fn, stdevs, p.keys)
     eps = _draws(fn, noise, generator, p.keys, p.x, nt_samples)
     noisy = {k: p.x[k] + std[k] * eps[k] for k in p.keys}
@@ -236,4 +236,4 @@ def smooth_grad(
             attrs[key[1:]] = _reduce(v, nt_type)
         else:
             extra[key] = v.movedim(0, nb)
-    return result(td.batch_size, attrs, extra)
+    return result(td.batch_size, attrs, extra, fn=fn)

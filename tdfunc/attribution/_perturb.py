@@ -16,7 +16,7 @@ from tensordict import TensorDict, TensorDictBase
 
 from .._errors import shape_str
 from .._types import InKeys, Key, PerKey
-from .._checks import check_bool, check_chunk_size, per_input
+from .._checks import check_bool, check_callable, check_chunk_size, check_randomness, per_input
 from ._common import AttributionError, Inputs, _show, check_output, prepare, result, with_inputs
 from ._perturb_common import check_draws, feature_masks, per_position, run_perturbed, sampling_setup
 
@@ -30,7 +30,7 @@ def _expand_attr(t: torch.Tensor, x: torch.Tensor, k: int | None, nb: int) -> to
 
 def _baseline_outputs(fn: str, f: Callable, td: TensorDictBase, p: Inputs):
     y0 = f(td)
-    return y0, check_output(fn, y0, p.batch)
+    return y0, check_output(fn, y0, p.batch, p.x)
 
 
 # ---------------------------------------------------------------------------------------------- occlusion
@@ -90,6 +90,7 @@ def occlusion(
     in_keys: InKeys | None = None,
     chunk_size: int | None = None,
     progress: bool = False,
+    randomness: str = "error",
 ) -> TensorDict:
     """Occlusion (Zeiler & Fergus, 2014), captum's ``Occlusion``: slide a window of baseline values.
 
@@ -114,6 +115,9 @@ def occlusion(
         chunk_size: windows per forward; bounds memory to ``chunk_size`` copies of the inputs.
         progress: show a tqdm bar on stderr over the chunks of windows (one step when ``chunk_size``
             is None); never shown under ``vmap`` / ``grad`` / ``torch.compile``.
+        randomness: ``torch.func.vmap``'s flag for random ops in ``f`` (train-mode dropout) under this
+            method's ``vmap``: ``"error"`` (default, as torch), ``"different"`` (independent draws per window)
+            or ``"same"`` (one draw shared).
 
     Returns:
         TensorDict with ``("attr", key)`` of shape ``batch (+ K) + feature shape``.
@@ -138,8 +142,10 @@ def occlusion(
     ``torch.compile(fullgraph=True)``.
     """
     fn = "tdfunc.occlusion"
+    check_callable(fn, "f", f, AttributionError, expected="f(td) -> Tensor")
     check_chunk_size(fn, chunk_size, AttributionError)
     check_bool(fn, "progress", progress, AttributionError)
+    check_randomness(fn, randomness, AttributionError)
     p = prepare(fn, td, in_keys)
     nb = len(p.batch)
     windows = per_input(fn, "sliding_window_shapes", sliding_window_shapes, p.keys, "window shape", AttributionError)
@@ -168,7 +174,8 @@ def occlusion(
             out[key] = m.view(m.shape[0], *([1] * nb), *m.shape[1:])
         return out
 
-    _, total = run_perturbed(f, td, p, n, chunk_size, masks_for, y0, progress=progress, fn=fn)
+    _, total = run_perturbed(f, td, p, n, chunk_size, masks_for, y0, progress=progress, fn=fn,
+                             randomness=randomness)
     attrs = {}
     for key, (start, count, tables, counts) in spans.items():
         cover = torch.ones((), dtype=p.x[key].dtype, device=p.x[key].device)
@@ -176,7 +183,7 @@ def occlusion(
             c = table.sum(0).to(cover.dtype)
             cover = cover.unsqueeze(-1) * c if i else c
         attrs[key] = _expand_attr(total[key] / cover, p.x[key], k, nb)
-    return result(td.batch_size, attrs)
+    return result(td.batch_size, attrs, fn=fn)
 
 
 # ------------------------------------------------------------------------------------ feature masks
@@ -190,6 +197,7 @@ def feature_ablation(
     in_keys: InKeys | None = None,
     chunk_size: int | None = None,
     progress: bool = False,
+    randomness: str = "error",
 ) -> TensorDict:
     """Feature ablation, captum's ``FeatureAblation``: replace one feature group at a time by the baseline.
 
@@ -210,6 +218,9 @@ def feature_ablation(
         chunk_size: features per forward; bounds memory to ``chunk_size`` copies of the inputs.
         progress: show a tqdm bar on stderr over the chunks of features (one step when ``chunk_size``
             is None); never shown under ``vmap`` / ``grad`` / ``torch.compile``.
+        randomness: ``torch.func.vmap``'s flag for random ops in ``f`` (train-mode dropout) under this
+            method's ``vmap``: ``"error"`` (default, as torch), ``"different"`` (independent draws per feature)
+            or ``"same"`` (one draw shared).
 
     Returns:
         TensorDict with ``("attr", key)`` of shape ``batch (+ K) + feature shape``.
@@ -235,8 +246,10 @@ def feature_ablation(
     default mask (a custom mask's ids are read with ``torch.unique``).
     """
     fn = "tdfunc.feature_ablation"
+    check_callable(fn, "f", f, AttributionError, expected="f(td) -> Tensor")
     check_chunk_size(fn, chunk_size, AttributionError)
     check_bool(fn, "progress", progress, AttributionError)
+    check_randomness(fn, randomness, AttributionError)
     p = prepare(fn, td, in_keys)
     nb = len(p.batch)
     masks = feature_masks(fn, feature_mask, p)
@@ -253,8 +266,9 @@ def feature_ablation(
         cur = ids[lo:hi]
         return {key: m.unsqueeze(0) == cur.view(-1, *([1] * m.dim())) for key, m in masks.items()}
 
-    _, total = run_perturbed(f, td, p, n, chunk_size, masks_for, y0, progress=progress, fn=fn)
-    return result(td.batch_size, {key: _expand_attr(t, p.x[key], k, nb) for key, t in total.items()})
+    _, total = run_perturbed(f, td, p, n, chunk_size, masks_for, y0, progress=progress, fn=fn,
+                             randomness=randomness)
+    return result(td.batch_size, {key: _expand_attr(t, p.x[key], k, nb) for key, t in total.items()}, fn=fn)
 
 
 # ------------------------------------------------------------------------------------ Shapley values
@@ -283,6 +297,7 @@ def shapley_value_sampling(
     in_keys: InKeys | None = None,
     chunk_size: int | None = None,
     progress: bool = False,
+    randomness: str = "error",
 ) -> TensorDict:
     """Shapley value sampling (Castro et al., 2009), captum's ``ShapleyValueSampling``.
 
@@ -312,6 +327,9 @@ def shapley_value_sampling(
         chunk_size: perturbed inputs per forward (None: all ``S * n_features`` at once).
         progress: show a tqdm bar on stderr over the chunks of perturbed inputs (one step when ``chunk_size``
             is None); never shown under ``vmap`` / ``grad`` / ``torch.compile``.
+        randomness: ``torch.func.vmap``'s flag for random ops in ``f`` (train-mode dropout) under this
+            method's ``vmap``: ``"error"`` (default, as torch), ``"different"`` (independent draws per perturbed input)
+            or ``"same"`` (one draw shared).
 
     Returns:
         TensorDict with ``("attr", key)`` of shape ``batch (+ K) + feature shape``.
@@ -340,7 +358,9 @@ def shapley_value_sampling(
     generator) and the default mask, ``grad`` (double backward).
     """
     fn = "tdfunc.shapley_value_sampling"
-    p, masks, dev, n_feat = sampling_setup(fn, td, in_keys, feature_mask, n_samples, chunk_size, generator, progress)
+    check_callable(fn, "f", f, AttributionError, expected="f(td) -> Tensor")
+    p, masks, dev, n_feat = sampling_setup(fn, td, in_keys, feature_mask, n_samples, chunk_size, generator, progress,
+                                           randomness)
     if permutations is None:
         perms = torch.stack([torch.randperm(n_feat, generator=generator) for _ in range(n_samples)]).to(dev)
     else:
@@ -358,11 +378,12 @@ def shapley_value_sampling(
         return out
 
     at_base = f(with_inputs(td, p.baseline))
-    k = check_output(fn, at_base, p.batch)
-    ys, _ = run_perturbed(f, td, p, s_n * n_feat, chunk_size, masks_for, progress=progress, fn=fn)
+    k = check_output(fn, at_base, p.batch, p.x)
+    ys, _ = run_perturbed(f, td, p, s_n * n_feat, chunk_size, masks_for, progress=progress, fn=fn,
+                          randomness=randomness)
     ys = ys.reshape(s_n, n_feat, *ys.shape[1:])
     prev = torch.cat([at_base.expand(s_n, 1, *at_base.shape), ys[:, :-1]], dim=1)
     steps = ys - prev  # (S, F, *batch (+ K)): the gain of the feature added at each step
     gains = steps[torch.arange(s_n, device=dev)[:, None], rank]  # (S, F, ...) reordered by feature id
     phi = gains.mean(0).movedim(0, -1)  # (*batch (+ K), F)
-    return result(td.batch_size, per_position(phi, masks, p, k))
+    return result(td.batch_size, per_position(phi, masks, p, k), fn=fn)

@@ -14,7 +14,7 @@ import torch
 from tensordict import TensorDictBase
 from torch.func import vmap
 
-from .._checks import check_bool, check_chunk_size, check_generator, check_int, per_input
+from .._checks import check_bool, check_chunk_size, check_generator, check_int, check_randomness, per_input, random_op_error
 from .._errors import shape_str
 from .._progress import progress_bar
 from ._common import AttributionError, Inputs, _show, prepare, with_inputs
@@ -23,7 +23,7 @@ __all__ = ["run_perturbed", "feature_masks", "n_features", "per_position", "samp
 
 
 def run_perturbed(f: Callable, td: TensorDictBase, p: Inputs, n: int, chunk_size: int | None, masks_for: Callable, y0=None,
-                  *, progress: bool = False, fn: str = ""):
+                  *, progress: bool = False, fn: str = "", randomness: str = "error"):
     """Evaluate ``f`` on the ``n`` perturbed inputs ``where(M_j, baseline, x)``, vmapped over ``j``.
 
     ``masks_for(start, stop)`` gives, for the perturbations ``start .. stop - 1``, key -> bool mask of
@@ -35,7 +35,16 @@ def run_perturbed(f: Callable, td: TensorDictBase, p: Inputs, n: int, chunk_size
     nb = len(p.batch)
     chunk = n if chunk_size is None else min(chunk_size, n)
     ys, total = [], {}  # type: ignore[var-annotated]
-    call = vmap(lambda xs: f(with_inputs(td, xs)))
+    vmapped = vmap(lambda xs: f(with_inputs(td, xs)), randomness=randomness)
+
+    def call(xs):
+        try:
+            return vmapped(xs)
+        except RuntimeError as e:
+            err = random_op_error(fn, e, AttributionError)
+            if err is None:
+                raise
+            raise err from e
     for start in progress_bar(range(0, n, chunk), enabled=progress, desc=fn, unit="chunk"):
         masks = masks_for(start, min(start + chunk, n))
         xs = {k: torch.where(m, p.baseline[k], p.x[k]) for k, m in masks.items()}
@@ -117,12 +126,13 @@ def n_features(fn: str, feature_mask, masks: dict, p) -> int:
 
 
 def sampling_setup(fn: str, td: TensorDictBase, in_keys, feature_mask, n_samples, chunk_size, generator,
-                   progress: bool = False):
+                   progress: bool = False, randomness: str = "error"):
     """Checks and setup of a sampler over feature coalitions: ``(inputs, masks, device, n_features)``."""
     check_int(fn, "n_samples", n_samples, AttributionError)
     check_chunk_size(fn, chunk_size, AttributionError)
     check_generator(fn, generator, AttributionError)
     check_bool(fn, "progress", progress, AttributionError)
+    check_randomness(fn, randomness, AttributionError)
     p = prepare(fn, td, in_keys)
     masks = feature_masks(fn, feature_mask, p)
     dev = next(iter(p.x.values())).device

@@ -8,6 +8,7 @@ from typing import overload
 import torch
 from tensordict import TensorDict, TensorDictBase
 
+from .._finite import readable
 from ._geometry import GeometryError, _check_int, _knn, _neighbourhoods, _per_rep
 
 __all__ = ["twonn_dimension", "mle_dimension", "local_pca_dimension", "ca_pca_dimension"]
@@ -44,7 +45,7 @@ def twonn_dimension(x: torch.Tensor | TensorDictBase, *, discard_fraction: float
 
     Raises:
         GeometryError: input not (…, N, D) floating, ``N < 3``, ``discard_fraction`` outside [0, 1)
-            or so large that fewer than 2 ratios remain.
+            or so large that fewer than 2 ratios remain; duplicate points; NaN or infinite points.
 
     Example:
         >>> import torch, tdfunc
@@ -71,6 +72,11 @@ def twonn_dimension(x: torch.Tensor | TensorDictBase, *, discard_fraction: float
             raise GeometryError(f"{fn}: discard_fraction={discard_fraction!r} keeps {m} of N={n} ratios; keep at "
                                 "least 2 (lower discard_fraction or pass more points).")
         d2, _ = _knn(p, 2)
+        if readable(d2) and bool((d2[..., 0] == 0).any()):
+            dup = int((d2[..., 0] == 0).sum())
+            raise GeometryError(f"{fn}: {dup} of the N={n} points have a duplicate (a nearest neighbour at distance 0), "
+                                "where the ratio r2 / r1 is undefined; remove duplicate points first "
+                                "(e.g. torch.unique(x, dim=0)).")
         logmu = (0.5 * (d2[..., 1].log() - d2[..., 0].log())).sort(-1).values[..., :m]
         y = -torch.log1p(-torch.arange(1, m + 1, dtype=p.dtype, device=p.device) / n)
         return (logmu * y).sum(-1) / logmu.square().sum(-1)

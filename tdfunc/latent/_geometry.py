@@ -19,6 +19,7 @@ from tensordict import TensorDict, TensorDictBase
 
 from .._checks import check_int
 from ._common import LatentError
+from .._finite import check_finite
 
 __all__ = ["GeometryError"]
 
@@ -42,6 +43,7 @@ def _check_points(fn: str, x, what: str) -> torch.Tensor:
         )
     if not x.is_floating_point():
         raise GeometryError(f"{fn}: {what} has dtype {x.dtype}; pass a floating tensor ({what}.float()).")
+    check_finite(fn, what, x, GeometryError, "replace them (e.g. torch.nan_to_num) or drop those points")
     return x
 
 

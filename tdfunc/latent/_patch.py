@@ -15,7 +15,8 @@ from tensordict import TensorDictBase
 from torch.func import vmap
 
 from .._call import functional_call
-from .._checks import check_bool, check_chunk_size, check_module
+from .._checks import check_bool, check_callable, check_chunk_size, check_module, check_randomness, random_op_error, renamed
+from .._finite import check_finite, warn_nonfinite
 from .._match import site_match
 from .._progress import n_chunks, progress_bar, vmap_chunks
 from .._types import Over
@@ -56,6 +57,38 @@ def _match(fn: str, sites: Any, captures: Any) -> list[str]:
             if k not in out:
                 out.append(k)
     return out
+
+
+def _tensors(args: Any) -> list:
+    return [args] if isinstance(args, torch.Tensor) else list(args) if isinstance(args, (tuple, list)) else []
+
+
+def _check_runs(fn: str, clean_args: Any, corrupted_args: Any) -> None:
+    """Finite float inputs; with ``clean_args``, the two runs' tensors of equal shapes."""
+    runs = (("clean_args", clean_args), ("corrupted_args", corrupted_args)) if clean_args is not None else \
+        (("corrupted_args", corrupted_args),)
+    for name, args in runs:
+        for i, t in enumerate(_tensors(args)):
+            if isinstance(t, torch.Tensor) and t.is_floating_point():
+                check_finite(fn, f"{name}[{i}]", t, PatchError, "replace them (e.g. torch.nan_to_num) before patching")
+    if clean_args is None:
+        return
+    shapes = [[tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__ for t in _tensors(a)]
+              for a in (clean_args, corrupted_args)]
+    if shapes[0] != shapes[1]:
+        raise PatchError(f"{fn}: clean_args and corrupted_args must have the same shapes (one run's values are patched "
+                         f"into the other), got {shapes[0]} and {shapes[1]}; pad or truncate the inputs to one shape.")
+
+
+def _checked_clean(fn: str, site: str, c: torch.Tensor, v: torch.Tensor) -> None:
+    try:
+        ok = torch.broadcast_shapes(c.shape, v.shape) == v.shape
+    except RuntimeError:
+        ok = False
+    if not ok:
+        raise PatchError(f"{fn}: the clean value at site {site!r} has shape {tuple(c.shape)} but the corrupted run's "
+                         f"value there has shape {tuple(v.shape)}; capture the clean run with inputs of the corrupted "
+                         "run's shape.")
 
 
 # ------------------------------------------------------------------------------------------------ patch
@@ -110,8 +143,10 @@ def patch(
     """
     fn = "tdfunc.latent.patch"
     check_module(fn, module, PatchError, fix=MODULE_FIX)
+    _check_runs(fn, None, corrupted_args)
     edits = _patch_edits(fn, clean_captures, sites, positions, patch_fn)
-    return functional_call(module, state, corrupted_args, kwargs, edits=edits)
+    with renamed(fn):
+        return functional_call(module, state, corrupted_args, kwargs, edits=edits)
 
 
 def _patch_edits(fn: str, clean_captures, sites, positions, patch_fn) -> dict:
@@ -122,11 +157,16 @@ def _patch_edits(fn: str, clean_captures, sites, positions, patch_fn) -> dict:
     edits = {}
     for site in _match(fn, sites, clean_captures):
         clean = clean_captures[site]
+        if isinstance(clean, torch.Tensor) and clean.is_floating_point():
+            check_finite(fn, f"clean_captures[{site!r}]", clean, PatchError,
+                         "replace them (e.g. torch.nan_to_num) or capture a finite clean run")
         mask = None if positions is None else position_mask(fn, site, positions, clean)
         if patch_fn is None and mask is None:
             edits[site] = clean
         else:
-            def edit(v, c=clean, m=mask):
+            def edit(v, c=clean, m=mask, site=site):
+                if isinstance(c, torch.Tensor) and isinstance(v, torch.Tensor):
+                    _checked_clean(fn, site, c, v)
                 new = c if patch_fn is None else patch_fn(v, c)
                 return new if m is None else torch.where(m, new, v)
 
@@ -149,6 +189,7 @@ def patching_sweep(
     chunk_size: int | None = None,
     kwargs: dict[str, Any] | None = None,
     progress: bool = False,
+    randomness: str = "error",
 ) -> torch.Tensor:
     """``metric`` of the corrupted run with one (site, unit) of the clean run patched in, for every pair.
 
@@ -176,12 +217,15 @@ def patching_sweep(
         progress: show a tqdm bar on stderr over the sites (over the sites' chunks of units when
             ``chunk_size`` is given; then the chunks run as a Python loop of the same ``vmap``
             calls, equal results).  Never shown under ``vmap`` / ``grad`` / ``torch.compile``.
+        randomness: ``torch.func.vmap``'s flag for random ops in the model under the sweep's ``vmap``:
+            ``"error"`` (default, as torch), ``"different"`` (independent draws per patch) or ``"same"``.
 
     Returns:
         Tensor of shape (n_sites, n_units).
 
     Raises:
-        PatchError: bad ``over``, sites with different unit counts, a non-scalar metric.
+        PatchError: bad ``over``, sites with different unit counts, a non-scalar metric, clean and
+            corrupted inputs of different shapes, non-finite inputs, a random op under ``randomness="error"``.
 
     Example:
         >>> import torch, tdfunc
@@ -201,7 +245,11 @@ def patching_sweep(
                          f"got {over!r}.")
     check_chunk_size(fn, chunk_size, PatchError)
     check_bool(fn, "progress", progress, PatchError)
-    _, caps = functional_call(module, state, clean_args, kwargs, capture=names)
+    check_callable(fn, "metric", metric, PatchError, expected="metric(output) -> scalar tensor")
+    check_randomness(fn, randomness, PatchError)
+    _check_runs(fn, clean_args, corrupted_args)
+    with renamed(fn):
+        _, caps = functional_call(module, state, clean_args, kwargs, capture=names)
     keys = _match(fn, names, caps)
     dim = 1 if over == "positions" else over
     shapes, units = [], []
@@ -224,23 +272,35 @@ def patching_sweep(
     def per_site(k: str, shape: list, clean: torch.Tensor, bar=None) -> torch.Tensor:
         def one(m):  # m: (n_units,) one-hot; only site k is edited, so upstream of k stays unbatched
             edit = lambda v: torch.where(m.reshape(shape), clean, v)  # noqa: E731
-            r = metric(functional_call(module, state, corrupted_args, kwargs, edits={k: edit}))
+            with renamed(fn):
+                out = functional_call(module, state, corrupted_args, kwargs, edits={k: edit})
+            r = metric(out)
             if not isinstance(r, torch.Tensor) or r.dim() != 0:
                 got = f"shape {tuple(r.shape)}" if isinstance(r, torch.Tensor) else type(r).__name__
                 raise PatchError(f"{fn}: metric must return a scalar (0-dim) tensor per patch, got {got}; reduce it "
                                  "inside metric (e.g. logits[0, -1, a] - logits[0, -1, b], or .mean()).")
             return r
 
-        if bar is None:
-            return vmap(one, chunk_size=chunk_size)(masks)
-        return vmap_chunks(one, chunk_size, bar)(masks)  # the same chunks, a Python loop ticking the bar
+        try:
+            if bar is None:
+                return vmap(one, chunk_size=chunk_size, randomness=randomness)(masks)
+            # the same chunks, a Python loop ticking the bar
+            return vmap_chunks(one, chunk_size, bar, randomness=randomness)(masks)
+        except RuntimeError as e:
+            err = random_op_error(fn, e, PatchError, "the model (or metric)")
+            if err is None:
+                raise
+            raise err from e
 
     bar = progress_bar(enabled=progress, desc=fn, total=len(keys) * n_chunks(n_u, chunk_size),
                        unit="site" if chunk_size is None else "chunk")
     if bar is None:
-        return torch.stack([per_site(k, shapes[i], caps[k]) for i, k in enumerate(keys)])
-    with bar:
-        return torch.stack([per_site(k, shapes[i], caps[k], bar) for i, k in enumerate(keys)])
+        out = torch.stack([per_site(k, shapes[i], caps[k]) for i, k in enumerate(keys)])
+    else:
+        with bar:
+            out = torch.stack([per_site(k, shapes[i], caps[k], bar) for i, k in enumerate(keys)])
+    warn_nonfinite(fn, "", out)
+    return out
 
 
 # ------------------------------------------------------------------------------------------ path patch
@@ -318,15 +378,19 @@ def path_patch(
     send, recv = _as_list(fn, senders), _as_list(fn, receivers)
     frz = [] if freeze is None else _as_list(fn, freeze)
     received = lambda k: any(site_match(r, k) for r in recv)  # noqa: E731
-    _, clean = functional_call(module, state, clean_args, kwargs, capture=send)
+    _check_runs(fn, clean_args, corrupted_args)
+    with renamed(fn):
+        _, clean = functional_call(module, state, clean_args, kwargs, capture=send)
     edits = _patch_edits(fn, clean, send, positions, patch_fn)
     both = [k for k in edits if received(k)]
     if both:
         raise PatchError(f"{fn}: site(s) {both} are both senders and receivers; a receiver must be a later site than "
                          "the senders (e.g. senders='blocks.0.attn', receivers='blocks.2.attn:input').")
-    if frz:
-        _, corr = functional_call(module, state, corrupted_args, kwargs, capture=frz)
-        edits.update({k: corr[k] for k in _match(fn, frz, corr) if k not in edits and not received(k)})
-    _, seen = functional_call(module, state, corrupted_args, kwargs, edits=edits, capture=recv)
+    with renamed(fn):
+        if frz:
+            _, corr = functional_call(module, state, corrupted_args, kwargs, capture=frz)
+            edits.update({k: corr[k] for k in _match(fn, frz, corr) if k not in edits and not received(k)})
+        _, seen = functional_call(module, state, corrupted_args, kwargs, edits=edits, capture=recv)
     keys = _match(fn, recv, seen)
-    return functional_call(module, state, corrupted_args, kwargs, edits={k: seen[k] for k in keys})
+    with renamed(fn):
+        return functional_call(module, state, corrupted_args, kwargs, edits={k: seen[k] for k in keys})

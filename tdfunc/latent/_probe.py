@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from tensordict import TensorDict, TensorDictBase
 from torch.func import grad, vmap
 
-from .._checks import check_bool, check_generator
+from .._checks import check_bool, check_generator, check_int
 from .._optim import adam_init, adam_update
 from .._progress import progress_bar
 from .._types import ProbeKind
@@ -223,7 +223,8 @@ def _adam(loss, params: dict, steps: int, lr: float, bar=None) -> dict:
 
 
 def _check_train_options(fn, steps, lr, weight_decay) -> None:
-    _check_int(fn, "steps", steps, 0)
+    check_int(fn, "steps", steps, ProbeError, lo=1,
+              fix=" steps=0 would return the untrained initialisation; for a closed-form probe use kind='mean_difference'.")
     for name, v, ok in (("lr", lr, lambda v: v > 0), ("weight_decay", weight_decay, lambda v: v >= 0)):
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not ok(v):
             raise ProbeError(f"{fn}: {name} must be a number {'> 0' if name == 'lr' else '>= 0'}, got {v!r}.")

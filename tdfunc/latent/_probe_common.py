@@ -7,6 +7,7 @@ from tensordict import TensorDict, TensorDictBase
 
 from .._checks import check_int
 from .._types import ProbeKind
+from .._finite import check_finite
 from ._common import LatentError
 
 __all__ = ["ProbeError", "KINDS"]
@@ -38,6 +39,7 @@ def _check_x(fn: str, x, what: str = "x") -> torch.Tensor:
         got = f"shape {tuple(x.shape)} dtype {x.dtype}" if isinstance(x, torch.Tensor) else type(x).__name__
         raise ProbeError(f"{fn}: {what} must be a floating tensor (..., D) of activations, got {got}; "
                          f"flatten and cast it first ({what}.flatten(1).float()).")
+    check_finite(fn, what, x, ProbeError, "replace them (e.g. torch.nan_to_num) or drop those rows")
     return x
 
 

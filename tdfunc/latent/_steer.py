@@ -13,7 +13,8 @@ import torch
 from tensordict import TensorDict, TensorDictBase
 
 from .._call import functional_call
-from .._checks import check_int, check_module
+from .._checks import check_int, check_module, renamed
+from .._finite import check_finite
 from .._edits import delta
 from .._types import Edits
 from ._common import PatchError, position_mask
@@ -32,15 +33,21 @@ def _diff(fn: str, pos: Any, neg: Any, pooled: bool, what: str) -> torch.Tensor:
     if pos.shape[1:] != neg.shape[1:]:
         raise PatchError(f"{fn}: acts_pos{what} has shape {tuple(pos.shape)} but acts_neg{what} has shape "
                          f"{tuple(neg.shape)}; give activations of one shape (pad or pool positions first).")
+    if pos.shape[0] == 0:
+        raise PatchError(f"{fn}: acts_pos{what} and acts_neg{what} hold no examples (N=0, shape {tuple(pos.shape)}); "
+                         "the mean difference of an empty set is undefined: pass at least one pair of activations.")
+    for name, x in (("acts_pos", pos), ("acts_neg", neg)):
+        check_finite(fn, f"{name}{what}", x, PatchError, "replace them (e.g. torch.nan_to_num) or drop those examples")
     v = (pos - neg).mean(0)
     return v.mean(tuple(range(v.dim() - 1))) if pooled and v.dim() > 1 else v
 
 
-@overload
-def steering_vector(acts_pos: torch.Tensor, acts_neg: torch.Tensor, *, pooled: bool = ...) -> torch.Tensor: ...
+# TensorDict first: mypy sees TensorDict (which has an untyped base) as compatible with Tensor
 @overload
 def steering_vector(acts_pos: TensorDictBase | Mapping[str, torch.Tensor],
                     acts_neg: TensorDictBase | Mapping[str, torch.Tensor], *, pooled: bool = ...) -> TensorDict: ...
+@overload
+def steering_vector(acts_pos: torch.Tensor, acts_neg: torch.Tensor, *, pooled: bool = ...) -> torch.Tensor: ...
 
 def steering_vector(acts_pos: Any, acts_neg: Any, *, pooled: bool = True) -> torch.Tensor | TensorDict:
     """Mean-difference steering vector(s) from paired positive / negative activations.
@@ -60,7 +67,8 @@ def steering_vector(acts_pos: Any, acts_neg: Any, *, pooled: bool = True) -> tor
         A tensor, or a TensorDict ``{site: vector}`` (batch size ``[]``) for TensorDict input.
 
     Raises:
-        PatchError: different N, shapes or keys; non-float or 1-D activations.
+        PatchError: different N, shapes or keys; non-float or 1-D activations; no examples (N=0);
+            NaN or infinite activations.
 
     Example:
         >>> import torch, tdfunc
@@ -184,7 +192,8 @@ def generate_greedy(
     check_int(fn, "n_tokens", n_tokens, PatchError, lo=0)
     ids = input_ids
     for _ in range(n_tokens):
-        out = functional_call(module, state, (ids,), edits=dict(edits) if edits else None)
+        with renamed(fn):
+            out = functional_call(module, state, (ids,), edits=dict(edits) if edits else None)
         logits = out.logits if hasattr(out, "logits") else out
         ids = torch.cat([ids, logits[:, -1].argmax(-1, keepdim=True).to(ids.dtype)], dim=1)
     return ids

@@ -173,6 +173,7 @@ def sae_encode(sae_state: TensorDictBase, x: torch.Tensor) -> torch.Tensor:
 
     Composes with: ``grad`` over the SAE state, ``vmap``, ``torch.compile``.
     """
+    _check_codec_args("tdfunc.weights.sae_encode", sae_state, x, "x")
     return torch.relu(x @ sae_state.get("W_enc") + sae_state.get("b_enc"))
 
 
@@ -195,7 +196,15 @@ def sae_decode(sae_state: TensorDictBase, f: torch.Tensor) -> torch.Tensor:
 
     Composes with: ``grad``, ``vmap``, ``torch.compile``.
     """
+    _check_codec_args("tdfunc.weights.sae_decode", sae_state, f, "f")
     return f @ sae_state.get("W_dec") + sae_state.get("b_dec")
+
+
+def _check_codec_args(fn: str, s: Any, x: Any, name: str) -> None:
+    """Types only (a hot path: no value checks)."""
+    check_td(fn, "sae_state", s)
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{fn}: {name} must be a tensor (..., D), got {type(x).__name__} ({x!r:.60}).")
 
 
 def _codec(fn: str, s: TensorDictBase, site: str) -> Callable[[torch.Tensor], torch.Tensor]:

@@ -9,6 +9,7 @@ import torch
 from tensordict import TensorDict, TensorDictBase
 
 from .._errors import TdfuncError, shape_str, suggest
+from .._finite import check_finite
 from .._match import entry_match
 
 __all__ = ["WeightError", "leaves", "dotted", "parse_key", "check_td", "check_alphas", "rebuild", "float_keys"]
@@ -124,6 +125,7 @@ def check_alphas(fn: str, alphas: Any, like: torch.Tensor) -> torch.Tensor:
         )
     if not t.is_floating_point():
         t = t.to(like.dtype)
+    check_finite(fn, "alphas", t, WeightError, "give finite coefficients, e.g. torch.linspace(0, 1, 11)")
     return t
 
 

@@ -10,8 +10,9 @@ from tensordict import TensorDict, TensorDictBase
 from torch import nn
 from torch.func import vmap
 
-from .._checks import check_bool, check_chunk_size, check_module
+from .._checks import check_bool, check_chunk_size, check_module, check_randomness, random_op_error
 from .._errors import shape_str
+from .._finite import warn_nonfinite
 from .._progress import n_chunks, progress_bar, vmap_chunks
 from .._state import flat_state
 from ._common import (
@@ -208,6 +209,7 @@ def task_vector_sweep(
     constraint: Callable[[TensorDictBase], torch.Tensor] | None = None,
     chunk_size: int | None = None,
     progress: bool = False,
+    randomness: str = "error",
 ) -> TensorDict:
     """Evaluate ``metric(θ_pre + α·τ)`` for every alpha in one ``vmap`` and pick the best feasible alpha.
 
@@ -230,13 +232,17 @@ def task_vector_sweep(
         progress: show a tqdm bar on stderr over the chunks of alphas (one step when ``chunk_size``
             is None; the chunks then run as a Python loop of the same ``vmap`` calls, equal
             results); never shown under ``vmap`` / ``grad`` / ``torch.compile``.
+        randomness: ``torch.func.vmap``'s flag for random ops in ``metric`` under the sweep's ``vmap``:
+            ``"error"`` (default, as torch), ``"different"`` (independent draws per alpha) or ``"same"``.
 
     Returns:
         TensorDict with ``"alpha"``, ``"metric"``, ``"feasible"`` (each of shape ``(A,)``),
-        ``"best_alpha"`` and ``"best_index"`` (0-d; NaN and -1 when no alpha is feasible).
+        ``"best_alpha"`` and ``"best_index"`` (0-d; NaN and -1 when no alpha is feasible).  An alpha whose
+        metric is NaN is never the best (a :class:`tdfunc.NonFiniteWarning` says which metrics are not finite).
 
     Raises:
-        WeightError: ``alphas`` not 1-D, ``metric`` / ``constraint`` of the wrong shape, tree mismatch.
+        WeightError: ``alphas`` not 1-D or not finite, ``metric`` / ``constraint`` of the wrong shape, tree
+            mismatch, a random op in ``metric`` under ``randomness="error"``.
         StateError: a state key that names no parameter or buffer of ``module``.
 
     Example:
@@ -259,6 +265,7 @@ def task_vector_sweep(
     check_module(fn, module, WeightError)
     check_chunk_size(fn, chunk_size, WeightError)
     check_bool(fn, "progress", progress, WeightError)
+    check_randomness(fn, randomness, WeightError)
     pretrained = check_td(fn, "pretrained", pretrained)
     tv = check_td(fn, "tv", tv)
     flat_state(fn, module, pretrained)
@@ -281,12 +288,19 @@ def task_vector_sweep(
         return m, c.to(torch.bool)
 
     bar = progress_bar(enabled=progress, desc=fn, total=n_chunks(alphas.shape[0], chunk_size), unit="chunk")
-    if bar is None:
-        values, feasible = vmap(one, chunk_size=chunk_size)(alphas)
-    else:
-        with bar:
-            values, feasible = vmap_chunks(one, chunk_size, bar)(alphas)
-    masked = torch.where(feasible, values, torch.full_like(values, float("-inf")))
+    try:
+        if bar is None:
+            values, feasible = vmap(one, chunk_size=chunk_size, randomness=randomness)(alphas)
+        else:
+            with bar:
+                values, feasible = vmap_chunks(one, chunk_size, bar, randomness=randomness)(alphas)
+    except RuntimeError as e:
+        err = random_op_error(fn, e, WeightError, "metric")
+        if err is None:
+            raise
+        raise err from e
+    warn_nonfinite(fn, '"metric"', values)
+    masked = torch.where(feasible & ~values.isnan(), values, torch.full_like(values, float("-inf")))
     idx = masked.argmax()
     any_ok = feasible.any()
     best_index = torch.where(any_ok, idx, torch.full_like(idx, -1))
