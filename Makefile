@@ -51,7 +51,7 @@ wheel-check: dist
 	$(WHEEL_VENV)/bin/python -m pip install -q -c requirements-dev.txt dist/tdfunc-*.whl
 	cd $$(mktemp -d) && $(CURDIR)/$(WHEEL_VENV)/bin/python $(CURDIR)/.ci/wheel_check.py $(CURDIR) $(CURDIR)/dist
 
-test: venv docs wheel-check
+test: venv docs wheel-check types
 	$(PY) -m pytest -q -n 2
 	@echo "--- core tests again on tensordict 0.14.3 ---"
 	TDFUNC_CORE_ONLY=1 PYTHONPATH=$(VENV)/td014 $(PY) -m pytest -q -n 2 $(CORE_TESTS)
@@ -68,6 +68,21 @@ $(DOCS_STAMP): | $(STAMP)
 .PHONY: docs
 docs: venv $(DOCS_STAMP)
 	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict -q -d site
+
+# Types: `mypy -p tdfunc` clean (settings in pyproject's [tool.mypy]) and the type completeness of the
+# public API (pyright --verifytypes, via basedpyright) at least TYPES_MIN percent. The tools of
+# requirements-types.txt are installed into .venv once (their own stamp). About 10 s.
+TYPES_STAMP = $(VENV)/.types-installed-$(shell cat requirements-types.txt 2>/dev/null | cksum | cut -d' ' -f1)
+TYPES_MIN   = 95
+
+$(TYPES_STAMP): | $(STAMP)
+	$(PY) -m pip install -q -r requirements-types.txt
+	rm -f $(VENV)/.types-installed-*; touch $@
+
+.PHONY: types
+types: venv $(TYPES_STAMP)
+	$(VENV)/bin/mypy -p tdfunc
+	$(PY) .ci/type_completeness.py $(TYPES_MIN)
 
 bench: venv
 	# peers measured only by the benchmarks (TransformerLens, nnsight); not needed by the tests

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, ParamSpec, TypeVar, overload
 
 import torch
 from tensordict import TensorDict, TensorDictBase
@@ -16,12 +16,32 @@ from ._types import Capture, Edits, State
 
 __all__ = ["functional_call", "intervene"]
 
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
 
 def _check_module(fn: str, module: Any) -> None:
     if not isinstance(module, nn.Module):
         raise TypeError(
             f"{fn}: expected an nn.Module as the module, got {type(module).__name__} ({module!r:.60})."
         )
+
+
+@overload
+def functional_call(
+    module: nn.Module, state: State, args: Any, kwargs: Mapping[str, Any] | None = ..., *,
+    edits: Edits | None = ..., capture: None = ..., strict: bool = ...,
+) -> Any: ...
+@overload
+def functional_call(
+    module: nn.Module, state: State, args: Any, kwargs: Mapping[str, Any] | None = ..., *,
+    edits: Edits | None = ..., capture: Capture, strict: bool = ...,
+) -> tuple[Any, TensorDict]: ...
+@overload
+def functional_call(
+    module: nn.Module, state: State, args: Any, kwargs: Mapping[str, Any] | None = ..., *,
+    edits: Edits | None = ..., capture: Capture | None = ..., strict: bool = ...,
+) -> Any: ...
 
 
 def functional_call(
@@ -112,13 +132,30 @@ def functional_call(
     kwargs = dict(kwargs or {})
     plan = _runtime.make_plan(fn, module, edits, capture, strict)
     run = torch.func.functional_call if params else None
-    call = (lambda: run(module, params, args, kwargs)) if params else (lambda: module(*args, **kwargs))
+    call = (lambda: run(module, params, args, kwargs)) if params else (lambda: module(*args, **kwargs))  # type: ignore[misc]
     if plan is None:
         out = call()
         return (out, TensorDict({}, batch_size=[])) if capture is not None else out
     out, frame = _runtime.run_in_frame(plan, call)
     captures = _runtime.finish(frame)
     return (out, captures) if capture is not None else out
+
+
+@overload
+def intervene(
+    f: Callable[_P, _R], module: nn.Module, *, edits: Edits | None = ..., capture: None = ...,
+    strict: bool = ...
+) -> Callable[_P, _R]: ...
+@overload
+def intervene(
+    f: Callable[_P, _R], module: nn.Module, *, edits: Edits | None = ..., capture: Capture,
+    strict: bool = ...
+) -> Callable[_P, tuple[_R, TensorDict]]: ...
+@overload
+def intervene(
+    f: Callable[_P, _R], module: nn.Module, *, edits: Edits | None = ..., capture: Capture | None = ...,
+    strict: bool = ...
+) -> Callable[_P, Any]: ...
 
 
 def intervene(

@@ -26,4 +26,25 @@ from ._perturb import feature_ablation as feature_ablation
 from ._perturb import occlusion as occlusion
 from ._perturb import shapley_value_sampling as shapley_value_sampling
 
-__all__ = sorted(name for name in dir() if not name.startswith("_"))
+# a literal list (sorted), so that type checkers see the names `from .attribution import *` gives tdfunc
+__all__ = [
+    "AttributionError",
+    "MiscompileError",
+    "NonFiniteWarning",
+    "activation_maximisation",
+    "feature_ablation",
+    "grad_cam",
+    "guided_backprop",
+    "infidelity",
+    "input_x_gradient",
+    "integrated_gradients",
+    "kernel_shap",
+    "layer_gradient_x_activation",
+    "layer_integrated_gradients",
+    "lrp",
+    "occlusion",
+    "saliency",
+    "sensitivity_max",
+    "shapley_value_sampling",
+    "smooth_grad",
+]

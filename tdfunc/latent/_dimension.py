@@ -18,9 +18,9 @@ __all__ = ["twonn_dimension", "mle_dimension", "local_pca_dimension", "ca_pca_di
 
 
 @overload
-def twonn_dimension(x: torch.Tensor, *, discard_fraction: float = ...) -> torch.Tensor: ...
-@overload
 def twonn_dimension(x: TensorDictBase, *, discard_fraction: float = ...) -> TensorDict: ...
+@overload
+def twonn_dimension(x: torch.Tensor, *, discard_fraction: float = ...) -> torch.Tensor: ...
 
 def twonn_dimension(x: torch.Tensor | TensorDictBase, *, discard_fraction: float = 0.1) -> torch.Tensor | TensorDict:
     """TwoNN intrinsic dimension (Facco et al., 2017), regression form, of every representation at once.
@@ -85,9 +85,9 @@ def twonn_dimension(x: torch.Tensor | TensorDictBase, *, discard_fraction: float
 
 
 @overload
-def mle_dimension(x: torch.Tensor, *, k: int = ...) -> torch.Tensor: ...
-@overload
 def mle_dimension(x: TensorDictBase, *, k: int = ...) -> TensorDict: ...
+@overload
+def mle_dimension(x: torch.Tensor, *, k: int = ...) -> torch.Tensor: ...
 
 def mle_dimension(x: torch.Tensor | TensorDictBase, *, k: int = 10) -> torch.Tensor | TensorDict:
     """Levina–Bickel maximum-likelihood intrinsic dimension from k nearest neighbours, batched.
@@ -134,9 +134,9 @@ def mle_dimension(x: torch.Tensor | TensorDictBase, *, k: int = 10) -> torch.Ten
 
 
 @overload
-def local_pca_dimension(x: torch.Tensor, *, k: int = ..., variance: float = ...) -> torch.Tensor: ...
-@overload
 def local_pca_dimension(x: TensorDictBase, *, k: int = ..., variance: float = ...) -> TensorDict: ...
+@overload
+def local_pca_dimension(x: torch.Tensor, *, k: int = ..., variance: float = ...) -> torch.Tensor: ...
 
 def local_pca_dimension(x: torch.Tensor | TensorDictBase, *, k: int = 20, variance: float = 0.9) -> torch.Tensor | TensorDict:
     """Local PCA intrinsic dimension (Fukunaga–Olsen): explained variance in kNN neighbourhoods, batched.
@@ -189,9 +189,9 @@ def local_pca_dimension(x: torch.Tensor | TensorDictBase, *, k: int = 20, varian
 
 
 @overload
-def ca_pca_dimension(x: torch.Tensor, *, k: int = ...) -> torch.Tensor: ...
-@overload
 def ca_pca_dimension(x: TensorDictBase, *, k: int = ...) -> TensorDict: ...
+@overload
+def ca_pca_dimension(x: torch.Tensor, *, k: int = ...) -> torch.Tensor: ...
 
 def ca_pca_dimension(x: torch.Tensor | TensorDictBase, *, k: int = 20) -> torch.Tensor | TensorDict:
     """Curvature-adjusted local PCA dimension (CA-PCA, Gilbert & O'Neill 2023), batched.
