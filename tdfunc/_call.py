@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Mapping
-from typing import Any, ParamSpec, TypeVar, overload
+from typing import Any, Literal, ParamSpec, TypeVar, overload
 
 import torch
 from tensordict import TensorDict, TensorDictBase
 from torch import nn
 
 from . import _runtime
-from ._state import flat_state
+from ._state import flat_state, written_buffers
 from ._types import Capture, Edits, State
 
 __all__ = ["functional_call", "intervene"]
@@ -30,17 +30,27 @@ def _check_module(fn: str, module: Any) -> None:
 @overload
 def functional_call(
     module: nn.Module, state: State, args: Any, kwargs: Mapping[str, Any] | None = ..., *,
-    edits: Edits | None = ..., capture: None = ..., strict: bool = ...,
+    edits: Edits | None = ..., capture: None = ..., strict: bool = ..., return_state: Literal[False] = ...,
 ) -> Any: ...
 @overload
 def functional_call(
     module: nn.Module, state: State, args: Any, kwargs: Mapping[str, Any] | None = ..., *,
-    edits: Edits | None = ..., capture: Capture, strict: bool = ...,
+    edits: Edits | None = ..., capture: Capture, strict: bool = ..., return_state: Literal[False] = ...,
 ) -> tuple[Any, TensorDict]: ...
 @overload
 def functional_call(
     module: nn.Module, state: State, args: Any, kwargs: Mapping[str, Any] | None = ..., *,
-    edits: Edits | None = ..., capture: Capture | None = ..., strict: bool = ...,
+    edits: Edits | None = ..., capture: None = ..., strict: bool = ..., return_state: Literal[True],
+) -> tuple[Any, TensorDict]: ...
+@overload
+def functional_call(
+    module: nn.Module, state: State, args: Any, kwargs: Mapping[str, Any] | None = ..., *,
+    edits: Edits | None = ..., capture: Capture, strict: bool = ..., return_state: Literal[True],
+) -> tuple[Any, TensorDict, TensorDict]: ...
+@overload
+def functional_call(
+    module: nn.Module, state: State, args: Any, kwargs: Mapping[str, Any] | None = ..., *,
+    edits: Edits | None = ..., capture: Capture | None = ..., strict: bool = ..., return_state: bool = ...,
 ) -> Any: ...
 
 
@@ -53,6 +63,7 @@ def functional_call(
     edits: Edits | None = None,
     capture: Capture | None = None,
     strict: bool = True,
+    return_state: bool = False,
 ) -> Any:
     """Run ``module`` as a pure function of (state, inputs, activation edits).
 
@@ -60,8 +71,11 @@ def functional_call(
 
     Like :func:`torch.func.functional_call`, with ``state`` a TensorDict (partial allowed: entries
     it lacks come from the module).  ``edits`` change values inside the forward; ``capture``
-    returns values from inside it.  Nothing is written to the module, the state or the inputs
-    (TensorDict inputs are shallow-copied, so a ``TensorDictModule``'s writes stay inside).
+    returns values from inside it.  Nothing is written to the module, the state, the inputs or the
+    edits: TensorDict inputs are shallow-copied (a ``TensorDictModule``'s writes stay inside), what
+    an edit puts into the model is a fresh copy (an in-place op after the site cannot write into
+    your tensor), and the buffers of submodules in training mode (BatchNorm's running statistics)
+    are cloned before the forward updates them — ask for the updated ones with ``return_state=True``.
 
     Sites (keys of ``edits``, entries of ``capture``):
 
@@ -95,16 +109,23 @@ def functional_call(
         capture: a site or list of sites to return.
         strict: with ``False``, an edit or capture whose site the forward never reaches is skipped
             (the capture is then absent from the result) instead of raising ``NotReachedError``.
+        return_state: with ``True``, also return the state after the call: a TensorDict shaped like
+            :func:`tdfunc.state` holding ``state``'s entries (the module's own tensors for those it
+            lacks), with the buffers the forward updated (train-mode BatchNorm's running statistics)
+            replaced by their new values — as flax's ``mutable=``.  The input state is not changed.
 
     Returns:
         The module's output, or ``(output, captures)`` when ``capture`` is given, with ``captures``
-        a TensorDict keyed by site string (``captures["blocks.0.mlp"]``).
+        a TensorDict keyed by site string (``captures["blocks.0.mlp"]``); with ``return_state=True``
+        the new state comes last: ``(output, new_state)`` or ``(output, captures, new_state)``.
 
     Raises:
         SiteError: unknown site (with the nearest names), glob matching nothing, bad site syntax.
         EditError: a substitute / delta / edit result whose shape, dtype or device does not fit.
-        StateError: a state key that names no parameter or buffer.
+        StateError: a state key that names no parameter or buffer, or an entry of another shape,
+            or a dtype / device the rest of the call does not share.
         NotReachedError: an edited or captured site that the forward never reached.
+        TypeError: ``args`` given as a list, ``strict`` or ``return_state`` not a bool.
 
     Example:
         >>> import torch, tdfunc
@@ -123,7 +144,16 @@ def functional_call(
     """
     fn = "tdfunc.functional_call"
     _check_module(fn, module)
+    if not isinstance(return_state, bool):
+        raise TypeError(
+            f"{fn}: return_state must be True or False, got {type(return_state).__name__} ({return_state!r:.60})."
+        )
     params = flat_state(fn, module, state)
+    if isinstance(args, list):
+        raise TypeError(
+            f"{fn}: args must be a tuple of positional inputs (or one input that is not a list), got a list of "
+            f"length {len(args)}; pass tuple(args), or ([...],) when the module's single input is a list."
+        )
     if not isinstance(args, tuple):
         args = (args,)
     args = tuple(a.copy() if isinstance(a, TensorDictBase) else a for a in args)
@@ -131,14 +161,39 @@ def functional_call(
         raise TypeError(f"{fn}: kwargs must be a mapping or None, got {type(kwargs).__name__}.")
     kwargs = dict(kwargs or {})
     plan = _runtime.make_plan(fn, module, edits, capture, strict)
+    written = written_buffers(module)  # train-mode buffers: the forward writes them in place
+    given = params
+    if written:  # run on clones: neither the module nor a state sharing its storage is written
+        params = dict(params)
+        for k, b in written.items():
+            params[k] = params.get(k, b).clone()
     run = torch.func.functional_call if params else None
     call = (lambda: run(module, params, args, kwargs)) if params else (lambda: module(*args, **kwargs))  # type: ignore[misc]
     if plan is None:
         out = call()
-        return (out, TensorDict({}, batch_size=[])) if capture is not None else out
-    out, frame = _runtime.run_in_frame(plan, call)
-    captures = _runtime.finish(frame)
-    return (out, captures) if capture is not None else out
+        captures = TensorDict({}, batch_size=[])
+    else:
+        reparam = None
+        if params:  # a checkpointed region's recomputation runs with this state again
+            reparam = (module, {**{k: b for k, b in written.items() if k not in given}, **given}, set(written))
+        out, frame = _runtime.run_frame(_runtime.Frame(plan, reparam), call)
+        captures = _runtime.finish(frame)
+    result = (out, captures) if capture is not None else (out,)
+    if return_state:
+        result += (_new_state(module, given, params, written),)  # type: ignore[assignment]
+    return result if len(result) > 1 else out
+
+
+def _new_state(module: nn.Module, given: dict, params: dict, written: dict) -> TensorDict:
+    """The state after a call: ``given``'s entries, the module's for the rest, the written buffers' new values."""
+    nested: dict = {}
+    for k, t in list(module.named_parameters()) + list(module.named_buffers()):
+        *path, leaf = k.split(".")
+        d = nested
+        for seg in path:
+            d = d.setdefault(seg, {})
+        d[leaf] = params[k] if k in written else (given[k] if k in given else t.detach())
+    return TensorDict(nested, batch_size=[])
 
 
 @overload

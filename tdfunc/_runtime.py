@@ -14,6 +14,8 @@ runs, a barrier (``None``) hides every frame below it: a model called inside an 
 
 from __future__ import annotations
 
+import contextlib
+import sys
 import threading
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -66,14 +68,25 @@ class Plan:
 
 
 class Frame:
-    __slots__ = ("plan", "counts", "hits", "values")
+    __slots__ = ("plan", "counts", "hits", "values", "reparam")
 
-    def __init__(self, plan: Plan):
+    def __init__(self, plan: Plan, reparam: Any = None):
         self.plan = plan
         self.counts = [0] * plan.n_counters
         n = len(plan.edits) + len(plan.captures)
         self.hits = [0] * n
         self.values: list[list[Any]] = [[] for _ in range(n)]
+        # (module, flat state, buffer names to clone) of a functional_call: what a checkpoint
+        # recomputation of part of the forward must run with again (see _watch_checkpoints)
+        self.reparam = reparam
+
+    def snapshot(self) -> Frame:
+        """A copy of this frame as it is now (counters, recorded values), for a later recomputation."""
+        f = Frame.__new__(Frame)
+        f.plan, f.reparam = self.plan, self.reparam
+        f.counts, f.hits = list(self.counts), list(self.hits)
+        f.values = [list(v) for v in self.values]
+        return f
 
 
 # --- planning ------------------------------------------------------------------------------------
@@ -124,6 +137,8 @@ def make_plan(fn: str, root: nn.Module, edits: Mapping | None, capture: Any, str
 
     Nothing is installed here: :func:`run_in_frame` installs the plan's sites for each call.
     """
+    if not isinstance(strict, bool):
+        raise TypeError(f"{fn}: strict must be True or False, got {type(strict).__name__} ({strict!r:.60}).")
     if edits is not None and not isinstance(edits, Mapping):
         raise TypeError(
             f"{fn}: edits must be a mapping from site to edit, got {type(edits).__name__} ({edits!r:.80}); "
@@ -132,7 +147,7 @@ def make_plan(fn: str, root: nn.Module, edits: Mapping | None, capture: Any, str
     cap_sites = _sites_of(fn, "capture", capture)
     if not edits and not cap_sites:
         return None
-    plan, cache = Plan(fn, strict), {}
+    plan, cache = Plan(fn, strict), {}  # type: ignore[var-annotated]
     seen_keys: set[str] = set()
     requests = [(s, v, False) for s, v in (edits or {}).items()] + [(s, None, True) for s in cap_sites]
 
@@ -240,31 +255,48 @@ def _fit(fn: str, site: str, what: str, new: Any, value: Any, exact: bool) -> An
                 f"{shape_str(value.shape)}; give a tensor with a shape {how} {shape_str(value.shape)}."
             )
         if what == "the substitute":
-            new = new.expand(value.shape)
+            new = new.expand(value.shape)  # materialised by _own
+    return new
+
+
+def _own(new: Any) -> Any:
+    """A fresh, dense copy of what an edit puts into the model.
+
+    The model may write into the value it receives (``ReLU(inplace=True)``) or ``.view`` it: a
+    substitute, or a tensor an edit function returns (a closed-over tensor, another call's capture,
+    a parameter), must neither be written through nor be a stride-0 broadcast.  ``clone`` keeps
+    gradients flowing and works under ``vmap`` and ``torch.compile``.
+    """
+    if isinstance(new, torch.Tensor):
+        return new.clone(memory_format=torch.contiguous_format)
+    if isinstance(new, TensorDictBase):
+        return new.clone()
     return new
 
 
 def _edit(frame: Frame, op: _Op, value: Any, module, args, kwargs, output) -> Any:
     fn, p = frame.plan.fn, op.payload
     if isinstance(p, (torch.Tensor, TensorDictBase)):
-        return _fit(fn, op.key, "the substitute", p, value, exact=False)
+        return _own(_fit(fn, op.key, "the substitute", p, value, exact=False))
     if isinstance(p, Delta):
         return value + _fit(fn, op.key, "the delta", p.tensor, value, exact=False)
     if isinstance(p, FromSite):
-        seen = frame.values[op.read.slot]
+        seen = frame.values[op.read.slot]  # type: ignore[union-attr]  # a FromSite op has a read
         if not seen:
             raise NotReachedError(
                 f"{fn}: tdfunc.from_site at site {op.key!r} needs the value of {p.source!r}, which has not run yet "
                 "in this call; the source must be reached before the edited site."
             )
         new = seen[-1] if p.fn is None else _user(p.fn, seen[-1])
-        return _fit(fn, op.key, "the from_site value", new, value, exact=True)
+        return _own(_fit(fn, op.key, "the from_site value", new, value, exact=True))
     if isinstance(p, Rule):
         new = _user(p.fn, module, args, kwargs, value if op.element is not None else output)
         if op.element is None and not isinstance(output, (torch.Tensor, TensorDictBase)):
             new = _get(fn, op, new, "output")
-        return _fit(fn, op.key, "the rule's result", new, value, exact=True)
-    return _fit(fn, op.key, "the edit function's result", _user(p, value), value, exact=True)
+        new = _fit(fn, op.key, "the rule's result", new, value, exact=True)
+        return new if new is value else _own(new)
+    new = _fit(fn, op.key, "the edit function's result", _user(p, value), value, exact=True)
+    return new if new is value else _own(new)  # the model's own value (an in-place edit) stays
 
 
 def _get(fn: str, op: _Op, container: Any, port: str) -> Any:
@@ -295,7 +327,11 @@ def _put(container: Any, op: _Op, new: Any) -> Any:
     items[i] = new
     if isinstance(container, list):
         return items
-    return tuple(items) if type(container) is tuple else type(container)(*items)  # namedtuples
+    if type(container) is tuple:
+        return tuple(items)
+    if hasattr(type(container), "n_fields"):  # torch.return_types (structseq): built from one sequence
+        return type(container)(items)
+    return type(container)(*items)  # namedtuples
 
 
 def _capture_copy(value: Any) -> Any:
@@ -339,9 +375,12 @@ def input_hook(module, args, kwargs=None):
     if not stack or kwargs is None:
         return None
     changed = False
-    for frame in _active(stack):
+    frames = _active(stack)
+    for frame in frames:
         entry = frame.plan.entries.get(module)
         if entry is not None and entry.inputs:
+            if not changed:
+                _watch_checkpoints(frames)
             args = _run(frame, entry.inputs, entry.counter, "input", module, args, kwargs, args)
             changed = True
     return (args, kwargs) if changed else None
@@ -352,12 +391,109 @@ def output_hook(module, args, kwargs, output=_NO_OUTPUT):
     if not stack or output is _NO_OUTPUT:  # called without kwargs: see input_hook
         return None
     changed = False
-    for frame in _active(stack):
+    frames = _active(stack)
+    for frame in frames:
         entry = frame.plan.entries.get(module)
         if entry is not None and entry.outputs:
+            if not changed:
+                _watch_checkpoints(frames)
             output = _run(frame, entry.outputs, entry.counter + 1, "output", module, args, kwargs, output)
             changed = True
     return output if changed else None
+
+
+# --- torch.utils.checkpoint ----------------------------------------------------------------------
+# A checkpointed region (torch.utils.checkpoint, reentrant or not; transformers'
+# gradient_checkpointing_enable) runs its forward again during backward, after the call that
+# edited it has returned.  Recomputed without the call's frames (and with the module's own
+# parameters instead of the call's state), it would give the backward other values than the
+# forward: a silently wrong gradient.  So the first hook that applies an op inside such a region
+# finds the region on the Python stack and wraps its recompute function: the recomputation runs
+# under copies of the frames as they were when the region began (counters and recorded values, so
+# '@k' and from_site see the same calls), the same substituted state, with the sites installed.
+
+
+def _wrap_recompute(owner: Any, attr: str, frames: list[Frame]) -> None:
+    fn = getattr(owner, attr, None)
+    if fn is None or getattr(fn, "_tdfunc_replay", False):
+        return
+    snaps = [f.snapshot() for f in reversed(frames)]  # push order: outermost first
+
+    def recompute(*args, **kwargs):
+        return _replay(snaps, fn, args, kwargs)
+
+    recompute._tdfunc_replay = True  # type: ignore[attr-defined]
+    setattr(owner, attr, recompute)
+
+
+def _replay(snaps: list[Frame], fn, args, kwargs):
+    n_frames = len(snaps)  # read by _watch_checkpoints: the frames this function pushed  # noqa: F841
+    frames = [s.snapshot() for s in snaps]  # every recomputation (one per backward) starts afresh
+    with contextlib.ExitStack() as stack:
+        for f in frames:
+            if f.reparam is not None:
+                module, params, fresh = f.reparam
+                params = {k: (v.clone() if k in fresh else v) for k, v in params.items()} if fresh else params
+                stack.enter_context(torch.nn.utils.stateless._reparametrize_module(module, params, tie_weights=True))
+        held = []
+        try:
+            for f in frames:
+                held.append(acquire(f.plan.fn, f.plan.sites))
+            for f in frames:
+                push(f)
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                for _ in frames:
+                    pop()
+        finally:
+            for h in held:
+                release(h)
+
+
+_CODES: tuple | None = None
+
+
+def _codes() -> tuple:
+    global _CODES
+    if _CODES is None:
+        import inspect
+
+        import torch.utils.checkpoint as ckpt
+
+        _CODES = (
+            inspect.unwrap(ckpt.checkpoint).__code__,
+            ckpt.CheckpointFunction.forward.__code__,
+            run_frame.__code__,
+            _replay.__code__,
+        )
+    return _CODES
+
+
+def _watch_checkpoints(frames: list[Frame]) -> None:
+    """Wrap the recompute function of every checkpoint region entered inside ``frames``' calls."""
+    if torch.compiler.is_compiling():  # compiled checkpoints are traced, not recomputed by these functions
+        return
+    free, reentrant, call, replay = _codes()
+    n, passed = len(frames), 0
+    f = sys._getframe(2)
+    while f is not None and passed < n:
+        code = f.f_code
+        if code is call:
+            passed += 1  # frames[passed:] were pushed before anything further up the stack
+        elif code is replay:
+            passed += f.f_locals["n_frames"]
+        elif code is free:  # use_reentrant=False: the region's _CheckpointFrame lives in the generator
+            gen = f.f_locals.get("gen")
+            gi = getattr(gen, "gi_frame", None)
+            ck = gi.f_locals.get("new_frame") if gi is not None else None
+            if ck is not None:
+                _wrap_recompute(ck, "recompute_fn", frames[passed:])
+        elif code is reentrant:  # use_reentrant=True: backward calls ctx.run_function again
+            ctx = f.f_locals.get("ctx")
+            if ctx is not None:
+                _wrap_recompute(ctx, "run_function", frames[passed:])
+        f = f.f_back  # type: ignore[assignment]  # None ends the loop
 
 
 # --- finishing a frame ---------------------------------------------------------------------------
@@ -422,11 +558,15 @@ def run_in_frame(plan: Plan, fn, *args, **kwargs):
     The sites are acquired for this call only and released in ``finally`` (also when ``fn``
     raises): the last running call using a site removes its hooks, unless it is pinned.
     """
-    frame = Frame(plan)
-    held = acquire(plan.fn, plan.sites)
+    return run_frame(Frame(plan), fn, args, kwargs)
+
+
+def run_frame(frame: Frame, fn, args: tuple = (), kwargs: dict | None = None):
+    """:func:`run_in_frame` with a frame built by the caller (``functional_call`` adds its state to it)."""
+    held = acquire(frame.plan.fn, frame.plan.sites)
     push(frame)
     try:
-        result = fn(*args, **kwargs)
+        result = fn(*args, **(kwargs or {}))
     finally:
         pop()
         release(held)

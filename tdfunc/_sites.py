@@ -301,6 +301,11 @@ def install_sites(module: nn.Module, sites: str | list[str] | tuple[str, ...]) -
         raise TypeError(f"tdfunc.install_sites: expected an nn.Module, got {type(module).__name__}.")
     if isinstance(sites, str):
         sites = [sites]
+    if not isinstance(sites, (list, tuple)):
+        raise TypeError(
+            f"{fn}: sites must be a site string or a list of site strings, got {type(sites).__name__} "
+            f"({sites!r:.60}); e.g. tdfunc.install_sites(model, ['blocks.*.mlp']), or '**' for every submodule."
+        )
     table = module_table(module)
     found = [pair for s in sites for pair in resolve_site(fn, module, parse_site(fn, s), table)]
     if torch.compiler.is_compiling():

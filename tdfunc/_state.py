@@ -11,7 +11,7 @@ from torch import nn
 
 from ._errors import StateError, suggest
 
-__all__ = ["state", "flat_state"]
+__all__ = ["state", "flat_state", "written_buffers"]
 
 
 def state(module: nn.Module, *, copy: bool = False) -> TensorDict:
@@ -80,11 +80,50 @@ _TENSORS: "weakref.WeakKeyDictionary[nn.Module, dict[str, torch.Tensor]]" = weak
 
 
 def _tensors(module: nn.Module) -> dict[str, torch.Tensor]:
-    tensors = dict(module.named_parameters(remove_duplicate=False))
+    tensors: dict[str, torch.Tensor] = dict(module.named_parameters(remove_duplicate=False))
     tensors.update(module.named_buffers(remove_duplicate=False))
     if not torch.compiler.is_compiling():
         _TENSORS[module] = tensors
+        _OWNERS.pop(module, None)  # the module may have changed: find the buffers' owners again
     return tensors
+
+
+#: per module: (dotted prefix, submodule) of every submodule that owns buffers
+_OWNERS: "weakref.WeakKeyDictionary[nn.Module, list[tuple[str, nn.Module]]]" = weakref.WeakKeyDictionary()
+
+
+def _owners(module: nn.Module) -> list[tuple[str, nn.Module]]:
+    owners: list[tuple[str, nn.Module]] = []
+
+    def visit(m: nn.Module, prefix: str) -> None:
+        if m._buffers:
+            owners.append((prefix, m))
+        for k, child in m._modules.items():
+            if child is not None:
+                visit(child, prefix + k + ".")
+
+    visit(module, "")
+    if not torch.compiler.is_compiling():
+        _OWNERS[module] = owners
+    return owners
+
+
+def written_buffers(module: nn.Module) -> dict[str, torch.Tensor]:
+    """The module's own buffers that a forward may write: those of submodules in training mode.
+
+    (BatchNorm updates its running statistics in place in training mode.)  A call runs on clones
+    of these, so neither the module nor a state sharing its storage is written.
+    """
+    owners = None if torch.compiler.is_compiling() else _OWNERS.get(module)
+    if owners is None:
+        owners = _owners(module)
+    out: dict[str, torch.Tensor] = {}
+    for prefix, m in owners:
+        if m.training:
+            for k, b in m._buffers.items():
+                if b is not None:
+                    out[prefix + k] = b
+    return out
 
 
 def _check_shape(fn: str, module: nn.Module, k: str, v: torch.Tensor, own: torch.Tensor) -> None:
@@ -124,7 +163,13 @@ def flat_state(fn: str, module: nn.Module, state: TensorDictBase | Mapping | Non
     if tensors is not None:  # the fast path: every entry is a tensor of the cached name and shape
         for k, v in flat.items():
             own = tensors.get(k)
-            if own is None or not isinstance(v, torch.Tensor) or v.shape != own.shape:
+            if (
+                own is None
+                or not isinstance(v, torch.Tensor)
+                or v.shape != own.shape
+                or v.dtype != own.dtype
+                or v.device != own.device
+            ):
                 break
         else:
             return flat
@@ -138,4 +183,33 @@ def flat_state(fn: str, module: nn.Module, state: TensorDictBase | Mapping | Non
         if not isinstance(v, torch.Tensor):
             raise StateError(f"{fn}: state entry {k!r} is a {type(v).__name__}, expected a tensor.")
         _check_shape(fn, module, k, v, tensors[k])
+    odd = [k for k, v in flat.items() if _differs(v, tensors[k])]
+    if odd:
+        _check_consistent(fn, module, flat, tensors, odd[0])
     return flat
+
+
+def _differs(v: torch.Tensor, own: torch.Tensor) -> bool:
+    float_pair = v.is_floating_point() and own.is_floating_point()
+    return (float_pair and v.dtype != own.dtype) or v.device != own.device
+
+
+def _check_consistent(fn: str, module: nn.Module, flat: dict, tensors: dict, k: str) -> None:
+    """An entry of another dtype / device than the module's is fine when the whole call runs in it.
+
+    (A float64 state on a float32 module, with float64 inputs, is a float64 call.)  Refused when the
+    call would mix: the other entries, or the module's tensors the state leaves out, differ.
+    """
+    given = {id(tensors[n]) for n in flat}  # tied names follow the entry given for them
+    used = list(flat.values()) + [t for n, t in tensors.items() if n not in flat and id(t) not in given]
+    floats = sorted({str(t.dtype) for t in used if t.is_floating_point()})
+    devices = sorted({str(t.device) for t in used})
+    if len(floats) <= 1 and len(devices) <= 1:
+        return
+    v, own = flat[k], tensors[k]
+    raise StateError(
+        f"{fn}: state entry {k!r} has dtype {v.dtype} on {v.device}, but {type(module).__name__}'s tensor of that "
+        f"name has dtype {own.dtype} on {own.device}, and the call would mix dtypes {floats} on devices {devices}; "
+        f"convert the entry (.to({own.dtype}, {str(own.device)!r})), or the whole state and the inputs together "
+        "(state.to(dtype, device)), so the call runs in one dtype on one device."
+    )

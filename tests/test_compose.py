@@ -112,6 +112,22 @@ def _cases() -> list[Case]:
         return x * grad(out)(x)
 
     cases.append(Case("attr:input-x-gradient", mlp, input_x_gradient, (x6,), (0,), (0,), "fc1", probe=x6))
+
+    # train mode: BatchNorm updates running statistics in place; the call must write neither the module
+    # (the purity check) nor the state (clones; the new statistics come back with return_state=True).
+    # Under vmap the written buffers must be batched: here the vmap is over stacked states (an ensemble).
+    def bn_net(seed):
+        torch.manual_seed(seed)
+        return torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.BatchNorm1d(5), torch.nn.Tanh(), torch.nn.Linear(5, 3))
+
+    bn = bn_net(0).to(dt).train()
+    s_bn = torch.stack([tdfunc.state(bn_net(i).to(dt)) for i in range(B)])
+
+    def train_batchnorm(state, x):
+        y, caps, new = tdfunc.functional_call(bn, state, (x,), capture="1", return_state=True)
+        return torch.cat([y.flatten(), caps["1"].flatten()])
+
+    cases.append(Case("call:train-batchnorm", bn, train_batchnorm, (s_bn, x6), (0, None), (1,), "1", probe=x6))
     return cases
 
 
@@ -224,8 +240,8 @@ class _Boom(RuntimeError):
 @pytest.mark.parametrize("case", CASES, ids=IDS)
 def test_purity(case):
     module = case.module
-    before = snapshot(module)
     plain = module(case.probe).detach().clone()
+    before = snapshot(module)  # after the plain call: in train mode that call itself updates BatchNorm's buffers
     args = _example(case, 0)
     case.fn(*args)
     vmap(case.fn, in_dims=case.in_dims)(*case.args)
@@ -238,7 +254,7 @@ def test_purity(case):
     with pytest.raises(_Boom):
         raising(*args)
     assert_same_snapshot(before, snapshot(module))
-    assert torch.equal(module(case.probe), plain)
+    assert torch.equal(module(case.probe), plain)  # (train mode: batch statistics, same output)
     tdfunc.remove_sites(module)
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in module.modules())
     assert torch.equal(module(case.probe), plain)
