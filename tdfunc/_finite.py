@@ -11,6 +11,7 @@ the caller's job.
 from __future__ import annotations
 
 import warnings
+from typing import TypeGuard
 
 import torch
 
@@ -21,7 +22,7 @@ class NonFiniteWarning(UserWarning):
     """A method returned NaN or infinite values from finite inputs (the model or ``f`` produced them)."""
 
 
-def readable(t: object) -> bool:
+def readable(t: object) -> TypeGuard[torch.Tensor]:
     """Whether ``t``'s values can be read here: a real tensor, outside transforms, compile and tracing."""
     if not isinstance(t, torch.Tensor) or t.device.type == "meta" or not (t.is_floating_point() or t.is_complex()):
         return False

@@ -287,7 +287,7 @@ def grads_per_target(
             )
         return y
 
-    y, pull = vjp(floating, xs)
+    y, pull = vjp(floating, xs)  # type: ignore[misc]  # no has_aux: a pair
     if torch.compiler.is_compiling():
         _check_compiled(fn, y.device.type != "cpu" if isinstance(y, torch.Tensor) else False)
     if not isinstance(y, torch.Tensor):
