@@ -81,6 +81,9 @@ SNIPPET = """
     reveal_type(tdfunc.latent.mle_dimension(td))  # R7
     reveal_type(tdfunc.latent.steering_vector(x, x))  # R8
     reveal_type(tdfunc.saliency(lambda t: net(t["x"]).sum(-1), td))  # R9
+    reveal_type(tdfunc.functional_call(net, None, (x,), return_state=True))  # R10
+    reveal_type(tdfunc.functional_call(net, None, (x,), capture="0", return_state=True))  # R11
+    reveal_type(tdfunc.weights.apply_task_vector(td, td))  # R12
     tdfunc.intervene(f, net)("not a tensor")  # E1
     tdfunc.integrated_gradients(lambda t: t["x"].sum(-1), td, method="riemann_leftt")  # E2
     tdfunc.latent.fit_probes(td, torch.zeros(2), kind="mlp")  # E3
@@ -97,6 +100,9 @@ EXPECTED = {
     "R7": "tensordict._td.TensorDict",
     "R8": "torch._tensor.Tensor",
     "R9": "tensordict._td.TensorDict",
+    "R10": "tuple[Any, tensordict._td.TensorDict]",
+    "R11": "tuple[Any, tensordict._td.TensorDict, tensordict._td.TensorDict]",
+    "R12": "tensordict._td.TensorDict",
 }
 
 

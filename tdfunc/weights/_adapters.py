@@ -13,7 +13,7 @@ from .._checks import check_generator, check_int
 from .._edits import FromSite, from_site
 from .._errors import EditError, shape_str, suggest
 from .._types import Key
-from ._common import WeightError, check_scale, check_td, dotted, from_leaves, known_names, leaves, parse_key, rebuild
+from ._common import TD, WeightError, check_scale, check_td, dotted, from_leaves, known_names, leaves, parse_key, rebuild
 
 __all__ = [
     "sae_init",
@@ -372,7 +372,7 @@ def lora_init(
     return from_leaves(out)
 
 
-def apply_lora(state: TensorDictBase, lora_state: TensorDictBase, scale: float | torch.Tensor = 1.0) -> TensorDictBase:
+def apply_lora(state: TD, lora_state: TensorDictBase, scale: float | torch.Tensor = 1.0) -> TD:
     """A new state with ``W + scale · B @ A`` for every weight that ``lora_state`` adapts.
 
     .. math::  W' = W + s\\, B A

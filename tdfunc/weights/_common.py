@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from tensordict import TensorDict, TensorDictBase
@@ -20,6 +20,8 @@ class WeightError(TdfuncError, ValueError):
 
 
 Key = tuple
+#: a state's own TensorDict class: a weight edit returns the class it was given
+TD = TypeVar("TD", bound=TensorDictBase)
 
 
 def dotted(key: Key) -> str:
@@ -142,7 +144,7 @@ def check_scale(fn: str, what: str, a: Any) -> Any:
     raise TypeError(f"{fn}: {what} must be a number or a 0-d tensor, got {type(a).__name__} ({a!r:.60}).")
 
 
-def rebuild(base: TensorDictBase, new: dict[Key, torch.Tensor]) -> TensorDictBase:
+def rebuild(base: TD, new: dict[Key, torch.Tensor]) -> TD:
     """A shallow copy of ``base`` with the entries of ``new`` replaced (``base`` is not touched)."""
     out = base.copy()
     for k, v in new.items():

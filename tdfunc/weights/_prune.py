@@ -11,7 +11,7 @@ from torch.func import grad
 
 from .._errors import shape_str, suggest
 from .._types import PruneScope
-from ._common import WeightError, check_td, dotted, float_keys, from_leaves, leaves, rebuild, select
+from ._common import TD, WeightError, check_td, dotted, float_keys, from_leaves, leaves, rebuild, select
 
 __all__ = ["magnitude_scores", "snip_scores", "prune_masks", "apply_masks"]
 
@@ -263,7 +263,7 @@ def prune_masks(
     return from_leaves(_masks_one(fn, flat_scores, keys, amounts, scope, structured_dim, p))
 
 
-def apply_masks(state: TensorDictBase, masks: TensorDictBase) -> TensorDictBase:
+def apply_masks(state: TD, masks: TensorDictBase) -> TD:
     """A new state with the masked entries multiplied by their masks (others unchanged).
 
     .. math::  \\theta'_i = \\theta_i \\cdot m_i

@@ -16,6 +16,7 @@ from .._finite import warn_nonfinite
 from .._progress import n_chunks, progress_bar, vmap_chunks
 from .._state import flat_state
 from ._common import (
+    TD,
     WeightError,
     check_alphas,
     check_same_tree,
@@ -71,7 +72,7 @@ def task_vector(finetuned: TensorDictBase, pretrained: TensorDictBase) -> Tensor
     return from_leaves({k: ft[k] - pre[k] for k in keys_ft}, pretrained.batch_size)
 
 
-def apply_task_vector(pretrained: TensorDictBase, tv: TensorDictBase, alpha: float | torch.Tensor = 1.0) -> TensorDictBase:
+def apply_task_vector(pretrained: TD, tv: TensorDictBase, alpha: float | torch.Tensor = 1.0) -> TD:
     """A new state ``θ_pre + α·τ`` (entries absent from ``τ`` are copied from ``pretrained``).
 
     .. math::  \\theta(\\alpha) = \\theta_{\\mathrm{pre}} + \\alpha\\, \\tau
