@@ -29,8 +29,6 @@ Y = torch.tensor([0, 1] * 5)
 PROBE = tdfunc.latent.probe_init("linear", 3, 2)
 W = tdfunc.weights
 
-KNOWN_GAP = "cache_activations(sites=3): raw TypeError from latent/_cache.py (owned by the cache work of issue 15)"
-
 # name -> list of malformed calls
 TABLE: dict[str, list] = {
     # core
@@ -69,8 +67,7 @@ TABLE: dict[str, list] = {
     "sensitivity_max": [lambda: tdfunc.sensitivity_max(None, F, TD), lambda: tdfunc.sensitivity_max(tdfunc.saliency, F, None)],
     # latent
     "cache_activations": [lambda: tdfunc.latent.cache_activations(None, None, [X], ["0"]),
-                          pytest.param(lambda: tdfunc.latent.cache_activations(NET, None, [X], 3),
-                                       marks=pytest.mark.xfail(strict=True, reason=KNOWN_GAP))],
+                          lambda: tdfunc.latent.cache_activations(NET, None, [X], 3)],
     "patch": [lambda: tdfunc.latent.patch(None, None, (X,), {}, "0"), lambda: tdfunc.latent.patch(NET, None, (X,), None, "0")],
     "patching_sweep": [lambda: tdfunc.latent.patching_sweep(None, None, (X,), (X,), "0", F),
                        lambda: tdfunc.latent.patching_sweep(NET, None, (X,), (X,), "0", None),

@@ -332,6 +332,23 @@ def _raises(msg, *args, **kwargs):
     assert isinstance(e.value, ValueError) and isinstance(e.value, tdfunc.TdfuncError)
 
 
+def test_errors_cache_reduce_without_positions_and_bad_sites():
+    """Issue 15: reduce='last' on a (B, D) site kept the last hidden unit; sites=3 was a raw TypeError."""
+    fn = "tdfunc.latent.cache_activations"
+    flat = [TensorDict({"input": torch.randn(3, 4)}, [3])]
+    for reduce in ("last", "mean"):
+        _raises(f"{fn}: reduce={reduce!r} reduces dim 1 (positions) of a (B, T, ..., D) value, but the value at '0' "
+                "has shape (3, 8), with no position dim (it would reduce the features); use reduce=None or a "
+                "callable for this site.", NET, None, flat, "0", reduce=reduce)
+    assert tdfunc.latent.cache_activations(NET, None, flat, "0", progress=False)["0"].shape == (3, 8)
+    for sites, shown in ((3, "int (3)"), ([], "list ([])"), (["0", 2], "list (['0', 2])")):
+        with pytest.raises(CacheError) as e:
+            tdfunc.latent.cache_activations(NET, None, DATA, sites, progress=False)
+        assert isinstance(e.value, TypeError)
+        assert str(e.value) == (f"{fn}: sites must be a site string or a non-empty list of site strings, got {shown}; "
+                                "e.g. sites='blocks.*' or sites=['blocks.0', 'blocks.1.attn'].")
+
+
 def test_errors_cache():
     fn = "tdfunc.latent.cache_activations"
     _raises(f"{fn}: unknown reduce 'max'; use None, 'last' (last position along dim 1), 'mean' (mean over dim 1) "

@@ -19,7 +19,7 @@ from tensordict import TensorDict, TensorDictBase
 from torch import nn
 
 from .._call import functional_call
-from .._checks import check_bool, check_int, check_module, type_error
+from .._checks import check_bool, check_int, check_module, check_position_dim, type_error
 from .._progress import progress_bar
 from .._types import Reduction
 from . import _cache_io as disk
@@ -56,9 +56,7 @@ def _reducer(reduce, mask_key) -> Callable | None:
     if isinstance(reduce, str) and reduce in REDUCTIONS:
 
         def named(v: torch.Tensor, key: str, batch: TensorDictBase, i: int) -> torch.Tensor:
-            if v.dim() < 2:
-                raise CacheError(f"{FN}: reduce={reduce!r} reduces dim 1 but the value at {key!r} has shape "
-                                 f"{tuple(v.shape)}; use reduce=None or a callable for this site.")
+            check_position_dim(FN, f"reduce={reduce!r}", key, v, CacheError)  # (B, D): dim 1 is the features
             if reduce == "last":
                 return v[:, -1]
             if reduce == "mean":
@@ -85,6 +83,15 @@ def _masked_mean(v: torch.Tensor, key: str, batch: TensorDictBase, i: int, mask_
     m = mask.to(device=v.device, dtype=v.dtype if v.is_floating_point() else torch.float32)
     m = m.reshape(*m.shape, *([1] * (v.dim() - 2)))
     return (v * m).sum(1) / m.sum(1).clamp_min(1)  # a row without any real token gives zeros
+
+
+def _check_sites(sites: Any) -> None:
+    if isinstance(sites, str):
+        return
+    if not isinstance(sites, (list, tuple)) or not sites or not all(isinstance(s, str) for s in sites):
+        raise type_error(CacheError)(
+            f"{FN}: sites must be a site string or a non-empty list of site strings, got {type(sites).__name__} "
+            f"({sites!r:.60}); e.g. sites='blocks.*' or sites=['blocks.0', 'blocks.1.attn'].")
 
 
 def _key_str(key) -> str:
@@ -285,6 +292,7 @@ def cache_activations(
         raise type_error(CacheError)(f"{FN}: mask_key must be a batch key (a string or a tuple of strings), got "
                                      f"{type(mask_key).__name__} ({mask_key!r:.60}).")
     reducer = _reducer(reduce, mask_key)
+    _check_sites(sites)
     check_int(FN, "total", total, CacheError, optional=True)
     check_bool(FN, "progress", progress, CacheError)
     for _ in range(3):
