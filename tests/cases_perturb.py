@@ -80,4 +80,22 @@ def cases() -> list[Case]:
         return out["attr", "x"].flatten()
 
     rows.append(Case("perturb:kernel-shap-K", mlp, kernel_shap_k, (x6, base6), (0, 0), (0, 1), "head", probe=x6))
+
+    def shared_baseline(x, b):  # baselines=(F,) shared by a batch of 2 (the same example twice); b vmapped
+        td = TensorDict({"x": torch.stack([x, 2 * x])}, batch_size=[2])
+        return tdfunc.feature_ablation(lambda t: net(t["x"]), td, baselines=b)["attr", "x"].flatten()
+
+    rows.append(Case("perturb:feature-ablation-shared-baseline", mlp, shared_baseline, (x6, base6), (0, 0), (0, 1), "head",
+                     probe=x6))
+    emb = torch.nn.Sequential(torch.nn.Embedding(7, 4), torch.nn.Flatten(), torch.nn.Linear(12, 2)).to(dt)
+    s_emb = tdfunc.state(emb)
+    ids = torch.randint(1, 7, (B, 3))
+
+    def token_ids_weights(i, weight):  # integer input (token ids): d(attribution)/d(embedding table); vmap over ids
+        td = TensorDict({"ids": i[None]}, batch_size=[1])
+        f = lambda t: tdfunc.functional_call(emb, TensorDict({("0", "weight"): weight}), (t["ids"],))
+        return tdfunc.occlusion(f, td, in_keys="ids", sliding_window_shapes=(2,), baselines=0)["attr", "ids"].flatten()
+
+    w_emb = s_emb["0", "weight"] + 0.1 * torch.randn(B, 7, 4, dtype=dt)
+    rows.append(Case("perturb:occlusion-token-ids", emb, token_ids_weights, (ids, w_emb), (0, 0), (1,), "2", probe=ids))
     return rows

@@ -9,14 +9,16 @@ entries (zeros when absent), and the result holds ``("attr", key)`` of shape
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import math
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from tensordict import TensorDict, TensorDictBase
 from torch.func import vjp, vmap
 
-from .._checks import check_callable
+from .._checks import check_callable, per_input
 from .._errors import TdfuncError, shape_str, suggest
 from .._finite import check_finite, readable, warn_nonfinite
 
@@ -24,6 +26,8 @@ __all__ = ["AttributionError", "MiscompileError", "Inputs", "prepare", "with_inp
 
 BASELINE = "baseline"
 Key = tuple  # nested keys are always tuples here
+#: a method's ``baselines=`` argument: one baseline per input (a dict key -> value, or a bare value for one input)
+Baselines = Mapping[Any, 'torch.Tensor | float'] | torch.Tensor | float
 
 
 class AttributionError(TdfuncError, ValueError):
@@ -115,11 +119,14 @@ NONFINITE_FIX = "replace them (e.g. torch.nan_to_num) or drop those examples bef
 
 
 def prepare(fn: str, td: TensorDictBase, in_keys: Sequence | None, *, baselines: bool = True, f: object = _NO_F,
-            allow_inf: bool = False) -> Inputs:
+            allow_inf: bool = False, baselines_arg: object = None, integer_inputs: bool = False) -> Inputs:
     """Validate ``f`` (when given), ``td`` and the attributed keys; collect inputs and baselines.
 
     Inputs and baselines must be finite (NaN is never accepted; ``allow_inf`` lets infinite inputs
     through, for a method that defines their attribution); the check is skipped inside transforms.
+    ``baselines_arg``: a method's ``baselines=`` argument (see :func:`shared_baseline`), used instead of
+    ``("baseline", key)`` entries.  ``integer_inputs``: integer / bool inputs are accepted (perturbation
+    methods: token ids, masks); the default entries to attribute stay the floating-point ones.
     """
     if f is not _NO_F:
         check_callable(fn, "f", f, AttributionError, expected="f(td) -> Tensor")
@@ -148,6 +155,7 @@ def prepare(fn: str, td: TensorDictBase, in_keys: Sequence | None, *, baselines:
                     "baseline."
                 )
     x, base = {}, {}
+    given = shared_baselines(fn, baselines_arg, keys) if baselines else None
     for k in keys:
         if k not in leaves:
             near = suggest(".".join(k), {".".join(c): c for c in leaves})
@@ -159,7 +167,12 @@ def prepare(fn: str, td: TensorDictBase, in_keys: Sequence | None, *, baselines:
                 f"{fn}: unknown input key {_show(k)}: td has no such entry.{near} Entries: {_show_all(leaves)}."
             )
         v = td.get(k)
-        if not v.is_floating_point():
+        if integer_inputs and v.is_complex():
+            raise AttributionError(
+                f"{fn}: input {_show(k)} has dtype {v.dtype}; this method perturbs real inputs (floating-point, "
+                "integer or bool). Attribute the real and imaginary parts as two real entries."
+            )
+        if not v.is_floating_point() and not integer_inputs:
             raise AttributionError(
                 f"{fn}: input {_show(k)} has dtype {v.dtype}; gradients need a floating-point input. "
                 "Attribute a float tensor (e.g. embeddings instead of token ids: pass inputs_embeds)."
@@ -170,6 +183,14 @@ def prepare(fn: str, td: TensorDictBase, in_keys: Sequence | None, *, baselines:
             continue
         bkey = (BASELINE, *k)
         b = td.get(bkey) if bkey in leaves else None
+        if given is not None:
+            if b is not None:
+                raise AttributionError(
+                    f"{fn}: the baseline for {_show(k)} is given twice, as baselines= and as the td entry {bkey!r}; "
+                    "keep one of them."
+                )
+            base[k] = shared_baseline(fn, k, given[k], v)
+            continue
         if b is None:
             base[k] = torch.zeros_like(v)
             continue
@@ -195,6 +216,52 @@ def prepare(fn: str, td: TensorDictBase, in_keys: Sequence | None, *, baselines:
                     f"{_show_all(inputs)}); store a baseline as ('baseline', key) for an input entry key, or remove it."
                 )
     return Inputs(keys, x, base, td.batch_size)
+
+
+def shared_baselines(fn: str, baselines: object, keys: list) -> dict | None:
+    """A method's ``baselines=`` argument as key -> value (None when not given; see :func:`shared_baseline`)."""
+    if baselines is None:
+        return None
+    return per_input(fn, "baselines", baselines, keys, "baseline (a number or a tensor broadcastable to the input)",
+                     AttributionError)
+
+
+def shared_baseline(fn: str, k: Key, b: object, v: torch.Tensor) -> torch.Tensor:
+    """One baseline shared across the batch, broadcast to the input ``v`` as captum does.
+
+    A Python number (a tensor of ``v``'s dtype filled with it), or a tensor of ``v``'s dtype broadcastable to
+    ``v``: ``()``, the feature shape ``(F,)``, ``(1, F)``, or ``v``'s shape (torch's broadcasting rule).
+    """
+    if isinstance(b, (int, float)):
+        fits = v.is_floating_point() or (float(b) in (0.0, 1.0) if v.dtype == torch.bool else float(b).is_integer())
+        if not fits or not math.isfinite(b):
+            raise AttributionError(
+                f"{fn}: baseline for {_show(k)} is {b!r} but the input has dtype {v.dtype}; give a finite value of "
+                "the input's dtype (for token ids an integer, e.g. the pad token id; for a bool mask True or False)."
+            )
+        return torch.full((), b, dtype=v.dtype, device=v.device).expand(v.shape)
+    if not isinstance(b, torch.Tensor):
+        raise AttributionError(
+            f"{fn}: baseline for {_show(k)} must be a number or a tensor broadcastable to the input "
+            f"{shape_str(v.shape)}, got {type(b).__name__}."
+        )
+    if b.device != v.device or b.dtype != v.dtype:
+        raise AttributionError(
+            f"{fn}: baseline for {_show(k)} has dtype {b.dtype} on {b.device} but the input has dtype "
+            f"{v.dtype} on {v.device}; convert it with .to(input)."
+        )
+    _finite_input(fn, f"baseline for {_show(k)}", b, False)
+    try:
+        ok = b.dim() <= v.dim() and torch.broadcast_shapes(b.shape, v.shape) == v.shape
+    except RuntimeError:
+        ok = False
+    if not ok:
+        raise AttributionError(
+            f"{fn}: baseline for {_show(k)} has shape {shape_str(b.shape)} but the input has shape "
+            f"{shape_str(v.shape)}; give a baseline broadcastable to the input: a number, the feature shape "
+            f"{shape_str(v.shape[1:]) if v.dim() else '()'}, (1, ...) or the input's shape."
+        )
+    return b.expand(v.shape)
 
 
 def _finite_input(fn: str, what: str, v: torch.Tensor, allow_inf: bool) -> None:

@@ -15,7 +15,7 @@ from tensordict import TensorDict, TensorDictBase
 
 from .._checks import check_callable
 from .._types import InKeys, PerKey
-from ._common import AttributionError, check_output, result
+from ._common import AttributionError, Baselines, check_output, result
 from ._perturb_common import check_draws, per_position, run_perturbed, sampling_setup
 
 __all__ = ["kernel_shap"]
@@ -26,6 +26,8 @@ _INF_WEIGHT = 1000000.0  # captum's weight of the empty and the full coalition
 def _draw_coalitions(n_samples: int, n_feat: int, generator: torch.Generator | None) -> torch.Tensor:
     """captum's ``kernel_shap_perturb_generator``: all ones, all zeros, then ``k ~ p(k)`` random ones."""
     rows = [torch.ones(n_feat, dtype=torch.bool), torch.zeros(n_feat, dtype=torch.bool)][:n_samples]
+    if n_feat == 0:  # no feature to draw: every coalition is the empty one
+        return torch.zeros(n_samples, 0, dtype=torch.bool)
     if n_samples > 2:
         ks = torch.arange(n_feat, dtype=torch.float)
         probs = torch.tensor(n_feat - 1) / (ks * (n_feat - ks))
@@ -58,7 +60,8 @@ def _solver(coal: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """
     z = coal.to(dtype)
     all_or_none = coal.all(1) | ~coal.any(1)
-    w = torch.where(all_or_none, torch.full_like(z[:, 0], _INF_WEIGHT), torch.ones_like(z[:, 0]))
+    ones = torch.ones(z.shape[0], dtype=dtype, device=z.device)
+    w = torch.where(all_or_none, _INF_WEIGHT * ones, ones)
     sw = w.sqrt()
     zc = z - (w[:, None] * z).sum(0) / w.sum()
     pinv = torch.linalg.pinv(sw[:, None] * zc)  # (F, S)
@@ -79,6 +82,7 @@ def kernel_shap(
     in_keys: InKeys | None = None,
     progress: bool = False,
     randomness: str = "error",
+    baselines: Baselines | None = None,
 ) -> TensorDict:
     """Kernel SHAP (Lundberg & Lee, 2017), captum's ``KernelShap``.
 
@@ -106,12 +110,17 @@ def kernel_shap(
         coalitions: a bool (or 0/1 integer) tensor ``(n_samples, n_features)`` to use instead of
             drawing them (no random op: for ``vmap`` over examples and ``torch.compile``).
         chunk_size: coalitions per forward (None: all ``S`` at once).
-        in_keys: entries to attribute; default every floating-point entry.
+        in_keys: entries to attribute; default every floating-point entry (integer / bool entries, e.g.
+            token ids, when named here: their baseline is of the same dtype).
         progress: show a tqdm bar on stderr over the chunks of coalitions (one step when
             ``chunk_size`` is None); never shown under ``vmap`` / ``grad`` / ``torch.compile``.
         randomness: ``torch.func.vmap``'s flag for random ops in ``f`` (train-mode dropout) under this
             method's ``vmap``: ``"error"`` (default, as torch), ``"different"`` (independent draws per coalition)
             or ``"same"`` (one draw shared).
+        baselines: baselines shared across the batch, broadcast to the input as captum does: a number,
+            or a tensor of the input's dtype of the feature shape, ``(1, *feature shape)`` or the input's
+            shape; a dict key -> baseline, or a bare one when one input is attributed.  Instead of
+            ``("baseline", key)`` entries of ``td`` (default: those, else zeros).
 
     Returns:
         TensorDict with ``("attr", key)`` of shape ``batch (+ K) + feature shape``.
@@ -138,7 +147,7 @@ def kernel_shap(
     fn = "tdfunc.kernel_shap"
     check_callable(fn, "f", f, AttributionError, expected="f(td) -> Tensor")
     p, masks, dev, n_feat = sampling_setup(fn, td, in_keys, feature_mask, n_samples, chunk_size, generator, progress,
-                                           randomness)
+                                           randomness, baselines)
     if coalitions is None:
         coal = _draw_coalitions(n_samples, n_feat, generator).to(dev)
     else:
@@ -146,7 +155,7 @@ def kernel_shap(
 
     def masks_for(lo, hi):  # True: set to the baseline (the feature is out of the coalition)
         c = coal[lo:hi]
-        return {key: ~c[:, m.flatten()].view(-1, *m.shape) for key, m in masks.items()}
+        return {key: ~c[:, m.flatten()].view(len(c), *m.shape) for key, m in masks.items()}  # also 0 features
 
     ys, _ = run_perturbed(f, td, p, n_samples, chunk_size, masks_for, progress=progress, fn=fn,  # (S, *batch (+ K))
                           randomness=randomness)

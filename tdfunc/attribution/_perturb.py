@@ -17,7 +17,7 @@ from tensordict import TensorDict, TensorDictBase
 from .._errors import shape_str
 from .._types import InKeys, Key, PerKey
 from .._checks import check_bool, check_callable, check_chunk_size, check_randomness, per_input
-from ._common import AttributionError, Inputs, _show, check_output, prepare, result, with_inputs
+from ._common import AttributionError, Baselines, Inputs, _show, check_output, prepare, result, with_inputs
 from ._perturb_common import check_draws, feature_masks, per_position, run_perturbed, sampling_setup
 
 __all__ = ["occlusion", "feature_ablation", "shapley_value_sampling"]
@@ -91,6 +91,7 @@ def occlusion(
     chunk_size: int | None = None,
     progress: bool = False,
     randomness: str = "error",
+    baselines: Baselines | None = None,
 ) -> TensorDict:
     """Occlusion (Zeiler & Fergus, 2014), captum's ``Occlusion``: slide a window of baseline values.
 
@@ -111,13 +112,18 @@ def occlusion(
             key -> shape, or a tuple when one input is attributed.
         strides: the step per feature dim: a dict key -> (int or tuple), an int or a tuple when one
             input is attributed; default 1.  A stride may not exceed its window size.
-        in_keys: entries to attribute; default every floating-point entry.
+        in_keys: entries to attribute; default every floating-point entry (integer / bool entries, e.g.
+            token ids, when named here: their baseline is of the same dtype).
         chunk_size: windows per forward; bounds memory to ``chunk_size`` copies of the inputs.
         progress: show a tqdm bar on stderr over the chunks of windows (one step when ``chunk_size``
             is None); never shown under ``vmap`` / ``grad`` / ``torch.compile``.
         randomness: ``torch.func.vmap``'s flag for random ops in ``f`` (train-mode dropout) under this
             method's ``vmap``: ``"error"`` (default, as torch), ``"different"`` (independent draws per window)
             or ``"same"`` (one draw shared).
+        baselines: baselines shared across the batch, broadcast to the input as captum does: a number,
+            or a tensor of the input's dtype of the feature shape, ``(1, *feature shape)`` or the input's
+            shape; a dict key -> baseline, or a bare one when one input is attributed.  Instead of
+            ``("baseline", key)`` entries of ``td`` (default: those, else zeros).
 
     Returns:
         TensorDict with ``("attr", key)`` of shape ``batch (+ K) + feature shape``.
@@ -146,7 +152,7 @@ def occlusion(
     check_chunk_size(fn, chunk_size, AttributionError)
     check_bool(fn, "progress", progress, AttributionError)
     check_randomness(fn, randomness, AttributionError)
-    p = prepare(fn, td, in_keys)
+    p = prepare(fn, td, in_keys, baselines_arg=baselines, integer_inputs=True)
     nb = len(p.batch)
     windows = per_input(fn, "sliding_window_shapes", sliding_window_shapes, p.keys, "window shape", AttributionError)
     steps = per_input(fn, "strides", strides, p.keys, "stride", AttributionError) if strides is not None else dict.fromkeys(p.keys)
@@ -178,7 +184,7 @@ def occlusion(
                              randomness=randomness)
     attrs = {}
     for key, (start, count, tables, counts) in spans.items():
-        cover = torch.ones((), dtype=p.x[key].dtype, device=p.x[key].device)
+        cover = torch.ones((), dtype=total[key].dtype, device=p.x[key].device)  # f's dtype (the input may be integer)
         for i, table in enumerate(tables):  # windows covering each position: a product over dims
             c = table.sum(0).to(cover.dtype)
             cover = cover.unsqueeze(-1) * c if i else c
@@ -198,6 +204,7 @@ def feature_ablation(
     chunk_size: int | None = None,
     progress: bool = False,
     randomness: str = "error",
+    baselines: Baselines | None = None,
 ) -> TensorDict:
     """Feature ablation, captum's ``FeatureAblation``: replace one feature group at a time by the baseline.
 
@@ -214,13 +221,18 @@ def feature_ablation(
         feature_mask: integer feature ids per input, broadcastable to the input (batch + feature
             shape; a mask of the feature shape applies to every example): a dict key -> tensor, or
             a tensor when one input is attributed.  Default: every scalar its own feature.
-        in_keys: entries to attribute; default every floating-point entry.
+        in_keys: entries to attribute; default every floating-point entry (integer / bool entries, e.g.
+            token ids, when named here: their baseline is of the same dtype).
         chunk_size: features per forward; bounds memory to ``chunk_size`` copies of the inputs.
         progress: show a tqdm bar on stderr over the chunks of features (one step when ``chunk_size``
             is None); never shown under ``vmap`` / ``grad`` / ``torch.compile``.
         randomness: ``torch.func.vmap``'s flag for random ops in ``f`` (train-mode dropout) under this
             method's ``vmap``: ``"error"`` (default, as torch), ``"different"`` (independent draws per feature)
             or ``"same"`` (one draw shared).
+        baselines: baselines shared across the batch, broadcast to the input as captum does: a number,
+            or a tensor of the input's dtype of the feature shape, ``(1, *feature shape)`` or the input's
+            shape; a dict key -> baseline, or a bare one when one input is attributed.  Instead of
+            ``("baseline", key)`` entries of ``td`` (default: those, else zeros).
 
     Returns:
         TensorDict with ``("attr", key)`` of shape ``batch (+ K) + feature shape``.
@@ -250,7 +262,7 @@ def feature_ablation(
     check_chunk_size(fn, chunk_size, AttributionError)
     check_bool(fn, "progress", progress, AttributionError)
     check_randomness(fn, randomness, AttributionError)
-    p = prepare(fn, td, in_keys)
+    p = prepare(fn, td, in_keys, baselines_arg=baselines, integer_inputs=True)
     nb = len(p.batch)
     masks = feature_masks(fn, feature_mask, p)
     dev = next(iter(p.x.values())).device
@@ -298,6 +310,7 @@ def shapley_value_sampling(
     chunk_size: int | None = None,
     progress: bool = False,
     randomness: str = "error",
+    baselines: Baselines | None = None,
 ) -> TensorDict:
     """Shapley value sampling (Castro et al., 2009), captum's ``ShapleyValueSampling``.
 
@@ -323,13 +336,18 @@ def shapley_value_sampling(
         permutations: an integer tensor ``(n_samples, n_features)`` of permutations to use instead
             of drawing them (no random op: for ``vmap`` over examples and ``torch.compile``; the
             exact Shapley values when it lists all ``n_features!`` of them).
-        in_keys: entries to attribute; default every floating-point entry.
+        in_keys: entries to attribute; default every floating-point entry (integer / bool entries, e.g.
+            token ids, when named here: their baseline is of the same dtype).
         chunk_size: perturbed inputs per forward (None: all ``S * n_features`` at once).
         progress: show a tqdm bar on stderr over the chunks of perturbed inputs (one step when ``chunk_size``
             is None); never shown under ``vmap`` / ``grad`` / ``torch.compile``.
         randomness: ``torch.func.vmap``'s flag for random ops in ``f`` (train-mode dropout) under this
             method's ``vmap``: ``"error"`` (default, as torch), ``"different"`` (independent draws per perturbed input)
             or ``"same"`` (one draw shared).
+        baselines: baselines shared across the batch, broadcast to the input as captum does: a number,
+            or a tensor of the input's dtype of the feature shape, ``(1, *feature shape)`` or the input's
+            shape; a dict key -> baseline, or a bare one when one input is attributed.  Instead of
+            ``("baseline", key)`` entries of ``td`` (default: those, else zeros).
 
     Returns:
         TensorDict with ``("attr", key)`` of shape ``batch (+ K) + feature shape``.
@@ -360,7 +378,7 @@ def shapley_value_sampling(
     fn = "tdfunc.shapley_value_sampling"
     check_callable(fn, "f", f, AttributionError, expected="f(td) -> Tensor")
     p, masks, dev, n_feat = sampling_setup(fn, td, in_keys, feature_mask, n_samples, chunk_size, generator, progress,
-                                           randomness)
+                                           randomness, baselines)
     if permutations is None:
         perms = torch.stack([torch.randperm(n_feat, generator=generator) for _ in range(n_samples)]).to(dev)
     else:
@@ -373,7 +391,7 @@ def shapley_value_sampling(
         s, i = idx // n_feat, idx % n_feat
         out = {}
         for key, m in masks.items():
-            r = rank[s][:, m.flatten()].view(-1, *m.shape)
+            r = rank[s][:, m.flatten()].view(len(idx), *m.shape)  # len(idx): also for an input of zero features
             out[key] = ~(r <= i.view(-1, *([1] * m.dim())))  # True: set to the baseline
         return out
 

@@ -45,10 +45,14 @@ def run_perturbed(f: Callable, td: TensorDictBase, p: Inputs, n: int, chunk_size
             if err is None:
                 raise
             raise err from e
-    for start in progress_bar(range(0, n, chunk), enabled=progress, desc=fn, unit="chunk"):
+    starts = range(0, n, chunk) if n else range(1)  # n == 0 (no feature): one empty chunk, no perturbed call
+    for start in progress_bar(starts, enabled=progress, desc=fn, unit="chunk"):
         masks = masks_for(start, min(start + chunk, n))
-        xs = {k: torch.where(m, p.baseline[k], p.x[k]) for k, m in masks.items()}
-        y = call(xs)
+        if n == 0:
+            y = f(td).unsqueeze(0)[:0]  # an empty stack of f's output
+        else:
+            xs = {k: torch.where(m, p.baseline[k], p.x[k]) for k, m in masks.items()}
+            y = call(xs)
         ys.append(y)
         if y0 is None:
             continue
@@ -122,18 +126,18 @@ def n_features(fn: str, feature_mask, masks: dict, p) -> int:
         raise AttributionError(
             f"{fn}: feature_mask has the negative id {min(lows)}; feature ids must be 0 .. n_features - 1."
         )
-    return max(int(m.max()) for m in masks.values() if m.numel()) + 1
+    return max((int(m.max()) for m in masks.values() if m.numel()), default=-1) + 1  # inputs of zero features: 0
 
 
 def sampling_setup(fn: str, td: TensorDictBase, in_keys, feature_mask, n_samples, chunk_size, generator,
-                   progress: bool = False, randomness: str = "error"):
+                   progress: bool = False, randomness: str = "error", baselines=None):
     """Checks and setup of a sampler over feature coalitions: ``(inputs, masks, device, n_features)``."""
     check_int(fn, "n_samples", n_samples, AttributionError)
     check_chunk_size(fn, chunk_size, AttributionError)
     check_generator(fn, generator, AttributionError)
     check_bool(fn, "progress", progress, AttributionError)
     check_randomness(fn, randomness, AttributionError)
-    p = prepare(fn, td, in_keys)
+    p = prepare(fn, td, in_keys, baselines_arg=baselines, integer_inputs=True)
     masks = feature_masks(fn, feature_mask, p)
     dev = next(iter(p.x.values())).device
     return p, masks, dev, n_features(fn, feature_mask, masks, p)
