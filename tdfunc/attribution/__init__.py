@@ -9,6 +9,8 @@ and canonizers live in :mod:`tdfunc.lrp_rules`.
 from ._common import AttributionError as AttributionError
 from ._common import MiscompileError as MiscompileError
 from .._finite import NonFiniteWarning as NonFiniteWarning
+from ._deep_lift import deep_lift as deep_lift
+from ._deep_lift import deep_lift_shap as deep_lift_shap
 from ._gradient import input_x_gradient as input_x_gradient
 from ._gradient import saliency as saliency
 from ._guided import guided_backprop as guided_backprop
@@ -32,6 +34,8 @@ __all__ = [
     "MiscompileError",
     "NonFiniteWarning",
     "activation_maximisation",
+    "deep_lift",
+    "deep_lift_shap",
     "feature_ablation",
     "grad_cam",
     "guided_backprop",

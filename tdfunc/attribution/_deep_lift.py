@@ -1,0 +1,370 @@
+"""DeepLift (rescale rule) and DeepLiftShap as a pure rewrite of every activation module's backward."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from tensordict import TensorDict, TensorDictBase
+from torch import nn
+
+from .._call import intervene
+from .._checks import check_bool
+from .._edits import rule
+from .._errors import shape_str
+from .._rewrite import Rewrite, main_output, record_then_rewrite
+from .._types import InKeys
+from ._common import (
+    BASELINE,
+    AttributionError,
+    _show,
+    grads_per_target,
+    move_target_dim,
+    per_target,
+    prepare,
+    result,
+    tensor_output,
+    with_inputs,
+)
+
+__all__ = ["deep_lift", "deep_lift_shap"]
+
+#: elementwise activations: the rescale rule applies to each (captum: ReLU, ELU, LeakyReLU, Sigmoid, Tanh, Softplus)
+RESCALED: tuple[type[nn.Module], ...] = (
+    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish, nn.Sigmoid,
+    nn.Tanh, nn.Softplus, nn.Softsign, nn.Hardtanh, nn.Hardsigmoid, nn.Hardswish, nn.LogSigmoid, nn.Tanhshrink,
+    nn.Threshold, nn.Softshrink, nn.Hardshrink,
+)
+#: nonlinear modules the rescale rule does not cover: refused when f reaches them
+REFUSED: tuple[type[nn.Module], ...] = (
+    nn.Softmax, nn.Softmin, nn.LogSoftmax, nn.Softmax2d, nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d,
+    nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d, nn.FractionalMaxPool2d, nn.FractionalMaxPool3d,
+    nn.LPPool1d, nn.LPPool2d, nn.MultiheadAttention, nn.LayerNorm, nn.GroupNorm, nn.RMSNorm, nn.LocalResponseNorm,
+    nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d, nn.Bilinear, nn.GLU, nn.RReLU, nn.RNNBase,
+    nn.RNNCellBase, nn.CosineSimilarity, nn.PairwiseDistance,
+)
+
+
+def _module_sites(fn: str, module: nn.Module) -> tuple[list[str], dict[str, str]]:
+    """The names of ``module``'s elementwise activations, and its refused modules (name -> why)."""
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"{fn}: expected an nn.Module as the module, got {type(module).__name__} ({module!r:.60}).")
+    if isinstance(module, RESCALED + REFUSED):
+        raise AttributionError(
+            f"{fn}: module is itself an {type(module).__name__}; pass the model that calls it ({fn} rewrites the "
+            "activation modules inside module)."
+        )
+    rescaled, refused = [], {}
+    for name, m in module.named_modules():
+        if isinstance(m, RESCALED):
+            rescaled.append(name)
+        elif isinstance(m, REFUSED):
+            refused[name] = "the rescale rule covers elementwise activations only"
+        elif isinstance(m, nn.modules.batchnorm._BatchNorm):
+            refused[name] = "batch statistics would mix the inputs with their baselines (put it in eval())"
+    return rescaled, refused
+
+
+def _refuse(fn: str, name: str, why: str) -> Callable:
+    def refuse(module, args, kwargs, out):
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and not module.training and module.running_mean is not None:
+            return out  # eval-mode BatchNorm is affine: its plain gradient is DeepLift's multiplier
+        raise AttributionError(
+            f"{fn}: f reached the {type(module).__name__} module {name!r}, which DeepLift cannot handle here: {why}. "
+            "Return what comes before it from f (e.g. logits instead of softmax probabilities), or use "
+            "tdfunc.integrated_gradients, which needs no rule per module."
+        )
+
+    return refuse
+
+
+class _Rescale(Rewrite):
+    """The rescale rule at one activation: ``y`` becomes ``y0 + m (x - x0)`` where the input moved, ``m`` the
+    multiplier ``(y - y') / (x - x')`` of the pair (input row, baseline row), ``x0, y0`` the recorded values."""
+
+    def __init__(self, fn: str, name: str, stash: dict, rows: int, eps: float, one_pass: bool):
+        self.fn, self.name, self.stash, self.rows, self.eps, self.one_pass = fn, name, stash, rows, eps, one_pass
+
+    def record(self, module, args, kwargs, out):
+        x, y = self.stash[self.name], main_output(out)
+        if self.one_pass:  # recorded and rewritten in one forward: constants to everything (as _rewrite detaches)
+            x = x.detach()
+        if x.shape != y.shape or x.dim() == 0 or x.shape[0] != 2 * self.rows:
+            raise AttributionError(
+                f"{self.fn}: the {type(module).__name__} module {self.name!r} got an input of shape "
+                f"{shape_str(x.shape)} (output {shape_str(y.shape)}); DeepLift runs f once on the inputs and their "
+                f"baselines stacked along the first batch dim ({self.rows} rows, then {self.rows}) and pairs them at "
+                f"every activation by that dim, so its first dim must be {2 * self.rows}. Modules that put another dim "
+                "first (sequence-first layers) or reshape the batch are not supported."
+            )
+        dx = x[: self.rows] - x[self.rows :]
+        dy = y[: self.rows] - y[self.rows :]
+        moved = dx.abs() >= self.eps
+        m = dy / torch.where(moved, dx, torch.ones_like(dx))  # no 0/0: its gradient would be nan
+        return torch.cat([moved, moved]), torch.cat([m, m]), x, y.clone()
+
+    def rewrite(self, module, args, kwargs, out, constants):
+        moved, m, x0, y0 = constants
+        return torch.where(moved, y0 + m * (self.stash[self.name] - x0), main_output(out))
+
+
+def _stashing(stash: dict, name: str) -> Callable:
+    def keep(v: torch.Tensor) -> torch.Tensor:
+        stash[name] = v.clone()  # a copy: an in-place activation overwrites its input
+        return v
+
+    return keep
+
+
+def _core(
+    fn: str, f: Callable, td: TensorDictBase, module: nn.Module, in_keys, multiply_by_inputs: bool,
+    return_convergence_delta: bool, eps: float, baselines: dict | None = None,
+) -> TensorDict:
+    """DeepLift of ``f`` at ``td``; baselines from ``baselines`` (already of the inputs' shapes) or from ``td``."""
+    check_bool(fn, "multiply_by_inputs", multiply_by_inputs, AttributionError)
+    check_bool(fn, "return_convergence_delta", return_convergence_delta, AttributionError)
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
+        raise AttributionError(
+            f"{fn}: eps must be a non-negative float (input changes below it keep the plain gradient), got {eps!r}."
+        )
+    rescaled, refused = _module_sites(fn, module)
+    p = prepare(fn, td, in_keys, f=f, baselines=baselines is None)
+    base = p.baseline if baselines is None else baselines
+    f = tensor_output(fn, f, p.batch)
+    nb = len(p.batch)
+    one = nb == 0  # an unbatched td runs as a batch of one
+    td1 = td.unsqueeze(0) if one else td
+    x1 = {k: v.unsqueeze(0) for k, v in p.x.items()} if one else p.x
+    b1 = {k: v.unsqueeze(0) for k, v in base.items()} if one else base
+    rows = td1.batch_size[0]
+
+    def paired(xs: dict) -> TensorDictBase:  # inputs, then their baselines, in one batch
+        return torch.cat([with_inputs(td1, xs), with_inputs(td1, b1)], 0)  # type: ignore[return-value]  # TensorDicts cat to one
+
+    stash: dict = {}
+    edits: dict = {f"{s}:input": _stashing(stash, s) for s in rescaled}
+    edits.update({s: rule(_refuse(fn, s, why)) for s, why in refused.items()})
+    f_paired = intervene(f, module, edits=edits, strict=False) if edits else f
+    one_pass = not torch.is_grad_enabled()  # record_then_rewrite's choice: one forward under no_grad
+    sites = {s: _Rescale(fn, s, stash, rows, float(eps), one_pass) for s in rescaled}
+    rewritten = record_then_rewrite(fn, f_paired, module, sites, (paired(x1),))
+
+    def halves(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if y.dim() == 0 or y.shape[0] != 2 * rows:
+            raise AttributionError(
+                f"{fn}: f returned shape {shape_str(y.shape)} for a td of batch shape "
+                f"{shape_str(torch.Size([2 * rows, *td1.batch_size[1:]]))} (the inputs, then their baselines); f must "
+                "return one value per example, or K per example, and take per-example data (labels) from td, not "
+                "from its closure."
+            )
+        return y[:rows], y[rows:]
+
+    def g(xs: dict) -> torch.Tensor:
+        y = halves(rewritten(paired({k: v.unsqueeze(0) for k, v in xs.items()} if one else xs)))[0]
+        return y[0] if one else y
+
+    _, grads, k = grads_per_target(fn, g, p.x, 0, p.batch)
+    attrs = {}
+    for key, gr in grads.items():
+        gr = move_target_dim(gr, k, nb)
+        attrs[key] = gr * per_target(p.x[key] - base[key], k, nb) if multiply_by_inputs else gr
+    extra = {}
+    if return_convergence_delta:
+        at_x, at_base = halves(f(paired(x1)))
+        if one:
+            at_x, at_base = at_x[0], at_base[0]
+        lead = nb + (k is not None)
+        summed = sum(a.reshape(*a.shape[:lead], -1).sum(-1) for a in attrs.values())
+        extra["convergence_delta"] = summed - (at_x - at_base)
+    return result(td.batch_size, attrs, extra, fn=fn)
+
+
+def deep_lift(
+    f: Callable[[TensorDictBase], torch.Tensor],
+    td: TensorDictBase,
+    module: nn.Module,
+    *,
+    in_keys: InKeys | None = None,
+    multiply_by_inputs: bool = True,
+    return_convergence_delta: bool = False,
+    eps: float = 1e-10,
+) -> TensorDict:
+    """DeepLift with the rescale rule (Shrikumar et al., 2017): the gradient with every activation's
+    derivative replaced by its finite-difference multiplier between the input and the baseline.
+
+    .. math::  \\mathrm{DL}_{b,k}(x) = (x_b - x'_b) \\odot \\frac{\\partial^{\\mathrm{DL}} f_k}{\\partial x_b},
+        \\quad \\text{at each activation } y = \\sigma(z):\\ \\ g_z = g_y\\,
+        \\frac{\\sigma(z) - \\sigma(z')}{z - z'} \\ \\ (\\text{plain } \\sigma'(z) \\text{ where } |z - z'| < \\epsilon)
+
+    ``z'`` is the activation's input when ``f`` runs on the baseline.  For a network of linear layers
+    and elementwise activations the multipliers chain exactly, so the attributions sum to
+    ``f(x) - f(x')`` (completeness; ``return_convergence_delta`` reports the gap).  The rule is
+    applied to every elementwise activation *module* of ``module`` (``nn.ReLU``, ``nn.Tanh``,
+    ``nn.Sigmoid``, ``nn.GELU``, ``nn.SiLU``, ``nn.ELU``, ``nn.LeakyReLU``, ``nn.Softplus``, ... ;
+    captum's ``DeepLift`` covers ReLU, ELU, LeakyReLU, Sigmoid, Tanh and Softplus and leaves other
+    activations on their plain gradient).  Linear layers, convolutions, average pooling and
+    eval-mode BatchNorm keep their gradient (exact for affine maps).  Other nonlinear modules
+    (softmax, max pooling, normalisations over features, attention, recurrent layers, train-mode
+    BatchNorm) raise when ``f`` reaches them, never a silently different rule.
+
+    ``f`` runs once on the inputs and their baselines stacked along the first batch dim (batch
+    ``2B``: the inputs, then the baselines), and every activation pairs its rows by that dim; per-
+    example data (labels) must come from ``td``, which is stacked the same way, not from ``f``'s
+    closure.  The rewrite is a :func:`tdfunc.rule` per activation call, recorded in a first forward
+    (as :func:`tdfunc.guided_backprop`): the multipliers are constants to the inner vector-Jacobian
+    product but functions of the weights and inputs to outer derivatives, so the map's double
+    backward is exact.
+
+    Args:
+        f: ``f(td) -> Tensor`` of shape ``td.batch_size`` or ``td.batch_size + (K,)``; it calls
+            ``module`` and must be deterministic (it runs twice) and batch-agnostic (it sees ``2B`` rows).
+        td: the inputs; baselines are ``("baseline", key)`` entries (zeros when absent).
+        module: the model whose activation modules are rewritten.  ``F.relu`` / ``torch.tanh`` calls
+            inside ``forward`` are not modules and keep their plain gradient (as in captum): completeness
+            then fails, which ``return_convergence_delta`` shows.
+        in_keys: entries to attribute; default every floating-point entry outside ``"baseline"``.
+        multiply_by_inputs: multiply the modified gradient by ``x - x'`` (captum's default True).
+        return_convergence_delta: also return ``"convergence_delta"``, shape ``batch (+ K)``:
+            ``sum(attr) - (f(x) - f(x'))`` (one more forward).
+        eps: input changes ``|z - z'|`` below it keep the activation's plain derivative (captum's 1e-10).
+
+    Returns:
+        TensorDict with ``("attr", key)`` of shape ``batch (+ K) + feature shape``.
+
+    Raises:
+        AttributionError: ``f`` reaches a module the rule does not cover; an activation whose first
+            dim is not the stacked batch; unknown key, non-float input, bad baseline, ``f`` output of
+            the wrong shape.
+        NotReachedError: ``f`` ran the activations differently in its two forwards.
+
+    Example:
+        >>> import torch, tdfunc
+        >>> from tensordict import TensorDict
+        >>> net = torch.nn.Sequential(torch.nn.Linear(3, 8), torch.nn.ReLU(), torch.nn.Linear(8, 4))
+        >>> td = TensorDict({"x": torch.randn(5, 3)}, batch_size=[5])   # baseline: zeros
+        >>> out = tdfunc.deep_lift(lambda t: net(t["x"]), td, net, return_convergence_delta=True)
+        >>> out["attr", "x"].shape   # every class from one forward
+        torch.Size([5, 4, 3])
+        >>> bool(out["convergence_delta"].abs().max() < 1e-5)   # sum(attr) = f(x) - f(0)
+        True
+
+    References:
+        Shrikumar, Greenside, Kundaje. Learning Important Features Through Propagating Activation
+        Differences. ICML 2017.
+
+    Composes with: ``vmap`` (over examples or targets), ``grad`` (double backward: exact),
+    ``torch.compile(fullgraph=True)``.
+    """
+    return _core("tdfunc.deep_lift", f, td, module, in_keys, multiply_by_inputs, return_convergence_delta, eps)
+
+
+def check_baseline_distribution(fn: str, baselines: object, p_keys: list, xs: dict, nb: int) -> dict:
+    """``baselines``: a TensorDict of batch ``(N,)`` holding, per attributed key, ``N`` baselines of the
+    input's feature shape.  Returns key -> tensor ``(N, *feature shape)``."""
+    if not isinstance(baselines, TensorDictBase) or len(baselines.batch_size) != 1 or baselines.batch_size[0] < 1:
+        got = (f"a TensorDict of batch shape {shape_str(baselines.batch_size)}" if isinstance(baselines, TensorDictBase)
+               else f"{type(baselines).__name__} ({baselines!r:.60})")
+        raise AttributionError(
+            f"{fn}: baselines must be a TensorDict of batch shape (N,) with N >= 1 baselines per attributed input, "
+            f"got {got}; e.g. TensorDict({{'x': refs}}, batch_size=[len(refs)])."
+        )
+    out = {}
+    for key in p_keys:
+        x = xs[key]
+        if key not in baselines.keys(include_nested=True, leaves_only=True):
+            raise AttributionError(
+                f"{fn}: baselines has no entry {_show(key)}; give N baselines for every attributed input."
+            )
+        b = baselines.get(key)
+        feat = x.shape[nb:]
+        if b.shape[1:] != feat:
+            raise AttributionError(
+                f"{fn}: baselines for {_show(key)} have shape {shape_str(b.shape)}, expected (N, *feature shape) = "
+                f"{shape_str(torch.Size([baselines.batch_size[0], *feat]))} for an input of shape {shape_str(x.shape)}."
+            )
+        if b.dtype != x.dtype or b.device != x.device:
+            raise AttributionError(
+                f"{fn}: baselines for {_show(key)} have dtype {b.dtype} on {b.device} but the input has dtype "
+                f"{x.dtype} on {x.device}; convert them with .to(input)."
+            )
+        out[key] = b
+    return out
+
+
+def deep_lift_shap(
+    f: Callable[[TensorDictBase], torch.Tensor],
+    td: TensorDictBase,
+    module: nn.Module,
+    baselines: TensorDictBase,
+    *,
+    in_keys: InKeys | None = None,
+    multiply_by_inputs: bool = True,
+    return_convergence_delta: bool = False,
+    eps: float = 1e-10,
+) -> TensorDict:
+    """DeepLiftShap (Lundberg & Lee, 2017): :func:`deep_lift` averaged over a distribution of baselines.
+
+    .. math::  \\mathrm{DLS}_{b,k}(x) = \\frac{1}{N} \\sum_{j=1}^{N} \\mathrm{DL}_{b,k}(x;\\, x'_j)
+
+    Every example is paired with each of the ``N`` baselines and the ``2 N B`` rows run as one batch
+    (the inputs repeated ``N`` times, then the baselines), as captum's ``DeepLiftShap`` does.
+
+    Args:
+        f, module, in_keys, multiply_by_inputs, eps: as in :func:`deep_lift`; ``f`` sees a td of
+            batch ``(2 N B,)`` (a multi-dim batch is flattened), so per-example data must come from ``td``.
+        td: the inputs; it must not hold ``("baseline", key)`` entries (the baselines come from ``baselines``).
+        baselines: a TensorDict of batch shape ``(N,)`` with an entry per attributed input, of shape
+            ``(N, *feature shape)`` (shared by every example).
+        return_convergence_delta: also return ``"convergence_delta"``, shape ``batch (+ K)``:
+            ``sum(attr) - (f(x) - mean_j f(x'_j))``, the mean of the N DeepLift gaps.
+
+    Returns:
+        TensorDict with ``("attr", key)`` of shape ``batch (+ K) + feature shape``.
+
+    Raises:
+        AttributionError: as :func:`deep_lift`; ``baselines`` not a TensorDict of batch ``(N,)``, missing
+            a key, of the wrong feature shape, dtype or device; ``td`` holding baseline entries.
+
+    Example:
+        >>> import torch, tdfunc
+        >>> from tensordict import TensorDict
+        >>> net = torch.nn.Sequential(torch.nn.Linear(3, 8), torch.nn.ReLU(), torch.nn.Linear(8, 4))
+        >>> td = TensorDict({"x": torch.randn(5, 3)}, batch_size=[5])
+        >>> refs = TensorDict({"x": torch.randn(10, 3)}, batch_size=[10])   # 10 baselines
+        >>> tdfunc.deep_lift_shap(lambda t: net(t["x"]), td, net, refs)["attr", "x"].shape
+        torch.Size([5, 4, 3])
+
+    References:
+        Lundberg, Lee. A Unified Approach to Interpreting Model Predictions. NeurIPS 2017.
+
+    Composes with: ``vmap`` (over examples or targets), ``grad`` (double backward: exact),
+    ``torch.compile(fullgraph=True)``.
+    """
+    fn = "tdfunc.deep_lift_shap"
+    if not isinstance(td, TensorDictBase):
+        raise TypeError(
+            f"{fn}: td must be a TensorDict holding the inputs, got {type(td).__name__}; "
+            "e.g. TensorDict({'x': x}, batch_size=[len(x)])."
+        )
+    held = [k for k in td.keys(include_nested=True, leaves_only=True) if isinstance(k, tuple) and k[0] == BASELINE]
+    if held:
+        raise AttributionError(
+            f"{fn}: td holds the baseline entry {held[0]!r}, but deep_lift_shap takes its baselines from the "
+            "baselines TensorDict (N per input); remove the entry from td."
+        )
+    p = prepare(fn, td, in_keys, f=f, baselines=False)
+    nb = len(p.batch)
+    refs = check_baseline_distribution(fn, baselines, p.keys, p.x, nb)
+    n, numel = baselines.batch_size[0], p.batch.numel()
+    # (N, *batch) pairs of (example, baseline), flattened to one batch dim
+    flat = td.expand(n, *p.batch).reshape(n * numel)
+    bases = {k: b.view(n, *([1] * nb), *b.shape[1:]).expand(n, *p.x[k].shape).reshape(n * numel, *b.shape[1:])
+             for k, b in refs.items()}
+    out = _core(fn, f, flat, module, p.keys, multiply_by_inputs, return_convergence_delta, eps, baselines=bases)
+
+    def mean(t: torch.Tensor) -> torch.Tensor:
+        return t.reshape(n, *p.batch, *t.shape[1:]).mean(0)
+
+    attrs = {k: mean(out.get(("attr", *k))) for k in p.keys}
+    extra = {"convergence_delta": mean(out.get("convergence_delta"))} if return_convergence_delta else {}
+    return result(td.batch_size, attrs, extra, fn=fn)
