@@ -1,4 +1,4 @@
-"""Composition-table rows for DeepLift and DeepLiftShap (the rescale rule as a recorded rewrite).
+"""Composition-table rows for DeepLift and DeepLiftShap (the rescale rule as a recorded rewrite) and GradientShap.
 
 ``f`` sees the inputs and their baselines stacked along the batch dim, so per-example data (a label) is
 put in the td, not closed over.
@@ -60,4 +60,19 @@ def cases() -> list[Case]:
         return out["attr", "x"].flatten()
 
     rows.append(Case("deepliftshap:mlp-K", mlp, dls_refs, (x6, refs), (0, None), (0, 1), "fc1", probe=x6))
+
+    S = 3
+    eps = torch.randn(B, S, 1, 6, dtype=dt)  # samples drawn outside (see cases_noise_guided.py), vmapped with x
+    alphas = torch.rand(B, S, 1, dtype=dt)
+    index = torch.randint(4, (B, S, 1))
+
+    def gshap(x, r, e, a, i):  # every class; noise, path positions and baseline draws passed in as data
+        td = TensorDict({"x": x[None]}, batch_size=[1])
+        out = tdfunc.gradient_shap(lambda t: tdfunc.functional_call(mlp, s_mlp, (t["x"],)), td,
+                                   TensorDict({"x": r}, batch_size=[4]), n_samples=S, stdevs=0.3, noise=e, alphas=a,
+                                   baseline_index=i, chunk_size=2)
+        return out["attr", "x"].flatten()
+
+    rows.append(Case("gradientshap:mlp-K", mlp, gshap, (x6, refs, eps, alphas, index), (0, None, 0, 0, 0), (0, 1, 3),
+                     "fc2", probe=x6))
     return rows

@@ -12,6 +12,7 @@ from .._finite import NonFiniteWarning as NonFiniteWarning
 from ._deep_lift import deep_lift as deep_lift
 from ._deep_lift import deep_lift_shap as deep_lift_shap
 from ._gradient import input_x_gradient as input_x_gradient
+from ._gradient_shap import gradient_shap as gradient_shap
 from ._gradient import saliency as saliency
 from ._guided import guided_backprop as guided_backprop
 from ._ig import integrated_gradients as integrated_gradients
@@ -39,6 +40,7 @@ __all__ = [
     "feature_ablation",
     "grad_cam",
     "guided_backprop",
+    "gradient_shap",
     "infidelity",
     "input_x_gradient",
     "integrated_gradients",
