@@ -12,17 +12,19 @@ from __future__ import annotations
 import inspect
 import os
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from tensordict import TensorDict, TensorDictBase
 from torch import nn
+from torch.distributed import ProcessGroup
 
 from .._call import functional_call
 from .._checks import check_bool, check_int, check_module, check_position_dim, type_error
 from .._progress import progress_bar
 from .._types import Reduction
 from . import _cache_io as disk
+from . import _cache_shard as shard
 from ._cache_id import batch_digest, fingerprint, state_digest
 from ._cache_io import CacheError
 
@@ -214,6 +216,7 @@ def cache_activations(
     inputs: Callable[[TensorDictBase], tuple[tuple[Any, ...], dict[str, Any]]] | None = None,
     total: int | None = None,
     progress: bool = True,
+    group: ProcessGroup | Literal[False] | None = None,
 ) -> TensorDict:
     """Capture ``sites`` over every batch of a dataset into one TensorDict ``{site: (N, ...)}``.
 
@@ -236,6 +239,18 @@ def cache_activations(
     after the last record are overwritten, so nothing is lost or duplicated.  **The iterable must be
     re-iterable and deterministic** (same batches in the same order on every pass: a list, or a
     ``DataLoader`` without shuffling).  A complete cache is returned without running the model.
+
+    **Data-parallel** (``torchrun``): in a ``torch.distributed`` process group of more than one rank
+    (the default group once initialised, or ``group``) the same call caches each rank's shard and
+    returns one result, every row once, in dataset order, equal to one process's cache of the whole
+    dataset.  ``batches`` is then each rank's ``DataLoader`` over a map-style dataset, e.g. with
+    ``sampler=DistributedSampler(dataset, shuffle=False)``: its batch sampler gives every row's dataset
+    index (a padded last shard writes its repeated rows twice, with the same bytes).  Without ``path``
+    the rows are gathered on every rank; with ``path`` (storage every rank sees) each rank writes its
+    rows at their indices into one preallocated cache and marks them in a row mask (``rows.mask``)
+    after the fsync, so a run killed on any rank resumes with any world size, a single process too.
+    Every rank must run the same state, sites and reduce (checked); an error on one rank is raised
+    on every rank, naming it.
 
     The record identifies the run, and every resume and every load of a complete cache checks it:
     sites, reduction (a callable by a fingerprint of its code, constants, defaults, closure and the
@@ -261,6 +276,9 @@ def cache_activations(
             actually produced).
         progress: show a tqdm progress bar on stderr over the batches (never inside ``torch.compile``
             or a ``torch.func`` transform).
+        group: the ``torch.distributed`` process group to shard over (data-parallel, also with one
+            rank); ``None``: the default group when one is initialised with more than one rank (one
+            process otherwise); ``False``: this process alone.
 
     Returns:
         A TensorDict with batch size ``[N]``: in-memory tensors, or ``MemoryMappedTensor`` leaves
@@ -272,7 +290,9 @@ def cache_activations(
             cache, or a cache written by another run (sites, reduce, state, data, number of batches,
             shapes or dtypes) or damaged (torn record, truncated or missing file); fewer batches than
             already cached; another process writing the cache; any I/O failure (disk full, ...),
-            with the ``OSError`` as ``__cause__``.
+            with the ``OSError`` as ``__cause__``.  Data-parallel: ``batches`` not a ``DataLoader`` with a
+            deterministic sampler; ranks running other states, sites or reduce; rows in no rank's shard;
+            an error on another rank.
 
     Example:
         >>> import torch, tdfunc
@@ -295,26 +315,35 @@ def cache_activations(
     _check_sites(sites)
     check_int(FN, "total", total, CacheError, optional=True)
     check_bool(FN, "progress", progress, CacheError)
+    explicit = group is not None and group is not False  # a given group shards, even of one rank
+    group, _, size = shard.world(group)
     for _ in range(3):
         try:
             return _cache(module, state, batches, sites, path, reduce, mask_key, reducer, input_key, inputs, total,
-                          progress)
+                          progress, group if size > 1 or explicit else False)
         except _Lost:
             continue
     raise CacheError(f"{FN}: other processes keep creating the cache at {path!r}; pass another path.")
 
 
-def _cache(module, state, batches, sites, path, reduce, mask_key, reducer, input_key, inputs, total, progress):
+def _cache(module, state, batches, sites, path, reduce, mask_key, reducer, input_key, inputs, total, progress,
+           group):
     reduce_name = reduce if isinstance(reduce, str) or reduce is None else "<callable>"
     site_list = [sites] if isinstance(sites, str) else list(sites)
     n_batches = len(batches) if hasattr(batches, "__len__") else None
     path = os.fspath(path) if path is not None else None
     record, fd, ident = None, None, None
-    if path is not None:
+    sharded = group is not False or (path is not None and bool((disk.read_record(path) or {}).get("sharded")))
+    if path is not None or sharded:
         key = mask_key if isinstance(mask_key, str) else list(mask_key)  # as JSON stores it
         ident = {"sites": site_list, "reduce": reduce_name, "mask_key": key if reduce == "masked_mean" else None,
                  "reduce_fingerprint": fingerprint(reduce) if reduce_name == "<callable>" else None,
                  "state": state_digest(module, state), "n_batches": n_batches}
+    if sharded:  # data-parallel: each rank its shard, or resuming a cache written so
+        return shard.run_sharded(
+            batches, path, progress, ident, group,
+            lambda batch, i: _batch_values(module, state, batch, i, site_list, inputs, input_key, reducer))
+    if path is not None:
         record, fd = _open(path, ident, n_batches, batches)
         if record is not None and record["complete"]:
             return disk.load(path, record)

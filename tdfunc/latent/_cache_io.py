@@ -35,7 +35,8 @@ except ImportError:  # pragma: no cover - not POSIX: no lock between writers
     fcntl = None  # type: ignore[assignment]
 
 __all__ = ["CacheError", "RECORD", "LOCK", "VERSION", "disk", "read_record", "lock", "unlock", "create", "append",
-           "write_progress", "check_run", "verify", "check_spec", "check_files", "finish", "load"]
+           "write_progress", "check_run", "verify", "check_spec", "check_files", "finish", "load", "MASK", "write_at",
+           "read_mask"]
 
 FN = "tdfunc.latent.cache_activations"
 RECORD = "cache.json"
@@ -191,10 +192,12 @@ def busy(path: str, pid: str) -> CacheError:
                       "finishes and call again (a complete cache is then loaded), or pass another path.")
 
 
-def lock(path: str) -> int:
-    """Hold the writers' lock of the cache at ``path`` (a file descriptor; the kernel releases it if we die)."""
+def lock(path: str, name: str = LOCK) -> int:
+    """Hold the writers' lock of the cache at ``path`` (a file descriptor; the kernel releases it if we die).
+
+    ``name``: the lock file; a sharded cache's rank ``r > 0`` holds ``.lock.rank<r>`` (rank 0 holds ``.lock``)."""
     with disk(f"locking the cache at {path!r}", path):
-        fd = os.open(os.path.join(path, LOCK), os.O_RDWR | os.O_CREAT, 0o644)
+        fd = os.open(os.path.join(path, name), os.O_RDWR | os.O_CREAT, 0o644)
         if not _try_lock(fd):
             pid = _holder(fd)
             os.close(fd)
@@ -258,7 +261,7 @@ def publish(tmp: str, path: str) -> None:
     os.replace(tmp, path)  # a directory onto an absent or empty one: atomic
 
 
-def create(path: str, record: dict, rows_hint: int | None) -> tuple[dict, int] | None:
+def create(path: str, record: dict, rows_hint: int | None, extra: dict[str, int] | None = None) -> tuple[dict, int] | None:
     """Build the cache in a hidden sibling and rename it to ``path``, holding its lock throughout.
 
     Returns ``(record, lock fd)``, or None when another process published a cache at ``path`` first.
@@ -276,6 +279,8 @@ def create(path: str, record: dict, rows_hint: int | None) -> tuple[dict, int] |
             os.replace(os.path.join(tmp, LOCK + ".new"), os.path.join(tmp, LOCK))  # visible only once held
             for j, s in enumerate(record["spec"].values()):
                 preallocate(file(tmp, j), (rows_hint or 0) * row_bytes(s))
+            for name, nbytes in (extra or {}).items():  # a sharded cache's row mask, zeros
+                preallocate(os.path.join(tmp, name), nbytes)
             write_json(os.path.join(tmp, RECORD), record)
             try:
                 publish(tmp, path)
@@ -355,3 +360,64 @@ def load(path: str, record: dict) -> TensorDict:
             dtype = getattr(torch, s["dtype"])
             out.set(tuple(s["key"]), MemoryMappedTensor.from_filename(file(path, j), dtype, (n, *s["shape"])))
     return out
+
+
+# ---------------------------------------------------------------------------------------------- sharded rows
+
+#: a sharded cache's row mask: one byte per dataset row, 1 once the row is written and fsynced
+MASK = "rows.mask"
+
+
+def _runs(indices: list[int]) -> list[tuple[int, int, int]]:
+    """Maximal runs ``(position in indices, first row, length)`` of consecutive row indices, in the given order."""
+    out: list[tuple[int, int, int]] = []
+    for k, r in enumerate(indices):
+        if out and out[-1][1] + out[-1][2] == r:
+            out[-1] = (out[-1][0], out[-1][1], out[-1][2] + 1)
+        else:
+            out.append((k, r, 1))
+    return out
+
+
+def write_at(path: str, record: dict, values: dict[str, torch.Tensor], indices: list[int]) -> None:
+    """Write a batch's rows at their dataset indices in every file, fsync, then mark them in the row mask.
+
+    Idempotent: a row written twice (a padded shard, a rerun) holds the same bytes; a kill between the
+    data and the mask leaves the rows unmarked, so they are written again on resume."""
+    index = {k: j for j, k in enumerate(record["spec"])}
+    runs = _runs(indices)
+    with disk(f"writing rows {indices[:4]}.. of the cache at {path!r}", path):
+        for key, v in values.items():
+            rb = row_bytes(record["spec"][key])
+            raw = v.reshape(-1).view(torch.uint8).numpy().tobytes() if v.numel() else b""
+            fd = os.open(file(path, index[key]), os.O_RDWR)
+            try:
+                for k, r, n in runs:
+                    os.pwrite(fd, raw[k * rb:(k + n) * rb], r * rb)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        fd = os.open(os.path.join(path, MASK), os.O_RDWR)
+        try:
+            for _, r, n in runs:
+                os.pwrite(fd, b"\x01" * n, r)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def read_mask(path: str, n: int) -> bytes:
+    """The row mask of a sharded cache (``n`` bytes), a CacheError when it is missing or of another size."""
+    target = os.path.join(path, MASK)
+    try:
+        with open(target, "rb") as f:
+            mask = f.read()
+    except FileNotFoundError as e:
+        raise CacheError(f"{FN}: the row mask {target!r} is missing from the sharded cache at {path!r}; "
+                         f"{_FIX}.") from e
+    except OSError as e:
+        raise CacheError(f"{FN}: cannot read the row mask {target!r} ({e}); {_FIX}.") from e
+    if len(mask) != n:
+        raise CacheError(f"{FN}: the row mask {target!r} holds {len(mask)} bytes but the record says {n} rows: it "
+                         f"was truncated or replaced outside tdfunc; {_FIX}.")
+    return mask
