@@ -6,6 +6,8 @@ geometry of its representations; vmap runs over a batch of point clouds, grad is
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 import tdfunc
@@ -35,8 +37,18 @@ def cases() -> list[Case]:
         lin, act = reps(pts)
         return torch.stack([tdfunc.latent.twonn_dimension(act, discard_fraction=0.2), tdfunc.latent.mle_dimension(lin, k=4)])
 
+    def tdhook_options(pts):  # local kNN dimension, TwoNN's regression points, Minkowski p, integer promotion
+        lin, act = reps(pts)
+        d, lx, ly = tdfunc.latent.twonn_dimension(act, discard_fraction=0.0, return_xy=True)
+        codes = (pts * 2).round().long()  # integer inputs are promoted (no gradient through them)
+        return torch.cat([tdfunc.latent.local_knn_dimension(lin, k=2, per_point=True), d[None], lx, ly,
+                          tdfunc.latent.information_imbalance(act, pts, p=1.0)[None],
+                          tdfunc.latent.information_imbalance(lin, codes, p=math.inf)[None],
+                          tdfunc.latent.cka(act, codes)[None]])
+
     probe = clouds[0]
     return [
+        Case("latent:dimension-tdhook-options", net, tdhook_options, (clouds,), (0,), (0,), "0", probe=probe),
         Case("latent:cka+imbalance", net, cka_rows, (clouds,), (0,), (0,), "0", probe=probe),
         Case("latent:dimension", net, dims, (clouds,), (0,), (0,), "0", probe=probe),
     ]

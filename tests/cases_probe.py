@@ -44,9 +44,15 @@ def cases() -> list[Case]:
         h = hidden(pts)
         return torch.cat([tdfunc.latent.probe_apply(p, h).flatten(), tdfunc.latent.probe_evaluate(p, h, labels)["loss"][None]])
 
+    def means_normalized(pts, m):  # probe_fit(..., normalize=True)'s form: logits scaled by 1 / |mu_1 - mu_0|
+        p = TensorDict({"means": m[:2], "scale": 1 / (m[1] - m[0]).norm()}, batch_size=[])
+        return tdfunc.latent.probe_apply(p, hidden(pts)).flatten()
+
     w = lin["weight"].clone()
     return [
         Case("latent:probe-linear", net, linear, (x, w), (0, None), (0, 1), "0", probe=x),
         Case("latent:probe-bilinear", net, bilinear, (x, low["u"].clone(), low["v"].clone()), (0, None, None), (0, 1, 2), "0", probe=x),
         Case("latent:probe-means+loss", net, means_loss, (clouds, torch.randn(B, 3, 5, dtype=dt)), (0, 0), (0, 1), "0", probe=x),
+        Case("latent:probe-means-normalized", net, means_normalized, (clouds, torch.randn(B, 3, 5, dtype=dt)), (0, 0), (0, 1),
+             "0", probe=x),
     ]

@@ -99,6 +99,8 @@ TABLE: dict[str, list] = {
     "magnitude_scores": [lambda: W.magnitude_scores(None), lambda: W.magnitude_scores(X)],
     "snip_scores": [lambda: W.snip_scores(None, S), lambda: W.snip_scores(lambda s: s["0", "weight"].sum(), None)],
     "prune_masks": [lambda: W.prune_masks(None, S, amount=0.5), lambda: W.prune_masks(S, S, amount=None),
+    "local_knn_dimension": [lambda: tdfunc.latent.local_knn_dimension(None), lambda: tdfunc.latent.local_knn_dimension(PTS * NAN),
+                            lambda: tdfunc.latent.local_knn_dimension(torch.zeros(10, 3), k=2)],
                     lambda: W.prune_masks(S, S, amount=NAN)],
     "apply_masks": [lambda: W.apply_masks(None, S), lambda: W.apply_masks(S, None)],
     "task_vector": [lambda: W.task_vector(None, S), lambda: W.task_vector(S, None)],

@@ -9,6 +9,7 @@ from ._cache import cache_activations as cache_activations
 from ._common import LatentError as LatentError
 from ._dimension import ca_pca_dimension as ca_pca_dimension
 from ._dimension import local_pca_dimension as local_pca_dimension
+from ._dimension import local_knn_dimension as local_knn_dimension
 from ._dimension import mle_dimension as mle_dimension
 from ._dimension import twonn_dimension as twonn_dimension
 from ._geometry import GeometryError as GeometryError

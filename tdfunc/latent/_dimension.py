@@ -1,28 +1,41 @@
-"""Intrinsic dimension of representations, batched: TwoNN, MLE (Levina-Bickel), local PCA, CA-PCA."""
+"""Intrinsic dimension of representations, batched: TwoNN, MLE (Levina-Bickel), local kNN (Farahmand et al.),
+local PCA, CA-PCA."""
 
 from __future__ import annotations
 
 import math
-from typing import overload
+from typing import Literal, overload
 
 import torch
 from tensordict import TensorDict, TensorDictBase
 
+from .._checks import check_bool
 from .._finite import readable
-from ._geometry import GeometryError, _check_int, _knn, _neighbourhoods, _per_rep
+from ._geometry import GeometryError, _check_duplicates, _check_int, _knn, _neighbourhoods, _per_rep
 
-__all__ = ["twonn_dimension", "mle_dimension", "local_pca_dimension", "ca_pca_dimension"]
+__all__ = ["twonn_dimension", "mle_dimension", "local_knn_dimension", "local_pca_dimension", "ca_pca_dimension"]
+
+PcaCriterion = Literal["variance", "maxgap", "ratio"]
+PCA_CRITERIA: tuple[PcaCriterion, ...] = ("variance", "maxgap", "ratio")
 
 
 # ------------------------------------------------------------------------------- intrinsic dimension
 
 
 @overload
-def twonn_dimension(x: TensorDictBase, *, discard_fraction: float = ...) -> TensorDict: ...
+def twonn_dimension(x: TensorDictBase, *, discard_fraction: float = ..., return_xy: Literal[False] = ...) -> TensorDict: ...
 @overload
-def twonn_dimension(x: torch.Tensor, *, discard_fraction: float = ...) -> torch.Tensor: ...
+def twonn_dimension(x: torch.Tensor, *, discard_fraction: float = ..., return_xy: Literal[False] = ...) -> torch.Tensor: ...
+@overload
+def twonn_dimension(x: TensorDictBase, *, discard_fraction: float = ...,
+                    return_xy: Literal[True]) -> tuple[TensorDict, TensorDict, TensorDict]: ...
+@overload
+def twonn_dimension(x: torch.Tensor, *, discard_fraction: float = ...,
+                    return_xy: Literal[True]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]: ...
 
-def twonn_dimension(x: torch.Tensor | TensorDictBase, *, discard_fraction: float = 0.1) -> torch.Tensor | TensorDict:
+def twonn_dimension(
+    x: torch.Tensor | TensorDictBase, *, discard_fraction: float = 0.1, return_xy: bool = False
+) -> torch.Tensor | TensorDict | tuple[torch.Tensor, torch.Tensor, torch.Tensor] | tuple[TensorDict, TensorDict, TensorDict]:
     """TwoNN intrinsic dimension (Facco et al., 2017), regression form, of every representation at once.
 
     .. math::
@@ -39,9 +52,13 @@ def twonn_dimension(x: torch.Tensor | TensorDictBase, *, discard_fraction: float
     Args:
         x: points ``(N, D)``, a stack ``(..., N, D)`` or a TensorDict ``{site: (N, D_site)}``.
         discard_fraction: fraction ``f`` in [0, 1) of the largest ratios left out of the fit.
+        return_xy: also return the regression points ``(x_j, y_j)``, ``j = 1..m`` (tdhook's
+            ``return_xy``; plot ``y`` against ``x`` to check the fit is a line through the origin).
 
     Returns:
-        The dimension, shape ``...`` (a scalar for one representation), or a TensorDict of scalars.
+        The dimension, shape ``...`` (a scalar for one representation), or a TensorDict of scalars;
+        with ``return_xy`` the triple ``(dimension, x, y)``, ``x`` and ``y`` of shape ``(..., m)``
+        (TensorDicts of the same keys for a TensorDict input).
 
     Raises:
         GeometryError: input not (…, N, D) floating, ``N < 3``, ``discard_fraction`` outside [0, 1)
@@ -54,6 +71,9 @@ def twonn_dimension(x: torch.Tensor | TensorDictBase, *, discard_fraction: float
         >>> d = tdfunc.latent.twonn_dimension(circles)  # three embeddings of a circle in 10-D at once
         >>> d.shape, bool((d - 1).abs().max() < 0.25)
         (torch.Size([3]), True)
+        >>> d, lx, ly = tdfunc.latent.twonn_dimension(circles, discard_fraction=0.0, return_xy=True)
+        >>> lx.shape, bool(torch.allclose(d, (lx * ly).sum(-1) / lx.square().sum(-1)))  # slope through 0
+        (torch.Size([3, 499]), True)
 
     References:
         Facco, d'Errico, Rodriguez, Laio. Estimating the intrinsic dimension of datasets by a minimal
@@ -64,6 +84,7 @@ def twonn_dimension(x: torch.Tensor | TensorDictBase, *, discard_fraction: float
     fn = "tdfunc.latent.twonn_dimension"
     if isinstance(discard_fraction, bool) or not isinstance(discard_fraction, (int, float)) or not 0 <= discard_fraction < 1:
         raise GeometryError(f"{fn}: discard_fraction must be a number in [0, 1), got {discard_fraction!r}.")
+    check_bool(fn, "return_xy", return_xy, GeometryError)
 
     def body(p: torch.Tensor) -> torch.Tensor:
         n = p.shape[-2]
@@ -72,16 +93,26 @@ def twonn_dimension(x: torch.Tensor | TensorDictBase, *, discard_fraction: float
             raise GeometryError(f"{fn}: discard_fraction={discard_fraction!r} keeps {m} of N={n} ratios; keep at "
                                 "least 2 (lower discard_fraction or pass more points).")
         d2, _ = _knn(p, 2)
-        if readable(d2) and bool((d2[..., 0] == 0).any()):
-            dup = int((d2[..., 0] == 0).sum())
-            raise GeometryError(f"{fn}: {dup} of the N={n} points have a duplicate (a nearest neighbour at distance 0), "
-                                "where the ratio r2 / r1 is undefined; remove duplicate points first "
-                                "(e.g. torch.unique(x, dim=0)).")
+        _check_duplicates(fn, d2[..., 0], n, "the ratio r2 / r1 is undefined")
         logmu = (0.5 * (d2[..., 1].log() - d2[..., 0].log())).sort(-1).values[..., :m]
         y = -torch.log1p(-torch.arange(1, m + 1, dtype=p.dtype, device=p.device) / n)
-        return (logmu * y).sum(-1) / logmu.square().sum(-1)
+        d = (logmu * y).sum(-1) / logmu.square().sum(-1)
+        if not return_xy:
+            return d
+        return torch.cat([d[:, None], logmu, y.expand_as(logmu)], -1)  # (R, 1 + 2m), split below
 
-    return _per_rep(fn, x, body, 3, "TwoNN (two neighbours per point)")
+    out = _per_rep(fn, x, body, 3, "TwoNN (two neighbours per point)")
+    if not return_xy:
+        return out
+
+    def split(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        m = (t.shape[-1] - 1) // 2
+        return t[..., 0], t[..., 1:m + 1], t[..., m + 1:]
+
+    if isinstance(out, TensorDictBase):
+        return (out.apply(lambda t: split(t)[0]), out.apply(lambda t: split(t)[1]),  # type: ignore[return-value]
+                out.apply(lambda t: split(t)[2]))
+    return split(out)
 
 
 @overload
@@ -109,7 +140,8 @@ def mle_dimension(x: torch.Tensor | TensorDictBase, *, k: int = 10) -> torch.Ten
         The dimension, shape ``...``, or a TensorDict of scalars.
 
     Raises:
-        GeometryError: input not (…, N, D) floating, ``k < 2``, ``N < k + 1``.
+        GeometryError: input not (…, N, D) floating, ``k < 2``, ``N < k + 1``; duplicate points (where
+            :math:`\\log T_1 = -\\infty`).
 
     Example:
         >>> import torch, tdfunc
@@ -127,49 +159,135 @@ def mle_dimension(x: torch.Tensor | TensorDictBase, *, k: int = 10) -> torch.Ten
     _check_int(fn, "k", k, 2)
 
     def body(p: torch.Tensor) -> torch.Tensor:
-        logt = 0.5 * _knn(p, k)[0].log()
+        d2 = _knn(p, k)[0]
+        _check_duplicates(fn, d2[..., 0], p.shape[-2], "log T_1 is -inf and the estimate degenerates to 0 or NaN")
+        logt = 0.5 * d2.log()
         return ((k - 1) / (logt[..., -1:] - logt[..., :-1]).sum(-1)).mean(-1)
 
     return _per_rep(fn, x, body, k + 1, f"k={k}")
 
 
 @overload
-def local_pca_dimension(x: TensorDictBase, *, k: int = ..., variance: float = ...) -> TensorDict: ...
+def local_knn_dimension(x: TensorDictBase, *, k: int = ..., per_point: bool = ...) -> TensorDict: ...
 @overload
-def local_pca_dimension(x: torch.Tensor, *, k: int = ..., variance: float = ...) -> torch.Tensor: ...
+def local_knn_dimension(x: torch.Tensor, *, k: int = ..., per_point: bool = ...) -> torch.Tensor: ...
 
-def local_pca_dimension(x: torch.Tensor | TensorDictBase, *, k: int = 20, variance: float = 0.9) -> torch.Tensor | TensorDict:
-    """Local PCA intrinsic dimension (Fukunaga–Olsen): explained variance in kNN neighbourhoods, batched.
+def local_knn_dimension(x: torch.Tensor | TensorDictBase, *, k: int = 5, per_point: bool = False) -> torch.Tensor | TensorDict:
+    """Local intrinsic dimension from the k-th and 2k-th neighbour distances (Farahmand et al., 2007), batched.
 
     .. math::
-        d_i = \\min\\Big\\{ d : \\frac{\\sum_{j \\le d} \\lambda_j(i)}{\\sum_j \\lambda_j(i)} \\ge v \\Big\\},
-        \\qquad \\hat d = \\frac{1}{N} \\sum_i d_i
+        \\hat d(x_i) = \\frac{\\log 2}{\\log \\big(R_{2k}(x_i) / R_k(x_i)\\big)}, \\qquad
+        \\hat d = \\frac{1}{N} \\sum_i \\hat d(x_i)
 
-    with :math:`\\lambda_1(i) \\ge \\lambda_2(i) \\ge \\dots` the eigenvalues of the covariance of
-    :math:`x_i` and its ``k`` nearest neighbours.  Piecewise constant in ``x`` (no useful gradient).
-    tdhook's ``LocalPcaDimensionEstimator`` picks ``d_i`` by eigenvalue gap or ratio instead of
-    explained variance.
+    with :math:`R_j(x_i)` the distance from :math:`x_i` to its j-th nearest neighbour: in a
+    d-dimensional neighbourhood the number of points in a ball grows as :math:`r^d`, so doubling
+    the count multiplies the radius by :math:`2^{1/d}`.  Equals tdhook's ``LocalKnnDimensionEstimator``
+    per point (``per_point=True``; tdhook's ``k="auto"`` is ``k = max(2, min(⌊√N⌋, ⌊(N-1)/2⌋))``).
+    A different estimator from :func:`mle_dimension`.  Differentiable in ``x``.
+
+    Args:
+        x: points ``(N, D)``, a stack ``(..., N, D)`` or a TensorDict ``{site: (N, D_site)}``.
+        k: neighbour rank ``k >= 2`` (needs ``N >= 2k + 1``).
+        per_point: return every point's estimate ``(..., N)`` instead of their mean.
+
+    Returns:
+        The mean local dimension, shape ``...`` (``(..., N)`` with ``per_point``), or a TensorDict.
+
+    Raises:
+        GeometryError: input not (…, N, D) floating, ``k < 2``, ``N < 2k + 1``; duplicate points
+            (:math:`R_k` may be 0); points whose k-th and 2k-th neighbours are equally far
+            (:math:`\\log(R_{2k}/R_k) = 0`, e.g. lattice data; tdhook returns NaN there) — pick another
+            ``k`` or remove the ties.  Inside ``vmap`` / ``torch.compile`` these two are not checked.
+
+    Example:
+        >>> import torch, tdfunc
+        >>> plane = torch.rand(2, 500, 2, dtype=torch.float64) @ torch.randn(2, 10, dtype=torch.float64)
+        >>> d = tdfunc.latent.local_knn_dimension(plane, k=8, per_point=True)  # two 2-D planes in 10-D
+        >>> d.shape, bool((d.mean(-1) - 2).abs().max() < 0.35)
+        (torch.Size([2, 500]), True)
+
+    References:
+        Farahmand, Szepesvári, Audibert. Manifold-adaptive dimension estimation. ICML 2007.
+
+    Composes with: ``vmap`` (over point clouds), ``grad`` (w.r.t. the points), ``torch.compile``.
+    """
+    fn = "tdfunc.latent.local_knn_dimension"
+    _check_int(fn, "k", k, 2)
+    check_bool(fn, "per_point", per_point, GeometryError)
+
+    def body(p: torch.Tensor) -> torch.Tensor:
+        n = p.shape[-2]
+        d2 = _knn(p, 2 * k)[0]
+        _check_duplicates(fn, d2[..., 0], n, "R_k can be 0 and log(R_2k / R_k) is undefined")
+        log_ratio = 0.5 * (d2[..., 2 * k - 1].log() - d2[..., k - 1].log())
+        if readable(log_ratio) and bool((log_ratio == 0).any()):
+            ties = int((log_ratio == 0).sum())
+            raise GeometryError(f"{fn}: {ties} of the N={n} points have their k-th and 2k-th neighbours (k={k}) at the "
+                                "same distance, where log(R_2k / R_k) = 0 and the estimate is infinite; pick another k "
+                                "or break the ties (e.g. add tiny noise to lattice data).")
+        d = math.log(2) / log_ratio
+        return d if per_point else d.mean(-1)
+
+    return _per_rep(fn, x, body, 2 * k + 1, f"k={k} (the 2k-th neighbour)")
+
+
+@overload
+def local_pca_dimension(x: TensorDictBase, *, k: int = ..., variance: float = ..., criterion: PcaCriterion = ...,
+                        alpha: float = ..., per_point: bool = ...) -> TensorDict: ...
+@overload
+def local_pca_dimension(x: torch.Tensor, *, k: int = ..., variance: float = ..., criterion: PcaCriterion = ...,
+                        alpha: float = ..., per_point: bool = ...) -> torch.Tensor: ...
+
+def local_pca_dimension(
+    x: torch.Tensor | TensorDictBase,
+    *,
+    k: int = 20,
+    variance: float = 0.9,
+    criterion: PcaCriterion = "variance",
+    alpha: float = 0.05,
+    per_point: bool = False,
+) -> torch.Tensor | TensorDict:
+    """Local PCA intrinsic dimension (Fukunaga–Olsen): the spectrum of kNN neighbourhoods, batched.
+
+    .. math::
+        \\text{variance: } d_i = \\min\\Big\\{ d : \\frac{\\sum_{j \\le d} \\lambda_j(i)}{\\sum_j \\lambda_j(i)} \\ge v \\Big\\},
+        \\quad \\text{maxgap: } d_i = \\arg\\max_{j} \\frac{\\lambda_j(i)}{\\lambda_{j+1}(i) + 10^{-15}},
+        \\quad \\text{ratio: } d_i = \\max\\big(1, \\#\\{j : \\lambda_j(i) > \\alpha \\lambda_1(i)\\}\\big)
+
+    and :math:`\\hat d = \\frac{1}{N} \\sum_i d_i`, with :math:`\\lambda_1(i) \\ge \\lambda_2(i) \\ge \\dots`
+    the eigenvalues of the sample covariance (``1/k``) of :math:`x_i` and its ``k`` nearest
+    neighbours (``min(k + 1, D)`` of them; a single one gives ``d_i = 1``).  ``"maxgap"`` (Bruske &
+    Sommer's largest eigenvalue gap) and ``"ratio"`` equal tdhook's ``LocalPcaDimensionEstimator``
+    per point (``per_point=True``); they compute the spectrum in float64 as tdhook does.  Piecewise
+    constant in ``x`` (no useful gradient).
 
     Args:
         x: points ``(N, D)``, a stack ``(..., N, D)`` or a TensorDict ``{site: (N, D_site)}``.
         k: neighbours per point (``N >= k + 1``).
-        variance: explained-variance threshold ``v`` in (0, 1].
+        variance: explained-variance threshold ``v`` in (0, 1] of ``criterion="variance"``.
+        criterion: ``"variance"`` (default), ``"maxgap"`` or ``"ratio"``.
+        alpha: eigenvalue fraction ``α`` in (0, 1) of ``criterion="ratio"``.
+        per_point: return every point's ``d_i`` ``(..., N)`` instead of their mean.
 
     Returns:
-        The mean local dimension, shape ``...``, or a TensorDict of scalars.
+        The mean local dimension, shape ``...`` (``(..., N)`` with ``per_point``), or a TensorDict.
 
     Raises:
-        GeometryError: input not (…, N, D) floating, ``k < 1``, ``N < k + 1``, ``variance`` outside (0, 1].
+        GeometryError: input not (…, N, D) floating, ``k < 1``, ``N < k + 1``, ``variance`` outside
+            (0, 1], ``alpha`` outside (0, 1), unknown ``criterion``.
 
     Example:
         >>> import torch, tdfunc
         >>> plane = torch.rand(400, 3, dtype=torch.float64) @ torch.randn(3, 10, dtype=torch.float64)
         >>> float(tdfunc.latent.local_pca_dimension(plane, k=20, variance=0.99))
         3.0
+        >>> float(tdfunc.latent.local_pca_dimension(plane, k=10, criterion="maxgap"))
+        3.0
 
     References:
         Fukunaga, Olsen. An algorithm for finding intrinsic dimensionality of data. IEEE Trans.
-        Computers 1971.
+        Computers 1971.  Bruske, Sommer. Intrinsic dimensionality estimation with optimally
+        topology preserving maps. IEEE TPAMI 1998.
 
     Composes with: ``vmap`` (over point clouds), ``torch.compile``.
     """
@@ -177,23 +295,40 @@ def local_pca_dimension(x: torch.Tensor | TensorDictBase, *, k: int = 20, varian
     _check_int(fn, "k", k, 1)
     if isinstance(variance, bool) or not isinstance(variance, (int, float)) or not 0 < variance <= 1:
         raise GeometryError(f"{fn}: variance must be a number in (0, 1], got {variance!r}.")
+    if criterion not in PCA_CRITERIA:
+        raise GeometryError(f"{fn}: unknown criterion {criterion!r}; choose one of {list(PCA_CRITERIA)}.")
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 < alpha < 1:
+        raise GeometryError(f"{fn}: alpha must be a number in (0, 1), got {alpha!r}.")
+    check_bool(fn, "per_point", per_point, GeometryError)
 
     def body(p: torch.Tensor) -> torch.Tensor:
         nb = torch.cat([p.unsqueeze(2), _neighbourhoods(p, _knn(p, k)[1])], 2)  # (R, N, k+1, D)
-        lam = torch.linalg.svdvals(nb - nb.mean(2, keepdim=True)).square()
-        frac = lam.cumsum(-1) / lam.sum(-1, keepdim=True)
-        tol = 1e-9 if p.dtype == torch.float64 else 1e-5
-        return ((frac < variance - tol).sum(-1) + 1).to(p.dtype).mean(-1)
+        if criterion == "variance":
+            lam = torch.linalg.svdvals(nb - nb.mean(2, keepdim=True)).square()
+            frac = lam.cumsum(-1) / lam.sum(-1, keepdim=True)
+            tol = 1e-9 if p.dtype == torch.float64 else 1e-5
+            d = (frac < variance - tol).sum(-1) + 1
+        else:
+            nb = nb.to(torch.float64)
+            lam = torch.linalg.svdvals(nb - nb.mean(2, keepdim=True)).square() / k  # covariance eigenvalues
+            if criterion == "ratio":
+                d = (lam > alpha * lam[..., :1]).sum(-1).clamp_min(1)
+            elif lam.shape[-1] < 2:
+                d = torch.ones(lam.shape[:-1], dtype=torch.long, device=p.device)
+            else:
+                d = (lam[..., :-1] / (lam[..., 1:] + 1e-15)).argmax(-1) + 1
+        d = d.to(p.dtype)
+        return d if per_point else d.mean(-1)
 
     return _per_rep(fn, x, body, k + 1, f"k={k}")
 
 
 @overload
-def ca_pca_dimension(x: TensorDictBase, *, k: int = ...) -> TensorDict: ...
+def ca_pca_dimension(x: TensorDictBase, *, k: int = ..., per_point: bool = ...) -> TensorDict: ...
 @overload
-def ca_pca_dimension(x: torch.Tensor, *, k: int = ...) -> torch.Tensor: ...
+def ca_pca_dimension(x: torch.Tensor, *, k: int = ..., per_point: bool = ...) -> torch.Tensor: ...
 
-def ca_pca_dimension(x: torch.Tensor | TensorDictBase, *, k: int = 20) -> torch.Tensor | TensorDict:
+def ca_pca_dimension(x: torch.Tensor | TensorDictBase, *, k: int = 20, per_point: bool = False) -> torch.Tensor | TensorDict:
     """Curvature-adjusted local PCA dimension (CA-PCA, Gilbert & O'Neill 2023), batched.
 
     .. math::
@@ -205,17 +340,19 @@ def ca_pca_dimension(x: torch.Tensor | TensorDictBase, *, k: int = 20) -> torch.
     with :math:`\\lambda` the sample-covariance eigenvalues of the ``k + 1`` nearest neighbours of
     :math:`x_i` (self excluded) and :math:`r` the mean of the k-th and (k+1)-th neighbour distances:
     the neighbourhood's spectrum is matched to that of a quadratic embedding of a d-ball instead of a
-    flat one.  Equals the mean of tdhook's ``CaPcaDimensionEstimator`` per-point output.
+    flat one.  Equals tdhook's ``CaPcaDimensionEstimator`` per point (``per_point=True``).
 
     Args:
         x: points ``(N, D)``, a stack ``(..., N, D)`` or a TensorDict ``{site: (N, D_site)}``.
         k: neighbourhood size (``N >= k + 2``).
+        per_point: return every point's ``d_i`` ``(..., N)`` instead of their mean.
 
     Returns:
-        The mean local dimension, shape ``...``, or a TensorDict of scalars.
+        The mean local dimension, shape ``...`` (``(..., N)`` with ``per_point``), or a TensorDict.
 
     Raises:
-        GeometryError: input not (…, N, D) floating, ``k < 1``, ``N < k + 2``.
+        GeometryError: input not (…, N, D) floating, ``k < 1``, ``N < k + 2``; a point with ``k + 1``
+            duplicates (radius :math:`r = 0`; not checked inside ``vmap`` / ``torch.compile``).
 
     Example:
         >>> import torch, tdfunc
@@ -231,10 +368,15 @@ def ca_pca_dimension(x: torch.Tensor | TensorDictBase, *, k: int = 20) -> torch.
     """
     fn = "tdfunc.latent.ca_pca_dimension"
     _check_int(fn, "k", k, 1)
+    check_bool(fn, "per_point", per_point, GeometryError)
 
     def body(p: torch.Tensor) -> torch.Tensor:
         d2, idx = _knn(p, k + 1)
         r = 0.5 * (d2[..., k - 1].sqrt() + d2[..., k].sqrt())
+        if readable(r) and bool((r == 0).any()):
+            raise GeometryError(f"{fn}: {int((r == 0).sum())} of the N={p.shape[-2]} points have k + 1 = {k + 1} "
+                                "duplicates (neighbourhood radius 0), where the rescaled spectrum lambda / r^2 is "
+                                "undefined; remove duplicate points first (e.g. torch.unique(x, dim=0)) or raise k.")
         nb = _neighbourhoods(p, idx)
         dim = p.shape[-1]
         lam = torch.zeros(*nb.shape[:2], dim, dtype=p.dtype, device=p.device)
@@ -246,6 +388,7 @@ def ca_pca_dimension(x: torch.Tensor | TensorDictBase, *, k: int = 20) -> torch.
         adj = lam.unsqueeze(-2) + ((3 * d + 4) / (d * (d + 4)) * tail).unsqueeze(-1)
         err = ((1 / (d + 2)).unsqueeze(-1) - adj) * head
         score = err.square().sum(-1).sqrt() + 2 * tail
-        return (score.argmin(-1) + 1).to(p.dtype).mean(-1)
+        d = (score.argmin(-1) + 1).to(p.dtype)
+        return d if per_point else d.mean(-1)
 
     return _per_rep(fn, x, body, k + 2, f"k={k} (k + 1 neighbours)")

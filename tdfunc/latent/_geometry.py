@@ -19,7 +19,7 @@ from tensordict import TensorDict, TensorDictBase
 
 from .._checks import check_int
 from ._common import LatentError
-from .._finite import check_finite
+from .._finite import check_finite, readable
 
 __all__ = ["GeometryError"]
 
@@ -30,7 +30,8 @@ class GeometryError(LatentError):
 # ---------------------------------------------------------------------------------------------- checks
 
 
-def _check_points(fn: str, x, what: str) -> torch.Tensor:
+def _check_points(fn: str, x, what: str, promote: torch.dtype | None = None) -> torch.Tensor:
+    """A floating (..., N, D) tensor; ``promote``: cast integer / bool points to this dtype instead of refusing them."""
     if not isinstance(x, torch.Tensor):
         raise GeometryError(
             f"{fn}: {what} must be a tensor (N, D), a stack (..., N, D) or a TensorDict of (N, D) "
@@ -41,6 +42,8 @@ def _check_points(fn: str, x, what: str) -> torch.Tensor:
             f"{fn}: {what} has shape {tuple(x.shape)} but a representation is N points (N, D) or a stack "
             f"(..., N, D); for N scalar features use {what}.unsqueeze(-1)."
         )
+    if promote is not None and not x.is_floating_point() and not x.is_complex():
+        x = x.to(promote)
     if not x.is_floating_point():
         raise GeometryError(f"{fn}: {what} has dtype {x.dtype}; pass a floating tensor ({what}.float()).")
     check_finite(fn, what, x, GeometryError, "replace them (e.g. torch.nan_to_num) or drop those points")
@@ -58,7 +61,10 @@ def _check_n(fn: str, n: int, need: int, why: str, fix: str = "lower k") -> None
 
 
 def _per_rep(fn: str, x, body, need: int, why: str):
-    """``body((R, N, D)) -> (R,)`` over a tensor (..., N, D) (result ``...``) or a TensorDict (same keys)."""
+    """``body((R, N, D)) -> (R, *rest)`` over a tensor (..., N, D) (result ``(..., *rest)``) or a TensorDict (same keys).
+
+    ``rest`` is ``()`` for one number per representation, ``(N,)`` for per-point values.
+    """
     if isinstance(x, TensorDictBase):
         out = TensorDict({}, batch_size=[])
         for key in x.keys(include_nested=True, leaves_only=True):
@@ -71,15 +77,16 @@ def _one(fn, x, body, need, why, what):
     x = _check_points(fn, x, what)
     _check_n(fn, x.shape[-2], need, why)
     lead = x.shape[:-2]
-    return body(x.reshape(-1, *x.shape[-2:])).reshape(lead)
+    out = body(x.reshape(-1, *x.shape[-2:]))
+    return out.reshape((*lead, *out.shape[1:]))
 
 
-def _stack_of(fn: str, x, what: str, prep) -> tuple[torch.Tensor, tuple]:
+def _stack_of(fn: str, x, what: str, prep, promote: torch.dtype | None = None) -> tuple[torch.Tensor, tuple]:
     """``prep((R, N, D)) -> (R, N, N)`` for a tensor (..., N, D) or a TensorDict of (N, D) leaves."""
     if isinstance(x, TensorDictBase):
         mats = []
         for key in x.keys(include_nested=True, leaves_only=True):
-            t = _check_points(fn, x.get(key), f"{what}[{key!r}]")
+            t = _check_points(fn, x.get(key), f"{what}[{key!r}]", promote)
             if t.dim() != 2:
                 raise GeometryError(f"{fn}: {what}[{key!r}] has shape {tuple(t.shape)}; TensorDict entries must be "
                                     "single representations (N, D) — pass a stacked tensor for (R, N, D).")
@@ -91,8 +98,26 @@ def _stack_of(fn: str, x, what: str, prep) -> tuple[torch.Tensor, tuple]:
             raise GeometryError(f"{fn}: the entries of {what} have different N {sorted(ns)}; every representation "
                                 "must hold the same N inputs.")
         return torch.cat([prep(m[None]) for m in mats]), (len(mats),)
-    x = _check_points(fn, x, what)
+    x = _check_points(fn, x, what, promote)
     return prep(x.reshape(-1, *x.shape[-2:])), tuple(x.shape[:-2])
+
+
+def _leaves(v) -> list:
+    if isinstance(v, TensorDictBase):
+        return [v.get(k) for k in v.keys(include_nested=True, leaves_only=True)]
+    return [v]
+
+
+def _promoted_dtype(*xs) -> torch.dtype:
+    """The dtype integer / bool points are cast to: the promotion of the floating inputs' dtypes, or torch's
+    default float dtype when none is floating (tdhook's rule, with float32 the default)."""
+    floats = [t.dtype for v in xs for t in _leaves(v) if isinstance(t, torch.Tensor) and t.is_floating_point()]
+    if not floats:
+        return torch.get_default_dtype()
+    out = floats[0]
+    for d in floats[1:]:
+        out = torch.promote_types(out, d)
+    return out
 
 
 def _same_n(fn: str, nx: int, ny: int) -> None:
@@ -111,6 +136,20 @@ def _sqdist(x: torch.Tensor) -> torch.Tensor:
     d2 = sq[..., :, None] + sq[..., None, :] - 2 * (x @ x.mT)
     eye = torch.eye(x.shape[-2], dtype=torch.bool, device=x.device)
     return d2.clamp_min(0).masked_fill(eye, 0)
+
+
+def _check_duplicates(fn: str, nearest: torch.Tensor, n: int, why: str) -> None:
+    """Refuse points whose nearest neighbour is at distance 0 (``nearest``: (R, N) distances), where ``why``."""
+    if readable(nearest) and bool((nearest == 0).any()):
+        dup = int((nearest == 0).sum())
+        raise GeometryError(f"{fn}: {dup} of the N={n} points have a duplicate (a nearest neighbour at distance 0), "
+                            f"where {why}; remove duplicate points first (e.g. torch.unique(x, dim=0)).")
+
+
+def _minkowski(p: float):
+    """(R, N, D) -> (R, N, N) Minkowski distances of order ``p``, from coordinate differences (not the Gram
+    form), so equal distances are exactly equal and rank ties can be broken by index."""
+    return lambda x: torch.cdist(x, x, p=p, compute_mode="donot_use_mm_for_euclid_dist")
 
 
 def _knn(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -147,6 +147,9 @@ def _apply(fn: str, params, x) -> torch.Tensor:
     if keys == {"means"}:
         m = params["means"]
         return _check_x(fn, x) @ m.mT - 0.5 * m.square().sum(-1)
+    if keys == {"means", "scale"}:  # normalize=True: logits divided by |mu_1 - mu_0|
+        m = params["means"]
+        return (_check_x(fn, x) @ m.mT - 0.5 * m.square().sum(-1)) * params["scale"]
     raise ProbeError(f"{fn}: params have keys {sorted(keys)}, which match no probe kind; pass the "
                      "TensorDict of tdfunc.latent.probe_init / probe_fit (weight+bias, u+v+bias or means).")
 
@@ -202,9 +205,26 @@ def _loss(fn, params, x, y, weight_decay: float) -> torch.Tensor:
     return loss
 
 
-def _class_means(x: torch.Tensor, y: torch.Tensor, n_classes: int) -> dict:
+def _class_means(x: torch.Tensor, y: torch.Tensor, n_classes: int, normalize: bool = False) -> dict:
     onehot = F.one_hot(y, n_classes).to(x.dtype)
-    return {"means": (onehot.mT @ x) / onehot.sum(0)[:, None]}
+    means = (onehot.mT @ x) / onehot.sum(0)[:, None]
+    if not normalize:
+        return {"means": means}
+    gap = torch.linalg.vector_norm(means[1] - means[0])  # two classes (checked by the caller)
+    return {"means": means, "scale": torch.where(gap > 0, 1 / torch.where(gap > 0, gap, 1), 1)}
+
+
+def _check_normalize(fn: str, normalize, kind) -> None:
+    check_bool(fn, "normalize", normalize, ProbeError)
+    if normalize and kind != "mean_difference":
+        raise ProbeError(f"{fn}: normalize=True rescales the mean-difference probe, but kind={kind!r}; use "
+                         "kind='mean_difference' or drop normalize.")
+
+
+def _check_normalize_classes(fn: str, normalize: bool, c: int) -> None:
+    if normalize and c != 2:
+        raise ProbeError(f"{fn}: normalize=True divides by the norm of the mean difference mu_1 - mu_0, which needs "
+                         f"exactly 2 classes, got n_classes={c}; use normalize=False with {c} classes.")
 
 
 def _adam(loss, params: dict, steps: int, lr: float, bar=None) -> dict:
@@ -250,6 +270,7 @@ def probe_fit(
     n_classes: int | None = None,
     generator: torch.Generator | None = None,
     progress: bool = False,
+    normalize: bool = False,
 ) -> TensorDict:
     """Fit a probe on activations ``x`` ``(N, D)`` and labels ``y`` ``(N,)``; full-batch Adam or closed form.
 
@@ -275,12 +296,19 @@ def probe_fit(
         generator: random generator for the initialisation.
         progress: show a tqdm bar on stderr over the Adam steps (none for ``"mean_difference"``);
             never shown under ``vmap`` / ``grad`` / ``torch.compile``.
+        normalize: two-class ``"mean_difference"`` only: also return ``scale = 1 / ‖μ_1 - μ_0‖``
+            (1 when the means coincide), by which ``probe_apply`` multiplies the logits, so
+            ``z_1 - z_0`` is the signed distance to the bisecting hyperplane — tdhook's
+            ``MeanDifferenceClassifier(normalize=True)`` decision function (its default; ``False``
+            equals ``normalize=False``), and ``softmax(z)`` its ``predict_proba``.
 
     Returns:
-        The fitted parameters (a TensorDict, see ``probe_init``).
+        The fitted parameters (a TensorDict, see ``probe_init``; ``means`` and ``scale`` with
+        ``normalize``).
 
     Raises:
-        ProbeError: unknown kind, missing rank, labels not ``(N,)`` integers, bad options.
+        ProbeError: unknown kind, missing rank, labels not ``(N,)`` integers, bad options,
+            ``normalize`` with another kind or more than 2 classes.
 
     Example:
         >>> import torch, tdfunc
@@ -288,6 +316,10 @@ def probe_fit(
         >>> y = (x[:, 0] - x[:, 1] > 0).long()
         >>> p = tdfunc.latent.probe_fit("linear", x, y, steps=100, lr=0.05, generator=torch.Generator().manual_seed(0))
         >>> float(tdfunc.latent.probe_evaluate(p, x, y)["accuracy"]) > 0.95
+        True
+        >>> m = tdfunc.latent.probe_fit("mean_difference", x, y, normalize=True)
+        >>> z = tdfunc.latent.probe_apply(m, x)  # z_1 - z_0: signed distance to the bisecting plane
+        >>> bool(torch.allclose(m["scale"], 1 / (m["means"][1] - m["means"][0]).norm()))
         True
 
     References:
@@ -300,6 +332,7 @@ def probe_fit(
     check_generator(fn, generator, ProbeError)
     _check_train_options(fn, steps, lr, weight_decay)
     check_bool(fn, "progress", progress, ProbeError)
+    _check_normalize(fn, normalize, kind)
     if kind in ("bilinear", "low_rank_bilinear"):
         x1, x2 = _pair(fn, x)
         if x1.dim() != 2 or x2.dim() != 2 or x1.shape[0] != x2.shape[0]:
@@ -318,8 +351,9 @@ def probe_fit(
     y = _check_labels(fn, y, ref.shape[0])
     c = _n_classes(fn, y, n_classes)
     if kind == "mean_difference":
+        _check_normalize_classes(fn, normalize, c)
         _check_means_counts(fn, y, c)
-        return TensorDict(_class_means(x, y, c), batch_size=[])  # type: ignore[arg-type]  # one tensor here
+        return TensorDict(_class_means(x, y, c, normalize), batch_size=[])  # type: ignore[arg-type]  # one tensor here
     params = _init(fn, kind, d_in, c, rank, generator, ref.dtype, ref.device)
     loss = lambda p: _loss(fn, p, x, y, weight_decay)  # noqa: E731
     bar = progress_bar(enabled=progress, desc=fn, total=steps, unit="step")
@@ -378,6 +412,7 @@ def fit_probes(
     n_classes: int | None = None,
     generator: torch.Generator | None = None,
     progress: bool = False,
+    normalize: bool = False,
 ) -> TensorDict:
     """Fit one probe per site of a capture TensorDict on a train split; report train and test metrics.
 
@@ -394,8 +429,8 @@ def fit_probes(
     Args:
         acts: ``{site: (N, D_site)}``, e.g. the captures of ``tdfunc.functional_call``.
         y: integer labels ``(N,)``.
-        kind, steps, lr, weight_decay, rank, n_classes: as in ``probe_fit`` (``n_classes`` defaults
-            to ``max(y) + 1`` over all of ``y``).
+        kind, steps, lr, weight_decay, rank, n_classes, normalize: as in ``probe_fit`` (``n_classes``
+            defaults to ``max(y) + 1`` over all of ``y``).
         test_fraction: held-out fraction, strictly between 0 and 1.
         generator: random generator for the split and the initialisations.
         progress: show one tqdm bar on stderr over the Adam steps of every batched run (``steps`` per
@@ -432,12 +467,14 @@ def fit_probes(
     check_generator(fn, generator, ProbeError)
     _check_train_options(fn, steps, lr, weight_decay)
     check_bool(fn, "progress", progress, ProbeError)
+    _check_normalize(fn, normalize, kind)
     keys = _sites(fn, acts)
     train, test = _split(fn, acts, keys, y, test_fraction, generator)
     c = _n_classes(fn, y, n_classes)
     y_tr, y_te = y[train], y[test]
     xs = {k: acts.get(k).detach() for k in keys}
     if kind == "mean_difference":
+        _check_normalize_classes(fn, normalize, c)
         _check_means_counts(fn, y_tr, c)
         inits = None
     else:
@@ -452,7 +489,7 @@ def fit_probes(
         for group in groups.values():
             x_tr = torch.stack([xs[k][train] for k in group])
             if kind == "mean_difference":
-                fitted = vmap(lambda xx: _class_means(xx, y_tr, c))(x_tr)
+                fitted = vmap(lambda xx: _class_means(xx, y_tr, c, normalize))(x_tr)
             else:
                 stacked = {name: torch.stack([inits[k][name] for k in group])  # type: ignore[index]
                            for name in inits[group[0]]}  # type: ignore[index]

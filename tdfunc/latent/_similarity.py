@@ -8,7 +8,7 @@ import torch
 from tensordict import TensorDictBase
 
 from .._types import Kernel
-from ._geometry import GeometryError, _check_int, _check_n, _same_n, _sqdist, _stack_of
+from ._geometry import GeometryError, _check_int, _check_n, _minkowski, _promoted_dtype, _same_n, _sqdist, _stack_of
 
 __all__ = ["cka", "information_imbalance"]
 
@@ -52,6 +52,9 @@ def cka(
     uses the unbiased HSIC estimator (Song et al., 2012; as in Nguyen et al., 2021), with
     ``K̃ = K`` with a zero diagonal:
     ``[tr(K̃L̃) + 1ᵀK̃1 · 1ᵀL̃1 / ((N-1)(N-2)) - 2/(N-2) · 1ᵀK̃L̃1] / (N(N-3))``.
+    Integer and bool inputs (counts, token ids, one-hot codes) are cast to the promotion of the
+    floating inputs' dtypes, or to torch's default float dtype when none is floating, as tdhook's
+    ``CkaEstimator`` does.
 
     Args:
         x: ``(N, D1)``, a stack ``(..., N, D1)`` or a TensorDict ``{site: (N, D_site)}``.
@@ -67,7 +70,7 @@ def cka(
         order).  The Gram matrices cost ``O((R1 + R2) N²)`` memory.
 
     Raises:
-        GeometryError: input not (…, N, D) floating, different N, unknown kernel, ``sigma <= 0``,
+        GeometryError: input not (…, N, D) real tensors, different N, unknown kernel, ``sigma <= 0``,
             ``debiased`` with ``N < 4``.
 
     Example:
@@ -79,6 +82,10 @@ def cka(
         >>> m = tdfunc.latent.cka(x, y)  # all 4 x 2 pairs; TensorDict entries may have different widths
         >>> m.shape, round(float(m[0, 0]), 6)   # rotation and scaling leave CKA at 1
         (torch.Size([4, 2]), 1.0)
+        >>> counts = torch.arange(40).reshape(10, 4)  # integers are promoted (here to float32)
+        >>> c = tdfunc.latent.cka(counts, counts)
+        >>> c.dtype, round(float(c), 5)
+        (torch.float32, 1.0)
 
     References:
         Kornblith, Norouzi, Lee, Hinton. Similarity of neural network representations revisited.
@@ -96,8 +103,9 @@ def cka(
         raise GeometryError(f"{fn}: sigma must be None (median heuristic) or a number > 0, got {sigma!r}.")
     _pre_n(fn, x, y)
     prep = _gram(kernel, sigma)
-    k, kb = _stack_of(fn, x, "x", prep)
-    l, lb = _stack_of(fn, y, "y", prep)
+    promote = _promoted_dtype(x, y)
+    k, kb = _stack_of(fn, x, "x", prep, promote)
+    l, lb = _stack_of(fn, y, "y", prep, promote)
     n = k.shape[-1]
     if debiased:
         _check_n(fn, n, 4, "debiased=True (the unbiased HSIC)", "use debiased=False")
@@ -140,7 +148,7 @@ def _pre_n(fn: str, x, y) -> None:
 
 
 def information_imbalance(
-    x: torch.Tensor | TensorDictBase, y: torch.Tensor | TensorDictBase, *, k: int = 1
+    x: torch.Tensor | TensorDictBase, y: torch.Tensor | TensorDictBase, *, k: int = 1, p: float = 2.0
 ) -> torch.Tensor:
     """Information imbalance Δ(x → y) (Glielmo et al., 2022) of every pair of representations in one call.
 
@@ -148,22 +156,27 @@ def information_imbalance(
         \\Delta(A \\to B) = \\frac{2}{N} \\cdot \\frac{1}{N k} \\sum_i \\sum_{j:\\, r^A_{ij} \\le k} r^B_{ij}
 
     with :math:`r^A_{ij}` the rank of :math:`j` among the neighbours of :math:`i` in space A (1 =
-    nearest).  Δ ≈ 0 when A's neighbours are B's neighbours (A predicts B; exactly ``(k+1)/N`` for
+    nearest) under the Minkowski distance :math:`\\lVert a_i - a_j \\rVert_p`.  Δ ≈ 0 when A's
+    neighbours are B's neighbours (A predicts B; exactly ``(k+1)/N`` for
     ``y = x``), Δ ≈ 1 when they are unrelated.  ``k = 1`` is the paper's definition and equals
     tdhook's ``InformationImbalanceEstimator`` (``a_to_b``).  Ranks are piecewise constant: no
-    useful gradient.  Ties are broken by index.
+    useful gradient.  Ties are broken by index.  Integer and bool inputs are promoted as in :func:`cka`
+    (tdhook's rule).
 
     Args:
         x: the source representations A: ``(N, D1)``, ``(..., N, D1)`` or a TensorDict of ``(N, D)``.
         y: the target representations B, same N.
         k: neighbours per point in A (``N >= k + 1``).
+        p: order of the Minkowski distance in both spaces, ``p > 0`` (``1``: Manhattan, ``2``:
+            Euclidean, ``math.inf``: Chebyshev; tdhook's ``p``).
 
     Returns:
         ``(*x_batch, *y_batch)``: Δ(x_a → y_b) for every pair; ``information_imbalance(y, x, ...)``
         gives the other direction.
 
     Raises:
-        GeometryError: input not (…, N, D) floating, different N, ``k < 1``, ``N < k + 1``.
+        GeometryError: input not (…, N, D) real tensors, different N, ``k < 1``, ``N < k + 1``,
+            ``p <= 0``.
 
     Example:
         >>> import torch, tdfunc
@@ -175,6 +188,8 @@ def information_imbalance(
         >>> ii = tdfunc.latent.information_imbalance  # asymmetric: x predicts x[:, :1], not the other way
         >>> bool(ii(x, x[:, :1]) < 0.5 < ii(x[:, :1], x))
         True
+        >>> float(ii(x, x.flip(-1), p=1)) == 2 / 300  # Manhattan neighbours
+        True
 
     References:
         Glielmo, Zeni, Cheng, Csányi, Laio. Ranking the information content of distance measures.
@@ -184,14 +199,17 @@ def information_imbalance(
     """
     fn = "tdfunc.latent.information_imbalance"
     _check_int(fn, "k", k, 1)
+    if isinstance(p, bool) or not isinstance(p, (int, float)) or not p > 0:
+        raise GeometryError(f"{fn}: p must be a number > 0 (the Minkowski order; 2 is Euclidean), got {p!r}.")
     _pre_n(fn, x, y)
-    da, ab = _stack_of(fn, x, "x", _sqdist)
-    db, bb = _stack_of(fn, y, "y", _sqdist)
+    promote = _promoted_dtype(x, y)
+    da, ab = _stack_of(fn, x, "x", _minkowski(p), promote)
+    db, bb = _stack_of(fn, y, "y", _minkowski(p), promote)
     n = da.shape[-1]
     _check_n(fn, n, k + 1, f"k={k}")
     eye = torch.eye(n, dtype=torch.bool, device=da.device)
-    nn_a = da.masked_fill(eye, math.inf).topk(k, dim=-1, largest=False).indices  # (R1, N, k)
-    ranks_b = db.masked_fill(eye, -math.inf).argsort(-1).argsort(-1)  # (R2, N, N); self 0, nearest 1
+    nn_a = da.masked_fill(eye, -math.inf).argsort(dim=-1, stable=True)[..., 1:k + 1]  # (R1, N, k); ties: lower index
+    ranks_b = db.masked_fill(eye, -math.inf).argsort(dim=-1, stable=True).argsort(-1)  # (R2, N, N); self 0, nearest 1
     r1, r2 = nn_a.shape[0], ranks_b.shape[0]
     picked = torch.gather(ranks_b[None].expand(r1, r2, n, n), 3, nn_a[:, None].expand(r1, r2, n, k))
     out = picked.to(da.dtype).mean((-1, -2)) * (2.0 / n)
