@@ -97,5 +97,23 @@ def cases() -> list[Case]:
         return tdfunc.occlusion(f, td, in_keys="ids", sliding_window_shapes=(2,), baselines=0)["attr", "ids"].flatten()
 
     w_emb = s_emb["0", "weight"] + 0.1 * torch.randn(B, 7, 4, dtype=dt)
+    samples = torch.tensor([[1, 0, 1, 0, 1, 0], [0, 1, 1, 0, 0, 1], [1, 1, 0, 0, 1, 0], [0, 0, 1, 1, 1, 1],
+                            [1, 0, 0, 1, 0, 1], [0, 1, 0, 1, 1, 0], [1, 1, 1, 0, 0, 0], [0, 0, 0, 1, 1, 1]])
+
+    def lime_k(x, b):  # every class, fixed samples, ridge fit (a shared baseline vmapped), 3 chunks
+        td = TensorDict({"x": x[None]}, batch_size=[1])
+        out = tdfunc.lime(lambda t: net(t["x"]), td, n_samples=8, samples=samples, interpretable_model="ridge",
+                          alpha=0.1, baselines=b, chunk_size=3)
+        return out["attr", "x"].flatten()
+
+    rows.append(Case("perturb:lime-K", mlp, lime_k, (x6, base6), (0, 0), (0, 1), "head", probe=x6))
+
+    def lime_lasso(x):  # the lasso fit (all max_iter steps under transforms), euclidean kernel
+        td = TensorDict({"x": x[None]}, batch_size=[1])
+        out = tdfunc.lime(lambda t: net(t["x"])[:, 0], td, n_samples=8, samples=samples, alpha=0.001,
+                          distance="euclidean", kernel_width=2.0, max_iter=40)
+        return out["attr", "x"].flatten()
+
+    rows.append(Case("perturb:lime-lasso", mlp, lime_lasso, (x6,), (0,), (0,), "head", probe=x6))
     rows.append(Case("perturb:occlusion-token-ids", emb, token_ids_weights, (ids, w_emb), (0, 0), (1,), "2", probe=ids))
     return rows

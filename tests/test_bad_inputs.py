@@ -61,6 +61,7 @@ TABLE: dict[str, list] = {
     "shapley_value_sampling": [lambda: tdfunc.shapley_value_sampling(None, TD),
                                lambda: tdfunc.shapley_value_sampling(F, NAN_TD)],
     "kernel_shap": [lambda: tdfunc.kernel_shap(None, TD), lambda: tdfunc.kernel_shap(F, NAN_TD)],
+    "lime": [lambda: tdfunc.lime(None, TD), lambda: tdfunc.lime(F, NAN_TD), lambda: tdfunc.lime(F, TD, alpha=NAN)],
     "activation_maximisation": [lambda: tdfunc.activation_maximisation(None, TD),
                                 lambda: tdfunc.activation_maximisation(F, NAN_TD)],
     "infidelity": [lambda: tdfunc.infidelity(None, TD, TD), lambda: tdfunc.infidelity(F, TD, None)],

@@ -30,6 +30,7 @@ from ._perturb import occlusion as occlusion
 from ._perturb import shapley_value_sampling as shapley_value_sampling
 
 # a literal list (sorted), so that type checkers see the names `from .attribution import *` gives tdfunc
+from ._lime import lime as lime
 __all__ = [
     "AttributionError",
     "MiscompileError",
@@ -51,6 +52,7 @@ __all__ = [
     "occlusion",
     "saliency",
     "sensitivity_max",
+    "lime",
     "shapley_value_sampling",
     "smooth_grad",
 ]
