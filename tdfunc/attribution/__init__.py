@@ -28,9 +28,9 @@ from ._noise import smooth_grad as smooth_grad
 from ._perturb import feature_ablation as feature_ablation
 from ._perturb import occlusion as occlusion
 from ._perturb import shapley_value_sampling as shapley_value_sampling
+from ._lime import lime as lime
 
 # a literal list (sorted), so that type checkers see the names `from .attribution import *` gives tdfunc
-from ._lime import lime as lime
 __all__ = [
     "AttributionError",
     "MiscompileError",
@@ -48,11 +48,11 @@ __all__ = [
     "kernel_shap",
     "layer_gradient_x_activation",
     "layer_integrated_gradients",
+    "lime",
     "lrp",
     "occlusion",
     "saliency",
     "sensitivity_max",
-    "lime",
     "shapley_value_sampling",
     "smooth_grad",
 ]
