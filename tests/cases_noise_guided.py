@@ -106,4 +106,18 @@ def cases() -> list[Case]:
         return tdfunc.guided_backprop(lambda t: tdfunc.functional_call(cnn, state, (t["img"],)), td, cnn)["attr", "img"][0].flatten()
 
     rows.append(Case("guided:cnn-K-weights", cnn, guided_cnn, (img, s_cnn["conv2", "weight"].clone()), (0, None), (1,), "conv2", probe=img))
+
+    def deconv_weights(x, weight):  # deconvolution: relu(g) at the ReLU, the Tanh after it keeps the map x-dependent
+        state = s_r.update({("fc2", "weight"): weight}, inplace=False)
+        td = TensorDict({"x": x[None]}, batch_size=[1])
+        return tdfunc.deconvolution(lambda t: tdfunc.functional_call(rmlp, state, (t["x"],)), td, rmlp)["attr", "x"][0].flatten()
+
+    rows.append(Case("deconv:mlp-K-weights", rmlp, deconv_weights, (x5, s_r["fc2", "weight"].clone()), (0, None), (0, 1), "fc1", probe=x5))
+
+    def ggc_cnn(x):  # guided backprop x upsampled Grad-CAM at conv2 (in-place ReLU reused), every class
+        td = TensorDict({"img": x[None]}, batch_size=[1])
+        f = lambda t: tdfunc.functional_call(cnn, s_cnn, (t["img"],))
+        return tdfunc.guided_grad_cam(f, td, cnn, "pool", interpolate_mode="bilinear")["attr", "img"][0].flatten()
+
+    rows.append(Case("guided_grad_cam:cnn-K", cnn, ggc_cnn, (img,), (0,), (0,), "conv2", probe=img))
     return rows

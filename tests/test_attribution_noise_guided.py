@@ -14,6 +14,7 @@ Two ways are used here:
 from __future__ import annotations
 
 import functools
+import re
 import warnings
 
 import pytest
@@ -421,3 +422,106 @@ def test_guided_backprop_errors():
     full = tdfunc.guided_backprop(head, td, relu_net)["attr", "x"]
     part = tdfunc.guided_backprop(head, td, relu_net[:3])["attr", "x"]
     assert torch.equal(full, part)
+
+
+# --- deconvolution and guided Grad-CAM (captum's test_deconvolution.py / test_guided_grad_cam.py cases, delta 0.01) --
+
+def captum_models():
+    return pytest.importorskip("captum.testing.helpers.basic_models")
+
+
+_DECONV_EX = torch.tensor([[2.0, 3.0, 3.0, 1.0], [3.0, 5.0, 5.0, 2.0], [3.0, 5.0, 5.0, 2.0], [1.0, 2.0, 2.0, 1.0]]).view(1, 1, 4, 4)
+_GGC_EX = torch.tensor([[0.0, 0.0, 4.0, 4.0], [0.0, 0.0, 12.0, 8.0], [28.0, 84.0, 97.5, 65.0],
+                        [28.0, 56.0, 65.0, 32.5]]).view(1, 1, 4, 4)
+
+
+def _captum_close(ours, expected, delta=0.01):  # captum's assertTensorAlmostEqual, mode "sum"
+    assert ours.shape == expected.shape and float((ours - expected).abs().sum()) < delta, (ours, expected)
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+def test_deconvolution_equals_captum_expected(inplace):  # test_simple_input_conv_deconv, _multi_input_conv_deconv
+    net = captum_models().BasicModel_ConvNet_One_Conv(inplace=inplace)
+    inp = torch.arange(16, dtype=torch.float).view(1, 1, 4, 4)
+    out = tdfunc.deconvolution(lambda t: net(t["x"])[:, 0], TensorDict({"x": inp}, batch_size=[1]), net)
+    _captum_close(out["attr", "x"], _DECONV_EX)
+    two = TensorDict({"x": inp, "x2": torch.ones(1, 1, 4, 4)}, batch_size=[1])
+    out = tdfunc.deconvolution(lambda t: net(t["x"], t["x2"])[:, 0], two, net)
+    _captum_close(out["attr", "x"], _DECONV_EX)
+    _captum_close(out["attr", "x2"], _DECONV_EX)
+
+
+def test_deconvolution_every_class_equals_captum_on_a_cnn():  # test_deconv_matching, on tests/models.CNN
+    torch.manual_seed(5)
+    cnn = CNN(c=3, n_cls=4).eval()
+    img = 10 * torch.randn(3, 1, 5, 5)
+    out = tdfunc.deconvolution(lambda t: cnn(t["img"]), TensorDict({"img": img}, batch_size=[3]), cnn)
+    for k in range(4):
+        ref = captum_attr.Deconvolution(cnn).attribute(img, target=k)
+        torch.testing.assert_close(out["attr", "img"][:, k], ref, rtol=1e-5, atol=1e-5)
+
+
+def test_deconvolution_slow_reference_and_double_backward():
+    """Linear-ReLU-Linear: the deconvolution map of class k is W1^T relu(W2[k]), whatever x; its derivative
+    w.r.t. W2 (double backward through the rewritten ReLU) equals autograd on that formula."""
+    torch.manual_seed(6)
+    net = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3)).double()
+    s = tdfunc.state(net)
+    x = torch.randn(5, 4, dtype=torch.float64)
+    w2 = s["2", "weight"].clone().requires_grad_()
+    st = s.update({("2", "weight"): w2}, inplace=False)
+    out = tdfunc.deconvolution(lambda t: tdfunc.functional_call(net, st, (t["x"],)), TensorDict({"x": x}, batch_size=[5]), net)
+    slow = (w2.clamp(min=0) @ s["0", "weight"]).expand(5, 3, 4)
+    torch.testing.assert_close(out["attr", "x"], slow, rtol=1e-12, atol=1e-12)
+    c = torch.randn(5, 3, 4, dtype=torch.float64)
+    torch.testing.assert_close(torch.autograd.grad((out["attr", "x"] * c).sum(), w2)[0],
+                               torch.autograd.grad((slow * c).sum(), w2)[0], rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("inplace,site", [(False, "relu1"), (False, "conv1"), (True, "conv1"), (True, "relu1:input")])
+def test_guided_grad_cam_equals_captum_expected(inplace, site):  # test_simple_input_conv, _multi_input_conv(_inplace),
+    net = captum_models().BasicModel_ConvNet_One_Conv(inplace=inplace)  # _multi_input_relu_input
+    inp = torch.arange(16, dtype=torch.float).view(1, 1, 4, 4)
+    if site == "relu1":
+        out = tdfunc.guided_grad_cam(lambda t: net(t["x"])[:, 0], TensorDict({"x": inp}, batch_size=[1]), net, site)
+        _captum_close(out["attr", "x"], _GGC_EX)
+        return
+    two = TensorDict({"x": inp, "x2": torch.ones(1, 1, 4, 4)}, batch_size=[1])
+    out = tdfunc.guided_grad_cam(lambda t: net(t["x"], t["x2"])[:, 0], two, net, site)
+    ref = captum_attr.GuidedGradCam(net, net.relu1 if site.startswith("relu1") else net.conv1).attribute(
+        (inp, torch.ones(1, 1, 4, 4)), target=0, attribute_to_layer_input=site.endswith(":input"))
+    _captum_close(out["attr", "x"], ref[0].detach())
+    _captum_close(out["attr", "x2"], ref[1].detach())
+
+
+@pytest.mark.parametrize("mode", ["nearest", "bilinear", "bicubic", "area"])
+def test_guided_grad_cam_every_class_and_mode_equals_captum(mode):
+    torch.manual_seed(7)
+    net = nn.Sequential(nn.Conv2d(2, 3, 3), nn.ReLU(), nn.Conv2d(3, 4, 2, stride=2), nn.ReLU(), nn.Flatten(),
+                        nn.Linear(36, 3)).double()
+    img = torch.randn(2, 2, 8, 8, dtype=torch.float64)
+    out = tdfunc.guided_grad_cam(lambda t: net(t["img"]), TensorDict({"img": img}, batch_size=[2]), net, "2",
+                                 interpolate_mode=mode)
+    for k in range(3):
+        ref = captum_attr.GuidedGradCam(net, net[2]).attribute(img, target=k, interpolate_mode=mode)
+        torch.testing.assert_close(out["attr", "img"][:, k], ref, rtol=1e-10, atol=1e-10)
+
+
+def test_pins_deconvolution_and_guided_grad_cam_errors():
+    net = captum_models().BasicModel_ConvNet_One_Conv()
+    td = TensorDict({"x": torch.randn(1, 1, 4, 4), "v": torch.ones(1, 1)}, batch_size=[1])
+    f = lambda t: net(t["x"] + t["v"][..., None, None])[:, 0]
+    with pytest.raises(tdfunc.AttributionError, match=re.escape(
+            "tdfunc.guided_grad_cam: input 'v' has feature shape (1,), but the Grad-CAM map at 'conv1' has spatial "
+            "shape (2, 2); guided_grad_cam upsamples the map to each input's spatial dims (feature shape (C, "
+            "*spatial), as many spatial dims as the map, 1 to 3). Attribute only such inputs (in_keys=[...]) or use "
+            "tdfunc.guided_backprop for the others.")):
+        tdfunc.guided_grad_cam(f, td, net, "conv1")
+    with pytest.raises(tdfunc.AttributionError, match=re.escape(
+            "tdfunc.guided_grad_cam: unknown interpolate_mode 'made_up_nonlinear'; choose one of ['nearest', 'linear', "
+            "'bilinear', 'bicubic', 'trilinear', 'area', 'nearest-exact'] (torch.nn.functional.interpolate's modes).")):
+        tdfunc.guided_grad_cam(f, td, net, "conv1", in_keys=["x"], interpolate_mode="made_up_nonlinear")
+    lin = nn.Sequential(nn.Linear(3, 2))
+    with pytest.raises(tdfunc.AttributionError, match=re.escape(
+            "tdfunc.deconvolution: module Sequential has no nn.ReLU submodule, so there is no ReLU backward to rewrite.")):
+        tdfunc.deconvolution(lambda t: lin(t["x"]), TensorDict({"x": torch.randn(2, 3)}, batch_size=[2]), lin)

@@ -14,7 +14,9 @@ from ._deep_lift import deep_lift_shap as deep_lift_shap
 from ._gradient import input_x_gradient as input_x_gradient
 from ._gradient_shap import gradient_shap as gradient_shap
 from ._gradient import saliency as saliency
+from ._guided import deconvolution as deconvolution
 from ._guided import guided_backprop as guided_backprop
+from ._guided import guided_grad_cam as guided_grad_cam
 from ._ig import integrated_gradients as integrated_gradients
 from ._kernel_shap import kernel_shap as kernel_shap
 from ._layer import grad_cam as grad_cam
@@ -37,12 +39,15 @@ __all__ = [
     "NonFiniteWarning",
     "activation_maximisation",
     "deep_lift",
+    "deconvolution",
     "deep_lift_shap",
     "feature_ablation",
     "grad_cam",
     "guided_backprop",
     "gradient_shap",
     "infidelity",
+    "guided_backprop",
+    "guided_grad_cam",
     "input_x_gradient",
     "integrated_gradients",
     "kernel_shap",

@@ -1,18 +1,26 @@
-"""Guided backpropagation as a pure rewrite of every ``nn.ReLU`` module's backward pass."""
+"""Guided backpropagation, deconvolution (pure rewrites of every ``nn.ReLU`` module's backward) and guided Grad-CAM."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Literal
 
 import torch
 from tensordict import TensorDict, TensorDictBase
 from torch import nn
 
-from .._rewrite import Rewrite, record_then_rewrite
-from .._types import InKeys
-from ._common import AttributionError, grads_per_target, move_target_dim, prepare, result, with_inputs
+import torch.nn.functional as F
 
-__all__ = ["guided_backprop"]
+from .._call import intervene
+from .._errors import TdfuncError, shape_str
+from .._rewrite import Rewrite, main_output, record_then_rewrite
+from .._types import InKeys
+from ._common import AttributionError, _show, grads_per_target, move_target_dim, prepare, result, with_inputs
+
+__all__ = ["deconvolution", "guided_backprop", "guided_grad_cam"]
+
+#: torch.nn.functional.interpolate's modes, for guided_grad_cam
+InterpolateMode = Literal["nearest", "linear", "bilinear", "bicubic", "trilinear", "area", "nearest-exact"]
 
 
 class _Guide(torch.autograd.Function):
@@ -48,6 +56,49 @@ class _Guided(Rewrite):
         return v + _Guide.apply(out - v, out)
 
 
+class _Deconv(torch.autograd.Function):
+    """``_Deconv(u) = u`` in value; backward passes ``relu(g)`` (no forward mask), written with differentiable ops."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(u: torch.Tensor) -> torch.Tensor:
+        return u.clone()
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        pass
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        return g.clamp(min=0)
+
+
+class _Deconvolved(Rewrite):
+    """A ReLU output becomes ``v + deconv(x - x0)``: ``x`` the ReLU's input (kept before an in-place ReLU
+    overwrites it), ``v, x0`` its output and input recorded in the first forward; the gradient reaches ``x``
+    as ``relu(g)``, bypassing the ReLU's own mask."""
+
+    def __init__(self, name: str, stash: dict, one_pass: bool):
+        self.name, self.stash, self.one_pass = name, stash, one_pass
+
+    def record(self, module, args, kwargs, out):
+        x = self.stash[self.name]
+        return (x.detach() if self.one_pass else x), main_output(out).clone()
+
+    def rewrite(self, module, args, kwargs, out, constants):
+        x0, v = constants
+        return v + _Deconv.apply(self.stash[self.name] - x0)
+
+
+def _stashing(stash: dict, name: str) -> Callable:
+    def keep(v: torch.Tensor) -> torch.Tensor:
+        stash[name] = v.clone()  # a copy: an in-place ReLU overwrites its input
+        return v
+
+    return keep
+
+
 def relu_sites(fn: str, module: nn.Module) -> list[str]:
     """Names of the ``nn.ReLU`` submodules of ``module`` (a shared module once)."""
     if not isinstance(module, nn.Module):
@@ -56,13 +107,13 @@ def relu_sites(fn: str, module: nn.Module) -> list[str]:
     if not names:
         raise AttributionError(
             f"{fn}: module {type(module).__name__} has no nn.ReLU submodule, so there is no ReLU backward to "
-            "guide. ReLUs applied as functions inside forward (F.relu, torch.relu, .relu()) are not modules and "
+            f"{'rewrite' if fn.endswith('deconvolution') else 'guide'}. ReLUs applied as functions inside forward (F.relu, torch.relu, .relu()) are not modules and "
             "cannot be rewritten (captum's GuidedBackprop has the same limit): make them nn.ReLU modules, or "
             "use tdfunc.saliency(f, td, abs=False) for the plain gradient."
         )
     if names == [""]:
         raise AttributionError(
-            f"{fn}: module is itself an nn.ReLU; pass the model that calls it (guided_backprop rewrites the "
+            f"{fn}: module is itself an nn.ReLU; pass the model that calls it ({fn[7:]} rewrites the "
             "nn.ReLU submodules of module)."
         )
     return [n for n in names if n]
@@ -143,3 +194,151 @@ def guided_backprop(
     _, grads, k = grads_per_target(fn, lambda xs: guided(with_inputs(td, xs)), p.x, 0, p.batch)
     n = len(p.batch)
     return result(td.batch_size, {key: move_target_dim(g, k, n) for key, g in grads.items()}, fn=fn)
+
+
+def deconvolution(
+    f: Callable[[TensorDictBase], torch.Tensor],
+    td: TensorDictBase,
+    module: nn.Module,
+    *,
+    in_keys: InKeys | None = None,
+) -> TensorDict:
+    """Deconvolution (Zeiler & Fergus, 2014): the gradient with every ReLU's backward replaced by a ReLU of
+    the incoming gradient.
+
+    .. math::  \\text{at each ReLU } y = \\max(x, 0):\\ \\ g_x = \\max(g_y, 0)
+
+    (the forward mask ``[x > 0]`` of the plain and guided gradients is dropped).  As captum's
+    ``Deconvolution``: only ``nn.ReLU`` modules change; every other layer and the forward values are
+    untouched.  A pure rewrite recorded in a first forward, as :func:`tdfunc.guided_backprop`: no
+    backward hooks, so it works under ``vmap``, and the map's double backward is exact.
+
+    Args:
+        f: ``f(td) -> Tensor`` of shape ``td.batch_size`` or ``td.batch_size + (K,)``; it calls
+            ``module``, must run its ``nn.ReLU`` modules and be deterministic (it runs twice).
+        td: the inputs with a batch shape.
+        module: the model whose ``nn.ReLU`` modules are rewritten (``F.relu`` calls keep their gradient,
+            as in captum).  In-place ReLUs are fine.
+        in_keys: entries to attribute; default every floating-point entry outside ``"baseline"``.
+
+    Returns:
+        TensorDict with ``("attr", key)`` of shape ``batch (+ K) + feature shape`` (signed).
+
+    Raises:
+        AttributionError: ``module`` has no ``nn.ReLU``; unknown key, non-float input, ``f`` output of
+            the wrong shape.  NotReachedError: ``f`` ran the ReLUs differently in its two forwards.
+
+    Example:
+        >>> import torch, tdfunc
+        >>> from tensordict import TensorDict
+        >>> net = torch.nn.Sequential(torch.nn.Linear(3, 8), torch.nn.ReLU(), torch.nn.Linear(8, 4))
+        >>> td = TensorDict({"x": torch.randn(5, 3)}, batch_size=[5])
+        >>> tdfunc.deconvolution(lambda t: net(t["x"]), td, net)["attr", "x"].shape   # every class
+        torch.Size([5, 4, 3])
+
+    References:
+        Zeiler, Fergus. Visualizing and Understanding Convolutional Networks. ECCV 2014.
+
+    Composes with: ``vmap`` (over examples or targets), ``grad`` (double backward: exact),
+    ``torch.compile(fullgraph=True)`` (after :func:`tdfunc.install_sites`).
+    """
+    fn = "tdfunc.deconvolution"
+    sites = relu_sites(fn, module)
+    p = prepare(fn, td, in_keys, baselines=False, f=f)
+    stash: dict = {}
+    stashing = intervene(f, module, edits={f"{s}:input": _stashing(stash, s) for s in sites}, strict=False)
+    one_pass = not torch.is_grad_enabled()  # record_then_rewrite's choice: one forward under no_grad
+    rewritten = record_then_rewrite(fn, stashing, module, {s: _Deconvolved(s, stash, one_pass) for s in sites}, (td,))
+    _, grads, k = grads_per_target(fn, lambda xs: rewritten(with_inputs(td, xs)), p.x, 0, p.batch)
+    n = len(p.batch)
+    return result(td.batch_size, {key: move_target_dim(g, k, n) for key, g in grads.items()}, fn=fn)
+
+
+def guided_grad_cam(
+    f: Callable[[TensorDictBase], torch.Tensor],
+    td: TensorDictBase,
+    module: nn.Module,
+    site: str,
+    *,
+    in_keys: InKeys | None = None,
+    interpolate_mode: InterpolateMode = "nearest",
+) -> TensorDict:
+    """Guided Grad-CAM (Selvaraju et al., 2017): guided backpropagation times the Grad-CAM map of a
+    layer, upsampled to the input (captum's ``GuidedGradCam``).
+
+    .. math::  \\mathrm{GGC}_{b,k}(x) = \\frac{\\partial^{\\mathrm{G}} f_k}{\\partial x_b} \\odot
+        \\mathrm{up}\\big(\\mathrm{relu}(\\mathrm{CAM}_{b,k})\\big)
+
+    :func:`tdfunc.guided_backprop` on the inputs and :func:`tdfunc.grad_cam` (with
+    ``relu_attributions=True``) at ``site``; the map (one channel) is resized to each input's spatial
+    shape with ``torch.nn.functional.interpolate`` and broadcast over its channels.
+
+    Args:
+        f: as in :func:`tdfunc.guided_backprop`.
+        td: the inputs with a batch shape; every attributed input must be ``batch + (C, *spatial)``
+            with as many spatial dims as the site's value.
+        module: the model (its ``nn.ReLU`` modules are guided; ``site`` is one of its sites).
+        site: the layer of the Grad-CAM map, as in :func:`tdfunc.grad_cam` (``"layer4"``,
+            ``"layer4:input"``, a ``Tap``, ``"relu@1"``).
+        in_keys: entries to attribute; default every floating-point entry outside ``"baseline"``.
+        interpolate_mode: ``torch.nn.functional.interpolate``'s mode (captum's default ``"nearest"``).
+
+    Returns:
+        TensorDict with ``("attr", key)`` of shape ``batch (+ K) + feature shape``.
+
+    Raises:
+        AttributionError: an input with no spatial dims to upsample to (captum warns and returns an
+            empty tensor); an unknown ``interpolate_mode``; and what :func:`tdfunc.guided_backprop` and
+            :func:`tdfunc.grad_cam` raise.
+
+    Example:
+        >>> import torch, tdfunc
+        >>> from tensordict import TensorDict
+        >>> net = torch.nn.Sequential(torch.nn.Conv2d(1, 3, 3), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(12, 2))
+        >>> td = TensorDict({"img": torch.randn(5, 1, 4, 4)}, batch_size=[5])
+        >>> tdfunc.guided_grad_cam(lambda t: net(t["img"]), td, net, "1")["attr", "img"].shape
+        torch.Size([5, 2, 1, 4, 4])
+
+    References:
+        Selvaraju et al. Grad-CAM: Visual Explanations from Deep Networks via Gradient-based
+        Localization. ICCV 2017.
+
+    Composes with: ``vmap`` (over examples or targets), ``grad`` (double backward),
+    ``torch.compile(fullgraph=True)`` (after :func:`tdfunc.install_sites`).
+    """
+    from ._layer import grad_cam
+
+    fn = "tdfunc.guided_grad_cam"
+    if interpolate_mode not in _MODES:
+        raise AttributionError(
+            f"{fn}: unknown interpolate_mode {interpolate_mode!r}; choose one of {list(_MODES)} "
+            "(torch.nn.functional.interpolate's modes)."
+        )
+    relu_sites(fn, module)
+    p = prepare(fn, td, in_keys, baselines=False, f=f)
+    nb = len(p.batch)
+    try:
+        guided = guided_backprop(f, td, module, in_keys=p.keys)
+        cam = grad_cam(f, td, module, site, relu_attributions=True).get(("attr", site))
+    except TdfuncError as e:  # the inner method's message, with the function the user called in front
+        raise type(e)(f"{fn}: {e}") from e
+    attrs = {}
+    for key in p.keys:
+        gb = guided.get(("attr", *key))
+        lead = gb.dim() - (p.x[key].dim() - nb)  # batch (+ K) dims
+        spatial = p.x[key].shape[nb + 1 :]
+        maps = cam.shape[lead + 1 :]
+        if len(spatial) != len(maps) or len(spatial) == 0 or len(spatial) > 3:
+            raise AttributionError(
+                f"{fn}: input {_show(key)} has feature shape {shape_str(p.x[key].shape[nb:])}, but the Grad-CAM map "
+                f"at {site!r} has spatial shape {shape_str(maps)}; guided_grad_cam upsamples the map to each input's "
+                "spatial dims (feature shape (C, *spatial), as many spatial dims as the map, 1 to 3). Attribute only "
+                "such inputs (in_keys=[...]) or use tdfunc.guided_backprop for the others."
+            )
+        flat = cam.reshape(-1, 1, *maps)
+        up = flat if tuple(maps) == tuple(spatial) else F.interpolate(flat, size=tuple(spatial), mode=interpolate_mode)
+        attrs[key] = gb * up.reshape(*cam.shape[: lead + 1], *spatial)
+    return result(td.batch_size, attrs, fn=fn)
+
+
+_MODES: tuple[InterpolateMode, ...] = ("nearest", "linear", "bilinear", "bicubic", "trilinear", "area", "nearest-exact")
