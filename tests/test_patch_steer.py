@@ -309,9 +309,9 @@ def _errors():
         ("metric shape", lambda: tdfunc.latent.patching_sweep(net, None, (x,), (x,), "0", lambda y: y[0, -1]),
          "tdfunc.latent.patching_sweep: metric must return a scalar (0-dim) tensor per patch, got shape (2,); reduce it "
          "inside metric (e.g. logits[0, -1, a] - logits[0, -1, b], or .mean())."),
-        ("sweep over", lambda: tdfunc.latent.patching_sweep(net, None, (x,), (x,), "0", lambda y: y.sum(), over="heads"),
-         "tdfunc.latent.patching_sweep: over must be 'positions' or an int unit dim (e.g. -2 for heads in (B, T, H, Dh)), "
-         "got 'heads'."),
+        ("sweep over", lambda: tdfunc.latent.patching_sweep(net, None, (x,), (x,), "0", lambda y: y.sum(), over="rows"),
+         "tdfunc.latent.patching_sweep: over must be 'positions', 'heads', a tdfunc.latent.units(...) view or an int dim "
+         "of the sites' values, got 'rows'."),
         ("path overlap", lambda: tdfunc.latent.path_patch(net, None, (x,), (x,), ["0", "1"], "1"),
          "tdfunc.latent.path_patch: site(s) ['1'] are both senders and receivers; a receiver must be a later site than the "
          "senders (e.g. senders='blocks.0.attn', receivers='blocks.2.attn:input')."),

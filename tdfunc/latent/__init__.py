@@ -4,6 +4,7 @@
 bad input is a :class:`LatentError` (a :class:`tdfunc.TdfuncError`).
 """
 
+from ._atp import attribution_patching as attribution_patching
 from ._cache import CacheError as CacheError
 from ._cache import cache_activations as cache_activations
 from ._common import LatentError as LatentError
@@ -31,3 +32,7 @@ from ._steer import steer as steer
 from ._steer import steering_vector as steering_vector
 
 __all__ = sorted(name for name in dir() if not name.startswith("_"))
+from ._units import Units as Units
+from ._units import unit_edit as unit_edit
+from ._units import unit_view as unit_view
+from ._units import units as units

@@ -8,7 +8,7 @@ masks; ``path_patch`` patches a sender only as seen by a set of receivers.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from tensordict import TensorDictBase
@@ -21,6 +21,9 @@ from .._match import site_match
 from .._progress import n_chunks, progress_bar, vmap_chunks
 from .._types import Over
 from ._common import PatchError, position_mask
+from ._units import Units, heads_of, unit_mask
+from ._units import backward as unit_backward
+from ._units import forward as unit_forward
 
 __all__ = ["PatchError", "patch", "patching_sweep", "path_patch"]
 
@@ -103,6 +106,8 @@ def patch(
     *,
     positions: Any = None,
     patch_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    units: Units | Literal["heads"] | None = None,
+    index: int | list[int] | torch.Tensor | None = None,
     kwargs: dict[str, Any] | None = None,
 ) -> Any:
     """Run the corrupted input with the clean run's captured values patched in at ``sites``.
@@ -123,6 +128,10 @@ def patch(
         positions: None (whole site), an int, a list / integer tensor of positions along dim 1
             (negative counts from the end) or a boolean mask of shape (T,).
         patch_fn: ``patch_fn(corrupted_value, clean_value) -> value`` instead of substitution.
+        units: patch only the ``index`` units of a unit view (``"heads"``: ``"... (h d) -> ... h d"``
+            with ``h = module.config.num_attention_heads``, or a :func:`tdfunc.latent.units` view),
+            e.g. one head of ``"...self_attn.o_proj:input"``; None patches every unit.
+        index: the units patched (an int, a list of ints, a boolean mask); required with ``units``.
         kwargs: keyword inputs of the corrupted run.
 
     Returns:
@@ -144,12 +153,31 @@ def patch(
     fn = "tdfunc.latent.patch"
     check_module(fn, module, PatchError, fix=MODULE_FIX)
     _check_runs(fn, None, corrupted_args)
-    edits = _patch_edits(fn, clean_captures, sites, positions, patch_fn)
+    edits = _patch_edits(fn, clean_captures, sites, positions, patch_fn, _units_of(fn, module, units, index), index)
     with renamed(fn):
         return functional_call(module, state, corrupted_args, kwargs, edits=edits)
 
 
-def _patch_edits(fn: str, clean_captures, sites, positions, patch_fn) -> dict:
+def _units_of(fn: str, module: Any, units: Any, index: Any) -> Units | None:
+    """``units=`` / ``index=`` of patch and path_patch checked together."""
+    if units is None:
+        if index is not None:
+            raise PatchError(f"{fn}: index={index!r} selects units of a unit view, but units is None; pass "
+                             "units='heads' or units=tdfunc.latent.units(...) with it.")
+        return None
+    if index is None:
+        raise PatchError(f"{fn}: units={units!r} needs index= (the units to patch, e.g. index=3 for head 3); leave "
+                         "units=None to patch the whole site.")
+    if isinstance(index, bool) or not isinstance(index, (int, list, tuple, torch.Tensor)):
+        raise PatchError(f"{fn}: index must be an int, a list of ints or a boolean mask of the units, got {index!r}.")
+    if units == "heads":
+        return heads_of(fn, module)
+    if not isinstance(units, Units):
+        raise PatchError(f"{fn}: units must be None, 'heads' or a tdfunc.latent.units(...) view, got {units!r}.")
+    return units
+
+
+def _patch_edits(fn: str, clean_captures, sites, positions, patch_fn, view=None, index=None) -> dict:
     """``{site: clean value or edit}`` substituting the clean values (at ``positions``, through ``patch_fn``)."""
     if patch_fn is not None and not callable(patch_fn):
         raise PatchError(f"{fn}: patch_fn must be None or a callable patch_fn(corrupted_value, clean_value) -> value, "
@@ -161,13 +189,16 @@ def _patch_edits(fn: str, clean_captures, sites, positions, patch_fn) -> dict:
             check_finite(fn, f"clean_captures[{site!r}]", clean, PatchError,
                          "replace them (e.g. torch.nan_to_num) or capture a finite clean run")
         mask = None if positions is None else position_mask(fn, site, positions, clean)
-        if patch_fn is None and mask is None:
+        if patch_fn is None and mask is None and view is None:
             edits[site] = clean
         else:
             def edit(v, c=clean, m=mask, site=site):
                 if isinstance(c, torch.Tensor) and isinstance(v, torch.Tensor):
                     _checked_clean(fn, site, c, v)
                 new = c if patch_fn is None else patch_fn(v, c)
+                if view is not None:  # only the index units of the view
+                    w = unit_forward(fn, site, view, v)
+                    new = unit_backward(view, torch.where(unit_mask(fn, view, w, index), unit_forward(fn, site, view, new), w))
                 return new if m is None else torch.where(m, new, v)
 
             edits[site] = edit
@@ -175,6 +206,33 @@ def _patch_edits(fn: str, clean_captures, sites, positions, patch_fn) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------ sweep
+
+
+def sweep_units(fn: str, module: Any, over: Any) -> Units | int:
+    """``over`` checked: a :class:`Units` view (``"heads"`` from the model's config) or an int unit dim."""
+    if isinstance(over, Units):
+        return over
+    if over == "heads":
+        return heads_of(fn, module)
+    if over == "positions":
+        return 1
+    if isinstance(over, int) and not isinstance(over, bool):
+        return over
+    raise PatchError(f"{fn}: over must be 'positions', 'heads', a tdfunc.latent.units(...) view or an int dim of the "
+                     f"sites' values, got {over!r}.")
+
+
+def unit_dim(fn: str, site: str, dim: int, v: torch.Tensor) -> int:
+    """An int ``over`` checked against the site's value; a negative one that lands on the positions is refused."""
+    if not -v.dim() <= dim < v.dim():
+        raise PatchError(f"{fn}: unit dim {dim} is out of range for site {site!r} of shape {tuple(v.shape)}; "
+                         f"give over in [{-v.dim()}, {v.dim()}).")
+    if dim < 0 and dim % v.dim() == 1:
+        raise PatchError(f"{fn}: over={dim} is dim 1 of site {site!r} of shape {tuple(v.shape)}, its positions, not "
+                         "its heads (an int over indexes the dims of the value as captured, and a (B, T, H * Dh) value "
+                         "has no head dim); pass over='heads' or over=tdfunc.latent.units('b t (h d) -> b t h d', h=H) "
+                         "to sweep heads, or over='positions' to sweep positions.")
+    return dim
 
 
 def patching_sweep(
@@ -185,7 +243,7 @@ def patching_sweep(
     sites: str | Sequence[str],
     metric: Callable[[Any], torch.Tensor],
     *,
-    over: Over | int = "positions",
+    over: Over | Literal["heads"] | int | Units = "positions",
     chunk_size: int | None = None,
     kwargs: dict[str, Any] | None = None,
     progress: bool = False,
@@ -197,8 +255,12 @@ def patching_sweep(
         R_{s,u} = \\text{metric}\\big(f(x^{corr};\\;
             h_s \\leftarrow e_u \\odot h_s^{clean} + (1 - e_u) \\odot h_s^{corr})\\big)
 
-    where ``e_u`` is the one-hot mask of unit ``u`` along the unit dim (positions: dim 1; heads:
-    e.g. ``over=-2`` for (B, T, H, Dh) sites). The clean values are captured in one call, then each
+    where ``e_u`` is the one-hot mask of unit ``u`` along the unit dim: positions (dim 1), any dim
+    of the value as captured (an int), or the unit axis of a unit view: with ``over="heads"`` or
+    ``over=tdfunc.latent.units("b t (h d) -> b t h d", h=H)`` each site's value is rearranged into
+    the view, unit ``u`` is patched there and the value rearranged back, so sweeping the input of
+    the attention output projection (``"model.layers.*.self_attn.o_proj:input"``,
+    ``"transformer.h.*.attn.c_proj:input"``) patches one head (all its positions) at a time. The clean values are captured in one call, then each
     site's units are one ``vmap`` over its one-hot masks (``torch.where``: an exact substitution,
     also at ``-inf`` scores). Only the patched site's edit is batched, so under ``vmap`` everything
     upstream of it runs once, unbatched, and only the layers after it run ``U`` times: a sweep over
@@ -211,7 +273,11 @@ def patching_sweep(
         clean_args, corrupted_args: positional inputs of the two runs (same shapes).
         sites: sites, globs or a list; rows follow the expanded order of the clean captures.
         metric: ``metric(output) -> scalar tensor`` of the patched run's output.
-        over: ``"positions"`` (dim 1) or an int, the unit dim of every site's value.
+        over: ``"positions"`` (dim 1); ``"heads"``: the view ``"... (h d) -> ... h d"`` of the last dim
+            with ``h = module.config.num_attention_heads`` (transformers models); a
+            :func:`tdfunc.latent.units` view; or an int, a dim of every site's value as captured
+            (a negative int that lands on dim 1, e.g. ``-2`` of a (B, T, D) value, is an error:
+            such a value has no head dim).
         chunk_size: patches per vmapped chunk (``vmap``'s ``chunk_size``); None runs all at once.
         kwargs: keyword inputs of both runs.
         progress: show a tqdm bar on stderr over the sites (over the sites' chunks of units when
@@ -224,7 +290,8 @@ def patching_sweep(
         Tensor of shape (n_sites, n_units).
 
     Raises:
-        PatchError: bad ``over``, sites with different unit counts, a non-scalar metric, clean and
+        PatchError: bad ``over`` (``"heads"`` on a model without a config, a site that does not fit
+            the unit view, a negative int dim landing on the positions), sites with different unit counts, a non-scalar metric, clean and
             corrupted inputs of different shapes, non-finite inputs, a random op under ``randomness="error"``.
 
     Example:
@@ -240,9 +307,7 @@ def patching_sweep(
     fn = "tdfunc.latent.patching_sweep"
     check_module(fn, module, PatchError, fix=MODULE_FIX)
     names = _as_list(fn, sites)
-    if not (over == "positions" or (isinstance(over, int) and not isinstance(over, bool))):
-        raise PatchError(f"{fn}: over must be 'positions' or an int unit dim (e.g. -2 for heads in (B, T, H, Dh)), "
-                         f"got {over!r}.")
+    view = sweep_units(fn, module, over)
     check_chunk_size(fn, chunk_size, PatchError)
     check_bool(fn, "progress", progress, PatchError)
     check_callable(fn, "metric", metric, PatchError, expected="metric(output) -> scalar tensor")
@@ -251,14 +316,16 @@ def patching_sweep(
     with renamed(fn):
         _, caps = functional_call(module, state, clean_args, kwargs, capture=names)
     keys = _match(fn, names, caps)
-    dim = 1 if over == "positions" else over
-    shapes, units = [], []
+    shapes, units, cleans = [], [], []
     for k in keys:
         v = caps[k]
-        if not -v.dim() <= dim < v.dim():
-            raise PatchError(f"{fn}: unit dim {dim} is out of range for site {k!r} of shape {tuple(v.shape)}; "
-                             f"give over in [{-v.dim()}, {v.dim()}).")
+        if isinstance(view, Units):  # the sweep runs in the unit view: the clean view, one-hot along its unit axis
+            v = unit_forward(fn, k, view, v)
+            dim = view.unit_dim
+        else:
+            dim = unit_dim(fn, k, view, v)
         d = dim % v.dim()
+        cleans.append(v)
         units.append(v.shape[d])
         shapes.append([v.shape[d] if i == d else 1 for i in range(v.dim())])
     if len(set(units)) != 1:
@@ -271,7 +338,10 @@ def patching_sweep(
 
     def per_site(k: str, shape: list, clean: torch.Tensor, bar=None) -> torch.Tensor:
         def one(m):  # m: (n_units,) one-hot; only site k is edited, so upstream of k stays unbatched
-            edit = lambda v: torch.where(m.reshape(shape), clean, v)  # noqa: E731
+            if isinstance(view, Units):
+                edit = lambda v: unit_backward(view, torch.where(m.reshape(shape), clean, unit_forward(fn, k, view, v)))  # noqa: E731
+            else:
+                edit = lambda v: torch.where(m.reshape(shape), clean, v)  # noqa: E731
             with renamed(fn):
                 out = functional_call(module, state, corrupted_args, kwargs, edits={k: edit})
             r = metric(out)
@@ -295,10 +365,10 @@ def patching_sweep(
     bar = progress_bar(enabled=progress, desc=fn, total=len(keys) * n_chunks(n_u, chunk_size),
                        unit="site" if chunk_size is None else "chunk")
     if bar is None:
-        out = torch.stack([per_site(k, shapes[i], caps[k]) for i, k in enumerate(keys)])
+        out = torch.stack([per_site(k, shapes[i], cleans[i]) for i, k in enumerate(keys)])
     else:
         with bar:
-            out = torch.stack([per_site(k, shapes[i], caps[k], bar) for i, k in enumerate(keys)])
+            out = torch.stack([per_site(k, shapes[i], cleans[i], bar) for i, k in enumerate(keys)])
     warn_nonfinite(fn, "", out)
     return out
 
@@ -317,6 +387,8 @@ def path_patch(
     freeze: str | Sequence[str] | None = None,
     positions: Any = None,
     patch_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    units: Units | Literal["heads"] | None = None,
+    index: int | list[int] | torch.Tensor | None = None,
     kwargs: dict[str, Any] | None = None,
 ) -> Any:
     """The corrupted run with the senders' clean values reaching the model only through the receivers.
@@ -349,6 +421,8 @@ def path_patch(
             and receivers are never frozen, even where a glob matches them).
         positions: sender positions along dim 1, as in :func:`tdfunc.latent.patch` (None: the whole site).
         patch_fn: ``patch_fn(corrupted_value, clean_value) -> value`` for the senders.
+        units, index: send only these units of the senders (e.g. ``units="heads", index=3``: head 3
+            of ``"...attn.c_proj:input"``), as in :func:`tdfunc.latent.patch`.
         kwargs: keyword inputs of every run.
 
     Returns:
@@ -381,7 +455,7 @@ def path_patch(
     _check_runs(fn, clean_args, corrupted_args)
     with renamed(fn):
         _, clean = functional_call(module, state, clean_args, kwargs, capture=send)
-    edits = _patch_edits(fn, clean, send, positions, patch_fn)
+    edits = _patch_edits(fn, clean, send, positions, patch_fn, _units_of(fn, module, units, index), index)
     both = [k for k in edits if received(k)]
     if both:
         raise PatchError(f"{fn}: site(s) {both} are both senders and receivers; a receiver must be a later site than "
