@@ -12,6 +12,7 @@ from torch import nn
 
 from . import _runtime
 from ._state import flat_state, written_buffers
+from ._state import unwrap as _unwrap
 from ._types import Capture, Edits, State
 
 __all__ = ["functional_call", "intervene"]
@@ -151,6 +152,7 @@ def functional_call(
     params = flat_state(fn, module, state)
     if isinstance(args, list):
         raise TypeError(
+    module = _unwrap(module)  # DistributedDataParallel, DataParallel, torch.compile: the model inside
             f"{fn}: args must be a tuple of positional inputs (or one input that is not a list), got a list of "
             f"length {len(args)}; pass tuple(args), or ([...],) when the module's single input is a list."
         )
@@ -265,6 +267,7 @@ def intervene(
         if plan is None:
             out = f(*args, **kwargs)
             return (out, TensorDict({}, batch_size=[])) if capture is not None else out
+    module = _unwrap(module)  # DistributedDataParallel, DataParallel, torch.compile: the model inside
         out, frame = _runtime.run_in_frame(plan, f, *args, **kwargs)
         captures = _runtime.finish(frame)
         return (out, captures) if capture is not None else out

@@ -8,10 +8,32 @@ from collections.abc import Mapping
 import torch
 from tensordict import TensorDict, TensorDictBase, is_non_tensor
 from torch import nn
+from torch._dynamo.eval_frame import OptimizedModule
+from torch.nn.parallel import DistributedDataParallel
 
 from ._errors import StateError, suggest
 
-__all__ = ["state", "flat_state", "written_buffers"]
+__all__ = ["state", "flat_state", "written_buffers", "unwrap"]
+
+
+#: wrappers whose forward runs one inner module: DistributedDataParallel, DataParallel, torch.compile's
+_WRAPPERS: tuple[type, ...] = (DistributedDataParallel, nn.DataParallel, OptimizedModule)
+
+
+def unwrap(module: nn.Module) -> nn.Module:
+    """The module a wrapper runs: ``ddp.module``, ``data_parallel.module``, ``torch.compile(m)._orig_mod``, repeatedly.
+
+    Every tdfunc call takes the wrapped model as the model inside (the same state keys and sites,
+    no ``module.`` / ``_orig_mod.`` prefix), and runs the inner model's forward: without DDP's
+    buffer broadcast and gradient hooks (a tdfunc call is local to its rank), and eagerly (compile
+    the tdfunc call instead).  Other modules are returned as they are.
+    """
+    while isinstance(module, _WRAPPERS):
+        inner = module._orig_mod if isinstance(module, OptimizedModule) else module.module
+        if not isinstance(inner, nn.Module):
+            break
+        module = inner
+    return module
 
 
 def state(module: nn.Module, *, copy: bool = False) -> TensorDict:
@@ -25,6 +47,11 @@ def state(module: nn.Module, *, copy: bool = False) -> TensorDict:
 
     Stacked states work as ensembles under ``vmap``:
     ``torch.func.vmap(lambda s: tdfunc.functional_call(model, s, (x,)))(torch.stack([s1, s2]))``.
+
+    A wrapped model (``DistributedDataParallel``, ``nn.DataParallel``, ``torch.compile(model)``)
+    gives the inner model's state, with the same keys (no ``module.`` / ``_orig_mod.`` prefix), and
+    every tdfunc call takes the wrapper as the inner model (:func:`tdfunc.functional_call` runs the
+    inner forward: no DDP buffer broadcast or gradient hooks).
 
     Args:
         module: any ``nn.Module``.
@@ -51,6 +78,7 @@ def state(module: nn.Module, *, copy: bool = False) -> TensorDict:
         )
     if not isinstance(copy, bool):
         raise TypeError(f"tdfunc.state: copy must be True or False, got {type(copy).__name__} ({copy!r:.60}).")
+    module = unwrap(module)  # DistributedDataParallel, DataParallel, torch.compile: the inner model's keys
     nested: dict = {}
     for name, t in list(module.named_parameters()) + list(module.named_buffers()):
         *path, leaf = name.split(".")
@@ -146,6 +174,7 @@ def flat_state(fn: str, module: nn.Module, state: TensorDictBase | Mapping | Non
     """Dotted-name dict of a (partial) state, checked against the module's tensor names."""
     if state is None:
         return {}
+    module = unwrap(module)
     if isinstance(state, TensorDictBase):
         flat = _flatten(fn, state, "", {})
     elif isinstance(state, Mapping):

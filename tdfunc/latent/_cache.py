@@ -22,6 +22,7 @@ from torch.distributed import ProcessGroup
 from .._call import functional_call
 from .._checks import check_bool, check_int, check_module, check_position_dim, type_error
 from .._progress import progress_bar
+from .._state import unwrap
 from .._types import Reduction
 from . import _cache_io as disk
 from . import _cache_shard as shard
@@ -307,6 +308,7 @@ def cache_activations(
     :func:`tdfunc.latent.cka`, :func:`tdfunc.latent.twonn_dimension` and SAE training (``sae_init``).
     """
     check_module(FN, module, CacheError, fix="; pass the model itself (the nn.Module to run)")
+    module = unwrap(module)  # DistributedDataParallel, DataParallel, torch.compile: the model inside
     if not (isinstance(mask_key, str) or (isinstance(mask_key, tuple) and mask_key
                                           and all(isinstance(k, str) for k in mask_key))):
         raise type_error(CacheError)(f"{FN}: mask_key must be a batch key (a string or a tuple of strings), got "
