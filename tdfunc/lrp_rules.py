@@ -7,6 +7,7 @@
 from .attribution._canonize import merge_batchnorm as merge_batchnorm
 from .attribution._lrp_assign import COMPOSITES as COMPOSITES
 from .attribution._lrp_assign import Composite as Composite
+from .attribution._lrp_assign import epsilon_gamma_box as epsilon_gamma_box
 from .attribution._lrp_attention import attention as attention
 from .attribution._lrp_linear import alpha_beta as alpha_beta
 from .attribution._lrp_linear import epsilon as epsilon
@@ -20,6 +21,7 @@ from .attribution._lrp_rules import gradient as gradient
 from .attribution._lrp_rules import identity as identity
 from .attribution._lrp_rules import ignore as ignore
 from .attribution._lrp_rules import norm as norm
+from .attribution._lrp_rules import passthrough as passthrough
 from .attribution._lrp_rules import softmax as softmax
 
 LRPRule = Rule  # the name before the rule protocol

@@ -94,7 +94,38 @@ def cases() -> list[Case]:
 
     ws = s_bn["0", "weight"] + 0.1 * torch.randn(B, 6, 5, dtype=dt)
     rows.append(Case("lrp:merge-batchnorm", bn_net, merge_batchnorm_lrp, (x5, ws), (0, 0), (0, 1), "0", probe=x5))
-    return rows + transformer_cases(dt)
+    return rows + conv_cases(dt) + transformer_cases(dt)
+
+
+class _Conv1dNet(nn.Module):
+    """Conv1d, an unmerged BatchNorm, Tanh (both passed), a ConvTranspose1d decoder and a Linear head."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn, self.act = nn.Conv1d(2, 3, 3, padding=1), nn.BatchNorm1d(3), nn.Tanh()
+        self.up, self.head = nn.ConvTranspose1d(3, 2, 2, stride=2), nn.Linear(16, 3)
+
+    def forward(self, x):
+        return self.head(self.up(self.act(self.bn(self.conv(x)))).flatten(-2))
+
+
+def conv_cases(dt) -> list[Case]:
+    net = _Conv1dNet().to(dt).eval()
+    s_net = tdfunc.state(net)
+    x = torch.randn(B, 2, 4, dtype=dt)
+
+    def conv1d_alpha2_beta1_weights(x, weight):  # zennit's composite name; d(relevance)/d(ConvTranspose1d weight)
+        s = s_net.update({("up", "weight"): weight}, inplace=False)
+        td = TensorDict({"x": x[None]}, batch_size=[1])
+        f = lambda t: tdfunc.functional_call(net, s, (t["x"],))
+        a = tdfunc.lrp(f, td, net, composite="EpsilonAlpha2Beta1")["attr", "x"]
+        b = tdfunc.lrp(f, td, net, composite=tdfunc.lrp_rules.epsilon_gamma_box(-4.0, 4.0),
+                       rules={nn.Tanh: tdfunc.lrp_rules.passthrough()})["attr", "x"]
+        return torch.cat([a.flatten(), b.flatten()])
+
+    rows = [Case("lrp:conv1d-convT-epsilon_alpha2_beta1-gamma_box", net, conv1d_alpha2_beta1_weights,
+                 (x, s_net["up", "weight"].clone()), (0, None), (0, 1), "up", probe=x)]
+    return rows
 
 
 # ------------------------------------------------------------------ transformer rules (AttnLRP)

@@ -163,7 +163,7 @@ def test_user_rule_matches_zennit(zennit, model):
     assert repr(UserZPlus()) == "UserZPlus()"
     with pytest.raises(tdfunc.AttributionError) as e:
         ours(m, x, rules={nn.ReLU: UserZPlus()})
-    assert str(e.value).startswith("tdfunc.lrp: rules gives ReLU the rule UserZPlus(), which applies to nn.Linear and nn.Conv2d only")
+    assert str(e.value).startswith("tdfunc.lrp: rules gives ReLU the rule UserZPlus(), which applies to nn.Linear and nn.Conv2d only")  # UserZPlus's own targets
 
 
 def test_composite_objects():
@@ -188,7 +188,7 @@ def test_composite_objects():
         L.Composite("bad", {nn.ReLU: L.zplus()})
     assert str(e.value) == (
         "tdfunc.lrp_rules.Composite: rules gives ReLU the rule tdfunc.lrp_rules.zplus(stabilizer=1e-06), which "
-        "applies to nn.Linear and nn.Conv2d only."
+        "applies to nn.Linear and nn.ConvNd / nn.ConvTransposeNd only."
     )
     with pytest.raises(TypeError) as e:
         L.Composite("bad", {}, first="flat")
@@ -373,20 +373,20 @@ def test_errors():
         lrp(f, td, m, composite="eps_plus")
     assert str(e.value) == (
         "tdfunc.lrp: unknown composite 'eps_plus'; choose one of 'epsilon', 'epsilon_plus', 'epsilon_plus_flat', "
-        "'attnlrp', or composite=None to rewrite only the modules named in rules."
+        "'epsilon_alpha2_beta1', 'epsilon_alpha2_beta1_flat', 'excitation_backprop', 'attnlrp', or composite=None to rewrite only the modules named in rules."
     )
     with pytest.raises(tdfunc.AttributionError) as e:
         lrp(f, td, m, rules={nn.ReLU: lrp_zplus()})
     assert str(e.value) == (
         "tdfunc.lrp: rules gives ReLU the rule tdfunc.lrp_rules.zplus(stabilizer=1e-06), which applies to nn.Linear and "
-        "nn.Conv2d only; give ReLU a rule that applies to it (tdfunc.lrp_rules.gradient() and tdfunc.lrp_rules.ignore() apply to any module), "
+        "nn.ConvNd / nn.ConvTransposeNd only; give ReLU a rule that applies to it (tdfunc.lrp_rules.gradient() and tdfunc.lrp_rules.ignore() apply to any module), "
         "or remove that entry."
     )
     with pytest.raises(tdfunc.AttributionError) as e:
         lrp(f, td, m, rules={"act*": lrp_zplus()})
     assert str(e.value) == (
         "tdfunc.lrp: rules pattern 'act*' matches 'act1' (ReLU), 'act2' (ReLU), but tdfunc.lrp_rules.zplus(stabilizer=1e-06) "
-        "applies to nn.Linear and nn.Conv2d only; narrow the pattern to those modules."
+        "applies to nn.Linear and nn.ConvNd / nn.ConvTransposeNd only; narrow the pattern to those modules."
     )
     with pytest.raises(tdfunc.AttributionError) as e:
         lrp(f, td, m, rules={"fc3": lrp_zplus()})

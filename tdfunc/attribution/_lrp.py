@@ -15,9 +15,9 @@ from torch import nn
 
 from .._errors import NotReachedError
 from .._rewrite import Rewrite, record_then_rewrite
-from .._types import CompositeName, InKeys
+from .._types import InKeys
 from ._common import AttributionError, grads_per_target, move_target_dim, per_target, prepare, result, with_inputs
-from ._lrp_assign import Composite, assign
+from ._lrp_assign import Composite, CompositeName, assign
 from ._lrp_rules import Rule
 
 __all__ = ["lrp"]
@@ -76,20 +76,30 @@ def lrp(
     the first whose module type it is an instance of (and that applies to it), else the
     composite's:
 
-    * ``'epsilon'``: ε on every ``nn.Linear`` / ``nn.Conv2d``;
-    * ``'epsilon_plus'``: z⁺ on ``nn.Conv2d``, ε on ``nn.Linear`` (zennit's ``EpsilonPlus``);
+    * ``'epsilon'``: ε on every ``nn.Linear`` and convolution (``nn.ConvNd``, ``nn.ConvTransposeNd``);
+    * ``'epsilon_plus'``: z⁺ on the convolutions, ε on ``nn.Linear`` (zennit's ``EpsilonPlus``);
     * ``'epsilon_plus_flat'``: also flat on the first layer (zennit's ``EpsilonPlusFlat``);
-    * ``'attnlrp'`` (transformers, Achtibat et al. 2024): ε on ``nn.Linear`` / ``nn.Conv2d``,
-      :func:`tdfunc.lrp_rules.attention` on ``nn.MultiheadAttention``, :func:`tdfunc.lrp_rules.identity` on
-      elementwise activation modules (GELU, SiLU, Tanh, Sigmoid, ...), :func:`tdfunc.lrp_rules.softmax` on
+    * ``'epsilon_alpha2_beta1'`` (``'epsilon_alpha2_beta1_flat'``): αβ (α=2, β=1) on the convolutions, ε on
+      ``nn.Linear`` (and flat on the first layer): zennit's ``EpsilonAlpha2Beta1`` (``...Flat``);
+    * ``'excitation_backprop'``: z⁺ on every layer, activations on their gradient (zennit's ``ExcitationBackprop``);
+    * ``'attnlrp'`` (transformers, Achtibat et al. 2024): ε on ``nn.Linear`` / convolutions,
+      :func:`tdfunc.lrp_rules.attention` on ``nn.MultiheadAttention``, :func:`tdfunc.lrp_rules.softmax` on
       ``nn.Softmax``;
+    * :func:`tdfunc.lrp_rules.epsilon_gamma_box` (``low``, ``high``): zennit's ``EpsilonGammaBox``;
     * ``None``: only the modules named in ``rules``.
 
-    Every composite gives ``nn.LayerNorm`` / ``nn.RMSNorm`` the LN rule (:func:`tdfunc.lrp_rules.norm`:
-    ``1 / std`` held constant).  Modules without a rule keep their gradient (ReLU and Dropout in eval
-    then pass relevance on unchanged); so do residual sums, which are not modules: their plain gradient
-    is the ``ε → 0`` limit of AttnLRP's ε rule for additions.  No canonizers: fold BatchNorm into the
-    convolution before calling (:func:`tdfunc.lrp_rules.merge_batchnorm`).
+    zennit's class names (``'EpsilonPlus'``, ``'EpsilonAlpha2Beta1Flat'``, ...) are accepted for its
+    composites.  Every composite but ``'excitation_backprop'`` lets activations whose gradient is not
+    already the identity (GELU, SiLU, Tanh, Sigmoid, Softplus, ReLU6, ...) and unmerged BatchNorm pass
+    relevance unchanged (:func:`tdfunc.lrp_rules.passthrough`, zennit's ``Pass``), and gives
+    ``nn.LayerNorm`` / ``nn.RMSNorm`` the LN rule (:func:`tdfunc.lrp_rules.norm`: ``1 / std`` held
+    constant).  A submodule with parameters of its own that the composite has no rule for (a custom
+    layer, ``nn.MultiheadAttention`` outside ``'attnlrp'``) is an error naming it, never silently left
+    on its gradient: give it a rule (``tdfunc.lrp_rules.gradient()`` keeps the gradient on purpose).
+    Parameter-free modules without a rule keep their gradient (ReLU, LeakyReLU, max-pooling, Dropout
+    in eval, average pooling: zennit's ``Norm`` up to its stabilizer); so do residual sums, which are
+    not modules: their plain gradient is the ``ε → 0`` limit of AttnLRP's ε rule for additions.  No
+    canonizers: fold BatchNorm into the layer before it (:func:`tdfunc.lrp_rules.merge_batchnorm`).
 
     Each rule is a :func:`tdfunc.rule` rewrite keeping the module's value: ``f`` runs twice, first
     to record ``z`` and each rule's ratios ``r_t`` (outside the vector-Jacobian product), then with
@@ -106,11 +116,13 @@ def lrp(
         module: the model whose submodules are rewritten.
         rules: ``{site pattern or nn.Module subclass: rule}`` from ``tdfunc.lrp_rules``: ``epsilon``,
             ``zplus``, ``alpha_beta``, ``gamma``, ``flat``, ``wsquare``, ``zbox`` (input layer) for
-            ``nn.Linear`` / ``nn.Conv2d``; ``norm``, ``attention``, ``softmax``, ``identity``
-            (elementwise modules), ``ignore`` and ``gradient`` (any module); or your own
+            ``nn.Linear`` and the convolutions; ``norm``, ``attention``, ``softmax``, ``identity`` /
+            ``passthrough`` (elementwise modules), ``ignore`` and ``gradient`` (any module); or your own
             :class:`tdfunc.lrp_rules.Rule`.  Overrides the composite.
         composite: ``'epsilon'``, ``'epsilon_plus'`` (default), ``'epsilon_plus_flat'``,
-            ``'attnlrp'`` (``tdfunc.lrp_rules.COMPOSITES``), a :class:`tdfunc.lrp_rules.Composite`, or ``None``.
+            ``'epsilon_alpha2_beta1'``, ``'epsilon_alpha2_beta1_flat'``, ``'excitation_backprop'``,
+            ``'attnlrp'`` (``tdfunc.lrp_rules.COMPOSITES``) or zennit's class name for one, a
+            :class:`tdfunc.lrp_rules.Composite` (e.g. :func:`tdfunc.lrp_rules.epsilon_gamma_box`), or ``None``.
         in_keys: entries to attribute; default every floating-point entry outside ``"baseline"``.
 
     Returns:
@@ -118,7 +130,8 @@ def lrp(
         is infinite where its gradient is 0 (a masked attention score) gets 0, not ``nan``.
 
     Raises:
-        AttributionError: unknown composite, a rule for a module type or site it does not apply to, a
+        AttributionError: unknown composite, a submodule with its own parameters the composite has no
+            rule for, a rule for a module type or site it does not apply to, a
             pattern matching nothing (or only an attention's ``out_proj``), bad rule parameters, an
             unsupported module configuration (in-place activation under the identity rule, attention
             with ``add_bias_kv`` / ``add_zero_attn`` or training-mode dropout, a transformer layer with a

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Literal
 
+import torch
 import torch.nn.functional as F
 from torch import nn
 
@@ -11,16 +13,31 @@ from .._errors import suggest
 from .._match import path_match
 from ._common import AttributionError
 from ._lrp_attention import attention
-from ._lrp_linear import epsilon, flat, zplus
-from ._lrp_rules import Rule, _Identity, identity, norm, softmax
+from ._lrp_linear import CONVS, LAYERS, alpha_beta, epsilon, flat, zbox, zplus
+from ._lrp_linear import epsilon as _epsilon_rule
+from ._lrp_linear import gamma as _gamma_rule
+from ._lrp_rules import Rule, _Identity, gradient, identity, norm, softmax
 
-__all__ = ["Composite", "COMPOSITES", "assign"]
+__all__ = ["Composite", "COMPOSITES", "CompositeName", "assign", "epsilon_gamma_box"]
+
+#: ``composite=`` names of :func:`tdfunc.lrp` (zennit's registered names where zennit has the composite)
+CompositeName = Literal["epsilon", "epsilon_plus", "epsilon_plus_flat", "epsilon_alpha2_beta1",
+                        "epsilon_alpha2_beta1_flat", "excitation_backprop", "attnlrp", "EpsilonPlus", "EpsilonPlusFlat",
+                        "EpsilonAlpha2Beta1", "EpsilonAlpha2Beta1Flat", "ExcitationBackprop"]
 
 _NORMS: tuple[type[nn.Module], ...] = (nn.LayerNorm, nn.RMSNorm)
 #: elementwise activations that composite 'attnlrp' gives the identity rule (ReLU, LeakyReLU and Dropout in eval
 #: already pass relevance unchanged as their gradient does)
 _ACTIVATIONS: tuple[type[nn.Module], ...] = (nn.GELU, nn.SiLU, nn.Mish, nn.Tanh, nn.Sigmoid, nn.Softplus, nn.ELU,
                                              nn.CELU, nn.SELU, nn.Hardswish, nn.Hardsigmoid, nn.Hardtanh)
+#: the rest of zennit's ``Activation`` types (which its LRP composites give ``Pass``) whose gradient is not already
+#: the identity rule (ReLU, LeakyReLU, PReLU and RReLU in eval pass relevance unchanged through their gradient)
+_MORE_ACTIVATIONS: tuple[type[nn.Module], ...] = (nn.ReLU6, nn.Hardshrink, nn.Softshrink, nn.Tanhshrink, nn.Softsign,
+                                                  nn.LogSigmoid, nn.Threshold)
+#: BatchNorm (not merged): relevance passes unchanged (zennit's and tdhook's ``Pass``)
+_BATCHNORMS: tuple[type[nn.Module], ...] = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+#: modules whose own parameters no rule needs: an embedding's input is integer (relevance ends at its output)
+_NO_RULE_NEEDED: tuple[type[nn.Module], ...] = (nn.Embedding, nn.EmbeddingBag)
 
 
 def _could_apply(r: Rule, key: type) -> bool:
@@ -72,16 +89,77 @@ class Composite:
             return self.first
         return next((r for t, r in self.rules.items() if isinstance(module, t) and r.applies_to(module)), None)
 
+    def _first_applies(self, module: nn.Module) -> bool:
+        return self.first is not None and self.first.applies_to(module)
+
     def __repr__(self) -> str:
         rules = ", ".join(f"{t.__name__}: {r!r}" for t, r in self.rules.items())
         return f"Composite({self.name!r}, {{{rules}}}{'' if self.first is None else f', first={self.first!r}'})"
 
 
 def _built_in(name: str, conv: Rule, *, first: Rule | None = None, attn: bool = False) -> Composite:
-    rules: dict[type[nn.Module], Rule] = {nn.Conv2d: conv, nn.Linear: epsilon(), **{t: norm() for t in _NORMS}}  # every composite: the LN rule
+    """ε on nn.Linear, ``conv`` on the convolutions, the LN rule on norms, activations and BatchNorm passing
+    relevance unchanged (zennit's ``layer_map_base``: ``Pass`` on activations and BatchNorm)."""
+    rules: dict[type[nn.Module], Rule] = {**{t: conv for t in CONVS}, nn.Linear: epsilon(), **{t: norm() for t in _NORMS}}  # every composite: the LN rule
+    rules.update({t: identity() for t in (*_ACTIVATIONS, *_MORE_ACTIVATIONS, *_BATCHNORMS)})
     if attn:
-        rules.update({nn.MultiheadAttention: attention(), nn.Softmax: softmax(), **{t: identity() for t in _ACTIVATIONS}})
+        rules.update({nn.MultiheadAttention: attention(), nn.Softmax: softmax()})
     return Composite(name, rules, first=first)
+
+
+class _ConvFirst(Composite):
+    """The ``first`` rule on the first convolution only (zennit's ``first_map`` of ``EpsilonGammaBox``)."""
+
+    def _first_applies(self, module: nn.Module) -> bool:
+        return isinstance(module, CONVS) and super()._first_applies(module)
+
+
+def epsilon_gamma_box(
+    low: float | torch.Tensor, high: float | torch.Tensor, *, epsilon: float = 1e-6, gamma: float = 0.25,
+    stabilizer: float = 1e-6,
+) -> Composite:
+    """zennit's ``EpsilonGammaBox``: zᴮ on the first convolution, γ on the others, ε on ``nn.Linear``.
+
+    Activations and unmerged BatchNorm pass relevance unchanged, LayerNorm / RMSNorm get the LN rule, as in
+    every built-in LRP composite.  ``low`` / ``high`` are the bounds of the input (floats, or tensors
+    broadcasting against it, e.g. the normalised 0 and 1 of each channel); see :func:`tdfunc.lrp_rules.zbox`.
+
+    Args:
+        low: the smallest input value (per entry, broadcasting).
+        high: the largest input value.
+        epsilon: ε of the rule on ``nn.Linear``.
+        gamma: γ of the rule on the convolutions after the first.
+        stabilizer: the other rules' stabilizer.
+
+    Returns:
+        A :class:`tdfunc.lrp_rules.Composite` named ``'epsilon_gamma_box'`` for ``tdfunc.lrp(..., composite=...)``.
+
+    Raises:
+        AttributionError: bad bounds or parameters (as the rules raise them).
+
+    Example:
+        >>> import torch, tdfunc
+        >>> from tensordict import TensorDict
+        >>> net = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(8, 3))
+        >>> td = TensorDict({"x": torch.rand(2, 1, 4, 4)}, batch_size=[2])
+        >>> comp = tdfunc.lrp_rules.epsilon_gamma_box(0.0, 1.0)
+        >>> tdfunc.lrp(lambda t: net(t["x"]), td, net, composite=comp)["attr", "x"].shape
+        torch.Size([2, 3, 1, 4, 4])
+
+    Composes with: :func:`tdfunc.lrp` (``vmap``, ``grad`` with double backward, ``torch.compile``).
+    """
+    try:
+        rule = zbox(low, high, stabilizer)
+        comp = _built_in("epsilon_gamma_box", _gamma_rule(gamma, stabilizer), first=rule)
+        comp.rules[nn.Linear] = _epsilon_rule(epsilon)
+    except (AttributionError, TypeError) as e:  # the rule's message, naming this function first
+        raise type(e)(f"tdfunc.lrp_rules.epsilon_gamma_box: {e}") from None
+    return _ConvFirst(comp.name, comp.rules, first=rule)
+
+
+def _excitation() -> Composite:
+    """zennit's ``ExcitationBackprop``: z⁺ on every layer; activations and BatchNorm keep their gradient."""
+    return Composite("excitation_backprop", {**{t: zplus() for t in LAYERS}, **{t: gradient() for t in _BATCHNORMS}})
 
 
 #: the built-in composites, by the name ``tdfunc.lrp(..., composite=name)`` takes
@@ -89,7 +167,24 @@ COMPOSITES: dict[str, Composite] = {
     "epsilon": _built_in("epsilon", epsilon()),
     "epsilon_plus": _built_in("epsilon_plus", zplus()),  # zennit's EpsilonPlus
     "epsilon_plus_flat": _built_in("epsilon_plus_flat", zplus(), first=flat()),  # zennit's EpsilonPlusFlat
+    "epsilon_alpha2_beta1": _built_in("epsilon_alpha2_beta1", alpha_beta(2.0, 1.0)),  # zennit's EpsilonAlpha2Beta1
+    # zennit's EpsilonAlpha2Beta1Flat
+    "epsilon_alpha2_beta1_flat": _built_in("epsilon_alpha2_beta1_flat", alpha_beta(2.0, 1.0), first=flat()),
+    "excitation_backprop": _excitation(),  # zennit's ExcitationBackprop
     "attnlrp": _built_in("attnlrp", epsilon(), attn=True),  # AttnLRP (Achtibat et al. 2024)
+}
+
+#: zennit's composite class names, as ``composite=`` strings (its registered snake-case names are the keys above)
+ZENNIT_NAMES: dict[str, str] = {
+    "EpsilonPlus": "epsilon_plus", "EpsilonPlusFlat": "epsilon_plus_flat",
+    "EpsilonAlpha2Beta1": "epsilon_alpha2_beta1", "EpsilonAlpha2Beta1Flat": "epsilon_alpha2_beta1_flat",
+    "ExcitationBackprop": "excitation_backprop",
+}
+#: zennit composites that need arguments (or are not LRP): what to use instead
+_ZENNIT_ELSEWHERE: dict[str, str] = {
+    "EpsilonGammaBox": "tdfunc.lrp_rules.epsilon_gamma_box(low, high) (it needs the input bounds)",
+    "epsilon_gamma_box": "tdfunc.lrp_rules.epsilon_gamma_box(low, high) (it needs the input bounds)",
+    "GuidedBackprop": "tdfunc.guided_backprop", "guided_backprop": "tdfunc.guided_backprop",
 }
 
 
@@ -118,6 +213,12 @@ def _composite(fn: str, composite) -> Composite | None:
         return composite
     if isinstance(composite, str) and composite in COMPOSITES:
         return COMPOSITES[composite]
+    if isinstance(composite, str) and composite in ZENNIT_NAMES:
+        return COMPOSITES[ZENNIT_NAMES[composite]]
+    if isinstance(composite, str) and composite in _ZENNIT_ELSEWHERE:
+        raise AttributionError(
+            f"{fn}: composite {composite!r} (zennit's) is not a name here; use {_ZENNIT_ELSEWHERE[composite]}."
+        )
     raise AttributionError(
         f"{fn}: unknown composite {composite!r}; choose one of {', '.join(map(repr, COMPOSITES))}, "
         "or composite=None to rewrite only the modules named in rules."
@@ -195,18 +296,34 @@ def assign(fn: str, module: nn.Module, rules, composite) -> dict[str, Rule]:
     if comp is not None:
         _check_activations(fn, comp, visible)
     out: dict[str, Rule] = {}
+    unhandled: list[str] = []
     first = comp is not None and comp.first is not None
     for n, m in visible:
         r = next((r for p, r in pats if path_match(p, n.split("."))), None)
         if r is None:
             r = next((r for t, r in types if isinstance(m, t) and r.applies_to(m)), None)
-        at_first = first and comp.first.applies_to(m)  # type: ignore[union-attr]  # first: comp.first is set
+        at_first = first and comp._first_applies(m)  # type: ignore[union-attr]  # first: comp is set
         if r is None and comp is not None:
             r = comp.rule_for(m, at_first)
         first = first and not at_first
+        if r is None and comp is not None and _owns_parameters(m):
+            unhandled.append(f"{n!r} ({_kind(m)})")
         if r is not None and r.rewrites:
             reason = r.check(n, m)
             if reason is not None:
                 raise AttributionError(f"{fn}: {reason}")
             out[n] = r
+    if unhandled:
+        shown = ", ".join(unhandled[:6]) + (f", ... ({len(unhandled)} in all)" if len(unhandled) > 6 else "")
+        raise AttributionError(
+            f"{fn}: composite {comp.name!r} has no rule for {shown}: modules with their own parameters that would "  # type: ignore[union-attr]  # unhandled only with a composite
+            "silently keep their plain gradient. Give each a rule, e.g. rules={"
+            f"{unhandled[0].split(' ')[0]}: tdfunc.lrp_rules.gradient()}} to keep the plain gradient on purpose"
+            + (", or composite='attnlrp' for nn.MultiheadAttention." if any("MultiheadAttention" in u for u in unhandled) else ".")
+        )
     return out
+
+
+def _owns_parameters(m: nn.Module) -> bool:
+    """Whether ``m`` holds parameters of its own (not only through submodules) that a rule would need."""
+    return not isinstance(m, _NO_RULE_NEEDED) and next(m.parameters(recurse=False), None) is not None

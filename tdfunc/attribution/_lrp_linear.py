@@ -1,4 +1,4 @@
-"""LRP rules for ``nn.Linear`` / ``nn.Conv2d``: ε, z⁺, αβ, γ, flat, w², zᴮ as terms of one rewrite.
+"""LRP rules for ``nn.Linear`` and the convolutions: ε, z⁺, αβ, γ, flat, w², zᴮ as terms of one rewrite.
 
 A layer rule is a list of terms ``y_t(x) = W_t · m_t(x)`` (a modified weight applied to a modified
 input, the bias entering the denominators only) and ratios ``r_t = c_t z / stab(den_t)``; the rewrite
@@ -19,7 +19,13 @@ from ._lrp_rules import Rule, check_float, stab
 
 __all__ = ["epsilon", "zplus", "alpha_beta", "gamma", "flat", "wsquare", "zbox"]
 
-LAYERS = (nn.Linear, nn.Conv2d)
+#: the layers the rules rewrite (zennit's ``Linear`` and ``Convolution``): an affine map ``W x + b``
+CONVS: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d,
+                                      nn.ConvTranspose3d)
+LAYERS: tuple[type[nn.Module], ...] = (nn.Linear, *CONVS)
+TARGETS = "nn.Linear and nn.ConvNd / nn.ConvTransposeNd"
+_TRANSPOSED = {nn.ConvTranspose1d: F.conv_transpose1d, nn.ConvTranspose2d: F.conv_transpose2d,
+               nn.ConvTranspose3d: F.conv_transpose3d}
 _ONES = "ones"  # input modifier of the flat and w² rules: the relevance is spread as if every input were 1
 
 
@@ -40,10 +46,28 @@ def _neg(t):
     return None if t is None else t.clamp(max=0)
 
 
-def _op(m: nn.Module, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
-    if isinstance(m, nn.Conv2d):
-        return m._conv_forward(x, w, b)
+def _op(m: nn.Module, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, opad) -> torch.Tensor:
+    """The layer's affine map with weight ``w`` and bias ``b`` (``opad``: a transposed conv's output padding)."""
+    if isinstance(m, nn.modules.conv._ConvTransposeNd):
+        op = next(fn for t, fn in _TRANSPOSED.items() if isinstance(m, t))
+        return op(x, w, b, m.stride, m.padding, opad, m.groups, m.dilation)  # type: ignore[arg-type]  # padding: a tuple here
+    if isinstance(m, nn.modules.conv._ConvNd):
+        return m._conv_forward(x, w, b)  # Conv1d/2d/3d (padding modes included)
     return F.linear(x, w, b)
+
+
+def _out_padding(m: nn.Module, x: torch.Tensor, kwargs) -> list[int] | None:
+    """A transposed conv's output padding for this call (``output_size=`` given to its forward decides it)."""
+    if not isinstance(m, nn.modules.conv._ConvTransposeNd):
+        return None
+    size = kwargs.get("output_size")
+    nd = len(m.kernel_size)
+    return m._output_padding(x, size, m.stride, m.padding, m.kernel_size, nd, m.dilation)  # type: ignore[arg-type]
+
+
+def _bias_view(m: nn.Module, b: torch.Tensor) -> torch.Tensor:
+    """``b`` shaped to broadcast against the layer's output (per channel for a convolution)."""
+    return b.view(-1, *[1] * len(m.kernel_size)) if isinstance(m, nn.modules.conv._ConvNd) else b
 
 
 def _inputs(mod, x: torch.Tensor, inv: torch.Tensor | None) -> torch.Tensor:
@@ -63,19 +87,19 @@ def _own(m: nn.Module, mod, w: torch.Tensor) -> bool:
     return mod is None and w is m.weight and type(m) in LAYERS
 
 
-def _term(m: nn.Module, x: torch.Tensor, out: torch.Tensor, inv, mod, w: torch.Tensor) -> torch.Tensor:
+def _term(m: nn.Module, x: torch.Tensor, out: torch.Tensor, inv, mod, w: torch.Tensor, opad) -> torch.Tensor:
     """``W_t m_t(x)`` without bias; for the layer's own term that is ``out - bias``, same value and Jacobian."""
     if not _own(m, mod, w):
-        return _op(m, _inputs(mod, x, inv), w, None)
+        return _op(m, _inputs(mod, x, inv), w, None, opad)
     if m.bias is None:
         return out
-    return out - (m.bias.view(-1, 1, 1) if isinstance(m, nn.Conv2d) else m.bias)  # type: ignore[operator]
+    return out - _bias_view(m, m.bias)  # type: ignore[arg-type]
 
 
 class _Layer(Rule):
     """A rule given as terms (input modifier, weight, bias entering the denominator only) and their ratios."""
 
-    modules, targets = LAYERS, "nn.Linear and nn.Conv2d"
+    modules, targets = LAYERS, TARGETS
 
     def __init__(self, **params):
         self.__dict__.update(params)
@@ -89,23 +113,25 @@ class _Layer(Rule):
 
     def record(self, module, args, kwargs, out):
         x = args[0]
+        opad = _out_padding(module, x, kwargs)
         ts = self.terms(module.weight, module.bias)
         ones = any(t[0] is _ONES or isinstance(t[0], _Bound) for t in ts)
         inv = torch.where(x == 0, torch.zeros_like(x), 1 / torch.where(x == 0, torch.ones_like(x), x)) if ones else None
         ys = [
             out
             if _own(module, mod, w) and b is module.bias
-            else _op(module, torch.ones_like(x) if mod is _ONES else _inputs(mod, x, None), w, b)
+            else _op(module, torch.ones_like(x) if mod is _ONES else _inputs(mod, x, None), w, b, opad)
             for mod, w, b in ts
         ]
         rs = self.ratios(out, ys)
-        s = sum(rt * _term(module, x, out, inv, mod, w) for rt, (mod, w, _) in zip(rs, ts))
+        s = sum(rt * _term(module, x, out, inv, mod, w, opad) for rt, (mod, w, _) in zip(rs, ts))
         return out.clone(), rs, s, inv  # clone: a later in-place op must not rewrite it
 
     def rewrite(self, module, args, kwargs, out, constants):
         z, rs, s, inv = constants
+        opad = _out_padding(module, args[0], kwargs)
         ts = self.terms(module.weight, module.bias)
-        return z - s + sum(rt * _term(module, args[0], out, inv, mod, w) for rt, (mod, w, _) in zip(rs, ts))
+        return z - s + sum(rt * _term(module, args[0], out, inv, mod, w, opad) for rt, (mod, w, _) in zip(rs, ts))
 
 
 class _Epsilon(_Layer):

@@ -28,7 +28,7 @@ from torch import nn
 from .._rewrite import Rewrite, main_output
 from ._common import AttributionError
 
-__all__ = ["Rule", "gradient", "identity", "ignore", "softmax", "norm"]
+__all__ = ["Rule", "gradient", "identity", "passthrough", "ignore", "softmax", "norm"]
 
 
 def stab(d: torch.Tensor, eps: float) -> torch.Tensor:
@@ -129,7 +129,7 @@ class _Ignore(Rule):
 
 class _Identity(Rule):
     modules, _public = (nn.Module,), "identity"
-    excluded = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.MultiheadAttention, nn.Softmax)
+    excluded = (nn.Linear, nn.modules.conv._ConvNd, nn.MultiheadAttention, nn.Softmax)
     targets = "elementwise modules (not nn.Linear, nn.ConvNd, nn.MultiheadAttention or nn.Softmax)"
 
     def check(self, name, module):
@@ -155,6 +155,10 @@ class _Identity(Rule):
     def rewrite(self, module, args, kwargs, out, constants):
         z, ratio, s = constants
         return z - s + ratio * args[0]
+
+
+class _Pass(_Identity):
+    _public = "passthrough"
 
 
 class _Norm(Rule):
@@ -189,7 +193,7 @@ class _Norm(Rule):
 def gradient() -> Rule:
     """No rewrite: the module keeps its plain gradient, so relevance crosses it as input × gradient does.
 
-    For ``nn.Linear`` / ``nn.Conv2d`` that is LRP-0 with the bias's share dropped; for ReLU, LeakyReLU and
+    For ``nn.Linear`` / a convolution that is LRP-0 with the bias's share dropped; for ReLU, LeakyReLU and
     Dropout in eval it equals the identity rule; on any other module it opts that module out of the
     composite's rule (e.g. ``rules={nn.LayerNorm: tdfunc.lrp_rules.gradient()}`` for LayerNorm's own gradient).
     Nothing is recorded or recomputed.
@@ -350,3 +354,35 @@ def norm() -> Rule:
     Composes with: ``vmap``, ``grad`` (double backward, exact), ``torch.compile(fullgraph=True)``.
     """
     return _Norm()
+
+
+def passthrough() -> Rule:
+    """zennit's and tdhook's ``Pass``: relevance crosses an elementwise module unchanged, ``R_in = R_out``.
+
+    The same rule as :func:`tdfunc.lrp_rules.identity` (AttnLRP's name for it), under the name zennit and
+    tdhook users know; not the plain gradient (:func:`tdfunc.lrp_rules.gradient`, which the deprecated
+    ``tdfunc.lrp_pass`` was).  The LRP composites give it to activations and unmerged BatchNorm.  An input
+    entry that is exactly 0 gets relevance 0 (see :func:`tdfunc.lrp_rules.identity`).
+
+    Returns:
+        A :class:`Rule` for modules whose output has their input's shape (not nn.Linear, nn.ConvNd,
+        nn.MultiheadAttention or nn.Softmax).
+
+    Raises:
+        AttributionError (from :func:`tdfunc.lrp`): the module's output shape differs from its input's, or
+        it is built with ``inplace=True``.
+
+    Example:
+        >>> import torch, tdfunc
+        >>> from tensordict import TensorDict
+        >>> lin = lambda i, o: torch.nn.Linear(i, o, bias=False, dtype=torch.float64)
+        >>> net = torch.nn.Sequential(lin(3, 4), torch.nn.Tanh(), lin(4, 2))
+        >>> td = TensorDict({"x": torch.randn(5, 3, dtype=torch.float64)}, batch_size=[5])
+        >>> rules = {torch.nn.Linear: tdfunc.lrp_rules.epsilon(0.0), torch.nn.Tanh: tdfunc.lrp_rules.passthrough()}
+        >>> r = tdfunc.lrp(lambda t: net(t["x"]), td, net, rules=rules)["attr", "x"]
+        >>> torch.allclose(r.sum(-1), net(td["x"]))          # Tanh passes relevance: conserved
+        True
+
+    Composes with: ``vmap``, ``grad`` (double backward, exact), ``torch.compile(fullgraph=True)``.
+    """
+    return _Pass()

@@ -1,0 +1,226 @@
+"""tdfunc.lrp against zennit 0.5.1 and tdhook 0.3.0 on their scenarios (issue 14): rules on every convolution
+(Conv1d/3d, ConvTranspose1d/2d/3d), modules a composite cannot handle reported, activations and unmerged
+BatchNorm passing relevance (zennit's Pass), zennit's composite names.
+
+zennit is imported beside a stub torchvision (see ``conftest.zennit``); both peers are test-only oracles.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tensordict import TensorDict
+from torch import nn
+
+import tdfunc
+from test_lrp import DT, RULES, Single, ours, zennit_lrp
+
+L = tdfunc.lrp_rules
+lrp = tdfunc.attribution._lrp.lrp
+
+# (layer, input shape): every convolution zennit's ``Convolution`` type covers, with stride / padding / groups
+CONVS = {
+    "conv1d": (lambda: nn.Conv1d(2, 3, 3, padding=1), (3, 2, 7)),
+    "conv1d-strided-grouped": (lambda: nn.Conv1d(4, 4, 3, stride=2, groups=2, padding_mode="circular", padding=1), (2, 4, 9)),
+    "conv3d": (lambda: nn.Conv3d(2, 2, 2, padding=1), (2, 2, 3, 3, 3)),
+    "convT1d": (lambda: nn.ConvTranspose1d(2, 3, 3, stride=2), (2, 2, 5)),
+    "convT2d": (lambda: nn.ConvTranspose2d(2, 2, 3, stride=2, padding=1, output_padding=1), (2, 2, 3, 3)),
+    "convT3d": (lambda: nn.ConvTranspose3d(2, 2, 2, stride=2, groups=2), (2, 2, 2, 2, 2)),
+}
+
+
+@pytest.mark.parametrize("kind", list(CONVS))
+@pytest.mark.parametrize("name", list(RULES))
+def test_rule_on_every_convolution_matches_zennit(zennit, name, kind):
+    """Every rule that handles Conv2d handles the other convolutions, equal to zennit's (float64, atol 1e-12)."""
+    torch.manual_seed(0)
+    make, shape = CONVS[kind]
+    layer = make().to(DT)
+    m, x = Single(layer), torch.randn(*shape, dtype=DT)
+    ours_rule, zen_rule = RULES[name]
+    zr = zen_rule(zennit.rules)
+    comp = zennit.core.Composite(module_map=lambda ctx, n, mod: zr if isinstance(mod, type(layer)) else None)
+    want = zennit_lrp(zennit, m, x, comp)
+    got = ours(m, x, rules={type(layer): ours_rule()}, composite=None)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+
+
+def test_conv_transpose_output_size_keeps_its_output_padding():
+    """``ConvTranspose2d(x, output_size=...)`` decides its output padding per call; the rule's products use it."""
+    torch.manual_seed(1)
+    up = nn.ConvTranspose2d(2, 3, 3, stride=2, bias=False).to(DT)
+
+    class Up(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.up = up
+
+        def forward(self, x):
+            return self.up(x, output_size=[8, 8])
+
+    m, x = Up(), torch.randn(2, 2, 3, 3, dtype=DT)
+    R = ours(m, x, rules={nn.ConvTranspose2d: L.epsilon(0.0)}, composite=None)
+    assert R.shape == (2, 3 * 8 * 8, 2, 3, 3)
+    torch.testing.assert_close(R.flatten(2).sum(-1), m(x).flatten(1), rtol=1e-10, atol=1e-10)  # LRP-0, no bias
+
+
+def _tdhook_seq_conv(seed):
+    torch.manual_seed(seed)  # tdhook's get_sequential_conv_module
+    return nn.Sequential(nn.Conv1d(10, 10, 3, padding=1), nn.ReLU(), nn.Conv1d(10, 10, 3, padding=1), nn.ReLU())
+
+
+@pytest.mark.parametrize("composite", ["epsilon_plus", "EpsilonPlus", "epsilon_alpha2_beta1", "epsilon_plus_flat"])
+def test_conv1d_composites_match_zennit(zennit, composite):
+    """tdhook's sequential Conv1d scenario (a composite used to leave Conv1d on its plain gradient: 42 off)."""
+    m = _tdhook_seq_conv(4).to(DT)
+    x = torch.randn(2, 10, 5, dtype=DT)
+    zc = {"epsilon_plus": zennit.composites.EpsilonPlus, "EpsilonPlus": zennit.composites.EpsilonPlus,
+          "epsilon_alpha2_beta1": zennit.composites.EpsilonAlpha2Beta1,
+          "epsilon_plus_flat": zennit.composites.EpsilonPlusFlat}[composite]
+    want = zennit_lrp(zennit, m, x, zc())
+    torch.testing.assert_close(ours(m, x, composite=composite), want, rtol=0, atol=1e-12)
+
+
+class _Scaled(nn.Module):
+    """A layer with its own parameter used directly in forward: no rule of a composite covers it."""
+
+    def __init__(self):
+        super().__init__()
+        self.scale = nn.Parameter(torch.full((4,), 2.0))
+
+    def forward(self, x):
+        return x * self.scale
+
+
+def test_module_a_composite_cannot_handle_is_reported():
+    net = nn.Sequential(nn.Linear(3, 4), _Scaled(), nn.ReLU(), nn.Linear(4, 2))
+    td = TensorDict({"x": torch.randn(2, 3)}, batch_size=[2])
+    f = lambda t: net(t["x"])
+    with pytest.raises(tdfunc.AttributionError) as e:
+        lrp(f, td, net)
+    assert str(e.value) == (
+        "tdfunc.lrp: composite 'epsilon_plus' has no rule for '1' (_Scaled): modules with their own parameters that "
+        "would silently keep their plain gradient. Give each a rule, e.g. rules={'1': tdfunc.lrp_rules.gradient()} "
+        "to keep the plain gradient on purpose."
+    )
+    got = lrp(f, td, net, rules={"1": L.gradient()})["attr", "x"]  # on purpose: no error
+    assert got.shape == (2, 2, 3)
+    lrp(f, td, net, composite=None, rules={nn.Linear: L.epsilon()})  # no composite: only the named modules
+    mha = nn.MultiheadAttention(4, 2, batch_first=True)
+
+    class Attn(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = mha
+
+        def forward(self, x):
+            return self.attn(x, x, x, need_weights=False)[0].sum(-1)
+
+    a, td2 = Attn(), TensorDict({"x": torch.randn(2, 3, 4)}, batch_size=[2])
+    with pytest.raises(tdfunc.AttributionError) as e:
+        lrp(lambda t: a(t["x"]), td2, a, composite="epsilon")
+    assert str(e.value).endswith("has no rule for 'attn' (MultiheadAttention): modules with their own parameters that "
+                                 "would silently keep their plain gradient. Give each a rule, e.g. rules={'attn': "
+                                 "tdfunc.lrp_rules.gradient()} to keep the plain gradient on purpose, or "
+                                 "composite='attnlrp' for nn.MultiheadAttention.")
+    assert lrp(lambda t: a(t["x"]), td2, a, composite="attnlrp")["attr", "x"].shape == (2, 3, 3, 4)
+
+
+class _ActBN(nn.Module):
+    """Unmerged BatchNorm and activations whose gradient is not the identity rule (Tanh, ReLU6, Sigmoid, ...)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.bn, self.act1 = nn.Conv2d(2, 3, 3, padding=1), nn.BatchNorm2d(3), nn.Tanh()
+        self.conv2, self.act2 = nn.Conv2d(3, 4, 3, stride=2), nn.ReLU6()
+        self.fc, self.act3, self.head = nn.Linear(16, 6), nn.Softplus(), nn.Linear(6, 3)
+
+    def forward(self, x):
+        h = self.act2(self.conv2(self.act1(self.bn(self.conv1(x))))).flatten(1)
+        return self.head(self.act3(self.fc(h)))
+
+
+def _act_bn_model():
+    torch.manual_seed(3)
+    m = _ActBN().to(DT).eval()
+    with torch.no_grad():
+        m.bn.running_mean.uniform_(-0.5, 0.5)
+        m.bn.running_var.uniform_(0.5, 2.0)
+        m.bn.weight.uniform_(0.5, 1.5)
+        m.bn.bias.uniform_(-0.2, 0.2)
+        m.conv2.weight.mul_(3)  # some ReLU6 inputs above 6, where its gradient (0) is not Pass
+    return m, 3 * torch.randn(2, 2, 6, 6, dtype=DT)
+
+
+ZENNIT_COMPOSITES = ["EpsilonPlus", "EpsilonPlusFlat", "EpsilonAlpha2Beta1", "EpsilonAlpha2Beta1Flat"]
+
+
+@pytest.mark.parametrize("name", ZENNIT_COMPOSITES)
+def test_zennit_composites_with_activations_and_unmerged_batchnorm(zennit, name):
+    """zennit's composites by their names (class and registered names), activations and BatchNorm under Pass."""
+    m, x = _act_bn_model()
+    want = zennit_lrp(zennit, m, x, getattr(zennit.composites, name)())
+    snake = tdfunc.attribution._lrp_assign.ZENNIT_NAMES[name]
+    assert snake in zennit.composites.COMPOSITES  # zennit's registered name is tdfunc's
+    got = ours(m, x, composite=name)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+    torch.testing.assert_close(ours(m, x, composite=snake), got, rtol=0, atol=0)
+    if name == "EpsilonPlus":  # the pass on activations matters here: plain gradients there differ
+        plain = {nn.Tanh: L.gradient(), nn.ReLU6: L.gradient(), nn.Softplus: L.gradient(), nn.BatchNorm2d: L.gradient()}
+        assert (ours(m, x, composite=name, rules=plain) - want).abs().max() > 1e-3
+
+
+def test_excitation_backprop_matches_zennit(zennit):
+    """zennit's ExcitationBackprop (z⁺ on every layer, activations on their gradient) on a ReLU CNN.
+
+    Only ReLU-like activations: where zennit leaves a module on its gradient it propagates the relevance by it
+    (``R_in = Jᵀ R_out``), while tdfunc's ``gradient()`` is ``x ⊙ Jᵀ (R_out / y)``; the two agree on ReLU.
+    """
+    from test_lrp import ReluCNN
+
+    torch.manual_seed(6)
+    m, x = ReluCNN().to(DT), torch.randn(2, 2, 6, 6, dtype=DT)
+    want = zennit_lrp(zennit, m, x, zennit.composites.ExcitationBackprop())
+    torch.testing.assert_close(ours(m, x, composite="ExcitationBackprop"), want, rtol=0, atol=1e-12)
+    torch.testing.assert_close(ours(m, x, composite="excitation_backprop"), want, rtol=0, atol=1e-12)
+
+
+def test_zennit_names_that_need_arguments_are_pinned_errors():
+    net = nn.Sequential(nn.Linear(3, 2))
+    td = TensorDict({"x": torch.randn(2, 3)}, batch_size=[2])
+    with pytest.raises(tdfunc.AttributionError) as e:
+        lrp(lambda t: net(t["x"]), td, net, composite="EpsilonGammaBox")
+    assert str(e.value) == (
+        "tdfunc.lrp: composite 'EpsilonGammaBox' (zennit's) is not a name here; use "
+        "tdfunc.lrp_rules.epsilon_gamma_box(low, high) (it needs the input bounds)."
+    )
+    with pytest.raises(tdfunc.AttributionError) as e:
+        lrp(lambda t: net(t["x"]), td, net, composite="guided_backprop")
+    assert str(e.value) == "tdfunc.lrp: composite 'guided_backprop' (zennit's) is not a name here; use tdfunc.guided_backprop."
+
+
+def test_passthrough_is_zennit_pass(zennit):
+    """``passthrough()`` is zennit's / tdhook's Pass (relevance unchanged), not the plain gradient (``gradient()``)."""
+    torch.manual_seed(5)
+    m = nn.Sequential(nn.Linear(4, 5), nn.Sigmoid(), nn.Linear(5, 3)).to(DT)
+    x = torch.randn(3, 4, dtype=DT)
+    comp = zennit.core.Composite(module_map=lambda ctx, n, mod: zennit.rules.Pass() if isinstance(mod, nn.Sigmoid)
+                                 else zennit.rules.Epsilon() if isinstance(mod, nn.Linear) else None)
+    want = zennit_lrp(zennit, m, x, comp)
+    got = ours(m, x, rules={nn.Sigmoid: L.passthrough(), nn.Linear: L.epsilon()}, composite=None)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+    assert repr(L.passthrough()) == "tdfunc.lrp_rules.passthrough()"
+
+
+def test_epsilon_gamma_box_matches_zennit(zennit):
+    """zennit's EpsilonGammaBox with per-entry bounds (zᴮ on the first convolution only, γ on the other)."""
+    m, x = _act_bn_model()
+    low, high = x.min() * torch.ones_like(x), x.max() * torch.ones_like(x)
+    want = zennit_lrp(zennit, m, x, zennit.composites.EpsilonGammaBox(low=low, high=high))
+    got = ours(m, x, composite=L.epsilon_gamma_box(low, high))
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+    comp = L.epsilon_gamma_box(-1.0, 1.0, epsilon=0.1, gamma=0.5)
+    assert comp.rules[nn.Linear] == comp.rules[nn.Linear] and repr(comp.rules[nn.Linear]) == "tdfunc.lrp_rules.epsilon(eps=0.1)"
+    assert repr(comp.first) == "tdfunc.lrp_rules.zbox(low=-1.0, high=1.0, stabilizer=1e-06)"
+    with pytest.raises(tdfunc.AttributionError, match=r"^tdfunc.lrp_rules.epsilon_gamma_box: tdfunc.lrp_rules.zbox: low must be <= high everywhere"):
+        L.epsilon_gamma_box(1.0, -1.0)
