@@ -16,6 +16,30 @@ from ._errors import StateError, suggest
 __all__ = ["state", "flat_state", "written_buffers", "unwrap"]
 
 
+try:
+    from torch.distributed.tensor import DTensor
+except ImportError:  # pragma: no cover - torch built without distributed
+    DTensor = ()  # type: ignore[assignment,misc]
+
+_FSDP_FIX = ("gather the full state (torch.distributed.checkpoint.state_dict.get_model_state_dict(model, "
+             "options=StateDictOptions(full_state_dict=True))) and run tdfunc on the model built without fully_shard "
+             "with it loaded (load_state_dict), or call with state=None (the sharded model's own forward)")
+
+
+def _fsdp_error(fn: str, module: nn.Module, key: str) -> StateError:
+    return StateError(
+        f"{fn}: {type(module).__name__} is sharded with FSDP2 (fully_shard): its tensor {key!r} is a DTensor. A "
+        "functional call with a state would swap its parameters under FSDP's own unshard / reshard hooks (all-zero "
+        f"gradients, a module left broken), so tdfunc refuses it; {_FSDP_FIX}."
+    )
+
+
+def _check_not_sharded(fn: str, module: nn.Module, tensors: Mapping[str, torch.Tensor]) -> None:
+    for k, t in tensors.items():
+        if isinstance(t, DTensor):
+            raise _fsdp_error(fn, module, k)
+
+
 #: wrappers whose forward runs one inner module: DistributedDataParallel, DataParallel, torch.compile's
 _WRAPPERS: tuple[type, ...] = (DistributedDataParallel, nn.DataParallel, OptimizedModule)
 
@@ -81,6 +105,8 @@ def state(module: nn.Module, *, copy: bool = False) -> TensorDict:
     module = unwrap(module)  # DistributedDataParallel, DataParallel, torch.compile: the inner model's keys
     nested: dict = {}
     for name, t in list(module.named_parameters()) + list(module.named_buffers()):
+        if isinstance(t, DTensor):
+            raise _fsdp_error("tdfunc.state", module, name)
         *path, leaf = name.split(".")
         d = nested
         for seg in path:
@@ -195,6 +221,8 @@ def flat_state(fn: str, module: nn.Module, state: TensorDictBase | Mapping | Non
             if (
                 own is None
                 or not isinstance(v, torch.Tensor)
+                or isinstance(v, DTensor)
+                or isinstance(own, DTensor)
                 or v.shape != own.shape
                 or v.dtype != own.dtype
                 or v.device != own.device
@@ -203,6 +231,8 @@ def flat_state(fn: str, module: nn.Module, state: TensorDictBase | Mapping | Non
         else:
             return flat
     tensors = _tensors(module)  # first call, or the module may have changed since it was cached: look again
+    _check_not_sharded(fn, module, tensors)  # FSDP2: a state would be swapped under its hooks
+    _check_not_sharded(fn, module, {k: v for k, v in flat.items() if isinstance(v, torch.Tensor)})
     for k, v in flat.items():
         if k not in tensors:
             raise StateError(

@@ -153,3 +153,47 @@ def test_gradient_methods_inside_a_ddp_training_loop(gloo):
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=str(k))
     for a, b in zip(net.parameters(), ref.parameters()):
         torch.testing.assert_close(a.grad, b.grad, rtol=0, atol=0)
+
+
+def test_fsdp2_sharded_model_with_a_state_is_refused_and_left_intact(gloo):
+    """Before: a DTensor state ran once, then every call (a plain one too) failed with 'mixed torch.Tensor and
+    DTensor' (the module left broken), and a later gradient over the state came back all zeros."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor
+
+    net, x = _net(), torch.randn(5, 3)
+    ref = _net()
+    mesh = init_device_mesh("cpu", (1,))
+    fully_shard(net[0], mesh=mesh)
+    fully_shard(net, mesh=mesh)
+    fix = ("gather the full state (torch.distributed.checkpoint.state_dict.get_model_state_dict(model, "
+           "options=StateDictOptions(full_state_dict=True))) and run tdfunc on the model built without fully_shard "
+           "with it loaded (load_state_dict), or call with state=None (the sharded model's own forward).")
+
+    def msg(fn, key):
+        return (f"{fn}: FSDPSequential is sharded with FSDP2 (fully_shard): its tensor {key!r} is a DTensor. A "
+                "functional call with a state would swap its parameters under FSDP's own unshard / reshard hooks "
+                f"(all-zero gradients, a module left broken), so tdfunc refuses it; {fix}")
+
+    with pytest.raises(tdfunc.StateError) as e:
+        tdfunc.state(net)
+    assert str(e.value) == msg("tdfunc.state", "0.weight")
+    sharded = {k: v for k, v in net.state_dict().items()}
+    assert isinstance(sharded["0.weight"], DTensor)
+    for state in (sharded, {"2.bias": torch.zeros(2)}):  # a DTensor state, a plain partial state
+        with pytest.raises(tdfunc.StateError) as e:
+            tdfunc.functional_call(net, state, (x,))
+        assert str(e.value) == msg("tdfunc.functional_call", "0.weight")
+        torch.testing.assert_close(net(x), ref(x), rtol=0, atol=0)  # the module still works
+    # state=None runs the sharded model's own forward: captures and gradients are right
+    out, caps = tdfunc.functional_call(net, None, (x,), capture="0")
+    torch.testing.assert_close(out, ref(x), rtol=0, atol=0)
+    torch.testing.assert_close(caps["0"], ref[0](x), rtol=0, atol=0)
+    from tensordict import TensorDict
+
+    td = TensorDict({"x": x}, [5])
+    got = tdfunc.saliency(lambda t: tdfunc.functional_call(net, None, (t["x"],))[:, 0], td)
+    want = tdfunc.saliency(lambda t: ref(t["x"])[:, 0], td)
+    torch.testing.assert_close(got["attr", "x"], want["attr", "x"], rtol=0, atol=0)
+    torch.testing.assert_close(net(x), ref(x), rtol=0, atol=0)
