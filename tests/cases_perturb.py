@@ -115,5 +115,21 @@ def cases() -> list[Case]:
         return out["attr", "x"].flatten()
 
     rows.append(Case("perturb:lime-lasso", mlp, lime_lasso, (x6,), (0,), (0,), "head", probe=x6))
+    perms4 = torch.tensor([[1, 0, 3, 2], [2, 3, 0, 1], [3, 2, 1, 0], [1, 2, 3, 0], [0, 2, 1, 3], [3, 0, 1, 2]])
+
+    def permutation_batch_loss(x, b):  # a batch of 4 built from x; f is the batch's loss (one value per batch)
+        td = TensorDict({"x": torch.stack([x, 2 * x, -x, x + b])}, batch_size=[4])
+        loss = lambda t: (net(t["x"]) ** 2).mean()
+        return tdfunc.feature_permutation(loss, td, permutations=perms4, chunk_size=4)["attr", "x"].flatten()
+
+    rows.append(Case("perturb:feature-permutation-batch-loss", mlp, permutation_batch_loss, (x6, base6), (0, 0), (0, 1),
+                     "head", probe=x6))
+
+    def permutation_k(x):  # every class per example
+        td = TensorDict({"x": torch.stack([x, 0.5 * x, x.flip(0)])}, batch_size=[3])
+        out = tdfunc.feature_permutation(lambda t: net(t["x"]), td, permutations=perms4[:, :3].argsort(1))
+        return out["attr", "x"].flatten()
+
+    rows.append(Case("perturb:feature-permutation-K", mlp, permutation_k, (x6,), (0,), (0,), "head", probe=x6))
     rows.append(Case("perturb:occlusion-token-ids", emb, token_ids_weights, (ids, w_emb), (0, 0), (1,), "2", probe=ids))
     return rows

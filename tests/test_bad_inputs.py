@@ -68,6 +68,8 @@ TABLE: dict[str, list] = {
                                lambda: tdfunc.shapley_value_sampling(F, NAN_TD)],
     "kernel_shap": [lambda: tdfunc.kernel_shap(None, TD), lambda: tdfunc.kernel_shap(F, NAN_TD)],
     "lime": [lambda: tdfunc.lime(None, TD), lambda: tdfunc.lime(F, NAN_TD), lambda: tdfunc.lime(F, TD, alpha=NAN)],
+    "feature_permutation": [lambda: tdfunc.feature_permutation(None, TD), lambda: tdfunc.feature_permutation(F, NAN_TD),
+                            lambda: tdfunc.feature_permutation(F, TD[:1])],
     "activation_maximisation": [lambda: tdfunc.activation_maximisation(None, TD),
                                 lambda: tdfunc.activation_maximisation(F, NAN_TD)],
     "infidelity": [lambda: tdfunc.infidelity(None, TD, TD), lambda: tdfunc.infidelity(F, TD, None)],

@@ -221,3 +221,43 @@ def test_feature_mask_naming_no_input_is_refused(method):
             "mask per attributed input (a dict key -> integer mask, or a bare integer mask when there is one input).",
             lambda: getattr(tdfunc, method)(lambda t: t["x"].sum(-1), td,
                                             feature_mask={"x": torch.arange(4), "y": torch.arange(4)}))
+
+
+# ------------------------------------------------------------------ one value per batch (captum's scalar forward)
+
+_bm = pytest.importorskip("captum.testing.helpers.basic_models")
+_SCALAR_CASES = {  # captum tests/attr/test_feature_ablation.py, the *_batch_scalar_tensor_0d cases
+    "single_input_one_sample": (_bm.BasicModel_MultiLayer, [[[2.0, 10.0, 3.0]]], [[[0, 0, 1]]], [[[82.0, 82.0, 24.0]]]),
+    "single_input_multi_sample": (_bm.BasicModel_MultiLayer, [[[2.0, 10.0, 3.0], [20.0, 50.0, 30.0]]], [[[0, 0, 1]]],
+                                  [[[642.0, 642.0, 264.0]]]),
+    "multi_input": (_bm.BasicModel_MultiLayer_MultiInput,
+                    [[[23.0, 100.0, 0.0], [20.0, 50.0, 30.0]], [[20.0, 50.0, 30.0], [0.0, 100.0, 0.0]],
+                     [[0.0, 100.0, 10.0], [2.0, 10.0, 3.0]]], [[[1, 1, 1]], [[0, 3, 2]], [[4, 5, 6]]],
+                    [[[1784, 1784, 1784]], [[160, 1200, 240]], [[16, 880, 104]]]),
+}
+
+
+@pytest.mark.parametrize("name", list(_SCALAR_CASES))
+def test_one_value_per_batch_captum_feature_ablation_cases(name):
+    net_cls, inputs, masks, expected = _SCALAR_CASES[name]
+    net = net_cls()
+    keys = [f"x{i}" for i in range(len(inputs))]
+    td = TensorDict({k: torch.tensor(v) for k, v in zip(keys, inputs)}, batch_size=[len(inputs[0])])
+    extra = (1,) if net_cls is _bm.BasicModel_MultiLayer_MultiInput else ()
+    f = lambda t: net(*[t[k] for k in keys], *extra).sum()  # one value for the whole batch
+    out = tdfunc.feature_ablation(f, td, feature_mask={k: torch.tensor(m) for k, m in zip(keys, masks)})
+    for k, e in zip(keys, expected):  # captum's map has a batch dim of 1; ours is expanded to every example
+        torch.testing.assert_close(out["attr", k], torch.tensor(e, dtype=torch.float32).expand_as(td[k]))
+
+
+def test_one_value_per_batch_occlusion_and_ablation_equal_captum():
+    net = _net()
+    x = torch.randn(4, 6)
+    g = lambda v: torch.log1p(net(v).exp().sum())
+    td = TensorDict({"x": x}, batch_size=[4])
+    out = tdfunc.occlusion(lambda t: g(t["x"]), td, sliding_window_shapes=(2,), baselines=0.5)["attr", "x"]
+    ref = Occlusion(g).attribute(x, sliding_window_shapes=(2,), baselines=0.5)
+    torch.testing.assert_close(out, ref.expand_as(x), rtol=1e-5, atol=1e-6)
+    out = tdfunc.feature_ablation(lambda t: g(t["x"]), td, feature_mask=torch.tensor([0, 0, 1, 1, 2, 2]))["attr", "x"]
+    ref = FeatureAblation(g).attribute(x, feature_mask=torch.tensor([[0, 0, 1, 1, 2, 2]]))
+    torch.testing.assert_close(out, ref.expand_as(x), rtol=1e-5, atol=1e-6)

@@ -31,6 +31,7 @@ from ._perturb import feature_ablation as feature_ablation
 from ._perturb import occlusion as occlusion
 from ._perturb import shapley_value_sampling as shapley_value_sampling
 from ._lime import lime as lime
+from ._feature_permutation import feature_permutation as feature_permutation
 
 # a literal list (sorted), so that type checkers see the names `from .attribution import *` gives tdfunc
 __all__ = [
@@ -42,6 +43,7 @@ __all__ = [
     "deep_lift",
     "deep_lift_shap",
     "feature_ablation",
+    "feature_permutation",
     "grad_cam",
     "gradient_shap",
     "guided_backprop",

@@ -309,10 +309,11 @@ def with_inputs(td: TensorDictBase, xs: dict) -> TensorDictBase:
     return out
 
 
-def check_output(fn: str, y: object, batch: torch.Size, xs: dict | None = None) -> int | None:
+def check_output(fn: str, y: object, batch: torch.Size, xs: dict | None = None, *, batch_value: bool = False) -> int | None:
     """Number of targets K from ``f``'s output shape, or None for one target per example.
 
     ``xs`` (the attributed inputs): also refuse an empty batch size whose rows look like examples.
+    ``batch_value``: also accept one value for the whole batch (shape ``()``; None is returned).
     """
     if not isinstance(y, torch.Tensor):
         raise AttributionError(
@@ -320,6 +321,8 @@ def check_output(fn: str, y: object, batch: torch.Size, xs: dict | None = None) 
             f"got {type(y).__name__}."
         )
     n = len(batch)
+    if batch_value and y.dim() == 0:
+        return None
     if tuple(y.shape[:n]) == tuple(batch) and y.dim() in (n, n + 1):
         k = None if y.dim() == n else int(y.shape[-1])
         if xs is not None:

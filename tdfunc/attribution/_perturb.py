@@ -30,7 +30,7 @@ def _expand_attr(t: torch.Tensor, x: torch.Tensor, k: int | None, nb: int) -> to
 
 def _baseline_outputs(fn: str, f: Callable, td: TensorDictBase, p: Inputs):
     y0 = f(td)
-    return y0, check_output(fn, y0, p.batch, p.x)
+    return y0, check_output(fn, y0, p.batch, p.x, batch_value=True)  # also one value for the batch (captum's scalar)
 
 
 # ---------------------------------------------------------------------------------------------- occlusion
@@ -106,7 +106,9 @@ def occlusion(
     ``vmap``-ed call of ``f`` (``chunk_size`` windows at a time).
 
     Args:
-        f: ``f(td) -> Tensor`` of shape ``td.batch_size`` or ``td.batch_size + (K,)``.
+        f: ``f(td) -> Tensor`` of shape ``td.batch_size`` or ``td.batch_size + (K,)``, or one value for
+            the whole batch (shape ``()``, captum's scalar forward): then each position gets that value's
+            change, one map of the batch expanded to every example (captum returns it with a batch dim of 1).
         td: the inputs; baselines are ``("baseline", key)`` entries (zeros when absent).
         sliding_window_shapes: a window shape (one size per feature dim) per input: a dict
             key -> shape, or a tuple when one input is attributed.
@@ -216,7 +218,10 @@ def feature_ablation(
     tensor evaluated by one ``vmap``-ed call of ``f`` (``chunk_size`` features at a time).
 
     Args:
-        f: ``f(td) -> Tensor`` of shape ``td.batch_size`` or ``td.batch_size + (K,)``.
+        f: ``f(td) -> Tensor`` of shape ``td.batch_size`` or ``td.batch_size + (K,)``, or one value for
+            the whole batch (shape ``()``, captum's scalar forward): then each position gets that value's
+            change, one map of the batch expanded to every example (captum returns it with a batch dim of 1;
+            a per-example feature_mask gives each example its own positions).
         td: the inputs; baselines are ``("baseline", key)`` entries (zeros when absent).
         feature_mask: integer feature ids per input, broadcastable to the input (batch + feature
             shape; a mask of the feature shape applies to every example): a dict key -> tensor, or

@@ -23,14 +23,16 @@ __all__ = ["run_perturbed", "feature_masks", "n_features", "per_position", "samp
 
 
 def run_perturbed(f: Callable, td: TensorDictBase, p: Inputs, n: int, chunk_size: int | None, masks_for: Callable, y0=None,
-                  *, progress: bool = False, fn: str = "", randomness: str = "error"):
+                  *, progress: bool = False, fn: str = "", randomness: str = "error", values_for: Callable | None = None):
     """Evaluate ``f`` on the ``n`` perturbed inputs ``where(M_j, baseline, x)``, vmapped over ``j``.
 
     ``masks_for(start, stop)`` gives, for the perturbations ``start .. stop - 1``, key -> bool mask of
     shape ``(stop - start, *s)`` with ``s`` broadcastable to the input (keys left out are not perturbed).
     Returns the stacked outputs ``(n, *batch (+ K))`` and, when ``y0`` is given,
     ``sum_j (y0 - y_j) * M_j`` per key (``batch (+ K) + feature shape``).  ``progress``: a tqdm bar
-    named ``fn`` over the chunks (nothing under ``vmap`` / ``grad`` / compile).
+    named ``fn`` over the chunks (nothing under ``vmap`` / ``grad`` / compile).  ``values_for(start, stop)``:
+    key -> the values ``(stop - start, *x.shape)`` put where the masks hold, instead of the baseline
+    (feature permutation: the batch permuted).
     """
     nb = len(p.batch)
     chunk = n if chunk_size is None else min(chunk_size, n)
@@ -51,18 +53,18 @@ def run_perturbed(f: Callable, td: TensorDictBase, p: Inputs, n: int, chunk_size
         if n == 0:
             y = f(td).unsqueeze(0)[:0]  # an empty stack of f's output
         else:
-            xs = {k: torch.where(m, p.baseline[k], p.x[k]) for k, m in masks.items()}
+            put = p.baseline if values_for is None else values_for(start, min(start + chunk, n))
+            xs = {k: torch.where(m, put[k], p.x[k]) for k, m in masks.items()}
             y = call(xs)
         ys.append(y)
         if y0 is None:
             continue
         diff = y0 - y  # (c, *batch (+ K))
         for k, m in masks.items():
-            feat = p.x[k].dim() - nb
-            d = diff.reshape(*diff.shape, *([1] * feat))
-            mm = m.to(d.dtype)
+            mm = m.to(diff.dtype)  # (c, *batch or 1s, *feat)
             if diff.dim() > nb + 1:  # a target dim: masks broadcast over it
                 mm = mm.unsqueeze(nb + 1)
+            d = diff.reshape(*diff.shape, *([1] * (mm.dim() - diff.dim())))  # also one value per batch: (c,)
             part = (d * mm).sum(0)
             total[k] = part if k not in total else total[k] + part
     return torch.cat(ys) if len(ys) > 1 else ys[0], total
