@@ -93,7 +93,8 @@ def _one_pass(site: Rewrite) -> Callable:
 
 
 def record_then_rewrite(
-    fn: str, f: Callable, module: nn.Module, sites: Mapping[str, Rewrite], first_args: tuple
+    fn: str, f: Callable, module: nn.Module, sites: Mapping[str, Rewrite], first_args: tuple,
+    outputs: list | None = None,
 ) -> Callable:
     """``f`` with every site's output rewritten, the constants recorded by running ``f(*first_args)`` now.
 
@@ -101,15 +102,22 @@ def record_then_rewrite(
     and every call of the returned function replays the records in order into :meth:`Rewrite.rewrite`
     (``NotReachedError`` if a site runs more often, or with another output shape, than it did).  With grad
     mode off nothing runs now and each call records and rewrites in one forward.  Sites ``f`` does not
-    reach are skipped (non-strict).  ``fn`` names the public function in messages.
+    reach are skipped (non-strict).  ``fn`` names the public function in messages.  ``outputs``, if given,
+    receives ``f(*first_args)`` (the first forward's output; with grad mode off, one plain forward more).
     """
     if not sites:
+        if outputs is not None:
+            outputs.append(f(*first_args))
         return f
     if torch.is_grad_enabled():
         seen: dict[str, list] = {s: [] for s in sites}
-        intervene(f, module, edits={s: rule(_recording(r, seen[s])) for s, r in sites.items()}, strict=False)(*first_args)
+        out = intervene(f, module, edits={s: rule(_recording(r, seen[s])) for s, r in sites.items()}, strict=False)(*first_args)
+        if outputs is not None:
+            outputs.append(out)
         make = lambda s, r: _replaying(fn, s, r, seen[s])  # noqa: E731  fresh iterators over the records per call
     else:
+        if outputs is not None:
+            outputs.append(f(*first_args))
         make = lambda s, r: _one_pass(r)  # noqa: E731
 
     def rewritten(*args: Any, **kwargs: Any) -> Any:

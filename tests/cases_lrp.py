@@ -125,6 +125,17 @@ def conv_cases(dt) -> list[Case]:
 
     rows = [Case("lrp:conv1d-convT-epsilon_alpha2_beta1-gamma_box", net, conv1d_alpha2_beta1_weights,
                  (x, s_net["up", "weight"].clone()), (0, None), (0, 1), "up", probe=x)]
+
+    def output_relevance_weights(x, weight):  # zennit's attr_output as a function of the output; d/d(conv weight)
+        s = s_net.update({("conv", "weight"): weight}, inplace=False)
+        td = TensorDict({"x": x[None]}, batch_size=[1])
+        f = lambda t: tdfunc.functional_call(net, s, (t["x"],))
+        out = tdfunc.lrp(f, td, net, composite="epsilon_plus", output_relevance=lambda y: y.softmax(-1),
+                         check_conservation=(1e3, 1e3))  # the check runs eagerly only (skipped inside transforms)
+        return out["attr", "x"].flatten()
+
+    rows.append(Case("lrp:output_relevance-weights", net, output_relevance_weights,
+                     (x, s_net["conv", "weight"].clone()), (0, None), (0, 1), "conv", probe=x))
     return rows
 
 

@@ -224,3 +224,150 @@ def test_epsilon_gamma_box_matches_zennit(zennit):
     assert repr(comp.first) == "tdfunc.lrp_rules.zbox(low=-1.0, high=1.0, stabilizer=1e-06)"
     with pytest.raises(tdfunc.AttributionError, match=r"^tdfunc.lrp_rules.epsilon_gamma_box: tdfunc.lrp_rules.zbox: low must be <= high everywhere"):
         L.epsilon_gamma_box(1.0, -1.0)
+
+
+# ------------------------------------------------------------------ output relevance, conservation check (tdhook)
+
+
+def _tdhook_linear(seed):
+    torch.manual_seed(seed)
+    return nn.Linear(10, 10)
+
+
+def _tdhook_conv(seed):
+    torch.manual_seed(seed)
+    return nn.Conv1d(10, 10, 3, padding=1)
+
+
+TDHOOK_FACTORIES = {"linear": (_tdhook_linear, (10,)), "conv1d": (_tdhook_conv, (10, 5))}
+
+
+def _tdhook_rule(name):
+    from tdhook.attribution.lrp_helpers import rules as R
+
+    return {"epsilon": R.EpsilonRule(epsilon=1e-6), "alpha_beta": R.AlphaBetaRule(alpha=2.0, beta=1.0, stabilizer=1e-6),
+            "flat": R.FlatRule(stabilizer=1e-6), "wsquare": R.WSquareRule(stabilizer=1e-6)}[name]
+
+
+OURS = {"epsilon": lambda: L.epsilon(1e-6), "alpha_beta": lambda: L.alpha_beta(2, 1, 1e-6), "flat": lambda: L.flat(1e-6),
+        "wsquare": lambda: L.wsquare(1e-6)}
+
+
+def _ours_out_rel(module, x, rule, rel, **kw):
+    """tdfunc.lrp on one unbatched tdhook input (a batch of one) with a given output relevance."""
+    m = Single(module)
+    td = TensorDict({"x": x[None]}, batch_size=[1])
+    return lrp(lambda t: m(t["x"]).flatten(1), td, m, rules={type(module): rule}, composite=None,
+               output_relevance=rel.flatten()[None], **kw)["attr", "x"][0]
+
+
+@pytest.mark.parametrize("factory", list(TDHOOK_FACTORIES))
+@pytest.mark.parametrize("name", list(OURS))
+def test_output_relevance_matches_tdhook(name, factory):
+    """tdhook's test_zennit_rules_equivalence: a random output relevance (its init grads) through one layer."""
+    pytest.importorskip("tdhook")
+    get, shape = TDHOOK_FACTORIES[factory]
+    mod, x = get(0).to(DT), torch.randn(*shape, dtype=DT, requires_grad=True)
+    rel = torch.randn_like(mod(x))
+    _tdhook_rule(name).register(mod)
+    (want,) = torch.autograd.grad(mod(x), x, rel)
+    got = _ours_out_rel(get(0).to(DT), x.detach(), OURS[name](), rel)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+
+
+def test_output_relevance_matches_zennit_attr_output(zennit):
+    """zennit's Gradient attributor with an arbitrary attr_output on a CNN under EpsilonPlusFlat."""
+    from test_lrp import ReluCNN
+
+    torch.manual_seed(7)
+    m, x = ReluCNN().to(DT), torch.randn(2, 2, 6, 6, dtype=DT)
+    rel = torch.randn(2, 3, dtype=DT)
+    with zennit.attribution.Gradient(model=m, composite=zennit.composites.EpsilonPlusFlat()) as attributor:
+        _, want = attributor(x, rel)
+    td = TensorDict({"x": x}, batch_size=[2])
+    got = lrp(lambda t: m(t["x"]), td, m, composite="epsilon_plus_flat", output_relevance=rel)["attr", "x"]
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+    fn = lrp(lambda t: m(t["x"]), td, m, composite="epsilon_plus_flat", output_relevance=lambda y: y * (y > 0))
+    with zennit.attribution.Gradient(model=m, composite=zennit.composites.EpsilonPlusFlat()) as attributor:
+        _, want2 = attributor(x, lambda y: y * (y > 0))
+    torch.testing.assert_close(fn["attr", "x"], want2, rtol=0, atol=1e-12)
+    per_target = lrp(lambda t: m(t["x"]), td, m, composite="epsilon_plus_flat")["attr", "x"]  # f_k(x): the default
+    torch.testing.assert_close(lrp(lambda t: m(t["x"]), td, m, composite="epsilon_plus_flat", output_relevance=m(x))["attr", "x"],
+                               per_target.sum(1), rtol=0, atol=1e-12)
+
+
+def test_output_relevance_double_backward_exact():
+    """d‖R‖²/dθ with an output relevance that is a function of the output: exact (float64 gradcheck)."""
+    torch.manual_seed(8)
+    m = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).to(DT)
+    x = torch.randn(2, 3, dtype=DT, requires_grad=True)
+    w = m[0].weight.detach().clone().requires_grad_(True)
+
+    def f(x, w):
+        s = tdfunc.state(m).update({("0", "weight"): w}, inplace=False)
+        td = TensorDict({"x": x}, batch_size=[2])
+        return lrp(lambda t: tdfunc.functional_call(m, s, (t["x"],)), td, m, composite="epsilon",
+                   output_relevance=lambda y: y.softmax(-1))["attr", "x"]
+
+    assert torch.autograd.gradcheck(f, (x, w))
+    assert torch.autograd.gradgradcheck(f, (x, w))
+
+
+def test_check_conservation_like_tdhook():
+    """tdhook's test_raise_for_unconserved_rel: bias-free layers conserve, a bias does not and is named."""
+    torch.manual_seed(0)
+    for get, shape in TDHOOK_FACTORIES.values():
+        mod = get(0).to(DT)
+        with torch.no_grad():
+            mod.bias.zero_()
+        x = torch.randn(*shape, dtype=DT)
+        rel = torch.randn_like(mod(x))
+        for name in ("epsilon", "alpha_beta", "flat", "wsquare"):  # tdhook's test_return_type_and_conservation
+            rule = {"epsilon": L.epsilon(0.0), "alpha_beta": L.alpha_beta(2, 1, 0.0), "flat": L.flat(0.0),
+                    "wsquare": L.wsquare(0.0)}[name]
+            got = _ours_out_rel(mod, x, rule, rel, check_conservation=(1e-9, 1e-9))
+            torch.testing.assert_close(got.sum(), rel.sum(), rtol=1e-9, atol=1e-9)
+    m = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2)).to(DT)
+    td = TensorDict({"x": torch.randn(5, 3, dtype=DT)}, batch_size=[5])
+    with pytest.raises(tdfunc.AttributionError) as e:
+        lrp(lambda t: m(t["x"]), td, m, composite="epsilon", check_conservation=True)
+    msg = str(e.value)
+    assert msg.startswith("tdfunc.lrp: relevance is not conserved at '0' (call 1, rule tdfunc.lrp_rules.epsilon(eps=1e-06)) "
+                          "for target 0: its inputs get ")
+    assert msg.endswith("(summed over the batch; atol=1e-06, rtol=1e-06). A bias, ε, or a non-conservative rule absorbs "
+                        "relevance there; pass check_conservation=(atol, rtol) to loosen the check.")
+    with torch.no_grad():
+        for p in m.parameters():
+            if p.dim() == 1:
+                p.zero_()
+    r = lrp(lambda t: m(t["x"]), td, m, rules={nn.Linear: L.epsilon(0.0)}, composite=None, check_conservation=True)
+    torch.testing.assert_close(r["attr", "x"].sum(-1), m(td["x"]), rtol=1e-9, atol=1e-9)
+
+
+def test_output_relevance_and_check_errors():
+    m = nn.Sequential(nn.Linear(3, 2))
+    td = TensorDict({"x": torch.randn(4, 3)}, batch_size=[4])
+    f = lambda t: m(t["x"])
+    with pytest.raises(tdfunc.AttributionError) as e:
+        lrp(f, td, m, output_relevance=torch.ones(4, 3))
+    assert str(e.value) == (
+        "tdfunc.lrp: output_relevance has shape (4, 3) but f returns shape (4, 2); give one relevance per output "
+        "entry (e.g. output_relevance=lambda y: y * onehot)."
+    )
+    with pytest.raises(TypeError) as e:
+        lrp(f, td, m, output_relevance=lambda y: 1.0)
+    assert str(e.value) == (
+        "tdfunc.lrp: output_relevance must be a tensor of f's output shape or a function of f's output returning "
+        "one, got float (1.0)."
+    )
+    with pytest.raises(tdfunc.AttributionError) as e:
+        lrp(lambda t: m(t["x"]) * 0, td, m, output_relevance=torch.ones(4, 2))
+    assert str(e.value) == (
+        "tdfunc.lrp: output_relevance is nonzero where f's output is exactly 0 (8 entries); relevance is carried as "
+        "value x gradient, so an output of 0 cannot hold any. Give those entries relevance 0."
+    )
+    with pytest.raises(tdfunc.AttributionError) as e:
+        lrp(f, td, m, check_conservation=1e-3)
+    assert str(e.value) == (
+        "tdfunc.lrp: check_conservation must be True, False or (atol, rtol) with two numbers >= 0, got 0.001."
+    )

@@ -14,6 +14,7 @@ from tensordict import TensorDict, TensorDictBase
 from torch import nn
 
 from .._errors import NotReachedError
+from .._finite import readable
 from .._rewrite import Rewrite, record_then_rewrite
 from .._types import InKeys
 from ._common import AttributionError, grads_per_target, move_target_dim, per_target, prepare, result, with_inputs
@@ -29,6 +30,7 @@ class _Site(Rewrite):
     def __init__(self, name: str, rule: Rule):
         self.name, self.rule = name, rule
         self.calls = 0  # records taken: 0 after f ran means f never called the module
+        self.tape: list | None = None  # (inputs, rewritten output) per call, for check_conservation
 
     def record(self, module, args, kwargs, out):
         self.calls += 1
@@ -44,7 +46,10 @@ class _Site(Rewrite):
             raise AttributionError(f"tdfunc.lrp: {self.rule!r} at {self.name!r} ({type(module).__name__}) {e}") from None
 
     def rewrite(self, module, args, kwargs, out, constants):
-        return self.rule.rewrite(module, args, kwargs, out, constants)
+        new = self.rule.rewrite(module, args, kwargs, out, constants)
+        if self.tape is not None:
+            self.tape.append(([a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)], new))
+        return new
 
     def recorded_output(self, out, constants):
         return self.rule.recorded_output(out, constants)
@@ -63,6 +68,8 @@ def lrp(
     rules: Mapping[str | type[nn.Module], Rule] | None = None,
     composite: CompositeName | Composite | None = "epsilon_plus",
     in_keys: InKeys | None = None,
+    output_relevance: torch.Tensor | Callable[[torch.Tensor], torch.Tensor] | None = None,
+    check_conservation: bool | tuple[float, float] = False,
 ) -> TensorDict:
     """Layer-wise relevance propagation (Bach et al., 2015) as input × a rule-modified gradient.
 
@@ -124,9 +131,22 @@ def lrp(
             ``'attnlrp'`` (``tdfunc.lrp_rules.COMPOSITES``) or zennit's class name for one, a
             :class:`tdfunc.lrp_rules.Composite` (e.g. :func:`tdfunc.lrp_rules.epsilon_gamma_box`), or ``None``.
         in_keys: entries to attribute; default every floating-point entry outside ``"baseline"``.
+        output_relevance: the relevance to start from (zennit's ``attr_output``, tdhook's
+            ``init_attr_grads``) instead of ``f_k(x)`` per target: a tensor of ``f``'s output shape, or
+            a function of ``f``'s output returning one (e.g. ``lambda y: y * onehot``).  It is
+            propagated as one map: the result has no target dim.  Where ``f``'s output is exactly 0 the
+            relevance must be 0 (relevance is carried as value × gradient).
+        check_conservation: ``True`` (or ``(atol, rtol)``, default ``(1e-6, 1e-6)``, as tdhook's
+            ``raise_for_unconserved_rel``): after the attribution, check at every rewritten module
+            call, per target and summed over the batch, that the relevance entering its inputs equals
+            the relevance of its output, and raise naming the first module where it does not.
+            Costs a forward and a backward per target more; skipped inside ``vmap`` / ``grad`` /
+            ``torch.compile`` (values cannot be read there).  Modules left on their gradient are not
+            checked.
 
     Returns:
-        TensorDict with ``("attr", key)`` of shape ``batch (+ K) + feature shape``.  An input entry that
+        TensorDict with ``("attr", key)`` of shape ``batch (+ K) + feature shape`` (no K with
+        ``output_relevance``).  An input entry that
         is infinite where its gradient is 0 (a masked attention score) gets 0, not ``nan``.
 
     Raises:
@@ -137,6 +157,8 @@ def lrp(
             with ``add_bias_kv`` / ``add_zero_attn`` or training-mode dropout, a transformer layer with a
             functional non-ReLU activation under ``'attnlrp'``, nested-tensor inputs); unknown key,
             non-float input, ``f`` output of the wrong shape.
+        AttributionError (``check_conservation``): a module call whose input relevance differs from its
+            output relevance, named with its rule and target.
         NotReachedError: ``f`` ran the rewritten modules differently in its two forwards, or never called
             ``module`` (none of its rewritten submodules ran).
 
@@ -178,9 +200,16 @@ def lrp(
     fn = "tdfunc.lrp"
     sites = {s: _Site(s, r) for s, r in assign(fn, module, rules, composite).items()}
     p = prepare(fn, td, in_keys, baselines=False, f=f, allow_inf=True)
+    tol = _tolerance(fn, check_conservation)
     # two forwards (constants recorded in the first); one under no_grad, where nothing can differentiate the result
-    rewritten = record_then_rewrite(fn, f, module, sites, (td,))
-    _, grads, k = grads_per_target(fn, lambda xs: rewritten(with_inputs(td, xs)), p.x, 0, p.batch)
+    first: list = []
+    rewritten = record_then_rewrite(fn, f, module, sites, (td,), first if output_relevance is not None else None)
+    weight = None if output_relevance is None else _cotangent(fn, output_relevance, first[0])
+    g = lambda xs: rewritten(with_inputs(td, xs))  # noqa: E731
+    if weight is not None:
+        nb = len(p.batch)
+        g = lambda xs: (rewritten(with_inputs(td, xs)) * weight).reshape(*p.batch, -1).sum(nb)  # noqa: E731
+    _, grads, k = grads_per_target(fn, g, p.x, 0, p.batch)
     if sites and not torch.compiler.is_compiling() and not any(s.calls for s in sites.values()):
         names = ", ".join(repr(s) for s in list(sites)[:3]) + (", ..." if len(sites) > 3 else "")
         raise NotReachedError(
@@ -190,4 +219,82 @@ def lrp(
         )
     n = len(p.batch)
     attrs = {key: _times(per_target(p.x[key], k, n), move_target_dim(gr, k, n)) for key, gr in grads.items()}
+    if tol is not None and sites and readable(next(iter(p.x.values()), None)):
+        _check_conservation(fn, rewritten, td, p.x, sites, weight, k, tol)
     return result(td.batch_size, attrs, fn=fn)
+
+
+def _tolerance(fn: str, check) -> tuple[float, float] | None:
+    if check is False:
+        return None
+    if check is True:
+        return (1e-6, 1e-6)
+    if (isinstance(check, tuple) and len(check) == 2 and all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                                             and v >= 0 for v in check)):
+        return (float(check[0]), float(check[1]))
+    raise AttributionError(
+        f"{fn}: check_conservation must be True, False or (atol, rtol) with two numbers >= 0, got {check!r:.80}."
+    )
+
+
+def _cotangent(fn: str, rel, z) -> torch.Tensor:
+    """``R / z`` for the output relevance ``R`` (0 where both are 0): the vector whose vjp propagates ``R``."""
+    if not isinstance(z, torch.Tensor):
+        raise AttributionError(f"{fn}: output_relevance needs f to return a tensor, got {type(z).__name__}.")
+    if callable(rel) and not isinstance(rel, torch.Tensor):
+        rel = rel(z)
+    if not isinstance(rel, torch.Tensor):
+        raise TypeError(
+            f"{fn}: output_relevance must be a tensor of f's output shape or a function of f's output returning "
+            f"one, got {type(rel).__name__} ({rel!r:.60})."
+        )
+    if rel.shape != z.shape:
+        raise AttributionError(
+            f"{fn}: output_relevance has shape {tuple(rel.shape)} but f returns shape {tuple(z.shape)}; give one "
+            "relevance per output entry (e.g. output_relevance=lambda y: y * onehot)."
+        )
+    zero = z == 0
+    if readable(rel) and readable(z) and bool((zero & (rel != 0)).any()):
+        raise AttributionError(
+            f"{fn}: output_relevance is nonzero where f's output is exactly 0 ({int((zero & (rel != 0)).sum())} "
+            "entries); relevance is carried as value x gradient, so an output of 0 cannot hold any. Give those "
+            "entries relevance 0."
+        )
+    return torch.where(zero, torch.zeros_like(z), rel.to(z.dtype) / torch.where(zero, torch.ones_like(z), z))
+
+
+def _check_conservation(fn: str, rewritten, td, xs: dict, sites: dict, weight, k: int | None, tol) -> None:
+    """Σ R_in = Σ R_out at every rewritten module call, per target (summed over the batch): one more forward."""
+    atol, rtol = tol
+    for s in sites.values():
+        s.tape = []
+    try:
+        with torch.enable_grad():
+            leaves = {key: v.detach().requires_grad_(True) for key, v in xs.items()}
+            y = rewritten(with_inputs(td, leaves))
+            if weight is not None:
+                y = y * weight.detach()
+            targets = [y.sum()] if k is None else [y[..., j].sum() for j in range(k)]
+            calls = [(n, i, ins, out) for n, s in sites.items() for i, (ins, out) in enumerate(s.tape or [])
+                     if isinstance(out, torch.Tensor) and out.requires_grad]
+            for j, total in enumerate(targets):
+                gs = torch.autograd.grad(total, [c[3] for c in calls], retain_graph=True, allow_unused=True)
+                for (name, i, ins, out), g in zip(calls, gs):
+                    if g is None:
+                        continue
+                    r_out = (out * g).sum()
+                    ins = list({id(a): a for a in ins if a.requires_grad}.values())
+                    gi = torch.autograd.grad(out, ins, g, retain_graph=True, allow_unused=True) if ins else ()
+                    r_in = sum(((a * b).sum() for a, b in zip(ins, gi) if b is not None), torch.zeros_like(r_out))
+                    if not bool(torch.isclose(r_in, r_out, atol=atol, rtol=rtol)):
+                        rule = sites[name].rule
+                        where = "" if k is None else f" for target {j}"
+                        raise AttributionError(
+                            f"{fn}: relevance is not conserved at {name!r} (call {i + 1}, rule {rule!r}){where}: its "
+                            f"inputs get {float(r_in.detach()):.6g} of the {float(r_out.detach()):.6g} its output holds (summed over the "
+                            f"batch; atol={atol:g}, rtol={rtol:g}). A bias, ε, or a non-conservative rule absorbs "
+                            "relevance there; pass check_conservation=(atol, rtol) to loosen the check."
+                        )
+    finally:
+        for s in sites.values():
+            s.tape = None
