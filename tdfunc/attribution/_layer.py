@@ -20,7 +20,7 @@ from torch.func import vmap
 
 from .. import _runtime
 from .._edits import delta
-from .._checks import check_callable
+from .._checks import check_callable, check_randomness, random_op_error
 from .._errors import shape_str
 from .._finite import check_finite, warn_nonfinite
 from .._sites import ALL_CALLS, parse_site
@@ -246,6 +246,7 @@ def layer_integrated_gradients(
     chunk_size: int | None = None,
     return_convergence_delta: bool = False,
     in_keys: InKeys | None = None,
+    randomness: str = "error",
 ) -> TensorDict:
     """Integrated gradients at a site (captum's ``LayerIntegratedGradients``), every target from one path forward.
 
@@ -269,6 +270,8 @@ def layer_integrated_gradients(
             ``sum(attr) - (f(x) - f(x'))`` (no extra forward: the capture passes give both).
         in_keys: the inputs replaced by their ``("baseline", key)`` entries (zeros when absent)
             to get ``a'``; default every floating-point entry.
+        randomness: ``torch.func.vmap``'s flag for random ops in ``f`` (train-mode dropout) under the
+            ``vmap`` over the path: ``"error"`` (default, as torch), ``"different"`` or ``"same"``.
 
     Returns:
         TensorDict with ``("attr", site)`` of shape ``batch (+ K) + the site's per-example shape``
@@ -298,6 +301,7 @@ def layer_integrated_gradients(
     """
     fn = "tdfunc.layer_integrated_gradients"
     _check_options(fn, n_steps, method, chunk_size, "vmap")
+    check_randomness(fn, randomness, AttributionError)
     _check(fn, td, module, site)
     p = prepare(fn, td, in_keys, f=f)
     nb = len(p.batch)
@@ -306,13 +310,19 @@ def layer_integrated_gradients(
     alphas64, weights64 = quadrature(method, n_steps)
     chunk = n_steps if chunk_size is None else min(chunk_size, n_steps)
     substituted = lambda a: _run(fn, f, module, td, {site: a}, None)
-    g = lambda xs: vmap(substituted)(xs["a"])
+    g = lambda xs: vmap(substituted, randomness=randomness)(xs["a"])
     total, k = None, None
     for start in range(0, n_steps, chunk):
         stop = min(start + chunk, n_steps)
         s = stop - start
         alpha = alphas64[start:stop].to(a_x.dtype).to(a_x.device).view(s, *([1] * a_x.dim()))
-        _, grads, k = grads_per_target(fn, g, {"a": a_b + alpha * (a_x - a_b)}, 1, p.batch)
+        try:
+            _, grads, k = grads_per_target(fn, g, {"a": a_b + alpha * (a_x - a_b)}, 1, p.batch)
+        except RuntimeError as e:
+            err = random_op_error(fn, e, AttributionError)
+            if err is None:
+                raise
+            raise err from e
         gr = grads["a"]
         step = 1 if k is None else 2  # the path dim: after the target dim when there is one
         w = weights64[start:stop].to(gr.dtype).to(gr.device).view(s, *([1] * (gr.dim() - step)))

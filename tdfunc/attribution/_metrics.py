@@ -10,10 +10,11 @@ import torch
 from tensordict import TensorDictBase
 from torch.func import vmap
 
-from .._checks import check_chunk_size, check_generator, check_int
+from .._checks import check_chunk_size, check_generator, check_int, check_randomness, random_op_error
 from .._errors import shape_str
 from .._types import InKeys, KeyedTensors
 from ._common import AttributionError, _norm, _show, check_output, per_target, prepare, with_inputs
+from ._noise import with_randomness
 
 __all__ = ["infidelity", "sensitivity_max"]
 
@@ -111,6 +112,7 @@ def infidelity(
     normalize: bool = False,
     generator: torch.Generator | None = None,
     chunk_size: int | None = None,
+    randomness: str = "error",
 ) -> torch.Tensor:
     """Explanation infidelity (Yeh et al., 2019), captum's definition, per example and target.
 
@@ -143,6 +145,8 @@ def infidelity(
         normalize: rescale the attribution by the optimal ``β`` (captum's ``normalize``).
         generator: random generator of the default ``perturb_fn`` (also passed to a custom one).
         chunk_size: perturbed samples per forward (None: all at once).
+        randomness: ``torch.func.vmap``'s flag for random ops in ``f`` (train-mode dropout) under the
+            ``vmap`` over the perturbed samples: ``"error"`` (default, as torch), ``"different"`` or ``"same"``.
 
     Returns:
         Tensor of shape ``batch (+ K)``.
@@ -171,6 +175,7 @@ def infidelity(
     """
     fn = "tdfunc.infidelity"
     _check_common(fn, n_perturb_samples, chunk_size, generator)
+    check_randomness(fn, randomness, AttributionError)
     if perturb_fn is not None and not callable(perturb_fn):
         raise AttributionError(f"{fn}: perturb_fn must be None or a callable, got {type(perturb_fn).__name__}.")
     keys = _attr_keys(fn, attributions, in_keys)
@@ -201,7 +206,13 @@ def infidelity(
         pert = {key: _get(fn, out[0], key, "perturbations", want[key]) for key in keys}
         perturbed = {key: _get(fn, out[1], key, "perturbed inputs", want[key]) for key in keys}
 
-    y = vmap(lambda xs: f(with_inputs(td, xs)), chunk_size=chunk_size)(perturbed)
+    try:
+        y = vmap(lambda xs: f(with_inputs(td, xs)), chunk_size=chunk_size, randomness=randomness)(perturbed)
+    except RuntimeError as e:
+        err = random_op_error(fn, e, AttributionError)
+        if err is None:
+            raise
+        raise err from e
     lead = 1 + nb + (k is not None)
     # I^T Phi per (sample, example, target), summed over every input's features
     dot = sum(_flat_sum(per_target(pert[key], k, nb + 1) * attrs[key], lead) for key in keys)
@@ -225,6 +236,7 @@ def sensitivity_max(
     perturb_fn: Callable[[TensorDictBase, torch.Generator | None], KeyedTensors] | None = None,
     generator: torch.Generator | None = None,
     chunk_size: int | None = None,
+    randomness: str = "error",
     **method_kwargs: Any,
 ) -> torch.Tensor:
     """Max-sensitivity of an explanation (Yeh et al., 2019), captum's definition, per example and target.
@@ -254,6 +266,9 @@ def sensitivity_max(
             ``tds = td.expand(S, *batch)`` (captum's ``perturb_func``).
         generator: random generator of the noise (also passed to a custom ``perturb_fn``).
         chunk_size: perturbed samples per ``method`` call (None: all at once).
+        randomness: ``torch.func.vmap``'s flag for random ops in ``f`` under the ``vmap`` over the perturbed
+            samples (``"error"``, ``"different"`` or ``"same"``); also passed to ``method`` when it takes a
+            ``randomness`` option and it is not ``"error"``.
         **method_kwargs: passed to ``method`` (``in_keys``, ``n_steps``, ``abs``, and ``method`` —
             the first three arguments are positional-only, so IG's ``method=`` passes through).
 
@@ -282,6 +297,8 @@ def sensitivity_max(
     """
     fn = "tdfunc.sensitivity_max"
     _check_common(fn, n_perturb_samples, chunk_size, generator)
+    check_randomness(fn, randomness, AttributionError)
+    method_kwargs = with_randomness(method, method_kwargs, randomness)
     if not callable(method):
         raise AttributionError(
             f"{fn}: method must be an attribution method such as tdfunc.saliency, got {type(method).__name__}."
@@ -327,7 +344,13 @@ def sensitivity_max(
         res = method(f, with_inputs(td, xs), **method_kwargs)
         return {key: res.get(("attr", *key)) for key in keys}
 
-    moved = vmap(explain, chunk_size=chunk_size)(perturbed)
+    try:
+        moved = vmap(explain, chunk_size=chunk_size, randomness=randomness)(perturbed)
+    except RuntimeError as e:
+        err = random_op_error(fn, e, AttributionError)
+        if err is None:
+            raise
+        raise err from e
     lead = 1 + nb + (k is not None)
     flat = lambda t, lead: t.reshape(*t.shape[:lead], -1)
     delta = torch.cat([flat(moved[key] - attrs[key], lead) for key in keys], dim=-1)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -9,7 +10,15 @@ import torch
 from tensordict import TensorDict, TensorDictBase
 from torch.func import vmap
 
-from .._checks import check_bool, check_chunk_size, check_generator, check_input_keys, check_int
+from .._checks import (
+    check_bool,
+    check_chunk_size,
+    check_generator,
+    check_input_keys,
+    check_int,
+    check_randomness,
+    random_op_error,
+)
 from .._errors import shape_str
 from .._progress import n_chunks, progress_bar, vmap_chunks
 from .._types import Key, NoiseType
@@ -114,6 +123,17 @@ def _draws(fn: str, noise, generator, keys: list, xs: dict, nt_samples: int) -> 
     return out
 
 
+def with_randomness(method: Callable, method_kwargs: dict, randomness: str) -> dict:
+    """``method_kwargs`` with ``randomness`` added when it is not ``"error"`` and ``method`` takes that option."""
+    if randomness == "error" or "randomness" in method_kwargs:
+        return method_kwargs
+    try:
+        takes = "randomness" in inspect.signature(method).parameters
+    except (TypeError, ValueError):  # no signature (a builtin): pass nothing
+        takes = False
+    return {**method_kwargs, "randomness": randomness} if takes else method_kwargs
+
+
 def _reduce(a: torch.Tensor, nt_type: str) -> torch.Tensor:
     if nt_type == "smoothgrad":
         return a.mean(0)
@@ -135,6 +155,7 @@ def smooth_grad(
     noise: torch.Tensor | Mapping[Key, torch.Tensor] | None = None,
     chunk_size: int | None = None,
     progress: bool = False,
+    randomness: str = "error",
     **method_kwargs: Any,
 ) -> TensorDict:
     """Noise tunnel (captum's ``NoiseTunnel``): ``method`` averaged over Gaussian-perturbed inputs.
@@ -173,6 +194,10 @@ def smooth_grad(
         progress: show a tqdm bar on stderr over the chunks of noise samples (one step when
             ``chunk_size`` is None; the chunks then run as a Python loop of the same ``vmap`` calls,
             equal results); never shown under ``vmap`` / ``grad`` / ``torch.compile``.
+        randomness: ``torch.func.vmap``'s flag for random ops in ``f`` (train-mode dropout) under the
+            ``vmap`` over the samples: ``"error"`` (default, as torch), ``"different"`` (independent draws
+            per sample) or ``"same"`` (one draw shared); also passed to ``method`` when it takes a
+            ``randomness`` option (``tdfunc.integrated_gradients``) and it is not ``"error"``.
         **method_kwargs: passed to ``method`` (``in_keys``, ``n_steps``, ``abs``, ...).
 
     Returns:
@@ -209,6 +234,8 @@ def smooth_grad(
     fn = "tdfunc.smooth_grad"
     _check_options(fn, method, nt_type, nt_samples, chunk_size, generator)
     check_bool(fn, "progress", progress, AttributionError)
+    check_randomness(fn, randomness, AttributionError)
+    method_kwargs = with_randomness(method, method_kwargs, randomness)
     p = prepare(fn, td, method_kwargs.get("in_keys"), baselines=False, f=f)
     std = _stdevs(fn, stdevs, p.keys)
     eps = _draws(fn, noise, generator, p.keys, p.x, nt_samples)
@@ -224,11 +251,17 @@ def smooth_grad(
         return {_norm(k): out.get(k) for k in out.keys(include_nested=True, leaves_only=True)}
 
     bar = progress_bar(enabled=progress, desc=fn, total=n_chunks(nt_samples, chunk_size), unit="chunk")
-    if bar is None:
-        per = vmap(one, chunk_size=chunk_size)(noisy)
-    else:
-        with bar:
-            per = vmap_chunks(one, chunk_size, bar)(noisy)
+    try:
+        if bar is None:
+            per = vmap(one, chunk_size=chunk_size, randomness=randomness)(noisy)
+        else:
+            with bar:
+                per = vmap_chunks(one, chunk_size, bar, randomness=randomness)(noisy)
+    except RuntimeError as e:
+        err = random_op_error(fn, e, AttributionError)
+        if err is None:
+            raise
+        raise err from e
     nb = len(p.batch)
     attrs, extra = {}, {}
     for key, v in per.items():
