@@ -48,8 +48,28 @@ def cases() -> list[Case]:
         p = TensorDict({"means": m[:2], "scale": 1 / (m[1] - m[0]).norm()}, batch_size=[])
         return tdfunc.latent.probe_apply(p, hidden(pts)).flatten()
 
+    zeros = TensorDict({"h": torch.zeros(6, 5, dtype=dt)}, batch_size=[6])
+    md_state = tdfunc.latent.probe_stream_init("mean_difference", zeros, 3)
+    lin_state = tdfunc.latent.probe_stream_init("linear", zeros, 3, generator=torch.Generator().manual_seed(1))
+
+    def stream(pts, state, **kw):  # a cloud of 6 inputs streamed as two batches of 3
+        h = hidden(pts)
+        for part in (slice(0, 3), slice(3, 6)):
+            state = tdfunc.latent.probe_stream_update(state, TensorDict({"h": h[part]}, batch_size=[3]), labels[part], **kw)
+        return tdfunc.latent.probe_apply(tdfunc.latent.probe_stream_params(state)["h"], h).flatten()
+
+    def stream_means(pts):  # streamed class sums and counts -> means -> logits
+        return stream(pts, md_state)
+
+    def stream_linear(pts, w):  # two minibatch Adam steps from weight w
+        state = lin_state.clone()
+        state.set(("params", "h", "weight"), w)
+        return stream(pts, state, lr=0.1, weight_decay=0.01)
+
     w = lin["weight"].clone()
     return [
+        Case("latent:probe-stream-means", net, stream_means, (clouds,), (0,), (0,), "0", probe=x),
+        Case("latent:probe-stream-linear", net, stream_linear, (clouds, w), (0, None), (0, 1), "0", probe=x),
         Case("latent:probe-linear", net, linear, (x, w), (0, None), (0, 1), "0", probe=x),
         Case("latent:probe-bilinear", net, bilinear, (x, low["u"].clone(), low["v"].clone()), (0, None, None), (0, 1, 2), "0", probe=x),
         Case("latent:probe-means+loss", net, means_loss, (clouds, torch.randn(B, 3, 5, dtype=dt)), (0, 0), (0, 1), "0", probe=x),

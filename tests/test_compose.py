@@ -296,6 +296,7 @@ NO_ROW = {
     "latent.probe_fit": "an optimisation loop over epochs (probe_init / probe_apply / probe_evaluate have rows)",
     "latent.fit_probes": "many probe_fit loops with a train/test split",
     "latent.fit_sklearn_probes": "scikit-learn estimators (not torch functions)",
+    "latent.stream_probes": "a loop over a dataset driving probe_stream_update (which has rows)",
     "latent.local_pca_dimension": "returns integer dimension counts",
     "latent.ca_pca_dimension": "returns integer dimension counts",
 }

@@ -25,6 +25,10 @@ from ._probe import probe_evaluate as probe_evaluate
 from ._probe import probe_fit as probe_fit
 from ._probe import probe_init as probe_init
 from ._probe_sklearn import fit_sklearn_probes as fit_sklearn_probes
+from ._probe_stream import probe_stream_init as probe_stream_init
+from ._probe_stream import probe_stream_params as probe_stream_params
+from ._probe_stream import probe_stream_update as probe_stream_update
+from ._probe_stream import stream_probes as stream_probes
 from ._similarity import cka as cka
 from ._similarity import information_imbalance as information_imbalance
 from ._steer import generate_greedy as generate_greedy
