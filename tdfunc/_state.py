@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Mapping
+from typing import Any
 
 import torch
 from tensordict import TensorDict, TensorDictBase, is_non_tensor
@@ -38,6 +39,54 @@ def _check_not_sharded(fn: str, module: nn.Module, tensors: Mapping[str, torch.T
     for k, t in tensors.items():
         if isinstance(t, DTensor):
             raise _fsdp_error(fn, module, k)
+
+
+_OFFLOAD_WORKS = ("captures, edits, patch / path_patch, cache_activations and generate_greedy (no torch.func "
+                  "transform)")
+
+
+def _hooks(m: nn.Module) -> list[Any]:
+    """accelerate's hooks on ``m`` (``_hf_hook``, a ``SequentialHook`` unpacked); none without accelerate."""
+    h = getattr(m, "_hf_hook", None)
+    return [] if h is None else list(getattr(h, "hooks", [h]))
+
+
+def _offloaded(module: nn.Module) -> tuple[str, bool] | None:
+    """The first submodule accelerate offloads (weights loaded only during its forward), and whether its hook
+    holds a tied-parameter map (``dispatch_model``, a ``device_map`` with 'cpu' / 'disk'); None if there is none."""
+    for name, m in module.named_modules():
+        for h in _hooks(m):
+            if getattr(h, "offload", False):
+                return name, getattr(h, "tied_params_map", None) is not None
+    return None
+
+
+def _offload_state_error(fn: str, module: nn.Module, key: str, where: str) -> StateError:
+    return StateError(
+        f"{fn}: {type(module).__name__} is offloaded by accelerate (submodule {where!r}): its tensor {key!r} lives "
+        "on the meta device and accelerate's hooks load it only during the forward, so a state cannot replace it "
+        f"(accelerate fails with a TypeError). Call with state=None: {_OFFLOAD_WORKS} work; for a state (gradients "
+        "over the weights, weight edits) load the model without offload."
+    )
+
+
+def _check_offload_transform(fn: str, module: nn.Module) -> None:
+    """Inside a torch.func transform, refuse a model accelerate dispatched with offloaded modules."""
+    if torch.compiler.is_compiling() or torch._C._functorch.maybe_current_level() is None:
+        return
+    if getattr(module, "_hf_hook", None) is None:  # dispatch_model / cpu_offload hook the root too: O(1) for others
+        return
+    found = _offloaded(module)
+    if found is not None and found[1]:
+        raise StateError(
+            f"{fn}: {type(module).__name__} is dispatched by accelerate with offloaded modules (submodule "
+            f"{found[0]!r}: weights loaded from 'cpu' / 'disk' during its forward), and this call runs inside a "
+            "torch.func transform (grad, vjp, vmap: every gradient method, vmap sweeps such as patching_sweep). "
+            "accelerate's hooks read the data pointers of the tensors they move, which tensors inside a transform "
+            f"do not have, so it would fail inside accelerate. What works on offloaded models: {_OFFLOAD_WORKS}. "
+            "For gradient methods load the model without offload (a device_map without 'cpu' / 'disk'), or offload "
+            "with accelerate.cpu_offload(model), whose hooks hold no tied-parameter map."
+        )
 
 
 #: wrappers whose forward runs one inner module: DistributedDataParallel, DataParallel, torch.compile's
@@ -198,9 +247,10 @@ def _check_shape(fn: str, module: nn.Module, k: str, v: torch.Tensor, own: torch
 
 def flat_state(fn: str, module: nn.Module, state: TensorDictBase | Mapping | None) -> dict[str, torch.Tensor]:
     """Dotted-name dict of a (partial) state, checked against the module's tensor names."""
+    module = unwrap(module)
+    _check_offload_transform(fn, module)
     if state is None:
         return {}
-    module = unwrap(module)
     if isinstance(state, TensorDictBase):
         flat = _flatten(fn, state, "", {})
     elif isinstance(state, Mapping):
@@ -223,6 +273,7 @@ def flat_state(fn: str, module: nn.Module, state: TensorDictBase | Mapping | Non
                 or not isinstance(v, torch.Tensor)
                 or isinstance(v, DTensor)
                 or isinstance(own, DTensor)
+                or own.is_meta
                 or v.shape != own.shape
                 or v.dtype != own.dtype
                 or v.device != own.device
@@ -233,6 +284,11 @@ def flat_state(fn: str, module: nn.Module, state: TensorDictBase | Mapping | Non
     tensors = _tensors(module)  # first call, or the module may have changed since it was cached: look again
     _check_not_sharded(fn, module, tensors)  # FSDP2: a state would be swapped under its hooks
     _check_not_sharded(fn, module, {k: v for k, v in flat.items() if isinstance(v, torch.Tensor)})
+    metas = [k for k in flat if k in tensors and tensors[k].is_meta]
+    if metas:  # accelerate offload: the module's own tensors are placeholders its hooks fill during the forward
+        found = _offloaded(module)
+        if found is not None:
+            raise _offload_state_error(fn, module, metas[0], found[0])
     for k, v in flat.items():
         if k not in tensors:
             raise StateError(
