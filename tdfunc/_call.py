@@ -145,6 +145,7 @@ def functional_call(
     """
     fn = "tdfunc.functional_call"
     _check_module(fn, module)
+    module = _unwrap(module)  # DistributedDataParallel, DataParallel, torch.compile: the model inside
     if not isinstance(return_state, bool):
         raise TypeError(
             f"{fn}: return_state must be True or False, got {type(return_state).__name__} ({return_state!r:.60})."
@@ -152,7 +153,6 @@ def functional_call(
     params = flat_state(fn, module, state)
     if isinstance(args, list):
         raise TypeError(
-    module = _unwrap(module)  # DistributedDataParallel, DataParallel, torch.compile: the model inside
             f"{fn}: args must be a tuple of positional inputs (or one input that is not a list), got a list of "
             f"length {len(args)}; pass tuple(args), or ([...],) when the module's single input is a list."
         )
@@ -260,6 +260,7 @@ def intervene(
     if not callable(f):
         raise TypeError(f"{fn}: expected a callable f, got {type(f).__name__} ({f!r:.60}).")
     _check_module(fn, module)
+    module = _unwrap(module)  # DistributedDataParallel, DataParallel, torch.compile: the model inside
     plan = _runtime.make_plan(fn, module, edits, capture, strict)
 
     @functools.wraps(f)
@@ -267,7 +268,6 @@ def intervene(
         if plan is None:
             out = f(*args, **kwargs)
             return (out, TensorDict({}, batch_size=[])) if capture is not None else out
-    module = _unwrap(module)  # DistributedDataParallel, DataParallel, torch.compile: the model inside
         out, frame = _runtime.run_in_frame(plan, f, *args, **kwargs)
         captures = _runtime.finish(frame)
         return (out, captures) if capture is not None else out
