@@ -131,5 +131,13 @@ def cases() -> list[Case]:
         return out["attr", "x"].flatten()
 
     rows.append(Case("perturb:feature-permutation-K", mlp, permutation_k, (x6,), (0,), (0,), "head", probe=x6))
+    def layer_ablation_k(x, b):  # every class; ablate the hidden activation (site "act") to a vmapped baseline
+        td = TensorDict({"x": x[None]}, batch_size=[1])
+        out = tdfunc.layer_feature_ablation(lambda t: tdfunc.functional_call(mlp, s_mlp, (t["x"],)), td, mlp, "act",
+                                            baselines=b[:1].sum(), chunk_size=5)
+        return out["attr", "act"].flatten()
+
+    rows.append(Case("perturb:layer-feature-ablation-K", mlp, layer_ablation_k, (x6, base6), (0, 0), (0, 1), "fc2",
+                     probe=x6))
     rows.append(Case("perturb:occlusion-token-ids", emb, token_ids_weights, (ids, w_emb), (0, 0), (1,), "2", probe=ids))
     return rows

@@ -32,6 +32,7 @@ from ._perturb import occlusion as occlusion
 from ._perturb import shapley_value_sampling as shapley_value_sampling
 from ._lime import lime as lime
 from ._feature_permutation import feature_permutation as feature_permutation
+from ._layer_ablation import layer_feature_ablation as layer_feature_ablation
 
 # a literal list (sorted), so that type checkers see the names `from .attribution import *` gives tdfunc
 __all__ = [
@@ -52,6 +53,7 @@ __all__ = [
     "input_x_gradient",
     "integrated_gradients",
     "kernel_shap",
+    "layer_feature_ablation",
     "layer_gradient_x_activation",
     "layer_integrated_gradients",
     "lime",
