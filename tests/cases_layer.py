@@ -71,4 +71,23 @@ def cases() -> list[Case]:
         return out["attr", "act"].flatten()
 
     rows.append(Case("layer:ig-chunks-targets", mlp, lig_chunks, (x6[1], onehot), (None, 0), (0, 1), "head", probe=x6))
+
+    base6 = 0.3 * torch.randn(B, 6, dtype=dt)
+
+    def conductance_k(x, b):  # every class; input and baseline vmapped; convergence delta appended
+        td = TensorDict({"x": x[None], ("baseline", "x"): b[None]}, batch_size=[1])
+        out = tdfunc.layer_conductance(lambda t: tdfunc.functional_call(mlp, s_mlp, (t["x"],)), td, mlp, "act",
+                                       n_steps=4, return_convergence_delta=True)
+        return torch.cat([out["attr", "act"].flatten(), out["convergence_delta"].flatten()])
+
+    rows.append(Case("layer:conductance-K", mlp, conductance_k, (x6, base6), (0, 0), (0, 1), "fc1", probe=x6))
+
+    def influence_weights(x, weight):  # one target per example; d(map)/d(fc2 weight)
+        state = s_mlp.copy().set(("fc2", "weight"), weight)
+        td = TensorDict({"x": x[None]}, batch_size=[1])
+        f = lambda t: tdfunc.functional_call(mlp, state, (t["x"],))[:, 1]
+        return tdfunc.internal_influence(f, td, mlp, "fc2:input", n_steps=3, method="riemann_middle")["attr", "fc2:input"][0]
+
+    rows.append(Case("layer:internal-influence-weights", mlp, influence_weights, (x6, s_mlp["fc2", "weight"].clone()),
+                     (0, None), (0, 1), "fc2", probe=x6))
     return rows

@@ -9,6 +9,8 @@ against the loop, and every error message is pinned.
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -337,3 +339,91 @@ def test_error_f_wrong_shape(name, call, message):
     with pytest.raises(AttributionError) as info:
         call()
     assert str(info.value) == message
+
+
+# --- internal_influence and layer_conductance: captum's test_internal_influence.py / test_layer_conductance.py cases
+# (BasicModel_MultiLayer, target 0; internal influence: riemann_trapezoid, 500 steps, delta 0.01 max; conductance:
+# gausslegendre, 500 steps, delta 0.1 sum, convergence delta < 0.01), and captum on a random net for every method.
+
+def _ml(**kw):
+    return pytest.importorskip("captum.testing.helpers.basic_models").BasicModel_MultiLayer(**kw)
+
+
+@pytest.mark.parametrize("site,inp,base,expected", [
+    ("linear0", [[0.0, 100.0, 0.0]], None, [[3.9, 3.9, 3.9]]),
+    ("linear1", [[0.0, 100.0, 0.0]], None, [[0.9, 1.0, 1.0, 1.0]]),
+    ("relu", [[3.0, 4.0, 0.0]], None, [[1.0, 1.0, 1.0, 1.0]]),
+    ("linear2", [[0.0, 100.0, 0.0]], None, [[1.0, 0.0]]),
+    ("linear1", [[0.0, 80.0, 0.0]], [[0.0, -20.0, 0.0]], [[0.7, 0.8, 0.8, 0.8]]),
+])
+def test_internal_influence_captum_expected(site, inp, base, expected):
+    net = _ml()
+    d = {"x": torch.tensor(inp)}
+    if base is not None:
+        d[("baseline", "x")] = torch.tensor(base)
+    out = tdfunc.internal_influence(lambda t: net(t["x"])[:, 0], TensorDict(d, batch_size=[1]), net, site, n_steps=500,
+                                    method="riemann_trapezoid")
+    assert float((out["attr", site] - torch.tensor(expected)).abs().max()) < 0.01
+
+
+@pytest.mark.parametrize("site,expected,inplace", [
+    ("linear0", [[0.0, 390.0, 0.0]], False), ("linear1", [[90.0, 100.0, 100.0, 100.0]], False),
+    ("relu", [[90.0, 100.0, 100.0, 100.0]], True), ("linear2", [[390.0, 0.0]], False),
+])
+def test_layer_conductance_captum_expected(site, expected, inplace):
+    net = _ml(inplace=inplace)
+    td = TensorDict({"x": torch.tensor([[0.0, 100.0, 0.0]])}, batch_size=[1])
+    out = tdfunc.layer_conductance(lambda t: net(t["x"])[:, 0], td, net, site, n_steps=500, return_convergence_delta=True)
+    assert float((out["attr", site] - torch.tensor(expected)).abs().sum()) < 0.1
+    assert out["convergence_delta"].abs().max() < 0.01
+
+
+@pytest.mark.parametrize("method", ["gausslegendre", "riemann_trapezoid", "riemann_left", "riemann_middle"])
+def test_conductance_and_internal_influence_equal_captum_every_class(method):
+    captum_attr = pytest.importorskip("captum.attr")
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 4)).double()
+    x, b = torch.randn(5, 3, dtype=torch.float64), 0.2 * torch.randn(5, 3, dtype=torch.float64)
+    td = TensorDict({"x": x, ("baseline", "x"): b}, batch_size=[5])
+    cond = tdfunc.layer_conductance(lambda t: net(t["x"]), td, net, "1", n_steps=20, method=method)
+    ii = tdfunc.internal_influence(lambda t: net(t["x"]), td, net, "2", n_steps=20, method=method)
+    for k in range(4):  # captum's alphas / step sizes are float32 python lists: 1e-8
+        ref = captum_attr.LayerConductance(net, net[1]).attribute(x, b, target=k, n_steps=20, method=method)
+        torch.testing.assert_close(cond["attr", "1"][:, k], ref.detach(), rtol=1e-7, atol=1e-8)
+        ref = captum_attr.InternalInfluence(net, net[2]).attribute(x, b, target=k, n_steps=20, method=method)
+        torch.testing.assert_close(ii["attr", "2"][:, k], ref.detach(), rtol=1e-7, atol=1e-8)
+
+
+def test_conductance_slow_reference_and_completeness():
+    """Written out: conductance = sum_s dF/da(alpha_s) (a(alpha_{s+1}) - a(alpha_s)) with autograd per point; summed
+    over a layer that cuts every path, it tends to f(x) - f(x')."""
+    torch.manual_seed(1)
+    net = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 2)).double()
+    x, b = torch.randn(2, 3, dtype=torch.float64), torch.randn(2, 3, dtype=torch.float64)
+    td = TensorDict({"x": x, ("baseline", "x"): b}, batch_size=[2])
+    out = tdfunc.layer_conductance(lambda t: net(t["x"])[:, 1], td, net, "1", n_steps=7, method="riemann_left",
+                                   return_convergence_delta=True)
+    alphas = [i / 8 for i in range(8)]  # riemann_left with n_steps + 1 = 8 points
+    slow = torch.zeros(2, 5, dtype=torch.float64)
+    for s in range(7):
+        a0 = net[1](net[0](b + alphas[s] * (x - b))).detach().requires_grad_()
+        g, = torch.autograd.grad(net[2](a0)[:, 1].sum(), a0)
+        a1 = net[1](net[0](b + alphas[s + 1] * (x - b)))
+        slow += g * (a1 - a0).detach()
+    torch.testing.assert_close(out["attr", "1"], slow, rtol=1e-12, atol=1e-12)
+    fine = tdfunc.layer_conductance(lambda t: net(t["x"])[:, 1], td, net, "1", n_steps=400, return_convergence_delta=True)
+    assert fine["convergence_delta"].abs().max() < 1e-4
+
+
+def test_pins_conductance_and_influence_errors():
+    net = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    td = TensorDict({"x": torch.randn(2, 3)}, batch_size=[2])
+    with pytest.raises(tdfunc.AttributionError, match=re.escape("tdfunc.layer_conductance: unknown method 'simpson'")):
+        tdfunc.layer_conductance(lambda t: net(t["x"]), td, net, "1", method="simpson")
+    with pytest.raises(tdfunc.AttributionError, match=re.escape("tdfunc.internal_influence: n_steps")):
+        tdfunc.internal_influence(lambda t: net(t["x"]), td, net, "1", n_steps=0)
+    with pytest.raises(tdfunc.AttributionError, match=re.escape(
+            "tdfunc.layer_conductance: return_convergence_delta must be True or False, got str ('yes').")):
+        tdfunc.layer_conductance(lambda t: net(t["x"]), td, net, "1", return_convergence_delta="yes")
+    with pytest.raises(tdfunc.SiteError, match=re.escape("tdfunc.internal_influence: unknown site 'nope'")):
+        tdfunc.internal_influence(lambda t: net(t["x"]), td, net, "nope")

@@ -60,6 +60,8 @@ TABLE: dict[str, list] = {
     "deconvolution": [lambda: tdfunc.deconvolution(None, TD, NET), lambda: tdfunc.deconvolution(F, TD, None)],
     "guided_grad_cam": [lambda: tdfunc.guided_grad_cam(F, TD, None, "1"),
                         lambda: tdfunc.guided_grad_cam(F, TD, NET, "1", interpolate_mode="x")],
+    "layer_conductance": [lambda: tdfunc.layer_conductance(F, TD, None, "1"), lambda: tdfunc.layer_conductance(F, TD, NET, "1", n_steps=0)],
+    "internal_influence": [lambda: tdfunc.internal_influence(F, TD, None, "1"), lambda: tdfunc.internal_influence(F, TD, NET, "nope")],
     "lrp": [lambda: tdfunc.lrp(None, TD, NET), lambda: tdfunc.lrp(F, TD, None), lambda: tdfunc.lrp(F, NAN_TD, NET)],
     "occlusion": [lambda: tdfunc.occlusion(None, TD, sliding_window_shapes=(1,)),
                   lambda: tdfunc.occlusion(F, NAN_TD, sliding_window_shapes=(1,))],

@@ -20,6 +20,8 @@ from ._guided import guided_grad_cam as guided_grad_cam
 from ._ig import integrated_gradients as integrated_gradients
 from ._kernel_shap import kernel_shap as kernel_shap
 from ._layer import grad_cam as grad_cam
+from ._layer import internal_influence as internal_influence
+from ._layer import layer_conductance as layer_conductance
 from ._layer import layer_gradient_x_activation as layer_gradient_x_activation
 from ._layer import layer_integrated_gradients as layer_integrated_gradients
 from ._lrp import lrp as lrp
@@ -52,7 +54,9 @@ __all__ = [
     "infidelity",
     "input_x_gradient",
     "integrated_gradients",
+    "internal_influence",
     "kernel_shap",
+    "layer_conductance",
     "layer_feature_ablation",
     "layer_gradient_x_activation",
     "layer_integrated_gradients",

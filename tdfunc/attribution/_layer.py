@@ -40,7 +40,13 @@ from ._common import (
 from ._quadrature import check_path_options as _check_options
 from ._quadrature import quadrature
 
-__all__ = ["grad_cam", "layer_gradient_x_activation", "layer_integrated_gradients"]
+__all__ = [
+    "grad_cam",
+    "internal_influence",
+    "layer_conductance",
+    "layer_gradient_x_activation",
+    "layer_integrated_gradients",
+]
 
 
 def _check(fn: str, td: object, module: object, site: object) -> None:
@@ -334,5 +340,172 @@ def layer_integrated_gradients(
     extra = {}
     if return_convergence_delta:
         lead = nb + (k is not None)
+        extra["convergence_delta"] = attr.reshape(*attr.shape[:lead], -1).sum(-1) - (y_x - y_b)
+    return _out(td, site, attr, extra, fn=fn)
+
+
+def _path_at_site(fn: str, f: Callable, td: TensorDictBase, module: nn.Module, site: str, in_keys, alphas64: torch.Tensor,
+                  randomness: str, values: bool):
+    """At each input-path point ``x' + alpha (x - x')``: every target's gradient at ``site`` (shape ``(K,)? + (S,)
+    + site value``), and with ``values`` the site's values there (``(S,) + site value``); also the batch and K."""
+    _check(fn, td, module, site)
+    check_randomness(fn, randomness, AttributionError)
+    p = prepare(fn, td, in_keys, f=f)
+    _, a_x = _activation(fn, f, module, td, site)
+    s = alphas64.shape[0]
+    points = {}
+    for key in p.keys:
+        x, b = p.x[key], p.baseline[key]
+        a = alphas64.to(x.dtype).to(x.device).view(s, *([1] * x.dim()))
+        points[key] = b + a * (x - b)
+    one = lambda d, pts: _run(fn, f, module, with_inputs(td, pts), {site: delta(d)}, None)  # noqa: E731
+    g = lambda xs: vmap(one, randomness=randomness)(xs["d"], points)  # noqa: E731
+    try:
+        _, grads, k = grads_per_target(fn, g, {"d": torch.zeros((s, *a_x.shape), dtype=a_x.dtype, device=a_x.device)},
+                                       1, p.batch)
+        vals = None
+        if values:
+            cap = lambda pts: _run(fn, f, module, with_inputs(td, pts), None, [site])[1][site]  # noqa: E731
+            vals = vmap(cap, randomness=randomness)(points)
+    except RuntimeError as e:
+        err = random_op_error(fn, e, AttributionError)
+        if err is None:
+            raise
+        raise err from e
+    return grads["d"], vals, p.batch, k
+
+
+def internal_influence(
+    f: Callable[[TensorDictBase], torch.Tensor],
+    td: TensorDictBase,
+    module: nn.Module,
+    site: str,
+    *,
+    n_steps: int = 50,
+    method: IGMethod = "gausslegendre",
+    in_keys: InKeys | None = None,
+    randomness: str = "error",
+) -> TensorDict:
+    """Internal influence (Leino et al., 2018; captum's ``InternalInfluence``): the gradient at a site,
+    integrated along the straight path between the baseline and the input *in input space*.
+
+    .. math::  \\mathrm{II}_{b,k} = \\int_0^1 \\frac{\\partial f_k}{\\partial a}\\Big|_{x' + \\alpha (x - x')} d\\alpha
+        \\approx \\sum_s w_s\\, \\frac{\\partial f_k}{\\partial a}\\Big|_{x' + \\alpha_s (x - x')}
+
+    (not multiplied by anything).  Every path point runs in one ``vmap``-ed forward with a zero
+    delta at ``site``, and each target is one vector-Jacobian product of it.
+
+    Args:
+        f, td, module, site: as in :func:`tdfunc.grad_cam` (any batch-first site value).
+        n_steps, method: as in :func:`tdfunc.integrated_gradients` (captum's five rules).
+        in_keys: the inputs moved along the path (to their ``("baseline", key)`` entries, zeros when
+            absent); default every floating-point entry.
+        randomness: ``torch.func.vmap``'s flag for random ops in ``f`` under the ``vmap`` over the path.
+
+    Returns:
+        TensorDict with ``("attr", site)`` of shape ``batch (+ K) + the site's per-example shape``.
+
+    Raises:
+        As :func:`tdfunc.layer_integrated_gradients`.
+
+    Example:
+        >>> import torch, tdfunc
+        >>> from tensordict import TensorDict
+        >>> net = torch.nn.Sequential(torch.nn.Linear(3, 8), torch.nn.Tanh(), torch.nn.Linear(8, 4))
+        >>> td = TensorDict({"x": torch.randn(5, 3)}, batch_size=[5])
+        >>> out = tdfunc.internal_influence(lambda t: net(t["x"]), td, net, "1", n_steps=8)
+        >>> torch.allclose(out["attr", "1"][:, :, 0], net[2].weight[:, 0].expand(5, 4))  # linear after the site
+        True
+
+    References:
+        Leino, Sen, Datta, Fredrikson, Li. Influence-Directed Explanations for Deep Convolutional
+        Networks. ITC 2018.
+
+    Composes with: ``vmap`` (over examples or targets), ``grad`` (double backward),
+    ``torch.compile(fullgraph=True)`` after ``tdfunc.install_sites(module, site)``.
+    """
+    fn = "tdfunc.internal_influence"
+    _check_options(fn, n_steps, method, None, "vmap")
+    alphas64, weights64 = quadrature(method, n_steps)
+    grads, _, batch, k = _path_at_site(fn, f, td, module, site, in_keys, alphas64, randomness, values=False)
+    step = 0 if k is None else 1  # the path dim: after the target dim when there is one
+    w = weights64.to(grads.dtype).to(grads.device).view(n_steps, *([1] * (grads.dim() - step - 1)))
+    return _out(td, site, move_target_dim((grads * w).sum(step), k, len(batch)), fn=fn)
+
+
+def layer_conductance(
+    f: Callable[[TensorDictBase], torch.Tensor],
+    td: TensorDictBase,
+    module: nn.Module,
+    site: str,
+    *,
+    n_steps: int = 50,
+    method: IGMethod = "gausslegendre",
+    in_keys: InKeys | None = None,
+    return_convergence_delta: bool = False,
+    randomness: str = "error",
+) -> TensorDict:
+    """Layer conductance (Dhamdhere et al., 2018; captum's ``LayerConductance``): the flow of integrated
+    gradients through each unit of a site, along the input-space path.
+
+    .. math::  \\mathrm{Cond}_{b,k} = \\int_0^1 \\frac{\\partial f_k}{\\partial a}\\, \\frac{\\partial a}{\\partial \\alpha}\\, d\\alpha
+        \\approx \\sum_{s=0}^{n-1} \\frac{\\partial f_k}{\\partial a}\\Big|_{\\alpha_s} \\odot
+        \\big(a(\\alpha_{s+1}) - a(\\alpha_s)\\big)
+
+    with ``a(alpha)`` the site's value at the input ``x' + alpha (x - x')`` and ``alpha_0 .. alpha_n``
+    the ``n_steps + 1`` nodes of ``method`` (captum's discretisation).  The conductances of a site
+    sum to about ``f(x) - f(x')`` (exactly in the limit; ``return_convergence_delta`` reports it).
+    One ``vmap``-ed forward over the ``n_steps + 1`` points with a zero delta at ``site``, one
+    capture forward over them for ``a(alpha)``, and one vector-Jacobian product per target.
+
+    Args:
+        f, td, module, site: as in :func:`tdfunc.grad_cam` (any batch-first site value).
+        n_steps, method: ``n_steps + 1`` path points from ``method``'s nodes (captum's five rules).
+        in_keys: the inputs moved along the path (to their ``("baseline", key)`` entries, zeros when
+            absent); default every floating-point entry.
+        return_convergence_delta: also return ``"convergence_delta"``, shape ``batch (+ K)``:
+            ``sum(attr) - (f(x) - f(x'))`` (two more forwards).
+        randomness: ``torch.func.vmap``'s flag for random ops in ``f`` under the ``vmap`` over the path.
+
+    Returns:
+        TensorDict with ``("attr", site)`` of shape ``batch (+ K) + the site's per-example shape``.
+
+    Raises:
+        As :func:`tdfunc.layer_integrated_gradients`.
+
+    Example:
+        >>> import torch, tdfunc
+        >>> from tensordict import TensorDict
+        >>> net = torch.nn.Sequential(torch.nn.Linear(3, 8), torch.nn.Tanh(), torch.nn.Linear(8, 4))
+        >>> td = TensorDict({"x": torch.randn(5, 3)}, batch_size=[5])
+        >>> out = tdfunc.layer_conductance(lambda t: net(t["x"]), td, net, "1", return_convergence_delta=True)
+        >>> out["attr", "1"].shape, bool(out["convergence_delta"].abs().max() < 1e-2)
+        (torch.Size([5, 4, 8]), True)
+
+    References:
+        Dhamdhere, Sundararajan, Yan. How Important Is a Neuron? ICLR 2019 (arXiv:1805.12233).
+
+    Composes with: ``vmap`` (over examples or targets), ``grad`` (double backward),
+    ``torch.compile(fullgraph=True)`` after ``tdfunc.install_sites(module, site)``.
+    """
+    fn = "tdfunc.layer_conductance"
+    _check_options(fn, n_steps, method, None, "vmap")
+    if not isinstance(return_convergence_delta, bool):
+        raise AttributionError(
+            f"{fn}: return_convergence_delta must be True or False, got {type(return_convergence_delta).__name__} "
+            f"({return_convergence_delta!r:.60})."
+        )
+    alphas64, _ = quadrature(method, n_steps + 1)
+    grads, vals, batch, k = _path_at_site(fn, f, td, module, site, in_keys, alphas64, randomness, values=True)
+    dvals = vals[1:] - vals[:-1]  # values=True: the site's values along the path
+    if k is None:
+        attr = (grads[:-1] * dvals).sum(0)
+    else:  # (K, S, ...) * (S, ...): the K targets' gradients times the same value steps
+        attr = move_target_dim((grads[:, :-1] * dvals).sum(1), k, len(batch))
+    extra = {}
+    if return_convergence_delta:
+        p = prepare(fn, td, in_keys, f=f)
+        y_x, y_b = f(td), f(with_inputs(td, p.baseline))
+        lead = len(batch) + (k is not None)
         extra["convergence_delta"] = attr.reshape(*attr.shape[:lead], -1).sum(-1) - (y_x - y_b)
     return _out(td, site, attr, extra, fn=fn)
