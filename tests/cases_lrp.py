@@ -136,6 +136,23 @@ def conv_cases(dt) -> list[Case]:
 
     rows.append(Case("lrp:output_relevance-weights", net, output_relevance_weights,
                      (x, s_net["conv", "weight"].clone()), (0, None), (0, 1), "conv", probe=x))
+
+    plain = nn.Sequential(nn.ConvTranspose1d(2, 2, 2, stride=2, bias=False), nn.BatchNorm1d(2), nn.ReLU(),
+                          nn.Flatten(), nn.Linear(16, 3)).to(dt).eval()
+    with torch.no_grad():
+        plain[1].running_mean.normal_()
+        plain[1].running_var.uniform_(0.5, 2.0)
+    biased = tdfunc.lrp_rules.with_zero_biases(plain)  # a bias-free transposed conv absorbs the BatchNorm
+    s_b = tdfunc.state(biased)
+
+    def merge_batchnorm_conv_transpose(x, weight):
+        merged = tdfunc.lrp_rules.merge_batchnorm(biased, s_b.update({("0", "weight"): weight}, inplace=False))
+        td = TensorDict({"x": x[None]}, batch_size=[1])
+        out = tdfunc.lrp(lambda t: tdfunc.functional_call(biased, merged, (t["x"],)), td, biased)
+        return out["attr", "x"].flatten()
+
+    rows.append(Case("lrp:with_zero_biases-merge_batchnorm-convT", biased, merge_batchnorm_conv_transpose,
+                     (x, s_b["0", "weight"].clone()), (0, None), (0, 1), "0", probe=x))
     return rows
 
 

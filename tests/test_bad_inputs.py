@@ -161,6 +161,7 @@ TABLE: dict[str, list] = {
     "merge_batchnorm": [lambda: tdfunc.lrp_rules.merge_batchnorm(None), lambda: tdfunc.lrp_rules.merge_batchnorm(NET, 3)],
     "passthrough": [lambda: tdfunc.lrp(F, TD, NET, rules={nn.Linear: tdfunc.lrp_rules.passthrough()}, composite=None)],
     "epsilon_gamma_box": [lambda: tdfunc.lrp_rules.epsilon_gamma_box("x", 1.0), lambda: tdfunc.lrp_rules.epsilon_gamma_box(0.0, 1.0, gamma=NAN)],
+    "with_zero_biases": [lambda: tdfunc.lrp_rules.with_zero_biases(None)],
 }
 
 SPACES = {"tdfunc": tdfunc, "tdfunc.latent": tdfunc.latent, "tdfunc.weights": tdfunc.weights,

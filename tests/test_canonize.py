@@ -195,8 +195,8 @@ def test_error_no_bias_and_unknown_name():
     m = nn.Sequential(nn.Linear(3, 2, bias=False), nn.BatchNorm1d(2)).eval()
     with pytest.raises(AttributionError, match=re.escape(
         "tdfunc.lrp_rules.merge_batchnorm: layer '0' has no bias, so it cannot absorb the BatchNorm's shift (a state "
-        "cannot add a parameter); build it with bias=True (a zero bias: nn.init.zeros_(model.0.bias) gives "
-        "the same model)."
+        "cannot add a parameter); merge into tdfunc.lrp_rules.with_zero_biases(model), a copy with zero biases "
+        "(the same function), and call that copy in f."
     )):
         tdfunc.lrp_rules.merge_batchnorm(m)
     with pytest.raises(AttributionError, match=re.escape("tdfunc.lrp_rules.merge_batchnorm: batchnorm '7' names no submodule")):

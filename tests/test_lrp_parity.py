@@ -7,6 +7,8 @@ zennit is imported beside a stub torchvision (see ``conftest.zennit``); both pee
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from tensordict import TensorDict
@@ -371,3 +373,143 @@ def test_output_relevance_and_check_errors():
     assert str(e.value) == (
         "tdfunc.lrp: check_conservation must be True, False or (atol, rtol) with two numbers >= 0, got 0.001."
     )
+
+
+# ------------------------------------------------------------------ canonizers
+
+
+BN_LAYERS = {
+    "conv1d": (lambda: nn.Conv1d(2, 4, 3), nn.BatchNorm1d, (2, 2, 6)),
+    "conv3d": (lambda: nn.Conv3d(2, 4, 2), nn.BatchNorm3d, (2, 2, 3, 3, 3)),
+    "convT1d-groups": (lambda: nn.ConvTranspose1d(4, 6, 3, stride=2, groups=2), nn.BatchNorm1d, (2, 4, 4)),
+    "convT2d": (lambda: nn.ConvTranspose2d(2, 4, 2, stride=2), nn.BatchNorm2d, (2, 2, 3, 3)),
+    "convT3d-groups": (lambda: nn.ConvTranspose3d(4, 4, 2, groups=4), nn.BatchNorm3d, (2, 4, 2, 2, 2)),
+}
+
+
+@pytest.mark.parametrize("kind", list(BN_LAYERS))
+def test_merge_batchnorm_every_convolution_matches_zennit(zennit, kind):
+    """merge_batchnorm into Conv1d/3d and transposed (grouped) convolutions: the same model, and LRP equal to
+    zennit's EpsilonPlus with its SequentialMergeBatchNorm canonizer (float64, rtol 2e-5: zennit leaves the merged
+    BatchNorm a scaling by 1 / sqrt(1 + eps), 5e-6 off the identity; tdfunc's is exactly the identity)."""
+    torch.manual_seed(9)
+    make, bn_type, shape = BN_LAYERS[kind]
+    layer = make()
+    m = nn.Sequential(layer, bn_type(4 if "groups" not in kind or "3d" in kind else 6), nn.ReLU(), nn.Flatten(),
+                      nn.LazyLinear(3))
+    x = torch.randn(*shape)
+    m(x)  # materialise the lazy head
+    m = m.to(DT).eval()
+    x = x.to(DT)
+    with torch.no_grad():
+        m[1].running_mean.uniform_(-0.5, 0.5)
+        m[1].running_var.uniform_(0.5, 2.0)
+        m[1].weight.uniform_(0.5, 1.5)
+        m[1].bias.uniform_(-0.2, 0.2)
+    merged = L.merge_batchnorm(m)
+    f = lambda t: tdfunc.functional_call(m, merged, (t["x"],))
+    torch.testing.assert_close(f({"x": x}), m(x), rtol=0, atol=1e-12)
+    got = lrp(f, TensorDict({"x": x}, batch_size=[2]), m)["attr", "x"]
+    if not kind.startswith("convT"):
+        want = zennit_lrp(zennit, m, x, zennit.composites.EpsilonPlus(canonizers=[zennit.canonizers.SequentialMergeBatchNorm()]))
+        torch.testing.assert_close(got, want, rtol=2e-5, atol=1e-12)
+        assert (got - want).abs().max() > 0  # not trivially equal: the tolerance is zennit's eps scaling only
+    # zennit's MergeBatchNorm scales a transposed conv's weight along its input channels (dim 0): wrong, or a
+    # shape error.  Reference: the merge written out per output channel, the BatchNorm dropped, zennit's EpsilonPlus.
+    bn, ref = m[1], copy.deepcopy(layer)
+    s = bn.weight / (bn.running_var + bn.eps) ** 0.5
+    with torch.no_grad():
+        for o in range(s.shape[0]):
+            if kind.startswith("convT"):
+                per, cin = ref.weight.shape[1], ref.weight.shape[0] // ref.groups
+                g, j = divmod(o, per)
+                ref.weight[g * cin:(g + 1) * cin, j] *= s[o]
+            else:
+                ref.weight[o] *= s[o]
+        ref.bias.copy_((layer.bias - bn.running_mean) * s + bn.bias)
+    plain = nn.Sequential(ref, nn.ReLU(), nn.Flatten(), m[4])
+    torch.testing.assert_close(plain(x), m(x), rtol=0, atol=1e-12)
+    torch.testing.assert_close(got, zennit_lrp(zennit, plain, x, zennit.composites.EpsilonPlus()),
+                               rtol=0, atol=1e-12)
+
+
+def _resnet(zennit, bottleneck: bool):
+    """A two-block torchvision-style ResNet (bias-free convs, BatchNorm, a downsampling branch), its blocks
+    subclassing the torchvision classes zennit's ResNetCanonizer recognises (the test's stub)."""
+    tv = zennit.torchvision  # its ResNetBasicBlock / ResNetBottleneck: the stub torchvision's classes
+
+    def conv(i, o, k=3, s=1):
+        return nn.Conv2d(i, o, k, stride=s, padding=k // 2, bias=False)
+
+    def down(i, o, s):
+        return nn.Sequential(conv(i, o, 1, s), nn.BatchNorm2d(o))
+
+    class BasicBlock(tv.ResNetBasicBlock, nn.Module):  # torchvision's attribute names and forward
+        def __init__(self, i, o, s=1):
+            nn.Module.__init__(self)
+            self.conv1, self.bn1, self.relu = conv(i, o, 3, s), nn.BatchNorm2d(o), nn.ReLU()
+            self.conv2, self.bn2 = conv(o, o), nn.BatchNorm2d(o)
+            self.downsample = down(i, o, s) if (s != 1 or i != o) else None
+
+        def forward(self, x):
+            out = self.bn2(self.conv2(self.relu(self.bn1(self.conv1(x)))))
+            identity = x if self.downsample is None else self.downsample(x)
+            return self.relu(out + identity)
+
+    class Bottleneck(tv.ResNetBottleneck, nn.Module):
+        def __init__(self, i, o, s=1, width=2):
+            nn.Module.__init__(self)
+            self.conv1, self.bn1 = conv(i, width, 1), nn.BatchNorm2d(width)
+            self.conv2, self.bn2 = conv(width, width, 3, s), nn.BatchNorm2d(width)
+            self.conv3, self.bn3, self.relu = conv(width, o, 1), nn.BatchNorm2d(o), nn.ReLU()
+            self.downsample = down(i, o, s) if (s != 1 or i != o) else None
+
+        def forward(self, x):
+            out = self.relu(self.bn1(self.conv1(x)))
+            out = self.relu(self.bn2(self.conv2(out)))
+            out = self.bn3(self.conv3(out))
+            identity = x if self.downsample is None else self.downsample(x)
+            return self.relu(out + identity)
+
+    block = Bottleneck if bottleneck else BasicBlock
+    torch.manual_seed(10)
+    net = nn.Sequential(conv(2, 4), nn.BatchNorm2d(4), nn.ReLU(), block(4, 4), block(4, 6, 2),
+                        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, 3)).to(DT).eval()
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.3, 0.3)
+                m.running_var.uniform_(0.5, 2.0)
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.2, 0.2)
+                m.eps = 0.0  # zennit's merged BatchNorm is then exactly the identity too (var = 1): exact comparisons
+    return net
+
+
+@pytest.mark.parametrize("bottleneck", [False, True], ids=["BasicBlock", "Bottleneck"])
+def test_resnet_canonizer_matches_zennit(zennit, bottleneck):
+    """merge_batchnorm(with_zero_biases(model)) = zennit's ResNetCanonizer under EpsilonPlus: to 1e-12 with the
+    stabilizers at 1e-30; with the default 1e-6 to 1e-4 of the largest relevance (zennit's residual Sum and
+    AvgPool take Norm's stabilizer where tdfunc keeps their exact gradient).  BatchNorm eps = 0 in the model,
+    so zennit's merged BatchNorm (var = 1, a scaling by 1 / sqrt(1 + eps)) is exactly the identity as ours is."""
+    net = _resnet(zennit, bottleneck)
+    x = torch.randn(2, 2, 6, 6, dtype=DT)
+    want = zennit_lrp(zennit, net, x, zennit.composites.EpsilonPlus(canonizers=[zennit.torchvision.ResNetCanonizer()]))
+    net2 = L.with_zero_biases(net)
+    merged = L.merge_batchnorm(net2)
+    assert all(getattr(m, "bias", 0) is None for m in net.modules() if isinstance(m, nn.Conv2d))  # untouched
+    f = lambda t: tdfunc.functional_call(net2, merged, (t["x"],))
+    torch.testing.assert_close(f({"x": x}), net(x), rtol=0, atol=1e-12)
+    got = lrp(f, TensorDict({"x": x}, batch_size=[2]), net2)["attr", "x"]
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
+    # with the stabilizers at 1e-30: exact
+    want0 = zennit_lrp(zennit, net, x, zennit.composites.EpsilonPlus(
+        stabilizer=1e-30, canonizers=[zennit.torchvision.ResNetCanonizer()]))
+    rules = dict(L.COMPOSITES["epsilon_plus"].rules)
+    rules.update({t: L.zplus(1e-30) for t in (nn.Conv2d,)})
+    got0 = lrp(f, TensorDict({"x": x}, batch_size=[2]), net2, composite=L.Composite("ep0", rules))["attr", "x"]
+    torch.testing.assert_close(got0, want0, rtol=0, atol=1e-12)
+    plain = lrp(lambda t: net(t["x"]), TensorDict({"x": x}, batch_size=[2]), net)["attr", "x"]  # BN passed, not merged
+    assert (plain - want).abs().max() > 1e-3
+    with pytest.raises(tdfunc.AttributionError, match=r"has no bias, so it cannot absorb"):
+        L.merge_batchnorm(net)

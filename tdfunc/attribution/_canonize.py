@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 
 import torch
@@ -12,10 +13,10 @@ from .._errors import StateError, suggest
 from .._state import state as _state
 from ._common import AttributionError
 
-__all__ = ["merge_batchnorm"]
+__all__ = ["merge_batchnorm", "with_zero_biases"]
 
-_LINEAR = (nn.Linear, nn.Conv1d, nn.Conv2d)
-_BN = (nn.BatchNorm1d, nn.BatchNorm2d)
+_LINEAR = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+_BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 _FN = "tdfunc.lrp_rules.merge_batchnorm"
 
 
@@ -53,6 +54,16 @@ def _missing(name: str, leaf: str):
     )
 
 
+def _scaled(w: torch.Tensor, scale: torch.Tensor, nb: int, groups: int, transposed: bool) -> torch.Tensor:
+    """``w`` with output channel ``o`` scaled by ``scale[..., o]`` (``nb`` leading state batch dims)."""
+    if not transposed:
+        return w * scale.reshape(scale.shape + (1,) * (w.dim() - scale.dim()))
+    lead, c_in, per, k = w.shape[:nb], w.shape[nb], w.shape[nb + 1], w.shape[nb + 2:]
+    wg = w.reshape(*lead, groups, c_in // groups, per, *k)
+    sg = scale.reshape(*lead, groups, 1, per, *([1] * len(k)))
+    return (wg * sg).reshape(w.shape)
+
+
 def merge_batchnorm(
     module: nn.Module,
     state: TensorDictBase | None = None,
@@ -76,8 +87,8 @@ def merge_batchnorm(
         module: the model; must be in eval mode for the paired BatchNorms.
         state: the state to merge (default ``tdfunc.state(module)``); never modified.
         pairs: ``[(layer, batchnorm), ...]`` dotted module names; by default every
-            ``Linear`` / ``Conv1d`` / ``Conv2d`` child immediately followed by a ``BatchNorm1d`` /
-            ``BatchNorm2d`` child of the same parent (``nn.Sequential`` order).
+            ``Linear`` / ``ConvNd`` / ``ConvTransposeNd`` child immediately followed by a ``BatchNorm1d`` /
+            ``BatchNorm2d`` / ``BatchNorm3d`` child of the same parent (``nn.Sequential`` order).
 
     Returns:
         A new TensorDict (same batch size as ``state``) sharing every untouched tensor with ``state``.
@@ -139,7 +150,7 @@ def merge_batchnorm(
         if not isinstance(lin, _LINEAR):
             raise AttributionError(
                 f"{_FN}: pair ({lname!r}, {bname!r}): {lname!r} is a {type(lin).__name__}; "
-                "only nn.Linear, nn.Conv1d and nn.Conv2d layers can absorb a BatchNorm."
+                "only nn.Linear, nn.ConvNd and nn.ConvTransposeNd layers can absorb a BatchNorm."
             )
         if bn.training:
             raise AttributionError(
@@ -154,12 +165,15 @@ def merge_batchnorm(
         if lin.bias is None:
             raise AttributionError(
                 f"{_FN}: layer {lname!r} has no bias, so it cannot absorb the BatchNorm's shift (a state "
-                f"cannot add a parameter); build it with bias=True (a zero bias: "
-                f"nn.init.zeros_(model.{lname}.bias) gives the same model)."
+                f"cannot add a parameter); merge into tdfunc.lrp_rules.with_zero_biases(model), a copy with zero "
+                f"biases (the same function), and call that copy in f."
             )
         w, b = _entry(state, lname, "weight"), _entry(state, lname, "bias")
         mean, var = _entry(state, bname, "running_mean"), _entry(state, bname, "running_var")
-        c_out, c_bn = w.shape[nb], mean.shape[nb]
+        transposed = isinstance(lin, nn.modules.conv._ConvTransposeNd)
+        groups = int(lin.groups) if transposed else 1  # type: ignore[arg-type]  # transposed: a conv
+        # a transposed conv's weight is (in, out / groups, *k): its output channels are (group, dim nb + 1)
+        c_out, c_bn = (w.shape[nb + 1] * groups if transposed else w.shape[nb]), mean.shape[nb]
         if c_out != c_bn:
             raise AttributionError(
                 f"{_FN}: pair ({lname!r}, {bname!r}): the layer has {c_out} output channels but the "
@@ -170,13 +184,55 @@ def merge_batchnorm(
         else:
             gamma, beta = torch.ones_like(mean), torch.zeros_like(mean)
         scale = gamma / (var + bn.eps) ** 0.5
-        shape = scale.shape + (1,) * (w.dim() - scale.dim())
         lkey, bkey = tuple(lname.split(".")), tuple(bname.split("."))
-        out.set((*lkey, "weight"), w * scale.reshape(shape))
+        out.set((*lkey, "weight"), _scaled(w, scale, nb, groups, transposed))
         out.set((*lkey, "bias"), (b - mean) * scale + beta)
         out.set((*bkey, "running_mean"), torch.zeros_like(mean))
         out.set((*bkey, "running_var"), torch.full_like(var, 1.0 - bn.eps))
         if bn.affine:
             out.set((*bkey, "weight"), torch.ones_like(gamma))
             out.set((*bkey, "bias"), torch.zeros_like(beta))
+    return out
+
+
+def with_zero_biases(module: nn.Module) -> nn.Module:
+    """A copy of ``module`` in which every bias-free ``nn.Linear`` / convolution has a zero bias.
+
+    The same function (a zero bias adds nothing), but a layer that can absorb a BatchNorm's shift:
+    torchvision-style ResNets build their convolutions with ``bias=False`` before each BatchNorm, so
+    ``tdfunc.lrp_rules.merge_batchnorm(tdfunc.lrp_rules.with_zero_biases(model))`` is the ResNet canonizer
+    (zennit's ``ResNetCanonizer``: every conv / BatchNorm pair merged, the downsampling branch included;
+    the residual sum keeps its gradient, zennit's ``Norm`` rule up to its stabilizer).  ``module`` is not
+    changed: the copy (``copy.deepcopy``) is what ``f`` must call and what :func:`tdfunc.lrp` gets.
+
+    Args:
+        module: the model.
+
+    Returns:
+        A deep copy of ``module`` with ``bias`` parameters of zeros (the weight's dtype and device) added
+        where a layer had none.
+
+    Raises:
+        TypeError: ``module`` is not an ``nn.Module``.
+
+    Example:
+        >>> import torch, tdfunc
+        >>> net = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3, bias=False), torch.nn.BatchNorm2d(2)).eval()
+        >>> net2 = tdfunc.lrp_rules.with_zero_biases(net)
+        >>> s = tdfunc.lrp_rules.merge_batchnorm(net2)
+        >>> x = torch.randn(1, 1, 5, 5)
+        >>> torch.allclose(tdfunc.functional_call(net2, s, (x,)), net(x), atol=1e-6), net[0].bias is None
+        (True, True)
+
+    Composes with: :func:`tdfunc.lrp_rules.merge_batchnorm`, :func:`tdfunc.lrp`.
+    """
+    if not isinstance(module, nn.Module):
+        raise TypeError(
+            f"tdfunc.lrp_rules.with_zero_biases: expected an nn.Module, got {type(module).__name__} ({module!r:.60})."
+        )
+    out = copy.deepcopy(module)
+    for m in out.modules():
+        if isinstance(m, _LINEAR) and m.bias is None:
+            n = m.weight.shape[1] * m.groups if isinstance(m, nn.modules.conv._ConvTransposeNd) else m.weight.shape[0]
+            m.bias = nn.Parameter(torch.zeros(n, dtype=m.weight.dtype, device=m.weight.device))
     return out
