@@ -212,3 +212,44 @@ def test_errors_pinned():
             lambda: tdfunc.lime(f, td, n_samples=1, samples=torch.tensor([[0, 2, 1]])))
     _raises("tdfunc.lime: samples must be a bool or integer 0/1 tensor of shape (1, 3), got a torch.float32 tensor.",
             lambda: tdfunc.lime(f, td, n_samples=1, samples=torch.ones(1, 3)))
+
+
+# ------------------------------------------------------------------ one value per batch (captum's scalar forward)
+
+_SCALAR = {  # captum's _single_input_scalar_lime_assert / _multi_input_scalar_lime_assert (tensor_0d variants)
+    "single_input_scalar": (_M, [[[2.0, 10.0, 3.0]]], [[[0, 0, 1]]], 700, [[[75.0, 75.0, 17.0]]], 1.0),
+    "multi_input_scalar": (_MI, [[[23.0, 100.0, 0.0], [20.0, 50.0, 30.0]], [[20.0, 50.0, 30.0], [0.0, 100.0, 0.0]],
+                                 [[0.0, 100.0, 10.0], [20.0, 10.0, 13.0]]], [[[1, 1, 1]], [[0, 1, 2]], [[0, 1, 2]]], 1500,
+                           [[[3850.6666] * 3], [[305.5, 3850.6666, 410.1]], [[305.5, 3850.6666, 410.1]]], 1.5),
+}
+
+
+@pytest.mark.parametrize("name", list(_SCALAR))
+def test_captum_scalar_forward_cases(name):
+    """f returns one value for the batch: one fit for the batch (the whole batch's similarity), one map
+    expanded to every example; captum's draws (seed 1234, the model built, then ``bernoulli`` rows)."""
+    net_cls, inputs, masks, n, expected, delta = _SCALAR[name]
+    torch.manual_seed(1234)
+    net = net_cls()
+    keys = [f"x{i}" for i in range(len(inputs))]
+    td = TensorDict({k: _T(v) for k, v in zip(keys, inputs)}, batch_size=[len(inputs[0])])
+    extra = (1,) if net_cls is _MI else ()
+    out = tdfunc.lime(lambda t: net(*[t[k] for k in keys], *extra).sum(), td, in_keys=keys, n_samples=n,
+                      feature_mask={k: _T(m) for k, m in zip(keys, masks)}, alpha=1.0, kernel_width=10.0)
+    for k, e in zip(keys, expected):
+        assert out["attr", k].shape == td[k].shape
+        assert (out["attr", k] - _T(e)).abs().max() <= delta, (k, out["attr", k], e)
+
+
+@pytest.mark.parametrize("model", ["linear", "lasso"])
+def test_scalar_forward_equals_captum_on_the_same_samples(model):
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+    x = torch.randn(4, 5)
+    g = lambda v: 10 * net(v).pow(2).mean()
+    z = _draw_samples(40, 5, torch.Generator().manual_seed(0))
+    out = tdfunc.lime(lambda t: g(t["x"]), TensorDict({"x": x}, batch_size=[4]), n_samples=40, samples=z,
+                      interpretable_model=model, distance="euclidean", kernel_width=3.0)["attr", "x"]
+    cls, kw = _MODELS[model]
+    ref = _captum(g, x, z, cls(**kw), "euclidean", 3.0, feature_mask=torch.arange(5)[None])
+    torch.testing.assert_close(out, ref.expand_as(x), rtol=1e-4, atol=5e-6)

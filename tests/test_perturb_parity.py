@@ -261,3 +261,19 @@ def test_one_value_per_batch_occlusion_and_ablation_equal_captum():
     out = tdfunc.feature_ablation(lambda t: g(t["x"]), td, feature_mask=torch.tensor([0, 0, 1, 1, 2, 2]))["attr", "x"]
     ref = FeatureAblation(g).attribute(x, feature_mask=torch.tensor([[0, 0, 1, 1, 2, 2]]))
     torch.testing.assert_close(out, ref.expand_as(x), rtol=1e-5, atol=1e-6)
+
+
+def test_one_value_per_batch_shapley_and_kernel_shap_equal_captum():
+    net = _net()
+    x = torch.randn(4, 6)
+    g = lambda v: net(v).pow(2).mean()
+    td = TensorDict({"x": x}, batch_size=[4])
+    out = tdfunc.shapley_value_sampling(lambda t: g(t["x"]), td, n_samples=5,
+                                        generator=torch.Generator().manual_seed(2))["attr", "x"]
+    torch.manual_seed(2)
+    ref = ShapleyValueSampling(g).attribute(x, n_samples=5)
+    torch.testing.assert_close(out, ref.expand_as(x), rtol=1e-5, atol=1e-7)
+    out = tdfunc.kernel_shap(lambda t: g(t["x"]), td, n_samples=30, generator=torch.Generator().manual_seed(2))["attr", "x"]
+    torch.manual_seed(2)
+    ref = KernelShap(g).attribute(x, n_samples=30)
+    torch.testing.assert_close(out, ref.expand_as(x), rtol=1e-4, atol=2e-6)

@@ -100,7 +100,9 @@ def kernel_shap(
     tensor evaluated by one ``vmap``-ed call of ``f``; one set of coalitions serves every example.
 
     Args:
-        f: ``f(td) -> Tensor`` of shape ``td.batch_size`` or ``td.batch_size + (K,)``.
+        f: ``f(td) -> Tensor`` of shape ``td.batch_size`` or ``td.batch_size + (K,)``, or one value for
+            the whole batch (shape ``()``, captum's scalar forward): then one fit for that value, one map
+            of the batch expanded to every example (captum returns it with a batch dim of 1).
         td: the inputs; baselines are ``("baseline", key)`` entries (zeros when absent).
         feature_mask: integer feature ids ``0 .. n_features - 1`` per input, broadcastable to the
             input (see :func:`tdfunc.feature_ablation`); default every scalar its own feature.
@@ -159,8 +161,10 @@ def kernel_shap(
 
     ys, _ = run_perturbed(f, td, p, n_samples, chunk_size, masks_for, progress=progress, fn=fn,  # (S, *batch (+ K))
                           randomness=randomness)
-    k = check_output(fn, ys[0], p.batch, p.x)
+    k = check_output(fn, ys[0], p.batch, p.x, batch_value=True)
     wide = torch.float64 if dev.type != "mps" else torch.float32
     solve = _solver(coal, wide).to(ys.dtype)  # (F, S), solved in float64
     phi = torch.tensordot(solve, ys, dims=([1], [0])).movedim(0, -1)  # (*batch (+ K), F)
+    if ys.dim() == 1 and len(p.batch):  # one value per batch: one map of the batch, for every example
+        phi = phi.expand(*p.batch, n_feat)
     return result(td.batch_size, per_position(phi, masks, p, k), fn=fn)

@@ -164,7 +164,10 @@ def lime(
     evaluated by one ``vmap``-ed call of ``f``; the fit runs for every example and target at once.
 
     Args:
-        f: ``f(td) -> Tensor`` of shape ``td.batch_size`` or ``td.batch_size + (K,)``.
+        f: ``f(td) -> Tensor`` of shape ``td.batch_size`` or ``td.batch_size + (K,)``, or one value for
+            the whole batch (shape ``()``, captum's scalar forward): then one fit for that value, weighted
+            by the similarity of the whole batch's inputs (as captum), one map of the batch expanded to
+            every example (captum returns it with a batch dim of 1).
         td: the inputs; baselines are ``("baseline", key)`` entries (zeros when absent).
         feature_mask: integer feature ids ``0 .. n_features - 1`` per input, broadcastable to the
             input (see :func:`tdfunc.feature_ablation`); default every scalar its own feature.
@@ -242,12 +245,17 @@ def lime(
 
     ys, _ = run_perturbed(f, td, p, n_samples, chunk_size, masks_for, progress=progress, fn=fn,  # (S, *batch (+ K))
                           randomness=randomness)
-    k = check_output(fn, ys[0], p.batch, p.x)
+    k = check_output(fn, ys[0], p.batch, p.x, batch_value=True)
+    whole = ys.dim() == 1 and len(p.batch) > 0  # one value per batch: one fit, the whole batch's similarity
     dtype = ys.dtype if ys.is_floating_point() else torch.get_default_dtype()
     ys = ys.to(dtype)
-    sim = _similarity(z, _feature_sums(p, masks, n_feat, dtype), distance, float(kernel_width))  # (S, *batch)
+    sums = _feature_sums(p, masks, n_feat, dtype)  # each (*batch, F)
+    if whole:
+        sums = tuple(t.flatten(0, len(p.batch) - 1).sum(0) for t in sums)
+    sim = _similarity(z, sums, distance, float(kernel_width))  # (S, *batch), or (S,) for the whole batch
     s_n = ys.shape[0]
     y = ys.reshape(s_n, -1, 1 if k is None else k)  # (S, N, K)
     coef = _fit(z, y, sim.reshape(s_n, -1), interpretable_model, float(alpha), max_iter, 1e-6)  # (N, K, F)
-    phi = coef.reshape(*p.batch, *(() if k is None else (k,)), n_feat)
+    phi = coef.reshape(n_feat).expand(*p.batch, n_feat) if whole else coef.reshape(*p.batch, *(() if k is None else (k,)),
+                                                                                       n_feat)
     return result(td.batch_size, per_position(phi, masks, p, k), fn=fn)

@@ -332,7 +332,9 @@ def shapley_value_sampling(
     ``S * n_features`` inputs are one stacked tensor evaluated by one ``vmap``-ed call of ``f``.
 
     Args:
-        f: ``f(td) -> Tensor`` of shape ``td.batch_size`` or ``td.batch_size + (K,)``.
+        f: ``f(td) -> Tensor`` of shape ``td.batch_size`` or ``td.batch_size + (K,)``, or one value for
+            the whole batch (shape ``()``, captum's scalar forward): then the Shapley values of that one value, one
+            map of the batch expanded to every example (captum returns it with a batch dim of 1).
         td: the inputs; baselines are ``("baseline", key)`` entries (zeros when absent).
         feature_mask: integer feature ids ``0 .. n_features - 1`` per input, broadcastable to the
             input (see :func:`tdfunc.feature_ablation`); default every scalar its own feature.
@@ -401,7 +403,7 @@ def shapley_value_sampling(
         return out
 
     at_base = f(with_inputs(td, p.baseline))
-    k = check_output(fn, at_base, p.batch, p.x)
+    k = check_output(fn, at_base, p.batch, p.x, batch_value=True)
     ys, _ = run_perturbed(f, td, p, s_n * n_feat, chunk_size, masks_for, progress=progress, fn=fn,
                           randomness=randomness)
     ys = ys.reshape(s_n, n_feat, *ys.shape[1:])
@@ -409,4 +411,6 @@ def shapley_value_sampling(
     steps = ys - prev  # (S, F, *batch (+ K)): the gain of the feature added at each step
     gains = steps[torch.arange(s_n, device=dev)[:, None], rank]  # (S, F, ...) reordered by feature id
     phi = gains.mean(0).movedim(0, -1)  # (*batch (+ K), F)
+    if at_base.dim() == 0 and len(p.batch):  # one value per batch: one map of the batch, for every example
+        phi = phi.expand(*p.batch, n_feat)
     return result(td.batch_size, per_position(phi, masks, p, k), fn=fn)
