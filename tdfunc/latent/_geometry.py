@@ -147,9 +147,9 @@ def _check_duplicates(fn: str, nearest: torch.Tensor, n: int, why: str) -> None:
 
 
 def _minkowski(p: float):
-    """(R, N, D) -> (R, N, N) Minkowski distances of order ``p``, from coordinate differences (not the Gram
-    form), so equal distances are exactly equal and rank ties can be broken by index."""
-    return lambda x: torch.cdist(x, x, p=p, compute_mode="donot_use_mm_for_euclid_dist")
+    """(R, N, D) -> (R, N, N) Minkowski distances of order ``p``: ``torch.cdist``, as tdhook computes them (for
+    ``p = 2`` and more than 25 points torch takes the Gram form: fast, and exact on integer-valued data)."""
+    return lambda x: torch.cdist(x, x, p=p)
 
 
 def _knn(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -160,8 +160,10 @@ def information_imbalance(
     neighbours are B's neighbours (A predicts B; exactly ``(k+1)/N`` for
     ``y = x``), Δ ≈ 1 when they are unrelated.  ``k = 1`` is the paper's definition and equals
     tdhook's ``InformationImbalanceEstimator`` (``a_to_b``).  Ranks are piecewise constant: no
-    useful gradient.  Ties are broken by index.  Integer and bool inputs are promoted as in :func:`cka`
-    (tdhook's rule).
+    useful gradient.  Distances are ``torch.cdist``'s (tdhook's), and equal distances are ranked by
+    index; for ``p = 2`` and ``N > 25`` cdist uses the Gram form, whose rounding can order exactly tied
+    distances of non-integer data arbitrarily (as in tdhook).  Integer and bool inputs are promoted as
+    in :func:`cka` (tdhook's rule).
 
     Args:
         x: the source representations A: ``(N, D1)``, ``(..., N, D1)`` or a TensorDict of ``(N, D)``.
@@ -208,8 +210,13 @@ def information_imbalance(
     n = da.shape[-1]
     _check_n(fn, n, k + 1, f"k={k}")
     eye = torch.eye(n, dtype=torch.bool, device=da.device)
-    nn_a = da.masked_fill(eye, -math.inf).argsort(dim=-1, stable=True)[..., 1:k + 1]  # (R1, N, k); ties: lower index
-    ranks_b = db.masked_fill(eye, -math.inf).argsort(dim=-1, stable=True).argsort(-1)  # (R2, N, N); self 0, nearest 1
+    if k == 1:  # argmin returns the first (lowest-index) of tied minima
+        nn_a = da.masked_fill(eye, math.inf).argmin(-1, keepdim=True)
+    else:  # (R1, N, k); ties: lower index
+        nn_a = da.masked_fill(eye, -math.inf).argsort(dim=-1, stable=True)[..., 1:k + 1]
+    order_b = db.masked_fill(eye, -math.inf).argsort(dim=-1, stable=True)
+    ranks_b = torch.scatter(torch.zeros_like(order_b), -1, order_b,  # (R2, N, N); self 0, nearest 1
+                            torch.arange(n, device=db.device).expand_as(order_b))
     r1, r2 = nn_a.shape[0], ranks_b.shape[0]
     picked = torch.gather(ranks_b[None].expand(r1, r2, n, n), 3, nn_a[:, None].expand(r1, r2, n, k))
     out = picked.to(da.dtype).mean((-1, -2)) * (2.0 / n)
