@@ -61,6 +61,16 @@ def cases() -> list[Case]:
 
     rows.append(Case("deepliftshap:mlp-K", mlp, dls_refs, (x6, refs), (0, None), (0, 1), "fc1", probe=x6))
 
+    def ldl_site(x, base, weight):  # layer DeepLift at an activation's input, every class; d(map)/d(weight)
+        state = s_mlp.update({("fc1", "weight"): weight}, inplace=False)
+        td = TensorDict({"x": x[None], ("baseline", "x"): base[None]}, batch_size=[1])
+        out = tdfunc.layer_deep_lift(lambda t: tdfunc.functional_call(mlp, state, (t["x"],)), td, mlp, "act2:input",
+                                     return_convergence_delta=True)
+        return torch.cat([out["attr", "act2:input"].flatten(), out["convergence_delta"].flatten()])
+
+    rows.append(Case("deeplift:layer-input-K-weights", mlp, ldl_site, (x6, base6, s_mlp["fc1", "weight"].clone()),
+                     (0, 0, None), (0, 2), "fc2", probe=x6))
+
     S = 3
     eps = torch.randn(B, S, 1, 6, dtype=dt)  # samples drawn outside (see cases_noise_guided.py), vmapped with x
     alphas = torch.rand(B, S, 1, dtype=dt)

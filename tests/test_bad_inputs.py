@@ -56,6 +56,7 @@ TABLE: dict[str, list] = {
     "guided_backprop": [lambda: tdfunc.guided_backprop(None, TD, NET), lambda: tdfunc.guided_backprop(F, TD, None)],
     "deep_lift": [lambda: tdfunc.deep_lift(None, TD, NET), lambda: tdfunc.deep_lift(F, TD, None)],
     "deep_lift_shap": [lambda: tdfunc.deep_lift_shap(F, TD, NET, None), lambda: tdfunc.deep_lift_shap(F, TD, None, TD)],
+    "layer_deep_lift": [lambda: tdfunc.layer_deep_lift(F, TD, None, "1"), lambda: tdfunc.layer_deep_lift(F, TD, NET, "nope")],
     "gradient_shap": [lambda: tdfunc.gradient_shap(F, TD, None), lambda: tdfunc.gradient_shap(F, TD, TD, n_samples=0)],
     "deconvolution": [lambda: tdfunc.deconvolution(None, TD, NET), lambda: tdfunc.deconvolution(F, TD, None)],
     "guided_grad_cam": [lambda: tdfunc.guided_grad_cam(F, TD, None, "1"),

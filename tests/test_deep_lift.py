@@ -214,3 +214,55 @@ def test_pins_deep_lift_shap_errors():
                        r"\('baseline', 'x'\), but deep_lift_shap takes its baselines from the baselines TensorDict"):
         tdfunc.deep_lift_shap(f, td.set(("baseline", "x"), torch.zeros(2, 3)), net,
                               TensorDict({"x": torch.zeros(4, 3)}, batch_size=[4]))
+
+
+# --- layer_deep_lift: captum's test_layer_deeplift.py cases (ReLULinearModel, delta 1e-4 sum) and LayerDeepLift ------
+
+def test_layer_deep_lift_captum_expected():
+    model = basic_models.ReLULinearModel(inplace=True)
+    td = TensorDict({"a": torch.tensor([[-10.0, 1.0, -5.0]]), "b": torch.tensor([[3.0, 3.0, 1.0]])}, batch_size=[1])
+    f = lambda t: model(t["a"], t["b"])[:, 0]
+    for site in ("relu:input", "l3:input"):  # test_relu_layer_deeplift, test_linear_layer_deeplift
+        out = tdfunc.layer_deep_lift(f, td, model, site, return_convergence_delta=True)
+        close(out["attr", site], [[0.0, 15.0]])
+        assert out["convergence_delta"].abs().max() < 1e-5
+    out = tdfunc.layer_deep_lift(f, td, model, "relu:input", multiply_by_inputs=False)  # _wo_mutliplying_by_inputs
+    close(out["attr", "relu:input"], [[0.0, 1.0]])
+    g = lambda t: model(t["a"], t["b"], 3.0)[:, 0]  # test_relu_layer_deeplift_add_args
+    close(tdfunc.layer_deep_lift(g, td, model, "relu:input")["attr", "relu:input"], [[0.0, 45.0]])
+
+
+def test_layer_deep_lift_equals_captum_and_is_complete():
+    """Output sites equal captum's LayerDeepLift for every class (1e-12). At the *input* of an activation module
+    captum's hooks leave that module's plain derivative (attribute_to_layer_input=True), so its map breaks
+    completeness; ours applies the module's rescale rule there too: checked against captum's value rescaled by
+    m / relu'(a) and by completeness."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3)).double()
+    x, b = torch.randn(4, 4, dtype=torch.float64), torch.randn(4, 4, dtype=torch.float64)
+    td = TensorDict({"x": x, ("baseline", "x"): b}, batch_size=[4])
+    f = lambda t: net(t["x"])
+    for site, layer in [("1", net[1]), ("2", net[2]), ("3", net[3])]:
+        out = tdfunc.layer_deep_lift(f, td, net, site, return_convergence_delta=True)
+        for k in range(3):
+            ref = captum_attr.LayerDeepLift(net, layer).attribute(x, b, target=k)
+            torch.testing.assert_close(out["attr", site][:, k], ref.detach(), rtol=1e-12, atol=1e-12)
+        assert out["convergence_delta"].abs().max() < 1e-12
+    a, ab = net[:3](x), net[:3](b)
+    m = (torch.relu(a) - torch.relu(ab)) / (a - ab)
+    out = tdfunc.layer_deep_lift(f, td, net, "3:input", return_convergence_delta=True)
+    for k in range(3):
+        cap = captum_attr.LayerDeepLift(net, net[3]).attribute(x, b, target=k, attribute_to_layer_input=True).detach()
+        ours_from_captum = torch.where(a > 0, cap * m, (a - ab) * 0)  # captum: plain relu'(a) = [a > 0]
+        mask = a > 0
+        torch.testing.assert_close(out["attr", "3:input"][:, k][mask], ours_from_captum[mask], rtol=1e-10, atol=1e-12)
+    assert out["convergence_delta"].abs().max() < 1e-12
+
+
+def test_layer_deep_lift_pins_site_error():
+    net = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+    td = TensorDict({"x": torch.randn(2, 3)}, batch_size=[2])
+    with pytest.raises(tdfunc.SiteError, match=r"tdfunc.layer_deep_lift: unknown site 'nope'"):
+        tdfunc.layer_deep_lift(lambda t: net(t["x"]), td, net, "nope")
+    with pytest.raises(tdfunc.AttributionError, match=r"tdfunc.layer_deep_lift: eps must be a non-negative float"):
+        tdfunc.layer_deep_lift(lambda t: net(t["x"]), td, net, "1", eps=float("nan"))

@@ -11,6 +11,7 @@ from ._common import MiscompileError as MiscompileError
 from .._finite import NonFiniteWarning as NonFiniteWarning
 from ._deep_lift import deep_lift as deep_lift
 from ._deep_lift import deep_lift_shap as deep_lift_shap
+from ._deep_lift import layer_deep_lift as layer_deep_lift
 from ._gradient import input_x_gradient as input_x_gradient
 from ._gradient_shap import gradient_shap as gradient_shap
 from ._gradient import saliency as saliency
@@ -57,6 +58,7 @@ __all__ = [
     "internal_influence",
     "kernel_shap",
     "layer_conductance",
+    "layer_deep_lift",
     "layer_feature_ablation",
     "layer_gradient_x_activation",
     "layer_integrated_gradients",
