@@ -34,6 +34,7 @@ from ._errors import NotReachedError as NotReachedError
 from ._errors import SiteError as SiteError
 from ._errors import StateError as StateError
 from ._errors import TdfuncError as TdfuncError
+from ._listing import list_sites as list_sites
 from ._sites import install_sites as install_sites
 from ._sites import remove_sites as remove_sites
 from ._state import state as state
@@ -63,6 +64,7 @@ __all__ = [
     "EditError",
     "StateError",
     "NotReachedError",
+    "list_sites",
 ]
 __all__ += attribution.__all__
 

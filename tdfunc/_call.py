@@ -88,6 +88,12 @@ def functional_call(
       applies to every call; a capture without ``@`` of a module that ran several times is an error;
     * globs: ``"blocks.*.mlp"`` (``*`` within one name segment, ``**`` across segments);
       a glob capture returns one entry per matched module, keyed by its name;
+    * ``"blocks.0:input.hidden_states"`` — the forward's argument by name (passed by keyword or
+      positionally); ``"model:output.logits"`` — an entry of a dict / ``ModelOutput`` output;
+    * ``"blocks.0.attn/softmax"`` — an operation site: the output of a torch function (``softmax``,
+      ``matmul``, ``einsum``, ``mul``, ``scaled_dot_product_attention``, …) called by that module's own
+      forward code (not its submodules'), with the same ``:input.N`` and ``@k`` suffixes
+      (``"blocks.0.attn/matmul:input.1@0"``); :func:`tdfunc.list_sites` lists them;
     * a :class:`tdfunc.Tap` placed in model code is a site under its own path.
 
     Edits:
@@ -95,7 +101,8 @@ def functional_call(
     * a ``Tensor`` — substitute the value (broadcast to its shape; same dtype and device);
     * a callable ``fn(value) -> value`` — e.g. ``lambda v: v * mask`` (same shape);
     * :func:`tdfunc.delta` ``(t)`` — add ``t``; differentiate w.r.t. ``t`` for the gradient at the site;
-    * :func:`tdfunc.rule` ``(fn)`` — ``fn(module, args, kwargs, output)`` replaces the output.
+    * :func:`tdfunc.rule` ``(fn)`` — ``fn(module, args, kwargs, output)`` replaces the output
+      (at an operation site ``module`` is the torch function).
 
     Several edits at one site apply in the order of the mapping; captures see the value after the
     edits of the same call.  Edits run outside the call: a model called inside an edit runs plain.

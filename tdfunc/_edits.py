@@ -69,7 +69,9 @@ def rule(fn: Callable[[torch.nn.Module, tuple, dict, Any], Any]) -> Rule:
 
     ``module`` carries the call's substituted parameters (``module.weight`` is the state's weight), so
     a rule can rewrite how the layer computes, e.g. LRP rules that keep the value and change the
-    Jacobian.  Rules apply to module outputs only (not to ``:input`` sites).
+    Jacobian.  Rules apply to module outputs only (not to ``:input`` sites).  At an operation site
+    (``"blocks.0.attn/softmax"``) ``module`` is the torch function called there and ``args`` / ``kwargs``
+    its arguments, so ``fn`` can call it again on rewritten inputs.
 
     Example:
         >>> import torch, tdfunc

@@ -26,36 +26,52 @@ from torch import nn
 
 from ._edits import Delta, FromSite, Rule
 from ._errors import EditError, NotReachedError, SiteError, shape_str, suggest
+from ._ops import OP_OF
 from ._sites import ALL_CALLS, SiteSpec, acquire, module_table, parse_site, release, resolve_site
 
 _LOCAL = threading.local()
 
 
 class _Op:
-    """One edit or capture at one (module, port)."""
+    """One edit or capture at one (module, port), or at one (module, operation, port)."""
 
-    __slots__ = ("slot", "key", "element", "call", "payload", "capture", "port", "hidden", "read")
+    __slots__ = ("slot", "key", "element", "call", "payload", "capture", "port", "hidden", "read", "pos", "opname")
 
     def __init__(self, slot, key, port, element, call, payload, capture, hidden=False):
         self.slot, self.key, self.port, self.element = slot, key, port, element
         self.call, self.payload, self.capture = call, payload, capture
         self.hidden = hidden  # a read for a from_site edit: recorded, never returned
         self.read: _Op | None = None  # for from_site edits: the op recording the source
+        self.pos: int | None = None  # ":input.NAME": NAME's position in the forward's signature, if any
+        self.opname: str | None = None  # an operation site: the operation's name
 
 
 class _Entry:
     """The ops of one module, per port, and the index of its call counters."""
 
-    __slots__ = ("counter", "inputs", "outputs")
+    __slots__ = ("counter", "inputs", "outputs", "scope", "blocks")
 
     def __init__(self, counter):
         self.counter = counter
         self.inputs: list[_Op] = []
         self.outputs: list[_Op] = []
+        self.scope: int | None = None  # counter > 0 while this module's own code runs (operation sites under it)
+        self.blocks: list[int] = []  # scope counters of ancestors: their operation sites pause while this runs
+
+
+class _OpEntry:
+    """The ops of one operation under one module: the module's scope counter and the operation's call counter."""
+
+    __slots__ = ("scope", "counter", "inputs", "outputs", "path")
+
+    def __init__(self, scope: int, counter: int, path: str):
+        self.scope, self.counter, self.path = scope, counter, path
+        self.inputs: list[_Op] = []
+        self.outputs: list[_Op] = []
 
 
 class Plan:
-    __slots__ = ("fn", "entries", "edits", "captures", "n_counters", "strict", "sites")
+    __slots__ = ("fn", "entries", "edits", "captures", "n_counters", "strict", "sites", "ops")
 
     def __init__(self, fn: str, strict: bool = True):
         self.fn = fn
@@ -65,6 +81,7 @@ class Plan:
         self.captures: list[_Op] = []
         self.n_counters = 0
         self.sites: list[tuple[str, nn.Module]] = []  # (name, module) of every entry, installed per call
+        self.ops: dict[str, list[_OpEntry]] = {}  # operation name -> its entries (empty: no operation site)
 
 
 class Frame:
@@ -151,15 +168,37 @@ def make_plan(fn: str, root: nn.Module, edits: Mapping | None, capture: Any, str
     seen_keys: set[str] = set()
     requests = [(s, v, False) for s, v in (edits or {}).items()] + [(s, None, True) for s in cap_sites]
 
-    def add(name, m, spec, key, payload, is_capture, hidden=False) -> _Op:
+    op_entries: dict[tuple[nn.Module, str], _OpEntry] = {}
+
+    def entry_of(name: str, m: nn.Module) -> _Entry:
         entry = plan.entries.get(m)
         if entry is None:
             entry = plan.entries[m] = _Entry(plan.n_counters)
             plan.n_counters += 2
             plan.sites.append((name, m))
+        return entry
+
+    def add(name, m, spec, key, payload, is_capture, hidden=False) -> _Op:
+        entry = entry_of(name, m)
         op = _Op(len(plan.edits) + len(plan.captures), key, spec.port, spec.element, spec.call, payload, is_capture, hidden)
         (plan.captures if is_capture else plan.edits).append(op)
-        (entry.inputs if spec.port == "input" else entry.outputs).append(op)
+        target: _Entry | _OpEntry = entry
+        if spec.op is not None:
+            op.opname = spec.op
+            if entry.scope is None:
+                entry.scope = plan.n_counters
+                plan.n_counters += 1
+                for sub, d in m.named_modules(prefix=name, remove_duplicate=False):
+                    if d is not m:  # the module's own code only: a submodule's operations are its own sites
+                        entry_of(sub, d).blocks.append(entry.scope)
+            target = op_entries.get((m, spec.op))  # type: ignore[assignment]
+            if target is None:
+                target = op_entries[(m, spec.op)] = _OpEntry(entry.scope, plan.n_counters, name)
+                plan.n_counters += 1
+                plan.ops.setdefault(spec.op, []).append(target)
+        elif spec.port == "input" and isinstance(spec.element, str):
+            op.pos = _position(m, spec.element)
+        (target.inputs if spec.port == "input" else target.outputs).append(op)
         return op
 
     for site, payload, is_capture in requests:
@@ -186,10 +225,27 @@ def make_plan(fn: str, root: nn.Module, edits: Mapping | None, capture: Any, str
                     )
                 (src_name, src_m), = _resolve(fn, root, src, cache)
                 op.read = add(src_name, src_m, src, src.text, None, True, hidden=True)
-    for entry in plan.entries.values():  # per frame: its edits first, then its captures
-        entry.inputs.sort(key=lambda o: o.capture)
-        entry.outputs.sort(key=lambda o: o.capture)
+    every: list[_Entry | _OpEntry] = [*plan.entries.values(), *op_entries.values()]
+    for e in every:  # per frame: its edits first, then its captures
+        e.inputs.sort(key=lambda o: o.capture)
+        e.outputs.sort(key=lambda o: o.capture)
     return plan
+
+
+def _position(module: nn.Module, name: str) -> int | None:
+    """The position of argument ``name`` in ``module.forward``'s signature (``None``: keyword-only or absent)."""
+    import inspect
+
+    try:
+        params = list(inspect.signature(module.forward).parameters.values())
+    except (TypeError, ValueError):
+        return None
+    for i, p in enumerate(params):
+        if p.kind in (p.VAR_POSITIONAL, p.KEYWORD_ONLY, p.VAR_KEYWORD):
+            return None
+        if p.name == name:
+            return i
+    return None
 
 
 # --- the stack -----------------------------------------------------------------------------------
@@ -299,30 +355,74 @@ def _edit(frame: Frame, op: _Op, value: Any, module, args, kwargs, output) -> An
     return new if new is value else _own(new)  # the model's own value (an in-place edit) stays
 
 
-def _get(fn: str, op: _Op, container: Any, port: str) -> Any:
-    i = op.element
+def _keys(container: Mapping) -> str:
+    return repr([k for k in container])
+
+
+def _get(fn: str, op: _Op, container: Any, port: str, i: int | str | None = None) -> Any:
+    if i is None:
+        i = op.element
     if i is None:
         if isinstance(container, (torch.Tensor, TensorDictBase)):
             return container
+        if isinstance(container, Mapping) and port == "output":
+            raise SiteError(
+                f"{fn}: site {op.key!r}: the {_what(op)} output is a {type(container).__name__} with keys "
+                f"{_keys(container)}; address one entry by key, e.g. '{op.key.split('@')[0]}:output.{next(iter(container), 'KEY')}'."
+            )
         i = 0
+    if isinstance(i, str):  # an output key (a ":input.NAME" was turned into a keyword or a position before)
+        if isinstance(container, Mapping) and i in container:
+            return container[i]
+        if port == "input":
+            raise SiteError(
+                f"{fn}: site {op.key!r}: the module's forward received no input named {i!r} in this call (it has no "
+                f"such argument, or the argument took its default); name an argument the caller passes."
+            )
+        keys = f" with keys {_keys(container)}" if isinstance(container, Mapping) else ""
+        raise SiteError(
+            f"{fn}: site {op.key!r}: the {_what(op)} output is {_describe(container)}{keys}, with no key {i!r}; "
+            + ("use one of its keys." if keys else "address a tuple element as ':output.N', a dict key as ':output.KEY'.")
+        )
     if isinstance(container, (tuple, list)) and len(container) > i:
         return container[i]
     what = "positional inputs are" if port == "input" else "output is"
     size = f" of length {len(container)}" if isinstance(container, (tuple, list)) else ""
+    if op.opname is not None:
+        fix = (
+            f"the call of {op.opname} has {len(container)} positional inputs; use ':input.N' with N below that."
+            if port == "input"
+            else "use ':output.N' with a valid N."
+        )
+        raise SiteError(f"{fn}: site {op.key!r}: the operation's {what} {_describe(container)}{size}, with no element {i}; {fix}")
     fix = (
         "an input passed by keyword cannot be addressed; pass it positionally or edit another site."
         if port == "input"
         else "use 'path:output.N' with a valid N."
     )
+    if isinstance(container, Mapping) and port == "output":
+        fix = f"it is a {type(container).__name__} with keys {_keys(container)}; address an entry as 'path:output.KEY'."
     raise SiteError(f"{fn}: site {op.key!r}: the module's {what} {_describe(container)}{size}, with no element {i}; {fix}")
 
 
-def _put(container: Any, op: _Op, new: Any) -> Any:
-    i = op.element
+def _what(op: _Op) -> str:
+    return "module's" if op.opname is None else f"{op.opname} call's"
+
+
+def _put(container: Any, op: _Op, new: Any, i: int | str | None = None) -> Any:
+    if i is None:
+        i = op.element
     if i is None:
         if isinstance(container, (torch.Tensor, TensorDictBase)):
             return new
         i = 0
+    if isinstance(i, str):  # a dict or a ModelOutput: a new one of the same type, the entry replaced
+        entries = {**container, i: new}
+        if type(container) is dict:
+            return entries
+        if hasattr(container, "to_tuple"):  # transformers' ModelOutput: a dataclass built from its fields
+            return type(container)(**entries)
+        return type(container)(entries)
     items = list(container)
     items[i] = new
     if isinstance(container, list):
@@ -342,18 +442,33 @@ def _capture_copy(value: Any) -> Any:
 def _run(frame: Frame, ops: list[_Op], counter: int, port: str, module, args, kwargs, container) -> Any:
     k = frame.counts[counter]
     frame.counts[counter] = k + 1
+    return _apply(frame, ops, k, port, module, args, kwargs, container)[0]
+
+
+def _apply(frame: Frame, ops: list[_Op], k: int, port: str, module, args, kwargs, container) -> tuple[Any, Any]:
+    """Run ``ops`` on call ``k``; return ``(container, kwargs)`` (kwargs change for ``:input.NAME`` sites)."""
     fn = frame.plan.fn
     for op in ops:
         if op.call is not None and op.call != ALL_CALLS and op.call != k:
             continue
-        value = _get(fn, op, container, port)
+        i = op.element
+        by_kw = False
+        if port == "input" and isinstance(i, str):
+            if kwargs is not None and i in kwargs:
+                by_kw = True
+            elif op.pos is not None and op.pos < len(container):
+                i = op.pos
+        value = kwargs[i] if by_kw else _get(fn, op, container, port, i)
         frame.hits[op.slot] += 1
         if op.capture:
             frame.values[op.slot].append(_capture_copy(value))
         else:
             new = _edit(frame, op, value, module, args, kwargs, container)
-            container = _put(container, op, new)
-    return container
+            if by_kw:
+                kwargs = {**kwargs, i: new}
+            else:
+                container = _put(container, op, new, i)
+    return container, kwargs
 
 
 _NO_OUTPUT = object()
@@ -378,11 +493,21 @@ def input_hook(module, args, kwargs=None):
     frames = _active(stack)
     for frame in frames:
         entry = frame.plan.entries.get(module)
-        if entry is not None and entry.inputs:
-            if not changed:
-                _watch_checkpoints(frames)
-            args = _run(frame, entry.inputs, entry.counter, "input", module, args, kwargs, args)
-            changed = True
+        if entry is not None:
+            if entry.scope is not None:  # operation sites under this module count from now on
+                if not changed:
+                    _watch_checkpoints(frames)
+                frame.counts[entry.scope] += 1
+            for b in entry.blocks:  # and pause while a submodule runs
+                frame.counts[b] -= 1
+            if entry.inputs:
+                if not changed:
+                    _watch_checkpoints(frames)
+                counter = entry.counter
+                k = frame.counts[counter]
+                frame.counts[counter] = k + 1
+                args, kwargs = _apply(frame, entry.inputs, k, "input", module, args, kwargs, args)
+                changed = True
     return (args, kwargs) if changed else None
 
 
@@ -394,12 +519,86 @@ def output_hook(module, args, kwargs, output=_NO_OUTPUT):
     frames = _active(stack)
     for frame in frames:
         entry = frame.plan.entries.get(module)
-        if entry is not None and entry.outputs:
-            if not changed:
-                _watch_checkpoints(frames)
-            output = _run(frame, entry.outputs, entry.counter + 1, "output", module, args, kwargs, output)
-            changed = True
+        if entry is not None:
+            if entry.scope is not None:
+                frame.counts[entry.scope] -= 1
+            for b in entry.blocks:
+                frame.counts[b] += 1
+            if entry.outputs:
+                if not changed:
+                    _watch_checkpoints(frames)
+                output = _run(frame, entry.outputs, entry.counter + 1, "output", module, args, kwargs, output)
+                changed = True
     return output if changed else None
+
+
+# --- operation sites -----------------------------------------------------------------------------
+# A call whose plan has operation sites runs under one _OpMode (a TorchFunctionMode): it sees every
+# torch function called from Python during the call, maps it to an operation name (``_ops.OP_OF``)
+# and applies the ops of every active frame whose module scope is open (the module's input hook
+# opened it, its output hook closes it: the counters live in the frame, as '@k' counters do).  The
+# mode keeps no state of its own: compiled code reads nothing back from it.  Only one _OpMode runs
+# per thread (``_LOCAL.modes``): it serves every frame, innermost first, so nested calls compose as
+# module sites do.  torch runs a mode's handler with the mode popped, so while it runs user code (an
+# edit) it is not live, and a call with operation sites inside that edit enters its own mode.
+
+
+class _OpMode(torch.overrides.TorchFunctionMode):
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if kwargs is None:
+            kwargs = {}
+        name = OP_OF.get(func)
+        stack = getattr(_LOCAL, "stack", None)
+        if name is None or not stack:
+            return func(*args, **kwargs)
+        hits = []
+        i = len(stack) - 1
+        while i >= 0 and stack[i] is not None:  # the active frames, innermost first (as _active)
+            frame = stack[i]
+            for oe in frame.plan.ops.get(name, ()):
+                if frame.counts[oe.scope] > 0:
+                    k = frame.counts[oe.counter]
+                    frame.counts[oe.counter] = k + 1
+                    hits.append((frame, oe, k))
+            i -= 1
+        if not hits:
+            return func(*args, **kwargs)
+        modes = _LOCAL.modes
+        modes.pop()  # torch popped this mode while its handler runs: not live for user code run here
+        try:
+            for frame, oe, k in hits:
+                if oe.inputs:
+                    args, kwargs = _apply(frame, oe.inputs, k, "input", func, args, kwargs, args)
+            out = func(*args, **kwargs)
+            for frame, oe, k in hits:
+                if oe.outputs:
+                    out = _apply(frame, oe.outputs, k, "output", func, args, kwargs, out)[0]
+        finally:
+            modes.append(self)
+        return out
+
+
+def _modes() -> list:
+    modes = getattr(_LOCAL, "modes", None)
+    if modes is None:
+        modes = _LOCAL.modes = []
+    return modes
+
+
+def _call_with_ops(needs_mode: bool, fn, args: tuple, kwargs: dict):
+    """``fn(*args, **kwargs)``, under an :class:`_OpMode` when ``needs_mode`` and none is live in this thread."""
+    if not needs_mode:
+        return fn(*args, **kwargs)
+    modes = _modes()
+    if modes:
+        return fn(*args, **kwargs)
+    mode = _OpMode()
+    modes.append(mode)
+    try:
+        with mode:
+            return fn(*args, **kwargs)
+    finally:
+        modes.pop()
 
 
 # --- torch.utils.checkpoint ----------------------------------------------------------------------
@@ -442,7 +641,7 @@ def _replay(snaps: list[Frame], fn, args, kwargs):
             for f in frames:
                 push(f)
             try:
-                return fn(*args, **kwargs)
+                return _call_with_ops(any(f.plan.ops for f in frames), fn, args, kwargs)
             finally:
                 for _ in frames:
                     pop()
@@ -505,7 +704,31 @@ def _calls(frame: Frame, op: _Op) -> int:
             return frame.counts[entry.counter]
         if op in entry.outputs:
             return frame.counts[entry.counter + 1]
+    for oes in frame.plan.ops.values():
+        for oe in oes:
+            if op in oe.inputs or op in oe.outputs:
+                return frame.counts[oe.counter]
     return 0
+
+
+def _ran(frame: Frame, op: _Op) -> str:
+    """How often the site's module (or operation) ran in this call, for a NotReachedError."""
+    n = _calls(frame, op)
+    if op.opname is None:
+        return f"the module {_times(n)} in this call"
+    path = op.key.split("/")[0]
+    calls = {0: "was never called", 1: "was called once"}.get(n, f"was called {n} times")
+    return f"{op.opname} {calls} under {path!r} in this call"
+
+
+def _op_hint(op: _Op) -> str:
+    if op.opname != "softmax":
+        return ""
+    return (
+        " A model whose attention runs torch's scaled_dot_product_attention (transformers' default, "
+        "attn_implementation='sdpa') never forms the attention pattern: load it with attn_implementation='eager' "
+        "to address the softmax, or use the site '…/scaled_dot_product_attention' for the attention output."
+    )
 
 
 def finish(frame: Frame) -> TensorDict:
@@ -513,11 +736,11 @@ def finish(frame: Frame) -> TensorDict:
     fn = frame.plan.fn
     for op in frame.plan.edits:
         if frame.hits[op.slot] == 0 and frame.plan.strict:
-            n = _calls(frame, op)
             raise NotReachedError(
-                f"{fn}: the edit at site {op.key!r} was never applied: the module {_times(n)} in this call"
+                f"{fn}: the edit at site {op.key!r} was never applied: {_ran(frame, op)}"
                 + (f", so it has no call {op.call}" if op.call not in (None, ALL_CALLS) else "")
                 + ". Check that the forward reaches this module (and with these inputs), or remove the edit."
+                + _op_hint(op)
             )
     out = {}
     for op in frame.plan.captures:
@@ -526,12 +749,12 @@ def finish(frame: Frame) -> TensorDict:
         vals = frame.values[op.slot]
         if not vals and not frame.plan.strict:
             continue
-        n = _calls(frame, op)
         if not vals:
             raise NotReachedError(
-                f"{fn}: nothing was captured at site {op.key!r}: the module {_times(n)} in this call"
+                f"{fn}: nothing was captured at site {op.key!r}: {_ran(frame, op)}"
                 + (f", so it has no call {op.call}" if op.call not in (None, ALL_CALLS) else "")
                 + ". Capture a site the forward reaches."
+                + _op_hint(op)
             )
         if op.call is None and len(vals) > 1:
             raise NotReachedError(
@@ -566,7 +789,7 @@ def run_frame(frame: Frame, fn, args: tuple = (), kwargs: dict | None = None):
     held = acquire(frame.plan.fn, frame.plan.sites)
     push(frame)
     try:
-        result = fn(*args, **(kwargs or {}))
+        result = _call_with_ops(bool(frame.plan.ops), fn, args, kwargs or {})
     finally:
         pop()
         release(held)

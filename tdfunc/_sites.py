@@ -2,15 +2,20 @@
 
 Grammar::
 
-    site   := path [":" port] ["@" call]
+    site   := path ["/" op] [":" port] ["@" call]
     path   := dotted module name as in ``named_modules()``; segments may be globs
               ("*" and "?" within a segment, "**" for any number of segments)
-    port   := "output" | "output.N" | "input" | "input.N"      (default "output")
+    op     := a torch operation called while the module's forward runs ("softmax", "matmul", ...;
+              see ``_ops.OPS``): the site is that operation's output / inputs, not the module's
+    port   := "output" | "output.N" | "output.KEY" | "input" | "input.N" | "input.NAME"  (default "output")
+              (KEY: a key of a dict / ModelOutput output; NAME: an argument of the module's forward,
+              passed by keyword or positionally)
     call   := N | "*"                                           (default: every call)
 """
 
 from __future__ import annotations
 
+import difflib
 import threading
 import weakref
 from dataclasses import dataclass
@@ -20,6 +25,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from ._errors import SiteError, suggest
+from ._ops import OPS
 
 __all__ = ["SiteSpec", "ALL_CALLS", "parse_site", "resolve_site", "acquire", "release", "remove_sites", "is_installed"]
 
@@ -32,9 +38,10 @@ class SiteSpec:
     text: str  # the site string as given
     path: str
     port: str  # "input" | "output"
-    element: int | None  # positional input / tuple-output element; None = default
+    element: int | str | None  # positional input / tuple-output element, or a name / key; None = default
     call: int | None  # None: every call, k: the k-th call, ALL_CALLS: every call, kept apart
-    suffix: str  # the ":port@call" part, reused for glob expansions
+    suffix: str  # the "/op:port@call" part, reused for glob expansions
+    op: str | None = None  # an operation site: the torch operation called under the module ``path``
 
     @property
     def is_glob(self) -> bool:
@@ -61,7 +68,8 @@ def parse_site(fn: str, text: object) -> SiteSpec:
             call = int(c)
         else:
             raise _bad(fn, text, f"the call index after '@' must be a non-negative integer or '*', got {c!r}")
-    path, port, element = rest, "output", None
+    path, port = rest, "output"
+    element: int | str | None = None
     if ":" in rest:
         path, _, p = rest.partition(":")
         name, _, idx = p.partition(".")
@@ -69,13 +77,28 @@ def parse_site(fn: str, text: object) -> SiteSpec:
             raise _bad(fn, text, f"the port after ':' must be 'input' or 'output', got {name!r}")
         port = name
         if idx:
-            if not idx.isdigit():
-                raise _bad(fn, text, f"the element index after '{name}.' must be an integer, got {idx!r}")
-            element = int(idx)
+            if idx.isdigit():
+                element = int(idx)
+            elif idx.isidentifier():
+                element = idx
+            else:
+                raise _bad(
+                    fn, text, f"the element after '{name}.' must be an integer or a name (a keyword input, an output "
+                    f"key), got {idx!r}"
+                )
+    op = None
+    if "/" in path:
+        path, _, op = path.partition("/")
+        if op not in OPS:
+            close = difflib.get_close_matches(op, list(OPS), n=1, cutoff=0.5)
+            raise _bad(
+                fn, text, f"unknown operation {op!r} after '/'" + (f" (did you mean {close[0]!r}?)" if close else "")
+                + f"; operation sites name one of {sorted(OPS)}"
+            )
     if not path:
         raise _bad(fn, text, "it names no module path (the root module's output is the call's return value)")
     suffix = text[len(path):]
-    return SiteSpec(text, path, port, element, call, suffix)
+    return SiteSpec(text, path, port, element, call, suffix, op)
 
 
 # the glob grammar lives in _match.py (one matcher for every function that takes site patterns);
@@ -284,6 +307,7 @@ def install_sites(module: nn.Module, sites: str | list[str] | tuple[str, ...]) -
     Args:
         module: the root module.
         sites: a site string or a list of them; globs allowed (``"**"`` installs every submodule).
+            An operation site (``"blocks.0.attn/softmax"``) installs its module and the module's submodules.
 
     Raises:
         SiteError: a site names no submodule.
@@ -307,7 +331,13 @@ def install_sites(module: nn.Module, sites: str | list[str] | tuple[str, ...]) -
             f"({sites!r:.60}); e.g. tdfunc.install_sites(model, ['blocks.*.mlp']), or '**' for every submodule."
         )
     table = module_table(module)
-    found = [pair for s in sites for pair in resolve_site(fn, module, parse_site(fn, s), table)]
+    found = []
+    for s in sites:
+        spec = parse_site(fn, s)
+        for name, m in resolve_site(fn, module, spec, table):
+            found.append((name, m))
+            if spec.op is not None:  # an operation site also hooks the submodules (they pause its scope)
+                found += [(n, d) for n, d in m.named_modules(prefix=name) if d is not m]
     if torch.compiler.is_compiling():
         acquire(fn, found)  # checks only: hooks cannot be added here
         return

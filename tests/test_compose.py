@@ -210,6 +210,7 @@ INDUCTOR_ROWS = [
     "latent:steer-scale",
     "latent:probe-linear",
     "weights:lora",
+    "sites:op-softmax-delta+capture",  # operation sites: the TorchFunctionMode under inductor
 ]
 _BY_NAME = {c.name: c for c in CASES}
 INDUCTOR_CASES = [_BY_NAME[n] for n in INDUCTOR_ROWS if n in _BY_NAME]  # TDFUNC_CORE_ONLY: core rows only
@@ -300,6 +301,7 @@ NO_ROW = {
     "latent.local_pca_dimension": "returns integer dimension counts",
     "latent.ca_pca_dimension": "returns integer dimension counts",
 }
+    "list_sites": "a discovery helper: one eager forward under temporary hooks, returning site names and shapes",
 
 
 @pytest.mark.skipif(os.environ.get("TDFUNC_CORE_ONLY") == "1", reason="the full table only")

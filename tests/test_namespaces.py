@@ -19,7 +19,8 @@ ROOT = pathlib.Path(tdfunc.__file__).resolve().parent
 
 def test_top_level_is_core_plus_attribution():
     core = {"functional_call", "intervene", "state", "delta", "rule", "from_site", "Delta", "Rule", "FromSite", "Tap",
-            "install_sites", "remove_sites", "TdfuncError", "SiteError", "EditError", "StateError", "NotReachedError"}
+            "install_sites", "remove_sites", "TdfuncError", "SiteError", "EditError", "StateError", "NotReachedError",
+            "list_sites"}
     assert set(tdfunc.__all__) == core | set(SPACES) | set(tdfunc.attribution.__all__)
     assert len(tdfunc.__all__) == len(set(tdfunc.__all__))
     for name in tdfunc.attribution.__all__:
