@@ -81,6 +81,8 @@ TABLE: dict[str, list] = {
     "infidelity": [lambda: tdfunc.infidelity(None, TD, TD), lambda: tdfunc.infidelity(F, TD, None)],
     "sensitivity_max": [lambda: tdfunc.sensitivity_max(None, F, TD), lambda: tdfunc.sensitivity_max(tdfunc.saliency, F, None)],
     # latent
+    "cache_attributions": [lambda: tdfunc.latent.cache_attributions(None, F, [TD]),
+                           lambda: tdfunc.latent.cache_attributions(tdfunc.saliency, F, [X])],
     "cache_activations": [lambda: tdfunc.latent.cache_activations(None, None, [X], ["0"]),
                           lambda: tdfunc.latent.cache_activations(NET, None, [X], 3)],
     "patch": [lambda: tdfunc.latent.patch(None, None, (X,), {}, "0"), lambda: tdfunc.latent.patch(NET, None, (X,), None, "0")],

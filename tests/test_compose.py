@@ -293,6 +293,7 @@ def test_double_backward_attribution_penalty_matches_autograd():
 # (each has its own tests and pinned errors). Anything else public must appear in a row.
 NO_ROW = {
     "latent.cache_activations": "a loop over a dataset writing a (memory-mapped) cache",
+    "latent.cache_attributions": "a loop over a dataset running an attribution method per batch (which has rows)",
     "latent.generate_greedy": "a token-by-token loop with data-dependent stopping",
     "latent.probe_fit": "an optimisation loop over epochs (probe_init / probe_apply / probe_evaluate have rows)",
     "latent.fit_probes": "many probe_fit loops with a train/test split",

@@ -71,6 +71,16 @@ def test_torchrun_two_ranks_equal_one_process(ran):
         _same(got["disk"])
 
 
+def test_torchrun_cache_attributions_equal_one_process(ran):
+    _, ranks = ran
+    f = lambda td: NET(td["input"])[:, -1, 0]  # noqa: E731
+    ref = tdfunc.latent.cache_attributions(tdfunc.saliency, f, [DATASET[i:i + 2] for i in range(0, 11, 2)],
+                                           progress=False).flatten_keys(".")
+    for got in ranks:
+        _same(got["attr_memory"], ref)
+        _same(got["attr_disk"], ref)
+
+
 def test_killed_rank_resumes_under_torchrun(ran):
     out, ranks = ran
     mask = open(os.path.join(out, "killed", "rows.mask"), "rb").read()

@@ -7,6 +7,7 @@ bad input is a :class:`LatentError` (a :class:`tdfunc.TdfuncError`).
 from ._atp import attribution_patching as attribution_patching
 from ._cache import CacheError as CacheError
 from ._cache import cache_activations as cache_activations
+from ._cache_attr import cache_attributions as cache_attributions
 from ._common import LatentError as LatentError
 from ._dimension import ca_pca_dimension as ca_pca_dimension
 from ._dimension import local_pca_dimension as local_pca_dimension

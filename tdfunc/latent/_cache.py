@@ -332,33 +332,40 @@ def _cache(module, state, batches, sites, path, reduce, mask_key, reducer, input
            group):
     reduce_name = reduce if isinstance(reduce, str) or reduce is None else "<callable>"
     site_list = [sites] if isinstance(sites, str) else list(sites)
+    key = mask_key if isinstance(mask_key, str) else list(mask_key)  # as JSON stores it
+
+    def ident() -> dict:
+        return {"sites": site_list, "reduce": reduce_name, "mask_key": key if reduce == "masked_mean" else None,
+                "reduce_fingerprint": fingerprint(reduce) if reduce_name == "<callable>" else None,
+                "state": state_digest(module, state)}
+
+    return drive(batches, path, total, progress, group, ident,
+                 lambda batch, i: _batch_values(module, state, batch, i, site_list, inputs, input_key, reducer))
+
+
+def drive(batches, path, total, progress, group, make_ident, values_of):
+    """Run ``values_of(batch, i) -> {key: (rows, ...)}`` over ``batches`` into one cache (in memory, on disk,
+    data-parallel); ``make_ident()`` gives what identifies the run (sites, reduce, fingerprints, state digest)."""
     n_batches = len(batches) if hasattr(batches, "__len__") else None
     path = os.fspath(path) if path is not None else None
     record, fd, ident = None, None, None
     sharded = group is not False or (path is not None and bool((disk.read_record(path) or {}).get("sharded")))
     if path is not None or sharded:
-        key = mask_key if isinstance(mask_key, str) else list(mask_key)  # as JSON stores it
-        ident = {"sites": site_list, "reduce": reduce_name, "mask_key": key if reduce == "masked_mean" else None,
-                 "reduce_fingerprint": fingerprint(reduce) if reduce_name == "<callable>" else None,
-                 "state": state_digest(module, state), "n_batches": n_batches}
+        ident = {**make_ident(), "n_batches": n_batches}
     if sharded:  # data-parallel: each rank its shard, or resuming a cache written so
-        return shard.run_sharded(
-            batches, path, progress, ident, group,
-            lambda batch, i: _batch_values(module, state, batch, i, site_list, inputs, input_key, reducer))
+        return shard.run_sharded(batches, path, progress, ident, group, values_of)
     if path is not None:
         record, fd = _open(path, ident, n_batches, batches)
         if record is not None and record["complete"]:
             return disk.load(path, record)
     held = [fd]  # the writers' lock, from here to the end of the call (create() takes it for a new cache)
     try:
-        return _run(module, state, batches, site_list, path, reducer, input_key, inputs, total, progress,
-                    n_batches, record, held, ident)
+        return _run(batches, path, total, progress, n_batches, record, held, ident, values_of)
     finally:
         disk.unlock(held[0])
 
 
-def _run(module, state, batches, site_list, path, reducer, input_key, inputs, total, progress, n_batches, record,
-         held, ident):
+def _run(batches, path, total, progress, n_batches, record, held, ident, values_of):
     done = record["batches_done"] if record is not None else 0
 
     bar = progress_bar(enabled=progress, desc=FN, total=n_batches, initial=done, unit="batch")
@@ -374,7 +381,7 @@ def _run(module, state, batches, site_list, path, reducer, input_key, inputs, to
                     disk.verify(path, record, ident, None, first_digest)
             if i < done:
                 continue
-            values = _batch_values(module, state, batch, i, site_list, inputs, input_key, reducer)
+            values = values_of(batch, i)
             spec = _row_spec(values)
             rows = next(iter(values.values())).shape[0]
             if path is None:

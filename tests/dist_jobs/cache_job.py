@@ -3,7 +3,8 @@
 Each rank caches its DistributedSampler shard of an 11-row dataset (2 ranks: the last shard is padded)
 on disk under OUT/cache.  With K, rank 1 kills itself (SIGKILL) when it fetches its K-th batch (torchrun
 then stops rank 0).  Without K the job resumes OUT/cache, caches in memory and into a fresh OUT/fresh,
-and saves what it got and how many rows it ran to OUT/rank<r>.pt.
+and saves what it got and how many rows it ran to OUT/rank<r>.pt; also cache_attributions (saliency), gathered
+and into OUT/attr.
 
 (One launch with ``--max-restarts 1`` would do both, but gloo fails to reconnect after an elastic
 restart here: ``Gloo connectFullMesh failed ... Connection refused``.)
@@ -65,7 +66,11 @@ def main(out, kill):
     got["memory"] = tdfunc.latent.cache_activations(NET, None, loader, ["0", "2"], reduce="mean", progress=False)
     got["fresh"] = tdfunc.latent.cache_activations(NET, None, loader, ["0", "2"], reduce="mean", progress=False,
                                                    path=os.path.join(out, "fresh"))
-    torch.save({k: v if k == "rows_run" else {key: torch.as_tensor(t).clone() for key, t in v.items()}
+    f = lambda td: NET(td["input"])[:, -1, 0]  # noqa: E731
+    got["attr_memory"] = tdfunc.latent.cache_attributions(tdfunc.saliency, f, loader, progress=False)
+    got["attr_disk"] = tdfunc.latent.cache_attributions(tdfunc.saliency, f, loader, progress=False,
+                                                        path=os.path.join(out, "attr"))
+    torch.save({k: v if k == "rows_run" else {key: torch.as_tensor(t).clone() for key, t in v.flatten_keys(".").items()}
                 for k, v in got.items()}, os.path.join(out, f"rank{rank}.pt"))
     dist.destroy_process_group()
 
