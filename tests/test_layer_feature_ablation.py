@@ -107,9 +107,10 @@ def test_errors_pinned():
     _raises("tdfunc.layer_feature_ablation: site '*' names several values; attribute one site at a time (no globs; "
             "'@k' for the k-th call of a module that runs several times).",
             lambda: tdfunc.layer_feature_ablation(f, td, net, "*"))
-    _raises("tdfunc.layer_feature_ablation: baseline for '1' has shape (3,) but the input has shape (2, 8); give a "
-            "baseline broadcastable to the input: a number, the feature shape (8,), (1, ...) or the input's shape.",
+    _raises("tdfunc.layer_feature_ablation: baseline for '1' has shape (3,) but the site's value has shape (2, 8); "
+            "give a baseline broadcastable to the site's value: a number, the feature shape (8,), (1, ...) or the "
+            "site's value's shape.",
             lambda: tdfunc.layer_feature_ablation(f, td, net, "1", baselines=torch.zeros(3)))
-    _raises("tdfunc.layer_feature_ablation: feature_mask for '1' has shape (3,) but the input has shape (2, 8); give "
-            "an integer mask broadcastable to the input (batch + feature shape).",
+    _raises("tdfunc.layer_feature_ablation: feature_mask for '1' has shape (3,) but the site's value has shape "
+            "(2, 8); give an integer mask broadcastable to the site's value (batch + feature shape).",
             lambda: tdfunc.layer_feature_ablation(f, td, net, "1", feature_mask=torch.zeros(3, dtype=torch.long)))

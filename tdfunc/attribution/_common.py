@@ -226,28 +226,29 @@ def shared_baselines(fn: str, baselines: object, keys: list) -> dict | None:
                      AttributionError)
 
 
-def shared_baseline(fn: str, k: Key, b: object, v: torch.Tensor) -> torch.Tensor:
+def shared_baseline(fn: str, k: Key, b: object, v: torch.Tensor, what: str = "the input") -> torch.Tensor:
     """One baseline shared across the batch, broadcast to the input ``v`` as captum does.
 
     A Python number (a tensor of ``v``'s dtype filled with it), or a tensor of ``v``'s dtype broadcastable to
     ``v``: ``()``, the feature shape ``(F,)``, ``(1, F)``, or ``v``'s shape (torch's broadcasting rule).
+    ``what`` names ``v`` in messages (a layer method: "the site's value").
     """
     if isinstance(b, (int, float)):
         fits = v.is_floating_point() or (float(b) in (0.0, 1.0) if v.dtype == torch.bool else float(b).is_integer())
         if not fits or not math.isfinite(b):
             raise AttributionError(
-                f"{fn}: baseline for {_show(k)} is {b!r} but the input has dtype {v.dtype}; give a finite value of "
-                "the input's dtype (for token ids an integer, e.g. the pad token id; for a bool mask True or False)."
+                f"{fn}: baseline for {_show(k)} is {b!r} but {what} has dtype {v.dtype}; give a finite value of "
+                f"{what}'s dtype (for token ids an integer, e.g. the pad token id; for a bool mask True or False)."
             )
         return torch.full((), b, dtype=v.dtype, device=v.device).expand(v.shape)
     if not isinstance(b, torch.Tensor):
         raise AttributionError(
-            f"{fn}: baseline for {_show(k)} must be a number or a tensor broadcastable to the input "
+            f"{fn}: baseline for {_show(k)} must be a number or a tensor broadcastable to {what} "
             f"{shape_str(v.shape)}, got {type(b).__name__}."
         )
     if b.device != v.device or b.dtype != v.dtype:
         raise AttributionError(
-            f"{fn}: baseline for {_show(k)} has dtype {b.dtype} on {b.device} but the input has dtype "
+            f"{fn}: baseline for {_show(k)} has dtype {b.dtype} on {b.device} but {what} has dtype "
             f"{v.dtype} on {v.device}; convert it with .to(input)."
         )
     _finite_input(fn, f"baseline for {_show(k)}", b, False)
@@ -257,9 +258,9 @@ def shared_baseline(fn: str, k: Key, b: object, v: torch.Tensor) -> torch.Tensor
         ok = False
     if not ok:
         raise AttributionError(
-            f"{fn}: baseline for {_show(k)} has shape {shape_str(b.shape)} but the input has shape "
-            f"{shape_str(v.shape)}; give a baseline broadcastable to the input: a number, the feature shape "
-            f"{shape_str(v.shape[1:]) if v.dim() else '()'}, (1, ...) or the input's shape."
+            f"{fn}: baseline for {_show(k)} has shape {shape_str(b.shape)} but {what} has shape "
+            f"{shape_str(v.shape)}; give a baseline broadcastable to {what}: a number, the feature shape "
+            f"{shape_str(v.shape[1:]) if v.dim() else '()'}, (1, ...) or {what}'s shape."
         )
     return b.expand(v.shape)
 

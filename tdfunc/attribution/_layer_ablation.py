@@ -142,12 +142,12 @@ def layer_feature_ablation(
             "Give td the batch shape the model sees, or attribute another site."
         )
     key = (site,)
-    base = torch.zeros_like(a) if baselines is None else shared_baseline(fn, key, baselines, a)
+    base = torch.zeros_like(a) if baselines is None else shared_baseline(fn, key, baselines, a, "the site's value")
     p = Inputs([key], {key: a}, {key: base}, batch)
     nb = len(batch)
     given = None if feature_mask is None else ({key: feature_mask} if isinstance(feature_mask, torch.Tensor)
                                                else feature_mask)
-    masks = feature_masks(fn, given, p)
+    masks = feature_masks(fn, given, p, "the site's value")
     if feature_mask is None:
         ids = torch.arange(math.prod(a.shape[nb:]), device=a.device)
     else:

@@ -70,7 +70,7 @@ def run_perturbed(f: Callable, td: TensorDictBase, p: Inputs, n: int, chunk_size
     return torch.cat(ys) if len(ys) > 1 else ys[0], total
 
 
-def feature_masks(fn: str, feature_mask, p: Inputs) -> dict:
+def feature_masks(fn: str, feature_mask, p: Inputs, what: str = "the input") -> dict:
     """key -> integer mask of the input's number of dims, broadcastable to it (default: one id per scalar)."""
     nb = len(p.batch)
     if feature_mask is None:
@@ -98,8 +98,8 @@ def feature_masks(fn: str, feature_mask, p: Inputs) -> dict:
             ok = False
         if not ok:
             raise AttributionError(
-                f"{fn}: feature_mask for {_show(key)} has shape {shape_str(m.shape)} but the input has shape "
-                f"{shape_str(x.shape)}; give an integer mask broadcastable to the input (batch + feature shape)."
+                f"{fn}: feature_mask for {_show(key)} has shape {shape_str(m.shape)} but {what} has shape "
+                f"{shape_str(x.shape)}; give an integer mask broadcastable to {what} (batch + feature shape)."
             )
         out[key] = m.to(x.device).reshape(*([1] * (x.dim() - m.dim())), *m.shape)
     return out
