@@ -85,4 +85,14 @@ def cases() -> list[Case]:
 
     rows.append(Case("gradientshap:mlp-K", mlp, gshap, (x6, refs, eps, alphas, index), (0, None, 0, 0, 0), (0, 1, 3),
                      "fc2", probe=x6))
+
+    def layer_gshap(x, r, e, a, i):  # layer GradientShap at an activation, every class, pre-drawn samples
+        td = TensorDict({"x": x[None]}, batch_size=[1])
+        out = tdfunc.layer_gradient_shap(lambda t: tdfunc.functional_call(mlp, s_mlp, (t["x"],)), td, mlp, "act",
+                                         TensorDict({"x": r}, batch_size=[4]), n_samples=S, stdevs=0.3, noise=e,
+                                         alphas=a, baseline_index=i)
+        return out["attr", "act"].flatten()
+
+    rows.append(Case("gradientshap:layer-K", mlp, layer_gshap, (x6, refs, eps, alphas, index), (0, None, 0, 0, 0),
+                     (0, 1, 3), "fc2", probe=x6))
     return rows

@@ -58,6 +58,7 @@ TABLE: dict[str, list] = {
     "deep_lift_shap": [lambda: tdfunc.deep_lift_shap(F, TD, NET, None), lambda: tdfunc.deep_lift_shap(F, TD, None, TD)],
     "layer_deep_lift": [lambda: tdfunc.layer_deep_lift(F, TD, None, "1"), lambda: tdfunc.layer_deep_lift(F, TD, NET, "nope")],
     "gradient_shap": [lambda: tdfunc.gradient_shap(F, TD, None), lambda: tdfunc.gradient_shap(F, TD, TD, n_samples=0)],
+    "layer_gradient_shap": [lambda: tdfunc.layer_gradient_shap(F, TD, None, "1", TD), lambda: tdfunc.layer_gradient_shap(F, TD, NET, "1", None)],
     "deconvolution": [lambda: tdfunc.deconvolution(None, TD, NET), lambda: tdfunc.deconvolution(F, TD, None)],
     "guided_grad_cam": [lambda: tdfunc.guided_grad_cam(F, TD, None, "1"),
                         lambda: tdfunc.guided_grad_cam(F, TD, NET, "1", interpolate_mode="x")],

@@ -117,3 +117,55 @@ def test_pins_errors():
         tdfunc.gradient_shap(f, td.clone().set(("baseline", "x"), torch.zeros(4, 3)), refs)
     with pytest.raises(tdfunc.AttributionError, match=r"tdfunc.gradient_shap: n_samples"):
         tdfunc.gradient_shap(f, td, refs, n_samples=0)
+
+
+@pytest.mark.parametrize("site,inp", [("1", False), ("3:input", True)])
+@pytest.mark.parametrize("mul", [True, False])
+def test_layer_gradient_shap_equals_captum_with_the_same_samples(site, inp, mul):
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3))
+    b, n, nref, std = 3, 6, 4, 0.1
+    x, refs = torch.randn(b, 4), torch.randn(nref, 4)
+    np.random.seed(3)
+    torch.manual_seed(3)
+    idx = np.random.choice(nref, n * b)
+    noise = torch.normal(0, torch.tensor(std).repeat(b * n, 4))
+    al = np.random.uniform(0, 1, b * n)
+    out = tdfunc.layer_gradient_shap(lambda t: net(t["x"]), TensorDict({"x": x}, batch_size=[b]), net, site,
+                                     TensorDict({"x": refs}, batch_size=[nref]), n_samples=n, stdevs=std,
+                                     noise=rows_to_samples(noise, b, n) / std, alphas=rows_to_samples(al, b, n).float(),
+                                     baseline_index=rows_to_samples(idx, b, n), multiply_by_inputs=mul)
+    layer = net[1] if site == "1" else net[3]
+    for k in range(3):
+        np.random.seed(3)
+        torch.manual_seed(3)
+        ref = captum_attr.LayerGradientShap(net, layer, multiply_by_inputs=mul).attribute(
+            x, refs, target=k, n_samples=n, stdevs=std, attribute_to_layer_input=inp)
+        assert float((out["attr", site][:, k] - ref).abs().sum()) < 1e-4
+
+
+def test_layer_gradient_shap_of_a_linear_tail_is_the_mean_site_change_times_the_weights():
+    """After the site the net is linear, so the gradient is W (no sampling dependence) and the map is
+    mean_s (a(x~_s) - a(x'_j)) * W: checked against that slow formula."""
+    torch.manual_seed(4)
+    net = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 2)).double()
+    x, refs = torch.randn(4, 3, dtype=torch.float64), torch.randn(3, 3, dtype=torch.float64)
+    g = torch.Generator().manual_seed(1)
+    eps, al, idx = torch.randn(5, 4, 3, generator=g, dtype=torch.float64), torch.rand(5, 4, generator=g, dtype=torch.float64), torch.randint(3, (5, 4), generator=g)
+    out = tdfunc.layer_gradient_shap(lambda t: net(t["x"]), TensorDict({"x": x}, batch_size=[4]), net, "1",
+                                     TensorDict({"x": refs}, batch_size=[3]), n_samples=5, stdevs=0.2, noise=eps,
+                                     alphas=al, baseline_index=idx)
+    act = lambda v: net[1](net[0](v))
+    slow = torch.stack([(act(x + 0.2 * eps[s]) - act(refs[idx[s]])) for s in range(5)]).mean(0)
+    torch.testing.assert_close(out["attr", "1"], slow[:, None, :] * net[2].weight[None], rtol=1e-12, atol=1e-12)
+
+
+def test_layer_gradient_shap_pins_errors():
+    net = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    td, refs = TensorDict({"x": torch.randn(2, 3)}, batch_size=[2]), TensorDict({"x": torch.randn(4, 3)}, batch_size=[4])
+    with pytest.raises(tdfunc.SiteError, match=r"tdfunc.layer_gradient_shap: unknown site 'nope'"):
+        tdfunc.layer_gradient_shap(lambda t: net(t["x"]), td, net, "nope", refs)
+    with pytest.raises(tdfunc.AttributionError, match=r"tdfunc.layer_gradient_shap: td holds the baseline entry "
+                       r"\('baseline', 'x'\), but layer_gradient_shap draws its baselines from the baselines TensorDict"):
+        tdfunc.layer_gradient_shap(lambda t: net(t["x"]), td.clone().set(("baseline", "x"), torch.zeros(2, 3)), net,
+                                   "1", refs)

@@ -14,6 +14,7 @@ from ._deep_lift import deep_lift_shap as deep_lift_shap
 from ._deep_lift import layer_deep_lift as layer_deep_lift
 from ._gradient import input_x_gradient as input_x_gradient
 from ._gradient_shap import gradient_shap as gradient_shap
+from ._gradient_shap import layer_gradient_shap as layer_gradient_shap
 from ._gradient import saliency as saliency
 from ._guided import deconvolution as deconvolution
 from ._guided import guided_backprop as guided_backprop
@@ -60,6 +61,7 @@ __all__ = [
     "layer_conductance",
     "layer_deep_lift",
     "layer_feature_ablation",
+    "layer_gradient_shap",
     "layer_gradient_x_activation",
     "layer_integrated_gradients",
     "lime",

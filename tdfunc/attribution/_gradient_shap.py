@@ -6,9 +6,11 @@ from collections.abc import Callable, Mapping
 
 import torch
 from tensordict import TensorDict, TensorDictBase
+from torch import nn
 from torch.func import vmap
 
 from .._checks import check_bool, check_chunk_size, check_generator, check_int, check_randomness, random_op_error
+from .._edits import delta
 from .._errors import shape_str
 from .._finite import readable
 from .._types import InKeys, Key
@@ -26,7 +28,7 @@ from ._common import (
 from ._deep_lift import check_baseline_distribution
 from ._noise import _draws, _stdevs
 
-__all__ = ["gradient_shap"]
+__all__ = ["gradient_shap", "layer_gradient_shap"]
 
 
 def _sample_tensor(fn: str, name: str, v: object, want: tuple, dtype_ok: Callable[[torch.dtype], bool], what: str,
@@ -120,49 +122,10 @@ def gradient_shap(
     backward), ``torch.compile(fullgraph=True)`` (with pre-drawn samples).
     """
     fn = "tdfunc.gradient_shap"
-    check_int(fn, "n_samples", n_samples, AttributionError)
-    check_chunk_size(fn, chunk_size, AttributionError)
-    check_generator(fn, generator, AttributionError)
-    check_bool(fn, "multiply_by_inputs", multiply_by_inputs, AttributionError)
-    check_randomness(fn, randomness, AttributionError)
-    if not isinstance(td, TensorDictBase):
-        raise TypeError(
-            f"{fn}: td must be a TensorDict holding the inputs, got {type(td).__name__}; "
-            "e.g. TensorDict({'x': x}, batch_size=[len(x)])."
-        )
-    held = [k for k in td.keys(include_nested=True, leaves_only=True) if isinstance(k, tuple) and k[0] == BASELINE]
-    if held:
-        raise AttributionError(
-            f"{fn}: td holds the baseline entry {held[0]!r}, but gradient_shap draws its baselines from the "
-            "baselines TensorDict (N per input); remove the entry from td."
-        )
-    p = prepare(fn, td, in_keys, f=f, baselines=False)
-    f = tensor_output(fn, f, p.batch)
+    p, f, refs, std, eps, a, idx = _samples(fn, f, td, baselines, in_keys, n_samples, stdevs, multiply_by_inputs,
+                                            generator, noise, alphas, baseline_index, chunk_size, randomness)
     nb = len(p.batch)
-    refs = check_baseline_distribution(fn, baselines, p.keys, p.x, nb)
-    n_base = baselines.batch_size[0]
-    std = _stdevs(fn, stdevs, p.keys)
-    x0 = p.x[p.keys[0]]
     s = n_samples
-    want = (s, *p.batch)
-    if noise is None and all(v == 0.0 for v in std.values()):
-        eps = {k: torch.zeros((s, *p.x[k].shape), dtype=p.x[k].dtype, device=p.x[k].device) for k in p.keys}
-    else:
-        eps = _draws(fn, noise, generator if noise is None else None, p.keys, p.x, s)
-    if alphas is None:
-        dev = generator.device if generator is not None else x0.device
-        alphas = torch.rand(want, generator=generator, dtype=x0.dtype, device=dev).to(x0.device)
-    a = _sample_tensor(fn, "alphas", alphas, want, lambda d: d == x0.dtype, f"dtype {x0.dtype} in [0, 1]", x0.device)
-    if baseline_index is None:
-        dev = generator.device if generator is not None else x0.device
-        baseline_index = torch.randint(n_base, want, generator=generator, device=dev).to(x0.device)
-    idx = _sample_tensor(fn, "baseline_index", baseline_index, want, lambda d: not d.is_floating_point and d != torch.bool,
-                         f"integers in [0, {n_base})", x0.device)
-    if idx.numel() and readable(idx.double()) and (int(idx.min()) < 0 or int(idx.max()) >= n_base):
-        raise AttributionError(
-            f"{fn}: baseline_index holds {int(idx.min()) if int(idx.min()) < 0 else int(idx.max())}, outside "
-            f"[0, {n_base}) for the {n_base} baselines."
-        )
     total: dict = {}
     k_targets = None
     chunk = s if chunk_size is None else min(chunk_size, s)
@@ -192,3 +155,140 @@ def gradient_shap(
             total[key] = contrib if key not in total else total[key] + contrib
     attrs = {key: move_target_dim(t / s, k_targets, nb) for key, t in total.items()}
     return result(td.batch_size, attrs, fn=fn)
+
+
+def _samples(fn: str, f, td, baselines, in_keys, n_samples, stdevs, multiply_by_inputs, generator, noise, alphas,
+             baseline_index, chunk_size, randomness):
+    """Validated inputs and the samples: ``(p, refs, std, eps, alphas, baseline_index)``; ``f`` checked."""
+    check_int(fn, "n_samples", n_samples, AttributionError)
+    check_chunk_size(fn, chunk_size, AttributionError)
+    check_generator(fn, generator, AttributionError)
+    check_bool(fn, "multiply_by_inputs", multiply_by_inputs, AttributionError)
+    check_randomness(fn, randomness, AttributionError)
+    if not isinstance(td, TensorDictBase):
+        raise TypeError(
+            f"{fn}: td must be a TensorDict holding the inputs, got {type(td).__name__}; "
+            "e.g. TensorDict({'x': x}, batch_size=[len(x)])."
+        )
+    held = [k for k in td.keys(include_nested=True, leaves_only=True) if isinstance(k, tuple) and k[0] == BASELINE]
+    if held:
+        raise AttributionError(
+            f"{fn}: td holds the baseline entry {held[0]!r}, but {fn[7:]} draws its baselines from the "
+            "baselines TensorDict (N per input); remove the entry from td."
+        )
+    p = prepare(fn, td, in_keys, f=f, baselines=False)
+    f = tensor_output(fn, f, p.batch)
+    nb = len(p.batch)
+    refs = check_baseline_distribution(fn, baselines, p.keys, p.x, nb)
+    n_base = baselines.batch_size[0]
+    std = _stdevs(fn, stdevs, p.keys)
+    x0 = p.x[p.keys[0]]
+    s = n_samples
+    want = (s, *p.batch)
+    if noise is None and all(v == 0.0 for v in std.values()):
+        eps = {k: torch.zeros((s, *p.x[k].shape), dtype=p.x[k].dtype, device=p.x[k].device) for k in p.keys}
+    else:
+        eps = _draws(fn, noise, generator if noise is None else None, p.keys, p.x, s)
+    if alphas is None:
+        dev = generator.device if generator is not None else x0.device
+        alphas = torch.rand(want, generator=generator, dtype=x0.dtype, device=dev).to(x0.device)
+    a = _sample_tensor(fn, "alphas", alphas, want, lambda d: d == x0.dtype, f"dtype {x0.dtype} in [0, 1]", x0.device)
+    if baseline_index is None:
+        dev = generator.device if generator is not None else x0.device
+        baseline_index = torch.randint(n_base, want, generator=generator, device=dev).to(x0.device)
+    idx = _sample_tensor(fn, "baseline_index", baseline_index, want, lambda d: not d.is_floating_point and d != torch.bool,
+                         f"integers in [0, {n_base})", x0.device)
+    if idx.numel() and readable(idx.double()) and (int(idx.min()) < 0 or int(idx.max()) >= n_base):
+        raise AttributionError(
+            f"{fn}: baseline_index holds {int(idx.min()) if int(idx.min()) < 0 else int(idx.max())}, outside "
+            f"[0, {n_base}) for the {n_base} baselines."
+        )
+    return p, f, refs, std, eps, a, idx
+
+
+def layer_gradient_shap(
+    f: Callable[[TensorDictBase], torch.Tensor],
+    td: TensorDictBase,
+    module: nn.Module,
+    site: str,
+    baselines: TensorDictBase,
+    *,
+    in_keys: InKeys | None = None,
+    n_samples: int = 5,
+    stdevs: float | Mapping[Key, float] = 0.0,
+    multiply_by_inputs: bool = True,
+    generator: torch.Generator | None = None,
+    noise: torch.Tensor | Mapping[Key, torch.Tensor] | None = None,
+    alphas: torch.Tensor | None = None,
+    baseline_index: torch.Tensor | None = None,
+    randomness: str = "error",
+) -> TensorDict:
+    """GradientShap at a site (captum's ``LayerGradientShap``): the site's gradient at random points
+    between noisy inputs and drawn baselines, times the site's change between them.
+
+    .. math::  \\mathrm{LGS}_{b,k} = \\frac{1}{S} \\sum_s \\big(a(\\tilde x_{s,b}) - a(x'_{j_{s,b}})\\big)
+        \\odot \\frac{\\partial f_k}{\\partial a}\\Big|_{x'_{j_{s,b}} + \\alpha_{s,b} (\\tilde x_{s,b} - x'_{j_{s,b}})}
+
+    with the samples of :func:`tdfunc.gradient_shap` (same arguments, same draw order).  The ``S``
+    samples run in one ``vmap``-ed forward with a zero delta at ``site`` (K vector-Jacobian products
+    for K targets), plus two ``vmap``-ed capture forwards for ``a`` at the noisy inputs and the baselines.
+
+    Args:
+        f, td, baselines, in_keys, n_samples, stdevs, multiply_by_inputs, generator, noise, alphas,
+            baseline_index, randomness: as in :func:`tdfunc.gradient_shap`.
+        module, site: as in :func:`tdfunc.grad_cam` (any batch-first site value).
+
+    Returns:
+        TensorDict with ``("attr", site)`` of shape ``batch (+ K) + the site's per-example shape``.
+
+    Raises:
+        As :func:`tdfunc.gradient_shap` and :func:`tdfunc.grad_cam`.
+
+    Example:
+        >>> import torch, tdfunc
+        >>> from tensordict import TensorDict
+        >>> net = torch.nn.Sequential(torch.nn.Linear(3, 8), torch.nn.Tanh(), torch.nn.Linear(8, 4))
+        >>> td = TensorDict({"x": torch.randn(5, 3)}, batch_size=[5])
+        >>> refs = TensorDict({"x": torch.randn(10, 3)}, batch_size=[10])
+        >>> g = torch.Generator().manual_seed(0)
+        >>> tdfunc.layer_gradient_shap(lambda t: net(t["x"]), td, net, "1", refs, generator=g)["attr", "1"].shape
+        torch.Size([5, 4, 8])
+
+    References:
+        Lundberg, Lee. A Unified Approach to Interpreting Model Predictions. NeurIPS 2017.
+
+    Composes with: ``vmap`` (with pre-drawn samples, or a ``randomness`` flag), ``grad`` (double
+    backward), ``torch.compile(fullgraph=True)`` (pre-drawn samples, after ``tdfunc.install_sites``).
+    """
+    from ._layer import _activation, _check, _run
+
+    fn = "tdfunc.layer_gradient_shap"
+    _check(fn, td, module, site)
+    p, f, refs, std, eps, a, idx = _samples(fn, f, td, baselines, in_keys, n_samples, stdevs, multiply_by_inputs,
+                                            generator, noise, alphas, baseline_index, None, randomness)
+    nb = len(p.batch)
+    _, act = _activation(fn, f, module, td, site)
+    points, noisy, bases = {}, {}, {}
+    for key in p.keys:
+        noisy[key] = p.x[key] + std[key] * eps[key]
+        bases[key] = refs[key][idx]  # (S, *batch, *feature)
+        al = a.view(n_samples, *p.batch, *([1] * (noisy[key].dim() - 1 - nb)))
+        points[key] = bases[key] + al * (noisy[key] - bases[key])
+    one = lambda d, pts: _run(fn, f, module, with_inputs(td, pts), {site: delta(d)}, None)  # noqa: E731
+    g = lambda xs: vmap(one, randomness=randomness)(xs["d"], points)  # noqa: E731
+    cap = lambda pts: _run(fn, f, module, with_inputs(td, pts), None, [site])[1][site]  # noqa: E731
+    try:
+        _, grads, k = grads_per_target(fn, g, {"d": torch.zeros((n_samples, *act.shape), dtype=act.dtype,
+                                                                device=act.device)}, 1, p.batch)
+        diff = vmap(cap, randomness=randomness)(noisy) - vmap(cap, randomness=randomness)(bases) if multiply_by_inputs else None
+    except RuntimeError as e:
+        err = random_op_error(fn, e, AttributionError)
+        if err is None:
+            raise
+        raise err from e
+    gr = grads["d"]  # (K,)? + (S, *batch, *site)
+    step = 0 if k is None else 1
+    attr = (gr * diff if diff is not None else gr).mean(step)
+    out = TensorDict({}, batch_size=td.batch_size)
+    out.set(("attr", site), move_target_dim(attr, k, nb))
+    return out
