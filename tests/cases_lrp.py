@@ -78,6 +78,8 @@ def cases() -> list[Case]:
 
     x5_nonzero = x5.sign() * (x5.abs() + 0.1)  # flat / w^2 / zbox divide by the input
     rows.append(Case("lrp:rule-constructors", mlp, rules_zbox_flat_wsquare_pass, (x5_nonzero,), (0,), (0,), "fc1", probe=x5))
+    x5_zeros = x5.clamp(min=0)  # exact zeros: flat / w^2 / zbox give them relevance through a probe per call
+    rows.append(Case("lrp:rule-constructors-zero-inputs", mlp, rules_zbox_flat_wsquare_pass, (x5_zeros,), (0,), (0,), "fc1", probe=x5))
 
     bn_net = nn.Sequential(nn.Linear(5, 6), nn.BatchNorm1d(6), nn.ReLU(), nn.Linear(6, 3)).to(dt).eval()
     with torch.no_grad():

@@ -513,3 +513,83 @@ def test_resnet_canonizer_matches_zennit(zennit, bottleneck):
     assert (plain - want).abs().max() > 1e-3
     with pytest.raises(tdfunc.AttributionError, match=r"has no bias, so it cannot absorb"):
         L.merge_batchnorm(net)
+
+
+# ------------------------------------------------------------------ zero inputs under zᴮ, flat, w²
+
+
+def _pixels(*shape):
+    """[0, 1] pixel data with many exact zeros (about half), as after clipping."""
+    return (torch.rand(*shape, dtype=DT) * 2 - 1).clamp(min=0)
+
+
+@pytest.mark.parametrize("kind", ["conv2d", "flatten-linear", "conv1d"])
+@pytest.mark.parametrize("name", ["flat", "wsquare", "zbox"])
+def test_zero_inputs_get_their_relevance_like_zennit(zennit, name, kind):
+    """flat / w² / zᴮ give inputs that are exactly 0 their share (not x ⊙ gradient = 0): = zennit, float64 1e-12."""
+    torch.manual_seed(11)
+    if kind == "conv2d":
+        first, x = nn.Conv2d(2, 3, 3, padding=1), _pixels(2, 2, 5, 5)
+        m = nn.Sequential(first, nn.ReLU(), nn.Flatten(), nn.Linear(75, 3))
+    elif kind == "conv1d":
+        first, x = nn.Conv1d(2, 3, 3), _pixels(2, 2, 7)
+        m = nn.Sequential(first, nn.ReLU(), nn.Flatten(), nn.Linear(15, 3))
+    else:
+        first, x = nn.Linear(12, 5), _pixels(2, 3, 4)
+        m = nn.Sequential(nn.Flatten(), first, nn.ReLU(), nn.Linear(5, 3))
+    m = m.to(DT)
+    assert (x == 0).float().mean() > 0.3
+    ours_rule = {"flat": L.flat(), "wsquare": L.wsquare(), "zbox": L.zbox(0.0, 1.0)}[name]
+    zr = {"flat": zennit.rules.Flat(), "wsquare": zennit.rules.WSquare(), "zbox": zennit.rules.ZBox(0.0, 1.0)}[name]
+    comp = zennit.core.Composite(module_map=lambda ctx, n, mod: zr if mod is first else
+                                 zennit.rules.Epsilon() if isinstance(mod, (nn.Linear, nn.Conv1d, nn.Conv2d)) else None)
+    want = zennit_lrp(zennit, m, x, comp)
+    name_first = "1" if kind == "flatten-linear" else "0"
+    got = ours(m, x, rules={name_first: ours_rule}, composite="epsilon")
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+    share = (want.abs() * (x == 0).unsqueeze(1)).sum() / want.abs().sum()
+    assert share > 0.1  # the zero pixels hold a real part of |R|
+    with torch.no_grad():  # one forward under no_grad: the same
+        torch.testing.assert_close(ours(m, x, rules={name_first: ours_rule}, composite="epsilon"), got, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("composite", ["EpsilonPlusFlat", "EpsilonGammaBox"])
+def test_zero_inputs_composites_and_conservation(zennit, composite):
+    """zennit's EpsilonPlusFlat / EpsilonGammaBox on pixel data with zeros; a bias-free net under flat + LRP-0
+    conserves f(x) (it lost about half before)."""
+    from test_lrp import ReluCNN
+
+    torch.manual_seed(12)
+    m, x = ReluCNN().to(DT), _pixels(2, 2, 6, 6)
+    if composite == "EpsilonPlusFlat":
+        want, got = zennit_lrp(zennit, m, x, zennit.composites.EpsilonPlusFlat()), ours(m, x, composite="epsilon_plus_flat")
+    else:
+        low, high = torch.zeros_like(x), torch.ones_like(x)
+        want = zennit_lrp(zennit, m, x, zennit.composites.EpsilonGammaBox(low=low, high=high))
+        got = ours(m, x, composite=L.epsilon_gamma_box(low, high))
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+    with torch.no_grad():
+        for p in m.parameters():
+            if p.dim() == 1:
+                p.zero_()
+    R = ours(m, x, rules={"conv1": L.flat(0.0), "conv2": L.epsilon(0.0), "fc": L.epsilon(0.0)}, composite=None)
+    torch.testing.assert_close(R.flatten(2).sum(-1), m(x), rtol=1e-9, atol=1e-9)
+
+
+def test_zero_inputs_double_backward_exact():
+    """d‖R‖²/dθ with zero inputs under flat: exact (gradcheck / gradgradcheck in float64)."""
+    torch.manual_seed(13)
+    m = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2)).to(DT)
+    x = _pixels(3, 4)
+    x[:, 0] = 0
+    w = m[0].weight.detach().clone().requires_grad_(True)
+
+    def f(w):
+        s = tdfunc.state(m).update({("0", "weight"): w}, inplace=False)
+        td = TensorDict({"x": x}, batch_size=[3])
+        return lrp(lambda t: tdfunc.functional_call(m, s, (t["x"],)), td, m, rules={"0": L.wsquare()},
+                   composite="epsilon")["attr", "x"]
+
+    assert f(w)[:, :, 0].abs().sum() > 0  # the zero column has relevance
+    assert torch.autograd.gradcheck(f, (w,))
+    assert torch.autograd.gradgradcheck(f, (w,))

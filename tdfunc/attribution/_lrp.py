@@ -7,17 +7,20 @@ passes (record, then rewrite) or, under ``torch.no_grad()``, one.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Mapping
 
 import torch
 from tensordict import TensorDict, TensorDictBase
 from torch import nn
+from torch.func import vjp
 
 from .._errors import NotReachedError
 from .._finite import readable
 from .._rewrite import Rewrite, record_then_rewrite
 from .._types import InKeys
-from ._common import AttributionError, grads_per_target, move_target_dim, per_target, prepare, result, with_inputs
+
+from ._common import AttributionError, check_output, check_rows_as_targets, grads_per_target, move_target_dim, per_target, prepare, result, with_inputs
 from ._lrp_assign import Composite, CompositeName, assign
 from ._lrp_rules import Rule
 
@@ -31,6 +34,11 @@ class _Site(Rewrite):
         self.name, self.rule = name, rule
         self.calls = 0  # records taken: 0 after f ran means f never called the module
         self.tape: list | None = None  # (inputs, rewritten output) per call, for check_conservation
+        # rules with constant input modifiers (flat, w², zᴮ): relevance of zero inputs through a probe per call
+        self.zero_terms = hasattr(rule, "zero_input_term")
+        self.in_shapes: list = []  # (shape, dtype, device) of each recorded call's input
+        self.probes: list | None = None  # this forward's probes, one per call
+        self.inputs: list = []  # this forward's layer inputs, one per call
 
     def record(self, module, args, kwargs, out):
         self.calls += 1
@@ -40,6 +48,8 @@ class _Site(Rewrite):
                 "to one (its fast path) in eval mode when given a src_key_padding_mask and nothing requires grad; "
                 "build the encoder with enable_nested_tensor=False."
             )
+        if self.zero_terms:
+            self.in_shapes.append((args[0].shape, args[0].dtype, args[0].device))
         try:
             return self.rule.record(module, args, kwargs, out)
         except AttributionError as e:
@@ -47,6 +57,11 @@ class _Site(Rewrite):
 
     def rewrite(self, module, args, kwargs, out, constants):
         new = self.rule.rewrite(module, args, kwargs, out, constants)
+        if self.probes is not None:
+            probe = self.probes[len(self.inputs)]
+            self.inputs.append(args[0])
+            extra = self.rule.zero_input_term(module, args, kwargs, out, constants, probe)
+            new = new if extra is None else new + extra
         if self.tape is not None:
             self.tape.append(([a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)], new))
         return new
@@ -171,9 +186,15 @@ def lrp(
         >>> out["attr", "x"].shape                      # every class, one call
         torch.Size([5, 4, 3])
 
-    Limits: the flat and w² rules' relevance reaches the layer input as ``x ⊙ (R / x)``, so an
-    input entry that is exactly 0 gets relevance 0 there (zennit gives it its uniform share); the
-    same holds for the identity rule.  Products of two tensors outside ``nn.MultiheadAttention``
+    Zero inputs: relevance is carried as value × gradient, which cannot hold relevance at a value of
+    exactly 0.  The flat, w² and zᴮ rules give such layer-input entries a share (their input modifier
+    is a constant); that share is taken through a zero probe added to each such call (its gradient
+    is the share, one more vector-Jacobian product per target) and pulled back to the attributed
+    input by the gradient of the layer input (the identity when the layer reads the input, a reshape
+    after ``Flatten``): equal to zennit's on [0, 1] pixel data with many zeros, and conservation holds.
+
+    Limits: the identity / passthrough rule gives an input entry that is exactly 0 relevance 0 (zennit
+    passes ``R_out`` there; for σ(0) = 0 activations both are 0).  Products of two tensors outside ``nn.MultiheadAttention``
     (gates, hand-written attention) keep their plain gradient unless written with modules
     (``tdfunc.lrp_rules.ignore()`` on one factor).  ``nn.TransformerEncoder`` in eval mode with a
     ``src_key_padding_mask`` converts its input to a nested tensor when nothing requires grad (its
@@ -203,13 +224,19 @@ def lrp(
     tol = _tolerance(fn, check_conservation)
     # two forwards (constants recorded in the first); one under no_grad, where nothing can differentiate the result
     first: list = []
-    rewritten = record_then_rewrite(fn, f, module, sites, (td,), first if output_relevance is not None else None)
+    zsites = [st for st in sites.values() if st.zero_terms]
+    with torch.enable_grad() if zsites else contextlib.nullcontext():  # zero-input probes need the recorded shapes
+        rewritten = record_then_rewrite(fn, f, module, sites, (td,), first if output_relevance is not None else None)
     weight = None if output_relevance is None else _cotangent(fn, output_relevance, first[0])
     g = lambda xs: rewritten(with_inputs(td, xs))  # noqa: E731
     if weight is not None:
         nb = len(p.batch)
         g = lambda xs: (rewritten(with_inputs(td, xs)) * weight).reshape(*p.batch, -1).sum(nb)  # noqa: E731
-    _, grads, k = grads_per_target(fn, g, p.x, 0, p.batch)
+    zgrads: dict | None = None
+    if zsites and any(st.in_shapes for st in zsites):
+        grads, zgrads, k = _grads_with_zero_inputs(fn, g, p.x, p.batch, zsites)
+    else:
+        _, grads, k = grads_per_target(fn, g, p.x, 0, p.batch)
     if sites and not torch.compiler.is_compiling() and not any(s.calls for s in sites.values()):
         names = ", ".join(repr(s) for s in list(sites)[:3]) + (", ..." if len(sites) > 3 else "")
         raise NotReachedError(
@@ -219,9 +246,49 @@ def lrp(
         )
     n = len(p.batch)
     attrs = {key: _times(per_target(p.x[key], k, n), move_target_dim(gr, k, n)) for key, gr in grads.items()}
+    if zgrads is not None:  # + the relevance of zero layer inputs, pulled back by the gradient
+        attrs = {key: a + move_target_dim(zgrads[key], k, n) for key, a in attrs.items()}
     if tol is not None and sites and readable(next(iter(p.x.values()), None)):
         _check_conservation(fn, rewritten, td, p.x, sites, weight, k, tol)
     return result(td.batch_size, attrs, fn=fn)
+
+
+def _grads_with_zero_inputs(fn: str, g, xs: dict, batch: torch.Size, zsites: list) -> tuple[dict, dict, int | None]:
+    """Per target: the gradient ``g_x`` (as :func:`grads_per_target`) and, in a second dict, the relevance
+    flat / w² / zᴮ give layer inputs that are exactly 0 (the gradient w.r.t. each call's zero probe ``P``),
+    pulled back to the attributed inputs by the gradient of the layer input (zennit's relevance there)."""
+    probes = [[torch.zeros(sh, dtype=dt, device=dv) for sh, dt, dv in st.in_shapes] for st in zsites]
+
+    def h(xs, probes):
+        for st, ps in zip(zsites, probes):
+            st.probes, st.inputs = ps, []
+        try:
+            y = g(xs)
+            return y, [u for st in zsites for u in st.inputs]
+        finally:
+            for st in zsites:
+                st.probes, st.inputs = None, []
+
+    (y, us), pull = vjp(h, xs, probes)  # type: ignore[misc]  # no has_aux: a pair
+    k = check_output(fn, y, batch)
+    check_rows_as_targets(fn, k, batch, xs)
+    if len(us) != sum(len(ps) for ps in probes):
+        raise NotReachedError(f"{fn}: f called the layers under flat / w² / zᴮ rules a different number of times than "
+                              "in its first forward; f must be deterministic.")
+    zero_us = [torch.zeros_like(u) for u in us]
+
+    def one(cot):
+        gx, gp = pull((cot, zero_us))
+        hx, _ = pull((torch.zeros_like(y), [t for ps in gp for t in ps]))
+        return gx, hx
+
+    if k is None:
+        gx, hx = one(torch.ones_like(y))
+        return gx, hx, None
+    eye = torch.eye(k, dtype=y.dtype, device=y.device).view(k, *([1] * (y.dim() - 1)), k)
+    per = [one(eye.expand(k, *y.shape)[i]) for i in range(k)]
+    stack = lambda j: {key: torch.stack([q[j][key] for q in per]) for key in xs}  # noqa: E731
+    return stack(0), stack(1), k
 
 
 def _tolerance(fn: str, check) -> tuple[float, float] | None:

@@ -134,6 +134,24 @@ class _Layer(Rule):
         return z - s + sum(rt * _term(module, args[0], out, inv, mod, w, opad) for rt, (mod, w, _) in zip(rs, ts))
 
 
+    def zero_input_term(self, module, args, kwargs, out, constants, probe: torch.Tensor) -> torch.Tensor | None:
+        """``Σ_t r_t ⊙ W_t (v_t ⊙ [x = 0] ⊙ P)`` over the terms whose input modifier is a constant ``v_t`` (1 for
+        flat / w², the bound for zᴮ): value 0 (``P = 0``), and its gradient w.r.t. the probe ``P`` is the relevance
+        those terms give the input entries that are exactly 0, which ``x ⊙ g`` cannot carry."""
+        z, rs, s, inv = constants
+        if inv is None:
+            return None
+        zero = (inv == 0).to(probe.dtype)  # inv = 1 / x, or 0 exactly where x == 0
+        opad = _out_padding(module, args[0], kwargs)
+        parts = [
+            rt * _op(module, (torch.as_tensor(mod.value).to(probe) if isinstance(mod, _Bound) else 1.0) * zero * probe,
+                     w, None, opad)
+            for rt, (mod, w, _) in zip(rs, self.terms(module.weight, module.bias))
+            if mod is _ONES or isinstance(mod, _Bound)
+        ]
+        return sum(parts[1:], parts[0]) if parts else None
+
+
 class _Epsilon(_Layer):
     _public = "epsilon"
 
@@ -304,8 +322,8 @@ def zbox(low: float | torch.Tensor, high: float | torch.Tensor, stabilizer: floa
     ``R_i = Σ_j (x_i w_ij − l_i w_ij⁺ − h_i w_ij⁻) R_j / stab(z_j − Σ_i (l_i w_ij⁺ + h_i w_ij⁻) − b_j⁺ − b_j⁻)``
     for inputs known to lie in the box ``low <= x <= high``.  ``low`` / ``high`` are floats or tensors
     broadcasting against the layer input (e.g. shape ``(1, C, 1, 1)`` for per-channel bounds); they
-    are constants (detached).  Like the flat rule, the bound terms reach the input as
-    ``x ⊙ (bound / x)``, so an input entry that is exactly 0 gets only its ``x w`` share (zero).
+    are constants (detached).  An input entry that is exactly 0 gets its bound terms' share, as in
+    zennit (see :func:`tdfunc.lrp`, zero inputs).
 
     Example:
         >>> import tdfunc
