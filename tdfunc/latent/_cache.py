@@ -343,7 +343,7 @@ def _cache(module, state, batches, sites, path, reduce, mask_key, reducer, input
                  lambda batch, i: _batch_values(module, state, batch, i, site_list, inputs, input_key, reducer))
 
 
-def drive(batches, path, total, progress, group, make_ident, values_of):
+def drive(batches, path, total, progress, group, make_ident, values_of, desc=FN):
     """Run ``values_of(batch, i) -> {key: (rows, ...)}`` over ``batches`` into one cache (in memory, on disk,
     data-parallel); ``make_ident()`` gives what identifies the run (sites, reduce, fingerprints, state digest)."""
     n_batches = len(batches) if hasattr(batches, "__len__") else None
@@ -353,14 +353,14 @@ def drive(batches, path, total, progress, group, make_ident, values_of):
     if path is not None or sharded:
         ident = {**make_ident(), "n_batches": n_batches}
     if sharded:  # data-parallel: each rank its shard, or resuming a cache written so
-        return shard.run_sharded(batches, path, progress, ident, group, values_of)
+        return shard.run_sharded(batches, path, progress and desc, ident, group, values_of)
     if path is not None:
         record, fd = _open(path, ident, n_batches, batches)
         if record is not None and record["complete"]:
             return disk.load(path, record)
     held = [fd]  # the writers' lock, from here to the end of the call (create() takes it for a new cache)
     try:
-        return _run(batches, path, total, progress, n_batches, record, held, ident, values_of)
+        return _run(batches, path, total, progress and desc, n_batches, record, held, ident, values_of)
     finally:
         disk.unlock(held[0])
 
@@ -368,7 +368,7 @@ def drive(batches, path, total, progress, group, make_ident, values_of):
 def _run(batches, path, total, progress, n_batches, record, held, ident, values_of):
     done = record["batches_done"] if record is not None else 0
 
-    bar = progress_bar(enabled=progress, desc=FN, total=n_batches, initial=done, unit="batch")
+    bar = progress_bar(enabled=bool(progress), desc=progress or FN, total=n_batches, initial=done, unit="batch")
     chunks: dict = {}
     seen = 0
     try:

@@ -137,7 +137,7 @@ def cache_attributions(
         for _ in range(3):
             try:
                 return drive(batches, path, total, progress, group if size > 1 or explicit else False, ident,
-                             lambda batch, i: _values(method, f, batch, i, options))
+                             lambda batch, i: _values(method, f, batch, i, options), desc=FN)
             except _Lost:
                 continue
         raise CacheError(f"{FN}: other processes keep creating the cache at {path!r}; pass another path.")

@@ -130,8 +130,11 @@ def _raise_or(out: list[Any], err: BaseException | None) -> list[Any]:
     return out
 
 
-def _bar(progress: bool, total: int, initial: int, rank: int) -> Any:
-    return progress_bar(enabled=progress, desc=f"{FN} (rank {rank})", total=total, initial=initial, unit="batch")
+def _bar(progress: bool | str, total: int, initial: int, rank: int) -> Any:
+    """``progress``: False, or the bar's description (the public function's name)."""
+    desc = progress if isinstance(progress, str) else FN
+    return progress_bar(enabled=bool(progress), desc=f"{desc} (rank {rank})", total=total, initial=initial,
+                        unit="batch")
 
 
 def _checked(values: dict, idx: list[int], i: int) -> dict:
