@@ -57,13 +57,14 @@ class _Site(Rewrite):
 
     def rewrite(self, module, args, kwargs, out, constants):
         new = self.rule.rewrite(module, args, kwargs, out, constants)
+        probe = None
         if self.probes is not None:
             probe = self.probes[len(self.inputs)]
             self.inputs.append(args[0])
             extra = self.rule.zero_input_term(module, args, kwargs, out, constants, probe)
             new = new if extra is None else new + extra
         if self.tape is not None:
-            self.tape.append(([a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)], new))
+            self.tape.append(([a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)], new, probe))
         return new
 
     def recorded_output(self, out, constants):
@@ -129,7 +130,8 @@ def lrp(
     ``‖R‖²`` in a loss: its gradient w.r.t. the weights includes ``∂r_t/∂θ``, which the usual
     ``.detach()`` trick drops).  Every target's map comes from one forward and K products.  Called
     under ``torch.no_grad()`` (where nothing can differentiate the result) ``f`` runs once, the
-    constants taken from the same forward: equal values, one forward fewer.
+    constants taken from the same forward: equal values, one forward fewer (not with a flat, w² or zᴮ
+    rule, whose zero-input probes need the first forward's shapes).
 
     Args:
         f: ``f(td) -> Tensor`` of shape ``td.batch_size`` or ``td.batch_size + (K,)``; it calls
@@ -335,6 +337,8 @@ def _check_conservation(fn: str, rewritten, td, xs: dict, sites: dict, weight, k
     atol, rtol = tol
     for s in sites.values():
         s.tape = []
+        if s.zero_terms:  # zero inputs' share (flat, w², zᴮ) through probes, counted as input relevance
+            s.probes = [torch.zeros(sh, dtype=dt, device=dv, requires_grad=True) for sh, dt, dv in s.in_shapes]
     try:
         with torch.enable_grad():
             leaves = {key: v.detach().requires_grad_(True) for key, v in xs.items()}
@@ -342,17 +346,20 @@ def _check_conservation(fn: str, rewritten, td, xs: dict, sites: dict, weight, k
             if weight is not None:
                 y = y * weight.detach()
             targets = [y.sum()] if k is None else [y[..., j].sum() for j in range(k)]
-            calls = [(n, i, ins, out) for n, s in sites.items() for i, (ins, out) in enumerate(s.tape or [])
+            calls = [(n, i, ins, out, pr) for n, s in sites.items() for i, (ins, out, pr) in enumerate(s.tape or [])
                      if isinstance(out, torch.Tensor) and out.requires_grad]
             for j, total in enumerate(targets):
                 gs = torch.autograd.grad(total, [c[3] for c in calls], retain_graph=True, allow_unused=True)
-                for (name, i, ins, out), g in zip(calls, gs):
+                for (name, i, ins, out, pr), g in zip(calls, gs):
                     if g is None:
                         continue
                     r_out = (out * g).sum()
                     ins = list({id(a): a for a in ins if a.requires_grad}.values())
                     gi = torch.autograd.grad(out, ins, g, retain_graph=True, allow_unused=True) if ins else ()
                     r_in = sum(((a * b).sum() for a, b in zip(ins, gi) if b is not None), torch.zeros_like(r_out))
+                    if pr is not None:  # the probe's gradient is the zero inputs' relevance itself
+                        (gp,) = torch.autograd.grad(out, pr, g, retain_graph=True, allow_unused=True)
+                        r_in = r_in if gp is None else r_in + gp.sum()
                     if not bool(torch.isclose(r_in, r_out, atol=atol, rtol=rtol)):
                         rule = sites[name].rule
                         where = "" if k is None else f" for target {j}"
@@ -364,4 +371,4 @@ def _check_conservation(fn: str, rewritten, td, xs: dict, sites: dict, weight, k
                         )
     finally:
         for s in sites.values():
-            s.tape = None
+            s.tape, s.probes, s.inputs = None, None, []
