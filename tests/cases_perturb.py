@@ -139,5 +139,12 @@ def cases() -> list[Case]:
 
     rows.append(Case("perturb:layer-feature-ablation-K", mlp, layer_ablation_k, (x6, base6), (0, 0), (0, 1), "fc2",
                      probe=x6))
+    def ig_shared_baseline(x, b):  # integrated_gradients with baselines=(1, F) shared by a batch of 2; b vmapped
+        td = TensorDict({"x": torch.stack([x, -x])}, batch_size=[2])
+        out = tdfunc.integrated_gradients(lambda t: net(t["x"]), td, baselines=b[None], n_steps=8)
+        return out["attr", "x"].flatten()
+
+    rows.append(Case("attribution:ig-shared-baseline", mlp, ig_shared_baseline, (x6, base6), (0, 0), (0, 1), "head",
+                     probe=x6))
     rows.append(Case("perturb:occlusion-token-ids", emb, token_ids_weights, (ids, w_emb), (0, 0), (1,), "2", probe=ids))
     return rows

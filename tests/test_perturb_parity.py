@@ -277,3 +277,23 @@ def test_one_value_per_batch_shapley_and_kernel_shap_equal_captum():
     torch.manual_seed(2)
     ref = KernelShap(g).attribute(x, n_samples=30)
     torch.testing.assert_close(out, ref.expand_as(x), rtol=1e-4, atol=2e-6)
+
+
+@pytest.mark.parametrize("kind", list(_SHARED))
+@pytest.mark.parametrize("strategy", ["vmap", "fold"])
+def test_integrated_gradients_shared_baselines_equal_captum(kind, strategy):
+    from captum.attr import IntegratedGradients
+
+    net = _net()
+    torch.manual_seed(1)
+    x, b = torch.randn(4, 6), _SHARED[kind]()
+    out = tdfunc.integrated_gradients(lambda t: net(t["x"]), TensorDict({"x": x}, batch_size=[4]), baselines=b,
+                                      method="riemann_trapezoid", n_steps=20, strategy=strategy,
+                                      return_convergence_delta=True)
+    cb = b  # captum's IG refuses (F,) (it asks for a batch dim of 1) and indexes a 0-dim tensor: (1, F), a float
+    if isinstance(b, torch.Tensor) and b.dim() < 2:
+        cb = b.item() if b.dim() == 0 else b[None]
+    for c in range(3):
+        ref, delta = IntegratedGradients(net).attribute(x, baselines=cb, target=c, method="riemann_trapezoid",
+                                                        n_steps=20, return_convergence_delta=True)
+        torch.testing.assert_close(out["attr", "x"][:, c], ref, rtol=1e-4, atol=1e-6)

@@ -22,6 +22,7 @@ from ._common import (
     tensor_output,
     with_inputs,
 )
+from ._common import Baselines
 from ._quadrature import check_path_options, quadrature
 
 __all__ = ["integrated_gradients", "quadrature"]
@@ -40,6 +41,7 @@ def integrated_gradients(
     return_convergence_delta: bool = False,
     progress: bool = False,
     randomness: str = "error",
+    baselines: Baselines | None = None,
 ) -> TensorDict:
     """Integrated gradients (Sundararajan et al., 2017), every target's map from one path forward.
 
@@ -80,6 +82,10 @@ def integrated_gradients(
         randomness: ``torch.func.vmap``'s flag for random ops in ``f`` (train-mode dropout) under this
             method's ``vmap``: ``"error"`` (default, as torch), ``"different"`` (independent draws per path point)
             or ``"same"`` (one draw shared).
+        baselines: baselines shared across the batch, broadcast to the input as captum does: a number,
+            or a tensor of the input's dtype of the feature shape, ``(1, *feature shape)`` or the input's
+            shape; a dict key -> baseline, or a bare one when one input is attributed.  Instead of
+            ``("baseline", key)`` entries of ``td`` (default: those, else zeros).
 
     Returns:
         TensorDict with ``("attr", key)`` of shape ``batch (+ K) + feature shape``.
@@ -109,7 +115,7 @@ def integrated_gradients(
     check_path_options(fn, n_steps, method, chunk_size, strategy)
     check_bool(fn, "progress", progress, AttributionError)
     check_randomness(fn, randomness, AttributionError)
-    p = prepare(fn, td, in_keys, f=f)
+    p = prepare(fn, td, in_keys, f=f, baselines_arg=baselines)
     f = tensor_output(fn, f, p.batch)
     nb = len(p.batch)
     alphas64, weights64 = quadrature(method, n_steps)
