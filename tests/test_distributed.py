@@ -81,6 +81,15 @@ def test_torchrun_cache_attributions_equal_one_process(ran):
         _same(got["attr_disk"], ref)
 
 
+def test_torchrun_ranks_running_other_weights_all_refuse(ran):
+    _, ranks = ran
+    for got in ranks:  # the check runs on every rank after one collective: no rank is left waiting
+        assert got["error"] == (
+            "tdfunc.latent.cache_activations: rank 1 of the process group runs another job than rank 0: state "
+            "differ; every rank must pass the same model state (load the same weights on every rank), sites, reduce "
+            "and dataset.")
+
+
 def test_killed_rank_resumes_under_torchrun(ran):
     out, ranks = ran
     mask = open(os.path.join(out, "killed", "rows.mask"), "rb").read()

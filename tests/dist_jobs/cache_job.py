@@ -70,8 +70,14 @@ def main(out, kill):
     got["attr_memory"] = tdfunc.latent.cache_attributions(tdfunc.saliency, f, loader, progress=False)
     got["attr_disk"] = tdfunc.latent.cache_attributions(tdfunc.saliency, f, loader, progress=False,
                                                         path=os.path.join(out, "attr"))
+    other = {"2": {"bias": NET[2].bias + rank}}  # rank 1 runs other weights: every rank must refuse, naming it
+    try:
+        tdfunc.latent.cache_activations(NET, other, loader, ["0", "2"], progress=False)
+        errors = None
+    except tdfunc.latent.CacheError as e:
+        errors = str(e)
     torch.save({k: v if k == "rows_run" else {key: torch.as_tensor(t).clone() for key, t in v.flatten_keys(".").items()}
-                for k, v in got.items()}, os.path.join(out, f"rank{rank}.pt"))
+                for k, v in got.items()} | {"error": errors}, os.path.join(out, f"rank{rank}.pt"))
     dist.destroy_process_group()
 
 
