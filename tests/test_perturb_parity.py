@@ -297,3 +297,14 @@ def test_integrated_gradients_shared_baselines_equal_captum(kind, strategy):
         ref, delta = IntegratedGradients(net).attribute(x, baselines=cb, target=c, method="riemann_trapezoid",
                                                         n_steps=20, return_convergence_delta=True)
         torch.testing.assert_close(out["attr", "x"][:, c], ref, rtol=1e-4, atol=1e-6)
+
+
+def test_kernel_shap_with_one_feature_gives_the_whole_difference():
+    """p(k) = (M - 1) / (k (M - k)) is 0 / 0 for one feature (captum raises): the coalitions alternate full / empty
+    and the fit gives the feature f(x) - f(x') (efficiency)."""
+    net = _net().double()
+    x, b = torch.randn(3, 6, dtype=torch.float64), torch.randn(6, dtype=torch.float64)
+    out = tdfunc.kernel_shap(lambda t: net(t["x"]), TensorDict({"x": x}, batch_size=[3]), baselines=b, n_samples=5,
+                             feature_mask=torch.zeros(6, dtype=torch.long))["attr", "x"]
+    gap = net(x) - net(b.expand(3, 6))
+    torch.testing.assert_close(out, gap[..., None].expand(3, 3, 6), rtol=1e-10, atol=1e-10)

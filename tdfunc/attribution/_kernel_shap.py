@@ -28,6 +28,8 @@ def _draw_coalitions(n_samples: int, n_feat: int, generator: torch.Generator | N
     rows = [torch.ones(n_feat, dtype=torch.bool), torch.zeros(n_feat, dtype=torch.bool)][:n_samples]
     if n_feat == 0:  # no feature to draw: every coalition is the empty one
         return torch.zeros(n_samples, 0, dtype=torch.bool)
+    if n_feat == 1:  # p(k) is 0 / 0 (captum raises): the only coalitions are the full and the empty one
+        return (torch.arange(n_samples) % 2 == 0)[:, None]
     if n_samples > 2:
         ks = torch.arange(n_feat, dtype=torch.float)
         probs = torch.tensor(n_feat - 1) / (ks * (n_feat - ks))
