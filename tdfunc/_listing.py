@@ -41,6 +41,21 @@ class _Recorder(torch.overrides.TorchFunctionMode):
         return out
 
 
+def _arg_names(m: nn.Module) -> list[str]:
+    import inspect
+
+    try:
+        params = inspect.signature(m.forward).parameters.values()
+    except (TypeError, ValueError):
+        return []
+    names = []
+    for p in params:
+        if p.kind not in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD):
+            break
+        names.append(p.name)
+    return names
+
+
 def list_sites(
     module: nn.Module, args: Any, kwargs: Mapping[str, Any] | None = None, *, ops: bool = True
 ) -> dict[str, tuple[int, ...] | str]:
@@ -48,7 +63,8 @@ def list_sites(
 
     Runs ``module(*args, **kwargs)`` once under ``torch.no_grad`` and lists, for every submodule call, its
     output sites (``"path"``, or ``"path:output.N"`` / ``"path:output.KEY"`` for tuple and dict /
-    ``ModelOutput`` outputs) and its keyword inputs (``"path:input.NAME"``); with ``ops=True`` also the
+    ``ModelOutput`` outputs), its keyword inputs and — for modules with submodules, e.g. a transformer
+    block — its positional inputs by argument name (``"path:input.NAME"``); with ``ops=True`` also the
     operation sites (``"path/softmax"``, ``"path/matmul"``, …) called while each module — the innermost
     one running — computes.  A site reached more than once is listed per call, ``"site@0"``,
     ``"site@1"``, …, as :func:`tdfunc.functional_call` addresses them.  Use it to discover the sites of
@@ -103,6 +119,8 @@ def list_sites(
     def pre(m, a, kw):
         name = names[m]
         scope.append(name)
+        if a and m._modules:  # a block's positional inputs, by the names of its forward's arguments
+            rows.extend((f"{name}:input.{k}", v) for k, v in zip(_arg_names(m), a) if isinstance(v, torch.Tensor))
         rows.extend((f"{name}:input.{k}", v) for k, v in kw.items() if isinstance(v, torch.Tensor))
 
     def post(m, a, kw, out):

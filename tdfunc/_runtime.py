@@ -359,7 +359,7 @@ def _keys(container: Mapping) -> str:
     return repr([k for k in container])
 
 
-def _get(fn: str, op: _Op, container: Any, port: str, i: int | str | None = None) -> Any:
+def _get(fn: str, op: _Op, container: Any, port: str, i: int | str | None = None, kwargs: Any = None) -> Any:
     if i is None:
         i = op.element
     if i is None:
@@ -402,6 +402,11 @@ def _get(fn: str, op: _Op, container: Any, port: str, i: int | str | None = None
     )
     if isinstance(container, Mapping) and port == "output":
         fix = f"it is a {type(container).__name__} with keys {_keys(container)}; address an entry as 'path:output.KEY'."
+    if port == "input" and kwargs:
+        path = op.key.split(":")[0]
+        fix = (
+            f"it also received {_keys(kwargs)} by keyword: address one by name, e.g. '{path}:input.{next(iter(kwargs))}'."
+        )
     raise SiteError(f"{fn}: site {op.key!r}: the module's {what} {_describe(container)}{size}, with no element {i}; {fix}")
 
 
@@ -458,7 +463,7 @@ def _apply(frame: Frame, ops: list[_Op], k: int, port: str, module, args, kwargs
                 by_kw = True
             elif op.pos is not None and op.pos < len(container):
                 i = op.pos
-        value = kwargs[i] if by_kw else _get(fn, op, container, port, i)
+        value = kwargs[i] if by_kw else _get(fn, op, container, port, i, kwargs if port == "input" else None)
         frame.hits[op.slot] += 1
         if op.capture:
             frame.values[op.slot].append(_capture_copy(value))

@@ -254,6 +254,8 @@ def test_list_sites_on_gpt2_lists_the_pattern_and_leaves_no_hook():
     assert sites["transformer.h.1.attn/matmul@0"] == (2, 4, 7, 7)
     assert sites["transformer.h.0"] == sites["transformer.h.0.attn:output.0"] == (2, 7, 32)
     assert sites["transformer:output.last_hidden_state"] == (2, 7, 32)
+    assert sites["transformer.h.1:input.hidden_states"] == (2, 7, 32)  # passed positionally, listed by name
+    assert "transformer.h.0.attn.c_attn:input.input" not in sites  # leaves: outputs only
     assert sites["transformer.h.0.ln_1/layer_norm"] == (2, 7, 32)
     assert "transformer.h.0.mlp.act/tanh" in sites and "transformer.h.0.mlp/tanh" not in sites
     assert not any(mm._forward_hooks or mm._forward_pre_hooks for mm in m.modules())
@@ -399,6 +401,8 @@ PINNED = [
      SiteError, "tdfunc.functional_call: site 'attn/einsum:input.5': the operation's positional inputs are a value of type tuple of length 3, with no element 5; the call of einsum has 3 positional inputs; use ':input.N' with N below that."),
     ("keyword_input_absent", lambda: tdfunc.functional_call(Net(), None, (torch.randn(2, 3, 4),), capture="attn:input.scale"),
      SiteError, "tdfunc.functional_call: site 'attn:input.scale': the module's forward received no input named 'scale' in this call (it has no such argument, or the argument took its default); name an argument the caller passes."),
+    ("positional_index_of_keyword_input", lambda: tdfunc.functional_call(Net(), None, (torch.randn(2, 3, 4),), capture="blk:input.1"),
+     SiteError, "tdfunc.functional_call: site 'blk:input.1': the module's positional inputs are a value of type tuple of length 1, with no element 1; it also received ['scale'] by keyword: address one by name, e.g. 'blk:input.scale'."),
     ("output_key_absent", lambda: tdfunc.functional_call(Net(), None, (torch.randn(2, 3, 4),), capture="blk:output.z"),
      SiteError, "tdfunc.functional_call: site 'blk:output.z': the module's output is a value of type dict with keys ['y', 'h'], with no key 'z'; use one of its keys."),
     ("dict_output_without_key", lambda: tdfunc.functional_call(Net(), None, (torch.randn(2, 3, 4),), capture="blk"),
