@@ -301,8 +301,8 @@ NO_ROW = {
     "latent.stream_probes": "a loop over a dataset driving probe_stream_update (which has rows)",
     "latent.local_pca_dimension": "returns integer dimension counts",
     "latent.ca_pca_dimension": "returns integer dimension counts",
-}
     "list_sites": "a discovery helper: one eager forward under temporary hooks, returning site names and shapes",
+}
 
 
 @pytest.mark.skipif(os.environ.get("TDFUNC_CORE_ONLY") == "1", reason="the full table only")
