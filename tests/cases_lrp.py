@@ -68,7 +68,7 @@ def cases() -> list[Case]:
 
     def rules_zbox_flat_wsquare_pass(x):  # every rule constructor, each on its own site pattern
         td = TensorDict({"x": x[None]}, batch_size=[1])
-        rules = {"fc1": tdfunc.lrp_rules.zbox(-3.0, 3.0), "head": tdfunc.lrp_rules.epsilon(1e-3)}
+        rules = {"fc1": tdfunc.lrp_rules.zbox(-3.0, 3.0), "head": tdfunc.lrp_rules.epsilon(1e-3, zero_params="bias")}
         a = tdfunc.lrp(lambda t: tdfunc.functional_call(mlp, s_mlp, (t["x"],)), td, mlp, rules=rules)
         rules = {"fc1": tdfunc.lrp_rules.flat(), "head": tdfunc.lrp_rules.zplus()}
         b = tdfunc.lrp(lambda t: tdfunc.functional_call(mlp, s_mlp, (t["x"],)), td, mlp, rules=rules)

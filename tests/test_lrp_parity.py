@@ -594,3 +594,47 @@ def test_zero_inputs_double_backward_exact():
     assert f(w)[:, :, 0].abs().sum() > 0  # the zero column has relevance
     assert torch.autograd.gradcheck(f, (w,))
     assert torch.autograd.gradgradcheck(f, (w,))
+
+
+# ------------------------------------------------------------------ zero_params
+
+
+ZERO = {
+    "epsilon": (lambda: L.epsilon(0.1, zero_params="bias"), lambda r: r.Epsilon(0.1, zero_params="bias")),
+    "zplus": (lambda: L.zplus(zero_params=("bias",)), lambda r: r.ZPlus(zero_params="bias")),
+    "alpha_beta": (lambda: L.alpha_beta(2, 1, zero_params=["bias"]), lambda r: r.AlphaBeta(2.0, 1.0, zero_params="bias")),
+    "gamma": (lambda: L.gamma(0.3, zero_params="bias"), lambda r: r.Gamma(0.3, zero_params="bias")),
+    "flat": (lambda: L.flat(zero_params="bias"), lambda r: r.Flat(zero_params="bias")),
+    "wsquare": (lambda: L.wsquare(zero_params="bias"), lambda r: r.WSquare(zero_params="bias")),
+    "zbox": (lambda: L.zbox(-3.0, 3.0, zero_params="bias"), lambda r: r.ZBox(-3.0, 3.0, zero_params="bias")),
+}
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv1d"])
+@pytest.mark.parametrize("name", list(ZERO))
+def test_zero_params_bias_matches_zennit(zennit, name, kind):
+    """zennit's zero_params='bias' on every layer rule (float64, atol 1e-12); it changes the result."""
+    torch.manual_seed(14)
+    layer = nn.Linear(5, 4) if kind == "linear" else nn.Conv1d(2, 3, 3, padding=1)
+    with torch.no_grad():
+        layer.bias.uniform_(0.5, 1.0)
+    m = Single(layer.to(DT))
+    x = torch.randn(3, 5, dtype=DT) if kind == "linear" else torch.randn(2, 2, 5, dtype=DT)
+    ours_rule, zen_rule = ZERO[name]
+    zr = zen_rule(zennit.rules)
+    comp = zennit.core.Composite(module_map=lambda ctx, n, mod: zr if isinstance(mod, type(layer)) else None)
+    want = zennit_lrp(zennit, m, x, comp)
+    got = ours(m, x, rules={type(layer): ours_rule()}, composite=None)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+    if name == "epsilon":  # the bias leaves the denominator: a different result
+        assert (ours(m, x, rules={type(layer): L.epsilon(0.1)}, composite=None) - got).abs().max() > 1e-3
+
+
+def test_zero_params_error():
+    with pytest.raises(tdfunc.AttributionError) as e:
+        L.epsilon(zero_params="weight")
+    assert str(e.value) == (
+        "tdfunc.lrp_rules.epsilon: zero_params names the parameters the rule treats as zero; only 'bias' is supported "
+        "(a zero weight gives no relevance at all), got 'weight'; e.g. zero_params=('bias',)."
+    )
+    assert repr(L.zplus(zero_params="bias")) == "tdfunc.lrp_rules.zplus(stabilizer=1e-06, zero_params=('bias',))"

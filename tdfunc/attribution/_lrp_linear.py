@@ -9,6 +9,7 @@ is ``out = z − S + Σ_t r_t ⊙ y_t(x)`` with ``z``, ``r_t`` and ``S = Σ_t r_
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -104,6 +105,10 @@ class _Layer(Rule):
     def __init__(self, **params):
         self.__dict__.update(params)
 
+    def _bias(self, m: nn.Module) -> torch.Tensor | None:
+        """The bias the rule's denominators see: none with ``zero_params=("bias",)`` (zennit's ``zero_params``)."""
+        return None if "bias" in self.__dict__.get("zero_params", ()) else m.bias  # type: ignore[return-value]
+
     def terms(self, w: torch.Tensor, b: torch.Tensor | None) -> list:
         raise NotImplementedError
 
@@ -114,7 +119,7 @@ class _Layer(Rule):
     def record(self, module, args, kwargs, out):
         x = args[0]
         opad = _out_padding(module, x, kwargs)
-        ts = self.terms(module.weight, module.bias)
+        ts = self.terms(module.weight, self._bias(module))
         ones = any(t[0] is _ONES or isinstance(t[0], _Bound) for t in ts)
         inv = torch.where(x == 0, torch.zeros_like(x), 1 / torch.where(x == 0, torch.ones_like(x), x)) if ones else None
         ys = [
@@ -130,7 +135,7 @@ class _Layer(Rule):
     def rewrite(self, module, args, kwargs, out, constants):
         z, rs, s, inv = constants
         opad = _out_padding(module, args[0], kwargs)
-        ts = self.terms(module.weight, module.bias)
+        ts = self.terms(module.weight, self._bias(module))
         return z - s + sum(rt * _term(module, args[0], out, inv, mod, w, opad) for rt, (mod, w, _) in zip(rs, ts))
 
 
@@ -146,7 +151,7 @@ class _Layer(Rule):
         parts = [
             rt * _op(module, (torch.as_tensor(mod.value).to(probe) if isinstance(mod, _Bound) else 1.0) * zero * probe,
                      w, None, opad)
-            for rt, (mod, w, _) in zip(rs, self.terms(module.weight, module.bias))
+            for rt, (mod, w, _) in zip(rs, self.terms(module.weight, self._bias(module)))
             if mod is _ONES or isinstance(mod, _Bound)
         ]
         return sum(parts[1:], parts[0]) if parts else None
@@ -228,30 +233,51 @@ class _ZBox(_Layer):
         return [r, -r, -r]
 
 
-def epsilon(eps: float = 1e-6) -> Rule:
+def _zero(fn: str, zero_params) -> dict:
+    """``zero_params`` (zennit's): ``("bias",)`` drops the bias from the rule's denominators; shown in the repr."""
+    try:
+        names = (zero_params,) if isinstance(zero_params, str) else tuple(zero_params)
+    except TypeError:
+        names = (zero_params,)
+    if any(n != "bias" for n in names):
+        raise AttributionError(
+            f"{fn}: zero_params names the parameters the rule treats as zero; only 'bias' is supported (a zero weight "
+            f"gives no relevance at all), got {zero_params!r}; e.g. zero_params=('bias',)."
+        )
+    return {"zero_params": ("bias",)} if names else {}
+
+
+def epsilon(eps: float = 1e-6, *, zero_params: Sequence[str] = ()) -> Rule:
     """LRP-ε: ``R_i = Σ_j x_i w_ij R_j / (z_j + ε sign z_j)``; ``eps=0`` gives LRP-0 (Bach et al., 2015).
+
+    ``zero_params=("bias",)`` (zennit's ``zero_params``; every layer rule takes it): the rule sees the layer
+    without its bias (dropped from the denominators), so the bias absorbs no relevance.
 
     Example:
         >>> import tdfunc
         >>> tdfunc.lrp_rules.epsilon(0.1)   # for nn.Linear / nn.Conv2d (zennit's Epsilon)
         tdfunc.lrp_rules.epsilon(eps=0.1)
     """
-    return _Epsilon(eps=check_float("tdfunc.lrp_rules.epsilon", "eps", eps))
+    return _Epsilon(eps=check_float("tdfunc.lrp_rules.epsilon", "eps", eps), **_zero("tdfunc.lrp_rules.epsilon", zero_params))
 
 
-def zplus(stabilizer: float = 1e-6) -> Rule:
+def zplus(stabilizer: float = 1e-6, *, zero_params: Sequence[str] = ()) -> Rule:
     """LRP-z⁺ (αβ with α=1, β=0): ``R_i = Σ_j (x_i⁺ w_ij⁺ + x_i⁻ w_ij⁻) R_j / z_j'`` (Montavon et al., 2017).
+
+    ``zero_params=("bias",)``: the rule sees the layer without its bias (zennit's ``zero_params``).
 
     Example:
         >>> import tdfunc
         >>> tdfunc.lrp_rules.zplus()        # for nn.Linear / nn.Conv2d (zennit's ZPlus)
         tdfunc.lrp_rules.zplus(stabilizer=1e-06)
     """
-    return _ZPlus(stabilizer=check_float("tdfunc.lrp_rules.zplus", "stabilizer", stabilizer))
+    return _ZPlus(stabilizer=check_float("tdfunc.lrp_rules.zplus", "stabilizer", stabilizer), **_zero("tdfunc.lrp_rules.zplus", zero_params))
 
 
-def alpha_beta(alpha: float = 2.0, beta: float = 1.0, stabilizer: float = 1e-6) -> Rule:
+def alpha_beta(alpha: float = 2.0, beta: float = 1.0, stabilizer: float = 1e-6, *, zero_params: Sequence[str] = ()) -> Rule:
     """LRP-αβ: ``α`` × positive contributions − ``β`` × negative ones; ``alpha - beta`` must be 1.
+
+    ``zero_params=("bias",)``: the rule sees the layer without its bias (zennit's ``zero_params``).
 
     Example:
         >>> import tdfunc
@@ -265,11 +291,13 @@ def alpha_beta(alpha: float = 2.0, beta: float = 1.0, stabilizer: float = 1e-6) 
             f"{fn}: alpha - beta must be 1 (relevance conservation), got alpha={alpha!r}, beta={beta!r}; "
             "e.g. alpha=2, beta=1 or alpha=1, beta=0."
         )
-    return _AlphaBeta(alpha=a, beta=b, stabilizer=check_float(fn, "stabilizer", stabilizer))
+    return _AlphaBeta(alpha=a, beta=b, stabilizer=check_float(fn, "stabilizer", stabilizer), **_zero(fn, zero_params))
 
 
-def gamma(gamma: float = 0.25, stabilizer: float = 1e-6) -> Rule:
+def gamma(gamma: float = 0.25, stabilizer: float = 1e-6, *, zero_params: Sequence[str] = ()) -> Rule:
     """LRP-γ (generalised, zennit's ``Gamma``): weights ``w + γ w⁺`` favour positive contributions.
+
+    ``zero_params=("bias",)``: the rule sees the layer without its bias (zennit's ``zero_params``).
 
     Example:
         >>> import tdfunc
@@ -277,29 +305,35 @@ def gamma(gamma: float = 0.25, stabilizer: float = 1e-6) -> Rule:
         tdfunc.lrp_rules.gamma(gamma=0.3, stabilizer=1e-06)
     """
     fn = "tdfunc.lrp_rules.gamma"
-    return _Gamma(gamma=check_float(fn, "gamma", gamma), stabilizer=check_float(fn, "stabilizer", stabilizer))
+    return _Gamma(gamma=check_float(fn, "gamma", gamma), stabilizer=check_float(fn, "stabilizer", stabilizer),
+                  **_zero(fn, zero_params))
 
 
-def flat(stabilizer: float = 1e-6) -> Rule:
+def flat(stabilizer: float = 1e-6, *, zero_params: Sequence[str] = ()) -> Rule:
     """LRP-flat: relevance spread uniformly over each output's receptive field (Lapuschkin et al., 2019).
+
+    ``zero_params=("bias",)``: the rule sees the layer without its bias (zennit's ``zero_params``).
 
     Example:
         >>> import tdfunc
         >>> tdfunc.lrp_rules.flat()         # the first layer of composite 'epsilon_plus_flat'
         tdfunc.lrp_rules.flat(stabilizer=1e-06)
     """
-    return _Flat(stabilizer=check_float("tdfunc.lrp_rules.flat", "stabilizer", stabilizer))
+    return _Flat(stabilizer=check_float("tdfunc.lrp_rules.flat", "stabilizer", stabilizer), **_zero("tdfunc.lrp_rules.flat", zero_params))
 
 
-def wsquare(stabilizer: float = 1e-6) -> Rule:
+def wsquare(stabilizer: float = 1e-6, *, zero_params: Sequence[str] = ()) -> Rule:
     """LRP-w²: ``R_i = Σ_j w_ij² R_j / Σ_i' w_i'j²`` (Montavon et al., 2017).
+
+    ``zero_params=("bias",)``: the rule sees the layer without its bias (zennit's ``zero_params``).
 
     Example:
         >>> import tdfunc
         >>> tdfunc.lrp_rules.wsquare()
         tdfunc.lrp_rules.wsquare(stabilizer=1e-06)
     """
-    return _WSquare(stabilizer=check_float("tdfunc.lrp_rules.wsquare", "stabilizer", stabilizer))
+    return _WSquare(stabilizer=check_float("tdfunc.lrp_rules.wsquare", "stabilizer", stabilizer),
+                    **_zero("tdfunc.lrp_rules.wsquare", zero_params))
 
 
 def _check_bound(fn: str, name: str, v):
@@ -316,8 +350,12 @@ def _check_bound(fn: str, name: str, v):
     return float(v)
 
 
-def zbox(low: float | torch.Tensor, high: float | torch.Tensor, stabilizer: float = 1e-6) -> Rule:
+def zbox(
+    low: float | torch.Tensor, high: float | torch.Tensor, stabilizer: float = 1e-6, *, zero_params: Sequence[str] = ()
+) -> Rule:
     """LRP-zᴮ (box rule, for the input layer; zennit's ``ZBox``, Montavon et al., 2017).
+
+    ``zero_params=("bias",)``: the rule sees the layer without its bias (zennit's ``zero_params``).
 
     ``R_i = Σ_j (x_i w_ij − l_i w_ij⁺ − h_i w_ij⁻) R_j / stab(z_j − Σ_i (l_i w_ij⁺ + h_i w_ij⁻) − b_j⁺ − b_j⁻)``
     for inputs known to lie in the box ``low <= x <= high``.  ``low`` / ``high`` are floats or tensors
@@ -338,4 +376,4 @@ def zbox(low: float | torch.Tensor, high: float | torch.Tensor, stabilizer: floa
         raise AttributionError(f"{fn}: low and high must broadcast against each other: {e}") from None
     if bad:
         raise AttributionError(f"{fn}: low must be <= high everywhere (the box the inputs lie in), got low > high.")
-    return _ZBox(low=lo, high=hi, stabilizer=check_float(fn, "stabilizer", stabilizer))
+    return _ZBox(low=lo, high=hi, stabilizer=check_float(fn, "stabilizer", stabilizer), **_zero(fn, zero_params))
