@@ -122,14 +122,18 @@ class _Layer(Rule):
         ts = self.terms(module.weight, self._bias(module))
         ones = any(t[0] is _ONES or isinstance(t[0], _Bound) for t in ts)
         inv = torch.where(x == 0, torch.zeros_like(x), 1 / torch.where(x == 0, torch.ones_like(x), x)) if ones else None
-        ys = [
-            out
-            if _own(module, mod, w) and b is module.bias
-            else _op(module, torch.ones_like(x) if mod is _ONES else _inputs(mod, x, None), w, b, opad)
-            for mod, w, b in ts
-        ]
+        ys, terms = [], []
+        for mod, w, b in ts:
+            if mod is _ONES or isinstance(mod, _Bound) or _own(module, mod, w):
+                ys.append(out if _own(module, mod, w) and b is module.bias
+                          else _op(module, torch.ones_like(x) if mod is _ONES else _inputs(mod, x, None), w, b, opad))
+                terms.append(_term(module, x, out, inv, mod, w, opad))
+            else:  # one product serves both: the term W_t m_t(x), and the denominator's W_t m_t(x) + b_t
+                t = _op(module, _inputs(mod, x, None), w, None, opad)
+                ys.append(t if b is None else t + _bias_view(module, b))
+                terms.append(t)
         rs = self.ratios(out, ys)
-        s = sum(rt * _term(module, x, out, inv, mod, w, opad) for rt, (mod, w, _) in zip(rs, ts))
+        s = sum(rt * t for rt, t in zip(rs, terms))
         return out.clone(), rs, s, inv  # clone: a later in-place op must not rewrite it
 
     def rewrite(self, module, args, kwargs, out, constants):
