@@ -163,9 +163,9 @@ TABLE: dict[str, list] = {
     "attention": [lambda: tdfunc.lrp_rules.attention("x"), lambda: tdfunc.lrp_rules.attention(softmax="bogus")],
     "zbox": [lambda: tdfunc.lrp_rules.zbox("x", 1.0), lambda: tdfunc.lrp_rules.zbox(0.0, NAN)],
     "merge_batchnorm": [lambda: tdfunc.lrp_rules.merge_batchnorm(None), lambda: tdfunc.lrp_rules.merge_batchnorm(NET, 3)],
+    "with_zero_biases": [lambda: tdfunc.lrp_rules.with_zero_biases(None)],
     "passthrough": [lambda: tdfunc.lrp(F, TD, NET, rules={nn.Linear: tdfunc.lrp_rules.passthrough()}, composite=None)],
     "epsilon_gamma_box": [lambda: tdfunc.lrp_rules.epsilon_gamma_box("x", 1.0), lambda: tdfunc.lrp_rules.epsilon_gamma_box(0.0, 1.0, gamma=NAN)],
-    "with_zero_biases": [lambda: tdfunc.lrp_rules.with_zero_biases(None)],
 }
 
 SPACES = {"tdfunc": tdfunc, "tdfunc.latent": tdfunc.latent, "tdfunc.weights": tdfunc.weights,

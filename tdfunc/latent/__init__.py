@@ -10,8 +10,8 @@ from ._cache import cache_activations as cache_activations
 from ._cache_attr import cache_attributions as cache_attributions
 from ._common import LatentError as LatentError
 from ._dimension import ca_pca_dimension as ca_pca_dimension
-from ._dimension import local_pca_dimension as local_pca_dimension
 from ._dimension import local_knn_dimension as local_knn_dimension
+from ._dimension import local_pca_dimension as local_pca_dimension
 from ._dimension import mle_dimension as mle_dimension
 from ._dimension import twonn_dimension as twonn_dimension
 from ._geometry import GeometryError as GeometryError
@@ -35,9 +35,9 @@ from ._similarity import information_imbalance as information_imbalance
 from ._steer import generate_greedy as generate_greedy
 from ._steer import steer as steer
 from ._steer import steering_vector as steering_vector
-
-__all__ = sorted(name for name in dir() if not name.startswith("_"))
 from ._units import Units as Units
 from ._units import unit_edit as unit_edit
 from ._units import unit_view as unit_view
 from ._units import units as units
+
+__all__ = sorted(name for name in dir() if not name.startswith("_"))
