@@ -73,6 +73,8 @@ _MOVED = {name: ("latent", name) for name in latent.__all__}
 _MOVED.update({name: ("weights", name) for name in weights.__all__})
 _MOVED.update({f"lrp_{n}": ("lrp_rules", n) for n in lrp_rules.__all__ if n.islower() and n not in ("gradient", "merge_batchnorm")})
 _MOVED.update(lrp_pass=("lrp_rules", "gradient"), merge_batchnorm=("lrp_rules", "merge_batchnorm"))
+# a moved name whose new name differs from a peer's word for the same thing
+_MOVED_NOTES = {"lrp_pass": " (it keeps the plain gradient; zennit's and tdhook's Pass is tdfunc.lrp_rules.passthrough)"}
 
 
 def __getattr__(name: str) -> object:
@@ -81,7 +83,8 @@ def __getattr__(name: str) -> object:
         raise AttributeError(f"module 'tdfunc' has no attribute {name!r}")
     space, new = moved
     _warnings.warn(
-        f"tdfunc.{name} moved to tdfunc.{space}.{new}; the old name will be removed in tdfunc 0.3.",
+        f"tdfunc.{name} moved to tdfunc.{space}.{new}; the old name will be removed in tdfunc 0.3."
+        + _MOVED_NOTES.get(name, ""),
         DeprecationWarning,
         stacklevel=2,
     )

@@ -61,7 +61,8 @@ def test_no_name_in_two_families():
 def test_moved_names_forward_with_a_deprecation_warning(old, new):
     with pytest.warns(DeprecationWarning) as record:
         got = getattr(tdfunc, old)
-    assert str(record[0].message) == f"tdfunc.{old} moved to tdfunc.{new}; the old name will be removed in tdfunc 0.3."
+    note = " (it keeps the plain gradient; zennit's and tdhook's Pass is tdfunc.lrp_rules.passthrough)" * (old == "lrp_pass")
+    assert str(record[0].message) == f"tdfunc.{old} moved to tdfunc.{new}; the old name will be removed in tdfunc 0.3.{note}"
     space, name = new.split(".")
     assert got is getattr(getattr(tdfunc, space), name)
 

@@ -29,7 +29,7 @@ def _options():
         (_types.IGStrategy, _quadrature.STRATEGIES),
         (_types.NoiseType, _noise.NT_TYPES),
         (_types.Optimizer, _maximise.OPTIMIZERS),
-        (_types.CompositeName, tuple(_lrp_assign.COMPOSITES)),
+        (_types.CompositeName, (*_lrp_assign.COMPOSITES, *_lrp_assign.ZENNIT_NAMES)),
         (_types.SoftmaxMode, _lrp_attention._SOFTMAX_MODES),
         (_types.Reduction, _cache.REDUCTIONS),
         (_types.ProbeKind, _probe_common.KINDS),

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -17,13 +16,9 @@ from ._lrp_linear import CONVS, LAYERS, alpha_beta, epsilon, flat, zbox, zplus
 from ._lrp_linear import epsilon as _epsilon_rule
 from ._lrp_linear import gamma as _gamma_rule
 from ._lrp_rules import Rule, _Identity, gradient, identity, norm, softmax
+from .._types import CompositeName
 
 __all__ = ["Composite", "COMPOSITES", "CompositeName", "assign", "epsilon_gamma_box"]
-
-#: ``composite=`` names of :func:`tdfunc.lrp` (zennit's registered names where zennit has the composite)
-CompositeName = Literal["epsilon", "epsilon_plus", "epsilon_plus_flat", "epsilon_alpha2_beta1",
-                        "epsilon_alpha2_beta1_flat", "excitation_backprop", "attnlrp", "EpsilonPlus", "EpsilonPlusFlat",
-                        "EpsilonAlpha2Beta1", "EpsilonAlpha2Beta1Flat", "ExcitationBackprop"]
 
 _NORMS: tuple[type[nn.Module], ...] = (nn.LayerNorm, nn.RMSNorm)
 #: elementwise activations that composite 'attnlrp' gives the identity rule (ReLU, LeakyReLU and Dropout in eval
