@@ -40,6 +40,7 @@ TABLE: dict[str, list] = {
     "from_site": [lambda: tdfunc.from_site(None), lambda: tdfunc.from_site(3)],
     "install_sites": [lambda: tdfunc.install_sites(None, ["0"]), lambda: tdfunc.install_sites(NET, 3)],
     "remove_sites": [lambda: tdfunc.remove_sites(None), lambda: tdfunc.remove_sites("net")],
+    "list_sites": [lambda: tdfunc.list_sites(None, X), lambda: tdfunc.list_sites(NET, [X])],
     # attribution
     "saliency": [lambda: tdfunc.saliency(None, TD), lambda: tdfunc.saliency(F, None), lambda: tdfunc.saliency(F, NAN_TD)],
     "input_x_gradient": [lambda: tdfunc.input_x_gradient(None, TD), lambda: tdfunc.input_x_gradient(F, NAN_TD)],

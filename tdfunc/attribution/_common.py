@@ -336,6 +336,17 @@ def check_output(fn: str, y: object, batch: torch.Size, xs: dict | None = None, 
     )
 
 
+def check_float_output(fn: str, y: object) -> Any:
+    """``y`` itself; a pinned error when ``f`` returned an integer / bool tensor (no gradient can flow)."""
+    if isinstance(y, torch.Tensor) and not (y.is_floating_point() or y.is_complex()):
+        raise AttributionError(
+            f"{fn}: f returned a tensor of dtype {y.dtype}; gradients need a floating-point output (a logit, a "
+            "probability, a loss). Return a float tensor (e.g. the logits, not logits.argmax(-1)), or cast it "
+            "with .float() if its values are meant."
+        )
+    return y
+
+
 def grads_per_target(
     fn: str, g: Callable, xs: dict, lead: int, batch: torch.Size, reduce: Callable | None = None
 ) -> tuple[torch.Tensor, dict, int | None]:
@@ -349,14 +360,7 @@ def grads_per_target(
     stacked (IG sums over the path there, so K full path gradients never coexist).
     """
     def floating(xs: dict) -> torch.Tensor:
-        y = g(xs)
-        if isinstance(y, torch.Tensor) and not (y.is_floating_point() or y.is_complex()):
-            raise AttributionError(
-                f"{fn}: f returned a tensor of dtype {y.dtype}; gradients need a floating-point output (a logit, a "
-                "probability, a loss). Return a float tensor (e.g. the logits, not logits.argmax(-1)), or cast it "
-                "with .float() if its values are meant."
-            )
-        return y
+        return check_float_output(fn, g(xs))
 
     y, pull = vjp(floating, xs)  # type: ignore[misc]  # no has_aux: a pair
     if torch.compiler.is_compiling():

@@ -20,7 +20,7 @@ from .._finite import readable
 from .._rewrite import Rewrite, record_then_rewrite
 from .._types import InKeys
 
-from ._common import AttributionError, check_output, check_rows_as_targets, grads_per_target, move_target_dim, per_target, prepare, result, with_inputs
+from ._common import AttributionError, check_float_output, check_output, check_rows_as_targets, grads_per_target, move_target_dim, per_target, prepare, result, with_inputs
 from ._lrp_assign import Composite, CompositeName, assign
 from ._lrp_rules import Rule
 
@@ -265,7 +265,7 @@ def _grads_with_zero_inputs(fn: str, g, xs: dict, batch: torch.Size, zsites: lis
         for st, ps in zip(zsites, probes):
             st.probes, st.inputs = ps, []
         try:
-            y = g(xs)
+            y = check_float_output(fn, g(xs))
             return y, [u for st in zsites for u in st.inputs]
         finally:
             for st in zsites:

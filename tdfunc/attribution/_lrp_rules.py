@@ -206,7 +206,8 @@ def gradient() -> Rule:
         >>> from tensordict import TensorDict
         >>> net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2))
         >>> td = TensorDict({"x": torch.randn(5, 3)}, batch_size=[5])
-        >>> a = tdfunc.lrp(lambda t: net(t["x"]), td, net, rules={torch.nn.Linear: tdfunc.lrp_rules.gradient()})
+        >>> a = tdfunc.lrp(lambda t: net(t["x"]), td, net, rules={torch.nn.Linear: tdfunc.lrp_rules.gradient()},
+        ...                composite=None)
         >>> b = tdfunc.input_x_gradient(lambda t: net(t["x"]), td)
         >>> torch.allclose(a["attr", "x"], b["attr", "x"])
         True
