@@ -37,18 +37,27 @@ def report() -> dict:
     """The ``typeCompleteness`` section of ``--verifytypes tdfunc --ignoreexternal --outputjson``."""
     exe = tool()
     if exe is None:
-        print("type completeness: neither basedpyright nor pyright is installed (pip install -r requirements-types.txt)")
+        print(
+            "type completeness: neither basedpyright nor pyright is installed (pip install -r requirements-types.txt)"
+        )
         sys.exit(2)
     env = dict(os.environ)
     env["PATH"] = f"{pathlib.Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     env["PYTHONPATH"] = f"{ROOT}{os.pathsep}{env['PYTHONPATH']}" if env.get("PYTHONPATH") else str(ROOT)
     # exit status 1 means "some symbols are incomplete", not a failure of the tool: judge by the JSON
-    run = subprocess.run([exe, "--verifytypes", "tdfunc", "--ignoreexternal", "--outputjson"], cwd=ROOT, env=env,
-                         capture_output=True, text=True)
+    run = subprocess.run(
+        [exe, "--verifytypes", "tdfunc", "--ignoreexternal", "--outputjson"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     try:
         out = json.loads(run.stdout)["typeCompleteness"]
     except (ValueError, KeyError):
-        print(f"type completeness: {exe} gave no report (exit {run.returncode}):\n{run.stdout[-2000:]}{run.stderr[-2000:]}")
+        print(
+            f"type completeness: {exe} gave no report (exit {run.returncode}):\n{run.stdout[-2000:]}{run.stderr[-2000:]}"
+        )
         sys.exit(2)
     if out.get("packageRootDirectory") != str(ROOT / "tdfunc"):
         print(f"type completeness: {exe} checked {out.get('packageRootDirectory')!r}, not {ROOT / 'tdfunc'}")
@@ -61,8 +70,10 @@ def main() -> None:
     out = report()
     score = 100 * out["completenessScore"]
     counts = out["exportedSymbolCounts"]
-    print(f"type completeness of tdfunc: {score:.1f}% ({counts['withKnownType']} exported symbols known, "
-          f"{counts['withAmbiguousType']} ambiguous, {counts['withUnknownType']} unknown; minimum {minimum:g}%)")
+    print(
+        f"type completeness of tdfunc: {score:.1f}% ({counts['withKnownType']} exported symbols known, "
+        f"{counts['withAmbiguousType']} ambiguous, {counts['withUnknownType']} unknown; minimum {minimum:g}%)"
+    )
     if score < minimum:
         for s in out["symbols"]:
             if not s["isTypeKnown"] or s["isTypeAmbiguous"]:

@@ -46,6 +46,7 @@ TOP_K = 10
 
 def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
     """Spearman's rho with average ranks for ties (the exact zeros of unreachable cells)."""
+
     def ranks(x: torch.Tensor) -> torch.Tensor:
         x = x.detach().flatten().double()
         order = x.argsort()
@@ -69,8 +70,16 @@ def top_k_agreement(est: torch.Tensor, exact: torch.Tensor, k: int = TOP_K) -> f
     return len(a & b) / k
 
 
-PAIRS = [("France", "Paris"), ("Italy", "Rome"), ("Germany", "Berlin"), ("Spain", "Madrid"), ("Japan", "Tokyo"),
-         ("Russia", "Moscow"), ("Egypt", "Cairo"), ("Greece", "Athens")]
+PAIRS = [
+    ("France", "Paris"),
+    ("Italy", "Rome"),
+    ("Germany", "Berlin"),
+    ("Spain", "Madrid"),
+    ("Japan", "Tokyo"),
+    ("Russia", "Moscow"),
+    ("Egypt", "Cairo"),
+    ("Greece", "Athens"),
+]
 
 
 def _smollm2(n_pairs: int = 1):
@@ -79,7 +88,7 @@ def _smollm2(n_pairs: int = 1):
     assets = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(assets)
     model, tok = assets.smollm2()
-    pairs = PAIRS[:max(n_pairs, 2)]
+    pairs = PAIRS[: max(n_pairs, 2)]
     ids = lambda c: tok(f"The capital of {c} is", return_tensors="pt").input_ids  # noqa: E731
     clean = torch.cat([ids(c) for c, _ in pairs[:n_pairs]])
     corrupt = torch.cat([ids(pairs[(i + 1) % len(pairs)][0]) for i in range(n_pairs)])
@@ -87,8 +96,16 @@ def _smollm2(n_pairs: int = 1):
     a = torch.tensor(caps[:n_pairs])
     b = torch.tensor([caps[(i + 1) % len(pairs)] for i in range(n_pairs)])
     label = f"SmolLM2-135M (30 layers, 9 heads), {n_pairs} prompt pair{'s' if n_pairs > 1 else ''}"
-    return model, clean, corrupt, (a, b), "model.layers.*", "model.layers.*.self_attn.o_proj:input", \
-        ["model.layers.*.self_attn", "model.layers.*.mlp"], label
+    return (
+        model,
+        clean,
+        corrupt,
+        (a, b),
+        "model.layers.*",
+        "model.layers.*.self_attn.o_proj:input",
+        ["model.layers.*.self_attn", "model.layers.*.mlp"],
+        label,
+    )
 
 
 def _gpt2():
@@ -98,13 +115,30 @@ def _gpt2():
     model = gpt2(cfg)
     g = torch.Generator().manual_seed(1)
     clean, corrupt = (torch.randint(0, 256, (1, 8), generator=g) for _ in range(2))
-    return model, clean, corrupt, (torch.tensor([11]), torch.tensor([22])), "transformer.h.*", "transformer.h.*.attn.c_proj:input", \
-        ["transformer.h.*.attn", "transformer.h.*.mlp"], "GPT-2 from a config (2 layers, d 64, 4 heads)"
+    return (
+        model,
+        clean,
+        corrupt,
+        (torch.tensor([11]), torch.tensor([22])),
+        "transformer.h.*",
+        "transformer.h.*.attn.c_proj:input",
+        ["transformer.h.*.attn", "transformer.h.*.mlp"],
+        "GPT-2 from a config (2 layers, d 64, 4 heads)",
+    )
 
 
 def run(device: str = "cpu", quick: bool = False) -> list[dict]:
-    bench = Bench(NAME, device=device, quick=quick, rounds=3, warmup=0, quick_rounds=2, quick_warmup=0,
-                  max_seconds_per_case=300.0, quick_max_seconds_per_case=6.0)  # the accuracy call warms every variant
+    bench = Bench(
+        NAME,
+        device=device,
+        quick=quick,
+        rounds=3,
+        warmup=0,
+        quick_rounds=2,
+        quick_warmup=0,
+        max_seconds_per_case=300.0,
+        quick_max_seconds_per_case=6.0,
+    )  # the accuracy call warms every variant
     if quick:
         case(bench, device, _gpt2(), (("positions", False), ("heads", True)))
     else:
@@ -127,6 +161,7 @@ def case(bench: Bench, device: str, setup: tuple, cells: tuple) -> None:
     latent = tdfunc.latent
     for over, with_gd in cells:
         sites = blocks if over == "positions" else heads
+
         def exact(sites=sites, over=over):
             with torch.no_grad():
                 return latent.patching_sweep(model, state, (clean,), (corrupt,), sites, metric, over=over) - base
@@ -134,11 +169,13 @@ def case(bench: Bench, device: str, setup: tuple, cells: tuple) -> None:
         variants = {
             "exact patching_sweep": exact,
             "attribution_patching": lambda sites=sites, over=over: latent.attribution_patching(
-                model, state, (clean,), (corrupt,), sites, metric, over=over).detach(),
+                model, state, (clean,), (corrupt,), sites, metric, over=over
+            ).detach(),
         }
         if with_gd:
             variants["attribution_patching grad_drop"] = lambda sites=sites, over=over: latent.attribution_patching(
-                model, state, (clean,), (corrupt,), sites, metric, over=over, grad_drop=drops, chunk_size=6).detach()
+                model, state, (clean,), (corrupt,), sites, metric, over=over, grad_drop=drops, chunk_size=6
+            ).detach()
         results = {k: f() for k, f in variants.items()}
         ref = results["exact patching_sweep"]
         accuracy = {}
@@ -146,20 +183,27 @@ def case(bench: Bench, device: str, setup: tuple, cells: tuple) -> None:
             if k == "exact patching_sweep":
                 continue
             target = ref.abs() if "grad_drop" in k else ref
-            accuracy[k] = {"spearman": round(spearman(est, target), 4),
-                           f"top{TOP_K}": round(top_k_agreement(est, ref), 3),
-                           "max_abs_err": round(float((est - ref).abs().max()), 5) if "grad_drop" not in k else None}
-            print(f"[{NAME}] {label} {over}: {k}: Spearman {accuracy[k]['spearman']:.3f}, top-{TOP_K} agreement "
-                  f"{accuracy[k][f'top{TOP_K}']:.2f} over {ref.numel()} cells", flush=True)
+            accuracy[k] = {
+                "spearman": round(spearman(est, target), 4),
+                f"top{TOP_K}": round(top_k_agreement(est, ref), 3),
+                "max_abs_err": round(float((est - ref).abs().max()), 5) if "grad_drop" not in k else None,
+            }
+            print(
+                f"[{NAME}] {label} {over}: {k}: Spearman {accuracy[k]['spearman']:.3f}, top-{TOP_K} agreement "
+                f"{accuracy[k][f'top{TOP_K}']:.2f} over {ref.numel()} cells",
+                flush=True,
+            )
         n_sites, n_units = ref.shape
         bench.time(
             f"{label}: {n_sites} sites x {n_units} {over} = {ref.numel()} cells",
             variants,
             reference="exact patching_sweep",
             params={"sites": sites, "over": over, "cells": ref.numel(), "accuracy": accuracy},
-            notes={"exact patching_sweep": "patching_sweep(...) - metric(corrupted), no_grad",
-                   "attribution_patching": "one clean forward + one corrupted forward/backward",
-                   "attribution_patching grad_drop": f"GradDrop over {drops}, chunk_size=6"},
+            notes={
+                "exact patching_sweep": "patching_sweep(...) - metric(corrupted), no_grad",
+                "attribution_patching": "one clean forward + one corrupted forward/backward",
+                "attribution_patching grad_drop": f"GradDrop over {drops}, chunk_size=6",
+            },
             number=1,
         )
 

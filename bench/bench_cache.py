@@ -53,9 +53,15 @@ QUICK = {"n_layer": 2, "n_embd": 64, "n_head": 2, "vocab": 256, "seq_len": 16, "
 INSTALL_HINT = "pip install -r requirements-bench.txt"
 SITE = "transformer.h.*"
 ORDER = (
-    "plain HF forward", "torch.func.functional_call", "HF output_hidden_states", "tdfunc", "tdfunc, state=None",
+    "plain HF forward",
+    "torch.func.functional_call",
+    "HF output_hidden_states",
+    "tdfunc",
+    "tdfunc, state=None",
     "tdhook ActivationCaching",
-    "TransformerLens plain forward", "TransformerLens run_with_cache", "nnsight trace",
+    "TransformerLens plain forward",
+    "TransformerLens run_with_cache",
+    "nnsight trace",
 )
 
 
@@ -80,8 +86,14 @@ def gpt2(cfg: dict, seed: int = 0, device: str = "cpu"):
     transformers.logging.set_verbosity_error()
     torch.manual_seed(seed)
     config = transformers.GPT2Config(
-        n_layer=cfg["n_layer"], n_embd=cfg["n_embd"], n_head=cfg["n_head"], vocab_size=cfg["vocab"],
-        n_positions=max(128, cfg["seq_len"]), bos_token_id=0, eos_token_id=0, attn_implementation="eager",
+        n_layer=cfg["n_layer"],
+        n_embd=cfg["n_embd"],
+        n_head=cfg["n_head"],
+        vocab_size=cfg["vocab"],
+        n_positions=max(128, cfg["seq_len"]),
+        bos_token_id=0,
+        eos_token_id=0,
+        attn_implementation="eager",
     )
     return transformers.GPT2LMHeadModel(config).eval().to(device)
 
@@ -97,24 +109,39 @@ def transformer_lens_copy(hf, bench: str):
     if tl is None:
         return None
     if not hasattr(tl, "HookedTransformer"):
-        print(f"[{bench}] note: transformer_lens {getattr(tl, '__version__', '?')} has no HookedTransformer "
-              f"(removed in 4.x); skipping the TransformerLens variants ({INSTALL_HINT} pins 3.9)", flush=True)
+        print(
+            f"[{bench}] note: transformer_lens {getattr(tl, '__version__', '?')} has no HookedTransformer "
+            f"(removed in 4.x); skipping the TransformerLens variants ({INSTALL_HINT} pins 3.9)",
+            flush=True,
+        )
         return None
     from transformer_lens.pretrained.weight_conversions import convert_gpt2_weights
 
     c = hf.config
     tcfg = tl.HookedTransformerConfig(
-        n_layers=c.n_layer, d_model=c.n_embd, d_head=c.n_embd // c.n_head, n_heads=c.n_head,
-        d_mlp=4 * c.n_embd, n_ctx=c.n_positions, d_vocab=c.vocab_size, act_fn=c.activation_function,
-        normalization_type="LN", eps=c.layer_norm_epsilon, default_prepend_bos=False,
+        n_layers=c.n_layer,
+        d_model=c.n_embd,
+        d_head=c.n_embd // c.n_head,
+        n_heads=c.n_head,
+        d_mlp=4 * c.n_embd,
+        n_ctx=c.n_positions,
+        d_vocab=c.vocab_size,
+        act_fn=c.activation_function,
+        normalization_type="LN",
+        eps=c.layer_norm_epsilon,
+        default_prepend_bos=False,
         device=str(next(hf.parameters()).device),
     )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = tl.HookedTransformer(tcfg)
         model.load_and_process_state_dict(
-            convert_gpt2_weights(hf, tcfg), fold_ln=False, center_writing_weights=False,
-            center_unembed=False, fold_value_biases=False, refactor_factored_attn_matrices=False,
+            convert_gpt2_weights(hf, tcfg),
+            fold_ln=False,
+            center_writing_weights=False,
+            center_unembed=False,
+            fold_value_biases=False,
+            refactor_factored_attn_matrices=False,
         )
     return model.eval()
 
@@ -175,8 +202,8 @@ def make_variants(hf, x: torch.Tensor) -> tuple[dict[str, Callable], dict[str, C
     }
 
     if peer("tdhook", NAME, "the tdhook variant") is not None:
-        from tensordict import TensorDict
         from tdhook.latent import ActivationCaching
+        from tensordict import TensorDict
 
         wrapped = Logits(copy.deepcopy(hf))
         caching = ActivationCaching(r"m\.transformer\.h\.\d+$")
@@ -204,7 +231,9 @@ def make_variants(hf, x: torch.Tensor) -> tuple[dict[str, Callable], dict[str, C
 
         plain["TransformerLens plain forward"] = lambda: tl(x)
         capture["TransformerLens run_with_cache"] = tl_cache
-        notes["TransformerLens plain forward"] = "TL 3.9 `HookedTransformer(cfg)` with the HF weights (`convert_gpt2_weights`), `tl(x)`: TL's own floor"
+        notes["TransformerLens plain forward"] = (
+            "TL 3.9 `HookedTransformer(cfg)` with the HF weights (`convert_gpt2_weights`), `tl(x)`: TL's own floor"
+        )
         notes["TransformerLens run_with_cache"] = "`tl.run_with_cache(x, names_filter=<blocks.i.hook_resid_post>)`"
 
     nm = nnsight_wrap(hf, NAME)
@@ -219,15 +248,26 @@ def make_variants(hf, x: torch.Tensor) -> tuple[dict[str, Callable], dict[str, C
             return logits, saved
 
         capture["nnsight trace"] = nnsight_capture
-        notes["nnsight trace"] = "nnsight 0.8.1: `with NNsight(model).trace(x):` `.save()` of `transformer.h[i].output` for every i and of the logits"
+        notes["nnsight trace"] = (
+            "nnsight 0.8.1: `with NNsight(model).trace(x):` `.save()` of `transformer.h[i].output` for every i and of the logits"
+        )
 
     return plain, capture, notes
 
 
 def run(device: str = "cpu", quick: bool = False) -> list[dict]:
     cfg = QUICK if quick else FULL
-    b = Bench(NAME, device=device, quick=quick, rounds=60, warmup=5, quick_rounds=3, quick_warmup=1,
-              max_seconds_per_case=50.0, quick_max_seconds_per_case=4.0)
+    b = Bench(
+        NAME,
+        device=device,
+        quick=quick,
+        rounds=60,
+        warmup=5,
+        quick_rounds=3,
+        quick_warmup=1,
+        max_seconds_per_case=50.0,
+        quick_max_seconds_per_case=4.0,
+    )
     hf = gpt2(cfg, device=device)
     with torch.no_grad():
         for batch in cfg["batches"]:
@@ -243,9 +283,12 @@ def run(device: str = "cpu", quick: bool = False) -> list[dict]:
                 return logits, blocks if hf_own else [*blocks[:-1], ln_f(blocks[-1])]
 
             b.check_equal(
-                {"HF hidden_states": (ref.logits, list(ref.hidden_states[1:])),
-                 **{k: as_hidden(f(), hf_own=k == "HF output_hidden_states") for k, f in capture.items()}},
-                atol=1e-4, rtol=1e-4,
+                {
+                    "HF hidden_states": (ref.logits, list(ref.hidden_states[1:])),
+                    **{k: as_hidden(f(), hf_own=k == "HF output_hidden_states") for k, f in capture.items()},
+                },
+                atol=1e-4,
+                rtol=1e-4,
             )
             variants = {**plain, **capture}
             order = [k for k in ORDER if k in variants]

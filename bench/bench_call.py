@@ -47,10 +47,11 @@ def make_variants(model, model_td, model_pin, x: torch.Tensor) -> tuple[dict[str
     variants are wrapped to return logits only); ``capture_variants`` map name
     -> zero-arg callable returning (logits, {"blocks.i": tensor}).
     """
-    import tdfunc
     from tdhook.latent import ActivationCaching
     from tdhook.session import HookSession
     from tdhook.targets import Target
+
+    import tdfunc
 
     d = model.cfg.d_model
     names = _block_names(model)

@@ -67,9 +67,15 @@ def run(device: str = "cpu", quick: bool = False) -> list[dict]:
 
     cfg = QUICK if quick else FULL
     b = Bench(
-        NAME, device=device, quick=quick,
-        rounds=20, warmup=2, quick_rounds=3, quick_warmup=1,
-        max_seconds_per_case=40.0, quick_max_seconds_per_case=3.0,
+        NAME,
+        device=device,
+        quick=quick,
+        rounds=20,
+        warmup=2,
+        quick_rounds=3,
+        quick_warmup=1,
+        max_seconds_per_case=40.0,
+        quick_max_seconds_per_case=3.0,
     )
     cnn = avgpool_cnn().to(device)
     for p in cnn.parameters():
@@ -88,34 +94,50 @@ def run(device: str = "cpu", quick: bool = False) -> list[dict]:
         b.time(f"{title}, {tag}", variants, reference=reference, params={**cfg, **params}, notes=notes, number=number)
 
     dl = ca.DeepLift(cnn)
-    case("DeepLift", {
-        "captum DeepLift": lambda: dl.attribute(x, 0 * x, target=TARGET).detach(),
-        "tdfunc.deep_lift": lambda: tdfunc.deep_lift(f1, td, cnn)["attr", "x"],
-        "tdfunc.deep_lift under no_grad": no_grad(lambda: tdfunc.deep_lift(f1, td, cnn)["attr", "x"]),
-    }, {
-        "captum DeepLift": "reference: `DeepLift(cnn).attribute(x, 0 * x, target=3)` (hooks; input and baseline in one 2B batch)",
-        "tdfunc.deep_lift": "`tdfunc.deep_lift(f, td, cnn)`: a recording forward + a rewritten forward over 2B rows + 1 vjp",
-        "tdfunc.deep_lift under no_grad": "the same inside `torch.no_grad()`: one forward records and rewrites",
-    }, "captum DeepLift")
+    case(
+        "DeepLift",
+        {
+            "captum DeepLift": lambda: dl.attribute(x, 0 * x, target=TARGET).detach(),
+            "tdfunc.deep_lift": lambda: tdfunc.deep_lift(f1, td, cnn)["attr", "x"],
+            "tdfunc.deep_lift under no_grad": no_grad(lambda: tdfunc.deep_lift(f1, td, cnn)["attr", "x"]),
+        },
+        {
+            "captum DeepLift": "reference: `DeepLift(cnn).attribute(x, 0 * x, target=3)` (hooks; input and baseline in one 2B batch)",
+            "tdfunc.deep_lift": "`tdfunc.deep_lift(f, td, cnn)`: a recording forward + a rewritten forward over 2B rows + 1 vjp",
+            "tdfunc.deep_lift under no_grad": "the same inside `torch.no_grad()`: one forward records and rewrites",
+        },
+        "captum DeepLift",
+    )
 
-    case("DeepLift, all 10 classes", {
-        "captum DeepLift x 10 targets": lambda: torch.stack(
-            [dl.attribute(x, 0 * x, target=k).detach() for k in range(10)], 1),
-        "tdfunc.deep_lift (K=10)": lambda: tdfunc.deep_lift(fk, td, cnn)["attr", "x"],
-    }, {
-        "captum DeepLift x 10 targets": "reference: 10 `attribute` calls, one per class",
-        "tdfunc.deep_lift (K=10)": "one call, f returns every logit: the same forwards + 10 vjps",
-    }, "captum DeepLift x 10 targets")
+    case(
+        "DeepLift, all 10 classes",
+        {
+            "captum DeepLift x 10 targets": lambda: torch.stack(
+                [dl.attribute(x, 0 * x, target=k).detach() for k in range(10)], 1
+            ),
+            "tdfunc.deep_lift (K=10)": lambda: tdfunc.deep_lift(fk, td, cnn)["attr", "x"],
+        },
+        {
+            "captum DeepLift x 10 targets": "reference: 10 `attribute` calls, one per class",
+            "tdfunc.deep_lift (K=10)": "one call, f returns every logit: the same forwards + 10 vjps",
+        },
+        "captum DeepLift x 10 targets",
+    )
 
     dls = ca.DeepLiftShap(cnn)
     rtd = TensorDict(x=refs, batch_size=[cfg["n_baselines"]])
-    case(f"DeepLiftShap, {cfg['n_baselines']} baselines", {
-        "captum DeepLiftShap": lambda: dls.attribute(x, refs, target=TARGET).detach(),
-        "tdfunc.deep_lift_shap": lambda: tdfunc.deep_lift_shap(f1, td, cnn, rtd)["attr", "x"],
-    }, {
-        "captum DeepLiftShap": "reference: `DeepLiftShap(cnn).attribute(x, refs, target=3)`",
-        "tdfunc.deep_lift_shap": "`tdfunc.deep_lift_shap(f, td, cnn, refs)`: one 2NB-row rewritten forward",
-    }, "captum DeepLiftShap")
+    case(
+        f"DeepLiftShap, {cfg['n_baselines']} baselines",
+        {
+            "captum DeepLiftShap": lambda: dls.attribute(x, refs, target=TARGET).detach(),
+            "tdfunc.deep_lift_shap": lambda: tdfunc.deep_lift_shap(f1, td, cnn, rtd)["attr", "x"],
+        },
+        {
+            "captum DeepLiftShap": "reference: `DeepLiftShap(cnn).attribute(x, refs, target=3)`",
+            "tdfunc.deep_lift_shap": "`tdfunc.deep_lift_shap(f, td, cnn, refs)`: one 2NB-row rewritten forward",
+        },
+        "captum DeepLiftShap",
+    )
 
     s, std = cfg["gs_samples"], 0.1
     gs = ca.GradientShap(cnn)
@@ -136,32 +158,48 @@ def run(device: str = "cpu", quick: bool = False) -> list[dict]:
         torch.manual_seed(0)
         return gs.attribute(x, refs, n_samples=s, stdevs=std, target=TARGET).detach()
 
-    case(f"GradientShap, {s} samples, {cfg['n_baselines']} baselines", {
-        "captum GradientShap": captum_gs,
-        "tdfunc.gradient_shap": lambda: tdfunc.gradient_shap(
-            f1, td, rtd, n_samples=s, stdevs=std, noise=eps, alphas=alphas, baseline_index=index)["attr", "x"],
-    }, {
-        "captum GradientShap": "reference: `GradientShap(cnn).attribute(x, refs, n_samples=16, stdevs=0.1, target=3)` (seeded)",
-        "tdfunc.gradient_shap": "the same draws passed as noise / alphas / baseline_index; one vmapped forward over the samples",
-    }, "captum GradientShap")
+    case(
+        f"GradientShap, {s} samples, {cfg['n_baselines']} baselines",
+        {
+            "captum GradientShap": captum_gs,
+            "tdfunc.gradient_shap": lambda: tdfunc.gradient_shap(
+                f1, td, rtd, n_samples=s, stdevs=std, noise=eps, alphas=alphas, baseline_index=index
+            )["attr", "x"],
+        },
+        {
+            "captum GradientShap": "reference: `GradientShap(cnn).attribute(x, refs, n_samples=16, stdevs=0.1, target=3)` (seeded)",
+            "tdfunc.gradient_shap": "the same draws passed as noise / alphas / baseline_index; one vmapped forward over the samples",
+        },
+        "captum GradientShap",
+    )
 
     dc = ca.Deconvolution(cnn)
-    case("Deconvolution", {
-        "captum Deconvolution": lambda: dc.attribute(x, target=TARGET).detach(),
-        "tdfunc.deconvolution": lambda: tdfunc.deconvolution(f1, td, cnn)["attr", "x"],
-    }, {
-        "captum Deconvolution": "reference: `Deconvolution(cnn).attribute(x, target=3)` (backward hooks)",
-        "tdfunc.deconvolution": "`tdfunc.deconvolution(f, td, cnn)`: recording forward + rewritten forward + 1 vjp",
-    }, "captum Deconvolution")
+    case(
+        "Deconvolution",
+        {
+            "captum Deconvolution": lambda: dc.attribute(x, target=TARGET).detach(),
+            "tdfunc.deconvolution": lambda: tdfunc.deconvolution(f1, td, cnn)["attr", "x"],
+        },
+        {
+            "captum Deconvolution": "reference: `Deconvolution(cnn).attribute(x, target=3)` (backward hooks)",
+            "tdfunc.deconvolution": "`tdfunc.deconvolution(f, td, cnn)`: recording forward + rewritten forward + 1 vjp",
+        },
+        "captum Deconvolution",
+    )
 
     ggc = ca.GuidedGradCam(cnn, cnn.conv3)
-    case("GuidedGradCam at conv3", {
-        "captum GuidedGradCam": lambda: ggc.attribute(x, target=TARGET).detach(),
-        "tdfunc.guided_grad_cam": lambda: tdfunc.guided_grad_cam(f1, td, cnn, "conv3")["attr", "x"],
-    }, {
-        "captum GuidedGradCam": "reference: `GuidedGradCam(cnn, cnn.conv3).attribute(x, target=3)`",
-        "tdfunc.guided_grad_cam": "`tdfunc.guided_grad_cam(f, td, cnn, 'conv3')`",
-    }, "captum GuidedGradCam")
+    case(
+        "GuidedGradCam at conv3",
+        {
+            "captum GuidedGradCam": lambda: ggc.attribute(x, target=TARGET).detach(),
+            "tdfunc.guided_grad_cam": lambda: tdfunc.guided_grad_cam(f1, td, cnn, "conv3")["attr", "x"],
+        },
+        {
+            "captum GuidedGradCam": "reference: `GuidedGradCam(cnn, cnn.conv3).attribute(x, target=3)`",
+            "tdfunc.guided_grad_cam": "`tdfunc.guided_grad_cam(f, td, cnn, 'conv3')`",
+        },
+        "captum GuidedGradCam",
+    )
     return b.rows
 
 

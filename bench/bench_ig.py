@@ -103,7 +103,9 @@ def tdhook_ig(model, x: torch.Tensor, targets: Sequence[int], n_steps: int) -> C
         return lambda out, _extra: TensorDict(output=out["output"][..., k], batch_size=out.batch_size)
 
     contexts = [
-        IntegratedGradients(multiply_by_inputs=True, method=METHOD, n_steps=n_steps, init_attr_targets=select(k)).prepare(model)
+        IntegratedGradients(
+            multiply_by_inputs=True, method=METHOD, n_steps=n_steps, init_attr_targets=select(k)
+        ).prepare(model)
         for k in targets
     ]
     inp = TensorDict({"input": x, ("baseline", "input"): torch.zeros_like(x)}, batch_size=[x.shape[0]])
@@ -176,9 +178,15 @@ def make_variants(cnn, x: torch.Tensor, n_steps: int, chunk_size: int, *, full_s
 def run(device: str = "cpu", quick: bool = False) -> list[dict]:
     cfg = QUICK if quick else FULL
     b = Bench(
-        NAME, device=device, quick=quick,
-        rounds=5, warmup=0, quick_rounds=2, quick_warmup=0,  # the correctness call warms every variant
-        max_seconds_per_case=60.0, quick_max_seconds_per_case=4.0,
+        NAME,
+        device=device,
+        quick=quick,
+        rounds=5,
+        warmup=0,
+        quick_rounds=2,
+        quick_warmup=0,  # the correctness call warms every variant
+        max_seconds_per_case=60.0,
+        quick_max_seconds_per_case=4.0,
     )
     cnn = small_cnn(seed=0).to(device)
     x = images(cfg["batch"]).to(device)

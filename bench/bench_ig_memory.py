@@ -75,7 +75,10 @@ def checks(long_steps: int, long_chunk: int) -> tuple[str, list[tuple[str, str]]
     """(the variant that must stay bounded, pairs of variants that must give the same maps)."""
     n, c = long_steps, long_chunk
     bounded = f"tdfunc n_steps={n} chunk_size={c} under no_grad"
-    same = [(f"tdfunc n_steps={n} under no_grad", bounded), (f"tdfunc n_steps={n} under no_grad", f"tdfunc n_steps={n} chunk_size={c}")]
+    same = [
+        (f"tdfunc n_steps={n} under no_grad", bounded),
+        (f"tdfunc n_steps={n} under no_grad", f"tdfunc n_steps={n} chunk_size={c}"),
+    ]
     same += [(REFERENCE, name) for name, _, steps, _, _ in variants(n, c) if steps == 50 and name != REFERENCE]
     return bounded, same
 
@@ -171,7 +174,12 @@ def _measure_cuda(call) -> dict:
     torch.cuda.synchronize()
     wall = time.perf_counter() - t0
     peak = torch.cuda.max_memory_allocated() - before
-    return {"peak_mb": peak / 2**20, "wall_s": wall, "sum": float(out.double().sum()), "abs": float(out.double().abs().sum())}
+    return {
+        "peak_mb": peak / 2**20,
+        "wall_s": wall,
+        "sum": float(out.double().sum()),
+        "abs": float(out.double().abs().sum()),
+    }
 
 
 MB_PER_IMAGE_STEP_GRAD = 0.8  # measured: grad-mode peak ~0.75 MB per (image x path step), chunked or not
@@ -267,7 +275,12 @@ def _rows(results: list[dict], cfg: dict, device: str, quick: bool) -> list[dict
                 "number": 1,
                 "reference": REFERENCE,
                 "ratios": {v: med[name] / med[v] for v in (REFERENCE, UNBOUNDED_50)},
-                "params": {"batch": cfg["batch"], "n_steps": ms[0]["n_steps"], "classes": 10, "threads": cfg["threads"]},
+                "params": {
+                    "batch": cfg["batch"],
+                    "n_steps": ms[0]["n_steps"],
+                    "classes": 10,
+                    "threads": cfg["threads"],
+                },
                 "note": f"n_steps={ms[0]['n_steps']}; wall {statistics.median(walls):.2f} s (one call, in the measuring child)",
                 "device": device,
                 "quick": quick,

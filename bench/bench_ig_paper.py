@@ -55,9 +55,15 @@ def run(device: str = "cpu", quick: bool = False) -> list[dict]:
 
     cfg = QUICK if quick else FULL
     b = Bench(
-        NAME, device=device, quick=quick,
-        rounds=5, warmup=0, quick_rounds=2, quick_warmup=0,  # the correctness call warms every variant
-        max_seconds_per_case=60.0, quick_max_seconds_per_case=3.0,
+        NAME,
+        device=device,
+        quick=quick,
+        rounds=5,
+        warmup=0,
+        quick_rounds=2,
+        quick_warmup=0,  # the correctness call warms every variant
+        max_seconds_per_case=60.0,
+        quick_max_seconds_per_case=3.0,
     )
     torch.manual_seed(42)
     mlp = ReluMLP(cfg["height"], cfg["width"]).eval().to(device)

@@ -74,7 +74,9 @@ def _offline_tokenizer(vocab: int):
     return transformers.PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="t0", eos_token="t0", pad_token="t0")
 
 
-def make_variants(hf, clean: torch.Tensor, corrupt: torch.Tensor, chunk_size: int) -> tuple[dict[str, Callable], dict[str, str]]:
+def make_variants(
+    hf, clean: torch.Tensor, corrupt: torch.Tensor, chunk_size: int
+) -> tuple[dict[str, Callable], dict[str, str]]:
     import tdfunc
     from tdfunc.latent._patch import patch, patching_sweep
 
@@ -128,8 +130,10 @@ def make_variants(hf, clean: torch.Tensor, corrupt: torch.Tensor, chunk_size: in
             return res
 
         variants["tdhook loop"] = tdhook_loop
-        notes["tdhook loop"] = (f"tdhook 0.3.0: clean `HookSession.capture`, then {n_patch} x `with HookSession(model) as s: "
-                                "s.replace(Target('transformer.h.l', 'activation', 1, (p,)), clean_l[:, [p]])`")
+        notes["tdhook loop"] = (
+            f"tdhook 0.3.0: clean `HookSession.capture`, then {n_patch} x `with HookSession(model) as s: "
+            "s.replace(Target('transformer.h.l', 'activation', 1, (p,)), clean_l[:, [p]])`"
+        )
 
     tl = transformer_lens_copy(hf, NAME)
     if tl is not None:
@@ -142,6 +146,7 @@ def make_variants(hf, clean: torch.Tensor, corrupt: torch.Tensor, chunk_size: in
             for layer, name in enumerate(resid):
                 value = cache[name]
                 for p in range(seq):
+
                     def hook(act, hook, p=p, value=value):
                         act[:, p] = value[:, p]
                         return act
@@ -150,8 +155,10 @@ def make_variants(hf, clean: torch.Tensor, corrupt: torch.Tensor, chunk_size: in
             return res
 
         variants["TransformerLens loop"] = tl_loop
-        notes["TransformerLens loop"] = (f"TL 3.9: clean `run_with_cache`, then {n_patch} x `tl.run_with_hooks(corrupt, "
-                                         "fwd_hooks=[('blocks.l.hook_resid_post', hook)])`, hook sets `act[:, p]`")
+        notes["TransformerLens loop"] = (
+            f"TL 3.9: clean `run_with_cache`, then {n_patch} x `tl.run_with_hooks(corrupt, "
+            "fwd_hooks=[('blocks.l.hook_resid_post', hook)])`, hook sets `act[:, p]`"
+        )
 
     nm = nnsight_wrap(hf, NAME)
     if nm is not None:
@@ -174,7 +181,9 @@ def make_variants(hf, clean: torch.Tensor, corrupt: torch.Tensor, chunk_size: in
             return torch.stack(res).view(n_layer, seq)
 
         variants["nnsight loop"] = nnsight_loop
-        notes["nnsight loop"] = f"nnsight 0.8.1: {n_patch} x `with NNsight(model).trace(corrupt): model.transformer.h[l].output[:, p] = clean_l[:, p]`"
+        notes["nnsight loop"] = (
+            f"nnsight 0.8.1: {n_patch} x `with NNsight(model).trace(corrupt): model.transformer.h[l].output[:, p] = clean_l[:, p]`"
+        )
 
         lm = None
         try:
@@ -184,7 +193,10 @@ def make_variants(hf, clean: torch.Tensor, corrupt: torch.Tensor, chunk_size: in
                 warnings.simplefilter("ignore")
                 lm = nnsight.LanguageModel(copy.deepcopy(hf), tokenizer=_offline_tokenizer(hf.config.vocab_size))
         except Exception as e:  # noqa: BLE001 - a peer's setup failing only drops its variant
-            print(f"[{NAME}] note: nnsight LanguageModel could not be built ({e!r}); skipping the batched-invokes variant", flush=True)
+            print(
+                f"[{NAME}] note: nnsight LanguageModel could not be built ({e!r}); skipping the batched-invokes variant",
+                flush=True,
+            )
         if lm is not None:
 
             def nnsight_invokes():
@@ -200,15 +212,26 @@ def make_variants(hf, clean: torch.Tensor, corrupt: torch.Tensor, chunk_size: in
 
             name = f"nnsight one trace, {n_patch} invokes"
             variants[name] = nnsight_invokes
-            notes[name] = (f"nnsight 0.8.1 batching: `with LanguageModel(model, tokenizer).trace() as t:` and {n_patch} x "
-                           "`with t.invoke(corrupt):` (patch as in the loop): one forward of the stacked batch")
+            notes[name] = (
+                f"nnsight 0.8.1 batching: `with LanguageModel(model, tokenizer).trace() as t:` and {n_patch} x "
+                "`with t.invoke(corrupt):` (patch as in the loop): one forward of the stacked batch"
+            )
     return variants, notes
 
 
 def run(device: str = "cpu", quick: bool = False) -> list[dict]:
     cfg = QUICK if quick else FULL
-    b = Bench(NAME, device=device, quick=quick, rounds=3, warmup=0, quick_rounds=2, quick_warmup=0,
-              max_seconds_per_case=150.0, quick_max_seconds_per_case=4.0)  # the correctness call warms every variant
+    b = Bench(
+        NAME,
+        device=device,
+        quick=quick,
+        rounds=3,
+        warmup=0,
+        quick_rounds=2,
+        quick_warmup=0,
+        max_seconds_per_case=150.0,
+        quick_max_seconds_per_case=4.0,
+    )  # the correctness call warms every variant
     hf = gpt2(cfg, device=device)
     clean, corrupt = prompts(cfg, device)
     with torch.no_grad():
@@ -216,8 +239,11 @@ def run(device: str = "cpu", quick: bool = False) -> list[dict]:
         results = {k: f() for k, f in variants.items()}
         b.check_equal(results, atol=1e-4, rtol=1e-4)
         span = results["tdfunc patching_sweep"]
-        print(f"[{NAME}] {tuple(span.shape)} matrix, metric from {float(span.min()):.3f} to {float(span.max()):.3f}; "
-              f"all {len(results)} variants agree", flush=True)
+        print(
+            f"[{NAME}] {tuple(span.shape)} matrix, metric from {float(span.min()):.3f} to {float(span.max()):.3f}; "
+            f"all {len(results)} variants agree",
+            flush=True,
+        )
         loops = [k for k in variants if "loop" in k or "invokes" in k]
         b.time(
             f"GPT-2 {cfg['n_layer']} layers d {cfg['n_embd']}, B={cfg['batch']} T={cfg['seq_len']}: "

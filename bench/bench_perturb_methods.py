@@ -63,9 +63,15 @@ def run(device: str = "cpu", quick: bool = False) -> list[dict]:
     from tdfunc.attribution._lime import _draw_samples
 
     b = Bench(
-        NAME, device=device, quick=quick,
-        rounds=15, warmup=1, quick_rounds=2, quick_warmup=1,
-        max_seconds_per_case=60.0, quick_max_seconds_per_case=3.0,
+        NAME,
+        device=device,
+        quick=quick,
+        rounds=15,
+        warmup=1,
+        quick_rounds=2,
+        quick_warmup=1,
+        max_seconds_per_case=60.0,
+        quick_max_seconds_per_case=3.0,
     )
     cnn = small_cnn().to(device)
     mask = _patches().to(device)
@@ -92,10 +98,15 @@ def run(device: str = "cpu", quick: bool = False) -> list[dict]:
     b.check_equal(outs, atol=1e-3 * scale, rtol=1e-3)
     b.time(
         f"LIME, SmallCNN 3x32x32, batch 4, 16 patch features, {N_SAMPLES} samples, lasso alpha=0.01, target {TARGET} ({th})",
-        variants, reference="captum Lime", params={"batch": 4, "n_features": 16, "n_samples": N_SAMPLES}, number=1,
-        notes={"captum Lime": "reference: captum 0.9.0 `Lime(cnn, SkLearnLasso(alpha=0.01))` given our samples: one sklearn fit and 100 forwards per example",
-               "tdfunc.lime": "`tdfunc.lime(f, td, feature_mask=patches, samples=z)`: one vmapped forward of 100 x 4 images, one batched FISTA lasso fit",
-               "tdfunc.lime under no_grad": "the same inside `torch.no_grad()`"},
+        variants,
+        reference="captum Lime",
+        params={"batch": 4, "n_features": 16, "n_samples": N_SAMPLES},
+        number=1,
+        notes={
+            "captum Lime": "reference: captum 0.9.0 `Lime(cnn, SkLearnLasso(alpha=0.01))` given our samples: one sklearn fit and 100 forwards per example",
+            "tdfunc.lime": "`tdfunc.lime(f, td, feature_mask=patches, samples=z)`: one vmapped forward of 100 x 4 images, one batched FISTA lasso fit",
+            "tdfunc.lime under no_grad": "the same inside `torch.no_grad()`",
+        },
     )
 
     # ---------------------------------------------------------------- feature permutation
@@ -109,16 +120,24 @@ def run(device: str = "cpu", quick: bool = False) -> list[dict]:
         return fp.attribute(x, target=TARGET, feature_mask=mask[None]).detach()
 
     td_perm = lambda: tdfunc.feature_permutation(f, td, feature_mask=mask, permutations=perms)["attr", "x"].detach()  # noqa: E731
-    variants = {"captum FeaturePermutation": captum_perm, "tdfunc.feature_permutation": td_perm,
-                "tdfunc.feature_permutation under no_grad": no_grad(td_perm)}
+    variants = {
+        "captum FeaturePermutation": captum_perm,
+        "tdfunc.feature_permutation": td_perm,
+        "tdfunc.feature_permutation under no_grad": no_grad(td_perm),
+    }
     with torch.no_grad():
         check_maps(b, {k: fn() for k, fn in variants.items()})
     b.time(
         f"Feature permutation, SmallCNN 3x32x32, batch 16, 16 patch features, target {TARGET} ({th})",
-        variants, reference="captum FeaturePermutation", params={"batch": 16, "n_features": 16}, number=1,
-        notes={"captum FeaturePermutation": "reference: captum 0.9.0 `FeaturePermutation(cnn)` with our permutations: 16 forwards of batch 16",
-               "tdfunc.feature_permutation": "one vmapped forward of 16 x 16 images",
-               "tdfunc.feature_permutation under no_grad": "the same inside `torch.no_grad()`"},
+        variants,
+        reference="captum FeaturePermutation",
+        params={"batch": 16, "n_features": 16},
+        number=1,
+        notes={
+            "captum FeaturePermutation": "reference: captum 0.9.0 `FeaturePermutation(cnn)` with our permutations: 16 forwards of batch 16",
+            "tdfunc.feature_permutation": "one vmapped forward of 16 x 16 images",
+            "tdfunc.feature_permutation under no_grad": "the same inside `torch.no_grad()`",
+        },
     )
 
     # ---------------------------------------------------------------- layer feature ablation
@@ -128,16 +147,24 @@ def run(device: str = "cpu", quick: bool = False) -> list[dict]:
     lfa = LayerFeatureAblation(cnn, cnn.conv2)
     captum_lfa = lambda: lfa.attribute(x, target=TARGET, layer_mask=channels).detach()  # noqa: E731
     td_lfa = lambda: tdfunc.layer_feature_ablation(f, td, cnn, "conv2", feature_mask=channels)["attr", "conv2"].detach()  # noqa: E731
-    variants = {"captum LayerFeatureAblation": captum_lfa, "tdfunc.layer_feature_ablation": td_lfa,
-                "tdfunc.layer_feature_ablation under no_grad": no_grad(td_lfa)}
+    variants = {
+        "captum LayerFeatureAblation": captum_lfa,
+        "tdfunc.layer_feature_ablation": td_lfa,
+        "tdfunc.layer_feature_ablation under no_grad": no_grad(td_lfa),
+    }
     with torch.no_grad():
         check_maps(b, {k: fn() for k, fn in variants.items()})
     b.time(
         f"Layer feature ablation, SmallCNN, site conv2 (16 channels as features), batch 8, target {TARGET} ({th})",
-        variants, reference="captum LayerFeatureAblation", params={"batch": 8, "n_features": 16}, number=1,
-        notes={"captum LayerFeatureAblation": "reference: captum 0.9.0 `LayerFeatureAblation(cnn, cnn.conv2)` with a channel mask: 16 forwards of batch 8",
-               "tdfunc.layer_feature_ablation": "one vmapped forward of 16 x 8 images with the ablated values substituted at `conv2`",
-               "tdfunc.layer_feature_ablation under no_grad": "the same inside `torch.no_grad()`"},
+        variants,
+        reference="captum LayerFeatureAblation",
+        params={"batch": 8, "n_features": 16},
+        number=1,
+        notes={
+            "captum LayerFeatureAblation": "reference: captum 0.9.0 `LayerFeatureAblation(cnn, cnn.conv2)` with a channel mask: 16 forwards of batch 8",
+            "tdfunc.layer_feature_ablation": "one vmapped forward of 16 x 8 images with the ablated values substituted at `conv2`",
+            "tdfunc.layer_feature_ablation under no_grad": "the same inside `torch.no_grad()`",
+        },
     )
     return b.rows
 

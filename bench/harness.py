@@ -94,8 +94,7 @@ def check_equal(results: Mapping[str, Any], atol: float = 1e-6, rtol: float = 1e
         flat = _flatten(value)
         if set(flat) != set(ref_flat):
             raise AssertionError(
-                f"{name!r} and {ref_name!r} return different structures: "
-                f"{sorted(flat)} vs {sorted(ref_flat)}"
+                f"{name!r} and {ref_name!r} return different structures: {sorted(flat)} vs {sorted(ref_flat)}"
             )
         for key, expected in ref_flat.items():
             actual = flat[key]
@@ -182,11 +181,7 @@ def time_interleaved(
     start = perf()
     try:
         for r in range(warmup + rounds):
-            if (
-                max_seconds is not None
-                and r >= warmup + min_rounds
-                and perf() - start > max_seconds
-            ):
+            if max_seconds is not None and r >= warmup + min_rounds and perf() - start > max_seconds:
                 break
             order = names[:]
             rng.shuffle(order)
@@ -371,7 +366,8 @@ def render_markdown(bench_name: str, rows: Sequence[Mapping[str, Any]], meta: Ma
     lines.append(
         f"{meta.get('date')} · {meta.get('device_name')} · {meta.get('cpu_count')} CPUs "
         f"({meta.get('torch_threads')} torch threads) · torch {meta.get('torch')} · "
-        f"tensordict {meta.get('tensordict')}" + (" · **quick run (few rounds, not for quoting)**" if meta.get("quick") else "")
+        f"tensordict {meta.get('tensordict')}"
+        + (" · **quick run (few rounds, not for quoting)**" if meta.get("quick") else "")
     )
     lines.append("")
     cases: dict[str, list[Mapping[str, Any]]] = {}

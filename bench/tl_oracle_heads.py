@@ -41,13 +41,27 @@ def main() -> int:
     hf = gpt2(cfg)
     c = hf.config
     tcfg = tl.HookedTransformerConfig(
-        n_layers=c.n_layer, d_model=c.n_embd, d_head=c.n_embd // c.n_head, n_heads=c.n_head, d_mlp=4 * c.n_embd,
-        n_ctx=c.n_positions, d_vocab=c.vocab_size, act_fn=c.activation_function, normalization_type="LN",
-        eps=c.layer_norm_epsilon, default_prepend_bos=False)
+        n_layers=c.n_layer,
+        d_model=c.n_embd,
+        d_head=c.n_embd // c.n_head,
+        n_heads=c.n_head,
+        d_mlp=4 * c.n_embd,
+        n_ctx=c.n_positions,
+        d_vocab=c.vocab_size,
+        act_fn=c.activation_function,
+        normalization_type="LN",
+        eps=c.layer_norm_epsilon,
+        default_prepend_bos=False,
+    )
     model = tl.HookedTransformer(tcfg)
-    model.load_and_process_state_dict(convert_gpt2_weights(hf, tcfg), fold_ln=False, center_writing_weights=False,
-                                      center_unembed=False, fold_value_biases=False,
-                                      refactor_factored_attn_matrices=False)
+    model.load_and_process_state_dict(
+        convert_gpt2_weights(hf, tcfg),
+        fold_ln=False,
+        center_writing_weights=False,
+        center_unembed=False,
+        fold_value_biases=False,
+        refactor_factored_attn_matrices=False,
+    )
     model.eval()
     g = torch.Generator().manual_seed(1)
     clean, corrupt = (torch.randint(0, cfg["vocab"], (2, cfg["seq_len"]), generator=g) for _ in range(2))
@@ -67,8 +81,11 @@ def main() -> int:
         out, caps = tdfunc.functional_call(hf, None, (clean,), capture=sites)
         diff("logits", out.logits, logits_tl)
         for i in range(c.n_layer):
-            diff("hook_z", tdfunc.latent.unit_view(caps[f"transformer.h.{i}.attn.c_proj:input"], heads),
-                 cache[f"blocks.{i}.attn.hook_z"])
+            diff(
+                "hook_z",
+                tdfunc.latent.unit_view(caps[f"transformer.h.{i}.attn.c_proj:input"], heads),
+                cache[f"blocks.{i}.attn.hook_z"],
+            )
             q, k, v = tdfunc.latent.unit_view(caps[f"transformer.h.{i}.attn.c_attn"], qkv)
             for name, ours in (("hook_q", q), ("hook_k", k), ("hook_v", v)):
                 diff(name, ours, cache[f"blocks.{i}.attn.{name}"])
@@ -83,6 +100,7 @@ def main() -> int:
             for layer in range(c.n_layer):
                 name = f"blocks.{layer}.attn.hook_z"
                 for head in range(h):
+
                     def hook(z, hook, head=head, name=name):
                         z[:, :, head] = cc[name][:, :, head]
                         return z
@@ -91,8 +109,15 @@ def main() -> int:
             return res
 
         def ours() -> torch.Tensor:
-            return tdfunc.latent.patching_sweep(hf, None, (clean,), (corrupt,), "transformer.h.*.attn.c_proj:input",
-                                                lambda o: metric_tl(o.logits), over="heads")
+            return tdfunc.latent.patching_sweep(
+                hf,
+                None,
+                (clean,),
+                (corrupt,),
+                "transformer.h.*.attn.c_proj:input",
+                lambda o: metric_tl(o.logits),
+                over="heads",
+            )
 
         diff("head patching matrix", ours(), tl_loop())
         times = {}

@@ -48,8 +48,10 @@ def run(model: torch.nn.Module, x: torch.Tensor, **kw: object):
 section("model")
 cached = cache_path().exists()
 model, (x_train, y_train, x_test, y_test) = train_digits_cnn(seed=0)
-print(f"digits CNN ({'loaded from cache' if cached else 'trained'}, {time.perf_counter() - T0:.1f}s): "
-      f"{len(x_train)} train / {len(x_test)} test images, test accuracy {accuracy(model, x_test, y_test):.3f}")
+print(
+    f"digits CNN ({'loaded from cache' if cached else 'trained'}, {time.perf_counter() - T0:.1f}s): "
+    f"{len(x_train)} train / {len(x_test)} test images, test accuracy {accuracy(model, x_test, y_test):.3f}"
+)
 print("sites:", ", ".join(n for n, _ in model.named_modules() if n and "." in n))
 
 # Snapshot the model so we can show at the end that nothing here touched it.
@@ -63,8 +65,10 @@ torch.set_grad_enabled(False)  # the demo needs no autograd; vmap below works wi
 # ---------------------------------------------------------------------------------------------
 section("1. capture")
 logits, caps = run(model, x_test, capture=["features.*", "head.fc1"])
-print(f"functional_call(model, None, x_test, capture=['features.*', 'head.fc1']) -> logits "
-      f"{tuple(logits.shape)}, equal to model(x): {torch.equal(logits, logits_before)}")
+print(
+    f"functional_call(model, None, x_test, capture=['features.*', 'head.fc1']) -> logits "
+    f"{tuple(logits.shape)}, equal to model(x): {torch.equal(logits, logits_before)}"
+)
 for site in caps.keys():
     print(f"  {site:16s} {tuple(caps[site].shape)}")
 
@@ -72,16 +76,22 @@ fc1 = caps["head.fc1"]  # (N, 64), pre-ReLU
 classes = torch.arange(10)
 means = torch.stack([fc1[y_test == c].mean(0) for c in classes])  # (10, 64)
 # selectivity of unit u for class c: d' = (mean_c - mean_rest) / pooled std
-dprime = torch.stack([
-    (fc1[y_test == c].mean(0) - fc1[y_test != c].mean(0))
-    / ((fc1[y_test == c].var(0) + fc1[y_test != c].var(0)) / 2).sqrt().clamp_min(1e-6)
-    for c in classes
-])  # (10, 64)
+dprime = torch.stack(
+    [
+        (fc1[y_test == c].mean(0) - fc1[y_test != c].mean(0))
+        / ((fc1[y_test == c].var(0) + fc1[y_test != c].var(0)) / 2).sqrt().clamp_min(1e-6)
+        for c in classes
+    ]
+)  # (10, 64)
 top = dprime.max(1)  # most selective unit per class
 print("\nhead.fc1 (pre-ReLU): the most class-selective unit of each class, d' = (mean_c - mean_rest) / pooled std")
-table(["class", "unit", "d'", "mean | class", "mean | other classes"],
-      [[str(c), f"u{u}", dprime[c, u].item(), means[c, u].item(), fc1[y_test != c, u].mean().item()]
-       for c, u in enumerate(top.indices.tolist())])
+table(
+    ["class", "unit", "d'", "mean | class", "mean | other classes"],
+    [
+        [str(c), f"u{u}", dprime[c, u].item(), means[c, u].item(), fc1[y_test != c, u].mean().item()]
+        for c, u in enumerate(top.indices.tolist())
+    ],
+)
 
 # Ablate the 3 most selective units for one class two ways: through the weights (a state edit)
 # and through the activation (an edit); both are pure and must agree.
@@ -95,11 +105,15 @@ by_edit = run(model, x_test, edits={"head.fc1": lambda v: v.index_fill(-1, units
 sel = y_test == c_abl
 recall = lambda lg: (lg[sel].argmax(-1) == c_abl).float().mean().item()  # noqa: E731
 others = lambda lg: (lg[~sel].argmax(-1) == y_test[~sel]).float().mean().item()  # noqa: E731
-print(f"\nablating fc1 units {units.tolist()} (most selective for {c_abl}): recall of {c_abl} "
-      f"{recall(logits):.2f} -> {recall(by_edit):.2f}, accuracy on other classes "
-      f"{others(logits):.2f} -> {others(by_edit):.2f}")
-print(f"  weight ablation via tdfunc.state == activation ablation via edits: "
-      f"{torch.allclose(by_state, by_edit, atol=1e-5)}")
+print(
+    f"\nablating fc1 units {units.tolist()} (most selective for {c_abl}): recall of {c_abl} "
+    f"{recall(logits):.2f} -> {recall(by_edit):.2f}, accuracy on other classes "
+    f"{others(logits):.2f} -> {others(by_edit):.2f}"
+)
+print(
+    f"  weight ablation via tdfunc.state == activation ablation via edits: "
+    f"{torch.allclose(by_state, by_edit, atol=1e-5)}"
+)
 
 # ---------------------------------------------------------------------------------------------
 section("2. activation patching")
@@ -157,9 +171,10 @@ print("into (part of) a site: all of it, its top / bottom half of rows, or a ran
 print("of its channels (units for head.fc1; mean of 8 random draws).  'all' is a sanity check (the")
 print("net is a chain, so a whole patched site decides the output); the other columns show how spread")
 print("out over space and channels the class information is at each depth:")
-table(["site", "shape"] + COLS,
-      [[s, "x".join(map(str, clean_caps[s].shape[1:]))] + [("-" if v is None else v) for v in flip[s]]
-       for s in SITES])
+table(
+    ["site", "shape"] + COLS,
+    [[s, "x".join(map(str, clean_caps[s].shape[1:]))] + [("-" if v is None else v) for v in flip[s]] for s in SITES],
+)
 
 # ---------------------------------------------------------------------------------------------
 section("3. steering with tdfunc.delta, vmapped over the scale")
@@ -209,17 +224,23 @@ t_ig = time.perf_counter()
 ig = tdfunc.integrated_gradients(f_logits, td_ig, n_steps=64, return_convergence_delta=True)
 t_ig = time.perf_counter() - t_ig
 t_loop = time.perf_counter()
-per_class = [tdfunc.integrated_gradients(lambda t, c=c: f_logits(t)[:, c], td_ig, n_steps=64)["attr", "x"] for c in range(10)]
+per_class = [
+    tdfunc.integrated_gradients(lambda t, c=c: f_logits(t)[:, c], td_ig, n_steps=64)["attr", "x"] for c in range(10)
+]
 t_loop = time.perf_counter() - t_loop
 ig_equal = torch.allclose(ig["attr", "x"], torch.stack(per_class, 1), atol=1e-5)
 maps = ig["attr", "x"][:, :, 0]  # (4 images, 10 classes, 8, 8)
-print(f"attr shape {tuple(ig['attr', 'x'].shape)} (images, classes, 1, 8, 8): all 10 classes in {t_ig:.2f}s, "
-      f"one call per class {t_loop:.2f}s; equal: {ig_equal}")
+print(
+    f"attr shape {tuple(ig['attr', 'x'].shape)} (images, classes, 1, 8, 8): all 10 classes in {t_ig:.2f}s, "
+    f"one call per class {t_loop:.2f}s; equal: {ig_equal}"
+)
 print(f"completeness: max |sum(attr) - (f(x) - f(0))| = {ig['convergence_delta'].abs().max():.1e}")
 for i, c in enumerate((0, 3, 5, 8)):
     totals = maps[i].flatten(1).sum(1)
-    print(f"  a {c}: sum of the map per class (= logit change from a black image) "
-          + " ".join(f"{v:+.1f}" for v in totals.tolist()))
+    print(
+        f"  a {c}: sum of the map per class (= logit change from a black image) "
+        + " ".join(f"{v:+.1f}" for v in totals.tolist())
+    )
 
 # ---------------------------------------------------------------------------------------------
 section("5. pruning: 10 sparsity levels evaluated in one vmapped call")
@@ -230,10 +251,14 @@ pruned_logits = torch.func.vmap(
     lambda m: tdfunc.functional_call(model, tdfunc.weights.apply_masks(state, m), (x_test,))
 )(masks)
 prune_acc = (pruned_logits.argmax(-1) == y_test).float().mean(-1)
-loop_acc = torch.stack([
-    (tdfunc.functional_call(model, tdfunc.weights.apply_masks(state, masks[i]), (x_test,)).argmax(-1) == y_test).float().mean()
-    for i in range(len(amounts))
-])
+loop_acc = torch.stack(
+    [
+        (tdfunc.functional_call(model, tdfunc.weights.apply_masks(state, masks[i]), (x_test,)).argmax(-1) == y_test)
+        .float()
+        .mean()
+        for i in range(len(amounts))
+    ]
+)
 prune_equal = torch.equal(prune_acc, loop_acc)
 table(["sparsity"] + [f"{a:g}" for a in amounts], [["test accuracy"] + [float(a) for a in prune_acc]])
 print(f"one vmapped call == a loop of 10 calls: {prune_equal}; the model's own weights were never touched")
@@ -241,8 +266,10 @@ print(f"one vmapped call == a loop of 10 calls: {prune_equal}; the model's own w
 # ---------------------------------------------------------------------------------------------
 section("6. the model is untouched")
 same_params = all(torch.equal(params_before[k], v) for k, v in model.state_dict().items())
-no_grads = all((p.grad is None and g is None) or (p.grad is not None and g is not None and torch.equal(p.grad, g))
-               for p, g in zip(model.parameters(), grads_before))
+no_grads = all(
+    (p.grad is None and g is None) or (p.grad is not None and g is not None and torch.equal(p.grad, g))
+    for p, g in zip(model.parameters(), grads_before)
+)
 same_out = torch.equal(model(x_test), logits_before)
 print(f"parameters and buffers bitwise unchanged: {same_params}")
 print(f"parameters' .grad unchanged:               {no_grads}")
@@ -260,25 +287,53 @@ try:
     OUT.mkdir(parents=True, exist_ok=True)
     fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(17, 4.2), layout="constrained")
     flip_grid = torch.tensor([[float("nan") if v is None else v for v in flip[s]] for s in SITES])  # (sites, parts)
-    tdfunc.plot.patching_heatmap(flip_grid, sites=[s.replace("features.", "").replace("head.", "") for s in SITES],
-                                 units=COLS, annotate="{:.2f}", ax=ax1,
-                                 title="activation patching: fraction flipped to the clean class")
+    tdfunc.plot.patching_heatmap(
+        flip_grid,
+        sites=[s.replace("features.", "").replace("head.", "") for s in SITES],
+        units=COLS,
+        annotate="{:.2f}",
+        ax=ax1,
+        title="activation patching: fraction flipped to the clean class",
+    )
     names = [k for k in curves if "random" not in k]
     colors = [f"C{k}" for k in range(len(names))]
-    tdfunc.plot.sweep_curve(alphas, {k: curves[k] for k in names}, colors=colors, ax=ax2, xlabel="alpha",
-                            ylabel="fraction predicted as target",
-                            title="steering head.fc1 with alpha * (mean_a - mean_b)")
-    tdfunc.plot.sweep_curve(alphas, {f"{k} random": curves[f"{k} random"] for k in names}, colors=colors, ax=ax2,
-                            linestyle="--", marker=None)
+    tdfunc.plot.sweep_curve(
+        alphas,
+        {k: curves[k] for k in names},
+        colors=colors,
+        ax=ax2,
+        xlabel="alpha",
+        ylabel="fraction predicted as target",
+        title="steering head.fc1 with alpha * (mean_a - mean_b)",
+    )
+    tdfunc.plot.sweep_curve(
+        alphas,
+        {f"{k} random": curves[f"{k} random"] for k in names},
+        colors=colors,
+        ax=ax2,
+        linestyle="--",
+        marker=None,
+    )
     ax2.legend(fontsize=7, ncol=2)
-    tdfunc.plot.sweep_curve(amounts, prune_acc, ax=ax3, xlabel="fraction of weights pruned (global magnitude)",
-                            ylabel="test accuracy", title="pruning sweep: one vmapped call")
+    tdfunc.plot.sweep_curve(
+        amounts,
+        prune_acc,
+        ax=ax3,
+        xlabel="fraction of weights pruned (global magnitude)",
+        ylabel="test accuracy",
+        title="pruning sweep: one vmapped call",
+    )
     fig.savefig(OUT / "demo.png", dpi=110)
     plt.close(fig)
     print(f"\nfigure: {(OUT / 'demo.png').relative_to(ROOT)}")
     fig, axes = tdfunc.plot.image_attribution_grid(
-        ig, td_ig["x"], key="x", outlier_perc=0, row_labels=[f"a {int(y_test[i])}" for i in picks],
-        col_labels=[f"class {c}" for c in range(10)])
+        ig,
+        td_ig["x"],
+        key="x",
+        outlier_perc=0,
+        row_labels=[f"a {int(y_test[i])}" for i in picks],
+        col_labels=[f"class {c}" for c in range(10)],
+    )
     fig.suptitle("integrated gradients for every class, one call (red: evidence for the class)", fontsize=10)
     fig.savefig(OUT / "ig_maps.png", dpi=110)
     plt.close(fig)

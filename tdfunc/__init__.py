@@ -71,10 +71,18 @@ __all__ += attribution.__all__
 # Names that lived at the top level before the family namespaces: old name -> (namespace, new name).
 _MOVED = {name: ("latent", name) for name in latent.__all__}
 _MOVED.update({name: ("weights", name) for name in weights.__all__})
-_MOVED.update({f"lrp_{n}": ("lrp_rules", n) for n in lrp_rules.__all__ if n.islower() and n not in ("gradient", "merge_batchnorm")})
+_MOVED.update(
+    {
+        f"lrp_{n}": ("lrp_rules", n)
+        for n in lrp_rules.__all__
+        if n.islower() and n not in ("gradient", "merge_batchnorm")
+    }
+)
 _MOVED.update(lrp_pass=("lrp_rules", "gradient"), merge_batchnorm=("lrp_rules", "merge_batchnorm"))
 # a moved name whose new name differs from a peer's word for the same thing
-_MOVED_NOTES = {"lrp_pass": " (it keeps the plain gradient; zennit's and tdhook's Pass is tdfunc.lrp_rules.passthrough)"}
+_MOVED_NOTES = {
+    "lrp_pass": " (it keeps the plain gradient; zennit's and tdhook's Pass is tdfunc.lrp_rules.passthrough)"
+}
 
 
 def __getattr__(name: str) -> object:

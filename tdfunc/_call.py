@@ -23,35 +23,68 @@ _R = TypeVar("_R")
 
 def _check_module(fn: str, module: Any) -> None:
     if not isinstance(module, nn.Module):
-        raise TypeError(
-            f"{fn}: expected an nn.Module as the module, got {type(module).__name__} ({module!r:.60})."
-        )
+        raise TypeError(f"{fn}: expected an nn.Module as the module, got {type(module).__name__} ({module!r:.60}).")
 
 
 @overload
 def functional_call(
-    module: nn.Module, state: State, args: Any, kwargs: Mapping[str, Any] | None = ..., *,
-    edits: Edits | None = ..., capture: None = ..., strict: bool = ..., return_state: Literal[False] = ...,
+    module: nn.Module,
+    state: State,
+    args: Any,
+    kwargs: Mapping[str, Any] | None = ...,
+    *,
+    edits: Edits | None = ...,
+    capture: None = ...,
+    strict: bool = ...,
+    return_state: Literal[False] = ...,
 ) -> Any: ...
 @overload
 def functional_call(
-    module: nn.Module, state: State, args: Any, kwargs: Mapping[str, Any] | None = ..., *,
-    edits: Edits | None = ..., capture: Capture, strict: bool = ..., return_state: Literal[False] = ...,
+    module: nn.Module,
+    state: State,
+    args: Any,
+    kwargs: Mapping[str, Any] | None = ...,
+    *,
+    edits: Edits | None = ...,
+    capture: Capture,
+    strict: bool = ...,
+    return_state: Literal[False] = ...,
 ) -> tuple[Any, TensorDict]: ...
 @overload
 def functional_call(
-    module: nn.Module, state: State, args: Any, kwargs: Mapping[str, Any] | None = ..., *,
-    edits: Edits | None = ..., capture: None = ..., strict: bool = ..., return_state: Literal[True],
+    module: nn.Module,
+    state: State,
+    args: Any,
+    kwargs: Mapping[str, Any] | None = ...,
+    *,
+    edits: Edits | None = ...,
+    capture: None = ...,
+    strict: bool = ...,
+    return_state: Literal[True],
 ) -> tuple[Any, TensorDict]: ...
 @overload
 def functional_call(
-    module: nn.Module, state: State, args: Any, kwargs: Mapping[str, Any] | None = ..., *,
-    edits: Edits | None = ..., capture: Capture, strict: bool = ..., return_state: Literal[True],
+    module: nn.Module,
+    state: State,
+    args: Any,
+    kwargs: Mapping[str, Any] | None = ...,
+    *,
+    edits: Edits | None = ...,
+    capture: Capture,
+    strict: bool = ...,
+    return_state: Literal[True],
 ) -> tuple[Any, TensorDict, TensorDict]: ...
 @overload
 def functional_call(
-    module: nn.Module, state: State, args: Any, kwargs: Mapping[str, Any] | None = ..., *,
-    edits: Edits | None = ..., capture: Capture | None = ..., strict: bool = ..., return_state: bool = ...,
+    module: nn.Module,
+    state: State,
+    args: Any,
+    kwargs: Mapping[str, Any] | None = ...,
+    *,
+    edits: Edits | None = ...,
+    capture: Capture | None = ...,
+    strict: bool = ...,
+    return_state: bool = ...,
 ) -> Any: ...
 
 
@@ -207,18 +240,20 @@ def _new_state(module: nn.Module, given: dict, params: dict, written: dict) -> T
 
 @overload
 def intervene(
-    f: Callable[_P, _R], module: nn.Module, *, edits: Edits | None = ..., capture: None = ...,
-    strict: bool = ...
+    f: Callable[_P, _R], module: nn.Module, *, edits: Edits | None = ..., capture: None = ..., strict: bool = ...
 ) -> Callable[_P, _R]: ...
 @overload
 def intervene(
-    f: Callable[_P, _R], module: nn.Module, *, edits: Edits | None = ..., capture: Capture,
-    strict: bool = ...
+    f: Callable[_P, _R], module: nn.Module, *, edits: Edits | None = ..., capture: Capture, strict: bool = ...
 ) -> Callable[_P, tuple[_R, TensorDict]]: ...
 @overload
 def intervene(
-    f: Callable[_P, _R], module: nn.Module, *, edits: Edits | None = ..., capture: Capture | None = ...,
-    strict: bool = ...
+    f: Callable[_P, _R],
+    module: nn.Module,
+    *,
+    edits: Edits | None = ...,
+    capture: Capture | None = ...,
+    strict: bool = ...,
 ) -> Callable[_P, Any]: ...
 
 

@@ -52,8 +52,9 @@ def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
-def check_int(fn: str, name: str, v: Any, family: type[Exception], *, lo: int = 1, optional: bool = False,
-              fix: str = "") -> int | None:
+def check_int(
+    fn: str, name: str, v: Any, family: type[Exception], *, lo: int = 1, optional: bool = False, fix: str = ""
+) -> int | None:
     """``v`` an integer >= ``lo`` (or None when ``optional``).
 
     Message: ``"{fn}: {name} must be [None or ]an integer >= {lo}, got {v!r}.{fix}"``.
@@ -69,8 +70,9 @@ def check_int(fn: str, name: str, v: Any, family: type[Exception], *, lo: int = 
 def check_bool(fn: str, name: str, v: Any, family: type[Exception] | None = None) -> bool:
     """``v`` a ``bool``. Message: ``"{fn}: {name} must be True or False, got {type} ({value}); pass {name}=True or {name}=False."``."""
     if not isinstance(v, bool):
-        raise type_error(family)(f"{fn}: {name} must be True or False, got {type(v).__name__} ({v!r:.60}); "
-                                 f"pass {name}=True or {name}=False.")
+        raise type_error(family)(
+            f"{fn}: {name} must be True or False, got {type(v).__name__} ({v!r:.60}); pass {name}=True or {name}=False."
+        )
     return v
 
 
@@ -89,8 +91,14 @@ def check_generator(fn: str, generator: Any, family: type[Exception] | None = No
     return generator
 
 
-def check_module(fn: str, module: Any, family: type[Exception] | None = None, *,
-                 expected: str = "an nn.Module as the module", fix: str = "") -> nn.Module:
+def check_module(
+    fn: str,
+    module: Any,
+    family: type[Exception] | None = None,
+    *,
+    expected: str = "an nn.Module as the module",
+    fix: str = "",
+) -> nn.Module:
     """``module`` an ``nn.Module``. Message: ``"{fn}: expected {expected}, got {type} ({value}){fix}."``."""
     if not isinstance(module, nn.Module):
         raise type_error(family)(f"{fn}: expected {expected}, got {type(module).__name__} ({module!r:.60}){fix}.")
@@ -109,8 +117,9 @@ def _names(keys: Sequence[tuple]) -> str:
     return "[" + ", ".join(_show(k) for k in keys) + "]"
 
 
-def check_input_keys(fn: str, name: str, given: Sequence[tuple], keys: Sequence[tuple], family: type[Exception],
-                     fix: str) -> None:
+def check_input_keys(
+    fn: str, name: str, given: Sequence[tuple], keys: Sequence[tuple], family: type[Exception], fix: str
+) -> None:
     """Every key of a per-input mapping names an attributed input."""
     for k in given:
         if k not in keys:
@@ -130,9 +139,14 @@ def per_input(fn: str, name: str, value: Any, keys: Sequence[tuple], what: str, 
                     f"{fn}: {name} has no entry for {_show(k)}; give one {what} per attributed input "
                     f"(a dict key -> {what}, or a bare {what} when there is one input)."
                 )
-        check_input_keys(fn, name, list(given), keys, family,
-                         f"give one {what} per attributed input (a dict key -> {what}, or a bare {what} when there "
-                         "is one input)")
+        check_input_keys(
+            fn,
+            name,
+            list(given),
+            keys,
+            family,
+            f"give one {what} per attributed input (a dict key -> {what}, or a bare {what} when there is one input)",
+        )
         return {k: given[k] for k in keys}
     if len(keys) != 1:
         raise family(
@@ -142,11 +156,15 @@ def per_input(fn: str, name: str, value: Any, keys: Sequence[tuple], what: str, 
     return {keys[0]: value}
 
 
-def check_callable(fn: str, name: str, f: Any, family: type[Exception] | None = None, *, expected: str = "") -> Callable:
+def check_callable(
+    fn: str, name: str, f: Any, family: type[Exception] | None = None, *, expected: str = ""
+) -> Callable:
     """``f`` callable. Message: ``"{fn}: {name} must be a callable {expected}, got {type} ({value}); pass a function."``."""
     if not callable(f):
-        raise type_error(family)(f"{fn}: {name} must be a callable{' ' + expected if expected else ''}, got "
-                                 f"{type(f).__name__} ({f!r:.60}); pass a function (a lambda, a def or an nn.Module).")
+        raise type_error(family)(
+            f"{fn}: {name} must be a callable{' ' + expected if expected else ''}, got "
+            f"{type(f).__name__} ({f!r:.60}); pass a function (a lambda, a def or an nn.Module)."
+        )
     return f
 
 
@@ -157,8 +175,9 @@ _RANDOM_OP = "called random operation while in randomness error mode"
 def check_randomness(fn: str, randomness: Any, family: type[Exception]) -> str:
     """``randomness`` one of ``torch.func.vmap``'s flags ``"error"``, ``"different"``, ``"same"``."""
     if randomness not in RANDOMNESS or not isinstance(randomness, str):
-        raise family(f"{fn}: randomness must be 'error', 'different' or 'same' (torch.func.vmap's flag), got "
-                     f"{randomness!r}.")
+        raise family(
+            f"{fn}: randomness must be 'error', 'different' or 'same' (torch.func.vmap's flag), got {randomness!r}."
+        )
     return randomness
 
 
@@ -166,10 +185,12 @@ def random_op_error(fn: str, e: BaseException, family: type[Exception], what: st
     """The family's error for torch's "random operation in randomness error mode" from a vmap ``fn`` runs, or None."""
     if not isinstance(e, RuntimeError) or _RANDOM_OP not in str(e):
         return None
-    return family(f"{fn}: {what} calls a random operation (train-mode Dropout, a sampling policy, torch.rand...) inside the "
-                  "vmap this method runs, where torch's default randomness='error' forbids it; pass "
-                  "randomness='different' (independent draws per vmapped input) or randomness='same' (one draw "
-                  f"shared by all), or make {what} deterministic (model.eval()).")
+    return family(
+        f"{fn}: {what} calls a random operation (train-mode Dropout, a sampling policy, torch.rand...) inside the "
+        "vmap this method runs, where torch's default randomness='error' forbids it; pass "
+        "randomness='different' (independent draws per vmapped input) or randomness='same' (one draw "
+        f"shared by all), or make {what} deterministic (model.eval())."
+    )
 
 
 def check_position_dim(fn: str, option: str, key: str, v: Any, family: type[Exception]) -> None:
@@ -179,9 +200,11 @@ def check_position_dim(fn: str, option: str, key: str, v: Any, family: type[Exce
     shape {shape}, with no position dim (it would reduce the features); use reduce=None or a callable for this site."``
     """
     if isinstance(v, torch.Tensor) and v.dim() < 3:
-        raise family(f"{fn}: {option} reduces dim 1 (positions) of a (B, T, ..., D) value, but the value at {key!r} "
-                     f"has shape {tuple(v.shape)}, with no position dim (it would reduce the features); use "
-                     "reduce=None or a callable for this site.")
+        raise family(
+            f"{fn}: {option} reduces dim 1 (positions) of a (B, T, ..., D) value, but the value at {key!r} "
+            f"has shape {tuple(v.shape)}, with no position dim (it would reduce the features); use "
+            "reduce=None or a callable for this site."
+        )
 
 
 _INNER = ("tdfunc.functional_call: ", "tdfunc.intervene: ")
@@ -198,5 +221,5 @@ def renamed(fn: str) -> Iterator[None]:
         msg = str(e)
         for prefix in _INNER:
             if msg.startswith(prefix):
-                raise type(e)(f"{fn}: {msg[len(prefix):]}") from e
+                raise type(e)(f"{fn}: {msg[len(prefix) :]}") from e
         raise

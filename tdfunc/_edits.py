@@ -84,8 +84,7 @@ def rule(fn: Callable[[torch.nn.Module, tuple, dict, Any], Any]) -> Rule:
     """
     if not callable(fn):
         raise TypeError(
-            f"tdfunc.rule: expected a callable fn(module, args, kwargs, output), got {type(fn).__name__} "
-            f"({fn!r:.60})."
+            f"tdfunc.rule: expected a callable fn(module, args, kwargs, output), got {type(fn).__name__} ({fn!r:.60})."
         )
     return Rule(fn)
 
@@ -113,7 +112,9 @@ def from_site(source: str, fn: Callable[[Any], Any] | None = None) -> FromSite:
     Composes with: ``vmap``, ``grad``, ``torch.compile`` (as every edit).
     """
     if not isinstance(source, str):
-        raise TypeError(f"tdfunc.from_site: source must be a site string, got {type(source).__name__} ({source!r:.60}).")
+        raise TypeError(
+            f"tdfunc.from_site: source must be a site string, got {type(source).__name__} ({source!r:.60})."
+        )
     if fn is not None and not callable(fn):
         raise TypeError(f"tdfunc.from_site: fn must be callable or None, got {type(fn).__name__} ({fn!r:.60}).")
     return FromSite(source, fn)

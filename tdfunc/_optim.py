@@ -31,12 +31,20 @@ class AdamState(NamedTuple):
 
 def adam_init(params: Mapping[Any, torch.Tensor]) -> AdamState:
     """Zero moments shaped like ``params``."""
-    return AdamState({k: torch.zeros_like(p) for k, p in params.items()},
-                     {k: torch.zeros_like(p) for k, p in params.items()}, 0)
+    return AdamState(
+        {k: torch.zeros_like(p) for k, p in params.items()}, {k: torch.zeros_like(p) for k, p in params.items()}, 0
+    )
 
 
-def adam_update(grads: Mapping[Any, torch.Tensor], state: AdamState, *, lr: float, b1: float = 0.9,
-                b2: float = 0.999, eps: float = 1e-8) -> tuple[dict, AdamState]:
+def adam_update(
+    grads: Mapping[Any, torch.Tensor],
+    state: AdamState,
+    *,
+    lr: float,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+) -> tuple[dict, AdamState]:
     """The Adam step ``Delta_t`` per key (add it to ascend, subtract it to descend) and the new state."""
     t = state.t + 1
     m = {k: b1 * state.m[k] + (1 - b1) * g for k, g in grads.items()}

@@ -29,8 +29,9 @@ def active(enabled: bool) -> bool:
     return torch._C._functorch.maybe_current_level() is None
 
 
-def progress_bar(iterable: Iterable | None = None, *, enabled: bool, desc: str, total: int | None = None,
-                 **tqdm_kwargs: Any) -> Any:
+def progress_bar(
+    iterable: Iterable | None = None, *, enabled: bool, desc: str, total: int | None = None, **tqdm_kwargs: Any
+) -> Any:
     """A ``tqdm.auto`` bar over ``iterable`` (a manual bar when it is None), or ``iterable`` itself when off.
 
     Off means ``enabled`` is False or :func:`active` says no (under ``vmap`` / ``grad`` / compile):

@@ -32,8 +32,9 @@ class Rewrite:
         """First pass: the constants :meth:`rewrite` needs, from the call's inputs and output."""
         raise NotImplementedError(f"{type(self).__name__}.record is not implemented")
 
-    def rewrite(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any,
-                constants: Any) -> Any:
+    def rewrite(
+        self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any, constants: Any
+    ) -> Any:
         """Second pass: the module's new output (its first element for a tuple output), equal to it in value."""
         raise NotImplementedError(f"{type(self).__name__}.rewrite is not implemented")
 
@@ -93,7 +94,11 @@ def _one_pass(site: Rewrite) -> Callable:
 
 
 def record_then_rewrite(
-    fn: str, f: Callable, module: nn.Module, sites: Mapping[str, Rewrite], first_args: tuple,
+    fn: str,
+    f: Callable,
+    module: nn.Module,
+    sites: Mapping[str, Rewrite],
+    first_args: tuple,
     outputs: list | None = None,
 ) -> Callable:
     """``f`` with every site's output rewritten, the constants recorded by running ``f(*first_args)`` now.
@@ -111,7 +116,9 @@ def record_then_rewrite(
         return f
     if torch.is_grad_enabled():
         seen: dict[str, list] = {s: [] for s in sites}
-        out = intervene(f, module, edits={s: rule(_recording(r, seen[s])) for s, r in sites.items()}, strict=False)(*first_args)
+        out = intervene(f, module, edits={s: rule(_recording(r, seen[s])) for s, r in sites.items()}, strict=False)(
+            *first_args
+        )
         if outputs is not None:
             outputs.append(out)
         make = lambda s, r: _replaying(fn, s, r, seen[s])  # noqa: E731  fresh iterators over the records per call
@@ -121,6 +128,8 @@ def record_then_rewrite(
         make = lambda s, r: _one_pass(r)  # noqa: E731
 
     def rewritten(*args: Any, **kwargs: Any) -> Any:
-        return intervene(f, module, edits={s: rule(make(s, r)) for s, r in sites.items()}, strict=False)(*args, **kwargs)
+        return intervene(f, module, edits={s: rule(make(s, r)) for s, r in sites.items()}, strict=False)(
+            *args, **kwargs
+        )
 
     return rewritten

@@ -17,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import sys
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -25,7 +25,7 @@ from tensordict import TensorDict, TensorDictBase
 from torch import nn
 
 from ._edits import Delta, FromSite, Rule
-from ._errors import EditError, NotReachedError, SiteError, shape_str, suggest
+from ._errors import EditError, NotReachedError, SiteError, shape_str
 from ._ops import OP_OF
 from ._sites import ALL_CALLS, SiteSpec, acquire, module_table, parse_site, release, resolve_site
 
@@ -180,7 +180,9 @@ def make_plan(fn: str, root: nn.Module, edits: Mapping | None, capture: Any, str
 
     def add(name, m, spec, key, payload, is_capture, hidden=False) -> _Op:
         entry = entry_of(name, m)
-        op = _Op(len(plan.edits) + len(plan.captures), key, spec.port, spec.element, spec.call, payload, is_capture, hidden)
+        op = _Op(
+            len(plan.edits) + len(plan.captures), key, spec.port, spec.element, spec.call, payload, is_capture, hidden
+        )
         (plan.captures if is_capture else plan.edits).append(op)
         target: _Entry | _OpEntry = entry
         if spec.op is not None:
@@ -223,7 +225,7 @@ def make_plan(fn: str, root: nn.Module, edits: Mapping | None, capture: Any, str
                     raise SiteError(
                         f"{fn}: tdfunc.from_site source {src.text!r} at site {spec.text!r} is a glob; name one site."
                     )
-                (src_name, src_m), = _resolve(fn, root, src, cache)
+                ((src_name, src_m),) = _resolve(fn, root, src, cache)
                 op.read = add(src_name, src_m, src, src.text, None, True, hidden=True)
     every: list[_Entry | _OpEntry] = [*plan.entries.values(), *op_entries.values()]
     for e in every:  # per frame: its edits first, then its captures
@@ -382,7 +384,11 @@ def _get(fn: str, op: _Op, container: Any, port: str, i: int | str | None = None
         keys = f" with keys {_keys(container)}" if isinstance(container, Mapping) else ""
         raise SiteError(
             f"{fn}: site {op.key!r}: the {_what(op)} output is {_describe(container)}{keys}, with no key {i!r}; "
-            + ("use one of its keys." if keys else "address a tuple element as ':output.N', a dict key as ':output.KEY'.")
+            + (
+                "use one of its keys."
+                if keys
+                else "address a tuple element as ':output.N', a dict key as ':output.KEY'."
+            )
         )
     if isinstance(container, (tuple, list)) and len(container) > i:
         return container[i]
@@ -394,7 +400,9 @@ def _get(fn: str, op: _Op, container: Any, port: str, i: int | str | None = None
             if port == "input"
             else "use ':output.N' with a valid N."
         )
-        raise SiteError(f"{fn}: site {op.key!r}: the operation's {what} {_describe(container)}{size}, with no element {i}; {fix}")
+        raise SiteError(
+            f"{fn}: site {op.key!r}: the operation's {what} {_describe(container)}{size}, with no element {i}; {fix}"
+        )
     fix = (
         "an input passed by keyword cannot be addressed; pass it positionally or edit another site."
         if port == "input"
@@ -404,10 +412,10 @@ def _get(fn: str, op: _Op, container: Any, port: str, i: int | str | None = None
         fix = f"it is a {type(container).__name__} with keys {_keys(container)}; address an entry as 'path:output.KEY'."
     if port == "input" and kwargs:
         path = op.key.split(":")[0]
-        fix = (
-            f"it also received {_keys(kwargs)} by keyword: address one by name, e.g. '{path}:input.{next(iter(kwargs))}'."
-        )
-    raise SiteError(f"{fn}: site {op.key!r}: the module's {what} {_describe(container)}{size}, with no element {i}; {fix}")
+        fix = f"it also received {_keys(kwargs)} by keyword: address one by name, e.g. '{path}:input.{next(iter(kwargs))}'."
+    raise SiteError(
+        f"{fn}: site {op.key!r}: the module's {what} {_describe(container)}{size}, with no element {i}; {fix}"
+    )
 
 
 def _what(op: _Op) -> str:

@@ -83,8 +83,10 @@ def parse_site(fn: str, text: object) -> SiteSpec:
                 element = idx
             else:
                 raise _bad(
-                    fn, text, f"the element after '{name}.' must be an integer or a name (a keyword input, an output "
-                    f"key), got {idx!r}"
+                    fn,
+                    text,
+                    f"the element after '{name}.' must be an integer or a name (a keyword input, an output "
+                    f"key), got {idx!r}",
                 )
     op = None
     if "/" in path:
@@ -92,12 +94,15 @@ def parse_site(fn: str, text: object) -> SiteSpec:
         if op not in OPS:
             close = difflib.get_close_matches(op, list(OPS), n=1, cutoff=0.5)
             raise _bad(
-                fn, text, f"unknown operation {op!r} after '/'" + (f" (did you mean {close[0]!r}?)" if close else "")
-                + f"; operation sites name one of {sorted(OPS)}"
+                fn,
+                text,
+                f"unknown operation {op!r} after '/'"
+                + (f" (did you mean {close[0]!r}?)" if close else "")
+                + f"; operation sites name one of {sorted(OPS)}",
             )
     if not path:
         raise _bad(fn, text, "it names no module path (the root module's output is the call's return value)")
-    suffix = text[len(path):]
+    suffix = text[len(path) :]
     return SiteSpec(text, path, port, element, call, suffix, op)
 
 
@@ -106,7 +111,6 @@ def parse_site(fn: str, text: object) -> SiteSpec:
 from ._match import _deep_match as _deep_match  # noqa: E402
 from ._match import _glob as _glob  # noqa: E402
 from ._match import path_match as _path_match  # noqa: E402
-from ._match import seg_match as _seg_match  # noqa: E402
 
 
 def module_table(root: nn.Module) -> dict[str, nn.Module]:

@@ -22,9 +22,11 @@ try:
 except ImportError:  # pragma: no cover - torch built without distributed
     DTensor = ()  # type: ignore[assignment,misc]
 
-_FSDP_FIX = ("gather the full state (torch.distributed.checkpoint.state_dict.get_model_state_dict(model, "
-             "options=StateDictOptions(full_state_dict=True))) and run tdfunc on the model built without fully_shard "
-             "with it loaded (load_state_dict), or call with state=None (the sharded model's own forward)")
+_FSDP_FIX = (
+    "gather the full state (torch.distributed.checkpoint.state_dict.get_model_state_dict(model, "
+    "options=StateDictOptions(full_state_dict=True))) and run tdfunc on the model built without fully_shard "
+    "with it loaded (load_state_dict), or call with state=None (the sharded model's own forward)"
+)
 
 
 def _fsdp_error(fn: str, module: nn.Module, key: str) -> StateError:
@@ -41,8 +43,7 @@ def _check_not_sharded(fn: str, module: nn.Module, tensors: Mapping[str, torch.T
             raise _fsdp_error(fn, module, k)
 
 
-_OFFLOAD_WORKS = ("captures, edits, patch / path_patch, cache_activations and generate_greedy (no torch.func "
-                  "transform)")
+_OFFLOAD_WORKS = "captures, edits, patch / path_patch, cache_activations and generate_greedy (no torch.func transform)"
 
 
 def _hooks(m: nn.Module) -> list[Any]:
@@ -254,9 +255,11 @@ def flat_state(fn: str, module: nn.Module, state: TensorDictBase | Mapping | Non
     if isinstance(state, TensorDictBase):
         flat = _flatten(fn, state, "", {})
     elif isinstance(state, Mapping):
-        flat = dict(TensorDict(dict(state), batch_size=[]).flatten_keys(".").items()) if any(
-            isinstance(v, Mapping) for v in state.values()
-        ) else dict(state)
+        flat = (
+            dict(TensorDict(dict(state), batch_size=[]).flatten_keys(".").items())
+            if any(isinstance(v, Mapping) for v in state.values())
+            else dict(state)
+        )
     else:
         raise TypeError(
             f"{fn}: state must be a TensorDict (tdfunc.state(model)), a mapping of dotted names to tensors, "

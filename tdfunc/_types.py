@@ -44,9 +44,20 @@ NoiseType = Literal["smoothgrad", "smoothgrad_sq", "vargrad"]
 Optimizer = Literal["adam", "sgd", "sign"]
 #: ``composite=`` of ``lrp``: a name in ``tdfunc.lrp_rules.COMPOSITES`` (zennit's registered names where zennit
 #: has the composite, and its class names).
-CompositeName = Literal["epsilon", "epsilon_plus", "epsilon_plus_flat", "epsilon_alpha2_beta1",
-                        "epsilon_alpha2_beta1_flat", "excitation_backprop", "attnlrp", "EpsilonPlus", "EpsilonPlusFlat",
-                        "EpsilonAlpha2Beta1", "EpsilonAlpha2Beta1Flat", "ExcitationBackprop"]
+CompositeName = Literal[
+    "epsilon",
+    "epsilon_plus",
+    "epsilon_plus_flat",
+    "epsilon_alpha2_beta1",
+    "epsilon_alpha2_beta1_flat",
+    "excitation_backprop",
+    "attnlrp",
+    "EpsilonPlus",
+    "EpsilonPlusFlat",
+    "EpsilonAlpha2Beta1",
+    "EpsilonAlpha2Beta1Flat",
+    "ExcitationBackprop",
+]
 #: ``softmax=`` of ``tdfunc.lrp_rules.attention``.
 SoftmaxMode = Literal["attnlrp", "constant"]
 #: ``reduce=`` of ``tdfunc.latent.cache_activations`` (or a callable).

@@ -8,11 +8,11 @@ weights ``w`` closed over by ``f``), and over parameters (double backward throug
 from __future__ import annotations
 
 import torch
+from compose_case import B, Case
+from models import MLP
 from tensordict import TensorDict
 
 import tdfunc
-from compose_case import B, Case
-from models import MLP
 
 
 def cases() -> list[Case]:
@@ -43,7 +43,9 @@ def cases() -> list[Case]:
         td = TensorDict({"x": x[None]}, batch_size=[1])
         return tdfunc.input_x_gradient(lambda t: net(t["x"]) @ w, td)["attr", "x"][0]
 
-    rows.append(Case("attr:input-x-gradient-targets", mlp, ixg_targets, (x6[0], onehot), (None, 0), (0, 1), "head", probe=x6))
+    rows.append(
+        Case("attr:input-x-gradient-targets", mlp, ixg_targets, (x6[0], onehot), (None, 0), (0, 1), "head", probe=x6)
+    )
 
     def ig_gl_k(x, base):  # every class, a baseline vmapped with the input, convergence delta
         td = TensorDict({"x": x[None], ("baseline", "x"): base[None]}, batch_size=[1])
@@ -67,7 +69,9 @@ def cases() -> list[Case]:
         f = lambda t: net(t["x"]) @ w
         return tdfunc.integrated_gradients(f, td, n_steps=2, method="riemann_left", chunk_size=1)["attr", "x"][0]
 
-    rows.append(Case("attr:ig-riemann-left-targets", mlp, ig_left_targets, (x6[1], onehot), (None, 0), (1,), "fc2", probe=x6))
+    rows.append(
+        Case("attr:ig-riemann-left-targets", mlp, ig_left_targets, (x6[1], onehot), (None, 0), (1,), "fc2", probe=x6)
+    )
 
     w_fc1 = s_mlp["fc1", "weight"]
 
@@ -79,5 +83,7 @@ def cases() -> list[Case]:
         return out["attr", "x"][0]
 
     weights = w_fc1 + 0.1 * torch.randn(B, *w_fc1.shape, dtype=dt)
-    rows.append(Case("attr:ig-riemann-middle-weights", mlp, ig_weights, (x6[2], weights), (None, 0), (1,), "fc1", probe=x6))
+    rows.append(
+        Case("attr:ig-riemann-middle-weights", mlp, ig_weights, (x6[2], weights), (None, 0), (1,), "fc1", probe=x6)
+    )
     return rows

@@ -7,11 +7,11 @@ put in the td, not closed over.
 from __future__ import annotations
 
 import torch
+from compose_case import B, Case
+from models import CNN, MLP
 from tensordict import TensorDict
 
 import tdfunc
-from compose_case import B, Case
-from models import CNN, MLP
 
 
 def cases() -> list[Case]:
@@ -26,8 +26,9 @@ def cases() -> list[Case]:
 
     def dl_k_baseline(x, base):  # every class; input and baseline vmapped; the gap to completeness appended
         td = TensorDict({"x": x[None], ("baseline", "x"): base[None]}, batch_size=[1])
-        out = tdfunc.deep_lift(lambda t: tdfunc.functional_call(mlp, s_mlp, (t["x"],)), td, mlp,
-                               return_convergence_delta=True)
+        out = tdfunc.deep_lift(
+            lambda t: tdfunc.functional_call(mlp, s_mlp, (t["x"],)), td, mlp, return_convergence_delta=True
+        )
         return torch.cat([out["attr", "x"].flatten(), out["convergence_delta"].flatten()])
 
     rows.append(Case("deeplift:mlp-K-baseline", mlp, dl_k_baseline, (x6, base6), (0, 0), (0, 1), "fc1", probe=x6))
@@ -38,8 +39,18 @@ def cases() -> list[Case]:
         f = lambda t: tdfunc.functional_call(mlp, state, (t["x"],)).gather(-1, t["label"])[:, 0]
         return tdfunc.deep_lift(f, td, mlp)["attr", "x"][0]
 
-    rows.append(Case("deeplift:mlp-label-weights", mlp, dl_label_weights, (x6, labels, s_mlp["fc2", "weight"].clone()),
-                     (0, 0, None), (0, 2), "fc2", probe=x6))
+    rows.append(
+        Case(
+            "deeplift:mlp-label-weights",
+            mlp,
+            dl_label_weights,
+            (x6, labels, s_mlp["fc2", "weight"].clone()),
+            (0, 0, None),
+            (0, 2),
+            "fc2",
+            probe=x6,
+        )
+    )
 
     cnn = CNN(c=2, n_cls=3).to(dt).eval()
     s_cnn = tdfunc.state(cnn)
@@ -47,7 +58,9 @@ def cases() -> list[Case]:
 
     def dl_cnn(x):  # conv + eval BatchNorm + in-place ReLU called twice + average pooling, every class
         td = TensorDict({"img": x[None]}, batch_size=[1])
-        return tdfunc.deep_lift(lambda t: tdfunc.functional_call(cnn, s_cnn, (t["img"],)), td, cnn)["attr", "img"].flatten()
+        return tdfunc.deep_lift(lambda t: tdfunc.functional_call(cnn, s_cnn, (t["img"],)), td, cnn)[
+            "attr", "img"
+        ].flatten()
 
     rows.append(Case("deeplift:cnn-K", cnn, dl_cnn, (img,), (0,), (0,), "conv2", probe=img))
 
@@ -55,8 +68,9 @@ def cases() -> list[Case]:
 
     def dls_refs(x, r):  # a distribution of 4 baselines, shared by the examples (not vmapped), differentiated
         td = TensorDict({"x": x[None]}, batch_size=[1])
-        out = tdfunc.deep_lift_shap(lambda t: tdfunc.functional_call(mlp, s_mlp, (t["x"],)), td, mlp,
-                                    TensorDict({"x": r}, batch_size=[4]))
+        out = tdfunc.deep_lift_shap(
+            lambda t: tdfunc.functional_call(mlp, s_mlp, (t["x"],)), td, mlp, TensorDict({"x": r}, batch_size=[4])
+        )
         return out["attr", "x"].flatten()
 
     rows.append(Case("deepliftshap:mlp-K", mlp, dls_refs, (x6, refs), (0, None), (0, 1), "fc1", probe=x6))
@@ -64,12 +78,27 @@ def cases() -> list[Case]:
     def ldl_site(x, base, weight):  # layer DeepLift at an activation's input, every class; d(map)/d(weight)
         state = s_mlp.update({("fc1", "weight"): weight}, inplace=False)
         td = TensorDict({"x": x[None], ("baseline", "x"): base[None]}, batch_size=[1])
-        out = tdfunc.layer_deep_lift(lambda t: tdfunc.functional_call(mlp, state, (t["x"],)), td, mlp, "act2:input",
-                                     return_convergence_delta=True)
+        out = tdfunc.layer_deep_lift(
+            lambda t: tdfunc.functional_call(mlp, state, (t["x"],)),
+            td,
+            mlp,
+            "act2:input",
+            return_convergence_delta=True,
+        )
         return torch.cat([out["attr", "act2:input"].flatten(), out["convergence_delta"].flatten()])
 
-    rows.append(Case("deeplift:layer-input-K-weights", mlp, ldl_site, (x6, base6, s_mlp["fc1", "weight"].clone()),
-                     (0, 0, None), (0, 2), "fc2", probe=x6))
+    rows.append(
+        Case(
+            "deeplift:layer-input-K-weights",
+            mlp,
+            ldl_site,
+            (x6, base6, s_mlp["fc1", "weight"].clone()),
+            (0, 0, None),
+            (0, 2),
+            "fc2",
+            probe=x6,
+        )
+    )
 
     S = 3
     eps = torch.randn(B, S, 1, 6, dtype=dt)  # samples drawn outside (see cases_noise_guided.py), vmapped with x
@@ -78,21 +107,58 @@ def cases() -> list[Case]:
 
     def gshap(x, r, e, a, i):  # every class; noise, path positions and baseline draws passed in as data
         td = TensorDict({"x": x[None]}, batch_size=[1])
-        out = tdfunc.gradient_shap(lambda t: tdfunc.functional_call(mlp, s_mlp, (t["x"],)), td,
-                                   TensorDict({"x": r}, batch_size=[4]), n_samples=S, stdevs=0.3, noise=e, alphas=a,
-                                   baseline_index=i, chunk_size=2)
+        out = tdfunc.gradient_shap(
+            lambda t: tdfunc.functional_call(mlp, s_mlp, (t["x"],)),
+            td,
+            TensorDict({"x": r}, batch_size=[4]),
+            n_samples=S,
+            stdevs=0.3,
+            noise=e,
+            alphas=a,
+            baseline_index=i,
+            chunk_size=2,
+        )
         return out["attr", "x"].flatten()
 
-    rows.append(Case("gradientshap:mlp-K", mlp, gshap, (x6, refs, eps, alphas, index), (0, None, 0, 0, 0), (0, 1, 3),
-                     "fc2", probe=x6))
+    rows.append(
+        Case(
+            "gradientshap:mlp-K",
+            mlp,
+            gshap,
+            (x6, refs, eps, alphas, index),
+            (0, None, 0, 0, 0),
+            (0, 1, 3),
+            "fc2",
+            probe=x6,
+        )
+    )
 
     def layer_gshap(x, r, e, a, i):  # layer GradientShap at an activation, every class, pre-drawn samples
         td = TensorDict({"x": x[None]}, batch_size=[1])
-        out = tdfunc.layer_gradient_shap(lambda t: tdfunc.functional_call(mlp, s_mlp, (t["x"],)), td, mlp, "act",
-                                         TensorDict({"x": r}, batch_size=[4]), n_samples=S, stdevs=0.3, noise=e,
-                                         alphas=a, baseline_index=i)
+        out = tdfunc.layer_gradient_shap(
+            lambda t: tdfunc.functional_call(mlp, s_mlp, (t["x"],)),
+            td,
+            mlp,
+            "act",
+            TensorDict({"x": r}, batch_size=[4]),
+            n_samples=S,
+            stdevs=0.3,
+            noise=e,
+            alphas=a,
+            baseline_index=i,
+        )
         return out["attr", "act"].flatten()
 
-    rows.append(Case("gradientshap:layer-K", mlp, layer_gshap, (x6, refs, eps, alphas, index), (0, None, 0, 0, 0),
-                     (0, 1, 3), "fc2", probe=x6))
+    rows.append(
+        Case(
+            "gradientshap:layer-K",
+            mlp,
+            layer_gshap,
+            (x6, refs, eps, alphas, index),
+            (0, None, 0, 0, 0),
+            (0, 1, 3),
+            "fc2",
+            probe=x6,
+        )
+    )
     return rows

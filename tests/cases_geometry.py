@@ -9,9 +9,9 @@ from __future__ import annotations
 import math
 
 import torch
+from compose_case import B, Case
 
 import tdfunc
-from compose_case import B, Case
 
 
 def cases() -> list[Case]:
@@ -28,23 +28,36 @@ def cases() -> list[Case]:
     def cka_rows(pts):  # both kernels, biased and debiased, as a (2, 1) matrix each
         lin, act = reps(pts)
         stack = torch.stack([lin, act])
-        return torch.cat([tdfunc.latent.cka(stack, pts[None]).flatten(),
-                          tdfunc.latent.cka(stack, pts, kernel="rbf").flatten(),
-                          tdfunc.latent.cka(act, lin, debiased=True)[None],
-                          tdfunc.latent.information_imbalance(stack, pts).flatten()])
+        return torch.cat(
+            [
+                tdfunc.latent.cka(stack, pts[None]).flatten(),
+                tdfunc.latent.cka(stack, pts, kernel="rbf").flatten(),
+                tdfunc.latent.cka(act, lin, debiased=True)[None],
+                tdfunc.latent.information_imbalance(stack, pts).flatten(),
+            ]
+        )
 
     def dims(pts):
         lin, act = reps(pts)
-        return torch.stack([tdfunc.latent.twonn_dimension(act, discard_fraction=0.2), tdfunc.latent.mle_dimension(lin, k=4)])
+        return torch.stack(
+            [tdfunc.latent.twonn_dimension(act, discard_fraction=0.2), tdfunc.latent.mle_dimension(lin, k=4)]
+        )
 
     def tdhook_options(pts):  # local kNN dimension, TwoNN's regression points, Minkowski p, integer promotion
         lin, act = reps(pts)
         d, lx, ly = tdfunc.latent.twonn_dimension(act, discard_fraction=0.0, return_xy=True)
         codes = (pts * 2).round().long()  # integer inputs are promoted (no gradient through them)
-        return torch.cat([tdfunc.latent.local_knn_dimension(lin, k=2, per_point=True), d[None], lx, ly,
-                          tdfunc.latent.information_imbalance(act, pts, p=1.0)[None],
-                          tdfunc.latent.information_imbalance(lin, codes, p=math.inf)[None],
-                          tdfunc.latent.cka(act, codes)[None]])
+        return torch.cat(
+            [
+                tdfunc.latent.local_knn_dimension(lin, k=2, per_point=True),
+                d[None],
+                lx,
+                ly,
+                tdfunc.latent.information_imbalance(act, pts, p=1.0)[None],
+                tdfunc.latent.information_imbalance(lin, codes, p=math.inf)[None],
+                tdfunc.latent.cka(act, codes)[None],
+            ]
+        )
 
     probe = clouds[0]
     return [

@@ -8,11 +8,11 @@ the map); sites are module outputs, ``:input`` ports, ``@k`` calls and a ``Tap``
 from __future__ import annotations
 
 import torch
+from compose_case import B, Case
+from models import CNN, MLP, TinyTransformer
 from tensordict import TensorDict
 
 import tdfunc
-from compose_case import B, Case
-from models import CNN, MLP, TinyTransformer
 
 
 def cases() -> list[Case]:
@@ -62,7 +62,9 @@ def cases() -> list[Case]:
         out = tdfunc.layer_integrated_gradients(f, td, tt, "blocks.0.resid", n_steps=2, return_convergence_delta=True)
         return torch.cat([out["attr", "blocks.0.resid"].flatten(), out["convergence_delta"].flatten()])
 
-    rows.append(Case("layer:ig-tap-label", tt, lig_tap, (emb, base, labels), (0, 0, 0), (0, 1), "blocks.0.mlp", probe=emb))
+    rows.append(
+        Case("layer:ig-tap-label", tt, lig_tap, (emb, base, labels), (0, 0, 0), (0, 1), "blocks.0.mlp", probe=emb)
+    )
 
     def lig_chunks(x, w):  # vmap over targets, two path chunks, riemann rule
         td = TensorDict({"x": x[None]}, batch_size=[1])
@@ -76,8 +78,14 @@ def cases() -> list[Case]:
 
     def conductance_k(x, b):  # every class; input and baseline vmapped; convergence delta appended
         td = TensorDict({"x": x[None], ("baseline", "x"): b[None]}, batch_size=[1])
-        out = tdfunc.layer_conductance(lambda t: tdfunc.functional_call(mlp, s_mlp, (t["x"],)), td, mlp, "act",
-                                       n_steps=4, return_convergence_delta=True)
+        out = tdfunc.layer_conductance(
+            lambda t: tdfunc.functional_call(mlp, s_mlp, (t["x"],)),
+            td,
+            mlp,
+            "act",
+            n_steps=4,
+            return_convergence_delta=True,
+        )
         return torch.cat([out["attr", "act"].flatten(), out["convergence_delta"].flatten()])
 
     rows.append(Case("layer:conductance-K", mlp, conductance_k, (x6, base6), (0, 0), (0, 1), "fc1", probe=x6))
@@ -86,8 +94,20 @@ def cases() -> list[Case]:
         state = s_mlp.copy().set(("fc2", "weight"), weight)
         td = TensorDict({"x": x[None]}, batch_size=[1])
         f = lambda t: tdfunc.functional_call(mlp, state, (t["x"],))[:, 1]
-        return tdfunc.internal_influence(f, td, mlp, "fc2:input", n_steps=3, method="riemann_middle")["attr", "fc2:input"][0]
+        return tdfunc.internal_influence(f, td, mlp, "fc2:input", n_steps=3, method="riemann_middle")[
+            "attr", "fc2:input"
+        ][0]
 
-    rows.append(Case("layer:internal-influence-weights", mlp, influence_weights, (x6, s_mlp["fc2", "weight"].clone()),
-                     (0, None), (0, 1), "fc2", probe=x6))
+    rows.append(
+        Case(
+            "layer:internal-influence-weights",
+            mlp,
+            influence_weights,
+            (x6, s_mlp["fc2", "weight"].clone()),
+            (0, None),
+            (0, 1),
+            "fc2",
+            probe=x6,
+        )
+    )
     return rows

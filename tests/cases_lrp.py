@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import torch
+from compose_case import B, Case
 from tensordict import TensorDict
 from torch import nn
 
 import tdfunc
-from compose_case import B, Case
 
 
 class _ReluMLP(nn.Module):
@@ -43,16 +43,31 @@ def cases() -> list[Case]:
         s = s_mlp.update({("fc1", "weight"): weight}, inplace=False)
         td = TensorDict({"x": x[None]}, batch_size=[1])
         f = lambda t: tdfunc.functional_call(mlp, s, (t["x"],))
-        return tdfunc.lrp(f, td, mlp, composite="epsilon", rules={"fc1": tdfunc.lrp_rules.gamma(0.25)})["attr", "x"][0].flatten()
+        return tdfunc.lrp(f, td, mlp, composite="epsilon", rules={"fc1": tdfunc.lrp_rules.gamma(0.25)})["attr", "x"][
+            0
+        ].flatten()
 
-    rows.append(Case("lrp:mlp-K-weights", mlp, mlp_weights, (x5, s_mlp["fc1", "weight"].clone()), (0, None), (0, 1), "fc1", probe=x5))
+    rows.append(
+        Case(
+            "lrp:mlp-K-weights",
+            mlp,
+            mlp_weights,
+            (x5, s_mlp["fc1", "weight"].clone()),
+            (0, None),
+            (0, 1),
+            "fc1",
+            probe=x5,
+        )
+    )
 
     def mlp_targets(x, w):  # vmap over targets: a one-hot target weight vector
         td = TensorDict({"x": x[None]}, batch_size=[1])
         f = lambda t: tdfunc.functional_call(mlp, s_mlp, (t["x"],)) @ w
         return tdfunc.lrp(f, td, mlp, rules={nn.Linear: tdfunc.lrp_rules.alpha_beta(2, 1)})["attr", "x"][0].flatten()
 
-    rows.append(Case("lrp:mlp-targets-alpha_beta", mlp, mlp_targets, (x5[0], onehot), (None, 0), (0,), "head", probe=x5))
+    rows.append(
+        Case("lrp:mlp-targets-alpha_beta", mlp, mlp_targets, (x5[0], onehot), (None, 0), (0,), "head", probe=x5)
+    )
 
     cnn = _ReluCNN().to(dt)
     s_cnn = tdfunc.state(cnn)
@@ -64,7 +79,18 @@ def cases() -> list[Case]:
         f = lambda t: tdfunc.functional_call(cnn, s, (t["img"],))
         return tdfunc.lrp(f, td, cnn, composite="epsilon_plus")["attr", "img"][0].flatten()
 
-    rows.append(Case("lrp:cnn-epsilon_plus-weights", cnn, cnn_plus, (img, s_cnn["conv", "weight"].clone()), (0, None), (0, 1), "conv", probe=img))
+    rows.append(
+        Case(
+            "lrp:cnn-epsilon_plus-weights",
+            cnn,
+            cnn_plus,
+            (img, s_cnn["conv", "weight"].clone()),
+            (0, None),
+            (0, 1),
+            "conv",
+            probe=img,
+        )
+    )
 
     def rules_zbox_flat_wsquare_pass(x):  # every rule constructor, each on its own site pattern
         td = TensorDict({"x": x[None]}, batch_size=[1])
@@ -77,9 +103,22 @@ def cases() -> list[Case]:
         return torch.cat([a["attr", "x"].flatten(), b["attr", "x"].flatten(), c["attr", "x"].flatten()])
 
     x5_nonzero = x5.sign() * (x5.abs() + 0.1)  # flat / w^2 / zbox divide by the input
-    rows.append(Case("lrp:rule-constructors", mlp, rules_zbox_flat_wsquare_pass, (x5_nonzero,), (0,), (0,), "fc1", probe=x5))
+    rows.append(
+        Case("lrp:rule-constructors", mlp, rules_zbox_flat_wsquare_pass, (x5_nonzero,), (0,), (0,), "fc1", probe=x5)
+    )
     x5_zeros = x5.clamp(min=0)  # exact zeros: flat / w^2 / zbox give them relevance through a probe per call
-    rows.append(Case("lrp:rule-constructors-zero-inputs", mlp, rules_zbox_flat_wsquare_pass, (x5_zeros,), (0,), (0,), "fc1", probe=x5))
+    rows.append(
+        Case(
+            "lrp:rule-constructors-zero-inputs",
+            mlp,
+            rules_zbox_flat_wsquare_pass,
+            (x5_zeros,),
+            (0,),
+            (0,),
+            "fc1",
+            probe=x5,
+        )
+    )
 
     bn_net = nn.Sequential(nn.Linear(5, 6), nn.BatchNorm1d(6), nn.ReLU(), nn.Linear(6, 3)).to(dt).eval()
     with torch.no_grad():
@@ -121,26 +160,66 @@ def conv_cases(dt) -> list[Case]:
         td = TensorDict({"x": x[None]}, batch_size=[1])
         f = lambda t: tdfunc.functional_call(net, s, (t["x"],))
         a = tdfunc.lrp(f, td, net, composite="EpsilonAlpha2Beta1")["attr", "x"]
-        b = tdfunc.lrp(f, td, net, composite=tdfunc.lrp_rules.epsilon_gamma_box(-4.0, 4.0),
-                       rules={nn.Tanh: tdfunc.lrp_rules.passthrough()})["attr", "x"]
+        b = tdfunc.lrp(
+            f,
+            td,
+            net,
+            composite=tdfunc.lrp_rules.epsilon_gamma_box(-4.0, 4.0),
+            rules={nn.Tanh: tdfunc.lrp_rules.passthrough()},
+        )["attr", "x"]
         return torch.cat([a.flatten(), b.flatten()])
 
-    rows = [Case("lrp:conv1d-convT-epsilon_alpha2_beta1-gamma_box", net, conv1d_alpha2_beta1_weights,
-                 (x, s_net["up", "weight"].clone()), (0, None), (0, 1), "up", probe=x)]
+    rows = [
+        Case(
+            "lrp:conv1d-convT-epsilon_alpha2_beta1-gamma_box",
+            net,
+            conv1d_alpha2_beta1_weights,
+            (x, s_net["up", "weight"].clone()),
+            (0, None),
+            (0, 1),
+            "up",
+            probe=x,
+        )
+    ]
 
     def output_relevance_weights(x, weight):  # zennit's attr_output as a function of the output; d/d(conv weight)
         s = s_net.update({("conv", "weight"): weight}, inplace=False)
         td = TensorDict({"x": x[None]}, batch_size=[1])
         f = lambda t: tdfunc.functional_call(net, s, (t["x"],))
-        out = tdfunc.lrp(f, td, net, composite="epsilon_plus", output_relevance=lambda y: y.softmax(-1),
-                         check_conservation=(1e3, 1e3))  # the check runs eagerly only (skipped inside transforms)
+        out = tdfunc.lrp(
+            f,
+            td,
+            net,
+            composite="epsilon_plus",
+            output_relevance=lambda y: y.softmax(-1),
+            check_conservation=(1e3, 1e3),
+        )  # the check runs eagerly only (skipped inside transforms)
         return out["attr", "x"].flatten()
 
-    rows.append(Case("lrp:output_relevance-weights", net, output_relevance_weights,
-                     (x, s_net["conv", "weight"].clone()), (0, None), (0, 1), "conv", probe=x))
+    rows.append(
+        Case(
+            "lrp:output_relevance-weights",
+            net,
+            output_relevance_weights,
+            (x, s_net["conv", "weight"].clone()),
+            (0, None),
+            (0, 1),
+            "conv",
+            probe=x,
+        )
+    )
 
-    plain = nn.Sequential(nn.ConvTranspose1d(2, 2, 2, stride=2, bias=False), nn.BatchNorm1d(2), nn.ReLU(),
-                          nn.Flatten(), nn.Linear(16, 3)).to(dt).eval()
+    plain = (
+        nn.Sequential(
+            nn.ConvTranspose1d(2, 2, 2, stride=2, bias=False),
+            nn.BatchNorm1d(2),
+            nn.ReLU(),
+            nn.Flatten(),
+            nn.Linear(16, 3),
+        )
+        .to(dt)
+        .eval()
+    )
     with torch.no_grad():
         plain[1].running_mean.normal_()
         plain[1].running_var.uniform_(0.5, 2.0)
@@ -153,8 +232,18 @@ def conv_cases(dt) -> list[Case]:
         out = tdfunc.lrp(lambda t: tdfunc.functional_call(biased, merged, (t["x"],)), td, biased)
         return out["attr", "x"].flatten()
 
-    rows.append(Case("lrp:with_zero_biases-merge_batchnorm-convT", biased, merge_batchnorm_conv_transpose,
-                     (x, s_b["0", "weight"].clone()), (0, None), (0, 1), "0", probe=x))
+    rows.append(
+        Case(
+            "lrp:with_zero_biases-merge_batchnorm-convT",
+            biased,
+            merge_batchnorm_conv_transpose,
+            (x, s_b["0", "weight"].clone()),
+            (0, None),
+            (0, 1),
+            "0",
+            probe=x,
+        )
+    )
     return rows
 
 
@@ -221,7 +310,18 @@ def transformer_cases(dt) -> list[Case]:
         return tdfunc.lrp(f, td, enc, composite="attnlrp")["attr", "x"][0].flatten()
 
     bias = s_enc["layer", "self_attn", "in_proj_bias"].clone()
-    rows.append(Case("lrp:encoder-attnlrp-weights", enc, encoder_attnlrp, (x, bias), (0, None), (0, 1), "layer.self_attn", probe=x))
+    rows.append(
+        Case(
+            "lrp:encoder-attnlrp-weights",
+            enc,
+            encoder_attnlrp,
+            (x, bias),
+            (0, None),
+            (0, 1),
+            "layer.self_attn",
+            probe=x,
+        )
+    )
 
     cross = _CrossAttention().to(dt).eval()
     s_cross = tdfunc.state(cross)
@@ -234,7 +334,18 @@ def transformer_cases(dt) -> list[Case]:
         out = tdfunc.lrp(f, td, cross, rules=rules, composite="attnlrp")
         return torch.cat([out["attr", "x"].flatten(), out["attr", "mem"].flatten()])
 
-    rows.append(Case("lrp:cross-attention-constant-targets", cross, cross_constant_targets, (xs[0], torch.eye(3, dtype=dt)), (None, 0), (0,), "attn", probe=xs[0]))
+    rows.append(
+        Case(
+            "lrp:cross-attention-constant-targets",
+            cross,
+            cross_constant_targets,
+            (xs[0], torch.eye(3, dtype=dt)),
+            (None, 0),
+            (0,),
+            "attn",
+            probe=xs[0],
+        )
+    )
 
     hand = _HandAttention().to(dt)
     s_hand = tdfunc.state(hand)
@@ -243,11 +354,31 @@ def transformer_cases(dt) -> list[Case]:
     def softmax_identity_ignore_norm(x):  # each module rule by type or pattern
         td = TensorDict({"x": x[None]}, batch_size=[1])
         f = lambda t: tdfunc.functional_call(hand, s_hand, (t["x"],))
-        rules = {nn.Softmax: tdfunc.lrp_rules.softmax(), nn.GELU: tdfunc.lrp_rules.identity(), "norm": tdfunc.lrp_rules.norm(), nn.Linear: tdfunc.lrp_rules.epsilon(0.01)}
+        rules = {
+            nn.Softmax: tdfunc.lrp_rules.softmax(),
+            nn.GELU: tdfunc.lrp_rules.identity(),
+            "norm": tdfunc.lrp_rules.norm(),
+            nn.Linear: tdfunc.lrp_rules.epsilon(0.01),
+        }
         a = tdfunc.lrp(f, td, hand, rules=rules, composite=None)
-        rules = {"softmax": tdfunc.lrp_rules.ignore(), nn.GELU: tdfunc.lrp_rules.gradient(), "norm": tdfunc.lrp_rules.identity()}
+        rules = {
+            "softmax": tdfunc.lrp_rules.ignore(),
+            nn.GELU: tdfunc.lrp_rules.gradient(),
+            "norm": tdfunc.lrp_rules.identity(),
+        }
         b = tdfunc.lrp(f, td, hand, rules=rules, composite="epsilon")
         return torch.cat([a["attr", "x"].flatten(), b["attr", "x"].flatten()])
 
-    rows.append(Case("lrp:softmax-identity-ignore-norm", hand, softmax_identity_ignore_norm, (xh,), (0,), (0,), "softmax", probe=xh))
+    rows.append(
+        Case(
+            "lrp:softmax-identity-ignore-norm",
+            hand,
+            softmax_identity_ignore_norm,
+            (xh,),
+            (0,),
+            (0,),
+            "softmax",
+            probe=xh,
+        )
+    )
     return rows

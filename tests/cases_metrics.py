@@ -8,11 +8,11 @@ follow its ``randomness`` rule instead).
 from __future__ import annotations
 
 import torch
+from compose_case import B, Case
+from models import MLP
 from tensordict import TensorDict
 
 import tdfunc
-from compose_case import B, Case
-from models import MLP
 
 S = 4  # perturbation samples per example
 
@@ -33,7 +33,9 @@ def cases() -> list[Case]:
         td = one(x)
         attributions = TensorDict({("attr", "x"): attr[None]}, batch_size=[1])
         perturb = lambda tds, g: ({"x": noise[:, None]}, {"x": tds["x"] - noise[:, None]})
-        out = tdfunc.infidelity(logits, td, attributions, perturb_fn=perturb, n_perturb_samples=S, normalize=True, chunk_size=3)
+        out = tdfunc.infidelity(
+            logits, td, attributions, perturb_fn=perturb, n_perturb_samples=S, normalize=True, chunk_size=3
+        )
         return out.flatten()
 
     attr = torch.randn(B, 3, 6, dtype=dt)
@@ -41,7 +43,9 @@ def cases() -> list[Case]:
 
     def sensitivity(x, noise):
         perturb = lambda tds, g: {"x": tds["x"] + noise[:, None]}
-        out = tdfunc.sensitivity_max(tdfunc.saliency, logits, one(x), perturb_fn=perturb, n_perturb_samples=S, abs=False)
+        out = tdfunc.sensitivity_max(
+            tdfunc.saliency, logits, one(x), perturb_fn=perturb, n_perturb_samples=S, abs=False
+        )
         return out.flatten()
 
     rows.append(Case("metrics:sensitivity-max", mlp, sensitivity, (x6, noise), (0, 0), (0,), "fc2", probe=x6))

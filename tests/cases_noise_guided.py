@@ -12,12 +12,12 @@ generator path bit for bit.
 from __future__ import annotations
 
 import torch
+from compose_case import B, Case
+from models import CNN, MLP
 from tensordict import TensorDict
 from torch import nn
 
 import tdfunc
-from compose_case import B, Case
-from models import CNN, MLP
 
 
 class ReluTanhMLP(nn.Module):
@@ -48,7 +48,9 @@ def cases() -> list[Case]:
 
     def sg_saliency_k(x, eps):  # every class; noise vmapped with the examples
         td = TensorDict({"x": x[None]}, batch_size=[1])
-        out = tdfunc.smooth_grad(tdfunc.saliency, lambda t: net(t["x"]), td, nt_samples=S, stdevs=0.2, noise=eps, abs=False)
+        out = tdfunc.smooth_grad(
+            tdfunc.saliency, lambda t: net(t["x"]), td, nt_samples=S, stdevs=0.2, noise=eps, abs=False
+        )
         return out["attr", "x"][0].flatten()
 
     rows.append(Case("noise:smoothgrad-saliency-K", mlp, sg_saliency_k, (x6, eps6), (0, 0), (0,), "fc1", probe=x6))
@@ -60,12 +62,23 @@ def cases() -> list[Case]:
         td = TensorDict({"x": x[None], ("baseline", "x"): base[None]}, batch_size=[1])
         f = lambda t: net(t["x"]).gather(-1, label.view(1, 1))[:, 0]
         out = tdfunc.smooth_grad(
-            tdfunc.integrated_gradients, f, td, nt_type="vargrad", nt_samples=S, stdevs=0.3, noise=eps, n_steps=2,
+            tdfunc.integrated_gradients,
+            f,
+            td,
+            nt_type="vargrad",
+            nt_samples=S,
+            stdevs=0.3,
+            noise=eps,
+            n_steps=2,
             return_convergence_delta=True,
         )
         return torch.cat([out["attr", "x"].flatten(), out["convergence_delta"].flatten()])
 
-    rows.append(Case("noise:vargrad-ig-delta", mlp, vargrad_ig, (x6, base6, eps6, labels), (0, 0, 0, 0), (0, 1), "fc2", probe=x6))
+    rows.append(
+        Case(
+            "noise:vargrad-ig-delta", mlp, vargrad_ig, (x6, base6, eps6, labels), (0, 0, 0, 0), (0, 1), "fc2", probe=x6
+        )
+    )
 
     rmlp = ReluTanhMLP().to(dt)
     s_r = tdfunc.state(rmlp)
@@ -81,20 +94,39 @@ def cases() -> list[Case]:
         )
         return out["attr", "x"].flatten()
 
-    rows.append(Case("noise:smoothgrad_sq-ixg-chunks", rmlp, sgsq_ixg_chunks, (x5[0], onehot), (None, 0), (0, 1), "fc2", probe=x5))
+    rows.append(
+        Case(
+            "noise:smoothgrad_sq-ixg-chunks", rmlp, sgsq_ixg_chunks, (x5[0], onehot), (None, 0), (0, 1), "fc2", probe=x5
+        )
+    )
 
     def guided_targets(x, w):  # vmap over targets: f closes over a one-hot target weight vector
         td = TensorDict({"x": x[None]}, batch_size=[1])
-        return tdfunc.guided_backprop(lambda t: tdfunc.functional_call(rmlp, s_r, (t["x"],)) @ w, td, rmlp)["attr", "x"][0].flatten()
+        return tdfunc.guided_backprop(lambda t: tdfunc.functional_call(rmlp, s_r, (t["x"],)) @ w, td, rmlp)[
+            "attr", "x"
+        ][0].flatten()
 
     rows.append(Case("guided:mlp-targets", rmlp, guided_targets, (x5[0], onehot), (None, 0), (0,), "relu", probe=x5))
 
     def guided_weights(x, weight):  # d(guided map)/d(fc1 weight): double backward through the guided ReLU
         state = s_r.update({("fc1", "weight"): weight}, inplace=False)
         td = TensorDict({"x": x[None]}, batch_size=[1])
-        return tdfunc.guided_backprop(lambda t: tdfunc.functional_call(rmlp, state, (t["x"],)), td, rmlp)["attr", "x"][0].flatten()
+        return tdfunc.guided_backprop(lambda t: tdfunc.functional_call(rmlp, state, (t["x"],)), td, rmlp)["attr", "x"][
+            0
+        ].flatten()
 
-    rows.append(Case("guided:mlp-K-weights", rmlp, guided_weights, (x5, s_r["fc1", "weight"].clone()), (0, None), (0, 1), "fc1", probe=x5))
+    rows.append(
+        Case(
+            "guided:mlp-K-weights",
+            rmlp,
+            guided_weights,
+            (x5, s_r["fc1", "weight"].clone()),
+            (0, None),
+            (0, 1),
+            "fc1",
+            probe=x5,
+        )
+    )
 
     cnn = CNN(c=2, n_cls=3).to(dt).eval()
     s_cnn = tdfunc.state(cnn)
@@ -103,16 +135,42 @@ def cases() -> list[Case]:
     def guided_cnn(x, weight):  # conv + eval BatchNorm + in-place ReLU called twice + pooling, every class
         state = s_cnn.update({("conv2", "weight"): weight}, inplace=False)
         td = TensorDict({"img": x[None]}, batch_size=[1])
-        return tdfunc.guided_backprop(lambda t: tdfunc.functional_call(cnn, state, (t["img"],)), td, cnn)["attr", "img"][0].flatten()
+        return tdfunc.guided_backprop(lambda t: tdfunc.functional_call(cnn, state, (t["img"],)), td, cnn)[
+            "attr", "img"
+        ][0].flatten()
 
-    rows.append(Case("guided:cnn-K-weights", cnn, guided_cnn, (img, s_cnn["conv2", "weight"].clone()), (0, None), (1,), "conv2", probe=img))
+    rows.append(
+        Case(
+            "guided:cnn-K-weights",
+            cnn,
+            guided_cnn,
+            (img, s_cnn["conv2", "weight"].clone()),
+            (0, None),
+            (1,),
+            "conv2",
+            probe=img,
+        )
+    )
 
     def deconv_weights(x, weight):  # deconvolution: relu(g) at the ReLU, the Tanh after it keeps the map x-dependent
         state = s_r.update({("fc2", "weight"): weight}, inplace=False)
         td = TensorDict({"x": x[None]}, batch_size=[1])
-        return tdfunc.deconvolution(lambda t: tdfunc.functional_call(rmlp, state, (t["x"],)), td, rmlp)["attr", "x"][0].flatten()
+        return tdfunc.deconvolution(lambda t: tdfunc.functional_call(rmlp, state, (t["x"],)), td, rmlp)["attr", "x"][
+            0
+        ].flatten()
 
-    rows.append(Case("deconv:mlp-K-weights", rmlp, deconv_weights, (x5, s_r["fc2", "weight"].clone()), (0, None), (0, 1), "fc1", probe=x5))
+    rows.append(
+        Case(
+            "deconv:mlp-K-weights",
+            rmlp,
+            deconv_weights,
+            (x5, s_r["fc2", "weight"].clone()),
+            (0, None),
+            (0, 1),
+            "fc1",
+            probe=x5,
+        )
+    )
 
     def ggc_cnn(x):  # guided backprop x upsampled Grad-CAM at conv2 (in-place ReLU reused), every class
         td = TensorDict({"img": x[None]}, batch_size=[1])

@@ -12,9 +12,9 @@ and heads, and with GradDrop.
 from __future__ import annotations
 
 import torch
+from compose_case import B, Case
 
 import tdfunc
-from compose_case import B, Case
 
 
 def cases() -> list[Case]:
@@ -40,47 +40,87 @@ def cases() -> list[Case]:
 
     def steer_vector(x, u):
         last = tdfunc.functional_call(net, s, (x,), edits=tdfunc.latent.steer({"1": u}, 0.5, positions=-1))
-        return torch.cat([tdfunc.functional_call(net, s, (x,), edits=tdfunc.latent.steer({"1": u})).flatten(), last.flatten()])
+        return torch.cat(
+            [tdfunc.functional_call(net, s, (x,), edits=tdfunc.latent.steer({"1": u})).flatten(), last.flatten()]
+        )
 
     def vector(x_pos, x_neg):  # the hidden layer of paired inputs, then their mean difference
         pos, neg = (tdfunc.functional_call(net, s, (z,), capture=["1"])[1]["1"] for z in (x_pos, x_neg))
-        return torch.cat([tdfunc.latent.steering_vector(pos, neg), tdfunc.latent.steering_vector(pos, neg, pooled=False).flatten()])
+        return torch.cat(
+            [tdfunc.latent.steering_vector(pos, neg), tdfunc.latent.steering_vector(pos, neg, pooled=False).flatten()]
+        )
 
     # units: the hidden layer of a (4 -> 6 -> 3) net seen as 3 "heads" of 2 (unit_view / unit_edit / sweeps / AtP)
-    hnet = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Tanh(), torch.nn.Linear(6, 6), torch.nn.Tanh(),
-                               torch.nn.Linear(6, 3)).to(dt)
+    hnet = torch.nn.Sequential(
+        torch.nn.Linear(4, 6), torch.nn.Tanh(), torch.nn.Linear(6, 6), torch.nn.Tanh(), torch.nn.Linear(6, 3)
+    ).to(dt)
     hs = tdfunc.state(hnet)
     heads = tdfunc.latent.units("b t (h d) -> b t h d", h=3)
     hclean = torch.randn(B, 1, 3, 3, 2, dtype=dt)
 
     def unit_patch(x, c):  # head 1 of "1" from a vmapped clean view; the per-head capture of "3"
-        y, caps = tdfunc.functional_call(hnet, hs, (x,), edits={"1": tdfunc.latent.unit_edit(heads, c, index=1)},
-                                         capture=["3"])
+        y, caps = tdfunc.functional_call(
+            hnet, hs, (x,), edits={"1": tdfunc.latent.unit_edit(heads, c, index=1)}, capture=["3"]
+        )
         return torch.cat([y.flatten(), tdfunc.latent.unit_view(caps, heads)["3"].flatten()])
 
     def sweep_units(x, x_clean):
-        return tdfunc.latent.patching_sweep(hnet, hs, (x_clean,), (x,), ["1", "3"], lambda y: y[0, -1, 0],
-                                            over=heads).flatten()
+        return tdfunc.latent.patching_sweep(
+            hnet, hs, (x_clean,), (x,), ["1", "3"], lambda y: y[0, -1, 0], over=heads
+        ).flatten()
 
     def atp(x, x_clean):  # attribution_patching over positions and over heads
         m = lambda y: y[0, -1, 0]  # noqa: E731
-        return torch.cat([tdfunc.latent.attribution_patching(hnet, hs, (x_clean,), (x,), ["1", "3"], m).flatten(),
-                          tdfunc.latent.attribution_patching(hnet, hs, (x_clean,), (x,), "1", m, over=heads).flatten()])
+        return torch.cat(
+            [
+                tdfunc.latent.attribution_patching(hnet, hs, (x_clean,), (x,), ["1", "3"], m).flatten(),
+                tdfunc.latent.attribution_patching(hnet, hs, (x_clean,), (x,), "1", m, over=heads).flatten(),
+            ]
+        )
 
     def atp_graddrop(x, x_clean):
-        return tdfunc.latent.attribution_patching(hnet, hs, (x_clean,), (x,), ["0", "2"], lambda y: y[0, -1, 0],
-                                                  grad_drop=["1", "3"]).flatten()
+        return tdfunc.latent.attribution_patching(
+            hnet, hs, (x_clean,), (x,), ["0", "2"], lambda y: y[0, -1, 0], grad_drop=["1", "3"]
+        ).flatten()
 
     return [
         Case("latent:unit-edit-view", hnet, unit_patch, (x, hclean), (0, 0), (0, 1), "0", probe=x[0]),
         Case("latent:patching-sweep-units", hnet, sweep_units, (x, x.flip(0)), (0, 0), (0, 1), "0", probe=x[0]),
         Case("latent:attribution-patching", hnet, atp, (x, x.flip(0)), (0, 0), (0, 1), "0", probe=x[0]),
-        Case("latent:attribution-patching-graddrop", hnet, atp_graddrop, (x, x.flip(0)), (0, 0), (0, 1), "0", probe=x[0]),
+        Case(
+            "latent:attribution-patching-graddrop", hnet, atp_graddrop, (x, x.flip(0)), (0, 0), (0, 1), "0", probe=x[0]
+        ),
         Case("latent:patch-vmapped-clean", net, patch_clean, (x, clean), (0, 0), (0, 1), "0", probe=x[0]),
         Case("latent:patching-sweep", net, sweep, (x, x[0]), (0, None), (0, 1), "0", probe=x[0]),
         Case("latent:path-patch", net, path, (x, x.flip(0)), (0, 0), (0, 1), "0", probe=x[0]),
-        Case("latent:steer-scale", net, steer_scale, (x, torch.linspace(-1, 1, B, dtype=dt)), (0, 0), (0, 1), "0", probe=x[0]),
-        Case("latent:steer-grad-vector", net, steer_vector, (x, torch.randn(B, 5, dtype=dt)), (0, 0), (0, 1), "0", probe=x[0]),
-        Case("latent:steering-vector", net, vector, (torch.randn(B, 4, 3, 4, dtype=dt), torch.randn(B, 4, 3, 4, dtype=dt)),
-             (0, 0), (0, 1), "0", probe=x[0]),
+        Case(
+            "latent:steer-scale",
+            net,
+            steer_scale,
+            (x, torch.linspace(-1, 1, B, dtype=dt)),
+            (0, 0),
+            (0, 1),
+            "0",
+            probe=x[0],
+        ),
+        Case(
+            "latent:steer-grad-vector",
+            net,
+            steer_vector,
+            (x, torch.randn(B, 5, dtype=dt)),
+            (0, 0),
+            (0, 1),
+            "0",
+            probe=x[0],
+        ),
+        Case(
+            "latent:steering-vector",
+            net,
+            vector,
+            (torch.randn(B, 4, 3, 4, dtype=dt), torch.randn(B, 4, 3, 4, dtype=dt)),
+            (0, 0),
+            (0, 1),
+            "0",
+            probe=x[0],
+        ),
     ]

@@ -11,11 +11,11 @@ randomness mode, nor a generator created inside a compiled region).
 from __future__ import annotations
 
 import torch
+from compose_case import B, Case
+from models import CNN, MLP
 from tensordict import TensorDict
 
 import tdfunc
-from compose_case import B, Case
-from models import CNN, MLP
 
 
 def cases() -> list[Case]:
@@ -44,13 +44,26 @@ def cases() -> list[Case]:
         td = TensorDict({"x": x, ("baseline", "x"): b}, batch_size=[])
         return tdfunc.occlusion(lambda t: net(t["x"])[1], td, sliding_window_shapes=(3,), strides=2)["attr", "x"]
 
-    rows.append(Case("perturb:occlusion-baseline", mlp, occlusion_baseline, (x6, base6), (0, 0), (0, 1), "fc1", probe=x6))
+    rows.append(
+        Case("perturb:occlusion-baseline", mlp, occlusion_baseline, (x6, base6), (0, 0), (0, 1), "fc1", probe=x6)
+    )
 
     def ablation_targets(x, w):  # vmap over targets; default mask (one feature per scalar), 2 chunks
         td = TensorDict({"x": x[None]}, batch_size=[1])
         return tdfunc.feature_ablation(lambda t: net(t["x"]) @ w, td, chunk_size=4)["attr", "x"][0]
 
-    rows.append(Case("perturb:feature-ablation-targets", mlp, ablation_targets, (x6[0], onehot), (None, 0), (0, 1), "act", probe=x6))
+    rows.append(
+        Case(
+            "perturb:feature-ablation-targets",
+            mlp,
+            ablation_targets,
+            (x6[0], onehot),
+            (None, 0),
+            (0, 1),
+            "act",
+            probe=x6,
+        )
+    )
 
     w_fc1 = s_mlp["fc1", "weight"]
 
@@ -61,7 +74,18 @@ def cases() -> list[Case]:
         return tdfunc.feature_ablation(f, td)["attr", "x"].flatten()
 
     weights = w_fc1 + 0.1 * torch.randn(B, *w_fc1.shape, dtype=dt)
-    rows.append(Case("perturb:feature-ablation-weights", mlp, ablation_weights, (x6[2], weights), (None, 0), (1,), "fc2", probe=x6))
+    rows.append(
+        Case(
+            "perturb:feature-ablation-weights",
+            mlp,
+            ablation_weights,
+            (x6[2], weights),
+            (None, 0),
+            (1,),
+            "fc2",
+            probe=x6,
+        )
+    )
 
     perms = torch.stack([torch.randperm(6) for _ in range(2)])
 
@@ -85,8 +109,18 @@ def cases() -> list[Case]:
         td = TensorDict({"x": torch.stack([x, 2 * x])}, batch_size=[2])
         return tdfunc.feature_ablation(lambda t: net(t["x"]), td, baselines=b)["attr", "x"].flatten()
 
-    rows.append(Case("perturb:feature-ablation-shared-baseline", mlp, shared_baseline, (x6, base6), (0, 0), (0, 1), "head",
-                     probe=x6))
+    rows.append(
+        Case(
+            "perturb:feature-ablation-shared-baseline",
+            mlp,
+            shared_baseline,
+            (x6, base6),
+            (0, 0),
+            (0, 1),
+            "head",
+            probe=x6,
+        )
+    )
     emb = torch.nn.Sequential(torch.nn.Embedding(7, 4), torch.nn.Flatten(), torch.nn.Linear(12, 2)).to(dt)
     s_emb = tdfunc.state(emb)
     ids = torch.randint(1, 7, (B, 3))
@@ -97,21 +131,47 @@ def cases() -> list[Case]:
         return tdfunc.occlusion(f, td, in_keys="ids", sliding_window_shapes=(2,), baselines=0)["attr", "ids"].flatten()
 
     w_emb = s_emb["0", "weight"] + 0.1 * torch.randn(B, 7, 4, dtype=dt)
-    samples = torch.tensor([[1, 0, 1, 0, 1, 0], [0, 1, 1, 0, 0, 1], [1, 1, 0, 0, 1, 0], [0, 0, 1, 1, 1, 1],
-                            [1, 0, 0, 1, 0, 1], [0, 1, 0, 1, 1, 0], [1, 1, 1, 0, 0, 0], [0, 0, 0, 1, 1, 1]])
+    samples = torch.tensor(
+        [
+            [1, 0, 1, 0, 1, 0],
+            [0, 1, 1, 0, 0, 1],
+            [1, 1, 0, 0, 1, 0],
+            [0, 0, 1, 1, 1, 1],
+            [1, 0, 0, 1, 0, 1],
+            [0, 1, 0, 1, 1, 0],
+            [1, 1, 1, 0, 0, 0],
+            [0, 0, 0, 1, 1, 1],
+        ]
+    )
 
     def lime_k(x, b):  # every class, fixed samples, ridge fit (a shared baseline vmapped), 3 chunks
         td = TensorDict({"x": x[None]}, batch_size=[1])
-        out = tdfunc.lime(lambda t: net(t["x"]), td, n_samples=8, samples=samples, interpretable_model="ridge",
-                          alpha=0.1, baselines=b, chunk_size=3)
+        out = tdfunc.lime(
+            lambda t: net(t["x"]),
+            td,
+            n_samples=8,
+            samples=samples,
+            interpretable_model="ridge",
+            alpha=0.1,
+            baselines=b,
+            chunk_size=3,
+        )
         return out["attr", "x"].flatten()
 
     rows.append(Case("perturb:lime-K", mlp, lime_k, (x6, base6), (0, 0), (0, 1), "head", probe=x6))
 
     def lime_lasso(x):  # the lasso fit (all max_iter steps under transforms), euclidean kernel
         td = TensorDict({"x": x[None]}, batch_size=[1])
-        out = tdfunc.lime(lambda t: net(t["x"])[:, 0], td, n_samples=8, samples=samples, alpha=0.001,
-                          distance="euclidean", kernel_width=2.0, max_iter=40)
+        out = tdfunc.lime(
+            lambda t: net(t["x"])[:, 0],
+            td,
+            n_samples=8,
+            samples=samples,
+            alpha=0.001,
+            distance="euclidean",
+            kernel_width=2.0,
+            max_iter=40,
+        )
         return out["attr", "x"].flatten()
 
     rows.append(Case("perturb:lime-lasso", mlp, lime_lasso, (x6,), (0,), (0,), "head", probe=x6))
@@ -122,8 +182,18 @@ def cases() -> list[Case]:
         loss = lambda t: (net(t["x"]) ** 2).mean()
         return tdfunc.feature_permutation(loss, td, permutations=perms4, chunk_size=4)["attr", "x"].flatten()
 
-    rows.append(Case("perturb:feature-permutation-batch-loss", mlp, permutation_batch_loss, (x6, base6), (0, 0), (0, 1),
-                     "head", probe=x6))
+    rows.append(
+        Case(
+            "perturb:feature-permutation-batch-loss",
+            mlp,
+            permutation_batch_loss,
+            (x6, base6),
+            (0, 0),
+            (0, 1),
+            "head",
+            probe=x6,
+        )
+    )
 
     def permutation_k(x):  # every class per example
         td = TensorDict({"x": torch.stack([x, 0.5 * x, x.flip(0)])}, batch_size=[3])
@@ -131,20 +201,25 @@ def cases() -> list[Case]:
         return out["attr", "x"].flatten()
 
     rows.append(Case("perturb:feature-permutation-K", mlp, permutation_k, (x6,), (0,), (0,), "head", probe=x6))
+
     def layer_ablation_k(x, b):  # every class; ablate the hidden activation (site "act") to a vmapped baseline
         td = TensorDict({"x": x[None]}, batch_size=[1])
-        out = tdfunc.layer_feature_ablation(lambda t: tdfunc.functional_call(mlp, s_mlp, (t["x"],)), td, mlp, "act",
-                                            baselines=b[:1].sum(), chunk_size=5)
+        out = tdfunc.layer_feature_ablation(
+            lambda t: tdfunc.functional_call(mlp, s_mlp, (t["x"],)), td, mlp, "act", baselines=b[:1].sum(), chunk_size=5
+        )
         return out["attr", "act"].flatten()
 
-    rows.append(Case("perturb:layer-feature-ablation-K", mlp, layer_ablation_k, (x6, base6), (0, 0), (0, 1), "fc2",
-                     probe=x6))
+    rows.append(
+        Case("perturb:layer-feature-ablation-K", mlp, layer_ablation_k, (x6, base6), (0, 0), (0, 1), "fc2", probe=x6)
+    )
+
     def ig_shared_baseline(x, b):  # integrated_gradients with baselines=(1, F) shared by a batch of 2; b vmapped
         td = TensorDict({"x": torch.stack([x, -x])}, batch_size=[2])
         out = tdfunc.integrated_gradients(lambda t: net(t["x"]), td, baselines=b[None], n_steps=8)
         return out["attr", "x"].flatten()
 
-    rows.append(Case("attribution:ig-shared-baseline", mlp, ig_shared_baseline, (x6, base6), (0, 0), (0, 1), "head",
-                     probe=x6))
+    rows.append(
+        Case("attribution:ig-shared-baseline", mlp, ig_shared_baseline, (x6, base6), (0, 0), (0, 1), "head", probe=x6)
+    )
     rows.append(Case("perturb:occlusion-token-ids", emb, token_ids_weights, (ids, w_emb), (0, 0), (1,), "2", probe=ids))
     return rows

@@ -8,10 +8,10 @@ into the probe's TensorDict inside the case).
 from __future__ import annotations
 
 import torch
+from compose_case import B, Case
 from tensordict import TensorDict
 
 import tdfunc
-from compose_case import B, Case
 
 
 def cases() -> list[Case]:
@@ -42,7 +42,9 @@ def cases() -> list[Case]:
     def means_loss(pts, m):  # mean-difference logits and probe_evaluate's loss on a cloud of 6 inputs
         p = TensorDict({"means": m}, batch_size=[])
         h = hidden(pts)
-        return torch.cat([tdfunc.latent.probe_apply(p, h).flatten(), tdfunc.latent.probe_evaluate(p, h, labels)["loss"][None]])
+        return torch.cat(
+            [tdfunc.latent.probe_apply(p, h).flatten(), tdfunc.latent.probe_evaluate(p, h, labels)["loss"][None]]
+        )
 
     def means_normalized(pts, m):  # probe_fit(..., normalize=True)'s form: logits scaled by 1 / |mu_1 - mu_0|
         p = TensorDict({"means": m[:2], "scale": 1 / (m[1] - m[0]).norm()}, batch_size=[])
@@ -55,7 +57,9 @@ def cases() -> list[Case]:
     def stream(pts, state, **kw):  # a cloud of 6 inputs streamed as two batches of 3
         h = hidden(pts)
         for part in (slice(0, 3), slice(3, 6)):
-            state = tdfunc.latent.probe_stream_update(state, TensorDict({"h": h[part]}, batch_size=[3]), labels[part], **kw)
+            state = tdfunc.latent.probe_stream_update(
+                state, TensorDict({"h": h[part]}, batch_size=[3]), labels[part], **kw
+            )
         return tdfunc.latent.probe_apply(tdfunc.latent.probe_stream_params(state)["h"], h).flatten()
 
     def stream_means(pts):  # streamed class sums and counts -> means -> logits
@@ -71,8 +75,34 @@ def cases() -> list[Case]:
         Case("latent:probe-stream-means", net, stream_means, (clouds,), (0,), (0,), "0", probe=x),
         Case("latent:probe-stream-linear", net, stream_linear, (clouds, w), (0, None), (0, 1), "0", probe=x),
         Case("latent:probe-linear", net, linear, (x, w), (0, None), (0, 1), "0", probe=x),
-        Case("latent:probe-bilinear", net, bilinear, (x, low["u"].clone(), low["v"].clone()), (0, None, None), (0, 1, 2), "0", probe=x),
-        Case("latent:probe-means+loss", net, means_loss, (clouds, torch.randn(B, 3, 5, dtype=dt)), (0, 0), (0, 1), "0", probe=x),
-        Case("latent:probe-means-normalized", net, means_normalized, (clouds, torch.randn(B, 3, 5, dtype=dt)), (0, 0), (0, 1),
-             "0", probe=x),
+        Case(
+            "latent:probe-bilinear",
+            net,
+            bilinear,
+            (x, low["u"].clone(), low["v"].clone()),
+            (0, None, None),
+            (0, 1, 2),
+            "0",
+            probe=x,
+        ),
+        Case(
+            "latent:probe-means+loss",
+            net,
+            means_loss,
+            (clouds, torch.randn(B, 3, 5, dtype=dt)),
+            (0, 0),
+            (0, 1),
+            "0",
+            probe=x,
+        ),
+        Case(
+            "latent:probe-means-normalized",
+            net,
+            means_normalized,
+            (clouds, torch.randn(B, 3, 5, dtype=dt)),
+            (0, 0),
+            (0, 1),
+            "0",
+            probe=x,
+        ),
     ]

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from compose_case import B, Case
 
 import tdfunc
-from compose_case import B, Case
 
 
 class OpAttn(torch.nn.Module):
@@ -60,7 +60,9 @@ def cases() -> list[Case]:
     u = torch.randn(B, 3, 1, dtype=dt)
 
     def op_delta(x, d):
-        y, caps = tdfunc.functional_call(net, s, (x,), edits={"attn/softmax": tdfunc.delta(d)}, capture=["attn/matmul", "attn/softmax"])
+        y, caps = tdfunc.functional_call(
+            net, s, (x,), edits={"attn/softmax": tdfunc.delta(d)}, capture=["attn/matmul", "attn/softmax"]
+        )
         return torch.cat([y.flatten(), caps["attn/matmul"].flatten(), caps["attn/softmax"].flatten()])
 
     sharpen = tdfunc.rule(lambda f, args, kwargs, out: f(args[0] * 2.0, *args[1:], **kwargs))  # f: the torch function
@@ -72,13 +74,25 @@ def cases() -> list[Case]:
 
     def kw_input_output_key(x, u):
         y, caps = tdfunc.functional_call(
-            net, s, (x,), edits={"blk:input.scale": tdfunc.delta(u), "blk:output.h": lambda h: h * 3.0},
+            net,
+            s,
+            (x,),
+            edits={"blk:input.scale": tdfunc.delta(u), "blk:output.h": lambda h: h * 3.0},
             capture=["blk:input.scale", "blk:output.h", "attn:input.x"],
         )
-        return torch.cat([y.flatten(), caps["blk:input.scale"].flatten(), caps["blk:output.h"].flatten(), caps["attn:input.x"].flatten()])
+        return torch.cat(
+            [
+                y.flatten(),
+                caps["blk:input.scale"].flatten(),
+                caps["blk:output.h"].flatten(),
+                caps["attn:input.x"].flatten(),
+            ]
+        )
 
     return [
         Case("sites:op-softmax-delta+capture", net, op_delta, (x, d), (0, 0), (0, 1), "attn/softmax", probe=x[0]),
         Case("sites:op-rule-from-site", net, op_rule_from_site, (x,), (0,), (0,), "attn/einsum", probe=x[0]),
-        Case("sites:kw-input-output-key", net, kw_input_output_key, (x, u), (0, 0), (0, 1), "blk:input.scale", probe=x[0]),
+        Case(
+            "sites:kw-input-output-key", net, kw_input_output_key, (x, u), (0, 0), (0, 1), "blk:input.scale", probe=x[0]
+        ),
     ]

@@ -7,12 +7,12 @@ vmap runs over stacked masks, alphas, stacked task vectors and stacked adapter p
 from __future__ import annotations
 
 import torch
+from compose_case import B, Case
+from models import MLP
 from tensordict import TensorDict
 from torch.func import vmap
 
 import tdfunc
-from compose_case import B, Case
-from models import MLP
 
 
 def cases() -> list[Case]:
@@ -25,18 +25,36 @@ def cases() -> list[Case]:
     rows = []
 
     # masks from prune_masks at three sparsity levels, as float (soft) masks: vmap over masks, grad w.r.t. them
-    masks = tdfunc.weights.prune_masks(s, tdfunc.weights.magnitude_scores(s), amount=[0.2, 0.5, 0.8], include="fc*.weight")
+    masks = tdfunc.weights.prune_masks(
+        s, tdfunc.weights.magnitude_scores(s), amount=[0.2, 0.5, 0.8], include="fc*.weight"
+    )
 
     def masked(m1, scores, x):  # selection under vmap (per-example scores) + soft masks (grad w.r.t. them)
         hard = tdfunc.weights.prune_masks(s, TensorDict({("fc2", "weight"): scores}), amount=0.5, include="fc2.weight")
-        structured = tdfunc.weights.prune_masks(s, TensorDict({("fc1", "weight"): scores[:, :6]}), amount=0.5, scope="module",
-                                        structured_dim=0, include="fc1.weight")
+        structured = tdfunc.weights.prune_masks(
+            s,
+            TensorDict({("fc1", "weight"): scores[:, :6]}),
+            amount=0.5,
+            scope="module",
+            structured_dim=0,
+            include="fc1.weight",
+        )
         state = tdfunc.weights.apply_masks(tdfunc.weights.apply_masks(s, hard), structured)
         return call(tdfunc.weights.apply_masks(state, TensorDict({("fc1", "weight"): m1})), x)
 
     soft = masks["fc1", "weight"].to(dt) * (0.5 + torch.rand(masks["fc1", "weight"].shape, dtype=dt))
-    rows.append(Case("weights:prune-apply-masks", mlp, masked, (soft, torch.randn(B, 8, 8, dtype=dt), x6),
-                     (0, 0, 0), (0, 2), "fc1", probe=x6))
+    rows.append(
+        Case(
+            "weights:prune-apply-masks",
+            mlp,
+            masked,
+            (soft, torch.randn(B, 8, 8, dtype=dt), x6),
+            (0, 0, 0),
+            (0, 2),
+            "fc1",
+            probe=x6,
+        )
+    )
 
     tv = tdfunc.weights.task_vector(tdfunc.state(MLP().to(dt)), s)
 
@@ -45,20 +63,46 @@ def cases() -> list[Case]:
         merged = tdfunc.weights.ties_merge(tvs, density=0.5, lambda_=lam)
         return call(tdfunc.weights.apply_task_vector(s, merged, lam), x)  # alpha = lambda too
 
-    rows.append(Case("weights:ties-merge", mlp, ties, (torch.randn(B, 8, 6, dtype=dt), torch.tensor([0.5, 1.0, 2.0], dtype=dt), x6),
-                     (0, 0, None), (0, 1, 2), "fc1", probe=x6))
+    rows.append(
+        Case(
+            "weights:ties-merge",
+            mlp,
+            ties,
+            (torch.randn(B, 8, 6, dtype=dt), torch.tensor([0.5, 1.0, 2.0], dtype=dt), x6),
+            (0, 0, None),
+            (0, 1, 2),
+            "fc1",
+            probe=x6,
+        )
+    )
 
     def path(w, x):  # the loss along an interpolation path, vmapped inside; grad w.r.t. an endpoint weight
         sb = _with(s, w)
         states = tdfunc.weights.interpolate(s, sb, torch.linspace(0, 1, 4, dtype=dt))
         return vmap(lambda st: call(st, x).square().mean())(states)
 
-    rows.append(Case("weights:interpolate", mlp, path, (s["fc1", "weight"] + 0.1 * torch.randn(B, 8, 6, dtype=dt), x6),
-                     (0, 0), (0, 1), "fc1", probe=x6))
+    rows.append(
+        Case(
+            "weights:interpolate",
+            mlp,
+            path,
+            (s["fc1", "weight"] + 0.1 * torch.randn(B, 8, 6, dtype=dt), x6),
+            (0, 0),
+            (0, 1),
+            "fc1",
+            probe=x6,
+        )
+    )
 
     def sweep(x):
-        out = tdfunc.weights.task_vector_sweep(mlp, s, tv, [0.0, 0.5, 1.0], lambda st: -call(st, x).square().sum(),
-                                       constraint=lambda st: st["fc1", "weight"].abs().sum() > 0)
+        out = tdfunc.weights.task_vector_sweep(
+            mlp,
+            s,
+            tv,
+            [0.0, 0.5, 1.0],
+            lambda st: -call(st, x).square().sum(),
+            constraint=lambda st: st["fc1", "weight"].abs().sum() > 0,
+        )
         return torch.cat([out["metric"], out["best_alpha"][None]])
 
     rows.append(Case("weights:task-vector-sweep", mlp, sweep, (x6,), (0,), (0,), "act", probe=x6))
@@ -88,9 +132,22 @@ def cases() -> list[Case]:
         edits = {"act": tdfunc.weights.sae_edit(st), "fc2": tdfunc.weights.transcoder_edit(tt, "fc2:input")}
         return tdfunc.functional_call(mlp, s, (x,), edits=edits).flatten()
 
-    rows.append(Case("weights:sae+transcoder-edit", mlp, adapters,
-                     (sae["W_enc"] + 0.1 * torch.randn(B, 8, 12, dtype=dt), tc["W_dec"] + 0.1 * torch.randn(B, 10, 8, dtype=dt), x6),
-                     (0, 0, 0), (0, 1, 2), "head", probe=x6))
+    rows.append(
+        Case(
+            "weights:sae+transcoder-edit",
+            mlp,
+            adapters,
+            (
+                sae["W_enc"] + 0.1 * torch.randn(B, 8, 12, dtype=dt),
+                tc["W_dec"] + 0.1 * torch.randn(B, 10, 8, dtype=dt),
+                x6,
+            ),
+            (0, 0, 0),
+            (0, 1, 2),
+            "head",
+            probe=x6,
+        )
+    )
 
     lora = tdfunc.weights.lora_init(s, ["fc1", "head"], rank=2, generator=torch.Generator().manual_seed(2))
 
@@ -99,8 +156,18 @@ def cases() -> list[Case]:
         st["fc1", "weight", "B"] = b
         return call(tdfunc.weights.apply_lora(s, st, scale), x)
 
-    rows.append(Case("weights:lora", mlp, lora_call, (torch.randn(B, 8, 2, dtype=dt), torch.tensor([0.5, 1.0, 2.0], dtype=dt), x6),
-                     (0, 0, 0), (0, 1, 2), "fc1", probe=x6))
+    rows.append(
+        Case(
+            "weights:lora",
+            mlp,
+            lora_call,
+            (torch.randn(B, 8, 2, dtype=dt), torch.tensor([0.5, 1.0, 2.0], dtype=dt), x6),
+            (0, 0, 0),
+            (0, 1, 2),
+            "fc1",
+            probe=x6,
+        )
+    )
     return rows
 
 
@@ -108,4 +175,3 @@ def _with(td: TensorDict, w: torch.Tensor) -> TensorDict:
     out = td.copy()
     out["fc1", "weight"] = w
     return out
-

@@ -19,13 +19,13 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from models import CNN, MLP, TinyTransformer
 from tensordict import TensorDict
 from tensordict.nn import TensorDictModule, TensorDictSequential
 from torch import nn
 from torch.func import grad
 
 import tdfunc
-from models import CNN, MLP, TinyTransformer
 
 METHODS = ["riemann_left", "riemann_right", "riemann_middle", "riemann_trapezoid", "gausslegendre"]
 F64 = torch.float64
@@ -103,7 +103,9 @@ def test_integrated_gradients_every_class_equals_captum(models, name, method):
     assert out["convergence_delta"].shape == (x.shape[0], k)
     reference = ca.IntegratedGradients(fwd)
     for c in range(k):  # tdfunc's K-target map [:, c] == captum's target=c
-        attr, delta = reference.attribute(x, baselines=base, target=c, n_steps=8, method=method, return_convergence_delta=True)
+        attr, delta = reference.attribute(
+            x, baselines=base, target=c, n_steps=8, method=method, return_convergence_delta=True
+        )
         close(out["attr", "x"][:, c], attr, f"captum IG {name}")
         close(out["convergence_delta"][:, c], delta, "captum IG convergence delta")
 
@@ -179,10 +181,15 @@ def test_integrated_gradients_equals_tdhook(method, multiply):
     tdm = TensorDictModule(net, in_keys=["x"], out_keys=["y"])
     x, base = torch.randn(5, 6), 0.3 * torch.randn(5, 6)
     td = TensorDict({"x": x, ("baseline", "x"): base}, batch_size=[5])
-    ours = ig(lambda t: net(t["x"]), td, n_steps=6, method=method, multiply_by_inputs=multiply, return_convergence_delta=True)
+    ours = ig(
+        lambda t: net(t["x"]), td, n_steps=6, method=method, multiply_by_inputs=multiply, return_convergence_delta=True
+    )
     for c in range(3):
         hook_ig = tdhook.IntegratedGradients(
-            init_attr_targets=_tdhook_targets(c), n_steps=6, method=method, multiply_by_inputs=multiply,
+            init_attr_targets=_tdhook_targets(c),
+            n_steps=6,
+            method=method,
+            multiply_by_inputs=multiply,
             compute_convergence_delta=multiply,
         )
         with hook_ig.prepare(tdm) as hooked:
@@ -200,7 +207,9 @@ def test_integrated_gradients_two_keys_equals_tdhook():
     ours = ig(lambda t: tdfunc.functional_call(tdm, None, (t,))["y_out"], td, n_steps=5, in_keys=["x", "y"])
     for c in range(4):
         targets = lambda out, _, c=c: TensorDict(out=out["y_out"][..., c], batch_size=out.batch_size)
-        with tdhook.IntegratedGradients(init_attr_targets=targets, n_steps=5, multiply_by_inputs=True).prepare(tdm) as hooked:
+        with tdhook.IntegratedGradients(init_attr_targets=targets, n_steps=5, multiply_by_inputs=True).prepare(
+            tdm
+        ) as hooked:
             ref = hooked(td.clone())
         close(ours["attr", "x"][:, c], ref["attr", "x"], "tdhook IG two keys")
         close(ours["attr", "y"][:, c], ref["attr", "y"], "tdhook IG two keys")
@@ -306,10 +315,18 @@ def test_completeness_gauss_legendre(seed, batch, d, scale):
 @given(seed=st.integers(0, 10_000), a=st.floats(-3, 3), b=st.floats(-3, 3), method=st.sampled_from(METHODS))
 def test_linearity_in_the_target(seed, a, b, method):
     net = tanh_mlp(4, 2, seed)
-    td = TensorDict({"x": torch.randn(3, 4, dtype=F64), ("baseline", "x"): torch.randn(3, 4, dtype=F64)}, batch_size=[3])
+    td = TensorDict(
+        {"x": torch.randn(3, 4, dtype=F64), ("baseline", "x"): torch.randn(3, 4, dtype=F64)}, batch_size=[3]
+    )
     one = lambda f: ig(f, td, n_steps=5, method=method)["attr", "x"]
     mixed = one(lambda t: a * net(t["x"])[:, 0] + b * net(t["x"])[:, 1])
-    close(mixed, a * one(lambda t: net(t["x"])[:, 0]) + b * one(lambda t: net(t["x"])[:, 1]), "linearity in the target", atol=1e-12, rtol=1e-10)
+    close(
+        mixed,
+        a * one(lambda t: net(t["x"])[:, 0]) + b * one(lambda t: net(t["x"])[:, 1]),
+        "linearity in the target",
+        atol=1e-12,
+        rtol=1e-10,
+    )
     every = one(lambda t: net(t["x"]))  # the K-target map, combined afterwards
     close(mixed, a * every[:, 0] + b * every[:, 1], "linearity in the target", atol=1e-12, rtol=1e-10)
 
@@ -334,7 +351,9 @@ def test_saliency_of_a_linear_model_is_its_weights(seed, d_in, d_out, batch):
 @given(seed=st.integers(0, 10_000), method=st.sampled_from(METHODS), n_steps=st.integers(2, 6))
 def test_symmetry_preserving(seed, method, n_steps):
     net = tanh_mlp(4, 2, seed)
-    f = lambda t: net(torch.cat([t["x"][:, :2].sum(-1, keepdim=True), t["x"][:, :2].prod(-1, keepdim=True), t["x"][:, 2:]], -1))
+    f = lambda t: net(
+        torch.cat([t["x"][:, :2].sum(-1, keepdim=True), t["x"][:, :2].prod(-1, keepdim=True), t["x"][:, 2:]], -1)
+    )
     x, base = torch.randn(3, 4, dtype=F64), torch.randn(3, 4, dtype=F64)
     x[:, 1], base[:, 1] = x[:, 0], base[:, 0]  # x and the baseline agree on the two symmetric features
     td = TensorDict({"x": x, ("baseline", "x"): base}, batch_size=[3])
@@ -368,13 +387,19 @@ def test_f_closing_over_labels_equals_the_map_picked_by_labels():
 def test_fold_equals_vmap_and_every_chunk_size_agrees(method, single):
     net = MLP().double()
     f = (lambda t: net(t["x"])[:, 2]) if single else (lambda t: net(t["x"]))
-    td = TensorDict({"x": torch.randn(4, 6, dtype=F64), ("baseline", "x"): torch.randn(4, 6, dtype=F64)}, batch_size=[4])
+    td = TensorDict(
+        {"x": torch.randn(4, 6, dtype=F64), ("baseline", "x"): torch.randn(4, 6, dtype=F64)}, batch_size=[4]
+    )
     ref = ig(f, td, n_steps=7, method=method, return_convergence_delta=True)
     for strategy in ["vmap", "fold"]:
         for chunk in [1, 3, None]:
-            out = ig(f, td, n_steps=7, method=method, strategy=strategy, chunk_size=chunk, return_convergence_delta=True)
+            out = ig(
+                f, td, n_steps=7, method=method, strategy=strategy, chunk_size=chunk, return_convergence_delta=True
+            )
             close(out["attr", "x"], ref["attr", "x"], "fold / vmap / chunk_size", atol=1e-12, rtol=1e-12)
-            close(out["convergence_delta"], ref["convergence_delta"], "fold / vmap / chunk_size", atol=1e-12, rtol=1e-12)
+            close(
+                out["convergence_delta"], ref["convergence_delta"], "fold / vmap / chunk_size", atol=1e-12, rtol=1e-12
+            )
     assert set(td.keys(True, True)) == {"x", ("baseline", "x")}  # the caller's td is not written to
 
 
@@ -386,7 +411,9 @@ def test_two_dimensional_batch_and_empty_batch():
     assert grid.shape == (2, 3, 3, 6)
     close(grid.reshape(6, 3, 6), flat, "batch shapes", atol=1e-12, rtol=1e-12)
     for strategy in ["vmap", "fold"]:
-        one = ig(lambda t: net(t["x"]), TensorDict({"x": x[1, 2]}, batch_size=[]), n_steps=4, strategy=strategy)["attr", "x"]
+        one = ig(lambda t: net(t["x"]), TensorDict({"x": x[1, 2]}, batch_size=[]), n_steps=4, strategy=strategy)[
+            "attr", "x"
+        ]
         close(one, flat[5], "batch shapes", atol=1e-12, rtol=1e-12)
 
 
@@ -415,7 +442,13 @@ def test_default_in_keys_are_the_float_entries_and_other_entries_are_held_fixed(
     assert set(out.keys(include_nested=True, leaves_only=True)) == {("attr", "x"), ("attr", "y"), "convergence_delta"}
     labels = td["label"]
     only_x = ig(f, td, in_keys="x", n_steps=6)["attr", "x"]
-    ref = ig_reference(lambda p: net(p, td["y"]).gather(-1, labels[:, None])[:, 0], td["x"], torch.zeros_like(td["x"]), "gausslegendre", 6)
+    ref = ig_reference(
+        lambda p: net(p, td["y"]).gather(-1, labels[:, None])[:, 0],
+        td["x"],
+        torch.zeros_like(td["x"]),
+        "gausslegendre",
+        6,
+    )
     close(only_x, ref, "entries held fixed", atol=1e-12, rtol=1e-10)
     assert set(td.keys()) == {"x", "y", "label"}  # the caller's td is not written to
 
@@ -425,7 +458,10 @@ def test_nested_keys_equal_flat_keys():
     x, y, bx = torch.randn(3, 3, dtype=F64), torch.randn(3, 2, dtype=F64), torch.randn(3, 3, dtype=F64)
     nested = TensorDict({("inp", "x"): x, ("inp", "y"): y, ("baseline", "inp", "x"): bx}, batch_size=[3])
     flat = TensorDict({"x": x, "y": y, ("baseline", "x"): bx}, batch_size=[3])
-    for method in [lambda f, td, k: ig(f, td, in_keys=k, n_steps=4), lambda f, td, k: tdfunc.input_x_gradient(f, td, in_keys=k)]:
+    for method in [
+        lambda f, td, k: ig(f, td, in_keys=k, n_steps=4),
+        lambda f, td, k: tdfunc.input_x_gradient(f, td, in_keys=k),
+    ]:
         a = method(lambda t: net(t["inp", "x"], t["inp", "y"]), nested, [("inp", "x")])
         b = method(lambda t: net(t["x"], t["y"]), flat, ["x"])
         close(a["attr", "inp", "x"], b["attr", "x"], "nested keys", atol=0, rtol=0)
@@ -463,7 +499,13 @@ def gpt2():
     transformers.logging.set_verbosity_error()
     torch.manual_seed(0)
     cfg = transformers.GPT2Config(
-        n_layer=2, n_embd=32, n_head=4, vocab_size=64, n_positions=16, bos_token_id=0, eos_token_id=0,
+        n_layer=2,
+        n_embd=32,
+        n_head=4,
+        vocab_size=64,
+        n_positions=16,
+        bos_token_id=0,
+        eos_token_id=0,
         attn_implementation="eager",
     )
     return transformers.GPT2LMHeadModel(cfg).eval()
@@ -484,7 +526,9 @@ def test_gpt2_inputs_embeds_equals_captum(gpt2):
         )
         close(out["attr", "emb"][:, c], attr, "captum IG GPT-2 inputs_embeds")
         close(out["convergence_delta"][:, c], delta, "captum IG convergence delta")
-        close(sal[:, c], ca.Saliency(wrapper).attribute(emb, target=c, abs=False), "captum saliency GPT-2 inputs_embeds")
+        close(
+            sal[:, c], ca.Saliency(wrapper).attribute(emb, target=c, abs=False), "captum saliency GPT-2 inputs_embeds"
+        )
 
 
 # ---------------------------------------------------------------- double backward
@@ -512,7 +556,11 @@ def test_train_step_with_attribution_penalty_matches_autograd():
     logits = ref_model(xr)
     (gx,) = torch.autograd.grad(logits.gather(-1, y[:, None]).sum(), xr, create_graph=True)
     igs = torch.stack(
-        [ig_reference(lambda p: ref_model(p)[:, c], x, base, "riemann_trapezoid", 3, create_graph=True) for c in range(3)], 1
+        [
+            ig_reference(lambda p: ref_model(p)[:, c], x, base, "riemann_trapezoid", 3, create_graph=True)
+            for c in range(3)
+        ],
+        1,
     )
     ref_loss = F.cross_entropy(logits, y) + (x * gx).square().sum() + 0.5 * igs.square().sum()
     ref = torch.autograd.grad(ref_loss, list(ref_model.parameters()))

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 from captum.attr import LayerGradCam, LayerGradientXActivation, LayerIntegratedGradients
+from models import CNN, MLP, Recurrent, TinyTransformer
 from tensordict import TensorDict
 from torch import nn
 from torch.func import vmap
@@ -22,7 +23,6 @@ from torch.func import vmap
 import tdfunc
 from tdfunc import AttributionError, NotReachedError, SiteError
 from tdfunc.attribution._common import check_output
-from models import CNN, MLP, Recurrent, TinyTransformer
 
 DT = torch.float64
 METHODS = ["riemann_left", "riemann_right", "riemann_middle", "riemann_trapezoid", "gausslegendre"]
@@ -53,7 +53,12 @@ def _setup(name):
     if name == "cnn":
         model = PoolCNN().to(DT)
         x = torch.randn(4, 1, 8, 8, dtype=DT)
-        return model, model, x, [("conv2", model.conv2, False), ("relu1", model.relu1, False), ("conv2:input", model.conv2, True)]
+        return (
+            model,
+            model,
+            x,
+            [("conv2", model.conv2, False), ("relu1", model.relu1, False), ("conv2:input", model.conv2, True)],
+        )
     if name == "mlp":
         model = MLP().to(DT)
         x = torch.randn(5, 6, dtype=DT)
@@ -112,13 +117,20 @@ def test_layer_integrated_gradients_every_class_and_method_matches_captum(name):
             attr, delta = out["attr", site], out["convergence_delta"]
             for c in range(attr.shape[1]):
                 ref, ref_delta = LayerIntegratedGradients(fwd, layer).attribute(
-                    x, base, target=c, n_steps=6, method=method, attribute_to_layer_input=to_input,
+                    x,
+                    base,
+                    target=c,
+                    n_steps=6,
+                    method=method,
+                    attribute_to_layer_input=to_input,
                     return_convergence_delta=True,
                 )
                 torch.testing.assert_close(attr[:, c], ref, **IG_TOL)
                 torch.testing.assert_close(delta[:, c], ref_delta, **IG_TOL)
     # captum's multiply_by_inputs=False and chunking (captum: internal_batch_size) once, on the last site
-    out = tdfunc.layer_integrated_gradients(lambda t: fwd(t["x"]), td, model, site, n_steps=5, multiply_by_inputs=False, chunk_size=2)
+    out = tdfunc.layer_integrated_gradients(
+        lambda t: fwd(t["x"]), td, model, site, n_steps=5, multiply_by_inputs=False, chunk_size=2
+    )
     ref = LayerIntegratedGradients(fwd, layer, multiply_by_inputs=False).attribute(
         x, base, target=1, n_steps=5, attribute_to_layer_input=to_input, internal_batch_size=2 * len(x)
     )
@@ -163,7 +175,9 @@ def test_layer_ig_equals_float64_hook_reference(name):
     site, layer, _ = sites[0]
     base = 0.1 * torch.randn_like(x)
     for method in METHODS:
-        out = tdfunc.layer_integrated_gradients(lambda t: fwd(t["x"]), _td(x, base), model, site, n_steps=5, method=method)
+        out = tdfunc.layer_integrated_gradients(
+            lambda t: fwd(t["x"]), _td(x, base), model, site, n_steps=5, method=method
+        )
         for c in (0, 2):
             torch.testing.assert_close(out["attr", site][:, c], _hook_lig(fwd, layer, x, base, c, method, 5), **EXACT)
 
@@ -175,7 +189,10 @@ def test_f_closing_over_labels_matches_captum_per_example_targets():
     td = _td(x)
     pairs = [
         (tdfunc.grad_cam(f, td, model, "relu2"), LayerGradCam(model, model.relu2).attribute(x, target=labels)),
-        (tdfunc.layer_gradient_x_activation(f, td, model, "relu2"), LayerGradientXActivation(model, model.relu2).attribute(x, target=labels)),
+        (
+            tdfunc.layer_gradient_x_activation(f, td, model, "relu2"),
+            LayerGradientXActivation(model, model.relu2).attribute(x, target=labels),
+        ),
     ]
     for ours, ref in pairs:
         torch.testing.assert_close(ours["attr", "relu2"], ref, **EXACT)
@@ -225,7 +242,9 @@ def _hook_gradient(model, layer, x, fwd, call=0):
         y = fwd(x)
     finally:
         handle.remove()
-    return torch.stack([torch.autograd.grad(y[:, c].sum(), seen[call], retain_graph=True)[0] for c in range(y.shape[1])], 1)
+    return torch.stack(
+        [torch.autograd.grad(y[:, c].sum(), seen[call], retain_graph=True)[0] for c in range(y.shape[1])], 1
+    )
 
 
 def test_site_gradient_equals_hook_reference():
@@ -236,8 +255,12 @@ def test_site_gradient_equals_hook_reference():
     torch.testing.assert_close(grad["attr", "relu@1"], _hook_gradient(cnn, cnn.relu, x, cnn, call=1), rtol=0, atol=0)
 
     tt, fwd, h, _ = _setup("transformer")
-    grad = tdfunc.layer_gradient_x_activation(lambda t: fwd(t["x"]), _td(h), tt, "blocks.0.resid", multiply_by_inputs=False)
-    torch.testing.assert_close(grad["attr", "blocks.0.resid"], _hook_gradient(tt, tt.blocks[0].resid, h, fwd), rtol=0, atol=0)
+    grad = tdfunc.layer_gradient_x_activation(
+        lambda t: fwd(t["x"]), _td(h), tt, "blocks.0.resid", multiply_by_inputs=False
+    )
+    torch.testing.assert_close(
+        grad["attr", "blocks.0.resid"], _hook_gradient(tt, tt.blocks[0].resid, h, fwd), rtol=0, atol=0
+    )
 
 
 def test_batch_shape_of_two_dims_and_empty_batch():
@@ -287,24 +310,60 @@ def _f(model):
 
 
 PINNED = [
-    ("unknown_site", lambda: tdfunc.grad_cam(_f(M), TD, M, "fc3"), SiteError,
-     "tdfunc.grad_cam: unknown site 'fc3': MLP has no submodule 'fc3'. Did you mean 'fc2', 'fc1'? List the names with [n for n, _ in model.named_modules()]."),
-    ("site_never_reached", lambda: tdfunc.layer_gradient_x_activation(_f(Skip()), TD, Skip(), "unused"), NotReachedError,
-     "tdfunc.layer_gradient_x_activation: nothing was captured at site 'unused': the module never ran in this call. Capture a site the forward reaches."),
-    ("non_module", lambda: tdfunc.layer_integrated_gradients(_f(MLP()), TD, "fc1", "fc1"), TypeError,
-     "tdfunc.layer_integrated_gradients: module must be the nn.Module whose site is attributed, got str ('fc1'); pass the model itself, e.g. tdfunc.layer_integrated_gradients(f, td, model, 'layer1')."),
-    ("glob_site", lambda: tdfunc.grad_cam(_f(M), TD, M, "fc*"), AttributionError,
-     "tdfunc.grad_cam: site 'fc*' names several values; attribute one site at a time (no globs; '@k' for the k-th call of a module that runs several times)."),
-    ("site_ran_several_times", lambda: tdfunc.grad_cam(lambda t: REC(t["x"][:, :5]), TD, REC, "cell"), NotReachedError,
-     "tdfunc.grad_cam: site 'cell' ran 3 times in this call, so a single capture is ambiguous; capture 'cell@0' … 'cell@2' for one call, or 'cell@*' for all of them stacked on a new leading dimension."),
-    ("site_not_batch_first", lambda: tdfunc.layer_gradient_x_activation(lambda t: M(t["x"].view(2, 2, 6)).view(4, 3), TD, M, "fc1"), AttributionError,
-     "tdfunc.layer_gradient_x_activation: the value at site 'fc1' has shape (2, 2, 8), which does not start with td's batch shape (4,); the site must hold one activation per example, batch dims first. Give td the batch shape the model sees, or attribute another site."),
-    ("grad_cam_without_channels", lambda: tdfunc.grad_cam(_f(SCALAR), TD, SCALAR, "1"), AttributionError,
-     "tdfunc.grad_cam: the value at site '1' has shape (4,), with no channel dim after td's batch shape (4,); Grad-CAM needs batch + (C, *spatial). Attribute another site."),
-    ("td_not_a_tensordict", lambda: tdfunc.grad_cam(_f(M), torch.zeros(2), M, "fc1"), TypeError,
-     "tdfunc.grad_cam: td must be a TensorDict holding the inputs, got Tensor (tensor([0., 0.])); e.g. TensorDict({'x': x}, batch_size=[len(x)])."),
-    ("bad_method", lambda: tdfunc.layer_integrated_gradients(_f(M), TD, M, "fc1", method="simpson"), AttributionError,
-     "tdfunc.layer_integrated_gradients: unknown method 'simpson'; choose one of ['riemann_left', 'riemann_right', 'riemann_middle', 'riemann_trapezoid', 'gausslegendre']."),
+    (
+        "unknown_site",
+        lambda: tdfunc.grad_cam(_f(M), TD, M, "fc3"),
+        SiteError,
+        "tdfunc.grad_cam: unknown site 'fc3': MLP has no submodule 'fc3'. Did you mean 'fc2', 'fc1'? List the names with [n for n, _ in model.named_modules()].",
+    ),
+    (
+        "site_never_reached",
+        lambda: tdfunc.layer_gradient_x_activation(_f(Skip()), TD, Skip(), "unused"),
+        NotReachedError,
+        "tdfunc.layer_gradient_x_activation: nothing was captured at site 'unused': the module never ran in this call. Capture a site the forward reaches.",
+    ),
+    (
+        "non_module",
+        lambda: tdfunc.layer_integrated_gradients(_f(MLP()), TD, "fc1", "fc1"),
+        TypeError,
+        "tdfunc.layer_integrated_gradients: module must be the nn.Module whose site is attributed, got str ('fc1'); pass the model itself, e.g. tdfunc.layer_integrated_gradients(f, td, model, 'layer1').",
+    ),
+    (
+        "glob_site",
+        lambda: tdfunc.grad_cam(_f(M), TD, M, "fc*"),
+        AttributionError,
+        "tdfunc.grad_cam: site 'fc*' names several values; attribute one site at a time (no globs; '@k' for the k-th call of a module that runs several times).",
+    ),
+    (
+        "site_ran_several_times",
+        lambda: tdfunc.grad_cam(lambda t: REC(t["x"][:, :5]), TD, REC, "cell"),
+        NotReachedError,
+        "tdfunc.grad_cam: site 'cell' ran 3 times in this call, so a single capture is ambiguous; capture 'cell@0' … 'cell@2' for one call, or 'cell@*' for all of them stacked on a new leading dimension.",
+    ),
+    (
+        "site_not_batch_first",
+        lambda: tdfunc.layer_gradient_x_activation(lambda t: M(t["x"].view(2, 2, 6)).view(4, 3), TD, M, "fc1"),
+        AttributionError,
+        "tdfunc.layer_gradient_x_activation: the value at site 'fc1' has shape (2, 2, 8), which does not start with td's batch shape (4,); the site must hold one activation per example, batch dims first. Give td the batch shape the model sees, or attribute another site.",
+    ),
+    (
+        "grad_cam_without_channels",
+        lambda: tdfunc.grad_cam(_f(SCALAR), TD, SCALAR, "1"),
+        AttributionError,
+        "tdfunc.grad_cam: the value at site '1' has shape (4,), with no channel dim after td's batch shape (4,); Grad-CAM needs batch + (C, *spatial). Attribute another site.",
+    ),
+    (
+        "td_not_a_tensordict",
+        lambda: tdfunc.grad_cam(_f(M), torch.zeros(2), M, "fc1"),
+        TypeError,
+        "tdfunc.grad_cam: td must be a TensorDict holding the inputs, got Tensor (tensor([0., 0.])); e.g. TensorDict({'x': x}, batch_size=[len(x)]).",
+    ),
+    (
+        "bad_method",
+        lambda: tdfunc.layer_integrated_gradients(_f(M), TD, M, "fc1", method="simpson"),
+        AttributionError,
+        "tdfunc.layer_integrated_gradients: unknown method 'simpson'; choose one of ['riemann_left', 'riemann_right', 'riemann_middle', 'riemann_trapezoid', 'gausslegendre'].",
+    ),
 ]
 
 
@@ -326,14 +385,25 @@ def _check_output_formats_k() -> bool:
 
 
 F_SHAPE = [
-    ("grad_cam", lambda: tdfunc.grad_cam(lambda t: M(t["x"]).sum(), TD, M, "fc1"),
-     "tdfunc.grad_cam: f returned shape (), but td has batch shape (4,); f must return one value per example (4,) or K per example (4, K). Select the target inside f, e.g. lambda td: model(td['x']).gather(-1, labels[:, None])[:, 0]."),
-    ("layer_integrated_gradients", lambda: tdfunc.layer_integrated_gradients(lambda t: M(t["x"])[None], TD, M, "fc1"),
-     "tdfunc.layer_integrated_gradients: f returned shape (1, 4, 3), but td has batch shape (4,); f must return one value per example (4,) or K per example (4, K). Select the target inside f, e.g. lambda td: model(td['x']).gather(-1, labels[:, None])[:, 0]."),
+    (
+        "grad_cam",
+        lambda: tdfunc.grad_cam(lambda t: M(t["x"]).sum(), TD, M, "fc1"),
+        "tdfunc.grad_cam: f returned shape (), but td has batch shape (4,); f must return one value per example (4,) or K per example (4, K). Select the target inside f, e.g. lambda td: model(td['x']).gather(-1, labels[:, None])[:, 0].",
+    ),
+    (
+        "layer_integrated_gradients",
+        lambda: tdfunc.layer_integrated_gradients(lambda t: M(t["x"])[None], TD, M, "fc1"),
+        "tdfunc.layer_integrated_gradients: f returned shape (1, 4, 3), but td has batch shape (4,); f must return one value per example (4,) or K per example (4, K). Select the target inside f, e.g. lambda td: model(td['x']).gather(-1, labels[:, None])[:, 0].",
+    ),
 ]
 
 
-@pytest.mark.xfail(not _check_output_formats_k(), reason="_common.check_output cannot format (*batch, 'K') yet", raises=ValueError, strict=True)
+@pytest.mark.xfail(
+    not _check_output_formats_k(),
+    reason="_common.check_output cannot format (*batch, 'K') yet",
+    raises=ValueError,
+    strict=True,
+)
 @pytest.mark.parametrize("name,call,message", F_SHAPE, ids=[p[0] for p in F_SHAPE])
 def test_error_f_wrong_shape(name, call, message):
     with pytest.raises(AttributionError) as info:
@@ -345,35 +415,47 @@ def test_error_f_wrong_shape(name, call, message):
 # (BasicModel_MultiLayer, target 0; internal influence: riemann_trapezoid, 500 steps, delta 0.01 max; conductance:
 # gausslegendre, 500 steps, delta 0.1 sum, convergence delta < 0.01), and captum on a random net for every method.
 
+
 def _ml(**kw):
     return pytest.importorskip("captum.testing.helpers.basic_models").BasicModel_MultiLayer(**kw)
 
 
-@pytest.mark.parametrize("site,inp,base,expected", [
-    ("linear0", [[0.0, 100.0, 0.0]], None, [[3.9, 3.9, 3.9]]),
-    ("linear1", [[0.0, 100.0, 0.0]], None, [[0.9, 1.0, 1.0, 1.0]]),
-    ("relu", [[3.0, 4.0, 0.0]], None, [[1.0, 1.0, 1.0, 1.0]]),
-    ("linear2", [[0.0, 100.0, 0.0]], None, [[1.0, 0.0]]),
-    ("linear1", [[0.0, 80.0, 0.0]], [[0.0, -20.0, 0.0]], [[0.7, 0.8, 0.8, 0.8]]),
-])
+@pytest.mark.parametrize(
+    "site,inp,base,expected",
+    [
+        ("linear0", [[0.0, 100.0, 0.0]], None, [[3.9, 3.9, 3.9]]),
+        ("linear1", [[0.0, 100.0, 0.0]], None, [[0.9, 1.0, 1.0, 1.0]]),
+        ("relu", [[3.0, 4.0, 0.0]], None, [[1.0, 1.0, 1.0, 1.0]]),
+        ("linear2", [[0.0, 100.0, 0.0]], None, [[1.0, 0.0]]),
+        ("linear1", [[0.0, 80.0, 0.0]], [[0.0, -20.0, 0.0]], [[0.7, 0.8, 0.8, 0.8]]),
+    ],
+)
 def test_internal_influence_captum_expected(site, inp, base, expected):
     net = _ml()
     d = {"x": torch.tensor(inp)}
     if base is not None:
         d[("baseline", "x")] = torch.tensor(base)
-    out = tdfunc.internal_influence(lambda t: net(t["x"])[:, 0], TensorDict(d, batch_size=[1]), net, site, n_steps=500,
-                                    method="riemann_trapezoid")
+    out = tdfunc.internal_influence(
+        lambda t: net(t["x"])[:, 0], TensorDict(d, batch_size=[1]), net, site, n_steps=500, method="riemann_trapezoid"
+    )
     assert float((out["attr", site] - torch.tensor(expected)).abs().max()) < 0.01
 
 
-@pytest.mark.parametrize("site,expected,inplace", [
-    ("linear0", [[0.0, 390.0, 0.0]], False), ("linear1", [[90.0, 100.0, 100.0, 100.0]], False),
-    ("relu", [[90.0, 100.0, 100.0, 100.0]], True), ("linear2", [[390.0, 0.0]], False),
-])
+@pytest.mark.parametrize(
+    "site,expected,inplace",
+    [
+        ("linear0", [[0.0, 390.0, 0.0]], False),
+        ("linear1", [[90.0, 100.0, 100.0, 100.0]], False),
+        ("relu", [[90.0, 100.0, 100.0, 100.0]], True),
+        ("linear2", [[390.0, 0.0]], False),
+    ],
+)
 def test_layer_conductance_captum_expected(site, expected, inplace):
     net = _ml(inplace=inplace)
     td = TensorDict({"x": torch.tensor([[0.0, 100.0, 0.0]])}, batch_size=[1])
-    out = tdfunc.layer_conductance(lambda t: net(t["x"])[:, 0], td, net, site, n_steps=500, return_convergence_delta=True)
+    out = tdfunc.layer_conductance(
+        lambda t: net(t["x"])[:, 0], td, net, site, n_steps=500, return_convergence_delta=True
+    )
     assert float((out["attr", site] - torch.tensor(expected)).abs().sum()) < 0.1
     assert out["convergence_delta"].abs().max() < 0.01
 
@@ -401,17 +483,20 @@ def test_conductance_slow_reference_and_completeness():
     net = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 2)).double()
     x, b = torch.randn(2, 3, dtype=torch.float64), torch.randn(2, 3, dtype=torch.float64)
     td = TensorDict({"x": x, ("baseline", "x"): b}, batch_size=[2])
-    out = tdfunc.layer_conductance(lambda t: net(t["x"])[:, 1], td, net, "1", n_steps=7, method="riemann_left",
-                                   return_convergence_delta=True)
+    out = tdfunc.layer_conductance(
+        lambda t: net(t["x"])[:, 1], td, net, "1", n_steps=7, method="riemann_left", return_convergence_delta=True
+    )
     alphas = [i / 8 for i in range(8)]  # riemann_left with n_steps + 1 = 8 points
     slow = torch.zeros(2, 5, dtype=torch.float64)
     for s in range(7):
         a0 = net[1](net[0](b + alphas[s] * (x - b))).detach().requires_grad_()
-        g, = torch.autograd.grad(net[2](a0)[:, 1].sum(), a0)
+        (g,) = torch.autograd.grad(net[2](a0)[:, 1].sum(), a0)
         a1 = net[1](net[0](b + alphas[s + 1] * (x - b)))
         slow += g * (a1 - a0).detach()
     torch.testing.assert_close(out["attr", "1"], slow, rtol=1e-12, atol=1e-12)
-    fine = tdfunc.layer_conductance(lambda t: net(t["x"])[:, 1], td, net, "1", n_steps=400, return_convergence_delta=True)
+    fine = tdfunc.layer_conductance(
+        lambda t: net(t["x"])[:, 1], td, net, "1", n_steps=400, return_convergence_delta=True
+    )
     assert fine["convergence_delta"].abs().max() < 1e-4
 
 
@@ -422,8 +507,10 @@ def test_pins_conductance_and_influence_errors():
         tdfunc.layer_conductance(lambda t: net(t["x"]), td, net, "1", method="simpson")
     with pytest.raises(tdfunc.AttributionError, match=re.escape("tdfunc.internal_influence: n_steps")):
         tdfunc.internal_influence(lambda t: net(t["x"]), td, net, "1", n_steps=0)
-    with pytest.raises(tdfunc.AttributionError, match=re.escape(
-            "tdfunc.layer_conductance: return_convergence_delta must be True or False, got str ('yes').")):
+    with pytest.raises(
+        tdfunc.AttributionError,
+        match=re.escape("tdfunc.layer_conductance: return_convergence_delta must be True or False, got str ('yes')."),
+    ):
         tdfunc.layer_conductance(lambda t: net(t["x"]), td, net, "1", return_convergence_delta="yes")
     with pytest.raises(tdfunc.SiteError, match=re.escape("tdfunc.internal_influence: unknown site 'nope'")):
         tdfunc.internal_influence(lambda t: net(t["x"]), td, net, "nope")

@@ -22,10 +22,10 @@ import torch
 from captum.attr import InputXGradient, IntegratedGradients, Saliency
 from captum.metrics import infidelity as c_infidelity
 from captum.metrics import sensitivity_max as c_sensitivity_max
+from models import CNN, MLP, TinyTransformer
 from tensordict import TensorDict
 
 import tdfunc
-from models import CNN, MLP, TinyTransformer
 
 DT = torch.float64
 
@@ -59,7 +59,9 @@ def _unit(model, site, idx):
 
 
 def _tv_ref(x):
-    return ((x[..., 1:, :] - x[..., :-1, :]) ** 2).flatten(1).sum(1) + ((x[..., 1:] - x[..., :-1]) ** 2).flatten(1).sum(1)
+    return ((x[..., 1:, :] - x[..., :-1, :]) ** 2).flatten(1).sum(1) + ((x[..., 1:] - x[..., :-1]) ** 2).flatten(1).sum(
+        1
+    )
 
 
 @pytest.mark.parametrize("optimizer", ["adam", "sgd", "sign"])
@@ -96,8 +98,8 @@ def test_maximise_equals_autograd_loop(optimizer):
 
 def test_maximise_equals_tdhook():
     """tdhook's ActivationMaximisation (gradient of the summed module output, clamped steps) = optimizer="sgd"."""
-    from tensordict.nn import TensorDictModule
     from tdhook.attribution import ActivationMaximisation
+    from tensordict.nn import TensorDictModule
 
     torch.manual_seed(1)
     mlp = MLP().to(DT)
@@ -143,7 +145,9 @@ def test_maximise_increases_objective_on_a_model(model):
     else:
         net = TinyTransformer()
         td = _td(x=0.1 * torch.randn(2, 5, 16))
-        f = lambda t: tdfunc.functional_call(net, None, (t["x"],), capture=["blocks.1.mlp"])[1]["blocks.1.mlp"][:, -1, 3]
+        f = lambda t: tdfunc.functional_call(net, None, (t["x"],), capture=["blocks.1.mlp"])[1]["blocks.1.mlp"][
+            :, -1, 3
+        ]
         kw = dict(l2=1e-3)
     out = tdfunc.activation_maximisation(f, td, steps=30, lr=0.05, **kw)
     obj = out["objective"]
@@ -184,7 +188,9 @@ def test_infidelity_equals_captum(which, normalize):
     ref = c_infidelity(model, c_perturb, x, attr["attr", "x"], target=labels, n_perturb_samples=s, normalize=normalize)
     assert got.shape == (b,)
     _rel(got, ref, rtol)
-    chunked = tdfunc.infidelity(f_lab, td, attr, perturb_fn=perturb, n_perturb_samples=s, normalize=normalize, chunk_size=4)
+    chunked = tdfunc.infidelity(
+        f_lab, td, attr, perturb_fn=perturb, n_perturb_samples=s, normalize=normalize, chunk_size=4
+    )
     _rel(chunked, got)
 
     # K targets: every class's map from one call; the same perturbations for every target
@@ -208,8 +214,14 @@ def test_infidelity_two_inputs_default_draw_and_linear_exactness():
     attr = tdfunc.input_x_gradient(f, td)
     s = 5
     na, nc = torch.randn(s, 3, 2, dtype=DT), torch.randn(s, 3, 4, dtype=DT)
-    perturb = lambda tds, g: (TensorDict({"a": na, "c": nc}, [s, 3]), {"a": tds["a"] * (1 - na), "c": tds["c"] * (1 - nc)})
-    c_perturb = lambda i: ((_interleave(na), _interleave(nc)), (i[0] * (1 - _interleave(na)), i[1] * (1 - _interleave(nc))))
+    perturb = lambda tds, g: (
+        TensorDict({"a": na, "c": nc}, [s, 3]),
+        {"a": tds["a"] * (1 - na), "c": tds["c"] * (1 - nc)},
+    )
+    c_perturb = lambda i: (
+        (_interleave(na), _interleave(nc)),
+        (i[0] * (1 - _interleave(na)), i[1] * (1 - _interleave(nc))),
+    )
     got = tdfunc.infidelity(f, td, attr, perturb_fn=perturb, n_perturb_samples=s)
     ref = c_infidelity(model, c_perturb, (a, c), (attr["attr", "a"], attr["attr", "c"]), n_perturb_samples=s)
     _rel(got, ref)
@@ -222,8 +234,11 @@ def test_infidelity_two_inputs_default_draw_and_linear_exactness():
     g = torch.Generator().manual_seed(7)
     ia, ic = (0.003 * torch.randn((10, *v.shape), dtype=DT, generator=g) for v in (a, c))
     ref = c_infidelity(
-        model, lambda i: ((_interleave(ia), _interleave(ic)), (i[0] - _interleave(ia), i[1] - _interleave(ic))),
-        (a, c), (attr["attr", "a"], attr["attr", "c"]), n_perturb_samples=10,
+        model,
+        lambda i: ((_interleave(ia), _interleave(ic)), (i[0] - _interleave(ia), i[1] - _interleave(ic))),
+        (a, c),
+        (attr["attr", "a"], attr["attr", "c"]),
+        n_perturb_samples=10,
     )
     _rel(d1, ref)
 
@@ -267,7 +282,9 @@ def test_sensitivity_equals_captum_float64(which, norm_ord):
         ref = c_sensitivity_max(InputXGradient(model).attribute, x, perturb_func=c_perturb, target=c, **kw)
         _close(got[:, c], ref)
     if norm_ord == "fro":  # method kwargs pass through (IG's own `method=` too); captum's IG weights are float32
-        got = tdfunc.sensitivity_max(tdfunc.integrated_gradients, f_all, td, perturb_fn=perturb, n_steps=6, method="gausslegendre", **kw)
+        got = tdfunc.sensitivity_max(
+            tdfunc.integrated_gradients, f_all, td, perturb_fn=perturb, n_steps=6, method="gausslegendre", **kw
+        )
         ig = IntegratedGradients(model).attribute
         for c in range(got.shape[-1]):
             ref = c_sensitivity_max(ig, x, perturb_func=c_perturb, target=c, n_steps=6, method="gausslegendre", **kw)
@@ -303,60 +320,155 @@ def test_errors():
     fk = lambda t: lin(t["x"])
     am = tdfunc.activation_maximisation
     _raises("tdfunc.activation_maximisation: steps must be an integer >= 1, got 0.", am, f1, td, steps=0)
-    _raises("tdfunc.activation_maximisation: lr must be a finite number > 0, got 0.0; the step size of the ascent.", am, f1, td, lr=0.0)
-    _raises("tdfunc.activation_maximisation: lr must be a finite number > 0, got -1; the step size of the ascent.", am, f1, td, lr=-1)
+    _raises(
+        "tdfunc.activation_maximisation: lr must be a finite number > 0, got 0.0; the step size of the ascent.",
+        am,
+        f1,
+        td,
+        lr=0.0,
+    )
+    _raises(
+        "tdfunc.activation_maximisation: lr must be a finite number > 0, got -1; the step size of the ascent.",
+        am,
+        f1,
+        td,
+        lr=-1,
+    )
     _raises(
         "tdfunc.activation_maximisation: unknown optimizer 'lbfgs'; choose 'adam' (default), 'sgd' "
-        "(x + lr * grad, as tdhook) or 'sign' (x + lr * sign(grad)).", am, f1, td, optimizer="lbfgs",
+        "(x + lr * grad, as tdhook) or 'sign' (x + lr * sign(grad)).",
+        am,
+        f1,
+        td,
+        optimizer="lbfgs",
     )
-    _raises("tdfunc.activation_maximisation: clamp must be None or a pair (low, high) with low < high, got (1, 0).", am, f1, td, clamp=(1, 0))
-    _raises("tdfunc.activation_maximisation: tv must be a finite number >= 0 (a penalty weight), got -0.1.", am, f1, td, tv=-0.1)
+    _raises(
+        "tdfunc.activation_maximisation: clamp must be None or a pair (low, high) with low < high, got (1, 0).",
+        am,
+        f1,
+        td,
+        clamp=(1, 0),
+    )
+    _raises(
+        "tdfunc.activation_maximisation: tv must be a finite number >= 0 (a penalty weight), got -0.1.",
+        am,
+        f1,
+        td,
+        tv=-0.1,
+    )
     _raises(
         "tdfunc.activation_maximisation: f must return one objective per example, shape (4,), got (4, 2). "
-        "Select or combine the units inside f, e.g. lambda td: acts(td)[:, unit] or .sum(-1).", am, fk, td, steps=1,
+        "Select or combine the units inside f, e.g. lambda td: acts(td)[:, unit] or .sum(-1).",
+        am,
+        fk,
+        td,
+        steps=1,
     )
 
     attr = tdfunc.saliency(fk, td)
     inf = tdfunc.infidelity
-    _raises("tdfunc.infidelity: n_perturb_samples must be an integer >= 1, got 0.", inf, fk, td, attr, n_perturb_samples=0)
+    _raises(
+        "tdfunc.infidelity: n_perturb_samples must be an integer >= 1, got 0.", inf, fk, td, attr, n_perturb_samples=0
+    )
     _raises(
         "tdfunc.infidelity: attributions must be the TensorDict returned by a tdfunc attribution method "
-        "(entries ('attr', key)), got Tensor.", inf, fk, td, attr["attr", "x"],
+        "(entries ('attr', key)), got Tensor.",
+        inf,
+        fk,
+        td,
+        attr["attr", "x"],
     )
     _raises(
         "tdfunc.infidelity: attributions has no entry ('attr', 'z') for the input 'z'; it has [('attr', 'x')]. "
-        "Attribute that input too, or leave it out of in_keys.", inf, fk, td, attr, in_keys=["z"],
+        "Attribute that input too, or leave it out of in_keys.",
+        inf,
+        fk,
+        td,
+        attr,
+        in_keys=["z"],
     )
     _raises(
         "tdfunc.infidelity: attributions has no ('attr', key) entry (entries: ['y']); pass the TensorDict "
-        "returned by a tdfunc attribution method.", inf, fk, td, TensorDict({"y": torch.ones(4)}, [4]),
+        "returned by a tdfunc attribution method.",
+        inf,
+        fk,
+        td,
+        TensorDict({"y": torch.ones(4)}, [4]),
     )
     _raises(
         "tdfunc.infidelity: attributions ('attr', 'x') has shape (4, 2, 3), but the input 'x' has shape (4, 3) and "
-        "f returns one target per example; expected (4, 3) (batch (+ K) + feature shape).", inf, f1, td, attr,
+        "f returns one target per example; expected (4, 3) (batch (+ K) + feature shape).",
+        inf,
+        f1,
+        td,
+        attr,
     )
     _raises(
         "tdfunc.infidelity: perturb_fn must return a pair (perturbations, perturbed_inputs), got Tensor.",
-        inf, fk, td, attr, perturb_fn=lambda t, g: t["x"],
+        inf,
+        fk,
+        td,
+        attr,
+        perturb_fn=lambda t, g: t["x"],
     )
     _raises(
         "tdfunc.infidelity: perturb_fn returned perturbed inputs of shape (4, 3) for 'x'; expected (10, 4, 3) "
-        "(n_perturb_samples + the input's shape).", inf, fk, td, attr, perturb_fn=lambda t, g: (t, {"x": td["x"]}),
+        "(n_perturb_samples + the input's shape).",
+        inf,
+        fk,
+        td,
+        attr,
+        perturb_fn=lambda t, g: (t, {"x": td["x"]}),
     )
     _raises(
         "tdfunc.infidelity: perturb_fn returned perturbations without a tensor for the input 'x' (got NoneType); "
-        "return one for every attributed input.", inf, fk, td, attr, perturb_fn=lambda t, g: ({}, t),
+        "return one for every attributed input.",
+        inf,
+        fk,
+        td,
+        attr,
+        perturb_fn=lambda t, g: ({}, t),
     )
 
     sm = tdfunc.sensitivity_max
-    _raises("tdfunc.sensitivity_max: n_perturb_samples must be an integer >= 1, got 0.", sm, tdfunc.saliency, fk, td, n_perturb_samples=0)
-    _raises("tdfunc.sensitivity_max: norm_ord must be 'fro' or a number (the vector p-norm, inf allowed), got 'nuc'.", sm, tdfunc.saliency, fk, td, norm_ord="nuc")
-    _raises("tdfunc.sensitivity_max: perturb_radius must be a finite number >= 0, got -0.1.", sm, tdfunc.saliency, fk, td, perturb_radius=-0.1)
+    _raises(
+        "tdfunc.sensitivity_max: n_perturb_samples must be an integer >= 1, got 0.",
+        sm,
+        tdfunc.saliency,
+        fk,
+        td,
+        n_perturb_samples=0,
+    )
+    _raises(
+        "tdfunc.sensitivity_max: norm_ord must be 'fro' or a number (the vector p-norm, inf allowed), got 'nuc'.",
+        sm,
+        tdfunc.saliency,
+        fk,
+        td,
+        norm_ord="nuc",
+    )
+    _raises(
+        "tdfunc.sensitivity_max: perturb_radius must be a finite number >= 0, got -0.1.",
+        sm,
+        tdfunc.saliency,
+        fk,
+        td,
+        perturb_radius=-0.1,
+    )
     _raises(
         "tdfunc.sensitivity_max: method <lambda> returned Tensor; it must return a TensorDict with ('attr', key) "
-        "entries, as tdfunc's attribution methods do.", sm, lambda f, t: f(t), fk, td,
+        "entries, as tdfunc's attribution methods do.",
+        sm,
+        lambda f, t: f(t),
+        fk,
+        td,
     )
     _raises(
         "tdfunc.sensitivity_max: perturb_fn returned perturbed inputs of shape (4, 3) for 'x'; expected (10, 4, 3) "
-        "(n_perturb_samples + the input's shape).", sm, tdfunc.saliency, fk, td, perturb_fn=lambda t, g: {"x": td["x"]},
+        "(n_perturb_samples + the input's shape).",
+        sm,
+        tdfunc.saliency,
+        fk,
+        td,
+        perturb_fn=lambda t, g: {"x": td["x"]},
     )

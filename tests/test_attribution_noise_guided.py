@@ -20,13 +20,13 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
+from cases_noise_guided import ReluTanhMLP
+from models import CNN
 from tensordict import TensorDict
 from torch import nn
 from torch.func import vmap
 
 import tdfunc
-from cases_noise_guided import ReluTanhMLP
-from models import CNN
 from tdfunc.attribution._common import with_inputs
 
 captum_attr = pytest.importorskip("captum.attr")
@@ -78,8 +78,15 @@ def test_smooth_grad_equals_captum_noise_tunnel(monkeypatch, nt_type, name, ours
     stds = {"x": 0.3, "z": 0.7}
     g = torch.Generator().manual_seed(1)
     ours = tdfunc.smooth_grad(
-        getattr(tdfunc, name), lambda t: net(t["x"], t["z"]), td, nt_type=nt_type, nt_samples=S, stdevs=stds,
-        generator=g, chunk_size=2, **ours_kw,
+        getattr(tdfunc, name),
+        lambda t: net(t["x"], t["z"]),
+        td,
+        nt_type=nt_type,
+        nt_samples=S,
+        stdevs=stds,
+        generator=g,
+        chunk_size=2,
+        **ours_kw,
     )
     g = torch.Generator().manual_seed(1)  # the same draws, in the same order (key order: x then z)
     eps = [torch.randn(S, B, 4, generator=g, dtype=DT), torch.randn(S, B, 3, generator=g, dtype=DT)]
@@ -92,7 +99,11 @@ def test_smooth_grad_equals_captum_noise_tunnel(monkeypatch, nt_type, name, ours
     refs = []
     for k in range(3):  # captum: one call per target
         _same_noise(monkeypatch, [x, z], [0.3, 0.7], eps)
-        refs.append(nt.attribute((x, z), nt_type=nt_type, nt_samples=S, nt_samples_batch_size=2, stdevs=(0.3, 0.7), target=k, **captum_kw))
+        refs.append(
+            nt.attribute(
+                (x, z), nt_type=nt_type, nt_samples=S, nt_samples_batch_size=2, stdevs=(0.3, 0.7), target=k, **captum_kw
+            )
+        )
     for i, key in enumerate(["x", "z"]):
         ref = torch.stack([r[i] for r in refs], 1)
         # captum multiplies IG's gradients by float32 step sizes (torch.tensor(step_sizes).float()): ~1e-8 relative
@@ -108,8 +119,14 @@ def test_seeded_equals_captum_draws():
     td = TensorDict({"x": x}, batch_size=[1])
     for nt_type in ["smoothgrad", "smoothgrad_sq", "vargrad"]:
         ours = tdfunc.smooth_grad(
-            tdfunc.integrated_gradients, lambda t: net(t["x"])[:, 2], td, nt_type=nt_type, nt_samples=6,
-            stdevs=0.3, generator=torch.Generator().manual_seed(5), n_steps=7,
+            tdfunc.integrated_gradients,
+            lambda t: net(t["x"])[:, 2],
+            td,
+            nt_type=nt_type,
+            nt_samples=6,
+            stdevs=0.3,
+            generator=torch.Generator().manual_seed(5),
+            n_steps=7,
         )
         torch.manual_seed(5)
         ref = captum_attr.NoiseTunnel(captum_attr.IntegratedGradients(net)).attribute(
@@ -126,7 +143,9 @@ def _slow_reference(method, f, td, keys, eps, stds, nt_type, /, **kw):
     out = {}
     for k in keys:
         a = torch.stack([p["attr", k] for p in per])
-        out[k] = {"smoothgrad": a.mean(0), "smoothgrad_sq": (a**2).mean(0), "vargrad": a.var(0, unbiased=False)}[nt_type]
+        out[k] = {"smoothgrad": a.mean(0), "smoothgrad_sq": (a**2).mean(0), "vargrad": a.var(0, unbiased=False)}[
+            nt_type
+        ]
     return out, per
 
 
@@ -149,7 +168,9 @@ def test_smooth_grad_equals_slow_loop_any_method(nt_type):
         ours = tdfunc.smooth_grad(method, f, td, nt_type=nt_type, nt_samples=S, stdevs=0.4, noise=eps, **kw)
         ref, _ = _slow_reference(method, f, td, ["x"], eps, {"x": 0.4}, nt_type, **kw)
         torch.testing.assert_close(ours["attr", "x"], ref["x"], rtol=1e-12, atol=1e-13)
-        chunked = tdfunc.smooth_grad(method, f, td, nt_type=nt_type, nt_samples=S, stdevs=0.4, noise=eps, chunk_size=3, **kw)
+        chunked = tdfunc.smooth_grad(
+            method, f, td, nt_type=nt_type, nt_samples=S, stdevs=0.4, noise=eps, chunk_size=3, **kw
+        )
         torch.testing.assert_close(chunked["attr", "x"], ours["attr", "x"], rtol=1e-12, atol=1e-13)
 
 
@@ -161,14 +182,35 @@ def test_convergence_delta_per_sample_and_baseline_not_perturbed():
     td = TensorDict({"x": torch.randn(B, 5, dtype=DT), "baseline": {"x": base}}, batch_size=[B])
     eps = torch.randn(S, B, 5, dtype=DT)
     f = lambda t: net(t["x"])
-    out = tdfunc.smooth_grad(tdfunc.integrated_gradients, f, td, nt_samples=S, stdevs=0.2, noise=eps, n_steps=4, return_convergence_delta=True)
-    _, per = _slow_reference(tdfunc.integrated_gradients, f, td, ["x"], {"x": eps}, {"x": 0.2}, "smoothgrad", n_steps=4, return_convergence_delta=True)
+    out = tdfunc.smooth_grad(
+        tdfunc.integrated_gradients,
+        f,
+        td,
+        nt_samples=S,
+        stdevs=0.2,
+        noise=eps,
+        n_steps=4,
+        return_convergence_delta=True,
+    )
+    _, per = _slow_reference(
+        tdfunc.integrated_gradients,
+        f,
+        td,
+        ["x"],
+        {"x": eps},
+        {"x": 0.2},
+        "smoothgrad",
+        n_steps=4,
+        return_convergence_delta=True,
+    )
     assert out["convergence_delta"].shape == (B, S, 3)  # sample dim right after the batch dims
     torch.testing.assert_close(out["convergence_delta"], torch.stack([p["convergence_delta"] for p in per], 1))
     # completeness per sample: sum of the IG map = f(x + noise) - f(baseline), baseline unperturbed
     for s, p in enumerate(per):
         lhs = p["attr", "x"].sum(-1)
-        torch.testing.assert_close(lhs - p["convergence_delta"], f(TensorDict({"x": td["x"] + 0.2 * eps[s]}, [B])) - net(base))
+        torch.testing.assert_close(
+            lhs - p["convergence_delta"], f(TensorDict({"x": td["x"] + 0.2 * eps[s]}, [B])) - net(base)
+        )
 
 
 def test_generator_noise_and_global_rng_agree():
@@ -197,7 +239,9 @@ def test_vmap_over_examples_with_generator_needs_randomness_flag():
     def one(x):  # a fresh generator per example: the loop reuses the same draws for every example
         td = TensorDict({"x": x[None]}, batch_size=[1])
         g = torch.Generator().manual_seed(0)
-        return tdfunc.smooth_grad(tdfunc.saliency, lambda t: net(t["x"]), td, nt_samples=3, stdevs=0.3, generator=g)["attr", "x"][0]
+        return tdfunc.smooth_grad(tdfunc.saliency, lambda t: net(t["x"]), td, nt_samples=3, stdevs=0.3, generator=g)[
+            "attr", "x"
+        ][0]
 
     with pytest.raises(RuntimeError, match="randomness error mode"):
         vmap(one)(X)
@@ -212,19 +256,28 @@ def test_compile_with_noise_drawn_outside():
 
     def fn(x, eps):
         t = TensorDict({"x": x}, batch_size=[4])
-        return tdfunc.smooth_grad(tdfunc.saliency, lambda t: net(t["x"]), t, nt_samples=2, stdevs=0.3, noise=eps)["attr", "x"]
+        return tdfunc.smooth_grad(tdfunc.saliency, lambda t: net(t["x"]), t, nt_samples=2, stdevs=0.3, noise=eps)[
+            "attr", "x"
+        ]
 
     torch._dynamo.reset()
     try:
         eps = torch.randn(2, 4, 3, generator=torch.Generator().manual_seed(3), dtype=DT)
         compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")(td["x"], eps)
         eager = tdfunc.smooth_grad(
-            tdfunc.saliency, lambda t: net(t["x"]), td, nt_samples=2, stdevs=0.3, generator=torch.Generator().manual_seed(3)
+            tdfunc.saliency,
+            lambda t: net(t["x"]),
+            td,
+            nt_samples=2,
+            stdevs=0.3,
+            generator=torch.Generator().manual_seed(3),
         )
         torch.testing.assert_close(compiled, eager["attr", "x"], rtol=1e-12, atol=1e-12)
         g = torch.Generator().manual_seed(3)  # a generator cannot be traced: draw outside, pass noise=
         with pytest.raises(torch._dynamo.exc.Unsupported):
-            torch.compile(lambda x: fn(x, torch.randn(2, 4, 3, generator=g, dtype=DT)), fullgraph=True, backend="aot_eager")(td["x"])
+            torch.compile(
+                lambda x: fn(x, torch.randn(2, 4, 3, generator=g, dtype=DT)), fullgraph=True, backend="aot_eager"
+            )(td["x"])
     finally:
         torch._dynamo.reset()
 
@@ -258,7 +311,12 @@ class FunctionalRelu(nn.Module):
 
 @pytest.mark.parametrize(
     "make,shape",
-    [(PoolCNN, (4, 2, 8, 8)), (lambda: CNN(), (4, 1, 6, 6)), (lambda: nn.Sequential(nn.Linear(5, 7), nn.ReLU(), nn.Linear(7, 7), nn.ReLU(), nn.Linear(7, 4)), (4, 5)), (FunctionalRelu, (4, 4))],
+    [
+        (PoolCNN, (4, 2, 8, 8)),
+        (lambda: CNN(), (4, 1, 6, 6)),
+        (lambda: nn.Sequential(nn.Linear(5, 7), nn.ReLU(), nn.Linear(7, 7), nn.ReLU(), nn.Linear(7, 4)), (4, 5)),
+        (FunctionalRelu, (4, 4)),
+    ],
     ids=["maxpool-cnn", "bn-inplace-reused-relu-cnn", "mlp", "functional-relu"],
 )
 def test_guided_backprop_equals_captum_every_class(make, shape):
@@ -278,7 +336,9 @@ def test_guided_backprop_equals_captum_every_class(make, shape):
     torch.testing.assert_close(one, ours[:, 1], rtol=1e-12, atol=1e-14)
 
 
-@pytest.mark.parametrize("make,shape", [(PoolCNN, (3, 2, 8, 8)), (lambda: CNN(), (3, 1, 6, 6))], ids=["maxpool", "inplace-reused"])
+@pytest.mark.parametrize(
+    "make,shape", [(PoolCNN, (3, 2, 8, 8)), (lambda: CNN(), (3, 1, 6, 6))], ids=["maxpool", "inplace-reused"]
+)
 def test_guided_one_forward_under_no_grad(make, shape):
     """Under no_grad f runs once (v recorded from the same forward, detached): the same map as two forwards."""
     net = make().to(DT).eval()
@@ -339,7 +399,9 @@ def test_smooth_grad_over_guided_under_compile_is_a_known_torch_limit():
     gb = functools.partial(tdfunc.guided_backprop, module=net)
 
     def fn(x):
-        return tdfunc.smooth_grad(gb, lambda t: net(t["x"]), TensorDict({"x": x}, [2]), nt_samples=2, noise=eps)["attr", "x"]
+        return tdfunc.smooth_grad(gb, lambda t: net(t["x"]), TensorDict({"x": x}, [2]), nt_samples=2, noise=eps)[
+            "attr", "x"
+        ]
 
     fn(x)  # eager: fine
     tdfunc.install_sites(net, "**")
@@ -363,25 +425,47 @@ def _mlp_td():
 @pytest.mark.parametrize(
     "kwargs,exc,msg",
     [
-        ({"nt_type": "smooth"}, tdfunc.AttributionError,
-         "tdfunc.smooth_grad: unknown nt_type 'smooth'; choose one of ['smoothgrad', 'smoothgrad_sq', 'vargrad']."),
+        (
+            {"nt_type": "smooth"},
+            tdfunc.AttributionError,
+            "tdfunc.smooth_grad: unknown nt_type 'smooth'; choose one of ['smoothgrad', 'smoothgrad_sq', 'vargrad'].",
+        ),
         ({"nt_samples": 0}, tdfunc.AttributionError, "tdfunc.smooth_grad: nt_samples must be an integer >= 1, got 0."),
-        ({"stdevs": -0.5}, tdfunc.AttributionError,
-         "tdfunc.smooth_grad: stdevs for 'x' must be a non-negative float (the standard deviation of the Gaussian "
-         "noise added to the input), got -0.5."),
-        ({"stdevs": {"y": 1.0}}, tdfunc.AttributionError,
-         "tdfunc.smooth_grad: stdevs names 'y', which is not an attributed input (['x']); give one entry per "
-         "attributed input, or a single float."),
-        ({"chunk_size": 0}, tdfunc.AttributionError, "tdfunc.smooth_grad: chunk_size must be None or an integer >= 1, got 0."),
-        ({"generator": 3}, TypeError,
-         "tdfunc.smooth_grad: generator must be a torch.Generator or None, got int (3); "
-         "e.g. generator=torch.Generator().manual_seed(0)."),
-        ({"noise": torch.zeros(4, 3)}, tdfunc.AttributionError,
-         "tdfunc.smooth_grad: noise for 'x' has shape (4, 3), expected (nt_samples, *input.shape) = (5, 2, 3); "
-         "draw it with torch.randn((5, 2, 3)) (standard normal: stdevs scales it)."),
-        ({"noise": torch.zeros(5, 2, 3), "generator": torch.Generator()}, tdfunc.AttributionError,
-         "tdfunc.smooth_grad: got both noise and a generator; the generator only draws noise that is not given. "
-         "Pass one of them."),
+        (
+            {"stdevs": -0.5},
+            tdfunc.AttributionError,
+            "tdfunc.smooth_grad: stdevs for 'x' must be a non-negative float (the standard deviation of the Gaussian "
+            "noise added to the input), got -0.5.",
+        ),
+        (
+            {"stdevs": {"y": 1.0}},
+            tdfunc.AttributionError,
+            "tdfunc.smooth_grad: stdevs names 'y', which is not an attributed input (['x']); give one entry per "
+            "attributed input, or a single float.",
+        ),
+        (
+            {"chunk_size": 0},
+            tdfunc.AttributionError,
+            "tdfunc.smooth_grad: chunk_size must be None or an integer >= 1, got 0.",
+        ),
+        (
+            {"generator": 3},
+            TypeError,
+            "tdfunc.smooth_grad: generator must be a torch.Generator or None, got int (3); "
+            "e.g. generator=torch.Generator().manual_seed(0).",
+        ),
+        (
+            {"noise": torch.zeros(4, 3)},
+            tdfunc.AttributionError,
+            "tdfunc.smooth_grad: noise for 'x' has shape (4, 3), expected (nt_samples, *input.shape) = (5, 2, 3); "
+            "draw it with torch.randn((5, 2, 3)) (standard normal: stdevs scales it).",
+        ),
+        (
+            {"noise": torch.zeros(5, 2, 3), "generator": torch.Generator()},
+            tdfunc.AttributionError,
+            "tdfunc.smooth_grad: got both noise and a generator; the generator only draws noise that is not given. "
+            "Pass one of them.",
+        ),
     ],
     ids=["nt_type", "nt_samples", "stdevs", "stdevs-key", "chunk_size", "generator", "noise-shape", "noise+generator"],
 )
@@ -426,13 +510,17 @@ def test_guided_backprop_errors():
 
 # --- deconvolution and guided Grad-CAM (captum's test_deconvolution.py / test_guided_grad_cam.py cases, delta 0.01) --
 
+
 def captum_models():
     return pytest.importorskip("captum.testing.helpers.basic_models")
 
 
-_DECONV_EX = torch.tensor([[2.0, 3.0, 3.0, 1.0], [3.0, 5.0, 5.0, 2.0], [3.0, 5.0, 5.0, 2.0], [1.0, 2.0, 2.0, 1.0]]).view(1, 1, 4, 4)
-_GGC_EX = torch.tensor([[0.0, 0.0, 4.0, 4.0], [0.0, 0.0, 12.0, 8.0], [28.0, 84.0, 97.5, 65.0],
-                        [28.0, 56.0, 65.0, 32.5]]).view(1, 1, 4, 4)
+_DECONV_EX = torch.tensor(
+    [[2.0, 3.0, 3.0, 1.0], [3.0, 5.0, 5.0, 2.0], [3.0, 5.0, 5.0, 2.0], [1.0, 2.0, 2.0, 1.0]]
+).view(1, 1, 4, 4)
+_GGC_EX = torch.tensor(
+    [[0.0, 0.0, 4.0, 4.0], [0.0, 0.0, 12.0, 8.0], [28.0, 84.0, 97.5, 65.0], [28.0, 56.0, 65.0, 32.5]]
+).view(1, 1, 4, 4)
 
 
 def _captum_close(ours, expected, delta=0.01):  # captum's assertTensorAlmostEqual, mode "sum"
@@ -470,12 +558,18 @@ def test_deconvolution_slow_reference_and_double_backward():
     x = torch.randn(5, 4, dtype=torch.float64)
     w2 = s["2", "weight"].clone().requires_grad_()
     st = s.update({("2", "weight"): w2}, inplace=False)
-    out = tdfunc.deconvolution(lambda t: tdfunc.functional_call(net, st, (t["x"],)), TensorDict({"x": x}, batch_size=[5]), net)
+    out = tdfunc.deconvolution(
+        lambda t: tdfunc.functional_call(net, st, (t["x"],)), TensorDict({"x": x}, batch_size=[5]), net
+    )
     slow = (w2.clamp(min=0) @ s["0", "weight"]).expand(5, 3, 4)
     torch.testing.assert_close(out["attr", "x"], slow, rtol=1e-12, atol=1e-12)
     c = torch.randn(5, 3, 4, dtype=torch.float64)
-    torch.testing.assert_close(torch.autograd.grad((out["attr", "x"] * c).sum(), w2)[0],
-                               torch.autograd.grad((slow * c).sum(), w2)[0], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(
+        torch.autograd.grad((out["attr", "x"] * c).sum(), w2)[0],
+        torch.autograd.grad((slow * c).sum(), w2)[0],
+        rtol=1e-12,
+        atol=1e-12,
+    )
 
 
 @pytest.mark.parametrize("inplace,site", [(False, "relu1"), (False, "conv1"), (True, "conv1"), (True, "relu1:input")])
@@ -489,7 +583,8 @@ def test_guided_grad_cam_equals_captum_expected(inplace, site):  # test_simple_i
     two = TensorDict({"x": inp, "x2": torch.ones(1, 1, 4, 4)}, batch_size=[1])
     out = tdfunc.guided_grad_cam(lambda t: net(t["x"], t["x2"])[:, 0], two, net, site)
     ref = captum_attr.GuidedGradCam(net, net.relu1 if site.startswith("relu1") else net.conv1).attribute(
-        (inp, torch.ones(1, 1, 4, 4)), target=0, attribute_to_layer_input=site.endswith(":input"))
+        (inp, torch.ones(1, 1, 4, 4)), target=0, attribute_to_layer_input=site.endswith(":input")
+    )
     _captum_close(out["attr", "x"], ref[0].detach())
     _captum_close(out["attr", "x2"], ref[1].detach())
 
@@ -497,11 +592,13 @@ def test_guided_grad_cam_equals_captum_expected(inplace, site):  # test_simple_i
 @pytest.mark.parametrize("mode", ["nearest", "bilinear", "bicubic", "area"])
 def test_guided_grad_cam_every_class_and_mode_equals_captum(mode):
     torch.manual_seed(7)
-    net = nn.Sequential(nn.Conv2d(2, 3, 3), nn.ReLU(), nn.Conv2d(3, 4, 2, stride=2), nn.ReLU(), nn.Flatten(),
-                        nn.Linear(36, 3)).double()
+    net = nn.Sequential(
+        nn.Conv2d(2, 3, 3), nn.ReLU(), nn.Conv2d(3, 4, 2, stride=2), nn.ReLU(), nn.Flatten(), nn.Linear(36, 3)
+    ).double()
     img = torch.randn(2, 2, 8, 8, dtype=torch.float64)
-    out = tdfunc.guided_grad_cam(lambda t: net(t["img"]), TensorDict({"img": img}, batch_size=[2]), net, "2",
-                                 interpolate_mode=mode)
+    out = tdfunc.guided_grad_cam(
+        lambda t: net(t["img"]), TensorDict({"img": img}, batch_size=[2]), net, "2", interpolate_mode=mode
+    )
     for k in range(3):
         ref = captum_attr.GuidedGradCam(net, net[2]).attribute(img, target=k, interpolate_mode=mode)
         torch.testing.assert_close(out["attr", "img"][:, k], ref, rtol=1e-10, atol=1e-10)
@@ -511,17 +608,29 @@ def test_pins_deconvolution_and_guided_grad_cam_errors():
     net = captum_models().BasicModel_ConvNet_One_Conv()
     td = TensorDict({"x": torch.randn(1, 1, 4, 4), "v": torch.ones(1, 1)}, batch_size=[1])
     f = lambda t: net(t["x"] + t["v"][..., None, None])[:, 0]
-    with pytest.raises(tdfunc.AttributionError, match=re.escape(
+    with pytest.raises(
+        tdfunc.AttributionError,
+        match=re.escape(
             "tdfunc.guided_grad_cam: input 'v' has feature shape (1,), but the Grad-CAM map at 'conv1' has spatial "
             "shape (2, 2); guided_grad_cam upsamples the map to each input's spatial dims (feature shape (C, "
             "*spatial), as many spatial dims as the map, 1 to 3). Attribute only such inputs (in_keys=[...]) or use "
-            "tdfunc.guided_backprop for the others.")):
+            "tdfunc.guided_backprop for the others."
+        ),
+    ):
         tdfunc.guided_grad_cam(f, td, net, "conv1")
-    with pytest.raises(tdfunc.AttributionError, match=re.escape(
+    with pytest.raises(
+        tdfunc.AttributionError,
+        match=re.escape(
             "tdfunc.guided_grad_cam: unknown interpolate_mode 'made_up_nonlinear'; choose one of ['nearest', 'linear', "
-            "'bilinear', 'bicubic', 'trilinear', 'area', 'nearest-exact'] (torch.nn.functional.interpolate's modes).")):
+            "'bilinear', 'bicubic', 'trilinear', 'area', 'nearest-exact'] (torch.nn.functional.interpolate's modes)."
+        ),
+    ):
         tdfunc.guided_grad_cam(f, td, net, "conv1", in_keys=["x"], interpolate_mode="made_up_nonlinear")
     lin = nn.Sequential(nn.Linear(3, 2))
-    with pytest.raises(tdfunc.AttributionError, match=re.escape(
-            "tdfunc.deconvolution: module Sequential has no nn.ReLU submodule, so there is no ReLU backward to rewrite.")):
+    with pytest.raises(
+        tdfunc.AttributionError,
+        match=re.escape(
+            "tdfunc.deconvolution: module Sequential has no nn.ReLU submodule, so there is no ReLU backward to rewrite."
+        ),
+    ):
         tdfunc.deconvolution(lambda t: lin(t["x"]), TensorDict({"x": torch.randn(2, 3)}, batch_size=[2]), lin)

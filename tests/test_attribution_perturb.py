@@ -20,10 +20,10 @@ import re
 import pytest
 import torch
 from captum.attr import FeatureAblation, Occlusion, ShapleyValues, ShapleyValueSampling
+from models import CNN, MLP
 from tensordict import TensorDict
 
 import tdfunc
-from models import CNN, MLP
 
 DT = torch.float64
 
@@ -74,8 +74,11 @@ def test_occlusion_two_inputs_equals_captum():
     a, b = torch.randn(3, 4), torch.randn(3, 2, 6)
     td = _td(a=a, b=b)
     ours = tdfunc.occlusion(
-        lambda t: m(t["a"], t["b"])[:, 1], td,
-        sliding_window_shapes={"a": (2,), "b": (1, 3)}, strides={"a": 1, "b": (1, 2)}, chunk_size=3,
+        lambda t: m(t["a"], t["b"])[:, 1],
+        td,
+        sliding_window_shapes={"a": (2,), "b": (1, 3)},
+        strides={"a": 1, "b": (1, 2)},
+        chunk_size=3,
     )
     ref = Occlusion(m).attribute((a, b), sliding_window_shapes=((2,), (1, 3)), strides=(1, (1, 2)), target=1)
     _close(ours["attr", "a"], ref[0], 1e-6)
@@ -107,8 +110,12 @@ def test_occlusion_equals_loop_reference_float64():
     x, b = torch.randn(2, 1, 7, 6, dtype=DT), torch.randn(2, 1, 7, 6, dtype=DT)
     f = lambda v: cnn(v)
     for window, strides in [((1, 3, 2), (1, 2, 2)), ((1, 2, 4), (1, 1, 3))]:
-        ours = tdfunc.occlusion(lambda t: f(t["x"]), _td(x=x, baseline=TensorDict(x=b, batch_size=[2])),
-                                sliding_window_shapes=window, strides=strides)
+        ours = tdfunc.occlusion(
+            lambda t: f(t["x"]),
+            _td(x=x, baseline=TensorDict(x=b, batch_size=[2])),
+            sliding_window_shapes=window,
+            strides=strides,
+        )
         _close(ours["attr", "x"], _occlusion_loop(f, x, b, window, strides))
 
 
@@ -119,8 +126,10 @@ def test_occlusion_linear_window_one_is_input_times_weight_and_chunks_agree():
     full = tdfunc.occlusion(lambda t: lin(t["x"]), td, sliding_window_shapes=(1,))
     _close(full["attr", "x"], td["x"][:, None] * lin.weight)
     for chunk in (1, 2, 5, 100):
-        _close(tdfunc.occlusion(lambda t: lin(t["x"]), td, sliding_window_shapes=(1,), chunk_size=chunk)["attr", "x"],
-               full["attr", "x"])
+        _close(
+            tdfunc.occlusion(lambda t: lin(t["x"]), td, sliding_window_shapes=(1,), chunk_size=chunk)["attr", "x"],
+            full["attr", "x"],
+        )
 
 
 def test_occlusion_grad_wrt_input_matches_finite_differences():
@@ -177,7 +186,9 @@ def test_feature_ablation_equals_loop_reference_float64():
         sel = fm == g
         drop = y0 - mlp(torch.where(sel, b, x))
         ref += drop[:, :, None] * sel
-    ours = tdfunc.feature_ablation(lambda t: mlp(t["x"]), _td(x=x, baseline=TensorDict(x=b, batch_size=[4])), feature_mask=fm)
+    ours = tdfunc.feature_ablation(
+        lambda t: mlp(t["x"]), _td(x=x, baseline=TensorDict(x=b, batch_size=[4])), feature_mask=fm
+    )
     _close(ours["attr", "x"], ref)
 
 
@@ -189,11 +200,18 @@ def test_shapley_sampling_equals_captum_with_the_same_permutations(mask_kind):
     torch.manual_seed(0)
     mlp = MLP()
     x, b = torch.randn(3, 6), 0.3 * torch.randn(3, 6)
-    fm = {"default": None, "groups": torch.tensor([0, 2, 1, 1, 2, 0]), "per-example": torch.randint(0, 3, (3, 6))}[mask_kind]
+    fm = {"default": None, "groups": torch.tensor([0, 2, 1, 1, 2, 0]), "per-example": torch.randint(0, 3, (3, 6))}[
+        mask_kind
+    ]
     td = _td(x=x, baseline=TensorDict(x=b, batch_size=[3]))
     for c in range(3):
         ours = tdfunc.shapley_value_sampling(
-            lambda t: mlp(t["x"]), td, feature_mask=fm, n_samples=6, generator=torch.Generator().manual_seed(10 + c), chunk_size=7
+            lambda t: mlp(t["x"]),
+            td,
+            feature_mask=fm,
+            n_samples=6,
+            generator=torch.Generator().manual_seed(10 + c),
+            chunk_size=7,
         )["attr", "x"]
         torch.manual_seed(10 + c)  # captum draws torch.randperm from the global generator
         cm = None if fm is None else (fm if fm.dim() == 2 else fm[None])
@@ -207,7 +225,9 @@ def test_shapley_generator_draws_the_explicit_permutations():
     td = _td(x=torch.randn(2, 6, dtype=DT))
     g = torch.Generator().manual_seed(3)
     perms = torch.stack([torch.randperm(6, generator=g) for _ in range(4)])
-    a = tdfunc.shapley_value_sampling(lambda t: mlp(t["x"]), td, n_samples=4, generator=torch.Generator().manual_seed(3))
+    a = tdfunc.shapley_value_sampling(
+        lambda t: mlp(t["x"]), td, n_samples=4, generator=torch.Generator().manual_seed(3)
+    )
     b = tdfunc.shapley_value_sampling(lambda t: mlp(t["x"]), td, n_samples=4, permutations=perms)
     _close(a["attr", "x"], b["attr", "x"])
 
@@ -219,7 +239,9 @@ def test_shapley_exact_with_all_permutations_efficiency_and_captum_shapley_value
     fm = torch.tensor([0, 1, 2, 2, 1, 0])  # 3 features: 6 permutations
     perms = torch.tensor(list(itertools.permutations(range(3))))
     td = _td(x=x, baseline=TensorDict(x=b, batch_size=[4]))
-    ours = tdfunc.shapley_value_sampling(lambda t: mlp(t["x"]), td, feature_mask=fm, n_samples=6, permutations=perms)["attr", "x"]
+    ours = tdfunc.shapley_value_sampling(lambda t: mlp(t["x"]), td, feature_mask=fm, n_samples=6, permutations=perms)[
+        "attr", "x"
+    ]
     # efficiency: the per-feature values (one position of each feature) sum to f(x) - f(x')
     phi = torch.stack([ours[..., (fm == g).nonzero()[0, 0]] for g in range(3)], -1)
     _close(phi.sum(-1), mlp(x) - mlp(b))
@@ -243,7 +265,9 @@ def test_shapley_sampling_efficiency_holds_for_every_sample_count():
     mlp = MLP().to(DT)
     x = torch.randn(3, 6, dtype=DT)
     for n in (1, 3):
-        out = tdfunc.shapley_value_sampling(lambda t: mlp(t["x"]), _td(x=x), n_samples=n, generator=torch.Generator().manual_seed(n))
+        out = tdfunc.shapley_value_sampling(
+            lambda t: mlp(t["x"]), _td(x=x), n_samples=n, generator=torch.Generator().manual_seed(n)
+        )
         _close(out["attr", "x"].sum(-1), mlp(x) - mlp(torch.zeros_like(x)))
 
 
@@ -271,87 +295,152 @@ def test_errors_pinned():
     _raises(
         "tdfunc.occlusion: sliding window (3, 3) for 'x' has 2 dims, but the input's feature shape (1, 8, 8) has 3; "
         "give one window size per feature dim, e.g. (1, 1, 1).",
-        occ, f, td, sliding_window_shapes=(3, 3),
+        occ,
+        f,
+        td,
+        sliding_window_shapes=(3, 3),
     )
     _raises(
         "tdfunc.occlusion: sliding window (1, 9, 3) for 'x' does not fit the feature shape (1, 8, 8); every window "
         "size must be between 1 and the feature size.",
-        occ, f, td, sliding_window_shapes=(1, 9, 3),
+        occ,
+        f,
+        td,
+        sliding_window_shapes=(1, 9, 3),
     )
     _raises(
         "tdfunc.occlusion: strides (1, 0, 2) for 'x' must be one integer >= 1 per feature dim (3 dims) or a single "
         "integer >= 1.",
-        occ, f, td, sliding_window_shapes=(1, 3, 3), strides=(1, 0, 2),
+        occ,
+        f,
+        td,
+        sliding_window_shapes=(1, 3, 3),
+        strides=(1, 0, 2),
     )
     _raises(
         "tdfunc.occlusion: strides (-1, -1, -1) for 'x' must be one integer >= 1 per feature dim (3 dims) or a "
         "single integer >= 1.",
-        occ, f, td, sliding_window_shapes=(1, 3, 3), strides=-1,
+        occ,
+        f,
+        td,
+        sliding_window_shapes=(1, 3, 3),
+        strides=-1,
     )
     _raises(
         "tdfunc.occlusion: stride 3 exceeds the window size 2 in feature dim 1 of 'x'; the windows would skip "
         "elements (captum's rule): use strides <= window sizes.",
-        occ, f, td, sliding_window_shapes=(1, 2, 2), strides=(1, 3, 1),
+        occ,
+        f,
+        td,
+        sliding_window_shapes=(1, 2, 2),
+        strides=(1, 3, 1),
     )
     _raises(
         "tdfunc.occlusion: sliding_window_shapes for 'x' must be a tuple of integers, got 3.",
-        occ, f, td, sliding_window_shapes=3,
+        occ,
+        f,
+        td,
+        sliding_window_shapes=3,
     )
     two = _td(x=torch.randn(2, 3), y=torch.randn(2, 4))
     _raises(
         "tdfunc.occlusion: sliding_window_shapes has no entry for 'y'; give one window shape per attributed input "
         "(a dict key -> window shape, or a bare window shape when there is one input).",
-        occ, lambda t: t["x"].sum(-1), two, sliding_window_shapes={"x": (1,)},
+        occ,
+        lambda t: t["x"].sum(-1),
+        two,
+        sliding_window_shapes={"x": (1,)},
     )
     _raises(
         "tdfunc.occlusion: sliding_window_shapes must be a dict key -> window shape when attributing several "
         "inputs ('x', 'y'), got tuple.",
-        occ, lambda t: t["x"].sum(-1), two, sliding_window_shapes=(1,),
+        occ,
+        lambda t: t["x"].sum(-1),
+        two,
+        sliding_window_shapes=(1,),
     )
-    _raises("tdfunc.occlusion: chunk_size must be None or an integer >= 1, got 0.", occ, f, td, sliding_window_shapes=(1, 2, 2), chunk_size=0)
+    _raises(
+        "tdfunc.occlusion: chunk_size must be None or an integer >= 1, got 0.",
+        occ,
+        f,
+        td,
+        sliding_window_shapes=(1, 2, 2),
+        chunk_size=0,
+    )
     x6 = _td(x=torch.randn(4, 6))
     g = lambda t: t["x"].sum(-1)
     _raises(
         "tdfunc.feature_ablation: feature_mask for 'x' has shape (5,) but the input has shape (4, 6); give an "
         "integer mask broadcastable to the input (batch + feature shape).",
-        fa, g, x6, feature_mask=torch.arange(5),
+        fa,
+        g,
+        x6,
+        feature_mask=torch.arange(5),
     )
     _raises(
         "tdfunc.feature_ablation: feature_mask for 'x' has shape (1, 4, 6) but the input has shape (4, 6); give an "
         "integer mask broadcastable to the input (batch + feature shape).",
-        fa, g, x6, feature_mask=torch.zeros(1, 4, 6, dtype=torch.long),
+        fa,
+        g,
+        x6,
+        feature_mask=torch.zeros(1, 4, 6, dtype=torch.long),
     )
     _raises(
         "tdfunc.feature_ablation: feature_mask for 'x' must be an integer tensor of feature ids, got a torch.float32 "
         "tensor; e.g. torch.arange(n).view(shape).",
-        fa, g, x6, feature_mask=torch.zeros(6),
+        fa,
+        g,
+        x6,
+        feature_mask=torch.zeros(6),
     )
     _raises(
         "tdfunc.shapley_value_sampling: feature_mask for 'x' has shape (2, 6) but the input has shape (4, 6); give "
         "an integer mask broadcastable to the input (batch + feature shape).",
-        sv, g, x6, feature_mask=torch.zeros(2, 6, dtype=torch.long),
+        sv,
+        g,
+        x6,
+        feature_mask=torch.zeros(2, 6, dtype=torch.long),
     )
     _raises("tdfunc.shapley_value_sampling: n_samples must be an integer >= 1, got 0.", sv, g, x6, n_samples=0)
     _raises("tdfunc.shapley_value_sampling: n_samples must be an integer >= 1, got 2.5.", sv, g, x6, n_samples=2.5)
     _raises(
         "tdfunc.shapley_value_sampling: feature_mask has the negative id -1; feature ids must be 0 .. n_features - 1.",
-        sv, g, x6, feature_mask=torch.tensor([-1, 0, 0, 1, 1, 1]),
+        sv,
+        g,
+        x6,
+        feature_mask=torch.tensor([-1, 0, 0, 1, 1, 1]),
     )
     _raises(
         "tdfunc.shapley_value_sampling: permutations has shape (2, 5); expected (2, 6) (n_samples, n_features).",
-        sv, g, x6, n_samples=2, permutations=torch.zeros(2, 5, dtype=torch.long),
+        sv,
+        g,
+        x6,
+        n_samples=2,
+        permutations=torch.zeros(2, 5, dtype=torch.long),
     )
     _raises(
         "tdfunc.shapley_value_sampling: every row of permutations must hold each feature id 0 .. 5 exactly once.",
-        sv, g, x6, n_samples=1, permutations=torch.zeros(1, 6, dtype=torch.long),
+        sv,
+        g,
+        x6,
+        n_samples=1,
+        permutations=torch.zeros(1, 6, dtype=torch.long),
     )
     _raises(
         "tdfunc.shapley_value_sampling: permutations must be an integer tensor of shape (1, 6), got a torch.float32 tensor.",
-        sv, g, x6, n_samples=1, permutations=torch.zeros(1, 6),
+        sv,
+        g,
+        x6,
+        n_samples=1,
+        permutations=torch.zeros(1, 6),
     )
     _raises(
         "tdfunc.feature_ablation: f returned shape (4, 2, 3), but td has batch shape (4,); f must return one value "
         "per example (4,) or K per example (4, K). Select the target inside f, e.g. lambda t: "
-        "model(t['x']).gather(-1, labels[:, None])[:, 0].".replace("lambda t: model(t['x'])", "lambda td: model(td['x'])"),
-        fa, lambda t: torch.zeros(4, 2, 3), x6,
+        "model(t['x']).gather(-1, labels[:, None])[:, 0].".replace(
+            "lambda t: model(t['x'])", "lambda td: model(td['x'])"
+        ),
+        fa,
+        lambda t: torch.zeros(4, 2, 3),
+        x6,
     )

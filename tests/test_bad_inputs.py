@@ -32,7 +32,10 @@ W = tdfunc.weights
 # name -> list of malformed calls
 TABLE: dict[str, list] = {
     # core
-    "functional_call": [lambda: tdfunc.functional_call(None, S, (X,)), lambda: tdfunc.functional_call(NET, S, (X,), capture=3)],
+    "functional_call": [
+        lambda: tdfunc.functional_call(None, S, (X,)),
+        lambda: tdfunc.functional_call(NET, S, (X,), capture=3),
+    ],
     "intervene": [lambda: tdfunc.intervene(None, NET)(X), lambda: tdfunc.intervene(NET, None)(X)],
     "state": [lambda: tdfunc.state(None), lambda: tdfunc.state([1, 2])],
     "delta": [lambda: tdfunc.delta(None), lambda: tdfunc.delta("x")],
@@ -42,135 +45,268 @@ TABLE: dict[str, list] = {
     "remove_sites": [lambda: tdfunc.remove_sites(None), lambda: tdfunc.remove_sites("net")],
     "list_sites": [lambda: tdfunc.list_sites(None, X), lambda: tdfunc.list_sites(NET, [X])],
     # attribution
-    "saliency": [lambda: tdfunc.saliency(None, TD), lambda: tdfunc.saliency(F, None), lambda: tdfunc.saliency(F, NAN_TD)],
+    "saliency": [
+        lambda: tdfunc.saliency(None, TD),
+        lambda: tdfunc.saliency(F, None),
+        lambda: tdfunc.saliency(F, NAN_TD),
+    ],
     "input_x_gradient": [lambda: tdfunc.input_x_gradient(None, TD), lambda: tdfunc.input_x_gradient(F, NAN_TD)],
-    "integrated_gradients": [lambda: tdfunc.integrated_gradients(None, TD), lambda: tdfunc.integrated_gradients(F, None),
-                             lambda: tdfunc.integrated_gradients(F, NAN_TD)],
-    "grad_cam": [lambda: tdfunc.grad_cam(None, TD, NET, "0"), lambda: tdfunc.grad_cam(F, TD, None, "0"),
-                 lambda: tdfunc.grad_cam(F, NAN_TD, NET, "0")],
-    "layer_gradient_x_activation": [lambda: tdfunc.layer_gradient_x_activation(None, TD, NET, "0"),
-                                    lambda: tdfunc.layer_gradient_x_activation(F, None, NET, "0")],
-    "layer_integrated_gradients": [lambda: tdfunc.layer_integrated_gradients(None, TD, NET, "0"),
-                                   lambda: tdfunc.layer_integrated_gradients(F, NAN_TD, NET, "0")],
-    "smooth_grad": [lambda: tdfunc.smooth_grad(None, F, TD), lambda: tdfunc.smooth_grad(tdfunc.saliency, None, TD),
-                    lambda: tdfunc.smooth_grad(tdfunc.saliency, F, NAN_TD)],
+    "integrated_gradients": [
+        lambda: tdfunc.integrated_gradients(None, TD),
+        lambda: tdfunc.integrated_gradients(F, None),
+        lambda: tdfunc.integrated_gradients(F, NAN_TD),
+    ],
+    "grad_cam": [
+        lambda: tdfunc.grad_cam(None, TD, NET, "0"),
+        lambda: tdfunc.grad_cam(F, TD, None, "0"),
+        lambda: tdfunc.grad_cam(F, NAN_TD, NET, "0"),
+    ],
+    "layer_gradient_x_activation": [
+        lambda: tdfunc.layer_gradient_x_activation(None, TD, NET, "0"),
+        lambda: tdfunc.layer_gradient_x_activation(F, None, NET, "0"),
+    ],
+    "layer_integrated_gradients": [
+        lambda: tdfunc.layer_integrated_gradients(None, TD, NET, "0"),
+        lambda: tdfunc.layer_integrated_gradients(F, NAN_TD, NET, "0"),
+    ],
+    "smooth_grad": [
+        lambda: tdfunc.smooth_grad(None, F, TD),
+        lambda: tdfunc.smooth_grad(tdfunc.saliency, None, TD),
+        lambda: tdfunc.smooth_grad(tdfunc.saliency, F, NAN_TD),
+    ],
     "guided_backprop": [lambda: tdfunc.guided_backprop(None, TD, NET), lambda: tdfunc.guided_backprop(F, TD, None)],
     "deep_lift": [lambda: tdfunc.deep_lift(None, TD, NET), lambda: tdfunc.deep_lift(F, TD, None)],
     "deep_lift_shap": [lambda: tdfunc.deep_lift_shap(F, TD, NET, None), lambda: tdfunc.deep_lift_shap(F, TD, None, TD)],
-    "layer_deep_lift": [lambda: tdfunc.layer_deep_lift(F, TD, None, "1"), lambda: tdfunc.layer_deep_lift(F, TD, NET, "nope")],
+    "layer_deep_lift": [
+        lambda: tdfunc.layer_deep_lift(F, TD, None, "1"),
+        lambda: tdfunc.layer_deep_lift(F, TD, NET, "nope"),
+    ],
     "gradient_shap": [lambda: tdfunc.gradient_shap(F, TD, None), lambda: tdfunc.gradient_shap(F, TD, TD, n_samples=0)],
-    "layer_gradient_shap": [lambda: tdfunc.layer_gradient_shap(F, TD, None, "1", TD), lambda: tdfunc.layer_gradient_shap(F, TD, NET, "1", None)],
+    "layer_gradient_shap": [
+        lambda: tdfunc.layer_gradient_shap(F, TD, None, "1", TD),
+        lambda: tdfunc.layer_gradient_shap(F, TD, NET, "1", None),
+    ],
     "deconvolution": [lambda: tdfunc.deconvolution(None, TD, NET), lambda: tdfunc.deconvolution(F, TD, None)],
-    "guided_grad_cam": [lambda: tdfunc.guided_grad_cam(F, TD, None, "1"),
-                        lambda: tdfunc.guided_grad_cam(F, TD, NET, "1", interpolate_mode="x")],
-    "layer_conductance": [lambda: tdfunc.layer_conductance(F, TD, None, "1"), lambda: tdfunc.layer_conductance(F, TD, NET, "1", n_steps=0)],
-    "internal_influence": [lambda: tdfunc.internal_influence(F, TD, None, "1"), lambda: tdfunc.internal_influence(F, TD, NET, "nope")],
+    "guided_grad_cam": [
+        lambda: tdfunc.guided_grad_cam(F, TD, None, "1"),
+        lambda: tdfunc.guided_grad_cam(F, TD, NET, "1", interpolate_mode="x"),
+    ],
+    "layer_conductance": [
+        lambda: tdfunc.layer_conductance(F, TD, None, "1"),
+        lambda: tdfunc.layer_conductance(F, TD, NET, "1", n_steps=0),
+    ],
+    "internal_influence": [
+        lambda: tdfunc.internal_influence(F, TD, None, "1"),
+        lambda: tdfunc.internal_influence(F, TD, NET, "nope"),
+    ],
     "lrp": [lambda: tdfunc.lrp(None, TD, NET), lambda: tdfunc.lrp(F, TD, None), lambda: tdfunc.lrp(F, NAN_TD, NET)],
-    "occlusion": [lambda: tdfunc.occlusion(None, TD, sliding_window_shapes=(1,)),
-                  lambda: tdfunc.occlusion(F, NAN_TD, sliding_window_shapes=(1,))],
+    "occlusion": [
+        lambda: tdfunc.occlusion(None, TD, sliding_window_shapes=(1,)),
+        lambda: tdfunc.occlusion(F, NAN_TD, sliding_window_shapes=(1,)),
+    ],
     "feature_ablation": [lambda: tdfunc.feature_ablation(None, TD), lambda: tdfunc.feature_ablation(F, NAN_TD)],
-    "shapley_value_sampling": [lambda: tdfunc.shapley_value_sampling(None, TD),
-                               lambda: tdfunc.shapley_value_sampling(F, NAN_TD)],
+    "shapley_value_sampling": [
+        lambda: tdfunc.shapley_value_sampling(None, TD),
+        lambda: tdfunc.shapley_value_sampling(F, NAN_TD),
+    ],
     "kernel_shap": [lambda: tdfunc.kernel_shap(None, TD), lambda: tdfunc.kernel_shap(F, NAN_TD)],
     "lime": [lambda: tdfunc.lime(None, TD), lambda: tdfunc.lime(F, NAN_TD), lambda: tdfunc.lime(F, TD, alpha=NAN)],
-    "feature_permutation": [lambda: tdfunc.feature_permutation(None, TD), lambda: tdfunc.feature_permutation(F, NAN_TD),
-                            lambda: tdfunc.feature_permutation(F, TD[:1])],
-    "layer_feature_ablation": [lambda: tdfunc.layer_feature_ablation(None, TD, NET, "0"),
-                               lambda: tdfunc.layer_feature_ablation(F, TD, None, "0"),
-                               lambda: tdfunc.layer_feature_ablation(F, NAN_TD, NET, "0")],
-    "activation_maximisation": [lambda: tdfunc.activation_maximisation(None, TD),
-                                lambda: tdfunc.activation_maximisation(F, NAN_TD)],
+    "feature_permutation": [
+        lambda: tdfunc.feature_permutation(None, TD),
+        lambda: tdfunc.feature_permutation(F, NAN_TD),
+        lambda: tdfunc.feature_permutation(F, TD[:1]),
+    ],
+    "layer_feature_ablation": [
+        lambda: tdfunc.layer_feature_ablation(None, TD, NET, "0"),
+        lambda: tdfunc.layer_feature_ablation(F, TD, None, "0"),
+        lambda: tdfunc.layer_feature_ablation(F, NAN_TD, NET, "0"),
+    ],
+    "activation_maximisation": [
+        lambda: tdfunc.activation_maximisation(None, TD),
+        lambda: tdfunc.activation_maximisation(F, NAN_TD),
+    ],
     "infidelity": [lambda: tdfunc.infidelity(None, TD, TD), lambda: tdfunc.infidelity(F, TD, None)],
-    "sensitivity_max": [lambda: tdfunc.sensitivity_max(None, F, TD), lambda: tdfunc.sensitivity_max(tdfunc.saliency, F, None)],
+    "sensitivity_max": [
+        lambda: tdfunc.sensitivity_max(None, F, TD),
+        lambda: tdfunc.sensitivity_max(tdfunc.saliency, F, None),
+    ],
     # latent
-    "cache_attributions": [lambda: tdfunc.latent.cache_attributions(None, F, [TD]),
-                           lambda: tdfunc.latent.cache_attributions(tdfunc.saliency, F, [X])],
-    "cache_activations": [lambda: tdfunc.latent.cache_activations(None, None, [X], ["0"]),
-                          lambda: tdfunc.latent.cache_activations(NET, None, [X], 3)],
-    "patch": [lambda: tdfunc.latent.patch(None, None, (X,), {}, "0"), lambda: tdfunc.latent.patch(NET, None, (X,), None, "0")],
-    "patching_sweep": [lambda: tdfunc.latent.patching_sweep(None, None, (X,), (X,), "0", F),
-                       lambda: tdfunc.latent.patching_sweep(NET, None, (X,), (X,), "0", None),
-                       lambda: tdfunc.latent.patching_sweep(NET, None, (X,), (X * NAN,), "0", F)],
-    "path_patch": [lambda: tdfunc.latent.path_patch(None, None, (X,), (X,), "0", "2"),
-                   lambda: tdfunc.latent.path_patch(NET, None, (X,), (X,), None, "2")],
-    "attribution_patching": [lambda: tdfunc.latent.attribution_patching(None, None, (X,), (X,), "0", F),
-                             lambda: tdfunc.latent.attribution_patching(NET, None, (X,), (X,), "0", None),
-                             lambda: tdfunc.latent.attribution_patching(NET, None, (X,), (X * NAN,), "0", F)],
+    "cache_attributions": [
+        lambda: tdfunc.latent.cache_attributions(None, F, [TD]),
+        lambda: tdfunc.latent.cache_attributions(tdfunc.saliency, F, [X]),
+    ],
+    "cache_activations": [
+        lambda: tdfunc.latent.cache_activations(None, None, [X], ["0"]),
+        lambda: tdfunc.latent.cache_activations(NET, None, [X], 3),
+    ],
+    "patch": [
+        lambda: tdfunc.latent.patch(None, None, (X,), {}, "0"),
+        lambda: tdfunc.latent.patch(NET, None, (X,), None, "0"),
+    ],
+    "patching_sweep": [
+        lambda: tdfunc.latent.patching_sweep(None, None, (X,), (X,), "0", F),
+        lambda: tdfunc.latent.patching_sweep(NET, None, (X,), (X,), "0", None),
+        lambda: tdfunc.latent.patching_sweep(NET, None, (X,), (X * NAN,), "0", F),
+    ],
+    "path_patch": [
+        lambda: tdfunc.latent.path_patch(None, None, (X,), (X,), "0", "2"),
+        lambda: tdfunc.latent.path_patch(NET, None, (X,), (X,), None, "2"),
+    ],
+    "attribution_patching": [
+        lambda: tdfunc.latent.attribution_patching(None, None, (X,), (X,), "0", F),
+        lambda: tdfunc.latent.attribution_patching(NET, None, (X,), (X,), "0", None),
+        lambda: tdfunc.latent.attribution_patching(NET, None, (X,), (X * NAN,), "0", F),
+    ],
     "units": [lambda: tdfunc.latent.units(None), lambda: tdfunc.latent.units("a (h d) -> a h d", h=None)],
-    "unit_view": [lambda: tdfunc.latent.unit_view(X, None), lambda: tdfunc.latent.unit_view(None, tdfunc.latent.units("a (h d) -> a h d", h=2))],
-    "unit_edit": [lambda: tdfunc.latent.unit_edit(None, X), lambda: tdfunc.latent.unit_edit(tdfunc.latent.units("a (h d) -> a h d", h=2), None)],
-    "steering_vector": [lambda: tdfunc.latent.steering_vector(None, X), lambda: tdfunc.latent.steering_vector(X[:0], X[:0]),
-                        lambda: tdfunc.latent.steering_vector(X * NAN, X)],
+    "unit_view": [
+        lambda: tdfunc.latent.unit_view(X, None),
+        lambda: tdfunc.latent.unit_view(None, tdfunc.latent.units("a (h d) -> a h d", h=2)),
+    ],
+    "unit_edit": [
+        lambda: tdfunc.latent.unit_edit(None, X),
+        lambda: tdfunc.latent.unit_edit(tdfunc.latent.units("a (h d) -> a h d", h=2), None),
+    ],
+    "steering_vector": [
+        lambda: tdfunc.latent.steering_vector(None, X),
+        lambda: tdfunc.latent.steering_vector(X[:0], X[:0]),
+        lambda: tdfunc.latent.steering_vector(X * NAN, X),
+    ],
     "steer": [lambda: tdfunc.latent.steer(None), lambda: tdfunc.latent.steer(X)],
-    "generate_greedy": [lambda: tdfunc.latent.generate_greedy(None, None, torch.tensor([[1]]), 1),
-                        lambda: tdfunc.latent.generate_greedy(NET, None, None, 1)],
+    "generate_greedy": [
+        lambda: tdfunc.latent.generate_greedy(None, None, torch.tensor([[1]]), 1),
+        lambda: tdfunc.latent.generate_greedy(NET, None, None, 1),
+    ],
     "probe_init": [lambda: tdfunc.latent.probe_init(None, 3, 2), lambda: tdfunc.latent.probe_init("linear", None, 2)],
-    "probe_fit": [lambda: tdfunc.latent.probe_fit("linear", None, Y), lambda: tdfunc.latent.probe_fit("linear", PTS[:10], None),
-                  lambda: tdfunc.latent.probe_fit("linear", PTS[:10] * NAN, Y), lambda: tdfunc.latent.probe_fit("linear", PTS[:10], Y, steps=0)],
+    "probe_fit": [
+        lambda: tdfunc.latent.probe_fit("linear", None, Y),
+        lambda: tdfunc.latent.probe_fit("linear", PTS[:10], None),
+        lambda: tdfunc.latent.probe_fit("linear", PTS[:10] * NAN, Y),
+        lambda: tdfunc.latent.probe_fit("linear", PTS[:10], Y, steps=0),
+    ],
     "probe_apply": [lambda: tdfunc.latent.probe_apply(None, X), lambda: tdfunc.latent.probe_apply(PROBE, None)],
-    "probe_evaluate": [lambda: tdfunc.latent.probe_evaluate(None, X, Y[:5]), lambda: tdfunc.latent.probe_evaluate(PROBE, X, None)],
-    "fit_probes": [lambda: tdfunc.latent.fit_probes(None, Y), lambda: tdfunc.latent.fit_probes(SITES, None),
-                   lambda: tdfunc.latent.fit_probes(TensorDict({"a": torch.full((10, 3), NAN)}, []), Y)],
-    "fit_sklearn_probes": [lambda: tdfunc.latent.fit_sklearn_probes(None, Y), lambda: tdfunc.latent.fit_sklearn_probes(SITES, None)],
-    "probe_stream_init": [lambda: tdfunc.latent.probe_stream_init("linear", None, 2),
-                          lambda: tdfunc.latent.probe_stream_init(None, SITES, 2)],
-    "probe_stream_update": [lambda: tdfunc.latent.probe_stream_update(None, SITES, Y),
-                            lambda: tdfunc.latent.probe_stream_update(tdfunc.latent.probe_stream_init("linear", SITES, 2), SITES, None)],
+    "probe_evaluate": [
+        lambda: tdfunc.latent.probe_evaluate(None, X, Y[:5]),
+        lambda: tdfunc.latent.probe_evaluate(PROBE, X, None),
+    ],
+    "fit_probes": [
+        lambda: tdfunc.latent.fit_probes(None, Y),
+        lambda: tdfunc.latent.fit_probes(SITES, None),
+        lambda: tdfunc.latent.fit_probes(TensorDict({"a": torch.full((10, 3), NAN)}, []), Y),
+    ],
+    "fit_sklearn_probes": [
+        lambda: tdfunc.latent.fit_sklearn_probes(None, Y),
+        lambda: tdfunc.latent.fit_sklearn_probes(SITES, None),
+    ],
+    "probe_stream_init": [
+        lambda: tdfunc.latent.probe_stream_init("linear", None, 2),
+        lambda: tdfunc.latent.probe_stream_init(None, SITES, 2),
+    ],
+    "probe_stream_update": [
+        lambda: tdfunc.latent.probe_stream_update(None, SITES, Y),
+        lambda: tdfunc.latent.probe_stream_update(tdfunc.latent.probe_stream_init("linear", SITES, 2), SITES, None),
+    ],
     "probe_stream_params": [lambda: tdfunc.latent.probe_stream_params(None)],
-    "stream_probes": [lambda: tdfunc.latent.stream_probes(None, S, [], ["0"], n_classes=2),
-                      lambda: tdfunc.latent.stream_probes(NET, S, [TD], ["0"], n_classes=2)],
-    "twonn_dimension": [lambda: tdfunc.latent.twonn_dimension(None), lambda: tdfunc.latent.twonn_dimension(PTS * NAN),
-                        lambda: tdfunc.latent.twonn_dimension(torch.zeros(10, 3))],
+    "stream_probes": [
+        lambda: tdfunc.latent.stream_probes(None, S, [], ["0"], n_classes=2),
+        lambda: tdfunc.latent.stream_probes(NET, S, [TD], ["0"], n_classes=2),
+    ],
+    "twonn_dimension": [
+        lambda: tdfunc.latent.twonn_dimension(None),
+        lambda: tdfunc.latent.twonn_dimension(PTS * NAN),
+        lambda: tdfunc.latent.twonn_dimension(torch.zeros(10, 3)),
+    ],
     "mle_dimension": [lambda: tdfunc.latent.mle_dimension(None), lambda: tdfunc.latent.mle_dimension(PTS * NAN)],
-    "local_pca_dimension": [lambda: tdfunc.latent.local_pca_dimension(None), lambda: tdfunc.latent.local_pca_dimension(PTS * NAN)],
-    "ca_pca_dimension": [lambda: tdfunc.latent.ca_pca_dimension(None), lambda: tdfunc.latent.ca_pca_dimension(PTS * NAN)],
-    "local_knn_dimension": [lambda: tdfunc.latent.local_knn_dimension(None), lambda: tdfunc.latent.local_knn_dimension(PTS * NAN),
-                            lambda: tdfunc.latent.local_knn_dimension(torch.zeros(10, 3), k=2)],
+    "local_pca_dimension": [
+        lambda: tdfunc.latent.local_pca_dimension(None),
+        lambda: tdfunc.latent.local_pca_dimension(PTS * NAN),
+    ],
+    "ca_pca_dimension": [
+        lambda: tdfunc.latent.ca_pca_dimension(None),
+        lambda: tdfunc.latent.ca_pca_dimension(PTS * NAN),
+    ],
+    "local_knn_dimension": [
+        lambda: tdfunc.latent.local_knn_dimension(None),
+        lambda: tdfunc.latent.local_knn_dimension(PTS * NAN),
+        lambda: tdfunc.latent.local_knn_dimension(torch.zeros(10, 3), k=2),
+    ],
     "cka": [lambda: tdfunc.latent.cka(None, PTS), lambda: tdfunc.latent.cka(PTS, PTS * NAN)],
-    "information_imbalance": [lambda: tdfunc.latent.information_imbalance(None, PTS),
-                              lambda: tdfunc.latent.information_imbalance(PTS, PTS * NAN)],
+    "information_imbalance": [
+        lambda: tdfunc.latent.information_imbalance(None, PTS),
+        lambda: tdfunc.latent.information_imbalance(PTS, PTS * NAN),
+    ],
     # weights
     "magnitude_scores": [lambda: W.magnitude_scores(None), lambda: W.magnitude_scores(X)],
     "snip_scores": [lambda: W.snip_scores(None, S), lambda: W.snip_scores(lambda s: s["0", "weight"].sum(), None)],
-    "prune_masks": [lambda: W.prune_masks(None, S, amount=0.5), lambda: W.prune_masks(S, S, amount=None),
-                    lambda: W.prune_masks(S, S, amount=NAN)],
+    "prune_masks": [
+        lambda: W.prune_masks(None, S, amount=0.5),
+        lambda: W.prune_masks(S, S, amount=None),
+        lambda: W.prune_masks(S, S, amount=NAN),
+    ],
     "apply_masks": [lambda: W.apply_masks(None, S), lambda: W.apply_masks(S, None)],
     "task_vector": [lambda: W.task_vector(None, S), lambda: W.task_vector(S, None)],
     "apply_task_vector": [lambda: W.apply_task_vector(None, S, 1.0), lambda: W.apply_task_vector(S, S, None)],
-    "ties_merge": [lambda: W.ties_merge(None, density=0.5, lambda_=1.0), lambda: W.ties_merge([], density=0.5, lambda_=1.0)],
-    "task_vector_sweep": [lambda: W.task_vector_sweep(None, S, S, [0.0], lambda s: torch.zeros(())),
-                          lambda: W.task_vector_sweep(NET, S, S, [0.0, NAN], lambda s: torch.zeros(())),
-                          lambda: W.task_vector_sweep(NET, S, S, [], lambda s: torch.zeros(()))],
+    "ties_merge": [
+        lambda: W.ties_merge(None, density=0.5, lambda_=1.0),
+        lambda: W.ties_merge([], density=0.5, lambda_=1.0),
+    ],
+    "task_vector_sweep": [
+        lambda: W.task_vector_sweep(None, S, S, [0.0], lambda s: torch.zeros(())),
+        lambda: W.task_vector_sweep(NET, S, S, [0.0, NAN], lambda s: torch.zeros(())),
+        lambda: W.task_vector_sweep(NET, S, S, [], lambda s: torch.zeros(())),
+    ],
     "interpolate": [lambda: W.interpolate(None, S, [0.5]), lambda: W.interpolate(S, S, [NAN])],
     "sae_init": [lambda: W.sae_init(None, 4), lambda: W.sae_init(3, None)],
     "sae_encode": [lambda: W.sae_encode(None, X), lambda: W.sae_encode(W.sae_init(3, 4), None)],
     "sae_decode": [lambda: W.sae_decode(None, X), lambda: W.sae_decode(W.sae_init(3, 4), None)],
     "sae_edit": [lambda: W.sae_edit(None), lambda: W.sae_edit(3)],
     "transcoder_init": [lambda: W.transcoder_init(None, 4, 3), lambda: W.transcoder_init(3, None, 3)],
-    "transcoder_edit": [lambda: W.transcoder_edit(None, "0"), lambda: W.transcoder_edit(W.transcoder_init(3, 4, 3), None)],
-    "lora_init": [lambda: W.lora_init(None, "0.weight", 2), lambda: W.lora_init(S, "0.weight", None),
-                  lambda: W.lora_init(S, "nope", 2)],
+    "transcoder_edit": [
+        lambda: W.transcoder_edit(None, "0"),
+        lambda: W.transcoder_edit(W.transcoder_init(3, 4, 3), None),
+    ],
+    "lora_init": [
+        lambda: W.lora_init(None, "0.weight", 2),
+        lambda: W.lora_init(S, "0.weight", None),
+        lambda: W.lora_init(S, "nope", 2),
+    ],
     "apply_lora": [lambda: W.apply_lora(None, S), lambda: W.apply_lora(S, None)],
     # lrp_rules
-    **{name: [lambda name=name: getattr(tdfunc.lrp_rules, name)("x")]
-       for name in ("epsilon", "gamma", "flat", "wsquare", "zplus")},
+    **{
+        name: [lambda name=name: getattr(tdfunc.lrp_rules, name)("x")]
+        for name in ("epsilon", "gamma", "flat", "wsquare", "zplus")
+    },
     # rules without parameters: malformed where they are used (a rule for a module type it does not apply to)
-    **{name: [lambda name=name: tdfunc.lrp(F, TD, NET, rules={nn.Linear: getattr(tdfunc.lrp_rules, name)()},
-                                           composite=None)]
-       for name in ("identity", "softmax", "norm")},
+    **{
+        name: [
+            lambda name=name: tdfunc.lrp(
+                F, TD, NET, rules={nn.Linear: getattr(tdfunc.lrp_rules, name)()}, composite=None
+            )
+        ]
+        for name in ("identity", "softmax", "norm")
+    },
     "ignore": [lambda: tdfunc.lrp(F, TD, NET, rules={"nope": tdfunc.lrp_rules.ignore()}, composite=None)],
     "gradient": [lambda: tdfunc.lrp(F, TD, NET, rules={3: tdfunc.lrp_rules.gradient()}, composite=None)],
     "alpha_beta": [lambda: tdfunc.lrp_rules.alpha_beta("x", 1.0), lambda: tdfunc.lrp_rules.alpha_beta(NAN, 1.0)],
     "attention": [lambda: tdfunc.lrp_rules.attention("x"), lambda: tdfunc.lrp_rules.attention(softmax="bogus")],
     "zbox": [lambda: tdfunc.lrp_rules.zbox("x", 1.0), lambda: tdfunc.lrp_rules.zbox(0.0, NAN)],
-    "merge_batchnorm": [lambda: tdfunc.lrp_rules.merge_batchnorm(None), lambda: tdfunc.lrp_rules.merge_batchnorm(NET, 3)],
+    "merge_batchnorm": [
+        lambda: tdfunc.lrp_rules.merge_batchnorm(None),
+        lambda: tdfunc.lrp_rules.merge_batchnorm(NET, 3),
+    ],
     "with_zero_biases": [lambda: tdfunc.lrp_rules.with_zero_biases(None)],
     "passthrough": [lambda: tdfunc.lrp(F, TD, NET, rules={nn.Linear: tdfunc.lrp_rules.passthrough()}, composite=None)],
-    "epsilon_gamma_box": [lambda: tdfunc.lrp_rules.epsilon_gamma_box("x", 1.0), lambda: tdfunc.lrp_rules.epsilon_gamma_box(0.0, 1.0, gamma=NAN)],
+    "epsilon_gamma_box": [
+        lambda: tdfunc.lrp_rules.epsilon_gamma_box("x", 1.0),
+        lambda: tdfunc.lrp_rules.epsilon_gamma_box(0.0, 1.0, gamma=NAN),
+    ],
 }
 
-SPACES = {"tdfunc": tdfunc, "tdfunc.latent": tdfunc.latent, "tdfunc.weights": tdfunc.weights,
-          "tdfunc.lrp_rules": tdfunc.lrp_rules}
+SPACES = {
+    "tdfunc": tdfunc,
+    "tdfunc.latent": tdfunc.latent,
+    "tdfunc.weights": tdfunc.weights,
+    "tdfunc.lrp_rules": tdfunc.lrp_rules,
+}
 
 
 def _public_functions() -> dict[str, str]:
@@ -184,8 +320,13 @@ def _public_functions() -> dict[str, str]:
 
 
 PUBLIC = _public_functions()
-ROWS = [pytest.param(name, i, *c.values, marks=c.marks, id=f"{name}-{i}") if hasattr(c, "values")
-        else pytest.param(name, i, c, id=f"{name}-{i}") for name, calls in TABLE.items() for i, c in enumerate(calls)]
+ROWS = [
+    pytest.param(name, i, *c.values, marks=c.marks, id=f"{name}-{i}")
+    if hasattr(c, "values")
+    else pytest.param(name, i, c, id=f"{name}-{i}")
+    for name, calls in TABLE.items()
+    for i, c in enumerate(calls)
+]
 
 
 def test_every_public_function_has_an_entry():

@@ -61,8 +61,10 @@ def test_in_memory_equals_direct_captures_and_glob_expands():
     _assert_same(cache, _direct(NET, DATA, SITES))
 
 
-@pytest.mark.parametrize("reduce,fn", [("last", lambda v: v[:, -1]), ("mean", lambda v: v.mean(1)),
-                                       (lambda v: v.amax(1), lambda v: v.amax(1))])
+@pytest.mark.parametrize(
+    "reduce,fn",
+    [("last", lambda v: v[:, -1]), ("mean", lambda v: v.mean(1)), (lambda v: v.amax(1), lambda v: v.amax(1))],
+)
 def test_reduce_named_and_callable(reduce, fn):
     cache = tdfunc.latent.cache_activations(NET, None, DATA, ["0", "2"], reduce=reduce, progress=False)
     assert cache["0"].shape == (30, 8) and cache["2"].shape == (30, 3)
@@ -88,13 +90,22 @@ def test_gpt2_every_block_output():
     transformers = pytest.importorskip("transformers")
     transformers.logging.set_verbosity_error()
     torch.manual_seed(0)
-    cfg = transformers.GPT2Config(n_layer=3, n_embd=32, n_head=4, vocab_size=64, n_positions=16,
-                                  bos_token_id=0, eos_token_id=0, attn_implementation="eager")
+    cfg = transformers.GPT2Config(
+        n_layer=3,
+        n_embd=32,
+        n_head=4,
+        vocab_size=64,
+        n_positions=16,
+        bos_token_id=0,
+        eos_token_id=0,
+        attn_implementation="eager",
+    )
     gpt2 = transformers.GPT2LMHeadModel(cfg).eval()
     toks = torch.randint(0, 64, (6, 7))
-    data = [TensorDict({"input_ids": toks[i:i + 2]}, batch_size=[2]) for i in range(0, 6, 2)]
-    cache = tdfunc.latent.cache_activations(gpt2, tdfunc.state(gpt2), data, "transformer.h.*", input_key="input_ids",
-                                     reduce="last", progress=False)
+    data = [TensorDict({"input_ids": toks[i : i + 2]}, batch_size=[2]) for i in range(0, 6, 2)]
+    cache = tdfunc.latent.cache_activations(
+        gpt2, tdfunc.state(gpt2), data, "transformer.h.*", input_key="input_ids", reduce="last", progress=False
+    )
     assert sorted(cache.keys()) == ["transformer.h.0", "transformer.h.1", "transformer.h.2"]
     hidden = gpt2(toks, output_hidden_states=True).hidden_states
     for i in range(2):  # the last block's output is hidden_states[3] before ln_f
@@ -124,10 +135,21 @@ def test_disk_equals_memory_and_complete_cache_is_loaded(tmp_path, wrap):
     rec = json.load(open(os.path.join(path, "cache.json")))
     assert rec["complete"] and rec["batches_done"] == 6 and rec["rows_done"] == 30
     assert sorted(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path) if f.endswith(".memmap")) == [
-        30 * 3 * 4, 30 * 8 * 4, 30 * 8 * 4]  # no preallocated rows left past the end
+        30 * 3 * 4,
+        30 * 8 * 4,
+        30 * 8 * 4,
+    ]  # no preallocated rows left past the end
     calls = []
-    again = tdfunc.latent.cache_activations(NET, None, wrap(DATA), SITES, path=path, reduce="mean", progress=False,
-                                     inputs=lambda b: calls.append(1) or ((b["input"],), {}))
+    again = tdfunc.latent.cache_activations(
+        NET,
+        None,
+        wrap(DATA),
+        SITES,
+        path=path,
+        reduce="mean",
+        progress=False,
+        inputs=lambda b: calls.append(1) or ((b["input"],), {}),
+    )
     assert calls == [] and all(torch.equal(again[k], ref[k]) for k in ref.keys())
 
 
@@ -135,7 +157,9 @@ def test_disk_uneven_last_batch_and_total_hint(tmp_path):
     data = DATA[:3] + [DATA[3][:2]]
     ref = tdfunc.latent.cache_activations(NET, None, data, "1", progress=False)
     for name, total in (("a", None), ("b", 17), ("c", 40)):
-        cache = tdfunc.latent.cache_activations(NET, None, data, "1", path=str(tmp_path / name), total=total, progress=False)
+        cache = tdfunc.latent.cache_activations(
+            NET, None, data, "1", path=str(tmp_path / name), total=total, progress=False
+        )
         assert cache.batch_size == torch.Size([17]) and torch.equal(cache["1"], ref["1"])
 
 
@@ -251,21 +275,36 @@ def killed(tmp_path_factory):
     root = str(tmp_path_factory.mktemp("killed"))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     setup = SETUP + "def REDUCE(v):\n    return v.amax(1) * 2.5\n"
-    proc = subprocess.run([sys.executable, "-c", setup + KILLED, root], env=env, capture_output=True, text=True,
-                          timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-c", setup + KILLED, root], env=env, capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     out = dict(line.split(" ", 1) for line in proc.stdout.splitlines())
     assert out.pop("fingerprint") == tdfunc.latent._cache_id.fingerprint(_reduce)
     assert int(out.pop("random").split()[0]) >= 1, proc.stdout
-    assert out == {name: "9" for name in ("list", "NoLen", "between", "first-files", "first-record", "first-rename",
-                                          "first-renamed", "rows", "truncate", "finish")}, proc.stdout  # SIGKILL
+    assert out == {
+        name: "9"
+        for name in (
+            "list",
+            "NoLen",
+            "between",
+            "first-files",
+            "first-record",
+            "first-rename",
+            "first-renamed",
+            "rows",
+            "truncate",
+            "finish",
+        )
+    }, proc.stdout  # SIGKILL
     return root
 
 
 def _resume_and_check(path: str, already: int, wrap=list):
     calls = []
-    cache = tdfunc.latent.cache_activations(NET, None, wrap(DATA), SITES, path=path, progress=False,
-                                     inputs=lambda b: calls.append(1) or ((b["input"],), {}))
+    cache = tdfunc.latent.cache_activations(
+        NET, None, wrap(DATA), SITES, path=path, progress=False, inputs=lambda b: calls.append(1) or ((b["input"],), {})
+    )
     assert len(calls) == len(DATA) - already  # done batches are skipped, not recomputed
     ref = tdfunc.latent.cache_activations(NET, None, DATA, SITES, progress=False)
     assert cache.batch_size == ref.batch_size == torch.Size([30])  # nothing duplicated or lost
@@ -307,8 +346,10 @@ def test_kill_during_the_first_write_leaves_no_cache(killed, name):
     _resume_and_check(path, 0)  # ... is removed by the next call, which starts afresh
 
 
-@pytest.mark.parametrize("name,already,complete", [("first-renamed", 0, False), ("rows", 2, False),
-                                                   ("truncate", 6, False), ("finish", 6, False)])
+@pytest.mark.parametrize(
+    "name,already,complete",
+    [("first-renamed", 0, False), ("rows", 2, False), ("truncate", 6, False), ("finish", 6, False)],
+)
 def test_resume_after_kill_between_writes_and_truncations(killed, name, already, complete):
     path = os.path.join(killed, name)
     rec = _record(path)
@@ -337,29 +378,62 @@ def test_errors_cache_reduce_without_positions_and_bad_sites():
     fn = "tdfunc.latent.cache_activations"
     flat = [TensorDict({"input": torch.randn(3, 4)}, [3])]
     for reduce in ("last", "mean"):
-        _raises(f"{fn}: reduce={reduce!r} reduces dim 1 (positions) of a (B, T, ..., D) value, but the value at '0' "
-                "has shape (3, 8), with no position dim (it would reduce the features); use reduce=None or a "
-                "callable for this site.", NET, None, flat, "0", reduce=reduce)
+        _raises(
+            f"{fn}: reduce={reduce!r} reduces dim 1 (positions) of a (B, T, ..., D) value, but the value at '0' "
+            "has shape (3, 8), with no position dim (it would reduce the features); use reduce=None or a "
+            "callable for this site.",
+            NET,
+            None,
+            flat,
+            "0",
+            reduce=reduce,
+        )
     assert tdfunc.latent.cache_activations(NET, None, flat, "0", progress=False)["0"].shape == (3, 8)
     for sites, shown in ((3, "int (3)"), ([], "list ([])"), (["0", 2], "list (['0', 2])")):
         with pytest.raises(CacheError) as e:
             tdfunc.latent.cache_activations(NET, None, DATA, sites, progress=False)
         assert isinstance(e.value, TypeError)
-        assert str(e.value) == (f"{fn}: sites must be a site string or a non-empty list of site strings, got {shown}; "
-                                "e.g. sites='blocks.*' or sites=['blocks.0', 'blocks.1.attn'].")
+        assert str(e.value) == (
+            f"{fn}: sites must be a site string or a non-empty list of site strings, got {shown}; "
+            "e.g. sites='blocks.*' or sites=['blocks.0', 'blocks.1.attn']."
+        )
 
 
 def test_errors_cache():
     fn = "tdfunc.latent.cache_activations"
-    _raises(f"{fn}: unknown reduce 'max'; use None, 'last' (last position along dim 1), 'mean' (mean over dim 1) "
-            "or a callable value -> value.", NET, None, DATA, "1", reduce="max")
-    _raises(f"{fn}: batches yielded no batch; pass a non-empty, re-iterable iterable of TensorDict batches (a list, "
-            "or a DataLoader).", NET, None, [], "1")
-    _raises(f"{fn}: batch 0 has no key 'input' (keys: ['x', 'y']); set input_key to the key holding the model "
-            "input, or pass inputs=lambda batch: ((...,), {}).",
-            NET, None, [TensorDict({"x": torch.ones(2, 4), "y": torch.ones(2)}, [2])], "1")
-    _raises(f"{fn}: batch 0 is a Tensor, not a TensorDict; yield TensorDict batches (e.g. "
-            "TensorDict({'input': x}, batch_size=[len(x)])).", NET, None, [torch.ones(2, 4)], "1")
+    _raises(
+        f"{fn}: unknown reduce 'max'; use None, 'last' (last position along dim 1), 'mean' (mean over dim 1) "
+        "or a callable value -> value.",
+        NET,
+        None,
+        DATA,
+        "1",
+        reduce="max",
+    )
+    _raises(
+        f"{fn}: batches yielded no batch; pass a non-empty, re-iterable iterable of TensorDict batches (a list, "
+        "or a DataLoader).",
+        NET,
+        None,
+        [],
+        "1",
+    )
+    _raises(
+        f"{fn}: batch 0 has no key 'input' (keys: ['x', 'y']); set input_key to the key holding the model "
+        "input, or pass inputs=lambda batch: ((...,), {}).",
+        NET,
+        None,
+        [TensorDict({"x": torch.ones(2, 4), "y": torch.ones(2)}, [2])],
+        "1",
+    )
+    _raises(
+        f"{fn}: batch 0 is a Tensor, not a TensorDict; yield TensorDict batches (e.g. "
+        "TensorDict({'input': x}, batch_size=[len(x)])).",
+        NET,
+        None,
+        [torch.ones(2, 4)],
+        "1",
+    )
     _raises(f"{fn}: total must be None or an integer >= 1, got 0.", NET, None, DATA, "1", total=0)
 
 
@@ -367,22 +441,50 @@ def test_errors_cache_incompatible_path(tmp_path):
     fn = "tdfunc.latent.cache_activations"
     path = str(tmp_path / "c")
     tdfunc.latent.cache_activations(NET, None, DATA[:2], ["0", "2"], path=path, progress=False)
-    _raises(f"{fn}: the cache at {path!r} was written for sites ['0', '2'] with reduce=None but this call has "
-            "sites ['1'] with reduce=None; pass the same sites and reduce to resume it, or another path for a new "
-            "cache.", NET, None, DATA[:2], ["1"], path=path)
+    _raises(
+        f"{fn}: the cache at {path!r} was written for sites ['0', '2'] with reduce=None but this call has "
+        "sites ['1'] with reduce=None; pass the same sites and reduce to resume it, or another path for a new "
+        "cache.",
+        NET,
+        None,
+        DATA[:2],
+        ["1"],
+        path=path,
+    )
     os.remove(os.path.join(path, "cache.json"))
-    _raises(f"{fn}: path {path!r} exists and is not a tdfunc activation cache (no cache.json); pass a new path or "
-            "an empty directory.", NET, None, DATA[:2], ["1"], path=path)
+    _raises(
+        f"{fn}: path {path!r} exists and is not a tdfunc activation cache (no cache.json); pass a new path or "
+        "an empty directory.",
+        NET,
+        None,
+        DATA[:2],
+        ["1"],
+        path=path,
+    )
     path2 = str(tmp_path / "d")
     tdfunc.latent.cache_activations(NET, None, NoLen(DATA[:2]), ["0"], path=path2, progress=False)
     rec = json.load(open(os.path.join(path2, "cache.json")))
     json.dump({**rec, "complete": False}, open(os.path.join(path2, "cache.json"), "w"))
     longer = TensorDict({"input": torch.randn(5, 7, 4)}, batch_size=[5])  # same run, a batch of other rows
-    _raises(f"{fn}: the cache at {path2!r} holds rows {{'0': ((6, 8), 'float32')}} (shape after the batch dim, "
-            "dtype) but batch 2 gives {'0': ((7, 8), 'float32')}; pass the same model, sites and reduce to resume "
-            "it, or another path for a new cache.", NET, None, DATA[:2] + [longer], ["0"], path=path2)
-    _raises(f"{fn}: batches yielded 1 batches but the cache at {path2!r} already holds 2; batches must be the same "
-            "deterministic iterable as in the interrupted run.", NET, None, DATA[:1], ["0"], path=path2)
+    _raises(
+        f"{fn}: the cache at {path2!r} holds rows {{'0': ((6, 8), 'float32')}} (shape after the batch dim, "
+        "dtype) but batch 2 gives {'0': ((7, 8), 'float32')}; pass the same model, sites and reduce to resume "
+        "it, or another path for a new cache.",
+        NET,
+        None,
+        DATA[:2] + [longer],
+        ["0"],
+        path=path2,
+    )
+    _raises(
+        f"{fn}: batches yielded 1 batches but the cache at {path2!r} already holds 2; batches must be the same "
+        "deterministic iterable as in the interrupted run.",
+        NET,
+        None,
+        DATA[:1],
+        ["0"],
+        path=path2,
+    )
 
 
 # ------------------------------------------------------------------------------------------ reductions
@@ -397,8 +499,9 @@ def test_masked_mean_and_reduce_with_the_batch():
     ref = torch.stack([v[b, MASK[b].bool()].mean(0) if MASK[b].any() else torch.zeros(8) for b in range(4)])
     cache = tdfunc.latent.cache_activations(NET, None, PADDED, "1", reduce="masked_mean", progress=False)
     torch.testing.assert_close(cache["1"], ref)
-    assert not torch.allclose(tdfunc.latent.cache_activations(NET, None, PADDED, "1", reduce="mean",
-                                                              progress=False)["1"], ref)  # "mean" counts padding
+    assert not torch.allclose(
+        tdfunc.latent.cache_activations(NET, None, PADDED, "1", reduce="mean", progress=False)["1"], ref
+    )  # "mean" counts padding
     renamed = [TensorDict({"input": PADDED[0]["input"], "m": MASK}, batch_size=[4])]
     again = tdfunc.latent.cache_activations(NET, None, renamed, "1", reduce="masked_mean", mask_key="m", progress=False)
     assert torch.equal(again["1"], cache["1"])
@@ -417,13 +520,26 @@ def test_masked_mean_and_reduce_with_the_batch():
 
 def test_errors_masked_mean():
     fn = "tdfunc.latent.cache_activations"
-    _raises(f"{fn}: reduce='masked_mean' reads the mask 'attention_mask' of each batch but batch 0 has no such key "
-            "(keys: ['input']); set mask_key to the batch's attention mask, or use reduce='mean' (which averages over "
-            "padding too).", NET, None, DATA, "1", reduce="masked_mean")
+    _raises(
+        f"{fn}: reduce='masked_mean' reads the mask 'attention_mask' of each batch but batch 0 has no such key "
+        "(keys: ['input']); set mask_key to the batch's attention mask, or use reduce='mean' (which averages over "
+        "padding too).",
+        NET,
+        None,
+        DATA,
+        "1",
+        reduce="masked_mean",
+    )
     bad = [TensorDict({"input": DATA[0]["input"][:4], "attention_mask": MASK[:, :5]}, batch_size=[4])]
-    _raises(f"{fn}: the mask 'attention_mask' of batch 0 has shape (4, 5) but the value at '1' has shape (4, 6, 8); the "
-            "mask must be (batch, positions) = (4, 6), 1 for real tokens and 0 for padding.",
-            NET, None, bad, "1", reduce="masked_mean")
+    _raises(
+        f"{fn}: the mask 'attention_mask' of batch 0 has shape (4, 5) but the value at '1' has shape (4, 6, 8); the "
+        "mask must be (batch, positions) = (4, 6), 1 for real tokens and 0 for padding.",
+        NET,
+        None,
+        bad,
+        "1",
+        reduce="masked_mean",
+    )
     with pytest.raises(TypeError) as e:
         tdfunc.latent.cache_activations(NET, None, PADDED, "1", reduce="masked_mean", mask_key=3, progress=False)
     assert isinstance(e.value, CacheError)
@@ -436,8 +552,10 @@ FN = "tdfunc.latent.cache_activations"
 
 
 def _other_run(path, diffs):
-    return (f"{FN}: the cache at {path!r} was written by another run: {diffs}. To resume or load it pass the same "
-            "state, batches and reduce; otherwise delete the directory or pass a new path to start a new cache.")
+    return (
+        f"{FN}: the cache at {path!r} was written by another run: {diffs}. To resume or load it pass the same "
+        "state, batches and reduce; otherwise delete the directory or pass a new path to start a new cache."
+    )
 
 
 class Interrupted(NoLen):  # has a length; raises while fetching batch 3, as a kill would (3 batches recorded)
@@ -453,8 +571,9 @@ class Interrupted(NoLen):  # has a length; raises while fetching batch 3, as a k
 
 def _interrupted(path, net=NET, reduce=None, data=DATA, **kw):
     with pytest.raises(KeyboardInterrupt):
-        tdfunc.latent.cache_activations(net, None, Interrupted(data), SITES, path=path, reduce=reduce,
-                                        progress=False, **kw)
+        tdfunc.latent.cache_activations(
+            net, None, Interrupted(data), SITES, path=path, reduce=reduce, progress=False, **kw
+        )
     assert _record(path)["batches_done"] == 3
 
 
@@ -465,6 +584,7 @@ DATA2 = [TensorDict({"input": b["input"] * 2}, batch_size=[5]) for b in DATA]
 
 def test_resume_and_load_verify_state_data_length_and_reduce(tmp_path):
     from tdfunc.latent._cache_id import state_digest
+
     there, here = state_digest(NET, None)[:12], state_digest(NET2, None)[:12]
     state = f"the model state differs (digest {there} there, {here} here: other weights or buffers)"
     data = "the first batch differs (other data, or another order)"
@@ -472,15 +592,22 @@ def test_resume_and_load_verify_state_data_length_and_reduce(tmp_path):
     _interrupted(path)
     _raises(_other_run(path, state), NET2, None, DATA, SITES, path=path)
     _raises(_other_run(path, data), NET, None, DATA2, SITES, path=path)
-    _raises(_other_run(path, f"{state}; the batches number 5 here but 6 there"), NET2, None, DATA2[:5], SITES,
-            path=path)  # (the first batch is compared when the resumed run reaches it)
+    _raises(
+        _other_run(path, f"{state}; the batches number 5 here but 6 there"), NET2, None, DATA2[:5], SITES, path=path
+    )  # (the first batch is compared when the resumed run reaches it)
     cache = tdfunc.latent.cache_activations(NET, tdfunc.state(NET), DATA, SITES, path=path, progress=False)
     _assert_same(cache, _direct(NET, DATA, SITES))  # the same tensors given as a state: the same run
     _raises(_other_run(path, "the batches number 4 here but 6 there"), NET, None, DATA[:4], SITES, path=path)
     _raises(_other_run(path, state), NET2, None, DATA, SITES, path=path)  # complete caches are verified too
     _raises(_other_run(path, data), NET, None, DATA2, SITES, path=path)
-    _raises(_other_run(path, f"{state}; {data}; the batches number 5 here but 6 there"), NET2, None, DATA2[:5],
-            SITES, path=path)
+    _raises(
+        _other_run(path, f"{state}; {data}; the batches number 5 here but 6 there"),
+        NET2,
+        None,
+        DATA2[:5],
+        SITES,
+        path=path,
+    )
 
 
 def test_resume_verifies_the_reduce_callable_and_mask_key(tmp_path):
@@ -489,16 +616,36 @@ def test_resume_verifies_the_reduce_callable_and_mask_key(tmp_path):
 
     path = str(tmp_path / "a")
     _interrupted(path, reduce=lambda v: v.amax(1))
-    _raises(_other_run(path, "the reduce callable differs (another function, or its code, constants, defaults, "
-                             "closure or globals changed)"), NET, None, DATA, SITES, path=path, reduce=amin)
-    cache = tdfunc.latent.cache_activations(NET, None, DATA, SITES, path=path, reduce=lambda v: v.amax(1),
-                                            progress=False)  # the same code written again: the same run
+    _raises(
+        _other_run(
+            path,
+            "the reduce callable differs (another function, or its code, constants, defaults, "
+            "closure or globals changed)",
+        ),
+        NET,
+        None,
+        DATA,
+        SITES,
+        path=path,
+        reduce=amin,
+    )
+    cache = tdfunc.latent.cache_activations(
+        NET, None, DATA, SITES, path=path, reduce=lambda v: v.amax(1), progress=False
+    )  # the same code written again: the same run
     _assert_same(cache, _direct(NET, DATA, SITES, lambda v: v.amax(1)))
     path = str(tmp_path / "b")
     padded = [TensorDict({**b, "attention_mask": torch.ones(5, 6), "m": torch.ones(5, 6)}, [5]) for b in DATA]
     _interrupted(path, reduce="masked_mean", data=padded)
-    _raises(_other_run(path, "reduce='masked_mean' read the mask 'attention_mask' there but reads 'm' here"),
-            NET, None, padded, SITES, path=path, reduce="masked_mean", mask_key="m")
+    _raises(
+        _other_run(path, "reduce='masked_mean' read the mask 'attention_mask' there but reads 'm' here"),
+        NET,
+        None,
+        padded,
+        SITES,
+        path=path,
+        reduce="masked_mean",
+        mask_key="m",
+    )
 
 
 _SCALE = 2.0
@@ -561,36 +708,78 @@ def test_damaged_files_and_record_are_cache_errors(tmp_path):
     f1, f2, rec = (os.path.join(path, f) for f in ("1.memmap", "2.memmap", "cache.json"))
     os.truncate(f1, 100)
     fix = "delete the directory or pass a new path to start a new cache."
-    _raises(f"{FN}: the file {f1!r} of entry '1' holds 100 bytes but the record says 30 rows = 5760 bytes: it was "
-            f"truncated or replaced outside tdfunc; {fix}", NET, None, DATA, SITES, path=path)
+    _raises(
+        f"{FN}: the file {f1!r} of entry '1' holds 100 bytes but the record says 30 rows = 5760 bytes: it was "
+        f"truncated or replaced outside tdfunc; {fix}",
+        NET,
+        None,
+        DATA,
+        SITES,
+        path=path,
+    )
     assert os.path.getsize(f1) == 100  # not silently extended
     os.remove(f2)
-    _raises(f"{FN}: the file {f1!r} of entry '1' holds 100 bytes but the record says 30 rows = 5760 bytes: it was "
-            f"truncated or replaced outside tdfunc; {fix}", NET, None, DATA, SITES, path=path)
+    _raises(
+        f"{FN}: the file {f1!r} of entry '1' holds 100 bytes but the record says 30 rows = 5760 bytes: it was "
+        f"truncated or replaced outside tdfunc; {fix}",
+        NET,
+        None,
+        DATA,
+        SITES,
+        path=path,
+    )
     os.truncate(f1, 5760)
-    _raises(f"{FN}: the file {f2!r} of entry '2' is missing from the cache at {path!r} (the record says 30 rows, "
-            f"2160 bytes); {fix}", NET, None, DATA, SITES, path=path)
+    _raises(
+        f"{FN}: the file {f2!r} of entry '2' is missing from the cache at {path!r} (the record says 30 rows, "
+        f"2160 bytes); {fix}",
+        NET,
+        None,
+        DATA,
+        SITES,
+        path=path,
+    )
     with open(rec, "w") as f:
         f.write('{"version": 2, "sites": ["')
-    _raises(f"{FN}: the record {rec!r} is not valid JSON (Unterminated string starting at: line 1 column 26 (char "
-            f"25)): it was torn or edited outside tdfunc, so what the cache holds is unknown; {fix}",
-            NET, None, DATA, SITES, path=path)
+    _raises(
+        f"{FN}: the record {rec!r} is not valid JSON (Unterminated string starting at: line 1 column 26 (char "
+        f"25)): it was torn or edited outside tdfunc, so what the cache holds is unknown; {fix}",
+        NET,
+        None,
+        DATA,
+        SITES,
+        path=path,
+    )
     with open(rec, "w") as f:
         f.write('{"version": 1}')
-    _raises(f"{FN}: the record {rec!r} lacks entries of a tdfunc activation cache (needs ['version', 'sites', "
-            f"'reduce', 'spec', 'batches_done', 'rows_done', 'complete']); {fix}", NET, None, DATA, SITES, path=path)
+    _raises(
+        f"{FN}: the record {rec!r} lacks entries of a tdfunc activation cache (needs ['version', 'sites', "
+        f"'reduce', 'spec', 'batches_done', 'rows_done', 'complete']); {fix}",
+        NET,
+        None,
+        DATA,
+        SITES,
+        path=path,
+    )
     path = str(tmp_path / "d")
     _interrupted(path)
     with open(os.path.join(path, "cache.json")) as f:
         old = {**json.load(f), "version": 1}
     with open(os.path.join(path, "cache.json"), "w") as f:
         json.dump(old, f)
-    _raises(f"{FN}: the cache at {path!r} has format version 1, this tdfunc writes version 2 (which records what "
-            f"identifies the run); {fix}", NET, None, DATA, SITES, path=path)
+    _raises(
+        f"{FN}: the cache at {path!r} has format version 1, this tdfunc writes version 2 (which records what "
+        f"identifies the run); {fix}",
+        NET,
+        None,
+        DATA,
+        SITES,
+        path=path,
+    )
 
 
 def test_disk_full_and_other_os_errors_are_cache_errors(tmp_path, monkeypatch):
     import tdfunc.latent._cache_io as IO
+
     path = str(tmp_path / "c")
     write_rows, preallocate, write_json = IO.write_rows, IO.preallocate, IO.write_json
     calls = []
@@ -604,10 +793,12 @@ def test_disk_full_and_other_os_errors_are_cache_errors(tmp_path, monkeypatch):
     monkeypatch.setattr(IO, "write_rows", full)
     with pytest.raises(CacheError) as e:
         tdfunc.latent.cache_activations(NET, None, DATA, SITES, path=path, progress=False)
-    assert str(e.value) == (f"{FN}: writing rows 10.. of the cache at {path!r} failed: no space left on the device "
-                            f"holding {path!r} ([Errno 28] No space left on device: '{path}/0.memmap'); free some "
-                            "space and call again with the same arguments: the cache resumes after the last recorded "
-                            "batch.")
+    assert str(e.value) == (
+        f"{FN}: writing rows 10.. of the cache at {path!r} failed: no space left on the device "
+        f"holding {path!r} ([Errno 28] No space left on device: '{path}/0.memmap'); free some "
+        "space and call again with the same arguments: the cache resumes after the last recorded "
+        "batch."
+    )
     assert isinstance(e.value.__cause__, OSError) and e.value.__cause__.errno == errno.ENOSPC
     monkeypatch.setattr(IO, "write_rows", write_rows)
     _resume_and_check(path, 2)
@@ -616,9 +807,11 @@ def test_disk_full_and_other_os_errors_are_cache_errors(tmp_path, monkeypatch):
     monkeypatch.setattr(IO, "preallocate", lambda target, n: (_ for _ in ()).throw(OSError(errno.ENOSPC, "No space")))
     with pytest.raises(CacheError) as e:
         tdfunc.latent.cache_activations(NET, None, DATA, SITES, path=path, progress=False)
-    assert str(e.value) == (f"{FN}: creating the cache at {path!r} failed: no space left on the device holding "
-                            f"{path!r} ([Errno 28] No space); free some space and call again with the same arguments: "
-                            "the cache resumes after the last recorded batch.")
+    assert str(e.value) == (
+        f"{FN}: creating the cache at {path!r} failed: no space left on the device holding "
+        f"{path!r} ([Errno 28] No space); free some space and call again with the same arguments: "
+        "the cache resumes after the last recorded batch."
+    )
     assert not os.path.exists(path) and os.listdir(tmp_path) == ["c"]  # nothing half-built left
     monkeypatch.setattr(IO, "preallocate", preallocate)
 
@@ -633,9 +826,11 @@ def test_disk_full_and_other_os_errors_are_cache_errors(tmp_path, monkeypatch):
     monkeypatch.setattr(IO, "write_json", denied)
     with pytest.raises(CacheError) as e:
         tdfunc.latent.cache_activations(NET, None, DATA, SITES, path=path, progress=False)
-    assert str(e.value) == (f"{FN}: recording progress in {os.path.join(path, 'cache.json')!r} failed: [Errno 13] "
-                            f"Permission denied; check that {path!r} is writable (permissions, a mounted file system, "
-                            "free space) and call again with the same arguments to resume, or pass another path.")
+    assert str(e.value) == (
+        f"{FN}: recording progress in {os.path.join(path, 'cache.json')!r} failed: [Errno 13] "
+        f"Permission denied; check that {path!r} is writable (permissions, a mounted file system, "
+        "free space) and call again with the same arguments to resume, or pass another path."
+    )
     assert isinstance(e.value.__cause__, PermissionError)
     monkeypatch.setattr(IO, "write_json", write_json)
     _resume_and_check(path, 0)
@@ -665,6 +860,7 @@ def _writer(path, barrier, finished, results):  # a spawned process: one of two 
 
 def test_two_processes_one_writer(tmp_path):
     import multiprocessing
+
     ctx = multiprocessing.get_context("spawn")
     path = str(tmp_path / "c")
     barrier, finished, results = ctx.Barrier(2), ctx.Event(), ctx.Queue()
@@ -683,6 +879,8 @@ def test_two_processes_one_writer(tmp_path):
                 p.kill()
     (lost, loser, msg), (won, winner, _) = sorted([first, second])
     assert (lost, won) == ("error", "ok") and loser != winner
-    assert msg == (f"{FN}: another process is writing this cache (pid {winner}) at {path!r}; wait until it finishes "
-                   "and call again (a complete cache is then loaded), or pass another path.")
+    assert msg == (
+        f"{FN}: another process is writing this cache (pid {winner}) at {path!r}; wait until it finishes "
+        "and call again (a complete cache is then loaded), or pass another path."
+    )
     _resume_and_check(path, 6)

@@ -37,17 +37,29 @@ def _randomise_bn(m: nn.Module, seed: int) -> nn.Module:
 def cnn(eps: float = 1e-5) -> nn.Sequential:
     torch.manual_seed(0)
     m = nn.Sequential(
-        nn.Conv2d(2, 4, 3, padding=1), nn.BatchNorm2d(4, eps=eps), nn.ReLU(),
-        nn.Conv2d(4, 3, 3), nn.BatchNorm2d(3, eps=eps), nn.ReLU(),
-        nn.Flatten(), nn.Linear(3 * 4 * 4, 5),
+        nn.Conv2d(2, 4, 3, padding=1),
+        nn.BatchNorm2d(4, eps=eps),
+        nn.ReLU(),
+        nn.Conv2d(4, 3, 3),
+        nn.BatchNorm2d(3, eps=eps),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(3 * 4 * 4, 5),
     )
     return _randomise_bn(m, 1)
 
 
 def mlp() -> nn.Sequential:
     torch.manual_seed(0)
-    m = nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 7), nn.BatchNorm1d(7, affine=False),
-                      nn.ReLU(), nn.Linear(7, 3))
+    m = nn.Sequential(
+        nn.Linear(6, 8),
+        nn.BatchNorm1d(8),
+        nn.ReLU(),
+        nn.Linear(8, 7),
+        nn.BatchNorm1d(7, affine=False),
+        nn.ReLU(),
+        nn.Linear(7, 3),
+    )
     return _randomise_bn(m, 2)
 
 
@@ -123,7 +135,9 @@ def test_lrp_epsilon_plus_matches_zennit_with_canonizer(zennit, eps):
     x = torch.randn(2, 2, 6, 6, dtype=DT)
     merged = tdfunc.lrp_rules.merge_batchnorm(m)
     td = TensorDict({"x": x}, batch_size=[2])
-    got = tdfunc.lrp(lambda t: tdfunc.functional_call(m, merged, (t["x"],)), td, m, composite="epsilon_plus")["attr", "x"]
+    got = tdfunc.lrp(lambda t: tdfunc.functional_call(m, merged, (t["x"],)), td, m, composite="epsilon_plus")[
+        "attr", "x"
+    ]
     comp = zennit.composites.EpsilonPlus(canonizers=[zennit.canonizers.SequentialMergeBatchNorm()])
     want = _zennit_every_class(zennit, m, x, comp)
     # zennit leaves the BatchNorm as x / sqrt(1 + eps) (running_var = 1); ours is the exact identity
@@ -168,36 +182,50 @@ def test_differentiable_in_state():
 
 def test_error_training_mode():
     m = cnn().train()
-    with pytest.raises(AttributionError, match=re.escape(
-        "tdfunc.lrp_rules.merge_batchnorm: BatchNorm '1' is in training mode, where it normalises with batch statistics "
-        "and cannot be merged; call model.eval() first."
-    )):
+    with pytest.raises(
+        AttributionError,
+        match=re.escape(
+            "tdfunc.lrp_rules.merge_batchnorm: BatchNorm '1' is in training mode, where it normalises with batch statistics "
+            "and cannot be merged; call model.eval() first."
+        ),
+    ):
         tdfunc.lrp_rules.merge_batchnorm(m)
 
 
 def test_error_pair_not_batchnorm():
-    with pytest.raises(AttributionError, match=re.escape(
-        "tdfunc.lrp_rules.merge_batchnorm: pair ('0', '2'): '2' is a ReLU, not a BatchNorm; "
-        "the second name of each pair must be the BatchNorm that follows the layer."
-    )):
+    with pytest.raises(
+        AttributionError,
+        match=re.escape(
+            "tdfunc.lrp_rules.merge_batchnorm: pair ('0', '2'): '2' is a ReLU, not a BatchNorm; "
+            "the second name of each pair must be the BatchNorm that follows the layer."
+        ),
+    ):
         tdfunc.lrp_rules.merge_batchnorm(cnn(), pairs=[("0", "2")])
 
 
 def test_error_channel_mismatch():
-    with pytest.raises(AttributionError, match=re.escape(
-        "tdfunc.lrp_rules.merge_batchnorm: pair ('3', '1'): the layer has 3 output channels but the BatchNorm has 4 "
-        "features; pair each BatchNorm with the layer that feeds it."
-    )):
+    with pytest.raises(
+        AttributionError,
+        match=re.escape(
+            "tdfunc.lrp_rules.merge_batchnorm: pair ('3', '1'): the layer has 3 output channels but the BatchNorm has 4 "
+            "features; pair each BatchNorm with the layer that feeds it."
+        ),
+    ):
         tdfunc.lrp_rules.merge_batchnorm(cnn(), pairs=[("3", "1")])
 
 
 def test_error_no_bias_and_unknown_name():
     m = nn.Sequential(nn.Linear(3, 2, bias=False), nn.BatchNorm1d(2)).eval()
-    with pytest.raises(AttributionError, match=re.escape(
-        "tdfunc.lrp_rules.merge_batchnorm: layer '0' has no bias, so it cannot absorb the BatchNorm's shift (a state "
-        "cannot add a parameter); merge into tdfunc.lrp_rules.with_zero_biases(model), a copy with zero biases "
-        "(the same function), and call that copy in f."
-    )):
+    with pytest.raises(
+        AttributionError,
+        match=re.escape(
+            "tdfunc.lrp_rules.merge_batchnorm: layer '0' has no bias, so it cannot absorb the BatchNorm's shift (a state "
+            "cannot add a parameter); merge into tdfunc.lrp_rules.with_zero_biases(model), a copy with zero biases "
+            "(the same function), and call that copy in f."
+        ),
+    ):
         tdfunc.lrp_rules.merge_batchnorm(m)
-    with pytest.raises(AttributionError, match=re.escape("tdfunc.lrp_rules.merge_batchnorm: batchnorm '7' names no submodule")):
+    with pytest.raises(
+        AttributionError, match=re.escape("tdfunc.lrp_rules.merge_batchnorm: batchnorm '7' names no submodule")
+    ):
         tdfunc.lrp_rules.merge_batchnorm(m, pairs=[("0", "7")])

@@ -20,12 +20,12 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
+from compose_case import B, Case
+from models import CNN, MLP, Recurrent, TinyTransformer, assert_same_snapshot, snapshot
 from tensordict import TensorDict
 from torch.func import grad, jacrev, vjp, vmap
 
 import tdfunc
-from compose_case import B, Case
-from models import CNN, MLP, Recurrent, TinyTransformer, assert_same_snapshot, snapshot
 
 
 def _example(case: Case, i: int) -> tuple:
@@ -44,17 +44,34 @@ def _cases() -> list[Case]:
     def call_state(x, w):
         return tdfunc.functional_call(mlp, s_mlp.copy().set(("fc1", "weight"), w), (x,))
 
-    cases.append(Case("call:state", mlp, call_state, (x6, s_mlp["fc1", "weight"].clone()), (0, None), (0, 1), "fc1", probe=x6))
+    cases.append(
+        Case("call:state", mlp, call_state, (x6, s_mlp["fc1", "weight"].clone()), (0, None), (0, 1), "fc1", probe=x6)
+    )
 
     def call_substitute(x, sub):
         return tdfunc.functional_call(mlp, s_mlp, (x,), edits={"act": sub})
 
-    cases.append(Case("call:substitute", mlp, call_substitute, (x6[0], torch.randn(B, 8, dtype=dt)), (None, 0), (1,), "fc1", probe=x6))
+    cases.append(
+        Case(
+            "call:substitute",
+            mlp,
+            call_substitute,
+            (x6[0], torch.randn(B, 8, dtype=dt)),
+            (None, 0),
+            (1,),
+            "fc1",
+            probe=x6,
+        )
+    )
 
     def call_mask(x, mask):
-        return tdfunc.functional_call(mlp, s_mlp, (x,), edits={"act": lambda v: v * mask, "fc2:input": lambda v: v + 0.1})
+        return tdfunc.functional_call(
+            mlp, s_mlp, (x,), edits={"act": lambda v: v * mask, "fc2:input": lambda v: v + 0.1}
+        )
 
-    cases.append(Case("call:mask-closure", mlp, call_mask, (x6, torch.rand(B, 8, dtype=dt)), (0, 0), (0, 1), "head", probe=x6))
+    cases.append(
+        Case("call:mask-closure", mlp, call_mask, (x6, torch.rand(B, 8, dtype=dt)), (0, 0), (0, 1), "head", probe=x6)
+    )
 
     cnn = CNN().to(dt).eval()
     s_cnn = tdfunc.state(cnn)
@@ -66,7 +83,19 @@ def _cases() -> list[Case]:
         )
         return torch.cat([y.flatten(), caps["relu@0"].flatten(), caps["pool"].flatten(), caps["relu@*"].flatten()])
 
-    cases.append(Case("call:delta+capture", cnn, call_delta_capture, (img, torch.zeros(B, 1, 4, 6, 6, dtype=dt)), (0, 0), (0, 1), "conv1", "inductor", probe=img))
+    cases.append(
+        Case(
+            "call:delta+capture",
+            cnn,
+            call_delta_capture,
+            (img, torch.zeros(B, 1, 4, 6, 6, dtype=dt)),
+            (0, 0),
+            (0, 1),
+            "conv1",
+            "inductor",
+            probe=img,
+        )
+    )
 
     def call_rule(x):
         twice = tdfunc.rule(lambda m, a, k, out: F.linear(a[0], 2 * m.weight, m.bias))
@@ -77,7 +106,11 @@ def _cases() -> list[Case]:
     def call_from_site(x, w):  # a transcoder: fc2's output from act's value, weights vmapped
         return tdfunc.functional_call(mlp, s_mlp, (x,), edits={"fc2": tdfunc.from_site("act", lambda a: a @ w)})
 
-    cases.append(Case("call:from-site", mlp, call_from_site, (x6, torch.randn(B, 8, 8, dtype=dt)), (0, 0), (0, 1), "act", probe=x6))
+    cases.append(
+        Case(
+            "call:from-site", mlp, call_from_site, (x6, torch.randn(B, 8, 8, dtype=dt)), (0, 0), (0, 1), "act", probe=x6
+        )
+    )
 
     tt = TinyTransformer().to(dt)
     s_tt = tdfunc.state(tt)
@@ -89,7 +122,18 @@ def _cases() -> list[Case]:
         y, caps = g(h)
         return torch.cat([y.flatten(), caps["blocks.1.attn.scores"].nan_to_num(neginf=0.0).flatten()])
 
-    cases.append(Case("intervene:nested+tap", tt, intervene_nested, (emb, torch.zeros(B, 5, 16, dtype=dt)), (0, 0), (0, 1), "blocks.1", probe=emb))
+    cases.append(
+        Case(
+            "intervene:nested+tap",
+            tt,
+            intervene_nested,
+            (emb, torch.zeros(B, 5, 16, dtype=dt)),
+            (0, 0),
+            (0, 1),
+            "blocks.1",
+            probe=emb,
+        )
+    )
 
     stacked = torch.stack([tdfunc.state(MLP().to(dt)) for _ in range(B)])
 
@@ -101,11 +145,15 @@ def _cases() -> list[Case]:
     rec = Recurrent().to(dt)
 
     def call_index(x, d):
-        y, caps = tdfunc.functional_call(rec, None, (x,), edits={"cell@1": tdfunc.delta(d)}, capture=["act@*", "cell:input@2"])
+        y, caps = tdfunc.functional_call(
+            rec, None, (x,), edits={"cell@1": tdfunc.delta(d)}, capture=["act@*", "cell:input@2"]
+        )
         return torch.cat([y, caps["act@*"].flatten(), caps["cell:input@2"]])
 
     x5 = torch.randn(B, 5, dtype=dt)
-    cases.append(Case("call:k-th-call", rec, call_index, (x5, torch.zeros(B, 5, dtype=dt)), (0, 0), (0, 1), "cell", probe=x5))
+    cases.append(
+        Case("call:k-th-call", rec, call_index, (x5, torch.zeros(B, 5, dtype=dt)), (0, 0), (0, 1), "cell", probe=x5)
+    )
 
     def input_x_gradient(x):
         out = lambda x: tdfunc.functional_call(mlp, s_mlp, (x,), edits={"act2": lambda v: v * 0.9})[0]
@@ -118,7 +166,9 @@ def _cases() -> list[Case]:
     # Under vmap the written buffers must be batched: here the vmap is over stacked states (an ensemble).
     def bn_net(seed):
         torch.manual_seed(seed)
-        return torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.BatchNorm1d(5), torch.nn.Tanh(), torch.nn.Linear(5, 3))
+        return torch.nn.Sequential(
+            torch.nn.Linear(6, 5), torch.nn.BatchNorm1d(5), torch.nn.Tanh(), torch.nn.Linear(5, 3)
+        )
 
     bn = bn_net(0).to(dt).train()
     s_bn = torch.stack([tdfunc.state(bn_net(i).to(dt)) for i in range(B)])
@@ -169,7 +219,9 @@ def test_grad_jacrev_vjp_match_autograd(case):
         assert torch.autograd.gradgradcheck(f, (t,))  # double backward
         ref = torch.autograd.functional.jacobian(f, args[k])
         torch.testing.assert_close(jacrev(f)(args[k]), ref)
-        torch.testing.assert_close(grad(lambda t: f(t).square().sum())(args[k]), 2 * torch.einsum("o,o...->...", f(args[k]), ref))
+        torch.testing.assert_close(
+            grad(lambda t: f(t).square().sum())(args[k]), 2 * torch.einsum("o,o...->...", f(args[k]), ref)
+        )
         out, pull = vjp(f, args[k])
         cot = torch.randn_like(out)
         torch.testing.assert_close(pull(cot)[0], torch.einsum("o,o...->...", cot, ref))
@@ -312,7 +364,10 @@ def test_every_public_function_has_a_composition_row():
     from pathlib import Path
 
     here = Path(__file__).resolve().parent
-    src = "".join(p.read_text() for p in sorted(here.glob("cases_*.py"))) + Path(__file__).read_text().split("NO_ROW = {")[0]
+    src = (
+        "".join(p.read_text() for p in sorted(here.glob("cases_*.py")))
+        + Path(__file__).read_text().split("NO_ROW = {")[0]
+    )
     used = set(re.findall(r"tdfunc\.((?:latent\.|weights\.|lrp_rules\.|attribution\.)?\w+)", src))
     used |= {"attribution." + n for n in used if n in tdfunc.attribution.__all__}  # top-level re-exports
     public = [n for n in tdfunc.__all__ if inspect.isfunction(getattr(tdfunc, n))]

@@ -8,13 +8,12 @@ import threading
 
 import pytest
 import torch
+from models import CNN, MLP, Recurrent, TinyTransformer, hook_dicts
 from tensordict import TensorDict
 from torch import nn
 from torch.func import vmap
 
 import tdfunc
-from models import CNN, MLP, Recurrent, TinyTransformer, hook_dicts
-
 
 # --- state ------------------------------------------------------------------------------------------
 
@@ -102,9 +101,7 @@ def test_edit_forms_match_hand_computation():
         _mlp_by_hand(m, x, fc2_in=lambda a: 2 * a),
     )
     # several edits at one site apply in mapping order; a capture sees the value after them
-    out, caps = tdfunc.functional_call(
-        m, None, (x,), edits={"act": lambda v: v + 1, "*": lambda v: v}, capture=["act"]
-    )
+    out, caps = tdfunc.functional_call(m, None, (x,), edits={"act": lambda v: v + 1, "*": lambda v: v}, capture=["act"])
     torch.testing.assert_close(caps["act"], m.act(m.fc1(x)) + 1)
 
 
@@ -180,7 +177,9 @@ def test_tap_exposes_attention_scores():
     tt = TinyTransformer()
     toks = torch.randint(0, 17, (2, 5))
     flat = lambda v: torch.where(torch.isinf(v), v, torch.zeros_like(v))  # uniform attention where allowed
-    y, caps = tdfunc.functional_call(tt, None, (toks,), edits={"blocks.0.attn.scores": flat}, capture=["blocks.0.attn.scores"])
+    y, caps = tdfunc.functional_call(
+        tt, None, (toks,), edits={"blocks.0.attn.scores": flat}, capture=["blocks.0.attn.scores"]
+    )
     assert caps["blocks.0.attn.scores"].shape == (2, 2, 5, 5)
     assert torch.equal(caps["blocks.0.attn.scores"][..., 0, 0], torch.zeros(2, 2))
     assert not torch.equal(y, tt(toks))
@@ -358,10 +357,14 @@ def test_from_site_reads_an_earlier_site_in_the_same_call():
     torch.testing.assert_close(caps["fc2"], a @ w)
     torch.testing.assert_close(y, m.head(m.act2(a @ w)))
     # differentiable with respect to the transcoder weights, and vmappable over them
-    g = torch.func.grad(lambda w: tdfunc.functional_call(m, None, (x,), edits={"fc2": tdfunc.from_site("act", lambda a: a @ w)}).sum())(w)
+    g = torch.func.grad(
+        lambda w: tdfunc.functional_call(m, None, (x,), edits={"fc2": tdfunc.from_site("act", lambda a: a @ w)}).sum()
+    )(w)
     assert g.shape == w.shape and g.abs().sum() > 0
     ws = torch.randn(4, 8, 8)
-    out = vmap(lambda w: tdfunc.functional_call(m, None, (x,), edits={"fc2": tdfunc.from_site("act", lambda a: a @ w)}))(ws)
+    out = vmap(
+        lambda w: tdfunc.functional_call(m, None, (x,), edits={"fc2": tdfunc.from_site("act", lambda a: a @ w)})
+    )(ws)
     torch.testing.assert_close(out, torch.stack([m.head(m.act2(m.act(m.fc1(x)) @ w)) for w in ws]))
 
 
@@ -508,7 +511,9 @@ def test_two_threads_share_a_site_and_one_finishes_first():
 
     def thread_a():
         try:
-            result["a"] = tdfunc.functional_call(m, None, (x,), edits={"act": hold, "fc2": lambda v: v + 1.0}, capture="fc2")
+            result["a"] = tdfunc.functional_call(
+                m, None, (x,), edits={"act": hold, "fc2": lambda v: v + 1.0}, capture="fc2"
+            )
         except Exception as e:  # noqa: BLE001 - reported below
             errors.append(repr(e))
 
@@ -516,7 +521,9 @@ def test_two_threads_share_a_site_and_one_finishes_first():
         try:
             if not a_inside.wait(30):
                 errors.append("A never got inside")
-            result["b"] = tdfunc.functional_call(m, None, (x,), edits={"act": lambda v: 3 * v, "fc2": lambda v: v - 1.0})
+            result["b"] = tdfunc.functional_call(
+                m, None, (x,), edits={"act": lambda v: 3 * v, "fc2": lambda v: v - 1.0}
+            )
         except Exception as e:  # noqa: BLE001
             errors.append(repr(e))
         finally:

@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from models import CNN
 from tensordict import TensorDict
 from torch import nn
 
 import tdfunc
-from models import CNN
 
 captum_attr = pytest.importorskip("captum.attr")
 basic_models = pytest.importorskip("captum.testing.helpers.basic_models")
@@ -33,13 +33,21 @@ def two_inputs(model, x1, x2, b1=None, b2=None, **kw):
 
 
 def test_relu_exact_match():  # test_relu_deeplift_exact_match
-    out = two_inputs(basic_models.ReLUDeepLiftModel(), torch.tensor([1.0]), torch.tensor([2.0]),
-                     torch.zeros(1), torch.zeros(1), return_convergence_delta=True)
+    out = two_inputs(
+        basic_models.ReLUDeepLiftModel(),
+        torch.tensor([1.0]),
+        torch.tensor([2.0]),
+        torch.zeros(1),
+        torch.zeros(1),
+        return_convergence_delta=True,
+    )
     assert out["attr", "a"].item() == 2.0 and out["attr", "b"].item() == 1.0 and out["convergence_delta"].item() == 0.0
 
 
 def test_relu_exact_match_wo_multiplying_by_inputs():
-    out = two_inputs(basic_models.ReLUDeepLiftModel(), torch.tensor([1.0]), torch.tensor([2.0]), multiply_by_inputs=False)
+    out = two_inputs(
+        basic_models.ReLUDeepLiftModel(), torch.tensor([1.0]), torch.tensor([2.0]), multiply_by_inputs=False
+    )
     assert out["attr", "a"].item() == 2.0 and out["attr", "b"].item() == 0.5
 
 
@@ -58,8 +66,10 @@ def test_relu_linear_equals_captum(inplace):  # test_relu_linear_deeplift(_batch
 
 
 def test_tanh_and_batch_equal_captum():  # test_tanh_deeplift, test_relu_deeplift_batch
-    for model, x1, x2 in [(basic_models.TanhDeepLiftModel(), torch.tensor([[-1.0]]), torch.tensor([[-2.0]])),
-                          (basic_models.ReLUDeepLiftModel(), torch.ones(4, 1), 2 * torch.ones(4, 1))]:
+    for model, x1, x2 in [
+        (basic_models.TanhDeepLiftModel(), torch.tensor([[-1.0]]), torch.tensor([[-2.0]])),
+        (basic_models.ReLUDeepLiftModel(), torch.ones(4, 1), 2 * torch.ones(4, 1)),
+    ]:
         ref = captum_attr.DeepLift(model).attribute((x1, x2), (0 * x1, 0 * x2))
         out = two_inputs(model, x1[:, 0], x2[:, 0], return_convergence_delta=True)
         close(out["attr", "a"], ref[0].detach()[:, 0])
@@ -71,8 +81,9 @@ def test_sigmoid_classification_equals_captum():  # test_sigmoid_classification
     model = cls_models.SigmoidDeepLiftModel(20, 5, 1)
     x = torch.arange(0.0, 20.0).unsqueeze(0)
     ref = captum_attr.DeepLift(model).attribute(x, 0 * x, target=0)
-    out = tdfunc.deep_lift(lambda t: model(t["x"])[:, 0], TensorDict({"x": x}, batch_size=[1]), model,
-                           return_convergence_delta=True)
+    out = tdfunc.deep_lift(
+        lambda t: model(t["x"])[:, 0], TensorDict({"x": x}, batch_size=[1]), model, return_convergence_delta=True
+    )
     close(out["attr", "x"], ref.detach())
     assert out["convergence_delta"].abs().max() < 1e-5
 
@@ -95,17 +106,26 @@ def test_deep_lift_shap_equals_captum():  # test_relu_deepliftshap_multi_ref, _b
     refs = torch.tensor([[0.0, 0.0, 0.0], [1.0, 1.0, 1.0], [0.5, -2.0, 3.0]])
     for mul in (True, False):
         ref = captum_attr.DeepLiftShap(model, multiply_by_inputs=mul).attribute((x1, x2), (refs, refs), target=0)
-        out = tdfunc.deep_lift_shap(lambda t: model(t["a"], t["b"])[:, 0], TensorDict({"a": x1, "b": x2}, batch_size=[2]),
-                                    model, TensorDict({"a": refs, "b": refs}, batch_size=[3]), multiply_by_inputs=mul,
-                                    return_convergence_delta=True)
+        out = tdfunc.deep_lift_shap(
+            lambda t: model(t["a"], t["b"])[:, 0],
+            TensorDict({"a": x1, "b": x2}, batch_size=[2]),
+            model,
+            TensorDict({"a": refs, "b": refs}, batch_size=[3]),
+            multiply_by_inputs=mul,
+            return_convergence_delta=True,
+        )
         close(out["attr", "a"], ref[0].detach())
         close(out["attr", "b"], ref[1].detach())
         assert not mul or out["convergence_delta"].abs().max() < 1e-5  # completeness needs the (x - x') factor
     m4 = basic_models.ReLUDeepLiftModel()  # test_relu_deepliftshap_batch_4D_input_wo_mutliplying_by_inputs
     td = TensorDict({"a": torch.ones(4, 1, 1, 1), "b": torch.full((4, 1, 1, 1), 2.0)}, batch_size=[4])
-    out = tdfunc.deep_lift_shap(lambda t: m4(t["a"], t["b"]).flatten(1)[:, 0], td, m4,
-                                TensorDict({"a": torch.zeros(4, 1, 1, 1), "b": torch.zeros(4, 1, 1, 1)}, batch_size=[4]),
-                                multiply_by_inputs=False)
+    out = tdfunc.deep_lift_shap(
+        lambda t: m4(t["a"], t["b"]).flatten(1)[:, 0],
+        td,
+        m4,
+        TensorDict({"a": torch.zeros(4, 1, 1, 1), "b": torch.zeros(4, 1, 1, 1)}, batch_size=[4]),
+        multiply_by_inputs=False,
+    )
     close(out["attr", "a"], 2 * torch.ones(4, 1, 1, 1))
     close(out["attr", "b"], 0.5 * torch.ones(4, 1, 1, 1))
 
@@ -128,16 +148,17 @@ def test_slow_reference_completeness_and_double_backward(act):
 
     def ours(w1):
         st = s.update({("0", "weight"): w1}, inplace=False)
-        return tdfunc.deep_lift(lambda t: tdfunc.functional_call(net, st, (t["x"],)), td, net,
-                                return_convergence_delta=True)
+        return tdfunc.deep_lift(
+            lambda t: tdfunc.functional_call(net, st, (t["x"],)), td, net, return_convergence_delta=True
+        )
 
     w1 = s["0", "weight"].clone().requires_grad_()
     out = ours(w1)
     slow = slow_deep_lift(w1, s["0", "bias"], s["2", "weight"], s["2", "bias"], x, base, act())
     torch.testing.assert_close(out["attr", "x"], slow, rtol=1e-10, atol=1e-10)
     assert out["convergence_delta"].abs().max() < 1e-10  # completeness
-    gw, = torch.autograd.grad((out["attr", "x"] ** 2).sum(), w1)  # d(attribution penalty)/d(weights): exact
-    gs, = torch.autograd.grad((slow ** 2).sum(), w1)
+    (gw,) = torch.autograd.grad((out["attr", "x"] ** 2).sum(), w1)  # d(attribution penalty)/d(weights): exact
+    (gs,) = torch.autograd.grad((slow**2).sum(), w1)
     torch.testing.assert_close(gw, gs, rtol=1e-9, atol=1e-10)
 
 
@@ -165,32 +186,45 @@ def test_no_grad_equals_grad_mode():  # one forward under no_grad: same values
 def test_refuses_uncovered_modules():
     soft = cls_models.SoftmaxDeepLiftModel(4, 5, 3)
     td = TensorDict({"x": torch.randn(2, 4)}, batch_size=[2])
-    with pytest.raises(tdfunc.AttributionError, match=r"tdfunc.deep_lift: f reached the Softmax module 'softmax', "
-                       r"which DeepLift cannot handle here: the rescale rule covers elementwise activations only\. "
-                       r"Return what comes before it from f \(e.g. logits instead of softmax probabilities\)"):
+    with pytest.raises(
+        tdfunc.AttributionError,
+        match=r"tdfunc.deep_lift: f reached the Softmax module 'softmax', "
+        r"which DeepLift cannot handle here: the rescale rule covers elementwise activations only\. "
+        r"Return what comes before it from f \(e.g. logits instead of softmax probabilities\)",
+    ):
         tdfunc.deep_lift(lambda t: soft(t["x"]), td, soft)
     conv = basic_models.BasicModel_ConvNet()
     with pytest.raises(tdfunc.AttributionError, match="f reached the MaxPool2d module 'pool1'"):
         tdfunc.deep_lift(lambda t: conv(t["x"]), TensorDict({"x": torch.randn(2, 1, 10, 10)}, batch_size=[2]), conv)
     bn = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.ReLU())  # train mode
-    with pytest.raises(tdfunc.AttributionError, match=r"BatchNorm1d module '1'.*batch statistics would mix the "
-                       r"inputs with their baselines \(put it in eval\(\)\)"):
+    with pytest.raises(
+        tdfunc.AttributionError,
+        match=r"BatchNorm1d module '1'.*batch statistics would mix the "
+        r"inputs with their baselines \(put it in eval\(\)\)",
+    ):
         tdfunc.deep_lift(lambda t: bn(t["x"]), TensorDict({"x": torch.randn(2, 3)}, batch_size=[2]), bn)
     # a model holding a softmax that f does not reach is fine
     torch.testing.assert_close(
         tdfunc.deep_lift(lambda t: soft.lin1(t["x"]), td, soft)["attr", "x"].sum(-1),
-        soft.lin1(td["x"]) - soft.lin1.bias)
+        soft.lin1(td["x"]) - soft.lin1.bias,
+    )
 
 
 def test_pins_layout_and_output_errors():
     net = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 1))
     td = TensorDict({"x": torch.randn(2, 5, 3)}, batch_size=[2])
-    with pytest.raises(tdfunc.AttributionError, match=r"tdfunc.deep_lift: the ReLU module '1' got an input of shape "
-                       r"\(5, 4, 4\) \(output \(5, 4, 4\)\); DeepLift runs f once on the inputs and their baselines "
-                       r"stacked along the first batch dim \(2 rows, then 2\)"):
+    with pytest.raises(
+        tdfunc.AttributionError,
+        match=r"tdfunc.deep_lift: the ReLU module '1' got an input of shape "
+        r"\(5, 4, 4\) \(output \(5, 4, 4\)\); DeepLift runs f once on the inputs and their baselines "
+        r"stacked along the first batch dim \(2 rows, then 2\)",
+    ):
         tdfunc.deep_lift(lambda t: net(t["x"].transpose(0, 1))[..., 0].sum(0), td, net)
-    with pytest.raises(tdfunc.AttributionError, match=r"tdfunc.deep_lift: f returned shape \(\) for a td of batch shape "
-                       r"\(4,\) \(the inputs, then their baselines\)"):
+    with pytest.raises(
+        tdfunc.AttributionError,
+        match=r"tdfunc.deep_lift: f returned shape \(\) for a td of batch shape "
+        r"\(4,\) \(the inputs, then their baselines\)",
+    ):
         tdfunc.deep_lift(lambda t: net(t["x"]).sum(), TensorDict({"x": torch.randn(2, 3)}, batch_size=[2]), net)
     with pytest.raises(tdfunc.AttributionError, match=r"tdfunc.deep_lift: module is itself an ReLU"):
         tdfunc.deep_lift(lambda t: t["x"], TensorDict({"x": torch.randn(2, 3)}, batch_size=[2]), nn.ReLU())
@@ -202,21 +236,32 @@ def test_pins_deep_lift_shap_errors():
     net = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 1))
     f = lambda t: net(t["x"])[:, 0]
     td = TensorDict({"x": torch.randn(2, 3)}, batch_size=[2])
-    with pytest.raises(tdfunc.AttributionError, match=r"tdfunc.deep_lift_shap: baselines must be a TensorDict of batch "
-                       r"shape \(N,\) with N >= 1 baselines per attributed input, got Tensor"):
+    with pytest.raises(
+        tdfunc.AttributionError,
+        match=r"tdfunc.deep_lift_shap: baselines must be a TensorDict of batch "
+        r"shape \(N,\) with N >= 1 baselines per attributed input, got Tensor",
+    ):
         tdfunc.deep_lift_shap(f, td, net, torch.zeros(4, 3))
-    with pytest.raises(tdfunc.AttributionError, match=r"tdfunc.deep_lift_shap: baselines for 'x' have shape \(4, 2\), "
-                       r"expected \(N, \*feature shape\) = \(4, 3\)"):
+    with pytest.raises(
+        tdfunc.AttributionError,
+        match=r"tdfunc.deep_lift_shap: baselines for 'x' have shape \(4, 2\), "
+        r"expected \(N, \*feature shape\) = \(4, 3\)",
+    ):
         tdfunc.deep_lift_shap(f, td, net, TensorDict({"x": torch.zeros(4, 2)}, batch_size=[4]))
     with pytest.raises(tdfunc.AttributionError, match=r"tdfunc.deep_lift_shap: baselines has no entry 'x'"):
         tdfunc.deep_lift_shap(f, td, net, TensorDict({"y": torch.zeros(4, 3)}, batch_size=[4]))
-    with pytest.raises(tdfunc.AttributionError, match=r"tdfunc.deep_lift_shap: td holds the baseline entry "
-                       r"\('baseline', 'x'\), but deep_lift_shap takes its baselines from the baselines TensorDict"):
-        tdfunc.deep_lift_shap(f, td.set(("baseline", "x"), torch.zeros(2, 3)), net,
-                              TensorDict({"x": torch.zeros(4, 3)}, batch_size=[4]))
+    with pytest.raises(
+        tdfunc.AttributionError,
+        match=r"tdfunc.deep_lift_shap: td holds the baseline entry "
+        r"\('baseline', 'x'\), but deep_lift_shap takes its baselines from the baselines TensorDict",
+    ):
+        tdfunc.deep_lift_shap(
+            f, td.set(("baseline", "x"), torch.zeros(2, 3)), net, TensorDict({"x": torch.zeros(4, 3)}, batch_size=[4])
+        )
 
 
 # --- layer_deep_lift: captum's test_layer_deeplift.py cases (ReLULinearModel, delta 1e-4 sum) and LayerDeepLift ------
+
 
 def test_layer_deep_lift_captum_expected():
     model = basic_models.ReLULinearModel(inplace=True)

@@ -28,8 +28,13 @@ def _net():
 def test_equals_captum_with_the_same_draws_every_class(mask):
     net = _net()
     x = torch.randn(6, 5)
-    out = tdfunc.feature_permutation(lambda t: net(t["x"]), TensorDict({"x": x}, batch_size=[6]), feature_mask=mask,
-                                     generator=torch.Generator().manual_seed(3), chunk_size=2)["attr", "x"]
+    out = tdfunc.feature_permutation(
+        lambda t: net(t["x"]),
+        TensorDict({"x": x}, batch_size=[6]),
+        feature_mask=mask,
+        generator=torch.Generator().manual_seed(3),
+        chunk_size=2,
+    )["attr", "x"]
     for c in range(3):
         torch.manual_seed(3)
         ref = FeaturePermutation(net).attribute(x, target=c, feature_mask=None if mask is None else mask[None])
@@ -42,6 +47,7 @@ def _loss(labels):
         for xx in x:
             y = y + xx[:, :, 0] * xx[:, :, 1]
         return torch.mean((y.sum(dim=-1) - labels) ** 2)
+
     return forward_func
 
 
@@ -55,8 +61,9 @@ def test_captum_multi_input_scalar_loss_of_the_batch():
     td = TensorDict({"a": a, "b": b}, batch_size=[20])
     out = tdfunc.feature_permutation(lambda t: fwd(t["a"], t["b"]), td, generator=torch.Generator().manual_seed(1))
     torch.manual_seed(1)
-    ref = FeaturePermutation(fwd).attribute((a, b), feature_mask=(torch.arange(10).view(1, 5, 2),
-                                                                 torch.arange(10, 25).view(1, 5, 3)))
+    ref = FeaturePermutation(fwd).attribute(
+        (a, b), feature_mask=(torch.arange(10).view(1, 5, 2), torch.arange(10, 25).view(1, 5, 3))
+    )
     for key, r in zip("ab", ref):
         assert out["attr", key].shape == td[key].shape  # one map of the batch, the same for every example
         torch.testing.assert_close(out["attr", key], r.expand_as(td[key]), rtol=1e-5, atol=1e-6)
@@ -80,8 +87,14 @@ def test_captum_group_across_input_tensors():
     torch.testing.assert_close(out["attr", "a"], ref.expand(20, 5, 2), rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("mask", [torch.tensor([0]), torch.tensor([[0, 1, 2, 3]]),
-                                  torch.tensor([[[0, 1, 2, 3], [3, 3, 4, 5], [6, 6, 4, 6], [7, 8, 9, 10]]])])
+@pytest.mark.parametrize(
+    "mask",
+    [
+        torch.tensor([0]),
+        torch.tensor([[0, 1, 2, 3]]),
+        torch.tensor([[[0, 1, 2, 3], [3, 3, 4, 5], [6, 6, 4, 6], [7, 8, 9, 10]]]),
+    ],
+)
 def test_captum_broadcastable_masks(mask):
     torch.manual_seed(1234)
     x = torch.randn(2, 3, 4, 4)
@@ -94,8 +107,9 @@ def test_captum_broadcastable_masks(mask):
         torch.testing.assert_close(out[0][m], -out[1][m], rtol=0, atol=0.05)
     torch.manual_seed(5)
     ref = FeaturePermutation(lambda v: v.view(2, -1).sum(-1)).attribute(x, feature_mask=mask)
-    out = tdfunc.feature_permutation(f, TensorDict({"x": x}, batch_size=[2]), feature_mask=mask,
-                                     generator=torch.Generator().manual_seed(5))["attr", "x"]
+    out = tdfunc.feature_permutation(
+        f, TensorDict({"x": x}, batch_size=[2]), feature_mask=mask, generator=torch.Generator().manual_seed(5)
+    )["attr", "x"]
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
 
 
@@ -126,12 +140,21 @@ def _raises(msg, call):
 def test_errors_pinned():
     td = TensorDict({"x": torch.randn(3, 2)}, batch_size=[3])
     f = lambda t: t["x"].sum(-1)
-    _raises("tdfunc.feature_permutation: td has batch shape (1,); permuting a feature needs at least 2 examples along "
-            "the first batch dim. Attribute a batch (TensorDict({...}, batch_size=[n]) with n >= 2).",
-            lambda: tdfunc.feature_permutation(f, td[:1]))
-    _raises("tdfunc.feature_permutation: permutations has shape (3, 3); expected (2, 3) (n_features, batch size).",
-            lambda: tdfunc.feature_permutation(f, td, permutations=torch.zeros(3, 3, dtype=torch.long)))
-    _raises("tdfunc.feature_permutation: every row of permutations must hold each example index 0 .. 2 exactly once.",
-            lambda: tdfunc.feature_permutation(f, td, permutations=torch.tensor([[0, 1, 2], [0, 0, 2]])))
-    _raises("tdfunc.feature_permutation: permutations must be an integer tensor of shape (2, 3), got a torch.float32 "
-            "tensor.", lambda: tdfunc.feature_permutation(f, td, permutations=torch.zeros(2, 3)))
+    _raises(
+        "tdfunc.feature_permutation: td has batch shape (1,); permuting a feature needs at least 2 examples along "
+        "the first batch dim. Attribute a batch (TensorDict({...}, batch_size=[n]) with n >= 2).",
+        lambda: tdfunc.feature_permutation(f, td[:1]),
+    )
+    _raises(
+        "tdfunc.feature_permutation: permutations has shape (3, 3); expected (2, 3) (n_features, batch size).",
+        lambda: tdfunc.feature_permutation(f, td, permutations=torch.zeros(3, 3, dtype=torch.long)),
+    )
+    _raises(
+        "tdfunc.feature_permutation: every row of permutations must hold each example index 0 .. 2 exactly once.",
+        lambda: tdfunc.feature_permutation(f, td, permutations=torch.tensor([[0, 1, 2], [0, 0, 2]])),
+    )
+    _raises(
+        "tdfunc.feature_permutation: permutations must be an integer tensor of shape (2, 3), got a torch.float32 "
+        "tensor.",
+        lambda: tdfunc.feature_permutation(f, td, permutations=torch.zeros(2, 3)),
+    )

@@ -17,10 +17,16 @@ from torch.func import vmap
 
 import tdfunc
 
-BUDGET = settings(max_examples=30, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck),
-                  database=None)
-ACTS = [lambda: nn.ReLU(), lambda: nn.ReLU(inplace=True), lambda: nn.Tanh(), lambda: nn.GELU(),
-        lambda: nn.LeakyReLU(0.1, inplace=True)]
+BUDGET = settings(
+    max_examples=30, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck), database=None
+)
+ACTS = [
+    lambda: nn.ReLU(),
+    lambda: nn.ReLU(inplace=True),
+    lambda: nn.Tanh(),
+    lambda: nn.GELU(),
+    lambda: nn.LeakyReLU(0.1, inplace=True),
+]
 
 
 @st.composite
@@ -38,8 +44,14 @@ def models(draw):
         x = torch.randn(draw(st.integers(1, 3)), widths[0])
     else:
         c = draw(st.integers(1, 3))
-        layers = [nn.Conv2d(1, c, 3, padding=1), ACTS[draw(st.integers(0, len(ACTS) - 1))](),
-                  nn.Conv2d(c, 2, 3), ACTS[draw(st.integers(0, len(ACTS) - 1))](), nn.Flatten(), nn.Linear(2 * 4 * 4, 3)]
+        layers = [
+            nn.Conv2d(1, c, 3, padding=1),
+            ACTS[draw(st.integers(0, len(ACTS) - 1))](),
+            nn.Conv2d(c, 2, 3),
+            ACTS[draw(st.integers(0, len(ACTS) - 1))](),
+            nn.Flatten(),
+            nn.Linear(2 * 4 * 4, 3),
+        ]
         x = torch.randn(draw(st.integers(1, 3)), 1, 6, 6)
     return nn.Sequential(*layers).double().eval(), x.double()
 
@@ -86,6 +98,7 @@ def _reference(model, x, edits: dict, captures: list):
     """The same run with plain forward hooks (clones, so nothing the caller owns is written)."""
     caps, hs = {}, []
     for name, m in model.named_children():
+
         def hook(mod, a, out, name=name):
             if name in edits:
                 kind, t = edits[name]
@@ -93,6 +106,7 @@ def _reference(model, x, edits: dict, captures: list):
             if name in captures:
                 caps[name] = out.clone()
             return out
+
         hs.append(m.register_forward_hook(hook))
     try:
         y = model(x.clone())

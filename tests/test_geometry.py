@@ -88,7 +88,9 @@ def test_twonn_matches_slow_reference_and_closed_form():
     for f in (0.0, 0.1, 0.3):  # Facco et al.: fit -log(1 - i/N) = d log mu through the origin, top f dropped
         m = min(n - 1, int(np.floor((1 - f) * n)))
         xs, ys = np.log(mu[:m]), -np.log(1 - np.arange(1, m + 1) / n)
-        assert float(tdfunc.latent.twonn_dimension(x, discard_fraction=f)) == pytest.approx((xs @ ys) / (xs @ xs), rel=1e-10)
+        assert float(tdfunc.latent.twonn_dimension(x, discard_fraction=f)) == pytest.approx(
+            (xs @ ys) / (xs @ xs), rel=1e-10
+        )
     # closed form by hand: points 0, 1, 3 on a line have mu = 3/1, 2/1, 3/2; the fit keeps the 2 smallest
     pts = torch.tensor([[0.0], [1.0], [3.0]], dtype=DT)
     mu3 = np.array([1.5, 2.0])
@@ -182,9 +184,11 @@ def test_debiased_cka_equals_slow_reference():
 
 def test_rbf_cka_with_fixed_sigma_equals_slow_reference():
     x, y = torch.randn(20, 3, dtype=DT), torch.randn(20, 2, dtype=DT)
+
     def gram(a, s):
         d2 = ((a[:, None] - a[None]) ** 2).sum(-1)
         return np.exp(-d2 / (2 * s * s))
+
     k, l = gram(x.numpy(), 1.3), gram(y.numpy(), 1.3)
     ref = _hsic_slow(k, l) / math.sqrt(_hsic_slow(k, k) * _hsic_slow(l, l))
     assert float(tdfunc.latent.cka(x, y, kernel="rbf", sigma=1.3)) == pytest.approx(ref, rel=1e-10)
@@ -193,8 +197,18 @@ def test_rbf_cka_with_fixed_sigma_equals_slow_reference():
     s = np.sort(d)[(len(d) - 1) // 2]  # torch.median: the lower median
     k = gram(x.numpy(), s)
     assert float(tdfunc.latent.cka(x, y, kernel="rbf")) == pytest.approx(
-        _hsic_slow(k, l := gram(y.numpy(), np.sort(np.sqrt(((y.numpy()[:, None] - y.numpy()[None]) ** 2).sum(-1))[np.triu_indices(20, 1)])[(len(d) - 1) // 2]))
-        / math.sqrt(_hsic_slow(k, k) * _hsic_slow(l, l)), rel=1e-10)
+        _hsic_slow(
+            k,
+            l := gram(
+                y.numpy(),
+                np.sort(np.sqrt(((y.numpy()[:, None] - y.numpy()[None]) ** 2).sum(-1))[np.triu_indices(20, 1)])[
+                    (len(d) - 1) // 2
+                ],
+            ),
+        )
+        / math.sqrt(_hsic_slow(k, k) * _hsic_slow(l, l)),
+        rel=1e-10,
+    )
 
 
 @pytest.mark.parametrize("kernel", ["linear", "rbf"])
@@ -203,8 +217,19 @@ def test_cka_pairwise_batch_equals_loop(kernel, debiased):
     xs, ys = torch.randn(3, 2, 30, 6, dtype=DT), torch.randn(4, 30, 5, dtype=DT)
     out = tdfunc.latent.cka(xs, ys, kernel=kernel, debiased=debiased)
     assert out.shape == (3, 2, 4)
-    loop = torch.stack([torch.stack([torch.stack([tdfunc.latent.cka(xs[a, b], ys[c], kernel=kernel, debiased=debiased)
-                                                  for c in range(4)]) for b in range(2)]) for a in range(3)])
+    loop = torch.stack(
+        [
+            torch.stack(
+                [
+                    torch.stack(
+                        [tdfunc.latent.cka(xs[a, b], ys[c], kernel=kernel, debiased=debiased) for c in range(4)]
+                    )
+                    for b in range(2)
+                ]
+            )
+            for a in range(3)
+        ]
+    )
     torch.testing.assert_close(out, loop)
     td = TensorDict({"wide": torch.randn(30, 9, dtype=DT), ("blk", "narrow"): xs[0, 1]})
     m = tdfunc.latent.cka(td, ys, kernel=kernel, debiased=debiased)
@@ -233,7 +258,9 @@ def test_information_imbalance_reference_and_axioms(k):
     x = torch.randn(80, 4, dtype=DT)
     noise = torch.randn(80, 4, dtype=DT)
     assert float(tdfunc.latent.information_imbalance(x, x, k=k)) == pytest.approx((k + 1) / 80, abs=1e-15)  # ≈ 0
-    assert float(tdfunc.latent.information_imbalance(x, x[:, :2], k=k)) == pytest.approx(_ii_slow(x.numpy(), x[:, :2].numpy(), k))
+    assert float(tdfunc.latent.information_imbalance(x, x[:, :2], k=k)) == pytest.approx(
+        _ii_slow(x.numpy(), x[:, :2].numpy(), k)
+    )
     assert abs(float(tdfunc.latent.information_imbalance(x, noise, k=k)) - 1) < 0.25
     big = torch.randn(1000, 3, dtype=DT)
     assert abs(float(tdfunc.latent.information_imbalance(big, torch.randn(1000, 3, dtype=DT), k=k)) - 1) < 0.1
@@ -248,19 +275,28 @@ def test_information_imbalance_pairwise_batch_equals_loop():
     ys[0, :, :3] = xs[0]
     out = tdfunc.latent.information_imbalance(xs, ys, k=2)
     assert out.shape == (2, 3)
-    loop = torch.stack([torch.stack([tdfunc.latent.information_imbalance(xs[a], ys[b], k=2) for b in range(3)]) for a in range(2)])
+    loop = torch.stack(
+        [torch.stack([tdfunc.latent.information_imbalance(xs[a], ys[b], k=2) for b in range(3)]) for a in range(2)]
+    )
     torch.testing.assert_close(out, loop)
     td = TensorDict({"p": xs[1], "q": ys[2, :, :2]})
-    torch.testing.assert_close(tdfunc.latent.information_imbalance(td, ys[0], k=2), torch.stack([out[1, 0], tdfunc.latent.information_imbalance(ys[2, :, :2], ys[0], k=2)]))
+    torch.testing.assert_close(
+        tdfunc.latent.information_imbalance(td, ys[0], k=2),
+        torch.stack([out[1, 0], tdfunc.latent.information_imbalance(ys[2, :, :2], ys[0], k=2)]),
+    )
 
 
 def test_vmap_over_point_clouds():
     from torch.func import vmap
 
     xs = torch.stack([_circle(100, s) for s in range(3)])
-    for f in (tdfunc.latent.twonn_dimension, lambda p: tdfunc.latent.local_pca_dimension(p, k=10),
-              lambda p: tdfunc.latent.ca_pca_dimension(p, k=10), lambda p: tdfunc.latent.cka(p, p[:, :3], kernel="rbf"),
-              lambda p: tdfunc.latent.information_imbalance(p, p[:, :3])):
+    for f in (
+        tdfunc.latent.twonn_dimension,
+        lambda p: tdfunc.latent.local_pca_dimension(p, k=10),
+        lambda p: tdfunc.latent.ca_pca_dimension(p, k=10),
+        lambda p: tdfunc.latent.cka(p, p[:, :3], kernel="rbf"),
+        lambda p: tdfunc.latent.information_imbalance(p, p[:, :3]),
+    ):
         torch.testing.assert_close(vmap(f)(xs), torch.stack([f(x) for x in xs]))
 
 
@@ -277,7 +313,9 @@ def test_equals_tdhook_where_definitions_match():
     td = TensorDict({"data": x, "data_a": x, "data_b": y}, batch_size=[])
     # TwoNN: tdhook fits all N-1 ratios (our discard_fraction=0); it returns float32
     ref = TwoNnDimensionEstimator()(td.clone())["dimension"]
-    torch.testing.assert_close(tdfunc.latent.twonn_dimension(x, discard_fraction=0.0).float(), ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        tdfunc.latent.twonn_dimension(x, discard_fraction=0.0).float(), ref, rtol=1e-5, atol=1e-5
+    )
     ref = CkaEstimator()(td.clone())["cka"]  # linear only in tdhook
     torch.testing.assert_close(tdfunc.latent.cka(x, y).float(), ref.float(), rtol=1e-5, atol=1e-6)
     out = InformationImbalanceEstimator()(td.clone())
@@ -298,31 +336,99 @@ def _raises(msg: str, fn, *args, **kwargs):
 
 def test_pinned_error_messages():
     x = torch.randn(5, 3)
-    _raises("tdfunc.latent.mle_dimension: k=10 needs at least 11 points per representation, got N=5; pass more points "
-            "or lower k.", tdfunc.latent.mle_dimension, x, k=10)
-    _raises("tdfunc.latent.information_imbalance: k=5 needs at least 6 points per representation, got N=5; pass more "
-            "points or lower k.", tdfunc.latent.information_imbalance, x, x, k=5)
-    _raises("tdfunc.latent.cka: x has N=5 points but y has N=6; x and y must be representations of the same N inputs, in "
-            "the same order.", tdfunc.latent.cka, x, torch.randn(6, 3))
-    _raises("tdfunc.latent.information_imbalance: x has N=5 points but y has N=4; x and y must be representations of the "
-            "same N inputs, in the same order.", tdfunc.latent.information_imbalance, x, torch.randn(2, 4, 3))
-    _raises("tdfunc.latent.cka: unknown kernel 'gaussian'; choose one of ['linear', 'rbf'].", tdfunc.latent.cka, x, x, kernel="gaussian")
-    _raises("tdfunc.latent.twonn_dimension: x has shape (5,) but a representation is N points (N, D) or a stack (..., N, D); "
-            "for N scalar features use x.unsqueeze(-1).", tdfunc.latent.twonn_dimension, torch.randn(5))
-    _raises("tdfunc.latent.cka: y has shape (5,) but a representation is N points (N, D) or a stack (..., N, D); for N "
-            "scalar features use y.unsqueeze(-1).", tdfunc.latent.cka, x, torch.randn(5))
+    _raises(
+        "tdfunc.latent.mle_dimension: k=10 needs at least 11 points per representation, got N=5; pass more points "
+        "or lower k.",
+        tdfunc.latent.mle_dimension,
+        x,
+        k=10,
+    )
+    _raises(
+        "tdfunc.latent.information_imbalance: k=5 needs at least 6 points per representation, got N=5; pass more "
+        "points or lower k.",
+        tdfunc.latent.information_imbalance,
+        x,
+        x,
+        k=5,
+    )
+    _raises(
+        "tdfunc.latent.cka: x has N=5 points but y has N=6; x and y must be representations of the same N inputs, in "
+        "the same order.",
+        tdfunc.latent.cka,
+        x,
+        torch.randn(6, 3),
+    )
+    _raises(
+        "tdfunc.latent.information_imbalance: x has N=5 points but y has N=4; x and y must be representations of the "
+        "same N inputs, in the same order.",
+        tdfunc.latent.information_imbalance,
+        x,
+        torch.randn(2, 4, 3),
+    )
+    _raises(
+        "tdfunc.latent.cka: unknown kernel 'gaussian'; choose one of ['linear', 'rbf'].",
+        tdfunc.latent.cka,
+        x,
+        x,
+        kernel="gaussian",
+    )
+    _raises(
+        "tdfunc.latent.twonn_dimension: x has shape (5,) but a representation is N points (N, D) or a stack (..., N, D); "
+        "for N scalar features use x.unsqueeze(-1).",
+        tdfunc.latent.twonn_dimension,
+        torch.randn(5),
+    )
+    _raises(
+        "tdfunc.latent.cka: y has shape (5,) but a representation is N points (N, D) or a stack (..., N, D); for N "
+        "scalar features use y.unsqueeze(-1).",
+        tdfunc.latent.cka,
+        x,
+        torch.randn(5),
+    )
     _raises("tdfunc.latent.mle_dimension: k must be an integer >= 2, got 1.", tdfunc.latent.mle_dimension, x, k=1)
-    _raises("tdfunc.latent.twonn_dimension: discard_fraction must be a number in [0, 1), got 1.0.", tdfunc.latent.twonn_dimension,
-            x, discard_fraction=1.0)
-    _raises("tdfunc.latent.local_pca_dimension: variance must be a number in (0, 1], got 0.", tdfunc.latent.local_pca_dimension,
-            x, k=2, variance=0)
-    _raises("tdfunc.latent.cka: sigma must be None (median heuristic) or a number > 0, got -1.0.", tdfunc.latent.cka, x, x,
-            kernel="rbf", sigma=-1.0)
-    _raises("tdfunc.latent.cka: debiased=True (the unbiased HSIC) needs at least 4 points per representation, got N=3; "
-            "pass more points or use debiased=False.", tdfunc.latent.cka, x[:3], x[:3], debiased=True)
-    _raises("tdfunc.latent.twonn_dimension: x has dtype torch.int64; pass a floating tensor (x.float()).",
-            tdfunc.latent.twonn_dimension, torch.ones(5, 2, dtype=torch.long))
-    _raises("tdfunc.latent.twonn_dimension: x['a'] has shape (5,) but a representation is N points (N, D) or a stack (..., "
-            "N, D); for N scalar features use x['a'].unsqueeze(-1).", tdfunc.latent.twonn_dimension, TensorDict({"a": torch.randn(5)}))
-    _raises("tdfunc.latent.cka: the entries of x have different N [4, 5]; every representation must hold the same N inputs.",
-            tdfunc.latent.cka, TensorDict({"a": x, "b": x[:4]}), x)
+    _raises(
+        "tdfunc.latent.twonn_dimension: discard_fraction must be a number in [0, 1), got 1.0.",
+        tdfunc.latent.twonn_dimension,
+        x,
+        discard_fraction=1.0,
+    )
+    _raises(
+        "tdfunc.latent.local_pca_dimension: variance must be a number in (0, 1], got 0.",
+        tdfunc.latent.local_pca_dimension,
+        x,
+        k=2,
+        variance=0,
+    )
+    _raises(
+        "tdfunc.latent.cka: sigma must be None (median heuristic) or a number > 0, got -1.0.",
+        tdfunc.latent.cka,
+        x,
+        x,
+        kernel="rbf",
+        sigma=-1.0,
+    )
+    _raises(
+        "tdfunc.latent.cka: debiased=True (the unbiased HSIC) needs at least 4 points per representation, got N=3; "
+        "pass more points or use debiased=False.",
+        tdfunc.latent.cka,
+        x[:3],
+        x[:3],
+        debiased=True,
+    )
+    _raises(
+        "tdfunc.latent.twonn_dimension: x has dtype torch.int64; pass a floating tensor (x.float()).",
+        tdfunc.latent.twonn_dimension,
+        torch.ones(5, 2, dtype=torch.long),
+    )
+    _raises(
+        "tdfunc.latent.twonn_dimension: x['a'] has shape (5,) but a representation is N points (N, D) or a stack (..., "
+        "N, D); for N scalar features use x['a'].unsqueeze(-1).",
+        tdfunc.latent.twonn_dimension,
+        TensorDict({"a": torch.randn(5)}),
+    )
+    _raises(
+        "tdfunc.latent.cka: the entries of x have different N [4, 5]; every representation must hold the same N inputs.",
+        tdfunc.latent.cka,
+        TensorDict({"a": x, "b": x[:4]}),
+        x,
+    )

@@ -36,10 +36,16 @@ def test_classification_equals_captum():  # captum test_classification: SoftmaxM
     np.random.seed(3)
     torch.manual_seed(3)
     ref = captum_attr.GradientShap(model).attribute(inputs, baselines, target=1, n_samples=n, stdevs=std)
-    out = tdfunc.gradient_shap(lambda t: model(t["x"])[:, 1], TensorDict({"x": inputs}, batch_size=[2]),
-                               TensorDict({"x": baselines}, batch_size=[4]), n_samples=n, stdevs=std,
-                               noise=rows_to_samples(noise, b, n) / std, alphas=rows_to_samples(al, b, n).float(),
-                               baseline_index=rows_to_samples(idx, b, n))
+    out = tdfunc.gradient_shap(
+        lambda t: model(t["x"])[:, 1],
+        TensorDict({"x": inputs}, batch_size=[2]),
+        TensorDict({"x": baselines}, batch_size=[4]),
+        n_samples=n,
+        stdevs=std,
+        noise=rows_to_samples(noise, b, n) / std,
+        alphas=rows_to_samples(al, b, n).float(),
+        baseline_index=rows_to_samples(idx, b, n),
+    )
     assert float((out["attr", "x"] - ref).abs().sum()) < 1e-4
 
 
@@ -56,9 +62,15 @@ def test_basic_multi_input_equals_captum(mul):  # captum test_basic_multi_input(
     np.random.seed(0)
     torch.manual_seed(0)
     ref = captum_attr.GradientShap(model, multiply_by_inputs=mul).attribute((x1, x2), (b1, b2), n_samples=n)
-    out = tdfunc.gradient_shap(lambda t: model(t["a"], t["b"])[:, 0], TensorDict({"a": x1, "b": x2}, batch_size=[b]),
-                               TensorDict({"a": b1, "b": b2}, batch_size=[20]), n_samples=n, multiply_by_inputs=mul,
-                               alphas=rows_to_samples(al, b, n).float(), baseline_index=torch.zeros(n, b, dtype=torch.long))
+    out = tdfunc.gradient_shap(
+        lambda t: model(t["a"], t["b"])[:, 0],
+        TensorDict({"a": x1, "b": x2}, batch_size=[b]),
+        TensorDict({"a": b1, "b": b2}, batch_size=[20]),
+        n_samples=n,
+        multiply_by_inputs=mul,
+        alphas=rows_to_samples(al, b, n).float(),
+        baseline_index=torch.zeros(n, b, dtype=torch.long),
+    )
     assert float((out["attr", "a"] - ref[0]).abs().sum()) < 1e-4
     assert float((out["attr", "b"] - ref[1]).abs().sum()) < 1e-4
 
@@ -73,47 +85,93 @@ def test_expectation_over_alpha_is_integrated_gradients():
     s = 16
     mid = ((torch.arange(s, dtype=torch.float64) + 0.5) / s)[:, None].expand(s, 5)
     for j in range(2):
-        out = tdfunc.gradient_shap(f, TensorDict({"x": x}, batch_size=[5]), TensorDict({"x": refs}, batch_size=[2]),
-                                   n_samples=s, alphas=mid, baseline_index=torch.full((s, 5), j))
-        ig = tdfunc.integrated_gradients(f, TensorDict({"x": x, ("baseline", "x"): refs[j].expand(5, 4)}, batch_size=[5]),
-                                         n_steps=s, method="riemann_middle")
+        out = tdfunc.gradient_shap(
+            f,
+            TensorDict({"x": x}, batch_size=[5]),
+            TensorDict({"x": refs}, batch_size=[2]),
+            n_samples=s,
+            alphas=mid,
+            baseline_index=torch.full((s, 5), j),
+        )
+        ig = tdfunc.integrated_gradients(
+            f,
+            TensorDict({"x": x, ("baseline", "x"): refs[j].expand(5, 4)}, batch_size=[5]),
+            n_steps=s,
+            method="riemann_middle",
+        )
         torch.testing.assert_close(out["attr", "x"], ig["attr", "x"], rtol=1e-12, atol=1e-12)
-    both = tdfunc.gradient_shap(f, TensorDict({"x": x}, batch_size=[5]), TensorDict({"x": refs}, batch_size=[2]),
-                                n_samples=2 * s, alphas=mid.repeat(2, 1),
-                                baseline_index=torch.arange(2).repeat_interleave(s)[:, None].expand(2 * s, 5))
-    igs = [tdfunc.integrated_gradients(f, TensorDict({"x": x, ("baseline", "x"): r.expand(5, 4)}, batch_size=[5]),
-                                       n_steps=s, method="riemann_middle")["attr", "x"] for r in refs]
+    both = tdfunc.gradient_shap(
+        f,
+        TensorDict({"x": x}, batch_size=[5]),
+        TensorDict({"x": refs}, batch_size=[2]),
+        n_samples=2 * s,
+        alphas=mid.repeat(2, 1),
+        baseline_index=torch.arange(2).repeat_interleave(s)[:, None].expand(2 * s, 5),
+    )
+    igs = [
+        tdfunc.integrated_gradients(
+            f,
+            TensorDict({"x": x, ("baseline", "x"): r.expand(5, 4)}, batch_size=[5]),
+            n_steps=s,
+            method="riemann_middle",
+        )["attr", "x"]
+        for r in refs
+    ]
     torch.testing.assert_close(both["attr", "x"], (igs[0] + igs[1]) / 2, rtol=1e-12, atol=1e-12)
 
 
 def test_generator_draws_in_documented_order_and_chunks_agree():
     torch.manual_seed(2)
     net = nn.Sequential(nn.Linear(3, 5), nn.ReLU(), nn.Linear(5, 2))
-    td, refs = TensorDict({"x": torch.randn(4, 3)}, batch_size=[4]), TensorDict({"x": torch.randn(6, 3)}, batch_size=[6])
+    td, refs = (
+        TensorDict({"x": torch.randn(4, 3)}, batch_size=[4]),
+        TensorDict({"x": torch.randn(6, 3)}, batch_size=[6]),
+    )
     f = lambda t: net(t["x"])
     a = tdfunc.gradient_shap(f, td, refs, n_samples=7, stdevs=0.2, generator=torch.Generator().manual_seed(5))
     g = torch.Generator().manual_seed(5)
-    eps, al, idx = torch.randn(7, 4, 3, generator=g), torch.rand(7, 4, generator=g), torch.randint(6, (7, 4), generator=g)
-    b = tdfunc.gradient_shap(f, td, refs, n_samples=7, stdevs=0.2, noise=eps, alphas=al, baseline_index=idx, chunk_size=3)
+    eps, al, idx = (
+        torch.randn(7, 4, 3, generator=g),
+        torch.rand(7, 4, generator=g),
+        torch.randint(6, (7, 4), generator=g),
+    )
+    b = tdfunc.gradient_shap(
+        f, td, refs, n_samples=7, stdevs=0.2, noise=eps, alphas=al, baseline_index=idx, chunk_size=3
+    )
     torch.testing.assert_close(a["attr", "x"], b["attr", "x"])
 
 
 def test_pins_errors():
     net = nn.Sequential(nn.Linear(3, 2))
     f = lambda t: net(t["x"])
-    td, refs = TensorDict({"x": torch.randn(4, 3)}, batch_size=[4]), TensorDict({"x": torch.randn(6, 3)}, batch_size=[6])
-    with pytest.raises(tdfunc.AttributionError, match=r"tdfunc.gradient_shap: baseline_index holds 6, outside \[0, 6\) "
-                       r"for the 6 baselines\."):
+    td, refs = (
+        TensorDict({"x": torch.randn(4, 3)}, batch_size=[4]),
+        TensorDict({"x": torch.randn(6, 3)}, batch_size=[6]),
+    )
+    with pytest.raises(
+        tdfunc.AttributionError,
+        match=r"tdfunc.gradient_shap: baseline_index holds 6, outside \[0, 6\) "
+        r"for the 6 baselines\.",
+    ):
         tdfunc.gradient_shap(f, td, refs, n_samples=2, baseline_index=torch.full((2, 4), 6))
-    with pytest.raises(tdfunc.AttributionError, match=r"tdfunc.gradient_shap: alphas must be a tensor of shape "
-                       r"\(n_samples, \*batch\) = \(2, 4\) of dtype torch.float32 in \[0, 1\] on cpu, got shape \(2,\)"):
+    with pytest.raises(
+        tdfunc.AttributionError,
+        match=r"tdfunc.gradient_shap: alphas must be a tensor of shape "
+        r"\(n_samples, \*batch\) = \(2, 4\) of dtype torch.float32 in \[0, 1\] on cpu, got shape \(2,\)",
+    ):
         tdfunc.gradient_shap(f, td, refs, n_samples=2, alphas=torch.rand(2))
-    with pytest.raises(tdfunc.AttributionError, match=r"tdfunc.gradient_shap: baseline_index must be a tensor of shape "
-                       r"\(n_samples, \*batch\) = \(2, 4\) of integers in \[0, 6\) on cpu, got shape \(2, 4\), dtype "
-                       r"torch.float32"):
+    with pytest.raises(
+        tdfunc.AttributionError,
+        match=r"tdfunc.gradient_shap: baseline_index must be a tensor of shape "
+        r"\(n_samples, \*batch\) = \(2, 4\) of integers in \[0, 6\) on cpu, got shape \(2, 4\), dtype "
+        r"torch.float32",
+    ):
         tdfunc.gradient_shap(f, td, refs, n_samples=2, baseline_index=torch.zeros(2, 4))
-    with pytest.raises(tdfunc.AttributionError, match=r"tdfunc.gradient_shap: td holds the baseline entry "
-                       r"\('baseline', 'x'\), but gradient_shap draws its baselines from the baselines TensorDict"):
+    with pytest.raises(
+        tdfunc.AttributionError,
+        match=r"tdfunc.gradient_shap: td holds the baseline entry "
+        r"\('baseline', 'x'\), but gradient_shap draws its baselines from the baselines TensorDict",
+    ):
         tdfunc.gradient_shap(f, td.clone().set(("baseline", "x"), torch.zeros(4, 3)), refs)
     with pytest.raises(tdfunc.AttributionError, match=r"tdfunc.gradient_shap: n_samples"):
         tdfunc.gradient_shap(f, td, refs, n_samples=0)
@@ -131,16 +189,26 @@ def test_layer_gradient_shap_equals_captum_with_the_same_samples(site, inp, mul)
     idx = np.random.choice(nref, n * b)
     noise = torch.normal(0, torch.tensor(std).repeat(b * n, 4))
     al = np.random.uniform(0, 1, b * n)
-    out = tdfunc.layer_gradient_shap(lambda t: net(t["x"]), TensorDict({"x": x}, batch_size=[b]), net, site,
-                                     TensorDict({"x": refs}, batch_size=[nref]), n_samples=n, stdevs=std,
-                                     noise=rows_to_samples(noise, b, n) / std, alphas=rows_to_samples(al, b, n).float(),
-                                     baseline_index=rows_to_samples(idx, b, n), multiply_by_inputs=mul)
+    out = tdfunc.layer_gradient_shap(
+        lambda t: net(t["x"]),
+        TensorDict({"x": x}, batch_size=[b]),
+        net,
+        site,
+        TensorDict({"x": refs}, batch_size=[nref]),
+        n_samples=n,
+        stdevs=std,
+        noise=rows_to_samples(noise, b, n) / std,
+        alphas=rows_to_samples(al, b, n).float(),
+        baseline_index=rows_to_samples(idx, b, n),
+        multiply_by_inputs=mul,
+    )
     layer = net[1] if site == "1" else net[3]
     for k in range(3):
         np.random.seed(3)
         torch.manual_seed(3)
         ref = captum_attr.LayerGradientShap(net, layer, multiply_by_inputs=mul).attribute(
-            x, refs, target=k, n_samples=n, stdevs=std, attribute_to_layer_input=inp)
+            x, refs, target=k, n_samples=n, stdevs=std, attribute_to_layer_input=inp
+        )
         assert float((out["attr", site][:, k] - ref).abs().sum()) < 1e-4
 
 
@@ -151,10 +219,23 @@ def test_layer_gradient_shap_of_a_linear_tail_is_the_mean_site_change_times_the_
     net = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 2)).double()
     x, refs = torch.randn(4, 3, dtype=torch.float64), torch.randn(3, 3, dtype=torch.float64)
     g = torch.Generator().manual_seed(1)
-    eps, al, idx = torch.randn(5, 4, 3, generator=g, dtype=torch.float64), torch.rand(5, 4, generator=g, dtype=torch.float64), torch.randint(3, (5, 4), generator=g)
-    out = tdfunc.layer_gradient_shap(lambda t: net(t["x"]), TensorDict({"x": x}, batch_size=[4]), net, "1",
-                                     TensorDict({"x": refs}, batch_size=[3]), n_samples=5, stdevs=0.2, noise=eps,
-                                     alphas=al, baseline_index=idx)
+    eps, al, idx = (
+        torch.randn(5, 4, 3, generator=g, dtype=torch.float64),
+        torch.rand(5, 4, generator=g, dtype=torch.float64),
+        torch.randint(3, (5, 4), generator=g),
+    )
+    out = tdfunc.layer_gradient_shap(
+        lambda t: net(t["x"]),
+        TensorDict({"x": x}, batch_size=[4]),
+        net,
+        "1",
+        TensorDict({"x": refs}, batch_size=[3]),
+        n_samples=5,
+        stdevs=0.2,
+        noise=eps,
+        alphas=al,
+        baseline_index=idx,
+    )
     act = lambda v: net[1](net[0](v))
     slow = torch.stack([(act(x + 0.2 * eps[s]) - act(refs[idx[s]])) for s in range(5)]).mean(0)
     torch.testing.assert_close(out["attr", "1"], slow[:, None, :] * net[2].weight[None], rtol=1e-12, atol=1e-12)
@@ -162,10 +243,17 @@ def test_layer_gradient_shap_of_a_linear_tail_is_the_mean_site_change_times_the_
 
 def test_layer_gradient_shap_pins_errors():
     net = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
-    td, refs = TensorDict({"x": torch.randn(2, 3)}, batch_size=[2]), TensorDict({"x": torch.randn(4, 3)}, batch_size=[4])
+    td, refs = (
+        TensorDict({"x": torch.randn(2, 3)}, batch_size=[2]),
+        TensorDict({"x": torch.randn(4, 3)}, batch_size=[4]),
+    )
     with pytest.raises(tdfunc.SiteError, match=r"tdfunc.layer_gradient_shap: unknown site 'nope'"):
         tdfunc.layer_gradient_shap(lambda t: net(t["x"]), td, net, "nope", refs)
-    with pytest.raises(tdfunc.AttributionError, match=r"tdfunc.layer_gradient_shap: td holds the baseline entry "
-                       r"\('baseline', 'x'\), but layer_gradient_shap draws its baselines from the baselines TensorDict"):
-        tdfunc.layer_gradient_shap(lambda t: net(t["x"]), td.clone().set(("baseline", "x"), torch.zeros(2, 3)), net,
-                                   "1", refs)
+    with pytest.raises(
+        tdfunc.AttributionError,
+        match=r"tdfunc.layer_gradient_shap: td holds the baseline entry "
+        r"\('baseline', 'x'\), but layer_gradient_shap draws its baselines from the baselines TensorDict",
+    ):
+        tdfunc.layer_gradient_shap(
+            lambda t: net(t["x"]), td.clone().set(("baseline", "x"), torch.zeros(2, 3)), net, "1", refs
+        )

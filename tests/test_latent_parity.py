@@ -114,7 +114,7 @@ def _slow_local_pca(x: torch.Tensor, k: int, criterion: str, alpha: float = 0.05
     for i in range(len(xs)):
         dist = np.linalg.norm(xs - xs[i], axis=1)
         dist[i] = np.inf
-        nb = np.concatenate([xs[i:i + 1], xs[np.argsort(dist, kind="stable")[:k]]])
+        nb = np.concatenate([xs[i : i + 1], xs[np.argsort(dist, kind="stable")[:k]]])
         nb = nb - nb.mean(0)
         lam = np.sort(np.linalg.svd(nb, compute_uv=False) ** 2 / k)[::-1]
         if criterion == "ratio":
@@ -155,13 +155,21 @@ def test_local_pca_tdhook_defaults_and_single_eigenvalue():
 @pytest.mark.parametrize("criterion", ["maxgap", "ratio"])
 def test_local_pca_criteria_slow_reference_and_exact_flat(criterion):
     g = torch.Generator().manual_seed(1)
-    x = torch.randn(40, 6, generator=g, dtype=torch.float64) * torch.tensor([3.0, 2, 1, 0.5, 0.1, 0.05], dtype=torch.float64)
-    torch.testing.assert_close(L.local_pca_dimension(x, k=8, criterion=criterion, per_point=True),
-                               _slow_local_pca(x, 8, criterion), rtol=0, atol=0)
+    x = torch.randn(40, 6, generator=g, dtype=torch.float64) * torch.tensor(
+        [3.0, 2, 1, 0.5, 0.1, 0.05], dtype=torch.float64
+    )
+    torch.testing.assert_close(
+        L.local_pca_dimension(x, k=8, criterion=criterion, per_point=True),
+        _slow_local_pca(x, 8, criterion),
+        rtol=0,
+        atol=0,
+    )
     # an exact 3-flat in 10-D: every neighbourhood's spectrum has 3 non-zero eigenvalues
     flat = torch.rand(200, 3, generator=g, dtype=torch.float64) @ torch.randn(3, 10, generator=g, dtype=torch.float64)
-    assert torch.equal(L.local_pca_dimension(flat, k=12, criterion="maxgap", per_point=True),
-                       torch.full((200,), 3.0, dtype=torch.float64))
+    assert torch.equal(
+        L.local_pca_dimension(flat, k=12, criterion="maxgap", per_point=True),
+        torch.full((200,), 3.0, dtype=torch.float64),
+    )
 
 
 # ------------------------------------------------------------------------------ TwoNN's regression points
@@ -315,8 +323,13 @@ def test_mean_difference_normalize_zero_gap_and_digits_equal_tdhook():
         np.testing.assert_allclose(z.softmax(-1).numpy(), ref.predict_proba(X), rtol=0, atol=1e-12)
         assert np.array_equal((z.argmax(-1) == 1).numpy(), ref.predict(X))
         # fit_probes: the same probe per site, from the train split
-        out = L.fit_probes(TensorDict({"a": torch.tensor(X)}, batch_size=[]), torch.tensor(y), kind="mean_difference",
-                           normalize=normalize, generator=torch.Generator().manual_seed(0))
+        out = L.fit_probes(
+            TensorDict({"a": torch.tensor(X)}, batch_size=[]),
+            torch.tensor(y),
+            kind="mean_difference",
+            normalize=normalize,
+            generator=torch.Generator().manual_seed(0),
+        )
         tr = out["train_index"]
         ref.fit(X[tr.numpy()], y[tr.numpy()])
         z = L.probe_apply(out["params", "a"], torch.tensor(X))
@@ -329,56 +342,145 @@ def test_mean_difference_normalize_zero_gap_and_digits_equal_tdhook():
 def test_duplicate_points_refused_where_they_give_nan_or_inf():
     x = random_data(12, 3, seed=7).double()
     x[5] = x[2]
-    dup = ("{fn}: 2 of the N=12 points have a duplicate (a nearest neighbour at distance 0), where {why}; remove "
-           "duplicate points first (e.g. torch.unique(x, dim=0)).")
-    _raises(GeometryError, dup.format(fn="tdfunc.latent.mle_dimension",
-                                      why="log T_1 is -inf and the estimate degenerates to 0 or NaN"),
-            L.mle_dimension, x, k=3)
-    _raises(GeometryError, dup.format(fn="tdfunc.latent.local_knn_dimension",
-                                      why="R_k can be 0 and log(R_2k / R_k) is undefined"),
-            L.local_knn_dimension, x, k=2)
-    _raises(GeometryError, dup.format(fn="tdfunc.latent.twonn_dimension", why="the ratio r2 / r1 is undefined"),
-            L.twonn_dimension, x)
+    dup = (
+        "{fn}: 2 of the N=12 points have a duplicate (a nearest neighbour at distance 0), where {why}; remove "
+        "duplicate points first (e.g. torch.unique(x, dim=0))."
+    )
+    _raises(
+        GeometryError,
+        dup.format(fn="tdfunc.latent.mle_dimension", why="log T_1 is -inf and the estimate degenerates to 0 or NaN"),
+        L.mle_dimension,
+        x,
+        k=3,
+    )
+    _raises(
+        GeometryError,
+        dup.format(fn="tdfunc.latent.local_knn_dimension", why="R_k can be 0 and log(R_2k / R_k) is undefined"),
+        L.local_knn_dimension,
+        x,
+        k=2,
+    )
+    _raises(
+        GeometryError,
+        dup.format(fn="tdfunc.latent.twonn_dimension", why="the ratio r2 / r1 is undefined"),
+        L.twonn_dimension,
+        x,
+    )
     many = torch.cat([x[:1].expand(4, 3), x[6:]])  # 4 copies of one point: k + 1 = 3 duplicates for k = 2
-    _raises(GeometryError, "tdfunc.latent.ca_pca_dimension: 4 of the N=10 points have k + 1 = 3 duplicates "
-            "(neighbourhood radius 0), where the rescaled spectrum lambda / r^2 is undefined; remove duplicate points "
-            "first (e.g. torch.unique(x, dim=0)) or raise k.", L.ca_pca_dimension, many, k=2)
+    _raises(
+        GeometryError,
+        "tdfunc.latent.ca_pca_dimension: 4 of the N=10 points have k + 1 = 3 duplicates "
+        "(neighbourhood radius 0), where the rescaled spectrum lambda / r^2 is undefined; remove duplicate points "
+        "first (e.g. torch.unique(x, dim=0)) or raise k.",
+        L.ca_pca_dimension,
+        many,
+        k=2,
+    )
     assert torch.isfinite(L.ca_pca_dimension(x, k=2))  # one duplicate pair leaves the radius > 0
     assert torch.isfinite(L.local_pca_dimension(x, k=3, criterion="maxgap"))  # PCA spectra stay finite
 
 
 def test_pinned_errors_parity():
     x = random_data(9, 3)
-    _raises(GeometryError, "tdfunc.latent.local_knn_dimension: k=5 (the 2k-th neighbour) needs at least 11 points per "
-            "representation, got N=9; pass more points or lower k.", L.local_knn_dimension, x, k=5)
-    _raises(GeometryError, "tdfunc.latent.local_knn_dimension: k must be an integer >= 2, got 1.", L.local_knn_dimension, x, k=1)
+    _raises(
+        GeometryError,
+        "tdfunc.latent.local_knn_dimension: k=5 (the 2k-th neighbour) needs at least 11 points per "
+        "representation, got N=9; pass more points or lower k.",
+        L.local_knn_dimension,
+        x,
+        k=5,
+    )
+    _raises(
+        GeometryError,
+        "tdfunc.latent.local_knn_dimension: k must be an integer >= 2, got 1.",
+        L.local_knn_dimension,
+        x,
+        k=1,
+    )
     # a lattice: the centre's 2nd and 4th neighbours are equally far
     sq = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0], [-1.0, 0.0], [0.0, -1.0]], dtype=torch.float64)
-    _raises(GeometryError, "tdfunc.latent.local_knn_dimension: 1 of the N=5 points have their k-th and 2k-th neighbours "
-            "(k=2) at the same distance, where log(R_2k / R_k) = 0 and the estimate is infinite; pick another k or break "
-            "the ties (e.g. add tiny noise to lattice data).", L.local_knn_dimension, sq, k=2)
-    _raises(GeometryError, "tdfunc.latent.local_pca_dimension: unknown criterion 'gap'; choose one of ['variance', "
-            "'maxgap', 'ratio'].", L.local_pca_dimension, x, k=2, criterion="gap")
-    _raises(GeometryError, "tdfunc.latent.local_pca_dimension: alpha must be a number in (0, 1), got 1.5.",
-            L.local_pca_dimension, x, k=2, criterion="ratio", alpha=1.5)
-    _raises(GeometryError, "tdfunc.latent.information_imbalance: p must be a number > 0 (the Minkowski order; 2 is "
-            "Euclidean), got 0.", L.information_imbalance, x, x, p=0)
-    with pytest.raises(TypeError, match=re.escape("tdfunc.latent.twonn_dimension: return_xy must be True or False, got "
-                                                  "str ('yes'); pass return_xy=True or return_xy=False.")):
+    _raises(
+        GeometryError,
+        "tdfunc.latent.local_knn_dimension: 1 of the N=5 points have their k-th and 2k-th neighbours "
+        "(k=2) at the same distance, where log(R_2k / R_k) = 0 and the estimate is infinite; pick another k or break "
+        "the ties (e.g. add tiny noise to lattice data).",
+        L.local_knn_dimension,
+        sq,
+        k=2,
+    )
+    _raises(
+        GeometryError,
+        "tdfunc.latent.local_pca_dimension: unknown criterion 'gap'; choose one of ['variance', 'maxgap', 'ratio'].",
+        L.local_pca_dimension,
+        x,
+        k=2,
+        criterion="gap",
+    )
+    _raises(
+        GeometryError,
+        "tdfunc.latent.local_pca_dimension: alpha must be a number in (0, 1), got 1.5.",
+        L.local_pca_dimension,
+        x,
+        k=2,
+        criterion="ratio",
+        alpha=1.5,
+    )
+    _raises(
+        GeometryError,
+        "tdfunc.latent.information_imbalance: p must be a number > 0 (the Minkowski order; 2 is Euclidean), got 0.",
+        L.information_imbalance,
+        x,
+        x,
+        p=0,
+    )
+    with pytest.raises(
+        TypeError,
+        match=re.escape(
+            "tdfunc.latent.twonn_dimension: return_xy must be True or False, got "
+            "str ('yes'); pass return_xy=True or return_xy=False."
+        ),
+    ):
         L.twonn_dimension(x, return_xy="yes")
-    with pytest.raises(TypeError, match=re.escape("tdfunc.latent.local_knn_dimension: per_point must be True or False, "
-                                                  "got int (1); pass per_point=True or per_point=False.")):
+    with pytest.raises(
+        TypeError,
+        match=re.escape(
+            "tdfunc.latent.local_knn_dimension: per_point must be True or False, "
+            "got int (1); pass per_point=True or per_point=False."
+        ),
+    ):
         L.local_knn_dimension(x, k=2, per_point=1)
     y = torch.tensor([0, 1, 0, 1, 0, 1, 0, 1, 2])
-    _raises(ProbeError, "tdfunc.latent.probe_fit: normalize=True rescales the mean-difference probe, but "
-            "kind='linear'; use kind='mean_difference' or drop normalize.", L.probe_fit, "linear", x, y, normalize=True)
-    _raises(ProbeError, "tdfunc.latent.probe_fit: normalize=True divides by the norm of the mean difference mu_1 - mu_0, "
-            "which needs exactly 2 classes, got n_classes=3; use normalize=False with 3 classes.",
-            L.probe_fit, "mean_difference", x, y, normalize=True)
-    _raises(ProbeError, "tdfunc.latent.fit_probes: normalize=True divides by the norm of the mean difference mu_1 - "
-            "mu_0, which needs exactly 2 classes, got n_classes=3; use normalize=False with 3 classes.",
-            L.fit_probes, TensorDict({"a": x}, batch_size=[]), y, kind="mean_difference", normalize=True,
-            test_fraction=0.1)
+    _raises(
+        ProbeError,
+        "tdfunc.latent.probe_fit: normalize=True rescales the mean-difference probe, but "
+        "kind='linear'; use kind='mean_difference' or drop normalize.",
+        L.probe_fit,
+        "linear",
+        x,
+        y,
+        normalize=True,
+    )
+    _raises(
+        ProbeError,
+        "tdfunc.latent.probe_fit: normalize=True divides by the norm of the mean difference mu_1 - mu_0, "
+        "which needs exactly 2 classes, got n_classes=3; use normalize=False with 3 classes.",
+        L.probe_fit,
+        "mean_difference",
+        x,
+        y,
+        normalize=True,
+    )
+    _raises(
+        ProbeError,
+        "tdfunc.latent.fit_probes: normalize=True divides by the norm of the mean difference mu_1 - "
+        "mu_0, which needs exactly 2 classes, got n_classes=3; use normalize=False with 3 classes.",
+        L.fit_probes,
+        TensorDict({"a": x}, batch_size=[]),
+        y,
+        kind="mean_difference",
+        normalize=True,
+        test_fraction=0.1,
+    )
 
 
 @pytest.mark.parametrize("name,make,k", SCENARIOS[:3], ids=[s[0] for s in SCENARIOS[:3]])

@@ -9,7 +9,6 @@ installed with ``pip install --no-deps zennit==0.5.1`` and given a stub ``torchv
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 from hypothesis import given, settings
@@ -19,8 +18,14 @@ from torch import nn
 from torch.func import vmap
 
 import tdfunc
-from tdfunc.lrp_rules import alpha_beta as lrp_alpha_beta, epsilon as lrp_epsilon, flat as lrp_flat, gamma as lrp_gamma
-from tdfunc.lrp_rules import gradient as lrp_pass, wsquare as lrp_wsquare, zbox as lrp_zbox, zplus as lrp_zplus
+from tdfunc.lrp_rules import alpha_beta as lrp_alpha_beta
+from tdfunc.lrp_rules import epsilon as lrp_epsilon
+from tdfunc.lrp_rules import flat as lrp_flat
+from tdfunc.lrp_rules import gamma as lrp_gamma
+from tdfunc.lrp_rules import gradient as lrp_pass
+from tdfunc.lrp_rules import wsquare as lrp_wsquare
+from tdfunc.lrp_rules import zbox as lrp_zbox
+from tdfunc.lrp_rules import zplus as lrp_zplus
 
 DT = torch.float64
 lrp = tdfunc.attribution._lrp.lrp
@@ -89,7 +94,11 @@ RULES = {
 @pytest.mark.parametrize("name", list(RULES))
 def test_rule_matches_zennit(zennit, name, kind):
     torch.manual_seed(0)
-    layer, x = (nn.Linear(5, 4), torch.randn(3, 5)) if kind == "linear" else (nn.Conv2d(2, 2, 3, padding=1), torch.randn(2, 2, 3, 3))
+    layer, x = (
+        (nn.Linear(5, 4), torch.randn(3, 5))
+        if kind == "linear"
+        else (nn.Conv2d(2, 2, 3, padding=1), torch.randn(2, 2, 3, 3))
+    )
     m, x = Single(layer.to(DT)), x.to(DT)
     ours_rule, zen_rule = RULES[name]
     zr = zen_rule(zennit.rules)
@@ -105,7 +114,9 @@ def test_composites_match_zennit(zennit, model, composite):
     torch.manual_seed(1)
     m = (ReluMLP() if model == "mlp" else ReluCNN()).to(DT)
     x = torch.randn(4, 5, dtype=DT) if model == "mlp" else torch.randn(2, 2, 6, 6, dtype=DT)
-    zc = {"epsilon_plus": zennit.composites.EpsilonPlus, "epsilon_plus_flat": zennit.composites.EpsilonPlusFlat}[composite]
+    zc = {"epsilon_plus": zennit.composites.EpsilonPlus, "epsilon_plus_flat": zennit.composites.EpsilonPlusFlat}[
+        composite
+    ]
     want = zennit_lrp(zennit, m, x, zc())
     got = ours(m, x, composite=composite)
     torch.testing.assert_close(got, want, rtol=0, atol=1e-13)
@@ -135,7 +146,9 @@ class UserZPlus(tdfunc.lrp_rules.Rule):
         return torch.nn.functional.linear(x, w)
 
     def _y(self, m, x):
-        return self._apply(m, x.clamp(min=0), m.weight.clamp(min=0)) + self._apply(m, x.clamp(max=0), m.weight.clamp(max=0))
+        return self._apply(m, x.clamp(min=0), m.weight.clamp(min=0)) + self._apply(
+            m, x.clamp(max=0), m.weight.clamp(max=0)
+        )
 
     def record(self, m, args, kwargs, z):
         y = self._y(m, args[0])
@@ -163,7 +176,9 @@ def test_user_rule_matches_zennit(zennit, model):
     assert repr(UserZPlus()) == "UserZPlus()"
     with pytest.raises(tdfunc.AttributionError) as e:
         ours(m, x, rules={nn.ReLU: UserZPlus()})
-    assert str(e.value).startswith("tdfunc.lrp: rules gives ReLU the rule UserZPlus(), which applies to nn.Linear and nn.Conv2d only")  # UserZPlus's own targets
+    assert str(e.value).startswith(
+        "tdfunc.lrp: rules gives ReLU the rule UserZPlus(), which applies to nn.Linear and nn.Conv2d only"
+    )  # UserZPlus's own targets
 
 
 def test_composite_objects():
@@ -226,7 +241,9 @@ def slow_lrp(m: ReluMLP, x: torch.Tensor, k: int, rule: str, eps: float = 1e-6) 
                     zj = (w[j] * a).sum() + b[j]
                     tot = tot + a[i] * w[j, i] * R[j] / _stab(zj, eps)
                 else:
-                    cij = lambda ii: a[ii].clamp(min=0) * w[j, ii].clamp(min=0) + a[ii].clamp(max=0) * w[j, ii].clamp(max=0)
+                    cij = lambda ii: a[ii].clamp(min=0) * w[j, ii].clamp(min=0) + a[ii].clamp(max=0) * w[j, ii].clamp(
+                        max=0
+                    )
                     zj = sum(cij(ii) for ii in range(a.shape[0])) + b[j].clamp(min=0)
                     tot = tot + cij(i) * R[j] / _stab(zj, eps)
             rows.append(tot)
@@ -297,7 +314,9 @@ def test_relevance_weight_gradient_exact(rule):
     def loss_ours(weight):
         s = tdfunc.state(m).update({("fc2", "weight"): weight}, inplace=False)
         td = TensorDict({"x": x}, batch_size=[2])
-        R = lrp(lambda t: tdfunc.functional_call(m, s, (t["x"],))[:, 0], td, m, rules=_layer_rules(rule), composite=None)
+        R = lrp(
+            lambda t: tdfunc.functional_call(m, s, (t["x"],))[:, 0], td, m, rules=_layer_rules(rule), composite=None
+        )
         return (R["attr", "x"] ** 2).sum()
 
     g_ours = torch.func.grad(loss_ours)(w.detach())
@@ -306,7 +325,9 @@ def test_relevance_weight_gradient_exact(rule):
     assert g_ref.abs().max() > 1e-2
     if rule == "epsilon":  # the .detach() trick: right relevance, wrong gradient of it
         R_det = _detach_lrp_eps(m, x, eps)
-        torch.testing.assert_close(R_det, ours(m, x, rules=_layer_rules(rule), composite=None)[:, 0], rtol=0, atol=1e-14)
+        torch.testing.assert_close(
+            R_det, ours(m, x, rules=_layer_rules(rule), composite=None)[:, 0], rtol=0, atol=1e-14
+        )
         (g_det,) = torch.autograd.grad((R_det**2).sum(), w)
         assert (g_det - g_ref).abs().max() > 0.1 * g_ref.abs().max()
 
@@ -320,7 +341,13 @@ def test_gradcheck_weights_and_inputs():
     def f(x, w):
         s = tdfunc.state(m).update({("fc1", "weight"): w}, inplace=False)
         td = TensorDict({"x": x}, batch_size=[2])
-        return lrp(lambda t: tdfunc.functional_call(m, s, (t["x"],)), td, m, composite="epsilon_plus", rules={"fc1": lrp_gamma()})["attr", "x"]
+        return lrp(
+            lambda t: tdfunc.functional_call(m, s, (t["x"],)),
+            td,
+            m,
+            composite="epsilon_plus",
+            rules={"fc1": lrp_gamma()},
+        )["attr", "x"]
 
     assert torch.autograd.gradcheck(f, (x, w))
     assert torch.autograd.gradgradcheck(f, (x, w))
@@ -407,7 +434,10 @@ def test_errors():
         "tdfunc.lrp_rules.alpha_beta: alpha - beta must be 1 (relevance conservation), got alpha=2, beta=2; "
         "e.g. alpha=2, beta=1 or alpha=1, beta=0."
     )
-    with pytest.raises(TypeError, match=r"^tdfunc.lrp: rules\['fc1'\] must be a rule from tdfunc.lrp_rules \(epsilon\(\), zplus\(\), ...\) or a tdfunc.lrp_rules.Rule subclass, got "):
+    with pytest.raises(
+        TypeError,
+        match=r"^tdfunc.lrp: rules\['fc1'\] must be a rule from tdfunc.lrp_rules \(epsilon\(\), zplus\(\), ...\) or a tdfunc.lrp_rules.Rule subclass, got ",
+    ):
         lrp(f, td, m, rules={"fc1": 0.1})
     with pytest.raises(tdfunc.AttributionError) as e:
         lrp(f, td, nn.Tanh())

@@ -12,10 +12,10 @@ import copy
 import pytest
 import torch
 from tensordict import TensorDict
+from test_lrp import DT, RULES, Single, ours, zennit_lrp
 from torch import nn
 
 import tdfunc
-from test_lrp import DT, RULES, Single, ours, zennit_lrp
 
 L = tdfunc.lrp_rules
 lrp = tdfunc.attribution._lrp.lrp
@@ -23,7 +23,10 @@ lrp = tdfunc.attribution._lrp.lrp
 # (layer, input shape): every convolution zennit's ``Convolution`` type covers, with stride / padding / groups
 CONVS = {
     "conv1d": (lambda: nn.Conv1d(2, 3, 3, padding=1), (3, 2, 7)),
-    "conv1d-strided-grouped": (lambda: nn.Conv1d(4, 4, 3, stride=2, groups=2, padding_mode="circular", padding=1), (2, 4, 9)),
+    "conv1d-strided-grouped": (
+        lambda: nn.Conv1d(4, 4, 3, stride=2, groups=2, padding_mode="circular", padding=1),
+        (2, 4, 9),
+    ),
     "conv3d": (lambda: nn.Conv3d(2, 2, 2, padding=1), (2, 2, 3, 3, 3)),
     "convT1d": (lambda: nn.ConvTranspose1d(2, 3, 3, stride=2), (2, 2, 5)),
     "convT2d": (lambda: nn.ConvTranspose2d(2, 2, 3, stride=2, padding=1, output_padding=1), (2, 2, 3, 3)),
@@ -76,9 +79,12 @@ def test_conv1d_composites_match_zennit(zennit, composite):
     """tdhook's sequential Conv1d scenario (a composite used to leave Conv1d on its plain gradient: 42 off)."""
     m = _tdhook_seq_conv(4).to(DT)
     x = torch.randn(2, 10, 5, dtype=DT)
-    zc = {"epsilon_plus": zennit.composites.EpsilonPlus, "EpsilonPlus": zennit.composites.EpsilonPlus,
-          "epsilon_alpha2_beta1": zennit.composites.EpsilonAlpha2Beta1,
-          "epsilon_plus_flat": zennit.composites.EpsilonPlusFlat}[composite]
+    zc = {
+        "epsilon_plus": zennit.composites.EpsilonPlus,
+        "EpsilonPlus": zennit.composites.EpsilonPlus,
+        "epsilon_alpha2_beta1": zennit.composites.EpsilonAlpha2Beta1,
+        "epsilon_plus_flat": zennit.composites.EpsilonPlusFlat,
+    }[composite]
     want = zennit_lrp(zennit, m, x, zc())
     torch.testing.assert_close(ours(m, x, composite=composite), want, rtol=0, atol=1e-12)
 
@@ -121,10 +127,12 @@ def test_module_a_composite_cannot_handle_is_reported():
     a, td2 = Attn(), TensorDict({"x": torch.randn(2, 3, 4)}, batch_size=[2])
     with pytest.raises(tdfunc.AttributionError) as e:
         lrp(lambda t: a(t["x"]), td2, a, composite="epsilon")
-    assert str(e.value).endswith("has no rule for 'attn' (MultiheadAttention): modules with their own parameters that "
-                                 "would silently keep their plain gradient. Give each a rule, e.g. rules={'attn': "
-                                 "tdfunc.lrp_rules.gradient()} to keep the plain gradient on purpose, or "
-                                 "composite='attnlrp' for nn.MultiheadAttention.")
+    assert str(e.value).endswith(
+        "has no rule for 'attn' (MultiheadAttention): modules with their own parameters that "
+        "would silently keep their plain gradient. Give each a rule, e.g. rules={'attn': "
+        "tdfunc.lrp_rules.gradient()} to keep the plain gradient on purpose, or "
+        "composite='attnlrp' for nn.MultiheadAttention."
+    )
     assert lrp(lambda t: a(t["x"]), td2, a, composite="attnlrp")["attr", "x"].shape == (2, 3, 3, 4)
 
 
@@ -198,7 +206,10 @@ def test_zennit_names_that_need_arguments_are_pinned_errors():
     )
     with pytest.raises(tdfunc.AttributionError) as e:
         lrp(lambda t: net(t["x"]), td, net, composite="guided_backprop")
-    assert str(e.value) == "tdfunc.lrp: composite 'guided_backprop' (zennit's) is not a name here; use tdfunc.guided_backprop."
+    assert (
+        str(e.value)
+        == "tdfunc.lrp: composite 'guided_backprop' (zennit's) is not a name here; use tdfunc.guided_backprop."
+    )
 
 
 def test_passthrough_is_zennit_pass(zennit):
@@ -206,8 +217,13 @@ def test_passthrough_is_zennit_pass(zennit):
     torch.manual_seed(5)
     m = nn.Sequential(nn.Linear(4, 5), nn.Sigmoid(), nn.Linear(5, 3)).to(DT)
     x = torch.randn(3, 4, dtype=DT)
-    comp = zennit.core.Composite(module_map=lambda ctx, n, mod: zennit.rules.Pass() if isinstance(mod, nn.Sigmoid)
-                                 else zennit.rules.Epsilon() if isinstance(mod, nn.Linear) else None)
+    comp = zennit.core.Composite(
+        module_map=lambda ctx, n, mod: zennit.rules.Pass()
+        if isinstance(mod, nn.Sigmoid)
+        else zennit.rules.Epsilon()
+        if isinstance(mod, nn.Linear)
+        else None
+    )
     want = zennit_lrp(zennit, m, x, comp)
     got = ours(m, x, rules={nn.Sigmoid: L.passthrough(), nn.Linear: L.epsilon()}, composite=None)
     torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
@@ -222,9 +238,15 @@ def test_epsilon_gamma_box_matches_zennit(zennit):
     got = ours(m, x, composite=L.epsilon_gamma_box(low, high))
     torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
     comp = L.epsilon_gamma_box(-1.0, 1.0, epsilon=0.1, gamma=0.5)
-    assert comp.rules[nn.Linear] == comp.rules[nn.Linear] and repr(comp.rules[nn.Linear]) == "tdfunc.lrp_rules.epsilon(eps=0.1)"
+    assert (
+        comp.rules[nn.Linear] == comp.rules[nn.Linear]
+        and repr(comp.rules[nn.Linear]) == "tdfunc.lrp_rules.epsilon(eps=0.1)"
+    )
     assert repr(comp.first) == "tdfunc.lrp_rules.zbox(low=-1.0, high=1.0, stabilizer=1e-06)"
-    with pytest.raises(tdfunc.AttributionError, match=r"^tdfunc.lrp_rules.epsilon_gamma_box: tdfunc.lrp_rules.zbox: low must be <= high everywhere"):
+    with pytest.raises(
+        tdfunc.AttributionError,
+        match=r"^tdfunc.lrp_rules.epsilon_gamma_box: tdfunc.lrp_rules.zbox: low must be <= high everywhere",
+    ):
         L.epsilon_gamma_box(1.0, -1.0)
 
 
@@ -247,20 +269,35 @@ TDHOOK_FACTORIES = {"linear": (_tdhook_linear, (10,)), "conv1d": (_tdhook_conv, 
 def _tdhook_rule(name):
     from tdhook.attribution.lrp_helpers import rules as R
 
-    return {"epsilon": R.EpsilonRule(epsilon=1e-6), "alpha_beta": R.AlphaBetaRule(alpha=2.0, beta=1.0, stabilizer=1e-6),
-            "flat": R.FlatRule(stabilizer=1e-6), "wsquare": R.WSquareRule(stabilizer=1e-6)}[name]
+    return {
+        "epsilon": R.EpsilonRule(epsilon=1e-6),
+        "alpha_beta": R.AlphaBetaRule(alpha=2.0, beta=1.0, stabilizer=1e-6),
+        "flat": R.FlatRule(stabilizer=1e-6),
+        "wsquare": R.WSquareRule(stabilizer=1e-6),
+    }[name]
 
 
-OURS = {"epsilon": lambda: L.epsilon(1e-6), "alpha_beta": lambda: L.alpha_beta(2, 1, 1e-6), "flat": lambda: L.flat(1e-6),
-        "wsquare": lambda: L.wsquare(1e-6)}
+OURS = {
+    "epsilon": lambda: L.epsilon(1e-6),
+    "alpha_beta": lambda: L.alpha_beta(2, 1, 1e-6),
+    "flat": lambda: L.flat(1e-6),
+    "wsquare": lambda: L.wsquare(1e-6),
+}
 
 
 def _ours_out_rel(module, x, rule, rel, **kw):
     """tdfunc.lrp on one unbatched tdhook input (a batch of one) with a given output relevance."""
     m = Single(module)
     td = TensorDict({"x": x[None]}, batch_size=[1])
-    return lrp(lambda t: m(t["x"]).flatten(1), td, m, rules={type(module): rule}, composite=None,
-               output_relevance=rel.flatten()[None], **kw)["attr", "x"][0]
+    return lrp(
+        lambda t: m(t["x"]).flatten(1),
+        td,
+        m,
+        rules={type(module): rule},
+        composite=None,
+        output_relevance=rel.flatten()[None],
+        **kw,
+    )["attr", "x"][0]
 
 
 @pytest.mark.parametrize("factory", list(TDHOOK_FACTORIES))
@@ -294,8 +331,12 @@ def test_output_relevance_matches_zennit_attr_output(zennit):
         _, want2 = attributor(x, lambda y: y * (y > 0))
     torch.testing.assert_close(fn["attr", "x"], want2, rtol=0, atol=1e-12)
     per_target = lrp(lambda t: m(t["x"]), td, m, composite="epsilon_plus_flat")["attr", "x"]  # f_k(x): the default
-    torch.testing.assert_close(lrp(lambda t: m(t["x"]), td, m, composite="epsilon_plus_flat", output_relevance=m(x))["attr", "x"],
-                               per_target.sum(1), rtol=0, atol=1e-12)
+    torch.testing.assert_close(
+        lrp(lambda t: m(t["x"]), td, m, composite="epsilon_plus_flat", output_relevance=m(x))["attr", "x"],
+        per_target.sum(1),
+        rtol=0,
+        atol=1e-12,
+    )
 
 
 def test_output_relevance_double_backward_exact():
@@ -308,8 +349,13 @@ def test_output_relevance_double_backward_exact():
     def f(x, w):
         s = tdfunc.state(m).update({("0", "weight"): w}, inplace=False)
         td = TensorDict({"x": x}, batch_size=[2])
-        return lrp(lambda t: tdfunc.functional_call(m, s, (t["x"],)), td, m, composite="epsilon",
-                   output_relevance=lambda y: y.softmax(-1))["attr", "x"]
+        return lrp(
+            lambda t: tdfunc.functional_call(m, s, (t["x"],)),
+            td,
+            m,
+            composite="epsilon",
+            output_relevance=lambda y: y.softmax(-1),
+        )["attr", "x"]
 
     assert torch.autograd.gradcheck(f, (x, w))
     assert torch.autograd.gradgradcheck(f, (x, w))
@@ -325,8 +371,12 @@ def test_check_conservation_like_tdhook():
         x = torch.randn(*shape, dtype=DT)
         rel = torch.randn_like(mod(x))
         for name in ("epsilon", "alpha_beta", "flat", "wsquare"):  # tdhook's test_return_type_and_conservation
-            rule = {"epsilon": L.epsilon(0.0), "alpha_beta": L.alpha_beta(2, 1, 0.0), "flat": L.flat(0.0),
-                    "wsquare": L.wsquare(0.0)}[name]
+            rule = {
+                "epsilon": L.epsilon(0.0),
+                "alpha_beta": L.alpha_beta(2, 1, 0.0),
+                "flat": L.flat(0.0),
+                "wsquare": L.wsquare(0.0),
+            }[name]
             got = _ours_out_rel(mod, x, rule, rel, check_conservation=(1e-9, 1e-9))
             torch.testing.assert_close(got.sum(), rel.sum(), rtol=1e-9, atol=1e-9)
     m = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2)).to(DT)
@@ -334,10 +384,14 @@ def test_check_conservation_like_tdhook():
     with pytest.raises(tdfunc.AttributionError) as e:
         lrp(lambda t: m(t["x"]), td, m, composite="epsilon", check_conservation=True)
     msg = str(e.value)
-    assert msg.startswith("tdfunc.lrp: relevance is not conserved at '0' (call 1, rule tdfunc.lrp_rules.epsilon(eps=1e-06)) "
-                          "for target 0: its inputs get ")
-    assert msg.endswith("(summed over the batch; atol=1e-06, rtol=1e-06). A bias, ε, or a non-conservative rule absorbs "
-                        "relevance there; pass check_conservation=(atol, rtol) to loosen the check.")
+    assert msg.startswith(
+        "tdfunc.lrp: relevance is not conserved at '0' (call 1, rule tdfunc.lrp_rules.epsilon(eps=1e-06)) "
+        "for target 0: its inputs get "
+    )
+    assert msg.endswith(
+        "(summed over the batch; atol=1e-06, rtol=1e-06). A bias, ε, or a non-conservative rule absorbs "
+        "relevance there; pass check_conservation=(atol, rtol) to loosen the check."
+    )
     with torch.no_grad():
         for p in m.parameters():
             if p.dim() == 1:
@@ -395,8 +449,9 @@ def test_merge_batchnorm_every_convolution_matches_zennit(zennit, kind):
     torch.manual_seed(9)
     make, bn_type, shape = BN_LAYERS[kind]
     layer = make()
-    m = nn.Sequential(layer, bn_type(4 if "groups" not in kind or "3d" in kind else 6), nn.ReLU(), nn.Flatten(),
-                      nn.LazyLinear(3))
+    m = nn.Sequential(
+        layer, bn_type(4 if "groups" not in kind or "3d" in kind else 6), nn.ReLU(), nn.Flatten(), nn.LazyLinear(3)
+    )
     x = torch.randn(*shape)
     m(x)  # materialise the lazy head
     m = m.to(DT).eval()
@@ -411,7 +466,9 @@ def test_merge_batchnorm_every_convolution_matches_zennit(zennit, kind):
     torch.testing.assert_close(f({"x": x}), m(x), rtol=0, atol=1e-12)
     got = lrp(f, TensorDict({"x": x}, batch_size=[2]), m)["attr", "x"]
     if not kind.startswith("convT"):
-        want = zennit_lrp(zennit, m, x, zennit.composites.EpsilonPlus(canonizers=[zennit.canonizers.SequentialMergeBatchNorm()]))
+        want = zennit_lrp(
+            zennit, m, x, zennit.composites.EpsilonPlus(canonizers=[zennit.canonizers.SequentialMergeBatchNorm()])
+        )
         torch.testing.assert_close(got, want, rtol=2e-5, atol=1e-12)
         assert (got - want).abs().max() > 0  # not trivially equal: the tolerance is zennit's eps scaling only
     # zennit's MergeBatchNorm scales a transposed conv's weight along its input channels (dim 0): wrong, or a
@@ -423,14 +480,13 @@ def test_merge_batchnorm_every_convolution_matches_zennit(zennit, kind):
             if kind.startswith("convT"):
                 per, cin = ref.weight.shape[1], ref.weight.shape[0] // ref.groups
                 g, j = divmod(o, per)
-                ref.weight[g * cin:(g + 1) * cin, j] *= s[o]
+                ref.weight[g * cin : (g + 1) * cin, j] *= s[o]
             else:
                 ref.weight[o] *= s[o]
         ref.bias.copy_((layer.bias - bn.running_mean) * s + bn.bias)
     plain = nn.Sequential(ref, nn.ReLU(), nn.Flatten(), m[4])
     torch.testing.assert_close(plain(x), m(x), rtol=0, atol=1e-12)
-    torch.testing.assert_close(got, zennit_lrp(zennit, plain, x, zennit.composites.EpsilonPlus()),
-                               rtol=0, atol=1e-12)
+    torch.testing.assert_close(got, zennit_lrp(zennit, plain, x, zennit.composites.EpsilonPlus()), rtol=0, atol=1e-12)
 
 
 def _resnet(zennit, bottleneck: bool):
@@ -473,8 +529,20 @@ def _resnet(zennit, bottleneck: bool):
 
     block = Bottleneck if bottleneck else BasicBlock
     torch.manual_seed(10)
-    net = nn.Sequential(conv(2, 4), nn.BatchNorm2d(4), nn.ReLU(), block(4, 4), block(4, 6, 2),
-                        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, 3)).to(DT).eval()
+    net = (
+        nn.Sequential(
+            conv(2, 4),
+            nn.BatchNorm2d(4),
+            nn.ReLU(),
+            block(4, 4),
+            block(4, 6, 2),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+            nn.Linear(6, 3),
+        )
+        .to(DT)
+        .eval()
+    )
     with torch.no_grad():
         for m in net.modules():
             if isinstance(m, nn.BatchNorm2d):
@@ -503,8 +571,12 @@ def test_resnet_canonizer_matches_zennit(zennit, bottleneck):
     got = lrp(f, TensorDict({"x": x}, batch_size=[2]), net2)["attr", "x"]
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
     # with the stabilizers at 1e-30: exact
-    want0 = zennit_lrp(zennit, net, x, zennit.composites.EpsilonPlus(
-        stabilizer=1e-30, canonizers=[zennit.torchvision.ResNetCanonizer()]))
+    want0 = zennit_lrp(
+        zennit,
+        net,
+        x,
+        zennit.composites.EpsilonPlus(stabilizer=1e-30, canonizers=[zennit.torchvision.ResNetCanonizer()]),
+    )
     rules = dict(L.COMPOSITES["epsilon_plus"].rules)
     rules.update({t: L.zplus(1e-30) for t in (nn.Conv2d,)})
     got0 = lrp(f, TensorDict({"x": x}, batch_size=[2]), net2, composite=L.Composite("ep0", rules))["attr", "x"]
@@ -541,8 +613,13 @@ def test_zero_inputs_get_their_relevance_like_zennit(zennit, name, kind):
     assert (x == 0).float().mean() > 0.3
     ours_rule = {"flat": L.flat(), "wsquare": L.wsquare(), "zbox": L.zbox(0.0, 1.0)}[name]
     zr = {"flat": zennit.rules.Flat(), "wsquare": zennit.rules.WSquare(), "zbox": zennit.rules.ZBox(0.0, 1.0)}[name]
-    comp = zennit.core.Composite(module_map=lambda ctx, n, mod: zr if mod is first else
-                                 zennit.rules.Epsilon() if isinstance(mod, (nn.Linear, nn.Conv1d, nn.Conv2d)) else None)
+    comp = zennit.core.Composite(
+        module_map=lambda ctx, n, mod: zr
+        if mod is first
+        else zennit.rules.Epsilon()
+        if isinstance(mod, (nn.Linear, nn.Conv1d, nn.Conv2d))
+        else None
+    )
     want = zennit_lrp(zennit, m, x, comp)
     name_first = "1" if kind == "flatten-linear" else "0"
     got = ours(m, x, rules={name_first: ours_rule}, composite="epsilon")
@@ -550,7 +627,9 @@ def test_zero_inputs_get_their_relevance_like_zennit(zennit, name, kind):
     share = (want.abs() * (x == 0).unsqueeze(1)).sum() / want.abs().sum()
     assert share > 0.1  # the zero pixels hold a real part of |R|
     with torch.no_grad():  # one forward under no_grad: the same
-        torch.testing.assert_close(ours(m, x, rules={name_first: ours_rule}, composite="epsilon"), got, rtol=0, atol=1e-12)
+        torch.testing.assert_close(
+            ours(m, x, rules={name_first: ours_rule}, composite="epsilon"), got, rtol=0, atol=1e-12
+        )
 
 
 @pytest.mark.parametrize("composite", ["EpsilonPlusFlat", "EpsilonGammaBox"])
@@ -562,7 +641,10 @@ def test_zero_inputs_composites_and_conservation(zennit, composite):
     torch.manual_seed(12)
     m, x = ReluCNN().to(DT), _pixels(2, 2, 6, 6)
     if composite == "EpsilonPlusFlat":
-        want, got = zennit_lrp(zennit, m, x, zennit.composites.EpsilonPlusFlat()), ours(m, x, composite="epsilon_plus_flat")
+        want, got = (
+            zennit_lrp(zennit, m, x, zennit.composites.EpsilonPlusFlat()),
+            ours(m, x, composite="epsilon_plus_flat"),
+        )
     else:
         low, high = torch.zeros_like(x), torch.ones_like(x)
         want = zennit_lrp(zennit, m, x, zennit.composites.EpsilonGammaBox(low=low, high=high))
@@ -572,8 +654,13 @@ def test_zero_inputs_composites_and_conservation(zennit, composite):
         for p in m.parameters():
             if p.dim() == 1:
                 p.zero_()
-    R = ours(m, x, rules={"conv1": L.flat(0.0), "conv2": L.epsilon(0.0), "fc": L.epsilon(0.0)}, composite=None,
-             check_conservation=(1e-9, 1e-9))  # the check counts the zero inputs' share too
+    R = ours(
+        m,
+        x,
+        rules={"conv1": L.flat(0.0), "conv2": L.epsilon(0.0), "fc": L.epsilon(0.0)},
+        composite=None,
+        check_conservation=(1e-9, 1e-9),
+    )  # the check counts the zero inputs' share too
     torch.testing.assert_close(R.flatten(2).sum(-1), m(x), rtol=1e-9, atol=1e-9)
 
 
@@ -588,8 +675,9 @@ def test_zero_inputs_double_backward_exact():
     def f(w):
         s = tdfunc.state(m).update({("0", "weight"): w}, inplace=False)
         td = TensorDict({"x": x}, batch_size=[3])
-        return lrp(lambda t: tdfunc.functional_call(m, s, (t["x"],)), td, m, rules={"0": L.wsquare()},
-                   composite="epsilon")["attr", "x"]
+        return lrp(
+            lambda t: tdfunc.functional_call(m, s, (t["x"],)), td, m, rules={"0": L.wsquare()}, composite="epsilon"
+        )["attr", "x"]
 
     assert f(w)[:, :, 0].abs().sum() > 0  # the zero column has relevance
     assert torch.autograd.gradcheck(f, (w,))
@@ -602,7 +690,10 @@ def test_zero_inputs_double_backward_exact():
 ZERO = {
     "epsilon": (lambda: L.epsilon(0.1, zero_params="bias"), lambda r: r.Epsilon(0.1, zero_params="bias")),
     "zplus": (lambda: L.zplus(zero_params=("bias",)), lambda r: r.ZPlus(zero_params="bias")),
-    "alpha_beta": (lambda: L.alpha_beta(2, 1, zero_params=["bias"]), lambda r: r.AlphaBeta(2.0, 1.0, zero_params="bias")),
+    "alpha_beta": (
+        lambda: L.alpha_beta(2, 1, zero_params=["bias"]),
+        lambda r: r.AlphaBeta(2.0, 1.0, zero_params="bias"),
+    ),
     "gamma": (lambda: L.gamma(0.3, zero_params="bias"), lambda r: r.Gamma(0.3, zero_params="bias")),
     "flat": (lambda: L.flat(zero_params="bias"), lambda r: r.Flat(zero_params="bias")),
     "wsquare": (lambda: L.wsquare(zero_params="bias"), lambda r: r.WSquare(zero_params="bias")),

@@ -24,21 +24,26 @@ import pytest
 import torch
 import torch.nn.functional as F
 from tensordict import TensorDict
+from test_lrp import ours, zennit_lrp  # the shared zennit-per-class and tdfunc calls
 from torch import nn
 
 import tdfunc
 from tdfunc.attribution._common import AttributionError
 from tdfunc.attribution._lrp import lrp
-from tdfunc.lrp_rules import attention as lrp_attention, epsilon as lrp_epsilon, identity as lrp_identity
-from tdfunc.lrp_rules import ignore as lrp_ignore, norm as lrp_norm, gradient as lrp_pass, softmax as lrp_softmax
-from test_lrp import ours, zennit_lrp  # the shared zennit-per-class and tdfunc calls
-
+from tdfunc.lrp_rules import attention as lrp_attention
+from tdfunc.lrp_rules import epsilon as lrp_epsilon
+from tdfunc.lrp_rules import gradient as lrp_pass
+from tdfunc.lrp_rules import identity as lrp_identity
+from tdfunc.lrp_rules import ignore as lrp_ignore
+from tdfunc.lrp_rules import norm as lrp_norm
+from tdfunc.lrp_rules import softmax as lrp_softmax
 
 
 @pytest.fixture(scope="module")
 def lf():
     """LXT's explicit functional rules (AttnLRP reference, test-only)."""
     return pytest.importorskip("lxt.explicit.functional")
+
 
 lrp_zbox = tdfunc.lrp_rules.zbox
 
@@ -63,7 +68,14 @@ def test_zbox_matches_zennit(zennit, kind, bounds):
         lo, hi = (-1.0, 1.0) if bounds == "float" else (-1 - torch.rand(1, 5, dtype=DT), 1 + torch.rand(1, 5, dtype=DT))
     else:
         layer, x = nn.Conv2d(2, 2, 3, padding=1), torch.rand(2, 2, 3, 3) * 2 - 1
-        lo, hi = (-1.0, 1.0) if bounds == "float" else (torch.tensor([-1.0, -2.0], dtype=DT).view(1, 2, 1, 1), torch.tensor([1.5, 1.0], dtype=DT).view(1, 2, 1, 1))
+        lo, hi = (
+            (-1.0, 1.0)
+            if bounds == "float"
+            else (
+                torch.tensor([-1.0, -2.0], dtype=DT).view(1, 2, 1, 1),
+                torch.tensor([1.5, 1.0], dtype=DT).view(1, 2, 1, 1),
+            )
+        )
     m, x = Single(layer.to(DT)), x.to(DT)
     comp = zennit.core.Composite(
         module_map=lambda ctx, n, mod: zennit.rules.ZBox(lo, hi) if isinstance(mod, (nn.Linear, nn.Conv2d)) else None
@@ -88,17 +100,27 @@ def test_zbox_first_layer_of_mlp_matches_zennit(zennit):
 
 
 def test_zbox_bad_arguments():
-    with pytest.raises(AttributionError, match=r"^tdfunc\.lrp_rules\.zbox: low must be <= high everywhere \(the box the inputs lie in\), got low > high\.$"):
+    with pytest.raises(
+        AttributionError,
+        match=r"^tdfunc\.lrp_rules\.zbox: low must be <= high everywhere \(the box the inputs lie in\), got low > high\.$",
+    ):
         lrp_zbox(1.0, 0.0)
     with pytest.raises(AttributionError, match=r"^tdfunc\.lrp_rules\.zbox: low must be <= high everywhere"):
         lrp_zbox(torch.tensor([0.0, 2.0]), 1.0)
-    with pytest.raises(TypeError, match=r"^tdfunc\.lrp_rules\.zbox: low must be a float or a floating-point tensor, got str \('a'\)\.$"):
+    with pytest.raises(
+        TypeError, match=r"^tdfunc\.lrp_rules\.zbox: low must be a float or a floating-point tensor, got str \('a'\)\.$"
+    ):
         lrp_zbox("a", 1.0)
-    with pytest.raises(TypeError, match=r"^tdfunc\.lrp_rules\.zbox: high must be a float or a floating-point tensor, got a torch\.int64 tensor\.$"):
+    with pytest.raises(
+        TypeError,
+        match=r"^tdfunc\.lrp_rules\.zbox: high must be a float or a floating-point tensor, got a torch\.int64 tensor\.$",
+    ):
         lrp_zbox(0.0, torch.tensor([1]))
     with pytest.raises(AttributionError, match=r"^tdfunc\.lrp_rules\.zbox: high must be finite, got inf\.$"):
         lrp_zbox(0.0, float("inf"))
-    with pytest.raises(AttributionError, match=r"^tdfunc\.lrp_rules\.zbox: stabilizer must be a finite number >= 0, got -1\.0\.$"):
+    with pytest.raises(
+        AttributionError, match=r"^tdfunc\.lrp_rules\.zbox: stabilizer must be a finite number >= 0, got -1\.0\.$"
+    ):
         lrp_zbox(0.0, 1.0, stabilizer=-1.0)
 
 
@@ -233,17 +255,28 @@ def r_self_attention(a: nn.MultiheadAttention, h, R, eps, mode):
         R_p, R_v = r_matmul(p, v, R_o, eps)
         R_q, R_kt = r_matmul(q, k.transpose(-1, -2), r_softmax(scores, p, R_p), eps)
         R_k = R_kt.transpose(-1, -2)
-    return r_linear(h, wq, bq, merge(R_q), eps) + r_linear(h, wk, bk, merge(R_k), eps) + r_linear(h, wv, bv, merge(R_v), eps)
+    return (
+        r_linear(h, wq, bq, merge(R_q), eps)
+        + r_linear(h, wk, bk, merge(R_k), eps)
+        + r_linear(h, wv, bv, merge(R_v), eps)
+    )
 
 
 def r_feed_forward(layer, h, R, eps):
     """linear1 (ε) → GELU (identity, Prop. 3.4) → linear2 (ε)."""
     u = h @ layer.linear1.weight.T + layer.linear1.bias
-    return r_linear(h, layer.linear1.weight, layer.linear1.bias, r_linear(F.gelu(u), layer.linear2.weight, layer.linear2.bias, R, eps), eps)
+    return r_linear(
+        h,
+        layer.linear1.weight,
+        layer.linear1.bias,
+        r_linear(F.gelu(u), layer.linear2.weight, layer.linear2.bias, R, eps),
+        eps,
+    )
 
 
 def slow_attnlrp(m, x, eps=1e-6, mode="attnlrp"):
     """Every class's relevance (K, T, E) of one example x (T, E), propagated layer by layer from ``R = f_k e_k``."""
+
     def sa(layer, h):
         return layer.self_attn(h, h, h, attn_mask=_causal(h.shape[0]), need_weights=True)[0]
 
@@ -325,7 +358,10 @@ def lxt_attention(lf, a: nn.MultiheadAttention, q_in, k_in, v_in, mask, eps, mod
     else:
         ws = (a.q_proj_weight, a.k_proj_weight, a.v_proj_weight)
     bs = (None,) * 3 if a.in_proj_bias is None else a.in_proj_bias.chunk(3)
-    q, k, v = (lf.linear_epsilon(u, w, b, eps).view(n, -1, n_heads, hd).transpose(1, 2) for u, w, b in zip((q_in, k_in, v_in), ws, bs))
+    q, k, v = (
+        lf.linear_epsilon(u, w, b, eps).view(n, -1, n_heads, hd).transpose(1, 2)
+        for u, w, b in zip((q_in, k_in, v_in), ws, bs)
+    )
     scores = lf.mul2(lf.matmul(q, k.transpose(-1, -2), epsilon=eps), 1 / math.sqrt(hd))
     if mask is not None:  # ε rule on the sum with a constant: the mask takes its share, as a bias does
         scores = lf.add2(scores, mask.expand_as(scores), epsilon=eps)
@@ -379,7 +415,12 @@ def test_softmax_rule_matches_lxt_and_paper(lf):
     torch.testing.assert_close(got, slow, rtol=0, atol=1e-15)
     # not conservative: Σ R_in = Σ x R − (Σ x s) Σ R, with x_i = 0 at masked entries
     xz = x.nan_to_num(neginf=0.0)
-    torch.testing.assert_close(got.sum(-1), xz[:, None, :].mul(torch.diag_embed(s)).sum(-1) - (xz * s).sum(-1, keepdim=True) * s, rtol=0, atol=1e-14)
+    torch.testing.assert_close(
+        got.sum(-1),
+        xz[:, None, :].mul(torch.diag_embed(s)).sum(-1) - (xz * s).sum(-1, keepdim=True) * s,
+        rtol=0,
+        atol=1e-14,
+    )
     torch.testing.assert_close(ours(m, x, composite="attnlrp"), got, rtol=0, atol=0)  # the composite's choice
 
 
@@ -457,7 +498,9 @@ def test_layernorm_rule_matches_lxt(lf):
 
     torch.testing.assert_close(got, lxt_relevance(lxt_forward, x, 3), rtol=0, atol=1e-9)
     passed = ours(m, x, rules={nn.Linear: lrp_epsilon(1e-12), nn.LayerNorm: lrp_pass()}, composite="epsilon")
-    torch.testing.assert_close(passed, ours(m, x, rules={nn.Linear: lrp_epsilon(1e-12)}, composite=None), rtol=0, atol=0)
+    torch.testing.assert_close(
+        passed, ours(m, x, rules={nn.Linear: lrp_epsilon(1e-12)}, composite=None), rtol=0, atol=0
+    )
 
 
 class Attn(nn.Module):
@@ -474,18 +517,38 @@ def _mha_config(name):
     n, t, s, e = 2, 4, 3, 6
     bool_causal = torch.ones(t, t, dtype=torch.bool).triu(1)
     if name == "self-causal-float-is_causal":  # what nn.TransformerEncoderLayer passes
-        return dict(embed_dim=e, num_heads=2, batch_first=True), dict(attn_mask=_causal(t), is_causal=True, need_weights=False), (n, t, t), True
+        return (
+            dict(embed_dim=e, num_heads=2, batch_first=True),
+            dict(attn_mask=_causal(t), is_causal=True, need_weights=False),
+            (n, t, t),
+            True,
+        )
     if name == "self-bool-seq_first-weights":
-        return dict(embed_dim=e, num_heads=3), dict(attn_mask=bool_causal, need_weights=True, average_attn_weights=False), (n, t, t), True
+        return (
+            dict(embed_dim=e, num_heads=3),
+            dict(attn_mask=bool_causal, need_weights=True, average_attn_weights=False),
+            (n, t, t),
+            True,
+        )
     if name == "cross-kdim-vdim-padding":
         kpm = torch.tensor([[False, False, True], [False, False, False]])
-        return dict(embed_dim=e, num_heads=2, kdim=3, vdim=5, batch_first=True), dict(key_padding_mask=kpm), (n, t, s), False
+        return (
+            dict(embed_dim=e, num_heads=2, kdim=3, vdim=5, batch_first=True),
+            dict(key_padding_mask=kpm),
+            (n, t, s),
+            False,
+        )
     if name == "nobias-3d-float-mask":
         am = 0.5 * torch.randn(n * 2, t, s, dtype=DT)
         am[:, :, 0] = float("-inf")
         kpm = torch.zeros(n, s, dtype=DT)
         kpm[0, 1] = -0.7
-        return dict(embed_dim=e, num_heads=2, bias=False, batch_first=True), dict(attn_mask=am, key_padding_mask=kpm), (n, t, s), False
+        return (
+            dict(embed_dim=e, num_heads=2, bias=False, batch_first=True),
+            dict(attn_mask=am, key_padding_mask=kpm),
+            (n, t, s),
+            False,
+        )
     if name == "unbatched-causal":
         return dict(embed_dim=e, num_heads=2), dict(attn_mask=bool_causal, is_causal=True), (0, t, t), True
     raise AssertionError(name)
@@ -506,7 +569,13 @@ def _reference_mask(call, n, h, t, s):
     return add
 
 
-CONFIGS = ["self-causal-float-is_causal", "self-bool-seq_first-weights", "cross-kdim-vdim-padding", "nobias-3d-float-mask", "unbatched-causal"]
+CONFIGS = [
+    "self-causal-float-is_causal",
+    "self-bool-seq_first-weights",
+    "cross-kdim-vdim-padding",
+    "nobias-3d-float-mask",
+    "unbatched-causal",
+]
 
 
 @pytest.mark.parametrize("mode", ["attnlrp", "constant"])
@@ -582,8 +651,13 @@ def test_ignore_on_softmax_is_cp_lrp():
     x = torch.randn(2, 4, 6, dtype=DT)
     td = TensorDict({"x": x}, batch_size=[2])
     torch.testing.assert_close(hand(x), m(x, x, x, attn_mask=_causal(4))[:, -1], rtol=0, atol=1e-14)
-    want = lrp(lambda u: m(u["x"], u["x"], u["x"], attn_mask=_causal(4))[:, -1], td, m, composite="attnlrp",
-               rules={nn.MultiheadAttention: lrp_attention(softmax="constant")})["attr", "x"]
+    want = lrp(
+        lambda u: m(u["x"], u["x"], u["x"], attn_mask=_causal(4))[:, -1],
+        td,
+        m,
+        composite="attnlrp",
+        rules={nn.MultiheadAttention: lrp_attention(softmax="constant")},
+    )["attr", "x"]
     got = lrp(lambda u: hand(u["x"]), td, hand, composite="attnlrp", rules={"softmax": lrp_ignore()})["attr", "x"]
     torch.testing.assert_close(got, want, rtol=0, atol=1e-13)
     plain = lrp(lambda u: hand(u["x"]), td, hand, composite="attnlrp")["attr", "x"]  # softmax rule, plain matmuls
@@ -671,7 +745,10 @@ def test_residual_sums_are_the_eps_to_zero_limit_of_lxt_add2(lf):
     """Residual sums keep their gradient: LXT with add2's ε differs by O(ε), linearly, and → 0."""
     m, x = tiny()
     got = attnlrp(m, x, TINY_EPS)
-    diff = {e: (got - lxt_relevance(lambda u: lxt_tiny(lf, m, u, 1e-12, add_eps=e), x, 3)).abs().max().item() for e in (1e-7, 1e-8)}
+    diff = {
+        e: (got - lxt_relevance(lambda u: lxt_tiny(lf, m, u, 1e-12, add_eps=e), x, 3)).abs().max().item()
+        for e in (1e-7, 1e-8)
+    }
     assert 9.5 < diff[1e-7] / diff[1e-8] < 10.5, diff  # first order in ε
     assert 1e-8 < diff[1e-8] < 1e-5, diff  # at LXT's default ε for add2 (1e-8): visible, small
 
@@ -723,14 +800,20 @@ def test_encoder_layer_fast_path_is_not_taken(monkeypatch):
     fused = torch._transformer_encoder_layer_fwd
     monkeypatch.setattr(torch, "_transformer_encoder_layer_fwd", lambda *a, **k: calls.append(1) or fused(*a, **k))
     torch.manual_seed(18)
-    model = nn.Sequential(nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True), nn.Linear(8, 3)).to(DT).eval()
+    model = (
+        nn.Sequential(nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True), nn.Linear(8, 3))
+        .to(DT)
+        .eval()
+    )
     x = torch.randn(2, 4, 8, dtype=DT)
     with torch.no_grad():  # the fast path exists: a plain no-grad eval call takes it
         model(x)
     assert calls == [1]
     state = tdfunc.state(model)  # plain tensors (no requires_grad), eval: the fast path's conditions
     td = TensorDict({"x": x}, batch_size=[2])
-    got = lrp(lambda t: tdfunc.functional_call(model, state, (t["x"],))[:, -1], td, model, composite="attnlrp")["attr", "x"]
+    got = lrp(lambda t: tdfunc.functional_call(model, state, (t["x"],))[:, -1], td, model, composite="attnlrp")[
+        "attr", "x"
+    ]
     assert calls == [1]
     want = lrp(lambda t: model(t["x"])[:, -1], td, model, composite="attnlrp")["attr", "x"]
     torch.testing.assert_close(got, want, rtol=0, atol=1e-15)
@@ -740,9 +823,14 @@ def test_encoder_layer_fast_path_is_not_taken(monkeypatch):
 
 
 def test_transformer_errors():
-    with pytest.raises(AttributionError, match=r"^tdfunc\.lrp_rules\.attention: softmax must be 'attnlrp' \(relevance through the softmax, AttnLRP\) or 'constant' \(attention probabilities held constant, CP-LRP\), got 'cp'\.$"):
+    with pytest.raises(
+        AttributionError,
+        match=r"^tdfunc\.lrp_rules\.attention: softmax must be 'attnlrp' \(relevance through the softmax, AttnLRP\) or 'constant' \(attention probabilities held constant, CP-LRP\), got 'cp'\.$",
+    ):
         lrp_attention(softmax="cp")
-    with pytest.raises(AttributionError, match=r"^tdfunc\.lrp_rules\.attention: eps must be a finite number >= 0, got -1\.0\.$"):
+    with pytest.raises(
+        AttributionError, match=r"^tdfunc\.lrp_rules\.attention: eps must be a finite number >= 0, got -1\.0\.$"
+    ):
         lrp_attention(eps=-1.0)
     with pytest.raises(TypeError, match=r"^tdfunc\.lrp_rules\.attention: eps must be a float, got str \('1e-6'\)\.$"):
         lrp_attention(eps="1e-6")
@@ -754,18 +842,33 @@ def test_transformer_errors():
 
     for kw, what in ((dict(add_bias_kv=True), "add_bias_kv=True"), (dict(add_zero_attn=True), "add_zero_attn=True")):
         m = Attn(embed_dim=4, num_heads=2, batch_first=True, **kw).to(DT).eval()
-        with pytest.raises(AttributionError, match=rf"^tdfunc\.lrp: nn\.MultiheadAttention 'attn' has {what}, which tdfunc\.lrp_rules\.attention does not support; build it without, or give it tdfunc\.lrp_rules\.gradient\(\) \(its plain gradient\)\.$"):
+        with pytest.raises(
+            AttributionError,
+            match=rf"^tdfunc\.lrp: nn\.MultiheadAttention 'attn' has {what}, which tdfunc\.lrp_rules\.attention does not support; build it without, or give it tdfunc\.lrp_rules\.gradient\(\) \(its plain gradient\)\.$",
+        ):
             run(m, composite="attnlrp")
     m = Attn(embed_dim=4, num_heads=2, batch_first=True, dropout=0.1).to(DT)  # training mode
     before = [p.clone() for p in m.parameters()]
-    with pytest.raises(AttributionError, match=r"^tdfunc\.lrp: nn\.MultiheadAttention 'attn' is in training mode with dropout=0\.1; f runs twice and must be deterministic: call \.eval\(\) on the model \(or build it with dropout=0\.0\)\.$"):
+    with pytest.raises(
+        AttributionError,
+        match=r"^tdfunc\.lrp: nn\.MultiheadAttention 'attn' is in training mode with dropout=0\.1; f runs twice and must be deterministic: call \.eval\(\) on the model \(or build it with dropout=0\.0\)\.$",
+    ):
         run(m, composite="attnlrp")
     assert m.training and all(torch.equal(a, b) for a, b in zip(before, m.parameters()))  # nothing changed
-    with pytest.raises(AttributionError, match=r"^tdfunc\.lrp: rules pattern 'attn\.out_proj' matches 'attn\.out_proj', the output projection of nn\.MultiheadAttention 'attn', which uses its weight directly \(the submodule never runs\); give the attention module a rule instead, e\.g\. rules=\{'attn': tdfunc\.lrp_rules\.attention\(eps=0\.1\)\}\.$"):
+    with pytest.raises(
+        AttributionError,
+        match=r"^tdfunc\.lrp: rules pattern 'attn\.out_proj' matches 'attn\.out_proj', the output projection of nn\.MultiheadAttention 'attn', which uses its weight directly \(the submodule never runs\); give the attention module a rule instead, e\.g\. rules=\{'attn': tdfunc\.lrp_rules\.attention\(eps=0\.1\)\}\.$",
+    ):
         run(m.eval(), rules={"attn.out_proj": lrp_epsilon(0.1)})
-    with pytest.raises(AttributionError, match=r"^tdfunc\.lrp: rules gives Linear the rule tdfunc\.lrp_rules\.attention\(eps=1e-06, softmax='attnlrp'\), which applies to nn\.MultiheadAttention only; give Linear a rule that applies to it \(tdfunc\.lrp_rules\.gradient\(\) and tdfunc\.lrp_rules\.ignore\(\) apply to any module\), or remove that entry\.$"):
+    with pytest.raises(
+        AttributionError,
+        match=r"^tdfunc\.lrp: rules gives Linear the rule tdfunc\.lrp_rules\.attention\(eps=1e-06, softmax='attnlrp'\), which applies to nn\.MultiheadAttention only; give Linear a rule that applies to it \(tdfunc\.lrp_rules\.gradient\(\) and tdfunc\.lrp_rules\.ignore\(\) apply to any module\), or remove that entry\.$",
+    ):
         run(m, rules={nn.Linear: lrp_attention()})
-    with pytest.raises(AttributionError, match=r"^tdfunc\.lrp: rules pattern 'attn' matches 'attn' \(MultiheadAttention\), but tdfunc\.lrp_rules\.identity\(\) applies to elementwise modules \(not nn\.Linear, nn\.ConvNd, nn\.MultiheadAttention or nn\.Softmax\) only; narrow the pattern to those modules\.$"):
+    with pytest.raises(
+        AttributionError,
+        match=r"^tdfunc\.lrp: rules pattern 'attn' matches 'attn' \(MultiheadAttention\), but tdfunc\.lrp_rules\.identity\(\) applies to elementwise modules \(not nn\.Linear, nn\.ConvNd, nn\.MultiheadAttention or nn\.Softmax\) only; narrow the pattern to those modules\.$",
+    ):
         run(m, rules={"attn": lrp_identity()})
 
 
@@ -773,13 +876,22 @@ def test_identity_and_layer_errors():
     x = torch.randn(2, 4, dtype=DT)
     td = TensorDict({"x": x}, batch_size=[2])
     m = nn.Sequential(nn.Linear(4, 4), nn.SiLU(inplace=True), nn.Linear(4, 2)).to(DT)
-    with pytest.raises(AttributionError, match=r"^tdfunc\.lrp: tdfunc\.lrp_rules\.identity\(\) at '1' needs the input of SiLU\(inplace=True\), which the module overwrites; build it with inplace=False, or give it tdfunc\.lrp_rules\.gradient\(\)\.$"):
+    with pytest.raises(
+        AttributionError,
+        match=r"^tdfunc\.lrp: tdfunc\.lrp_rules\.identity\(\) at '1' needs the input of SiLU\(inplace=True\), which the module overwrites; build it with inplace=False, or give it tdfunc\.lrp_rules\.gradient\(\)\.$",
+    ):
         lrp(lambda t: m(t["x"]), td, m, composite="attnlrp")
     m = nn.Sequential(nn.Linear(4, 4), nn.AdaptiveAvgPool1d(2)).to(DT)
-    with pytest.raises(AttributionError, match=r"^tdfunc\.lrp: tdfunc\.lrp_rules\.identity\(\) at '1' \(AdaptiveAvgPool1d\) needs an elementwise module whose output has its input's shape, got input \(2, 4\) and output \(2, 2\); use tdfunc\.lrp_rules\.gradient\(\) or tdfunc\.lrp_rules\.ignore\(\) there\.$"):
+    with pytest.raises(
+        AttributionError,
+        match=r"^tdfunc\.lrp: tdfunc\.lrp_rules\.identity\(\) at '1' \(AdaptiveAvgPool1d\) needs an elementwise module whose output has its input's shape, got input \(2, 4\) and output \(2, 2\); use tdfunc\.lrp_rules\.gradient\(\) or tdfunc\.lrp_rules\.ignore\(\) there\.$",
+    ):
         lrp(lambda t: m(t["x"]), td, m, rules={"1": lrp_identity()})
     layer = nn.TransformerEncoderLayer(4, 2, 8, dropout=0.0, activation="gelu", batch_first=True)
-    with pytest.raises(AttributionError, match=r"^tdfunc\.lrp: composite 'attnlrp' gives activation modules the identity rule, but TransformerEncoderLayer '0' calls its activation as a function \('gelu'\), which no rule can reach; build the layer with a module, e\.g\. activation=nn\.GELU\(\)\.$"):
+    with pytest.raises(
+        AttributionError,
+        match=r"^tdfunc\.lrp: composite 'attnlrp' gives activation modules the identity rule, but TransformerEncoderLayer '0' calls its activation as a function \('gelu'\), which no rule can reach; build the layer with a module, e\.g\. activation=nn\.GELU\(\)\.$",
+    ):
         lrp(lambda t: layer(t["x"][:, None]).sum((1, 2)), td, nn.Sequential(layer), composite="attnlrp")
 
 
@@ -791,9 +903,14 @@ def test_nested_tensor_input_error():
     kpm = torch.tensor([[False, False, False, True], [False, False, True, True]])
     td = TensorDict({"x": torch.randn(2, 4, 8, dtype=DT)}, batch_size=[2])
     f = lambda t: tdfunc.functional_call(enc, state, (t["x"],), {"src_key_padding_mask": kpm})[:, 0]
-    with pytest.raises(AttributionError, match=r"^tdfunc\.lrp: module 'layers\.0\.self_attn' received a nested tensor: nn\.TransformerEncoder converts its input to one \(its fast path\) in eval mode when given a src_key_padding_mask and nothing requires grad; build the encoder with enable_nested_tensor=False\.$"):
+    with pytest.raises(
+        AttributionError,
+        match=r"^tdfunc\.lrp: module 'layers\.0\.self_attn' received a nested tensor: nn\.TransformerEncoder converts its input to one \(its fast path\) in eval mode when given a src_key_padding_mask and nothing requires grad; build the encoder with enable_nested_tensor=False\.$",
+    ):
         lrp(f, td, enc, composite="attnlrp")
-    enc = nn.TransformerEncoder(nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True), 2, enable_nested_tensor=False)
+    enc = nn.TransformerEncoder(
+        nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True), 2, enable_nested_tensor=False
+    )
     enc = enc.to(DT).eval()
     R = lrp(lambda t: enc(t["x"], src_key_padding_mask=kpm)[:, 0], td, enc, composite="attnlrp")["attr", "x"]
     assert R.isfinite().all() and (R[1, :, 2:] == 0).all()  # padded keys get no relevance
@@ -809,7 +926,10 @@ def test_rewrite_mismatch_error():
         h = m[1](m[0](t["x"]))
         return m[2](m[1](h) if len(calls) > 1 else h)
 
-    with pytest.raises(tdfunc.NotReachedError, match=r"^tdfunc\.lrp: f called the GELU module '1' more often, or with other shapes, than in the first of its two forwards; f must be deterministic \(put dropout layers in eval\(\)\)\.$"):
+    with pytest.raises(
+        tdfunc.NotReachedError,
+        match=r"^tdfunc\.lrp: f called the GELU module '1' more often, or with other shapes, than in the first of its two forwards; f must be deterministic \(put dropout layers in eval\(\)\)\.$",
+    ):
         lrp(f, td, m, composite="attnlrp")
 
 

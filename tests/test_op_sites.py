@@ -15,11 +15,11 @@ import threading
 import pytest
 import torch
 import torch.nn.functional as F
+from cases_sites import Net, OpAttn
 from torch import nn
 
 import tdfunc
 from tdfunc import EditError, NotReachedError, SiteError
-from cases_sites import Net, OpAttn
 
 
 def _tf():
@@ -31,25 +31,49 @@ def _tf():
 def gpt2(attn="eager", layers=2):
     tf = _tf()
     torch.manual_seed(0)
-    cfg = tf.GPT2Config(n_layer=layers, n_head=4, n_embd=32, vocab_size=100, n_positions=32,
-                        bos_token_id=0, eos_token_id=0, attn_implementation=attn)
+    cfg = tf.GPT2Config(
+        n_layer=layers,
+        n_head=4,
+        n_embd=32,
+        vocab_size=100,
+        n_positions=32,
+        bos_token_id=0,
+        eos_token_id=0,
+        attn_implementation=attn,
+    )
     return tf.GPT2LMHeadModel(cfg).eval()
 
 
 def llama(attn="eager"):
     tf = _tf()
     torch.manual_seed(0)
-    cfg = tf.LlamaConfig(num_hidden_layers=2, hidden_size=32, intermediate_size=48, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=100, max_position_embeddings=32,
-                         bos_token_id=0, eos_token_id=0, attn_implementation=attn)
+    cfg = tf.LlamaConfig(
+        num_hidden_layers=2,
+        hidden_size=32,
+        intermediate_size=48,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=100,
+        max_position_embeddings=32,
+        bos_token_id=0,
+        eos_token_id=0,
+        attn_implementation=attn,
+    )
     return tf.LlamaForCausalLM(cfg).eval()
 
 
 def bert():
     tf = _tf()
     torch.manual_seed(0)
-    cfg = tf.BertConfig(num_hidden_layers=2, hidden_size=32, intermediate_size=48, num_attention_heads=4,
-                        vocab_size=100, max_position_embeddings=32, attn_implementation="eager")
+    cfg = tf.BertConfig(
+        num_hidden_layers=2,
+        hidden_size=32,
+        intermediate_size=48,
+        num_attention_heads=4,
+        vocab_size=100,
+        max_position_embeddings=32,
+        attn_implementation="eager",
+    )
     return tf.BertModel(cfg).eval()
 
 
@@ -107,7 +131,10 @@ def test_gpt2_pattern_edit_equals_hand_written_attention_and_vmap_equals_loop():
 
     def run(sc):
         _, caps = tdfunc.functional_call(
-            m, None, (IDS,), edits={"transformer.h.0.attn/softmax": lambda p: p * sc[:, None, None]},
+            m,
+            None,
+            (IDS,),
+            edits={"transformer.h.0.attn/softmax": lambda p: p * sc[:, None, None]},
             capture=["transformer.h.0.attn:output.0", "transformer.h.0.ln_1"],
         )
         return caps["transformer.h.0.attn:output.0"], caps["transformer.h.0.ln_1"]
@@ -128,7 +155,9 @@ def test_gpt2_delta_on_the_pattern_gives_the_gradient_at_the_pattern():
     site = "transformer.h.1.attn/softmax"
     _, caps = tdfunc.functional_call(m, None, (IDS,), capture=site)
     d0 = torch.zeros_like(caps[site])
-    g = torch.func.grad(lambda d: tdfunc.functional_call(m, None, (IDS,), edits={site: tdfunc.delta(d)}).logits[:, -1, 3].sum())(d0)
+    g = torch.func.grad(
+        lambda d: tdfunc.functional_call(m, None, (IDS,), edits={site: tdfunc.delta(d)}).logits[:, -1, 3].sum()
+    )(d0)
     # reference: central finite differences of the edited call
     eps = 1e-3
     e = torch.zeros_like(d0)
@@ -148,7 +177,9 @@ def test_gpt2_compile_fullgraph_pattern_edit_without_recompiling():
         torch._dynamo.reset()
 
         def f(sc):
-            out, caps = tdfunc.functional_call(m, None, (IDS,), edits={site: lambda p: p * sc}, capture="transformer.h.1.attn/softmax")
+            out, caps = tdfunc.functional_call(
+                m, None, (IDS,), edits={site: lambda p: p * sc}, capture="transformer.h.1.attn/softmax"
+            )
             return out.logits, caps["transformer.h.1.attn/softmax"]
 
         from torch._dynamo.testing import CompileCounter
@@ -171,7 +202,9 @@ def test_bert_softmax_site_is_the_attention_pattern():
     mask = torch.ones_like(IDS)
     mask[1, 5:] = 0
     ref = m(IDS, attention_mask=mask, output_attentions=True).attentions
-    _, caps = tdfunc.functional_call(m, None, (IDS,), {"attention_mask": mask}, capture="encoder.layer.*.attention.self/softmax")
+    _, caps = tdfunc.functional_call(
+        m, None, (IDS,), {"attention_mask": mask}, capture="encoder.layer.*.attention.self/softmax"
+    )
     for i in range(2):
         torch.testing.assert_close(caps[f"encoder.layer.{i}.attention.self/softmax"], ref[i], rtol=0, atol=0)
 
@@ -179,19 +212,30 @@ def test_bert_softmax_site_is_the_attention_pattern():
 def test_llama_gated_mlp_product_keyword_inputs_and_model_output_keys():
     m = llama()
     mlp = m.model.layers[0].mlp
-    with Hooked(mlp.gate_proj) as g, Hooked(mlp.up_proj) as u, Hooked(m.model.layers[1], pre=True) as pre, \
-            Hooked(m.model) as body, Hooked(mlp.down_proj, pre=True) as down:
+    with (
+        Hooked(mlp.gate_proj) as g,
+        Hooked(mlp.up_proj) as u,
+        Hooked(m.model.layers[1], pre=True) as pre,
+        Hooked(m.model) as body,
+        Hooked(mlp.down_proj, pre=True) as down,
+    ):
         ref_out = m(IDS)
-    sites = ["model.layers.0.mlp/mul", "model.layers.1:input.hidden_states", "model.layers.1:input.position_embeddings",
-             "model:output.last_hidden_state", "model.layers.0.self_attn/softmax"]
+    sites = [
+        "model.layers.0.mlp/mul",
+        "model.layers.1:input.hidden_states",
+        "model.layers.1:input.position_embeddings",
+        "model:output.last_hidden_state",
+        "model.layers.0.self_attn/softmax",
+    ]
     out, caps = tdfunc.functional_call(m, None, (IDS,), capture=sites)
     torch.testing.assert_close(caps["model.layers.0.mlp/mul"], F.silu(g.values[0]) * u.values[0], rtol=0, atol=0)
     torch.testing.assert_close(caps["model.layers.0.mlp/mul"], down.values[0][0][0], rtol=0, atol=0)
     a, kw = pre.values[0]
     hs = kw["hidden_states"] if "hidden_states" in kw else a[0]
     torch.testing.assert_close(caps["model.layers.1:input.hidden_states"], hs, rtol=0, atol=0)
-    torch.testing.assert_close(caps["model.layers.1:input.position_embeddings"], torch.stack(kw["position_embeddings"]), rtol=0, atol=0) \
-        if isinstance(caps["model.layers.1:input.position_embeddings"], torch.Tensor) else None
+    torch.testing.assert_close(
+        caps["model.layers.1:input.position_embeddings"], torch.stack(kw["position_embeddings"]), rtol=0, atol=0
+    ) if isinstance(caps["model.layers.1:input.position_embeddings"], torch.Tensor) else None
     torch.testing.assert_close(caps["model:output.last_hidden_state"], body.values[0].last_hidden_state, rtol=0, atol=0)
     ref_attn = m(IDS, output_attentions=True).attentions[0]
     torch.testing.assert_close(caps["model.layers.0.self_attn/softmax"], ref_attn, rtol=0, atol=0)
@@ -200,7 +244,10 @@ def test_llama_gated_mlp_product_keyword_inputs_and_model_output_keys():
     # edits: a delta on the gated product = a pre-hook adding it to down_proj's input; a keyword input
     # edited by name = a pre-hook editing that keyword; a ModelOutput key = a forward hook on the body
     d = torch.randn_like(caps["model.layers.0.mlp/mul"])
-    h1 = m.model.layers[1].register_forward_pre_hook(lambda mod, a, kw: ((a[0] + d,) + a[1:], kw) if a else (a, {**kw, "hidden_states": kw["hidden_states"] + 0}), with_kwargs=True)
+    h1 = m.model.layers[1].register_forward_pre_hook(
+        lambda mod, a, kw: ((a[0] + d,) + a[1:], kw) if a else (a, {**kw, "hidden_states": kw["hidden_states"] + 0}),
+        with_kwargs=True,
+    )
     h1.remove()
     ref = m.model.layers[0].mlp.down_proj.register_forward_pre_hook(lambda mod, a: (a[0] + d,))
     try:
@@ -225,7 +272,9 @@ def test_llama_gated_mlp_product_keyword_inputs_and_model_output_keys():
     got = tdfunc.functional_call(m, None, (IDS,), edits={"model.layers.1:input.hidden_states": tdfunc.delta(e)}).logits
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
-    ref = m.model.register_forward_hook(lambda mod, a, out: type(out)(**{**out, "last_hidden_state": out.last_hidden_state * 0.5}))
+    ref = m.model.register_forward_hook(
+        lambda mod, a, out: type(out)(**{**out, "last_hidden_state": out.last_hidden_state * 0.5})
+    )
     try:
         want = m(IDS).logits
     finally:
@@ -262,7 +311,8 @@ def test_list_sites_on_gpt2_lists_the_pattern_and_leaves_no_hook():
     # every listed site is addressable
     _, caps = tdfunc.functional_call(m, None, (IDS,), capture=[s for s in sites if "/" in s or ":output." in s])
     assert {k: tuple(v.shape) for k, v in caps.items() if isinstance(v, torch.Tensor)} == {
-        k: v for k, v in sites.items() if k in caps.keys() and isinstance(v, tuple)}
+        k: v for k, v in sites.items() if k in caps.keys() and isinstance(v, tuple)
+    }
     assert "transformer.h.0.attn/softmax" not in tdfunc.list_sites(m, (IDS,), ops=False)
 
 
@@ -339,7 +389,9 @@ def test_op_sites_in_two_threads_do_not_mix():
     torch.manual_seed(0)
     net = Net()
     x = torch.randn(2, 3, 4)
-    want = {s: tdfunc.functional_call(net, None, (x,), edits={"attn/softmax": lambda p, s=s: p * s}) for s in (0.0, 2.0)}
+    want = {
+        s: tdfunc.functional_call(net, None, (x,), edits={"attn/softmax": lambda p, s=s: p * s}) for s in (0.0, 2.0)
+    }
     bad = []
 
     def work(s):
@@ -377,7 +429,9 @@ def test_rms_norm_layer_norm_bmm_and_sub_ops():
 
     net = Outer()
     x = torch.randn(2, 3, 4)
-    _, caps = tdfunc.functional_call(net, None, (x,), capture=["m.norm/rms_norm", "m.ln/layer_norm", "m/bmm", "m/sub", "m/bmm:input.1"])
+    _, caps = tdfunc.functional_call(
+        net, None, (x,), capture=["m.norm/rms_norm", "m.ln/layer_norm", "m/bmm", "m/sub", "m/bmm:input.1"]
+    )
     h = F.rms_norm(x, (4,), net.m.norm.weight, net.m.norm.eps)
     torch.testing.assert_close(caps["m.norm/rms_norm"], h, rtol=0, atol=0)
     torch.testing.assert_close(caps["m.ln/layer_norm"], net.m.ln(h), rtol=0, atol=0)
@@ -389,30 +443,80 @@ def test_rms_norm_layer_norm_bmm_and_sub_ops():
 
 
 PINNED = [
-    ("unknown_op", lambda: tdfunc.functional_call(Net(), None, (torch.randn(2, 3, 4),), capture="attn/softmx"),
-     SiteError, "tdfunc.functional_call: bad site 'attn/softmx': unknown operation 'softmx' after '/' (did you mean 'softmax'?); operation sites name one of ['add', 'baddbmm', 'bmm', 'cat', 'div', 'einsum', 'exp', 'gelu', 'group_norm', 'layer_norm', 'linear', 'log_softmax', 'matmul', 'mul', 'relu', 'rms_norm', 'scaled_dot_product_attention', 'sigmoid', 'silu', 'softmax', 'sub', 'tanh']. Sites look like 'blocks.0.mlp', 'blocks.0.mlp:input', 'blocks.0.mlp:output.1', 'blocks.0.mlp@2', 'blocks.0.mlp@*' or 'blocks.*.mlp'."),
-    ("bad_element", lambda: tdfunc.functional_call(Net(), None, (torch.randn(2, 3, 4),), capture="attn:input.a-b"),
-     SiteError, "tdfunc.functional_call: bad site 'attn:input.a-b': the element after 'input.' must be an integer or a name (a keyword input, an output key), got 'a-b'. Sites look like 'blocks.0.mlp', 'blocks.0.mlp:input', 'blocks.0.mlp:output.1', 'blocks.0.mlp@2', 'blocks.0.mlp@*' or 'blocks.*.mlp'."),
-    ("op_not_reached", lambda: tdfunc.functional_call(Net(), None, (torch.randn(2, 3, 4),), capture="blk/softmax"),
-     NotReachedError, "tdfunc.functional_call: nothing was captured at site 'blk/softmax': softmax was never called under 'blk' in this call. Capture a site the forward reaches. A model whose attention runs torch's scaled_dot_product_attention (transformers' default, attn_implementation='sdpa') never forms the attention pattern: load it with attn_implementation='eager' to address the softmax, or use the site '…/scaled_dot_product_attention' for the attention output."),
-    ("op_edit_not_reached", lambda: tdfunc.functional_call(Net(), None, (torch.randn(2, 3, 4),), edits={"attn/softmax@1": lambda p: p}),
-     NotReachedError, "tdfunc.functional_call: the edit at site 'attn/softmax@1' was never applied: softmax was called once under 'attn' in this call, so it has no call 1. Check that the forward reaches this module (and with these inputs), or remove the edit. A model whose attention runs torch's scaled_dot_product_attention (transformers' default, attn_implementation='sdpa') never forms the attention pattern: load it with attn_implementation='eager' to address the softmax, or use the site '…/scaled_dot_product_attention' for the attention output."),
-    ("op_input_out_of_range", lambda: tdfunc.functional_call(Net(), None, (torch.randn(2, 3, 4),), capture="attn/einsum:input.5"),
-     SiteError, "tdfunc.functional_call: site 'attn/einsum:input.5': the operation's positional inputs are a value of type tuple of length 3, with no element 5; the call of einsum has 3 positional inputs; use ':input.N' with N below that."),
-    ("keyword_input_absent", lambda: tdfunc.functional_call(Net(), None, (torch.randn(2, 3, 4),), capture="attn:input.scale"),
-     SiteError, "tdfunc.functional_call: site 'attn:input.scale': the module's forward received no input named 'scale' in this call (it has no such argument, or the argument took its default); name an argument the caller passes."),
-    ("positional_index_of_keyword_input", lambda: tdfunc.functional_call(Net(), None, (torch.randn(2, 3, 4),), capture="blk:input.1"),
-     SiteError, "tdfunc.functional_call: site 'blk:input.1': the module's positional inputs are a value of type tuple of length 1, with no element 1; it also received ['scale'] by keyword: address one by name, e.g. 'blk:input.scale'."),
-    ("output_key_absent", lambda: tdfunc.functional_call(Net(), None, (torch.randn(2, 3, 4),), capture="blk:output.z"),
-     SiteError, "tdfunc.functional_call: site 'blk:output.z': the module's output is a value of type dict with keys ['y', 'h'], with no key 'z'; use one of its keys."),
-    ("dict_output_without_key", lambda: tdfunc.functional_call(Net(), None, (torch.randn(2, 3, 4),), capture="blk"),
-     SiteError, "tdfunc.functional_call: site 'blk': the module's output is a dict with keys ['y', 'h']; address one entry by key, e.g. 'blk:output.y'."),
-    ("rule_at_op_input", lambda: tdfunc.functional_call(Net(), None, (torch.randn(2, 3, 4),), edits={"attn/softmax:input": tdfunc.rule(lambda *a: a[-1])}),
-     EditError, "tdfunc.functional_call: tdfunc.rule edits rewrite a module's output, but site 'attn/softmax:input' is an input; use the output site 'attn' or a plain callable edit."),
-    ("list_sites_module", lambda: tdfunc.list_sites("net", (torch.randn(2),)),
-     TypeError, "tdfunc.list_sites: expected an nn.Module as the module, got str ('net')."),
-    ("list_sites_ops", lambda: tdfunc.list_sites(Net(), (torch.randn(2, 3, 4),), ops=1),
-     TypeError, "tdfunc.list_sites: ops must be True or False, got int (1)."),
+    (
+        "unknown_op",
+        lambda: tdfunc.functional_call(Net(), None, (torch.randn(2, 3, 4),), capture="attn/softmx"),
+        SiteError,
+        "tdfunc.functional_call: bad site 'attn/softmx': unknown operation 'softmx' after '/' (did you mean 'softmax'?); operation sites name one of ['add', 'baddbmm', 'bmm', 'cat', 'div', 'einsum', 'exp', 'gelu', 'group_norm', 'layer_norm', 'linear', 'log_softmax', 'matmul', 'mul', 'relu', 'rms_norm', 'scaled_dot_product_attention', 'sigmoid', 'silu', 'softmax', 'sub', 'tanh']. Sites look like 'blocks.0.mlp', 'blocks.0.mlp:input', 'blocks.0.mlp:output.1', 'blocks.0.mlp@2', 'blocks.0.mlp@*' or 'blocks.*.mlp'.",
+    ),
+    (
+        "bad_element",
+        lambda: tdfunc.functional_call(Net(), None, (torch.randn(2, 3, 4),), capture="attn:input.a-b"),
+        SiteError,
+        "tdfunc.functional_call: bad site 'attn:input.a-b': the element after 'input.' must be an integer or a name (a keyword input, an output key), got 'a-b'. Sites look like 'blocks.0.mlp', 'blocks.0.mlp:input', 'blocks.0.mlp:output.1', 'blocks.0.mlp@2', 'blocks.0.mlp@*' or 'blocks.*.mlp'.",
+    ),
+    (
+        "op_not_reached",
+        lambda: tdfunc.functional_call(Net(), None, (torch.randn(2, 3, 4),), capture="blk/softmax"),
+        NotReachedError,
+        "tdfunc.functional_call: nothing was captured at site 'blk/softmax': softmax was never called under 'blk' in this call. Capture a site the forward reaches. A model whose attention runs torch's scaled_dot_product_attention (transformers' default, attn_implementation='sdpa') never forms the attention pattern: load it with attn_implementation='eager' to address the softmax, or use the site '…/scaled_dot_product_attention' for the attention output.",
+    ),
+    (
+        "op_edit_not_reached",
+        lambda: tdfunc.functional_call(Net(), None, (torch.randn(2, 3, 4),), edits={"attn/softmax@1": lambda p: p}),
+        NotReachedError,
+        "tdfunc.functional_call: the edit at site 'attn/softmax@1' was never applied: softmax was called once under 'attn' in this call, so it has no call 1. Check that the forward reaches this module (and with these inputs), or remove the edit. A model whose attention runs torch's scaled_dot_product_attention (transformers' default, attn_implementation='sdpa') never forms the attention pattern: load it with attn_implementation='eager' to address the softmax, or use the site '…/scaled_dot_product_attention' for the attention output.",
+    ),
+    (
+        "op_input_out_of_range",
+        lambda: tdfunc.functional_call(Net(), None, (torch.randn(2, 3, 4),), capture="attn/einsum:input.5"),
+        SiteError,
+        "tdfunc.functional_call: site 'attn/einsum:input.5': the operation's positional inputs are a value of type tuple of length 3, with no element 5; the call of einsum has 3 positional inputs; use ':input.N' with N below that.",
+    ),
+    (
+        "keyword_input_absent",
+        lambda: tdfunc.functional_call(Net(), None, (torch.randn(2, 3, 4),), capture="attn:input.scale"),
+        SiteError,
+        "tdfunc.functional_call: site 'attn:input.scale': the module's forward received no input named 'scale' in this call (it has no such argument, or the argument took its default); name an argument the caller passes.",
+    ),
+    (
+        "positional_index_of_keyword_input",
+        lambda: tdfunc.functional_call(Net(), None, (torch.randn(2, 3, 4),), capture="blk:input.1"),
+        SiteError,
+        "tdfunc.functional_call: site 'blk:input.1': the module's positional inputs are a value of type tuple of length 1, with no element 1; it also received ['scale'] by keyword: address one by name, e.g. 'blk:input.scale'.",
+    ),
+    (
+        "output_key_absent",
+        lambda: tdfunc.functional_call(Net(), None, (torch.randn(2, 3, 4),), capture="blk:output.z"),
+        SiteError,
+        "tdfunc.functional_call: site 'blk:output.z': the module's output is a value of type dict with keys ['y', 'h'], with no key 'z'; use one of its keys.",
+    ),
+    (
+        "dict_output_without_key",
+        lambda: tdfunc.functional_call(Net(), None, (torch.randn(2, 3, 4),), capture="blk"),
+        SiteError,
+        "tdfunc.functional_call: site 'blk': the module's output is a dict with keys ['y', 'h']; address one entry by key, e.g. 'blk:output.y'.",
+    ),
+    (
+        "rule_at_op_input",
+        lambda: tdfunc.functional_call(
+            Net(), None, (torch.randn(2, 3, 4),), edits={"attn/softmax:input": tdfunc.rule(lambda *a: a[-1])}
+        ),
+        EditError,
+        "tdfunc.functional_call: tdfunc.rule edits rewrite a module's output, but site 'attn/softmax:input' is an input; use the output site 'attn' or a plain callable edit.",
+    ),
+    (
+        "list_sites_module",
+        lambda: tdfunc.list_sites("net", (torch.randn(2),)),
+        TypeError,
+        "tdfunc.list_sites: expected an nn.Module as the module, got str ('net').",
+    ),
+    (
+        "list_sites_ops",
+        lambda: tdfunc.list_sites(Net(), (torch.randn(2, 3, 4),), ops=1),
+        TypeError,
+        "tdfunc.list_sites: ops must be True or False, got int (1).",
+    ),
 ]
 
 

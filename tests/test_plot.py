@@ -41,17 +41,20 @@ def png(fig, tmp_path, name="fig.png", dpi=50):
 
 def cnn():
     torch.manual_seed(0)
-    return torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3, padding=1), torch.nn.ReLU(), torch.nn.Flatten(),
-                               torch.nn.Linear(2 * 6 * 6, 3))
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(1, 2, 3, padding=1), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(2 * 6 * 6, 3)
+    )
 
 
 # --------------------------------------------------------------------------------------------- import
 
 
 def test_tdfunc_does_not_import_plot_and_plot_names_the_extra_without_matplotlib():
-    code = ("import sys; import tdfunc; assert 'tdfunc.plot' not in sys.modules and 'matplotlib' not in sys.modules\n"
-            "sys.modules['matplotlib'] = None\n"
-            "try:\n    import tdfunc.plot\nexcept ImportError as e:\n    print(e)\n")
+    code = (
+        "import sys; import tdfunc; assert 'tdfunc.plot' not in sys.modules and 'matplotlib' not in sys.modules\n"
+        "sys.modules['matplotlib'] = None\n"
+        "try:\n    import tdfunc.plot\nexcept ImportError as e:\n    print(e)\n"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.startswith("tdfunc.plot needs matplotlib, which is not installed (")
     assert out.rstrip().endswith("); install the extra: pip install 'tdfunc[plot]'")
@@ -92,8 +95,9 @@ def test_image_attribution_blended_on_given_axes_any_dtype_and_a_tensordict(tmp_
     png(fig, tmp_path)
 
 
-@pytest.mark.parametrize("sign, lo, cmap", [("positive", 0.0, "Reds"), ("negative", None, "Blues_r"),
-                                            ("absolute_value", 0.0, "Purples")])
+@pytest.mark.parametrize(
+    "sign, lo, cmap", [("positive", 0.0, "Reds"), ("negative", None, "Blues_r"), ("absolute_value", 0.0, "Purples")]
+)
 def test_image_attribution_one_sided_signs(sign, lo, cmap, tmp_path):
     attr = torch.randn(8, 8)
     fig, ax = P.image_attribution(attr, sign=sign, outlier_perc=0)
@@ -130,8 +134,9 @@ def test_normalisation_equals_captums(sign, outlier_perc):
     ours = P.normalize_attribution(torch.from_numpy(attr).sum(0), sign=sign, outlier_perc=outlier_perc)
     np.testing.assert_array_equal(ours.numpy(), ref)
     # what is drawn: captum's visualize_image_attr (HWC) vs ours (CHW), read back from the artists
-    _, cax = viz.visualize_image_attr(attr.transpose(1, 2, 0), method="heat_map", sign=sign,
-                                      outlier_perc=outlier_perc, use_pyplot=False)
+    _, cax = viz.visualize_image_attr(
+        attr.transpose(1, 2, 0), method="heat_map", sign=sign, outlier_perc=outlier_perc, use_pyplot=False
+    )
     fig, ax = P.image_attribution(torch.from_numpy(attr).float(), sign=sign, outlier_perc=outlier_perc)
     im = ax.images[0]
     lim = max(abs(v) for v in im.get_clim())
@@ -147,10 +152,12 @@ def test_upsample_equals_interpolate_and_captums(mode):
     up = P.upsample(cam, (8, 15), mode=mode)
     assert up.shape == (2, 3, 1, 8, 15)
     flat = cam.reshape(6, 1, 4, 5)
-    torch.testing.assert_close(up.reshape(6, 1, 8, 15), torch.nn.functional.interpolate(flat, (8, 15), mode=mode),
-                               rtol=0, atol=0)
-    torch.testing.assert_close(up.reshape(6, 1, 8, 15), captum_attr.LayerAttribution.interpolate(flat, (8, 15), mode),
-                               rtol=0, atol=0)
+    torch.testing.assert_close(
+        up.reshape(6, 1, 8, 15), torch.nn.functional.interpolate(flat, (8, 15), mode=mode), rtol=0, atol=0
+    )
+    torch.testing.assert_close(
+        up.reshape(6, 1, 8, 15), captum_attr.LayerAttribution.interpolate(flat, (8, 15), mode), rtol=0, atol=0
+    )
     assert P.upsample(cam[0, 0, 0].double(), 8).dtype == torch.float64
 
 
@@ -161,8 +168,7 @@ def test_per_class_grid_from_integrated_gradients(tmp_path):
     net, x = cnn(), torch.rand(2, 1, 6, 6)
     td = TensorDict({"x": x}, batch_size=[2])
     ig = tdfunc.integrated_gradients(lambda t: net(t["x"]), td, n_steps=8)  # (2, 3, 1, 6, 6): every class
-    fig, axes = P.image_attribution_grid(ig, x, row_labels=["a", "b"], col_labels=["c0", "c1", "c2"],
-                                         outlier_perc=0)
+    fig, axes = P.image_attribution_grid(ig, x, row_labels=["a", "b"], col_labels=["c0", "c1", "c2"], outlier_perc=0)
     png(fig, tmp_path)
     assert axes.shape == (2, 4)
     assert [a.get_title() for a in axes[0]] == ["", "c0", "c1", "c2"] and axes[1, 0].get_ylabel() == "b"
@@ -194,8 +200,9 @@ def test_grad_cam_overlay_upsamples_a_tdfunc_grad_cam_result(tmp_path):
     one = tdfunc.grad_cam(lambda t: net(t["x"])[:, 2], td, net, "1")  # class 2 only: (2, 1, 6, 6)
     _, ax = P.grad_cam_overlay(one[1], x[1])  # a TensorDict; default: positive part, bilinear
     assert ax.images[1].get_clim()[0] == 0.0
-    np.testing.assert_allclose(ax.images[1].get_array(), cam["attr", "1"][1, 2, 0].detach().double().clamp_min(0),
-                               rtol=1e-6)
+    np.testing.assert_allclose(
+        ax.images[1].get_array(), cam["attr", "1"][1, 2, 0].detach().double().clamp_min(0), rtol=1e-6
+    )
 
 
 # ------------------------------------------------------------------------------------------ tokens
@@ -230,7 +237,7 @@ def test_token_figure_on_given_axes_with_colour_bar_and_embedding_scores(tmp_pat
 
 
 def test_token_html_escapes_and_colours():
-    tokens = ["<b>", " & ", "\"q\"", " Paris"]
+    tokens = ["<b>", " & ", '"q"', " Paris"]
     scores = torch.tensor([1.0, -1.0, 0.0, 0.5])
     page = P.token_attribution_html(tokens, scores)
     assert isinstance(page, P.TokenHTML) and isinstance(page, str) and page._repr_html_() == page
@@ -252,8 +259,9 @@ def test_patching_heatmap_of_a_patching_sweep(tmp_path):
     clean, corrupt = torch.randn(1, 5, 3), torch.randn(1, 5, 3)
     sites, tokens = ["0", "1", "2"], ["The", " cat", " sat", " on", " $x"]
     r = tdfunc.latent.patching_sweep(net, None, (clean,), (corrupt,), sites, lambda y: y[0, -1, 0]).detach()
-    fig, ax = P.patching_heatmap(r, sites=["block 0", "relu", "head"], units=tokens, xlabel="position",
-                                 annotate="{:.1f}")
+    fig, ax = P.patching_heatmap(
+        r, sites=["block 0", "relu", "head"], units=tokens, xlabel="position", annotate="{:.1f}"
+    )
     png(fig, tmp_path)
     im = ax.images[0]
     assert im.get_clim() == (-r.abs().max().item(), r.abs().max().item())
@@ -295,8 +303,15 @@ def test_probe_accuracy_by_layer(tmp_path):
 
 def test_sweep_curve(tmp_path):
     scales = torch.linspace(-2, 2, 5)
-    fig, ax = P.sweep_curve(scales, {"v": 2 * scales, "random": torch.zeros(5)}, baseline=0.5,
-                            baseline_label="no steering", colors=["C0", "C3"], xlabel="scale", ylabel="logit diff")
+    fig, ax = P.sweep_curve(
+        scales,
+        {"v": 2 * scales, "random": torch.zeros(5)},
+        baseline=0.5,
+        baseline_label="no steering",
+        colors=["C0", "C3"],
+        xlabel="scale",
+        ylabel="logit diff",
+    )
     png(fig, tmp_path)
     v, rnd, base = ax.get_lines()
     assert list(v.get_xdata()) == scales.tolist() and list(v.get_ydata()) == (2 * scales).tolist()
@@ -315,124 +330,257 @@ IMG = torch.randn(3, 8, 8)
 IG = TensorDict({"attr": {"x": torch.randn(8, 8), "y": torch.randn(8, 8)}}, batch_size=[])
 
 PINNED = [
-    (lambda: P.image_attribution(torch.randn(2, 1, 8, 8)), PlotError,
-     "tdfunc.plot.image_attribution: attr has shape (2, 1, 8, 8) (4 dims); give one map of shape (H, W) or (C, H, W) "
-     "(channels are summed over channel_dim): index one example (and class) first, e.g. attr[0]."),
-    (lambda: P.image_attribution([[1.0]]), TypeError,
-     "tdfunc.plot.image_attribution: attr is a list; give a torch.Tensor (any device and dtype)."),
-    (lambda: P.image_attribution(IMG, sign="pos"), PlotError,
-     "tdfunc.plot.image_attribution: unknown sign 'pos'; give one of 'all', 'positive', 'negative', 'absolute_value'."
-     " Did you mean 'positive'?"),
-    (lambda: P.image_attribution(IMG, method="blend"), PlotError,
-     "tdfunc.plot.image_attribution: unknown method 'blend'; give one of 'heat_map', 'blended_heat_map', "
-     "'masked_image'."),
-    (lambda: P.image_attribution(IMG, sign=1), TypeError,
-     "tdfunc.plot.image_attribution: sign is a int; give one of 'all', 'positive', 'negative', 'absolute_value'."),
-    (lambda: P.image_attribution(IMG, IMG, method="masked_image"), PlotError,
-     "tdfunc.plot.image_attribution: method='masked_image' weights the image by the attribution's magnitude, which "
-     "sign='all' does not give; use sign='positive', 'negative' or 'absolute_value'."),
-    (lambda: P.image_attribution(IMG, method="blended_heat_map"), PlotError,
-     "tdfunc.plot.image_attribution: method='blended_heat_map' draws over the image, but image is None; pass image= "
-     "or use method='heat_map'."),
-    (lambda: P.image_attribution(IMG, torch.rand(3, 16, 16), method="blended_heat_map"), PlotError,
-     "tdfunc.plot.image_attribution: image is 16x16 but the attribution is 8x8; give maps of the image's size "
-     "(coarse maps: tdfunc.plot.upsample(attr, (16, 16)))."),
-    (lambda: P.image_attribution(IMG, torch.rand(2, 8, 8), method="blended_heat_map"), PlotError,
-     "tdfunc.plot.image_attribution: image has 2 channels (shape (2, 8, 8)); give 1 or 3 channels along "
-     "channel_dim, or an (H, W) image."),
-    (lambda: P.image_attribution(IMG, outlier_perc=100), PlotError,
-     "tdfunc.plot.image_attribution: outlier_perc=100 is outside [0, 100); give the percentage of the total "
-     "|attribution| to saturate (0: scale to the largest value)."),
-    (lambda: P.image_attribution(IMG, alpha=2.0, method="blended_heat_map", image=IMG), PlotError,
-     "tdfunc.plot.image_attribution: alpha=2.0; give the heat map's opacity in [0, 1]."),
-    (lambda: P.image_attribution(IMG, channel_dim=3), PlotError,
-     "tdfunc.plot.image_attribution: channel_dim=3 is outside [-3, 2]; give the channel dim of a (C, H, W) map (0) "
-     "or of an (H, W, C) map (-1)."),
-    (lambda: P.image_attribution(torch.tensor([[float("nan"), 1.0]])), PlotError,
-     "tdfunc.plot.image_attribution: the attribution has 1 non-finite values (nan or inf); replace them first, e.g. "
-     "with torch.nan_to_num(attr)."),
-    (lambda: P.image_attribution(IG), PlotError,
-     "tdfunc.plot.image_attribution: attr holds attributions for ['x', 'y']; pick one with key=."),
-    (lambda: P.image_attribution(IG, key="z"), PlotError,
-     "tdfunc.plot.image_attribution: key='z' is not in attr (it holds attributions for ['x', 'y'])."),
-    (lambda: P.image_attribution(TensorDict({"x": IMG}, batch_size=[])), PlotError,
-     "tdfunc.plot.image_attribution: attr holds no ('attr', key) entry (keys: ['x']); give the result of a tdfunc "
-     "attribution method or a tensor."),
-    (lambda: P.image_attribution(IMG, key="x"), TypeError,
-     "tdfunc.plot.image_attribution: key='x' is only for a TensorDict result, but attr is a Tensor; drop key=."),
-    (lambda: P.image_attribution(IMG, ax="left"), TypeError,
-     "tdfunc.plot.image_attribution: ax is a str; give a matplotlib Axes (or None for a new figure)."),
-    (lambda: P.image_attribution_grid(IMG), PlotError,
-     "tdfunc.plot.image_attribution_grid: attr has shape (3, 8, 8) (3 dims); give (B, K, C, H, W) or (B, K, H, W): "
-     "examples x classes (one class: attr.unsqueeze(1))."),
-    (lambda: P.image_attribution_grid(torch.randn(2, 3, 8, 8), torch.rand(3, 8, 8)), PlotError,
-     "tdfunc.plot.image_attribution_grid: images has shape (3, 8, 8) but attr holds 2 examples; give (2, H, W) or "
-     "(2, C, H, W)."),
-    (lambda: P.image_attribution_grid(torch.randn(2, 3, 8, 8), col_labels=["a", "b"]), PlotError,
-     "tdfunc.plot.image_attribution_grid: col_labels has 2 labels but there are 3 classs; give one label per class."),
-    (lambda: P.image_attribution_grid(torch.randn(2, 3, 8, 8), row_labels="ab"), TypeError,
-     "tdfunc.plot.image_attribution_grid: row_labels is a str; give a list of 2 strings (one per example)."),
-    (lambda: P.image_attribution_grid(torch.randn(2, 3, 8, 8), axes=plt.subplots(2, 2)[1]), PlotError,
-     "tdfunc.plot.image_attribution_grid: axes must be 6 matplotlib Axes (2 rows x 3 columns); give "
-     "plt.subplots(2, 3)[1] or None."),
-    (lambda: P.grad_cam_overlay(torch.randn(2, 4, 4), IMG), PlotError,
-     "tdfunc.plot.grad_cam_overlay: cam has shape (2, 4, 4); give one map (h, w) or (1, h, w): index one example "
-     "(and class) of tdfunc.grad_cam's result first, e.g. cam[0, k]."),
-    (lambda: P.grad_cam_overlay(torch.randn(4, 4), IMG, mode="linear"), PlotError,
-     "tdfunc.plot.grad_cam_overlay: unknown mode 'linear'; give one of 'bilinear', 'nearest', 'bicubic', 'area'. "
-     "Did you mean 'bilinear', 'nearest'?"),
-    (lambda: P.upsample(torch.randn(4), 8), PlotError,
-     "tdfunc.plot.upsample: x has shape (4,); give maps with at least 2 dims (..., h, w)."),
-    (lambda: P.upsample(torch.ones(4, 4, dtype=torch.long), 8), TypeError,
-     "tdfunc.plot.upsample: x is a torch.int64 tensor; give a floating-point torch.Tensor (e.g. x.float())."),
-    (lambda: P.upsample(torch.randn(4, 4), (8, 0)), PlotError,
-     "tdfunc.plot.upsample: size=(8, 0); give (H, W) as two positive ints, e.g. image.shape[-2:]."),
-    (lambda: P.normalize_attribution(IMG, sign="abs"), PlotError,
-     "tdfunc.plot.normalize_attribution: unknown sign 'abs'; give one of 'all', 'positive', 'negative', "
-     "'absolute_value'."),
-    (lambda: P.token_attribution(["a", "b"], torch.randn(3)), PlotError,
-     "tdfunc.plot.token_attribution: 2 tokens but 3 scores; give one score per token (same length, e.g. tokens of "
-     "the same input_ids the attribution was computed for)."),
-    (lambda: P.token_attribution("ab", torch.randn(2)), TypeError,
-     "tdfunc.plot.token_attribution: tokens is a str; give a list of strings (one per position), e.g. "
-     "[tok.decode(i) for i in input_ids[0]]."),
-    (lambda: P.token_attribution(["a"], torch.randn(1, 1, 4)), PlotError,
-     "tdfunc.plot.token_attribution: scores has shape (1, 1, 4); give one score per token (T,) or (T, D) (summed "
-     "over D): index one example first, e.g. scores[0]."),
-    (lambda: P.token_attribution_html(["a"], torch.randn(1), cmap="nope"), PlotError,
-     "tdfunc.plot.token_attribution_html: unknown cmap 'nope'; give a matplotlib colour map name (e.g. 'RdBu_r') "
-     "or a Colormap."),
-    (lambda: P.token_attribution_html(["a", "b"], torch.randn(3)), PlotError,
-     "tdfunc.plot.token_attribution_html: 2 tokens but 3 scores; give one score per token (same length, e.g. "
-     "tokens of the same input_ids the attribution was computed for)."),
-    (lambda: P.patching_heatmap(torch.randn(2, 3, 4)), PlotError,
-     "tdfunc.plot.patching_heatmap: result has shape (2, 3, 4) (3 dims); give (n_sites, n_units) as "
-     "tdfunc.latent.patching_sweep returns (one sweep: r.view(1, -1))."),
-    (lambda: P.patching_heatmap(torch.randn(2, 3), units=["a", "b"]), PlotError,
-     "tdfunc.plot.patching_heatmap: units has 2 labels but there are 3 units; give one label per unit."),
-    (lambda: P.patching_heatmap(torch.randn(2, 3), annotate=2), TypeError,
-     "tdfunc.plot.patching_heatmap: annotate is a int; give True or a format string like '{:.2f}'."),
-    (lambda: P.probe_accuracy({"test": {}}), TypeError,
-     "tdfunc.plot.probe_accuracy: result is a dict; give the TensorDict of tdfunc.latent.fit_probes (or "
-     "fit_sklearn_probes)."),
-    (lambda: P.probe_accuracy(TensorDict({"test": {"h.0": {"accuracy": torch.tensor(1.0)}}}, []), splits=["tst"]),
-     PlotError, "tdfunc.plot.probe_accuracy: the result holds no split 'tst' (it holds ['test']); give splits from "
-     "those. Did you mean 'test'?"),
-    (lambda: P.probe_accuracy(TensorDict({"test": {"h.0": {"accuracy": torch.tensor(1.0)}}}, []), splits=["test"],
-                              sites=["h.1"]),
-     PlotError, "tdfunc.plot.probe_accuracy: the result holds no site 'h.1' under 'test' (sites: ['h.0']). Did you "
-     "mean 'h.0'?"),
-    (lambda: P.probe_accuracy(TensorDict({"test": {"h.0": {"accuracy": torch.tensor(1.0)}}}, []), splits=["test"],
-                              metric="f1"),
-     PlotError, "tdfunc.plot.probe_accuracy: the result holds no metric 'f1' for 'test'/'h.0' (metrics: "
-     "['accuracy']); give one of those."),
-    (lambda: P.sweep_curve(torch.arange(3), torch.arange(4)), PlotError,
-     "tdfunc.plot.sweep_curve: curve 0 has shape (4,) but x has 3 values; give 3 values per curve."),
-    (lambda: P.sweep_curve(torch.arange(3), "abc"), TypeError,
-     "tdfunc.plot.sweep_curve: y is a str; give a torch.Tensor or a sequence of numbers."),
-    (lambda: P.sweep_curve([1, 2], [[1, 2]], colors=["C0", "C1"]), PlotError,
-     "tdfunc.plot.sweep_curve: colors=['C0', 'C1'] does not give one colour per curve (1); give a list of 1 "
-     "matplotlib colours or None."),
+    (
+        lambda: P.image_attribution(torch.randn(2, 1, 8, 8)),
+        PlotError,
+        "tdfunc.plot.image_attribution: attr has shape (2, 1, 8, 8) (4 dims); give one map of shape (H, W) or (C, H, W) "
+        "(channels are summed over channel_dim): index one example (and class) first, e.g. attr[0].",
+    ),
+    (
+        lambda: P.image_attribution([[1.0]]),
+        TypeError,
+        "tdfunc.plot.image_attribution: attr is a list; give a torch.Tensor (any device and dtype).",
+    ),
+    (
+        lambda: P.image_attribution(IMG, sign="pos"),
+        PlotError,
+        "tdfunc.plot.image_attribution: unknown sign 'pos'; give one of 'all', 'positive', 'negative', 'absolute_value'."
+        " Did you mean 'positive'?",
+    ),
+    (
+        lambda: P.image_attribution(IMG, method="blend"),
+        PlotError,
+        "tdfunc.plot.image_attribution: unknown method 'blend'; give one of 'heat_map', 'blended_heat_map', "
+        "'masked_image'.",
+    ),
+    (
+        lambda: P.image_attribution(IMG, sign=1),
+        TypeError,
+        "tdfunc.plot.image_attribution: sign is a int; give one of 'all', 'positive', 'negative', 'absolute_value'.",
+    ),
+    (
+        lambda: P.image_attribution(IMG, IMG, method="masked_image"),
+        PlotError,
+        "tdfunc.plot.image_attribution: method='masked_image' weights the image by the attribution's magnitude, which "
+        "sign='all' does not give; use sign='positive', 'negative' or 'absolute_value'.",
+    ),
+    (
+        lambda: P.image_attribution(IMG, method="blended_heat_map"),
+        PlotError,
+        "tdfunc.plot.image_attribution: method='blended_heat_map' draws over the image, but image is None; pass image= "
+        "or use method='heat_map'.",
+    ),
+    (
+        lambda: P.image_attribution(IMG, torch.rand(3, 16, 16), method="blended_heat_map"),
+        PlotError,
+        "tdfunc.plot.image_attribution: image is 16x16 but the attribution is 8x8; give maps of the image's size "
+        "(coarse maps: tdfunc.plot.upsample(attr, (16, 16))).",
+    ),
+    (
+        lambda: P.image_attribution(IMG, torch.rand(2, 8, 8), method="blended_heat_map"),
+        PlotError,
+        "tdfunc.plot.image_attribution: image has 2 channels (shape (2, 8, 8)); give 1 or 3 channels along "
+        "channel_dim, or an (H, W) image.",
+    ),
+    (
+        lambda: P.image_attribution(IMG, outlier_perc=100),
+        PlotError,
+        "tdfunc.plot.image_attribution: outlier_perc=100 is outside [0, 100); give the percentage of the total "
+        "|attribution| to saturate (0: scale to the largest value).",
+    ),
+    (
+        lambda: P.image_attribution(IMG, alpha=2.0, method="blended_heat_map", image=IMG),
+        PlotError,
+        "tdfunc.plot.image_attribution: alpha=2.0; give the heat map's opacity in [0, 1].",
+    ),
+    (
+        lambda: P.image_attribution(IMG, channel_dim=3),
+        PlotError,
+        "tdfunc.plot.image_attribution: channel_dim=3 is outside [-3, 2]; give the channel dim of a (C, H, W) map (0) "
+        "or of an (H, W, C) map (-1).",
+    ),
+    (
+        lambda: P.image_attribution(torch.tensor([[float("nan"), 1.0]])),
+        PlotError,
+        "tdfunc.plot.image_attribution: the attribution has 1 non-finite values (nan or inf); replace them first, e.g. "
+        "with torch.nan_to_num(attr).",
+    ),
+    (
+        lambda: P.image_attribution(IG),
+        PlotError,
+        "tdfunc.plot.image_attribution: attr holds attributions for ['x', 'y']; pick one with key=.",
+    ),
+    (
+        lambda: P.image_attribution(IG, key="z"),
+        PlotError,
+        "tdfunc.plot.image_attribution: key='z' is not in attr (it holds attributions for ['x', 'y']).",
+    ),
+    (
+        lambda: P.image_attribution(TensorDict({"x": IMG}, batch_size=[])),
+        PlotError,
+        "tdfunc.plot.image_attribution: attr holds no ('attr', key) entry (keys: ['x']); give the result of a tdfunc "
+        "attribution method or a tensor.",
+    ),
+    (
+        lambda: P.image_attribution(IMG, key="x"),
+        TypeError,
+        "tdfunc.plot.image_attribution: key='x' is only for a TensorDict result, but attr is a Tensor; drop key=.",
+    ),
+    (
+        lambda: P.image_attribution(IMG, ax="left"),
+        TypeError,
+        "tdfunc.plot.image_attribution: ax is a str; give a matplotlib Axes (or None for a new figure).",
+    ),
+    (
+        lambda: P.image_attribution_grid(IMG),
+        PlotError,
+        "tdfunc.plot.image_attribution_grid: attr has shape (3, 8, 8) (3 dims); give (B, K, C, H, W) or (B, K, H, W): "
+        "examples x classes (one class: attr.unsqueeze(1)).",
+    ),
+    (
+        lambda: P.image_attribution_grid(torch.randn(2, 3, 8, 8), torch.rand(3, 8, 8)),
+        PlotError,
+        "tdfunc.plot.image_attribution_grid: images has shape (3, 8, 8) but attr holds 2 examples; give (2, H, W) or "
+        "(2, C, H, W).",
+    ),
+    (
+        lambda: P.image_attribution_grid(torch.randn(2, 3, 8, 8), col_labels=["a", "b"]),
+        PlotError,
+        "tdfunc.plot.image_attribution_grid: col_labels has 2 labels but there are 3 classs; give one label per class.",
+    ),
+    (
+        lambda: P.image_attribution_grid(torch.randn(2, 3, 8, 8), row_labels="ab"),
+        TypeError,
+        "tdfunc.plot.image_attribution_grid: row_labels is a str; give a list of 2 strings (one per example).",
+    ),
+    (
+        lambda: P.image_attribution_grid(torch.randn(2, 3, 8, 8), axes=plt.subplots(2, 2)[1]),
+        PlotError,
+        "tdfunc.plot.image_attribution_grid: axes must be 6 matplotlib Axes (2 rows x 3 columns); give "
+        "plt.subplots(2, 3)[1] or None.",
+    ),
+    (
+        lambda: P.grad_cam_overlay(torch.randn(2, 4, 4), IMG),
+        PlotError,
+        "tdfunc.plot.grad_cam_overlay: cam has shape (2, 4, 4); give one map (h, w) or (1, h, w): index one example "
+        "(and class) of tdfunc.grad_cam's result first, e.g. cam[0, k].",
+    ),
+    (
+        lambda: P.grad_cam_overlay(torch.randn(4, 4), IMG, mode="linear"),
+        PlotError,
+        "tdfunc.plot.grad_cam_overlay: unknown mode 'linear'; give one of 'bilinear', 'nearest', 'bicubic', 'area'. "
+        "Did you mean 'bilinear', 'nearest'?",
+    ),
+    (
+        lambda: P.upsample(torch.randn(4), 8),
+        PlotError,
+        "tdfunc.plot.upsample: x has shape (4,); give maps with at least 2 dims (..., h, w).",
+    ),
+    (
+        lambda: P.upsample(torch.ones(4, 4, dtype=torch.long), 8),
+        TypeError,
+        "tdfunc.plot.upsample: x is a torch.int64 tensor; give a floating-point torch.Tensor (e.g. x.float()).",
+    ),
+    (
+        lambda: P.upsample(torch.randn(4, 4), (8, 0)),
+        PlotError,
+        "tdfunc.plot.upsample: size=(8, 0); give (H, W) as two positive ints, e.g. image.shape[-2:].",
+    ),
+    (
+        lambda: P.normalize_attribution(IMG, sign="abs"),
+        PlotError,
+        "tdfunc.plot.normalize_attribution: unknown sign 'abs'; give one of 'all', 'positive', 'negative', "
+        "'absolute_value'.",
+    ),
+    (
+        lambda: P.token_attribution(["a", "b"], torch.randn(3)),
+        PlotError,
+        "tdfunc.plot.token_attribution: 2 tokens but 3 scores; give one score per token (same length, e.g. tokens of "
+        "the same input_ids the attribution was computed for).",
+    ),
+    (
+        lambda: P.token_attribution("ab", torch.randn(2)),
+        TypeError,
+        "tdfunc.plot.token_attribution: tokens is a str; give a list of strings (one per position), e.g. "
+        "[tok.decode(i) for i in input_ids[0]].",
+    ),
+    (
+        lambda: P.token_attribution(["a"], torch.randn(1, 1, 4)),
+        PlotError,
+        "tdfunc.plot.token_attribution: scores has shape (1, 1, 4); give one score per token (T,) or (T, D) (summed "
+        "over D): index one example first, e.g. scores[0].",
+    ),
+    (
+        lambda: P.token_attribution_html(["a"], torch.randn(1), cmap="nope"),
+        PlotError,
+        "tdfunc.plot.token_attribution_html: unknown cmap 'nope'; give a matplotlib colour map name (e.g. 'RdBu_r') "
+        "or a Colormap.",
+    ),
+    (
+        lambda: P.token_attribution_html(["a", "b"], torch.randn(3)),
+        PlotError,
+        "tdfunc.plot.token_attribution_html: 2 tokens but 3 scores; give one score per token (same length, e.g. "
+        "tokens of the same input_ids the attribution was computed for).",
+    ),
+    (
+        lambda: P.patching_heatmap(torch.randn(2, 3, 4)),
+        PlotError,
+        "tdfunc.plot.patching_heatmap: result has shape (2, 3, 4) (3 dims); give (n_sites, n_units) as "
+        "tdfunc.latent.patching_sweep returns (one sweep: r.view(1, -1)).",
+    ),
+    (
+        lambda: P.patching_heatmap(torch.randn(2, 3), units=["a", "b"]),
+        PlotError,
+        "tdfunc.plot.patching_heatmap: units has 2 labels but there are 3 units; give one label per unit.",
+    ),
+    (
+        lambda: P.patching_heatmap(torch.randn(2, 3), annotate=2),
+        TypeError,
+        "tdfunc.plot.patching_heatmap: annotate is a int; give True or a format string like '{:.2f}'.",
+    ),
+    (
+        lambda: P.probe_accuracy({"test": {}}),
+        TypeError,
+        "tdfunc.plot.probe_accuracy: result is a dict; give the TensorDict of tdfunc.latent.fit_probes (or "
+        "fit_sklearn_probes).",
+    ),
+    (
+        lambda: P.probe_accuracy(TensorDict({"test": {"h.0": {"accuracy": torch.tensor(1.0)}}}, []), splits=["tst"]),
+        PlotError,
+        "tdfunc.plot.probe_accuracy: the result holds no split 'tst' (it holds ['test']); give splits from "
+        "those. Did you mean 'test'?",
+    ),
+    (
+        lambda: P.probe_accuracy(
+            TensorDict({"test": {"h.0": {"accuracy": torch.tensor(1.0)}}}, []), splits=["test"], sites=["h.1"]
+        ),
+        PlotError,
+        "tdfunc.plot.probe_accuracy: the result holds no site 'h.1' under 'test' (sites: ['h.0']). Did you mean 'h.0'?",
+    ),
+    (
+        lambda: P.probe_accuracy(
+            TensorDict({"test": {"h.0": {"accuracy": torch.tensor(1.0)}}}, []), splits=["test"], metric="f1"
+        ),
+        PlotError,
+        "tdfunc.plot.probe_accuracy: the result holds no metric 'f1' for 'test'/'h.0' (metrics: "
+        "['accuracy']); give one of those.",
+    ),
+    (
+        lambda: P.sweep_curve(torch.arange(3), torch.arange(4)),
+        PlotError,
+        "tdfunc.plot.sweep_curve: curve 0 has shape (4,) but x has 3 values; give 3 values per curve.",
+    ),
+    (
+        lambda: P.sweep_curve(torch.arange(3), "abc"),
+        TypeError,
+        "tdfunc.plot.sweep_curve: y is a str; give a torch.Tensor or a sequence of numbers.",
+    ),
+    (
+        lambda: P.sweep_curve([1, 2], [[1, 2]], colors=["C0", "C1"]),
+        PlotError,
+        "tdfunc.plot.sweep_curve: colors=['C0', 'C1'] does not give one colour per curve (1); give a list of 1 "
+        "matplotlib colours or None.",
+    ),
 ]
 
 

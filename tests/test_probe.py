@@ -14,7 +14,15 @@ from tensordict import TensorDict
 from torch.func import grad
 
 import tdfunc
-from tdfunc.latent._probe import ProbeError, fit_probes, fit_sklearn_probes, probe_apply, probe_evaluate, probe_fit, probe_init
+from tdfunc.latent._probe import (
+    ProbeError,
+    fit_probes,
+    fit_sklearn_probes,
+    probe_apply,
+    probe_evaluate,
+    probe_fit,
+    probe_init,
+)
 
 
 def _gen(seed=0):
@@ -45,8 +53,9 @@ def test_digits_torch_linear_probe_close_to_sklearn_and_tdhook():
     assert float(ours["test", "pixels", "accuracy"]) > 0.93
     # tdhook's ProbeManager driven on the same split, with the same estimator
     managers = pytest.importorskip("tdhook.latent.probing.managers")
-    mgr = managers.ProbeManager(LogisticRegression, {"max_iter": 1000},
-                                lambda p, t: {"accuracy": torch.tensor(float((p == t).mean()))})
+    mgr = managers.ProbeManager(
+        LogisticRegression, {"max_iter": 1000}, lambda p, t: {"accuracy": torch.tensor(float((p == t).mean()))}
+    )
     tr, te = ours["train_index"].numpy(), ours["test_index"].numpy()
     probe = mgr.probe_factory("pixels", "fwd")
     probe.step(x[tr], labels=yn[tr], step_type="fit")
@@ -120,15 +129,23 @@ def test_fit_probes_equals_per_site_probe_fit():
     g = _gen(4)
     n = 80
     y = torch.randint(3, (n,), generator=g)
-    acts = TensorDict({"a": torch.randn(n, 5, generator=g) + y[:, None], "b": torch.randn(n, 5, generator=g),
-                       "c": torch.randn(n, 3, generator=g) - y[:, None]}, batch_size=[])
+    acts = TensorDict(
+        {
+            "a": torch.randn(n, 5, generator=g) + y[:, None],
+            "b": torch.randn(n, 5, generator=g),
+            "c": torch.randn(n, 3, generator=g) - y[:, None],
+        },
+        batch_size=[],
+    )
     out = fit_probes(acts, y, steps=40, lr=0.05, weight_decay=1e-3, generator=_gen(9))
     gen = _gen(9)
     perm = torch.randperm(n, generator=gen)  # the split is drawn first, then the inits in site order
     test, train = perm[:20].sort().values, perm[20:].sort().values
     assert torch.equal(out["test_index"], test) and torch.equal(out["train_index"], train)
     for site in ("a", "b", "c"):
-        p = probe_fit("linear", acts[site][train], y[train], steps=40, lr=0.05, weight_decay=1e-3, n_classes=3, generator=gen)
+        p = probe_fit(
+            "linear", acts[site][train], y[train], steps=40, lr=0.05, weight_decay=1e-3, n_classes=3, generator=gen
+        )
         for key in ("weight", "bias"):
             torch.testing.assert_close(out["params", site, key], p[key], rtol=1e-4, atol=1e-5)
         for phase, idx in (("train", train), ("test", test)):
@@ -137,7 +154,9 @@ def test_fit_probes_equals_per_site_probe_fit():
             torch.testing.assert_close(out[phase, site, "accuracy"], ref["accuracy"])
     assert out["test", "a", "accuracy"] > out["test", "b", "accuracy"]
     md = fit_probes(acts, y, kind="mean_difference", generator=_gen(9))
-    torch.testing.assert_close(md["params", "c", "means"], probe_fit("mean_difference", acts["c"][train], y[train])["means"])
+    torch.testing.assert_close(
+        md["params", "c", "means"], probe_fit("mean_difference", acts["c"][train], y[train])["means"]
+    )
 
 
 def test_fit_sklearn_probes_custom_estimator_and_nested_sites():
@@ -184,26 +203,42 @@ def test_errors_probe():
     x, y = torch.randn(10, 3), torch.zeros(10, dtype=torch.long)
     acts = TensorDict({"a": x}, batch_size=[])
     cases = [
-        (lambda: probe_init("logistic", 3, 2),
-         "tdfunc.latent.probe_init: unknown kind 'logistic'; choose one of ['linear', 'bilinear', 'low_rank_bilinear', "
-         "'mean_difference']."),
-        (lambda: probe_fit("low_rank_bilinear", x, y),
-         "tdfunc.latent.probe_fit: kind 'low_rank_bilinear' needs rank, an integer >= 1, got None; pass rank=... "
-         "(the rank r of W = U V^T)."),
-        (lambda: probe_fit("linear", x, y[:7]),
-         "tdfunc.latent.probe_fit: y has 7 labels but x has N=10 rows; give one label per row."),
-        (lambda: fit_probes(acts, y[:9]),
-         "tdfunc.latent.fit_probes: y has 9 labels but acts['a'] has N=10 rows; give one label per row."),
-        (lambda: fit_probes(acts, y, test_fraction=1.0),
-         "tdfunc.latent.fit_probes: test_fraction must be a number strictly between 0 and 1, got 1.0."),
-        (lambda: fit_probes(acts, y, test_fraction=0),
-         "tdfunc.latent.fit_probes: test_fraction must be a number strictly between 0 and 1, got 0."),
-        (lambda: probe_apply({"w": x}, x),
-         "tdfunc.latent.probe_apply: params have keys ['w'], which match no probe kind; pass the TensorDict of "
-         "tdfunc.latent.probe_init / probe_fit (weight+bias, u+v+bias or means)."),
-        (lambda: probe_fit("linear", x, y.float()),
-         "tdfunc.latent.probe_fit: y must be a 1-D integer tensor of class indices, got shape (10,) dtype torch.float32; "
-         "pass y.long() of shape (N,)."),
+        (
+            lambda: probe_init("logistic", 3, 2),
+            "tdfunc.latent.probe_init: unknown kind 'logistic'; choose one of ['linear', 'bilinear', 'low_rank_bilinear', "
+            "'mean_difference'].",
+        ),
+        (
+            lambda: probe_fit("low_rank_bilinear", x, y),
+            "tdfunc.latent.probe_fit: kind 'low_rank_bilinear' needs rank, an integer >= 1, got None; pass rank=... "
+            "(the rank r of W = U V^T).",
+        ),
+        (
+            lambda: probe_fit("linear", x, y[:7]),
+            "tdfunc.latent.probe_fit: y has 7 labels but x has N=10 rows; give one label per row.",
+        ),
+        (
+            lambda: fit_probes(acts, y[:9]),
+            "tdfunc.latent.fit_probes: y has 9 labels but acts['a'] has N=10 rows; give one label per row.",
+        ),
+        (
+            lambda: fit_probes(acts, y, test_fraction=1.0),
+            "tdfunc.latent.fit_probes: test_fraction must be a number strictly between 0 and 1, got 1.0.",
+        ),
+        (
+            lambda: fit_probes(acts, y, test_fraction=0),
+            "tdfunc.latent.fit_probes: test_fraction must be a number strictly between 0 and 1, got 0.",
+        ),
+        (
+            lambda: probe_apply({"w": x}, x),
+            "tdfunc.latent.probe_apply: params have keys ['w'], which match no probe kind; pass the TensorDict of "
+            "tdfunc.latent.probe_init / probe_fit (weight+bias, u+v+bias or means).",
+        ),
+        (
+            lambda: probe_fit("linear", x, y.float()),
+            "tdfunc.latent.probe_fit: y must be a 1-D integer tensor of class indices, got shape (10,) dtype torch.float32; "
+            "pass y.long() of shape (N,).",
+        ),
     ]
     for call, msg in cases:
         with pytest.raises(ProbeError, match="^" + re.escape(msg) + "$"):
@@ -214,7 +249,9 @@ def test_errors_probe():
 def test_errors_sklearn_missing(monkeypatch):
     monkeypatch.setitem(sys.modules, "sklearn", None)
     monkeypatch.setitem(sys.modules, "sklearn.base", None)
-    msg = ("tdfunc.latent.fit_sklearn_probes needs scikit-learn; install the probing extra: pip install 'tdfunc[probing]' "
-           "(or pip install scikit-learn).")
+    msg = (
+        "tdfunc.latent.fit_sklearn_probes needs scikit-learn; install the probing extra: pip install 'tdfunc[probing]' "
+        "(or pip install scikit-learn)."
+    )
     with pytest.raises(ImportError, match="^" + re.escape(msg) + "$"):
         fit_sklearn_probes(TensorDict({"a": torch.randn(4, 2)}, []), torch.zeros(4, dtype=torch.long))

@@ -37,8 +37,12 @@ def _net(dtype=DT):
 
 def _batches(x, y, size, lo=0, hi=None):
     hi = x.shape[0] if hi is None else hi
-    return [TensorDict({"input": x[i:min(i + size, hi)], "label": y[i:min(i + size, hi)]}, batch_size=[min(i + size, hi) - i])
-            for i in range(lo, hi, size)]
+    return [
+        TensorDict(
+            {"input": x[i : min(i + size, hi)], "label": y[i : min(i + size, hi)]}, batch_size=[min(i + size, hi) - i]
+        )
+        for i in range(lo, hi, size)
+    ]
 
 
 def test_mean_difference_stream_equals_fit_on_concatenated_cache():
@@ -67,8 +71,17 @@ def test_one_batch_streamed_steps_times_equals_probe_fit(kind, rank):
     st = L.probe_stream_init(kind, acts, 3, rank=rank, generator=torch.Generator().manual_seed(1))
     for _ in range(30):
         st = L.probe_stream_update(st, acts, y, lr=0.05, weight_decay=0.01)
-    ref = L.probe_fit(kind, x, y, steps=30, lr=0.05, weight_decay=0.01, rank=rank, n_classes=3,
-                      generator=torch.Generator().manual_seed(1))
+    ref = L.probe_fit(
+        kind,
+        x,
+        y,
+        steps=30,
+        lr=0.05,
+        weight_decay=0.01,
+        rank=rank,
+        n_classes=3,
+        generator=torch.Generator().manual_seed(1),
+    )
     got = L.probe_stream_params(st)["h"]
     assert set(got.keys()) == set(ref.keys())
     for name in ref.keys():
@@ -77,8 +90,10 @@ def test_one_batch_streamed_steps_times_equals_probe_fit(kind, rank):
 
 def test_minibatch_adam_equals_torch_optim_reference():
     x, y = _digits()
-    acts = [TensorDict({"a": x[i:i + 200], "b": x[i:i + 200, :20]}, batch_size=[x[i:i + 200].shape[0]])
-            for i in range(0, 1000, 200)]
+    acts = [
+        TensorDict({"a": x[i : i + 200], "b": x[i : i + 200, :20]}, batch_size=[x[i : i + 200].shape[0]])
+        for i in range(0, 1000, 200)
+    ]
     st = L.probe_stream_init("linear", acts[0], 10, generator=torch.Generator().manual_seed(0))
     lins = {}
     for site in ("a", "b"):  # torch.optim.Adam on nn.Linear from the same initialisation
@@ -89,10 +104,10 @@ def test_minibatch_adam_equals_torch_optim_reference():
         lins[site] = (lin, torch.optim.Adam(lin.parameters(), lr=0.02, weight_decay=0.0))
     for _ in range(3):
         for i, a in enumerate(acts):
-            st = L.probe_stream_update(st, a, y[200 * i:200 * (i + 1)], lr=0.02)
+            st = L.probe_stream_update(st, a, y[200 * i : 200 * (i + 1)], lr=0.02)
             for site, (lin, opt) in lins.items():
                 opt.zero_grad()
-                torch.nn.functional.cross_entropy(lin(a[site]), y[200 * i:200 * (i + 1)]).backward()
+                torch.nn.functional.cross_entropy(lin(a[site]), y[200 * i : 200 * (i + 1)]).backward()
                 opt.step()
     got = L.probe_stream_params(st)
     for site, (lin, _) in lins.items():
@@ -120,8 +135,9 @@ def test_stream_probes_equal_tdhook_probe_manager_mean_difference():
     net = _net()
     s = tdfunc.state(net)
     train, test = _batches(x, y, 256, 0, 1300), _batches(x, y, 256, 1300)
-    out = L.stream_probes(net, s, train, ["0", "2"], n_classes=2, kind="mean_difference", normalize=True,
-                          eval_batches=test)
+    out = L.stream_probes(
+        net, s, train, ["0", "2"], n_classes=2, kind="mean_difference", normalize=True, eval_batches=test
+    )
     fit_acts = L.cache_activations(net, s, train, ["0", "2"], progress=False)
     pred_acts = L.cache_activations(net, s, test, ["0", "2"], progress=False)
     manager = _tdhook_manager(MeanDifferenceClassifier, {"normalize": True}, to_numpy=True)
@@ -131,11 +147,13 @@ def test_stream_probes_equal_tdhook_probe_manager_mean_difference():
         probe.step(pred_acts[site], labels=y[1300:].numpy(), step_type="predict")
         est = manager.estimators[f"{site}_fwd"]
         z = L.probe_apply(out["params", site], pred_acts[site])
-        np.testing.assert_allclose((z[:, 1] - z[:, 0]).numpy(), est._decision_function(pred_acts[site].numpy()),
-                                   rtol=1e-9, atol=1e-9)
+        np.testing.assert_allclose(
+            (z[:, 1] - z[:, 0]).numpy(), est._decision_function(pred_acts[site].numpy()), rtol=1e-9, atol=1e-9
+        )
         for phase in ("fit", "predict"):
-            assert float(out[phase, site, "accuracy"]) == pytest.approx(manager.results[phase, f"{site}_fwd", "accuracy"].item(),
-                                                                        abs=1e-7)  # tdhook stores float32
+            assert float(out[phase, site, "accuracy"]) == pytest.approx(
+                manager.results[phase, f"{site}_fwd", "accuracy"].item(), abs=1e-7
+            )  # tdhook stores float32
 
 
 def test_stream_probes_linear_close_to_tdhook_linear_estimator_on_digits():
@@ -149,13 +167,23 @@ def test_stream_probes_linear_close_to_tdhook_linear_estimator_on_digits():
     perm = torch.randperm(1400, generator=gen)
     train = _batches(x[perm], y[perm], 64)
     test = _batches(x, y, 200, 1400)
-    out = L.stream_probes(net, s, train, ["0"], n_classes=10, epochs=25, lr=0.01, eval_batches=test,
-                          generator=torch.Generator().manual_seed(0))
+    out = L.stream_probes(
+        net,
+        s,
+        train,
+        ["0"],
+        n_classes=10,
+        epochs=25,
+        lr=0.01,
+        eval_batches=test,
+        generator=torch.Generator().manual_seed(0),
+    )
     fit_acts = L.cache_activations(net, s, train, ["0"], progress=False)
     pred_acts = L.cache_activations(net, s, test, ["0"], progress=False)
     torch.manual_seed(0)
-    manager = _tdhook_manager(LinearEstimator, {"d_latent": 32, "num_classes": 10, "epochs": 25, "lr": 0.01,
-                                                "batch_size": 64}, to_numpy=False)
+    manager = _tdhook_manager(
+        LinearEstimator, {"d_latent": 32, "num_classes": 10, "epochs": 25, "lr": 0.01, "batch_size": 64}, to_numpy=False
+    )
     probe = manager.probe_factory("0", "fwd")
     probe.step(fit_acts["0"], labels=torch.cat([b["label"] for b in train]), step_type="fit")
     probe.step(pred_acts["0"], labels=y[1400:], step_type="predict")
@@ -174,35 +202,105 @@ def test_pinned_errors_stream():
     y = torch.tensor([0, 1, 0, 1, 0, 1])
     md = L.probe_stream_init("mean_difference", acts, 3)
     lin = L.probe_stream_init("linear", acts, 2)
-    _raises("tdfunc.latent.probe_stream_update: state must be the TensorDict of tdfunc.latent.probe_stream_init (or of "
-            "probe_stream_update), got TensorDict with keys ['means'].", L.probe_stream_update,
-            TensorDict({"means": torch.zeros(2, 3)}, batch_size=[]), acts, y)
-    _raises("tdfunc.latent.probe_stream_params: state must be the TensorDict of tdfunc.latent.probe_stream_init (or of "
-            "probe_stream_update), got dict.", L.probe_stream_params, {})
-    _raises("tdfunc.latent.probe_stream_update: acts lacks the state's sites ['h'] (it has ['g']); pass the activations "
-            "of the sites the state was initialised with.", L.probe_stream_update, md,
-            TensorDict({"g": torch.randn(6, 3)}, batch_size=[6]), y)
-    _raises("tdfunc.latent.probe_stream_update: acts['h'] has width 4 but the state's probe there has width 3; pass the "
-            "same sites, reduced the same way, for every batch.", L.probe_stream_update, lin,
-            TensorDict({"h": torch.randn(6, 4)}, batch_size=[6]), y)
-    _raises("tdfunc.latent.probe_stream_update: y holds labels in [0, 2] but the state has n_classes=2; labels are class "
-            "indices 0..1.", L.probe_stream_update, lin, acts, torch.tensor([0, 1, 2, 0, 1, 0]))
-    _raises("tdfunc.latent.probe_stream_update: lr must be a number > 0, got 0.", L.probe_stream_update, lin, acts, y, lr=0)
-    _raises("tdfunc.latent.probe_stream_params: classes [2] had no example in the batches streamed so far, so their mean "
-            "is undefined; stream more data or initialise with n_classes equal to the classes present.",
-            L.probe_stream_params, L.probe_stream_update(md, acts, y))
-    _raises("tdfunc.latent.probe_stream_params: normalize=True rescales the mean-difference probe, but kind='linear'; use "
-            "kind='mean_difference' or drop normalize.", L.probe_stream_params, lin, normalize=True)
-    _raises("tdfunc.latent.probe_stream_init: n_classes must be an integer >= 2, got 1.", L.probe_stream_init, "linear",
-            acts, 1)
+    _raises(
+        "tdfunc.latent.probe_stream_update: state must be the TensorDict of tdfunc.latent.probe_stream_init (or of "
+        "probe_stream_update), got TensorDict with keys ['means'].",
+        L.probe_stream_update,
+        TensorDict({"means": torch.zeros(2, 3)}, batch_size=[]),
+        acts,
+        y,
+    )
+    _raises(
+        "tdfunc.latent.probe_stream_params: state must be the TensorDict of tdfunc.latent.probe_stream_init (or of "
+        "probe_stream_update), got dict.",
+        L.probe_stream_params,
+        {},
+    )
+    _raises(
+        "tdfunc.latent.probe_stream_update: acts lacks the state's sites ['h'] (it has ['g']); pass the activations "
+        "of the sites the state was initialised with.",
+        L.probe_stream_update,
+        md,
+        TensorDict({"g": torch.randn(6, 3)}, batch_size=[6]),
+        y,
+    )
+    _raises(
+        "tdfunc.latent.probe_stream_update: acts['h'] has width 4 but the state's probe there has width 3; pass the "
+        "same sites, reduced the same way, for every batch.",
+        L.probe_stream_update,
+        lin,
+        TensorDict({"h": torch.randn(6, 4)}, batch_size=[6]),
+        y,
+    )
+    _raises(
+        "tdfunc.latent.probe_stream_update: y holds labels in [0, 2] but the state has n_classes=2; labels are class "
+        "indices 0..1.",
+        L.probe_stream_update,
+        lin,
+        acts,
+        torch.tensor([0, 1, 2, 0, 1, 0]),
+    )
+    _raises(
+        "tdfunc.latent.probe_stream_update: lr must be a number > 0, got 0.", L.probe_stream_update, lin, acts, y, lr=0
+    )
+    _raises(
+        "tdfunc.latent.probe_stream_params: classes [2] had no example in the batches streamed so far, so their mean "
+        "is undefined; stream more data or initialise with n_classes equal to the classes present.",
+        L.probe_stream_params,
+        L.probe_stream_update(md, acts, y),
+    )
+    _raises(
+        "tdfunc.latent.probe_stream_params: normalize=True rescales the mean-difference probe, but kind='linear'; use "
+        "kind='mean_difference' or drop normalize.",
+        L.probe_stream_params,
+        lin,
+        normalize=True,
+    )
+    _raises(
+        "tdfunc.latent.probe_stream_init: n_classes must be an integer >= 2, got 1.",
+        L.probe_stream_init,
+        "linear",
+        acts,
+        1,
+    )
     net = torch.nn.Sequential(torch.nn.Linear(3, 4))
     batch = TensorDict({"input": torch.randn(6, 3), "y": y}, batch_size=[6])
-    _raises("tdfunc.latent.stream_probes: every batch must be a TensorDict holding the labels at label_key='label', got "
-            "['input', 'y']; pass label_key= naming the labels' entry.", L.stream_probes, net, None, [batch], ["0"],
-            n_classes=2)
-    _raises("tdfunc.latent.stream_probes: batches is empty; pass at least one batch (a re-iterable list or DataLoader).",
-            L.stream_probes, net, None, [], ["0"], n_classes=2)
-    _raises("tdfunc.latent.stream_probes: y holds labels in [0, 2] but the state has n_classes=2; labels are class "
-            "indices 0..1.", L.stream_probes, net, None, [batch.clone().set("label", y * 2)], ["0"], n_classes=2)
-    _raises("tdfunc.latent.stream_probes: epochs must be an integer >= 1, got 0.", L.stream_probes, net, None, [batch],
-            ["0"], n_classes=2, epochs=0)
+    _raises(
+        "tdfunc.latent.stream_probes: every batch must be a TensorDict holding the labels at label_key='label', got "
+        "['input', 'y']; pass label_key= naming the labels' entry.",
+        L.stream_probes,
+        net,
+        None,
+        [batch],
+        ["0"],
+        n_classes=2,
+    )
+    _raises(
+        "tdfunc.latent.stream_probes: batches is empty; pass at least one batch (a re-iterable list or DataLoader).",
+        L.stream_probes,
+        net,
+        None,
+        [],
+        ["0"],
+        n_classes=2,
+    )
+    _raises(
+        "tdfunc.latent.stream_probes: y holds labels in [0, 2] but the state has n_classes=2; labels are class "
+        "indices 0..1.",
+        L.stream_probes,
+        net,
+        None,
+        [batch.clone().set("label", y * 2)],
+        ["0"],
+        n_classes=2,
+    )
+    _raises(
+        "tdfunc.latent.stream_probes: epochs must be an integer >= 1, got 0.",
+        L.stream_probes,
+        net,
+        None,
+        [batch],
+        ["0"],
+        n_classes=2,
+        epochs=0,
+    )

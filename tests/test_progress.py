@@ -75,14 +75,17 @@ def _tvs(**kw):
 def _probe_data():
     g = torch.Generator().manual_seed(5)
     x = torch.randn(60, 5, dtype=DT, generator=g)
-    acts = TensorDict({"a": x, "b": torch.randn(60, 5, dtype=DT, generator=g), "c": torch.randn(60, 3, dtype=DT, generator=g)},
-                      batch_size=[])
+    acts = TensorDict(
+        {"a": x, "b": torch.randn(60, 5, dtype=DT, generator=g), "c": torch.randn(60, 3, dtype=DT, generator=g)},
+        batch_size=[],
+    )
     return x, (x[:, 0] > 0).long(), acts
 
 
 def _sg(**kw):
-    return tdfunc.smooth_grad(tdfunc.saliency, F, TD, nt_samples=7, stdevs=0.3,
-                              generator=torch.Generator().manual_seed(0), **kw)
+    return tdfunc.smooth_grad(
+        tdfunc.saliency, F, TD, nt_samples=7, stdevs=0.3, generator=torch.Generator().manual_seed(0), **kw
+    )
 
 
 def _attr(td):
@@ -108,14 +111,22 @@ CASES = {
     "smooth_grad": (lambda **kw: _attr(_sg(**kw)), 3, 3, 1),
     "occlusion": (lambda **kw: _attr(tdfunc.occlusion(F, TD, sliding_window_shapes=(1,), **kw)), 2, 2, 1),
     "feature_ablation": (lambda **kw: _attr(tdfunc.feature_ablation(F, TD, **kw)), 2, 2, 1),
-    "shapley_value_sampling": (lambda **kw: _attr(tdfunc.shapley_value_sampling(F, TD, n_samples=4, permutations=PERMS, **kw)),
-                               5, 3, 1),  # 4 x 3 perturbations
+    "shapley_value_sampling": (
+        lambda **kw: _attr(tdfunc.shapley_value_sampling(F, TD, n_samples=4, permutations=PERMS, **kw)),
+        5,
+        3,
+        1,
+    ),  # 4 x 3 perturbations
     "kernel_shap": (lambda **kw: _attr(tdfunc.kernel_shap(F, TD, n_samples=7, coalitions=COAL, **kw)), 3, 3, 1),
     "probe_fit": (_probe_fit, None, 12, 12),  # Adam steps
     "fit_probes": (_fit_probes, None, 24, 24),  # 12 steps x 2 width groups (5 and 3)
 }
-DESC = {"patching_sweep": "tdfunc.latent.patching_sweep", "task_vector_sweep": "tdfunc.weights.task_vector_sweep",
-        "probe_fit": "tdfunc.latent.probe_fit", "fit_probes": "tdfunc.latent.fit_probes"}
+DESC = {
+    "patching_sweep": "tdfunc.latent.patching_sweep",
+    "task_vector_sweep": "tdfunc.weights.task_vector_sweep",
+    "probe_fit": "tdfunc.latent.probe_fit",
+    "fit_probes": "tdfunc.latent.fit_probes",
+}
 
 
 def _equal(a, b) -> bool:
@@ -214,8 +225,9 @@ def test_nothing_shown_under_vmap_and_grad(bars, capfd):
     xs = torch.randn(3, 5, 3, dtype=DT)
 
     def ig(x, progress):
-        return tdfunc.integrated_gradients(F, TensorDict({"x": x}, batch_size=[5]), n_steps=6, chunk_size=4,
-                                           progress=progress)["attr", "x"]
+        return tdfunc.integrated_gradients(
+            F, TensorDict({"x": x}, batch_size=[5]), n_steps=6, chunk_size=4, progress=progress
+        )["attr", "x"]
 
     assert torch.equal(vmap(lambda x: ig(x, True))(xs), vmap(lambda x: ig(x, False))(xs))
     g_on = grad(lambda x: ig(x, True).sum())(xs[0])
@@ -223,14 +235,33 @@ def test_nothing_shown_under_vmap_and_grad(bars, capfd):
 
     clean = torch.randn(1, 7, 3, dtype=DT)
     corrupts = torch.randn(2, 1, 7, 3, dtype=DT)
-    sweep = lambda c, p: tdfunc.latent.patching_sweep(NET, None, (clean,), (c,), ["0", "2"], lambda y: y[0, -1, 0],  # noqa: E731
-                                                     chunk_size=3, progress=p)
+    sweep = lambda c, p: tdfunc.latent.patching_sweep(
+        NET,
+        None,
+        (clean,),
+        (c,),
+        ["0", "2"],
+        lambda y: y[0, -1, 0],  # noqa: E731
+        chunk_size=3,
+        progress=p,
+    )
     assert torch.equal(vmap(lambda c: sweep(c, True))(corrupts), vmap(lambda c: sweep(c, False))(corrupts))
-    assert torch.equal(grad(lambda c: sweep(c, True).sum())(corrupts[0]), grad(lambda c: sweep(c, False).sum())(corrupts[0]))
+    assert torch.equal(
+        grad(lambda c: sweep(c, True).sum())(corrupts[0]), grad(lambda c: sweep(c, False).sum())(corrupts[0])
+    )
 
     noise = torch.randn(2, 7, 5, 3, dtype=DT)
-    sg = lambda n, p: _attr(tdfunc.smooth_grad(tdfunc.saliency, F, TD, nt_samples=7, noise=n, chunk_size=3,  # noqa: E731
-                                               progress=p))
+    sg = lambda n, p: _attr(
+        tdfunc.smooth_grad(
+            tdfunc.saliency,
+            F,
+            TD,
+            nt_samples=7,
+            noise=n,
+            chunk_size=3,  # noqa: E731
+            progress=p,
+        )
+    )
     assert torch.equal(vmap(lambda n: sg(n, True))(noise), vmap(lambda n: sg(n, False))(noise))
     assert bars.bars == [] and capfd.readouterr().err == ""
 
@@ -240,12 +271,14 @@ def test_nothing_shown_inside_compile(bars, capfd):
     x = TD["x"].clone()
 
     def ig(x, progress):
-        return tdfunc.integrated_gradients(F, TensorDict({"x": x}, batch_size=[5]), n_steps=6, chunk_size=4,
-                                           progress=progress)["attr", "x"]
+        return tdfunc.integrated_gradients(
+            F, TensorDict({"x": x}, batch_size=[5]), n_steps=6, chunk_size=4, progress=progress
+        )["attr", "x"]
 
     def occ(x, progress):
-        return tdfunc.occlusion(F, TensorDict({"x": x}, batch_size=[5]), sliding_window_shapes=(1,), chunk_size=2,
-                                progress=progress)["attr", "x"]
+        return tdfunc.occlusion(
+            F, TensorDict({"x": x}, batch_size=[5]), sliding_window_shapes=(1,), chunk_size=2, progress=progress
+        )["attr", "x"]
 
     for fun in (ig, occ):
         compiled = torch.compile(lambda x, fun=fun: fun(x, True), backend="aot_eager", fullgraph=True)
@@ -257,13 +290,18 @@ def test_nothing_shown_inside_compile(bars, capfd):
 
 
 PINNED = {
-    "tdfunc.integrated_gradients": (lambda: tdfunc.integrated_gradients(F, TD, progress="yes"), tdfunc.AttributionError),
+    "tdfunc.integrated_gradients": (
+        lambda: tdfunc.integrated_gradients(F, TD, progress="yes"),
+        tdfunc.AttributionError,
+    ),
     "tdfunc.smooth_grad": (lambda: tdfunc.smooth_grad(tdfunc.saliency, F, TD, progress="yes"), tdfunc.AttributionError),
     "tdfunc.kernel_shap": (lambda: tdfunc.kernel_shap(F, TD, progress="yes"), tdfunc.AttributionError),
     "tdfunc.latent.patching_sweep": (lambda: _sweep(progress="yes"), tdfunc.latent.PatchError),
     "tdfunc.latent.probe_fit": (lambda: _probe_fit(progress="yes"), tdfunc.latent.ProbeError),
     "tdfunc.latent.cache_activations": (
-        lambda: tdfunc.latent.cache_activations(NET, None, [], "1", progress="yes"), tdfunc.latent.CacheError),
+        lambda: tdfunc.latent.cache_activations(NET, None, [], "1", progress="yes"),
+        tdfunc.latent.CacheError,
+    ),
     "tdfunc.weights.task_vector_sweep": (lambda: _tvs(progress="yes"), tdfunc.weights.WeightError),
 }
 

@@ -27,10 +27,12 @@ CALLS = {
 
 
 def random_op(name: str) -> str:
-    return (f"tdfunc.{name}: f calls a random operation (train-mode Dropout, a sampling policy, torch.rand...) inside "
-            "the vmap this method runs, where torch's default randomness='error' forbids it; pass "
-            "randomness='different' (independent draws per vmapped input) or randomness='same' (one draw shared by "
-            "all), or make f deterministic (model.eval()).")
+    return (
+        f"tdfunc.{name}: f calls a random operation (train-mode Dropout, a sampling policy, torch.rand...) inside "
+        "the vmap this method runs, where torch's default randomness='error' forbids it; pass "
+        "randomness='different' (independent draws per vmapped input) or randomness='same' (one draw shared by "
+        "all), or make f deterministic (model.eval())."
+    )
 
 
 @pytest.mark.parametrize("name", list(CALLS))
@@ -40,23 +42,32 @@ def test_random_f_raises_by_default_and_runs_with_the_flag(name):
     assert str(info.value) == random_op(name)
     for flag in ("different", "same"):
         out = CALLS[name](randomness=flag)
-        t = out.get(("attr", "x")) if name == "smooth_grad" else out.get(("attr", "1")) if name.startswith("layer") else out
+        t = (
+            out.get(("attr", "x"))
+            if name == "smooth_grad"
+            else out.get(("attr", "1"))
+            if name.startswith("layer")
+            else out
+        )
         assert torch.isfinite(t).all()
     with pytest.raises(AttributionError) as info:
         CALLS[name](randomness="differnt")
-    assert str(info.value) == (f"tdfunc.{name}: randomness must be 'error', 'different' or 'same' (torch.func.vmap's "
-                               "flag), got 'differnt'.")
+    assert str(info.value) == (
+        f"tdfunc.{name}: randomness must be 'error', 'different' or 'same' (torch.func.vmap's flag), got 'differnt'."
+    )
 
 
 def test_same_shares_one_draw_across_samples_different_does_not():
     """No input noise: with one dropout mask for all samples ("same") every sample's saliency is the same (VarGrad 0);
     with independent masks ("different") they differ."""
     torch.manual_seed(0)
-    same = tdfunc.smooth_grad(tdfunc.saliency, F, TD, stdevs=0.0, nt_samples=6, nt_type="vargrad", randomness="same",
-                              abs=False)
+    same = tdfunc.smooth_grad(
+        tdfunc.saliency, F, TD, stdevs=0.0, nt_samples=6, nt_type="vargrad", randomness="same", abs=False
+    )
     assert same["attr", "x"].abs().max() < 1e-12  # (rounding of mean(a^2) - mean(a)^2)
-    diff = tdfunc.smooth_grad(tdfunc.saliency, F, TD, stdevs=0.0, nt_samples=6, nt_type="vargrad",
-                              randomness="different", abs=False)
+    diff = tdfunc.smooth_grad(
+        tdfunc.saliency, F, TD, stdevs=0.0, nt_samples=6, nt_type="vargrad", randomness="different", abs=False
+    )
     assert diff["attr", "x"].abs().max() > 1e-3
 
 
@@ -66,4 +77,6 @@ def test_flag_reaches_a_method_that_takes_it():  # smooth_grad / sensitivity_max
     assert str(info.value) == random_op("integrated_gradients")
     out = tdfunc.smooth_grad(tdfunc.integrated_gradients, F, TD, stdevs=0.1, n_steps=2, randomness="different")
     assert torch.isfinite(out["attr", "x"]).all()
-    assert torch.isfinite(tdfunc.sensitivity_max(tdfunc.integrated_gradients, F, TD, n_steps=2, randomness="same")).all()
+    assert torch.isfinite(
+        tdfunc.sensitivity_max(tdfunc.integrated_gradients, F, TD, n_steps=2, randomness="same")
+    ).all()

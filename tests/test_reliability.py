@@ -12,12 +12,12 @@ import copy
 
 import pytest
 import torch
+from models import MLP, hook_dicts
 from tensordict import TensorDict
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 import tdfunc
-from models import MLP, hook_dicts
 
 # --- 1. torch.utils.checkpoint ----------------------------------------------------------------------
 
@@ -69,7 +69,9 @@ def test_checkpoint_backward_keeps_the_edits(mode, edits):
     grads = []
     for net in (ref, ck):
         d = torch.zeros(3, 4, requires_grad=True)
-        y, caps = tdfunc.functional_call(net, None, (x,), edits=EDITS[edits](d), capture=["blocks.0.act", "blocks.1.out"])
+        y, caps = tdfunc.functional_call(
+            net, None, (x,), edits=EDITS[edits](d), capture=["blocks.0.act", "blocks.1.out"]
+        )
         # reentrant checkpointing runs the region's forward under no_grad: its captures carry no gradient
         (y.square().sum() + (0 if mode else caps["blocks.0.act"].sum())).backward()
         grads.append([p.grad for p in net.parameters()] + [d.grad] + [caps["blocks.0.act"]])
@@ -90,7 +92,9 @@ def test_checkpoint_autograd_grad_with_a_state_and_a_delta():
     leaves = [d] + list(state.values(include_nested=True, leaves_only=True))
     grads = []
     for net in (ref, ck):
-        y = tdfunc.functional_call(net, state, (x,), edits={"blocks.0.act": tdfunc.delta(d), "blocks.1.lin": lambda v: v.sin()})
+        y = tdfunc.functional_call(
+            net, state, (x,), edits={"blocks.0.act": tdfunc.delta(d), "blocks.1.lin": lambda v: v.sin()}
+        )
         grads.append(torch.autograd.grad(y.square().sum(), leaves))
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b)
@@ -146,8 +150,17 @@ def test_gpt2_gradient_checkpointing_enable_keeps_the_edits():
     transformers.logging.set_verbosity_error()
     torch.manual_seed(0)
     cfg = transformers.GPT2Config(
-        n_layer=2, n_embd=16, n_head=2, vocab_size=32, n_positions=8, bos_token_id=0, eos_token_id=0,
-        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, attn_implementation="eager",
+        n_layer=2,
+        n_embd=16,
+        n_head=2,
+        vocab_size=32,
+        n_positions=8,
+        bos_token_id=0,
+        eos_token_id=0,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        attn_implementation="eager",
     )
     ref = transformers.GPT2LMHeadModel(cfg).train()
     ck = copy.deepcopy(ref)
@@ -156,7 +169,10 @@ def test_gpt2_gradient_checkpointing_enable_keeps_the_edits():
     hooks = hook_dicts(ck)  # transformers adds its own hooks for checkpointing
     grads = []
     for net in (ref, ck):
-        edits = {"transformer.h.0.mlp": lambda v: 0.5 * v, "transformer.h.1.ln_1": torch.randn(6, 16, generator=torch.Generator().manual_seed(2))}
+        edits = {
+            "transformer.h.0.mlp": lambda v: 0.5 * v,
+            "transformer.h.1.ln_1": torch.randn(6, 16, generator=torch.Generator().manual_seed(2)),
+        }
         out, caps = tdfunc.functional_call(net, None, (toks,), edits=edits, capture=["transformer.h.0.attn"])
         (out.logits.square().mean() + caps["transformer.h.0.attn"].sum()).backward()
         grads.append({n: p.grad for n, p in net.named_parameters()})
@@ -221,7 +237,9 @@ def test_copies_keep_gradients_flowing_under_grad_and_vmap():
     subs = torch.randn(4, 3, 6)
     out = torch.func.vmap(f)(subs)
     torch.testing.assert_close(out, torch.stack([f(t) for t in subs]))
-    gv = torch.func.vmap(torch.func.grad(lambda s: tdfunc.functional_call(net, None, (x,), edits={"1": lambda v: s}).sum()))(subs)
+    gv = torch.func.vmap(
+        torch.func.grad(lambda s: tdfunc.functional_call(net, None, (x,), edits={"1": lambda v: s}).sum())
+    )(subs)
     torch.testing.assert_close(gv, torch.stack([torch.func.grad(f)(t) for t in subs]))
 
 
@@ -243,7 +261,9 @@ def test_gpt2_ln_1_broadcast_substitute():
     transformers = pytest.importorskip("transformers")
     transformers.logging.set_verbosity_error()
     torch.manual_seed(0)
-    cfg = transformers.GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=32, n_positions=8, attn_implementation="eager")
+    cfg = transformers.GPT2Config(
+        n_layer=1, n_embd=16, n_head=2, vocab_size=32, n_positions=8, attn_implementation="eager"
+    )
     gpt = transformers.GPT2LMHeadModel(cfg).eval()
     toks, sub = torch.randint(0, 32, (2, 5)), torch.randn(5, 16)
     a = tdfunc.functional_call(gpt, None, (toks,), edits={"transformer.h.0.ln_1": sub}).logits
@@ -276,7 +296,9 @@ def test_train_mode_batchnorm_writes_neither_module_nor_state():
         torch.testing.assert_close(new["1", "running_mean"], ref[1].running_mean)
         torch.testing.assert_close(new["1", "running_var"], ref[1].running_var)
         assert new["1", "num_batches_tracked"] == 1
-        assert set(new.keys(include_nested=True, leaves_only=True)) == set(tdfunc.state(net).keys(include_nested=True, leaves_only=True))
+        assert set(new.keys(include_nested=True, leaves_only=True)) == set(
+            tdfunc.state(net).keys(include_nested=True, leaves_only=True)
+        )
     torch.testing.assert_close(tdfunc.functional_call(net, tdfunc.state(net), (x,)), y_ref)
     # threading the state through a loop = the module's own updates
     s = tdfunc.state(ref, copy=True)  # ref after its one plain call
@@ -315,18 +337,42 @@ def test_eval_mode_buffers_are_not_copied():
 X = torch.randn(2, 6)
 
 PINNED = [
-    ("install_sites_not_a_list", lambda: tdfunc.install_sites(MLP(), 3), TypeError,
-     "tdfunc.install_sites: sites must be a site string or a list of site strings, got int (3); e.g. tdfunc.install_sites(model, ['blocks.*.mlp']), or '**' for every submodule."),
-    ("args_as_a_list", lambda: tdfunc.functional_call(MLP(), None, [X]), TypeError,
-     "tdfunc.functional_call: args must be a tuple of positional inputs (or one input that is not a list), got a list of length 1; pass tuple(args), or ([...],) when the module's single input is a list."),
-    ("strict_not_a_bool", lambda: tdfunc.functional_call(MLP(), None, (X,), capture="act", strict="no"), TypeError,
-     "tdfunc.functional_call: strict must be True or False, got str ('no')."),
-    ("intervene_strict_not_a_bool", lambda: tdfunc.intervene(lambda: 0, MLP(), strict=0), TypeError,
-     "tdfunc.intervene: strict must be True or False, got int (0)."),
-    ("return_state_not_a_bool", lambda: tdfunc.functional_call(MLP(), None, (X,), return_state="yes"), TypeError,
-     "tdfunc.functional_call: return_state must be True or False, got str ('yes')."),
-    ("state_entry_dtype", lambda: tdfunc.functional_call(MLP(), {"fc1.bias": torch.zeros(8, dtype=torch.float64)}, (X,)), tdfunc.StateError,
-     "tdfunc.functional_call: state entry 'fc1.bias' has dtype torch.float64 on cpu, but MLP's tensor of that name has dtype torch.float32 on cpu, and the call would mix dtypes ['torch.float32', 'torch.float64'] on devices ['cpu']; convert the entry (.to(torch.float32, 'cpu')), or the whole state and the inputs together (state.to(dtype, device)), so the call runs in one dtype on one device."),
+    (
+        "install_sites_not_a_list",
+        lambda: tdfunc.install_sites(MLP(), 3),
+        TypeError,
+        "tdfunc.install_sites: sites must be a site string or a list of site strings, got int (3); e.g. tdfunc.install_sites(model, ['blocks.*.mlp']), or '**' for every submodule.",
+    ),
+    (
+        "args_as_a_list",
+        lambda: tdfunc.functional_call(MLP(), None, [X]),
+        TypeError,
+        "tdfunc.functional_call: args must be a tuple of positional inputs (or one input that is not a list), got a list of length 1; pass tuple(args), or ([...],) when the module's single input is a list.",
+    ),
+    (
+        "strict_not_a_bool",
+        lambda: tdfunc.functional_call(MLP(), None, (X,), capture="act", strict="no"),
+        TypeError,
+        "tdfunc.functional_call: strict must be True or False, got str ('no').",
+    ),
+    (
+        "intervene_strict_not_a_bool",
+        lambda: tdfunc.intervene(lambda: 0, MLP(), strict=0),
+        TypeError,
+        "tdfunc.intervene: strict must be True or False, got int (0).",
+    ),
+    (
+        "return_state_not_a_bool",
+        lambda: tdfunc.functional_call(MLP(), None, (X,), return_state="yes"),
+        TypeError,
+        "tdfunc.functional_call: return_state must be True or False, got str ('yes').",
+    ),
+    (
+        "state_entry_dtype",
+        lambda: tdfunc.functional_call(MLP(), {"fc1.bias": torch.zeros(8, dtype=torch.float64)}, (X,)),
+        tdfunc.StateError,
+        "tdfunc.functional_call: state entry 'fc1.bias' has dtype torch.float64 on cpu, but MLP's tensor of that name has dtype torch.float32 on cpu, and the call would mix dtypes ['torch.float32', 'torch.float64'] on devices ['cpu']; convert the entry (.to(torch.float32, 'cpu')), or the whole state and the inputs together (state.to(dtype, device)), so the call runs in one dtype on one device.",
+    ),
 ]
 
 

@@ -103,8 +103,12 @@ def test_wrapped_models_give_the_inner_models_state_and_run_it(gloo):
 
     net, x = _bn_net().eval(), torch.randn(5, 3)
     inner = tdfunc.state(net)
-    for wrapped in (DistributedDataParallel(net), torch.nn.DataParallel(net), torch.compile(net),
-                    torch.compile(DistributedDataParallel(net))):
+    for wrapped in (
+        DistributedDataParallel(net),
+        torch.nn.DataParallel(net),
+        torch.compile(net),
+        torch.compile(DistributedDataParallel(net)),
+    ):
         s = tdfunc.state(wrapped)
         assert sorted(s.keys(True, True)) == sorted(inner.keys(True, True))  # no module. / _orig_mod. prefix
         assert all(s[k].data_ptr() == inner[k].data_ptr() for k in inner.keys(True, True))
@@ -141,7 +145,9 @@ def test_gradient_methods_inside_a_ddp_training_loop(gloo):
         torch.testing.assert_close(got["attr", "x"], want["attr", "x"], rtol=0, atol=0)
         ddp.eval()  # vmap-based methods need eval-mode BatchNorm (README Limitations), as outside DDP
         ig = tdfunc.integrated_gradients(lambda t: tdfunc.functional_call(ddp, None, (t["x"],))[:, 1], td, n_steps=8)
-        ig_ref = tdfunc.integrated_gradients(lambda t: tdfunc.functional_call(net, None, (t["x"],))[:, 1], td, n_steps=8)
+        ig_ref = tdfunc.integrated_gradients(
+            lambda t: tdfunc.functional_call(net, None, (t["x"],))[:, 1], td, n_steps=8
+        )
         ddp.train()
         torch.testing.assert_close(ig["attr", "x"], ig_ref["attr", "x"], rtol=0, atol=0)
         weights = tdfunc.state(ddp).select(("0", "weight"), ("3", "weight"))
@@ -167,14 +173,18 @@ def test_fsdp2_sharded_model_with_a_state_is_refused_and_left_intact(gloo):
     mesh = init_device_mesh("cpu", (1,))
     fully_shard(net[0], mesh=mesh)
     fully_shard(net, mesh=mesh)
-    fix = ("gather the full state (torch.distributed.checkpoint.state_dict.get_model_state_dict(model, "
-           "options=StateDictOptions(full_state_dict=True))) and run tdfunc on the model built without fully_shard "
-           "with it loaded (load_state_dict), or call with state=None (the sharded model's own forward).")
+    fix = (
+        "gather the full state (torch.distributed.checkpoint.state_dict.get_model_state_dict(model, "
+        "options=StateDictOptions(full_state_dict=True))) and run tdfunc on the model built without fully_shard "
+        "with it loaded (load_state_dict), or call with state=None (the sharded model's own forward)."
+    )
 
     def msg(fn, key):
-        return (f"{fn}: FSDPSequential is sharded with FSDP2 (fully_shard): its tensor {key!r} is a DTensor. A "
-                "functional call with a state would swap its parameters under FSDP's own unshard / reshard hooks "
-                f"(all-zero gradients, a module left broken), so tdfunc refuses it; {fix}")
+        return (
+            f"{fn}: FSDPSequential is sharded with FSDP2 (fully_shard): its tensor {key!r} is a DTensor. A "
+            "functional call with a state would swap its parameters under FSDP's own unshard / reshard hooks "
+            f"(all-zero gradients, a module left broken), so tdfunc refuses it; {fix}"
+        )
 
     with pytest.raises(tdfunc.StateError) as e:
         tdfunc.state(net)

@@ -39,8 +39,11 @@ def _options():
     if importlib.util.find_spec("matplotlib") is not None:
         from tdfunc.plot import _common, _image
 
-        rows += [(_types.PlotMethod, _image.METHODS), (_types.Sign, _common.SIGNS),
-                 (_types.UpsampleMode, _common.UPSAMPLE_MODES)]
+        rows += [
+            (_types.PlotMethod, _image.METHODS),
+            (_types.Sign, _common.SIGNS),
+            (_types.UpsampleMode, _common.UPSAMPLE_MODES),
+        ]
     return rows
 
 
@@ -93,8 +96,7 @@ EXPECTED = {
     "R1": "Any",
     "R2": "tuple[Any, tensordict._td.TensorDict]",
     "R3": "def (x: torch._tensor.Tensor, *, scale: float =) -> torch._tensor.Tensor",
-    "R4": "def (x: torch._tensor.Tensor, *, scale: float =) -> tuple[torch._tensor.Tensor, "
-          "tensordict._td.TensorDict]",
+    "R4": "def (x: torch._tensor.Tensor, *, scale: float =) -> tuple[torch._tensor.Tensor, tensordict._td.TensorDict]",
     "R5": "tuple[torch._tensor.Tensor, tensordict._td.TensorDict]",
     "R6": "torch._tensor.Tensor",
     "R7": "tensordict._td.TensorDict",
@@ -117,8 +119,11 @@ def test_overloads_and_literals_as_mypy_sees_them(tmp_path):
     run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     # mypy replays a cached result of an unchanged module with the path it had then: match the file name only
     out = [line for line in run.stdout.splitlines() if re.match(r".*snippet\.py:\d+: ", line)]
-    revealed = {int(m.group(1)): m.group(2) for line in out
-                if (m := re.search(r":(\d+): note: Revealed type is \"(.*)\"", line))}
+    revealed = {
+        int(m.group(1)): m.group(2)
+        for line in out
+        if (m := re.search(r":(\d+): note: Revealed type is \"(.*)\"", line))
+    }
     errors = {int(m.group(1)) for line in out if (m := re.search(r":(\d+): error:", line))}
     for tag, want in EXPECTED.items():
         assert revealed.get(lines[tag]) == want, (tag, revealed.get(lines[tag]), run.stdout[-3000:])
@@ -131,8 +136,11 @@ def test_type_completeness():
     import shutil
 
     if not any((here / n).exists() or shutil.which(n) for n in ("basedpyright", "pyright")):
-        pytest.skip("neither basedpyright nor pyright is installed (pip install -r requirements-types.txt); "
-                    "make types installs it and runs this check")
-    run = subprocess.run([sys.executable, str(ROOT / ".ci" / "type_completeness.py"), "95"], cwd=ROOT,
-                         capture_output=True, text=True)
+        pytest.skip(
+            "neither basedpyright nor pyright is installed (pip install -r requirements-types.txt); "
+            "make types installs it and runs this check"
+        )
+    run = subprocess.run(
+        [sys.executable, str(ROOT / ".ci" / "type_completeness.py"), "95"], cwd=ROOT, capture_output=True, text=True
+    )
     assert run.returncode == 0, run.stdout + run.stderr

@@ -14,12 +14,12 @@ import re
 import pytest
 import torch
 import torch.nn.functional as F
+from models import CNN, MLP
 from tensordict import TensorDict
 from torch.func import grad, vmap
 from torch.nn.utils import prune
 
 import tdfunc
-from models import CNN, MLP
 
 WEIGHTS = [("fc1", "weight"), ("fc2", "weight"), ("head", "weight")]
 
@@ -64,7 +64,9 @@ def test_per_module_unstructured_equals_l1_unstructured(amount):
     net = MLP()
     state = tdfunc.state(net)
     scores = state.apply(lambda t: torch.randn_like(t))
-    ours = tdfunc.weights.prune_masks(state, scores, amount=amount, scope="module", include=["fc1", "head.bias", "fc2.weight"])
+    ours = tdfunc.weights.prune_masks(
+        state, scores, amount=amount, scope="module", include=["fc1", "head.bias", "fc2.weight"]
+    )
     ref = copy.deepcopy(net)
     chosen = ["fc1.weight", "fc1.bias", "fc2.weight", "head.bias"]
     for name in chosen:
@@ -83,10 +85,14 @@ def test_structured_equals_ln_structured(dim, p, amount):
     net = CNN(c=8).eval()
     state = tdfunc.state(net)
     scores = tdfunc.weights.magnitude_scores(state)
-    ours = tdfunc.weights.prune_masks(state, scores, amount=amount, scope="module", structured_dim=dim, p=p, include="conv*.weight")
+    ours = tdfunc.weights.prune_masks(
+        state, scores, amount=amount, scope="module", structured_dim=dim, p=p, include="conv*.weight"
+    )
     ref = copy.deepcopy(net)
     for mod in ("conv1", "conv2"):
-        prune.ln_structured(getattr(ref, mod), "weight", amount=amount, n=p, dim=dim, importance_scores=scores[mod, "weight"])
+        prune.ln_structured(
+            getattr(ref, mod), "weight", amount=amount, n=p, dim=dim, importance_scores=scores[mod, "weight"]
+        )
     refm = _masks_of(ref, ["conv1.weight", "conv2.weight"])
     for mod in ("conv1", "conv2"):
         assert torch.equal(ours[mod, "weight"], refm[f"{mod}.weight"]), mod
@@ -100,15 +106,27 @@ def test_pruning_equals_tdhook():
     tdm = TensorDictModule(net, in_keys=["x"], out_keys=["y"])
     cb = lambda module_key, parameter_name, parameter: parameter.abs() if parameter_name == "weight" else None
     state = tdfunc.state(net)
-    ours = tdfunc.weights.apply_masks(state, tdfunc.weights.prune_masks(state, tdfunc.weights.magnitude_scores(state), amount=0.3))
+    ours = tdfunc.weights.apply_masks(
+        state, tdfunc.weights.prune_masks(state, tdfunc.weights.magnitude_scores(state), amount=0.3)
+    )
     hook = tdhook.Pruning(cb, amount_to_prune=0.3, skip_modules=tdhook.Pruning.default_skip)
     with hook.prepare(tdm):
         ref = {n: p.detach().clone() for n, p in net.named_parameters()}
     for n, r in ref.items():
         assert torch.equal(ours[_key(n)], r), n
     # structured (tdhook: ln_structured with n=1 per listed module)
-    ours = tdfunc.weights.apply_masks(state, tdfunc.weights.prune_masks(
-        state, tdfunc.weights.magnitude_scores(state), amount=0.5, scope="module", structured_dim=0, p=1, include=["fc2.weight"]))
+    ours = tdfunc.weights.apply_masks(
+        state,
+        tdfunc.weights.prune_masks(
+            state,
+            tdfunc.weights.magnitude_scores(state),
+            amount=0.5,
+            scope="module",
+            structured_dim=0,
+            p=1,
+            include=["fc2.weight"],
+        ),
+    )
     hook = tdhook.Pruning(cb, modules_to_prune={"fc2": (0, 0.5)})
     with hook.prepare(tdm):
         ref = {n: p.detach().clone() for n, p in net.named_parameters()}
@@ -124,7 +142,9 @@ def test_vmap_over_ten_sparsity_levels_equals_loop():
     assert masks.batch_size == torch.Size([10]) and masks["fc1", "weight"].dtype == torch.bool
     run = lambda m: tdfunc.functional_call(net, tdfunc.weights.apply_masks(state, m), (x,))
     batched = vmap(run)(masks)
-    loop = torch.stack([run(tdfunc.weights.prune_masks(state, tdfunc.weights.magnitude_scores(state), amount=a)) for a in amounts])
+    loop = torch.stack(
+        [run(tdfunc.weights.prune_masks(state, tdfunc.weights.magnitude_scores(state), amount=a)) for a in amounts]
+    )
     torch.testing.assert_close(batched, loop, rtol=0, atol=1e-6)
     assert torch.equal(state["fc1", "weight"], net.fc1.weight.detach())  # nothing written
 
@@ -134,7 +154,9 @@ def test_apply_masks_is_pure_and_differentiable_in_soft_masks():
     state, x = tdfunc.state(net), torch.randn(4, 6, dtype=torch.float64)
     before = state["fc1", "weight"].clone()
     soft = TensorDict({("fc1", "weight"): torch.rand(8, 6, dtype=torch.float64)})
-    f = lambda m: tdfunc.functional_call(net, tdfunc.weights.apply_masks(state, TensorDict({("fc1", "weight"): m})), (x,)).sum()
+    f = lambda m: tdfunc.functional_call(
+        net, tdfunc.weights.apply_masks(state, TensorDict({("fc1", "weight"): m})), (x,)
+    ).sum()
     g = grad(f)(soft["fc1", "weight"])
     m = soft["fc1", "weight"].clone().requires_grad_(True)
     ref_net = copy.deepcopy(net)
@@ -205,9 +227,13 @@ def _ties_reference(tvs: torch.Tensor, density: float, lam: float) -> torch.Tens
 def test_ties_merge_hand_made_vectors():
     t1 = TensorDict({"w": torch.tensor([1.0, -2.0, 0.1, 3.0])})
     t2 = TensorDict({"w": torch.tensor([2.0, 1.0, -0.2, -1.0])})
-    torch.testing.assert_close(tdfunc.weights.ties_merge([t1, t2], density=0.5)["w"], torch.tensor([1.5, -2.0, 0.0, 3.0]))
+    torch.testing.assert_close(
+        tdfunc.weights.ties_merge([t1, t2], density=0.5)["w"], torch.tensor([1.5, -2.0, 0.0, 3.0])
+    )
     # density 1: no trimming; sign election by sum; disjoint mean
-    torch.testing.assert_close(tdfunc.weights.ties_merge([t1, t2], density=1.0)["w"], torch.tensor([1.5, -2.0, -0.2, 3.0]))
+    torch.testing.assert_close(
+        tdfunc.weights.ties_merge([t1, t2], density=1.0)["w"], torch.tensor([1.5, -2.0, -0.2, 3.0])
+    )
     # three tasks, lambda scales
     t3 = TensorDict({"w": torch.tensor([-4.0, -1.0, 0.5, 1.0])})
     out = tdfunc.weights.ties_merge([t1, t2, t3], density=1.0, lambda_=0.5)["w"]
@@ -223,7 +249,9 @@ def test_ties_merge_equals_reference_over_a_tree(density):
     flat = torch.stack([torch.cat([t["a", "w"].flatten(), t["b"]]) for t in tvs])
     ref = _ties_reference(flat, density, 0.7)
     torch.testing.assert_close(torch.cat([ours["a", "w"].flatten(), ours["b"]]), ref)
-    torch.testing.assert_close(tdfunc.weights.ties_merge(torch.stack(tvs), density=density, lambda_=0.7)["b"], ours["b"])
+    torch.testing.assert_close(
+        tdfunc.weights.ties_merge(torch.stack(tvs), density=density, lambda_=0.7)["b"], ours["b"]
+    )
 
 
 def _sweep_setup():
@@ -287,7 +315,9 @@ def test_interpolate_path_loss_vmapped_equals_loop():
     batched = vmap(loss)(path)
     loop = torch.stack([loss(sa.apply(lambda u, v: (1 - al) * u + al * v, sb)) for al in alphas.tolist()])
     torch.testing.assert_close(batched, loop)
-    assert torch.equal(path[2]["fc1", "weight"], sa["fc1", "weight"]) and torch.equal(path[6]["head", "bias"], sb["head", "bias"])
+    assert torch.equal(path[2]["fc1", "weight"], sa["fc1", "weight"]) and torch.equal(
+        path[6]["head", "bias"], sb["head", "bias"]
+    )
     soup = torch.stack([sa, sb]).mean(0)  # a uniform soup with plain TensorDict ops
     torch.testing.assert_close(soup["fc1", "weight"], tdfunc.weights.interpolate(sa, sb, [0.5])[0]["fc1", "weight"])
 
@@ -305,9 +335,7 @@ def _adam(loss, params, steps, lr):
         g = g_fn(params)
         m = m * b1 + g * (1 - b1)
         v = v * b2 + g.apply(torch.square) * (1 - b2)
-        params = params.apply(
-            lambda p, mi, vi: p - lr * (mi / (1 - b1**t)) / ((vi / (1 - b2**t)).sqrt() + eps), m, v
-        )
+        params = params.apply(lambda p, mi, vi: p - lr * (mi / (1 - b1**t)) / ((vi / (1 - b2**t)).sqrt() + eps), m, v)
     return params
 
 
@@ -323,7 +351,9 @@ def test_sae_trains_on_captured_activations():
     trained = _adam(loss, sae, 100, 1e-2)
     r1 = float(recon(trained))
     assert r1 < 0.1 * r0, (r0, r1)
-    assert torch.equal(sae["W_enc"], tdfunc.weights.sae_init(16, 64, generator=torch.Generator().manual_seed(0))["W_enc"])
+    assert torch.equal(
+        sae["W_enc"], tdfunc.weights.sae_init(16, 64, generator=torch.Generator().manual_seed(0))["W_enc"]
+    )
     # spliced into the model, the trained SAE keeps the output close to the plain one
     y = tdfunc.functional_call(net, None, (x,), edits={"act": tdfunc.weights.sae_edit(trained)})
     y0 = tdfunc.functional_call(net, None, (x,), edits={"act": tdfunc.weights.sae_edit(sae)})
@@ -363,7 +393,9 @@ def test_lora_equals_hand_written_linear_and_trains():
     state = tdfunc.state(net)
     lora = tdfunc.weights.lora_init(state, ["fc1", "head.weight"], rank=2, generator=torch.Generator().manual_seed(0))
     assert lora["fc1", "weight", "A"].shape == (2, 6) and lora["head", "weight", "B"].shape == (3, 2)
-    assert torch.equal(tdfunc.weights.apply_lora(state, lora, 0.5)["fc1", "weight"], state["fc1", "weight"])  # B = 0 at init
+    assert torch.equal(
+        tdfunc.weights.apply_lora(state, lora, 0.5)["fc1", "weight"], state["fc1", "weight"]
+    )  # B = 0 at init
     lora = lora.apply(lambda t: torch.randn_like(t))
     new = tdfunc.weights.apply_lora(state, lora, 0.5)
     x = torch.randn(7, 6)
@@ -393,55 +425,173 @@ def test_error_messages():
     s = tdfunc.state(net)
     sc = tdfunc.weights.magnitude_scores(s)
     W = tdfunc.weights.WeightError
-    _raises(W, "tdfunc.weights.apply_masks: masks has entry 'fc3.weight', which is not in the state. Did you mean 'fc2.weight', "
-            "'fc1.weight', 'head.weight'? Masks must mirror the state's tree (build them with tdfunc.weights.prune_masks(state, ...)).",
-            tdfunc.weights.apply_masks, s, TensorDict({("fc3", "weight"): torch.ones(8, 6, dtype=torch.bool)}))
-    _raises(W, "tdfunc.weights.apply_masks: mask for 'fc1.weight' has shape (6, 8) but the state entry has shape (8, 6); masks "
-            "must mirror the state's tree and shapes (to apply stacked masks, vmap over them: "
-            "torch.func.vmap(tdfunc.weights.apply_masks, in_dims=(None, 0))).",
-            tdfunc.weights.apply_masks, s, TensorDict({("fc1", "weight"): torch.ones(6, 8, dtype=torch.bool)}))
-    _raises(W, "tdfunc.weights.prune_masks: amount must be a fraction in [0, 1], got 1.5; e.g. amount=0.3 prunes 30% of the "
-            "selected entries (unlike torch.nn.utils.prune, an int is not a count).",
-            tdfunc.weights.prune_masks, s, sc, amount=1.5)
-    _raises(W, "tdfunc.weights.prune_masks: amount must be a fraction in [0, 1], got -0.1; e.g. amount=0.3 prunes 30% of the "
-            "selected entries (unlike torch.nn.utils.prune, an int is not a count).",
-            tdfunc.weights.prune_masks, s, sc, amount=[0.5, -0.1])
-    _raises(W, "tdfunc.weights.prune_masks: structured_dim=2 is out of range for 'fc1.weight' of shape (8, 6); give a dim in "
-            "[-2, 1] (0: output units of a Linear/Conv weight).",
-            tdfunc.weights.prune_masks, s, sc, amount=0.5, scope="module", structured_dim=2)
-    _raises(W, "tdfunc.weights.prune_masks: structured pruning (structured_dim=0) ranks slices within each tensor; pass scope='module'.",
-            tdfunc.weights.prune_masks, s, sc, amount=0.5, structured_dim=0)
-    _raises(W, "tdfunc.weights.prune_masks: include entry 'fc9' matches no entry of the state. Did you mean 'fc2', "
-            "'fc1'? Use dotted names as in the state ('fc1.weight'), a module name ('fc1') or globs "
-            "('**.weight').", tdfunc.weights.prune_masks, s, sc, amount=0.5, include=["fc9"])
-    _raises(W, "tdfunc.weights.prune_masks: scores for 'fc1.weight' have shape (6, 8) but the state entry has shape (8, 6); "
-            "give one score per weight.", tdfunc.weights.prune_masks, s, TensorDict({("fc1", "weight"): torch.ones(6, 8)}),
-            amount=0.5, include="fc1.weight")
-    _raises(W, "tdfunc.weights.interpolate: alphas must be 1-D and non-empty, got shape (2, 2); pass e.g. torch.linspace(0, 1, 11) "
-            "(one state per alpha).", tdfunc.weights.interpolate, s, s, torch.zeros(2, 2))
+    _raises(
+        W,
+        "tdfunc.weights.apply_masks: masks has entry 'fc3.weight', which is not in the state. Did you mean 'fc2.weight', "
+        "'fc1.weight', 'head.weight'? Masks must mirror the state's tree (build them with tdfunc.weights.prune_masks(state, ...)).",
+        tdfunc.weights.apply_masks,
+        s,
+        TensorDict({("fc3", "weight"): torch.ones(8, 6, dtype=torch.bool)}),
+    )
+    _raises(
+        W,
+        "tdfunc.weights.apply_masks: mask for 'fc1.weight' has shape (6, 8) but the state entry has shape (8, 6); masks "
+        "must mirror the state's tree and shapes (to apply stacked masks, vmap over them: "
+        "torch.func.vmap(tdfunc.weights.apply_masks, in_dims=(None, 0))).",
+        tdfunc.weights.apply_masks,
+        s,
+        TensorDict({("fc1", "weight"): torch.ones(6, 8, dtype=torch.bool)}),
+    )
+    _raises(
+        W,
+        "tdfunc.weights.prune_masks: amount must be a fraction in [0, 1], got 1.5; e.g. amount=0.3 prunes 30% of the "
+        "selected entries (unlike torch.nn.utils.prune, an int is not a count).",
+        tdfunc.weights.prune_masks,
+        s,
+        sc,
+        amount=1.5,
+    )
+    _raises(
+        W,
+        "tdfunc.weights.prune_masks: amount must be a fraction in [0, 1], got -0.1; e.g. amount=0.3 prunes 30% of the "
+        "selected entries (unlike torch.nn.utils.prune, an int is not a count).",
+        tdfunc.weights.prune_masks,
+        s,
+        sc,
+        amount=[0.5, -0.1],
+    )
+    _raises(
+        W,
+        "tdfunc.weights.prune_masks: structured_dim=2 is out of range for 'fc1.weight' of shape (8, 6); give a dim in "
+        "[-2, 1] (0: output units of a Linear/Conv weight).",
+        tdfunc.weights.prune_masks,
+        s,
+        sc,
+        amount=0.5,
+        scope="module",
+        structured_dim=2,
+    )
+    _raises(
+        W,
+        "tdfunc.weights.prune_masks: structured pruning (structured_dim=0) ranks slices within each tensor; pass scope='module'.",
+        tdfunc.weights.prune_masks,
+        s,
+        sc,
+        amount=0.5,
+        structured_dim=0,
+    )
+    _raises(
+        W,
+        "tdfunc.weights.prune_masks: include entry 'fc9' matches no entry of the state. Did you mean 'fc2', "
+        "'fc1'? Use dotted names as in the state ('fc1.weight'), a module name ('fc1') or globs "
+        "('**.weight').",
+        tdfunc.weights.prune_masks,
+        s,
+        sc,
+        amount=0.5,
+        include=["fc9"],
+    )
+    _raises(
+        W,
+        "tdfunc.weights.prune_masks: scores for 'fc1.weight' have shape (6, 8) but the state entry has shape (8, 6); "
+        "give one score per weight.",
+        tdfunc.weights.prune_masks,
+        s,
+        TensorDict({("fc1", "weight"): torch.ones(6, 8)}),
+        amount=0.5,
+        include="fc1.weight",
+    )
+    _raises(
+        W,
+        "tdfunc.weights.interpolate: alphas must be 1-D and non-empty, got shape (2, 2); pass e.g. torch.linspace(0, 1, 11) "
+        "(one state per alpha).",
+        tdfunc.weights.interpolate,
+        s,
+        s,
+        torch.zeros(2, 2),
+    )
     tv = tdfunc.weights.task_vector(s, s)
-    _raises(W, "tdfunc.weights.task_vector_sweep: alphas must be 1-D and non-empty, got shape (); pass e.g. torch.linspace(0, 1, 11) "
-            "(one state per alpha).", tdfunc.weights.task_vector_sweep, net, s, tv, torch.tensor(0.5), lambda s: s["fc1", "bias"].sum())
-    _raises(tdfunc.StateError, "tdfunc.weights.task_vector_sweep: unknown state key 'fc3.weight': MLP has no parameter or buffer "
-            "of that name. Did you mean 'fc2.weight', 'fc1.weight', 'head.weight'? Build the state with tdfunc.state(model) or select from it.",
-            tdfunc.weights.task_vector_sweep, net, s, TensorDict({("fc3", "weight"): torch.ones(8, 6)}), [0.5], lambda s: s["fc1", "bias"].sum())
-    _raises(W, "tdfunc.weights.task_vector: entry 'head.weight' has shape (3, 8) in finetuned but (4, 8) in pretrained; both must "
-            "come from the same architecture.", tdfunc.weights.task_vector, s, tdfunc.state(MLP(d_out=4)))
-    _raises(W, "tdfunc.weights.ties_merge: density must be a fraction in (0, 1], got 0; e.g. density=0.2 keeps the top 20%.",
-            tdfunc.weights.ties_merge, [tv, tv], density=0)
+    _raises(
+        W,
+        "tdfunc.weights.task_vector_sweep: alphas must be 1-D and non-empty, got shape (); pass e.g. torch.linspace(0, 1, 11) "
+        "(one state per alpha).",
+        tdfunc.weights.task_vector_sweep,
+        net,
+        s,
+        tv,
+        torch.tensor(0.5),
+        lambda s: s["fc1", "bias"].sum(),
+    )
+    _raises(
+        tdfunc.StateError,
+        "tdfunc.weights.task_vector_sweep: unknown state key 'fc3.weight': MLP has no parameter or buffer "
+        "of that name. Did you mean 'fc2.weight', 'fc1.weight', 'head.weight'? Build the state with tdfunc.state(model) or select from it.",
+        tdfunc.weights.task_vector_sweep,
+        net,
+        s,
+        TensorDict({("fc3", "weight"): torch.ones(8, 6)}),
+        [0.5],
+        lambda s: s["fc1", "bias"].sum(),
+    )
+    _raises(
+        W,
+        "tdfunc.weights.task_vector: entry 'head.weight' has shape (3, 8) in finetuned but (4, 8) in pretrained; both must "
+        "come from the same architecture.",
+        tdfunc.weights.task_vector,
+        s,
+        tdfunc.state(MLP(d_out=4)),
+    )
+    _raises(
+        W,
+        "tdfunc.weights.ties_merge: density must be a fraction in (0, 1], got 0; e.g. density=0.2 keeps the top 20%.",
+        tdfunc.weights.ties_merge,
+        [tv, tv],
+        density=0,
+    )
     sae = tdfunc.weights.sae_init(16, 4)
-    _raises(tdfunc.EditError, "tdfunc.weights.sae_edit: the adapter reads width d_in=16, but the value at the edited site has "
-            "shape (2, 8); build the adapter for that width (last dim) or use it at a site of width 16.",
-            tdfunc.functional_call, net, None, (torch.randn(2, 6),), edits={"act": tdfunc.weights.sae_edit(sae)})
-    _raises(W, "tdfunc.weights.sae_edit: the adapter state lacks ['b_dec'] (has ['W_dec', 'W_enc', 'b_enc']); build it with "
-            "tdfunc.weights.sae_init(d_in, d_hidden) or tdfunc.weights.transcoder_init(d_in, d_hidden, d_out).",
-            tdfunc.weights.sae_edit, sae.exclude("b_dec"))
-    _raises(W, "tdfunc.weights.lora_init: unknown key 'fc3': the state has no such entry. Did you mean 'fc2', 'fc1'? "
-            "Name Linear weights as in the state ('fc1.weight') or by module ('fc1').",
-            tdfunc.weights.lora_init, s, ["fc3"], 2)
-    _raises(W, "tdfunc.weights.lora_init: 'fc1.bias' has shape (8,) and dtype torch.float32; LoRA adapts floating-point 2-D (Linear) "
-            "weights of shape (out, in).", tdfunc.weights.lora_init, s, "fc1.bias", 2)
+    _raises(
+        tdfunc.EditError,
+        "tdfunc.weights.sae_edit: the adapter reads width d_in=16, but the value at the edited site has "
+        "shape (2, 8); build the adapter for that width (last dim) or use it at a site of width 16.",
+        tdfunc.functional_call,
+        net,
+        None,
+        (torch.randn(2, 6),),
+        edits={"act": tdfunc.weights.sae_edit(sae)},
+    )
+    _raises(
+        W,
+        "tdfunc.weights.sae_edit: the adapter state lacks ['b_dec'] (has ['W_dec', 'W_enc', 'b_enc']); build it with "
+        "tdfunc.weights.sae_init(d_in, d_hidden) or tdfunc.weights.transcoder_init(d_in, d_hidden, d_out).",
+        tdfunc.weights.sae_edit,
+        sae.exclude("b_dec"),
+    )
+    _raises(
+        W,
+        "tdfunc.weights.lora_init: unknown key 'fc3': the state has no such entry. Did you mean 'fc2', 'fc1'? "
+        "Name Linear weights as in the state ('fc1.weight') or by module ('fc1').",
+        tdfunc.weights.lora_init,
+        s,
+        ["fc3"],
+        2,
+    )
+    _raises(
+        W,
+        "tdfunc.weights.lora_init: 'fc1.bias' has shape (8,) and dtype torch.float32; LoRA adapts floating-point 2-D (Linear) "
+        "weights of shape (out, in).",
+        tdfunc.weights.lora_init,
+        s,
+        "fc1.bias",
+        2,
+    )
     lora = tdfunc.weights.lora_init(s, "fc1", 2)
     lora["fc1", "weight", "A"] = torch.zeros(2, 5)
-    _raises(W, "tdfunc.weights.apply_lora: LoRA factors for 'fc1.weight' have B (8, 2) and A (2, 5), but the weight has shape "
-            "(8, 6); expected B (out, r) and A (r, in) with (out, in) = (8, 6).", tdfunc.weights.apply_lora, s, lora, 1.0)
+    _raises(
+        W,
+        "tdfunc.weights.apply_lora: LoRA factors for 'fc1.weight' have B (8, 2) and A (2, 5), but the weight has shape "
+        "(8, 6); expected B (out, r) and A (r, in) with (out, in) = (8, 6).",
+        tdfunc.weights.apply_lora,
+        s,
+        lora,
+        1.0,
+    )

@@ -6,16 +6,17 @@ are the entry points users compose with ``vmap``, ``grad`` and ``torch.compile``
 and canonizers live in :mod:`tdfunc.lrp_rules`.
 """
 
+from .._finite import NonFiniteWarning as NonFiniteWarning
 from ._common import AttributionError as AttributionError
 from ._common import MiscompileError as MiscompileError
-from .._finite import NonFiniteWarning as NonFiniteWarning
 from ._deep_lift import deep_lift as deep_lift
 from ._deep_lift import deep_lift_shap as deep_lift_shap
 from ._deep_lift import layer_deep_lift as layer_deep_lift
+from ._feature_permutation import feature_permutation as feature_permutation
 from ._gradient import input_x_gradient as input_x_gradient
+from ._gradient import saliency as saliency
 from ._gradient_shap import gradient_shap as gradient_shap
 from ._gradient_shap import layer_gradient_shap as layer_gradient_shap
-from ._gradient import saliency as saliency
 from ._guided import deconvolution as deconvolution
 from ._guided import guided_backprop as guided_backprop
 from ._guided import guided_grad_cam as guided_grad_cam
@@ -26,6 +27,8 @@ from ._layer import internal_influence as internal_influence
 from ._layer import layer_conductance as layer_conductance
 from ._layer import layer_gradient_x_activation as layer_gradient_x_activation
 from ._layer import layer_integrated_gradients as layer_integrated_gradients
+from ._layer_ablation import layer_feature_ablation as layer_feature_ablation
+from ._lime import lime as lime
 from ._lrp import lrp as lrp
 from ._maximise import activation_maximisation as activation_maximisation
 from ._metrics import infidelity as infidelity
@@ -34,9 +37,6 @@ from ._noise import smooth_grad as smooth_grad
 from ._perturb import feature_ablation as feature_ablation
 from ._perturb import occlusion as occlusion
 from ._perturb import shapley_value_sampling as shapley_value_sampling
-from ._lime import lime as lime
-from ._feature_permutation import feature_permutation as feature_permutation
-from ._layer_ablation import layer_feature_ablation as layer_feature_ablation
 
 # a literal list (sorted), so that type checkers see the names `from .attribution import *` gives tdfunc
 __all__ = [

@@ -58,7 +58,7 @@ def _scaled(w: torch.Tensor, scale: torch.Tensor, nb: int, groups: int, transpos
     """``w`` with output channel ``o`` scaled by ``scale[..., o]`` (``nb`` leading state batch dims)."""
     if not transposed:
         return w * scale.reshape(scale.shape + (1,) * (w.dim() - scale.dim()))
-    lead, c_in, per, k = w.shape[:nb], w.shape[nb], w.shape[nb + 1], w.shape[nb + 2:]
+    lead, c_in, per, k = w.shape[:nb], w.shape[nb], w.shape[nb + 1], w.shape[nb + 2 :]
     wg = w.reshape(*lead, groups, c_in // groups, per, *k)
     sg = scale.reshape(*lead, groups, 1, per, *([1] * len(k)))
     return (wg * sg).reshape(w.shape)
@@ -125,9 +125,7 @@ def merge_batchnorm(
     if state is None:
         state = _state(module)
     if not isinstance(state, TensorDictBase):
-        raise TypeError(
-            f"{_FN}: state must be a TensorDict (tdfunc.state(model)) or None, got {type(state).__name__}."
-        )
+        raise TypeError(f"{_FN}: state must be a TensorDict (tdfunc.state(model)) or None, got {type(state).__name__}.")
     if pairs is None:
         pairs = _auto_pairs(module)
     else:

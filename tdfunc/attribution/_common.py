@@ -22,12 +22,21 @@ from .._checks import check_callable, per_input
 from .._errors import TdfuncError, shape_str, suggest
 from .._finite import check_finite, readable, warn_nonfinite
 
-__all__ = ["AttributionError", "MiscompileError", "Inputs", "prepare", "with_inputs", "check_output", "grads_per_target", "result"]
+__all__ = [
+    "AttributionError",
+    "MiscompileError",
+    "Inputs",
+    "prepare",
+    "with_inputs",
+    "check_output",
+    "grads_per_target",
+    "result",
+]
 
 BASELINE = "baseline"
 Key = tuple  # nested keys are always tuples here
 #: a method's ``baselines=`` argument: one baseline per input (a dict key -> value, or a bare value for one input)
-Baselines = Mapping[Any, 'torch.Tensor | float'] | torch.Tensor | float
+Baselines = Mapping[Any, "torch.Tensor | float"] | torch.Tensor | float
 
 
 class AttributionError(TdfuncError, ValueError):
@@ -41,8 +50,17 @@ class MiscompileError(TdfuncError, RuntimeError):
 _MAX_POOLS = tuple(
     getattr(mod, name)
     for mod, names in (
-        (torch.nn.functional, ("max_pool1d", "max_pool2d", "max_pool3d", "max_pool1d_with_indices",
-                               "max_pool2d_with_indices", "max_pool3d_with_indices")),
+        (
+            torch.nn.functional,
+            (
+                "max_pool1d",
+                "max_pool2d",
+                "max_pool3d",
+                "max_pool1d_with_indices",
+                "max_pool2d_with_indices",
+                "max_pool3d_with_indices",
+            ),
+        ),
         (torch, ("max_pool1d", "max_pool2d", "max_pool3d", "max_pool1d_with_indices")),
         (torch._C._nn, ("max_pool2d_with_indices", "max_pool3d_with_indices")),
     )
@@ -70,7 +88,10 @@ def _inductor_vmapped_max_pool(vmaps: bool) -> str:
             return ""
         out = InstructionTranslator.current_tx().output
         backend = getattr(out.compiler_fn, "_torchdynamo_orig_backend", out.compiler_fn)
-        if not (isinstance(backend, torch._TorchCompileInductorWrapper) or getattr(backend, "compiler_name", None) == "inductor"):
+        if not (
+            isinstance(backend, torch._TorchCompileInductorWrapper)
+            or getattr(backend, "compiler_name", None) == "inductor"
+        ):
             return ""
         for node in out.graph.nodes:
             if node.op == "call_function" and any(node.target is t for t in _MAX_POOLS):
@@ -118,8 +139,17 @@ _NO_F = object()
 NONFINITE_FIX = "replace them (e.g. torch.nan_to_num) or drop those examples before attributing"
 
 
-def prepare(fn: str, td: TensorDictBase, in_keys: Sequence | None, *, baselines: bool = True, f: object = _NO_F,
-            allow_inf: bool = False, baselines_arg: object = None, integer_inputs: bool = False) -> Inputs:
+def prepare(
+    fn: str,
+    td: TensorDictBase,
+    in_keys: Sequence | None,
+    *,
+    baselines: bool = True,
+    f: object = _NO_F,
+    allow_inf: bool = False,
+    baselines_arg: object = None,
+    integer_inputs: bool = False,
+) -> Inputs:
     """Validate ``f`` (when given), ``td`` and the attributed keys; collect inputs and baselines.
 
     Inputs and baselines must be finite (NaN is never accepted; ``allow_inf`` lets infinite inputs
@@ -160,9 +190,14 @@ def prepare(fn: str, td: TensorDictBase, in_keys: Sequence | None, *, baselines:
         if k not in leaves:
             near = suggest(".".join(k), {".".join(c): c for c in leaves})
             if near:  # show suggestions as keys, not dotted names
-                near = " Did you mean " + ", ".join(
-                    _show(tuple(n.split("."))) for n in near[len(" Did you mean ") : -1].replace("'", "").split(", ")
-                ) + "?"
+                near = (
+                    " Did you mean "
+                    + ", ".join(
+                        _show(tuple(n.split(".")))
+                        for n in near[len(" Did you mean ") : -1].replace("'", "").split(", ")
+                    )
+                    + "?"
+                )
             raise AttributionError(
                 f"{fn}: unknown input key {_show(k)}: td has no such entry.{near} Entries: {_show_all(leaves)}."
             )
@@ -222,8 +257,9 @@ def shared_baselines(fn: str, baselines: object, keys: list) -> dict | None:
     """A method's ``baselines=`` argument as key -> value (None when not given; see :func:`shared_baseline`)."""
     if baselines is None:
         return None
-    return per_input(fn, "baselines", baselines, keys, "baseline (a number or a tensor broadcastable to the input)",
-                     AttributionError)
+    return per_input(
+        fn, "baselines", baselines, keys, "baseline (a number or a tensor broadcastable to the input)", AttributionError
+    )
 
 
 def shared_baseline(fn: str, k: Key, b: object, v: torch.Tensor, what: str = "the input") -> torch.Tensor:
@@ -310,7 +346,9 @@ def with_inputs(td: TensorDictBase, xs: dict) -> TensorDictBase:
     return out
 
 
-def check_output(fn: str, y: object, batch: torch.Size, xs: dict | None = None, *, batch_value: bool = False) -> int | None:
+def check_output(
+    fn: str, y: object, batch: torch.Size, xs: dict | None = None, *, batch_value: bool = False
+) -> int | None:
     """Number of targets K from ``f``'s output shape, or None for one target per example.
 
     ``xs`` (the attributed inputs): also refuse an empty batch size whose rows look like examples.
@@ -318,8 +356,7 @@ def check_output(fn: str, y: object, batch: torch.Size, xs: dict | None = None, 
     """
     if not isinstance(y, torch.Tensor):
         raise AttributionError(
-            f"{fn}: f must return a tensor of shape batch {shape_str(batch)} or batch + (K,), "
-            f"got {type(y).__name__}."
+            f"{fn}: f must return a tensor of shape batch {shape_str(batch)} or batch + (K,), got {type(y).__name__}."
         )
     n = len(batch)
     if batch_value and y.dim() == 0:
@@ -359,6 +396,7 @@ def grads_per_target(
     was ~3.5x slower).  ``reduce(key, grad)`` is applied to each target's gradient before the K are
     stacked (IG sums over the path there, so K full path gradients never coexist).
     """
+
     def floating(xs: dict) -> torch.Tensor:
         return check_float_output(fn, g(xs))
 

@@ -31,17 +31,60 @@ __all__ = ["deep_lift", "deep_lift_shap", "layer_deep_lift"]
 
 #: elementwise activations: the rescale rule applies to each (captum: ReLU, ELU, LeakyReLU, Sigmoid, Tanh, Softplus)
 RESCALED: tuple[type[nn.Module], ...] = (
-    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish, nn.Sigmoid,
-    nn.Tanh, nn.Softplus, nn.Softsign, nn.Hardtanh, nn.Hardsigmoid, nn.Hardswish, nn.LogSigmoid, nn.Tanhshrink,
-    nn.Threshold, nn.Softshrink, nn.Hardshrink,
+    nn.ReLU,
+    nn.ReLU6,
+    nn.LeakyReLU,
+    nn.PReLU,
+    nn.ELU,
+    nn.SELU,
+    nn.CELU,
+    nn.GELU,
+    nn.SiLU,
+    nn.Mish,
+    nn.Sigmoid,
+    nn.Tanh,
+    nn.Softplus,
+    nn.Softsign,
+    nn.Hardtanh,
+    nn.Hardsigmoid,
+    nn.Hardswish,
+    nn.LogSigmoid,
+    nn.Tanhshrink,
+    nn.Threshold,
+    nn.Softshrink,
+    nn.Hardshrink,
 )
 #: nonlinear modules the rescale rule does not cover: refused when f reaches them
 REFUSED: tuple[type[nn.Module], ...] = (
-    nn.Softmax, nn.Softmin, nn.LogSoftmax, nn.Softmax2d, nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d,
-    nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d, nn.FractionalMaxPool2d, nn.FractionalMaxPool3d,
-    nn.LPPool1d, nn.LPPool2d, nn.MultiheadAttention, nn.LayerNorm, nn.GroupNorm, nn.RMSNorm, nn.LocalResponseNorm,
-    nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d, nn.Bilinear, nn.GLU, nn.RReLU, nn.RNNBase,
-    nn.RNNCellBase, nn.CosineSimilarity, nn.PairwiseDistance,
+    nn.Softmax,
+    nn.Softmin,
+    nn.LogSoftmax,
+    nn.Softmax2d,
+    nn.MaxPool1d,
+    nn.MaxPool2d,
+    nn.MaxPool3d,
+    nn.AdaptiveMaxPool1d,
+    nn.AdaptiveMaxPool2d,
+    nn.AdaptiveMaxPool3d,
+    nn.FractionalMaxPool2d,
+    nn.FractionalMaxPool3d,
+    nn.LPPool1d,
+    nn.LPPool2d,
+    nn.MultiheadAttention,
+    nn.LayerNorm,
+    nn.GroupNorm,
+    nn.RMSNorm,
+    nn.LocalResponseNorm,
+    nn.InstanceNorm1d,
+    nn.InstanceNorm2d,
+    nn.InstanceNorm3d,
+    nn.Bilinear,
+    nn.GLU,
+    nn.RReLU,
+    nn.RNNBase,
+    nn.RNNCellBase,
+    nn.CosineSimilarity,
+    nn.PairwiseDistance,
 )
 
 
@@ -67,7 +110,11 @@ def _module_sites(fn: str, module: nn.Module) -> tuple[list[str], dict[str, str]
 
 def _refuse(fn: str, name: str, why: str) -> Callable:
     def refuse(module, args, kwargs, out):
-        if isinstance(module, nn.modules.batchnorm._BatchNorm) and not module.training and module.running_mean is not None:
+        if (
+            isinstance(module, nn.modules.batchnorm._BatchNorm)
+            and not module.training
+            and module.running_mean is not None
+        ):
             return out  # eval-mode BatchNorm is affine: its plain gradient is DeepLift's multiplier
         raise AttributionError(
             f"{fn}: f reached the {type(module).__name__} module {name!r}, which DeepLift cannot handle here: {why}. "
@@ -117,8 +164,15 @@ def _stashing(stash: dict, name: str) -> Callable:
 
 
 def _core(
-    fn: str, f: Callable, td: TensorDictBase, module: nn.Module, in_keys, multiply_by_inputs: bool,
-    return_convergence_delta: bool, eps: float, baselines: dict | None = None,
+    fn: str,
+    f: Callable,
+    td: TensorDictBase,
+    module: nn.Module,
+    in_keys,
+    multiply_by_inputs: bool,
+    return_convergence_delta: bool,
+    eps: float,
+    baselines: dict | None = None,
 ) -> TensorDict:
     """DeepLift of ``f`` at ``td``; baselines from ``baselines`` (already of the inputs' shapes) or from ``td``."""
     check_bool(fn, "multiply_by_inputs", multiply_by_inputs, AttributionError)
@@ -262,8 +316,11 @@ def check_baseline_distribution(fn: str, baselines: object, p_keys: list, xs: di
     """``baselines``: a TensorDict of batch ``(N,)`` holding, per attributed key, ``N`` baselines of the
     input's feature shape.  Returns key -> tensor ``(N, *feature shape)``."""
     if not isinstance(baselines, TensorDictBase) or len(baselines.batch_size) != 1 or baselines.batch_size[0] < 1:
-        got = (f"a TensorDict of batch shape {shape_str(baselines.batch_size)}" if isinstance(baselines, TensorDictBase)
-               else f"{type(baselines).__name__} ({baselines!r:.60})")
+        got = (
+            f"a TensorDict of batch shape {shape_str(baselines.batch_size)}"
+            if isinstance(baselines, TensorDictBase)
+            else f"{type(baselines).__name__} ({baselines!r:.60})"
+        )
         raise AttributionError(
             f"{fn}: baselines must be a TensorDict of batch shape (N,) with N >= 1 baselines per attributed input, "
             f"got {got}; e.g. TensorDict({{'x': refs}}, batch_size=[len(refs)])."
@@ -358,8 +415,10 @@ def deep_lift_shap(
     n, numel = baselines.batch_size[0], p.batch.numel()
     # (N, *batch) pairs of (example, baseline), flattened to one batch dim
     flat = td.expand(n, *p.batch).reshape(n * numel)
-    bases = {k: b.view(n, *([1] * nb), *b.shape[1:]).expand(n, *p.x[k].shape).reshape(n * numel, *b.shape[1:])
-             for k, b in refs.items()}
+    bases = {
+        k: b.view(n, *([1] * nb), *b.shape[1:]).expand(n, *p.x[k].shape).reshape(n * numel, *b.shape[1:])
+        for k, b in refs.items()
+    }
     out = _core(fn, f, flat, module, p.keys, multiply_by_inputs, return_convergence_delta, eps, baselines=bases)
 
     def mean(t: torch.Tensor) -> torch.Tensor:
@@ -448,8 +507,11 @@ def layer_deep_lift(
     y, caps = _run(fn, f, module, pair, None, [site])
     a = caps[site]
     if not isinstance(a, torch.Tensor) or not a.is_floating_point() or a.dim() == 0 or a.shape[0] != 2 * rows:
-        what = (f"shape {shape_str(a.shape)}, dtype {a.dtype}" if isinstance(a, torch.Tensor)
-                else f"a value of type {type(a).__name__}")
+        what = (
+            f"shape {shape_str(a.shape)}, dtype {a.dtype}"
+            if isinstance(a, torch.Tensor)
+            else f"a value of type {type(a).__name__}"
+        )
         raise AttributionError(
             f"{fn}: the value at site {site!r} has {what}; layer DeepLift needs a floating-point tensor whose first "
             f"dim is the {2 * rows} stacked rows (the inputs, then their baselines). Attribute another site."

@@ -36,7 +36,12 @@ def _draw_permutations(n_feat: int, n: int, generator: torch.Generator | None) -
 
 def _check_permutations(fn: str, perms, n_feat: int, n: int) -> torch.Tensor:
     want = shape_str((n_feat, n))
-    if not isinstance(perms, torch.Tensor) or perms.is_floating_point() or perms.is_complex() or perms.dtype == torch.bool:
+    if (
+        not isinstance(perms, torch.Tensor)
+        or perms.is_floating_point()
+        or perms.is_complex()
+        or perms.dtype == torch.bool
+    ):
         got = type(perms).__name__ if not isinstance(perms, torch.Tensor) else f"a {perms.dtype} tensor"
         raise AttributionError(f"{fn}: permutations must be an integer tensor of shape {want}, got {got}.")
     if tuple(perms.shape) != (n_feat, n):
@@ -157,8 +162,9 @@ def feature_permutation(
     def values_for(lo, hi):  # (chunk, *x.shape): the batch in each feature's permuted order
         return {key: x[perms[lo:hi]] for key, x in p.x.items()}
 
-    _, total = run_perturbed(f, td, p, n, chunk_size, masks_for, y0, progress=progress, fn=fn, randomness=randomness,
-                             values_for=values_for)
+    _, total = run_perturbed(
+        f, td, p, n, chunk_size, masks_for, y0, progress=progress, fn=fn, randomness=randomness, values_for=values_for
+    )
     attrs = {}
     for key, t in total.items():
         x = p.x[key]

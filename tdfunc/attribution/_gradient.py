@@ -90,5 +90,6 @@ def input_x_gradient(
     """
     p, grads, k = _gradients("tdfunc.input_x_gradient", f, td, in_keys)
     n = len(p.batch)
-    return result(td.batch_size, {key: per_target(p.x[key], k, n) * g for key, g in grads.items()},
-                  fn="tdfunc.input_x_gradient")
+    return result(
+        td.batch_size, {key: per_target(p.x[key], k, n) * g for key, g in grads.items()}, fn="tdfunc.input_x_gradient"
+    )

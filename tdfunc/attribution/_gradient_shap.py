@@ -17,7 +17,6 @@ from .._types import InKeys, Key
 from ._common import (
     BASELINE,
     AttributionError,
-    _show,
     grads_per_target,
     move_target_dim,
     prepare,
@@ -31,11 +30,15 @@ from ._noise import _draws, _stdevs
 __all__ = ["gradient_shap", "layer_gradient_shap"]
 
 
-def _sample_tensor(fn: str, name: str, v: object, want: tuple, dtype_ok: Callable[[torch.dtype], bool], what: str,
-                   device: torch.device) -> torch.Tensor:
+def _sample_tensor(
+    fn: str, name: str, v: object, want: tuple, dtype_ok: Callable[[torch.dtype], bool], what: str, device: torch.device
+) -> torch.Tensor:
     if not isinstance(v, torch.Tensor) or tuple(v.shape) != want or not dtype_ok(v.dtype) or v.device != device:
-        got = (f"shape {shape_str(v.shape)}, dtype {v.dtype} on {v.device}" if isinstance(v, torch.Tensor)
-               else f"{type(v).__name__} ({v!r:.60})")
+        got = (
+            f"shape {shape_str(v.shape)}, dtype {v.dtype} on {v.device}"
+            if isinstance(v, torch.Tensor)
+            else f"{type(v).__name__} ({v!r:.60})"
+        )
         raise AttributionError(
             f"{fn}: {name} must be a tensor of shape (n_samples, *batch) = {shape_str(torch.Size(want))} of {what} "
             f"on {device}, got {got}."
@@ -122,8 +125,22 @@ def gradient_shap(
     backward), ``torch.compile(fullgraph=True)`` (with pre-drawn samples).
     """
     fn = "tdfunc.gradient_shap"
-    p, f, refs, std, eps, a, idx = _samples(fn, f, td, baselines, in_keys, n_samples, stdevs, multiply_by_inputs,
-                                            generator, noise, alphas, baseline_index, chunk_size, randomness)
+    p, f, refs, std, eps, a, idx = _samples(
+        fn,
+        f,
+        td,
+        baselines,
+        in_keys,
+        n_samples,
+        stdevs,
+        multiply_by_inputs,
+        generator,
+        noise,
+        alphas,
+        baseline_index,
+        chunk_size,
+        randomness,
+    )
     nb = len(p.batch)
     s = n_samples
     total: dict = {}
@@ -157,8 +174,22 @@ def gradient_shap(
     return result(td.batch_size, attrs, fn=fn)
 
 
-def _samples(fn: str, f, td, baselines, in_keys, n_samples, stdevs, multiply_by_inputs, generator, noise, alphas,
-             baseline_index, chunk_size, randomness):
+def _samples(
+    fn: str,
+    f,
+    td,
+    baselines,
+    in_keys,
+    n_samples,
+    stdevs,
+    multiply_by_inputs,
+    generator,
+    noise,
+    alphas,
+    baseline_index,
+    chunk_size,
+    randomness,
+):
     """Validated inputs and the samples: ``(p, refs, std, eps, alphas, baseline_index)``; ``f`` checked."""
     check_int(fn, "n_samples", n_samples, AttributionError)
     check_chunk_size(fn, chunk_size, AttributionError)
@@ -196,8 +227,15 @@ def _samples(fn: str, f, td, baselines, in_keys, n_samples, stdevs, multiply_by_
     if baseline_index is None:
         dev = generator.device if generator is not None else x0.device
         baseline_index = torch.randint(n_base, want, generator=generator, device=dev).to(x0.device)
-    idx = _sample_tensor(fn, "baseline_index", baseline_index, want, lambda d: not d.is_floating_point and d != torch.bool,
-                         f"integers in [0, {n_base})", x0.device)
+    idx = _sample_tensor(
+        fn,
+        "baseline_index",
+        baseline_index,
+        want,
+        lambda d: not d.is_floating_point and d != torch.bool,
+        f"integers in [0, {n_base})",
+        x0.device,
+    )
     if idx.numel() and readable(idx.double()) and (int(idx.min()) < 0 or int(idx.max()) >= n_base):
         raise AttributionError(
             f"{fn}: baseline_index holds {int(idx.min()) if int(idx.min()) < 0 else int(idx.max())}, outside "
@@ -264,8 +302,22 @@ def layer_gradient_shap(
 
     fn = "tdfunc.layer_gradient_shap"
     _check(fn, td, module, site)
-    p, f, refs, std, eps, a, idx = _samples(fn, f, td, baselines, in_keys, n_samples, stdevs, multiply_by_inputs,
-                                            generator, noise, alphas, baseline_index, None, randomness)
+    p, f, refs, std, eps, a, idx = _samples(
+        fn,
+        f,
+        td,
+        baselines,
+        in_keys,
+        n_samples,
+        stdevs,
+        multiply_by_inputs,
+        generator,
+        noise,
+        alphas,
+        baseline_index,
+        None,
+        randomness,
+    )
     nb = len(p.batch)
     _, act = _activation(fn, f, module, td, site)
     points, noisy, bases = {}, {}, {}
@@ -278,9 +330,14 @@ def layer_gradient_shap(
     g = lambda xs: vmap(one, randomness=randomness)(xs["d"], points)  # noqa: E731
     cap = lambda pts: _run(fn, f, module, with_inputs(td, pts), None, [site])[1][site]  # noqa: E731
     try:
-        _, grads, k = grads_per_target(fn, g, {"d": torch.zeros((n_samples, *act.shape), dtype=act.dtype,
-                                                                device=act.device)}, 1, p.batch)
-        diff = vmap(cap, randomness=randomness)(noisy) - vmap(cap, randomness=randomness)(bases) if multiply_by_inputs else None
+        _, grads, k = grads_per_target(
+            fn, g, {"d": torch.zeros((n_samples, *act.shape), dtype=act.dtype, device=act.device)}, 1, p.batch
+        )
+        diff = (
+            vmap(cap, randomness=randomness)(noisy) - vmap(cap, randomness=randomness)(bases)
+            if multiply_by_inputs
+            else None
+        )
     except RuntimeError as e:
         err = random_op_error(fn, e, AttributionError)
         if err is None:

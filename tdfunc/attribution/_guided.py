@@ -6,10 +6,9 @@ from collections.abc import Callable
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 from tensordict import TensorDict, TensorDictBase
 from torch import nn
-
-import torch.nn.functional as F
 
 from .._call import intervene
 from .._errors import TdfuncError, shape_str

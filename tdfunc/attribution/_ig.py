@@ -13,6 +13,7 @@ from .._progress import progress_bar
 from .._types import IGMethod, IGStrategy, InKeys
 from ._common import (
     AttributionError,
+    Baselines,
     check_output,
     grads_per_target,
     move_target_dim,
@@ -22,7 +23,6 @@ from ._common import (
     tensor_output,
     with_inputs,
 )
-from ._common import Baselines
 from ._quadrature import check_path_options, quadrature
 
 __all__ = ["integrated_gradients", "quadrature"]
@@ -135,7 +135,9 @@ def integrated_gradients(
             g = lambda xs: vmap(lambda one: f(with_inputs(td, one)), randomness=randomness)(xs)
         else:
             folded_td = td.expand(s, *p.batch).reshape(s * p.batch.numel()) if nb else td.expand(s)
-            g = lambda xs: _unfold(f(with_inputs(folded_td, {k: v.reshape(-1, *v.shape[nb + 1 :]) for k, v in xs.items()})), s, p.batch)
+            g = lambda xs: _unfold(
+                f(with_inputs(folded_td, {k: v.reshape(-1, *v.shape[nb + 1 :]) for k, v in xs.items()})), s, p.batch
+            )
         w = weights64[start:stop]
         path_sum = lambda key, gr: torch.tensordot(w.to(gr.dtype).to(gr.device), gr, dims=1)  # noqa: E731
         # the weighted sum over the path is taken per target, before the K targets are stacked

@@ -150,8 +150,9 @@ def kernel_shap(
     """
     fn = "tdfunc.kernel_shap"
     check_callable(fn, "f", f, AttributionError, expected="f(td) -> Tensor")
-    p, masks, dev, n_feat = sampling_setup(fn, td, in_keys, feature_mask, n_samples, chunk_size, generator, progress,
-                                           randomness, baselines)
+    p, masks, dev, n_feat = sampling_setup(
+        fn, td, in_keys, feature_mask, n_samples, chunk_size, generator, progress, randomness, baselines
+    )
     if coalitions is None:
         coal = _draw_coalitions(n_samples, n_feat, generator).to(dev)
     else:
@@ -161,8 +162,17 @@ def kernel_shap(
         c = coal[lo:hi]
         return {key: ~c[:, m.flatten()].view(len(c), *m.shape) for key, m in masks.items()}  # also 0 features
 
-    ys, _ = run_perturbed(f, td, p, n_samples, chunk_size, masks_for, progress=progress, fn=fn,  # (S, *batch (+ K))
-                          randomness=randomness)
+    ys, _ = run_perturbed(
+        f,
+        td,
+        p,
+        n_samples,
+        chunk_size,
+        masks_for,
+        progress=progress,
+        fn=fn,  # (S, *batch (+ K))
+        randomness=randomness,
+    )
     k = check_output(fn, ys[0], p.batch, p.x, batch_value=True)
     wide = torch.float64 if dev.type != "mps" else torch.float32
     solve = _solver(coal, wide).to(ys.dtype)  # (F, S), solved in float64

@@ -19,8 +19,8 @@ from torch import nn
 from torch.func import vmap
 
 from .. import _runtime
-from .._edits import delta
 from .._checks import check_callable, check_randomness, random_op_error
+from .._edits import delta
 from .._errors import shape_str
 from .._finite import check_finite, warn_nonfinite
 from .._sites import ALL_CALLS, parse_site
@@ -344,8 +344,17 @@ def layer_integrated_gradients(
     return _out(td, site, attr, extra, fn=fn)
 
 
-def _path_at_site(fn: str, f: Callable, td: TensorDictBase, module: nn.Module, site: str, in_keys, alphas64: torch.Tensor,
-                  randomness: str, values: bool):
+def _path_at_site(
+    fn: str,
+    f: Callable,
+    td: TensorDictBase,
+    module: nn.Module,
+    site: str,
+    in_keys,
+    alphas64: torch.Tensor,
+    randomness: str,
+    values: bool,
+):
     """At each input-path point ``x' + alpha (x - x')``: every target's gradient at ``site`` (shape ``(K,)? + (S,)
     + site value``), and with ``values`` the site's values there (``(S,) + site value``); also the batch and K."""
     _check(fn, td, module, site)
@@ -361,8 +370,9 @@ def _path_at_site(fn: str, f: Callable, td: TensorDictBase, module: nn.Module, s
     one = lambda d, pts: _run(fn, f, module, with_inputs(td, pts), {site: delta(d)}, None)  # noqa: E731
     g = lambda xs: vmap(one, randomness=randomness)(xs["d"], points)  # noqa: E731
     try:
-        _, grads, k = grads_per_target(fn, g, {"d": torch.zeros((s, *a_x.shape), dtype=a_x.dtype, device=a_x.device)},
-                                       1, p.batch)
+        _, grads, k = grads_per_target(
+            fn, g, {"d": torch.zeros((s, *a_x.shape), dtype=a_x.dtype, device=a_x.device)}, 1, p.batch
+        )
         vals = None
         if values:
             cap = lambda pts: _run(fn, f, module, with_inputs(td, pts), None, [site])[1][site]  # noqa: E731

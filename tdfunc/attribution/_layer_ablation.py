@@ -145,8 +145,11 @@ def layer_feature_ablation(
     base = torch.zeros_like(a) if baselines is None else shared_baseline(fn, key, baselines, a, "the site's value")
     p = Inputs([key], {key: a}, {key: base}, batch)
     nb = len(batch)
-    given = None if feature_mask is None else ({key: feature_mask} if isinstance(feature_mask, torch.Tensor)
-                                               else feature_mask)
+    given = (
+        None
+        if feature_mask is None
+        else ({key: feature_mask} if isinstance(feature_mask, torch.Tensor) else feature_mask)
+    )
     masks = feature_masks(fn, given, p, "the site's value")
     if feature_mask is None:
         ids = torch.arange(math.prod(a.shape[nb:]), device=a.device)
@@ -160,8 +163,9 @@ def layer_feature_ablation(
 
     at_site = lambda t: _run(fn, f, module, td, {site: t.get(key)}, None)  # noqa: E731
     holder = TensorDict({key: a}, batch_size=batch)
-    _, total = run_perturbed(at_site, holder, p, n, chunk_size, masks_for, y0, progress=progress, fn=fn,
-                             randomness=randomness)
+    _, total = run_perturbed(
+        at_site, holder, p, n, chunk_size, masks_for, y0, progress=progress, fn=fn, randomness=randomness
+    )
     t = total[key]
     want = (*a.shape[:nb], *(() if k is None else (k,)), *a.shape[nb:])
     return result(batch, {key: t.expand(want) if tuple(t.shape) != want else t}, fn=fn)

@@ -77,8 +77,9 @@ def _similarity(z: torch.Tensor, sums: tuple[torch.Tensor, ...], distance: str, 
     return torch.exp(-(d**2) / (2 * width**2))
 
 
-def _fit(z: torch.Tensor, y: torch.Tensor, w: torch.Tensor, model: str, alpha: float, max_iter: int,
-         tol: float) -> torch.Tensor:
+def _fit(
+    z: torch.Tensor, y: torch.Tensor, w: torch.Tensor, model: str, alpha: float, max_iter: int, tol: float
+) -> torch.Tensor:
     """Weighted fit with intercept of ``y`` (S, N, K) on ``z`` (S, F) with weights ``w`` (S, N): coefs (N, K, F).
 
     sklearn's estimators: the design and targets are centred on their weighted means (the intercept is
@@ -228,12 +229,18 @@ def lime(
     if distance not in _DISTANCES or not isinstance(distance, str):
         raise AttributionError(f"{fn}: distance must be 'cosine' or 'euclidean', got {distance!r}.")
     for name, v, lo in (("alpha", alpha, "a number >= 0"), ("kernel_width", kernel_width, "a number > 0")):
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not (v >= 0 if name == "alpha" else v > 0) or \
-                v != v or v == float("inf"):
+        if (
+            isinstance(v, bool)
+            or not isinstance(v, (int, float))
+            or not (v >= 0 if name == "alpha" else v > 0)
+            or v != v
+            or v == float("inf")
+        ):
             raise AttributionError(f"{fn}: {name} must be {lo}, got {v!r}.")
     check_int(fn, "max_iter", max_iter, AttributionError)
-    p, masks, dev, n_feat = sampling_setup(fn, td, in_keys, feature_mask, n_samples, chunk_size, generator, progress,
-                                           randomness, baselines)
+    p, masks, dev, n_feat = sampling_setup(
+        fn, td, in_keys, feature_mask, n_samples, chunk_size, generator, progress, randomness, baselines
+    )
     if samples is None:
         z = _draw_samples(n_samples, n_feat, generator).to(dev)
     else:
@@ -243,8 +250,17 @@ def lime(
         c = z[lo:hi]
         return {key: ~c[:, m.flatten()].view(len(c), *m.shape) for key, m in masks.items()}
 
-    ys, _ = run_perturbed(f, td, p, n_samples, chunk_size, masks_for, progress=progress, fn=fn,  # (S, *batch (+ K))
-                          randomness=randomness)
+    ys, _ = run_perturbed(
+        f,
+        td,
+        p,
+        n_samples,
+        chunk_size,
+        masks_for,
+        progress=progress,
+        fn=fn,  # (S, *batch (+ K))
+        randomness=randomness,
+    )
     k = check_output(fn, ys[0], p.batch, p.x, batch_value=True)
     whole = ys.dim() == 1 and len(p.batch) > 0  # one value per batch: one fit, the whole batch's similarity
     dtype = ys.dtype if ys.is_floating_point() else torch.get_default_dtype()
@@ -256,6 +272,9 @@ def lime(
     s_n = ys.shape[0]
     y = ys.reshape(s_n, -1, 1 if k is None else k)  # (S, N, K)
     coef = _fit(z, y, sim.reshape(s_n, -1), interpretable_model, float(alpha), max_iter, 1e-6)  # (N, K, F)
-    phi = coef.reshape(n_feat).expand(*p.batch, n_feat) if whole else coef.reshape(*p.batch, *(() if k is None else (k,)),
-                                                                                       n_feat)
+    phi = (
+        coef.reshape(n_feat).expand(*p.batch, n_feat)
+        if whole
+        else coef.reshape(*p.batch, *(() if k is None else (k,)), n_feat)
+    )
     return result(td.batch_size, per_position(phi, masks, p, k), fn=fn)

@@ -19,8 +19,18 @@ from .._errors import NotReachedError
 from .._finite import readable
 from .._rewrite import Rewrite, record_then_rewrite
 from .._types import InKeys
-
-from ._common import AttributionError, check_float_output, check_output, check_rows_as_targets, grads_per_target, move_target_dim, per_target, prepare, result, with_inputs
+from ._common import (
+    AttributionError,
+    check_float_output,
+    check_output,
+    check_rows_as_targets,
+    grads_per_target,
+    move_target_dim,
+    per_target,
+    prepare,
+    result,
+    with_inputs,
+)
 from ._lrp_assign import Composite, CompositeName, assign
 from ._lrp_rules import Rule
 
@@ -53,7 +63,9 @@ class _Site(Rewrite):
         try:
             return self.rule.record(module, args, kwargs, out)
         except AttributionError as e:
-            raise AttributionError(f"tdfunc.lrp: {self.rule!r} at {self.name!r} ({type(module).__name__}) {e}") from None
+            raise AttributionError(
+                f"tdfunc.lrp: {self.rule!r} at {self.name!r} ({type(module).__name__}) {e}"
+            ) from None
 
     def rewrite(self, module, args, kwargs, out, constants):
         new = self.rule.rewrite(module, args, kwargs, out, constants)
@@ -275,8 +287,10 @@ def _grads_with_zero_inputs(fn: str, g, xs: dict, batch: torch.Size, zsites: lis
     k = check_output(fn, y, batch)
     check_rows_as_targets(fn, k, batch, xs)
     if len(us) != sum(len(ps) for ps in probes):
-        raise NotReachedError(f"{fn}: f called the layers under flat / w² / zᴮ rules a different number of times than "
-                              "in its first forward; f must be deterministic.")
+        raise NotReachedError(
+            f"{fn}: f called the layers under flat / w² / zᴮ rules a different number of times than "
+            "in its first forward; f must be deterministic."
+        )
     zero_us = [torch.zeros_like(u) for u in us]
 
     def one(cot):
@@ -298,8 +312,11 @@ def _tolerance(fn: str, check) -> tuple[float, float] | None:
         return None
     if check is True:
         return (1e-6, 1e-6)
-    if (isinstance(check, tuple) and len(check) == 2 and all(isinstance(v, (int, float)) and not isinstance(v, bool)
-                                                             and v >= 0 for v in check)):
+    if (
+        isinstance(check, tuple)
+        and len(check) == 2
+        and all(isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0 for v in check)
+    ):
         return (float(check[0]), float(check[1]))
     raise AttributionError(
         f"{fn}: check_conservation must be True, False or (atol, rtol) with two numbers >= 0, got {check!r:.80}."
@@ -346,8 +363,12 @@ def _check_conservation(fn: str, rewritten, td, xs: dict, sites: dict, weight, k
             if weight is not None:
                 y = y * weight.detach()
             targets = [y.sum()] if k is None else [y[..., j].sum() for j in range(k)]
-            calls = [(n, i, ins, out, pr) for n, s in sites.items() for i, (ins, out, pr) in enumerate(s.tape or [])
-                     if isinstance(out, torch.Tensor) and out.requires_grad]
+            calls = [
+                (n, i, ins, out, pr)
+                for n, s in sites.items()
+                for i, (ins, out, pr) in enumerate(s.tape or [])
+                if isinstance(out, torch.Tensor) and out.requires_grad
+            ]
             for j, total in enumerate(targets):
                 gs = torch.autograd.grad(total, [c[3] for c in calls], retain_graph=True, allow_unused=True)
                 for (name, i, ins, out, pr), g in zip(calls, gs):

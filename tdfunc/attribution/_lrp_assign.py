@@ -10,25 +10,44 @@ from torch import nn
 
 from .._errors import suggest
 from .._match import path_match
+from .._types import CompositeName
 from ._common import AttributionError
 from ._lrp_attention import attention
 from ._lrp_linear import CONVS, LAYERS, alpha_beta, epsilon, flat, zbox, zplus
 from ._lrp_linear import epsilon as _epsilon_rule
 from ._lrp_linear import gamma as _gamma_rule
 from ._lrp_rules import Rule, _Identity, gradient, identity, norm, softmax
-from .._types import CompositeName
 
 __all__ = ["Composite", "COMPOSITES", "CompositeName", "assign", "epsilon_gamma_box"]
 
 _NORMS: tuple[type[nn.Module], ...] = (nn.LayerNorm, nn.RMSNorm)
 #: elementwise activations that composite 'attnlrp' gives the identity rule (ReLU, LeakyReLU and Dropout in eval
 #: already pass relevance unchanged as their gradient does)
-_ACTIVATIONS: tuple[type[nn.Module], ...] = (nn.GELU, nn.SiLU, nn.Mish, nn.Tanh, nn.Sigmoid, nn.Softplus, nn.ELU,
-                                             nn.CELU, nn.SELU, nn.Hardswish, nn.Hardsigmoid, nn.Hardtanh)
+_ACTIVATIONS: tuple[type[nn.Module], ...] = (
+    nn.GELU,
+    nn.SiLU,
+    nn.Mish,
+    nn.Tanh,
+    nn.Sigmoid,
+    nn.Softplus,
+    nn.ELU,
+    nn.CELU,
+    nn.SELU,
+    nn.Hardswish,
+    nn.Hardsigmoid,
+    nn.Hardtanh,
+)
 #: the rest of zennit's ``Activation`` types (which its LRP composites give ``Pass``) whose gradient is not already
 #: the identity rule (ReLU, LeakyReLU, PReLU and RReLU in eval pass relevance unchanged through their gradient)
-_MORE_ACTIVATIONS: tuple[type[nn.Module], ...] = (nn.ReLU6, nn.Hardshrink, nn.Softshrink, nn.Tanhshrink, nn.Softsign,
-                                                  nn.LogSigmoid, nn.Threshold)
+_MORE_ACTIVATIONS: tuple[type[nn.Module], ...] = (
+    nn.ReLU6,
+    nn.Hardshrink,
+    nn.Softshrink,
+    nn.Tanhshrink,
+    nn.Softsign,
+    nn.LogSigmoid,
+    nn.Threshold,
+)
 #: BatchNorm (not merged): relevance passes unchanged (zennit's and tdhook's ``Pass``)
 _BATCHNORMS: tuple[type[nn.Module], ...] = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 #: modules whose own parameters no rule needs: an embedding's input is integer (relevance ends at its output)
@@ -37,7 +56,9 @@ _NO_RULE_NEEDED: tuple[type[nn.Module], ...] = (nn.Embedding, nn.EmbeddingBag)
 
 def _could_apply(r: Rule, key: type) -> bool:
     """Whether ``key`` or one of its subclasses is among the module types ``r`` rewrites."""
-    return (issubclass(key, r.modules) and not issubclass(key, r.excluded)) or any(issubclass(c, key) for c in r.modules)
+    return (issubclass(key, r.modules) and not issubclass(key, r.excluded)) or any(
+        issubclass(c, key) for c in r.modules
+    )
 
 
 class Composite:
@@ -66,14 +87,16 @@ class Composite:
 
     def __init__(self, name: str, rules: Mapping[type[nn.Module], Rule], *, first: Rule | None = None) -> None:
         fn = "tdfunc.lrp_rules.Composite"
-        for key, r in (rules.items() if isinstance(rules, Mapping) else [(rules, None)]):
+        for key, r in rules.items() if isinstance(rules, Mapping) else [(rules, None)]:
             if not (isinstance(key, type) and issubclass(key, nn.Module)) or not isinstance(r, Rule):
                 raise TypeError(
                     f"{fn}: rules must map nn.Module subclasses to rules, e.g. {{nn.Linear: "
                     f"tdfunc.lrp_rules.epsilon()}}; got {key!r:.60}: {r!r:.60}."
                 )
             if not _could_apply(r, key):
-                raise AttributionError(f"{fn}: rules gives {key.__name__} the rule {r!r}, which applies to {r.targets} only.")
+                raise AttributionError(
+                    f"{fn}: rules gives {key.__name__} the rule {r!r}, which applies to {r.targets} only."
+                )
         if first is not None and not isinstance(first, Rule):
             raise TypeError(f"{fn}: first must be a rule or None, got {type(first).__name__} ({first!r:.60}).")
         self.name, self.rules, self.first = name, dict(rules), first
@@ -95,7 +118,11 @@ class Composite:
 def _built_in(name: str, conv: Rule, *, first: Rule | None = None, attn: bool = False) -> Composite:
     """ε on nn.Linear, ``conv`` on the convolutions, the LN rule on norms, activations and BatchNorm passing
     relevance unchanged (zennit's ``layer_map_base``: ``Pass`` on activations and BatchNorm)."""
-    rules: dict[type[nn.Module], Rule] = {**{t: conv for t in CONVS}, nn.Linear: epsilon(), **{t: norm() for t in _NORMS}}  # every composite: the LN rule
+    rules: dict[type[nn.Module], Rule] = {
+        **{t: conv for t in CONVS},
+        nn.Linear: epsilon(),
+        **{t: norm() for t in _NORMS},
+    }  # every composite: the LN rule
     rules.update({t: identity() for t in (*_ACTIVATIONS, *_MORE_ACTIVATIONS, *_BATCHNORMS)})
     if attn:
         rules.update({nn.MultiheadAttention: attention(), nn.Softmax: softmax()})
@@ -110,7 +137,11 @@ class _ConvFirst(Composite):
 
 
 def epsilon_gamma_box(
-    low: float | torch.Tensor, high: float | torch.Tensor, *, epsilon: float = 1e-6, gamma: float = 0.25,
+    low: float | torch.Tensor,
+    high: float | torch.Tensor,
+    *,
+    epsilon: float = 1e-6,
+    gamma: float = 0.25,
     stabilizer: float = 1e-6,
 ) -> Composite:
     """zennit's ``EpsilonGammaBox``: zᴮ on the first convolution, γ on the others, ε on ``nn.Linear``.
@@ -171,15 +202,18 @@ COMPOSITES: dict[str, Composite] = {
 
 #: zennit's composite class names, as ``composite=`` strings (its registered snake-case names are the keys above)
 ZENNIT_NAMES: dict[str, str] = {
-    "EpsilonPlus": "epsilon_plus", "EpsilonPlusFlat": "epsilon_plus_flat",
-    "EpsilonAlpha2Beta1": "epsilon_alpha2_beta1", "EpsilonAlpha2Beta1Flat": "epsilon_alpha2_beta1_flat",
+    "EpsilonPlus": "epsilon_plus",
+    "EpsilonPlusFlat": "epsilon_plus_flat",
+    "EpsilonAlpha2Beta1": "epsilon_alpha2_beta1",
+    "EpsilonAlpha2Beta1Flat": "epsilon_alpha2_beta1_flat",
     "ExcitationBackprop": "excitation_backprop",
 }
 #: zennit composites that need arguments (or are not LRP): what to use instead
 _ZENNIT_ELSEWHERE: dict[str, str] = {
     "EpsilonGammaBox": "tdfunc.lrp_rules.epsilon_gamma_box(low, high) (it needs the input bounds)",
     "epsilon_gamma_box": "tdfunc.lrp_rules.epsilon_gamma_box(low, high) (it needs the input bounds)",
-    "GuidedBackprop": "tdfunc.guided_backprop", "guided_backprop": "tdfunc.guided_backprop",
+    "GuidedBackprop": "tdfunc.guided_backprop",
+    "guided_backprop": "tdfunc.guided_backprop",
 }
 
 
@@ -314,7 +348,11 @@ def assign(fn: str, module: nn.Module, rules, composite) -> dict[str, Rule]:
             f"{fn}: composite {comp.name!r} has no rule for {shown}: modules with their own parameters that would "  # type: ignore[union-attr]  # unhandled only with a composite
             "silently keep their plain gradient. Give each a rule, e.g. rules={"
             f"{unhandled[0].split(' ')[0]}: tdfunc.lrp_rules.gradient()}} to keep the plain gradient on purpose"
-            + (", or composite='attnlrp' for nn.MultiheadAttention." if any("MultiheadAttention" in u for u in unhandled) else ".")
+            + (
+                ", or composite='attnlrp' for nn.MultiheadAttention."
+                if any("MultiheadAttention" in u for u in unhandled)
+                else "."
+            )
         )
     return out
 

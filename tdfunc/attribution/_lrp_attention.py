@@ -87,8 +87,16 @@ def attention(eps: float = 1e-6, softmax: SoftmaxMode = "attnlrp") -> Rule:
     return _Attention(e, softmax)
 
 
-def _mha_call(query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None, average_attn_weights=True,
-              is_causal=False):
+def _mha_call(
+    query,
+    key,
+    value,
+    key_padding_mask=None,
+    need_weights=True,
+    attn_mask=None,
+    average_attn_weights=True,
+    is_causal=False,
+):
     """``nn.MultiheadAttention.forward``'s arguments by name."""
     return query, key, value, key_padding_mask, need_weights, attn_mask, is_causal
 

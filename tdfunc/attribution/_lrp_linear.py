@@ -21,12 +21,21 @@ from ._lrp_rules import Rule, check_float, stab
 __all__ = ["epsilon", "zplus", "alpha_beta", "gamma", "flat", "wsquare", "zbox"]
 
 #: the layers the rules rewrite (zennit's ``Linear`` and ``Convolution``): an affine map ``W x + b``
-CONVS: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d,
-                                      nn.ConvTranspose3d)
+CONVS: tuple[type[nn.Module], ...] = (
+    nn.Conv1d,
+    nn.Conv2d,
+    nn.Conv3d,
+    nn.ConvTranspose1d,
+    nn.ConvTranspose2d,
+    nn.ConvTranspose3d,
+)
 LAYERS: tuple[type[nn.Module], ...] = (nn.Linear, *CONVS)
 TARGETS = "nn.Linear and nn.ConvNd / nn.ConvTransposeNd"
-_TRANSPOSED = {nn.ConvTranspose1d: F.conv_transpose1d, nn.ConvTranspose2d: F.conv_transpose2d,
-               nn.ConvTranspose3d: F.conv_transpose3d}
+_TRANSPOSED = {
+    nn.ConvTranspose1d: F.conv_transpose1d,
+    nn.ConvTranspose2d: F.conv_transpose2d,
+    nn.ConvTranspose3d: F.conv_transpose3d,
+}
 _ONES = "ones"  # input modifier of the flat and w² rules: the relevance is spread as if every input were 1
 
 
@@ -125,8 +134,11 @@ class _Layer(Rule):
         ys, terms = [], []
         for mod, w, b in ts:
             if mod is _ONES or isinstance(mod, _Bound) or _own(module, mod, w):
-                ys.append(out if _own(module, mod, w) and b is module.bias
-                          else _op(module, torch.ones_like(x) if mod is _ONES else _inputs(mod, x, None), w, b, opad))
+                ys.append(
+                    out
+                    if _own(module, mod, w) and b is module.bias
+                    else _op(module, torch.ones_like(x) if mod is _ONES else _inputs(mod, x, None), w, b, opad)
+                )
                 terms.append(_term(module, x, out, inv, mod, w, opad))
             else:  # one product serves both: the term W_t m_t(x), and the denominator's W_t m_t(x) + b_t
                 t = _op(module, _inputs(mod, x, None), w, None, opad)
@@ -142,7 +154,6 @@ class _Layer(Rule):
         ts = self.terms(module.weight, self._bias(module))
         return z - s + sum(rt * _term(module, args[0], out, inv, mod, w, opad) for rt, (mod, w, _) in zip(rs, ts))
 
-
     def zero_input_term(self, module, args, kwargs, out, constants, probe: torch.Tensor) -> torch.Tensor | None:
         """``Σ_t r_t ⊙ W_t (v_t ⊙ [x = 0] ⊙ P)`` over the terms whose input modifier is a constant ``v_t`` (1 for
         flat / w², the bound for zᴮ): value 0 (``P = 0``), and its gradient w.r.t. the probe ``P`` is the relevance
@@ -153,8 +164,14 @@ class _Layer(Rule):
         zero = (inv == 0).to(probe.dtype)  # inv = 1 / x, or 0 exactly where x == 0
         opad = _out_padding(module, args[0], kwargs)
         parts = [
-            rt * _op(module, (torch.as_tensor(mod.value).to(probe) if isinstance(mod, _Bound) else 1.0) * zero * probe,
-                     w, None, opad)
+            rt
+            * _op(
+                module,
+                (torch.as_tensor(mod.value).to(probe) if isinstance(mod, _Bound) else 1.0) * zero * probe,
+                w,
+                None,
+                opad,
+            )
             for rt, (mod, w, _) in zip(rs, self.terms(module.weight, self._bias(module)))
             if mod is _ONES or isinstance(mod, _Bound)
         ]
@@ -262,7 +279,9 @@ def epsilon(eps: float = 1e-6, *, zero_params: Sequence[str] = ()) -> Rule:
         >>> tdfunc.lrp_rules.epsilon(0.1)   # for nn.Linear / nn.Conv2d (zennit's Epsilon)
         tdfunc.lrp_rules.epsilon(eps=0.1)
     """
-    return _Epsilon(eps=check_float("tdfunc.lrp_rules.epsilon", "eps", eps), **_zero("tdfunc.lrp_rules.epsilon", zero_params))
+    return _Epsilon(
+        eps=check_float("tdfunc.lrp_rules.epsilon", "eps", eps), **_zero("tdfunc.lrp_rules.epsilon", zero_params)
+    )
 
 
 def zplus(stabilizer: float = 1e-6, *, zero_params: Sequence[str] = ()) -> Rule:
@@ -275,10 +294,15 @@ def zplus(stabilizer: float = 1e-6, *, zero_params: Sequence[str] = ()) -> Rule:
         >>> tdfunc.lrp_rules.zplus()        # for nn.Linear / nn.Conv2d (zennit's ZPlus)
         tdfunc.lrp_rules.zplus(stabilizer=1e-06)
     """
-    return _ZPlus(stabilizer=check_float("tdfunc.lrp_rules.zplus", "stabilizer", stabilizer), **_zero("tdfunc.lrp_rules.zplus", zero_params))
+    return _ZPlus(
+        stabilizer=check_float("tdfunc.lrp_rules.zplus", "stabilizer", stabilizer),
+        **_zero("tdfunc.lrp_rules.zplus", zero_params),
+    )
 
 
-def alpha_beta(alpha: float = 2.0, beta: float = 1.0, stabilizer: float = 1e-6, *, zero_params: Sequence[str] = ()) -> Rule:
+def alpha_beta(
+    alpha: float = 2.0, beta: float = 1.0, stabilizer: float = 1e-6, *, zero_params: Sequence[str] = ()
+) -> Rule:
     """LRP-αβ: ``α`` × positive contributions − ``β`` × negative ones; ``alpha - beta`` must be 1.
 
     ``zero_params=("bias",)``: the rule sees the layer without its bias (zennit's ``zero_params``).
@@ -309,8 +333,11 @@ def gamma(gamma: float = 0.25, stabilizer: float = 1e-6, *, zero_params: Sequenc
         tdfunc.lrp_rules.gamma(gamma=0.3, stabilizer=1e-06)
     """
     fn = "tdfunc.lrp_rules.gamma"
-    return _Gamma(gamma=check_float(fn, "gamma", gamma), stabilizer=check_float(fn, "stabilizer", stabilizer),
-                  **_zero(fn, zero_params))
+    return _Gamma(
+        gamma=check_float(fn, "gamma", gamma),
+        stabilizer=check_float(fn, "stabilizer", stabilizer),
+        **_zero(fn, zero_params),
+    )
 
 
 def flat(stabilizer: float = 1e-6, *, zero_params: Sequence[str] = ()) -> Rule:
@@ -323,7 +350,10 @@ def flat(stabilizer: float = 1e-6, *, zero_params: Sequence[str] = ()) -> Rule:
         >>> tdfunc.lrp_rules.flat()         # the first layer of composite 'epsilon_plus_flat'
         tdfunc.lrp_rules.flat(stabilizer=1e-06)
     """
-    return _Flat(stabilizer=check_float("tdfunc.lrp_rules.flat", "stabilizer", stabilizer), **_zero("tdfunc.lrp_rules.flat", zero_params))
+    return _Flat(
+        stabilizer=check_float("tdfunc.lrp_rules.flat", "stabilizer", stabilizer),
+        **_zero("tdfunc.lrp_rules.flat", zero_params),
+    )
 
 
 def wsquare(stabilizer: float = 1e-6, *, zero_params: Sequence[str] = ()) -> Rule:
@@ -336,8 +366,10 @@ def wsquare(stabilizer: float = 1e-6, *, zero_params: Sequence[str] = ()) -> Rul
         >>> tdfunc.lrp_rules.wsquare()
         tdfunc.lrp_rules.wsquare(stabilizer=1e-06)
     """
-    return _WSquare(stabilizer=check_float("tdfunc.lrp_rules.wsquare", "stabilizer", stabilizer),
-                    **_zero("tdfunc.lrp_rules.wsquare", zero_params))
+    return _WSquare(
+        stabilizer=check_float("tdfunc.lrp_rules.wsquare", "stabilizer", stabilizer),
+        **_zero("tdfunc.lrp_rules.wsquare", zero_params),
+    )
 
 
 def _check_bound(fn: str, name: str, v):

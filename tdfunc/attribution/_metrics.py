@@ -68,7 +68,11 @@ def _n_targets(fn: str, key, a: torch.Tensor, x: torch.Tensor, nb: int, k: int |
         if tuple(a.shape) == tuple(want):
             return k  # type: ignore[return-value]  # an int or None here
         expected = shape_str(want)
-    targets = "" if k == "infer" else " and f returns " + ("one target per example" if k is None else f"{k} targets per example")
+    targets = (
+        ""
+        if k == "infer"
+        else " and f returns " + ("one target per example" if k is None else f"{k} targets per example")
+    )
     raise AttributionError(
         f"{fn}: {what} {('attr', *key)!r} has shape {shape_str(a.shape)}, but the input {_show(key)} has shape "
         f"{shape_str(x.shape)}{targets}; expected {expected} (batch (+ K) + feature shape)."

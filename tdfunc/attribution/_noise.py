@@ -59,8 +59,9 @@ def _stdevs(fn: str, stdevs, keys: list) -> dict:
     if not isinstance(stdevs, Mapping):
         return {k: one(k, stdevs) for k in keys}
     given = {_norm(k): v for k, v in stdevs.items()}
-    check_input_keys(fn, "stdevs", list(given), keys, AttributionError,
-                     "give one entry per attributed input, or a single float")
+    check_input_keys(
+        fn, "stdevs", list(given), keys, AttributionError, "give one entry per attributed input, or a single float"
+    )
     missing = [k for k in keys if k not in given]
     if missing:
         raise AttributionError(
@@ -82,8 +83,7 @@ def _draws(fn: str, noise, generator, keys: list, xs: dict, nt_samples: int) -> 
         return out
     if generator is not None:
         raise AttributionError(
-            f"{fn}: got both noise and a generator; the generator only draws noise that is not given. "
-            "Pass one of them."
+            f"{fn}: got both noise and a generator; the generator only draws noise that is not given. Pass one of them."
         )
     if isinstance(noise, torch.Tensor):
         if len(keys) != 1:
@@ -118,8 +118,14 @@ def _draws(fn: str, noise, generator, keys: list, xs: dict, nt_samples: int) -> 
                 f"{x.dtype} on {x.device}; convert it with .to(input)."
             )
         out[k] = eps
-    check_input_keys(fn, "noise", list(given), keys, AttributionError,
-                     "give one tensor of shape (nt_samples, *input.shape) per attributed input")
+    check_input_keys(
+        fn,
+        "noise",
+        list(given),
+        keys,
+        AttributionError,
+        "give one tensor of shape (nt_samples, *input.shape) per attributed input",
+    )
     return out
 
 

@@ -14,9 +14,9 @@ from collections.abc import Callable, Mapping, Sequence
 import torch
 from tensordict import TensorDict, TensorDictBase
 
+from .._checks import check_bool, check_callable, check_chunk_size, check_randomness, per_input
 from .._errors import shape_str
 from .._types import InKeys, Key, PerKey
-from .._checks import check_bool, check_callable, check_chunk_size, check_randomness, per_input
 from ._common import AttributionError, Baselines, Inputs, _show, check_output, prepare, result, with_inputs
 from ._perturb_common import check_draws, feature_masks, per_position, run_perturbed, sampling_setup
 
@@ -41,7 +41,9 @@ def _as_tuple(fn: str, name: str, v, key, ndim: int) -> tuple:
         raise AttributionError(f"{fn}: {name} for {_show(key)} must be a tuple of integers, got {v!r}.")
     if isinstance(v, int) and name == "strides":
         return (v,) * ndim
-    if isinstance(v, torch.Size) or (isinstance(v, (tuple, list)) and all(isinstance(s, int) and not isinstance(s, bool) for s in v)):
+    if isinstance(v, torch.Size) or (
+        isinstance(v, (tuple, list)) and all(isinstance(s, int) and not isinstance(s, bool) for s in v)
+    ):
         return tuple(int(s) for s in v)
     raise AttributionError(f"{fn}: {name} for {_show(key)} must be a tuple of integers, got {v!r}.")
 
@@ -157,7 +159,11 @@ def occlusion(
     p = prepare(fn, td, in_keys, baselines_arg=baselines, integer_inputs=True)
     nb = len(p.batch)
     windows = per_input(fn, "sliding_window_shapes", sliding_window_shapes, p.keys, "window shape", AttributionError)
-    steps = per_input(fn, "strides", strides, p.keys, "stride", AttributionError) if strides is not None else dict.fromkeys(p.keys)
+    steps = (
+        per_input(fn, "strides", strides, p.keys, "stride", AttributionError)
+        if strides is not None
+        else dict.fromkeys(p.keys)
+    )
     spans, n = {}, 0
     for key in p.keys:
         x = p.x[key]
@@ -182,8 +188,7 @@ def occlusion(
             out[key] = m.view(m.shape[0], *([1] * nb), *m.shape[1:])
         return out
 
-    _, total = run_perturbed(f, td, p, n, chunk_size, masks_for, y0, progress=progress, fn=fn,
-                             randomness=randomness)
+    _, total = run_perturbed(f, td, p, n, chunk_size, masks_for, y0, progress=progress, fn=fn, randomness=randomness)
     attrs = {}
     for key, (start, count, tables, counts) in spans.items():
         cover = torch.ones((), dtype=total[key].dtype, device=p.x[key].device)  # f's dtype (the input may be integer)
@@ -283,8 +288,7 @@ def feature_ablation(
         cur = ids[lo:hi]
         return {key: m.unsqueeze(0) == cur.view(-1, *([1] * m.dim())) for key, m in masks.items()}
 
-    _, total = run_perturbed(f, td, p, n, chunk_size, masks_for, y0, progress=progress, fn=fn,
-                             randomness=randomness)
+    _, total = run_perturbed(f, td, p, n, chunk_size, masks_for, y0, progress=progress, fn=fn, randomness=randomness)
     return result(td.batch_size, {key: _expand_attr(t, p.x[key], k, nb) for key, t in total.items()}, fn=fn)
 
 
@@ -384,8 +388,9 @@ def shapley_value_sampling(
     """
     fn = "tdfunc.shapley_value_sampling"
     check_callable(fn, "f", f, AttributionError, expected="f(td) -> Tensor")
-    p, masks, dev, n_feat = sampling_setup(fn, td, in_keys, feature_mask, n_samples, chunk_size, generator, progress,
-                                           randomness, baselines)
+    p, masks, dev, n_feat = sampling_setup(
+        fn, td, in_keys, feature_mask, n_samples, chunk_size, generator, progress, randomness, baselines
+    )
     if permutations is None:
         perms = torch.stack([torch.randperm(n_feat, generator=generator) for _ in range(n_samples)]).to(dev)
     else:
@@ -404,8 +409,9 @@ def shapley_value_sampling(
 
     at_base = f(with_inputs(td, p.baseline))
     k = check_output(fn, at_base, p.batch, p.x, batch_value=True)
-    ys, _ = run_perturbed(f, td, p, s_n * n_feat, chunk_size, masks_for, progress=progress, fn=fn,
-                          randomness=randomness)
+    ys, _ = run_perturbed(
+        f, td, p, s_n * n_feat, chunk_size, masks_for, progress=progress, fn=fn, randomness=randomness
+    )
     ys = ys.reshape(s_n, n_feat, *ys.shape[1:])
     prev = torch.cat([at_base.expand(s_n, 1, *at_base.shape), ys[:, :-1]], dim=1)
     steps = ys - prev  # (S, F, *batch (+ K)): the gain of the feature added at each step

@@ -14,7 +14,15 @@ import torch
 from tensordict import TensorDictBase
 from torch.func import vmap
 
-from .._checks import check_bool, check_chunk_size, check_generator, check_int, check_randomness, per_input, random_op_error
+from .._checks import (
+    check_bool,
+    check_chunk_size,
+    check_generator,
+    check_int,
+    check_randomness,
+    per_input,
+    random_op_error,
+)
 from .._errors import shape_str
 from .._progress import progress_bar
 from ._common import AttributionError, Inputs, _show, prepare, with_inputs
@@ -22,8 +30,20 @@ from ._common import AttributionError, Inputs, _show, prepare, with_inputs
 __all__ = ["run_perturbed", "feature_masks", "n_features", "per_position", "sampling_setup", "check_draws"]
 
 
-def run_perturbed(f: Callable, td: TensorDictBase, p: Inputs, n: int, chunk_size: int | None, masks_for: Callable, y0=None,
-                  *, progress: bool = False, fn: str = "", randomness: str = "error", values_for: Callable | None = None):
+def run_perturbed(
+    f: Callable,
+    td: TensorDictBase,
+    p: Inputs,
+    n: int,
+    chunk_size: int | None,
+    masks_for: Callable,
+    y0=None,
+    *,
+    progress: bool = False,
+    fn: str = "",
+    randomness: str = "error",
+    values_for: Callable | None = None,
+):
     """Evaluate ``f`` on the ``n`` perturbed inputs ``where(M_j, baseline, x)``, vmapped over ``j``.
 
     ``masks_for(start, stop)`` gives, for the perturbations ``start .. stop - 1``, key -> bool mask of
@@ -47,6 +67,7 @@ def run_perturbed(f: Callable, td: TensorDictBase, p: Inputs, n: int, chunk_size
             if err is None:
                 raise
             raise err from e
+
     starts = range(0, n, chunk) if n else range(1)  # n == 0 (no feature): one empty chunk, no perturbed call
     for start in progress_bar(starts, enabled=progress, desc=fn, unit="chunk"):
         masks = masks_for(start, min(start + chunk, n))
@@ -131,8 +152,18 @@ def n_features(fn: str, feature_mask, masks: dict, p) -> int:
     return max((int(m.max()) for m in masks.values() if m.numel()), default=-1) + 1  # inputs of zero features: 0
 
 
-def sampling_setup(fn: str, td: TensorDictBase, in_keys, feature_mask, n_samples, chunk_size, generator,
-                   progress: bool = False, randomness: str = "error", baselines=None):
+def sampling_setup(
+    fn: str,
+    td: TensorDictBase,
+    in_keys,
+    feature_mask,
+    n_samples,
+    chunk_size,
+    generator,
+    progress: bool = False,
+    randomness: str = "error",
+    baselines=None,
+):
     """Checks and setup of a sampler over feature coalitions: ``(inputs, masks, device, n_features)``."""
     check_int(fn, "n_samples", n_samples, AttributionError)
     check_chunk_size(fn, chunk_size, AttributionError)

@@ -10,7 +10,13 @@ from ._common import AttributionError
 
 __all__ = ["METHODS", "STRATEGIES", "quadrature", "check_path_options"]
 
-METHODS: tuple[IGMethod, ...] = ("riemann_left", "riemann_right", "riemann_middle", "riemann_trapezoid", "gausslegendre")
+METHODS: tuple[IGMethod, ...] = (
+    "riemann_left",
+    "riemann_right",
+    "riemann_middle",
+    "riemann_trapezoid",
+    "gausslegendre",
+)
 STRATEGIES: tuple[IGStrategy, ...] = ("vmap", "fold")
 
 

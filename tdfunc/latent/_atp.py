@@ -31,8 +31,10 @@ __all__ = ["attribution_patching"]
 def _scalar(fn: str, r: Any) -> torch.Tensor:
     if not isinstance(r, torch.Tensor) or r.dim() != 0:
         got = f"shape {tuple(r.shape)}" if isinstance(r, torch.Tensor) else type(r).__name__
-        raise PatchError(f"{fn}: metric must return a scalar (0-dim) tensor, got {got}; reduce it inside metric "
-                         "(e.g. logits[0, -1, a] - logits[0, -1, b], or .mean()).")
+        raise PatchError(
+            f"{fn}: metric must return a scalar (0-dim) tensor, got {got}; reduce it inside metric "
+            "(e.g. logits[0, -1, a] - logits[0, -1, b], or .mean())."
+        )
     return r
 
 
@@ -138,8 +140,10 @@ def attribution_patching(
             _, cd = functional_call(module, state, corrupted_args, kwargs, capture=drops)
         drop_keys = _match(fn, drops, cd)
         if len(drop_keys) < 2:
-            raise PatchError(f"{fn}: grad_drop must match at least two sites (the layers whose gradients are dropped "
-                             f"one at a time, averaged over L - 1), got {drop_keys}; pass e.g. 'model.layers.*.mlp'.")
+            raise PatchError(
+                f"{fn}: grad_drop must match at least two sites (the layers whose gradients are dropped "
+                f"one at a time, averaged over L - 1), got {drop_keys}; pass e.g. 'model.layers.*.mlp'."
+            )
         corr_drop = {k: cd[k] for k in drop_keys}
 
     def run(deltas: dict[str, torch.Tensor], m: torch.Tensor | None) -> tuple[torch.Tensor, Any]:
@@ -150,7 +154,7 @@ def attribution_patching(
             for j, k in enumerate(drop_keys):
                 # the value is unchanged; with m[j] no gradient flows through it (the constant corrupted value)
                 d = deltas.get(k)
-                edits[k] = (lambda v, j=j, c=corr_drop[k], d=d: torch.where(m[j], c, v if d is None else v + d))
+                edits[k] = lambda v, j=j, c=corr_drop[k], d=d: torch.where(m[j], c, v if d is None else v + d)
         with renamed(fn):
             out, caps = functional_call(module, state, corrupted_args, kwargs, edits=edits, capture=keys)
         return _scalar(fn, metric(out)), caps
@@ -174,9 +178,9 @@ def attribution_patching(
         rows = [r.sum(0) / (len(drop_keys) - 1) for r in per_layer]
     units = {k: r.shape[0] for k, r in zip(keys, rows)}
     if len(set(units.values())) != 1:
-        raise PatchError(f"{fn}: the sites have different numbers of units ({units}); estimate sites of one unit count "
-                         "per call.")
+        raise PatchError(
+            f"{fn}: the sites have different numbers of units ({units}); estimate sites of one unit count per call."
+        )
     out = torch.stack(rows)
     warn_nonfinite(fn, "", out)
     return out
-

@@ -67,22 +67,28 @@ def _reducer(reduce, mask_key) -> Callable | None:
             return _masked_mean(v, key, batch, i, mask_key)
 
         return named
-    raise CacheError(f"{FN}: unknown reduce {reduce!r}; use None, 'last' (last position along dim 1), "
-                     "'mean' (mean over dim 1) or a callable value -> value.")
+    raise CacheError(
+        f"{FN}: unknown reduce {reduce!r}; use None, 'last' (last position along dim 1), "
+        "'mean' (mean over dim 1) or a callable value -> value."
+    )
 
 
 def _masked_mean(v: torch.Tensor, key: str, batch: TensorDictBase, i: int, mask_key) -> torch.Tensor:
     if mask_key not in batch.keys(include_nested=True):
         keys = sorted(_key_str(k) for k in batch.keys(include_nested=True, leaves_only=True))
-        raise CacheError(f"{FN}: reduce='masked_mean' reads the mask {mask_key!r} of each batch but batch {i} has "
-                         f"no such key (keys: {keys}); set mask_key to the batch's attention mask, or use "
-                         "reduce='mean' (which averages over padding too).")
+        raise CacheError(
+            f"{FN}: reduce='masked_mean' reads the mask {mask_key!r} of each batch but batch {i} has "
+            f"no such key (keys: {keys}); set mask_key to the batch's attention mask, or use "
+            "reduce='mean' (which averages over padding too)."
+        )
     mask = batch.get(mask_key)
     if not isinstance(mask, torch.Tensor) or tuple(mask.shape) != tuple(v.shape[:2]):
         shape = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
-        raise CacheError(f"{FN}: the mask {mask_key!r} of batch {i} has shape {shape} but the value at {key!r} has "
-                         f"shape {tuple(v.shape)}; the mask must be (batch, positions) = {tuple(v.shape[:2])}, "
-                         "1 for real tokens and 0 for padding.")
+        raise CacheError(
+            f"{FN}: the mask {mask_key!r} of batch {i} has shape {shape} but the value at {key!r} has "
+            f"shape {tuple(v.shape)}; the mask must be (batch, positions) = {tuple(v.shape[:2])}, "
+            "1 for real tokens and 0 for padding."
+        )
     m = mask.to(device=v.device, dtype=v.dtype if v.is_floating_point() else torch.float32)
     m = m.reshape(*m.shape, *([1] * (v.dim() - 2)))
     return (v * m).sum(1) / m.sum(1).clamp_min(1)  # a row without any real token gives zeros
@@ -94,7 +100,8 @@ def _check_sites(sites: Any) -> None:
     if not isinstance(sites, (list, tuple)) or not sites or not all(isinstance(s, str) for s in sites):
         raise type_error(CacheError)(
             f"{FN}: sites must be a site string or a non-empty list of site strings, got {type(sites).__name__} "
-            f"({sites!r:.60}); e.g. sites='blocks.*' or sites=['blocks.0', 'blocks.1.attn'].")
+            f"({sites!r:.60}); e.g. sites='blocks.*' or sites=['blocks.0', 'blocks.1.attn']."
+        )
 
 
 def _key_str(key) -> str:
@@ -110,14 +117,18 @@ def _leaves(caps: TensorDictBase) -> dict[tuple[str, ...], torch.Tensor]:
 
 
 def _row_spec(values: dict) -> dict:
-    return {_key_str(k): {"key": list(k), "shape": list(v.shape[1:]), "dtype": str(v.dtype).removeprefix("torch.")}
-            for k, v in values.items()}
+    return {
+        _key_str(k): {"key": list(k), "shape": list(v.shape[1:]), "dtype": str(v.dtype).removeprefix("torch.")}
+        for k, v in values.items()
+    }
 
 
 def _check_batch(batch: Any, i: int) -> None:
     if not isinstance(batch, TensorDictBase):
-        raise CacheError(f"{FN}: batch {i} is a {type(batch).__name__}, not a TensorDict; yield TensorDict "
-                         "batches (e.g. TensorDict({'input': x}, batch_size=[len(x)])).")
+        raise CacheError(
+            f"{FN}: batch {i} is a {type(batch).__name__}, not a TensorDict; yield TensorDict "
+            "batches (e.g. TensorDict({'input': x}, batch_size=[len(x)]))."
+        )
 
 
 def _batch_values(module, state, batch, i, sites, call_inputs, input_key, reduce) -> dict:
@@ -127,15 +138,19 @@ def _batch_values(module, state, batch, i, sites, call_inputs, input_key, reduce
             args, kwargs = (batch,), {}  # type: ignore[var-annotated]
         elif input_key not in batch.keys(include_nested=True):
             keys = sorted(_key_str(k) for k in batch.keys(include_nested=True, leaves_only=True))
-            raise CacheError(f"{FN}: batch {i} has no key {input_key!r} (keys: {keys}); set input_key to the key "
-                             "holding the model input, or pass inputs=lambda batch: ((...,), {}).")
+            raise CacheError(
+                f"{FN}: batch {i} has no key {input_key!r} (keys: {keys}); set input_key to the key "
+                "holding the model input, or pass inputs=lambda batch: ((...,), {})."
+            )
         else:
             args, kwargs = (batch.get(input_key),), {}
     else:
         got = call_inputs(batch)
         if not (isinstance(got, tuple) and len(got) == 2 and isinstance(got[1], dict)):
-            raise CacheError(f"{FN}: inputs(batch) must return (args, kwargs) with kwargs a dict, got "
-                             f"{type(got).__name__}; e.g. inputs=lambda batch: ((batch['x'],), {{}}).")
+            raise CacheError(
+                f"{FN}: inputs(batch) must return (args, kwargs) with kwargs a dict, got "
+                f"{type(got).__name__}; e.g. inputs=lambda batch: ((batch['x'],), {{}})."
+            )
         args, kwargs = got
     with torch.no_grad():
         _, caps = functional_call(module, state, args, kwargs, capture=sites)
@@ -144,15 +159,19 @@ def _batch_values(module, state, batch, i, sites, call_inputs, input_key, reduce
         if reduce is not None:
             v = reduce(v, _key_str(key), batch, i)
             if not isinstance(v, torch.Tensor):
-                raise CacheError(f"{FN}: reduce returned a {type(v).__name__} for {_key_str(key)!r}; it must "
-                                 "return a tensor whose dim 0 is the batch.")
+                raise CacheError(
+                    f"{FN}: reduce returned a {type(v).__name__} for {_key_str(key)!r}; it must "
+                    "return a tensor whose dim 0 is the batch."
+                )
         values[key] = v.detach().to("cpu").contiguous()
     if not values:
         raise CacheError(f"{FN}: sites {sites!r} captured nothing; give at least one site.")
     rows = {_key_str(k): v.shape[0] if v.dim() else None for k, v in values.items()}
     if len(set(rows.values())) != 1 or None in rows.values():
-        raise CacheError(f"{FN}: the captured values of batch {i} disagree on the batch dim 0 {rows}; every "
-                         "value must have the batch on dim 0 (reduce with a callable that moves it there).")
+        raise CacheError(
+            f"{FN}: the captured values of batch {i} disagree on the batch dim 0 {rows}; every "
+            "value must have the batch on dim 0 (reduce with a callable that moves it there)."
+        )
     return values
 
 
@@ -167,8 +186,10 @@ def _first_digest(batches: Iterable) -> str:
     for batch in batches:
         _check_batch(batch, 0)
         return batch_digest(batch)
-    raise CacheError(f"{FN}: batches yielded no batch; pass a non-empty, re-iterable iterable of TensorDict "
-                     "batches (a list, or a DataLoader).")
+    raise CacheError(
+        f"{FN}: batches yielded no batch; pass a non-empty, re-iterable iterable of TensorDict "
+        "batches (a list, or a DataLoader)."
+    )
 
 
 def _open(path: str, ident: dict, n_batches: int | None, batches: Iterable) -> tuple[dict | None, int | None]:
@@ -309,10 +330,14 @@ def cache_activations(
     """
     check_module(FN, module, CacheError, fix="; pass the model itself (the nn.Module to run)")
     module = unwrap(module)  # DistributedDataParallel, DataParallel, torch.compile: the model inside
-    if not (isinstance(mask_key, str) or (isinstance(mask_key, tuple) and mask_key
-                                          and all(isinstance(k, str) for k in mask_key))):
-        raise type_error(CacheError)(f"{FN}: mask_key must be a batch key (a string or a tuple of strings), got "
-                                     f"{type(mask_key).__name__} ({mask_key!r:.60}).")
+    if not (
+        isinstance(mask_key, str)
+        or (isinstance(mask_key, tuple) and mask_key and all(isinstance(k, str) for k in mask_key))
+    ):
+        raise type_error(CacheError)(
+            f"{FN}: mask_key must be a batch key (a string or a tuple of strings), got "
+            f"{type(mask_key).__name__} ({mask_key!r:.60})."
+        )
     reducer = _reducer(reduce, mask_key)
     _check_sites(sites)
     check_int(FN, "total", total, CacheError, optional=True)
@@ -321,26 +346,49 @@ def cache_activations(
     group, _, size = shard.world(group)
     for _ in range(3):
         try:
-            return _cache(module, state, batches, sites, path, reduce, mask_key, reducer, input_key, inputs, total,
-                          progress, group if size > 1 or explicit else False)
+            return _cache(
+                module,
+                state,
+                batches,
+                sites,
+                path,
+                reduce,
+                mask_key,
+                reducer,
+                input_key,
+                inputs,
+                total,
+                progress,
+                group if size > 1 or explicit else False,
+            )
         except _Lost:
             continue
     raise CacheError(f"{FN}: other processes keep creating the cache at {path!r}; pass another path.")
 
 
-def _cache(module, state, batches, sites, path, reduce, mask_key, reducer, input_key, inputs, total, progress,
-           group):
+def _cache(module, state, batches, sites, path, reduce, mask_key, reducer, input_key, inputs, total, progress, group):
     reduce_name = reduce if isinstance(reduce, str) or reduce is None else "<callable>"
     site_list = [sites] if isinstance(sites, str) else list(sites)
     key = mask_key if isinstance(mask_key, str) else list(mask_key)  # as JSON stores it
 
     def ident() -> dict:
-        return {"sites": site_list, "reduce": reduce_name, "mask_key": key if reduce == "masked_mean" else None,
-                "reduce_fingerprint": fingerprint(reduce) if reduce_name == "<callable>" else None,
-                "state": state_digest(module, state)}
+        return {
+            "sites": site_list,
+            "reduce": reduce_name,
+            "mask_key": key if reduce == "masked_mean" else None,
+            "reduce_fingerprint": fingerprint(reduce) if reduce_name == "<callable>" else None,
+            "state": state_digest(module, state),
+        }
 
-    return drive(batches, path, total, progress, group, ident,
-                 lambda batch, i: _batch_values(module, state, batch, i, site_list, inputs, input_key, reducer))
+    return drive(
+        batches,
+        path,
+        total,
+        progress,
+        group,
+        ident,
+        lambda batch, i: _batch_values(module, state, batch, i, site_list, inputs, input_key, reducer),
+    )
 
 
 def drive(batches, path, total, progress, group, make_ident, values_of, desc=FN):
@@ -387,20 +435,31 @@ def _run(batches, path, total, progress, n_batches, record, held, ident, values_
             if path is None:
                 first = not chunks
                 if not first and list(chunks) != list(values):
-                    raise CacheError(f"{FN}: batch {i} captured {[_key_str(k) for k in values]} but batch 0 "
-                                     f"captured {[_key_str(k) for k in chunks]}; every batch must capture the same sites.")
+                    raise CacheError(
+                        f"{FN}: batch {i} captured {[_key_str(k) for k in values]} but batch 0 "
+                        f"captured {[_key_str(k) for k in chunks]}; every batch must capture the same sites."
+                    )
                 for key, v in values.items():
                     if not first and (chunks[key][0].shape[1:] != v.shape[1:] or chunks[key][0].dtype != v.dtype):
-                        raise CacheError(f"{FN}: batch {i} gives {_key_str(key)!r} rows of shape {tuple(v.shape[1:])} "
-                                         f"{v.dtype} but batch 0 gave {tuple(chunks[key][0].shape[1:])} "
-                                         f"{chunks[key][0].dtype}; every batch must give the same row shape "
-                                         "(pad the inputs, or reduce over the varying dim).")
+                        raise CacheError(
+                            f"{FN}: batch {i} gives {_key_str(key)!r} rows of shape {tuple(v.shape[1:])} "
+                            f"{v.dtype} but batch 0 gave {tuple(chunks[key][0].shape[1:])} "
+                            f"{chunks[key][0].dtype}; every batch must give the same row shape "
+                            "(pad the inputs, or reduce over the varying dim)."
+                        )
                     chunks.setdefault(key, []).append(v)
             else:
                 if record is None:
                     hint = total if total is not None else (n_batches * rows if n_batches else None)
-                    new = {"version": disk.VERSION, **ident, "first_batch": first_digest, "spec": spec,
-                           "batches_done": 0, "rows_done": 0, "complete": False}
+                    new = {
+                        "version": disk.VERSION,
+                        **ident,
+                        "first_batch": first_digest,
+                        "spec": spec,
+                        "batches_done": 0,
+                        "rows_done": 0,
+                        "complete": False,
+                    }
                     made = disk.create(path, new, hint)
                     if made is None:  # another process published this cache first
                         disk.unlock(disk.lock(path))  # a CacheError naming it while it writes; else start over
@@ -416,11 +475,15 @@ def _run(batches, path, total, progress, n_batches, record, held, ident, values_
         if bar is not None:
             bar.close()
     if seen == 0:
-        raise CacheError(f"{FN}: batches yielded no batch; pass a non-empty, re-iterable iterable of TensorDict "
-                         "batches (a list, or a DataLoader).")
+        raise CacheError(
+            f"{FN}: batches yielded no batch; pass a non-empty, re-iterable iterable of TensorDict "
+            "batches (a list, or a DataLoader)."
+        )
     if seen < done:
-        raise CacheError(f"{FN}: batches yielded {seen} batches but the cache at {path!r} already holds {done}; "
-                         "batches must be the same deterministic iterable as in the interrupted run.")
+        raise CacheError(
+            f"{FN}: batches yielded {seen} batches but the cache at {path!r} already holds {done}; "
+            "batches must be the same deterministic iterable as in the interrupted run."
+        )
     if path is None:
         n = sum(c.shape[0] for c in next(iter(chunks.values())))
         out = TensorDict({}, batch_size=[n])

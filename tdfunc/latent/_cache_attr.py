@@ -34,15 +34,19 @@ def _values(method: Callable, f: Callable, batch: Any, i: int, options: dict) ->
     _check_batch(batch, i)
     got = method(f, batch, **options)
     if not isinstance(got, TensorDictBase):
-        raise CacheError(f"{FN}: method returned a {type(got).__name__} for batch {i}, not a TensorDict; pass a "
-                         "tdfunc attribution method (tdfunc.saliency, tdfunc.integrated_gradients, ...).")
+        raise CacheError(
+            f"{FN}: method returned a {type(got).__name__} for batch {i}, not a TensorDict; pass a "
+            "tdfunc attribution method (tdfunc.saliency, tdfunc.integrated_gradients, ...)."
+        )
     rows = batch.batch_size[0] if batch.batch_dims else None
     values = {}
     for key, v in _leaves(got).items():
         if v.dim() == 0 or v.shape[0] != rows:
-            raise CacheError(f"{FN}: the result's {_key_str(key)!r} of batch {i} has shape {tuple(v.shape)}, not the "
-                             f"batch's {rows} rows on dim 0; give one target per example (a per-class result puts "
-                             "the classes first: select one, or move them after the batch dim in f).")
+            raise CacheError(
+                f"{FN}: the result's {_key_str(key)!r} of batch {i} has shape {tuple(v.shape)}, not the "
+                f"batch's {rows} rows on dim 0; give one target per example (a per-class result puts "
+                "the classes first: select one, or move them after the batch dim in f)."
+            )
         values[key] = v.detach().to("cpu").contiguous()
     if not values:
         raise CacheError(f"{FN}: method returned an empty TensorDict for batch {i}; it must attribute something.")
@@ -51,13 +55,18 @@ def _values(method: Callable, f: Callable, batch: Any, i: int, options: dict) ->
 
 def _reworded(msg: str) -> str:
     """cache_activations' words for a run (sites, reduce, state) in this function's (method, f, options)."""
-    msg = re.sub(r"was written for sites \['(.+?)'\] with reduce=None but this call has sites \['(.+?)'\] with "
-                 r"reduce=None; pass the same sites and reduce to resume it",
-                 r"was written by the method \1 but this call runs \2; pass the same method to resume it", msg)
-    for old, new in (("the model state differs", "f or the options differ"),
-                     (": other weights or buffers)", ": f's code or closure, the model's tensors, or the options)"),
-                     ("the reduce callable differs", "the method differs"),
-                     ("pass the same state, batches and reduce", "pass the same method, f, options and batches")):
+    msg = re.sub(
+        r"was written for sites \['(.+?)'\] with reduce=None but this call has sites \['(.+?)'\] with "
+        r"reduce=None; pass the same sites and reduce to resume it",
+        r"was written by the method \1 but this call runs \2; pass the same method to resume it",
+        msg,
+    )
+    for old, new in (
+        ("the model state differs", "f or the options differ"),
+        (": other weights or buffers)", ": f's code or closure, the model's tensors, or the options)"),
+        ("the reduce callable differs", "the method differs"),
+        ("pass the same state, batches and reduce", "pass the same method, f, options and batches"),
+    ):
         msg = msg.replace(old, new)
     return msg
 
@@ -130,19 +139,32 @@ def cache_attributions(
     name = f"{getattr(method, '__module__', '')}.{getattr(method, '__qualname__', type(method).__name__)}"
 
     def ident() -> dict:
-        return {"sites": [name], "reduce": None, "mask_key": None, "reduce_fingerprint": fingerprint(method),
-                "state": fingerprint(functools.partial(f, **options))}
+        return {
+            "sites": [name],
+            "reduce": None,
+            "mask_key": None,
+            "reduce_fingerprint": fingerprint(method),
+            "state": fingerprint(functools.partial(f, **options)),
+        }
 
     try:
         for _ in range(3):
             try:
-                return drive(batches, path, total, progress, group if size > 1 or explicit else False, ident,
-                             lambda batch, i: _values(method, f, batch, i, options), desc=FN)
+                return drive(
+                    batches,
+                    path,
+                    total,
+                    progress,
+                    group if size > 1 or explicit else False,
+                    ident,
+                    lambda batch, i: _values(method, f, batch, i, options),
+                    desc=FN,
+                )
             except _Lost:
                 continue
         raise CacheError(f"{FN}: other processes keep creating the cache at {path!r}; pass another path.")
     except CacheError as e:
         msg = str(e)
         if msg.startswith(_INNER):
-            raise type(e)(FN + ": " + _reworded(msg[len(_INNER):])) from e
+            raise type(e)(FN + ": " + _reworded(msg[len(_INNER) :])) from e
         raise

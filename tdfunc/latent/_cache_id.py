@@ -162,9 +162,14 @@ def _feed(h: Any, obj: Any, home: str | None, seen: set, depth: int) -> None:
     elif isinstance(obj, (types.BuiltinFunctionType, types.BuiltinMethodType, type)):
         put(f"F{_name(obj)};".encode())
     elif isinstance(obj, TensorDictBase):
-        _feed_tensors(h, {".".join(k) if isinstance(k, tuple) else k: obj.get(k)
-                          for k in obj.keys(include_nested=True, leaves_only=True)
-                          if isinstance(obj.get(k), torch.Tensor)})
+        _feed_tensors(
+            h,
+            {
+                ".".join(k) if isinstance(k, tuple) else k: obj.get(k)
+                for k in obj.keys(include_nested=True, leaves_only=True)
+                if isinstance(obj.get(k), torch.Tensor)
+            },
+        )
     elif isinstance(obj, nn.Module):
         put(f"N{_name(type(obj))};".encode())
         if type(obj).__module__ == home or depth == 0:

@@ -34,9 +34,28 @@ try:
 except ImportError:  # pragma: no cover - not POSIX: no lock between writers
     fcntl = None  # type: ignore[assignment]
 
-__all__ = ["CacheError", "RECORD", "LOCK", "VERSION", "disk", "read_record", "lock", "unlock", "create", "append",
-           "write_progress", "check_run", "verify", "check_spec", "check_files", "finish", "load", "MASK", "write_at",
-           "read_mask"]
+__all__ = [
+    "CacheError",
+    "RECORD",
+    "LOCK",
+    "VERSION",
+    "disk",
+    "read_record",
+    "lock",
+    "unlock",
+    "create",
+    "append",
+    "write_progress",
+    "check_run",
+    "verify",
+    "check_spec",
+    "check_files",
+    "finish",
+    "load",
+    "MASK",
+    "write_at",
+    "read_mask",
+]
 
 FN = "tdfunc.latent.cache_activations"
 RECORD = "cache.json"
@@ -56,11 +75,15 @@ def disk(doing: str, path: str) -> Iterator[None]:
         yield
     except OSError as e:
         if e.errno == errno.ENOSPC or e.errno == getattr(errno, "EDQUOT", None):
-            msg = (f"{FN}: {doing} failed: no space left on the device holding {path!r} ({e}); free some space "
-                   "and call again with the same arguments: the cache resumes after the last recorded batch.")
+            msg = (
+                f"{FN}: {doing} failed: no space left on the device holding {path!r} ({e}); free some space "
+                "and call again with the same arguments: the cache resumes after the last recorded batch."
+            )
         else:
-            msg = (f"{FN}: {doing} failed: {e}; check that {path!r} is writable (permissions, a mounted file "
-                   "system, free space) and call again with the same arguments to resume, or pass another path.")
+            msg = (
+                f"{FN}: {doing} failed: {e}; check that {path!r} is writable (permissions, a mounted file "
+                "system, free space) and call again with the same arguments to resume, or pass another path."
+            )
         raise CacheError(msg) from e
 
 
@@ -85,8 +108,10 @@ def read_record(path: str) -> dict | None:
         if not os.path.exists(path):
             return None
         if not os.path.isdir(path) or (not os.path.exists(rec_path) and os.listdir(path)):
-            raise CacheError(f"{FN}: path {path!r} exists and is not a tdfunc activation cache (no {RECORD}); pass "
-                             "a new path or an empty directory.")
+            raise CacheError(
+                f"{FN}: path {path!r} exists and is not a tdfunc activation cache (no {RECORD}); pass "
+                "a new path or an empty directory."
+            )
         if not os.path.exists(rec_path):
             return None
         with open(rec_path, "rb") as f:
@@ -94,15 +119,20 @@ def read_record(path: str) -> dict | None:
     try:
         record = json.loads(raw)
     except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
-        raise CacheError(f"{FN}: the record {rec_path!r} is not valid JSON ({e}): it was torn or edited outside "
-                         f"tdfunc, so what the cache holds is unknown; {_FIX}.") from e
+        raise CacheError(
+            f"{FN}: the record {rec_path!r} is not valid JSON ({e}): it was torn or edited outside "
+            f"tdfunc, so what the cache holds is unknown; {_FIX}."
+        ) from e
     keys = ("version", "sites", "reduce", "spec", "batches_done", "rows_done", "complete")
     if not isinstance(record, dict) or any(k not in record for k in keys):
-        raise CacheError(f"{FN}: the record {rec_path!r} lacks entries of a tdfunc activation cache (needs {list(keys)}); "
-                         f"{_FIX}.")
+        raise CacheError(
+            f"{FN}: the record {rec_path!r} lacks entries of a tdfunc activation cache (needs {list(keys)}); {_FIX}."
+        )
     if record["version"] != VERSION:
-        raise CacheError(f"{FN}: the cache at {path!r} has format version {record['version']!r}, this tdfunc writes "
-                         f"version {VERSION} (which records what identifies the run); {_FIX}.")
+        raise CacheError(
+            f"{FN}: the cache at {path!r} has format version {record['version']!r}, this tdfunc writes "
+            f"version {VERSION} (which records what identifies the run); {_FIX}."
+        )
     return record
 
 
@@ -123,40 +153,51 @@ def write_progress(path: str, record: dict) -> None:
 
 def check_run(path: str, record: dict, sites: list[str], reduce_name) -> None:
     if record["sites"] != sites or record["reduce"] != reduce_name:
-        raise CacheError(f"{FN}: the cache at {path!r} was written for sites {record['sites']} with reduce="
-                         f"{record['reduce']!r} but this call has sites {sites} with reduce={reduce_name!r}; "
-                         "pass the same sites and reduce to resume it, or another path for a new cache.")
+        raise CacheError(
+            f"{FN}: the cache at {path!r} was written for sites {record['sites']} with reduce="
+            f"{record['reduce']!r} but this call has sites {sites} with reduce={reduce_name!r}; "
+            "pass the same sites and reduce to resume it, or another path for a new cache."
+        )
 
 
 def verify(path: str, record: dict, ident: dict, n_batches: int | None, first: str | None) -> None:
     """Raise a CacheError listing everything that identifies the run and differs from the cache's record."""
     diffs = []
     if record.get("reduce_fingerprint") != ident["reduce_fingerprint"]:
-        diffs.append("the reduce callable differs (another function, or its code, constants, defaults, closure or "
-                     "globals changed)")
+        diffs.append(
+            "the reduce callable differs (another function, or its code, constants, defaults, closure or "
+            "globals changed)"
+        )
     if record.get("mask_key") != ident["mask_key"]:
-        diffs.append(f"reduce='masked_mean' read the mask {record.get('mask_key')!r} there but reads "
-                     f"{ident['mask_key']!r} here")
+        diffs.append(
+            f"reduce='masked_mean' read the mask {record.get('mask_key')!r} there but reads {ident['mask_key']!r} here"
+        )
     if record.get("state") != ident["state"]:
-        diffs.append(f"the model state differs (digest {str(record.get('state'))[:12]} there, "
-                     f"{ident['state'][:12]} here: other weights or buffers)")
+        diffs.append(
+            f"the model state differs (digest {str(record.get('state'))[:12]} there, "
+            f"{ident['state'][:12]} here: other weights or buffers)"
+        )
     if first is not None and record.get("first_batch") != first:
         diffs.append("the first batch differs (other data, or another order)")
     written = record["batches_done"] if record["complete"] else record.get("n_batches")
     if n_batches is not None and written is not None and n_batches != written:
         diffs.append(f"the batches number {n_batches} here but {written} there")
     if diffs:
-        raise CacheError(f"{FN}: the cache at {path!r} was written by another run: {'; '.join(diffs)}. To resume or "
-                         f"load it pass the same state, batches and reduce; otherwise {_FIX}.")
+        raise CacheError(
+            f"{FN}: the cache at {path!r} was written by another run: {'; '.join(diffs)}. To resume or "
+            f"load it pass the same state, batches and reduce; otherwise {_FIX}."
+        )
 
 
 def check_spec(path: str, record: dict, spec: dict, i: int) -> None:
     if record["spec"] != spec:
         have = {k: (tuple(s["shape"]), s["dtype"]) for k, s in record["spec"].items()}
         got = {k: (tuple(s["shape"]), s["dtype"]) for k, s in spec.items()}
-        raise CacheError(f"{FN}: the cache at {path!r} holds rows {have} (shape after the batch dim, dtype) but "
-                         f"batch {i} gives {got}; pass the same model, sites and reduce to resume it, or another "
-                         "path for a new cache.")
+        raise CacheError(
+            f"{FN}: the cache at {path!r} holds rows {have} (shape after the batch dim, dtype) but "
+            f"batch {i} gives {got}; pass the same model, sites and reduce to resume it, or another "
+            "path for a new cache."
+        )
 
 
 # ---------------------------------------------------------------------------------------------- lock
@@ -188,8 +229,10 @@ def _claim(fd: int) -> None:
 
 
 def busy(path: str, pid: str) -> CacheError:
-    return CacheError(f"{FN}: another process is writing this cache (pid {pid}) at {path!r}; wait until it "
-                      "finishes and call again (a complete cache is then loaded), or pass another path.")
+    return CacheError(
+        f"{FN}: another process is writing this cache (pid {pid}) at {path!r}; wait until it "
+        "finishes and call again (a complete cache is then loaded), or pass another path."
+    )
 
 
 def lock(path: str, name: str = LOCK) -> int:
@@ -261,7 +304,9 @@ def publish(tmp: str, path: str) -> None:
     os.replace(tmp, path)  # a directory onto an absent or empty one: atomic
 
 
-def create(path: str, record: dict, rows_hint: int | None, extra: dict[str, int] | None = None) -> tuple[dict, int] | None:
+def create(
+    path: str, record: dict, rows_hint: int | None, extra: dict[str, int] | None = None
+) -> tuple[dict, int] | None:
     """Build the cache in a hidden sibling and rename it to ``path``, holding its lock throughout.
 
     Returns ``(record, lock fd)``, or None when another process published a cache at ``path`` first.
@@ -333,13 +378,17 @@ def check_files(path: str, record: dict, *, exact: bool) -> None:
         try:
             size = os.path.getsize(target)
         except FileNotFoundError as e:
-            raise CacheError(f"{FN}: the file {target!r} of entry {key!r} is missing from the cache at {path!r} "
-                             f"(the record says {n} rows, {want} bytes); {_FIX}.") from e
+            raise CacheError(
+                f"{FN}: the file {target!r} of entry {key!r} is missing from the cache at {path!r} "
+                f"(the record says {n} rows, {want} bytes); {_FIX}."
+            ) from e
         except OSError as e:
             raise CacheError(f"{FN}: cannot read the file {target!r} of the cache at {path!r} ({e}); {_FIX}.") from e
         if size < want or (exact and size != want):
-            raise CacheError(f"{FN}: the file {target!r} of entry {key!r} holds {size} bytes but the record says "
-                             f"{n} rows = {want} bytes: it was truncated or replaced outside tdfunc; {_FIX}.")
+            raise CacheError(
+                f"{FN}: the file {target!r} of entry {key!r} holds {size} bytes but the record says "
+                f"{n} rows = {want} bytes: it was truncated or replaced outside tdfunc; {_FIX}."
+            )
 
 
 def finish(path: str, record: dict) -> dict:
@@ -393,7 +442,7 @@ def write_at(path: str, record: dict, values: dict[str, torch.Tensor], indices: 
             fd = os.open(file(path, index[key]), os.O_RDWR)
             try:
                 for k, r, n in runs:
-                    os.pwrite(fd, raw[k * rb:(k + n) * rb], r * rb)
+                    os.pwrite(fd, raw[k * rb : (k + n) * rb], r * rb)
                 os.fsync(fd)
             finally:
                 os.close(fd)
@@ -413,11 +462,12 @@ def read_mask(path: str, n: int) -> bytes:
         with open(target, "rb") as f:
             mask = f.read()
     except FileNotFoundError as e:
-        raise CacheError(f"{FN}: the row mask {target!r} is missing from the sharded cache at {path!r}; "
-                         f"{_FIX}.") from e
+        raise CacheError(f"{FN}: the row mask {target!r} is missing from the sharded cache at {path!r}; {_FIX}.") from e
     except OSError as e:
         raise CacheError(f"{FN}: cannot read the row mask {target!r} ({e}); {_FIX}.") from e
     if len(mask) != n:
-        raise CacheError(f"{FN}: the row mask {target!r} holds {len(mask)} bytes but the record says {n} rows: it "
-                         f"was truncated or replaced outside tdfunc; {_FIX}.")
+        raise CacheError(
+            f"{FN}: the row mask {target!r} holds {len(mask)} bytes but the record says {n} rows: it "
+            f"was truncated or replaced outside tdfunc; {_FIX}."
+        )
     return mask

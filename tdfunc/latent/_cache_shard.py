@@ -49,10 +49,13 @@ def world(group: Any) -> tuple[Any, int, int]:
 
         raise type_error(CacheError)(
             f"{FN}: group must be a torch.distributed ProcessGroup, None (the default group when one is "
-            f"initialised) or False (this process alone), got {type(group).__name__} ({group!r:.60}).")
+            f"initialised) or False (this process alone), got {type(group).__name__} ({group!r:.60})."
+        )
     elif not available:  # pragma: no cover - a ProcessGroup exists only once torch.distributed is initialised
-        raise CacheError(f"{FN}: group={group!r} but torch.distributed is not initialised; call "
-                         "torch.distributed.init_process_group first (torchrun sets it up).")
+        raise CacheError(
+            f"{FN}: group={group!r} but torch.distributed is not initialised; call "
+            "torch.distributed.init_process_group first (torchrun sets it up)."
+        )
     return group, dist.get_rank(group), dist.get_world_size(group)
 
 
@@ -63,17 +66,22 @@ def _plan(batches: Any, size: int) -> tuple[list[list[int]], int]:
             f"{FN}: in a process group of {size} ranks (or resuming a cache written by one) batches must be a "
             f"torch DataLoader over a map-style dataset with batch_size set, got {type(batches).__name__}; the "
             "loader's sampler gives every row's dataset index, e.g. DataLoader(dataset, batch_size=8, "
-            "sampler=DistributedSampler(dataset, shuffle=False), collate_fn=torch.stack).")
+            "sampler=DistributedSampler(dataset, shuffle=False), collate_fn=torch.stack)."
+        )
     passes = [[[int(i) for i in b] for b in batches.batch_sampler] for _ in range(2)]
     if passes[0] != passes[1]:
-        raise CacheError(f"{FN}: the loader's sampler gave other indices on a second pass; a data-parallel cache "
-                         "needs a deterministic sampler (DistributedSampler(dataset, shuffle=False), or a fixed "
-                         "seed and epoch).")
+        raise CacheError(
+            f"{FN}: the loader's sampler gave other indices on a second pass; a data-parallel cache "
+            "needs a deterministic sampler (DistributedSampler(dataset, shuffle=False), or a fixed "
+            "seed and epoch)."
+        )
     n = len(batches.dataset)  # type: ignore[arg-type]
     bad = [i for b in passes[0] for i in b if not 0 <= i < n]
     if bad:
-        raise CacheError(f"{FN}: the loader's sampler gave index {bad[0]} outside the dataset's {n} rows; use a "
-                         "sampler over this dataset.")
+        raise CacheError(
+            f"{FN}: the loader's sampler gave index {bad[0]} outside the dataset's {n} rows; use a "
+            "sampler over this dataset."
+        )
     return passes[0], n
 
 
@@ -97,24 +105,31 @@ def _same_run(idents: list[dict], ns: list[int]) -> None:
         if n != ns[0]:
             diffs.append(f"dataset length ({n} rows, rank 0 {ns[0]})")
         if diffs:
-            raise CacheError(f"{FN}: rank {r} of the process group runs another job than rank 0: {', '.join(diffs)} "
-                             "differ; every rank must pass the same model state (load the same weights on every "
-                             "rank), sites, reduce and dataset.")
+            raise CacheError(
+                f"{FN}: rank {r} of the process group runs another job than rank 0: {', '.join(diffs)} "
+                "differ; every rank must pass the same model state (load the same weights on every "
+                "rank), sites, reduce and dataset."
+            )
 
 
 def _missing(mask: bytes | list[bool], n: int) -> None:
     missing = [i for i in range(n) if not mask[i]]
     if missing:
-        raise CacheError(f"{FN}: {len(missing)} of the dataset's {n} rows (first {missing[:5]}) are in no rank's "
-                         "shard; use a sampler that covers the dataset (DistributedSampler(dataset, drop_last=False)"
-                         " pads the last shard instead of dropping rows).")
+        raise CacheError(
+            f"{FN}: {len(missing)} of the dataset's {n} rows (first {missing[:5]}) are in no rank's "
+            "shard; use a sampler that covers the dataset (DistributedSampler(dataset, drop_last=False)"
+            " pads the last shard instead of dropping rows)."
+        )
 
 
 def run_sharded(batches, path, progress, ident, group, values_of) -> TensorDict:
     """The data-parallel :func:`cache_activations`; ``values_of(batch, i)`` captures and reduces one batch."""
     group, rank, size = world(group)
-    sync = (lambda payload, err: _sync(group, payload, err)) if group is not None else (
-        lambda payload, err: _raise_or([payload], err))
+    sync = (
+        (lambda payload, err: _sync(group, payload, err))
+        if group is not None
+        else (lambda payload, err: _raise_or([payload], err))
+    )
     if path is None:
         return _in_memory(batches, size, rank, progress, values_of, sync, ident)
     held: list[int | None] = [None]
@@ -133,15 +148,18 @@ def _raise_or(out: list[Any], err: BaseException | None) -> list[Any]:
 def _bar(progress: bool | str, total: int, initial: int, rank: int) -> Any:
     """``progress``: False, or the bar's description (the public function's name)."""
     desc = progress if isinstance(progress, str) else FN
-    return progress_bar(enabled=bool(progress), desc=f"{desc} (rank {rank})", total=total, initial=initial,
-                        unit="batch")
+    return progress_bar(
+        enabled=bool(progress), desc=f"{desc} (rank {rank})", total=total, initial=initial, unit="batch"
+    )
 
 
 def _checked(values: dict, idx: list[int], i: int) -> dict:
     rows = next(iter(values.values())).shape[0]
     if rows != len(idx):
-        raise CacheError(f"{FN}: batch {i} gives {rows} rows but the loader's sampler gave it {len(idx)} indices; "
-                         "the collate_fn must keep one row per sampled index.")
+        raise CacheError(
+            f"{FN}: batch {i} gives {rows} rows but the loader's sampler gave it {len(idx)} indices; "
+            "the collate_fn must keep one row per sampled index."
+        )
     return values
 
 
@@ -172,8 +190,10 @@ def _in_memory(batches, size, rank, progress, values_of, sync, ident):
     seen = [False] * n
     for idx, values in parts:
         if list(values) != list(first) or any(values[k].shape[1:] != first[k].shape[1:] for k in first):
-            raise CacheError(f"{FN}: the ranks' batches capture different entries or row shapes; every batch must "
-                             "give the same row shape (pad the inputs, or reduce over the varying dim).")
+            raise CacheError(
+                f"{FN}: the ranks' batches capture different entries or row shapes; every batch must "
+                "give the same row shape (pad the inputs, or reduce over the varying dim)."
+            )
         t = torch.tensor(idx, dtype=torch.long)
         for key, v in values.items():
             out.get(key)[t] = v
@@ -213,13 +233,23 @@ def _on_disk(batches, size, rank, path, progress, values_of, sync, ident, held):
     try:
         specs = [g[2] for g in gathered if g[2] is not None]
         if any(s != specs[0] for s in specs):
-            raise CacheError(f"{FN}: the ranks' first batches give different rows ({specs}); every batch must give "
-                             "the same row shape (pad the inputs, or reduce over the varying dim).")
+            raise CacheError(
+                f"{FN}: the ranks' first batches give different rows ({specs}); every batch must give "
+                "the same row shape (pad the inputs, or reduce over the varying dim)."
+            )
         if record is None and rank == 0:
             if not specs:
                 raise CacheError(f"{FN}: batches yielded no batch on any rank; pass a non-empty DataLoader.")
-            new = {"version": disk.VERSION, **ident, "first_batch": None, "spec": specs[0], "batches_done": 0,
-                   "rows_done": n, "complete": False, "sharded": True}
+            new = {
+                "version": disk.VERSION,
+                **ident,
+                "first_batch": None,
+                "spec": specs[0],
+                "batches_done": 0,
+                "rows_done": n,
+                "complete": False,
+                "sharded": True,
+            }
             made = disk.create(path, new, n, {disk.MASK: n})
             if made is None:
                 raise disk.busy(path, "unknown")
@@ -231,8 +261,10 @@ def _on_disk(batches, size, rank, path, progress, values_of, sync, ident, held):
         if record is None:  # created by rank 0 just now
             record = disk.read_record(path)
             if record is None:
-                raise CacheError(f"{FN}: the cache at {path!r} that rank 0 created is not visible on rank {rank}; "
-                                 "path must be on storage every rank shares.")
+                raise CacheError(
+                    f"{FN}: the cache at {path!r} that rank 0 created is not visible on rank {rank}; "
+                    "path must be on storage every rank shares."
+                )
         if held[0] is None:
             held[0] = disk.lock(path, f"{disk.LOCK}.rank{rank}")
         mask = disk.read_mask(path, n)
@@ -270,12 +302,16 @@ def _on_disk(batches, size, rank, path, progress, values_of, sync, ident, held):
 def _check_sharded(path: str, record: dict, ident: dict) -> None:
     disk.check_run(path, record, ident["sites"], ident["reduce"])
     if not record.get("sharded"):
-        raise CacheError(f"{FN}: the cache at {path!r} was written by a single process (batch by batch), this call "
-                         "runs data-parallel (a process group, or a DataLoader resuming a sharded cache); finish or "
-                         "load it in one process, or pass another path.")
+        raise CacheError(
+            f"{FN}: the cache at {path!r} was written by a single process (batch by batch), this call "
+            "runs data-parallel (a process group, or a DataLoader resuming a sharded cache); finish or "
+            "load it in one process, or pass another path."
+        )
     disk.verify(path, record, ident, None, None)
     if record.get("rows_total") != ident["rows_total"]:
-        raise CacheError(f"{FN}: the cache at {path!r} holds {record.get('rows_total')} dataset rows but the loader's "
-                         f"dataset has {ident['rows_total']}; pass the same dataset to resume or load it, or another "
-                         "path for a new cache.")
+        raise CacheError(
+            f"{FN}: the cache at {path!r} holds {record.get('rows_total')} dataset rows but the loader's "
+            f"dataset has {ident['rows_total']}; pass the same dataset to resume or load it, or another "
+            "path for a new cache."
+        )
     disk.check_files(path, record, exact=True)

@@ -23,13 +23,17 @@ class PatchError(LatentError):
 def position_mask(fn: str, site: str, positions: Any, value: torch.Tensor) -> torch.Tensor:
     """Boolean mask of shape (T, 1, ..., 1) selecting ``positions`` along dim 1 of ``value``."""
     if value.dim() < 2:
-        raise PatchError(f"{fn}: positions index dim 1, but site {site!r} has shape {tuple(value.shape)}; "
-                         "pass positions=None to patch the whole site, or a patch_fn.")
+        raise PatchError(
+            f"{fn}: positions index dim 1, but site {site!r} has shape {tuple(value.shape)}; "
+            "pass positions=None to patch the whole site, or a patch_fn."
+        )
     t = value.shape[1]
     if isinstance(positions, torch.Tensor) and positions.dtype == torch.bool:
         if positions.shape != (t,):
-            raise PatchError(f"{fn}: the boolean positions mask has shape {tuple(positions.shape)} but site "
-                             f"{site!r} has {t} positions along dim 1; give a mask of shape ({t},).")
+            raise PatchError(
+                f"{fn}: the boolean positions mask has shape {tuple(positions.shape)} but site "
+                f"{site!r} has {t} positions along dim 1; give a mask of shape ({t},)."
+            )
         mask = positions.to(value.device)
     else:
         if isinstance(positions, torch.Tensor) and not positions.dtype.is_floating_point and positions.dim() <= 1:
@@ -39,12 +43,16 @@ def position_mask(fn: str, site: str, positions: Any, value: torch.Tensor) -> to
         elif isinstance(positions, Sequence) and all(isinstance(p, int) and not isinstance(p, bool) for p in positions):
             idx = list(positions)
         else:
-            raise PatchError(f"{fn}: positions must be None, an int, a list of ints, an integer tensor or a boolean "
-                             f"mask of shape (T,), got {positions!r}.")
+            raise PatchError(
+                f"{fn}: positions must be None, an int, a list of ints, an integer tensor or a boolean "
+                f"mask of shape (T,), got {positions!r}."
+            )
         for p in idx:
             if not -t <= p < t:
-                raise PatchError(f"{fn}: position {p} is out of range for site {site!r} with {t} positions along "
-                                 f"dim 1; give positions in [{-t}, {t}).")
+                raise PatchError(
+                    f"{fn}: position {p} is out of range for site {site!r} with {t} positions along "
+                    f"dim 1; give positions in [{-t}, {t})."
+                )
         mask = torch.zeros(t, dtype=torch.bool, device=value.device)
         if idx:
             mask[torch.tensor(idx, device=value.device) % t] = True

@@ -23,19 +23,31 @@ PCA_CRITERIA: tuple[PcaCriterion, ...] = ("variance", "maxgap", "ratio")
 
 
 @overload
-def twonn_dimension(x: TensorDictBase, *, discard_fraction: float = ..., return_xy: Literal[False] = ...) -> TensorDict: ...
+def twonn_dimension(
+    x: TensorDictBase, *, discard_fraction: float = ..., return_xy: Literal[False] = ...
+) -> TensorDict: ...
 @overload
-def twonn_dimension(x: torch.Tensor, *, discard_fraction: float = ..., return_xy: Literal[False] = ...) -> torch.Tensor: ...
+def twonn_dimension(
+    x: torch.Tensor, *, discard_fraction: float = ..., return_xy: Literal[False] = ...
+) -> torch.Tensor: ...
 @overload
-def twonn_dimension(x: TensorDictBase, *, discard_fraction: float = ...,
-                    return_xy: Literal[True]) -> tuple[TensorDict, TensorDict, TensorDict]: ...
+def twonn_dimension(
+    x: TensorDictBase, *, discard_fraction: float = ..., return_xy: Literal[True]
+) -> tuple[TensorDict, TensorDict, TensorDict]: ...
 @overload
-def twonn_dimension(x: torch.Tensor, *, discard_fraction: float = ...,
-                    return_xy: Literal[True]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]: ...
+def twonn_dimension(
+    x: torch.Tensor, *, discard_fraction: float = ..., return_xy: Literal[True]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]: ...
+
 
 def twonn_dimension(
     x: torch.Tensor | TensorDictBase, *, discard_fraction: float = 0.1, return_xy: bool = False
-) -> torch.Tensor | TensorDict | tuple[torch.Tensor, torch.Tensor, torch.Tensor] | tuple[TensorDict, TensorDict, TensorDict]:
+) -> (
+    torch.Tensor
+    | TensorDict
+    | tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+    | tuple[TensorDict, TensorDict, TensorDict]
+):
     """TwoNN intrinsic dimension (Facco et al., 2017), regression form, of every representation at once.
 
     .. math::
@@ -82,7 +94,11 @@ def twonn_dimension(
     Composes with: ``vmap`` (over point clouds), ``grad`` (w.r.t. the points), ``torch.compile``.
     """
     fn = "tdfunc.latent.twonn_dimension"
-    if isinstance(discard_fraction, bool) or not isinstance(discard_fraction, (int, float)) or not 0 <= discard_fraction < 1:
+    if (
+        isinstance(discard_fraction, bool)
+        or not isinstance(discard_fraction, (int, float))
+        or not 0 <= discard_fraction < 1
+    ):
         raise GeometryError(f"{fn}: discard_fraction must be a number in [0, 1), got {discard_fraction!r}.")
     check_bool(fn, "return_xy", return_xy, GeometryError)
 
@@ -90,8 +106,10 @@ def twonn_dimension(
         n = p.shape[-2]
         m = min(n - 1, int(math.floor((1 - discard_fraction) * n)))
         if m < 2:
-            raise GeometryError(f"{fn}: discard_fraction={discard_fraction!r} keeps {m} of N={n} ratios; keep at "
-                                "least 2 (lower discard_fraction or pass more points).")
+            raise GeometryError(
+                f"{fn}: discard_fraction={discard_fraction!r} keeps {m} of N={n} ratios; keep at "
+                "least 2 (lower discard_fraction or pass more points)."
+            )
         d2, _ = _knn(p, 2)
         _check_duplicates(fn, d2[..., 0], n, "the ratio r2 / r1 is undefined")
         logmu = (0.5 * (d2[..., 1].log() - d2[..., 0].log())).sort(-1).values[..., :m]
@@ -107,11 +125,14 @@ def twonn_dimension(
 
     def split(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         m = (t.shape[-1] - 1) // 2
-        return t[..., 0], t[..., 1:m + 1], t[..., m + 1:]
+        return t[..., 0], t[..., 1 : m + 1], t[..., m + 1 :]
 
     if isinstance(out, TensorDictBase):
-        return (out.apply(lambda t: split(t)[0]), out.apply(lambda t: split(t)[1]),  # type: ignore[return-value]
-                out.apply(lambda t: split(t)[2]))
+        return (
+            out.apply(lambda t: split(t)[0]),
+            out.apply(lambda t: split(t)[1]),  # type: ignore[return-value]
+            out.apply(lambda t: split(t)[2]),
+        )
     return split(out)
 
 
@@ -119,6 +140,7 @@ def twonn_dimension(
 def mle_dimension(x: TensorDictBase, *, k: int = ...) -> TensorDict: ...
 @overload
 def mle_dimension(x: torch.Tensor, *, k: int = ...) -> torch.Tensor: ...
+
 
 def mle_dimension(x: torch.Tensor | TensorDictBase, *, k: int = 10) -> torch.Tensor | TensorDict:
     """Levina–Bickel maximum-likelihood intrinsic dimension from k nearest neighbours, batched.
@@ -172,7 +194,10 @@ def local_knn_dimension(x: TensorDictBase, *, k: int = ..., per_point: bool = ..
 @overload
 def local_knn_dimension(x: torch.Tensor, *, k: int = ..., per_point: bool = ...) -> torch.Tensor: ...
 
-def local_knn_dimension(x: torch.Tensor | TensorDictBase, *, k: int = 5, per_point: bool = False) -> torch.Tensor | TensorDict:
+
+def local_knn_dimension(
+    x: torch.Tensor | TensorDictBase, *, k: int = 5, per_point: bool = False
+) -> torch.Tensor | TensorDict:
     """Local intrinsic dimension from the k-th and 2k-th neighbour distances (Farahmand et al., 2007), batched.
 
     .. math::
@@ -222,9 +247,11 @@ def local_knn_dimension(x: torch.Tensor | TensorDictBase, *, k: int = 5, per_poi
         log_ratio = 0.5 * (d2[..., 2 * k - 1].log() - d2[..., k - 1].log())
         if readable(log_ratio) and bool((log_ratio == 0).any()):
             ties = int((log_ratio == 0).sum())
-            raise GeometryError(f"{fn}: {ties} of the N={n} points have their k-th and 2k-th neighbours (k={k}) at the "
-                                "same distance, where log(R_2k / R_k) = 0 and the estimate is infinite; pick another k "
-                                "or break the ties (e.g. add tiny noise to lattice data).")
+            raise GeometryError(
+                f"{fn}: {ties} of the N={n} points have their k-th and 2k-th neighbours (k={k}) at the "
+                "same distance, where log(R_2k / R_k) = 0 and the estimate is infinite; pick another k "
+                "or break the ties (e.g. add tiny noise to lattice data)."
+            )
         d = math.log(2) / log_ratio
         return d if per_point else d.mean(-1)
 
@@ -232,11 +259,26 @@ def local_knn_dimension(x: torch.Tensor | TensorDictBase, *, k: int = 5, per_poi
 
 
 @overload
-def local_pca_dimension(x: TensorDictBase, *, k: int = ..., variance: float = ..., criterion: PcaCriterion = ...,
-                        alpha: float = ..., per_point: bool = ...) -> TensorDict: ...
+def local_pca_dimension(
+    x: TensorDictBase,
+    *,
+    k: int = ...,
+    variance: float = ...,
+    criterion: PcaCriterion = ...,
+    alpha: float = ...,
+    per_point: bool = ...,
+) -> TensorDict: ...
 @overload
-def local_pca_dimension(x: torch.Tensor, *, k: int = ..., variance: float = ..., criterion: PcaCriterion = ...,
-                        alpha: float = ..., per_point: bool = ...) -> torch.Tensor: ...
+def local_pca_dimension(
+    x: torch.Tensor,
+    *,
+    k: int = ...,
+    variance: float = ...,
+    criterion: PcaCriterion = ...,
+    alpha: float = ...,
+    per_point: bool = ...,
+) -> torch.Tensor: ...
+
 
 def local_pca_dimension(
     x: torch.Tensor | TensorDictBase,
@@ -328,7 +370,10 @@ def ca_pca_dimension(x: TensorDictBase, *, k: int = ..., per_point: bool = ...) 
 @overload
 def ca_pca_dimension(x: torch.Tensor, *, k: int = ..., per_point: bool = ...) -> torch.Tensor: ...
 
-def ca_pca_dimension(x: torch.Tensor | TensorDictBase, *, k: int = 20, per_point: bool = False) -> torch.Tensor | TensorDict:
+
+def ca_pca_dimension(
+    x: torch.Tensor | TensorDictBase, *, k: int = 20, per_point: bool = False
+) -> torch.Tensor | TensorDict:
     """Curvature-adjusted local PCA dimension (CA-PCA, Gilbert & O'Neill 2023), batched.
 
     .. math::
@@ -374,14 +419,16 @@ def ca_pca_dimension(x: torch.Tensor | TensorDictBase, *, k: int = 20, per_point
         d2, idx = _knn(p, k + 1)
         r = 0.5 * (d2[..., k - 1].sqrt() + d2[..., k].sqrt())
         if readable(r) and bool((r == 0).any()):
-            raise GeometryError(f"{fn}: {int((r == 0).sum())} of the N={p.shape[-2]} points have k + 1 = {k + 1} "
-                                "duplicates (neighbourhood radius 0), where the rescaled spectrum lambda / r^2 is "
-                                "undefined; remove duplicate points first (e.g. torch.unique(x, dim=0)) or raise k.")
+            raise GeometryError(
+                f"{fn}: {int((r == 0).sum())} of the N={p.shape[-2]} points have k + 1 = {k + 1} "
+                "duplicates (neighbourhood radius 0), where the rescaled spectrum lambda / r^2 is "
+                "undefined; remove duplicate points first (e.g. torch.unique(x, dim=0)) or raise k."
+            )
         nb = _neighbourhoods(p, idx)
         dim = p.shape[-1]
         lam = torch.zeros(*nb.shape[:2], dim, dtype=p.dtype, device=p.device)
         sv = torch.linalg.svdvals(nb - nb.mean(2, keepdim=True)).square() / k  # covariance, 1/(n-1), n = k+1
-        lam = torch.cat([sv, lam[..., sv.shape[-1]:]], -1) / r.square().unsqueeze(-1)
+        lam = torch.cat([sv, lam[..., sv.shape[-1] :]], -1) / r.square().unsqueeze(-1)
         d = torch.arange(1, dim + 1, dtype=p.dtype, device=p.device)  # candidate dimensions
         head = torch.arange(dim, device=p.device)[None, :] < d[:, None].long()  # (dim_d, dim): j < d
         tail = (lam.unsqueeze(-2) * ~head).sum(-1)  # (R, N, dim_d)

@@ -18,10 +18,11 @@ import torch
 from tensordict import TensorDict, TensorDictBase
 
 from .._checks import check_int
-from ._common import LatentError
 from .._finite import check_finite, readable
+from ._common import LatentError
 
 __all__ = ["GeometryError"]
+
 
 class GeometryError(LatentError):
     """Bad input to a representation-geometry function (shape, too few points, unknown option)."""
@@ -56,8 +57,9 @@ def _check_int(fn: str, name: str, v, lo: int) -> None:
 
 def _check_n(fn: str, n: int, need: int, why: str, fix: str = "lower k") -> None:
     if n < need:
-        raise GeometryError(f"{fn}: {why} needs at least {need} points per representation, got N={n}; "
-                            f"pass more points or {fix}.")
+        raise GeometryError(
+            f"{fn}: {why} needs at least {need} points per representation, got N={n}; pass more points or {fix}."
+        )
 
 
 def _per_rep(fn: str, x, body, need: int, why: str):
@@ -88,15 +90,19 @@ def _stack_of(fn: str, x, what: str, prep, promote: torch.dtype | None = None) -
         for key in x.keys(include_nested=True, leaves_only=True):
             t = _check_points(fn, x.get(key), f"{what}[{key!r}]", promote)
             if t.dim() != 2:
-                raise GeometryError(f"{fn}: {what}[{key!r}] has shape {tuple(t.shape)}; TensorDict entries must be "
-                                    "single representations (N, D) — pass a stacked tensor for (R, N, D).")
+                raise GeometryError(
+                    f"{fn}: {what}[{key!r}] has shape {tuple(t.shape)}; TensorDict entries must be "
+                    "single representations (N, D) — pass a stacked tensor for (R, N, D)."
+                )
             mats.append(t)
         if not mats:
             raise GeometryError(f"{fn}: {what} is an empty TensorDict; give at least one representation.")
         ns = {m.shape[0] for m in mats}
         if len(ns) > 1:
-            raise GeometryError(f"{fn}: the entries of {what} have different N {sorted(ns)}; every representation "
-                                "must hold the same N inputs.")
+            raise GeometryError(
+                f"{fn}: the entries of {what} have different N {sorted(ns)}; every representation "
+                "must hold the same N inputs."
+            )
         return torch.cat([prep(m[None]) for m in mats]), (len(mats),)
     x = _check_points(fn, x, what, promote)
     return prep(x.reshape(-1, *x.shape[-2:])), tuple(x.shape[:-2])
@@ -122,8 +128,10 @@ def _promoted_dtype(*xs) -> torch.dtype:
 
 def _same_n(fn: str, nx: int, ny: int) -> None:
     if nx != ny:
-        raise GeometryError(f"{fn}: x has N={nx} points but y has N={ny}; x and y must be representations of the "
-                            "same N inputs, in the same order.")
+        raise GeometryError(
+            f"{fn}: x has N={nx} points but y has N={ny}; x and y must be representations of the "
+            "same N inputs, in the same order."
+        )
 
 
 # ----------------------------------------------------------------------------------------- distances
@@ -142,8 +150,10 @@ def _check_duplicates(fn: str, nearest: torch.Tensor, n: int, why: str) -> None:
     """Refuse points whose nearest neighbour is at distance 0 (``nearest``: (R, N) distances), where ``why``."""
     if readable(nearest) and bool((nearest == 0).any()):
         dup = int((nearest == 0).sum())
-        raise GeometryError(f"{fn}: {dup} of the N={n} points have a duplicate (a nearest neighbour at distance 0), "
-                            f"where {why}; remove duplicate points first (e.g. torch.unique(x, dim=0)).")
+        raise GeometryError(
+            f"{fn}: {dup} of the N={n} points have a duplicate (a nearest neighbour at distance 0), "
+            f"where {why}; remove duplicate points first (e.g. torch.unique(x, dim=0))."
+        )
 
 
 def _minkowski(p: float):

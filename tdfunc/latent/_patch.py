@@ -15,7 +15,15 @@ from tensordict import TensorDictBase
 from torch.func import vmap
 
 from .._call import functional_call
-from .._checks import check_bool, check_callable, check_chunk_size, check_module, check_randomness, random_op_error, renamed
+from .._checks import (
+    check_bool,
+    check_callable,
+    check_chunk_size,
+    check_module,
+    check_randomness,
+    random_op_error,
+    renamed,
+)
 from .._finite import check_finite, warn_nonfinite
 from .._match import site_match
 from .._progress import n_chunks, progress_bar, vmap_chunks
@@ -36,27 +44,35 @@ MODULE_FIX = "; pass the model itself (the nn.Module to run)"
 def _as_list(fn: str, sites: Any) -> list[str]:
     sites = [sites] if isinstance(sites, str) else sites
     if not isinstance(sites, (list, tuple)) or not sites or not all(isinstance(s, str) for s in sites):
-        raise PatchError(f"{fn}: sites must be a site string or a non-empty list of them, got {sites!r}; "
-                         "pass e.g. 'blocks.*' or ['blocks.0', 'blocks.1.attn'].")
+        raise PatchError(
+            f"{fn}: sites must be a site string or a non-empty list of them, got {sites!r}; "
+            "pass e.g. 'blocks.*' or ['blocks.0', 'blocks.1.attn']."
+        )
     return list(sites)
 
 
 def _match(fn: str, sites: Any, captures: Any) -> list[str]:
     """Concrete capture keys matched by ``sites`` (globs expanded in the captures' order)."""
     if not isinstance(captures, (Mapping, TensorDictBase)):
-        raise PatchError(f"{fn}: clean_captures must be the TensorDict of captures of the clean run, got "
-                         f"{type(captures).__name__}; use functional_call(..., capture=sites)[1].")
+        raise PatchError(
+            f"{fn}: clean_captures must be the TensorDict of captures of the clean run, got "
+            f"{type(captures).__name__}; use functional_call(..., capture=sites)[1]."
+        )
     keys = [k for k in captures.keys() if isinstance(k, str)]
     out: list[str] = []
     for site in _as_list(fn, sites):
         hits = [site] if site in keys else [k for k in keys if site_match(site, k)]
         if not hits:
-            raise PatchError(f"{fn}: site {site!r} matches no entry of clean_captures (entries {keys}); capture "
-                             f"it in the clean run: functional_call(..., capture=[{site!r}]).")
+            raise PatchError(
+                f"{fn}: site {site!r} matches no entry of clean_captures (entries {keys}); capture "
+                f"it in the clean run: functional_call(..., capture=[{site!r}])."
+            )
         for k in hits:
             if k.endswith("@*"):
-                raise PatchError(f"{fn}: site {k!r} stacks every call of its module and cannot be patched; "
-                                 f"capture and patch one call with '@k' (e.g. {k[:-1] + '0'!r}).")
+                raise PatchError(
+                    f"{fn}: site {k!r} stacks every call of its module and cannot be patched; "
+                    f"capture and patch one call with '@k' (e.g. {k[:-1] + '0'!r})."
+                )
             if k not in out:
                 out.append(k)
     return out
@@ -68,19 +84,26 @@ def _tensors(args: Any) -> list:
 
 def _check_runs(fn: str, clean_args: Any, corrupted_args: Any) -> None:
     """Finite float inputs; with ``clean_args``, the two runs' tensors of equal shapes."""
-    runs = (("clean_args", clean_args), ("corrupted_args", corrupted_args)) if clean_args is not None else \
-        (("corrupted_args", corrupted_args),)
+    runs = (
+        (("clean_args", clean_args), ("corrupted_args", corrupted_args))
+        if clean_args is not None
+        else (("corrupted_args", corrupted_args),)
+    )
     for name, args in runs:
         for i, t in enumerate(_tensors(args)):
             if isinstance(t, torch.Tensor) and t.is_floating_point():
                 check_finite(fn, f"{name}[{i}]", t, PatchError, "replace them (e.g. torch.nan_to_num) before patching")
     if clean_args is None:
         return
-    shapes = [[tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__ for t in _tensors(a)]
-              for a in (clean_args, corrupted_args)]
+    shapes = [
+        [tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__ for t in _tensors(a)]
+        for a in (clean_args, corrupted_args)
+    ]
     if shapes[0] != shapes[1]:
-        raise PatchError(f"{fn}: clean_args and corrupted_args must have the same shapes (one run's values are patched "
-                         f"into the other), got {shapes[0]} and {shapes[1]}; pad or truncate the inputs to one shape.")
+        raise PatchError(
+            f"{fn}: clean_args and corrupted_args must have the same shapes (one run's values are patched "
+            f"into the other), got {shapes[0]} and {shapes[1]}; pad or truncate the inputs to one shape."
+        )
 
 
 def _checked_clean(fn: str, site: str, c: torch.Tensor, v: torch.Tensor) -> None:
@@ -89,9 +112,11 @@ def _checked_clean(fn: str, site: str, c: torch.Tensor, v: torch.Tensor) -> None
     except RuntimeError:
         ok = False
     if not ok:
-        raise PatchError(f"{fn}: the clean value at site {site!r} has shape {tuple(c.shape)} but the corrupted run's "
-                         f"value there has shape {tuple(v.shape)}; capture the clean run with inputs of the corrupted "
-                         "run's shape.")
+        raise PatchError(
+            f"{fn}: the clean value at site {site!r} has shape {tuple(c.shape)} but the corrupted run's "
+            f"value there has shape {tuple(v.shape)}; capture the clean run with inputs of the corrupted "
+            "run's shape."
+        )
 
 
 # ------------------------------------------------------------------------------------------------ patch
@@ -162,12 +187,16 @@ def _units_of(fn: str, module: Any, units: Any, index: Any) -> Units | None:
     """``units=`` / ``index=`` of patch and path_patch checked together."""
     if units is None:
         if index is not None:
-            raise PatchError(f"{fn}: index={index!r} selects units of a unit view, but units is None; pass "
-                             "units='heads' or units=tdfunc.latent.units(...) with it.")
+            raise PatchError(
+                f"{fn}: index={index!r} selects units of a unit view, but units is None; pass "
+                "units='heads' or units=tdfunc.latent.units(...) with it."
+            )
         return None
     if index is None:
-        raise PatchError(f"{fn}: units={units!r} needs index= (the units to patch, e.g. index=3 for head 3); leave "
-                         "units=None to patch the whole site.")
+        raise PatchError(
+            f"{fn}: units={units!r} needs index= (the units to patch, e.g. index=3 for head 3); leave "
+            "units=None to patch the whole site."
+        )
     if isinstance(index, bool) or not isinstance(index, (int, list, tuple, torch.Tensor)):
         raise PatchError(f"{fn}: index must be an int, a list of ints or a boolean mask of the units, got {index!r}.")
     if units == "heads":
@@ -180,25 +209,35 @@ def _units_of(fn: str, module: Any, units: Any, index: Any) -> Units | None:
 def _patch_edits(fn: str, clean_captures, sites, positions, patch_fn, view=None, index=None) -> dict:
     """``{site: clean value or edit}`` substituting the clean values (at ``positions``, through ``patch_fn``)."""
     if patch_fn is not None and not callable(patch_fn):
-        raise PatchError(f"{fn}: patch_fn must be None or a callable patch_fn(corrupted_value, clean_value) -> value, "
-                         f"got {type(patch_fn).__name__} ({patch_fn!r:.60}).")
+        raise PatchError(
+            f"{fn}: patch_fn must be None or a callable patch_fn(corrupted_value, clean_value) -> value, "
+            f"got {type(patch_fn).__name__} ({patch_fn!r:.60})."
+        )
     edits = {}
     for site in _match(fn, sites, clean_captures):
         clean = clean_captures[site]
         if isinstance(clean, torch.Tensor) and clean.is_floating_point():
-            check_finite(fn, f"clean_captures[{site!r}]", clean, PatchError,
-                         "replace them (e.g. torch.nan_to_num) or capture a finite clean run")
+            check_finite(
+                fn,
+                f"clean_captures[{site!r}]",
+                clean,
+                PatchError,
+                "replace them (e.g. torch.nan_to_num) or capture a finite clean run",
+            )
         mask = None if positions is None else position_mask(fn, site, positions, clean)
         if patch_fn is None and mask is None and view is None:
             edits[site] = clean
         else:
+
             def edit(v, c=clean, m=mask, site=site):
                 if isinstance(c, torch.Tensor) and isinstance(v, torch.Tensor):
                     _checked_clean(fn, site, c, v)
                 new = c if patch_fn is None else patch_fn(v, c)
                 if view is not None:  # only the index units of the view
                     w = unit_forward(fn, site, view, v)
-                    new = unit_backward(view, torch.where(unit_mask(fn, view, w, index), unit_forward(fn, site, view, new), w))
+                    new = unit_backward(
+                        view, torch.where(unit_mask(fn, view, w, index), unit_forward(fn, site, view, new), w)
+                    )
                 return new if m is None else torch.where(m, new, v)
 
             edits[site] = edit
@@ -218,20 +257,26 @@ def sweep_units(fn: str, module: Any, over: Any) -> Units | int:
         return 1
     if isinstance(over, int) and not isinstance(over, bool):
         return over
-    raise PatchError(f"{fn}: over must be 'positions', 'heads', a tdfunc.latent.units(...) view or an int dim of the "
-                     f"sites' values, got {over!r}.")
+    raise PatchError(
+        f"{fn}: over must be 'positions', 'heads', a tdfunc.latent.units(...) view or an int dim of the "
+        f"sites' values, got {over!r}."
+    )
 
 
 def unit_dim(fn: str, site: str, dim: int, v: torch.Tensor) -> int:
     """An int ``over`` checked against the site's value; a negative one that lands on the positions is refused."""
     if not -v.dim() <= dim < v.dim():
-        raise PatchError(f"{fn}: unit dim {dim} is out of range for site {site!r} of shape {tuple(v.shape)}; "
-                         f"give over in [{-v.dim()}, {v.dim()}).")
+        raise PatchError(
+            f"{fn}: unit dim {dim} is out of range for site {site!r} of shape {tuple(v.shape)}; "
+            f"give over in [{-v.dim()}, {v.dim()})."
+        )
     if dim < 0 and dim % v.dim() == 1:
-        raise PatchError(f"{fn}: over={dim} is dim 1 of site {site!r} of shape {tuple(v.shape)}, its positions, not "
-                         "its heads (an int over indexes the dims of the value as captured, and a (B, T, H * Dh) value "
-                         "has no head dim); pass over='heads' or over=tdfunc.latent.units('b t (h d) -> b t h d', h=H) "
-                         "to sweep heads, or over='positions' to sweep positions.")
+        raise PatchError(
+            f"{fn}: over={dim} is dim 1 of site {site!r} of shape {tuple(v.shape)}, its positions, not "
+            "its heads (an int over indexes the dims of the value as captured, and a (B, T, H * Dh) value "
+            "has no head dim); pass over='heads' or over=tdfunc.latent.units('b t (h d) -> b t h d', h=H) "
+            "to sweep heads, or over='positions' to sweep positions."
+        )
     return dim
 
 
@@ -330,8 +375,10 @@ def patching_sweep(
         shapes.append([v.shape[d] if i == d else 1 for i in range(v.dim())])
     if len(set(units)) != 1:
         found = dict(zip(keys, units))
-        raise PatchError(f"{fn}: the sites have different numbers of units along dim {dim} ({found}); sweep sites "
-                         "of one unit count per call.")
+        raise PatchError(
+            f"{fn}: the sites have different numbers of units along dim {dim} ({found}); sweep sites "
+            "of one unit count per call."
+        )
     n_u = units[0]
     device = caps[keys[0]].device
     masks = torch.eye(n_u, dtype=torch.bool, device=device)  # masks[u]: the one-hot mask of unit u
@@ -347,8 +394,10 @@ def patching_sweep(
             r = metric(out)
             if not isinstance(r, torch.Tensor) or r.dim() != 0:
                 got = f"shape {tuple(r.shape)}" if isinstance(r, torch.Tensor) else type(r).__name__
-                raise PatchError(f"{fn}: metric must return a scalar (0-dim) tensor per patch, got {got}; reduce it "
-                                 "inside metric (e.g. logits[0, -1, a] - logits[0, -1, b], or .mean()).")
+                raise PatchError(
+                    f"{fn}: metric must return a scalar (0-dim) tensor per patch, got {got}; reduce it "
+                    "inside metric (e.g. logits[0, -1, a] - logits[0, -1, b], or .mean())."
+                )
             return r
 
         try:
@@ -362,8 +411,12 @@ def patching_sweep(
                 raise
             raise err from e
 
-    bar = progress_bar(enabled=progress, desc=fn, total=len(keys) * n_chunks(n_u, chunk_size),
-                       unit="site" if chunk_size is None else "chunk")
+    bar = progress_bar(
+        enabled=progress,
+        desc=fn,
+        total=len(keys) * n_chunks(n_u, chunk_size),
+        unit="site" if chunk_size is None else "chunk",
+    )
     if bar is None:
         out = torch.stack([per_site(k, shapes[i], cleans[i]) for i, k in enumerate(keys)])
     else:
@@ -458,8 +511,10 @@ def path_patch(
     edits = _patch_edits(fn, clean, send, positions, patch_fn, _units_of(fn, module, units, index), index)
     both = [k for k in edits if received(k)]
     if both:
-        raise PatchError(f"{fn}: site(s) {both} are both senders and receivers; a receiver must be a later site than "
-                         "the senders (e.g. senders='blocks.0.attn', receivers='blocks.2.attn:input').")
+        raise PatchError(
+            f"{fn}: site(s) {both} are both senders and receivers; a receiver must be a later site than "
+            "the senders (e.g. senders='blocks.0.attn', receivers='blocks.2.attn:input')."
+        )
     with renamed(fn):
         if frz:
             _, corr = functional_call(module, state, corrupted_args, kwargs, capture=frz)

@@ -72,9 +72,11 @@ def _init(fn, kind, d_in, n_classes, rank, generator, dtype, device) -> dict:
         return {"weight": uniform(c, d1, d2, bound=1 / math.sqrt(d1)), "bias": uniform(c, bound=1 / math.sqrt(d1))}
     if kind == "low_rank_bilinear":
         scale = (d1 * d2 * rank) ** -0.25
-        return {"u": torch.randn(c, d1, rank, generator=generator, **kw) * scale,
-                "v": torch.randn(c, d2, rank, generator=generator, **kw) * scale,
-                "bias": torch.zeros(c, **kw)}
+        return {
+            "u": torch.randn(c, d1, rank, generator=generator, **kw) * scale,
+            "v": torch.randn(c, d2, rank, generator=generator, **kw) * scale,
+            "bias": torch.zeros(c, **kw),
+        }
     return {"means": torch.zeros(c, d1, **kw)}
 
 
@@ -126,13 +128,17 @@ def probe_init(
 
     Composes with: ``probe_apply`` under ``vmap`` / ``grad`` / ``torch.compile``.
     """
-    return TensorDict(_init("tdfunc.latent.probe_init", kind, d_in, n_classes, rank, generator, dtype, device), batch_size=[])
+    return TensorDict(
+        _init("tdfunc.latent.probe_init", kind, d_in, n_classes, rank, generator, dtype, device), batch_size=[]
+    )
 
 
 def _apply(fn: str, params, x) -> torch.Tensor:
     if not isinstance(params, (Mapping, TensorDictBase)):
-        raise ProbeError(f"{fn}: params must be a TensorDict (or dict) from tdfunc.latent.probe_init / probe_fit, "
-                         f"got {type(params).__name__}.")
+        raise ProbeError(
+            f"{fn}: params must be a TensorDict (or dict) from tdfunc.latent.probe_init / probe_fit, "
+            f"got {type(params).__name__}."
+        )
     keys = set(params.keys())
     if keys == {"weight", "bias"} and params["weight"].dim() == 2:
         return _check_x(fn, x) @ params["weight"].mT + params["bias"]
@@ -150,11 +156,15 @@ def _apply(fn: str, params, x) -> torch.Tensor:
     if keys == {"means", "scale"}:  # normalize=True: logits divided by |mu_1 - mu_0|
         m = params["means"]
         return (_check_x(fn, x) @ m.mT - 0.5 * m.square().sum(-1)) * params["scale"]
-    raise ProbeError(f"{fn}: params have keys {sorted(keys)}, which match no probe kind; pass the "
-                     "TensorDict of tdfunc.latent.probe_init / probe_fit (weight+bias, u+v+bias or means).")
+    raise ProbeError(
+        f"{fn}: params have keys {sorted(keys)}, which match no probe kind; pass the "
+        "TensorDict of tdfunc.latent.probe_init / probe_fit (weight+bias, u+v+bias or means)."
+    )
 
 
-def probe_apply(params: TensorDictBase | Mapping[str, torch.Tensor], x: torch.Tensor | tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+def probe_apply(
+    params: TensorDictBase | Mapping[str, torch.Tensor], x: torch.Tensor | tuple[torch.Tensor, torch.Tensor]
+) -> torch.Tensor:
     """Logits of a probe on activations ``x`` ``(..., D)`` (a pair ``(x1, x2)`` for bilinear kinds).
 
     .. math::
@@ -217,14 +227,18 @@ def _class_means(x: torch.Tensor, y: torch.Tensor, n_classes: int, normalize: bo
 def _check_normalize(fn: str, normalize, kind) -> None:
     check_bool(fn, "normalize", normalize, ProbeError)
     if normalize and kind != "mean_difference":
-        raise ProbeError(f"{fn}: normalize=True rescales the mean-difference probe, but kind={kind!r}; use "
-                         "kind='mean_difference' or drop normalize.")
+        raise ProbeError(
+            f"{fn}: normalize=True rescales the mean-difference probe, but kind={kind!r}; use "
+            "kind='mean_difference' or drop normalize."
+        )
 
 
 def _check_normalize_classes(fn: str, normalize: bool, c: int) -> None:
     if normalize and c != 2:
-        raise ProbeError(f"{fn}: normalize=True divides by the norm of the mean difference mu_1 - mu_0, which needs "
-                         f"exactly 2 classes, got n_classes={c}; use normalize=False with {c} classes.")
+        raise ProbeError(
+            f"{fn}: normalize=True divides by the norm of the mean difference mu_1 - mu_0, which needs "
+            f"exactly 2 classes, got n_classes={c}; use normalize=False with {c} classes."
+        )
 
 
 def _adam(loss, params: dict, steps: int, lr: float, bar=None) -> dict:
@@ -243,8 +257,14 @@ def _adam(loss, params: dict, steps: int, lr: float, bar=None) -> dict:
 
 
 def _check_train_options(fn, steps, lr, weight_decay) -> None:
-    check_int(fn, "steps", steps, ProbeError, lo=1,
-              fix=" steps=0 would return the untrained initialisation; for a closed-form probe use kind='mean_difference'.")
+    check_int(
+        fn,
+        "steps",
+        steps,
+        ProbeError,
+        lo=1,
+        fix=" steps=0 would return the untrained initialisation; for a closed-form probe use kind='mean_difference'.",
+    )
     for name, v, ok in (("lr", lr, lambda v: v > 0), ("weight_decay", weight_decay, lambda v: v >= 0)):
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not ok(v):
             raise ProbeError(f"{fn}: {name} must be a number {'> 0' if name == 'lr' else '>= 0'}, got {v!r}.")
@@ -254,8 +274,10 @@ def _check_means_counts(fn: str, y: torch.Tensor, n_classes: int) -> None:
     counts = torch.bincount(y, minlength=n_classes)
     if bool((counts == 0).any()):
         empty = torch.nonzero(counts == 0).flatten().tolist()
-        raise ProbeError(f"{fn}: kind 'mean_difference' needs an example of every class, but classes {empty} have "
-                         "none in the training data; pass n_classes equal to the classes present, or more data.")
+        raise ProbeError(
+            f"{fn}: kind 'mean_difference' needs an example of every class, but classes {empty} have "
+            "none in the training data; pass n_classes equal to the classes present, or more data."
+        )
 
 
 def probe_fit(
@@ -336,14 +358,18 @@ def probe_fit(
     if kind in ("bilinear", "low_rank_bilinear"):
         x1, x2 = _pair(fn, x)
         if x1.dim() != 2 or x2.dim() != 2 or x1.shape[0] != x2.shape[0]:
-            raise ProbeError(f"{fn}: x1 and x2 must be (N, D1) and (N, D2) with the same N, got shapes "
-                             f"{tuple(x1.shape)} and {tuple(x2.shape)}.")
+            raise ProbeError(
+                f"{fn}: x1 and x2 must be (N, D1) and (N, D2) with the same N, got shapes "
+                f"{tuple(x1.shape)} and {tuple(x2.shape)}."
+            )
         x, d_in = (x1.detach(), x2.detach()), (x1.shape[1], x2.shape[1])
         ref = x1
     else:
         if isinstance(x, (tuple, list)):
-            raise ProbeError(f"{fn}: kind {kind!r} takes one tensor x (N, D), got a {type(x).__name__}; pairs "
-                             "(x1, x2) are for 'bilinear' and 'low_rank_bilinear'.")
+            raise ProbeError(
+                f"{fn}: kind {kind!r} takes one tensor x (N, D), got a {type(x).__name__}; pairs "
+                "(x1, x2) are for 'bilinear' and 'low_rank_bilinear'."
+            )
         x = _check_x(fn, x)
         if x.dim() != 2:
             raise ProbeError(f"{fn}: x has shape {tuple(x.shape)}; pass activations (N, D) (x.flatten(1)).")
@@ -363,8 +389,11 @@ def probe_fit(
         return TensorDict(_adam(loss, params, steps, lr, bar), batch_size=[])
 
 
-def probe_evaluate(params: TensorDictBase | Mapping[str, torch.Tensor], x: torch.Tensor | tuple[torch.Tensor, torch.Tensor],
-                   y: torch.Tensor) -> TensorDict:
+def probe_evaluate(
+    params: TensorDictBase | Mapping[str, torch.Tensor],
+    x: torch.Tensor | tuple[torch.Tensor, torch.Tensor],
+    y: torch.Tensor,
+) -> TensorDict:
     """Accuracy and mean cross-entropy of a probe on ``(x, y)``.
 
     .. math::
@@ -483,16 +512,21 @@ def fit_probes(
     for k in keys:
         groups.setdefault((xs[k].shape[1], xs[k].dtype, xs[k].device), []).append(k)
     out = TensorDict({"train_index": train, "test_index": test}, batch_size=[])
-    bar = None if kind == "mean_difference" else progress_bar(enabled=progress, desc=fn, total=steps * len(groups),
-                                                              unit="step")
+    bar = (
+        None
+        if kind == "mean_difference"
+        else progress_bar(enabled=progress, desc=fn, total=steps * len(groups), unit="step")
+    )
     try:
         for group in groups.values():
             x_tr = torch.stack([xs[k][train] for k in group])
             if kind == "mean_difference":
                 fitted = vmap(lambda xx: _class_means(xx, y_tr, c, normalize))(x_tr)
             else:
-                stacked = {name: torch.stack([inits[k][name] for k in group])  # type: ignore[index]
-                           for name in inits[group[0]]}  # type: ignore[index]
+                stacked = {
+                    name: torch.stack([inits[k][name] for k in group])  # type: ignore[index]
+                    for name in inits[group[0]]
+                }  # type: ignore[index]
                 site_loss = lambda p, xx: _loss(fn, p, xx, y_tr, weight_decay)  # noqa: E731
                 fitted = _adam(lambda p: vmap(site_loss)(p, x_tr).sum(), stacked, steps, lr, bar)
             for i, k in enumerate(group):

@@ -6,8 +6,8 @@ import torch
 from tensordict import TensorDict, TensorDictBase
 
 from .._checks import check_int
-from .._types import ProbeKind
 from .._finite import check_finite
+from .._types import ProbeKind
 from ._common import LatentError
 
 __all__ = ["ProbeError", "KINDS"]
@@ -26,8 +26,10 @@ def _check_kind(fn: str, kind, rank) -> None:
     if kind not in KINDS:
         raise ProbeError(f"{fn}: unknown kind {kind!r}; choose one of {list(KINDS)}.")
     if kind == "low_rank_bilinear" and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
-        raise ProbeError(f"{fn}: kind 'low_rank_bilinear' needs rank, an integer >= 1, got {rank!r}; "
-                         "pass rank=... (the rank r of W = U V^T).")
+        raise ProbeError(
+            f"{fn}: kind 'low_rank_bilinear' needs rank, an integer >= 1, got {rank!r}; "
+            "pass rank=... (the rank r of W = U V^T)."
+        )
 
 
 def _check_int(fn: str, name: str, v, lo: int) -> None:
@@ -37,8 +39,10 @@ def _check_int(fn: str, name: str, v, lo: int) -> None:
 def _check_x(fn: str, x, what: str = "x") -> torch.Tensor:
     if not isinstance(x, torch.Tensor) or x.dim() < 1 or not x.is_floating_point():
         got = f"shape {tuple(x.shape)} dtype {x.dtype}" if isinstance(x, torch.Tensor) else type(x).__name__
-        raise ProbeError(f"{fn}: {what} must be a floating tensor (..., D) of activations, got {got}; "
-                         f"flatten and cast it first ({what}.flatten(1).float()).")
+        raise ProbeError(
+            f"{fn}: {what} must be a floating tensor (..., D) of activations, got {got}; "
+            f"flatten and cast it first ({what}.flatten(1).float())."
+        )
     check_finite(fn, what, x, ProbeError, "replace them (e.g. torch.nan_to_num) or drop those rows")
     return x
 
@@ -46,8 +50,10 @@ def _check_x(fn: str, x, what: str = "x") -> torch.Tensor:
 def _pair(fn: str, x) -> tuple[torch.Tensor, torch.Tensor]:
     if isinstance(x, (tuple, list)):
         if len(x) != 2:
-            raise ProbeError(f"{fn}: a bilinear probe takes x = (x1, x2) or one tensor (x1 = x2), got a "
-                             f"{type(x).__name__} of {len(x)} items.")
+            raise ProbeError(
+                f"{fn}: a bilinear probe takes x = (x1, x2) or one tensor (x1 = x2), got a "
+                f"{type(x).__name__} of {len(x)} items."
+            )
         return _check_x(fn, x[0], "x[0]"), _check_x(fn, x[1], "x[1]")
     x = _check_x(fn, x)
     return x, x
@@ -56,8 +62,9 @@ def _pair(fn: str, x) -> tuple[torch.Tensor, torch.Tensor]:
 def _check_labels(fn: str, y, n: int, what: str = "x") -> torch.Tensor:
     if not isinstance(y, torch.Tensor) or y.dim() != 1 or y.dtype.is_floating_point or y.dtype == torch.bool:
         got = f"shape {tuple(y.shape)} dtype {y.dtype}" if isinstance(y, torch.Tensor) else type(y).__name__
-        raise ProbeError(f"{fn}: y must be a 1-D integer tensor of class indices, got {got}; "
-                         "pass y.long() of shape (N,).")
+        raise ProbeError(
+            f"{fn}: y must be a 1-D integer tensor of class indices, got {got}; pass y.long() of shape (N,)."
+        )
     if y.shape[0] != n:
         raise ProbeError(f"{fn}: y has {y.shape[0]} labels but {what} has N={n} rows; give one label per row.")
     return y
@@ -92,16 +99,20 @@ def _cross_entropy(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 def _sites(fn: str, acts) -> list:
     if not isinstance(acts, TensorDictBase):
-        raise ProbeError(f"{fn}: acts must be a TensorDict {{site: (N, D_site)}} (e.g. the captures of "
-                         f"tdfunc.functional_call), got {type(acts).__name__}.")
+        raise ProbeError(
+            f"{fn}: acts must be a TensorDict {{site: (N, D_site)}} (e.g. the captures of "
+            f"tdfunc.functional_call), got {type(acts).__name__}."
+        )
     keys = list(acts.keys(include_nested=True, leaves_only=True))
     if not keys:
         raise ProbeError(f"{fn}: acts is an empty TensorDict; capture at least one site.")
     for k in keys:
         t = _check_x(fn, acts.get(k), f"acts[{k!r}]")
         if t.dim() != 2:
-            raise ProbeError(f"{fn}: acts[{k!r}] has shape {tuple(t.shape)}; every site must be (N, D_site) — "
-                             "flatten it first (acts.apply(lambda t: t.flatten(1))).")
+            raise ProbeError(
+                f"{fn}: acts[{k!r}] has shape {tuple(t.shape)}; every site must be (N, D_site) — "
+                "flatten it first (acts.apply(lambda t: t.flatten(1)))."
+            )
     return keys
 
 

@@ -64,8 +64,10 @@ def fit_sklearn_probes(
         from sklearn.base import clone
         from sklearn.linear_model import LogisticRegression
     except ImportError as e:
-        raise ImportError(f"{fn} needs scikit-learn; install the probing extra: pip install 'tdfunc[probing]' "
-                          "(or pip install scikit-learn).") from e
+        raise ImportError(
+            f"{fn} needs scikit-learn; install the probing extra: pip install 'tdfunc[probing]' "
+            "(or pip install scikit-learn)."
+        ) from e
     if random_state is not None and (isinstance(random_state, bool) or not isinstance(random_state, int)):
         raise ProbeError(f"{fn}: random_state must be None or an integer seed, got {random_state!r}.")
     keys = _sites(fn, acts)
@@ -88,6 +90,11 @@ def fit_sklearn_probes(
                 cls = torch.as_tensor(est.classes_).long()
                 hit = cls[None, :] == torch.as_tensor(y_np[idx]).long()[:, None]  # class absent in train: p = 0
                 loss = float(-(proba * hit).sum(1).clamp_min(1e-15).log().mean())
-            out.set((phase,) + _key(k), TensorDict({"accuracy": torch.tensor(acc, dtype=x.dtype),
-                                                    "loss": torch.tensor(loss, dtype=x.dtype)}, batch_size=[]))
+            out.set(
+                (phase,) + _key(k),
+                TensorDict(
+                    {"accuracy": torch.tensor(acc, dtype=x.dtype), "loss": torch.tensor(loss, dtype=x.dtype)},
+                    batch_size=[],
+                ),
+            )
     return out

@@ -40,9 +40,12 @@ def _state_kind(fn: str, state: Any) -> str:
         return "mean_difference"
     if isinstance(state, TensorDictBase) and {"params", "m", "v", "step"} <= set(state.keys()):
         return "trained"
-    raise ProbeError(f"{fn}: state must be the TensorDict of tdfunc.latent.probe_stream_init (or of "
-                     f"probe_stream_update), got {type(state).__name__}"
-                     + (f" with keys {sorted(state.keys())}" if isinstance(state, TensorDictBase) else "") + ".")
+    raise ProbeError(
+        f"{fn}: state must be the TensorDict of tdfunc.latent.probe_stream_init (or of "
+        f"probe_stream_update), got {type(state).__name__}"
+        + (f" with keys {sorted(state.keys())}" if isinstance(state, TensorDictBase) else "")
+        + "."
+    )
 
 
 def _sites_of(state: TensorDictBase, kind: str) -> list[tuple]:
@@ -51,8 +54,9 @@ def _sites_of(state: TensorDictBase, kind: str) -> list[tuple]:
         return [_key(k) for k in state["sums"].keys(include_nested=True, leaves_only=True)]
     params = state["params"]
     names = {"weight", "bias", "u", "v"}
-    return list(dict.fromkeys(_key(k)[:-1] for k in params.keys(include_nested=True, leaves_only=True)
-                              if _key(k)[-1] in names))
+    return list(
+        dict.fromkeys(_key(k)[:-1] for k in params.keys(include_nested=True, leaves_only=True) if _key(k)[-1] in names)
+    )
 
 
 def probe_stream_init(
@@ -127,14 +131,17 @@ def probe_stream_init(
 def _batch(fn: str, state: TensorDictBase, kind: str, acts: Any, y: Any) -> tuple[list[tuple], torch.Tensor, int]:
     sites = _sites_of(state, kind)
     if not isinstance(acts, TensorDictBase):
-        raise ProbeError(f"{fn}: acts must be a TensorDict {{site: (B, D_site)}} with the state's sites, got "
-                         f"{type(acts).__name__}.")
+        raise ProbeError(
+            f"{fn}: acts must be a TensorDict {{site: (B, D_site)}} with the state's sites, got {type(acts).__name__}."
+        )
     have = {_key(k) for k in acts.keys(include_nested=True, leaves_only=True)}
     missing = [s for s in sites if s not in have]
     if missing:
-        raise ProbeError(f"{fn}: acts lacks the state's sites {['.'.join(s) for s in missing]} (it has "
-                         f"{sorted('.'.join(s) for s in have)}); pass the activations of the sites the state was "
-                         "initialised with.")
+        raise ProbeError(
+            f"{fn}: acts lacks the state's sites {['.'.join(s) for s in missing]} (it has "
+            f"{sorted('.'.join(s) for s in have)}); pass the activations of the sites the state was "
+            "initialised with."
+        )
     _sites(fn, acts.select(*sites))  # floating (B, D) leaves, finite
     n = acts.get(sites[0]).shape[0]
     y = _check_labels(fn, y, n, f"acts[{'.'.join(sites[0])!r}]")
@@ -143,15 +150,22 @@ def _batch(fn: str, state: TensorDictBase, kind: str, acts: Any, y: Any) -> tupl
         p0 = state["params"].get(sites[0])
         c = p0["bias"].shape[0] if "bias" in p0.keys() else p0["means"].shape[0]
     if not _transformed() and y.numel() and (int(y.min()) < 0 or int(y.max()) >= c):
-        raise ProbeError(f"{fn}: y holds labels in [{int(y.min())}, {int(y.max())}] but the state has n_classes={c}; "
-                         f"labels are class indices 0..{c - 1}.")
+        raise ProbeError(
+            f"{fn}: y holds labels in [{int(y.min())}, {int(y.max())}] but the state has n_classes={c}; "
+            f"labels are class indices 0..{c - 1}."
+        )
     for s in sites:
         width = acts.get(s).shape[1]
-        want = (state["sums"].get(s).shape[1] if kind == "mean_difference"
-                else next(iter(state["params"].get(s).values())).shape[1])
+        want = (
+            state["sums"].get(s).shape[1]
+            if kind == "mean_difference"
+            else next(iter(state["params"].get(s).values())).shape[1]
+        )
         if width != want:
-            raise ProbeError(f"{fn}: acts[{'.'.join(s)!r}] has width {width} but the state's probe there has width "
-                             f"{want}; pass the same sites, reduced the same way, for every batch.")
+            raise ProbeError(
+                f"{fn}: acts[{'.'.join(s)!r}] has width {width} but the state's probe there has width "
+                f"{want}; pass the same sites, reduced the same way, for every batch."
+            )
     return sites, y, c
 
 
@@ -207,7 +221,10 @@ def probe_stream_update(
     """
     fn = "tdfunc.latent.probe_stream_update"
     kind = _state_kind(fn, state)
-    for name, v, ok, want in (("lr", lr, lambda v: v > 0, "> 0"), ("weight_decay", weight_decay, lambda v: v >= 0, ">= 0")):
+    for name, v, ok, want in (
+        ("lr", lr, lambda v: v > 0, "> 0"),
+        ("weight_decay", weight_decay, lambda v: v >= 0, ">= 0"),
+    ):
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not ok(v):
             raise ProbeError(f"{fn}: {name} must be a number {want}, got {v!r}.")
     sites, y, c = _batch(fn, state, kind, acts, y)
@@ -223,13 +240,15 @@ def probe_stream_update(
     params = {s: dict(state["params"].get(s).items()) for s in sites}
 
     def total(p: dict) -> torch.Tensor:  # the sites' losses are independent: one gradient for all
-        return sum((_loss(fn, p[s], xs[s], y, weight_decay) for s in sites), torch.zeros((), dtype=xs[sites[0]].dtype,
-                                                                                            device=xs[sites[0]].device))
+        return sum(
+            (_loss(fn, p[s], xs[s], y, weight_decay) for s in sites),
+            torch.zeros((), dtype=xs[sites[0]].dtype, device=xs[sites[0]].device),
+        )
 
     g = grad(total)(params)
     t = state["step"] + 1
-    c1 = lr / (1 - _B1 ** t)
-    c2 = (1 - _B2 ** t).sqrt()
+    c1 = lr / (1 - _B1**t)
+    c2 = (1 - _B2**t).sqrt()
     for s in sites:
         for name, gv in g[s].items():
             key = s + (name,)
@@ -285,8 +304,10 @@ def probe_stream_params(state: TensorDictBase, *, normalize: bool = False) -> Te
     _check_normalize_classes(fn, normalize, counts.shape[0])
     if not _transformed() and bool((counts == 0).any()):
         empty = torch.nonzero(counts == 0).flatten().tolist()
-        raise ProbeError(f"{fn}: classes {empty} had no example in the batches streamed so far, so their mean is "
-                         "undefined; stream more data or initialise with n_classes equal to the classes present.")
+        raise ProbeError(
+            f"{fn}: classes {empty} had no example in the batches streamed so far, so their mean is "
+            "undefined; stream more data or initialise with n_classes equal to the classes present."
+        )
     for s in _sites_of(state, kind):
         means = state["sums"].get(s) / counts[:, None]
         p = TensorDict({"means": means}, batch_size=[])
@@ -298,8 +319,9 @@ def probe_stream_params(state: TensorDictBase, *, normalize: bool = False) -> Te
 
 
 def _acts(module, mstate, batch, sites, reduce, input_key, inputs) -> TensorDict:
-    acts = cache_activations(module, mstate, [batch], sites, reduce=reduce, input_key=input_key, inputs=inputs,
-                             progress=False, group=False)
+    acts = cache_activations(
+        module, mstate, [batch], sites, reduce=reduce, input_key=input_key, inputs=inputs, progress=False, group=False
+    )
     out = acts.apply(lambda t: t.flatten(1) if t.dim() != 2 else t, batch_size=acts.batch_size[:1])
     assert out is not None  # apply without out-of-place=False returns the new TensorDict
     return out
@@ -308,8 +330,10 @@ def _acts(module, mstate, batch, sites, reduce, input_key, inputs) -> TensorDict
 def _labels(fn: str, batch: Any, label_key: str | tuple[str, ...]) -> torch.Tensor:
     if not isinstance(batch, TensorDictBase) or label_key not in batch.keys(include_nested=True):
         have = sorted(map(str, batch.keys())) if isinstance(batch, TensorDictBase) else type(batch).__name__
-        raise ProbeError(f"{fn}: every batch must be a TensorDict holding the labels at label_key={label_key!r}, got "
-                         f"{have}; pass label_key= naming the labels' entry.")
+        raise ProbeError(
+            f"{fn}: every batch must be a TensorDict holding the labels at label_key={label_key!r}, got "
+            f"{have}; pass label_key= naming the labels' entry."
+        )
     return batch.get(label_key)
 
 
@@ -420,7 +444,10 @@ def stream_probes(
     _check_normalize(fn, normalize, kind)
     _check_normalize_classes(fn, normalize, n_classes)
     check_bool(fn, "progress", progress, ProbeError)
-    for name, v, ok, want in (("lr", lr, lambda v: v > 0, "> 0"), ("weight_decay", weight_decay, lambda v: v >= 0, ">= 0")):
+    for name, v, ok, want in (
+        ("lr", lr, lambda v: v > 0, "> 0"),
+        ("weight_decay", weight_decay, lambda v: v >= 0, ">= 0"),
+    ):
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not ok(v):
             raise ProbeError(f"{fn}: {name} must be a number {want}, got {v!r}.")
     total = None
@@ -435,8 +462,11 @@ def stream_probes(
             for batch in batches:
                 y = _labels(fn, batch, label_key)
                 acts = _acts(module, state, batch, sites, reduce, input_key, inputs)
-                current = pstate if pstate is not None else probe_stream_init(kind, acts, n_classes, rank=rank,
-                                                                               generator=generator)
+                current = (
+                    pstate
+                    if pstate is not None
+                    else probe_stream_init(kind, acts, n_classes, rank=rank, generator=generator)
+                )
                 pstate = _renamed(fn, lambda: probe_stream_update(current, acts, y, lr=lr, weight_decay=weight_decay))
                 if bar is not None:
                     bar.update(1)
@@ -447,8 +477,10 @@ def stream_probes(
         out = TensorDict({"params": params}, batch_size=[])
         out.set("fit", _evaluate(fn, module, state, params, batches, sites, label_key, reduce, input_key, inputs, bar))
         if eval_batches is not None:
-            out.set("predict", _evaluate(fn, module, state, params, eval_batches, sites, label_key, reduce, input_key,
-                                         inputs, bar))
+            out.set(
+                "predict",
+                _evaluate(fn, module, state, params, eval_batches, sites, label_key, reduce, input_key, inputs, bar),
+            )
     finally:
         if bar is not None:
             bar.close()
@@ -463,5 +495,5 @@ def _renamed(fn: str, call: Callable[[], Any]) -> Any:
         msg = str(e)
         for inner in ("tdfunc.latent.probe_stream_update: ", "tdfunc.latent.probe_stream_params: "):
             if msg.startswith(inner):
-                raise ProbeError(f"{fn}: " + msg[len(inner):]) from e
+                raise ProbeError(f"{fn}: " + msg[len(inner) :]) from e
         raise

@@ -113,7 +113,9 @@ def cka(
         hxy = _uhsic(kt[:, None], lt[None])
         hxx, hyy = _uhsic(kt, kt), _uhsic(lt, lt)
     else:
-        kc, lc = (m - m.mean(-1, keepdim=True) - m.mean(-2, keepdim=True) + m.mean((-1, -2), keepdim=True) for m in (k, l))
+        kc, lc = (
+            m - m.mean(-1, keepdim=True) - m.mean(-2, keepdim=True) + m.mean((-1, -2), keepdim=True) for m in (k, l)
+        )
         hxy = torch.einsum("aij,bij->ab", kc, lc)
         hxx, hyy = kc.square().sum((-1, -2)), lc.square().sum((-1, -2))
     out = hxy / (hxx[:, None] * hyy[None]).sqrt()
@@ -213,10 +215,14 @@ def information_imbalance(
     if k == 1:  # argmin returns the first (lowest-index) of tied minima
         nn_a = da.masked_fill(eye, math.inf).argmin(-1, keepdim=True)
     else:  # (R1, N, k); ties: lower index
-        nn_a = da.masked_fill(eye, -math.inf).argsort(dim=-1, stable=True)[..., 1:k + 1]
+        nn_a = da.masked_fill(eye, -math.inf).argsort(dim=-1, stable=True)[..., 1 : k + 1]
     order_b = db.masked_fill(eye, -math.inf).argsort(dim=-1, stable=True)
-    ranks_b = torch.scatter(torch.zeros_like(order_b), -1, order_b,  # (R2, N, N); self 0, nearest 1
-                            torch.arange(n, device=db.device).expand_as(order_b))
+    ranks_b = torch.scatter(
+        torch.zeros_like(order_b),
+        -1,
+        order_b,  # (R2, N, N); self 0, nearest 1
+        torch.arange(n, device=db.device).expand_as(order_b),
+    )
     r1, r2 = nn_a.shape[0], ranks_b.shape[0]
     picked = torch.gather(ranks_b[None].expand(r1, r2, n, n), 3, nn_a[:, None].expand(r1, r2, n, k))
     out = picked.to(da.dtype).mean((-1, -2)) * (2.0 / n)

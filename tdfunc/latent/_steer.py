@@ -14,8 +14,8 @@ from tensordict import TensorDict, TensorDictBase
 
 from .._call import functional_call
 from .._checks import check_int, check_module, renamed
-from .._finite import check_finite
 from .._edits import delta
+from .._finite import check_finite
 from .._types import Edits
 from ._common import PatchError, position_mask
 
@@ -28,14 +28,20 @@ def _diff(fn: str, pos: Any, neg: Any, pooled: bool, what: str) -> torch.Tensor:
             got = f"shape {tuple(x.shape)} dtype {x.dtype}" if isinstance(x, torch.Tensor) else type(x).__name__
             raise PatchError(f"{fn}: {name}{what} must be a floating tensor (N, ..., D) of activations, got {got}.")
     if pos.shape[0] != neg.shape[0]:
-        raise PatchError(f"{fn}: acts_pos{what} has N={pos.shape[0]} rows but acts_neg{what} has N={neg.shape[0]}; "
-                         "give paired examples (one negative per positive, the same N in both).")
+        raise PatchError(
+            f"{fn}: acts_pos{what} has N={pos.shape[0]} rows but acts_neg{what} has N={neg.shape[0]}; "
+            "give paired examples (one negative per positive, the same N in both)."
+        )
     if pos.shape[1:] != neg.shape[1:]:
-        raise PatchError(f"{fn}: acts_pos{what} has shape {tuple(pos.shape)} but acts_neg{what} has shape "
-                         f"{tuple(neg.shape)}; give activations of one shape (pad or pool positions first).")
+        raise PatchError(
+            f"{fn}: acts_pos{what} has shape {tuple(pos.shape)} but acts_neg{what} has shape "
+            f"{tuple(neg.shape)}; give activations of one shape (pad or pool positions first)."
+        )
     if pos.shape[0] == 0:
-        raise PatchError(f"{fn}: acts_pos{what} and acts_neg{what} hold no examples (N=0, shape {tuple(pos.shape)}); "
-                         "the mean difference of an empty set is undefined: pass at least one pair of activations.")
+        raise PatchError(
+            f"{fn}: acts_pos{what} and acts_neg{what} hold no examples (N=0, shape {tuple(pos.shape)}); "
+            "the mean difference of an empty set is undefined: pass at least one pair of activations."
+        )
     for name, x in (("acts_pos", pos), ("acts_neg", neg)):
         check_finite(fn, f"{name}{what}", x, PatchError, "replace them (e.g. torch.nan_to_num) or drop those examples")
     v = (pos - neg).mean(0)
@@ -44,10 +50,15 @@ def _diff(fn: str, pos: Any, neg: Any, pooled: bool, what: str) -> torch.Tensor:
 
 # TensorDict first: mypy sees TensorDict (which has an untyped base) as compatible with Tensor
 @overload
-def steering_vector(acts_pos: TensorDictBase | Mapping[str, torch.Tensor],
-                    acts_neg: TensorDictBase | Mapping[str, torch.Tensor], *, pooled: bool = ...) -> TensorDict: ...
+def steering_vector(
+    acts_pos: TensorDictBase | Mapping[str, torch.Tensor],
+    acts_neg: TensorDictBase | Mapping[str, torch.Tensor],
+    *,
+    pooled: bool = ...,
+) -> TensorDict: ...
 @overload
 def steering_vector(acts_pos: torch.Tensor, acts_neg: torch.Tensor, *, pooled: bool = ...) -> torch.Tensor: ...
+
 
 def steering_vector(acts_pos: Any, acts_neg: Any, *, pooled: bool = True) -> torch.Tensor | TensorDict:
     """Mean-difference steering vector(s) from paired positive / negative activations.
@@ -83,13 +94,16 @@ def steering_vector(acts_pos: Any, acts_neg: Any, *, pooled: bool = True) -> tor
     fn = "tdfunc.latent.steering_vector"
     if isinstance(acts_pos, (Mapping, TensorDictBase)) or isinstance(acts_neg, (Mapping, TensorDictBase)):
         if not (isinstance(acts_pos, (Mapping, TensorDictBase)) and isinstance(acts_neg, (Mapping, TensorDictBase))):
-            raise PatchError(f"{fn}: acts_pos is a {type(acts_pos).__name__} but acts_neg is a "
-                             f"{type(acts_neg).__name__}; pass two tensors or two TensorDicts with the same sites.")
+            raise PatchError(
+                f"{fn}: acts_pos is a {type(acts_pos).__name__} but acts_neg is a "
+                f"{type(acts_neg).__name__}; pass two tensors or two TensorDicts with the same sites."
+            )
         kp, kn = sorted(acts_pos.keys()), sorted(acts_neg.keys())
         if kp != kn:
             raise PatchError(f"{fn}: acts_pos has sites {kp} but acts_neg has sites {kn}; give both the same sites.")
-        return TensorDict({k: _diff(fn, acts_pos[k], acts_neg[k], pooled, f"[{k!r}]") for k in acts_pos.keys()},
-                          batch_size=[])
+        return TensorDict(
+            {k: _diff(fn, acts_pos[k], acts_neg[k], pooled, f"[{k!r}]") for k in acts_pos.keys()}, batch_size=[]
+        )
     return _diff(fn, acts_pos, acts_neg, pooled, "")
 
 
@@ -134,14 +148,17 @@ def steer(
     if not isinstance(vectors, (Mapping, TensorDictBase)) or not all(
         isinstance(k, str) and isinstance(vectors[k], torch.Tensor) for k in vectors.keys()
     ):
-        raise PatchError(f"{fn}: vectors must be a mapping {{site: tensor}} (e.g. from tdfunc.latent.steering_vector), got "
-                         f"{type(vectors).__name__}; wrap a single vector as {{'site': v}}.")
+        raise PatchError(
+            f"{fn}: vectors must be a mapping {{site: tensor}} (e.g. from tdfunc.latent.steering_vector), got "
+            f"{type(vectors).__name__}; wrap a single vector as {{'site': v}}."
+        )
     edits: dict[str, Any] = {}
     for site in vectors.keys():
         v = scale * vectors[site]
         if positions is None:
             edits[site] = delta(v)
         else:
+
             def edit(h, v=v, site=site):
                 return h + torch.where(position_mask(fn, site, positions, h), v, torch.zeros_like(v))
 
@@ -186,8 +203,11 @@ def generate_greedy(
     fn = "tdfunc.latent.generate_greedy"
     check_module(fn, module, PatchError, fix="; pass the model itself (the nn.Module to run)")
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype.is_floating_point:
-        got = f"shape {tuple(input_ids.shape)} dtype {input_ids.dtype}" if isinstance(input_ids, torch.Tensor) \
+        got = (
+            f"shape {tuple(input_ids.shape)} dtype {input_ids.dtype}"
+            if isinstance(input_ids, torch.Tensor)
             else type(input_ids).__name__
+        )
         raise PatchError(f"{fn}: input_ids must be a 2-D integer tensor (B, T) of tokens, got {got}.")
     check_int(fn, "n_tokens", n_tokens, PatchError, lo=0)
     ids = input_ids

@@ -87,21 +87,27 @@ def units(pattern: str, unit: str | None = None, **sizes: int) -> Units:
     """
     fn = "tdfunc.latent.units"
     if not isinstance(pattern, str) or pattern.count("->") != 1:
-        raise PatchError(f"{fn}: pattern must be an einops rearrange pattern 'left -> right', got {pattern!r}; e.g. "
-                         "'b t (h d) -> b t h d' with h=12.")
+        raise PatchError(
+            f"{fn}: pattern must be an einops rearrange pattern 'left -> right', got {pattern!r}; e.g. "
+            "'b t (h d) -> b t h d' with h=12."
+        )
     left, right = (s.strip() for s in pattern.split("->"))
     axes = right.split()
     if not axes or any(not (a == "..." or _NAME.match(a)) for a in axes) or len(set(axes)) != len(axes):
-        raise PatchError(f"{fn}: the right side of the pattern (the view) must list distinct plain axis names (and "
-                         f"'...'), got {right!r}; put the composition on the left, e.g. 'b t (h d) -> b t h d'.")
+        raise PatchError(
+            f"{fn}: the right side of the pattern (the view) must list distinct plain axis names (and "
+            f"'...'), got {right!r}; put the composition on the left, e.g. 'b t (h d) -> b t h d'."
+        )
     for k, v in sizes.items():
         if not isinstance(v, int) or isinstance(v, bool) or v < 1:
             raise PatchError(f"{fn}: the size of axis {k!r} must be a positive int, got {v!r}.")
     named = [a for a in axes if a != "..."]
     if unit is None:
         if len(sizes) != 1:
-            raise PatchError(f"{fn}: give unit= (one of {named}) when not exactly one axis size is given, got sizes "
-                             f"{dict(sizes)}; e.g. units('b t (h d) -> b t h d', h=12) or unit='h'.")
+            raise PatchError(
+                f"{fn}: give unit= (one of {named}) when not exactly one axis size is given, got sizes "
+                f"{dict(sizes)}; e.g. units('b t (h d) -> b t h d', h=12) or unit='h'."
+            )
         unit = next(iter(sizes))
     if unit not in named:
         raise PatchError(f"{fn}: unit axis {unit!r} is not an axis of the view {right!r}; name one of {named}.")
@@ -113,9 +119,11 @@ def heads_of(fn: str, module: Any) -> Units:
     config = getattr(module, "config", None)
     h = getattr(config, "num_attention_heads", None) if config is not None else None
     if not isinstance(h, int) or isinstance(h, bool) or h < 1:
-        raise PatchError(f"{fn}: over='heads' reads the number of heads from module.config.num_attention_heads, "
-                         f"which {type(module).__name__} does not have; pass over=tdfunc.latent.units('b t (h d) -> "
-                         "b t h d', h=H) with your model's head count H.")
+        raise PatchError(
+            f"{fn}: over='heads' reads the number of heads from module.config.num_attention_heads, "
+            f"which {type(module).__name__} does not have; pass over=tdfunc.latent.units('b t (h d) -> "
+            "b t h d', h=H) with your model's head count H."
+        )
     return Units("... (h d) -> ... h d", "h", {"h": h})
 
 
@@ -129,9 +137,11 @@ def forward(fn: str, site: str, u: Units, v: torch.Tensor) -> torch.Tensor:
     try:
         return einops.rearrange(v, u.pattern, **u.sizes)
     except einops.EinopsError as e:
-        raise PatchError(f"{fn}: site {site!r} of shape {tuple(v.shape)} does not fit the unit pattern "
-                         f"{u.pattern!r} with sizes {dict(u.sizes)} (einops: {str(e).strip().splitlines()[-1].strip()}); give a pattern that "
-                         "matches the site's value (for heads, the (B, T, H * Dh) input of the output projection).") from e
+        raise PatchError(
+            f"{fn}: site {site!r} of shape {tuple(v.shape)} does not fit the unit pattern "
+            f"{u.pattern!r} with sizes {dict(u.sizes)} (einops: {str(e).strip().splitlines()[-1].strip()}); give a pattern that "
+            "matches the site's value (for heads, the (B, T, H * Dh) input of the output projection)."
+        ) from e
 
 
 def backward(u: Units, w: torch.Tensor) -> torch.Tensor:
@@ -145,8 +155,10 @@ def unit_mask(fn: str, u: Units, w: torch.Tensor, index: Any) -> torch.Tensor:
     n = w.shape[d]
     if isinstance(index, torch.Tensor) and index.dtype == torch.bool:
         if index.shape != (n,):
-            raise PatchError(f"{fn}: the boolean unit mask has shape {tuple(index.shape)} but the view has {n} units "
-                             f"along axis {u.unit!r}; give a mask of shape ({n},).")
+            raise PatchError(
+                f"{fn}: the boolean unit mask has shape {tuple(index.shape)} but the view has {n} units "
+                f"along axis {u.unit!r}; give a mask of shape ({n},)."
+            )
         m = index.to(w.device)
     else:
         if isinstance(index, int) and not isinstance(index, bool):
@@ -154,12 +166,14 @@ def unit_mask(fn: str, u: Units, w: torch.Tensor, index: Any) -> torch.Tensor:
         elif isinstance(index, (list, tuple)) and all(isinstance(i, int) and not isinstance(i, bool) for i in index):
             idx = list(index)
         else:
-            raise PatchError(f"{fn}: index must be None, an int, a list of ints or a boolean mask of the units, got "
-                             f"{index!r}.")
+            raise PatchError(
+                f"{fn}: index must be None, an int, a list of ints or a boolean mask of the units, got {index!r}."
+            )
         for i in idx:
             if not -n <= i < n:
-                raise PatchError(f"{fn}: unit {i} is out of range for {n} units along axis {u.unit!r}; give units in "
-                                 f"[{-n}, {n}).")
+                raise PatchError(
+                    f"{fn}: unit {i} is out of range for {n} units along axis {u.unit!r}; give units in [{-n}, {n})."
+                )
         m = torch.zeros(n, dtype=torch.bool, device=w.device)
         if idx:
             m[torch.tensor(idx, device=w.device) % n] = True
@@ -168,8 +182,10 @@ def unit_mask(fn: str, u: Units, w: torch.Tensor, index: Any) -> torch.Tensor:
 
 def _check_units(fn: str, u: Any) -> Units:
     if not isinstance(u, Units):
-        raise PatchError(f"{fn}: units must be a tdfunc.latent.units(...) view, got {type(u).__name__} ({u!r:.60}); "
-                         "build one with tdfunc.latent.units('b t (h d) -> b t h d', h=H).")
+        raise PatchError(
+            f"{fn}: units must be a tdfunc.latent.units(...) view, got {type(u).__name__} ({u!r:.60}); "
+            "build one with tdfunc.latent.units('b t (h d) -> b t h d', h=H)."
+        )
     return u
 
 
@@ -212,8 +228,10 @@ def unit_view(x: torch.Tensor | TensorDictBase | Mapping[str, torch.Tensor], uni
         out = {}
         for k, v in x.items():
             if not isinstance(v, torch.Tensor):
-                raise PatchError(f"{fn}: entry {k!r} of x is a {type(v).__name__}, not a tensor; pass a flat "
-                                 "TensorDict of captures (functional_call(..., capture=sites)[1]).")
+                raise PatchError(
+                    f"{fn}: entry {k!r} of x is a {type(v).__name__}, not a tensor; pass a flat "
+                    "TensorDict of captures (functional_call(..., capture=sites)[1])."
+                )
             out[k] = forward(fn, str(k), u, v)
         return TensorDict(out, batch_size=[])
     raise PatchError(f"{fn}: x must be a tensor or a TensorDict / mapping of captures, got {type(x).__name__}.")
@@ -263,11 +281,14 @@ def unit_edit(
     fn = "tdfunc.latent.unit_edit"
     u = _check_units(fn, units)
     if not (isinstance(edit, (torch.Tensor, Delta)) or callable(edit)):
-        raise PatchError(f"{fn}: edit must be a tensor of view values, a tdfunc.delta(t) or a callable fn(view) -> "
-                         f"view, got {type(edit).__name__} ({edit!r:.60}).")
+        raise PatchError(
+            f"{fn}: edit must be a tensor of view values, a tdfunc.delta(t) or a callable fn(view) -> "
+            f"view, got {type(edit).__name__} ({edit!r:.60})."
+        )
     if index is not None and not (isinstance(index, (int, list, tuple, torch.Tensor)) and not isinstance(index, bool)):
-        raise PatchError(f"{fn}: index must be None, an int, a list of ints or a boolean mask of the units, got "
-                         f"{index!r}.")
+        raise PatchError(
+            f"{fn}: index must be None, an int, a list of ints or a boolean mask of the units, got {index!r}."
+        )
 
     def edited(v: torch.Tensor) -> torch.Tensor:
         w = forward(fn, "edited", u, v)

@@ -56,22 +56,29 @@ def attr_entry(fn: str, name: str, x: object, key: object) -> torch.Tensor:
     """A tensor, or the ``("attr", key)`` entry of a tdfunc attribution result."""
     if not isinstance(x, TensorDictBase):
         if key is not None:
-            raise TypeError(f"{fn}: key={key!r} is only for a TensorDict result, but {name} is a {type(x).__name__}; "
-                            "drop key=.")
+            raise TypeError(
+                f"{fn}: key={key!r} is only for a TensorDict result, but {name} is a {type(x).__name__}; drop key=."
+            )
         return tensor(fn, name, x)
-    found = {k[1] if len(k) == 2 else k[1:]: k for k in x.keys(include_nested=True, leaves_only=True)
-             if isinstance(k, tuple) and k[0] == "attr"}
+    found = {
+        k[1] if len(k) == 2 else k[1:]: k
+        for k in x.keys(include_nested=True, leaves_only=True)
+        if isinstance(k, tuple) and k[0] == "attr"
+    }
     if not found:
-        raise PlotError(f"{fn}: {name} holds no ('attr', key) entry (keys: {sorted(map(str, x.keys()))}); "
-                        "give the result of a tdfunc attribution method or a tensor.")
+        raise PlotError(
+            f"{fn}: {name} holds no ('attr', key) entry (keys: {sorted(map(str, x.keys()))}); "
+            "give the result of a tdfunc attribution method or a tensor."
+        )
     if key is None:
         if len(found) > 1:
             raise PlotError(f"{fn}: {name} holds attributions for {list(found)}; pick one with key=.")
         key = next(iter(found))
     if key not in found:
         names = [str(k) for k in found]
-        raise PlotError(f"{fn}: key={key!r} is not in {name} (it holds attributions for {list(found)})."
-                        f"{suggest(str(key), names)}")
+        raise PlotError(
+            f"{fn}: key={key!r} is not in {name} (it holds attributions for {list(found)}).{suggest(str(key), names)}"
+        )
     return tensor(fn, name, x.get(found[key]))
 
 
@@ -79,8 +86,9 @@ def choice(fn: str, name: str, value: object, options: Sequence[_S]) -> _S:
     if not isinstance(value, str):
         raise TypeError(f"{fn}: {name} is a {type(value).__name__}; give one of {', '.join(map(repr, options))}.")
     if value not in options:
-        raise PlotError(f"{fn}: unknown {name} {value!r}; give one of {', '.join(map(repr, options))}."
-                        f"{suggest(value, options)}")
+        raise PlotError(
+            f"{fn}: unknown {name} {value!r}; give one of {', '.join(map(repr, options))}.{suggest(value, options)}"
+        )
     return cast(_S, value)
 
 
@@ -88,8 +96,10 @@ def check_outlier_perc(fn: str, outlier_perc: object) -> float:
     if isinstance(outlier_perc, bool) or not isinstance(outlier_perc, (int, float)):
         raise TypeError(f"{fn}: outlier_perc is a {type(outlier_perc).__name__}; give a number in [0, 100).")
     if not 0 <= outlier_perc < 100:
-        raise PlotError(f"{fn}: outlier_perc={outlier_perc!r} is outside [0, 100); give the percentage of the total "
-                        "|attribution| to saturate (0: scale to the largest value).")
+        raise PlotError(
+            f"{fn}: outlier_perc={outlier_perc!r} is outside [0, 100); give the percentage of the total "
+            "|attribution| to saturate (0: scale to the largest value)."
+        )
     return float(outlier_perc)
 
 
@@ -133,8 +143,10 @@ def scale(fn: str, x: torch.Tensor, sign: str, outlier_perc: float) -> tuple[tor
     """``(shown values, limit)``: the sign's part of ``x`` and the magnitude that saturates the colours (> 0)."""
     bad = int((~torch.isfinite(x)).sum())
     if bad:
-        raise PlotError(f"{fn}: the attribution has {bad} non-finite values (nan or inf); replace them first, "
-                        "e.g. with torch.nan_to_num(attr).")
+        raise PlotError(
+            f"{fn}: the attribution has {bad} non-finite values (nan or inf); replace them first, "
+            "e.g. with torch.nan_to_num(attr)."
+        )
     shown = sign_transform(x, sign)
     lim = threshold(shown.abs(), outlier_perc)
     return shown, (lim if lim > 0 else 1.0)

@@ -15,8 +15,21 @@ from tensordict import TensorDictBase
 
 from .._errors import shape_str
 from .._types import Key, PlotMethod, Sign, UpsampleMode
-from ._common import (CMAPS, SIGNS, UPSAMPLE_MODES, PlotError, attr_entry, check_outlier_perc, choice, clim, labels,
-                      new_axes, scale, tensor, upsample)
+from ._common import (
+    CMAPS,
+    SIGNS,
+    UPSAMPLE_MODES,
+    PlotError,
+    attr_entry,
+    check_outlier_perc,
+    choice,
+    clim,
+    labels,
+    new_axes,
+    scale,
+    tensor,
+    upsample,
+)
 
 __all__ = ["grad_cam_overlay", "image_attribution", "image_attribution_grid"]
 
@@ -27,8 +40,10 @@ def _check_channel_dim(fn: str, channel_dim: object) -> int:
     if isinstance(channel_dim, bool) or not isinstance(channel_dim, int):
         raise TypeError(f"{fn}: channel_dim is a {type(channel_dim).__name__}; give an int in [-3, 2].")
     if not -3 <= channel_dim <= 2:
-        raise PlotError(f"{fn}: channel_dim={channel_dim} is outside [-3, 2]; give the channel dim of a (C, H, W) map "
-                        "(0) or of an (H, W, C) map (-1).")
+        raise PlotError(
+            f"{fn}: channel_dim={channel_dim} is outside [-3, 2]; give the channel dim of a (C, H, W) map "
+            "(0) or of an (H, W, C) map (-1)."
+        )
     return channel_dim
 
 
@@ -38,9 +53,11 @@ def _one_map(fn: str, x: torch.Tensor, channel_dim: int, name: str = "attr") -> 
         return x.sum(channel_dim)
     if x.dim() == 2:
         return x
-    raise PlotError(f"{fn}: {name} has shape {shape_str(x.shape)} ({x.dim()} dims); give one map of shape (H, W) or "
-                    "(C, H, W) (channels are summed over channel_dim): index one example (and class) first, e.g. "
-                    f"{name}[0].")
+    raise PlotError(
+        f"{fn}: {name} has shape {shape_str(x.shape)} ({x.dim()} dims); give one map of shape (H, W) or "
+        "(C, H, W) (channels are summed over channel_dim): index one example (and class) first, e.g. "
+        f"{name}[0]."
+    )
 
 
 def _image(fn: str, image: Any, channel_dim: int, hw: tuple[int, ...], name: str = "image") -> np.ndarray:
@@ -51,33 +68,49 @@ def _image(fn: str, image: Any, channel_dim: int, hw: tuple[int, ...], name: str
         if x.shape[-1] == 1:
             x = x[..., 0]
         elif x.shape[-1] != 3:
-            raise PlotError(f"{fn}: {name} has {x.shape[-1]} channels (shape {shape_str(image.shape)}); give 1 or 3 "
-                            "channels along channel_dim, or an (H, W) image.")
+            raise PlotError(
+                f"{fn}: {name} has {x.shape[-1]} channels (shape {shape_str(image.shape)}); give 1 or 3 "
+                "channels along channel_dim, or an (H, W) image."
+            )
     elif x.dim() != 2:
-        raise PlotError(f"{fn}: {name} has shape {shape_str(x.shape)} ({x.dim()} dims); give (H, W) or (C, H, W) "
-                        "with C = 1 or 3.")
+        raise PlotError(
+            f"{fn}: {name} has shape {shape_str(x.shape)} ({x.dim()} dims); give (H, W) or (C, H, W) with C = 1 or 3."
+        )
     if tuple(x.shape[:2]) != tuple(hw):
-        raise PlotError(f"{fn}: {name} is {x.shape[0]}x{x.shape[1]} but the attribution is {hw[0]}x{hw[1]}; give "
-                        f"maps of the image's size (coarse maps: tdfunc.plot.upsample(attr, {tuple(x.shape[:2])})).")
+        raise PlotError(
+            f"{fn}: {name} is {x.shape[0]}x{x.shape[1]} but the attribution is {hw[0]}x{hw[1]}; give "
+            f"maps of the image's size (coarse maps: tdfunc.plot.upsample(attr, {tuple(x.shape[:2])}))."
+        )
     lo, hi = x.min(), x.max()
     x = (x - lo) / (hi - lo) if hi > lo else torch.zeros_like(x)
     return x.numpy()
 
 
-def _check_common(fn: str, method: object, sign: object, outlier_perc: object,
-                  alpha: object) -> tuple[PlotMethod, Sign, float]:
+def _check_common(
+    fn: str, method: object, sign: object, outlier_perc: object, alpha: object
+) -> tuple[PlotMethod, Sign, float]:
     method = choice(fn, "method", method, METHODS)
     sign = choice(fn, "sign", sign, SIGNS)
     if method == "masked_image" and sign == "all":
-        raise PlotError(f"{fn}: method='masked_image' weights the image by the attribution's magnitude, which "
-                        "sign='all' does not give; use sign='positive', 'negative' or 'absolute_value'.")
+        raise PlotError(
+            f"{fn}: method='masked_image' weights the image by the attribution's magnitude, which "
+            "sign='all' does not give; use sign='positive', 'negative' or 'absolute_value'."
+        )
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 <= alpha <= 1:
         raise PlotError(f"{fn}: alpha={alpha!r}; give the heat map's opacity in [0, 1].")
     return method, sign, check_outlier_perc(fn, outlier_perc)
 
 
-def _draw(ax: Axes, shown: torch.Tensor, lim: float, sign: str, method: str, img: Any,
-          cmap: str | Colormap | None, alpha: float) -> Any:
+def _draw(
+    ax: Axes,
+    shown: torch.Tensor,
+    lim: float,
+    sign: str,
+    method: str,
+    img: Any,
+    cmap: str | Colormap | None,
+    alpha: float,
+) -> Any:
     """Draw one map; returns the heat map's image artist (None for a masked image)."""
     ax.set_xticks([])
     ax.set_yticks([])
@@ -95,14 +128,16 @@ def _draw(ax: Axes, shown: torch.Tensor, lim: float, sign: str, method: str, img
     return ax.imshow(shown.numpy(), cmap=cmap or CMAPS[sign], vmin=lo, vmax=hi)
 
 
-def _image_attribution(fn, attr, image, *, key, method, sign, channel_dim, outlier_perc, cmap, alpha, colorbar,
-                       title, ax, figsize):
+def _image_attribution(
+    fn, attr, image, *, key, method, sign, channel_dim, outlier_perc, cmap, alpha, colorbar, title, ax, figsize
+):
     method, sign, outlier_perc = _check_common(fn, method, sign, outlier_perc, alpha)
     channel_dim = _check_channel_dim(fn, channel_dim)
     a = _one_map(fn, attr_entry(fn, "attr", attr, key), channel_dim)
     if image is None and method != "heat_map":
-        raise PlotError(f"{fn}: method={method!r} draws over the image, but image is None; pass image= or use "
-                        "method='heat_map'.")
+        raise PlotError(
+            f"{fn}: method={method!r} draws over the image, but image is None; pass image= or use method='heat_map'."
+        )
     img = None if image is None else _image(fn, image, channel_dim, tuple(a.shape))
     shown, lim = scale(fn, a, sign, outlier_perc)
     fig, ax = new_axes(ax, figsize, fn)
@@ -177,9 +212,22 @@ def image_attribution(
     Composes with: any attribution method's result (``tdfunc.integrated_gradients(f, td)[i]``), indexed
     to one example (and class).
     """
-    return _image_attribution("tdfunc.plot.image_attribution", attr, image, key=key, method=method, sign=sign,
-                              channel_dim=channel_dim, outlier_perc=outlier_perc, cmap=cmap, alpha=alpha,
-                              colorbar=colorbar, title=title, ax=ax, figsize=figsize)
+    return _image_attribution(
+        "tdfunc.plot.image_attribution",
+        attr,
+        image,
+        key=key,
+        method=method,
+        sign=sign,
+        channel_dim=channel_dim,
+        outlier_perc=outlier_perc,
+        cmap=cmap,
+        alpha=alpha,
+        colorbar=colorbar,
+        title=title,
+        ax=ax,
+        figsize=figsize,
+    )
 
 
 def image_attribution_grid(
@@ -245,18 +293,23 @@ def image_attribution_grid(
     if a.dim() == 5:
         a = a.sum(2)
     elif a.dim() != 4:
-        raise PlotError(f"{fn}: attr has shape {shape_str(a.shape)} ({a.dim()} dims); give (B, K, C, H, W) or "
-                        "(B, K, H, W): examples x classes (one class: attr.unsqueeze(1)).")
+        raise PlotError(
+            f"{fn}: attr has shape {shape_str(a.shape)} ({a.dim()} dims); give (B, K, C, H, W) or "
+            "(B, K, H, W): examples x classes (one class: attr.unsqueeze(1))."
+        )
     b, k, h, w = a.shape
     if images is None and method != "heat_map":
-        raise PlotError(f"{fn}: method={method!r} draws over the images, but images is None; pass images= or use "
-                        "method='heat_map'.")
+        raise PlotError(
+            f"{fn}: method={method!r} draws over the images, but images is None; pass images= or use method='heat_map'."
+        )
     imgs = None
     if images is not None:
         x = tensor(fn, "images", images)
         if x.dim() not in (3, 4) or x.shape[0] != b:
-            raise PlotError(f"{fn}: images has shape {shape_str(x.shape)} but attr holds {b} examples; give "
-                            f"({b}, H, W) or ({b}, C, H, W).")
+            raise PlotError(
+                f"{fn}: images has shape {shape_str(x.shape)} but attr holds {b} examples; give "
+                f"({b}, H, W) or ({b}, C, H, W)."
+            )
         imgs = [_image(fn, x[i], 0, (h, w), name="images[i]") for i in range(b)]
     rows = labels(fn, "row_labels", row_labels, b, "example")
     cols = labels(fn, "col_labels", col_labels, k, "class")
@@ -267,8 +320,10 @@ def image_attribution_grid(
     else:
         axes = np.asarray(axes, dtype=object).reshape(-1, ncol) if np.size(axes) == b * ncol else None
         if axes is None or not all(isinstance(x, Axes) for x in axes.flat):
-            raise PlotError(f"{fn}: axes must be {b * ncol} matplotlib Axes ({b} rows x {ncol} columns); give "
-                            f"plt.subplots({b}, {ncol})[1] or None.")
+            raise PlotError(
+                f"{fn}: axes must be {b * ncol} matplotlib Axes ({b} rows x {ncol} columns); give "
+                f"plt.subplots({b}, {ncol})[1] or None."
+            )
         fig = axes[0, 0].figure
     if shared:
         shown, lim = scale(fn, a, sign, outlier_perc)
@@ -348,14 +403,30 @@ def grad_cam_overlay(
     if m.dim() == 3 and m.shape[0] == 1:
         m = m[0]
     if m.dim() != 2:
-        raise PlotError(f"{fn}: cam has shape {shape_str(m.shape)}; give one map (h, w) or (1, h, w): index one "
-                        "example (and class) of tdfunc.grad_cam's result first, e.g. cam[0, k].")
+        raise PlotError(
+            f"{fn}: cam has shape {shape_str(m.shape)}; give one map (h, w) or (1, h, w): index one "
+            "example (and class) of tdfunc.grad_cam's result first, e.g. cam[0, k]."
+        )
     mode = choice(fn, "mode", mode, UPSAMPLE_MODES)
     x = tensor(fn, "image", image)
     if x.dim() not in (2, 3):
-        raise PlotError(f"{fn}: image has shape {shape_str(x.shape)} ({x.dim()} dims); give (H, W) or (C, H, W) "
-                        "with C = 1 or 3.")
+        raise PlotError(
+            f"{fn}: image has shape {shape_str(x.shape)} ({x.dim()} dims); give (H, W) or (C, H, W) with C = 1 or 3."
+        )
     up = upsample(m, cast("tuple[int, int]", tuple(int(s) for s in x.shape[-2:])), mode=mode)
-    return _image_attribution(fn, up, x, key=None, method="blended_heat_map", sign=sign, channel_dim=0,
-                              outlier_perc=outlier_perc, cmap=cmap, alpha=alpha, colorbar=colorbar, title=title,
-                              ax=ax, figsize=figsize)
+    return _image_attribution(
+        fn,
+        up,
+        x,
+        key=None,
+        method="blended_heat_map",
+        sign=sign,
+        channel_dim=0,
+        outlier_perc=outlier_perc,
+        cmap=cmap,
+        alpha=alpha,
+        colorbar=colorbar,
+        title=title,
+        ax=ax,
+        figsize=figsize,
+    )

@@ -78,8 +78,10 @@ def patching_heatmap(
     fn = "tdfunc.plot.patching_heatmap"
     r = tensor(fn, "result", result)
     if r.dim() != 2:
-        raise PlotError(f"{fn}: result has shape {shape_str(r.shape)} ({r.dim()} dims); give (n_sites, n_units) as "
-                        "tdfunc.latent.patching_sweep returns (one sweep: r.view(1, -1)).")
+        raise PlotError(
+            f"{fn}: result has shape {shape_str(r.shape)} ({r.dim()} dims); give (n_sites, n_units) as "
+            "tdfunc.latent.patching_sweep returns (one sweep: r.view(1, -1))."
+        )
     n_s, n_u = r.shape
     site_labels = _labels(fn, "sites", sites, n_s, "site")
     unit_labels = _labels(fn, "units", units, n_u, "unit")
@@ -90,8 +92,9 @@ def patching_heatmap(
     lim = lim if lim > 0 else 1.0
     shown = r.T if transpose else r
     ny, nx = shown.shape
-    fig, ax = new_axes(ax, figsize or (min(14.0, 2.0 + 0.45 * nx + (1.0 if colorbar else 0.0)),
-                                       min(10.0, 1.0 + 0.3 * ny)), fn)
+    fig, ax = new_axes(
+        ax, figsize or (min(14.0, 2.0 + 0.45 * nx + (1.0 if colorbar else 0.0)), min(10.0, 1.0 + 0.3 * ny)), fn
+    )
     im = ax.imshow(shown.numpy(), cmap=cmap, vmin=-lim, vmax=lim, aspect="auto", interpolation="nearest")
     xl, yl = (site_labels, unit_labels) if transpose else (unit_labels, site_labels)
     if xl is not None:
@@ -106,8 +109,15 @@ def patching_heatmap(
             for j in range(nx):
                 v = float(shown[i, j])
                 if math.isfinite(v):
-                    ax.text(j, i, form.format(v), ha="center", va="center", fontsize=8,
-                            color="white" if abs(v) > 0.6 * lim else "black")
+                    ax.text(
+                        j,
+                        i,
+                        form.format(v),
+                        ha="center",
+                        va="center",
+                        fontsize=8,
+                        color="white" if abs(v) > 0.6 * lim else "black",
+                    )
     if colorbar:
         fig.colorbar(im, ax=ax)
     for text, set_text in ((title, ax.set_title), (xlabel, ax.set_xlabel), (ylabel, ax.set_ylabel)):
@@ -166,25 +176,32 @@ def probe_accuracy(
     """
     fn = "tdfunc.plot.probe_accuracy"
     if not isinstance(result, TensorDictBase):
-        raise TypeError(f"{fn}: result is a {type(result).__name__}; give the TensorDict of "
-                        "tdfunc.latent.fit_probes (or fit_sklearn_probes).")
+        raise TypeError(
+            f"{fn}: result is a {type(result).__name__}; give the TensorDict of "
+            "tdfunc.latent.fit_probes (or fit_sklearn_probes)."
+        )
     if isinstance(splits, str) or not isinstance(splits, Sequence) or not splits:
         raise TypeError(f"{fn}: splits is {splits!r}; give a non-empty list of split names, e.g. ('train', 'test').")
     held = [k for k in result.keys() if isinstance(result.get(k), TensorDictBase)]
     for split in splits:
         if split not in held:
-            raise PlotError(f"{fn}: the result holds no split {split!r} (it holds {held}); give splits from those."
-                            f"{suggest(str(split), held)}")
+            raise PlotError(
+                f"{fn}: the result holds no split {split!r} (it holds {held}); give splits from those."
+                f"{suggest(str(split), held)}"
+            )
     names = list(result[splits[-1]].keys()) if sites is None else list(sites)
     for split in splits:
         have = list(result[split].keys())
         for s in names:
             if s not in have:
-                raise PlotError(f"{fn}: the result holds no site {s!r} under {split!r} (sites: {have})."
-                                f"{suggest(str(s), have)}")
+                raise PlotError(
+                    f"{fn}: the result holds no site {s!r} under {split!r} (sites: {have}).{suggest(str(s), have)}"
+                )
             if metric not in result[split, s].keys():
-                raise PlotError(f"{fn}: the result holds no metric {metric!r} for {split!r}/{s!r} (metrics: "
-                                f"{list(result[split, s].keys())}); give one of those.")
+                raise PlotError(
+                    f"{fn}: the result holds no metric {metric!r} for {split!r}/{s!r} (metrics: "
+                    f"{list(result[split, s].keys())}); give one of those."
+                )
     ticks = _labels(fn, "labels", labels, len(names), "site") or names
     if tick_every is not None and (isinstance(tick_every, bool) or not isinstance(tick_every, int) or tick_every < 1):
         raise PlotError(f"{fn}: tick_every={tick_every!r}; give a positive int (label every n-th site) or None.")
@@ -269,14 +286,18 @@ def sweep_curve(
         ys = [yt] if yt.dim() == 1 else list(yt)
     for k, yk in enumerate(ys):
         if yk.shape != xs.shape:
-            raise PlotError(f"{fn}: curve {k} has shape {shape_str(yk.shape)} but x has {xs.shape[0]} values; give "
-                            f"{xs.shape[0]} values per curve.")
+            raise PlotError(
+                f"{fn}: curve {k} has shape {shape_str(yk.shape)} but x has {xs.shape[0]} values; give "
+                f"{xs.shape[0]} values per curve."
+            )
     names = _labels(fn, "labels", labels, len(ys), "curve")
     cols = None
     if colors is not None:
         if isinstance(colors, str) or not isinstance(colors, Sequence) or len(colors) != len(ys):
-            raise PlotError(f"{fn}: colors={colors!r} does not give one colour per curve ({len(ys)}); give a list "
-                            f"of {len(ys)} matplotlib colours or None.")
+            raise PlotError(
+                f"{fn}: colors={colors!r} does not give one colour per curve ({len(ys)}); give a list "
+                f"of {len(ys)} matplotlib colours or None."
+            )
         cols = list(colors)
     fig, ax = new_axes(ax, figsize, fn)
     kw = {"marker": "o", **plot_kw}

@@ -31,23 +31,30 @@ class TokenHTML(str):
 def _scores(fn: str, tokens: object, scores: object, key: object, outlier_perc: object, cmap: object):
     """(tokens, scores (T,), Normalize centred at 0, colour map)."""
     if isinstance(tokens, (str, bytes)) or not isinstance(tokens, Sequence):
-        raise TypeError(f"{fn}: tokens is a {type(tokens).__name__}; give a list of strings (one per position), "
-                        "e.g. [tok.decode(i) for i in input_ids[0]].")
+        raise TypeError(
+            f"{fn}: tokens is a {type(tokens).__name__}; give a list of strings (one per position), "
+            "e.g. [tok.decode(i) for i in input_ids[0]]."
+        )
     s = attr_entry(fn, "scores", scores, key)
     if s.dim() == 2:
         s = s.sum(-1)  # (T, D) embedding attributions: one score per token
     if s.dim() != 1:
-        raise PlotError(f"{fn}: scores has shape {shape_str(s.shape)}; give one score per token (T,) or (T, D) "
-                        "(summed over D): index one example first, e.g. scores[0].")
+        raise PlotError(
+            f"{fn}: scores has shape {shape_str(s.shape)}; give one score per token (T,) or (T, D) "
+            "(summed over D): index one example first, e.g. scores[0]."
+        )
     if len(tokens) != s.shape[0]:
-        raise PlotError(f"{fn}: {len(tokens)} tokens but {s.shape[0]} scores; give one score per token (same "
-                        "length, e.g. tokens of the same input_ids the attribution was computed for).")
+        raise PlotError(
+            f"{fn}: {len(tokens)} tokens but {s.shape[0]} scores; give one score per token (same "
+            "length, e.g. tokens of the same input_ids the attribution was computed for)."
+        )
     _, lim = scale(fn, s, "all", check_outlier_perc(fn, outlier_perc))
     try:
         cm = cmap if isinstance(cmap, Colormap) else colormaps[cmap]  # type: ignore[index]
     except (KeyError, TypeError):
-        raise PlotError(f"{fn}: unknown cmap {cmap!r}; give a matplotlib colour map name (e.g. 'RdBu_r') or a "
-                        "Colormap.") from None
+        raise PlotError(
+            f"{fn}: unknown cmap {cmap!r}; give a matplotlib colour map name (e.g. 'RdBu_r') or a Colormap."
+        ) from None
     return [str(t) for t in tokens], s, Normalize(-lim, lim), cm
 
 
@@ -123,8 +130,9 @@ def token_attribution(
     if colorbar:  # before the layout: it takes its room from the axes
         from matplotlib.cm import ScalarMappable
 
-        fig.colorbar(ScalarMappable(norm=norm, cmap=cm), ax=ax, orientation="horizontal", fraction=0.25, pad=0.02,
-                     shrink=0.6)
+        fig.colorbar(
+            ScalarMappable(norm=norm, cmap=cm), ax=ax, orientation="horizontal", fraction=0.25, pad=0.02, shrink=0.6
+        )
     renderer = fig.canvas.get_renderer()  # type: ignore[attr-defined]
     pt = 72.0 / fig.dpi  # points per pixel
     margin, pad, gap, line_h = 0.5 * fontsize, 0.25 * fontsize, 0.35 * fontsize, 1.9 * fontsize
@@ -132,9 +140,17 @@ def token_attribution(
     placed, x, line = [], 0.0, 0
     for tok, v in zip(tokens, s.tolist()):
         rgba = cm(norm(v))
-        t = ax.text(0.0, 1.0, _visible(tok), fontsize=fontsize, color=_ink(rgba), ha="left", va="top",
-                    parse_math=False, bbox={"boxstyle": f"square,pad={pad / fontsize}", "facecolor": rgba,
-                                            "edgecolor": "none"})
+        t = ax.text(
+            0.0,
+            1.0,
+            _visible(tok),
+            fontsize=fontsize,
+            color=_ink(rgba),
+            ha="left",
+            va="top",
+            parse_math=False,
+            bbox={"boxstyle": f"square,pad={pad / fontsize}", "facecolor": rgba, "edgecolor": "none"},
+        )
         w = t.get_window_extent(renderer).width * pt + 2 * pad
         if x > 0 and x + w > avail:
             x, line = 0.0, line + 1
@@ -149,8 +165,9 @@ def token_attribution(
         h = content + top + bar
         ax.set_position((0.0, bar / h, 1.0, content / h))
     for t, x0, ln in placed:  # offsets in points from the axes' top-left corner
-        t.set_transform(offset_copy(ax.transAxes, fig=fig, x=margin + pad + x0, y=-(margin + pad + ln * line_h),
-                                    units="points"))
+        t.set_transform(
+            offset_copy(ax.transAxes, fig=fig, x=margin + pad + x0, y=-(margin + pad + ln * line_h), units="points")
+        )
     if title is not None:
         ax.set_title(title, fontsize=fontsize)
     return fig, ax
@@ -190,7 +207,9 @@ def token_attribution_html(
     spans = []
     for tok, v in zip(tokens, s.tolist()):
         rgba = cm(norm(v))
-        spans.append(f'<span title="{v:.4g}" style="background-color:{to_hex(rgba)};color:{_ink(rgba)};'
-                     f'white-space:pre;padding:1px 2px;margin:0 1px;border-radius:3px">'
-                     f"{html.escape(_visible(tok))}</span>")
+        spans.append(
+            f'<span title="{v:.4g}" style="background-color:{to_hex(rgba)};color:{_ink(rgba)};'
+            f'white-space:pre;padding:1px 2px;margin:0 1px;border-radius:3px">'
+            f"{html.escape(_visible(tok))}</span>"
+        )
     return TokenHTML('<div style="line-height:2;font-family:monospace">' + "".join(spans) + "</div>")

@@ -13,7 +13,18 @@ from .._checks import check_generator, check_int
 from .._edits import FromSite, from_site
 from .._errors import EditError, shape_str, suggest
 from .._types import Key
-from ._common import TD, WeightError, check_scale, check_td, dotted, from_leaves, known_names, leaves, parse_key, rebuild
+from ._common import (
+    TD,
+    WeightError,
+    check_scale,
+    check_td,
+    dotted,
+    from_leaves,
+    known_names,
+    leaves,
+    parse_key,
+    rebuild,
+)
 
 __all__ = [
     "sae_init",
@@ -142,7 +153,13 @@ def _check_sae(fn: str, s: Any) -> TensorDictBase:
             "tdfunc.weights.sae_init(d_in, d_hidden) or tdfunc.weights.transcoder_init(d_in, d_hidden, d_out)."
         )
     we, be, wd, bd = (s.get(k) for k in _SAE_KEYS)
-    ok = we.dim() == 2 and wd.dim() == 2 and be.shape == (we.shape[1],) and wd.shape[0] == we.shape[1] and bd.shape == (wd.shape[1],)
+    ok = (
+        we.dim() == 2
+        and wd.dim() == 2
+        and be.shape == (we.shape[1],)
+        and wd.shape[0] == we.shape[1]
+        and bd.shape == (wd.shape[1],)
+    )
     if not ok:
         raise WeightError(
             f"{fn}: inconsistent adapter shapes W_enc {shape_str(we.shape)}, b_enc {shape_str(be.shape)}, "
@@ -297,7 +314,9 @@ def transcoder_edit(tc_state: TensorDictBase, source_site: str) -> FromSite:
     fn = "tdfunc.weights.transcoder_edit"
     s = _check_sae(fn, tc_state)
     if not isinstance(source_site, str):
-        raise TypeError(f"{fn}: source_site must be a site string, got {type(source_site).__name__} ({source_site!r:.60}).")
+        raise TypeError(
+            f"{fn}: source_site must be a site string, got {type(source_site).__name__} ({source_site!r:.60})."
+        )
     return from_site(source_site, _codec(fn, s, f"source site {source_site!r}"))
 
 
@@ -421,7 +440,9 @@ def apply_lora(state: TD, lora_state: TensorDictBase, scale: float | torch.Tenso
                 "Build the adapter with tdfunc.weights.lora_init(state, keys, rank) on the same state."
             )
         if set(g) != {"A", "B"}:
-            raise WeightError(f"{fn}: lora_state has only factor {sorted(g)} for {dotted(k)!r}; it needs both 'A' and 'B'.")
+            raise WeightError(
+                f"{fn}: lora_state has only factor {sorted(g)} for {dotted(k)!r}; it needs both 'A' and 'B'."
+            )
         a, b, w = g["A"], g["B"], flat[k]
         if a.dim() != 2 or b.dim() != 2 or b.shape[1] != a.shape[0] or (b.shape[0], a.shape[1]) != tuple(w.shape):
             raise WeightError(

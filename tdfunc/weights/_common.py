@@ -114,7 +114,9 @@ def check_alphas(fn: str, alphas: Any, like: torch.Tensor) -> torch.Tensor:
     """A 1-D tensor of interpolation / scaling coefficients in ``like``'s dtype and device."""
     if isinstance(alphas, torch.Tensor):
         t = alphas
-    elif isinstance(alphas, (list, tuple)) and all(isinstance(a, (int, float)) and not isinstance(a, bool) for a in alphas):
+    elif isinstance(alphas, (list, tuple)) and all(
+        isinstance(a, (int, float)) and not isinstance(a, bool) for a in alphas
+    ):
         t = torch.tensor(alphas, dtype=like.dtype, device=like.device)
     else:
         raise TypeError(

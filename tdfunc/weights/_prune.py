@@ -79,7 +79,9 @@ def snip_scores(loss_fn: Callable[[TensorDictBase], torch.Tensor], state: Tensor
     """
     fn = "tdfunc.weights.snip_scores"
     if not callable(loss_fn):
-        raise TypeError(f"{fn}: expected a callable loss_fn(state) -> scalar, got {type(loss_fn).__name__} ({loss_fn!r:.60}).")
+        raise TypeError(
+            f"{fn}: expected a callable loss_fn(state) -> scalar, got {type(loss_fn).__name__} ({loss_fn!r:.60})."
+        )
     state = check_td(fn, "state", state)
     flat = leaves(state)
     keys = float_keys(flat)
@@ -229,10 +231,14 @@ def prune_masks(
     scores = check_td(fn, "scores", scores)
     amounts = _check_amount(fn, amount)
     if scope not in SCOPES:
-        raise WeightError(f"{fn}: unknown scope {scope!r}; choose 'global' (all selected entries together) or 'module' (per tensor).")
+        raise WeightError(
+            f"{fn}: unknown scope {scope!r}; choose 'global' (all selected entries together) or 'module' (per tensor)."
+        )
     if structured_dim is not None:
         if isinstance(structured_dim, bool) or not isinstance(structured_dim, int):
-            raise TypeError(f"{fn}: structured_dim must be an int or None, got {type(structured_dim).__name__} ({structured_dim!r:.60}).")
+            raise TypeError(
+                f"{fn}: structured_dim must be an int or None, got {type(structured_dim).__name__} ({structured_dim!r:.60})."
+            )
         if scope != "module":
             raise WeightError(
                 f"{fn}: structured pruning (structured_dim={structured_dim}) ranks slices within each tensor; "
@@ -242,7 +248,9 @@ def prune_masks(
     if include is None:
         keys = [k for k, v in flat.items() if v.is_floating_point() and v.dim() >= 2]
         if not keys:
-            raise WeightError(f"{fn}: the state has no floating-point tensor with >= 2 dims; name the entries with include=[...].")
+            raise WeightError(
+                f"{fn}: the state has no floating-point tensor with >= 2 dims; name the entries with include=[...]."
+            )
     else:
         keys = [k for k in select(fn, "include", flat, include) if flat[k].is_floating_point()]
     flat_scores = leaves(scores)

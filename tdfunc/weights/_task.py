@@ -132,7 +132,10 @@ def _stack_tvs(fn: str, task_vectors: Any) -> tuple[list, dict]:
 
 
 def ties_merge(
-    task_vectors: Sequence[TensorDictBase] | TensorDictBase, *, density: float = 0.2, lambda_: float | torch.Tensor = 1.0
+    task_vectors: Sequence[TensorDictBase] | TensorDictBase,
+    *,
+    density: float = 0.2,
+    lambda_: float | torch.Tensor = 1.0,
 ) -> TensorDict:
     """TIES-merging of task vectors: trim, elect sign, disjoint mean.
 
@@ -174,7 +177,9 @@ def ties_merge(
     """
     fn = "tdfunc.weights.ties_merge"
     if isinstance(density, bool) or not isinstance(density, (int, float)) or not 0.0 < float(density) <= 1.0:
-        raise WeightError(f"{fn}: density must be a fraction in (0, 1], got {density!r}; e.g. density=0.2 keeps the top 20%.")
+        raise WeightError(
+            f"{fn}: density must be a fraction in (0, 1], got {density!r}; e.g. density=0.2 keeps the top 20%."
+        )
     lambda_ = check_scale(fn, "lambda_", lambda_)
     keys, stacked = _stack_tvs(fn, task_vectors)
     n_tasks = stacked[keys[0]].shape[0]
@@ -285,7 +290,9 @@ def task_vector_sweep(
         for what, v in (("metric", m), ("constraint", c)):
             if not isinstance(v, torch.Tensor) or v.dim() != 0:
                 got = f"shape {shape_str(v.shape)}" if isinstance(v, torch.Tensor) else type(v).__name__
-                raise WeightError(f"{fn}: {what} must return a scalar tensor per state, got {got}; reduce it (e.g. .mean()).")
+                raise WeightError(
+                    f"{fn}: {what} must return a scalar tensor per state, got {got}; reduce it (e.g. .mean())."
+                )
         return m, c.to(torch.bool)
 
     bar = progress_bar(enabled=progress, desc=fn, total=n_chunks(alphas.shape[0], chunk_size), unit="chunk")

@@ -22,7 +22,6 @@ from torch.utils.data import DataLoader, DistributedSampler
 import tdfunc
 
 
-
 def build():
     """The model and the dataset, the same in every process (the test's reference too)."""
     g = torch.Generator().manual_seed(1)
@@ -60,24 +59,33 @@ def main(out, kill):
         data = loader if rank != 1 else Killing(DATASET, kill, **kwargs)
         tdfunc.latent.cache_activations(NET, None, data, ["0", "2"], reduce="mean", progress=False, path=path)
         raise SystemExit("rank 1 was not killed")
-    got = {"disk": tdfunc.latent.cache_activations(NET, None, loader, ["0", "2"], reduce="mean", progress=False,
-                                                   path=path)}
+    got = {
+        "disk": tdfunc.latent.cache_activations(NET, None, loader, ["0", "2"], reduce="mean", progress=False, path=path)
+    }
     got["rows_run"] = sum(calls)
     got["memory"] = tdfunc.latent.cache_activations(NET, None, loader, ["0", "2"], reduce="mean", progress=False)
-    got["fresh"] = tdfunc.latent.cache_activations(NET, None, loader, ["0", "2"], reduce="mean", progress=False,
-                                                   path=os.path.join(out, "fresh"))
+    got["fresh"] = tdfunc.latent.cache_activations(
+        NET, None, loader, ["0", "2"], reduce="mean", progress=False, path=os.path.join(out, "fresh")
+    )
     f = lambda td: NET(td["input"])[:, -1, 0]  # noqa: E731
     got["attr_memory"] = tdfunc.latent.cache_attributions(tdfunc.saliency, f, loader, progress=False)
-    got["attr_disk"] = tdfunc.latent.cache_attributions(tdfunc.saliency, f, loader, progress=False,
-                                                        path=os.path.join(out, "attr"))
+    got["attr_disk"] = tdfunc.latent.cache_attributions(
+        tdfunc.saliency, f, loader, progress=False, path=os.path.join(out, "attr")
+    )
     other = {"2": {"bias": NET[2].bias + rank}}  # rank 1 runs other weights: every rank must refuse, naming it
     try:
         tdfunc.latent.cache_activations(NET, other, loader, ["0", "2"], progress=False)
         errors = None
     except tdfunc.latent.CacheError as e:
         errors = str(e)
-    torch.save({k: v if k == "rows_run" else {key: torch.as_tensor(t).clone() for key, t in v.flatten_keys(".").items()}
-                for k, v in got.items()} | {"error": errors}, os.path.join(out, f"rank{rank}.pt"))
+    torch.save(
+        {
+            k: v if k == "rows_run" else {key: torch.as_tensor(t).clone() for key, t in v.flatten_keys(".").items()}
+            for k, v in got.items()
+        }
+        | {"error": errors},
+        os.path.join(out, f"rank{rank}.pt"),
+    )
     dist.destroy_process_group()
 
 
