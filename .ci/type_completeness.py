@@ -56,7 +56,8 @@ def report() -> dict:
         out = json.loads(run.stdout)["typeCompleteness"]
     except (ValueError, KeyError):
         print(
-            f"type completeness: {exe} gave no report (exit {run.returncode}):\n{run.stdout[-2000:]}{run.stderr[-2000:]}"
+            f"type completeness: {exe} gave no report (exit {run.returncode}):\n"
+            f"{run.stdout[-2000:]}{run.stderr[-2000:]}"
         )
         sys.exit(2)
     if out.get("packageRootDirectory") != str(ROOT / "tdfunc"):

@@ -68,7 +68,10 @@ def check_int(
 
 
 def check_bool(fn: str, name: str, v: Any, family: type[Exception] | None = None) -> bool:
-    """``v`` a ``bool``. Message: ``"{fn}: {name} must be True or False, got {type} ({value}); pass {name}=True or {name}=False."``."""
+    """``v`` a ``bool``.
+
+    Message: ``"{fn}: {name} must be True or False, got {type} ({value}); pass {name}=True or {name}=False."``.
+    """
     if not isinstance(v, bool):
         raise type_error(family)(
             f"{fn}: {name} must be True or False, got {type(v).__name__} ({v!r:.60}); pass {name}=True or {name}=False."
@@ -159,7 +162,10 @@ def per_input(fn: str, name: str, value: Any, keys: Sequence[tuple], what: str, 
 def check_callable(
     fn: str, name: str, f: Any, family: type[Exception] | None = None, *, expected: str = ""
 ) -> Callable:
-    """``f`` callable. Message: ``"{fn}: {name} must be a callable {expected}, got {type} ({value}); pass a function."``."""
+    """``f`` callable.
+
+    Message: ``"{fn}: {name} must be a callable {expected}, got {type} ({value}); pass a function."``.
+    """
     if not callable(f):
         raise type_error(family)(
             f"{fn}: {name} must be a callable{' ' + expected if expected else ''}, got "

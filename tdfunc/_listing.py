@@ -94,7 +94,8 @@ def list_sites(
         ...         return torch.softmax(self.q(x) @ x.transpose(-1, -2), -1) @ x
         >>> net = torch.nn.Sequential(Attn())
         >>> tdfunc.list_sites(net, torch.randn(3, 4))
-        {'0:input.x': (3, 4), '0.q/linear': (3, 4), '0.q': (3, 4), '0/matmul@0': (3, 3), '0/softmax': (3, 3), '0/matmul@1': (3, 4), '0': (3, 4)}
+        {'0:input.x': (3, 4), '0.q/linear': (3, 4), '0.q': (3, 4), '0/matmul@0': (3, 3), '0/softmax': (3, 3),
+         '0/matmul@1': (3, 4), '0': (3, 4)}
 
     Composes with: nothing — a discovery helper run eagerly once (the sites it lists compose as usual).
     """

@@ -370,7 +370,8 @@ def _get(fn: str, op: _Op, container: Any, port: str, i: int | str | None = None
         if isinstance(container, Mapping) and port == "output":
             raise SiteError(
                 f"{fn}: site {op.key!r}: the {_what(op)} output is a {type(container).__name__} with keys "
-                f"{_keys(container)}; address one entry by key, e.g. '{op.key.split('@')[0]}:output.{next(iter(container), 'KEY')}'."
+                f"{_keys(container)}; address one entry by key, e.g. "
+                f"'{op.key.split('@')[0]}:output.{next(iter(container), 'KEY')}'."
             )
         i = 0
     if isinstance(i, str):  # an output key (a ":input.NAME" was turned into a keyword or a position before)
@@ -412,7 +413,10 @@ def _get(fn: str, op: _Op, container: Any, port: str, i: int | str | None = None
         fix = f"it is a {type(container).__name__} with keys {_keys(container)}; address an entry as 'path:output.KEY'."
     if port == "input" and kwargs:
         path = op.key.split(":")[0]
-        fix = f"it also received {_keys(kwargs)} by keyword: address one by name, e.g. '{path}:input.{next(iter(kwargs))}'."
+        fix = (
+            f"it also received {_keys(kwargs)} by keyword: address one by name, "
+            f"e.g. '{path}:input.{next(iter(kwargs))}'."
+        )
     raise SiteError(
         f"{fn}: site {op.key!r}: the module's {what} {_describe(container)}{size}, with no element {i}; {fix}"
     )

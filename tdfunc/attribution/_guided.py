@@ -106,7 +106,8 @@ def relu_sites(fn: str, module: nn.Module) -> list[str]:
     if not names:
         raise AttributionError(
             f"{fn}: module {type(module).__name__} has no nn.ReLU submodule, so there is no ReLU backward to "
-            f"{'rewrite' if fn.endswith('deconvolution') else 'guide'}. ReLUs applied as functions inside forward (F.relu, torch.relu, .relu()) are not modules and "
+            f"{'rewrite' if fn.endswith('deconvolution') else 'guide'}. ReLUs applied as functions inside forward "
+            "(F.relu, torch.relu, .relu()) are not modules and "
             "cannot be rewritten (captum's GuidedBackprop has the same limit): make them nn.ReLU modules, or "
             "use tdfunc.saliency(f, td, abs=False) for the plain gradient."
         )
@@ -293,7 +294,9 @@ def guided_grad_cam(
     Example:
         >>> import torch, tdfunc
         >>> from tensordict import TensorDict
-        >>> net = torch.nn.Sequential(torch.nn.Conv2d(1, 3, 3), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(12, 2))
+        >>> net = torch.nn.Sequential(
+        ...     torch.nn.Conv2d(1, 3, 3), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(12, 2)
+        ... )
         >>> td = TensorDict({"img": torch.randn(5, 1, 4, 4)}, batch_size=[5])
         >>> tdfunc.guided_grad_cam(lambda t: net(t["img"]), td, net, "1")["attr", "img"].shape
         torch.Size([5, 2, 1, 4, 4])

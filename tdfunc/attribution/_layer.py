@@ -458,7 +458,8 @@ def layer_conductance(
     """Layer conductance (Dhamdhere et al., 2018; captum's ``LayerConductance``): the flow of integrated
     gradients through each unit of a site, along the input-space path.
 
-    .. math::  \\mathrm{Cond}_{b,k} = \\int_0^1 \\frac{\\partial f_k}{\\partial a}\\, \\frac{\\partial a}{\\partial \\alpha}\\, d\\alpha
+    .. math::  \\mathrm{Cond}_{b,k} = \\int_0^1 \\frac{\\partial f_k}{\\partial a}\\,
+        \\frac{\\partial a}{\\partial \\alpha}\\, d\\alpha
         \\approx \\sum_{s=0}^{n-1} \\frac{\\partial f_k}{\\partial a}\\Big|_{\\alpha_s} \\odot
         \\big(a(\\alpha_{s+1}) - a(\\alpha_s)\\big)
 

@@ -208,7 +208,8 @@ def lrp(
     after ``Flatten``): equal to zennit's on [0, 1] pixel data with many zeros, and conservation holds.
 
     Limits: the identity / passthrough rule gives an input entry that is exactly 0 relevance 0 (zennit
-    passes ``R_out`` there; for σ(0) = 0 activations both are 0).  Products of two tensors outside ``nn.MultiheadAttention``
+    passes ``R_out`` there; for σ(0) = 0 activations both are 0).  Products of two tensors outside
+    ``nn.MultiheadAttention``
     (gates, hand-written attention) keep their plain gradient unless written with modules
     (``tdfunc.lrp_rules.ignore()`` on one factor).  ``nn.TransformerEncoder`` in eval mode with a
     ``src_key_padding_mask`` converts its input to a nested tensor when nothing requires grad (its
@@ -386,7 +387,8 @@ def _check_conservation(fn: str, rewritten, td, xs: dict, sites: dict, weight, k
                         where = "" if k is None else f" for target {j}"
                         raise AttributionError(
                             f"{fn}: relevance is not conserved at {name!r} (call {i + 1}, rule {rule!r}){where}: its "
-                            f"inputs get {float(r_in.detach()):.6g} of the {float(r_out.detach()):.6g} its output holds (summed over the "
+                            f"inputs get {float(r_in.detach()):.6g} of the "
+                            f"{float(r_out.detach()):.6g} its output holds (summed over the "
                             f"batch; atol={atol:g}, rtol={rtol:g}). A bias, ε, or a non-conservative rule absorbs "
                             "relevance there; pass check_conservation=(atol, rtol) to loosen the check."
                         )

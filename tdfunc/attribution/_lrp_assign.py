@@ -166,7 +166,9 @@ def epsilon_gamma_box(
     Example:
         >>> import torch, tdfunc
         >>> from tensordict import TensorDict
-        >>> net = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(8, 3))
+        >>> net = torch.nn.Sequential(
+        ...     torch.nn.Conv2d(1, 2, 3), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(8, 3)
+        ... )
         >>> td = TensorDict({"x": torch.rand(2, 1, 4, 4)}, batch_size=[2])
         >>> comp = tdfunc.lrp_rules.epsilon_gamma_box(0.0, 1.0)
         >>> tdfunc.lrp(lambda t: net(t["x"]), td, net, composite=comp)["attr", "x"].shape

@@ -49,7 +49,8 @@ def _check_options(fn, steps, lr, optimizer, betas, eps, l2, tv, clamp, regulari
         raise AttributionError(f"{fn}: clamp must be None or a pair (low, high) with low < high, got {clamp!r}.")
     if regulariser is not None and not callable(regulariser):
         raise AttributionError(
-            f"{fn}: regulariser must be None or a callable td -> Tensor of shape batch, got {type(regulariser).__name__}."
+            f"{fn}: regulariser must be None or a callable td -> Tensor of shape batch, "
+            f"got {type(regulariser).__name__}."
         )
 
 

@@ -1,4 +1,5 @@
-"""Attributions over a dataset: any attribution method, batch by batch, into one TensorDict (the activation cache's machinery).
+"""Attributions over a dataset: any attribution method, batch by batch, into one TensorDict
+(the activation cache's machinery).
 
 :func:`cache_attributions` runs ``method(f, batch, **options)`` over every batch and concatenates the
 result's leaves along the batch dim, exactly as :func:`tdfunc.latent.cache_activations` does with

@@ -70,7 +70,8 @@ class CacheError(LatentError):
 
 @contextlib.contextmanager
 def disk(doing: str, path: str) -> Iterator[None]:
-    """Turn an ``OSError`` raised while ``doing`` into a CacheError saying what to do (the original as ``__cause__``)."""
+    """Turn an ``OSError`` raised while ``doing`` into a CacheError saying what to do (the original as
+    ``__cause__``)."""
     try:
         yield
     except OSError as e:

@@ -292,7 +292,8 @@ def local_pca_dimension(
     """Local PCA intrinsic dimension (Fukunaga–Olsen): the spectrum of kNN neighbourhoods, batched.
 
     .. math::
-        \\text{variance: } d_i = \\min\\Big\\{ d : \\frac{\\sum_{j \\le d} \\lambda_j(i)}{\\sum_j \\lambda_j(i)} \\ge v \\Big\\},
+        \\text{variance: } d_i = \\min\\Big\\{ d :
+            \\frac{\\sum_{j \\le d} \\lambda_j(i)}{\\sum_j \\lambda_j(i)} \\ge v \\Big\\},
         \\quad \\text{maxgap: } d_i = \\arg\\max_{j} \\frac{\\lambda_j(i)}{\\lambda_{j+1}(i) + 10^{-15}},
         \\quad \\text{ratio: } d_i = \\max\\big(1, \\#\\{j : \\lambda_j(i) > \\alpha \\lambda_1(i)\\}\\big)
 

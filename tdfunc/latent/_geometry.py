@@ -63,7 +63,8 @@ def _check_n(fn: str, n: int, need: int, why: str, fix: str = "lower k") -> None
 
 
 def _per_rep(fn: str, x, body, need: int, why: str):
-    """``body((R, N, D)) -> (R, *rest)`` over a tensor (..., N, D) (result ``(..., *rest)``) or a TensorDict (same keys).
+    """``body((R, N, D)) -> (R, *rest)`` over a tensor (..., N, D) (result ``(..., *rest)``) or a TensorDict
+    (same keys).
 
     ``rest`` is ``()`` for one number per representation, ``(N,)`` for per-point values.
     """

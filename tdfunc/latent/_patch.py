@@ -305,7 +305,8 @@ def patching_sweep(
     ``over=tdfunc.latent.units("b t (h d) -> b t h d", h=H)`` each site's value is rearranged into
     the view, unit ``u`` is patched there and the value rearranged back, so sweeping the input of
     the attention output projection (``"model.layers.*.self_attn.o_proj:input"``,
-    ``"transformer.h.*.attn.c_proj:input"``) patches one head (all its positions) at a time. The clean values are captured in one call, then each
+    ``"transformer.h.*.attn.c_proj:input"``) patches one head (all its positions) at a time. The clean values are
+    captured in one call, then each
     site's units are one ``vmap`` over its one-hot masks (``torch.where``: an exact substitution,
     also at ``-inf`` scores). Only the patched site's edit is batched, so under ``vmap`` everything
     upstream of it runs once, unbatched, and only the layers after it run ``U`` times: a sweep over
@@ -336,8 +337,9 @@ def patching_sweep(
 
     Raises:
         PatchError: bad ``over`` (``"heads"`` on a model without a config, a site that does not fit
-            the unit view, a negative int dim landing on the positions), sites with different unit counts, a non-scalar metric, clean and
-            corrupted inputs of different shapes, non-finite inputs, a random op under ``randomness="error"``.
+            the unit view, a negative int dim landing on the positions), sites with different unit counts,
+            a non-scalar metric, clean and corrupted inputs of different shapes, non-finite inputs, a random op
+            under ``randomness="error"``.
 
     Example:
         >>> import torch, tdfunc

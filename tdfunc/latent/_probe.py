@@ -297,7 +297,8 @@ def probe_fit(
     """Fit a probe on activations ``x`` ``(N, D)`` and labels ``y`` ``(N,)``; full-batch Adam or closed form.
 
     .. math::
-        \\theta^\\star \\approx \\arg\\min_\\theta\\; \\frac1N \\sum_n -\\log \\operatorname{softmax}(z_\\theta(x_n))_{y_n}
+        \\theta^\\star \\approx \\arg\\min_\\theta\\; \\frac1N \\sum_n
+            -\\log \\operatorname{softmax}(z_\\theta(x_n))_{y_n}
             + \\tfrac{\\lambda}{2} \\lVert W \\rVert^2, \\qquad
         \\mu_c = \\frac{1}{|\\{n: y_n = c\\}|} \\sum_{n: y_n = c} x_n \\text{ (mean difference)}
 

@@ -24,7 +24,8 @@ def fit_sklearn_probes(
     """Fit a clone of a scikit-learn estimator per site; the same split and result layout as ``fit_probes``.
 
     .. math::
-        \\text{for every site } s:\\quad \\hat f_s = \\operatorname{clone}(\\text{estimator}).\\mathrm{fit}(x_s[\\text{train}], y[\\text{train}])
+        \\text{for every site } s:\\quad \\hat f_s =
+            \\operatorname{clone}(\\text{estimator}).\\mathrm{fit}(x_s[\\text{train}], y[\\text{train}])
 
     The split is ``fit_probes``'s with ``generator=torch.Generator().manual_seed(random_state)``, so
     both functions compare probes on the same examples.  ``loss`` is the mean cross-entropy of

@@ -338,7 +338,8 @@ def _labels(fn: str, batch: Any, label_key: str | tuple[str, ...]) -> torch.Tens
 
 
 def _evaluate(fn, module, mstate, params, batches, sites, label_key, reduce, input_key, inputs, bar) -> TensorDict:
-    """Accuracy and mean cross-entropy over every row of ``batches`` (equal to probe_evaluate on their concatenation)."""
+    """Accuracy and mean cross-entropy over every row of ``batches`` (equal to probe_evaluate on their
+    concatenation)."""
     correct: dict = {}
     loss: dict = {}
     n = 0

@@ -46,7 +46,8 @@ def cka(
 
     .. math::
         \\mathrm{CKA}(K, L) = \\frac{\\mathrm{HSIC}(K, L)}{\\sqrt{\\mathrm{HSIC}(K, K)\\,\\mathrm{HSIC}(L, L)}},
-        \\qquad \\mathrm{HSIC}(K, L) = \\frac{\\mathrm{tr}(K H L H)}{(N-1)^2}, \\; H = I - \\tfrac1N \\mathbf 1 \\mathbf 1^\\top
+        \\qquad \\mathrm{HSIC}(K, L) = \\frac{\\mathrm{tr}(K H L H)}{(N-1)^2},
+            \\; H = I - \\tfrac1N \\mathbf 1 \\mathbf 1^\\top
 
     with Gram matrices ``K = X Xᵀ`` (linear) or ``exp(-‖x_i - x_j‖² / 2σ²)`` (RBF).  ``debiased``
     uses the unbiased HSIC estimator (Song et al., 2012; as in Nguyen et al., 2021), with

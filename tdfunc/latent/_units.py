@@ -139,7 +139,8 @@ def forward(fn: str, site: str, u: Units, v: torch.Tensor) -> torch.Tensor:
     except einops.EinopsError as e:
         raise PatchError(
             f"{fn}: site {site!r} of shape {tuple(v.shape)} does not fit the unit pattern "
-            f"{u.pattern!r} with sizes {dict(u.sizes)} (einops: {str(e).strip().splitlines()[-1].strip()}); give a pattern that "
+            f"{u.pattern!r} with sizes {dict(u.sizes)} (einops: {str(e).strip().splitlines()[-1].strip()}); "
+            "give a pattern that "
             "matches the site's value (for heads, the (B, T, H * Dh) input of the output projection)."
         ) from e
 

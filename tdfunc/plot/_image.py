@@ -165,7 +165,8 @@ def image_attribution(
     ax: Axes | None = None,
     figsize: tuple[float, float] = (4.0, 4.0),
 ) -> tuple[Figure, Axes]:
-    """One image attribution as a heat map, alone, blended over the image, or masking it (captum's ``visualize_image_attr``).
+    """One image attribution as a heat map, alone, blended over the image, or masking it
+    (captum's ``visualize_image_attr``).
 
     The map is ``attr`` summed over its channel dim; ``sign`` keeps all of it, its positive or negative
     part, or its magnitude. The colour scale saturates at ``t``, the smallest value whose cumulative sum

@@ -110,7 +110,9 @@ def token_attribution(
     Example:
         >>> import matplotlib; matplotlib.use("Agg")
         >>> import matplotlib.pyplot as plt, torch, tdfunc.plot
-        >>> fig, ax = tdfunc.plot.token_attribution(["The", " capital", " of", " France"], torch.tensor([0.1, -0.5, 0.0, 2.0]))
+        >>> fig, ax = tdfunc.plot.token_attribution(
+        ...     ["The", " capital", " of", " France"], torch.tensor([0.1, -0.5, 0.0, 2.0])
+        ... )
         >>> [t.get_text() for t in ax.texts]
         ['The', ' capital', ' of', ' France']
         >>> plt.close(fig)

@@ -272,7 +272,8 @@ def sae_edit(sae_state: TensorDictBase) -> Callable[[torch.Tensor], torch.Tensor
     s = _check_sae(fn, sae_state)
     if s.get("W_enc").shape[0] != s.get("W_dec").shape[1]:
         raise WeightError(
-            f"{fn}: this adapter reads width {s.get('W_enc').shape[0]} and writes width {s.get('W_dec').shape[1]}; an SAE "
+            f"{fn}: this adapter reads width {s.get('W_enc').shape[0]} and writes width "
+            f"{s.get('W_dec').shape[1]}; an SAE "
             "edit must write what it reads. Use tdfunc.weights.transcoder_edit(state, source_site) for a transcoder."
         )
     return _codec(fn, s, "the edited site")
@@ -343,7 +344,8 @@ def lora_init(
 ) -> TensorDict:
     """LoRA factors for the named Linear weights, as a TensorDict state.
 
-    .. math::  W' = W + s\\, B A, \\quad A \\in \\mathbb{R}^{r \\times \\mathrm{in}},\\ B \\in \\mathbb{R}^{\\mathrm{out} \\times r}
+    .. math::  W' = W + s\\, B A, \\quad A \\in \\mathbb{R}^{r \\times \\mathrm{in}},
+        \\ B \\in \\mathbb{R}^{\\mathrm{out} \\times r}
 
     ``A`` is drawn uniform in ``±1/sqrt(in)`` (PEFT's Kaiming init), ``B`` is zero, so the adapted
     model starts equal to the base one.
@@ -429,14 +431,16 @@ def apply_lora(state: TD, lora_state: TensorDictBase, scale: float | torch.Tenso
     for k, v in flat_l.items():
         if k[-1] not in ("A", "B") or len(k) < 2:
             raise WeightError(
-                f"{fn}: lora_state entry {dotted(k)!r} is neither an 'A' nor a 'B' factor; build it with tdfunc.weights.lora_init."
+                f"{fn}: lora_state entry {dotted(k)!r} is neither an 'A' nor a 'B' factor; "
+                "build it with tdfunc.weights.lora_init."
             )
         groups.setdefault(k[:-1], {})[k[-1]] = v
     new = {}
     for k, g in groups.items():
         if k not in flat:
             raise WeightError(
-                f"{fn}: lora_state adapts {dotted(k)!r}, which is not in the state.{suggest(dotted(k), [dotted(j) for j in flat])} "
+                f"{fn}: lora_state adapts {dotted(k)!r}, which is not in the state."
+                f"{suggest(dotted(k), [dotted(j) for j in flat])} "
                 "Build the adapter with tdfunc.weights.lora_init(state, keys, rank) on the same state."
             )
         if set(g) != {"A", "B"}:
@@ -446,8 +450,10 @@ def apply_lora(state: TD, lora_state: TensorDictBase, scale: float | torch.Tenso
         a, b, w = g["A"], g["B"], flat[k]
         if a.dim() != 2 or b.dim() != 2 or b.shape[1] != a.shape[0] or (b.shape[0], a.shape[1]) != tuple(w.shape):
             raise WeightError(
-                f"{fn}: LoRA factors for {dotted(k)!r} have B {shape_str(b.shape)} and A {shape_str(a.shape)}, but the weight "
-                f"has shape {shape_str(w.shape)}; expected B (out, r) and A (r, in) with (out, in) = {shape_str(w.shape)}."
+                f"{fn}: LoRA factors for {dotted(k)!r} have B {shape_str(b.shape)} and A {shape_str(a.shape)}, "
+                "but the weight "
+                f"has shape {shape_str(w.shape)}; expected B (out, r) and A (r, in) "
+                f"with (out, in) = {shape_str(w.shape)}."
             )
         new[k] = w + scale * (b @ a)
     return rebuild(state, new)

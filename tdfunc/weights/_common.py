@@ -88,7 +88,8 @@ def select(fn: str, what: str, flat: dict[Key, torch.Tensor], patterns: Sequence
         hit = [k for k in flat if entry_match(segs, k)]
         if not hit:
             raise WeightError(
-                f"{fn}: {what} entry {dotted(tuple(segs))!r} matches no entry of the state.{suggest(dotted(tuple(segs)), names)}"
+                f"{fn}: {what} entry {dotted(tuple(segs))!r} matches no entry of the state."
+                f"{suggest(dotted(tuple(segs)), names)}"
                 " Use dotted names as in the state ('fc1.weight'), a module name ('fc1') or globs ('**.weight')."
             )
         chosen += [k for k in hit if k not in chosen]
@@ -100,7 +101,8 @@ def check_same_tree(fn: str, a_name: str, a: dict, b_name: str, b: dict, keys: l
     for k in keys:
         if k not in b:
             raise WeightError(
-                f"{fn}: {a_name} has entry {dotted(k)!r} but {b_name} has not.{suggest(dotted(k), [dotted(j) for j in b])} "
+                f"{fn}: {a_name} has entry {dotted(k)!r} but {b_name} has not."
+                f"{suggest(dotted(k), [dotted(j) for j in b])} "
                 f"Both must come from the same architecture (tdfunc.state of the same model class)."
             )
         if a[k].shape != b[k].shape:

@@ -101,7 +101,8 @@ def _check_amount(fn: str, amount: Any) -> list[float] | float:
     def one(a: Any) -> float:
         if isinstance(a, bool) or not isinstance(a, (int, float)):
             raise TypeError(
-                f"{fn}: amount must be a Python number in [0, 1] (or a list of them), got {type(a).__name__} ({a!r:.60}); "
+                f"{fn}: amount must be a Python number in [0, 1] (or a list of them), "
+                f"got {type(a).__name__} ({a!r:.60}); "
                 "the number of pruned entries fixes the mask, so it cannot be a traced tensor."
             )
         if not 0.0 <= float(a) <= 1.0:
@@ -178,7 +179,8 @@ def prune_masks(
 ) -> TensorDict:
     """Boolean pruning masks (``True`` = kept) over the state's tree, from importance scores.
 
-    .. math::  m_i = \\mathbb{1}[\\, i \\notin \\mathrm{bottom}_k(|s|) \\,], \\qquad k = \\mathrm{round}(\\mathrm{amount} \\cdot n)
+    .. math::  m_i = \\mathbb{1}[\\, i \\notin \\mathrm{bottom}_k(|s|) \\,],
+        \\qquad k = \\mathrm{round}(\\mathrm{amount} \\cdot n)
 
     * ``scope="global"``: the lowest-``|score|`` fraction of *all* selected entries together
       (``torch.nn.utils.prune.global_unstructured`` with ``L1Unstructured``);
@@ -237,7 +239,8 @@ def prune_masks(
     if structured_dim is not None:
         if isinstance(structured_dim, bool) or not isinstance(structured_dim, int):
             raise TypeError(
-                f"{fn}: structured_dim must be an int or None, got {type(structured_dim).__name__} ({structured_dim!r:.60})."
+                f"{fn}: structured_dim must be an int or None, "
+                f"got {type(structured_dim).__name__} ({structured_dim!r:.60})."
             )
         if scope != "module":
             raise WeightError(
@@ -257,7 +260,8 @@ def prune_masks(
     for k in keys:
         if k not in flat_scores:
             raise WeightError(
-                f"{fn}: scores has no entry {dotted(k)!r}, which is selected for pruning.{suggest(dotted(k), [dotted(j) for j in flat_scores])} "
+                f"{fn}: scores has no entry {dotted(k)!r}, which is selected for pruning."
+                f"{suggest(dotted(k), [dotted(j) for j in flat_scores])} "
                 "Compute scores on the same state (tdfunc.weights.magnitude_scores(state)) or narrow include=[...]."
             )
         if flat_scores[k].shape != flat[k].shape:
@@ -311,7 +315,8 @@ def apply_masks(state: TD, masks: TensorDictBase) -> TD:
     for k, m in flat_m.items():
         if k not in flat:
             raise WeightError(
-                f"{fn}: masks has entry {dotted(k)!r}, which is not in the state.{suggest(dotted(k), [dotted(j) for j in flat])} "
+                f"{fn}: masks has entry {dotted(k)!r}, which is not in the state."
+                f"{suggest(dotted(k), [dotted(j) for j in flat])} "
                 "Masks must mirror the state's tree (build them with tdfunc.weights.prune_masks(state, ...))."
             )
         t = flat[k]

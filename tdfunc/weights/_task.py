@@ -120,7 +120,8 @@ def _stack_tvs(fn: str, task_vectors: Any) -> tuple[list, dict]:
         return list(flat), flat
     if not isinstance(task_vectors, (list, tuple)) or not task_vectors:
         raise TypeError(
-            f"{fn}: task_vectors must be a non-empty list of TensorDicts (tdfunc.weights.task_vector(...)) or one stacked "
+            f"{fn}: task_vectors must be a non-empty list of TensorDicts (tdfunc.weights.task_vector(...)) "
+            "or one stacked "
             f"TensorDict, got {type(task_vectors).__name__} ({task_vectors!r:.60})."
         )
     flats = [leaves(check_td(fn, f"task_vectors[{i}]", t)) for i, t in enumerate(task_vectors)]
@@ -145,7 +146,8 @@ def ties_merge(
         \\hat\\tau_t = \\tau_t \\odot \\mathbb{1}[|\\tau_t| \\ge \\kappa_t], \\quad
         \\gamma = \\mathrm{sgn}\\Big(\\sum_t \\hat\\tau_t\\Big), \\quad
         \\tau_m = \\lambda \\frac{\\sum_t \\hat\\tau_t \\mathbb{1}[\\mathrm{sgn}(\\hat\\tau_t) = \\gamma]}
-                                 {\\max(1, \\sum_t \\mathbb{1}[\\hat\\tau_t \\ne 0,\\ \\mathrm{sgn}(\\hat\\tau_t) = \\gamma])}
+                                 {\\max(1, \\sum_t \\mathbb{1}[\\hat\\tau_t \\ne 0,
+                                  \\ \\mathrm{sgn}(\\hat\\tau_t) = \\gamma])}
 
     with ``κ_t`` the ``(d − ⌊density·d⌋)``-th smallest ``|τ_t|`` (ties at the threshold are kept), and
     entries whose elected sign is 0 taking the sign of ``Σγ`` (the majority) — as the authors' code.
