@@ -2,7 +2,7 @@
 
 Each row is a function of one example (returning a flat tensor) built on a float64 model: vmapped over examples, over
 targets (one-hot target weights closed over by ``f``) and over parameters (double backward through
-the map); sites are module outputs, ``:input`` ports, ``@k`` calls and a ``Tap``.
+the map); sites are module outputs, ``:input`` ports, ``@k`` calls and a ``Tap``; layer IG also on integer token ids.
 """
 
 from __future__ import annotations
@@ -64,6 +64,30 @@ def cases() -> list[Case]:
 
     rows.append(
         Case("layer:ig-tap-label", tt, lig_tap, (emb, base, labels), (0, 0, 0), (0, 1), "blocks.0.mlp", probe=emb)
+    )
+
+    s_tt = tdfunc.state(tt)
+    ids = torch.tensor([[1, 2], [2, 0], [1, 1]])
+    pad_ids = torch.tensor([[0, 0], [0, 0], [2, 2]])  # the last example: a baseline of another token
+
+    def lig_token_ids(i, b, table):  # integer ids and their baseline ids vmapped; d(map)/d(embedding table)
+        state = s_tt.copy().set(("embed", "weight"), table)
+        td = TensorDict({"ids": i[None], ("baseline", "ids"): b[None]}, batch_size=[1])
+        f = lambda t: tdfunc.functional_call(tt, state, (t["ids"],))[:, -1]  # every next-token logit
+        out = tdfunc.layer_integrated_gradients(f, td, tt, "embed", n_steps=2, return_convergence_delta=True)
+        return torch.cat([out["attr", "embed"].flatten(), out["convergence_delta"].flatten()])
+
+    rows.append(
+        Case(
+            "layer:ig-token-ids",
+            tt,
+            lig_token_ids,
+            (ids, pad_ids, s_tt["embed", "weight"].clone()),
+            (0, 0, None),
+            (2,),
+            "blocks.0.mlp",
+            probe=ids,
+        )
     )
 
     def lig_chunks(x, w):  # vmap over targets, two path chunks, riemann rule

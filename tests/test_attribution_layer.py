@@ -514,3 +514,162 @@ def test_pins_conductance_and_influence_errors():
         tdfunc.layer_conductance(lambda t: net(t["x"]), td, net, "1", return_convergence_delta="yes")
     with pytest.raises(tdfunc.SiteError, match=re.escape("tdfunc.internal_influence: unknown site 'nope'")):
         tdfunc.internal_influence(lambda t: net(t["x"]), td, net, "nope")
+
+
+# --- layer IG on integer token ids (issue 13 §5): captum's LayerIntegratedGradients on an embedding layer, with the
+# ids in td and baseline ids (the pad token) as a ('baseline', key) entry or baselines=<pad id>; transformers BERT and
+# GPT-2 from small configs, every target of one call against captum's target=c (captum's float32 alphas: IG_TOL).
+
+
+def _hf(name):
+    transformers = pytest.importorskip("transformers")
+    transformers.logging.set_verbosity_error()
+    torch.manual_seed(0)
+    if name == "bert":
+        cfg = transformers.BertConfig(
+            vocab_size=50,
+            hidden_size=16,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=32,
+            max_position_embeddings=16,
+            num_labels=3,
+            attn_implementation="eager",
+        )
+        model = transformers.BertForSequenceClassification(cfg).eval().to(DT)
+        ids = torch.randint(1, 50, (3, 6))
+        mask = torch.ones_like(ids)
+        mask[1, -2:] = 0
+        fwd = lambda i, m: model(input_ids=i, attention_mask=m).logits  # 3 classes
+        return model, fwd, ids, mask, cfg.pad_token_id, [("bert.embeddings", model.bert.embeddings)]
+    cfg = transformers.GPT2Config(
+        vocab_size=60, n_embd=16, n_layer=2, n_head=2, n_positions=16, attn_implementation="eager"
+    )
+    model = transformers.GPT2LMHeadModel(cfg).eval().to(DT)
+    ids = torch.randint(0, 60, (3, 5))
+    fwd = lambda i, m: model(input_ids=i, attention_mask=m).logits[:, -1, :4]  # 4 next-token logits
+    return model, fwd, ids, torch.ones_like(ids), 7, [("transformer.wte", model.transformer.wte)]
+
+
+@pytest.mark.parametrize("name", ["bert", "gpt2"])
+def test_layer_ig_token_ids_with_pad_baseline_matches_captum_every_target(name):
+    model, fwd, ids, mask, pad, sites = _hf(name)
+    f = lambda t: fwd(t["input_ids"], t["attention_mask"])
+    pad_ids = torch.full_like(ids, pad)
+    entry = TensorDict({"input_ids": ids, "attention_mask": mask, ("baseline", "input_ids"): pad_ids}, batch_size=[3])
+    site, layer = sites[0]
+    for method, n in (("gausslegendre", 8), ("riemann_trapezoid", 5)):
+        out = tdfunc.layer_integrated_gradients(
+            f, entry, model, site, n_steps=n, method=method, return_convergence_delta=True
+        )
+        attr, delta = out["attr", site], out["convergence_delta"]
+        assert attr.shape == (3, delta.shape[1], *ids.shape[1:], 16)
+        for c in range(delta.shape[1]):
+            ref, ref_delta = LayerIntegratedGradients(fwd, layer).attribute(
+                ids,
+                pad_ids,
+                target=c,
+                additional_forward_args=(mask,),
+                n_steps=n,
+                method=method,
+                return_convergence_delta=True,
+            )
+            torch.testing.assert_close(attr[:, c], ref, **IG_TOL)
+            torch.testing.assert_close(delta[:, c], ref_delta, **IG_TOL)
+    # the same call with baselines=<pad id> shared across the batch and the ids named by in_keys; per-token scores
+    shared = tdfunc.layer_integrated_gradients(
+        f,
+        entry.exclude(("baseline", "input_ids")),
+        model,
+        site,
+        n_steps=5,
+        method=method,
+        in_keys=["input_ids"],
+        baselines=pad,
+    )
+    torch.testing.assert_close(shared["attr", site], attr, **EXACT)
+    per_token = shared["attr", site].sum(-1)
+    assert per_token.shape == (3, delta.shape[1], ids.shape[1])
+
+
+@pytest.mark.parametrize("name", ["bert", "gpt2"])
+def test_layer_ig_token_ids_completeness_and_one_target(name):
+    """sum(attr) = f(ids) - f(pad ids) up to the quadrature error (Gauss-Legendre: ~1e-15 here); the attention mask is
+    held fixed; a one-target f equals the K-target call's column; a td holding only the ids takes them by default."""
+    model, fwd, ids, mask, pad, sites = _hf(name)
+    site, _ = sites[0]
+    td = TensorDict({"input_ids": ids, "attention_mask": mask}, batch_size=[3])
+    f = lambda t: fwd(t["input_ids"], t["attention_mask"])
+    out = tdfunc.layer_integrated_gradients(f, td, model, site, in_keys="input_ids", baselines=pad, n_steps=20)
+    attr = out["attr", site]
+    with torch.no_grad():
+        gap = fwd(ids, mask) - fwd(torch.full_like(ids, pad), mask)
+    total = attr.flatten(2).sum(-1)
+    assert gap.abs().max() > 1e-3  # a gap to explain
+    torch.testing.assert_close(total, gap.detach(), rtol=1e-9, atol=1e-12)
+    coarse = tdfunc.layer_integrated_gradients(f, td, model, site, in_keys="input_ids", baselines=pad, n_steps=4)
+    assert (coarse["attr", site].flatten(2).sum(-1) - gap).abs().max() > 1e-13  # the check above can fail
+    one = tdfunc.layer_integrated_gradients(
+        lambda t: f(t)[:, 1], td, model, site, in_keys="input_ids", baselines=pad, n_steps=20
+    )
+    torch.testing.assert_close(one["attr", site], attr[:, 1], **EXACT)
+    only_ids = TensorDict({"input_ids": ids}, batch_size=[3])
+    g = lambda t: fwd(t["input_ids"], mask)
+    default = tdfunc.layer_integrated_gradients(g, only_ids, model, site, n_steps=20)  # zeros: captum's default
+    ref = LayerIntegratedGradients(fwd, sites[0][1]).attribute(
+        ids, additional_forward_args=(mask,), target=2, n_steps=20
+    )
+    torch.testing.assert_close(default["attr", site][:, 2], ref, **IG_TOL)
+
+
+def test_layer_ig_token_id_errors_pinned():
+    emb, head = nn.Embedding(10, 4), nn.Linear(4, 2)
+    lm = nn.ModuleDict({"emb": emb, "head": head})
+    ids = torch.tensor([[3, 7, 0], [1, 2, 3]])
+    f = lambda t: head(emb(t["ids"]).mean(1))[:, 0]
+    both = TensorDict({"ids": ids, "mask": torch.ones_like(ids)}, batch_size=[2])
+    cases = [
+        (
+            lambda: tdfunc.layer_integrated_gradients(f, both, lm, "emb"),
+            "tdfunc.layer_integrated_gradients: td has no floating-point entry and no entry given a baseline (entries: "
+            "['ids', 'mask']), so nothing says which inputs go to a baseline; name them with in_keys=['ids'] (integer "
+            "token ids too: their baseline is ids of the same dtype, e.g. baselines=<pad token id> or a ('baseline', "
+            "'ids') entry; zeros when absent).",
+        ),
+        (
+            lambda: tdfunc.layer_integrated_gradients(
+                f, both.clone().set(("baseline", "ids"), torch.zeros(2, 3)), lm, "emb"
+            ),
+            "tdfunc.layer_integrated_gradients: baseline for 'ids' has dtype torch.float32 but the input has dtype "
+            "torch.int64; the baseline of integer inputs (token ids) is ids of the same dtype (e.g. the pad token id): "
+            "the path runs between the site's values for the baseline ids and for the input ids. Give integer ids "
+            "(baselines=<pad token id>, or a ('baseline', 'ids') entry of dtype torch.int64); for a baseline in "
+            "embedding space, attribute float embeddings (pass inputs_embeds).",
+        ),
+        (
+            lambda: tdfunc.layer_integrated_gradients(f, both, lm, "emb", in_keys="ids", baselines=torch.zeros(3)),
+            "tdfunc.layer_integrated_gradients: baseline for 'ids' has dtype torch.float32 but the input has dtype "
+            "torch.int64; the baseline of integer inputs (token ids) is ids of the same dtype (e.g. the pad token id): "
+            "the path runs between the site's values for the baseline ids and for the input ids. Give integer ids "
+            "(baselines=<pad token id>, or a ('baseline', 'ids') entry of dtype torch.int64); for a baseline in "
+            "embedding space, attribute float embeddings (pass inputs_embeds).",
+        ),
+        (
+            lambda: tdfunc.layer_integrated_gradients(f, both, lm, "emb", in_keys="ids", baselines=0.5),
+            "tdfunc.layer_integrated_gradients: baseline for 'ids' is 0.5 but the input has dtype torch.int64; give a "
+            "finite value of the input's dtype (for token ids an integer, e.g. the pad token id; for a bool mask True "
+            "or False).",
+        ),
+        (
+            lambda: tdfunc.layer_integrated_gradients(f, both, lm, "emb:input", in_keys="ids"),
+            "tdfunc.layer_integrated_gradients: site 'emb:input' holds dtype torch.int64; layer attribution needs a "
+            "floating-point tensor there. Attribute another site (e.g. ':output.N' for one element of a tuple output).",
+        ),
+    ]
+    for call, message in cases:
+        with pytest.raises(AttributionError) as info:
+            call()
+        assert str(info.value) == message
+    # input-space methods cannot move ids along a path: unchanged refusal
+    with pytest.raises(AttributionError, match=re.escape("tdfunc.internal_influence: input 'ids' has dtype")):
+        tdfunc.internal_influence(f, both, lm, "emb", in_keys="ids")

@@ -11,7 +11,7 @@ backward passes).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import torch
 from tensordict import TensorDict, TensorDictBase
@@ -26,10 +26,13 @@ from .._finite import check_finite, warn_nonfinite
 from .._sites import ALL_CALLS, parse_site
 from .._types import IGMethod, InKeys
 from ._common import (
+    BASELINE,
     NONFINITE_FIX,
     AttributionError,
+    Baselines,
     _norm,
     _show,
+    _show_all,
     check_output,
     grads_per_target,
     move_target_dim,
@@ -253,6 +256,7 @@ def layer_integrated_gradients(
     return_convergence_delta: bool = False,
     in_keys: InKeys | None = None,
     randomness: str = "error",
+    baselines: Baselines | None = None,
 ) -> TensorDict:
     """Integrated gradients at a site (captum's ``LayerIntegratedGradients``), every target from one path forward.
 
@@ -267,6 +271,12 @@ def layer_integrated_gradients(
     Cost: two capture forwards (at ``x`` and at the baseline; captum does the same), one forward
     over the ``n_steps`` path points and one vector-Jacobian product per target.
 
+    The inputs may be integer token ids (captum's ``LayerIntegratedGradients`` on an embedding
+    layer): only the site's values are interpolated, so the ids go to baseline ids of the same dtype
+    (a ``("baseline", key)`` entry, or ``baselines=<pad token id>``) and the path runs between the
+    embedding site's values for the baseline ids and for the input ids.  The map is per element of
+    the site's value (``(T, H)`` per example at an embedding); ``.sum(-1)`` gives one score per token.
+
     Args:
         f, td, module, site: as in :func:`tdfunc.grad_cam` (any batch-first site value).
         n_steps, method, chunk_size: as in :func:`tdfunc.integrated_gradients` (the path is
@@ -274,10 +284,16 @@ def layer_integrated_gradients(
         multiply_by_inputs: multiply by ``a - a'`` (captum's default True).
         return_convergence_delta: also return ``"convergence_delta"`` of shape ``batch (+ K)``:
             ``sum(attr) - (f(x) - f(x'))`` (no extra forward: the capture passes give both).
-        in_keys: the inputs replaced by their ``("baseline", key)`` entries (zeros when absent)
-            to get ``a'``; default every floating-point entry.
+        in_keys: the inputs replaced by their baselines (zeros when absent) to get ``a'``; floating-point,
+            integer or bool entries (token ids, masks).  Default: every floating-point entry and every
+            entry given a baseline (a ``("baseline", key)`` entry or a key of a ``baselines`` dict), else
+            ``td``'s only entry (token ids); entries not named (an attention mask) are held fixed.
         randomness: ``torch.func.vmap``'s flag for random ops in ``f`` (train-mode dropout) under the
             ``vmap`` over the path: ``"error"`` (default, as torch), ``"different"`` or ``"same"``.
+        baselines: baselines shared across the batch instead of ``("baseline", key)`` entries, as in
+            :func:`tdfunc.integrated_gradients`: a number (for token ids an integer, e.g. the pad token
+            id) or a tensor of the input's dtype broadcastable to it; a dict key -> baseline for several
+            inputs.
 
     Returns:
         TensorDict with ``("attr", site)`` of shape ``batch (+ K) + the site's per-example shape``
@@ -285,7 +301,7 @@ def layer_integrated_gradients(
 
     Raises:
         As :func:`tdfunc.grad_cam`, and AttributionError for a bad method, ``n_steps``,
-        ``chunk_size``, input key or baseline.
+        ``chunk_size``, input key or baseline (a floating-point baseline for integer ids).
 
     Example:
         >>> import torch, tdfunc
@@ -298,6 +314,16 @@ def layer_integrated_gradients(
         >>> bool(out["convergence_delta"].abs().max() < 1e-5)
         True
 
+        Token ids with the pad id (0) as baseline, at the embedding (a bag-of-embeddings classifier):
+
+        >>> emb, head = torch.nn.Embedding(10, 4), torch.nn.Linear(4, 2)
+        >>> lm = torch.nn.ModuleDict({"emb": emb, "head": head})
+        >>> ids = TensorDict({"ids": torch.tensor([[3, 7, 0]])}, batch_size=[1])
+        >>> out = tdfunc.layer_integrated_gradients(lambda t: head(emb(t["ids"]).mean(1))[:, 0], ids, lm, "emb",
+        ...                                         baselines=0, return_convergence_delta=True)
+        >>> out["attr", "emb"].sum(-1).shape, bool(out["convergence_delta"].abs().max() < 1e-5)  # one per token
+        (torch.Size([1, 3]), True)
+
     References:
         Sundararajan, Taly, Yan. Axiomatic Attribution for Deep Networks. ICML 2017;
         Kokhlikyan et al. Captum: A unified and generic model interpretability library. 2020.
@@ -309,7 +335,9 @@ def layer_integrated_gradients(
     _check_options(fn, n_steps, method, chunk_size, "vmap")
     check_randomness(fn, randomness, AttributionError)
     _check(fn, td, module, site)
-    p = prepare(fn, td, in_keys, f=f)
+    check_callable(fn, "f", f, AttributionError, expected="f(td) -> Tensor")
+    keys = _lig_keys(fn, td, in_keys, baselines)
+    p = prepare(fn, td, keys, f=f, baselines_arg=baselines, integer_inputs=True)
     nb = len(p.batch)
     y_x, a_x = _activation(fn, f, module, td, site)
     y_b, a_b = _activation(fn, f, module, with_inputs(td, p.baseline), site)
@@ -342,6 +370,43 @@ def layer_integrated_gradients(
         lead = nb + (k is not None)
         extra["convergence_delta"] = attr.reshape(*attr.shape[:lead], -1).sum(-1) - (y_x - y_b)
     return _out(td, site, attr, extra, fn=fn)
+
+
+def _lig_keys(fn: str, td: TensorDictBase, in_keys: InKeys | None, baselines: object) -> InKeys:
+    """The inputs layer IG sends to their baselines; integer inputs (token ids) need integer baselines."""
+    leaves = [_norm(k) for k in td.keys(include_nested=True, leaves_only=True)]
+    inputs = [k for k in leaves if k[0] != BASELINE]
+    given = {_norm(k): v for k, v in baselines.items()} if isinstance(baselines, Mapping) else {}
+    if in_keys is None:
+        keys = [k for k in inputs if td.get(k).is_floating_point() or (BASELINE, *k) in leaves or k in given]
+        if not keys and not given and len(inputs) == 1:
+            keys = inputs  # td's one entry (token ids), to baselines=<pad id> or zeros
+        if not keys:
+            ids = next((k for k in inputs if not td.get(k).is_floating_point()), ("input_ids",))
+            raise AttributionError(
+                f"{fn}: td has no floating-point entry and no entry given a baseline (entries: {_show_all(leaves)}), "
+                f"so nothing says which inputs go to a baseline; name them with in_keys=[{_show(ids)}] (integer token "
+                f"ids too: their baseline is ids of the same dtype, e.g. baselines=<pad token id> or a "
+                f"{(BASELINE, *ids)!r} entry; zeros when absent)."
+            )
+    else:
+        keys = [_norm(k) for k in ([in_keys] if isinstance(in_keys, (str, tuple)) else in_keys)]
+    for k in keys:
+        if k not in inputs or td.get(k).is_floating_point() or td.get(k).is_complex():
+            continue  # prepare reports unknown keys, float and complex inputs
+        b = given.get(k) if given else (baselines if baselines is not None else None)
+        if b is None and (BASELINE, *k) in leaves:
+            b = td.get((BASELINE, *k))
+        if isinstance(b, torch.Tensor) and (b.is_floating_point() or b.is_complex()):
+            v = td.get(k)
+            raise AttributionError(
+                f"{fn}: baseline for {_show(k)} has dtype {b.dtype} but the input has dtype {v.dtype}; the baseline "
+                f"of integer inputs (token ids) is ids of the same dtype (e.g. the pad token id): the path runs "
+                "between the site's values for the baseline ids and for the input ids. Give integer ids "
+                f"(baselines=<pad token id>, or a {(BASELINE, *k)!r} entry of dtype {v.dtype}); for a baseline in "
+                "embedding space, attribute float embeddings (pass inputs_embeds)."
+            )
+    return keys
 
 
 def _path_at_site(
