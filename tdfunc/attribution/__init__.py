@@ -33,6 +33,7 @@ from ._lrp import lrp as lrp
 from ._maximise import activation_maximisation as activation_maximisation
 from ._metrics import infidelity as infidelity
 from ._metrics import sensitivity_max as sensitivity_max
+from ._neuron import neuron as neuron
 from ._noise import smooth_grad as smooth_grad
 from ._perturb import feature_ablation as feature_ablation
 from ._perturb import occlusion as occlusion
@@ -66,6 +67,7 @@ __all__ = [
     "layer_integrated_gradients",
     "lime",
     "lrp",
+    "neuron",
     "occlusion",
     "saliency",
     "sensitivity_max",
