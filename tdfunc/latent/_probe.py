@@ -526,8 +526,8 @@ def fit_probes(
             else:
                 stacked = {
                     name: torch.stack([inits[k][name] for k in group])  # type: ignore[index]
-                    for name in inits[group[0]]
-                }  # type: ignore[index]
+                    for name in inits[group[0]]  # type: ignore[index]
+                }
                 site_loss = lambda p, xx: _loss(fn, p, xx, y_tr, weight_decay)  # noqa: E731
                 fitted = _adam(lambda p: vmap(site_loss)(p, x_tr).sum(), stacked, steps, lr, bar)
             for i, k in enumerate(group):
