@@ -14,43 +14,15 @@ import torch
 from tensordict import TensorDict, TensorDictBase
 from torch import nn
 
-from .. import _runtime
 from .._checks import check_bool, check_callable, check_chunk_size, check_randomness
 from .._errors import shape_str
 from .._finite import check_finite
-from .._sites import ALL_CALLS, parse_site
 from .._types import PerKey
 from ._common import NONFINITE_FIX, AttributionError, Inputs, _norm, _show, check_output, result, shared_baseline
+from ._layer import _check, _run
 from ._perturb_common import feature_masks, run_perturbed
 
 __all__ = ["layer_feature_ablation"]
-
-
-def _run(fn: str, f: Callable, module: nn.Module, td: TensorDictBase, edits: dict | None, capture: list | None):
-    """``f(td)`` with ``edits`` / ``capture`` at sites of ``module`` (errors naming ``fn``)."""
-    plan = _runtime.make_plan(fn, module, edits, capture)
-    out, frame = _runtime.run_in_frame(plan, f, td)  # type: ignore[arg-type]  # a plan: module is given
-    caps = _runtime.finish(frame)
-    return out if capture is None else (out, caps)
-
-
-def _check_args(fn: str, td: object, module: object, site: object) -> None:
-    if not isinstance(module, nn.Module):
-        raise TypeError(
-            f"{fn}: module must be the nn.Module whose site is attributed, got {type(module).__name__} "
-            f"({module!r:.60}); pass the model itself, e.g. {fn}(f, td, model, 'layer1')."
-        )
-    if not isinstance(td, TensorDictBase):
-        raise TypeError(
-            f"{fn}: td must be a TensorDict holding the inputs, got {type(td).__name__} ({td!r:.60}); "
-            "e.g. TensorDict({'x': x}, batch_size=[len(x)])."
-        )
-    spec = parse_site(fn, site)
-    if spec.is_glob or spec.call == ALL_CALLS:
-        raise AttributionError(
-            f"{fn}: site {site!r} names several values; attribute one site at a time "
-            "(no globs; '@k' for the k-th call of a module that runs several times)."
-        )
 
 
 def layer_feature_ablation(
@@ -117,7 +89,7 @@ def layer_feature_ablation(
     ``tdfunc.install_sites(module, site)`` with the default mask.
     """
     fn = "tdfunc.layer_feature_ablation"
-    _check_args(fn, td, module, site)
+    _check(fn, td, module, site)
     check_callable(fn, "f", f, AttributionError, expected="f(td) -> Tensor")
     check_chunk_size(fn, chunk_size, AttributionError)
     check_bool(fn, "progress", progress, AttributionError)
