@@ -110,6 +110,12 @@ TABLE: dict[str, list] = {
         lambda: tdfunc.shapley_value_sampling(F, NAN_TD),
     ],
     "kernel_shap": [lambda: tdfunc.kernel_shap(None, TD), lambda: tdfunc.kernel_shap(F, NAN_TD)],
+    "neuron": [
+        lambda: tdfunc.neuron(None, NET, "0", (1,)),
+        lambda: tdfunc.neuron(F, NET, "0", "bad"),
+        lambda: tdfunc.neuron(F, None, "0", (1,)),
+        lambda: tdfunc.neuron(F, NET, 3, (1,)),
+    ],
     "lime": [lambda: tdfunc.lime(None, TD), lambda: tdfunc.lime(F, NAN_TD), lambda: tdfunc.lime(F, TD, alpha=NAN)],
     "feature_permutation": [
         lambda: tdfunc.feature_permutation(None, TD),

@@ -10,6 +10,7 @@ from tensordict import TensorDictBase
 from torch import nn
 
 from .. import _runtime
+from .._checks import type_error
 from .._errors import shape_str
 from .._state import unwrap as _unwrap
 from ._common import AttributionError
@@ -125,13 +126,13 @@ def neuron(
     ``torch.compile(fullgraph=True)``.
     """
     if not callable(f):
-        raise AttributionError(f"{_FN}: expected a callable f(td), got {type(f).__name__} ({f!r:.60}).")
+        raise type_error(AttributionError)(f"{_FN}: expected a callable f(td), got {type(f).__name__} ({f!r:.60}).")
     if not isinstance(module, nn.Module):
-        raise AttributionError(
+        raise type_error(AttributionError)(
             f"{_FN}: expected an nn.Module as the module, got {type(module).__name__} ({module!r:.60})."
         )
     if not isinstance(site, str) or "*" in site:
-        raise AttributionError(
+        raise (AttributionError if isinstance(site, str) else type_error(AttributionError))(
             f"{_FN}: site must be one site string (no glob, no '@*'), got {site!r:.80}; e.g. 'fc1' or 'blocks.0.mlp'."
         )
     fun = selector if callable(selector) else None
