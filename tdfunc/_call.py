@@ -11,6 +11,8 @@ from tensordict import TensorDict, TensorDictBase
 from torch import nn
 
 from . import _runtime
+from ._finish import finish
+from ._plan import Frame, make_plan
 from ._state import flat_state, written_buffers
 from ._state import unwrap as _unwrap
 from ._types import Capture, Edits, State
@@ -202,7 +204,7 @@ def functional_call(
     if kwargs is not None and not isinstance(kwargs, Mapping):
         raise TypeError(f"{fn}: kwargs must be a mapping or None, got {type(kwargs).__name__}.")
     kwargs = dict(kwargs or {})
-    plan = _runtime.make_plan(fn, module, edits, capture, strict)
+    plan = make_plan(fn, module, edits, capture, strict)
     written = written_buffers(module)  # train-mode buffers: the forward writes them in place
     given = params
     if written:  # run on clones: neither the module nor a state sharing its storage is written
@@ -218,8 +220,8 @@ def functional_call(
         reparam = None
         if params:  # a checkpointed region's recomputation runs with this state again
             reparam = (module, {**{k: b for k, b in written.items() if k not in given}, **given}, set(written))
-        out, frame = _runtime.run_frame(_runtime.Frame(plan, reparam), call)
-        captures = _runtime.finish(frame)
+        out, frame = _runtime.run_frame(Frame(plan, reparam), call)
+        captures = finish(frame)
     result = (out, captures) if capture is not None else (out,)
     if return_state:
         result += (_new_state(module, given, params, written),)  # type: ignore[assignment]
@@ -303,15 +305,11 @@ def intervene(
         raise TypeError(f"{fn}: expected a callable f, got {type(f).__name__} ({f!r:.60}).")
     _check_module(fn, module)
     module = _unwrap(module)  # DistributedDataParallel, DataParallel, torch.compile: the model inside
-    plan = _runtime.make_plan(fn, module, edits, capture, strict)
+    plan = make_plan(fn, module, edits, capture, strict)
 
     @functools.wraps(f)
     def intervened(*args: Any, **kwargs: Any) -> Any:
-        if plan is None:
-            out = f(*args, **kwargs)
-            return (out, TensorDict({}, batch_size=[])) if capture is not None else out
-        out, frame = _runtime.run_in_frame(plan, f, *args, **kwargs)
-        captures = _runtime.finish(frame)
+        out, captures = _runtime.run_plan(plan, f, *args, **kwargs)
         return (out, captures) if capture is not None else out
 
     return intervened

@@ -12,6 +12,7 @@ from torch import nn
 from .. import _runtime
 from .._checks import type_error
 from .._errors import shape_str
+from .._plan import Plan, make_plan
 from .._state import unwrap as _unwrap
 from ._common import AttributionError
 
@@ -137,7 +138,7 @@ def neuron(
         )
     fun = selector if callable(selector) else None
     idxs, several = (None, False) if fun is not None else _parse(selector)
-    plan = cast(_runtime.Plan, _runtime.make_plan(_FN, _unwrap(module), None, [site]))  # a capture: never None
+    plan = cast(Plan, make_plan(_FN, _unwrap(module), None, [site]))  # a capture: never None
 
     cap, target = plan.captures[0], plan.sites[0][1]
 
@@ -167,8 +168,7 @@ def neuron(
                 f"at the input of the module that consumes {site!r} (e.g. 'next_module:input'), where the rewritten "
                 "value arrives."
             )
-        _, frame = _runtime.run_in_frame(plan, f, td)
-        value = _runtime.finish(frame)[site]
+        value = _runtime.run_plan(plan, f, td)[1][site]
         batch = td.batch_size if isinstance(td, TensorDictBase) else torch.Size([])
         n = len(batch)
         if not isinstance(value, torch.Tensor) or value.shape[:n] != batch:
