@@ -23,11 +23,11 @@ from ._guided import guided_grad_cam as guided_grad_cam
 from ._ig import integrated_gradients as integrated_gradients
 from ._kernel_shap import kernel_shap as kernel_shap
 from ._layer import grad_cam as grad_cam
-from ._layer import internal_influence as internal_influence
-from ._layer import layer_conductance as layer_conductance
 from ._layer import layer_gradient_x_activation as layer_gradient_x_activation
-from ._layer import layer_integrated_gradients as layer_integrated_gradients
 from ._layer_ablation import layer_feature_ablation as layer_feature_ablation
+from ._layer_path import internal_influence as internal_influence
+from ._layer_path import layer_conductance as layer_conductance
+from ._layer_path import layer_integrated_gradients as layer_integrated_gradients
 from ._lime import lime as lime
 from ._lrp import lrp as lrp
 from ._maximise import activation_maximisation as activation_maximisation
