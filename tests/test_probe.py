@@ -14,7 +14,7 @@ from tensordict import TensorDict
 from torch.func import grad
 
 import tdfunc
-from tdfunc.latent._probe import (
+from tdfunc.latent import (
     ProbeError,
     fit_probes,
     fit_sklearn_probes,

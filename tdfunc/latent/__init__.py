@@ -25,6 +25,7 @@ from ._probe import probe_apply as probe_apply
 from ._probe import probe_evaluate as probe_evaluate
 from ._probe import probe_fit as probe_fit
 from ._probe import probe_init as probe_init
+from ._probe_sites import fit_probes as fit_probes
 from ._probe_sklearn import fit_sklearn_probes as fit_sklearn_probes
 from ._probe_stream import probe_stream_init as probe_stream_init
 from ._probe_stream import probe_stream_params as probe_stream_params
