@@ -20,7 +20,6 @@ from ._patch import patch as patch
 from ._patch import patching_sweep as patching_sweep
 from ._patch import path_patch as path_patch
 from ._probe import ProbeError as ProbeError
-from ._probe import fit_probes as fit_probes
 from ._probe import probe_apply as probe_apply
 from ._probe import probe_evaluate as probe_evaluate
 from ._probe import probe_fit as probe_fit
