@@ -25,7 +25,20 @@ def test_demo_runs_and_reports_its_checks():
     assert "plain model(x) bitwise identical to before the tdfunc calls: True" in out
 
 
-@pytest.mark.parametrize("name", ["call", "ig", "ig_paper", "cache", "patching", "deep_lift", "perturb_methods", "atp"])
+BENCHES = [  # one name per line, so that each benchmark's line is its own
+    "call",
+    "ig",
+    "ig_paper",
+    "cache",
+    "patching",
+    "deep_lift",
+    "perturb_methods",
+    "atp",
+    "scaling",
+]
+
+
+@pytest.mark.parametrize("name", BENCHES)
 def test_bench_quick_smoke(name, tmp_path):
     proc = _run(["-m", "bench.run", "--only", name, "--quick", "--threads", "1", "--out", str(tmp_path)], timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
