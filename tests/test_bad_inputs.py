@@ -182,6 +182,11 @@ TABLE: dict[str, list] = {
         lambda: tdfunc.latent.generate_greedy(None, None, torch.tensor([[1]]), 1),
         lambda: tdfunc.latent.generate_greedy(NET, None, None, 1),
     ],
+    "generate": [  # tdfunc.latent.generate
+        lambda: tdfunc.latent.generate(None, None, torch.tensor([[1]])),
+        lambda: tdfunc.latent.generate(NET, None, torch.tensor([[1]])),
+        lambda: tdfunc.latent.generate(NET, None, None),
+    ],
     "probe_init": [lambda: tdfunc.latent.probe_init(None, 3, 2), lambda: tdfunc.latent.probe_init("linear", None, 2)],
     "probe_fit": [
         lambda: tdfunc.latent.probe_fit("linear", None, Y),

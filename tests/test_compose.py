@@ -347,6 +347,7 @@ NO_ROW = {
     "latent.cache_activations": "a loop over a dataset writing a (memory-mapped) cache",
     "latent.cache_attributions": "a loop over a dataset running an attribution method per batch (which has rows)",
     "latent.generate_greedy": "a token-by-token loop with data-dependent stopping",
+    "latent.generate": "transformers' generate under edits: a token-by-token loop with data-dependent stopping",
     "latent.probe_fit": "an optimisation loop over epochs (probe_init / probe_apply / probe_evaluate have rows)",
     "latent.fit_probes": "many probe_fit loops with a train/test split",
     "latent.fit_sklearn_probes": "scikit-learn estimators (not torch functions)",

@@ -14,6 +14,7 @@ from ._dimension import local_knn_dimension as local_knn_dimension
 from ._dimension import local_pca_dimension as local_pca_dimension
 from ._dimension import mle_dimension as mle_dimension
 from ._dimension import twonn_dimension as twonn_dimension
+from ._generate import generate as generate
 from ._geometry import GeometryError as GeometryError
 from ._patch import PatchError as PatchError
 from ._patch import patch as patch

@@ -120,7 +120,10 @@ def steer(
 
     with ``m`` selecting ``positions`` along dim 1 (every position when None). Without positions
     the edits are ``tdfunc.delta(scale * v)``; with positions they are callables that build the mask
-    from the value's dim 1 at call time (so they follow a growing sequence in generation).
+    from the value's dim 1 at call time (so they follow a growing sequence in
+    :func:`tdfunc.latent.generate_greedy`). Under a KV cache a forward runs only the new tokens, so
+    for :func:`tdfunc.latent.generate` give ``steer(v, scale)`` and ``positions=`` to ``generate``
+    (which refuses steering edits built with positions).
 
     Args:
         vectors: ``{site: vector}``, e.g. from ``steering_vector``; each broadcastable to its site.
@@ -162,6 +165,7 @@ def steer(
             def edit(h, v=v, site=site):
                 return h + torch.where(position_mask(fn, site, positions, h), v, torch.zeros_like(v))
 
+            edit._tdfunc_steer_positions = positions  # type: ignore[attr-defined]  # generate refuses these
             edits[site] = edit
     return edits
 
@@ -178,6 +182,14 @@ def generate_greedy(
 
     .. math::
         x_{t+1} = \\arg\\max_w \\text{logits}(x_{1..t};\\ \\text{edits})_{t, w}
+
+    For transformers models use :func:`tdfunc.latent.generate`: the model's own ``generate`` (KV
+    cache, attention mask, padded batches, sampling, beams) with positions of the full sequence; it
+    gives the same tokens as this loop for edits at fixed positions. This loop remains for any module
+    returning logits (no ``generate`` method needed) and for edits resolved against the growing
+    sequence at every step: with ``steer(v, positions=-1)`` here only the newest token is edited in
+    each step, which no KV cache can reproduce (the cached keys and values of earlier tokens were
+    computed with the edit). Its cost is quadratic in the length.
 
     Args:
         module: a causal LM returning logits (B, T, V) or an output with ``.logits``.
