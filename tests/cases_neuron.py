@@ -45,4 +45,14 @@ def cases() -> list[Case]:
         return tdfunc.deep_lift(g, td, mlp)["attr", "x"].flatten()
 
     rows.append(Case("neuron:deeplift-K", mlp, dl_k, (x6,), (0,), (0,), "fc1", probe=x6))
+
+    def cond(x, w):  # neuron conductance of two units for every target; d(map)/d(weight)
+        state = s_mlp.update({("fc1", "weight"): w}, inplace=False)
+        td = TensorDict({"x": x[None]}, batch_size=[1])
+        f = lambda t: tdfunc.functional_call(mlp, state, (t["x"],))  # noqa: E731
+        return tdfunc.neuron_conductance(f, td, mlp, "act", [(1,), (slice(2, 5),)], n_steps=6)["attr", "x"].flatten()
+
+    rows.append(
+        Case("neuron:conductance", mlp, cond, (x6, s_mlp["fc1", "weight"].clone()), (0, None), (0, 1), "fc1", probe=x6)
+    )
     return rows

@@ -116,6 +116,12 @@ TABLE: dict[str, list] = {
         lambda: tdfunc.neuron(F, None, "0", (1,)),
         lambda: tdfunc.neuron(F, NET, 3, (1,)),
     ],
+    "neuron_conductance": [
+        lambda: tdfunc.neuron_conductance(None, TD, NET, "0", (1,)),
+        lambda: tdfunc.neuron_conductance(F, TD, None, "0", (1,)),
+        lambda: tdfunc.neuron_conductance(F, TD, NET, "0", "bad"),
+        lambda: tdfunc.neuron_conductance(F, NAN_TD, NET, "0", (1,)),
+    ],
     "lime": [lambda: tdfunc.lime(None, TD), lambda: tdfunc.lime(F, NAN_TD), lambda: tdfunc.lime(F, TD, alpha=NAN)],
     "feature_permutation": [
         lambda: tdfunc.feature_permutation(None, TD),

@@ -34,6 +34,7 @@ from ._maximise import activation_maximisation as activation_maximisation
 from ._metrics import infidelity as infidelity
 from ._metrics import sensitivity_max as sensitivity_max
 from ._neuron import neuron as neuron
+from ._neuron_conductance import neuron_conductance as neuron_conductance
 from ._noise import smooth_grad as smooth_grad
 from ._perturb import feature_ablation as feature_ablation
 from ._perturb import occlusion as occlusion
@@ -68,6 +69,7 @@ __all__ = [
     "lime",
     "lrp",
     "neuron",
+    "neuron_conductance",
     "occlusion",
     "saliency",
     "sensitivity_max",
