@@ -118,6 +118,11 @@ def neuron(
     with :func:`tdfunc.integrated_gradients`, :func:`tdfunc.deep_lift`, :func:`tdfunc.gradient_shap`,
     :func:`tdfunc.guided_backprop`, :func:`tdfunc.deconvolution`, :func:`tdfunc.smooth_grad`,
     :func:`tdfunc.input_x_gradient` it is ``NeuronIntegratedGradients``, ``NeuronDeepLift``, ... .
+    The perturbation methods take it too: ``tdfunc.feature_ablation(neuron(f, m, "fc1", (3,)), td,
+    feature_mask=...)`` is captum's ``NeuronFeatureAblation`` (equal on captum's own cases; its
+    ``perturbations_per_eval`` is ``chunk_size``), and :func:`tdfunc.occlusion`,
+    :func:`tdfunc.shapley_value_sampling`, ... of a neuron follow.  For the conductance of a neuron (captum's
+    ``NeuronConductance``) see :func:`tdfunc.neuron_conductance`.
 
     The site's value has the td's batch dims first (``td.batch_size``); the selector indexes what follows:
 
@@ -154,7 +159,7 @@ def neuron(
         >>> tdfunc.saliency(tdfunc.neuron(lambda t: net(t["x"]), net, "0", [(0,), (1,)]), td)["attr", "x"].shape
         torch.Size([5, 2, 3])
 
-    Composes with: every gradient-based method, ``vmap``, ``grad`` (double backward),
+    Composes with: every gradient-based and perturbation method, ``vmap``, ``grad`` (double backward),
     ``torch.compile(fullgraph=True)``.
     """
     if not callable(f):
