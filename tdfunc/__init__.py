@@ -25,9 +25,11 @@ from ._call import functional_call as functional_call
 from ._call import intervene as intervene
 from ._edits import Delta as Delta
 from ._edits import FromSite as FromSite
+from ._edits import GradEdit as GradEdit
 from ._edits import Rule as Rule
 from ._edits import delta as delta
 from ._edits import from_site as from_site
+from ._edits import grad_edit as grad_edit
 from ._edits import rule as rule
 from ._errors import EditError as EditError
 from ._errors import NotReachedError as NotReachedError
@@ -65,6 +67,8 @@ __all__ = [
     "StateError",
     "NotReachedError",
     "list_sites",
+    "grad_edit",
+    "GradEdit",
 ]
 __all__ += attribution.__all__
 

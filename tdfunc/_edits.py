@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["Delta", "Rule", "FromSite", "delta", "rule", "from_site"]
+__all__ = ["Delta", "Rule", "FromSite", "GradEdit", "delta", "rule", "from_site", "grad_edit"]
 
 
 @dataclass(frozen=True)
@@ -31,6 +31,13 @@ class FromSite:
 
     source: str
     fn: Callable[[Any], Any] | None
+
+
+@dataclass(frozen=True)
+class GradEdit:
+    """Keep a site's value, apply ``fn`` to the gradient flowing back through it: :func:`tdfunc.grad_edit`."""
+
+    fn: Callable[[torch.Tensor], torch.Tensor]
 
 
 def delta(t: torch.Tensor) -> Delta:
@@ -118,3 +125,63 @@ def from_site(source: str, fn: Callable[[Any], Any] | None = None) -> FromSite:
     if fn is not None and not callable(fn):
         raise TypeError(f"tdfunc.from_site: fn must be callable or None, got {type(fn).__name__} ({fn!r:.60}).")
     return FromSite(source, fn)
+
+
+def grad_edit(fn: Callable[[torch.Tensor], torch.Tensor]) -> GradEdit:
+    """A gradient edit: the site's value is unchanged, the gradient flowing back through it becomes ``fn(g)``.
+
+    .. math::  E(v) = v,\\qquad \\frac{\\partial L}{\\partial v} \\leftarrow
+        \\mathrm{fn}\\Big(\\frac{\\partial L}{\\partial E(v)}\\Big)
+
+    As a tensor hook or tdhook's ``output_grad_callbacks`` / ``set_grad`` do, but as edit data: it
+    composes with ``vmap``, ``grad`` and ``torch.compile``, and with every gradient-based method, LRP
+    included (there the gradient at a site times its value is the relevance, so masking the gradient
+    of a layer's channels keeps the relevance of one concept: concept relevance propagation, CRP).
+    ``g`` is the gradient w.r.t. the value the forward continues with at the site, after every value
+    edit there (a rule, a substitute, a delta, of this call or of an enclosing one); ``fn``'s result
+    flows on into whatever produced that value.  ``fn`` runs during the backward pass, with the
+    gradient of one example under ``vmap``, and must return a tensor of ``g``'s shape and dtype.
+
+    Higher derivatives: the site is an operation ``E`` with ``E(v) = v`` whose vector-Jacobian product
+    is ``fn`` in every backward pass, also in the ones differentiating a first-order result, and ``fn``
+    is differentiated as written (w.r.t. ``g`` and the tensors it closes over).  For
+    ``fn = lambda g: g * m`` the site is the straight-through map ``stop(v) + m * (v - stop(v))`` in
+    every order.  So the derivative of a first-order result (a saliency or relevance map) w.r.t. the
+    tensors ``fn`` closes over and w.r.t. inputs or parameters after the site is exact; w.r.t. inputs or
+    parameters *before* the site it is that of the straight-through map, not the finite-difference
+    derivative of the map, wherever the layers after the site are nonlinear (their curvature reaches
+    the earlier ones through ``fn`` too).
+
+    Args:
+        fn: a function of the gradient at the site returning its replacement, e.g. ``lambda g: g * mask``.
+
+    Returns:
+        An edit for the ``edits`` mapping of :func:`tdfunc.functional_call` or :func:`tdfunc.intervene`.
+
+    Raises:
+        TypeError: ``fn`` is not callable.
+        EditError (during the call / backward): the site holds no floating-point tensor, or ``fn``
+            returned something that is not a tensor of the gradient's shape and dtype.
+        NotImplementedError (torch's): forward-mode differentiation (``jvp``, ``jacfwd``) through the site.
+
+    Example:
+        >>> import torch, tdfunc
+        >>> net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 1))
+        >>> x, mask = torch.randn(2, 3), torch.tensor([1.0, 0.0, 0.0, 1.0])
+        >>> f = lambda x, e: tdfunc.functional_call(net, None, (x,), edits=e).sum()
+        >>> g = torch.func.grad(f)(x, {"1": tdfunc.grad_edit(lambda g: g * mask)})
+        >>> torch.equal(f(x, {"1": tdfunc.grad_edit(lambda g: g * mask)}), f(x, {}))  # same value
+        True
+        >>> ref = torch.func.grad(lambda x: (net[2](net[1](net[0](x)) * mask)).sum())(x)
+        >>> torch.allclose(g, ref)  # only units 0 and 3 pass gradient
+        True
+
+    Composes with: ``vmap`` (over inputs and over tensors ``fn`` closes over), ``grad`` (double
+    backward as above), ``torch.compile(fullgraph=True)``, every attribution method.
+    """
+    if not callable(fn):
+        raise TypeError(
+            f"tdfunc.grad_edit: expected a callable fn(grad) -> grad, got {type(fn).__name__} ({fn!r:.60}); "
+            "e.g. tdfunc.grad_edit(lambda g: g * mask)."
+        )
+    return GradEdit(fn)

@@ -15,7 +15,7 @@ import torch
 from tensordict import TensorDictBase
 from torch import nn
 
-from ._edits import Delta, FromSite, Rule
+from ._edits import Delta, FromSite, GradEdit, Rule  # GradEdit: grad_edit
 from ._errors import EditError, SiteError
 from ._sites import SiteSpec, module_table, parse_site, resolve_site
 
@@ -129,6 +129,8 @@ def _sites_of(fn: str, what: str, value: Any) -> list:
 
 def _check_edit_value(fn: str, site: str, payload: Any) -> None:
     if isinstance(payload, (torch.Tensor, Delta, Rule, FromSite, TensorDictBase)) or callable(payload):
+        return
+    if isinstance(payload, GradEdit):  # grad_edit
         return
     raise EditError(
         f"{fn}: the edit at site {site!r} is a value of type {type(payload).__name__} ({payload!r:.60}); expected a "

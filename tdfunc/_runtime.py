@@ -24,9 +24,10 @@ from typing import Any
 import torch
 from tensordict import TensorDict, TensorDictBase
 
-from ._edits import Delta, FromSite, Rule
+from ._edits import Delta, FromSite, GradEdit, Rule  # GradEdit: grad_edit
 from ._errors import EditError, NotReachedError, SiteError, shape_str
 from ._finish import finish
+from ._grad_edit import apply_grad_edit  # grad_edit
 from ._ops import OP_OF
 from ._plan import Frame, Plan, _Op
 from ._sites import ALL_CALLS, acquire, release
@@ -118,6 +119,8 @@ def _edit(frame: Frame, op: _Op, value: Any, module, args, kwargs, output) -> An
         return _own(_fit(fn, op.key, "the substitute", p, value, exact=False))
     if isinstance(p, Delta):
         return value + _fit(fn, op.key, "the delta", p.tensor, value, exact=False)
+    if isinstance(p, GradEdit):  # grad_edit: identity forward, p.fn on the gradient
+        return apply_grad_edit(fn, op.key, p.fn, value)
     if isinstance(p, FromSite):
         seen = frame.values[op.read.slot]  # type: ignore[union-attr]  # a FromSite op has a read
         if not seen:
@@ -236,14 +239,20 @@ def _capture_copy(value: Any) -> Any:
     return value.clone() if isinstance(value, (torch.Tensor, TensorDictBase)) else value
 
 
-def _run(frame: Frame, ops: list[_Op], counter: int, port: str, module, args, kwargs, container) -> Any:
+def _run(frame: Frame, ops: list[_Op], counter: int, port: str, module, args, kwargs, container, later=None) -> Any:
     k = frame.counts[counter]
     frame.counts[counter] = k + 1
-    return _apply(frame, ops, k, port, module, args, kwargs, container)[0]
+    return _apply(frame, ops, k, port, module, args, kwargs, container, later)[0]
 
 
-def _apply(frame: Frame, ops: list[_Op], k: int, port: str, module, args, kwargs, container) -> tuple[Any, Any]:
-    """Run ``ops`` on call ``k``; return ``(container, kwargs)`` (kwargs change for ``:input.NAME`` sites)."""
+def _apply(
+    frame: Frame, ops: list[_Op], k: int, port: str, module, args, kwargs, container, later: list | None = None
+) -> tuple[Any, Any]:
+    """Run ``ops`` on call ``k``; return ``(container, kwargs)`` (kwargs change for ``:input.NAME`` sites).
+
+    grad_edit: with ``later`` given, gradient edits are appended to it instead of applied; the hook applies
+    them with :func:`_apply_later` after every frame's value edits at the site.
+    """
     fn = frame.plan.fn
     for op in ops:
         if op.call is not None and op.call != ALL_CALLS and op.call != k:
@@ -260,11 +269,26 @@ def _apply(frame: Frame, ops: list[_Op], k: int, port: str, module, args, kwargs
         if op.capture:
             frame.values[op.slot].append(_capture_copy(value))
         else:
+            if later is not None and isinstance(op.payload, GradEdit):  # grad_edit: after every value edit
+                later.append((frame, op, i, by_kw))
+                continue
             new = _edit(frame, op, value, module, args, kwargs, container)
             if by_kw:
                 kwargs = {**kwargs, i: new}
             else:
                 container = _put(container, op, new, i)
+    return container, kwargs
+
+
+def _apply_later(later: list, port: str, container: Any, kwargs: Any) -> tuple[Any, Any]:
+    """grad_edit: the gradient edits :func:`_apply` put off, in frame order, on the site's final value."""
+    for frame, op, i, by_kw in later:
+        value = kwargs[i] if by_kw else _get(frame.plan.fn, op, container, port, i)
+        new = apply_grad_edit(frame.plan.fn, op.key, op.payload.fn, value)
+        if by_kw:
+            kwargs = {**kwargs, i: new}
+        else:
+            container = _put(container, op, new, i)
     return container, kwargs
 
 
@@ -287,6 +311,7 @@ def input_hook(module, args, kwargs=None):
     if not stack or kwargs is None:
         return None
     changed = False
+    later: list = []  # grad_edit
     frames = _active(stack)
     for frame in frames:
         entry = frame.plan.entries.get(module)
@@ -303,8 +328,10 @@ def input_hook(module, args, kwargs=None):
                 counter = entry.counter
                 k = frame.counts[counter]
                 frame.counts[counter] = k + 1
-                args, kwargs = _apply(frame, entry.inputs, k, "input", module, args, kwargs, args)
+                args, kwargs = _apply(frame, entry.inputs, k, "input", module, args, kwargs, args, later)
                 changed = True
+    if later:  # grad_edit
+        args, kwargs = _apply_later(later, "input", args, kwargs)
     return (args, kwargs) if changed else None
 
 
@@ -313,6 +340,7 @@ def output_hook(module, args, kwargs, output=_NO_OUTPUT):
     if not stack or output is _NO_OUTPUT:  # called without kwargs: see input_hook
         return None
     changed = False
+    later: list = []  # grad_edit
     frames = _active(stack)
     for frame in frames:
         entry = frame.plan.entries.get(module)
@@ -324,8 +352,10 @@ def output_hook(module, args, kwargs, output=_NO_OUTPUT):
             if entry.outputs:
                 if not changed:
                     watch_checkpoints(frames)
-                output = _run(frame, entry.outputs, entry.counter + 1, "output", module, args, kwargs, output)
+                output = _run(frame, entry.outputs, entry.counter + 1, "output", module, args, kwargs, output, later)
                 changed = True
+    if later:  # grad_edit
+        output = _apply_later(later, "output", output, None)[0]
     return output if changed else None
 
 
@@ -363,13 +393,19 @@ class _OpMode(torch.overrides.TorchFunctionMode):
         modes = _LOCAL.modes
         modes.pop()  # torch popped this mode while its handler runs: not live for user code run here
         try:
+            later: list = []  # grad_edit
             for frame, oe, k in hits:
                 if oe.inputs:
-                    args, kwargs = _apply(frame, oe.inputs, k, "input", func, args, kwargs, args)
+                    args, kwargs = _apply(frame, oe.inputs, k, "input", func, args, kwargs, args, later)
+            if later:  # grad_edit
+                args, kwargs = _apply_later(later, "input", args, kwargs)
+                later = []
             out = func(*args, **kwargs)
             for frame, oe, k in hits:
                 if oe.outputs:
-                    out = _apply(frame, oe.outputs, k, "output", func, args, kwargs, out)[0]
+                    out = _apply(frame, oe.outputs, k, "output", func, args, kwargs, out, later)[0]
+            if later:  # grad_edit
+                out = _apply_later(later, "output", out, None)[0]
         finally:
             modes.append(self)
         return out

@@ -13,14 +13,14 @@ from typing import Any, Literal, Union
 import torch
 from tensordict import TensorDictBase
 
-from ._edits import Delta, FromSite, Rule
+from ._edits import Delta, FromSite, GradEdit, Rule
 
 #: A site string: ``"path"``, ``"path:input"``, ``"path:output.1"``, ``"path@2"``, ``"path@*"``, globs.
 Site = str
 #: One site or several.
 Sites = Union[Site, Sequence[Site]]
 #: What can happen at a site.
-Edit = Union[torch.Tensor, Delta, Rule, FromSite, Callable[[Any], Any]]
+Edit = Union[torch.Tensor, Delta, Rule, FromSite, GradEdit, Callable[[Any], Any]]
 Edits = Mapping[Site, Edit]
 Capture = Union[Site, Sequence[Site]]
 State = Union[TensorDictBase, Mapping[str, torch.Tensor], None]

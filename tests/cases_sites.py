@@ -89,10 +89,19 @@ def cases() -> list[Case]:
             ]
         )
 
+    m = torch.rand(B, 3, 4, dtype=dt)
+
+    def grad_edit_saliency(x, m):  # grad_edit: the gradient at attn's output masked, inside a saliency map
+        f = lambda x: tdfunc.functional_call(net, s, (x,), edits={"attn": tdfunc.grad_edit(lambda g: g * m)}).sum()
+        return torch.func.grad(f)(x).flatten()
+
     return [
         Case("sites:op-softmax-delta+capture", net, op_delta, (x, d), (0, 0), (0, 1), "attn/softmax", probe=x[0]),
         Case("sites:op-rule-from-site", net, op_rule_from_site, (x,), (0,), (0,), "attn/einsum", probe=x[0]),
         Case(
             "sites:kw-input-output-key", net, kw_input_output_key, (x, u), (0, 0), (0, 1), "blk:input.scale", probe=x[0]
+        ),
+        Case(  # grad_edit: differentiated w.r.t. the mask (w.r.t. x before the site: the straight-through map)
+            "sites:grad-edit", net, grad_edit_saliency, (x, m), (0, 0), (1,), "attn", "inductor", probe=x[0]
         ),
     ]

@@ -41,6 +41,7 @@ TABLE: dict[str, list] = {
     "delta": [lambda: tdfunc.delta(None), lambda: tdfunc.delta("x")],
     "rule": [lambda: tdfunc.rule(None), lambda: tdfunc.rule(3)],
     "from_site": [lambda: tdfunc.from_site(None), lambda: tdfunc.from_site(3)],
+    "grad_edit": [lambda: tdfunc.grad_edit(None), lambda: tdfunc.grad_edit(3)],
     "install_sites": [lambda: tdfunc.install_sites(None, ["0"]), lambda: tdfunc.install_sites(NET, 3)],
     "remove_sites": [lambda: tdfunc.remove_sites(None), lambda: tdfunc.remove_sites("net")],
     "list_sites": [lambda: tdfunc.list_sites(None, X), lambda: tdfunc.list_sites(NET, [X])],

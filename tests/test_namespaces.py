@@ -37,6 +37,8 @@ def test_top_level_is_core_plus_attribution():
         "StateError",
         "NotReachedError",
         "list_sites",
+        "grad_edit",
+        "GradEdit",
     }
     assert set(tdfunc.__all__) == core | set(SPACES) | set(tdfunc.attribution.__all__)
     assert len(tdfunc.__all__) == len(set(tdfunc.__all__))
