@@ -27,7 +27,12 @@ Before timing, the estimates are compared with the exact effects: Spearman rank 
 AtP, magnitudes for GradDrop, which estimates |effect|) and top-k agreement (the share of the exact top-k cells
 by |effect| that the estimate also puts in its top k), printed and stored in each row's params.
 
-``--quick``: a GPT-2 from a config (2 layers, d 64, 4 heads, T 8) and random prompts instead of SmolLM2.
+AtP*'s QK fix (one prompt pair): the queries ``"model.layers.*.self_attn.q_proj"`` over the 9 query heads and the
+keys ``"model.layers.*.self_attn.k_proj"`` over the 3 KV heads (``units("b t (h d) -> b t h d", h=...)``), exact
+sweep vs ``attribution_patching`` vs ``attribution_patching(..., qk_fix=True)``, with the largest absolute error.
+
+``--quick``: a GPT-2 from a config (2 layers, d 64, 4 heads, T 8) and random prompts instead of SmolLM2 (the QK
+fix on a Llama from a config: 2 layers, d 64, 4 query / 2 KV heads, T 8).
 Run: ``python -m bench.run --only atp --threads 1``.
 """
 
@@ -141,10 +146,101 @@ def run(device: str = "cpu", quick: bool = False) -> list[dict]:
     )  # the accuracy call warms every variant
     if quick:
         case(bench, device, _gpt2(), (("positions", False), ("heads", True)))
+        qk_case(bench, device, _llama_qk())
     else:
         case(bench, device, _smollm2(1), (("positions", False), ("heads", True)))
         case(bench, device, _smollm2(8), (("heads", False),))
+        qk_case(bench, device, _smollm2_qk())
     return bench.rows
+
+
+def _smollm2_qk():
+    model, clean, corrupt, ab, *_, label = _smollm2(1)
+    sets = [("model.layers.*.self_attn.q_proj", 9, "query heads"), ("model.layers.*.self_attn.k_proj", 3, "KV heads")]
+    return model, clean, corrupt, ab, sets, label
+
+
+def _llama_qk():
+    import transformers
+
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        initializer_range=0.3,
+        attn_implementation="eager",
+    )
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    g = torch.Generator().manual_seed(1)
+    clean, corrupt = (torch.randint(0, 256, (1, 8), generator=g) for _ in range(2))
+    sets = [("model.layers.*.self_attn.q_proj", 4, "query heads"), ("model.layers.*.self_attn.k_proj", 2, "KV heads")]
+    return model, clean, corrupt, (torch.tensor([11]), torch.tensor([22])), sets, "Llama from a config (2 layers, d 64)"
+
+
+def qk_case(bench: Bench, device: str, setup: tuple) -> None:
+    """AtP and AtP with the QK fix vs the exact sweep over query heads and KV heads."""
+    import tdfunc
+
+    model, clean, corrupt, (a, b), sets, label = setup
+    model = model.to(device)
+    clean, corrupt = clean.to(device), corrupt.to(device)
+    state = tdfunc.state(model)
+    rows = torch.arange(clean.shape[0])
+    metric = lambda out: (out.logits[rows, -1, a] - out.logits[rows, -1, b]).mean()  # noqa: E731
+    with torch.no_grad():
+        base = metric(tdfunc.functional_call(model, state, (corrupt,)))
+    latent = tdfunc.latent
+    for sites, h, what in sets:
+        over = latent.units("b t (h d) -> b t h d", h=h)
+
+        def exact(sites=sites, over=over):
+            with torch.no_grad():
+                return latent.patching_sweep(model, state, (clean,), (corrupt,), sites, metric, over=over) - base
+
+        def atp(fix: bool, sites=sites, over=over):
+            return latent.attribution_patching(
+                model, state, (clean,), (corrupt,), sites, metric, over=over, qk_fix=fix
+            ).detach()
+
+        variants = {
+            "exact patching_sweep": exact,
+            "attribution_patching": lambda: atp(False),
+            "attribution_patching qk_fix": lambda: atp(True),
+        }
+        results = {k: f() for k, f in variants.items()}
+        ref = results["exact patching_sweep"]
+        accuracy = {}
+        for k, est in results.items():
+            if k == "exact patching_sweep":
+                continue
+            accuracy[k] = {
+                "spearman": round(spearman(est, ref), 4),
+                f"top{TOP_K}": round(top_k_agreement(est, ref), 3),
+                "max_abs_err": round(float((est - ref).abs().max()), 5),
+            }
+            print(
+                f"[{NAME}] {label} {what}: {k}: Spearman {accuracy[k]['spearman']:.3f}, top-{TOP_K} agreement "
+                f"{accuracy[k][f'top{TOP_K}']:.2f}, max error {accuracy[k]['max_abs_err']:.3f} (largest exact "
+                f"{float(ref.abs().max()):.3f}) over {ref.numel()} cells",
+                flush=True,
+            )
+        n_sites, n_units = ref.shape
+        bench.time(
+            f"{label}: {n_sites} sites x {n_units} {what} = {ref.numel()} cells",
+            variants,
+            reference="exact patching_sweep",
+            params={"sites": sites, "over": f"{what} (h={h})", "cells": ref.numel(), "accuracy": accuracy},
+            notes={
+                "exact patching_sweep": "patching_sweep(...) - metric(corrupted), no_grad",
+                "attribution_patching": "one clean forward + one corrupted forward/backward",
+                "attribution_patching qk_fix": "AtP*'s QK fix: + one clean forward capturing q, k, scores",
+            },
+            number=1,
+        )
 
 
 def case(bench: Bench, device: str, setup: tuple, cells: tuple) -> None:

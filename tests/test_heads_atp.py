@@ -375,6 +375,132 @@ def test_atp_ranks_like_the_exact_sweep_on_gpt2(gpt2):
         assert _spearman(est, exact) > 0.9, (sites, _spearman(est, exact))
 
 
+# ------------------------------------------------------------------------------------ AtP*'s QK fix
+
+
+def test_qk_fix_is_exact_when_the_metric_is_linear_in_the_attention_pattern():
+    """Patching a query or key only changes the pattern; with the rest linear in it the fix is exact, AtP is not."""
+    from cases_atp import Net
+
+    torch.manual_seed(0)
+    net = Net().double()
+    clean, corrupt = 2 * torch.randn(2, 5, 3, dtype=torch.float64), 2 * torch.randn(2, 5, 3, dtype=torch.float64)
+    metric = lambda y: (y[:, -1, 0] - y[:, 2, 1]).sum()  # noqa: E731
+    base = metric(net(corrupt))
+    atp = tdfunc.latent.attribution_patching
+    for site, over in (
+        ("attn.q_proj", "positions"),
+        ("attn.q_proj", tdfunc.latent.units("b t (h d) -> b t h d", h=4)),
+        ("attn.k_proj", "positions"),
+        ("attn.k_proj", tdfunc.latent.units("b t (h d) -> b t h d", h=2)),  # grouped KV heads: 2 of the 4
+    ):
+        exact = tdfunc.latent.patching_sweep(net, None, (clean,), (corrupt,), site, metric, over=over) - base
+        fixed = atp(net, None, (clean,), (corrupt,), site, metric, over=over, qk_fix=True)
+        plain = atp(net, None, (clean,), (corrupt,), site, metric, over=over)
+        torch.testing.assert_close(fixed, exact, rtol=1e-9, atol=1e-12)
+        assert (plain - exact).abs().max() > 1e-3 * exact.abs().max()  # the linear estimate is not exact here
+    # sites that are not queries or keys keep the plain estimate in the same call
+    both = atp(net, None, (clean,), (corrupt,), ["attn.q_proj", "attn.o_proj"], metric, qk_fix=True)
+    torch.testing.assert_close(both[1], atp(net, None, (clean,), (corrupt,), "attn.o_proj", metric)[0])
+
+
+def _slow_qk_fix(model, layer, role, clean, corrupt, n_units, block, metric):
+    """AtP*'s QK fix from its definition, with forward hooks on Llama's q_proj / k_proj and output_attentions.
+
+    g = d metric / d pattern at the corrupted run (a zero delta at the softmax); for each unit, the pattern of
+    the corrupted run with that unit's (position, head) blocks of the projection taken from the clean run, as
+    the model itself computes it (RoPE, repeated KV heads, scale, mask); estimate = sum g * (patched - corrupted).
+    """
+    attn = model.model.layers[layer].self_attn
+    proj = attn.q_proj if role == "q" else attn.k_proj
+    seen = {}
+    h = proj.register_forward_hook(lambda m, a, out: seen.__setitem__("clean", out.detach().clone()))
+    try:
+        model(clean)
+    finally:
+        h.remove()
+    site = f"model.layers.{layer}.self_attn/softmax"
+    _, caps = tdfunc.functional_call(model, None, (corrupt,), capture=[site])
+    g = grad(lambda d: metric(tdfunc.functional_call(model, None, (corrupt,), edits={site: tdfunc.delta(d)})))(
+        torch.zeros_like(caps[site])
+    )
+    base = model(corrupt, output_attentions=True).attentions[layer].detach()
+    rows = []
+    for u in range(n_units):
+
+        def patch(m, a, out, u=u):
+            out = out.clone()
+            keep = block(u, out.shape)
+            out[keep] = seen["clean"][keep]
+            return out
+
+        h = proj.register_forward_hook(patch)
+        try:
+            patched = model(corrupt, output_attentions=True).attentions[layer].detach()
+        finally:
+            h.remove()
+        rows.append((g * (patched - base)).sum())
+    return torch.stack(rows)
+
+
+def test_qk_fix_equals_the_slow_hook_reference_on_llama():
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        initializer_range=0.4,  # sharp attention: AtP's linear estimate through the softmax is off
+        attn_implementation="eager",
+    )
+    llama = transformers.LlamaForCausalLM(cfg).double().eval()
+    clean, corrupt = torch.randint(0, 64, (1, 6)), torch.randint(0, 64, (1, 6))
+    atp = tdfunc.latent.attribution_patching
+    dh = 8
+
+    def pos(u, shape):
+        m = torch.zeros(shape, dtype=torch.bool)
+        m[:, u] = True
+        return m
+
+    def head(u, shape):
+        m = torch.zeros(shape, dtype=torch.bool)
+        m[..., u * dh : (u + 1) * dh] = True
+        return m
+
+    for role, over, n, block in (
+        ("q", "positions", 6, pos),
+        ("k", "positions", 6, pos),
+        ("q", "heads", 4, head),
+        ("k", tdfunc.latent.units("b t (h d) -> b t h d", h=2), 2, head),
+    ):
+        site = f"model.layers.0.self_attn.{role}_proj"
+        got = atp(llama, None, (clean,), (corrupt,), site, _metric, over=over, qk_fix=True)[0]
+        want = _slow_qk_fix(llama, 0, role, clean, corrupt, n, block, _metric)
+        # Llama computes its softmax in float32 (also in a float64 model): both sides carry float32 patterns
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6, check_dtype=False)
+        assert (want - atp(llama, None, (clean,), (corrupt,), site, _metric, over=over)[0]).abs().max() > 1e-2
+
+
+def test_qk_fix_with_graddrop_is_nonnegative_and_refuses_what_it_cannot_fix():
+    from cases_atp import Net
+
+    torch.manual_seed(1)
+    net = Net().double()
+    clean, corrupt = torch.randn(1, 5, 3, dtype=torch.float64), torch.randn(1, 5, 3, dtype=torch.float64)
+    m = lambda y: y[0, -1, 0]  # noqa: E731
+    atp = tdfunc.latent.attribution_patching
+    gd = atp(net, None, (clean,), (corrupt,), "attn.k_proj", m, grad_drop=["attn", "out"], qk_fix=True)
+    assert gd.shape == (1, 5) and (gd >= 0).all()
+    capped = Net(cap=0.5).double()
+    with pytest.raises(PatchError, match=r"not such a function of the product \(fitted s = "):
+        atp(capped, None, (clean,), (corrupt,), "attn.q_proj", m, qk_fix=True)
+    with pytest.raises(PatchError, match="covers part of a head"):
+        atp(net, None, (clean,), (corrupt,), "attn.q_proj", m, over=2, qk_fix=True)
+
+
 # -------------------------------------------------------------------------------------------- SmolLM2
 
 
@@ -419,6 +545,28 @@ def test_smollm2_heads_and_atp(smollm2):
     assert _spearman(est.detach(), exact) > 0.8
 
 
+def test_smollm2_qk_fix_where_attention_saturates(smollm2):
+    """Real weights, layers 8-9 (where AtP's query / key estimates are furthest off): the fix is closer to the sweep."""
+    model, tok = smollm2
+    clean = tok("The capital of France is", return_tensors="pt").input_ids
+    corrupt = tok("The capital of Italy is", return_tensors="pt").input_ids
+    paris, rome = tok(" Paris").input_ids[0], tok(" Rome").input_ids[0]
+    metric = lambda out: out.logits[0, -1, paris] - out.logits[0, -1, rome]  # noqa: E731
+    with torch.no_grad():
+        base = metric(model(corrupt))
+    atp = tdfunc.latent.attribution_patching
+    for role, h in (("q", 9), ("k", 3)):
+        sites = [f"model.layers.{i}.self_attn.{role}_proj" for i in (8, 9)]
+        over = tdfunc.latent.units("b t (h d) -> b t h d", h=h)
+        with torch.no_grad():
+            exact = tdfunc.latent.patching_sweep(model, None, (clean,), (corrupt,), sites, metric, over=over) - base
+        plain = atp(model, None, (clean,), (corrupt,), sites, metric, over=over).detach()
+        fixed = atp(model, None, (clean,), (corrupt,), sites, metric, over=over, qk_fix=True).detach()
+        err_plain, err_fixed = (plain - exact).abs().max(), (fixed - exact).abs().max()
+        assert err_fixed < 0.3 * err_plain, (role, err_plain, err_fixed)  # measured: 0.37 -> 0.03 (q), 0.40 -> 0.07 (k)
+        assert _spearman(fixed, exact) > _spearman(plain, exact) - 0.01
+
+
 # ------------------------------------------------------------------------------------------- errors
 
 
@@ -429,6 +577,21 @@ def _errors():
     _, caps = tdfunc.functional_call(net, None, (x,), capture=["1"])
     m = lambda y: y.sum()  # noqa: E731
     atp = tdfunc.latent.attribution_patching
+    from cases_atp import Net
+
+    qnet, qx = Net().double(), torch.randn(1, 5, 3, dtype=torch.float64)
+    sdpa = transformers.LlamaForCausalLM(
+        transformers.LlamaConfig(
+            vocab_size=64,
+            hidden_size=32,
+            intermediate_size=48,
+            num_hidden_layers=1,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            attn_implementation="sdpa",
+        )
+    ).eval()
+    ids = torch.randint(0, 64, (1, 5))
     return [
         (
             "units arrow",
@@ -547,6 +710,35 @@ def _errors():
             lambda: atp(net, None, (x,), (x,), ["1", "2"], m, over=2),
             "tdfunc.latent.attribution_patching: the sites have different numbers of units ({'1': 4, '2': 2}); estimate "
             "sites of one unit count per call.",
+        ),
+        (
+            "atp qk_fix type",
+            lambda: atp(qnet, None, (qx,), (qx,), "attn.q_proj", m, qk_fix=1),
+            "tdfunc.latent.attribution_patching: qk_fix must be True or False, got int (1).",
+        ),
+        (
+            "atp qk_fix no query or key",
+            lambda: atp(qnet, None, (qx,), (qx,), "attn.o_proj", m, qk_fix=True),
+            "tdfunc.latent.attribution_patching: qk_fix applies to query / key projection sites (a module named k / "
+            "k_proj / key / q / q_proj / query inside an attention module, e.g. 'model.layers.*.self_attn.k_proj'), but "
+            "none of the sites ['attn.o_proj'] is one; add them, or pass qk_fix=False.",
+        ),
+        (
+            "atp qk_fix part of a head",
+            lambda: atp(qnet, None, (qx,), (qx,), "attn.q_proj", m, over=2, qk_fix=True),
+            "tdfunc.latent.attribution_patching: qk_fix patches whole (position, head) blocks of a query / key, but a "
+            "unit of over at site 'attn.q_proj' covers part of a head; sweep over='positions', 'heads' or units('b t (h "
+            "d) -> b t h d', h=H).",
+        ),
+        (
+            "atp qk_fix sdpa",
+            lambda: atp(
+                sdpa, None, (ids,), (ids,), "model.layers.0.self_attn.k_proj", lambda o: o.logits.sum(), qk_fix=True
+            ),
+            "tdfunc.latent.attribution_patching: qk_fix recomputes the attention pattern of 'model.layers.0.self_attn' "
+            "from its q @ k^T matmul and softmax, but this forward reaches no "
+            "'model.layers.0.self_attn/matmul:input.0@0': load the model with attn_implementation='eager' (sdpa never "
+            "materialises the pattern), or pass qk_fix=False.",
         ),
     ]
 
