@@ -134,4 +134,27 @@ def cases() -> list[Case]:
             probe=x6,
         )
     )
+
+    def lig_joint(x, b, w):  # two sites on one path (an output and an ':input'), every class; d(maps)/d(fc2 weight)
+        state = s_mlp.copy().set(("fc2", "weight"), w)
+        td = TensorDict({"x": x[None], ("baseline", "x"): b[None]}, batch_size=[1])
+        f = lambda t: tdfunc.functional_call(mlp, state, (t["x"],))
+        sites = ["act", "head:input"]
+        out = tdfunc.layer_integrated_gradients(f, td, mlp, sites, n_steps=4, return_convergence_delta=True)
+        gxa = tdfunc.layer_gradient_x_activation(f, td, mlp, sites)
+        parts = [out["attr", s].flatten() for s in sites] + [gxa["attr", s].flatten() for s in sites]
+        return torch.cat([*parts, out["convergence_delta"].flatten()])
+
+    rows.append(
+        Case(
+            "layer:ig-gxa-joint-sites",
+            mlp,
+            lig_joint,
+            (x6, base6, s_mlp["fc2", "weight"].clone()),
+            (0, 0, None),
+            (0, 2),
+            "fc2",
+            probe=x6,
+        )
+    )
     return rows

@@ -11,14 +11,14 @@ backward passes).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 from tensordict import TensorDict, TensorDictBase
 from torch import nn
 
 from .. import _runtime
-from .._checks import check_callable
+from .._checks import check_callable, type_error
 from .._edits import delta
 from .._errors import shape_str
 from .._finite import check_finite, warn_nonfinite
@@ -57,6 +57,27 @@ def _check(fn: str, td: object, module: object, site: object) -> None:
         )
 
 
+def _check_sites(fn: str, td: object, module: object, site: object) -> list[str]:
+    """``site`` as a list of site strings: one site (checked by :func:`_check`), or a non-empty list / tuple of
+    distinct sites attributed jointly (captum's list of layers)."""
+    if not isinstance(site, (list, tuple)):
+        _check(fn, td, module, site)
+        return [site]  # type: ignore[list-item]  # _check refused every other type
+    if not site or not all(isinstance(s, str) for s in site):
+        raise type_error(AttributionError)(
+            f"{fn}: site must be a site string or a non-empty list of site strings, got {site!r:.80}; "
+            "e.g. 'layer1' or ['emb.word', 'emb.pos']."
+        )
+    repeated = sorted({s for s in site if site.count(s) > 1})
+    if repeated:
+        raise AttributionError(
+            f"{fn}: the sites {list(site)!r:.120} name {repeated!r} more than once; list each site once."
+        )
+    for s in site:
+        _check(fn, td, module, s)
+    return list(site)
+
+
 def _run(fn: str, f: Callable, module: nn.Module, td: TensorDictBase, edits: dict | None, capture: list | None):
     """``f(td)`` with ``edits`` / ``capture`` at sites of ``module`` (intervene, errors naming ``fn``)."""
     out, caps = _runtime.run_plan(make_plan(fn, module, edits, capture), f, td)
@@ -65,10 +86,18 @@ def _run(fn: str, f: Callable, module: nn.Module, td: TensorDictBase, edits: dic
 
 def _activation(fn: str, f: Callable, module: nn.Module, td: TensorDictBase, site: str):
     """One forward: ``(f(td), value at site)``; the value must be batch-first."""
-    y, caps = _run(fn, f, module, td, None, [site])
+    y, (a,) = _activations(fn, f, module, td, [site])
+    return y, a
+
+
+def _activations(fn: str, f: Callable, module: nn.Module, td: TensorDictBase, sites: list[str]):
+    """One forward: ``(f(td), [value at each site])``; every value must be batch-first."""
+    y, caps = _run(fn, f, module, td, None, sites)
     check_output(fn, y, td.batch_size)
-    a = caps[site]
-    batch = td.batch_size
+    return y, [_batch_first(fn, caps[site], td.batch_size, site) for site in sites]
+
+
+def _batch_first(fn: str, a: object, batch: torch.Size, site: str) -> torch.Tensor:
     if not isinstance(a, torch.Tensor) or not a.is_floating_point():
         what = f"dtype {a.dtype}" if isinstance(a, torch.Tensor) else f"a value of type {type(a).__name__}"
         raise AttributionError(
@@ -81,32 +110,48 @@ def _activation(fn: str, f: Callable, module: nn.Module, td: TensorDictBase, sit
             f"batch shape {shape_str(batch)}; the site must hold one activation per example, batch dims first. "
             "Give td the batch shape the model sees, or attribute another site."
         )
-    return y, a
+    return a
 
 
 def _site_gradient(fn: str, f: Callable, td: TensorDictBase, module: nn.Module, site: str, channels: bool = False):
     """(activation, gradient of every target at the site, K): two forwards + K vjps."""
     _check(fn, td, module, site)
+    acts, grads, k = _sites_gradient(fn, f, td, module, [site], channels)
+    return acts[0], grads[0], k
+
+
+def _sites_gradient(fn: str, f: Callable, td: TensorDictBase, module: nn.Module, sites: list, channels: bool = False):
+    """([activation], [gradient of every target at each site], K) for checked sites: two forwards + K vjps (a zero
+    delta at every site: each site's gradient is its full gradient, through the other sites too)."""
     check_callable(fn, "f", f, AttributionError, expected="f(td) -> Tensor")
     for key in td.keys(include_nested=True, leaves_only=True):  # f may read any entry: every float one is an input
         if td.get(key).is_floating_point():
             check_finite(fn, f"input {_show(_norm(key))}", td.get(key), AttributionError, NONFINITE_FIX)
-    _, act = _activation(fn, f, module, td, site)
-    if channels and act.dim() <= len(td.batch_size):
-        raise AttributionError(
-            f"{fn}: the value at site {site!r} has shape {shape_str(act.shape)}, with no channel dim after td's "
-            f"batch shape {shape_str(td.batch_size)}; Grad-CAM needs batch + (C, *spatial). Attribute another site."
-        )
-    g = lambda xs: _run(fn, f, module, td, {site: delta(xs["d"])}, None)
-    _, grads, k = grads_per_target(fn, g, {"d": torch.zeros_like(act)}, 0, td.batch_size)
-    return act, grads["d"], k
+    _, acts = _activations(fn, f, module, td, sites)
+    for site, act in zip(sites, acts):
+        if channels and act.dim() <= len(td.batch_size):
+            raise AttributionError(
+                f"{fn}: the value at site {site!r} has shape {shape_str(act.shape)}, with no channel dim after td's "
+                f"batch shape {shape_str(td.batch_size)}; Grad-CAM needs batch + (C, *spatial). Attribute another "
+                "site."
+            )
+    names = [f"d{i}" for i in range(len(sites))]
+    g = lambda xs: _run(fn, f, module, td, {s: delta(xs[n]) for s, n in zip(sites, names)}, None)  # noqa: E731
+    _, grads, k = grads_per_target(fn, g, {n: torch.zeros_like(a) for n, a in zip(names, acts)}, 0, td.batch_size)
+    return acts, [grads[n] for n in names], k
 
 
 def _out(td: TensorDictBase, site: str, value: torch.Tensor, extra: dict | None = None, *, fn: str = "") -> TensorDict:
-    if fn:
-        warn_nonfinite(fn, repr(("attr", site)), value)
+    return _outs(td, {site: value}, extra, fn=fn)
+
+
+def _outs(td: TensorDictBase, values: dict, extra: dict | None = None, *, fn: str = "") -> TensorDict:
+    """The result: ``("attr", site)`` for each site -> value, and the ``extra`` entries."""
     out = TensorDict({}, batch_size=td.batch_size)
-    out.set(("attr", site), value)
+    for site, value in values.items():
+        if fn:
+            warn_nonfinite(fn, repr(("attr", site)), value)
+        out.set(("attr", site), value)
     for k, v in (extra or {}).items():
         out.set(k, v)
     return out
@@ -186,7 +231,7 @@ def layer_gradient_x_activation(
     f: Callable[[TensorDictBase], torch.Tensor],
     td: TensorDictBase,
     module: nn.Module,
-    site: str,
+    site: str | Sequence[str],
     *,
     multiply_by_inputs: bool = True,
 ) -> TensorDict:
@@ -195,12 +240,15 @@ def layer_gradient_x_activation(
     .. math::  A_{b,k} = a_b \\odot \\frac{\\partial f_k(x)_b}{\\partial a_b}, \\qquad a = \\text{the site's value}
 
     Args:
-        f, td, module, site: as in :func:`tdfunc.grad_cam` (any batch-first site value).
+        f, td, module: as in :func:`tdfunc.grad_cam`.
+        site: a site as in :func:`tdfunc.grad_cam` (any batch-first value), or a list of distinct sites, all
+            from the same two forwards (captum's list of layers; each site's gradient is its full gradient).
         multiply_by_inputs: multiply by the activation (captum's default); False returns the
             gradient at the site alone.
 
     Returns:
-        TensorDict with ``("attr", site)`` of shape ``batch (+ K) + the site's per-example shape``.
+        TensorDict with ``("attr", site)`` of shape ``batch (+ K) + the site's per-example shape`` for each
+        site.
 
     Raises:
         As :func:`tdfunc.grad_cam`.
@@ -221,7 +269,11 @@ def layer_gradient_x_activation(
     ``torch.compile(fullgraph=True)`` after ``tdfunc.install_sites(module, site)``.
     """
     fn = "tdfunc.layer_gradient_x_activation"
-    act, grad, k = _site_gradient(fn, f, td, module, site)
+    sites = _check_sites(fn, td, module, site)
+    acts, grads, k = _sites_gradient(fn, f, td, module, sites)
     nb = len(td.batch_size)
-    grad = move_target_dim(grad, k, nb)
-    return _out(td, site, grad * per_target(act, k, nb) if multiply_by_inputs else grad, fn=fn)
+    out = {}
+    for s, act, grad in zip(sites, acts, grads):
+        grad = move_target_dim(grad, k, nb)
+        out[s] = grad * per_target(act, k, nb) if multiply_by_inputs else grad
+    return _outs(td, out, fn=fn)

@@ -9,7 +9,7 @@ as in :mod:`._layer` (no backward hook), so every method composes with ``vmap`` 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 from tensordict import TensorDict, TensorDictBase
@@ -32,7 +32,7 @@ from ._common import (
     prepare,
     with_inputs,
 )
-from ._layer import _activation, _check, _out, _run
+from ._layer import _activation, _activations, _check, _check_sites, _out, _outs, _run
 from ._quadrature import check_path_options as _check_options
 from ._quadrature import quadrature
 
@@ -43,7 +43,7 @@ def layer_integrated_gradients(
     f: Callable[[TensorDictBase], torch.Tensor],
     td: TensorDictBase,
     module: nn.Module,
-    site: str,
+    site: str | Sequence[str],
     *,
     n_steps: int = 50,
     method: IGMethod = "gausslegendre",
@@ -67,6 +67,13 @@ def layer_integrated_gradients(
     Cost: two capture forwards (at ``x`` and at the baseline; captum does the same), one forward
     over the ``n_steps`` path points and one vector-Jacobian product per target.
 
+    Several sites (captum's list of layers: word and position embeddings, or the ``":input.N"`` of a
+    layer with several inputs, captum's ``attribute_to_layer_input=True``) are interpolated jointly on one
+    path, every site's value replaced by its point at the same ``alpha``; each gets its map, and the maps of
+    all sites together sum to about ``f(x) - f(x')`` when the sites cut every path from the inputs to the
+    output.  A site downstream of another listed site gets its path value whatever the upstream one holds,
+    so the upstream map covers only the paths around it (captum warns about the same).
+
     The inputs may be integer token ids (captum's ``LayerIntegratedGradients`` on an embedding
     layer): only the site's values are interpolated, so the ids go to baseline ids of the same dtype
     (a ``("baseline", key)`` entry, or ``baselines=<pad token id>``) and the path runs between the
@@ -74,12 +81,15 @@ def layer_integrated_gradients(
     the site's value (``(T, H)`` per example at an embedding); ``.sum(-1)`` gives one score per token.
 
     Args:
-        f, td, module, site: as in :func:`tdfunc.grad_cam` (any batch-first site value).
+        f, td, module: as in :func:`tdfunc.grad_cam`.
+        site: a site as in :func:`tdfunc.grad_cam` (any batch-first value), or a list of distinct sites
+            interpolated jointly.
         n_steps, method, chunk_size: as in :func:`tdfunc.integrated_gradients` (the path is
             ``vmap``-ped; ``f`` always sees ``td``'s batch shape).
         multiply_by_inputs: multiply by ``a - a'`` (captum's default True).
         return_convergence_delta: also return ``"convergence_delta"`` of shape ``batch (+ K)``:
-            ``sum(attr) - (f(x) - f(x'))`` (no extra forward: the capture passes give both).
+            ``sum(attr) - (f(x) - f(x'))``, the sum over every listed site (no extra forward: the capture passes
+            give both).
         in_keys: the inputs replaced by their baselines (zeros when absent) to get ``a'``; floating-point,
             integer or bool entries (token ids, masks).  Default: every floating-point entry and every
             entry given a baseline (a ``("baseline", key)`` entry or a key of a ``baselines`` dict), else
@@ -92,8 +102,8 @@ def layer_integrated_gradients(
             inputs.
 
     Returns:
-        TensorDict with ``("attr", site)`` of shape ``batch (+ K) + the site's per-example shape``
-        (and ``"convergence_delta"`` when asked).
+        TensorDict with ``("attr", site)`` of shape ``batch (+ K) + the site's per-example shape`` for each
+        site (and ``"convergence_delta"`` when asked).
 
     Raises:
         As :func:`tdfunc.grad_cam`, and AttributionError for a bad method, ``n_steps``,
@@ -120,6 +130,17 @@ def layer_integrated_gradients(
         >>> out["attr", "emb"].sum(-1).shape, bool(out["convergence_delta"].abs().max() < 1e-5)  # one per token
         (torch.Size([1, 3]), True)
 
+        Word and position embeddings on one path (captum's ``LayerIntegratedGradients(model, [word, pos])``):
+
+        >>> pos = torch.nn.Embedding(3, 4)
+        >>> lm2 = torch.nn.ModuleDict({"emb": emb, "pos": pos, "head": head})
+        >>> both = TensorDict({"ids": torch.tensor([[3, 7, 0]]), "pos_ids": torch.arange(3)[None]}, batch_size=[1])
+        >>> g = lambda t: head((emb(t["ids"]) + pos(t["pos_ids"])).mean(1))[:, 0]
+        >>> out = tdfunc.layer_integrated_gradients(g, both, lm2, ["emb", "pos"], baselines={"ids": 0, "pos_ids": 0},
+        ...                                         return_convergence_delta=True)
+        >>> out["attr", "pos"].shape, bool(out["convergence_delta"].abs().max() < 1e-5)  # both sum to f(x) - f(x')
+        (torch.Size([1, 3, 4]), True)
+
     References:
         Sundararajan, Taly, Yan. Axiomatic Attribution for Deep Networks. ICML 2017;
         Kokhlikyan et al. Captum: A unified and generic model interpretability library. 2020.
@@ -130,42 +151,50 @@ def layer_integrated_gradients(
     fn = "tdfunc.layer_integrated_gradients"
     _check_options(fn, n_steps, method, chunk_size, "vmap")
     check_randomness(fn, randomness, AttributionError)
-    _check(fn, td, module, site)
+    sites = _check_sites(fn, td, module, site)
     check_callable(fn, "f", f, AttributionError, expected="f(td) -> Tensor")
     keys = _lig_keys(fn, td, in_keys, baselines)
     p = prepare(fn, td, keys, f=f, baselines_arg=baselines, integer_inputs=True)
     nb = len(p.batch)
-    y_x, a_x = _activation(fn, f, module, td, site)
-    y_b, a_b = _activation(fn, f, module, with_inputs(td, p.baseline), site)
+    y_x, a_x = _activations(fn, f, module, td, sites)
+    y_b, a_b = _activations(fn, f, module, with_inputs(td, p.baseline), sites)
     alphas64, weights64 = quadrature(method, n_steps)
     chunk = n_steps if chunk_size is None else min(chunk_size, n_steps)
-    substituted = lambda a: _run(fn, f, module, td, {site: a}, None)
-    g = lambda xs: vmap(substituted, randomness=randomness)(xs["a"])
-    total, k = None, None
+    names = [f"a{i}" for i in range(len(sites))]  # every site on the one path: its values substituted jointly
+    substituted = lambda xs: _run(fn, f, module, td, {s: xs[n] for s, n in zip(sites, names)}, None)  # noqa: E731
+    g = lambda xs: vmap(substituted, randomness=randomness)(xs)  # noqa: E731
+    total: dict = {}
+    k = None
     for start in range(0, n_steps, chunk):
         stop = min(start + chunk, n_steps)
         s = stop - start
-        alpha = alphas64[start:stop].to(a_x.dtype).to(a_x.device).view(s, *([1] * a_x.dim()))
+        points = {}
+        for n, ax, ab in zip(names, a_x, a_b):
+            alpha = alphas64[start:stop].to(ax.dtype).to(ax.device).view(s, *([1] * ax.dim()))
+            points[n] = ab + alpha * (ax - ab)
         try:
-            _, grads, k = grads_per_target(fn, g, {"a": a_b + alpha * (a_x - a_b)}, 1, p.batch)
+            _, grads, k = grads_per_target(fn, g, points, 1, p.batch)
         except RuntimeError as e:
             err = random_op_error(fn, e, AttributionError)
             if err is None:
                 raise
             raise err from e
-        gr = grads["a"]
-        step = 1 if k is None else 2  # the path dim: after the target dim when there is one
-        w = weights64[start:stop].to(gr.dtype).to(gr.device).view(s, *([1] * (gr.dim() - step)))
-        contrib = (gr * w).sum(step - 1)
-        total = contrib if total is None else total + contrib
-    attr = move_target_dim(total, k, nb)  # type: ignore[arg-type]  # n_steps >= 1: total is set
-    if multiply_by_inputs:
-        attr = attr * per_target(a_x - a_b, k, nb)
+        for n in names:
+            gr = grads[n]
+            step = 1 if k is None else 2  # the path dim: after the target dim when there is one
+            w = weights64[start:stop].to(gr.dtype).to(gr.device).view(s, *([1] * (gr.dim() - step)))
+            contrib = (gr * w).sum(step - 1)
+            total[n] = contrib if n not in total else total[n] + contrib
+    attrs = {}
+    for n, site_, ax, ab in zip(names, sites, a_x, a_b):
+        attr = move_target_dim(total[n], k, nb)
+        attrs[site_] = attr * per_target(ax - ab, k, nb) if multiply_by_inputs else attr
     extra = {}
     if return_convergence_delta:
         lead = nb + (k is not None)
-        extra["convergence_delta"] = attr.reshape(*attr.shape[:lead], -1).sum(-1) - (y_x - y_b)
-    return _out(td, site, attr, extra, fn=fn)
+        summed = sum(a.reshape(*a.shape[:lead], -1).sum(-1) for a in attrs.values())
+        extra["convergence_delta"] = summed - (y_x - y_b)
+    return _outs(td, attrs, extra, fn=fn)
 
 
 def _lig_keys(fn: str, td: TensorDictBase, in_keys: InKeys | None, baselines: object) -> InKeys:
