@@ -66,6 +66,11 @@ def _recording(site: Rewrite, seen: list) -> Callable:
     return fn
 
 
+def _what(module: Any) -> str:
+    """``"Linear module"``, or ``"operation"`` at an operation site (the rule then gets the torch function)."""
+    return f"{type(module).__name__} module" if isinstance(module, nn.Module) else "operation"
+
+
 def _replaying(fn_name: str, name: str, site: Rewrite, seen: list) -> Callable:
     calls = iter(seen)
 
@@ -73,7 +78,7 @@ def _replaying(fn_name: str, name: str, site: Rewrite, seen: list) -> Callable:
         rec = next(calls, None)
         if rec is None or rec[0] != main_output(out).shape:
             raise NotReachedError(
-                f"{fn_name}: f called the {type(module).__name__} module {name!r} more often, or with other shapes, "
+                f"{fn_name}: f called the {_what(module)} {name!r} more often, or with other shapes, "
                 "than in the first of its two forwards; f must be deterministic (put dropout layers in eval())."
             )
         return site.rewrite(module, args, kwargs, out, rec[1])
@@ -100,6 +105,7 @@ def record_then_rewrite(
     sites: Mapping[str, Rewrite],
     first_args: tuple,
     outputs: list | None = None,
+    watch: Callable[[Callable], Callable] | None = None,
 ) -> Callable:
     """``f`` with every site's output rewritten, the constants recorded by running ``f(*first_args)`` now.
 
@@ -109,6 +115,8 @@ def record_then_rewrite(
     mode off nothing runs now and each call records and rewrites in one forward.  Sites ``f`` does not
     reach are skipped (non-strict).  ``fn`` names the public function in messages.  ``outputs``, if given,
     receives ``f(*first_args)`` (the first forward's output; with grad mode off, one plain forward more).
+    ``watch``, if given, wraps ``f`` for its first forward (the recording one; with grad mode off, the first call
+    of the returned function), e.g. to check what that forward computes.
     """
     if not sites:
         if outputs is not None:
@@ -116,9 +124,11 @@ def record_then_rewrite(
         return f
     if torch.is_grad_enabled():
         seen: dict[str, list] = {s: [] for s in sites}
-        out = intervene(f, module, edits={s: rule(_recording(r, seen[s])) for s, r in sites.items()}, strict=False)(
+        f1 = f if watch is None else watch(f)
+        out = intervene(f1, module, edits={s: rule(_recording(r, seen[s])) for s, r in sites.items()}, strict=False)(
             *first_args
         )
+        watch = None
         if outputs is not None:
             outputs.append(out)
         make = lambda s, r: _replaying(fn, s, r, seen[s])  # noqa: E731  fresh iterators over the records per call
@@ -127,8 +137,11 @@ def record_then_rewrite(
             outputs.append(f(*first_args))
         make = lambda s, r: _one_pass(r)  # noqa: E731
 
+    pending = [] if watch is None else [watch]  # grad mode off: the first call is the first forward
+
     def rewritten(*args: Any, **kwargs: Any) -> Any:
-        return intervene(f, module, edits={s: rule(make(s, r)) for s, r in sites.items()}, strict=False)(
+        g = pending.pop()(f) if pending else f
+        return intervene(g, module, edits={s: rule(make(s, r)) for s, r in sites.items()}, strict=False)(
             *args, **kwargs
         )
 

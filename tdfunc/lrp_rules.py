@@ -24,6 +24,7 @@ from .attribution._lrp_rules import ignore as ignore
 from .attribution._lrp_rules import norm as norm
 from .attribution._lrp_rules import passthrough as passthrough
 from .attribution._lrp_rules import softmax as softmax
+from .attribution._lrp_rules import uniform as uniform
 
 LRPRule = Rule  # the name before the rule protocol
 

@@ -135,7 +135,7 @@ def cases() -> list[Case]:
 
     ws = s_bn["0", "weight"] + 0.1 * torch.randn(B, 6, 5, dtype=dt)
     rows.append(Case("lrp:merge-batchnorm", bn_net, merge_batchnorm_lrp, (x5, ws), (0, 0), (0, 1), "0", probe=x5))
-    return rows + conv_cases(dt) + transformer_cases(dt)
+    return rows + conv_cases(dt) + transformer_cases(dt) + hf_attnlrp_cases(dt)
 
 
 class _Conv1dNet(nn.Module):
@@ -382,3 +382,52 @@ def transformer_cases(dt) -> list[Case]:
         )
     )
     return rows
+
+
+class _Logits(nn.Module):
+    """A transformers language model as ``embeddings -> logits`` (a plain tensor in, a tensor out)."""
+
+    def __init__(self, lm: nn.Module):
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, e):
+        return self.lm(inputs_embeds=e).logits
+
+
+def hf_attnlrp_cases(dt) -> list[Case]:
+    """composite 'attnlrp' on a transformers GPT-2 (Conv1D projections; the uniform rule on its attention matmuls
+    as operation sites).  GPT-2, not Llama: Llama's eager attention takes its softmax in float32, which no float64
+    gradcheck can see through."""
+    try:
+        import transformers
+    except ImportError:  # transformers is a dev dependency; without it there is no row
+        return []
+    torch.manual_seed(5)
+    cfg = transformers.GPT2Config(
+        vocab_size=7, n_embd=4, n_layer=1, n_head=2, n_positions=8, n_inner=6, attn_implementation="eager"
+    )
+    gpt2 = _Logits(transformers.GPT2LMHeadModel(cfg)).to(dt).eval()
+    s_gpt2 = tdfunc.state(gpt2)
+    e = torch.randn(B, 3, 4, dtype=dt)
+    key = ("lm", "transformer", "h", "0", "attn", "c_attn", "weight")
+
+    def gpt2_attnlrp_weights(x, weight):  # d(relevance)/d(c_attn weight): through the uniform rule on q kᵀ and A v
+        s = s_gpt2.update({key: weight}, inplace=False)
+        td = TensorDict({"e": x[None]}, batch_size=[1])
+        f = lambda t: tdfunc.functional_call(gpt2, s, (t["e"],))[:, -1, 2]
+        rules = {"lm.transformer.h.*.attn/matmul": tdfunc.lrp_rules.uniform(1e-3)}
+        return tdfunc.lrp(f, td, gpt2, composite="attnlrp", rules=rules)["attr", "e"][0].flatten()
+
+    return [
+        Case(
+            "lrp:hf-gpt2-attnlrp-weights",
+            gpt2,
+            gpt2_attnlrp_weights,
+            (e, s_gpt2[key].clone()),
+            (0, None),
+            (0, 1),
+            "lm.transformer.h.0.attn",
+            probe=e,
+        )
+    ]

@@ -317,6 +317,7 @@ TABLE: dict[str, list] = {
         lambda: tdfunc.lrp_rules.epsilon_gamma_box("x", 1.0),
         lambda: tdfunc.lrp_rules.epsilon_gamma_box(0.0, 1.0, gamma=NAN),
     ],
+    "uniform": [lambda: tdfunc.lrp_rules.uniform("x"), lambda: tdfunc.lrp_rules.uniform(NAN)],
 }
 
 SPACES = {

@@ -31,8 +31,9 @@ from ._common import (
     result,
     with_inputs,
 )
-from ._lrp_assign import Composite, CompositeName, assign
+from ._lrp_assign import Composite, CompositeName, plan
 from ._lrp_rules import Rule
+from ._lrp_watch import watched
 
 __all__ = ["lrp"]
 
@@ -45,7 +46,8 @@ class _Site(Rewrite):
         self.calls = 0  # records taken: 0 after f ran means f never called the module
         self.tape: list | None = None  # (inputs, rewritten output) per call, for check_conservation
         # rules with constant input modifiers (flat, w², zᴮ): relevance of zero inputs through a probe per call
-        self.zero_terms = hasattr(rule, "zero_input_term")
+        # (layer rules say whether they have such modifiers: ε, z⁺, αβ, γ have none, and no probe pass is taken)
+        self.zero_terms = hasattr(rule, "zero_input_term") and getattr(rule, "constant_inputs", True)
         self.in_shapes: list = []  # (shape, dtype, device) of each recorded call's input
         self.probes: list | None = None  # this forward's probes, one per call
         self.inputs: list = []  # this forward's layer inputs, one per call
@@ -63,9 +65,7 @@ class _Site(Rewrite):
         try:
             return self.rule.record(module, args, kwargs, out)
         except AttributionError as e:
-            raise AttributionError(
-                f"tdfunc.lrp: {self.rule!r} at {self.name!r} ({type(module).__name__}) {e}"
-            ) from None
+            raise AttributionError(f"tdfunc.lrp: {self.rule!r} at {self.name!r} ({_kind(module)}) {e}") from None
 
     def rewrite(self, module, args, kwargs, out, constants):
         new = self.rule.rewrite(module, args, kwargs, out, constants)
@@ -81,6 +81,11 @@ class _Site(Rewrite):
 
     def recorded_output(self, out, constants):
         return self.rule.recorded_output(out, constants)
+
+
+def _kind(module) -> str:
+    """The module's type name, or the torch function's name at an operation site."""
+    return type(module).__name__ if isinstance(module, nn.Module) else getattr(module, "__name__", "operation")
 
 
 def _times(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
@@ -234,14 +239,18 @@ def lrp(
     ``torch.compile(fullgraph=True)`` after :func:`tdfunc.install_sites`.
     """
     fn = "tdfunc.lrp"
-    sites = {s: _Site(s, r) for s, r in assign(fn, module, rules, composite).items()}
+    assigned, coverage = plan(fn, module, rules, composite)
+    sites = {s: _Site(s, r) for s, r in assigned.items()}
+    watch = None if coverage is None or torch.compiler.is_compiling() else watched(fn, module, coverage)
     p = prepare(fn, td, in_keys, baselines=False, f=f, allow_inf=True)
     tol = _tolerance(fn, check_conservation)
     # two forwards (constants recorded in the first); one under no_grad, where nothing can differentiate the result
     first: list = []
     zsites = [st for st in sites.values() if st.zero_terms]
     with torch.enable_grad() if zsites else contextlib.nullcontext():  # zero-input probes need the recorded shapes
-        rewritten = record_then_rewrite(fn, f, module, sites, (td,), first if output_relevance is not None else None)
+        rewritten = record_then_rewrite(
+            fn, f, module, sites, (td,), first if output_relevance is not None else None, watch=watch
+        )
     weight = None if output_relevance is None else _cotangent(fn, output_relevance, first[0])
     g = lambda xs: rewritten(with_inputs(td, xs))  # noqa: E731
     if weight is not None:

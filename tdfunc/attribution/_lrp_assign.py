@@ -10,13 +10,14 @@ from torch import nn
 
 from .._errors import suggest
 from .._match import path_match
+from .._ops import OPS
 from .._types import CompositeName
 from ._common import AttributionError
 from ._lrp_attention import attention
-from ._lrp_linear import CONVS, LAYERS, alpha_beta, epsilon, flat, zbox, zplus
+from ._lrp_linear import CONVS, LAYERS, alpha_beta, epsilon, flat, is_conv1d, zbox, zplus
 from ._lrp_linear import epsilon as _epsilon_rule
 from ._lrp_linear import gamma as _gamma_rule
-from ._lrp_rules import Rule, _Identity, gradient, identity, norm, softmax
+from ._lrp_rules import Rule, _Identity, gradient, identity, is_hf_rmsnorm, norm, softmax, uniform
 
 __all__ = ["Composite", "COMPOSITES", "CompositeName", "assign", "epsilon_gamma_box"]
 
@@ -56,8 +57,10 @@ _NO_RULE_NEEDED: tuple[type[nn.Module], ...] = (nn.Embedding, nn.EmbeddingBag)
 
 def _could_apply(r: Rule, key: type) -> bool:
     """Whether ``key`` or one of its subclasses is among the module types ``r`` rewrites."""
-    return (issubclass(key, r.modules) and not issubclass(key, r.excluded)) or any(
-        issubclass(c, key) for c in r.modules
+    return (
+        (issubclass(key, r.modules) and not issubclass(key, r.excluded))
+        or any(issubclass(c, key) for c in r.modules)
+        or r.covers_type(key)
     )
 
 
@@ -110,9 +113,60 @@ class Composite:
     def _first_applies(self, module: nn.Module) -> bool:
         return self.first is not None and self.first.applies_to(module)
 
+    def _op_sites(self, name: str, module: nn.Module) -> dict[str, Rule]:
+        """Operation sites under ``module`` (``"name/op"``) and their rules (composite 'attnlrp' on transformers)."""
+        return {}
+
+    #: whether :func:`tdfunc.lrp` checks, in the first forward, that every product and non-linear operation
+    #: the model calls has a rule (composite 'attnlrp')
+    _watch: bool = False
+
     def __repr__(self) -> str:
         rules = ", ".join(f"{t.__name__}: {r!r}" for t, r in self.rules.items())
         return f"Composite({self.name!r}, {{{rules}}}{'' if self.first is None else f', first={self.first!r}'})"
+
+
+_QKV = (("q_proj", "k_proj", "v_proj"), ("query", "key", "value"), ("c_attn",), ("qkv_proj",), ("query_key_value",))
+
+
+def _hf_activation(m: nn.Module) -> bool:
+    """transformers' activation modules (``SiLUActivation``, ``NewGELUActivation``, ``GELUActivation``, ...)."""
+    return type(m).__module__ == "transformers.activations"
+
+
+class _AttnLRP(Composite):
+    """AttnLRP's rules, also on transformers models (eager attention): ε on their ``Conv1D``, the norm rule on
+    their RMSNorm modules, identity on their activation modules, the uniform-ε rule on the matmuls of every
+    attention module (QKᵀ, A·V; the softmax keeps its own Jacobian, AttnLRP's rule) and on the gated-MLP
+    product ``act(gate) * up``."""
+
+    _watch = True
+
+    def __init__(self, name, rules, *, first=None, eps: float = 1e-6):
+        super().__init__(name, rules, first=first)
+        self.eps = eps
+
+    def rule_for(self, module: nn.Module, first: bool) -> Rule | None:
+        r = super().rule_for(module, first)
+        if r is not None or first:
+            return r
+        if is_conv1d(module):
+            return self.rules[nn.Linear]
+        if is_hf_rmsnorm(module):
+            return norm()
+        if _hf_activation(module):
+            return identity()
+        return None
+
+    def _op_sites(self, name: str, module: nn.Module) -> dict[str, Rule]:
+        kids = module._modules
+        if isinstance(module, nn.MultiheadAttention):
+            return {}
+        if any(all(k in kids for k in names) for names in _QKV):
+            return {f"{name}/matmul": uniform(self.eps)}
+        if "gate_proj" in kids and "up_proj" in kids:
+            return {f"{name}/mul": uniform(self.eps)}
+        return {}
 
 
 def _built_in(name: str, conv: Rule, *, first: Rule | None = None, attn: bool = False) -> Composite:
@@ -199,7 +253,7 @@ COMPOSITES: dict[str, Composite] = {
     # zennit's EpsilonAlpha2Beta1Flat
     "epsilon_alpha2_beta1_flat": _built_in("epsilon_alpha2_beta1_flat", alpha_beta(2.0, 1.0), first=flat()),
     "excitation_backprop": _excitation(),  # zennit's ExcitationBackprop
-    "attnlrp": _built_in("attnlrp", epsilon(), attn=True),  # AttnLRP (Achtibat et al. 2024)
+    "attnlrp": _AttnLRP("attnlrp", _built_in("attnlrp", epsilon(), attn=True).rules),  # AttnLRP (Achtibat et al. 2024)
 }
 
 #: zennit's composite class names, as ``composite=`` strings (its registered snake-case names are the keys above)
@@ -275,6 +329,9 @@ def _check_entry(fn: str, key, r, named, owner, visible, module) -> None:
             f"{fn}: a rules key must be a site pattern (str) or an nn.Module subclass, got "
             f"{type(key).__name__} ({key!r:.60})."
         )
+    if "/" in key:
+        _op_hits(fn, key, r, named, module)
+        return
     hits = [(n, m) for n, m in named if path_match(key.split("."), n.split("."))]
     hidden = [n for n, _ in hits if n in owner]
     hits = [(n, m) for n, m in hits if n not in owner]
@@ -300,8 +357,52 @@ def _check_entry(fn: str, key, r, named, owner, visible, module) -> None:
         )
 
 
+def _op_hits(fn: str, key: str, r: Rule, named, module: nn.Module) -> list[str]:
+    """The submodules an operation-site key ``"path/op"`` names (checked: the op, the rule, the path)."""
+    path, _, op = key.partition("/")
+    if any(c in key for c in ":@") or "/" in op or not path:
+        raise AttributionError(
+            f"{fn}: rules key {key!r} is not an operation site 'path/op' (every call of op by the module's forward), "
+            "e.g. 'model.layers.*.self_attn/matmul'; rules takes no ':input', ':output' or '@k' suffix."
+        )
+    if op not in OPS:
+        raise AttributionError(
+            f"{fn}: rules key {key!r} names the operation {op!r}, which is not one tdfunc sees; choose one of "
+            f"{', '.join(OPS)}.{suggest(op, list(OPS))}"
+        )
+    if not r.applies_to_op(op):
+        ops = f"the operations {', '.join(r.ops)} only" if r.ops else f"modules ({r.targets}), not operations"
+        raise AttributionError(
+            f"{fn}: rules gives the operation site {key!r} the rule {r!r}, which rewrites {ops}; give it a rule "
+            "for that operation (tdfunc.lrp_rules.uniform() for products, identity() for elementwise "
+            "non-linearities, gradient() or ignore() for any)."
+        )
+    hits = [n for n, _ in named if path_match(path.split("."), n.split("."))]
+    if not hits:
+        names = [n for n, _ in named]
+        shown = ", ".join(map(repr, names[:12])) + (", ..." if len(names) > 12 else "")
+        raise AttributionError(
+            f"{fn}: rules key {key!r}: pattern {path!r} matches no submodule of {_kind(module)}.{suggest(path, names)} "
+            f"Its submodules are [{shown}]."
+        )
+    return hits
+
+
+class Coverage:
+    """What the rules cover, for the first-forward check of composite 'attnlrp': modules with a rule of their own
+    (every operation in their forward is the rule's), and (module, operation) pairs with an operation rule."""
+
+    def __init__(self, composite: Composite, modules: set[str], ops: set[tuple[str, str]]):
+        self.composite, self.modules, self.ops = composite, modules, ops
+
+
 def assign(fn: str, module: nn.Module, rules, composite) -> dict[str, Rule]:
     """``{site: rule}`` for every submodule whose rule rewrites, checked before anything runs."""
+    return plan(fn, module, rules, composite)[0]
+
+
+def plan(fn: str, module: nn.Module, rules, composite) -> tuple[dict[str, Rule], Coverage | None]:
+    """:func:`assign`, and what the rules cover where the composite asks for the first-forward check."""
     if not isinstance(module, nn.Module):
         raise TypeError(f"{fn}: expected an nn.Module as the module, got {type(module).__name__} ({module!r:.60}).")
     comp = _composite(fn, composite)
@@ -322,7 +423,8 @@ def assign(fn: str, module: nn.Module, rules, composite) -> dict[str, Rule]:
     visible = [(n, m) for n, m in named if n not in owner]
     for key, r in (rules or {}).items():
         _check_entry(fn, key, r, named, owner, visible, module)
-    pats = [(k.split("."), r) for k, r in (rules or {}).items() if isinstance(k, str)]
+    pats = [(k.split("."), r) for k, r in (rules or {}).items() if isinstance(k, str) and "/" not in k]
+    op_keys = [(k, r) for k, r in (rules or {}).items() if isinstance(k, str) and "/" in k]
     types = [(k, r) for k, r in (rules or {}).items() if isinstance(k, type)]
     if comp is not None:
         _check_activations(fn, comp, visible)
@@ -356,7 +458,32 @@ def assign(fn: str, module: nn.Module, rules, composite) -> dict[str, Rule]:
                 else "."
             )
         )
-    return out
+    covered_ops: set[tuple[str, str]] = set()
+    ops: dict[str, Rule] = {}
+    if comp is not None:
+        for n, m in visible:
+            for site, r in comp._op_sites(n, m).items():
+                ops[site] = r
+                covered_ops.add((n, site.partition("/")[2]))
+    for key, r in op_keys:  # the user's operation sites override the composite's
+        op = key.partition("/")[2]
+        for n in _op_hits(fn, key, r, named, module):
+            ops.pop(f"{n}/{op}", None)
+            covered_ops.add((n, op))
+            if r.rewrites:
+                ops[f"{n}/{op}"] = r
+    out.update(ops)
+    if comp is None or not comp._watch:
+        return out, None
+    covered = set(out) | {n for n, m in visible if _has_rule(n, m, pats, types, comp)}
+    return out, Coverage(comp, covered, covered_ops)
+
+
+def _has_rule(n: str, m: nn.Module, pats, types, comp: Composite) -> bool:
+    """Whether ``m`` has a module rule (one that keeps the gradient included): its operations are that rule's."""
+    if any(path_match(p, n.split(".")) for p, _ in pats) or any(isinstance(m, t) for t, _ in types):
+        return True
+    return comp.rule_for(m, False) is not None
 
 
 def _owns_parameters(m: nn.Module) -> bool:

@@ -30,7 +30,17 @@ CONVS: tuple[type[nn.Module], ...] = (
     nn.ConvTranspose3d,
 )
 LAYERS: tuple[type[nn.Module], ...] = (nn.Linear, *CONVS)
-TARGETS = "nn.Linear and nn.ConvNd / nn.ConvTransposeNd"
+TARGETS = "nn.Linear and nn.ConvNd / nn.ConvTransposeNd"  # (and transformers' Conv1D: pinned messages keep this)
+
+
+def is_conv1d(m: object) -> bool:
+    """transformers' ``Conv1D`` (GPT-2's projections): ``x @ W + b`` with ``W`` of shape ``(in, out)``."""
+    t = m if isinstance(m, type) else type(m)
+    return (
+        isinstance(t, type) and issubclass(t, nn.Module) and t.__name__ == "Conv1D" and "transformers" in t.__module__
+    )
+
+
 _TRANSPOSED = {
     nn.ConvTranspose1d: F.conv_transpose1d,
     nn.ConvTranspose2d: F.conv_transpose2d,
@@ -63,6 +73,8 @@ def _op(m: nn.Module, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, 
         return op(x, w, b, m.stride, m.padding, opad, m.groups, m.dilation)  # type: ignore[arg-type]  # padding: a tuple here
     if isinstance(m, nn.modules.conv._ConvNd):
         return m._conv_forward(x, w, b)  # Conv1d/2d/3d (padding modes included)
+    if is_conv1d(m):
+        return F.linear(x, w.t(), b)
     return F.linear(x, w, b)
 
 
@@ -94,7 +106,7 @@ def _inputs(mod, x: torch.Tensor, inv: torch.Tensor | None) -> torch.Tensor:
 def _own(m: nn.Module, mod, w: torch.Tensor) -> bool:
     """Whether the term is the layer's own product (identity input, own weight): then ``_op(m, x, w, ·)`` is ``out``
     up to the bias, so ``out`` is reused instead of recomputed (exact types only: a subclass may change forward)."""
-    return mod is None and w is m.weight and type(m) in LAYERS
+    return mod is None and w is m.weight and (type(m) in LAYERS or is_conv1d(m))
 
 
 def _term(m: nn.Module, x: torch.Tensor, out: torch.Tensor, inv, mod, w: torch.Tensor, opad) -> torch.Tensor:
@@ -110,6 +122,15 @@ class _Layer(Rule):
     """A rule given as terms (input modifier, weight, bias entering the denominator only) and their ratios."""
 
     modules, targets = LAYERS, TARGETS
+    #: whether some term has a constant input modifier (flat, w², zᴮ): zero inputs then get relevance via a probe
+    constant_inputs: bool = False
+
+    @classmethod
+    def covers_type(cls, t: type) -> bool:
+        return is_conv1d(t)
+
+    def applies_to(self, module: nn.Module) -> bool:
+        return super().applies_to(module) or is_conv1d(module)
 
     def __init__(self, **params):
         self.__dict__.update(params)
@@ -226,7 +247,7 @@ class _Gamma(_Layer):
 
 
 class _Flat(_Layer):
-    _public = "flat"
+    _public, constant_inputs = "flat", True
 
     def terms(self, w, b):
         return [(_ONES, torch.ones_like(w), None)]
@@ -243,7 +264,7 @@ class _WSquare(_Flat):
 
 
 class _ZBox(_Layer):
-    _public = "zbox"
+    _public, constant_inputs = "zbox", True
 
     def terms(self, w, b):
         lo, hi = _Bound(self.low), _Bound(self.high)

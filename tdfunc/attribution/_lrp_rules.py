@@ -28,7 +28,23 @@ from torch import nn
 from .._rewrite import Rewrite, main_output
 from ._common import AttributionError
 
-__all__ = ["Rule", "gradient", "identity", "passthrough", "ignore", "softmax", "norm"]
+__all__ = ["Rule", "gradient", "identity", "passthrough", "ignore", "softmax", "norm", "uniform"]
+
+#: the elementwise operations the identity rule rewrites at operation sites (``"mlp/gelu"``)
+ELEMENTWISE_OPS: tuple[str, ...] = ("gelu", "silu", "tanh", "sigmoid", "exp", "relu")
+#: the products of two tensors the uniform rule rewrites at operation sites (``"self_attn/matmul"``)
+PRODUCT_OPS: tuple[str, ...] = ("matmul", "bmm", "mul", "einsum")
+
+
+def is_hf_rmsnorm(m: object) -> bool:
+    """A transformers-style RMSNorm module (``LlamaRMSNorm``, ``Qwen2RMSNorm``, ...): not ``nn.RMSNorm``, named so."""
+    t = m if isinstance(m, type) else type(m)
+    return (
+        isinstance(t, type)
+        and issubclass(t, nn.Module)
+        and not issubclass(t, nn.RMSNorm)
+        and t.__name__.endswith("RMSNorm")
+    )
 
 
 def stab(d: torch.Tensor, eps: float) -> torch.Tensor:
@@ -94,6 +110,19 @@ class Rule(Rewrite):
     #: False for rules that keep the plain gradient: nothing is recorded or rewritten (no site hook either)
     rewrites: ClassVar[bool] = True
     _public: ClassVar[str | None] = None  # built-in rules: the tdfunc.lrp_rules constructor that builds them
+    #: the operations (``tdfunc`` operation names, ``"*"`` for any) the rule rewrites at operation sites
+    #: (``rules={"model.layers.*.self_attn/matmul": ...}``): :meth:`record` / :meth:`rewrite` then get the torch
+    #: function in place of the module
+    ops: ClassVar[tuple[str, ...]] = ()
+
+    @classmethod
+    def covers_type(cls, t: type) -> bool:
+        """Whether the rule rewrites modules of type ``t`` beyond ``modules`` (duck-typed transformers classes)."""
+        return False
+
+    def applies_to_op(self, op: str) -> bool:
+        """Whether the rule can rewrite the operation ``op`` at an operation site."""
+        return "*" in self.ops or op in self.ops
 
     def applies_to(self, module: nn.Module) -> bool:
         """Whether the rule can rewrite ``module`` (by default: an instance of ``modules``, not of ``excluded``)."""
@@ -109,16 +138,23 @@ class Rule(Rewrite):
         return f"{name}({args})"
 
 
+def _first_input(args: tuple, kwargs: dict) -> torch.Tensor | None:
+    """The call's first positional tensor input, else its first keyword tensor (``norm(hidden_states=x)``)."""
+    if args:
+        return args[0]
+    return next((v for v in kwargs.values() if isinstance(v, torch.Tensor)), None)
+
+
 class _Gradient(Rule):
-    rewrites, _public = False, "gradient"
+    rewrites, _public, ops = False, "gradient", ("*",)
 
 
 class _Softmax(Rule):
-    modules, targets, rewrites, _public = (nn.Softmax,), "nn.Softmax", False, "softmax"
+    modules, targets, rewrites, _public, ops = (nn.Softmax,), "nn.Softmax", False, "softmax", ("softmax",)
 
 
 class _Ignore(Rule):
-    _public = "ignore"
+    _public, ops = "ignore", ("*",)
 
     def record(self, module, args, kwargs, out):
         return main_output(out).clone()
@@ -128,7 +164,7 @@ class _Ignore(Rule):
 
 
 class _Identity(Rule):
-    modules, _public = (nn.Module,), "identity"
+    modules, _public, ops = (nn.Module,), "identity", ELEMENTWISE_OPS
     excluded = (nn.Linear, nn.modules.conv._ConvNd, nn.MultiheadAttention, nn.Softmax)
     targets = "elementwise modules (not nn.Linear, nn.ConvNd, nn.MultiheadAttention or nn.Softmax)"
 
@@ -141,7 +177,7 @@ class _Identity(Rule):
         return None
 
     def record(self, module, args, kwargs, out):
-        x, y = (args[0] if args else None), main_output(out)
+        x, y = _first_input(args, kwargs), main_output(out)
         if not isinstance(x, torch.Tensor) or x.shape != y.shape:
             got = f"input {tuple(x.shape)}" if isinstance(x, torch.Tensor) else "no positional tensor input"
             raise AttributionError(
@@ -154,7 +190,7 @@ class _Identity(Rule):
 
     def rewrite(self, module, args, kwargs, out, constants):
         z, ratio, s = constants
-        return z - s + ratio * args[0]
+        return z - s + ratio * _first_input(args, kwargs)
 
 
 class _Pass(_Identity):
@@ -162,7 +198,14 @@ class _Pass(_Identity):
 
 
 class _Norm(Rule):
-    modules, targets, _public = (nn.LayerNorm, nn.RMSNorm), "nn.LayerNorm and nn.RMSNorm", "norm"
+    modules, targets, _public = (nn.LayerNorm, nn.RMSNorm), "nn.LayerNorm and nn.RMSNorm", "norm"  # + HF RMSNorm
+
+    @classmethod
+    def covers_type(cls, t: type) -> bool:
+        return is_hf_rmsnorm(t)
+
+    def applies_to(self, module: nn.Module) -> bool:
+        return super().applies_to(module) or is_hf_rmsnorm(module)
 
     @staticmethod
     def _centred(module, x: torch.Tensor) -> torch.Tensor:
@@ -177,6 +220,8 @@ class _Norm(Rule):
         return y if module.weight is None else y * module.weight
 
     def record(self, module, args, kwargs, out):
+        if is_hf_rmsnorm(module):  # y = w ⊙ x / rms(x), 1 / rms held constant: the ratio y / x per entry
+            return _Identity.record(self, module, args, kwargs, out)  # the same algebra
         x = args[0]
         c = self._centred(module, x)
         eps = module.eps
@@ -187,7 +232,88 @@ class _Norm(Rule):
 
     def rewrite(self, module, args, kwargs, out, constants):
         z, inv, s = constants
+        if is_hf_rmsnorm(module):
+            return z - s + inv * _first_input(args, kwargs)
         return z - s + self._map(module, self._centred(module, args[0]), inv)
+
+
+class _Uniform(Rule):
+    modules, ops, _public = (), PRODUCT_OPS, "uniform"
+    targets = "operation sites of products of two tensors (matmul, bmm, mul, einsum)"
+
+    def __init__(self, eps: float):
+        self.eps = eps
+
+    def record(self, module, args, kwargs, out):
+        ts = [a for a in (args[1:] if args and isinstance(args[0], str) else args) if isinstance(a, torch.Tensor)]
+        if len(ts) == 1 and isinstance(args[-1], (list, tuple)):  # einsum("...", [a, b])
+            ts = [a for a in args[-1] if isinstance(a, torch.Tensor)]
+        if len(ts) != 2:
+            raise AttributionError(
+                f"needs a product of two tensors, got {len(ts)} tensor operand(s); give that operation "
+                "tdfunc.lrp_rules.gradient() (a product with a constant is linear: its gradient is the rule)."
+            )
+        z = main_output(out)
+        # z / stab(2 z): each factor gets half the relevance (ε absorbs some); ε = 0: exactly 1/2, also where z = 0
+        ratio = torch.full_like(z, 0.5) if self.eps == 0 else z / stab(2 * z, self.eps)
+        return z.clone(), ratio, ratio * z
+
+    def rewrite(self, module, args, kwargs, out, constants):
+        z, ratio, s = constants  # the op's own output: value z, Jacobian ratio ⊙ (its Jacobian), nothing recomputed
+        return z - s + ratio * main_output(out)
+
+
+def uniform(eps: float = 1e-6) -> Rule:
+    """The uniform-ε rule of AttnLRP (Prop. 3.3) for a product of two tensors at an operation site.
+
+    .. math::  O = A B:\\quad R_A = A ⊙ \\big((R / \\mathrm{stab}(2 O))\\, B^\\top\\big),\\quad
+        R_B = B ⊙ \\big(A^\\top (R / \\mathrm{stab}(2 O))\\big),\\qquad \\mathrm{stab}(z) = z + ε\\,\\mathrm{sign}\\,z
+
+    Each factor gets half of the product's relevance (``ε`` absorbs a little, as in the ε rule).  In the
+    input × gradient form that is the product's own Jacobian scaled by ``r = O / stab(2 O)``: the rewrite is
+    ``O − r ⊙ O₁ + r ⊙ O`` (``O₁``, ``r`` from the first forward), so nothing is recomputed.  It applies to
+    operation sites — ``matmul`` (``@``), ``bmm``, ``einsum`` with two operands and elementwise ``mul``
+    (``*``) — named in ``rules`` as ``"path/op"`` (every call of ``op`` by that module's forward), e.g. the
+    attention matmuls ``"model.layers.*.self_attn/matmul"`` (QKᵀ and A·V) or the gated-MLP product
+    ``"model.layers.*.mlp/mul"``; composite ``'attnlrp'`` puts it there on transformers models.  With
+    ``eps=0`` the ratio is exactly ``1/2`` (LXT's efficient mode, which halves the gradient).  A product
+    with a constant (``x * 0.5``, a rotary ``q * cos``) is linear: keep its gradient.
+
+    Args:
+        eps: the stabilizer ``ε >= 0``.
+
+    Returns:
+        A :class:`Rule` for operation sites of ``matmul``, ``bmm``, ``mul`` and ``einsum``.
+
+    Raises:
+        AttributionError: a negative or non-finite ``eps``; from :func:`tdfunc.lrp`: a call of the operation
+            that is not a product of two tensors.
+        TypeError: ``eps`` not a number.
+
+    Example:
+        >>> import torch, tdfunc
+        >>> from tensordict import TensorDict
+        >>> class Gated(torch.nn.Module):
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.a, self.b = torch.nn.Linear(3, 4, bias=False), torch.nn.Linear(3, 4, bias=False)
+        ...     def forward(self, x):
+        ...         return (self.a(x) * self.b(x)).sum(-1)
+        >>> net = torch.nn.Sequential(Gated()).double()
+        >>> td = TensorDict({"x": torch.randn(5, 3, dtype=torch.float64)}, batch_size=[5])
+        >>> rules = {"0/mul": tdfunc.lrp_rules.uniform(0.0), torch.nn.Linear: tdfunc.lrp_rules.epsilon(0.0)}
+        >>> r = tdfunc.lrp(lambda t: net(t["x"]), td, net, rules=rules, composite=None)["attr", "x"]
+        >>> torch.allclose(r.sum(-1), net(td["x"]))          # conserved: half the relevance through each factor
+        True
+
+    References:
+        Achtibat, Hatefi, Dreyer, Jain, Wiegand, Lapuschkin, Samek. AttnLRP: Attention-Aware
+        Layer-Wise Relevance Propagation for Transformers. ICML 2024 (Prop. 3.3).
+
+    Composes with: ``vmap``, ``grad`` (double backward, exact), ``torch.compile(fullgraph=True)`` after
+    :func:`tdfunc.install_sites` with the operation sites.
+    """
+    return _Uniform(check_float("tdfunc.lrp_rules.uniform", "eps", eps))
 
 
 def gradient() -> Rule:
