@@ -160,6 +160,7 @@ TABLE: dict[str, list] = {
         lambda: tdfunc.latent.patching_sweep(None, None, (X,), (X,), "0", F),
         lambda: tdfunc.latent.patching_sweep(NET, None, (X,), (X,), "0", None),
         lambda: tdfunc.latent.patching_sweep(NET, None, (X,), (X * NAN,), "0", F),
+        lambda: tdfunc.latent.patching_sweep(NET, None, (X,), (X,), "0", F, reuse_prefix=True),  # reuse_prefix
     ],
     "path_patch": [
         lambda: tdfunc.latent.path_patch(None, None, (X,), (X,), "0", "2"),
