@@ -15,6 +15,7 @@ from ._finish import finish
 from ._plan import Frame, make_plan
 from ._state import flat_state, written_buffers
 from ._state import unwrap as _unwrap
+from ._stop import Stop, StopFrame, check_stop  # stop_early
 from ._types import Capture, Edits, State
 
 __all__ = ["functional_call", "intervene"]
@@ -77,6 +78,19 @@ def functional_call(
     return_state: Literal[True],
 ) -> tuple[Any, TensorDict, TensorDict]: ...
 @overload
+def functional_call(  # stop_early: the captures only
+    module: nn.Module,
+    state: State,
+    args: Any,
+    kwargs: Mapping[str, Any] | None = ...,
+    *,
+    edits: Edits | None = ...,
+    capture: Capture,
+    strict: bool = ...,
+    return_state: Literal[False] = ...,
+    stop: Literal[True],
+) -> TensorDict: ...
+@overload
 def functional_call(
     module: nn.Module,
     state: State,
@@ -100,6 +114,7 @@ def functional_call(
     capture: Capture | None = None,
     strict: bool = True,
     return_state: bool = False,
+    stop: bool = False,  # stop_early
 ) -> Any:
     """Run ``module`` as a pure function of (state, inputs, activation edits).
 
@@ -156,11 +171,19 @@ def functional_call(
             :func:`tdfunc.state` holding ``state``'s entries (the module's own tensors for those it
             lacks), with the buffers the forward updated (train-mode BatchNorm's running statistics)
             replaced by their new values — as flax's ``mutable=``.  The input state is not changed.
+        stop: with ``True``, the forward ends as soon as every captured site has been captured (tdhook's
+            ``stop``): caching the first layers of a deep model does not pay for the rest.  The result is
+            then the captures alone (no output); a capture without ``@k`` is the site's first call, ``@*``
+            is refused, edits the forward did not reach before stopping raise ``NotReachedError`` (with
+            ``strict=True``).  The stop is an internal ``BaseException`` raised in the site's hook and caught
+            here (model code's ``except Exception`` cannot swallow it); works under ``vmap``, ``grad`` and
+            ``torch.compile(fullgraph=True)`` (one graph; compiled, the unused layers are dead code anyway).
 
     Returns:
         The module's output, or ``(output, captures)`` when ``capture`` is given, with ``captures``
         a TensorDict keyed by site string (``captures["blocks.0.mlp"]``); with ``return_state=True``
         the new state comes last: ``(output, new_state)`` or ``(output, captures, new_state)``.
+        With ``stop=True``: ``captures`` alone.
 
     Raises:
         SiteError: unknown site (with the nearest names), glob matching nothing, bad site syntax.
@@ -180,6 +203,8 @@ def functional_call(
         >>> z = tdfunc.functional_call(net, None, (x,), edits={"1": torch.zeros(8)})
         >>> torch.allclose(z, net[2].bias.expand(3, 2))
         True
+        >>> tdfunc.functional_call(net, None, (x,), capture=["1"], stop=True)["1"].shape  # net[2] never runs
+        torch.Size([3, 8])
 
     Composes with: ``vmap`` (over inputs, edit tensors, stacked states), ``grad`` / ``vjp`` /
     ``jacrev`` (incl. double backward), ``torch.compile(fullgraph=True)`` (after
@@ -205,6 +230,10 @@ def functional_call(
         raise TypeError(f"{fn}: kwargs must be a mapping or None, got {type(kwargs).__name__}.")
     kwargs = dict(kwargs or {})
     plan = make_plan(fn, module, edits, capture, strict)
+    if not isinstance(stop, bool):  # stop_early
+        raise TypeError(f"{fn}: stop must be True or False, got {type(stop).__name__} ({stop!r:.60}).")
+    if stop:  # stop_early
+        check_stop(fn, plan, capture, return_state)
     written = written_buffers(module)  # train-mode buffers: the forward writes them in place
     given = params
     if written:  # run on clones: neither the module nor a state sharing its storage is written
@@ -220,12 +249,24 @@ def functional_call(
         reparam = None
         if params:  # a checkpointed region's recomputation runs with this state again
             reparam = (module, {**{k: b for k, b in written.items() if k not in given}, **given}, set(written))
+        if stop:  # stop_early: the forward raises Stop after the last capture; the captures are the result
+            return _run_until_captured(StopFrame(plan, reparam), call)
         out, frame = _runtime.run_frame(Frame(plan, reparam), call)
         captures = finish(frame)
     result = (out, captures) if capture is not None else (out,)
     if return_state:
         result += (_new_state(module, given, params, written),)  # type: ignore[assignment]
     return result if len(result) > 1 else out
+
+
+def _run_until_captured(frame: StopFrame, call: Callable[[], Any]) -> TensorDict:  # stop_early
+    """Run ``call`` under ``frame`` until its last capture (``Stop``); return the captures."""
+    try:
+        _runtime.run_frame(frame, call)
+    except Stop as e:
+        if e.args[0] is not frame:  # an enclosing stop=True call's
+            raise
+    return finish(frame)
 
 
 def _new_state(module: nn.Module, given: dict, params: dict, written: dict) -> TensorDict:

@@ -31,6 +31,7 @@ from ._grad_edit import apply_grad_edit  # grad_edit
 from ._ops import OP_OF
 from ._plan import Frame, Plan, _Op
 from ._sites import ALL_CALLS, acquire, release
+from ._stop import StopFrame, stop_if_done  # stop_early
 
 _LOCAL = threading.local()
 
@@ -268,6 +269,8 @@ def _apply(
         frame.hits[op.slot] += 1
         if op.capture:
             frame.values[op.slot].append(_capture_copy(value))
+            if type(frame) is StopFrame:  # stop_early: the forward ends after the hook of the last capture
+                frame.captured(op)
         else:
             if later is not None and isinstance(op.payload, GradEdit):  # grad_edit: after every value edit
                 later.append((frame, op, i, by_kw))
@@ -332,6 +335,8 @@ def input_hook(module, args, kwargs=None):
                 changed = True
     if later:  # grad_edit
         args, kwargs = _apply_later(later, "input", args, kwargs)
+    if changed:  # stop_early
+        stop_if_done(frames)
     return (args, kwargs) if changed else None
 
 
@@ -356,6 +361,8 @@ def output_hook(module, args, kwargs, output=_NO_OUTPUT):
                 changed = True
     if later:  # grad_edit
         output = _apply_later(later, "output", output, None)[0]
+    if changed:  # stop_early
+        stop_if_done(frames)
     return output if changed else None
 
 
@@ -406,6 +413,7 @@ class _OpMode(torch.overrides.TorchFunctionMode):
                     out = _apply(frame, oe.outputs, k, "output", func, args, kwargs, out, later)[0]
             if later:  # grad_edit
                 out = _apply_later(later, "output", out, None)[0]
+            stop_if_done([f for f, _, _ in hits])  # stop_early
         finally:
             modes.append(self)
         return out

@@ -95,6 +95,11 @@ def cases() -> list[Case]:
         f = lambda x: tdfunc.functional_call(net, s, (x,), edits={"attn": tdfunc.grad_edit(lambda g: g * m)}).sum()
         return torch.func.grad(f)(x).flatten()
 
+    def stop_early(x, d):  # stop_early: the forward ends after the last capture
+        edits = {"attn:input": tdfunc.delta(d)}
+        caps = tdfunc.functional_call(net, s, (x,), edits=edits, capture=["attn/softmax", "attn"], stop=True)
+        return torch.cat([caps["attn/softmax"].flatten(), caps["attn"].flatten()])
+
     return [
         Case("sites:op-softmax-delta+capture", net, op_delta, (x, d), (0, 0), (0, 1), "attn/softmax", probe=x[0]),
         Case("sites:op-rule-from-site", net, op_rule_from_site, (x,), (0,), (0,), "attn/einsum", probe=x[0]),
@@ -104,4 +109,5 @@ def cases() -> list[Case]:
         Case(  # grad_edit: differentiated w.r.t. the mask (w.r.t. x before the site: the straight-through map)
             "sites:grad-edit", net, grad_edit_saliency, (x, m), (0, 0), (1,), "attn", "inductor", probe=x[0]
         ),
+        Case("sites:stop-early", net, stop_early, (x, torch.zeros_like(x)), (0, 0), (0, 1), "attn", probe=x[0]),
     ]

@@ -35,6 +35,7 @@ TABLE: dict[str, list] = {
     "functional_call": [
         lambda: tdfunc.functional_call(None, S, (X,)),
         lambda: tdfunc.functional_call(NET, S, (X,), capture=3),
+        lambda: tdfunc.functional_call(NET, S, (X,), capture=["0"], stop="yes"),  # stop_early
     ],
     "intervene": [lambda: tdfunc.intervene(None, NET)(X), lambda: tdfunc.intervene(NET, None)(X)],
     "state": [lambda: tdfunc.state(None), lambda: tdfunc.state([1, 2])],

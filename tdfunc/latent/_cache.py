@@ -131,7 +131,7 @@ def _check_batch(batch: Any, i: int) -> None:
         )
 
 
-def _batch_values(module, state, batch, i, sites, call_inputs, input_key, reduce) -> dict:
+def _batch_values(module, state, batch, i, sites, call_inputs, input_key, reduce, stop_early=False) -> dict:
     _check_batch(batch, i)
     if call_inputs is None:
         if input_key is None:
@@ -153,7 +153,10 @@ def _batch_values(module, state, batch, i, sites, call_inputs, input_key, reduce
             )
         args, kwargs = got
     with torch.no_grad():
-        _, caps = functional_call(module, state, args, kwargs, capture=sites)
+        if stop_early:  # stop_early: the forward ends at the last site
+            caps = functional_call(module, state, args, kwargs, capture=sites, stop=True)
+        else:
+            _, caps = functional_call(module, state, args, kwargs, capture=sites)
     values = {}
     for key, v in _leaves(caps).items():
         if reduce is not None:
@@ -239,6 +242,7 @@ def cache_activations(
     total: int | None = None,
     progress: bool = True,
     group: ProcessGroup | Literal[False] | None = None,
+    stop_early: bool = False,
 ) -> TensorDict:
     """Capture ``sites`` over every batch of a dataset into one TensorDict ``{site: (N, ...)}``.
 
@@ -301,6 +305,10 @@ def cache_activations(
         group: the ``torch.distributed`` process group to shard over (data-parallel, also with one
             rank); ``None``: the default group when one is initialised with more than one rank (one
             process otherwise); ``False``: this process alone.
+        stop_early: with ``True`` each batch's forward ends once every site has been captured
+            (``functional_call(..., stop=True)``, tdhook's ``stop``): caching the first layers of a deep
+            model does not run the rest.  Same values; a site without ``@k`` is its first call, ``@*``
+            is refused.
 
     Returns:
         A TensorDict with batch size ``[N]``: in-memory tensors, or ``MemoryMappedTensor`` leaves
@@ -342,6 +350,12 @@ def cache_activations(
     _check_sites(sites)
     check_int(FN, "total", total, CacheError, optional=True)
     check_bool(FN, "progress", progress, CacheError)
+    check_bool(FN, "stop_early", stop_early, CacheError)  # stop_early
+    if stop_early and any(str(x).endswith("@*") for x in ([sites] if isinstance(sites, str) else sites)):  # stop_early
+        raise CacheError(
+            f"{FN}: stop_early=True cannot tell when the forward has made its last call of an '@*' site "
+            f"(sites={sites!r}); cache the calls you need as '@0', '@1', …, or drop stop_early=True."
+        )
     explicit = group is not None and group is not False  # a given group shards, even of one rank
     group, _, size = shard.world(group)
     for _ in range(3):
@@ -360,13 +374,16 @@ def cache_activations(
                 total,
                 progress,
                 group if size > 1 or explicit else False,
+                stop_early,  # stop_early
             )
         except _Lost:
             continue
     raise CacheError(f"{FN}: other processes keep creating the cache at {path!r}; pass another path.")
 
 
-def _cache(module, state, batches, sites, path, reduce, mask_key, reducer, input_key, inputs, total, progress, group):
+def _cache(
+    module, state, batches, sites, path, reduce, mask_key, reducer, input_key, inputs, total, progress, group, stop
+):  # stop: stop_early
     reduce_name = reduce if isinstance(reduce, str) or reduce is None else "<callable>"
     site_list = [sites] if isinstance(sites, str) else list(sites)
     key = mask_key if isinstance(mask_key, str) else list(mask_key)  # as JSON stores it
@@ -387,7 +404,9 @@ def _cache(module, state, batches, sites, path, reduce, mask_key, reducer, input
         progress,
         group,
         ident,
-        lambda batch, i: _batch_values(module, state, batch, i, site_list, inputs, input_key, reducer),
+        lambda batch, i: _batch_values(
+            module, state, batch, i, site_list, inputs, input_key, reducer, stop
+        ),  # stop_early
     )
 
 
