@@ -35,7 +35,6 @@ BENCHES = [  # one name per line, so that each benchmark's line is its own
     "perturb_methods",
     "atp",
     "scaling",
-    "neuron",
     "stop",
 ]
 
