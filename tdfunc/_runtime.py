@@ -79,11 +79,13 @@ def _fit(fn: str, site: str, what: str, new: Any, value: Any, exact: bool) -> An
             f"{fn}: {what} at site {site!r} is {_describe(new)} ({new!r:.60}), but the site holds "
             f"{_describe(value)}; an edit must give a tensor of that shape."
         )
-    if new.dtype != value.dtype or new.device != value.device:
+    if new.dtype != value.dtype:  # cross_device: a device alone is no error (moved below)
         raise EditError(
             f"{fn}: {what} at site {site!r} has dtype {new.dtype} on {new.device}, but the site's value has "
             f"dtype {value.dtype} on {value.device}; convert it with .to(value.dtype, value.device)."
         )
+    if new.device != value.device:  # cross_device: a copy on the site's device (a model spread over devices)
+        new = new.to(value.device)
     if new.shape != value.shape:
         ok = False
         if not exact and new.dim() <= value.dim():

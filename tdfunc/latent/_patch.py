@@ -142,6 +142,9 @@ def _patch_edits(fn: str, clean_captures, sites, positions, patch_fn, view=None,
             def edit(v, c=clean, m=mask, site=site):
                 if isinstance(c, torch.Tensor) and isinstance(v, torch.Tensor):
                     _checked_clean(fn, site, c, v)
+                    if c.device != v.device:  # a model spread over devices: the clean value on the site's
+                        c = c.to(v.device)
+                        m = None if m is None else m.to(v.device)
                 new = c if patch_fn is None else patch_fn(v, c)
                 if view is not None:  # only the index units of the view
                     w = unit_forward(fn, site, view, v)

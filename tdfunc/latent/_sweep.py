@@ -227,8 +227,8 @@ def patching_sweep(
             "of one unit count per call."
         )
     n_u = units[0]
-    device = caps[keys[0]].device
-    masks = torch.eye(n_u, dtype=torch.bool, device=device)  # masks[u]: the one-hot mask of unit u
+    # masks[u]: the one-hot mask of unit u, on each site's device (a model may span devices)
+    masks_on = {c.device: torch.eye(n_u, dtype=torch.bool, device=c.device) for c in cleans}
 
     def per_site(k: str, shape: list, clean: torch.Tensor, bar=None) -> torch.Tensor:
         def one(m):  # m: (n_units,) one-hot; only site k is edited, so upstream of k stays unbatched
@@ -241,6 +241,7 @@ def patching_sweep(
             return _scalar(fn, metric(out))
 
         try:
+            masks = masks_on[clean.device]
             if bar is None:
                 return vmap(one, chunk_size=chunk_size, randomness=randomness)(masks)
             # the same chunks, a Python loop ticking the bar
