@@ -1,9 +1,11 @@
 """Neuron conductance: the integrated gradient of ``f`` that flows through selected neuron(s) of a site.
 
 Per chunk of path points, one ``vmap``-ed forward with a zero delta at the site that also captures the site's
-value; of that one forward, one vector-Jacobian product per target gives the site's gradient ``g`` and one per
-(target, neuron) the input gradient of the site's value against the cotangent ``w * g`` (``w`` the neuron's
-weights), so the part of the gradient that passes through the selected neurons only.  No backward hook.
+value, under two nested vector-Jacobian products: the inner one (w.r.t. the delta) gives each target's gradient
+``g`` at the site by the part of the backward after the site; the outer one (w.r.t. the inputs) the input
+gradient of the site's value against the cotangent ``w * g`` (``w`` the neuron's weights) by the part before
+it, so the part of the gradient that passes through the selected neurons only.  No backward hook, no backward
+pass over the whole model.
 """
 
 from __future__ import annotations
@@ -70,9 +72,10 @@ def neuron_conductance(
     ``lambda v: v[:, 3]`` that unit's conductance.
 
     Cost per chunk of path points: one ``vmap``-ed forward (a zero delta at the site, which is also
-    captured), then of that forward one vector-Jacobian product per target (the site's gradient) and one
-    per (target, neuron) (the input gradient through the neuron); plus one capture forward for the
-    site's shape.  captum's ``NeuronConductance`` does one forward and two backward passes per target.
+    captured), then of that forward one backward from the output to the site per target (the site's
+    gradient) and one from the site to the inputs per (target, neuron) (the input gradient through the
+    neuron); plus one capture forward for the site's shape.  captum's ``NeuronConductance`` does the same
+    per target and neuron, with one forward each.
 
     Args:
         f: ``f(td) -> Tensor`` of shape ``td.batch_size`` or ``td.batch_size + (K,)`` (K targets from one
@@ -145,8 +148,18 @@ def neuron_conductance(
             x, b = p.x[key], p.baseline[key]
             pts[key] = b + alphas64[start:stop].to(x.dtype).to(x.device).view(s, *([1] * x.dim())) * (x - b)
         zero = torch.zeros((s, *a_x.shape), dtype=a_x.dtype, device=a_x.device)
+
+        def through_site(pts: dict) -> tuple[torch.Tensor, tuple[torch.Tensor, list[torch.Tensor]]]:
+            """The site's values (differentiated w.r.t. the inputs by the caller) and, as aux, ``f`` and every
+            target's gradient at the site: a vjp w.r.t. the site's delta only, so it runs the part of the backward
+            after the site (the inputs are constants at its level)."""
+            (y, a), pull_d = vjp(lambda d: vmap(one, randomness=randomness)(d, pts), zero)  # type: ignore[misc]
+            k = check_output(fn, y[0], batch)
+            cots = [torch.ones_like(y)] if k is None else [_one_hot(y, t) for t in range(k)]
+            return a, (y, [pull_d((c, torch.zeros_like(a)))[0] for c in cots])
+
         try:
-            (y, a), pull = vjp(vmap(one, randomness=randomness), zero, pts)  # type: ignore[misc]
+            a, pull_x, (y, site_grads) = vjp(through_site, pts, has_aux=True)  # type: ignore[misc]
         except RuntimeError as e:
             err = random_op_error(fn, e, AttributionError)
             if err is None:
@@ -158,12 +171,10 @@ def neuron_conductance(
         check_rows_as_targets(fn, k, batch, pts, 1)
         units, n_units = _unit_weights(fn, pick, a, batch, site)  # N (or 1) of shape (s, *site value)
         qw = weights64[start:stop].to(a.dtype).to(a.device).view(s, *([1] * a_x.dim()))
-        zy, za = torch.zeros_like(y), torch.zeros_like(a)
         per_target = []
-        for t in range(1 if k is None else k):
-            cot = torch.ones_like(y) if k is None else _one_hot(y, t)
-            g = pull((cot, za))[0] * qw  # the site's gradient at each path point, times the quadrature weight
-            per_unit = [pull((zy, g * w))[1] for w in units]  # the input gradient through the unit(s)
+        for g in site_grads:  # each target's gradient at the site, at each path point
+            # the input gradient through the unit(s): the part of the backward before the site, against w * g
+            per_unit = [pull_x(g * qw * w)[0] for w in units]
             per_target.append({key: torch.stack([u[key].sum(0) for u in per_unit]) for key in p.keys})
         for key in p.keys:
             contrib = torch.stack([pt[key] for pt in per_target])  # (K or 1, N or 1, *x.shape)
