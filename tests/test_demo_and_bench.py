@@ -34,11 +34,9 @@ BENCHES = [  # one name per line, so that each benchmark's line is its own
     "deep_lift",
     "perturb_methods",
     "atp",
-    "attnlrp",
     "scaling",
     "neuron",
     "stop",
-    "attention_capture",
 ]
 
 
