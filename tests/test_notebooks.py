@@ -41,6 +41,7 @@ def smollm2_cache():
 
 
 NEEDS = {"02_smollm2.ipynb": "smollm2_cache"}  # notebook -> fixture that prepares what it loads
+NEEDS["03_transformer_internals.ipynb"] = "smollm2_cache"  # the third notebook loads SmolLM2 too
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.name for p in NOTEBOOKS])
