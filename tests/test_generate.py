@@ -403,3 +403,29 @@ def test_site_whose_value_is_not_batch_tokens_is_refused():
         "while this forward runs 1 rows of 3 tokens; edit a site whose value is (batch, tokens, ...) (a block's "
         "output, a residual stream), or pass positions=None."
     )
+
+
+def test_encoder_decoder_positions_are_refused():
+    """The root forward of an encoder-decoder's decoding steps gets no input_ids: positions cannot be read."""
+    torch.manual_seed(0)
+    cfg = transformers.BartConfig(
+        vocab_size=64,
+        d_model=32,
+        encoder_layers=1,
+        decoder_layers=1,
+        encoder_attention_heads=2,
+        decoder_attention_heads=2,
+        encoder_ffn_dim=32,
+        decoder_ffn_dim=32,
+        max_position_embeddings=64,
+    )
+    bart = transformers.BartForConditionalGeneration(cfg).eval()
+    edits = {"model.decoder.layers.0": tdfunc.delta(torch.ones(32))}
+    with pytest.raises(PatchError) as e:
+        tdfunc.latent.generate(bart, None, torch.randint(3, 64, (1, 6)), edits=edits, positions=[0], max_new_tokens=2)
+    assert str(e.value) == (
+        "tdfunc.latent.generate: positions need the tokens of each forward, but the model was called without a 2-D "
+        "input_ids / inputs_embeds; pass positions=None and put the position logic into the edit."
+    )
+    plain = tdfunc.latent.generate(bart, None, torch.randint(3, 64, (1, 6)), edits=edits, max_new_tokens=2)
+    assert plain.shape[0] == 1  # without positions the edits apply to every decoder step
