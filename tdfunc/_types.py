@@ -52,11 +52,15 @@ CompositeName = Literal[
     "epsilon_alpha2_beta1_flat",
     "excitation_backprop",
     "attnlrp",
+    "deconvnet",
+    "beta_smooth",
     "EpsilonPlus",
     "EpsilonPlusFlat",
     "EpsilonAlpha2Beta1",
     "EpsilonAlpha2Beta1Flat",
     "ExcitationBackprop",
+    "DeconvNet",
+    "BetaSmooth",
 ]
 #: ``softmax=`` of ``tdfunc.lrp_rules.attention``.
 SoftmaxMode = Literal["attnlrp", "constant"]

@@ -18,6 +18,8 @@ from .attribution._lrp_linear import wsquare as wsquare
 from .attribution._lrp_linear import zbox as zbox
 from .attribution._lrp_linear import zplus as zplus
 from .attribution._lrp_rules import Rule as Rule
+from .attribution._lrp_rules import beta_smooth as beta_smooth  # beta_smooth
+from .attribution._lrp_rules import deconvnet as deconvnet  # deconvnet
 from .attribution._lrp_rules import gradient as gradient
 from .attribution._lrp_rules import identity as identity
 from .attribution._lrp_rules import ignore as ignore

@@ -400,7 +400,7 @@ def test_errors():
         lrp(f, td, m, composite="eps_plus")
     assert str(e.value) == (
         "tdfunc.lrp: unknown composite 'eps_plus'; choose one of 'epsilon', 'epsilon_plus', 'epsilon_plus_flat', "
-        "'epsilon_alpha2_beta1', 'epsilon_alpha2_beta1_flat', 'excitation_backprop', 'attnlrp', or composite=None to rewrite only the modules named in rules."
+        "'epsilon_alpha2_beta1', 'epsilon_alpha2_beta1_flat', 'excitation_backprop', 'attnlrp', 'deconvnet', 'beta_smooth', or composite=None to rewrite only the modules named in rules."
     )
     with pytest.raises(tdfunc.AttributionError) as e:
         lrp(f, td, m, rules={nn.ReLU: lrp_zplus()})

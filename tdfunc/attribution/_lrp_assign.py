@@ -18,6 +18,8 @@ from ._lrp_linear import CONVS, LAYERS, alpha_beta, epsilon, flat, is_conv1d, zb
 from ._lrp_linear import epsilon as _epsilon_rule
 from ._lrp_linear import gamma as _gamma_rule
 from ._lrp_rules import Rule, _Identity, gradient, identity, is_hf_rmsnorm, norm, softmax, uniform
+from ._lrp_rules import beta_smooth as _beta_smooth_rule  # beta_smooth composite
+from ._lrp_rules import deconvnet as _deconvnet_rule  # deconvnet composite
 
 __all__ = ["Composite", "COMPOSITES", "CompositeName", "assign", "epsilon_gamma_box"]
 
@@ -264,6 +266,17 @@ ZENNIT_NAMES: dict[str, str] = {
     "EpsilonAlpha2Beta1Flat": "epsilon_alpha2_beta1_flat",
     "ExcitationBackprop": "excitation_backprop",
 }
+
+
+def _relu_only(name: str, relu: Rule) -> Composite:  # deconvnet, beta_smooth
+    """zennit's ``DeconvNet`` / ``BetaSmooth``: ``relu`` on every ``nn.ReLU``, every other module on its gradient."""
+    return Composite(name, {nn.ReLU: relu, nn.Module: gradient()})
+
+
+COMPOSITES["deconvnet"] = _relu_only("deconvnet", _deconvnet_rule())  # zennit's DeconvNet
+COMPOSITES["beta_smooth"] = _relu_only("beta_smooth", _beta_smooth_rule())  # zennit's BetaSmooth (beta_smooth=10)
+ZENNIT_NAMES.update(DeconvNet="deconvnet", BetaSmooth="beta_smooth")  # deconvnet, beta_smooth
+
 #: zennit composites that need arguments (or are not LRP): what to use instead
 _ZENNIT_ELSEWHERE: dict[str, str] = {
     "EpsilonGammaBox": "tdfunc.lrp_rules.epsilon_gamma_box(low, high) (it needs the input bounds)",
