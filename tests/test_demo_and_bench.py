@@ -34,6 +34,7 @@ BENCHES = [  # one name per line, so that each benchmark's line is its own
     "deep_lift",
     "perturb_methods",
     "atp",
+    "attnlrp",
     "scaling",
     "neuron",
     "stop",

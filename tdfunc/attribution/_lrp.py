@@ -124,7 +124,13 @@ def lrp(
     * ``'excitation_backprop'``: z⁺ on every layer, activations on their gradient (zennit's ``ExcitationBackprop``);
     * ``'attnlrp'`` (transformers, Achtibat et al. 2024): ε on ``nn.Linear`` / convolutions,
       :func:`tdfunc.lrp_rules.attention` on ``nn.MultiheadAttention``, :func:`tdfunc.lrp_rules.softmax` on
-      ``nn.Softmax``;
+      ``nn.Softmax``; on transformers models (eager attention): ε on ``Conv1D``, the norm rule on their
+      RMSNorm modules, identity on their activation modules, and :func:`tdfunc.lrp_rules.uniform` at the
+      operation sites ``"<attention>/matmul"`` (QKᵀ and A·V of every module with ``q_proj`` / ``k_proj`` /
+      ``v_proj``, ``query`` / ``key`` / ``value`` or ``c_attn``) and ``"<mlp>/mul"`` (a gated MLP's
+      ``act(gate) * up``).  Its first forward checks that every product and non-linearity of values that
+      depend on the input has a rule, and names one that has none (an error, never a silent gradient;
+      ``scaled_dot_product_attention``: load the model with ``attn_implementation="eager"``);
     * :func:`tdfunc.lrp_rules.epsilon_gamma_box` (``low``, ``high``): zennit's ``EpsilonGammaBox``;
     * ``None``: only the modules named in ``rules``.
 
@@ -159,7 +165,10 @@ def lrp(
             ``zplus``, ``alpha_beta``, ``gamma``, ``flat``, ``wsquare``, ``zbox`` (input layer) for
             ``nn.Linear`` and the convolutions; ``norm``, ``attention``, ``softmax``, ``identity`` /
             ``passthrough`` (elementwise modules), ``ignore`` and ``gradient`` (any module); or your own
-            :class:`tdfunc.lrp_rules.Rule`.  Overrides the composite.
+            :class:`tdfunc.lrp_rules.Rule`.  Overrides the composite.  A key ``"path/op"`` is an operation
+            site: every call of the torch operation ``op`` by the forward of the modules ``path`` matches
+            (e.g. ``{"model.layers.*.self_attn/matmul": tdfunc.lrp_rules.uniform()}``; ``gradient()`` there
+            keeps the operation's gradient on purpose).
         composite: ``'epsilon'``, ``'epsilon_plus'`` (default), ``'epsilon_plus_flat'``,
             ``'epsilon_alpha2_beta1'``, ``'epsilon_alpha2_beta1_flat'``, ``'excitation_backprop'``,
             ``'attnlrp'`` (``tdfunc.lrp_rules.COMPOSITES``) or zennit's class name for one, a
@@ -214,9 +223,10 @@ def lrp(
 
     Limits: the identity / passthrough rule gives an input entry that is exactly 0 relevance 0 (zennit
     passes ``R_out`` there; for σ(0) = 0 activations both are 0).  Products of two tensors outside
-    ``nn.MultiheadAttention``
-    (gates, hand-written attention) keep their plain gradient unless written with modules
-    (``tdfunc.lrp_rules.ignore()`` on one factor).  ``nn.TransformerEncoder`` in eval mode with a
+    ``nn.MultiheadAttention`` and the attention / gated-MLP modules composite ``'attnlrp'`` recognises
+    keep their plain gradient unless ``rules`` names them as operation sites (``{"path/matmul":
+    tdfunc.lrp_rules.uniform()}``); ``'attnlrp'`` refuses them on models with modules outside ``torch.nn``.
+    ``nn.TransformerEncoder`` in eval mode with a
     ``src_key_padding_mask`` converts its input to a nested tensor when nothing requires grad (its
     fast path): build it with ``enable_nested_tensor=False``.  ``nn.TransformerEncoderLayer``'s fused
     eval path (``torch._transformer_encoder_layer_fwd``), which skips its submodules, is not taken by
