@@ -33,6 +33,15 @@ def cases() -> list[Case]:
 
     rows.append(Case("perturb:occlusion-cnn-K", cnn, occlusion_cnn_k, (img,), (0,), (0,), "conv1", probe=img))
 
+    def occlusion_keep_window(x):  # keep_window (zennit's Occlusion): overlapping windows kept, the rest at 0
+        td = TensorDict({"x": x[None]}, batch_size=[1])
+        kw = dict(sliding_window_shapes=(1, 2, 2), strides=(1, 1, 2), keep_window=True)
+        return tdfunc.occlusion(lambda t: cnn(t["x"]), td, **kw)["attr", "x"].flatten()
+
+    rows.append(
+        Case("perturb:occlusion-keep-window", cnn, occlusion_keep_window, (img,), (0,), (0,), "conv1", probe=img)
+    )
+
     mlp = MLP().to(dt)
     s_mlp = tdfunc.state(mlp)
     net = lambda x: tdfunc.functional_call(mlp, s_mlp, (x,))

@@ -444,3 +444,88 @@ def test_errors_pinned():
         lambda t: torch.zeros(4, 2, 3),
         x6,
     )
+
+
+# ----------------------------------------------------------- occlusion(keep_window=True): zennit's Occlusion
+
+
+def _keep_loop(f, x, window, stride):
+    """Slow reference: every window (captum's layout, stride dividing), keep it, the rest 0, sum f over windows."""
+    feat = x.shape[1:]
+    starts = [range(0, d - w + 1, s) for d, w, s in zip(feat, window, stride)]
+    out = None
+    for st in itertools.product(*starts):
+        m = torch.zeros(feat, dtype=torch.bool)
+        m[tuple(slice(a, a + w) for a, w in zip(st, window))] = True
+        y = f(torch.where(m, x, torch.zeros_like(x)))  # (B, K)
+        part = y[:, :, *([None] * len(feat))] * m
+        out = part if out is None else out + part
+    return out
+
+
+@pytest.mark.parametrize("window", [(1, 4, 4), (1, 2, 4), (1, 8, 8), (1, 1, 1)])
+def test_keep_window_equals_zennit_occlusion_every_class(zennit, window):
+    torch.manual_seed(0)
+    cnn = CNN(c=3, n_cls=4).to(DT).eval()
+    x = torch.randn(2, 1, 8, 8, dtype=DT)
+    ours = tdfunc.occlusion(
+        lambda t: cnn(t["x"]), _td(x=x), sliding_window_shapes=window, strides=window, keep_window=True
+    )["attr", "x"]
+    for c in range(4):
+        onehot = torch.eye(4, dtype=DT)[c]
+        with zennit.attribution.Occlusion(cnn, window=window, stride=window) as attributor:
+            _, theirs = attributor(x.clone(), lambda y: y * onehot)
+        _close(ours[:, c], theirs)
+    _close(ours, _keep_loop(cnn, x, window, window))
+
+
+@pytest.mark.parametrize("size", [1, 2, 4])
+def test_keep_window_zennit_disjunct_and_single_scenarios(zennit, size):
+    """zennit's test_occlusion_disjunct (window = stride tiling the input: the kept windows add up to the input, so
+    for a linear f the windows' outputs add up to f(x)) and test_occlusion_single (one window of the whole input:
+    every position gets f(x)), with zennit's Occlusion live on the same f."""
+    torch.manual_seed(1)
+    w = torch.randn(4, 4, 3, dtype=DT)
+    f = lambda x: torch.einsum("bij,ijk->bk", x, w)  # noqa: E731
+    x = torch.randn(3, 4, 4, dtype=DT)
+    ours = tdfunc.occlusion(
+        lambda t: f(t["x"]), _td(x=x), sliding_window_shapes=(size, size), strides=size, keep_window=True
+    )["attr", "x"]
+    per_window = ours[..., ::size, ::size]  # one entry per window: f of that window alone
+    _close(per_window.sum((-2, -1)), f(x))
+
+    class F(torch.nn.Module):
+        def forward(self, x):
+            return f(x)
+
+    for c in range(3):
+        onehot = torch.eye(3, dtype=DT)[c]
+        with zennit.attribution.Occlusion(F(), window=(size, size), stride=(size, size)) as attributor:
+            _, theirs = attributor(x.clone(), lambda y: y * onehot)
+        _close(ours[:, c], theirs)
+    single = tdfunc.occlusion(lambda t: f(t["x"]), _td(x=x), sliding_window_shapes=(4, 4), keep_window=True)
+    _close(single["attr", "x"], f(x)[:, :, None, None].expand(3, 3, 4, 4))
+
+
+def test_keep_window_baseline_scalar_f_chunks_and_error():
+    torch.manual_seed(2)
+    mlp = MLP().to(DT)
+    x, base = torch.randn(4, 6, dtype=DT), 0.3 * torch.randn(6, dtype=DT)
+    td = _td(x=x)
+    kw = dict(sliding_window_shapes=(3,), strides=1, keep_window=True)
+    a = tdfunc.occlusion(lambda t: mlp(t["x"]), td, baselines=base, **kw)["attr", "x"]
+    b = tdfunc.occlusion(lambda t: mlp(t["x"]), td, baselines=base, chunk_size=2, **kw)["attr", "x"]
+    _close(a, b)
+    ref = torch.zeros(4, 3, 6, dtype=DT)
+    for s in range(4):  # overlapping windows: sums over the windows holding a position
+        m = torch.zeros(6, dtype=torch.bool)
+        m[s : s + 3] = True
+        ref += mlp(torch.where(m, x, base))[:, :, None] * m
+    _close(a, ref)
+    scalar = tdfunc.occlusion(lambda t: mlp(t["x"]).sum(), td, baselines=base, **kw)["attr", "x"]
+    _close(scalar, ref.sum((0, 1))[None].expand(4, 6))
+    with pytest.raises(
+        tdfunc.AttributionError,
+        match=r"tdfunc\.occlusion: keep_window must be True or False, got str \('yes'\); pass keep_window=True",
+    ):
+        tdfunc.occlusion(lambda t: mlp(t["x"]), td, sliding_window_shapes=(3,), keep_window="yes")  # type: ignore[arg-type]

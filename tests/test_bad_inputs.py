@@ -105,6 +105,7 @@ TABLE: dict[str, list] = {
     "occlusion": [
         lambda: tdfunc.occlusion(None, TD, sliding_window_shapes=(1,)),
         lambda: tdfunc.occlusion(F, NAN_TD, sliding_window_shapes=(1,)),
+        lambda: tdfunc.occlusion(F, TD, sliding_window_shapes=(1,), keep_window="yes"),  # keep_window
     ],
     "feature_ablation": [lambda: tdfunc.feature_ablation(None, TD), lambda: tdfunc.feature_ablation(F, NAN_TD)],
     "shapley_value_sampling": [

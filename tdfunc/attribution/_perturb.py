@@ -94,6 +94,7 @@ def occlusion(
     progress: bool = False,
     randomness: str = "error",
     baselines: Baselines | None = None,
+    keep_window: bool = False,
 ) -> TensorDict:
     """Occlusion (Zeiler & Fergus, 2014), captum's ``Occlusion``: slide a window of baseline values.
 
@@ -128,13 +129,19 @@ def occlusion(
             or a tensor of the input's dtype of the feature shape, ``(1, *feature shape)`` or the input's
             shape; a dict key -> baseline, or a bare one when one input is attributed.  Instead of
             ``("baseline", key)`` entries of ``td`` (default: those, else zeros).
+        keep_window: zennit's ``Occlusion`` (its default ``occlude_independent``): each evaluation keeps
+            only the window and sets the rest of the input to the baseline, and each position gets the sum of
+            ``f_k`` over the windows that contain it (no difference, no mean):
+            ``A_{b,k}(x)_i = Σ_{w ∋ i} f_k(x_{[w]})_b``.  Windows as above (cut at the edge, where zennit's
+            roll around to the start: equal to zennit where the windows tile the input, e.g. its default
+            window = stride dividing the size); with several inputs only the windowed one is masked.
 
     Returns:
         TensorDict with ``("attr", key)`` of shape ``batch (+ K) + feature shape``.
 
     Raises:
         AttributionError: a window of the wrong length or larger than the input, a stride < 1 or
-            larger than its window, unknown key, ``f`` output of the wrong shape.
+            larger than its window, unknown key, ``f`` output of the wrong shape, ``keep_window`` not a bool.
 
     Example:
         >>> import torch, tdfunc
@@ -156,6 +163,7 @@ def occlusion(
     check_chunk_size(fn, chunk_size, AttributionError)
     check_bool(fn, "progress", progress, AttributionError)
     check_randomness(fn, randomness, AttributionError)
+    check_bool(fn, "keep_window", keep_window, AttributionError)  # keep_window
     p = prepare(fn, td, in_keys, baselines_arg=baselines, integer_inputs=True)
     nb = len(p.batch)
     windows = per_input(fn, "sliding_window_shapes", sliding_window_shapes, p.keys, "window shape", AttributionError)
@@ -188,6 +196,8 @@ def occlusion(
             out[key] = m.view(m.shape[0], *([1] * nb), *m.shape[1:])
         return out
 
+    if keep_window:  # keep_window: zennit's Occlusion
+        return _keep_window(fn, f, td, p, spans, masks_for, chunk_size, progress, randomness)
     _, total = run_perturbed(f, td, p, n, chunk_size, masks_for, y0, progress=progress, fn=fn, randomness=randomness)
     attrs = {}
     for key, (start, count, tables, counts) in spans.items():
@@ -196,6 +206,37 @@ def occlusion(
             c = table.sum(0).to(cover.dtype)
             cover = cover.unsqueeze(-1) * c if i else c
         attrs[key] = _expand_attr(total[key] / cover, p.x[key], k, nb)
+    return result(td.batch_size, attrs, fn=fn)
+
+
+def _keep_window(fn, f, td, p, spans, masks_for, chunk_size, progress, randomness) -> TensorDict:  # keep_window
+    """zennit's Occlusion: evaluate ``f`` with only each window kept (the rest at the baseline) and give every
+    position the sum of the outputs of the windows containing it."""
+    nb = len(p.batch)
+    _, k = _baseline_outputs(fn, f, td, p)
+
+    def outside(lo, hi):  # the masks of the windows of this chunk, inverted on the input each window belongs to
+        inside = masks_for(lo, hi)
+        out = {}
+        for key, m in inside.items():
+            start, total = spans[key][0], spans[key][1]
+            mine = (torch.arange(lo, hi, device=m.device) >= start) & (
+                torch.arange(lo, hi, device=m.device) < start + total
+            )
+            out[key] = ~m & mine.view(-1, *([1] * (m.dim() - 1)))
+        return out
+
+    n = sum(span[1] for span in spans.values())
+    ys, _ = run_perturbed(f, td, p, n, chunk_size, outside, None, progress=progress, fn=fn, randomness=randomness)
+    attrs = {}
+    for key, (start, count, tables, counts) in spans.items():
+        y = ys[start : start + count]  # (n_windows, *batch (+ K)); window j: dim 0's shift moves fastest
+        m = len(counts)
+        y = y.reshape(*counts[::-1], *y.shape[1:]).to(torch.promote_types(y.dtype, torch.float32))
+        y = y.permute(*range(m - 1, -1, -1), *range(m, y.dim()))  # (c_0, ..., c_{m-1}, *batch (+ K))
+        for table in tables:  # each shift dim against its table: (c_i, *rest) -> (*rest, d_i)
+            y = torch.tensordot(y, table.to(y.dtype), dims=([0], [0]))
+        attrs[key] = _expand_attr(y, p.x[key], k, nb)
     return result(td.batch_size, attrs, fn=fn)
 
 
