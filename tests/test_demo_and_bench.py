@@ -38,6 +38,7 @@ BENCHES = [  # one name per line, so that each benchmark's line is its own
     "scaling",
     "neuron",
     "stop",
+    "attention_capture",
 ]
 
 
