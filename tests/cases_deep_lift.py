@@ -52,6 +52,26 @@ def cases() -> list[Case]:
         )
     )
 
+    def dl_reveal_cancel(x, base, weight):  # the reveal-cancel rule: every class, baseline vmapped; d(map)/d(weight)
+        state = s_mlp.update({("fc2", "weight"): weight}, inplace=False)
+        td = TensorDict({"x": x[None], ("baseline", "x"): base[None]}, batch_size=[1])
+        f = lambda t: tdfunc.functional_call(mlp, state, (t["x"],))
+        out = tdfunc.deep_lift(f, td, mlp, rule="reveal_cancel", return_convergence_delta=True)
+        return torch.cat([out["attr", "x"].flatten(), out["convergence_delta"].flatten()])
+
+    rows.append(
+        Case(
+            "deeplift:reveal-cancel-K-weights",
+            mlp,
+            dl_reveal_cancel,
+            (x6, base6, s_mlp["fc2", "weight"].clone()),
+            (0, 0, None),
+            (0, 2),
+            "fc2",
+            probe=x6,
+        )
+    )
+
     cnn = CNN(c=2, n_cls=3).to(dt).eval()
     s_cnn = tdfunc.state(cnn)
     img = torch.randn(B, 1, 4, 4, dtype=dt)

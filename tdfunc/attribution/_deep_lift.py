@@ -1,8 +1,10 @@
-"""DeepLift (rescale rule) and DeepLiftShap as a pure rewrite of every activation module's backward."""
+"""DeepLift (rescale and reveal-cancel rules), DeepLiftShap and layer DeepLift as a pure rewrite of every activation
+module's backward (the rules: ``_deep_lift_rules``, ``_reveal_cancel``)."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Literal
 
 import torch
 from tensordict import TensorDict, TensorDictBase
@@ -12,7 +14,7 @@ from .._call import intervene
 from .._checks import check_bool
 from .._edits import rule
 from .._errors import shape_str
-from .._rewrite import Rewrite, main_output, record_then_rewrite
+from .._rewrite import record_then_rewrite
 from .._types import InKeys
 from ._common import (
     BASELINE,
@@ -26,141 +28,12 @@ from ._common import (
     tensor_output,
     with_inputs,
 )
+from ._deep_lift_rules import _module_sites, _refuse, _Rescale, _stashing
 
 __all__ = ["deep_lift", "deep_lift_shap", "layer_deep_lift"]
 
-#: elementwise activations: the rescale rule applies to each (captum: ReLU, ELU, LeakyReLU, Sigmoid, Tanh, Softplus)
-RESCALED: tuple[type[nn.Module], ...] = (
-    nn.ReLU,
-    nn.ReLU6,
-    nn.LeakyReLU,
-    nn.PReLU,
-    nn.ELU,
-    nn.SELU,
-    nn.CELU,
-    nn.GELU,
-    nn.SiLU,
-    nn.Mish,
-    nn.Sigmoid,
-    nn.Tanh,
-    nn.Softplus,
-    nn.Softsign,
-    nn.Hardtanh,
-    nn.Hardsigmoid,
-    nn.Hardswish,
-    nn.LogSigmoid,
-    nn.Tanhshrink,
-    nn.Threshold,
-    nn.Softshrink,
-    nn.Hardshrink,
-)
-#: nonlinear modules the rescale rule does not cover: refused when f reaches them
-REFUSED: tuple[type[nn.Module], ...] = (
-    nn.Softmax,
-    nn.Softmin,
-    nn.LogSoftmax,
-    nn.Softmax2d,
-    nn.MaxPool1d,
-    nn.MaxPool2d,
-    nn.MaxPool3d,
-    nn.AdaptiveMaxPool1d,
-    nn.AdaptiveMaxPool2d,
-    nn.AdaptiveMaxPool3d,
-    nn.FractionalMaxPool2d,
-    nn.FractionalMaxPool3d,
-    nn.LPPool1d,
-    nn.LPPool2d,
-    nn.MultiheadAttention,
-    nn.LayerNorm,
-    nn.GroupNorm,
-    nn.RMSNorm,
-    nn.LocalResponseNorm,
-    nn.InstanceNorm1d,
-    nn.InstanceNorm2d,
-    nn.InstanceNorm3d,
-    nn.Bilinear,
-    nn.GLU,
-    nn.RReLU,
-    nn.RNNBase,
-    nn.RNNCellBase,
-    nn.CosineSimilarity,
-    nn.PairwiseDistance,
-)
-
-
-def _module_sites(fn: str, module: nn.Module) -> tuple[list[str], dict[str, str]]:
-    """The names of ``module``'s elementwise activations, and its refused modules (name -> why)."""
-    if not isinstance(module, nn.Module):
-        raise TypeError(f"{fn}: expected an nn.Module as the module, got {type(module).__name__} ({module!r:.60}).")
-    if isinstance(module, RESCALED + REFUSED):
-        raise AttributionError(
-            f"{fn}: module is itself an {type(module).__name__}; pass the model that calls it ({fn} rewrites the "
-            "activation modules inside module)."
-        )
-    rescaled, refused = [], {}
-    for name, m in module.named_modules():
-        if isinstance(m, RESCALED):
-            rescaled.append(name)
-        elif isinstance(m, REFUSED):
-            refused[name] = "the rescale rule covers elementwise activations only"
-        elif isinstance(m, nn.modules.batchnorm._BatchNorm):
-            refused[name] = "batch statistics would mix the inputs with their baselines (put it in eval())"
-    return rescaled, refused
-
-
-def _refuse(fn: str, name: str, why: str) -> Callable:
-    def refuse(module, args, kwargs, out):
-        if (
-            isinstance(module, nn.modules.batchnorm._BatchNorm)
-            and not module.training
-            and module.running_mean is not None
-        ):
-            return out  # eval-mode BatchNorm is affine: its plain gradient is DeepLift's multiplier
-        raise AttributionError(
-            f"{fn}: f reached the {type(module).__name__} module {name!r}, which DeepLift cannot handle here: {why}. "
-            "Return what comes before it from f (e.g. logits instead of softmax probabilities), or use "
-            "tdfunc.integrated_gradients, which needs no rule per module."
-        )
-
-    return refuse
-
-
-class _Rescale(Rewrite):
-    """The rescale rule at one activation: ``y`` becomes ``y0 + m (x - x0)`` where the input moved, ``m`` the
-    multiplier ``(y - y') / (x - x')`` of the pair (input row, baseline row), ``x0, y0`` the recorded values."""
-
-    def __init__(self, fn: str, name: str, stash: dict, rows: int, eps: float, one_pass: bool):
-        self.fn, self.name, self.stash, self.rows, self.eps, self.one_pass = fn, name, stash, rows, eps, one_pass
-
-    def record(self, module, args, kwargs, out):
-        x, y = self.stash[self.name], main_output(out)
-        if self.one_pass:  # recorded and rewritten in one forward: constants to everything (as _rewrite detaches)
-            x = x.detach()
-        if x.shape != y.shape or x.dim() == 0 or x.shape[0] != 2 * self.rows:
-            raise AttributionError(
-                f"{self.fn}: the {type(module).__name__} module {self.name!r} got an input of shape "
-                f"{shape_str(x.shape)} (output {shape_str(y.shape)}); DeepLift runs f once on the inputs and their "
-                f"baselines stacked along the first batch dim ({self.rows} rows, then {self.rows}) and pairs them at "
-                f"every activation by that dim, so its first dim must be {2 * self.rows}. Modules that put another dim "
-                "first (sequence-first layers) or reshape the batch are not supported."
-            )
-        dx = x[: self.rows] - x[self.rows :]
-        dy = y[: self.rows] - y[self.rows :]
-        moved = dx.abs() >= self.eps
-        m = dy / torch.where(moved, dx, torch.ones_like(dx))  # no 0/0: its gradient would be nan
-        return torch.cat([moved, moved]), torch.cat([m, m]), x, y.clone()
-
-    def rewrite(self, module, args, kwargs, out, constants):
-        moved, m, x0, y0 = constants
-        return torch.where(moved, y0 + m * (self.stash[self.name] - x0), main_output(out))
-
-
-def _stashing(stash: dict, name: str) -> Callable:
-    def keep(v: torch.Tensor) -> torch.Tensor:
-        stash[name] = v.clone()  # a copy: an in-place activation overwrites its input
-        return v
-
-    return keep
+#: DeepLift's rule at the activations
+DeepLiftRule = Literal["rescale", "reveal_cancel"]
 
 
 def _core(
@@ -173,8 +46,14 @@ def _core(
     return_convergence_delta: bool,
     eps: float,
     baselines: dict | None = None,
+    rule_name: str = "rescale",
 ) -> TensorDict:
     """DeepLift of ``f`` at ``td``; baselines from ``baselines`` (already of the inputs' shapes) or from ``td``."""
+    if rule_name not in ("rescale", "reveal_cancel"):
+        raise AttributionError(
+            f"{fn}: unknown rule {rule_name!r}; choose 'rescale' (captum's DeepLift) or 'reveal_cancel' (Shrikumar "
+            "et al. 2017, §3.5.3: activations fed by an nn.Linear / nn.ConvNd)."
+        )
     check_bool(fn, "multiply_by_inputs", multiply_by_inputs, AttributionError)
     check_bool(fn, "return_convergence_delta", return_convergence_delta, AttributionError)
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
@@ -196,11 +75,18 @@ def _core(
         return torch.cat([with_inputs(td1, xs), with_inputs(td1, b1)], 0)  # type: ignore[return-value]  # TensorDicts cat to one
 
     stash: dict = {}
-    edits: dict = {f"{s}:input": _stashing(stash, s) for s in rescaled}
+    one_pass = not torch.is_grad_enabled()  # record_then_rewrite's choice: one forward under no_grad
+    sites: dict
+    if rule_name == "reveal_cancel":
+        from ._reveal_cancel import RevealCancel, reveal_cancel_edits
+
+        edits: dict = reveal_cancel_edits(module, rescaled, stash)
+        sites = {s: RevealCancel(fn, s, module, stash, rows, float(eps), one_pass) for s in rescaled}
+    else:
+        edits = {f"{s}:input": _stashing(stash, s) for s in rescaled}
+        sites = {s: _Rescale(fn, s, stash, rows, float(eps), one_pass) for s in rescaled}
     edits.update({s: rule(_refuse(fn, s, why)) for s, why in refused.items()})
     f_paired = intervene(f, module, edits=edits, strict=False) if edits else f
-    one_pass = not torch.is_grad_enabled()  # record_then_rewrite's choice: one forward under no_grad
-    sites = {s: _Rescale(fn, s, stash, rows, float(eps), one_pass) for s in rescaled}
     rewritten = record_then_rewrite(fn, f_paired, module, sites, (paired(x1),))
 
     def halves(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -242,6 +128,7 @@ def deep_lift(
     multiply_by_inputs: bool = True,
     return_convergence_delta: bool = False,
     eps: float = 1e-10,
+    rule: DeepLiftRule = "rescale",
 ) -> TensorDict:
     """DeepLift with the rescale rule (Shrikumar et al., 2017): the gradient with every activation's
     derivative replaced by its finite-difference multiplier between the input and the baseline.
@@ -281,6 +168,15 @@ def deep_lift(
         return_convergence_delta: also return ``"convergence_delta"``, shape ``batch (+ K)``:
             ``sum(attr) - (f(x) - f(x'))`` (one more forward).
         eps: input changes ``|z - z'|`` below it keep the activation's plain derivative (captum's 1e-10).
+        rule: ``"rescale"`` (captum's ``DeepLift``) or ``"reveal_cancel"`` (§3.5.3 of the paper; captum has no
+            equivalent): at each activation ``y = σ(z)`` fed by an ``nn.Linear`` / ``nn.ConvNd`` ``z = W u + b``,
+            the change ``Δz`` is split into the positive and negative parts ``Δz⁺ = Σ_i [w_i Δu_i > 0] w_i Δu_i``
+            and ``Δz⁻`` (the linear rule, §3.5.1; ``w_i / 2`` to each where ``Δu_i = 0``), each gets the
+            multiplier ``Δy^± / Δz^±`` with ``Δy⁺ = ½(σ(z' + Δz⁺) - σ(z')) + ½(σ(z' + Δz⁻ + Δz⁺) - σ(z' + Δz⁻))``
+            (``Δy⁻`` likewise), and the two flow back through their own weights: interacting positive and
+            negative terms are no longer cancelled before the nonlinearity (the paper's ``min`` example).
+            Completeness holds as for the rescale rule.  An activation whose input is not such a layer's
+            output raises.
 
     Returns:
         TensorDict with ``("attr", key)`` of shape ``batch (+ K) + feature shape``.
@@ -288,7 +184,8 @@ def deep_lift(
     Raises:
         AttributionError: ``f`` reaches a module the rule does not cover; an activation whose first
             dim is not the stacked batch; unknown key, non-float input, bad baseline, ``f`` output of
-            the wrong shape.
+            the wrong shape; an unknown ``rule``, or under ``"reveal_cancel"`` an activation not fed by a
+            linear layer.
         NotReachedError: ``f`` ran the activations differently in its two forwards.
 
     Example:
@@ -301,6 +198,9 @@ def deep_lift(
         torch.Size([5, 4, 3])
         >>> bool(out["convergence_delta"].abs().max() < 1e-5)   # sum(attr) = f(x) - f(0)
         True
+        >>> rc = tdfunc.deep_lift(lambda t: net(t["x"]), td, net, rule="reveal_cancel", return_convergence_delta=True)
+        >>> bool(rc["convergence_delta"].abs().max() < 1e-5)   # the reveal-cancel rule is complete too
+        True
 
     References:
         Shrikumar, Greenside, Kundaje. Learning Important Features Through Propagating Activation
@@ -309,7 +209,9 @@ def deep_lift(
     Composes with: ``vmap`` (over examples or targets), ``grad`` (double backward: exact),
     ``torch.compile(fullgraph=True)``.
     """
-    return _core("tdfunc.deep_lift", f, td, module, in_keys, multiply_by_inputs, return_convergence_delta, eps)
+    return _core(
+        "tdfunc.deep_lift", f, td, module, in_keys, multiply_by_inputs, return_convergence_delta, eps, rule_name=rule
+    )
 
 
 def check_baseline_distribution(fn: str, baselines: object, p_keys: list, xs: dict, nb: int) -> dict:
@@ -358,6 +260,7 @@ def deep_lift_shap(
     multiply_by_inputs: bool = True,
     return_convergence_delta: bool = False,
     eps: float = 1e-10,
+    rule: DeepLiftRule = "rescale",
 ) -> TensorDict:
     """DeepLiftShap (Lundberg & Lee, 2017): :func:`deep_lift` averaged over a distribution of baselines.
 
@@ -367,7 +270,7 @@ def deep_lift_shap(
     (the inputs repeated ``N`` times, then the baselines), as captum's ``DeepLiftShap`` does.
 
     Args:
-        f, module, in_keys, multiply_by_inputs, eps: as in :func:`deep_lift`; ``f`` sees a td of
+        f, module, in_keys, multiply_by_inputs, eps, rule: as in :func:`deep_lift`; ``f`` sees a td of
             batch ``(2 N B,)`` (a multi-dim batch is flattened), so per-example data must come from ``td``.
         td: the inputs; it must not hold ``("baseline", key)`` entries (the baselines come from ``baselines``).
         baselines: a TensorDict of batch shape ``(N,)`` with an entry per attributed input, of shape
@@ -419,7 +322,9 @@ def deep_lift_shap(
         k: b.view(n, *([1] * nb), *b.shape[1:]).expand(n, *p.x[k].shape).reshape(n * numel, *b.shape[1:])
         for k, b in refs.items()
     }
-    out = _core(fn, f, flat, module, p.keys, multiply_by_inputs, return_convergence_delta, eps, baselines=bases)
+    out = _core(
+        fn, f, flat, module, p.keys, multiply_by_inputs, return_convergence_delta, eps, baselines=bases, rule_name=rule
+    )
 
     def mean(t: torch.Tensor) -> torch.Tensor:
         return t.reshape(n, *p.batch, *t.shape[1:]).mean(0)
