@@ -335,11 +335,41 @@ class _RestartingPositions(torch.nn.Module):
         )
 
 
+class _Wrapped(torch.nn.Module):
+    """A causal LM without get_output_embeddings: the LM head runs inside each suffix call."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, input_ids, past_key_values=None, use_cache=None, logits_to_keep=0):
+        return self.inner(
+            input_ids, past_key_values=past_key_values, use_cache=use_cache, logits_to_keep=logits_to_keep
+        )
+
+
+def test_the_head_inside_each_call_when_the_model_does_not_name_it(gpt2):
+    """Without get_output_embeddings / base_model_prefix the suffix calls return logits themselves."""
+    model = _Wrapped(gpt2)
+    clean, corrupt = _prompts()
+    plain = patching_sweep(gpt2, None, (clean,), (corrupt,), "transformer.h.*", last_diff)
+    first_kept = lambda o: (o.logits[:, 0, 3] - o.logits[:, 0, 5]).mean()  # noqa: E731  # position 8 = T - 1
+    for kw, metric in (
+        ({}, last_diff),
+        ({"logits_to_keep": 1}, last_diff),
+        ({"logits_to_keep": torch.tensor([8, 1])}, first_kept),
+    ):
+        fast = patching_sweep(
+            model, None, (clean,), (corrupt,), "inner.transformer.h.*", metric, reuse_prefix=True, kwargs=kw
+        )
+        torch.testing.assert_close(fast, plain, atol=1e-10, rtol=0)
+
+
 def test_refuses_a_model_whose_cache_does_not_reproduce_its_run(gpt2):
     model = _RestartingPositions(gpt2)
     clean, corrupt = _prompts()
     _pinned(
-        f"{FN}: reuse_prefix=True: _RestartingPositions run from position 6 on its KV cache does not reproduce "
+        f"{FN}: reuse_prefix=True: _RestartingPositions run from position 3 on its KV cache does not reproduce "
         "its full run (max |logit difference|",
         lambda: patching_sweep(
             model, None, (clean,), (corrupt,), "inner.transformer.h.*", last_diff, reuse_prefix=True

@@ -8,7 +8,10 @@ values of ``0 .. a-1`` (the model continues the position ids from the cache's le
 learned positions are those of the full run), one ``vmap`` over the chunk's one-hot position masks
 at one site: upstream of the site the suffix runs once, unbatched.  The logits the metric sees are
 the suffix's, with the corrupted run's before ``a``; with ``kwargs={"logits_to_keep": k}`` (the
-model's own option) the LM head runs only at the kept positions.
+model's own option) only at the kept positions.  For a transformers LM (``get_output_embeddings``
+and ``base_model_prefix``) the suffix calls stop at the final hidden states (the base model's
+``last_hidden_state``, at the kept positions) and the LM head runs once per chunk over every site's
+patches: on a CPU the head (vocab x d) is memory-bound on the few rows of one patch.
 
 Before the sweep, one unpatched suffix is compared with the corrupted run (outside transforms and
 compile): a model whose cache does not reproduce the full run (bidirectional attention, sliding
@@ -29,23 +32,24 @@ from .._call import functional_call
 from .._checks import random_op_error, renamed
 from .._finite import readable
 from .._progress import vmap_chunks
+from .._state import flat_state
 from ._common import PatchError
 
 __all__ = ["check_prefix_model", "n_prefix_chunks", "prefix_sweep"]
 
 OPTION = "reuse_prefix=True"
+HEAD_ELEMENTS = 2**26  # logits per batched LM-head call (256 MB in float32)
 KWARGS = ("attention_mask", "position_ids", "logits_to_keep")
 
 
 def chunk_of(t: int, chunk_size: int | None) -> int:
-    """Positions per chunk: ``chunk_size``, or ceil(sqrt(3 T)).
+    """Positions per chunk: ``chunk_size``, or ceil(sqrt(T)).
 
-    A chunk from position ``a`` reruns the layers upstream of the site on ``T - a`` tokens once and the
-    LM head once (memory-bound on CPU), and wastes the positions before each patched one in the chunk
-    on the layers downstream: fewer, larger chunks trade the first two for the third (measured on a
-    6-block GPT-2 at T 24: chunks of 8 to 12 fastest).
+    A chunk from position ``a`` reruns the layers upstream of the site on ``T - a`` tokens once, and
+    wastes the positions before each patched one in the chunk on the layers downstream: about
+    sqrt(T) balances the two (measured on a 6-block GPT-2 at T 24: chunks of 5 to 9 alike, 12 slower).
     """
-    return chunk_size if chunk_size is not None else min(t, math.isqrt(3 * t - 1) + 1)
+    return chunk_size if chunk_size is not None else min(t, math.isqrt(t - 1) + 1) if t > 1 else 1
 
 
 def n_prefix_chunks(t: int, chunk_size: int | None) -> int:
@@ -116,6 +120,39 @@ def _logits(fn: str, out: Any) -> torch.Tensor:
     return logits
 
 
+def _head(fn: str, module: torch.nn.Module, state: Any) -> tuple[str, torch.nn.Module, dict] | None:
+    """``(site of the final hidden states, LM head, its tensors under state)`` of a transformers LM, or None.
+
+    The head's tensors come from ``state`` under the head's own names or a name tied to them (GPT-2's
+    ``lm_head.weight`` is ``transformer.wte.weight``), else they are the module's own.
+    """
+    get = getattr(module, "get_output_embeddings", None)
+    prefix = getattr(module, "base_model_prefix", None)
+    head = get() if callable(get) else None
+    if not isinstance(head, torch.nn.Module) or not isinstance(prefix, str) or not prefix:
+        return None
+    if not isinstance(getattr(module, prefix, None), torch.nn.Module):
+        return None
+    name = next((n for n, m in module.named_modules() if m is head), None)
+    if name is None or name.startswith(prefix + "."):
+        return None
+    flat = flat_state(fn, module, state)
+    tensors: dict[str, torch.Tensor] = dict(module.named_parameters(remove_duplicate=False))
+    tensors.update(module.named_buffers(remove_duplicate=False))
+    params: dict[str, torch.Tensor] = {}
+    for n, own in [*head.named_parameters(), *head.named_buffers()]:
+        v = flat.get(f"{name}.{n}")
+        if v is None:
+            v = next((flat[k] for k in flat if tensors.get(k) is own), own)
+        params[n] = v
+    return f"{prefix}:output.last_hidden_state", head, params
+
+
+def _vocab(head: tuple[str, torch.nn.Module, dict]) -> int:
+    w = head[2].get("weight")
+    return int(w.shape[0]) if isinstance(w, torch.Tensor) and w.dim() == 2 else 1
+
+
 def prefix_sweep(
     fn: str,
     module: torch.nn.Module,
@@ -162,23 +199,33 @@ def prefix_sweep(
     from transformers import DynamicCache  # the model returned one: transformers is installed
 
     size = chunk_of(t, chunk_size)
+    head = _head(fn, module, state)  # None: the LM head runs inside each suffix call
 
     def run_suffix(a: int, edits: dict) -> torch.Tensor:
-        """The logits at ``keep`` of the suffix ``a .. T-1`` (with ``edits``), the corrupted ones before ``a``."""
+        """The suffix ``a .. T-1`` (with ``edits``): its final hidden states at the kept positions from ``a`` on
+        (with ``head``), else its logits there."""
         past = DynamicCache([(k_[..., :a, :], v_[..., :a, :]) for k_, v_ in kv]) if a else DynamicCache()
-        late = keep >= a  # on the ids' device; the logits may live on another one (a model over devices)
         kw: dict[str, Any] = {"past_key_values": past, "use_cache": True}
         if "attention_mask" in kwargs:
             kw["attention_mask"] = kwargs["attention_mask"]  # past + current: the whole mask
         if pos_ids is not None:
             kw["position_ids"] = pos_ids[..., a:]
-        kw["logits_to_keep"] = keep[late] - a
+        late = keep[keep >= a] - a
+        if head is None:
+            kw["logits_to_keep"] = late
+            with renamed(fn):
+                return _logits(fn, functional_call(module, state, (ids[:, a:],), kw, edits=edits))
+        kw["logits_to_keep"] = late[:0]  # no logits here: the head runs once over every patch's hidden states
         with renamed(fn):
-            out = functional_call(module, state, (ids[:, a:],), kw, edits=edits)
-        logits = _logits(fn, out)
-        if bool(late.all()):
+            _, got = functional_call(module, state, (ids[:, a:],), kw, edits=edits, capture=[head[0]])
+        return got[head[0]][:, late.to(got[head[0]].device)]
+
+    def logits_of(a: int, h: torch.Tensor) -> torch.Tensor:
+        """Logits at every kept position from what ``run_suffix(a, ...)`` returned: the corrupted ones before ``a``."""
+        logits = h if head is None else torch.func.functional_call(head[1], head[2], (h,))
+        early = (keep < a).to(corr_logits.device)
+        if not bool(early.any()):
             return logits
-        early = ~late.to(corr_logits.device)
         merged = torch.cat([corr_logits[:, early], logits.to(corr_logits.device)], dim=1)  # the early ones first
         order = torch.cat([torch.nonzero(early).flatten(), torch.nonzero(~early).flatten()])
         return merged[:, torch.argsort(order)]
@@ -187,9 +234,9 @@ def prefix_sweep(
         return type(full_out)(logits=logits)  # the metric reads the logits; the suffix's cache is not the run's
 
     a0 = size if size < t else t // 2
-    if a0 > 0 and readable(corr_logits):  # the model's cache reproduces its full run (checked once, unpatched)
+    if a0 > 0 and readable(corr_logits):  # the model's cache (and head) reproduce its full run: once, unpatched
         with torch.no_grad():
-            suffix = run_suffix(a0, {})
+            suffix = logits_of(a0, run_suffix(a0, {}))
         err = float((suffix - corr_logits).detach().abs().max())
         scale = float(corr_logits.detach().abs().max()) + 1e-30
         tol = 1e-3 if corr_logits.dtype in (torch.float32, torch.float16, torch.bfloat16) else 1e-9
@@ -200,11 +247,27 @@ def prefix_sweep(
                 "or its positions or cache do not continue; leave reuse_prefix=False for this model."
             )
 
-    rows = []
+    def metric_of(a: int) -> Callable[[torch.Tensor], torch.Tensor]:
+        return lambda h: scalar(metric(output_of(full, logits_of(a, h))))
+
+    def vmapped(f: Callable, x: torch.Tensor, tick: Any) -> torch.Tensor:
+        try:
+            return (
+                vmap(f, randomness=randomness)(x)
+                if tick is None
+                else vmap_chunks(f, None, tick, randomness=randomness)(x)
+            )
+        except RuntimeError as e:
+            err_ = random_op_error(fn, e, PatchError, "the model (or metric)")
+            if err_ is None:
+                raise
+            raise err_ from e
+
+    starts = list(range(0, t, size))
+    outs: dict[int, list[torch.Tensor]] = {a: [] for a in starts}  # per chunk: each site's (g, ...) results
     for k in keys:
         clean = caps[k]
-        cols = []
-        for a in range(0, t, size):
+        for a in starts:
             n = t - a
             g = min(size, n)
             masks = torch.eye(g, n, dtype=torch.bool, device=clean.device)  # masks[i]: position a + i of the suffix
@@ -221,17 +284,14 @@ def prefix_sweep(
                         )
                     return torch.where(m.reshape(shape), c, v)
 
-                return scalar(metric(output_of(full, run_suffix(a, {k: edit}))))
+                h = run_suffix(a, {k: edit})
+                return h if head is not None else metric_of(a)(h)
 
-            try:
-                if bar is None:
-                    cols.append(vmap(one, randomness=randomness)(masks))
-                else:
-                    cols.append(vmap_chunks(one, None, bar, randomness=randomness)(masks))
-            except RuntimeError as e:
-                err_ = random_op_error(fn, e, PatchError, "the model (or metric)")
-                if err_ is None:
-                    raise
-                raise err_ from e
-        rows.append(torch.cat(cols))
-    return torch.stack(rows)
+            outs[a].append(vmapped(one, masks, bar))
+    if head is not None:  # the LM head once per chunk over every site's patches (it is memory-bound on few rows)
+        for a in starts:
+            h = torch.cat(outs[a])
+            per = max(1, HEAD_ELEMENTS // max(1, h[0].numel() // h.shape[-1] * _vocab(head)))
+            r = torch.cat([vmapped(metric_of(a), h[i : i + per], None) for i in range(0, h.shape[0], per)])
+            outs[a] = list(r.split([len(o) for o in outs[a]]))
+    return torch.stack([torch.cat([outs[a][i] for a in starts]) for i in range(len(keys))])
