@@ -293,3 +293,31 @@ def test_errors():
     pair = nn.Sequential(Pair())
     with pytest.raises(tdfunc.EditError, match=r"needs a tensor there, but the site holds a value of type TensorDict"):
         tdfunc.functional_call(pair, None, (x,), edits={"0": tdfunc.grad_edit(torch.abs)})
+
+
+@pytest.mark.parametrize("channel, direction", [(7, 1), (3, -1)])
+def test_crp_equals_tdhook_concept_channel_callback(channel, direction):
+    """tdhook 0.3's CRP: LRP(EpsilonPlus) with output_grad_callbacks={"linear1": concept_channel_gradient_callback(
+    channel, direction)} (its ChannelConditionedLRP's callback) on its test model, output relevance = class c."""
+    LRP = pytest.importorskip("tdhook.attribution").LRP
+    from tdhook.attribution.lrp_helpers.rules import EpsilonPlus
+    from tdhook.concepts import concept_channel_gradient_callback
+
+    torch.manual_seed(0)
+    model, x, c = TdhookModel().to(DT), torch.randn(3, 10, dtype=DT), 2
+    onehot = torch.eye(5, dtype=DT)[c]
+    method = LRP(
+        rule_mapper=EpsilonPlus(epsilon=1e-6),
+        init_attr_grads=lambda td, *_: TensorDict({"output": td["output"] * onehot}, batch_size=td.batch_size),
+        output_grad_callbacks={"linear1": concept_channel_gradient_callback(channel, direction)},
+        warn_on_missing_rule=False,
+    )
+    with method.prepare(model) as hooked:
+        theirs = hooked(TensorDict({"input": x.clone().requires_grad_(True)}, batch_size=[3])).get(("attr", "input"))
+    mask = torch.zeros(20, dtype=DT)
+    mask[channel] = direction
+    f = lambda t: tdfunc.functional_call(
+        model, None, (t["x"],), edits={"linear1": tdfunc.grad_edit(lambda g: g * mask)}
+    )
+    ours = tdfunc.lrp(lambda t: f(t)[:, c], TensorDict({"x": x}, batch_size=[3]), model, composite="epsilon_plus")
+    torch.testing.assert_close(ours["attr", "x"], theirs.detach(), rtol=1e-10, atol=1e-14)
