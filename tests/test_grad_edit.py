@@ -321,3 +321,42 @@ def test_crp_equals_tdhook_concept_channel_callback(channel, direction):
     )
     ours = tdfunc.lrp(lambda t: f(t)[:, c], TensorDict({"x": x}, batch_size=[3]), model, composite="epsilon_plus")
     torch.testing.assert_close(ours["attr", "x"], theirs.detach(), rtol=1e-10, atol=1e-14)
+
+
+def test_crp_on_the_trained_digits_cnn_equals_zennit_crp(zennit, tmp_path):
+    """A real model: the demo's digits CNN (trained on scikit-learn's digits, cached), real test images ([0, 1] pixels,
+    many exact zeros: the flat rule's zero-input share), its predicted class, one conv2 channel per image."""
+    import os
+
+    sys.path.insert(0, os.path.dirname(os.path.dirname(__file__)))
+    try:
+        from demo.digits import train_digits_cnn
+    finally:
+        sys.path.pop(0)
+    stub = tmp_path / "torchvision"
+    (stub / "transforms").mkdir(parents=True)
+    (stub / "__init__.py").write_text("")
+    (stub / "transforms" / "__init__.py").write_text("")
+    sys.path.insert(0, str(tmp_path))
+    try:
+        attribution = pytest.importorskip("crp.attribution")
+    finally:
+        sys.path.remove(str(tmp_path))
+    model, (_, _, x_test, _) = train_digits_cnn(seed=0)
+    model = model.to(DT).eval()
+    x = x_test[:4].to(DT)
+    pred = model(x).argmax(-1)
+    chans = [1, 5, 0, 3]
+    att = attribution.CondAttribution(model, no_param_grad=False)
+    conds = [{"y": [int(pred[i])], "features.conv2": [chans[i]]} for i in range(4)]
+    res = att(x.clone().requires_grad_(True), conds, zennit.composites.EpsilonPlusFlat())
+    c2 = model.features.conv2.out_channels
+    mask = torch.zeros(4, c2, 1, 1, dtype=DT)
+    mask[torch.arange(4), chans] = 1
+    f = lambda t: tdfunc.functional_call(  # noqa: E731
+        model, None, (t["x"],), edits={"features.conv2": tdfunc.grad_edit(lambda g: g * mask)}
+    ).gather(1, pred[:, None])[:, 0]
+    ours = tdfunc.lrp(f, TensorDict({"x": x}, batch_size=[4]), model, composite="epsilon_plus_flat")["attr", "x"]
+    assert (x == 0).float().mean() > 0.3  # many zero pixels
+    torch.testing.assert_close(ours.sum(1), res.heatmap.detach(), rtol=1e-9, atol=1e-12)
+    assert ours.abs().sum() > 0
