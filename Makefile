@@ -18,6 +18,9 @@ $(STAMP):
 	# zennit (LRP reference, test-only, LGPL): its torchvision requirement has no CPU build here, so
 	# it is installed without dependencies and the LRP tests give it a stub torchvision
 	$(PY) -m pip install -q --no-deps "zennit==0.5.1"
+	# zennit-crp (CRP reference for tdfunc.grad_edit, test-only): it pins zennit<=0.4.6 but runs on 0.5.1; its
+	# torchvision import gets the tests' stub
+	$(PY) -m pip install -q --no-deps "zennit-crp==0.6.0"
 	# LXT (AttnLRP reference for the transformer LRP tests, test-only): only its torch-only
 	# lxt.explicit.functional is used; its declared dependencies (bitsandbytes, open_clip) are not needed
 	$(PY) -m pip install -q --no-deps "lxt==2.1"
