@@ -201,6 +201,23 @@ def test_tdhook_output_grad_callbacks_scenario():
     torch.testing.assert_close(grad(lambda x: inner(x).sum())(x), peer["input"].get(("attr", "input")))
 
 
+def _import_crp(tmp_path):
+    """zennit-crp's attribution module, imported beside a stub torchvision (removed again afterwards)."""
+    stub = tmp_path / "torchvision"
+    (stub / "transforms").mkdir(parents=True, exist_ok=True)
+    (stub / "__init__.py").write_text("")
+    (stub / "transforms" / "__init__.py").write_text("")
+    had = "torchvision" in sys.modules
+    sys.path.insert(0, str(tmp_path))
+    try:
+        return pytest.importorskip("crp.attribution")
+    finally:
+        sys.path.remove(str(tmp_path))
+        if not had:  # do not leave the stub visible to other tests
+            for name in [n for n in sys.modules if n == "torchvision" or n.startswith("torchvision.")]:
+                del sys.modules[name]
+
+
 def _cnn():
     torch.manual_seed(0)
     return (
@@ -228,15 +245,7 @@ def test_crp_equals_zennit_crp_cond_attribution(zennit, tmp_path):
     to zennit-crp's CondAttribution (conditions {'y': [c], '2': [ch]}) on a small CNN, per example."""
     import zennit.composites as zc  # noqa: F401  (the fixture imported it beside its stub torchvision)
 
-    stub = tmp_path / "torchvision"
-    (stub / "transforms").mkdir(parents=True)
-    (stub / "__init__.py").write_text("")
-    (stub / "transforms" / "__init__.py").write_text("")
-    sys.path.insert(0, str(tmp_path))
-    try:
-        attribution = pytest.importorskip("crp.attribution")
-    finally:
-        sys.path.remove(str(tmp_path))
+    attribution = _import_crp(tmp_path)
     net, x = _cnn(), torch.rand(2, 3, 8, 8, dtype=DT)
     td = TensorDict({"x": x}, batch_size=[2])
     att = attribution.CondAttribution(net, no_param_grad=False)
@@ -333,15 +342,7 @@ def test_crp_on_the_trained_digits_cnn_equals_zennit_crp(zennit, tmp_path):
         from demo.digits import train_digits_cnn
     finally:
         sys.path.pop(0)
-    stub = tmp_path / "torchvision"
-    (stub / "transforms").mkdir(parents=True)
-    (stub / "__init__.py").write_text("")
-    (stub / "transforms" / "__init__.py").write_text("")
-    sys.path.insert(0, str(tmp_path))
-    try:
-        attribution = pytest.importorskip("crp.attribution")
-    finally:
-        sys.path.remove(str(tmp_path))
+    attribution = _import_crp(tmp_path)
     model, (_, _, x_test, _) = train_digits_cnn(seed=0)
     model = model.to(DT).eval()
     x = x_test[:4].to(DT)
