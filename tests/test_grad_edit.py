@@ -361,3 +361,48 @@ def test_crp_on_the_trained_digits_cnn_equals_zennit_crp(zennit, tmp_path):
     assert (x == 0).float().mean() > 0.3  # many zero pixels
     torch.testing.assert_close(ours.sum(1), res.heatmap.detach(), rtol=1e-9, atol=1e-12)
     assert ours.abs().sum() > 0
+
+
+METHODS = {  # name -> method(f, td, net): each with a grad edit inside f, against the straight-through reference
+    "saliency": lambda f, td, net: tdfunc.saliency(f, td, abs=False),
+    "input_x_gradient": lambda f, td, net: tdfunc.input_x_gradient(f, td),
+    "integrated_gradients": lambda f, td, net: tdfunc.integrated_gradients(f, td, n_steps=8),
+    "smooth_grad": lambda f, td, net: tdfunc.smooth_grad(
+        tdfunc.saliency,
+        f,
+        td,
+        nt_samples=3,
+        noise=torch.randn(3, *td["x"].shape, generator=torch.Generator().manual_seed(0), dtype=DT),
+    ),
+    "gradient_shap": lambda f, td, net: tdfunc.gradient_shap(
+        f,
+        td,
+        TensorDict({"x": torch.zeros(2, 4, dtype=DT)}, batch_size=[2]),
+        n_samples=3,
+        generator=torch.Generator().manual_seed(0),
+    ),
+    "guided_backprop": lambda f, td, net: tdfunc.guided_backprop(f, td, net),
+    "deconvolution": lambda f, td, net: tdfunc.deconvolution(f, td, net),
+    "deep_lift": lambda f, td, net: tdfunc.deep_lift(f, td, net),
+    "lrp": lambda f, td, net: tdfunc.lrp(f, td, net, composite="epsilon"),
+    "layer_gradient_x_activation": lambda f, td, net: tdfunc.layer_gradient_x_activation(f, td, net, "0:input"),
+}
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_inside_every_gradient_method_equals_the_straight_through_map(method):
+    """A grad edit g * m at the first Linear inside f, for each gradient method = the same method on f with the
+    site's value replaced by the straight-through map stop(v) + m * (v - stop(v)) (same first-order gradients)."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 6), nn.ReLU(), nn.Linear(6, 3)).to(DT).eval()
+    td = TensorDict({"x": torch.randn(5, 4, dtype=DT)}, batch_size=[5])
+    m = torch.rand(6, dtype=DT)
+    edited = lambda t: tdfunc.functional_call(net, None, (t["x"],), edits={"0": tdfunc.grad_edit(lambda g: g * m)})
+    straight = lambda t: tdfunc.functional_call(  # noqa: E731
+        net, None, (t["x"],), edits={"0": lambda v: v.detach() + m * (v - v.detach())}
+    )
+    a, b = METHODS[method](edited, td, net), METHODS[method](straight, td, net)
+    plain = METHODS[method](lambda t: net(t["x"]), td, net)
+    for key in a.keys(include_nested=True, leaves_only=True):
+        torch.testing.assert_close(a[key], b[key], rtol=1e-10, atol=1e-12)
+        assert not torch.allclose(a[key], plain[key])  # the edit changed the map
