@@ -73,12 +73,8 @@ def _apply(lin: nn.Module, t: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 def _split(lin: nn.Module, w: torch.Tensor, d: torch.Tensor, masks: tuple) -> tuple[torch.Tensor, torch.Tensor]:
     """``(A⁺ d, A⁻ d)`` for the masks ``(Δu > 0, Δu < 0, Δu == 0)`` of the recorded change of the layer's input."""
     pos, neg, zero = masks
-    wp, wn = w.clamp(min=0), w.clamp(max=0)
-    half = 0.5 * _apply(lin, d * zero, w)
-    return (
-        _apply(lin, d * pos, wp) + _apply(lin, d * neg, wn) + half,
-        _apply(lin, d * pos, wn) + _apply(lin, d * neg, wp) + half,
-    )
+    ap = _apply(lin, d * pos, w.clamp(min=0)) + _apply(lin, d * neg, w.clamp(max=0)) + 0.5 * _apply(lin, d * zero, w)
+    return ap, _apply(lin, d, w) - ap  # A⁺ + A⁻ = W
 
 
 def _derivative(act: nn.Module, at: torch.Tensor) -> torch.Tensor:
