@@ -242,10 +242,12 @@ def test_refuses_bidirectional_attention():
     call = lambda: patching_sweep(  # noqa: E731
         bert, None, (x,), (x,), "bert.encoder.layer.*", lambda o: o.logits[0, 0, 0], reuse_prefix=True
     )
-    if "past_key_values" in bert.forward.__code__.co_varnames:
-        _pinned("has non-causal (bidirectional) attention; leave reuse_prefix=False.", call)
-    else:
-        _pinned("takes no past_key_values / use_cache", call)
+    _pinned(
+        f"{FN}: reuse_prefix=True needs causal attention (a patch at position p must leave the positions before p "
+        "as the corrupted run computed them), but BertForMaskedLM has non-causal (bidirectional) attention; leave "
+        "reuse_prefix=False.",
+        call,
+    )
 
 
 def test_refuses_heads_and_other_units(gpt2):
@@ -374,6 +376,23 @@ def test_refuses_a_model_whose_cache_does_not_reproduce_its_run(gpt2):
         lambda: patching_sweep(
             model, None, (clean,), (corrupt,), "inner.transformer.h.*", last_diff, reuse_prefix=True
         ),
+    )
+
+
+def test_refuses_a_model_whose_logits_are_more_than_its_head():
+    """A forward that scales the head's logits (as soft-capping models do): the head run apart would miss it."""
+
+    class Scaled(transformers.GPT2LMHeadModel):
+        def forward(self, *args, **kwargs):
+            out = super().forward(*args, **kwargs)
+            out.logits = 2.0 * out.logits
+            return out
+
+    model = Scaled(_gpt2().config).eval().double()
+    clean, corrupt = _prompts()
+    _pinned(
+        f"{FN}: reuse_prefix=True: Scaled run from position 3 on its KV cache does not reproduce its full run",
+        lambda: patching_sweep(model, None, (clean,), (corrupt,), "transformer.h.*", last_diff, reuse_prefix=True),
     )
 
 

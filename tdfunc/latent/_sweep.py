@@ -148,7 +148,8 @@ def patching_sweep(
             and returns ``.logits`` with causal attention modules (``is_causal``), one positional tensor
             of token ids per run, per-position sites (batch, T, ...) and ``kwargs`` among
             ``attention_mask``, ``position_ids``, ``logits_to_keep``. Before the sweep one unpatched
-            suffix is compared with the full corrupted run (outside ``vmap`` / ``grad`` / compile).
+            suffix is compared with the full corrupted run (outside ``vmap`` / ``grad`` / compile; under
+            them the LM head runs inside each suffix call, as the model computes it).
             ``chunk_size`` is then the positions per chunk (default ``ceil(sqrt(T))``); ``output``
             holds only ``logits``.
 

@@ -11,7 +11,8 @@ the suffix's, with the corrupted run's before ``a``; with ``kwargs={"logits_to_k
 model's own option) only at the kept positions.  For a transformers LM (``get_output_embeddings``
 and ``base_model_prefix``) the suffix calls stop at the final hidden states (the base model's
 ``last_hidden_state``, at the kept positions) and the LM head runs once per chunk over every site's
-patches: on a CPU the head (vocab x d) is memory-bound on the few rows of one patch.
+patches: on a CPU the head (vocab x d) is memory-bound on the few rows of one patch.  Under
+``vmap`` / ``grad`` / compile, where the check below cannot run, the head stays inside each call.
 
 Before the sweep, one unpatched suffix is compared with the corrupted run (outside transforms and
 compile): a model whose cache does not reproduce the full run (bidirectional attention, sliding
@@ -64,7 +65,8 @@ def check_prefix_model(fn: str, module: torch.nn.Module, corrupted_args: Any, kw
         params = inspect.signature(module.forward).parameters
     except (TypeError, ValueError):
         params = {}
-    if "past_key_values" not in params or "use_cache" not in params:
+    takes_all = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())  # passes them on
+    if not takes_all and ("past_key_values" not in params or "use_cache" not in params):
         raise PatchError(
             f"{fn}: {OPTION} reuses the corrupted run's keys and values through the model's KV cache, but "
             f"{type(module).__name__}.forward takes no past_key_values / use_cache; pass a transformers causal LM "
@@ -199,7 +201,9 @@ def prefix_sweep(
     from transformers import DynamicCache  # the model returned one: transformers is installed
 
     size = chunk_of(t, chunk_size)
-    head = _head(fn, module, state)  # None: the LM head runs inside each suffix call
+    # the head apart only where the check below can compare it with the model's own (not under vmap / grad /
+    # compile); None: the LM head runs inside each suffix call, as the model computes it
+    head = _head(fn, module, state) if readable(corr_logits) else None
 
     def run_suffix(a: int, edits: dict) -> torch.Tensor:
         """The suffix ``a .. T-1`` (with ``edits``): its final hidden states at the kept positions from ``a`` on
