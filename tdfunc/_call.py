@@ -177,7 +177,7 @@ def functional_call(
             is refused, edits the forward did not reach before stopping raise ``NotReachedError`` (with
             ``strict=True``).  The stop is an internal ``BaseException`` raised in the site's hook and caught
             here (model code's ``except Exception`` cannot swallow it); works under ``vmap``, ``grad`` and
-            ``torch.compile(fullgraph=True)`` (one graph; compiled, the unused layers are dead code anyway).
+            ``torch.compile(fullgraph=True)`` (one graph, holding only the layers before the stop).
 
     Returns:
         The module's output, or ``(output, captures)`` when ``capture`` is given, with ``captures``

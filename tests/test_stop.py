@@ -146,3 +146,31 @@ def test_cache_activations_stop_early():
         tdfunc.latent.CacheError, match=r"stop_early=True cannot tell when the forward has made its last"
     ):
         tdfunc.latent.cache_activations(net, None, data, ["1@*"], progress=False, stop_early=True)
+
+
+def test_compiled_graph_holds_only_the_layers_before_the_stop():
+    torch.manual_seed(0)
+    net = nn.Sequential(*[nn.Sequential(nn.Linear(8, 8), nn.Tanh()) for _ in range(30)])
+    x = torch.randn(2, 8)
+    counts = {}
+
+    def counting(name):
+        def backend(gm, example_inputs):
+            counts[name] = sum(1 for n in gm.graph.nodes if n.op in ("call_function", "call_module", "call_method"))
+            return gm.forward
+
+        return backend
+
+    tdfunc.install_sites(net, ["2"])
+    try:
+        for name, stop in (("stop", True), ("full", False)):
+            torch._dynamo.reset()
+            if stop:
+                f = lambda x: tdfunc.functional_call(net, None, (x,), capture=["2"], stop=True)["2"]  # noqa: E731
+            else:
+                f = lambda x: tdfunc.functional_call(net, None, (x,), capture=["2"])[1]["2"]  # noqa: E731
+            torch.testing.assert_close(torch.compile(f, fullgraph=True, backend=counting(name))(x), net[:3](x))
+    finally:
+        tdfunc.remove_sites(net)
+        torch._dynamo.reset()
+    assert counts["stop"] * 5 <= counts["full"], counts  # 3 blocks of 30 traced (6 vs 60 ops)
