@@ -10,6 +10,8 @@ and one backward, no rule):
 - ``attnlrp no_grad``: ``tdfunc.lrp(f, td, model, composite="attnlrp")`` under ``torch.no_grad()`` (one forward
   that records and rewrites, one vector-Jacobian product);
 - ``attnlrp exact``: the same with grad mode on (two forwards, so the relevance is exactly differentiable);
+- ``attnlrp no_grad, eps=0 (LXT's rules)``: ``rules`` for LXT's ε → 0 limit (``epsilon(0.0)`` on ``nn.Linear``,
+  which is then left on its gradient, ``uniform(0.0)`` on the products): the same computation as LXT's;
 - ``lxt efficient`` (only where ``lxt.efficient`` imports, i.e. with transformers 4.x): LXT 2.1's
   ``monkey_patch(modeling_llama)``, then input x gradient as above.  LXT's patches are global, so they are swapped in for
   its calls only and the variants stay interleaved in one process.
@@ -172,16 +174,26 @@ def run(device: str = "cpu", quick: bool = False) -> list[dict]:
         def exact(td=td, f=f):
             return tdfunc.lrp(f, td, model, composite="attnlrp")["attr", "e"][0].detach()
 
-        variants = {"input x gradient": ixg, "attnlrp no_grad": no_grad, "attnlrp exact": exact}
+        lxt_rules = {  # LXT's efficient mode is the ε → 0 limit: linear layers keep their gradient
+            torch.nn.Linear: L.epsilon(0.0),
+            "model.layers.*.self_attn/matmul": L.uniform(0.0),
+            "model.layers.*.mlp/mul": L.uniform(0.0),
+        }
+
+        def no_grad_eps0(td=td, f=f):
+            with torch.no_grad():
+                return tdfunc.lrp(f, td, model, composite="attnlrp", rules=lxt_rules)["attr", "e"][0]
+
+        variants = {
+            "input x gradient": ixg,
+            "attnlrp no_grad": no_grad,
+            "attnlrp exact": exact,
+            "attnlrp no_grad, eps=0 (LXT's rules)": no_grad_eps0,
+        }
         bench.check_equal({"attnlrp no_grad": no_grad(), "attnlrp exact": exact()}, atol=1e-5, rtol=1e-4)
         notes = {}
         if lxt is not None:
-            rules = {
-                torch.nn.Linear: L.epsilon(0.0),
-                "model.layers.*.self_attn/matmul": L.uniform(0.0),
-                "model.layers.*.mlp/mul": L.uniform(0.0),
-            }
-            like = tdfunc.lrp(f, td, model, composite="attnlrp", rules=rules)["attr", "e"][0].detach()
+            like = no_grad_eps0()
             ref = lxt.relevance(model, emb, target)
             err = float((like - ref).abs().max() / ref.abs().max().detach())
             print(f"tdfunc (eps -> 0 rules) vs LXT efficient, T={ids.shape[1]}: max rel. error {err:.2e}")

@@ -462,3 +462,18 @@ def test_one_pass_under_no_grad_equals_two_passes(name, kind):
             one = ours(m, x, **kw)
         assert one.grad_fn is None
         torch.testing.assert_close(one, two, rtol=0, atol=1e-12)
+
+
+def test_epsilon_zero_is_the_layer_gradient():
+    """ε = 0 (bias in the denominator) is LRP-0, ratio z / z = 1: the layer keeps its gradient (not rewritten), also
+    where z is exactly 0 (the ratio would be 0 / 0)."""
+    torch.manual_seed(3)
+    net = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2)).to(DT)
+    with torch.no_grad():
+        net[0].weight[0] = 0.0
+        net[0].bias[0] = 0.0  # unit 0: z exactly 0
+    td = TensorDict({"x": torch.randn(5, 3, dtype=DT)}, batch_size=[5])
+    f = lambda t: net(t["x"])  # noqa: E731
+    r = tdfunc.lrp(f, td, net, rules={nn.Linear: tdfunc.lrp_rules.epsilon(0.0)}, composite=None)["attr", "x"]
+    torch.testing.assert_close(r, tdfunc.input_x_gradient(f, td)["attr", "x"], rtol=0, atol=0)
+    assert r.isfinite().all()

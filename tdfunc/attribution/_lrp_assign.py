@@ -454,7 +454,7 @@ def plan(fn: str, module: nn.Module, rules, composite) -> tuple[dict[str, Rule],
         first = first and not at_first
         if r is None and comp is not None and _owns_parameters(m):
             unhandled.append(f"{n!r} ({_kind(m)})")
-        if r is not None and r.rewrites:
+        if r is not None and r.rewrites and not getattr(r, "_plain", False):  # ε = 0: the layer's gradient
             reason = r.check(n, m)
             if reason is not None:
                 raise AttributionError(f"{fn}: {reason}")

@@ -208,6 +208,32 @@ class _Epsilon(_Layer):
     def ratios(self, z, ys):
         return [z / stab(ys[0], self.eps)]
 
+    @property
+    def _plain(self) -> bool:
+        """ε = 0 with the bias in the denominator is LRP-0, whose ratio z / z is 1: the layer's own gradient (and
+        no 0 / 0 where z is exactly 0), so nothing is rewritten."""
+        return self.__dict__.get("eps") == 0 and "bias" not in self.__dict__.get("zero_params", ())
+
+    # the layer's own product (no input modifier, its own weight): out = z − r ⊙ z + r ⊙ out₂ with r = z / stab(z)
+    # (or stab(z − b) without the bias), so value z and Jacobian r W from the module's output itself: nothing
+    # recomputed, two ops per call (the generic terms' form, kept for other rules, takes about twice as many)
+    def record(self, module, args, kwargs, out):
+        if not _own(module, None, module.weight):
+            return super().record(module, args, kwargs, out)
+        b = self._bias(module)
+        den = out if b is not None or module.bias is None else out - _bias_view(module, module.bias)
+        r = out / stab(den, self.eps)
+        return "own", r, out - r * out
+
+    def rewrite(self, module, args, kwargs, out, constants):
+        if not isinstance(constants[0], str):
+            return super().rewrite(module, args, kwargs, out, constants)
+        _, r, c = constants
+        return c + r * out
+
+    def zero_input_term(self, module, args, kwargs, out, constants, probe):
+        return None
+
 
 class _ZPlus(_Layer):
     _public = "zplus"
@@ -291,6 +317,8 @@ def _zero(fn: str, zero_params) -> dict:
 
 def epsilon(eps: float = 1e-6, *, zero_params: Sequence[str] = ()) -> Rule:
     """LRP-ε: ``R_i = Σ_j x_i w_ij R_j / (z_j + ε sign z_j)``; ``eps=0`` gives LRP-0 (Bach et al., 2015).
+
+    ``eps=0`` (with the bias in the denominator) is the layer's own gradient: the layer is then not rewritten.
 
     ``zero_params=("bias",)`` (zennit's ``zero_params``; every layer rule takes it): the rule sees the layer
     without its bias (dropped from the denominators), so the bias absorbs no relevance.
