@@ -290,6 +290,16 @@ def intervene(
     f: Callable[_P, _R], module: nn.Module, *, edits: Edits | None = ..., capture: Capture, strict: bool = ...
 ) -> Callable[_P, tuple[_R, TensorDict]]: ...
 @overload
+def intervene(  # stop_early: the captures only
+    f: Callable[_P, _R],
+    module: nn.Module,
+    *,
+    edits: Edits | None = ...,
+    capture: Capture,
+    strict: bool = ...,
+    stop: Literal[True],
+) -> Callable[_P, TensorDict]: ...
+@overload
 def intervene(
     f: Callable[_P, _R],
     module: nn.Module,
@@ -307,6 +317,7 @@ def intervene(
     edits: Edits | None = None,
     capture: Capture | None = None,
     strict: bool = True,
+    stop: bool = False,  # stop_early
 ) -> Callable[..., Any]:
     """Transform ``f`` so every call of ``module`` (and its submodules) inside it is edited / captured.
 
@@ -325,9 +336,12 @@ def intervene(
         capture: sites to return.
         strict: with ``False``, sites ``f`` never reaches are skipped instead of raising
             ``NotReachedError`` (as in :func:`tdfunc.functional_call`).
+        stop: with ``True``, ``f`` ends as soon as every captured site has been captured (inside the
+            model's forward) and ``g`` returns the captures alone (as :func:`tdfunc.functional_call`'s ``stop``).
 
     Returns:
-        ``g`` with ``f``'s signature, returning ``f(...)``, or ``(f(...), captures)`` when ``capture`` is given.
+        ``g`` with ``f``'s signature, returning ``f(...)``, or ``(f(...), captures)`` when ``capture`` is given
+        (``captures`` alone with ``stop=True``).
 
     Example:
         >>> import torch, tdfunc
@@ -347,6 +361,16 @@ def intervene(
     _check_module(fn, module)
     module = _unwrap(module)  # DistributedDataParallel, DataParallel, torch.compile: the model inside
     plan = make_plan(fn, module, edits, capture, strict)
+    if not isinstance(stop, bool):  # stop_early
+        raise TypeError(f"{fn}: stop must be True or False, got {type(stop).__name__} ({stop!r:.60}).")
+    if stop:  # stop_early
+        check_stop(fn, plan, capture, False)
+
+        @functools.wraps(f)
+        def stopped(*args: Any, **kwargs: Any) -> TensorDict:  # stop_early
+            return _run_until_captured(StopFrame(plan), lambda: f(*args, **kwargs))  # type: ignore[arg-type]
+
+        return stopped
 
     @functools.wraps(f)
     def intervened(*args: Any, **kwargs: Any) -> Any:

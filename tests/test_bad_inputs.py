@@ -37,7 +37,11 @@ TABLE: dict[str, list] = {
         lambda: tdfunc.functional_call(NET, S, (X,), capture=3),
         lambda: tdfunc.functional_call(NET, S, (X,), capture=["0"], stop="yes"),  # stop_early
     ],
-    "intervene": [lambda: tdfunc.intervene(None, NET)(X), lambda: tdfunc.intervene(NET, None)(X)],
+    "intervene": [
+        lambda: tdfunc.intervene(None, NET)(X),
+        lambda: tdfunc.intervene(NET, None)(X),
+        lambda: tdfunc.intervene(lambda x: NET(x), NET, capture=["0"], stop="yes"),  # stop_early
+    ],
     "state": [lambda: tdfunc.state(None), lambda: tdfunc.state([1, 2])],
     "delta": [lambda: tdfunc.delta(None), lambda: tdfunc.delta("x")],
     "rule": [lambda: tdfunc.rule(None), lambda: tdfunc.rule(3)],

@@ -174,3 +174,26 @@ def test_compiled_graph_holds_only_the_layers_before_the_stop():
         tdfunc.remove_sites(net)
         torch._dynamo.reset()
     assert counts["stop"] * 5 <= counts["full"], counts  # 3 blocks of 30 traced (6 vs 60 ops)
+
+
+def test_intervene_stop():
+    net, x = _net(), torch.randn(4, 5, dtype=DT)
+    after = []
+
+    def f(x):  # any function calling the model; what follows the model never runs once the stop fires
+        y = net(x * 2.0)
+        after.append(1)
+        return y
+
+    g = tdfunc.intervene(f, net, edits={"0": lambda v: v + 1.0}, capture=["1", "3:input"], stop=True)
+    before = _counts(net)
+    caps = g(x)
+    assert [a - b for a, b in zip(_counts(net), before)] == [1, 0, 0, 0, 0, 0] and after == []
+    _, ref = tdfunc.intervene(f, net, edits={"0": lambda v: v + 1.0}, capture=["1", "3:input"])(x)
+    for k in ("1", "3:input"):
+        assert torch.equal(caps[k], ref[k])
+    torch.testing.assert_close(vmap(lambda x: g(x)["1"])(x), ref["1"])
+    with pytest.raises(TypeError, match=r"tdfunc\.intervene: stop must be True or False, got int \(1\)"):
+        tdfunc.intervene(f, net, capture=["1"], stop=1)  # type: ignore[call-overload]
+    with pytest.raises(tdfunc.SiteError, match=r"tdfunc\.intervene: stop=True ends the forward once every captured"):
+        tdfunc.intervene(f, net, stop=True)  # type: ignore[call-overload]
