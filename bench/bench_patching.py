@@ -30,7 +30,18 @@ Variants (reference: ``tdfunc patching_sweep``):
 Peers are imported lazily; a missing one is skipped with a printed note
 (``pip install -r requirements-bench.txt``). Each library gets its own copy of the model.
 
-Run: ``python -m bench.run --only patching --threads 1``. ``--quick``: 2 layers, d 64, T 8, batch 2.
+Second case, sweeps that skip work (``reuse_prefix``): a compute-bound GPT-2 (6 layers, d 512, 8 heads,
+the real vocab 50257, eager attention; batch 4, T 24), block outputs x positions (144 patches), the same
+metric. Variants, all the same (6 x 24) matrix, asserted equal (atol 1e-4 relative to its scale):
+
+- ``tdfunc patching_sweep(reuse_prefix=True, logits_to_keep=1)`` (reference): the corrupted run once
+  with the KV cache, then per site and chunk of positions only the suffix, the LM head at the last position.
+- ``tdfunc patching_sweep(reuse_prefix=True)``: the same, full logits (the head at every suffix position).
+- ``tdfunc patching_sweep (one call)``: the plain one-call sweep, every patch a full forward.
+- ``PyTorch forward-hook loop``: one ``register_forward_hook`` patch and full forward per cell, as users write it.
+
+Run: ``python -m bench.run --only patching --threads 1``. ``--quick``: 2 layers, d 64, T 8, batch 2
+(the skip case: 2 layers, d 64, vocab 512, T 8).
 """
 
 from __future__ import annotations
@@ -47,6 +58,8 @@ from bench.harness import Bench
 NAME = "patching"
 FULL = {"n_layer": 6, "n_embd": 256, "n_head": 4, "vocab": 4096, "seq_len": 32, "batch": 4, "chunk_size": 8}
 QUICK = {"n_layer": 2, "n_embd": 64, "n_head": 2, "vocab": 256, "seq_len": 8, "batch": 2, "chunk_size": 4}
+SKIP = {"n_layer": 6, "n_embd": 512, "n_head": 8, "vocab": 50257, "seq_len": 24, "batch": 4}
+SKIP_QUICK = {"n_layer": 2, "n_embd": 64, "n_head": 2, "vocab": 512, "seq_len": 8, "batch": 2}
 TOKEN_A, TOKEN_B = 11, 22  # metric: logit[A] - logit[B] at the last position, mean over the batch
 
 
@@ -219,6 +232,79 @@ def make_variants(
     return variants, notes
 
 
+def hook_loop(hf, clean: torch.Tensor, corrupt: torch.Tensor) -> torch.Tensor:
+    """Plain PyTorch: the clean block outputs by forward hooks, then one hooked full forward per (layer, position)."""
+    blocks = hf.transformer.h
+    caps: dict[int, torch.Tensor] = {}
+    first = lambda o: o[0] if isinstance(o, tuple) else o  # noqa: E731  # a block returns a tensor or a tuple
+    handles = [
+        b.register_forward_hook(lambda m, a, o, i=i: caps.__setitem__(i, first(o))) for i, b in enumerate(blocks)
+    ]
+    hf(clean)
+    for h in handles:
+        h.remove()
+    res = torch.empty(len(blocks), clean.shape[1], device=clean.device)
+    for layer, block in enumerate(blocks):
+        for p in range(clean.shape[1]):
+
+            def patch_p(m, a, o, layer=layer, p=p):
+                h = first(o).clone()
+                h[:, p] = caps[layer][:, p]
+                return (h, *o[1:]) if isinstance(o, tuple) else h
+
+            handle = block.register_forward_hook(patch_p)
+            res[layer, p] = logit_diff(hf(corrupt).logits)
+            handle.remove()
+    return res
+
+
+def make_skip_variants(hf, clean: torch.Tensor, corrupt: torch.Tensor) -> tuple[dict[str, Callable], dict[str, str]]:
+    import tdfunc
+
+    state = tdfunc.state(hf)
+    metric = lambda out: logit_diff(out.logits)  # noqa: E731
+    sweep = tdfunc.latent.patching_sweep
+    args = (hf, state, (clean,), (corrupt,), "transformer.h.*", metric)
+    n = hf.config.n_layer * clean.shape[1]
+    variants = {
+        "tdfunc reuse_prefix + logits_to_keep=1": lambda: sweep(*args, reuse_prefix=True, kwargs={"logits_to_keep": 1}),
+        "tdfunc reuse_prefix": lambda: sweep(*args, reuse_prefix=True),
+        "tdfunc patching_sweep (one call)": lambda: sweep(*args),
+        "PyTorch forward-hook loop": lambda: hook_loop(hf, clean, corrupt),
+    }
+    notes = {
+        "tdfunc reuse_prefix + logits_to_keep=1": "reference: `patching_sweep(..., reuse_prefix=True, "
+        "kwargs={'logits_to_keep': 1})`: suffixes on the corrupted KV cache, LM head at the last position",
+        "tdfunc reuse_prefix": "`patching_sweep(..., reuse_prefix=True)`: suffixes, full logits",
+        "tdfunc patching_sweep (one call)": "`patching_sweep(...)`: one vmap per site, a full forward per patch",
+        "PyTorch forward-hook loop": f"clean outputs by hooks, then {n} x (`register_forward_hook` patch, "
+        "full forward)",
+    }
+    return variants, notes
+
+
+def run_skip(b: Bench, device: str, quick: bool) -> None:
+    cfg = SKIP_QUICK if quick else SKIP
+    hf = gpt2(cfg, device=device)
+    clean, corrupt = prompts(cfg, device)
+    with torch.no_grad():
+        variants, notes = make_skip_variants(hf, clean, corrupt)
+        results = {k: f() for k, f in variants.items()}
+        scale = float(results["PyTorch forward-hook loop"].abs().max())
+        b.check_equal(results, atol=1e-4 * scale, rtol=1e-4)
+        print(f"[{NAME}] skip case: all {len(results)} variants agree (scale {scale:.3g})", flush=True)
+        b.time(
+            f"GPT-2 {cfg['n_layer']} layers d {cfg['n_embd']} vocab {cfg['vocab']}, B={cfg['batch']} "
+            f"T={cfg['seq_len']}: {cfg['n_layer'] * cfg['seq_len']} patches, sweeps that skip work (no_grad)",
+            variants,
+            reference="tdfunc reuse_prefix + logits_to_keep=1",
+            also_vs=["PyTorch forward-hook loop", "tdfunc patching_sweep (one call)"],
+            params=cfg,
+            notes=notes,
+            number=1,
+        )
+
+
 def run(device: str = "cpu", quick: bool = False) -> list[dict]:
     cfg = QUICK if quick else FULL
     b = Bench(
@@ -255,6 +341,7 @@ def run(device: str = "cpu", quick: bool = False) -> list[dict]:
             notes=notes,
             number=1,
         )
+    run_skip(b, device, quick)
     return b.rows
 
 
