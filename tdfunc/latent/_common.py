@@ -9,7 +9,7 @@ import torch
 
 from .._errors import TdfuncError
 
-__all__ = ["LatentError", "PatchError", "position_mask"]
+__all__ = ["LatentError", "PatchError", "check_input_ids", "position_mask"]
 
 
 class LatentError(TdfuncError, ValueError):
@@ -57,3 +57,14 @@ def position_mask(fn: str, site: str, positions: Any, value: torch.Tensor) -> to
         if idx:
             mask[torch.tensor(idx, device=value.device) % t] = True
     return mask.reshape(t, *([1] * (value.dim() - 2)))
+
+
+def check_input_ids(fn: str, input_ids: Any) -> None:
+    """``input_ids`` must be a 2-D non-float tensor of tokens ``(B, T)`` (``generate`` and ``generate_greedy``)."""
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype.is_floating_point:
+        got = (
+            f"shape {tuple(input_ids.shape)} dtype {input_ids.dtype}"
+            if isinstance(input_ids, torch.Tensor)
+            else type(input_ids).__name__
+        )
+        raise PatchError(f"{fn}: input_ids must be a 2-D integer tensor (B, T) of tokens, got {got}.")

@@ -25,7 +25,7 @@ from .._checks import check_module, renamed, type_error
 from .._edits import Delta, Rule
 from .._state import flat_state
 from .._types import Edits
-from ._common import PatchError
+from ._common import PatchError, check_input_ids
 
 __all__ = ["generate"]
 
@@ -258,13 +258,7 @@ def generate(
             f"{fn}: expected a model with a generate method (a transformers GenerationMixin model), got "
             f"{type(module).__name__}, which has none; use tdfunc.latent.generate_greedy for a plain module."
         )
-    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype.is_floating_point:
-        got = (
-            f"shape {tuple(input_ids.shape)} dtype {input_ids.dtype}"
-            if isinstance(input_ids, torch.Tensor)
-            else type(input_ids).__name__
-        )
-        raise PatchError(f"{fn}: input_ids must be a 2-D integer tensor (B, T) of tokens, got {got}.")
+    check_input_ids(fn, input_ids)
     if edits is not None and not isinstance(edits, Mapping):
         raise type_error(PatchError)(
             f"{fn}: edits must be a mapping {{site: edit}} or None, got {type(edits).__name__} ({edits!r:.60})."

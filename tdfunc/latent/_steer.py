@@ -17,7 +17,7 @@ from .._checks import check_int, check_module, renamed
 from .._edits import delta
 from .._finite import check_finite
 from .._types import Edits
-from ._common import PatchError, position_mask
+from ._common import PatchError, check_input_ids, position_mask
 
 __all__ = ["steering_vector", "steer", "generate_greedy"]
 
@@ -214,13 +214,7 @@ def generate_greedy(
     """
     fn = "tdfunc.latent.generate_greedy"
     check_module(fn, module, PatchError, fix="; pass the model itself (the nn.Module to run)")
-    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype.is_floating_point:
-        got = (
-            f"shape {tuple(input_ids.shape)} dtype {input_ids.dtype}"
-            if isinstance(input_ids, torch.Tensor)
-            else type(input_ids).__name__
-        )
-        raise PatchError(f"{fn}: input_ids must be a 2-D integer tensor (B, T) of tokens, got {got}.")
+    check_input_ids(fn, input_ids)
     check_int(fn, "n_tokens", n_tokens, PatchError, lo=0)
     ids = input_ids
     for _ in range(n_tokens):
