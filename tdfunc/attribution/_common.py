@@ -229,11 +229,7 @@ def prepare(
         if b is None:
             base[k] = torch.zeros_like(v)
             continue
-        if b.device != v.device or b.dtype != v.dtype:
-            raise AttributionError(
-                f"{fn}: baseline for {_show(k)} has dtype {b.dtype} on {b.device} but the input has dtype "
-                f"{v.dtype} on {v.device}; convert it with .to(input)."
-            )
+        _same_dtype_device(fn, k, b, v, "the input")
         _finite_input(fn, f"baseline {_show(bkey)}", b, allow_inf)
         try:
             base[k] = b.expand(v.shape) if b.shape != v.shape else b
@@ -251,6 +247,15 @@ def prepare(
                     f"{_show_all(inputs)}); store a baseline as ('baseline', key) for an input entry key, or remove it."
                 )
     return Inputs(keys, x, base, td.batch_size)
+
+
+def _same_dtype_device(fn: str, k: Key, b: torch.Tensor, v: torch.Tensor, what: str) -> None:
+    """A baseline tensor ``b`` (td entry or ``baselines=``) must have the dtype and device of ``v`` (``what``)."""
+    if b.device != v.device or b.dtype != v.dtype:
+        raise AttributionError(
+            f"{fn}: baseline for {_show(k)} has dtype {b.dtype} on {b.device} but {what} has dtype "
+            f"{v.dtype} on {v.device}; convert it with .to(input)."
+        )
 
 
 def shared_baselines(fn: str, baselines: object, keys: list) -> dict | None:
@@ -282,11 +287,7 @@ def shared_baseline(fn: str, k: Key, b: object, v: torch.Tensor, what: str = "th
             f"{fn}: baseline for {_show(k)} must be a number or a tensor broadcastable to {what} "
             f"{shape_str(v.shape)}, got {type(b).__name__}."
         )
-    if b.device != v.device or b.dtype != v.dtype:
-        raise AttributionError(
-            f"{fn}: baseline for {_show(k)} has dtype {b.dtype} on {b.device} but {what} has dtype "
-            f"{v.dtype} on {v.device}; convert it with .to(input)."
-        )
+    _same_dtype_device(fn, k, b, v, what)
     _finite_input(fn, f"baseline for {_show(k)}", b, False)
     try:
         ok = b.dim() <= v.dim() and torch.broadcast_shapes(b.shape, v.shape) == v.shape
