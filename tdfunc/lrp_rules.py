@@ -8,6 +8,7 @@ from .attribution._canonize import merge_batchnorm as merge_batchnorm
 from .attribution._canonize import with_zero_biases as with_zero_biases
 from .attribution._lrp_assign import COMPOSITES as COMPOSITES
 from .attribution._lrp_assign import Composite as Composite
+from .attribution._lrp_assign import attnlrp as attnlrp
 from .attribution._lrp_assign import epsilon_gamma_box as epsilon_gamma_box
 from .attribution._lrp_attention import attention as attention
 from .attribution._lrp_linear import alpha_beta as alpha_beta

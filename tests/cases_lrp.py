@@ -416,8 +416,9 @@ def hf_attnlrp_cases(dt) -> list[Case]:
         s = s_gpt2.update({key: weight}, inplace=False)
         td = TensorDict({"e": x[None]}, batch_size=[1])
         f = lambda t: tdfunc.functional_call(gpt2, s, (t["e"],))[:, -1, 2]
-        rules = {"lm.transformer.h.*.attn/matmul": tdfunc.lrp_rules.uniform(1e-3)}
-        return tdfunc.lrp(f, td, gpt2, composite="attnlrp", rules=rules)["attr", "e"][0].flatten()
+        rules = {"lm.transformer.h.*.attn/matmul": tdfunc.lrp_rules.uniform(1e-2)}
+        comp = tdfunc.lrp_rules.attnlrp(1e-3)
+        return tdfunc.lrp(f, td, gpt2, composite=comp, rules=rules)["attr", "e"][0].flatten()
 
     return [
         Case(

@@ -46,7 +46,8 @@ LXT_RULES = {
     "bert": {"bert.encoder.layer.*.attention.self/matmul": L.uniform(0.0)},
 }
 #: max |tdfunc − LXT| / max |LXT| reached (float64).  Llama / Qwen2: their eager attention takes the softmax in
-#: float32 (softmax(..., dtype=torch.float32)) on both sides, so the scores' relevance is float32-rounded there.
+#: float32 (softmax(..., dtype=torch.float32)) and their RMSNorm in float32 (hidden_states.to(torch.float32)) on
+#: both sides, so relevance is float32-rounded there.
 #: GPT-2 / BERT: LXT's identity rule divides by (x + 1e-10), tdfunc by x.
 TOL = {"llama": 2e-7, "qwen2": 2e-7, "gpt2": 1e-8, "bert": 1e-8}
 
@@ -83,6 +84,43 @@ def test_equals_lxt_efficient(name):
     # not a test that cannot fail: the plain gradient is far off, the default ε = 1e-6 close
     assert _rel(tdfunc.input_x_gradient(f, td)["attr", "e"], d["relevance"]) > 0.1
     assert _rel(tdfunc.lrp(f, td, model, composite="attnlrp")["attr", "e"], d["relevance"]) < 1e-2
+
+
+@pytest.mark.parametrize("name", list(CLASSES))
+def test_attnlrp_eps0_composite_equals_lxt(name):
+    """tdfunc.lrp_rules.attnlrp(0.0): LXT's ε → 0 limit in one argument (Conv1D, BERT's matmuls included)."""
+    model, f, td, d = _saved(name)
+    ours = tdfunc.lrp(f, td, model, composite=L.attnlrp(0.0))["attr", "e"]
+    assert _rel(ours, d["relevance"]) < TOL[name]
+
+
+def test_cp_lrp_equals_lxt_cp():
+    """softmax="constant": CP-LRP, LXT's cp_LRP map (probabilities and the MLP gate constant) on the same Llama."""
+    d = torch.load(DATA / "attnlrp_lxt_llama_cp.pt", weights_only=True)
+    model, f, td, _ = _saved("llama")
+    torch.testing.assert_close(f(td), d["logits"], rtol=1e-12, atol=1e-14)
+    ours = tdfunc.lrp(f, td, model, composite=L.attnlrp(0.0, softmax="constant"))["attr", "e"]
+    # transformers' LlamaRMSNorm computes in float32 also in a float64 model; LXT's relevance goes through its
+    # float32 gradient there (tdfunc's through the ratio y / x of the recorded values, which conserves exactly)
+    assert _rel(ours, d["relevance"]) < 2e-7
+    # ... and it conserves (bias-free Llama, every rule conservative): ΣR = f
+    torch.testing.assert_close(ours.sum((-1, -2)), f(td), rtol=1e-10, atol=1e-12)
+    assert _rel(ours, tdfunc.lrp(f, td, model, composite=L.attnlrp(0.0))["attr", "e"]) > 1e-2
+
+
+def test_attnlrp_constructor_errors():
+    with pytest.raises(AttributionError) as err:
+        L.attnlrp(softmax="cp")
+    assert str(err.value) == (
+        "tdfunc.lrp_rules.attnlrp: softmax must be 'attnlrp' (relevance through the softmax, AttnLRP) or 'constant' "
+        "(attention probabilities held constant, CP-LRP), got 'cp'."
+    )
+    with pytest.raises(
+        AttributionError, match=r"^tdfunc\.lrp_rules\.attnlrp: eps must be a finite number >= 0, got -1\.0\.$"
+    ):
+        L.attnlrp(-1.0)
+    with pytest.raises(TypeError, match=r"^tdfunc\.lrp_rules\.attnlrp: eps must be a float, got str \('x'\)\.$"):
+        L.attnlrp("x")
 
 
 def test_composite_puts_the_uniform_rule_on_attention_and_gated_mlp():

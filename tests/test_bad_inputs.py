@@ -325,6 +325,7 @@ TABLE: dict[str, list] = {
         lambda: tdfunc.lrp_rules.epsilon_gamma_box(0.0, 1.0, gamma=NAN),
     ],
     "uniform": [lambda: tdfunc.lrp_rules.uniform("x"), lambda: tdfunc.lrp_rules.uniform(NAN)],
+    "attnlrp": [lambda: tdfunc.lrp_rules.attnlrp("x"), lambda: tdfunc.lrp_rules.attnlrp(softmax="cp")],
     "deconvnet": [lambda: tdfunc.lrp(F, TD, NET, rules={nn.Linear: tdfunc.lrp_rules.deconvnet()}, composite=None)],
     "beta_smooth": [lambda: tdfunc.lrp_rules.beta_smooth("x"), lambda: tdfunc.lrp_rules.beta_smooth(NAN)],
 }

@@ -11,7 +11,8 @@ saves what the tests compare with (they need neither LXT nor this environment)::
 
 (LXT's ViT patches import ``torchvision``; a stub package is put on the path here if it is missing.)
 
-For each model: a tiny config (float64, eager attention, seed 0), random token ids, and LXT's relevance of
+``llama_cp``: the same Llama under LXT's ``cp_LRP`` map (CP-LRP: attention probabilities and the MLP gate held
+constant).  For each model: a tiny config (float64, eager attention, seed 0), random token ids, and LXT's relevance of
 the input embeddings for one logit per example, as LXT's documentation computes it: ``monkey_patch`` the
 transformers module, then ``inputs_embeds * inputs_embeds.grad``.  Saved: the config keyword arguments, the
 state dict, the ids, the targets, the logits and the relevance.  Versions: torch 2.13.0, transformers 4.51.3,
@@ -84,8 +85,10 @@ SPECS = {
         "classifier",
     ),
 }
+SPECS["llama_cp"] = SPECS["llama"]  # CP-LRP: LXT's cp_LRP map (probabilities and the gate held constant)
 MODULES = {
     "llama": "transformers.models.llama.modeling_llama",
+    "llama_cp": "transformers.models.llama.modeling_llama",
     "qwen2": "transformers.models.qwen2.modeling_qwen2",
     "gpt2": "transformers.models.gpt2.modeling_gpt2",
     "bert": "transformers.models.bert.modeling_bert",
@@ -113,7 +116,12 @@ def reference(name: str) -> dict:
 
     cls_name, cfg_name, kwargs, kind = SPECS[name]
     module = importlib.import_module(MODULES[name])
-    monkey_patch(module)
+    if name.endswith("_cp"):
+        from lxt.efficient.models import llama as lxt_llama
+
+        monkey_patch(module, lxt_llama.cp_LRP)
+    else:
+        monkey_patch(module)
     torch.manual_seed(0)
     cfg = getattr(transformers, cfg_name)(**kwargs, attn_implementation="eager")
     model = getattr(module, cls_name)(cfg).double().eval()  # the patched module's class (BERT: LXT's copy)

@@ -11,17 +11,17 @@ from torch import nn
 from .._errors import suggest
 from .._match import path_match
 from .._ops import OPS
-from .._types import CompositeName
+from .._types import CompositeName, SoftmaxMode
 from ._common import AttributionError
 from ._lrp_attention import attention
 from ._lrp_linear import CONVS, LAYERS, alpha_beta, epsilon, flat, is_conv1d, zbox, zplus
 from ._lrp_linear import epsilon as _epsilon_rule
 from ._lrp_linear import gamma as _gamma_rule
-from ._lrp_rules import Rule, _Identity, gradient, identity, is_hf_rmsnorm, norm, softmax, uniform
+from ._lrp_rules import Rule, _Identity, check_float, gradient, identity, ignore, is_hf_rmsnorm, norm, softmax, uniform
 from ._lrp_rules import beta_smooth as _beta_smooth_rule  # beta_smooth composite
 from ._lrp_rules import deconvnet as _deconvnet_rule  # deconvnet composite
 
-__all__ = ["Composite", "COMPOSITES", "CompositeName", "assign", "epsilon_gamma_box"]
+__all__ = ["Composite", "COMPOSITES", "CompositeName", "assign", "attnlrp", "epsilon_gamma_box"]
 
 _NORMS: tuple[type[nn.Module], ...] = (nn.LayerNorm, nn.RMSNorm)
 #: elementwise activations that composite 'attnlrp' gives the identity rule (ReLU, LeakyReLU and Dropout in eval
@@ -144,9 +144,9 @@ class _AttnLRP(Composite):
 
     _watch = True
 
-    def __init__(self, name, rules, *, first=None, eps: float = 1e-6):
+    def __init__(self, name, rules, *, first=None, eps: float = 1e-6, softmax: str = "attnlrp"):
         super().__init__(name, rules, first=first)
-        self.eps = eps
+        self.eps, self.softmax = eps, softmax
 
     def rule_for(self, module: nn.Module, first: bool) -> Rule | None:
         r = super().rule_for(module, first)
@@ -164,11 +164,73 @@ class _AttnLRP(Composite):
         kids = module._modules
         if isinstance(module, nn.MultiheadAttention):
             return {}
+        const = self.softmax == "constant"  # CP-LRP: probabilities and the gate constant, A·V and gate ⊙ up linear
         if any(all(k in kids for k in names) for names in _QKV):
+            if const:
+                return {f"{name}/softmax": ignore(), f"{name}/matmul": gradient()}
             return {f"{name}/matmul": uniform(self.eps)}
         if "gate_proj" in kids and "up_proj" in kids:
+            if const:
+                return {f"{name}/mul": gradient(), f"{name}.gate_proj": ignore()}
             return {f"{name}/mul": uniform(self.eps)}
         return {}
+
+
+def attnlrp(eps: float = 1e-6, *, softmax: SoftmaxMode = "attnlrp") -> Composite:
+    """Composite ``'attnlrp'`` with its ε and softmax treatment chosen: AttnLRP, or CP-LRP with ``softmax="constant"``.
+
+    ``composite="attnlrp"`` is ``attnlrp()``.  ``eps`` is the ε of every ``nn.Linear`` / convolution /
+    transformers ``Conv1D`` and of the uniform rule on the attention matmuls and the gated-MLP product
+    (:func:`tdfunc.lrp_rules.uniform`); ``eps=0`` is the limit LXT's efficient mode computes (the linear layers
+    keep their gradient, each factor of a product gets exactly half).  ``softmax="constant"`` is CP-LRP (Ali et
+    al. 2022; LXT's ``cp_LRP``): the attention probabilities and a gated MLP's gate are held constant, so
+    relevance reaches the input through the values and ``up_proj`` only (``A·V`` and ``gate ⊙ up`` are then
+    linear and keep their gradient); ``nn.MultiheadAttention`` gets ``attention(eps, softmax="constant")``.
+    Everything else as ``'attnlrp'``: the norm rule on LayerNorm / RMSNorm, identity on activations.
+
+    Args:
+        eps: the stabilizer ``ε >= 0``.
+        softmax: ``"attnlrp"`` (the softmax keeps its own Jacobian, AttnLRP's rule) or ``"constant"`` (CP-LRP).
+
+    Returns:
+        A :class:`tdfunc.lrp_rules.Composite` for ``tdfunc.lrp(..., composite=...)``.
+
+    Raises:
+        AttributionError: a negative or non-finite ``eps``, an unknown ``softmax``.
+        TypeError: ``eps`` not a number.
+
+    Example:
+        >>> import torch, tdfunc
+        >>> from tensordict import TensorDict
+        >>> layer = torch.nn.TransformerEncoderLayer(4, 2, 8, dropout=0.0, activation=torch.nn.GELU(),
+        ...                                          batch_first=True)
+        >>> model = torch.nn.Sequential(layer, torch.nn.Flatten(), torch.nn.Linear(12, 2))
+        >>> td = TensorDict({"x": torch.randn(5, 3, 4)}, batch_size=[5])
+        >>> cp = tdfunc.lrp_rules.attnlrp(0.0, softmax="constant")
+        >>> tdfunc.lrp(lambda t: model(t["x"]), td, model, composite=cp)["attr", "x"].shape
+        torch.Size([5, 2, 3, 4])
+
+    References:
+        Achtibat, Hatefi, Dreyer, Jain, Wiegand, Lapuschkin, Samek. AttnLRP: Attention-Aware
+        Layer-Wise Relevance Propagation for Transformers. ICML 2024.
+        Ali, Schnake, Eberle, Montavon, Müller, Wolf. XAI for Transformers: Better Explanations through
+        Conservative Propagation. ICML 2022.
+
+    Composes with: :func:`tdfunc.lrp` (``vmap``, ``grad`` with double backward, ``torch.compile``).
+    """
+    fn = "tdfunc.lrp_rules.attnlrp"
+    e = check_float(fn, "eps", eps)
+    if not isinstance(softmax, str) or softmax not in ("attnlrp", "constant"):
+        raise AttributionError(
+            f"{fn}: softmax must be 'attnlrp' (relevance through the softmax, AttnLRP) or 'constant' (attention "
+            f"probabilities held constant, CP-LRP), got {softmax!r}."
+        )
+    rules = _built_in("attnlrp", epsilon(e), attn=True).rules
+    rules[nn.Linear] = epsilon(e)
+    rules[nn.MultiheadAttention] = attention(e, softmax)
+    if softmax == "constant":
+        rules[nn.Softmax] = ignore()
+    return _AttnLRP("attnlrp", rules, eps=e, softmax=softmax)
 
 
 def _built_in(name: str, conv: Rule, *, first: Rule | None = None, attn: bool = False) -> Composite:
@@ -255,7 +317,7 @@ COMPOSITES: dict[str, Composite] = {
     # zennit's EpsilonAlpha2Beta1Flat
     "epsilon_alpha2_beta1_flat": _built_in("epsilon_alpha2_beta1_flat", alpha_beta(2.0, 1.0), first=flat()),
     "excitation_backprop": _excitation(),  # zennit's ExcitationBackprop
-    "attnlrp": _AttnLRP("attnlrp", _built_in("attnlrp", epsilon(), attn=True).rules),  # AttnLRP (Achtibat et al. 2024)
+    "attnlrp": attnlrp(),  # AttnLRP (Achtibat et al. 2024)
 }
 
 #: zennit's composite class names, as ``composite=`` strings (its registered snake-case names are the keys above)
@@ -476,7 +538,8 @@ def plan(fn: str, module: nn.Module, rules, composite) -> tuple[dict[str, Rule],
     if comp is not None:
         for n, m in visible:
             for site, r in comp._op_sites(n, m).items():
-                ops[site] = r
+                if r.rewrites:
+                    ops[site] = r
                 covered_ops.add((n, site.partition("/")[2]))
     for key, r in op_keys:  # the user's operation sites override the composite's
         op = key.partition("/")[2]
