@@ -15,11 +15,10 @@ from tensordict import TensorDict, TensorDictBase
 from torch import nn
 
 from .._checks import check_bool, check_callable, check_chunk_size, check_randomness
-from .._errors import shape_str
 from .._finite import check_finite
 from .._types import PerKey
 from ._common import NONFINITE_FIX, AttributionError, Inputs, _norm, _show, check_output, result, shared_baseline
-from ._layer import _check, _run
+from ._layer import _batch_first, _check, _run
 from ._perturb_common import feature_masks, run_perturbed
 
 __all__ = ["layer_feature_ablation"]
@@ -100,19 +99,7 @@ def layer_feature_ablation(
     y0, caps = _run(fn, f, module, td, None, [site])
     batch = td.batch_size
     k = check_output(fn, y0, batch, batch_value=True)
-    a = caps[site]
-    if not isinstance(a, torch.Tensor) or not a.is_floating_point():
-        what = f"dtype {a.dtype}" if isinstance(a, torch.Tensor) else f"a value of type {type(a).__name__}"
-        raise AttributionError(
-            f"{fn}: site {site!r} holds {what}; layer attribution needs a floating-point tensor there. "
-            "Attribute another site (e.g. ':output.N' for one element of a tuple output)."
-        )
-    if tuple(a.shape[: len(batch)]) != tuple(batch):
-        raise AttributionError(
-            f"{fn}: the value at site {site!r} has shape {shape_str(a.shape)}, which does not start with td's "
-            f"batch shape {shape_str(batch)}; the site must hold one activation per example, batch dims first. "
-            "Give td the batch shape the model sees, or attribute another site."
-        )
+    a = _batch_first(fn, caps[site], batch, site)
     key = (site,)
     base = torch.zeros_like(a) if baselines is None else shared_baseline(fn, key, baselines, a, "the site's value")
     p = Inputs([key], {key: a}, {key: base}, batch)
