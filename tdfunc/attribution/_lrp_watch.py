@@ -104,7 +104,7 @@ def _advice(fn: str, comp: str, name: str, module: nn.Module, op: str, calls: in
 
 def watched(fn: str, module: nn.Module, cov: Coverage) -> Callable[[Callable], Callable] | None:
     """A wrapper for ``f``'s first forward that checks coverage (None: this model passed already, or compiling)."""
-    key = (id(cov.composite), frozenset(cov.modules), frozenset(cov.ops))
+    key = (frozenset(cov.modules), frozenset(cov.ops))  # what the check depends on (not the composite object)
     if key in _CHECKED.get(module, ()):
         return None
     names = {m: n for n, m in module.named_modules() if n}
