@@ -148,13 +148,8 @@ def gradient_shap(
     chunk = s if chunk_size is None else min(chunk_size, s)
     for start in range(0, s, chunk):
         stop = min(start + chunk, s)
-        points, diffs = {}, {}
-        for key in p.keys:
-            x = p.x[key] + std[key] * eps[key][start:stop]
-            b = refs[key][idx[start:stop]]  # (chunk, *batch, *feature)
-            al = a[start:stop].view(stop - start, *p.batch, *([1] * (x.dim() - 1 - nb)))
-            points[key] = b + al * (x - b)
-            diffs[key] = x - b
+        points, noisy, bases = _points(p, refs, std, eps, a, idx, slice(start, stop))
+        diffs = {key: noisy[key] - bases[key] for key in p.keys}
 
         g = lambda xs: vmap(lambda one: f(with_inputs(td, one)), randomness=randomness)(xs)
 
@@ -244,6 +239,20 @@ def _samples(
     return p, f, refs, std, eps, a, idx
 
 
+def _points(p, refs, std, eps, a, idx, sl: slice) -> tuple[dict, dict, dict]:
+    """Samples ``sl`` of ``_samples``' draws: ``(points, noisy inputs, baselines)`` per key, each
+    ``(len(sl), *batch, *feature)``; a point is ``b + alpha (x~ - b)`` with ``x~ = x + stdev * eps``."""
+    nb = len(p.batch)
+    points, noisy, bases = {}, {}, {}
+    for key in p.keys:
+        noisy[key] = p.x[key] + std[key] * eps[key][sl]
+        bases[key] = refs[key][idx[sl]]  # (samples, *batch, *feature)
+        al = a[sl]
+        al = al.view(al.shape[0], *p.batch, *([1] * (noisy[key].dim() - 1 - nb)))
+        points[key] = bases[key] + al * (noisy[key] - bases[key])
+    return points, noisy, bases
+
+
 def layer_gradient_shap(
     f: Callable[[TensorDictBase], torch.Tensor],
     td: TensorDictBase,
@@ -320,12 +329,7 @@ def layer_gradient_shap(
     )
     nb = len(p.batch)
     _, act = _activation(fn, f, module, td, site)
-    points, noisy, bases = {}, {}, {}
-    for key in p.keys:
-        noisy[key] = p.x[key] + std[key] * eps[key]
-        bases[key] = refs[key][idx]  # (S, *batch, *feature)
-        al = a.view(n_samples, *p.batch, *([1] * (noisy[key].dim() - 1 - nb)))
-        points[key] = bases[key] + al * (noisy[key] - bases[key])
+    points, noisy, bases = _points(p, refs, std, eps, a, idx, slice(None))
     one = lambda d, pts: _run(fn, f, module, with_inputs(td, pts), {site: delta(d)}, None)  # noqa: E731
     g = lambda xs: vmap(one, randomness=randomness)(xs["d"], points)  # noqa: E731
     cap = lambda pts: _run(fn, f, module, with_inputs(td, pts), None, [site])[1][site]  # noqa: E731
