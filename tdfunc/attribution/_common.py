@@ -30,6 +30,7 @@ __all__ = [
     "with_inputs",
     "check_output",
     "grads_per_target",
+    "input_gradients",
     "result",
 ]
 
@@ -419,6 +420,14 @@ def grads_per_target(
     else:
         grads = vmap(lambda c: red(pull(c)[0]))(cots)
     return y, grads, k
+
+
+def input_gradients(fn: str, g: Callable, td: TensorDictBase, p: Inputs) -> tuple[dict, int | None]:
+    """Every target's gradient of ``g`` (a function of ``td``) at the inputs ``p.x``: key -> ``batch (+ K) +
+    feature shape``, and K (one forward, K vjps: :func:`grads_per_target`)."""
+    _, grads, k = grads_per_target(fn, lambda xs: g(with_inputs(td, xs)), p.x, 0, p.batch)
+    n = len(p.batch)
+    return {key: move_target_dim(gr, k, n) for key, gr in grads.items()}, k
 
 
 def result(batch: torch.Size, attrs: dict, extra: dict | None = None, *, fn: str = "") -> TensorDict:

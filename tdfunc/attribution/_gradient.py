@@ -8,7 +8,7 @@ import torch
 from tensordict import TensorDict, TensorDictBase
 
 from .._types import InKeys
-from ._common import grads_per_target, move_target_dim, per_target, prepare, result, tensor_output, with_inputs
+from ._common import input_gradients, per_target, prepare, result, tensor_output
 
 __all__ = ["saliency", "input_x_gradient"]
 
@@ -16,9 +16,8 @@ __all__ = ["saliency", "input_x_gradient"]
 def _gradients(fn: str, f: Callable, td: TensorDictBase, in_keys):
     p = prepare(fn, td, in_keys, baselines=False, f=f)
     f = tensor_output(fn, f, p.batch)
-    _, grads, k = grads_per_target(fn, lambda xs: f(with_inputs(td, xs)), p.x, 0, p.batch)
-    n = len(p.batch)
-    return p, {key: move_target_dim(g, k, n) for key, g in grads.items()}, k
+    grads, k = input_gradients(fn, f, td, p)
+    return p, grads, k
 
 
 def saliency(

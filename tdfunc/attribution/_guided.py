@@ -14,7 +14,7 @@ from .._call import intervene
 from .._errors import TdfuncError, shape_str
 from .._rewrite import Rewrite, main_output, record_then_rewrite
 from .._types import InKeys
-from ._common import AttributionError, _show, grads_per_target, move_target_dim, prepare, result, with_inputs
+from ._common import AttributionError, _show, input_gradients, prepare, result
 
 __all__ = ["deconvolution", "guided_backprop", "guided_grad_cam"]
 
@@ -191,9 +191,8 @@ def guided_backprop(
     # that f does not run is simply not rewritten (as in captum).
     guided = record_then_rewrite(fn, f, module, dict.fromkeys(sites, _Guided()), (td,))
     # second forward: each ReLU output becomes v + guide(out - v)
-    _, grads, k = grads_per_target(fn, lambda xs: guided(with_inputs(td, xs)), p.x, 0, p.batch)
-    n = len(p.batch)
-    return result(td.batch_size, {key: move_target_dim(g, k, n) for key, g in grads.items()}, fn=fn)
+    grads, _ = input_gradients(fn, guided, td, p)
+    return result(td.batch_size, grads, fn=fn)
 
 
 def deconvolution(
@@ -249,9 +248,8 @@ def deconvolution(
     stashing = intervene(f, module, edits={f"{s}:input": _stashing(stash, s) for s in sites}, strict=False)
     one_pass = not torch.is_grad_enabled()  # record_then_rewrite's choice: one forward under no_grad
     rewritten = record_then_rewrite(fn, stashing, module, {s: _Deconvolved(s, stash, one_pass) for s in sites}, (td,))
-    _, grads, k = grads_per_target(fn, lambda xs: rewritten(with_inputs(td, xs)), p.x, 0, p.batch)
-    n = len(p.batch)
-    return result(td.batch_size, {key: move_target_dim(g, k, n) for key, g in grads.items()}, fn=fn)
+    grads, _ = input_gradients(fn, rewritten, td, p)
+    return result(td.batch_size, grads, fn=fn)
 
 
 def guided_grad_cam(
