@@ -60,6 +60,28 @@ def cases() -> list[Case]:
         )
     )
 
+    def deconvnet_beta_smooth_weights(x, weight):  # zennit's DeconvNet / BetaSmooth composites; d/d(fc1 weight)
+        s = s_mlp.update({("fc1", "weight"): weight}, inplace=False)
+        td = TensorDict({"x": x[None]}, batch_size=[1])
+        f = lambda t: tdfunc.functional_call(mlp, s, (t["x"],))
+        a = tdfunc.lrp(f, td, mlp, composite="deconvnet")["attr", "x"]
+        b = tdfunc.lrp(f, td, mlp, composite=None, rules={nn.ReLU: tdfunc.lrp_rules.beta_smooth(2.0)})["attr", "x"]
+        c = tdfunc.lrp(f, td, mlp, composite=None, rules={nn.ReLU: tdfunc.lrp_rules.deconvnet()})["attr", "x"]
+        return torch.cat([a.flatten(), b.flatten(), c.flatten()])
+
+    rows.append(
+        Case(
+            "lrp:deconvnet-beta_smooth-weights",
+            mlp,
+            deconvnet_beta_smooth_weights,
+            (x5, s_mlp["fc1", "weight"].clone()),
+            (0, None),
+            (0, 1),
+            "fc1",
+            probe=x5,
+        )
+    )
+
     def mlp_targets(x, w):  # vmap over targets: a one-hot target weight vector
         td = TensorDict({"x": x[None]}, batch_size=[1])
         f = lambda t: tdfunc.functional_call(mlp, s_mlp, (t["x"],)) @ w
