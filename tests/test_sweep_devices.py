@@ -63,7 +63,13 @@ def test_patch_with_clean_values_on_another_device():
 def test_substitute_and_delta_move_to_the_site_and_keep_the_dtype_check():
     net = _split()
     x = torch.randn(1, 5, 3)
-    for edit in (torch.zeros(1, 5, 4), tdfunc.delta(torch.ones(4)), tdfunc.latent.steer({"3": torch.ones(4)})["3"]):
+    steer_at = tdfunc.latent.steer({"3": torch.ones(4)}, positions=[1, 3])["3"]  # a callable edit: moves its vector
+    for edit in (
+        torch.zeros(1, 5, 4),
+        tdfunc.delta(torch.ones(4)),
+        tdfunc.latent.steer({"3": torch.ones(4)})["3"],
+        steer_at,
+    ):
         out = tdfunc.functional_call(net, None, (x,), edits={"3": edit})
         assert out.device.type == "meta"
     with pytest.raises(EditError) as e:

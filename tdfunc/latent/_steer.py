@@ -163,6 +163,7 @@ def steer(
         else:
 
             def edit(h, v=v, site=site):
+                v = v.to(h.device)  # a model across devices: the vector goes to its site (a copy), as delta's do
                 return h + torch.where(position_mask(fn, site, positions, h), v, torch.zeros_like(v))
 
             edit._tdfunc_steer_positions = positions  # type: ignore[attr-defined]  # generate refuses these
