@@ -22,6 +22,7 @@ from ._common import (
     from_leaves,
     known_names,
     leaves,
+    missing_entry,
     parse_key,
     rebuild,
 )
@@ -438,10 +439,12 @@ def apply_lora(state: TD, lora_state: TensorDictBase, scale: float | torch.Tenso
     new = {}
     for k, g in groups.items():
         if k not in flat:
-            raise WeightError(
-                f"{fn}: lora_state adapts {dotted(k)!r}, which is not in the state."
-                f"{suggest(dotted(k), [dotted(j) for j in flat])} "
-                "Build the adapter with tdfunc.weights.lora_init(state, keys, rank) on the same state."
+            raise missing_entry(
+                fn,
+                k,
+                flat,
+                f"lora_state adapts {dotted(k)!r}, which is not in the state.",
+                "Build the adapter with tdfunc.weights.lora_init(state, keys, rank) on the same state.",
             )
         if set(g) != {"A", "B"}:
             raise WeightError(

@@ -96,14 +96,21 @@ def select(fn: str, what: str, flat: dict[Key, torch.Tensor], patterns: Sequence
     return [k for k in flat if k in chosen]  # state order
 
 
+def missing_entry(fn: str, k: Key, tree: dict, what: str, fix: str) -> WeightError:
+    """The error for a key ``k`` that ``tree`` lacks: ``what`` happened, the nearest names in ``tree``, ``fix``."""
+    return WeightError(f"{fn}: {what}{suggest(dotted(k), [dotted(j) for j in tree])} {fix}")
+
+
 def check_same_tree(fn: str, a_name: str, a: dict, b_name: str, b: dict, keys: list[Key]) -> None:
     """Every key is in both trees with the same shape."""
     for k in keys:
         if k not in b:
-            raise WeightError(
-                f"{fn}: {a_name} has entry {dotted(k)!r} but {b_name} has not."
-                f"{suggest(dotted(k), [dotted(j) for j in b])} "
-                f"Both must come from the same architecture (tdfunc.state of the same model class)."
+            raise missing_entry(
+                fn,
+                k,
+                b,
+                f"{a_name} has entry {dotted(k)!r} but {b_name} has not.",
+                "Both must come from the same architecture (tdfunc.state of the same model class).",
             )
         if a[k].shape != b[k].shape:
             raise WeightError(

@@ -11,7 +11,7 @@ from torch.func import grad
 
 from .._errors import shape_str, suggest
 from .._types import PruneScope
-from ._common import TD, WeightError, check_td, dotted, float_keys, from_leaves, leaves, rebuild, select
+from ._common import TD, WeightError, check_td, dotted, float_keys, from_leaves, leaves, missing_entry, rebuild, select
 
 __all__ = ["magnitude_scores", "snip_scores", "prune_masks", "apply_masks"]
 
@@ -314,10 +314,12 @@ def apply_masks(state: TD, masks: TensorDictBase) -> TD:
     new = {}
     for k, m in flat_m.items():
         if k not in flat:
-            raise WeightError(
-                f"{fn}: masks has entry {dotted(k)!r}, which is not in the state."
-                f"{suggest(dotted(k), [dotted(j) for j in flat])} "
-                "Masks must mirror the state's tree (build them with tdfunc.weights.prune_masks(state, ...))."
+            raise missing_entry(
+                fn,
+                k,
+                flat,
+                f"masks has entry {dotted(k)!r}, which is not in the state.",
+                "Masks must mirror the state's tree (build them with tdfunc.weights.prune_masks(state, ...)).",
             )
         t = flat[k]
         if m.dtype != torch.bool and not m.is_floating_point():
