@@ -25,6 +25,7 @@ __all__ = [
     "check_chunk_size",
     "check_generator",
     "check_module",
+    "check_args",
     "per_input",
     "check_input_keys",
     "check_callable",
@@ -106,6 +107,17 @@ def check_module(
     if not isinstance(module, nn.Module):
         raise type_error(family)(f"{fn}: expected {expected}, got {type(module).__name__} ({module!r:.60}){fix}.")
     return module
+
+
+def check_args(fn: str, args: Any, fix: str = "") -> tuple:
+    """A module's positional inputs as a tuple: a tuple as is, one non-list value wrapped; a list is refused
+    (ambiguous: the inputs, or one list input). Message ends ``"; pass tuple(args){fix}."``."""
+    if isinstance(args, list):
+        raise TypeError(
+            f"{fn}: args must be a tuple of positional inputs (or one input that is not a list), got a list of "
+            f"length {len(args)}; pass tuple(args){fix}."
+        )
+    return args if isinstance(args, tuple) else (args,)
 
 
 def _norm(key: Any) -> tuple:

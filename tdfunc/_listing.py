@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ._checks import check_args, check_module
 from ._ops import OP_OF
 from ._sites import module_table
 
@@ -100,17 +101,10 @@ def list_sites(
     Composes with: nothing — a discovery helper run eagerly once (the sites it lists compose as usual).
     """
     fn = "tdfunc.list_sites"
-    if not isinstance(module, nn.Module):
-        raise TypeError(f"{fn}: expected an nn.Module as the module, got {type(module).__name__} ({module!r:.60}).")
+    check_module(fn, module)
     if not isinstance(ops, bool):
         raise TypeError(f"{fn}: ops must be True or False, got {type(ops).__name__} ({ops!r:.60}).")
-    if isinstance(args, list):
-        raise TypeError(
-            f"{fn}: args must be a tuple of positional inputs (or one input that is not a list), got a list of "
-            f"length {len(args)}; pass tuple(args)."
-        )
-    if not isinstance(args, tuple):
-        args = (args,)
+    args = check_args(fn, args)
     names: dict[nn.Module, str] = {}
     for name, m in module_table(module).items():
         names.setdefault(m, name)
