@@ -105,6 +105,18 @@ def _flat_sum(t: torch.Tensor, lead: int) -> torch.Tensor:
     return t.reshape(*t.shape[:lead], -1).sum(-1)
 
 
+def _vmap_samples(fn: str, g, perturbed, chunk_size: int | None, randomness: str):
+    """``g`` vmapped over the perturbed samples; a random op in ``f`` under ``randomness="error"`` becomes
+    the family's message (a plain function, not a context manager: dynamo traces it under fullgraph)."""
+    try:
+        return vmap(g, chunk_size=chunk_size, randomness=randomness)(perturbed)
+    except RuntimeError as e:
+        err = random_op_error(fn, e, AttributionError)
+        if err is None:
+            raise
+        raise err from e
+
+
 def infidelity(
     f: Callable[[TensorDictBase], torch.Tensor],
     td: TensorDictBase,
@@ -210,13 +222,7 @@ def infidelity(
         pert = {key: _get(fn, out[0], key, "perturbations", want[key]) for key in keys}
         perturbed = {key: _get(fn, out[1], key, "perturbed inputs", want[key]) for key in keys}
 
-    try:
-        y = vmap(lambda xs: f(with_inputs(td, xs)), chunk_size=chunk_size, randomness=randomness)(perturbed)
-    except RuntimeError as e:
-        err = random_op_error(fn, e, AttributionError)
-        if err is None:
-            raise
-        raise err from e
+    y = _vmap_samples(fn, lambda xs: f(with_inputs(td, xs)), perturbed, chunk_size, randomness)
     lead = 1 + nb + (k is not None)
     # I^T Phi per (sample, example, target), summed over every input's features
     dot = sum(_flat_sum(per_target(pert[key], k, nb + 1) * attrs[key], lead) for key in keys)
@@ -348,13 +354,7 @@ def sensitivity_max(
         res = method(f, with_inputs(td, xs), **method_kwargs)
         return {key: res.get(("attr", *key)) for key in keys}
 
-    try:
-        moved = vmap(explain, chunk_size=chunk_size, randomness=randomness)(perturbed)
-    except RuntimeError as e:
-        err = random_op_error(fn, e, AttributionError)
-        if err is None:
-            raise
-        raise err from e
+    moved = _vmap_samples(fn, explain, perturbed, chunk_size, randomness)
     lead = 1 + nb + (k is not None)
     flat = lambda t, lead: t.reshape(*t.shape[:lead], -1)
     delta = torch.cat([flat(moved[key] - attrs[key], lead) for key in keys], dim=-1)
