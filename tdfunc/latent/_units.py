@@ -152,6 +152,7 @@ def backward(u: Units, w: torch.Tensor) -> torch.Tensor:
 
 def unit_mask(fn: str, u: Units, w: torch.Tensor, index: Any) -> torch.Tensor:
     """Boolean mask broadcastable to the view ``w`` selecting ``index`` along the unit axis."""
+    # Same skeleton as _common.position_mask, kept apart: no integer tensors here, and messages name the unit axis.
     d = u.unit_dim % w.dim()
     n = w.shape[d]
     if isinstance(index, torch.Tensor) and index.dtype == torch.bool:
