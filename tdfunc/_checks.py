@@ -26,6 +26,7 @@ __all__ = [
     "check_generator",
     "check_module",
     "check_args",
+    "broadcasts_to",
     "per_input",
     "check_input_keys",
     "check_callable",
@@ -118,6 +119,14 @@ def check_args(fn: str, args: Any, fix: str = "") -> tuple:
             f"length {len(args)}; pass tuple(args){fix}."
         )
     return args if isinstance(args, tuple) else (args,)
+
+
+def broadcasts_to(shape: Sequence[int], target: torch.Size) -> bool:
+    """Whether a tensor of ``shape`` broadcasts to exactly ``target`` (torch's rule; never more dims)."""
+    try:
+        return torch.broadcast_shapes(tuple(shape), target) == target
+    except RuntimeError:
+        return False
 
 
 def _norm(key: Any) -> tuple:

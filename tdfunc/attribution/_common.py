@@ -18,7 +18,7 @@ import torch
 from tensordict import TensorDict, TensorDictBase
 from torch.func import vjp, vmap
 
-from .._checks import check_callable, per_input
+from .._checks import broadcasts_to, check_callable, per_input
 from .._errors import TdfuncError, shape_str, suggest
 from .._finite import check_finite, readable, warn_nonfinite
 
@@ -290,11 +290,7 @@ def shared_baseline(fn: str, k: Key, b: object, v: torch.Tensor, what: str = "th
         )
     _same_dtype_device(fn, k, b, v, what)
     _finite_input(fn, f"baseline for {_show(k)}", b, False)
-    try:
-        ok = b.dim() <= v.dim() and torch.broadcast_shapes(b.shape, v.shape) == v.shape
-    except RuntimeError:
-        ok = False
-    if not ok:
+    if not broadcasts_to(b.shape, v.shape):
         raise AttributionError(
             f"{fn}: baseline for {_show(k)} has shape {shape_str(b.shape)} but {what} has shape "
             f"{shape_str(v.shape)}; give a baseline broadcastable to {what}: a number, the feature shape "

@@ -21,7 +21,7 @@ import torch
 from tensordict import TensorDictBase
 
 from .._call import intervene
-from .._checks import check_module, renamed, type_error
+from .._checks import broadcasts_to, check_module, renamed, type_error
 from .._edits import Delta, Rule
 from .._state import flat_state
 from .._types import Edits
@@ -149,11 +149,7 @@ def _masked(fn: str, site: str, edit: Any, spec: list[int] | slice, step: _Step)
 
     def fits(v: torch.Tensor, new: Any, what: str) -> Any:
         shape = tuple(new.shape) if isinstance(new, torch.Tensor) else None
-        try:
-            ok = shape is not None and torch.broadcast_shapes(shape, v.shape) == v.shape
-        except RuntimeError:
-            ok = False
-        if not ok:
+        if shape is None or not broadcasts_to(shape, v.shape):
             raise PatchError(
                 f"{fn}: {what} at site {site!r} has shape {shape if shape is not None else type(new).__name__} but "
                 f"the site's value in this step has shape {tuple(v.shape)}; give an edit that fits the value of "
