@@ -60,6 +60,26 @@ def cases() -> list[Case]:
         )
     )
 
+    def site_weights(x, weight):  # relevance at sites (captum's LayerLRP), every class; d/d(fc1 weight)
+        s = s_mlp.update({("fc1", "weight"): weight}, inplace=False)
+        td = TensorDict({"x": x[None]}, batch_size=[1])
+        f = lambda t: tdfunc.functional_call(mlp, s, (t["x"],))
+        r = tdfunc.lrp(f, td, mlp, composite="epsilon", site=["fc1", "head:input"])["attr"]
+        return torch.cat([r["fc1"][0].flatten(), r["head:input"][0].flatten()])
+
+    rows.append(
+        Case(
+            "lrp:site-weights",
+            mlp,
+            site_weights,
+            (x5, s_mlp["fc1", "weight"].clone()),
+            (0, None),
+            (0, 1),
+            "fc1",
+            probe=x5,
+        )
+    )
+
     def deconvnet_beta_smooth_weights(x, weight):  # zennit's DeconvNet / BetaSmooth composites; d/d(fc1 weight)
         s = s_mlp.update({("fc1", "weight"): weight}, inplace=False)
         td = TensorDict({"x": x[None]}, batch_size=[1])

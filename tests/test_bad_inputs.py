@@ -105,7 +105,12 @@ TABLE: dict[str, list] = {
         lambda: tdfunc.internal_influence(F, TD, None, "1"),
         lambda: tdfunc.internal_influence(F, TD, NET, "nope"),
     ],
-    "lrp": [lambda: tdfunc.lrp(None, TD, NET), lambda: tdfunc.lrp(F, TD, None), lambda: tdfunc.lrp(F, NAN_TD, NET)],
+    "lrp": [
+        lambda: tdfunc.lrp(None, TD, NET),
+        lambda: tdfunc.lrp(F, TD, None),
+        lambda: tdfunc.lrp(F, NAN_TD, NET),
+        lambda: tdfunc.lrp(F, TD, NET, site="nope_lrp_site"),  # lrp site=
+    ],
     "occlusion": [
         lambda: tdfunc.occlusion(None, TD, sliding_window_shapes=(1,)),
         lambda: tdfunc.occlusion(F, NAN_TD, sliding_window_shapes=(1,)),

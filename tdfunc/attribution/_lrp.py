@@ -8,19 +8,24 @@ passes (record, then rewrite) or, under ``torch.no_grad()``, one.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 from tensordict import TensorDict, TensorDictBase
 from torch import nn
 from torch.func import vjp
 
+from .._checks import check_callable
+from .._edits import delta
 from .._errors import NotReachedError
-from .._finite import readable
+from .._finite import check_finite, readable
 from .._rewrite import Rewrite, record_then_rewrite
 from .._types import InKeys
 from ._common import (
+    NONFINITE_FIX,
     AttributionError,
+    _norm,
+    _show,
     check_float_output,
     check_output,
     check_rows_as_targets,
@@ -31,6 +36,7 @@ from ._common import (
     result,
     with_inputs,
 )
+from ._layer import _activations, _check_sites, _outs, _run
 from ._lrp_assign import Composite, CompositeName, plan
 from ._lrp_rules import Rule
 from ._lrp_watch import watched
@@ -103,6 +109,7 @@ def lrp(
     in_keys: InKeys | None = None,
     output_relevance: torch.Tensor | Callable[[torch.Tensor], torch.Tensor] | None = None,
     check_conservation: bool | tuple[float, float] = False,
+    site: str | Sequence[str] | None = None,
 ) -> TensorDict:
     """Layer-wise relevance propagation (Bach et al., 2015) as input × a rule-modified gradient.
 
@@ -189,7 +196,8 @@ def lrp(
 
     Returns:
         TensorDict with ``("attr", key)`` of shape ``batch (+ K) + feature shape`` (no K with
-        ``output_relevance``).  An input entry that
+        ``output_relevance``); with ``site``, ``("attr", site)`` of shape ``batch (+ K) + the site's value
+        shape`` per site (the site string is one key).  An input entry that
         is infinite where its gradient is 0 (a masked attention score) gets 0, not ``nan``.
 
     Raises:
@@ -202,6 +210,8 @@ def lrp(
             non-float input, ``f`` output of the wrong shape.
         AttributionError (``check_conservation``): a module call whose input relevance differs from its
             output relevance, named with its rule and target.
+        SiteError (``site``): unknown or malformed site; AttributionError: a glob site, ``site`` with
+            ``in_keys`` / ``check_conservation`` / a flat, w² or zᴮ rule, a site value that is not batch-first.
         NotReachedError: ``f`` ran the rewritten modules differently in its two forwards, or never called
             ``module`` (none of its rewritten submodules ran).
 
@@ -213,6 +223,9 @@ def lrp(
         >>> out = tdfunc.lrp(lambda t: net(t["x"]), td, net, composite="epsilon")
         >>> out["attr", "x"].shape                      # every class, one call
         torch.Size([5, 4, 3])
+        >>> at = tdfunc.lrp(lambda t: net(t["x"]), td, net, composite="epsilon", site=["0", "2:input"])
+        >>> at["attr", "0"].shape                       # relevance at fc1's output (captum's LayerLRP)
+        torch.Size([5, 4, 8])
 
     Zero inputs: relevance is carried as value × gradient, which cannot hold relevance at a value of
     exactly 0.  The flat, w² and zᴮ rules give such layer-input entries a share (their input modifier
@@ -249,10 +262,19 @@ def lrp(
     ``torch.compile(fullgraph=True)`` after :func:`tdfunc.install_sites`.
     """
     fn = "tdfunc.lrp"
+    at = None if site is None else _check_sites(fn, td, module, site)
+    if at is not None and in_keys is not None:
+        raise AttributionError(
+            f"{fn}: in_keys={in_keys!r:.60} and site={site!r:.60} were both given; with site the relevance is "
+            "taken at the site, not at inputs: drop in_keys."
+        )
     assigned, coverage = plan(fn, module, rules, composite)
     sites = {s: _Site(s, r) for s, r in assigned.items()}
     watch = None if coverage is None or torch.compiler.is_compiling() else watched(fn, module, coverage)
-    p = prepare(fn, td, in_keys, baselines=False, f=f, allow_inf=True)
+    if at is None:
+        p = prepare(fn, td, in_keys, baselines=False, f=f, allow_inf=True)
+    else:
+        _site_inputs(fn, f, td, site, sites, check_conservation)
     tol = _tolerance(fn, check_conservation)
     # two forwards (constants recorded in the first); one under no_grad, where nothing can differentiate the result
     first: list = []
@@ -262,6 +284,8 @@ def lrp(
             fn, f, module, sites, (td,), first if output_relevance is not None else None, watch=watch
         )
     weight = None if output_relevance is None else _cotangent(fn, output_relevance, first[0])
+    if at is not None:  # the site's value x the rewritten gradient there (an additive zero delta at each site)
+        return _at_sites(fn, rewritten, td, module, at, weight, sites)
     g = lambda xs: rewritten(with_inputs(td, xs))  # noqa: E731
     if weight is not None:
         nb = len(p.batch)
@@ -271,13 +295,7 @@ def lrp(
         grads, zgrads, k = _grads_with_zero_inputs(fn, g, p.x, p.batch, zsites)
     else:
         _, grads, k = grads_per_target(fn, g, p.x, 0, p.batch)
-    if sites and not torch.compiler.is_compiling() and not any(s.calls for s in sites.values()):
-        names = ", ".join(repr(s) for s in list(sites)[:3]) + (", ..." if len(sites) > 3 else "")
-        raise NotReachedError(
-            f"{fn}: f never called module ({type(module).__name__}): none of its {len(sites)} rewritten submodules "
-            f"({names}) ran, so the result would be plain input x gradient. f must call the module passed as "
-            f"module (not a copy of it), e.g. {fn}(lambda t: model(t['x']), td, model)."
-        )
+    _check_reached(fn, module, sites)
     n = len(p.batch)
     attrs = {key: _times(per_target(p.x[key], k, n), move_target_dim(gr, k, n)) for key, gr in grads.items()}
     if zgrads is not None:  # + the relevance of zero layer inputs, pulled back by the gradient
@@ -285,6 +303,54 @@ def lrp(
     if tol is not None and sites and readable(next(iter(p.x.values()), None)):
         _check_conservation(fn, rewritten, td, p.x, sites, weight, k, tol)
     return result(td.batch_size, attrs, fn=fn)
+
+
+def _check_reached(fn: str, module: nn.Module, sites: dict) -> None:
+    if sites and not torch.compiler.is_compiling() and not any(s.calls for s in sites.values()):
+        names = ", ".join(repr(s) for s in list(sites)[:3]) + (", ..." if len(sites) > 3 else "")
+        raise NotReachedError(
+            f"{fn}: f never called module ({type(module).__name__}): none of its {len(sites)} rewritten submodules "
+            f"({names}) ran, so the result would be plain input x gradient. f must call the module passed as "
+            f"module (not a copy of it), e.g. {fn}(lambda t: model(t['x']), td, model)."
+        )
+
+
+def _site_inputs(fn: str, f, td: TensorDictBase, site, sites: dict, check_conservation) -> None:
+    """``lrp(..., site=...)``'s checks: ``f``, finite float inputs (any may be read), no zero-input rules."""
+    check_callable(fn, "f", f, AttributionError, expected="f(td) -> Tensor")
+    for key in td.keys(include_nested=True, leaves_only=True):
+        if td.get(key).is_floating_point():
+            check_finite(fn, f"input {_show(_norm(key))}", td.get(key), AttributionError, NONFINITE_FIX)
+    if check_conservation is not False:
+        raise AttributionError(
+            f"{fn}: check_conservation={check_conservation!r:.40} with site={site!r:.60}: the check follows the "
+            "relevance down to the inputs; run it on the input attribution (lrp without site)."
+        )
+    zero = [n for n, st in sites.items() if st.zero_terms]
+    if zero:
+        raise AttributionError(
+            f"{fn}: site={site!r:.60} with the rule {sites[zero[0]].rule!r} at {zero[0]!r}: flat, w² and zᴮ give "
+            "zero layer inputs relevance through probes, which relevance at a site does not carry; use rules "
+            "without constant input modifiers (epsilon, zplus, alpha_beta, gamma) there, or attribute the inputs."
+        )
+
+
+def _at_sites(fn: str, rewritten, td: TensorDictBase, module: nn.Module, at: list, weight, sites: dict) -> TensorDict:
+    """``("attr", site)``: each site's value x the gradient of the rewritten ``f`` there (a zero delta at every site;
+    one forward for the values, one more + K vjps for the gradients)."""
+    _, acts = _activations(fn, rewritten, module, td, at)
+    names = [f"d{i}" for i in range(len(at))]
+
+    def g(ds: dict) -> torch.Tensor:
+        y = _run(fn, rewritten, module, td, {s: delta(ds[d]) for s, d in zip(at, names)}, None)
+        return y if weight is None else (y * weight).reshape(*td.batch_size, -1).sum(len(td.batch_size))
+
+    _, grads, k = grads_per_target(fn, g, {d: torch.zeros_like(a) for d, a in zip(names, acts)}, 0, td.batch_size)
+    _check_reached(fn, module, sites)
+    n = len(td.batch_size)
+    return _outs(
+        td, {s: _times(per_target(a, k, n), move_target_dim(grads[d], k, n)) for s, d, a in zip(at, names, acts)}, fn=fn
+    )
 
 
 def _grads_with_zero_inputs(fn: str, g, xs: dict, batch: torch.Size, zsites: list) -> tuple[dict, dict, int | None]:
