@@ -11,6 +11,7 @@ from tensordict import TensorDict, TensorDictBase
 from torch import nn
 
 from . import _runtime
+from ._errors import TdfuncTypeError, public
 from ._finish import finish
 from ._plan import Frame, make_plan
 from ._state import flat_state, written_buffers
@@ -24,9 +25,9 @@ _P = ParamSpec("_P")
 _R = TypeVar("_R")
 
 
-def _check_module(fn: str, module: Any) -> None:
+def _check_module(module: Any) -> None:
     if not isinstance(module, nn.Module):
-        raise TypeError(f"{fn}: expected an nn.Module as the module, got {type(module).__name__} ({module!r:.60}).")
+        raise TdfuncTypeError(f"expected an nn.Module as the module, got {type(module).__name__} ({module!r:.60}).")
 
 
 @overload
@@ -104,6 +105,7 @@ def functional_call(
 ) -> Any: ...
 
 
+@public("tdfunc.functional_call")
 def functional_call(
     module: nn.Module,
     state: State,
@@ -210,30 +212,29 @@ def functional_call(
     ``jacrev`` (incl. double backward), ``torch.compile(fullgraph=True)`` (after
     :func:`tdfunc.install_sites`).
     """
-    fn = "tdfunc.functional_call"
-    _check_module(fn, module)
+    _check_module(module)
     module = _unwrap(module)  # DistributedDataParallel, DataParallel, torch.compile: the model inside
     if not isinstance(return_state, bool):
-        raise TypeError(
-            f"{fn}: return_state must be True or False, got {type(return_state).__name__} ({return_state!r:.60})."
+        raise TdfuncTypeError(
+            f"return_state must be True or False, got {type(return_state).__name__} ({return_state!r:.60})."
         )
-    params = flat_state(fn, module, state)
+    params = flat_state(module, state)
     if isinstance(args, list):
-        raise TypeError(
-            f"{fn}: args must be a tuple of positional inputs (or one input that is not a list), got a list of "
+        raise TdfuncTypeError(
+            f"args must be a tuple of positional inputs (or one input that is not a list), got a list of "
             f"length {len(args)}; pass tuple(args), or ([...],) when the module's single input is a list."
         )
     if not isinstance(args, tuple):
         args = (args,)
     args = tuple(a.copy() if isinstance(a, TensorDictBase) else a for a in args)
     if kwargs is not None and not isinstance(kwargs, Mapping):
-        raise TypeError(f"{fn}: kwargs must be a mapping or None, got {type(kwargs).__name__}.")
+        raise TdfuncTypeError(f"kwargs must be a mapping or None, got {type(kwargs).__name__}.")
     kwargs = dict(kwargs or {})
-    plan = make_plan(fn, module, edits, capture, strict)
+    plan = make_plan(module, edits, capture, strict)
     if not isinstance(stop, bool):  # stop_early
-        raise TypeError(f"{fn}: stop must be True or False, got {type(stop).__name__} ({stop!r:.60}).")
+        raise TdfuncTypeError(f"stop must be True or False, got {type(stop).__name__} ({stop!r:.60}).")
     if stop:  # stop_early
-        check_stop(fn, plan, capture, return_state)
+        check_stop(plan, capture, return_state)
     written = written_buffers(module)  # train-mode buffers: the forward writes them in place
     given = params
     if written:  # run on clones: neither the module nor a state sharing its storage is written
@@ -310,6 +311,7 @@ def intervene(
 ) -> Callable[_P, Any]: ...
 
 
+@public("tdfunc.intervene")
 def intervene(
     f: Callable[..., Any],
     module: nn.Module,
@@ -355,16 +357,30 @@ def intervene(
     Composes with: ``vmap``, ``grad``, ``torch.compile(fullgraph=True)``, and nests with itself
     and with :func:`tdfunc.functional_call`.
     """
-    fn = "tdfunc.intervene"
+    bare = _intervene(f, module, edits=edits, capture=capture, strict=strict, stop=stop)
+    return public("tdfunc.intervene")(bare)  # its errors, raised when it runs, name intervene
+
+
+def _intervene(
+    f: Callable[..., Any],
+    module: nn.Module,
+    *,
+    edits: Edits | None = None,
+    capture: Capture | None = None,
+    strict: bool = True,
+    stop: bool = False,  # stop_early
+) -> Callable[..., Any]:
+    """:func:`intervene` without its boundary: tdfunc's own uses, whose errors name the public function
+    running them (a rule of ``lrp`` that fails names ``tdfunc.lrp``, not ``tdfunc.intervene``)."""
     if not callable(f):
-        raise TypeError(f"{fn}: expected a callable f, got {type(f).__name__} ({f!r:.60}).")
-    _check_module(fn, module)
+        raise TdfuncTypeError(f"expected a callable f, got {type(f).__name__} ({f!r:.60}).")
+    _check_module(module)
     module = _unwrap(module)  # DistributedDataParallel, DataParallel, torch.compile: the model inside
-    plan = make_plan(fn, module, edits, capture, strict)
+    plan = make_plan(module, edits, capture, strict)
     if not isinstance(stop, bool):  # stop_early
-        raise TypeError(f"{fn}: stop must be True or False, got {type(stop).__name__} ({stop!r:.60}).")
+        raise TdfuncTypeError(f"stop must be True or False, got {type(stop).__name__} ({stop!r:.60}).")
     if stop:  # stop_early
-        check_stop(fn, plan, capture, False)
+        check_stop(plan, capture, False)
 
         @functools.wraps(f)
         def stopped(*args: Any, **kwargs: Any) -> TensorDict:  # stop_early

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from . import _runtime
+from ._errors import here, public
 from ._plan import Frame
 from ._sites import acquire, release
 
@@ -32,8 +33,10 @@ def _wrap_recompute(owner: Any, attr: str, frames: list[Frame]) -> None:
     def recompute(*args, **kwargs):
         return _replay(snaps, fn, args, kwargs)
 
-    recompute._tdfunc_replay = True  # type: ignore[attr-defined]
-    setattr(owner, attr, recompute)
+    # the recompute runs in a backward after the call returned: its errors name the call that ran the region
+    named = public(here())(recompute)
+    named._tdfunc_replay = True  # type: ignore[attr-defined]
+    setattr(owner, attr, named)
 
 
 def _replay(snaps: list[Frame], fn, args, kwargs):
@@ -48,7 +51,7 @@ def _replay(snaps: list[Frame], fn, args, kwargs):
         held = []
         try:
             for f in frames:
-                held.append(acquire(f.plan.fn, f.plan.sites))
+                held.append(acquire(f.plan.sites))
             for f in frames:
                 _runtime.push(f)
             try:

@@ -3,8 +3,9 @@
 The rule: a wrong *type* raises ``TypeError``, a wrong *value* the family's ``ValueError`` subclass
 (``AttributionError``, a ``LatentError`` subclass, ``WeightError``).  A wrong type raised for a family
 is an instance of both ``TypeError`` and the family's error (``type_error(family)``), so code that
-catches the family's error keeps catching it.  Every message names the public function (``fn``),
-echoes the value and says what to pass instead.
+catches the family's error keeps catching it.  Every message echoes the value and says what to pass
+instead; the public function's name is added where the error leaves it (``tdfunc._errors.public``), so
+the messages below are written without it.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._errors import TdfuncError
+from ._errors import TdfuncError, TdfuncTypeError
 
 __all__ = [
     "type_error",
@@ -40,9 +41,11 @@ _TYPE_ERRORS: dict[type, type] = {}
 
 
 def type_error(family: type[Exception] | None) -> type[TypeError]:
-    """``TypeError`` that is also a ``family`` error (plain ``TypeError`` for ``None``)."""
-    if family is None or issubclass(family, TypeError):
-        return family or TypeError
+    """``TypeError`` that is also a ``family`` error (the core's :class:`TdfuncTypeError` for ``None``)."""
+    if family is None or family is TdfuncError:
+        return TdfuncTypeError
+    if issubclass(family, TypeError):
+        return family
     cls = _TYPE_ERRORS.get(family)
     if cls is None:
         name = family.__name__.removesuffix("Error") + "TypeError"
@@ -55,67 +58,66 @@ def _is_int(v: Any) -> bool:
 
 
 def check_int(
-    fn: str, name: str, v: Any, family: type[Exception], *, lo: int = 1, optional: bool = False, fix: str = ""
+    name: str, v: Any, family: type[Exception], *, lo: int = 1, optional: bool = False, fix: str = ""
 ) -> int | None:
     """``v`` an integer >= ``lo`` (or None when ``optional``).
 
-    Message: ``"{fn}: {name} must be [None or ]an integer >= {lo}, got {v!r}.{fix}"``.
+    Message: ``"{name} must be [None or ]an integer >= {lo}, got {v!r}.{fix}"``.
     """
     if optional and v is None:
         return None
     if not _is_int(v) or v < lo:
-        msg = f"{fn}: {name} must be {'None or ' if optional else ''}an integer >= {lo}, got {v!r}.{fix}"
+        msg = f"{name} must be {'None or ' if optional else ''}an integer >= {lo}, got {v!r}.{fix}"
         raise (type_error(family) if not _is_int(v) else family)(msg)
     return v
 
 
-def check_bool(fn: str, name: str, v: Any, family: type[Exception] | None = None) -> bool:
+def check_bool(name: str, v: Any, family: type[Exception] | None = None) -> bool:
     """``v`` a ``bool``.
 
-    Message: ``"{fn}: {name} must be True or False, got {type} ({value}); pass {name}=True or {name}=False."``.
+    Message: ``"{name} must be True or False, got {type} ({value}); pass {name}=True or {name}=False."``.
     """
     if not isinstance(v, bool):
         raise type_error(family)(
-            f"{fn}: {name} must be True or False, got {type(v).__name__} ({v!r:.60}); pass {name}=True or {name}=False."
+            f"{name} must be True or False, got {type(v).__name__} ({v!r:.60}); pass {name}=True or {name}=False."
         )
     return v
 
 
-def check_chunk_size(fn: str, chunk_size: Any, family: type[Exception]) -> int | None:
+def check_chunk_size(chunk_size: Any, family: type[Exception]) -> int | None:
     """``chunk_size`` None or an integer >= 1 (checked here, before ``vmap`` gives its own message)."""
-    return check_int(fn, "chunk_size", chunk_size, family, optional=True)
+    return check_int("chunk_size", chunk_size, family, optional=True)
 
 
-def check_generator(fn: str, generator: Any, family: type[Exception] | None = None) -> torch.Generator | None:
+def check_generator(generator: Any, family: type[Exception] | None = None) -> torch.Generator | None:
     """``generator`` None or a ``torch.Generator``."""
     if generator is not None and not isinstance(generator, torch.Generator):
         raise type_error(family)(
-            f"{fn}: generator must be a torch.Generator or None, got {type(generator).__name__} "
+            f"generator must be a torch.Generator or None, got {type(generator).__name__} "
             f"({generator!r:.60}); e.g. generator=torch.Generator().manual_seed(0)."
         )
     return generator
 
 
 def check_module(
-    fn: str,
     module: Any,
     family: type[Exception] | None = None,
     *,
     expected: str = "an nn.Module as the module",
     fix: str = "",
 ) -> nn.Module:
-    """``module`` an ``nn.Module``. Message: ``"{fn}: expected {expected}, got {type} ({value}){fix}."``."""
+    """``module`` an ``nn.Module``. Message: ``"expected {expected}, got {type} ({value}){fix}."``."""
     if not isinstance(module, nn.Module):
-        raise type_error(family)(f"{fn}: expected {expected}, got {type(module).__name__} ({module!r:.60}){fix}.")
+        raise type_error(family)(f"expected {expected}, got {type(module).__name__} ({module!r:.60}){fix}.")
     return module
 
 
-def check_args(fn: str, args: Any, fix: str = "") -> tuple:
+def check_args(args: Any, fix: str = "") -> tuple:
     """A module's positional inputs as a tuple: a tuple as is, one non-list value wrapped; a list is refused
     (ambiguous: the inputs, or one list input). Message ends ``"; pass tuple(args){fix}."``."""
     if isinstance(args, list):
-        raise TypeError(
-            f"{fn}: args must be a tuple of positional inputs (or one input that is not a list), got a list of "
+        raise TdfuncTypeError(
+            f"args must be a tuple of positional inputs (or one input that is not a list), got a list of "
             f"length {len(args)}; pass tuple(args){fix}."
         )
     return args if isinstance(args, tuple) else (args,)
@@ -142,15 +144,15 @@ def _names(keys: Sequence[tuple]) -> str:
 
 
 def check_input_keys(
-    fn: str, name: str, given: Sequence[tuple], keys: Sequence[tuple], family: type[Exception], fix: str
+    name: str, given: Sequence[tuple], keys: Sequence[tuple], family: type[Exception], fix: str
 ) -> None:
     """Every key of a per-input mapping names an attributed input."""
     for k in given:
         if k not in keys:
-            raise family(f"{fn}: {name} names {_show(k)}, which is not an attributed input ({_names(keys)}); {fix}.")
+            raise family(f"{name} names {_show(k)}, which is not an attributed input ({_names(keys)}); {fix}.")
 
 
-def per_input(fn: str, name: str, value: Any, keys: Sequence[tuple], what: str, family: type[Exception]) -> dict:
+def per_input(name: str, value: Any, keys: Sequence[tuple], what: str, family: type[Exception]) -> dict:
     """A per-input option given as a dict key -> value, or a bare value when there is one input.
 
     Every attributed input needs an entry, and every entry must name an attributed input.
@@ -160,11 +162,10 @@ def per_input(fn: str, name: str, value: Any, keys: Sequence[tuple], what: str, 
         for k in keys:
             if k not in given:
                 raise family(
-                    f"{fn}: {name} has no entry for {_show(k)}; give one {what} per attributed input "
+                    f"{name} has no entry for {_show(k)}; give one {what} per attributed input "
                     f"(a dict key -> {what}, or a bare {what} when there is one input)."
                 )
         check_input_keys(
-            fn,
             name,
             list(given),
             keys,
@@ -174,22 +175,20 @@ def per_input(fn: str, name: str, value: Any, keys: Sequence[tuple], what: str, 
         return {k: given[k] for k in keys}
     if len(keys) != 1:
         raise family(
-            f"{fn}: {name} must be a dict key -> {what} when attributing several inputs "
+            f"{name} must be a dict key -> {what} when attributing several inputs "
             f"({', '.join(_show(k) for k in keys)}), got {type(value).__name__}."
         )
     return {keys[0]: value}
 
 
-def check_callable(
-    fn: str, name: str, f: Any, family: type[Exception] | None = None, *, expected: str = ""
-) -> Callable:
+def check_callable(name: str, f: Any, family: type[Exception] | None = None, *, expected: str = "") -> Callable:
     """``f`` callable.
 
-    Message: ``"{fn}: {name} must be a callable {expected}, got {type} ({value}); pass a function."``.
+    Message: ``"{name} must be a callable {expected}, got {type} ({value}); pass a function."``.
     """
     if not callable(f):
         raise type_error(family)(
-            f"{fn}: {name} must be a callable{' ' + expected if expected else ''}, got "
+            f"{name} must be a callable{' ' + expected if expected else ''}, got "
             f"{type(f).__name__} ({f!r:.60}); pass a function (a lambda, a def or an nn.Module)."
         )
     return f
@@ -199,36 +198,34 @@ RANDOMNESS = ("error", "different", "same")
 _RANDOM_OP = "called random operation while in randomness error mode"
 
 
-def check_randomness(fn: str, randomness: Any, family: type[Exception]) -> str:
+def check_randomness(randomness: Any, family: type[Exception]) -> str:
     """``randomness`` one of ``torch.func.vmap``'s flags ``"error"``, ``"different"``, ``"same"``."""
     if randomness not in RANDOMNESS or not isinstance(randomness, str):
-        raise family(
-            f"{fn}: randomness must be 'error', 'different' or 'same' (torch.func.vmap's flag), got {randomness!r}."
-        )
+        raise family(f"randomness must be 'error', 'different' or 'same' (torch.func.vmap's flag), got {randomness!r}.")
     return randomness
 
 
-def random_op_error(fn: str, e: BaseException, family: type[Exception], what: str = "f") -> Exception | None:
+def random_op_error(e: BaseException, family: type[Exception], what: str = "f") -> Exception | None:
     """The family's error for torch's "random operation in randomness error mode" from a vmap ``fn`` runs, or None."""
     if not isinstance(e, RuntimeError) or _RANDOM_OP not in str(e):
         return None
     return family(
-        f"{fn}: {what} calls a random operation (train-mode Dropout, a sampling policy, torch.rand...) inside the "
+        f"{what} calls a random operation (train-mode Dropout, a sampling policy, torch.rand...) inside the "
         "vmap this method runs, where torch's default randomness='error' forbids it; pass "
         "randomness='different' (independent draws per vmapped input) or randomness='same' (one draw "
         f"shared by all), or make {what} deterministic (model.eval())."
     )
 
 
-def check_position_dim(fn: str, option: str, key: str, v: Any, family: type[Exception]) -> None:
+def check_position_dim(option: str, key: str, v: Any, family: type[Exception]) -> None:
     """A value reduced over positions (dim 1) must be ``(B, T, ..., D)``: 3 dims or more.
 
-    Message: ``"{fn}: {option} reduces dim 1 (positions) of a (B, T, ..., D) value, but the value at {key!r} has
+    Message: ``"{option} reduces dim 1 (positions) of a (B, T, ..., D) value, but the value at {key!r} has
     shape {shape}, with no position dim (it would reduce the features); use reduce=None or a callable for this site."``
     """
     if isinstance(v, torch.Tensor) and v.dim() < 3:
         raise family(
-            f"{fn}: {option} reduces dim 1 (positions) of a (B, T, ..., D) value, but the value at {key!r} "
+            f"{option} reduces dim 1 (positions) of a (B, T, ..., D) value, but the value at {key!r} "
             f"has shape {tuple(v.shape)}, with no position dim (it would reduce the features); use "
             "reduce=None or a callable for this site."
         )
@@ -238,15 +235,16 @@ _INNER = ("tdfunc.functional_call: ", "tdfunc.intervene: ")
 
 
 @contextmanager
-def renamed(fn: str) -> Iterator[None]:
-    """Re-raise a ``TdfuncError`` of tdfunc's own inner call as the public function ``fn``'s: the same error type,
-    ``"tdfunc.functional_call: "`` (or ``"tdfunc.intervene: "``) replaced by ``"{fn}: "``.  Wrap only the calls
-    tdfunc makes itself, never the user's ``f`` / ``metric``, whose own errors keep their names."""
+def renamed(inner: tuple[str, ...] = _INNER) -> Iterator[None]:
+    """Let a ``TdfuncError`` of a public call tdfunc makes itself (``tdfunc.functional_call`` /
+    ``tdfunc.intervene``, or the names in ``inner``) leave without that name, so the enclosing public
+    function's boundary names it instead: the same error type, the message after the inner name.  Wrap only
+    the calls tdfunc makes itself, never the user's ``f`` / ``metric``, whose own errors keep their names."""
     try:
         yield
     except TdfuncError as e:
-        msg = str(e)
-        for prefix in _INNER:
+        msg = e.args[0] if len(e.args) == 1 and isinstance(e.args[0], str) else ""
+        for prefix in inner:
             if msg.startswith(prefix):
-                raise type(e)(f"{fn}: {msg[len(prefix) :]}") from e
+                raise type(e)(msg[len(prefix) :]) from e
         raise

@@ -8,6 +8,8 @@ from typing import Any
 
 import torch
 
+from ._errors import public
+
 __all__ = ["Delta", "Rule", "FromSite", "GradEdit", "delta", "rule", "from_site", "grad_edit"]
 
 
@@ -40,6 +42,7 @@ class GradEdit:
     fn: Callable[[torch.Tensor], torch.Tensor]
 
 
+@public("tdfunc.delta")
 def delta(t: torch.Tensor) -> Delta:
     """An additive edit: the site's value becomes ``value + t``.
 
@@ -71,6 +74,7 @@ def delta(t: torch.Tensor) -> Delta:
     return Delta(t)
 
 
+@public("tdfunc.rule")
 def rule(fn: Callable[[torch.nn.Module, tuple, dict, Any], Any]) -> Rule:
     """A module-aware edit: the output of the site's module becomes ``fn(module, args, kwargs, output)``.
 
@@ -96,6 +100,7 @@ def rule(fn: Callable[[torch.nn.Module, tuple, dict, Any], Any]) -> Rule:
     return Rule(fn)
 
 
+@public("tdfunc.from_site")
 def from_site(source: str, fn: Callable[[Any], Any] | None = None) -> FromSite:
     """An edit that computes a site's value from the value at an earlier ``source`` site.
 
@@ -127,6 +132,7 @@ def from_site(source: str, fn: Callable[[Any], Any] | None = None) -> FromSite:
     return FromSite(source, fn)
 
 
+@public("tdfunc.grad_edit")
 def grad_edit(fn: Callable[[torch.Tensor], torch.Tensor]) -> GradEdit:
     """A gradient edit: the site's value is unchanged, the gradient flowing back through it becomes ``fn(g)``.
 

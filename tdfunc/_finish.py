@@ -49,11 +49,10 @@ def _op_hint(op: _Op) -> str:
 
 def finish(frame: Frame) -> TensorDict:
     """Check every edit was applied and every capture found once; return the captures."""
-    fn = frame.plan.fn
     for op in frame.plan.edits:
         if frame.hits[op.slot] == 0 and frame.plan.strict:
             raise NotReachedError(
-                f"{fn}: the edit at site {op.key!r} was never applied: {_ran(frame, op)}"
+                f"the edit at site {op.key!r} was never applied: {_ran(frame, op)}"
                 + (f", so it has no call {op.call}" if op.call not in (None, ALL_CALLS) else "")
                 + ". Check that the forward reaches this module (and with these inputs), or remove the edit."
                 + _op_hint(op)
@@ -67,14 +66,14 @@ def finish(frame: Frame) -> TensorDict:
             continue
         if not vals:
             raise NotReachedError(
-                f"{fn}: nothing was captured at site {op.key!r}: {_ran(frame, op)}"
+                f"nothing was captured at site {op.key!r}: {_ran(frame, op)}"
                 + (f", so it has no call {op.call}" if op.call not in (None, ALL_CALLS) else "")
                 + ". Capture a site the forward reaches."
                 + _op_hint(op)
             )
         if op.call is None and len(vals) > 1:
             raise NotReachedError(
-                f"{fn}: site {op.key!r} ran {len(vals)} times in this call, so a single capture is ambiguous; "
+                f"site {op.key!r} ran {len(vals)} times in this call, so a single capture is ambiguous; "
                 f"capture '{op.key}@0' … '{op.key}@{len(vals) - 1}' for one call, or '{op.key}@*' for all of them "
                 "stacked on a new leading dimension."
             )
@@ -82,7 +81,7 @@ def finish(frame: Frame) -> TensorDict:
             shapes = {tuple(v.shape) for v in vals if isinstance(v, torch.Tensor)}
             if len(shapes) > 1:
                 raise NotReachedError(
-                    f"{fn}: site {op.key!r} gave values of different shapes {sorted(shapes)} over its "
+                    f"site {op.key!r} gave values of different shapes {sorted(shapes)} over its "
                     f"{len(vals)} calls and cannot be stacked; capture each call with '@k'."
                 )
             out[op.key] = torch.stack(vals)

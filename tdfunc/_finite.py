@@ -15,6 +15,8 @@ from typing import TypeGuard
 
 import torch
 
+from ._errors import here
+
 __all__ = ["NonFiniteWarning", "readable", "check_finite", "warn_nonfinite"]
 
 
@@ -38,20 +40,21 @@ def _counts(t: torch.Tensor) -> str:
     return " and ".join(parts) + f" value{'s' if nan + inf > 1 else ''} (of {t.numel()})"
 
 
-def check_finite(fn: str, what: str, t: object, family: type[Exception], fix: str = "") -> None:
+def check_finite(what: str, t: object, family: type[Exception], fix: str = "") -> None:
     """Raise ``family`` when the tensor ``t`` holds NaN or inf (skipped where values cannot be read).
 
-    Message: ``"{fn}: {what} holds {n} NaN and {m} infinite values (of {numel}); {fix or default}."``.
+    Message (the public function adds its name): ``"{what} holds {n} NaN and {m} infinite values (of {numel});
+    {fix or default}."``.
     """
     if not readable(t) or bool(torch.isfinite(t).all()):
         return
     fix = fix or "replace them (e.g. torch.nan_to_num) or drop those rows before the call"
-    raise family(f"{fn}: {what} holds {_counts(t)}; {fix}.")
+    raise family(f"{what} holds {_counts(t)}; {fix}.")
 
 
-def warn_nonfinite(fn: str, what: str, t: object, hint: str = "") -> None:
+def warn_nonfinite(what: str, t: object, hint: str = "") -> None:
     """Warn with :class:`NonFiniteWarning` when the result ``t`` holds NaN or inf (skipped where unreadable)."""
     if not readable(t) or bool(torch.isfinite(t).all()):
         return
     hint = hint or "the inputs were finite, so the model (or f) produced them; check it for overflow or 0/0"
-    warnings.warn(f"{fn}: the result {what} holds {_counts(t)}; {hint}.", NonFiniteWarning, stacklevel=3)
+    warnings.warn(f"{here()}: the result {what} holds {_counts(t)}; {hint}.", NonFiniteWarning, stacklevel=3)

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from ._errors import EditError, shape_str
+from ._errors import EditError, here, shape_str
 
 __all__ = ["apply_grad_edit"]
 
@@ -44,29 +44,29 @@ class _GradEdit(torch.autograd.Function):
     def backward(ctx: Any, g: torch.Tensor) -> tuple[Any, None, None]:
         new = ctx.fn(g)
         if not isinstance(new, torch.Tensor) or new.shape != g.shape or new.dtype != g.dtype:
-            fn, site = ctx.where
+            name, site = ctx.where  # the public call that applied the edit: the backward may run after it
             got = (
                 f"a tensor of shape {shape_str(new.shape)}, dtype {new.dtype}"
                 if isinstance(new, torch.Tensor)
                 else f"a value of type {type(new).__name__}"
             )
             raise EditError(
-                f"{fn}: the tdfunc.grad_edit function at site {site!r} returned {got} for a gradient of shape "
+                f"{name}: the tdfunc.grad_edit function at site {site!r} returned {got} for a gradient of shape "
                 f"{shape_str(g.shape)}, dtype {g.dtype}; it must return a tensor of the gradient's shape and dtype."
             )
         return new, None, None
 
 
-def apply_grad_edit(fn: str, site: str, edit_fn: Callable, value: Any) -> Any:
+def apply_grad_edit(site: str, edit_fn: Callable, value: Any) -> Any:
     """``value`` passed through the gradient edit ``edit_fn`` (identity forward, ``edit_fn`` on its gradient)."""
     if not isinstance(value, torch.Tensor):
         raise EditError(
-            f"{fn}: tdfunc.grad_edit at site {site!r} needs a tensor there, but the site holds a value of type "
+            f"tdfunc.grad_edit at site {site!r} needs a tensor there, but the site holds a value of type "
             f"{type(value).__name__}; address one tensor of it (e.g. '{site.split(':')[0]}:output.0')."
         )
     if not (value.is_floating_point() or value.is_complex()):
         raise EditError(
-            f"{fn}: tdfunc.grad_edit at site {site!r}: the site's value has dtype {value.dtype}, which carries no "
+            f"tdfunc.grad_edit at site {site!r}: the site's value has dtype {value.dtype}, which carries no "
             "gradient; edit the gradient at a floating-point site."
         )
-    return _GradEdit.apply(value, edit_fn, (fn, site))
+    return _GradEdit.apply(value, edit_fn, (here(), site))

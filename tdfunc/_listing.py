@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from ._checks import check_args, check_module
+from ._errors import TdfuncTypeError, public
 from ._ops import OP_OF
 from ._sites import module_table
 
@@ -57,6 +58,7 @@ def _arg_names(m: nn.Module) -> list[str]:
     return names
 
 
+@public("tdfunc.list_sites")
 def list_sites(
     module: nn.Module, args: Any, kwargs: Mapping[str, Any] | None = None, *, ops: bool = True
 ) -> dict[str, tuple[int, ...] | str]:
@@ -100,11 +102,10 @@ def list_sites(
 
     Composes with: nothing — a discovery helper run eagerly once (the sites it lists compose as usual).
     """
-    fn = "tdfunc.list_sites"
-    check_module(fn, module)
+    check_module(module)
     if not isinstance(ops, bool):
-        raise TypeError(f"{fn}: ops must be True or False, got {type(ops).__name__} ({ops!r:.60}).")
-    args = check_args(fn, args)
+        raise TdfuncTypeError(f"ops must be True or False, got {type(ops).__name__} ({ops!r:.60}).")
+    args = check_args(args)
     names: dict[nn.Module, str] = {}
     for name, m in module_table(module).items():
         names.setdefault(m, name)

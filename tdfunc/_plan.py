@@ -16,7 +16,7 @@ from tensordict import TensorDictBase
 from torch import nn
 
 from ._edits import Delta, FromSite, GradEdit, Rule  # GradEdit: grad_edit
-from ._errors import EditError, SiteError
+from ._errors import EditError, SiteError, TdfuncTypeError
 from ._sites import SiteSpec, module_table, parse_site, resolve_site
 
 
@@ -59,10 +59,9 @@ class _OpEntry:
 
 
 class Plan:
-    __slots__ = ("fn", "entries", "edits", "captures", "n_counters", "strict", "sites", "ops")
+    __slots__ = ("entries", "edits", "captures", "n_counters", "strict", "sites", "ops")
 
-    def __init__(self, fn: str, strict: bool = True):
-        self.fn = fn
+    def __init__(self, strict: bool = True):
         self.strict = strict  # False: unreached edits are skipped and unreached captures left out
         self.entries: dict[nn.Module, _Entry] = {}
         self.edits: list[_Op] = []
@@ -104,57 +103,57 @@ def _walk(root: nn.Module, path: str) -> nn.Module | None:
     return m
 
 
-def _resolve(fn: str, root: nn.Module, spec: SiteSpec, cache: dict) -> list[tuple[str, nn.Module]]:
+def _resolve(root: nn.Module, spec: SiteSpec, cache: dict) -> list[tuple[str, nn.Module]]:
     if not spec.is_glob:
         m = _walk(root, spec.path)
         if m is not None:
             return [(spec.path, m)]
     if "table" not in cache:
         cache["table"] = module_table(root)
-    return resolve_site(fn, root, spec, cache["table"])
+    return resolve_site(root, spec, cache["table"])
 
 
-def _sites_of(fn: str, what: str, value: Any) -> list:
+def _sites_of(what: str, value: Any) -> list:
     if value is None:
         return []
     if isinstance(value, str):
         return [value]
     if isinstance(value, (list, tuple)):
         return list(value)
-    raise TypeError(
-        f"{fn}: {what} must be a site string or a list of site strings, got {type(value).__name__} "
+    raise TdfuncTypeError(
+        f"{what} must be a site string or a list of site strings, got {type(value).__name__} "
         f"({value!r:.80}); e.g. {what}=['blocks.0.mlp', 'blocks.*.attn']."
     )
 
 
-def _check_edit_value(fn: str, site: str, payload: Any) -> None:
+def _check_edit_value(site: str, payload: Any) -> None:
     if isinstance(payload, (torch.Tensor, Delta, Rule, FromSite, TensorDictBase)) or callable(payload):
         return
     if isinstance(payload, GradEdit):  # grad_edit
         return
     raise EditError(
-        f"{fn}: the edit at site {site!r} is a value of type {type(payload).__name__} ({payload!r:.60}); expected a "
+        f"the edit at site {site!r} is a value of type {type(payload).__name__} ({payload!r:.60}); expected a "
         "Tensor (substitute the value), a callable fn(value) -> value, tdfunc.delta(t) (add t), "
         "tdfunc.from_site(site, fn) (compute it from another site) or tdfunc.rule(fn) (rewrite the module's output)."
     )
 
 
-def make_plan(fn: str, root: nn.Module, edits: Mapping | None, capture: Any, strict: bool = True) -> Plan | None:
+def make_plan(root: nn.Module, edits: Mapping | None, capture: Any, strict: bool = True) -> Plan | None:
     """Resolve edits and captures to module objects. ``None`` if empty.
 
     Nothing is installed here: :func:`run_in_frame` installs the plan's sites for each call.
     """
     if not isinstance(strict, bool):
-        raise TypeError(f"{fn}: strict must be True or False, got {type(strict).__name__} ({strict!r:.60}).")
+        raise TdfuncTypeError(f"strict must be True or False, got {type(strict).__name__} ({strict!r:.60}).")
     if edits is not None and not isinstance(edits, Mapping):
-        raise TypeError(
-            f"{fn}: edits must be a mapping from site to edit, got {type(edits).__name__} ({edits!r:.80}); "
+        raise TdfuncTypeError(
+            f"edits must be a mapping from site to edit, got {type(edits).__name__} ({edits!r:.80}); "
             "e.g. edits={'blocks.0.mlp': tdfunc.delta(v)}."
         )
-    cap_sites = _sites_of(fn, "capture", capture)
+    cap_sites = _sites_of("capture", capture)
     if not edits and not cap_sites:
         return None
-    plan, cache = Plan(fn, strict), {}  # type: ignore[var-annotated]
+    plan, cache = Plan(strict), {}  # type: ignore[var-annotated]
     seen_keys: set[str] = set()
     requests = [(s, v, False) for s, v in (edits or {}).items()] + [(s, None, True) for s in cap_sites]
 
@@ -194,15 +193,15 @@ def make_plan(fn: str, root: nn.Module, edits: Mapping | None, capture: Any, str
         return op
 
     for site, payload, is_capture in requests:
-        spec = parse_site(fn, site)
+        spec = parse_site(site)
         if not is_capture:
-            _check_edit_value(fn, spec.text, payload)
+            _check_edit_value(spec.text, payload)
             if isinstance(payload, Rule) and spec.port != "output":
                 raise EditError(
-                    f"{fn}: tdfunc.rule edits rewrite a module's output, but site {spec.text!r} is an input; "
+                    f"tdfunc.rule edits rewrite a module's output, but site {spec.text!r} is an input; "
                     f"use the output site {spec.path!r} or a plain callable edit."
                 )
-        for name, m in _resolve(fn, root, spec, cache):
+        for name, m in _resolve(root, spec, cache):
             key = name + spec.suffix if spec.is_glob else spec.text
             if is_capture:
                 if key in seen_keys:
@@ -210,12 +209,12 @@ def make_plan(fn: str, root: nn.Module, edits: Mapping | None, capture: Any, str
                 seen_keys.add(key)
             op = add(name, m, spec, key, payload, is_capture)
             if isinstance(payload, FromSite):
-                src = parse_site(fn, payload.source)
+                src = parse_site(payload.source)
                 if src.is_glob:
                     raise SiteError(
-                        f"{fn}: tdfunc.from_site source {src.text!r} at site {spec.text!r} is a glob; name one site."
+                        f"tdfunc.from_site source {src.text!r} at site {spec.text!r} is a glob; name one site."
                     )
-                ((src_name, src_m),) = _resolve(fn, root, src, cache)
+                ((src_name, src_m),) = _resolve(root, src, cache)
                 op.read = add(src_name, src_m, src, src.text, None, True, hidden=True)
     every: list[_Entry | _OpEntry] = [*plan.entries.values(), *op_entries.values()]
     for e in every:  # per frame: its edits first, then its captures

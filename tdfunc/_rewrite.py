@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._call import intervene
+from ._call import _intervene as intervene
 from ._edits import rule
 from ._errors import NotReachedError
 
@@ -71,14 +71,14 @@ def _what(module: Any) -> str:
     return f"{type(module).__name__} module" if isinstance(module, nn.Module) else "operation"
 
 
-def _replaying(fn_name: str, name: str, site: Rewrite, seen: list) -> Callable:
+def _replaying(name: str, site: Rewrite, seen: list) -> Callable:
     calls = iter(seen)
 
     def fn(module, args, kwargs, out):
         rec = next(calls, None)
         if rec is None or rec[0] != main_output(out).shape:
             raise NotReachedError(
-                f"{fn_name}: f called the {_what(module)} {name!r} more often, or with other shapes, "
+                f"f called the {_what(module)} {name!r} more often, or with other shapes, "
                 "than in the first of its two forwards; f must be deterministic (put dropout layers in eval())."
             )
         return site.rewrite(module, args, kwargs, out, rec[1])
@@ -99,7 +99,6 @@ def _one_pass(site: Rewrite) -> Callable:
 
 
 def record_then_rewrite(
-    fn: str,
     f: Callable,
     module: nn.Module,
     sites: Mapping[str, Rewrite],
@@ -113,7 +112,7 @@ def record_then_rewrite(
     and every call of the returned function replays the records in order into :meth:`Rewrite.rewrite`
     (``NotReachedError`` if a site runs more often, or with another output shape, than it did).  With grad
     mode off nothing runs now and each call records and rewrites in one forward.  Sites ``f`` does not
-    reach are skipped (non-strict).  ``fn`` names the public function in messages.  ``outputs``, if given,
+    reach are skipped (non-strict).  ``outputs``, if given,
     receives ``f(*first_args)`` (the first forward's output; with grad mode off, one plain forward more).
     ``watch``, if given, wraps ``f`` for its first forward (the recording one; with grad mode off, the first call
     of the returned function), e.g. to check what that forward computes.
@@ -131,7 +130,7 @@ def record_then_rewrite(
         watch = None
         if outputs is not None:
             outputs.append(out)
-        make = lambda s, r: _replaying(fn, s, r, seen[s])  # noqa: E731  fresh iterators over the records per call
+        make = lambda s, r: _replaying(s, r, seen[s])  # noqa: E731  fresh iterators over the records per call
     else:
         if outputs is not None:
             outputs.append(f(*first_args))

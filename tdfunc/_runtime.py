@@ -68,20 +68,20 @@ def _describe(v: Any) -> str:
     return f"a value of type {type(v).__name__}"
 
 
-def _fit(fn: str, site: str, what: str, new: Any, value: Any, exact: bool) -> Any:
+def _fit(site: str, what: str, new: Any, value: Any, exact: bool) -> Any:
     """Check that ``new`` can stand for ``value``; broadcast it when ``exact`` is False."""
     if not isinstance(value, torch.Tensor):
         if isinstance(value, TensorDictBase) and not isinstance(new, TensorDictBase):
-            raise EditError(f"{fn}: {what} at site {site!r} is {_describe(new)}, but the site holds a TensorDict.")
+            raise EditError(f"{what} at site {site!r} is {_describe(new)}, but the site holds a TensorDict.")
         return new
     if not isinstance(new, torch.Tensor):
         raise EditError(
-            f"{fn}: {what} at site {site!r} is {_describe(new)} ({new!r:.60}), but the site holds "
+            f"{what} at site {site!r} is {_describe(new)} ({new!r:.60}), but the site holds "
             f"{_describe(value)}; an edit must give a tensor of that shape."
         )
     if new.dtype != value.dtype:  # cross_device: a device alone is no error (moved below)
         raise EditError(
-            f"{fn}: {what} at site {site!r} has dtype {new.dtype} on {new.device}, but the site's value has "
+            f"{what} at site {site!r} has dtype {new.dtype} on {new.device}, but the site's value has "
             f"dtype {value.dtype} on {value.device}; convert it with .to(value.dtype, value.device)."
         )
     if new.device != value.device:  # cross_device: a copy on the site's device (a model spread over devices)
@@ -93,7 +93,7 @@ def _fit(fn: str, site: str, what: str, new: Any, value: Any, exact: bool) -> An
         if not ok:
             how = "broadcastable to" if not exact else "equal to"
             raise EditError(
-                f"{fn}: {what} at site {site!r} has shape {shape_str(new.shape)}, but the site's value has shape "
+                f"{what} at site {site!r} has shape {shape_str(new.shape)}, but the site's value has shape "
                 f"{shape_str(value.shape)}; give a tensor with a shape {how} {shape_str(value.shape)}."
             )
         if what == "the substitute":
@@ -117,29 +117,29 @@ def _own(new: Any) -> Any:
 
 
 def _edit(frame: Frame, op: _Op, value: Any, module, args, kwargs, output) -> Any:
-    fn, p = frame.plan.fn, op.payload
+    p = op.payload
     if isinstance(p, (torch.Tensor, TensorDictBase)):
-        return _own(_fit(fn, op.key, "the substitute", p, value, exact=False))
+        return _own(_fit(op.key, "the substitute", p, value, exact=False))
     if isinstance(p, Delta):
-        return value + _fit(fn, op.key, "the delta", p.tensor, value, exact=False)
+        return value + _fit(op.key, "the delta", p.tensor, value, exact=False)
     if isinstance(p, GradEdit):  # grad_edit: identity forward, p.fn on the gradient
-        return apply_grad_edit(fn, op.key, p.fn, value)
+        return apply_grad_edit(op.key, p.fn, value)
     if isinstance(p, FromSite):
         seen = frame.values[op.read.slot]  # type: ignore[union-attr]  # a FromSite op has a read
         if not seen:
             raise NotReachedError(
-                f"{fn}: tdfunc.from_site at site {op.key!r} needs the value of {p.source!r}, which has not run yet "
+                f"tdfunc.from_site at site {op.key!r} needs the value of {p.source!r}, which has not run yet "
                 "in this call; the source must be reached before the edited site."
             )
         new = seen[-1] if p.fn is None else _user(p.fn, seen[-1])
-        return _own(_fit(fn, op.key, "the from_site value", new, value, exact=True))
+        return _own(_fit(op.key, "the from_site value", new, value, exact=True))
     if isinstance(p, Rule):
         new = _user(p.fn, module, args, kwargs, value if op.element is not None else output)
         if op.element is None and not isinstance(output, (torch.Tensor, TensorDictBase)):
-            new = _get(fn, op, new, "output")
-        new = _fit(fn, op.key, "the rule's result", new, value, exact=True)
+            new = _get(op, new, "output")
+        new = _fit(op.key, "the rule's result", new, value, exact=True)
         return new if new is value else _own(new)
-    new = _fit(fn, op.key, "the edit function's result", _user(p, value), value, exact=True)
+    new = _fit(op.key, "the edit function's result", _user(p, value), value, exact=True)
     return new if new is value else _own(new)  # the model's own value (an in-place edit) stays
 
 
@@ -147,7 +147,7 @@ def _keys(container: Mapping) -> str:
     return repr([k for k in container])
 
 
-def _get(fn: str, op: _Op, container: Any, port: str, i: int | str | None = None, kwargs: Any = None) -> Any:
+def _get(op: _Op, container: Any, port: str, i: int | str | None = None, kwargs: Any = None) -> Any:
     if i is None:
         i = op.element
     if i is None:
@@ -155,7 +155,7 @@ def _get(fn: str, op: _Op, container: Any, port: str, i: int | str | None = None
             return container
         if isinstance(container, Mapping) and port == "output":
             raise SiteError(
-                f"{fn}: site {op.key!r}: the {_what(op)} output is a {type(container).__name__} with keys "
+                f"site {op.key!r}: the {_what(op)} output is a {type(container).__name__} with keys "
                 f"{_keys(container)}; address one entry by key, e.g. "
                 f"'{op.key.split('@')[0]}:output.{next(iter(container), 'KEY')}'."
             )
@@ -165,12 +165,12 @@ def _get(fn: str, op: _Op, container: Any, port: str, i: int | str | None = None
             return container[i]
         if port == "input":
             raise SiteError(
-                f"{fn}: site {op.key!r}: the module's forward received no input named {i!r} in this call (it has no "
+                f"site {op.key!r}: the module's forward received no input named {i!r} in this call (it has no "
                 f"such argument, or the argument took its default); name an argument the caller passes."
             )
         keys = f" with keys {_keys(container)}" if isinstance(container, Mapping) else ""
         raise SiteError(
-            f"{fn}: site {op.key!r}: the {_what(op)} output is {_describe(container)}{keys}, with no key {i!r}; "
+            f"site {op.key!r}: the {_what(op)} output is {_describe(container)}{keys}, with no key {i!r}; "
             + (
                 "use one of its keys."
                 if keys
@@ -188,7 +188,7 @@ def _get(fn: str, op: _Op, container: Any, port: str, i: int | str | None = None
             else "use ':output.N' with a valid N."
         )
         raise SiteError(
-            f"{fn}: site {op.key!r}: the operation's {what} {_describe(container)}{size}, with no element {i}; {fix}"
+            f"site {op.key!r}: the operation's {what} {_describe(container)}{size}, with no element {i}; {fix}"
         )
     fix = (
         "an input passed by keyword cannot be addressed; pass it positionally or edit another site."
@@ -203,9 +203,7 @@ def _get(fn: str, op: _Op, container: Any, port: str, i: int | str | None = None
             f"it also received {_keys(kwargs)} by keyword: address one by name, "
             f"e.g. '{path}:input.{next(iter(kwargs))}'."
         )
-    raise SiteError(
-        f"{fn}: site {op.key!r}: the module's {what} {_describe(container)}{size}, with no element {i}; {fix}"
-    )
+    raise SiteError(f"site {op.key!r}: the module's {what} {_describe(container)}{size}, with no element {i}; {fix}")
 
 
 def _what(op: _Op) -> str:
@@ -256,7 +254,6 @@ def _apply(
     grad_edit: with ``later`` given, gradient edits are appended to it instead of applied; the hook applies
     them with :func:`_apply_later` after every frame's value edits at the site.
     """
-    fn = frame.plan.fn
     for op in ops:
         if op.call is not None and op.call != ALL_CALLS and op.call != k:
             continue
@@ -267,7 +264,7 @@ def _apply(
                 by_kw = True
             elif op.pos is not None and op.pos < len(container):
                 i = op.pos
-        value = kwargs[i] if by_kw else _get(fn, op, container, port, i, kwargs if port == "input" else None)
+        value = kwargs[i] if by_kw else _get(op, container, port, i, kwargs if port == "input" else None)
         frame.hits[op.slot] += 1
         if op.capture:
             frame.values[op.slot].append(_capture_copy(value))
@@ -288,8 +285,8 @@ def _apply(
 def _apply_later(later: list, port: str, container: Any, kwargs: Any) -> tuple[Any, Any]:
     """grad_edit: the gradient edits :func:`_apply` put off, in frame order, on the site's final value."""
     for frame, op, i, by_kw in later:
-        value = kwargs[i] if by_kw else _get(frame.plan.fn, op, container, port, i)
-        new = apply_grad_edit(frame.plan.fn, op.key, op.payload.fn, value)
+        value = kwargs[i] if by_kw else _get(op, container, port, i)
+        new = apply_grad_edit(op.key, op.payload.fn, value)
         if by_kw:
             kwargs = {**kwargs, i: new}
         else:
@@ -455,7 +452,7 @@ def run_in_frame(plan: Plan, fn, *args, **kwargs):
 
 def run_frame(frame: Frame, fn, args: tuple = (), kwargs: dict | None = None):
     """:func:`run_in_frame` with a frame built by the caller (``functional_call`` adds its state to it)."""
-    held = acquire(frame.plan.fn, frame.plan.sites)
+    held = acquire(frame.plan.sites)
     push(frame)
     try:
         result = call_with_ops(bool(frame.plan.ops), fn, args, kwargs or {})

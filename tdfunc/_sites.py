@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from ._errors import SiteError, suggest
+from ._errors import SiteError, TdfuncTypeError, public, suggest
 from ._ops import OPS
 
 __all__ = ["SiteSpec", "ALL_CALLS", "parse_site", "resolve_site", "acquire", "release", "remove_sites", "is_installed"]
@@ -48,17 +48,17 @@ class SiteSpec:
         return any(c in self.path for c in "*?")
 
 
-def _bad(fn: str, text: object, why: str) -> SiteError:
+def _bad(text: object, why: str) -> SiteError:
     return SiteError(
-        f"{fn}: bad site {text!r}: {why}. Sites look like 'blocks.0.mlp', 'blocks.0.mlp:input', "
+        f"bad site {text!r}: {why}. Sites look like 'blocks.0.mlp', 'blocks.0.mlp:input', "
         "'blocks.0.mlp:output.1', 'blocks.0.mlp@2', 'blocks.0.mlp@*' or 'blocks.*.mlp'."
     )
 
 
-def parse_site(fn: str, text: object) -> SiteSpec:
+def parse_site(text: object) -> SiteSpec:
     """Parse a site string (see the module docstring)."""
     if not isinstance(text, str):
-        raise _bad(fn, text, f"expected a string, got {type(text).__name__}")
+        raise _bad(text, f"expected a string, got {type(text).__name__}")
     rest, call = text, None
     if "@" in rest:
         rest, _, c = rest.rpartition("@")
@@ -67,14 +67,14 @@ def parse_site(fn: str, text: object) -> SiteSpec:
         elif c.isdigit():
             call = int(c)
         else:
-            raise _bad(fn, text, f"the call index after '@' must be a non-negative integer or '*', got {c!r}")
+            raise _bad(text, f"the call index after '@' must be a non-negative integer or '*', got {c!r}")
     path, port = rest, "output"
     element: int | str | None = None
     if ":" in rest:
         path, _, p = rest.partition(":")
         name, _, idx = p.partition(".")
         if name not in ("input", "output"):
-            raise _bad(fn, text, f"the port after ':' must be 'input' or 'output', got {name!r}")
+            raise _bad(text, f"the port after ':' must be 'input' or 'output', got {name!r}")
         port = name
         if idx:
             if idx.isdigit():
@@ -83,7 +83,6 @@ def parse_site(fn: str, text: object) -> SiteSpec:
                 element = idx
             else:
                 raise _bad(
-                    fn,
                     text,
                     f"the element after '{name}.' must be an integer or a name (a keyword input, an output "
                     f"key), got {idx!r}",
@@ -94,14 +93,13 @@ def parse_site(fn: str, text: object) -> SiteSpec:
         if op not in OPS:
             close = difflib.get_close_matches(op, list(OPS), n=1, cutoff=0.5)
             raise _bad(
-                fn,
                 text,
                 f"unknown operation {op!r} after '/'"
                 + (f" (did you mean {close[0]!r}?)" if close else "")
                 + f"; operation sites name one of {sorted(OPS)}",
             )
     if not path:
-        raise _bad(fn, text, "it names no module path (the root module's output is the call's return value)")
+        raise _bad(text, "it names no module path (the root module's output is the call's return value)")
     suffix = text[len(path) :]
     return SiteSpec(text, path, port, element, call, suffix, op)
 
@@ -127,13 +125,13 @@ def module_table(root: nn.Module) -> dict[str, nn.Module]:
     return table
 
 
-def resolve_site(fn: str, root: nn.Module, spec: SiteSpec, table: dict[str, nn.Module]) -> list[tuple[str, nn.Module]]:
+def resolve_site(root: nn.Module, spec: SiteSpec, table: dict[str, nn.Module]) -> list[tuple[str, nn.Module]]:
     """The (name, module) pairs a site refers to; raises SiteError with the nearest names."""
     if not spec.is_glob:
         m = table.get(spec.path)
         if m is None:
             raise SiteError(
-                f"{fn}: unknown site {spec.text!r}: {type(root).__name__} has no submodule {spec.path!r}."
+                f"unknown site {spec.text!r}: {type(root).__name__} has no submodule {spec.path!r}."
                 f"{suggest(spec.path, table)} List the names with [n for n, _ in model.named_modules()]."
             )
         return [(spec.path, m)]
@@ -142,7 +140,7 @@ def resolve_site(fn: str, root: nn.Module, spec: SiteSpec, table: dict[str, nn.M
     if not found:
         head = [n for n in table if "." not in n][:8]
         raise SiteError(
-            f"{fn}: site pattern {spec.text!r} matches no submodule of {type(root).__name__} "
+            f"site pattern {spec.text!r} matches no submodule of {type(root).__name__} "
             f"('*' matches within one name segment, '**' across segments; top-level names: {head})."
             f"{suggest(spec.path, table)}"
         )
@@ -221,15 +219,15 @@ _INSTALL_LOCK = threading.Lock()
 _SITES: weakref.WeakKeyDictionary[nn.Module, _Site] = weakref.WeakKeyDictionary()
 
 
-def _not_installed(fn: str, name: str) -> SiteError:
+def _not_installed(name: str) -> SiteError:
     return SiteError(
-        f"{fn}: site {name!r} is used inside torch.compile but its hook is not installed, and hooks "
+        f"site {name!r} is used inside torch.compile but its hook is not installed, and hooks "
         f"cannot be added inside a compiled region. Call tdfunc.install_sites(model, [{name!r}]) "
         "(or tdfunc.install_sites(model, '**')) once before compiling."
     )
 
 
-def acquire(fn: str, modules: list[tuple[str, nn.Module]]) -> list[tuple[nn.Module, _Site]] | None:
+def acquire(modules: list[tuple[str, nn.Module]]) -> list[tuple[nn.Module, _Site]] | None:
     """Install the sites of ``modules`` for one call (or count one more user); give to :func:`release`.
 
     Inside ``torch.compile`` nothing is counted or installed: every site must already be installed
@@ -238,7 +236,7 @@ def acquire(fn: str, modules: list[tuple[str, nn.Module]]) -> list[tuple[nn.Modu
     if torch.compiler.is_compiling():
         for name, m in modules:
             if not is_installed(m):
-                raise _not_installed(fn, name)
+                raise _not_installed(name)
         return None
     held = []
     with _INSTALL_LOCK:
@@ -264,6 +262,7 @@ def release(held: list[tuple[nn.Module, _Site]] | None) -> None:
                     del _SITES[m]
 
 
+@public("tdfunc.remove_sites")
 def remove_sites(module: nn.Module) -> int:
     """Remove every tdfunc site hook from ``module`` and its submodules, pinned or not.
 
@@ -298,6 +297,7 @@ def remove_sites(module: nn.Module) -> int:
     return n
 
 
+@public("tdfunc.install_sites")
 def install_sites(module: nn.Module, sites: str | list[str] | tuple[str, ...]) -> None:
     """Install (pin) the hooks of ``sites`` on ``module`` ahead of time, until :func:`tdfunc.remove_sites`.
 
@@ -324,26 +324,25 @@ def install_sites(module: nn.Module, sites: str | list[str] | tuple[str, ...]) -
         >>> tdfunc.remove_sites(net)
         1
     """
-    fn = "tdfunc.install_sites"
     if not isinstance(module, nn.Module):
         raise TypeError(f"tdfunc.install_sites: expected an nn.Module, got {type(module).__name__}.")
     if isinstance(sites, str):
         sites = [sites]
     if not isinstance(sites, (list, tuple)):
-        raise TypeError(
-            f"{fn}: sites must be a site string or a list of site strings, got {type(sites).__name__} "
+        raise TdfuncTypeError(
+            f"sites must be a site string or a list of site strings, got {type(sites).__name__} "
             f"({sites!r:.60}); e.g. tdfunc.install_sites(model, ['blocks.*.mlp']), or '**' for every submodule."
         )
     table = module_table(module)
     found = []
     for s in sites:
-        spec = parse_site(fn, s)
-        for name, m in resolve_site(fn, module, spec, table):
+        spec = parse_site(s)
+        for name, m in resolve_site(module, spec, table):
             found.append((name, m))
             if spec.op is not None:  # an operation site also hooks the submodules (they pause its scope)
                 found += [(n, d) for n, d in m.named_modules(prefix=name) if d is not m]
     if torch.compiler.is_compiling():
-        acquire(fn, found)  # checks only: hooks cannot be added here
+        acquire(found)  # checks only: hooks cannot be added here
         return
     with _INSTALL_LOCK:
         for _, m in found:

@@ -12,7 +12,7 @@ from torch import nn
 from torch._dynamo.eval_frame import OptimizedModule
 from torch.nn.parallel import DistributedDataParallel
 
-from ._errors import StateError, suggest
+from ._errors import StateError, TdfuncTypeError, public, suggest
 
 __all__ = ["state", "flat_state", "written_buffers", "unwrap"]
 
@@ -29,18 +29,18 @@ _FSDP_FIX = (
 )
 
 
-def _fsdp_error(fn: str, module: nn.Module, key: str) -> StateError:
+def _fsdp_error(module: nn.Module, key: str) -> StateError:
     return StateError(
-        f"{fn}: {type(module).__name__} is sharded with FSDP2 (fully_shard): its tensor {key!r} is a DTensor. A "
+        f"{type(module).__name__} is sharded with FSDP2 (fully_shard): its tensor {key!r} is a DTensor. A "
         "functional call with a state would swap its parameters under FSDP's own unshard / reshard hooks (all-zero "
         f"gradients, a module left broken), so tdfunc refuses it; {_FSDP_FIX}."
     )
 
 
-def _check_not_sharded(fn: str, module: nn.Module, tensors: Mapping[str, torch.Tensor]) -> None:
+def _check_not_sharded(module: nn.Module, tensors: Mapping[str, torch.Tensor]) -> None:
     for k, t in tensors.items():
         if isinstance(t, DTensor):
-            raise _fsdp_error(fn, module, k)
+            raise _fsdp_error(module, k)
 
 
 _OFFLOAD_WORKS = "captures, edits, patch / path_patch, cache_activations and generate_greedy (no torch.func transform)"
@@ -62,16 +62,16 @@ def _offloaded(module: nn.Module) -> tuple[str, bool] | None:
     return None
 
 
-def _offload_state_error(fn: str, module: nn.Module, key: str, where: str) -> StateError:
+def _offload_state_error(module: nn.Module, key: str, where: str) -> StateError:
     return StateError(
-        f"{fn}: {type(module).__name__} is offloaded by accelerate (submodule {where!r}): its tensor {key!r} lives "
+        f"{type(module).__name__} is offloaded by accelerate (submodule {where!r}): its tensor {key!r} lives "
         "on the meta device and accelerate's hooks load it only during the forward, so a state cannot replace it "
         f"(accelerate fails with a TypeError). Call with state=None: {_OFFLOAD_WORKS} work; for a state (gradients "
         "over the weights, weight edits) load the model without offload."
     )
 
 
-def _check_offload_transform(fn: str, module: nn.Module) -> None:
+def _check_offload_transform(module: nn.Module) -> None:
     """Inside a torch.func transform, refuse a model accelerate dispatched with offloaded modules."""
     if torch.compiler.is_compiling() or torch._C._functorch.maybe_current_level() is None:
         return
@@ -80,7 +80,7 @@ def _check_offload_transform(fn: str, module: nn.Module) -> None:
     found = _offloaded(module)
     if found is not None and found[1]:
         raise StateError(
-            f"{fn}: {type(module).__name__} is dispatched by accelerate with offloaded modules (submodule "
+            f"{type(module).__name__} is dispatched by accelerate with offloaded modules (submodule "
             f"{found[0]!r}: weights loaded from 'cpu' / 'disk' during its forward), and this call runs inside a "
             "torch.func transform (grad, vjp, vmap: every gradient method, vmap sweeps such as patching_sweep). "
             "accelerate's hooks read the data pointers of the tensors they move, which tensors inside a transform "
@@ -110,6 +110,7 @@ def unwrap(module: nn.Module) -> nn.Module:
     return module
 
 
+@public("tdfunc.state")
 def state(module: nn.Module, *, copy: bool = False) -> TensorDict:
     """A module's parameters and buffers as a TensorDict mirroring the module tree.
 
@@ -156,7 +157,7 @@ def state(module: nn.Module, *, copy: bool = False) -> TensorDict:
     nested: dict = {}
     for name, t in list(module.named_parameters()) + list(module.named_buffers()):
         if isinstance(t, DTensor):
-            raise _fsdp_error("tdfunc.state", module, name)
+            raise _fsdp_error(module, name)
         *path, leaf = name.split(".")
         d = nested
         for seg in path:
@@ -166,16 +167,16 @@ def state(module: nn.Module, *, copy: bool = False) -> TensorDict:
     return TensorDict(nested, batch_size=[])
 
 
-def _flatten(fn: str, td: TensorDictBase, prefix: str, out: dict) -> dict:
+def _flatten(td: TensorDictBase, prefix: str, out: dict) -> dict:
     # A plain walk over the leaves: ~3x faster than items(include_nested=True, leaves_only=True).
     items = td._tensordict.items() if type(td) is TensorDict else td.items()
     for k, v in items:
         if isinstance(v, torch.Tensor):
             out[prefix + k] = v
         elif isinstance(v, TensorDictBase) and not is_non_tensor(v):
-            _flatten(fn, v, prefix + k + ".", out)
+            _flatten(v, prefix + k + ".", out)
         else:
-            raise StateError(f"{fn}: state entry {prefix + k!r} is a {type(v).__name__}, expected a tensor.")
+            raise StateError(f"state entry {prefix + k!r} is a {type(v).__name__}, expected a tensor.")
     return out
 
 
@@ -230,30 +231,30 @@ def written_buffers(module: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def _check_shape(fn: str, module: nn.Module, k: str, v: torch.Tensor, own: torch.Tensor) -> None:
+def _check_shape(module: nn.Module, k: str, v: torch.Tensor, own: torch.Tensor) -> None:
     if v.shape == own.shape:
         return
     shape, want = tuple(v.shape), tuple(own.shape)
     if len(shape) == len(want) + 1 and shape[1:] == want:
         raise StateError(
-            f"{fn}: state entry {k!r} has shape {shape}, a stack of {shape[0]} of {type(module).__name__}'s "
+            f"state entry {k!r} has shape {shape}, a stack of {shape[0]} of {type(module).__name__}'s "
             f"{want}; a stacked state (an ensemble) runs under torch.func.vmap, e.g. "
             "vmap(lambda s: tdfunc.functional_call(model, s, args))(stacked), or select one member with state[i]."
         )
     raise StateError(
-        f"{fn}: state entry {k!r} has shape {shape}, but {type(module).__name__}'s tensor of that name has "
+        f"state entry {k!r} has shape {shape}, but {type(module).__name__}'s tensor of that name has "
         f"shape {want}; give a tensor of shape {want} (a state built with tdfunc.state(model))."
     )
 
 
-def flat_state(fn: str, module: nn.Module, state: TensorDictBase | Mapping | None) -> dict[str, torch.Tensor]:
+def flat_state(module: nn.Module, state: TensorDictBase | Mapping | None) -> dict[str, torch.Tensor]:
     """Dotted-name dict of a (partial) state, checked against the module's tensor names."""
     module = unwrap(module)
-    _check_offload_transform(fn, module)
+    _check_offload_transform(module)
     if state is None:
         return {}
     if isinstance(state, TensorDictBase):
-        flat = _flatten(fn, state, "", {})
+        flat = _flatten(state, "", {})
     elif isinstance(state, Mapping):
         flat = (
             dict(TensorDict(dict(state), batch_size=[]).flatten_keys(".").items())
@@ -261,8 +262,8 @@ def flat_state(fn: str, module: nn.Module, state: TensorDictBase | Mapping | Non
             else dict(state)
         )
     else:
-        raise TypeError(
-            f"{fn}: state must be a TensorDict (tdfunc.state(model)), a mapping of dotted names to tensors, "
+        raise TdfuncTypeError(
+            f"state must be a TensorDict (tdfunc.state(model)), a mapping of dotted names to tensors, "
             f"or None, got {type(state).__name__} ({state!r:.60})."
         )
     if torch.compiler.is_compiling():
@@ -285,25 +286,25 @@ def flat_state(fn: str, module: nn.Module, state: TensorDictBase | Mapping | Non
         else:
             return flat
     tensors = _tensors(module)  # first call, or the module may have changed since it was cached: look again
-    _check_not_sharded(fn, module, tensors)  # FSDP2: a state would be swapped under its hooks
-    _check_not_sharded(fn, module, {k: v for k, v in flat.items() if isinstance(v, torch.Tensor)})
+    _check_not_sharded(module, tensors)  # FSDP2: a state would be swapped under its hooks
+    _check_not_sharded(module, {k: v for k, v in flat.items() if isinstance(v, torch.Tensor)})
     metas = [k for k in flat if k in tensors and tensors[k].is_meta]
     if metas:  # accelerate offload: the module's own tensors are placeholders its hooks fill during the forward
         found = _offloaded(module)
         if found is not None:
-            raise _offload_state_error(fn, module, metas[0], found[0])
+            raise _offload_state_error(module, metas[0], found[0])
     for k, v in flat.items():
         if k not in tensors:
             raise StateError(
-                f"{fn}: unknown state key {k!r}: {type(module).__name__} has no parameter or buffer of that "
+                f"unknown state key {k!r}: {type(module).__name__} has no parameter or buffer of that "
                 f"name.{suggest(k, tensors)} Build the state with tdfunc.state(model) or select from it."
             )
         if not isinstance(v, torch.Tensor):
-            raise StateError(f"{fn}: state entry {k!r} is a {type(v).__name__}, expected a tensor.")
-        _check_shape(fn, module, k, v, tensors[k])
+            raise StateError(f"state entry {k!r} is a {type(v).__name__}, expected a tensor.")
+        _check_shape(module, k, v, tensors[k])
     odd = [k for k, v in flat.items() if _differs(v, tensors[k])]
     if odd:
-        _check_consistent(fn, module, flat, tensors, odd[0])
+        _check_consistent(module, flat, tensors, odd[0])
     return flat
 
 
@@ -312,7 +313,7 @@ def _differs(v: torch.Tensor, own: torch.Tensor) -> bool:
     return (float_pair and v.dtype != own.dtype) or v.device != own.device
 
 
-def _check_consistent(fn: str, module: nn.Module, flat: dict, tensors: dict, k: str) -> None:
+def _check_consistent(module: nn.Module, flat: dict, tensors: dict, k: str) -> None:
     """An entry of another dtype / device than the module's is fine when the whole call runs in it.
 
     (A float64 state on a float32 module, with float64 inputs, is a float64 call.)  Refused when the
@@ -326,7 +327,7 @@ def _check_consistent(fn: str, module: nn.Module, flat: dict, tensors: dict, k: 
         return
     v, own = flat[k], tensors[k]
     raise StateError(
-        f"{fn}: state entry {k!r} has dtype {v.dtype} on {v.device}, but {type(module).__name__}'s tensor of that "
+        f"state entry {k!r} has dtype {v.dtype} on {v.device}, but {type(module).__name__}'s tensor of that "
         f"name has dtype {own.dtype} on {own.device}, and the call would mix dtypes {floats} on devices {devices}; "
         f"convert the entry (.to({own.dtype}, {str(own.device)!r})), or the whole state and the inputs together "
         "(state.to(dtype, device)), so the call runs in one dtype on one device."

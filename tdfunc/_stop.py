@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ._errors import SiteError
+from ._errors import SiteError, TdfuncTypeError
 from ._plan import Frame, Plan, _Op
 from ._sites import ALL_CALLS
 
@@ -42,21 +42,21 @@ def stop_if_done(frames: list) -> None:
             raise Stop(frame)
 
 
-def check_stop(fn: str, plan: Plan | None, capture: Any, return_state: bool) -> None:
+def check_stop(plan: Plan | None, capture: Any, return_state: bool) -> None:
     """What ``stop=True`` needs: captures, each of one call (not ``@*``), and no ``return_state``."""
     if plan is None or not any(not op.hidden for op in plan.captures):
         raise SiteError(
-            f"{fn}: stop=True ends the forward once every captured site has been reached, but capture is "
+            f"stop=True ends the forward once every captured site has been reached, but capture is "
             f"{capture!r}; name the sites to capture (capture=['layers.2']), or drop stop=True."
         )
     for op in plan.captures:
         if op.call == ALL_CALLS and not op.hidden:
             raise SiteError(
-                f"{fn}: stop=True cannot tell when the forward has made its last call of capture {op.key!r} ('@*' "
+                f"stop=True cannot tell when the forward has made its last call of capture {op.key!r} ('@*' "
                 f"captures every call); capture the calls you need as '@0', '@1', …, or drop stop=True."
             )
     if return_state:
-        raise TypeError(
-            f"{fn}: stop=True ends the forward early, so there is no state after the call; "
+        raise TdfuncTypeError(
+            "stop=True ends the forward early, so there is no state after the call; "
             "drop return_state=True or stop=True."
         )

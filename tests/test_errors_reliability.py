@@ -19,7 +19,8 @@ from torch.func import vmap
 
 import tdfunc
 from tdfunc import AttributionError, NonFiniteWarning, NotReachedError, TdfuncError
-from tdfunc._checks import check_position_dim, renamed
+from tdfunc._checks import renamed
+from tdfunc._errors import public
 from tdfunc.latent import CacheError, GeometryError, PatchError, ProbeError
 from tdfunc.weights import WeightError
 
@@ -124,8 +125,8 @@ CASES = [
     ),
     (
         "reduce_last_without_positions",
-        lambda: check_position_dim(
-            "tdfunc.latent.cache_activations", "reduce='last'", "0", torch.zeros(4, 8), CacheError
+        lambda: tdfunc.latent.cache_activations(
+            NET, None, [TensorDict({"input": torch.zeros(4, 3)}, [4])], "0", reduce="last", progress=False
         ),
         CacheError,
     ),
@@ -330,12 +331,24 @@ def test_randomness_option_runs_random_f():
 
 
 def test_renamed_keeps_user_errors_and_type():
-    with pytest.raises(PatchError, match=r"^user: boom$"):
-        with renamed("tdfunc.latent.patch"):
-            raise PatchError("user: boom")
+    """An inner tdfunc.functional_call's error leaves the outer public function under the outer name, type
+    kept; an error the user's code raised keeps its own name (a public call nested in f keeps its name)."""
+
+    @public("tdfunc.latent.patch")
+    def outer(inner: bool, text: str, err: type[Exception] = PatchError):
+        if inner:
+            with renamed():
+                raise err(text)
+        raise err(text)
+
+    with pytest.raises(PatchError, match=r"^tdfunc\.latent\.patch: user: boom$"):
+        outer(True, "user: boom")
     with pytest.raises(tdfunc.EditError, match=r"^tdfunc\.latent\.patch: x$"):
-        with renamed("tdfunc.latent.patch"):
-            raise tdfunc.EditError("tdfunc.functional_call: x")
+        outer(True, "tdfunc.functional_call: x", tdfunc.EditError)
+    with pytest.raises(tdfunc.EditError, match=r"^tdfunc\.functional_call: x$"):
+        outer(False, "tdfunc.functional_call: x", tdfunc.EditError)  # not tdfunc's own inner call: kept
+    with pytest.raises(ValueError, match=r"^x$"):
+        outer(False, "x", ValueError)  # not a tdfunc error: untouched
 
 
 def test_one_sample_with_k_targets_still_works():
@@ -343,3 +356,27 @@ def test_one_sample_with_k_targets_still_works():
     lin = nn.Linear(3, 4)
     out = SAL(lambda t: lin(t["x"]), TensorDict({"x": torch.randn(3)}, []), abs=False)
     torch.testing.assert_close(out["attr", "x"], lin.weight)
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda x: tdfunc.saliency(F, TensorDict({"x": x}, [5]), in_keys=["nope"]),
+        lambda x: tdfunc.functional_call(NET, None, (x,), capture=["nope"]),
+        lambda x: tdfunc.latent.patch(NET, None, (x,), {"nope": x}, "nope"),
+    ],
+    ids=["saliency", "functional_call", "patch_renamed"],
+)
+def test_boundary_names_errors_raised_while_compiling(call):
+    """The boundary builds the named message from ``e.args``: dynamo reports an error raised while tracing
+    (fullgraph) with the same text as eager, ``raised exception Cls('tdfunc.name: ...')``."""
+    with pytest.raises(TdfuncError) as eager:
+        call(X)
+    assert str(eager.value).startswith("tdfunc.")
+    torch._dynamo.reset()
+    try:
+        with pytest.raises(Exception) as compiled:
+            torch.compile(call, fullgraph=True, backend="aot_eager")(X)
+    finally:
+        torch._dynamo.reset()
+    assert f"raised exception {type(eager.value).__name__}({str(eager.value)!r})" in str(compiled.value)

@@ -170,7 +170,7 @@ def test_zennit_composites_with_activations_and_unmerged_batchnorm(zennit, name)
     """zennit's composites by their names (class and registered names), activations and BatchNorm under Pass."""
     m, x = _act_bn_model()
     want = zennit_lrp(zennit, m, x, getattr(zennit.composites, name)())
-    snake = tdfunc.attribution._lrp_assign.ZENNIT_NAMES[name]
+    snake = tdfunc.attribution._lrp_composites.ZENNIT_NAMES[name]
     assert snake in zennit.composites.COMPOSITES  # zennit's registered name is tdfunc's
     got = ours(m, x, composite=name)
     torch.testing.assert_close(got, want, rtol=0, atol=1e-12)

@@ -156,3 +156,33 @@ def test_public_functions_have_docstring_examples():
             if inspect.isfunction(obj) and ">>>" not in (obj.__doc__ or ""):
                 missing.append(f"{space}.{name}")
     assert not missing, f"public functions without a docstring example: {missing}"
+
+
+def _public_functions():
+    for space in ("",) + SPACES + ("plot",):
+        module = importlib.import_module(f"tdfunc.{space}" if space else "tdfunc")
+        for name in module.__all__:
+            obj = getattr(module, name)
+            if inspect.isfunction(obj):
+                top = not space or space == "attribution"
+                yield f"tdfunc.{name}" if top else f"tdfunc.{space}.{name}", obj
+
+
+@pytest.mark.parametrize("expected, obj", list(_public_functions()), ids=lambda v: v if isinstance(v, str) else "")
+def test_every_public_function_names_its_errors_at_its_boundary(expected, obj):
+    """Each public function is marked ``@public(name)`` (tdfunc/_errors.py): a TdfuncError raised inside it
+    without a name leaves it as ``"{name}: ..."``; the name is the one users call it by."""
+    assert getattr(obj, "__tdfunc_public__", None) == expected
+
+
+def test_no_private_function_threads_the_public_name():
+    """The name is added at the boundary, not passed down: no function in tdfunc/ takes an ``fn: str``."""
+    threaded = []
+    for path in ROOT.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                for a in node.args.posonlyargs + node.args.args + node.args.kwonlyargs:
+                    if a.annotation is not None and ast.unparse(a.annotation) in ("str", "str | None"):
+                        if a.arg in ("fn", "fn_name", "public_name"):
+                            threaded.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name}")
+    assert not threaded, threaded

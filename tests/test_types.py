@@ -20,7 +20,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def _options():
-    from tdfunc.attribution import _lrp_assign, _lrp_attention, _maximise, _noise, _quadrature
+    from tdfunc.attribution import _lrp_attention, _lrp_composites, _maximise, _noise, _quadrature
     from tdfunc.latent import _cache, _probe_common, _similarity
     from tdfunc.weights import _prune
 
@@ -29,7 +29,7 @@ def _options():
         (_types.IGStrategy, _quadrature.STRATEGIES),
         (_types.NoiseType, _noise.NT_TYPES),
         (_types.Optimizer, _maximise.OPTIMIZERS),
-        (_types.CompositeName, (*_lrp_assign.COMPOSITES, *_lrp_assign.ZENNIT_NAMES)),
+        (_types.CompositeName, (*_lrp_composites.COMPOSITES, *_lrp_composites.ZENNIT_NAMES)),
         (_types.SoftmaxMode, _lrp_attention._SOFTMAX_MODES),
         (_types.Reduction, _cache.REDUCTIONS),
         (_types.ProbeKind, _probe_common.KINDS),

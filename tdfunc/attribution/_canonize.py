@@ -9,7 +9,7 @@ import torch
 from tensordict import TensorDict, TensorDictBase
 from torch import nn
 
-from .._errors import StateError, suggest
+from .._errors import StateError, TdfuncTypeError, public, suggest
 from .._state import state as _state
 from ._common import AttributionError
 
@@ -64,6 +64,7 @@ def _scaled(w: torch.Tensor, scale: torch.Tensor, nb: int, groups: int, transpos
     return (wg * sg).reshape(w.shape)
 
 
+@public("tdfunc.lrp_rules.merge_batchnorm")
 def merge_batchnorm(
     module: nn.Module,
     state: TensorDictBase | None = None,
@@ -121,11 +122,13 @@ def merge_batchnorm(
     ``torch.func.vmap`` over stacked states, ``torch.func.grad`` with respect to ``state``.
     """
     if not isinstance(module, nn.Module):
-        raise TypeError(f"{_FN}: expected an nn.Module, got {type(module).__name__} ({module!r:.60}).")
+        raise TdfuncTypeError(f"{_FN}: expected an nn.Module, got {type(module).__name__} ({module!r:.60}).")
     if state is None:
         state = _state(module)
     if not isinstance(state, TensorDictBase):
-        raise TypeError(f"{_FN}: state must be a TensorDict (tdfunc.state(model)) or None, got {type(state).__name__}.")
+        raise TdfuncTypeError(
+            f"{_FN}: state must be a TensorDict (tdfunc.state(model)) or None, got {type(state).__name__}."
+        )
     if pairs is None:
         pairs = _auto_pairs(module)
     else:
@@ -193,6 +196,7 @@ def merge_batchnorm(
     return out
 
 
+@public("tdfunc.lrp_rules.with_zero_biases")
 def with_zero_biases(module: nn.Module) -> nn.Module:
     """A copy of ``module`` in which every bias-free ``nn.Linear`` / convolution has a zero bias.
 

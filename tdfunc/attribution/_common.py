@@ -19,7 +19,7 @@ from tensordict import TensorDict, TensorDictBase
 from torch.func import vjp, vmap
 
 from .._checks import broadcasts_to, check_callable, per_input
-from .._errors import TdfuncError, shape_str, suggest
+from .._errors import TdfuncError, TdfuncTypeError, shape_str, suggest
 from .._finite import check_finite, readable, warn_nonfinite
 
 __all__ = [
@@ -102,13 +102,13 @@ def _inductor_vmapped_max_pool(vmaps: bool) -> str:
     return ""
 
 
-def _check_compiled(fn: str, vmaps: bool) -> None:
+def _check_compiled(vmaps: bool) -> None:
     """Trace-time guard against a silent upstream miscompilation (no-op in eager mode)."""
     if not torch.is_grad_enabled():  # an inference graph compiles correctly
         return
     if _inductor_vmapped_max_pool(vmaps):
         raise MiscompileError(
-            f"{fn}: torch.compile with the default backend (inductor) silently returns an all-zero gradient "
+            "torch.compile with the default backend (inductor) silently returns an all-zero gradient "
             "through a max pool under vmap when parameters downstream of it require grad (a torch 2.13 bug: the "
             "scatter_add of the batched max-pool backward is scheduled after its reader). Compile with "
             'backend="aot_eager", call under torch.no_grad() (or with parameters that do not require '
@@ -141,7 +141,6 @@ NONFINITE_FIX = "replace them (e.g. torch.nan_to_num) or drop those examples bef
 
 
 def prepare(
-    fn: str,
     td: TensorDictBase,
     in_keys: Sequence | None,
     *,
@@ -160,10 +159,10 @@ def prepare(
     methods: token ids, masks); the default entries to attribute stay the floating-point ones.
     """
     if f is not _NO_F:
-        check_callable(fn, "f", f, AttributionError, expected="f(td) -> Tensor")
+        check_callable("f", f, AttributionError, expected="f(td) -> Tensor")
     if not isinstance(td, TensorDictBase):
-        raise TypeError(
-            f"{fn}: td must be a TensorDict holding the inputs, got {type(td).__name__}; "
+        raise TdfuncTypeError(
+            f"td must be a TensorDict holding the inputs, got {type(td).__name__}; "
             "e.g. TensorDict({'x': x}, batch_size=[len(x)])."
         )
     leaves = [_norm(k) for k in td.keys(include_nested=True, leaves_only=True)]
@@ -171,7 +170,7 @@ def prepare(
         keys = [k for k in leaves if k[0] != BASELINE and td.get(k).is_floating_point()]
         if not keys:
             raise AttributionError(
-                f"{fn}: td has no floating-point entry to attribute (entries: {_show_all(leaves)}); "
+                f"td has no floating-point entry to attribute (entries: {_show_all(leaves)}); "
                 "store the inputs as float tensors or name them with in_keys=[...]."
             )
     else:
@@ -181,12 +180,12 @@ def prepare(
         for k in keys:
             if k[0] == BASELINE and len(k) > 1:
                 raise AttributionError(
-                    f"{fn}: in_keys names {_show(k)}, the baseline of {_show(k[1:])}, as an input; baselines are "
+                    f"in_keys names {_show(k)}, the baseline of {_show(k[1:])}, as an input; baselines are "
                     f"not attributed. Name the input itself (in_keys=[{_show(k[1:])}]) and keep {_show(k)} as its "
                     "baseline."
                 )
     x, base = {}, {}
-    given = shared_baselines(fn, baselines_arg, keys) if baselines else None
+    given = shared_baselines(baselines_arg, keys) if baselines else None
     for k in keys:
         if k not in leaves:
             near = suggest(".".join(k), {".".join(c): c for c in leaves})
@@ -200,20 +199,20 @@ def prepare(
                     + "?"
                 )
             raise AttributionError(
-                f"{fn}: unknown input key {_show(k)}: td has no such entry.{near} Entries: {_show_all(leaves)}."
+                f"unknown input key {_show(k)}: td has no such entry.{near} Entries: {_show_all(leaves)}."
             )
         v = td.get(k)
         if integer_inputs and v.is_complex():
             raise AttributionError(
-                f"{fn}: input {_show(k)} has dtype {v.dtype}; this method perturbs real inputs (floating-point, "
+                f"input {_show(k)} has dtype {v.dtype}; this method perturbs real inputs (floating-point, "
                 "integer or bool). Attribute the real and imaginary parts as two real entries."
             )
         if not v.is_floating_point() and not integer_inputs:
             raise AttributionError(
-                f"{fn}: input {_show(k)} has dtype {v.dtype}; gradients need a floating-point input. "
+                f"input {_show(k)} has dtype {v.dtype}; gradients need a floating-point input. "
                 "Attribute a float tensor (e.g. embeddings instead of token ids: pass inputs_embeds)."
             )
-        _finite_input(fn, f"input {_show(k)}", v, allow_inf)
+        _finite_input(f"input {_show(k)}", v, allow_inf)
         x[k] = v
         if not baselines:
             continue
@@ -222,21 +221,21 @@ def prepare(
         if given is not None:
             if b is not None:
                 raise AttributionError(
-                    f"{fn}: the baseline for {_show(k)} is given twice, as baselines= and as the td entry {bkey!r}; "
+                    f"the baseline for {_show(k)} is given twice, as baselines= and as the td entry {bkey!r}; "
                     "keep one of them."
                 )
-            base[k] = shared_baseline(fn, k, given[k], v)
+            base[k] = shared_baseline(k, given[k], v)
             continue
         if b is None:
             base[k] = torch.zeros_like(v)
             continue
-        _same_dtype_device(fn, k, b, v, "the input")
-        _finite_input(fn, f"baseline {_show(bkey)}", b, allow_inf)
+        _same_dtype_device(k, b, v, "the input")
+        _finite_input(f"baseline {_show(bkey)}", b, allow_inf)
         try:
             base[k] = b.expand(v.shape) if b.shape != v.shape else b
         except RuntimeError:
             raise AttributionError(
-                f"{fn}: baseline for {_show(k)} has shape {shape_str(b.shape)} but the input has shape "
+                f"baseline for {_show(k)} has shape {shape_str(b.shape)} but the input has shape "
                 f"{shape_str(v.shape)}; give a baseline broadcastable to the input."
             ) from None
     if baselines:
@@ -244,31 +243,31 @@ def prepare(
         for b in (k[1:] for k in leaves if k[0] == BASELINE and len(k) > 1):
             if b not in inputs:
                 raise AttributionError(
-                    f"{fn}: td holds the baseline {(BASELINE, *b)!r} but no input {_show(b)} (inputs: "
+                    f"td holds the baseline {(BASELINE, *b)!r} but no input {_show(b)} (inputs: "
                     f"{_show_all(inputs)}); store a baseline as ('baseline', key) for an input entry key, or remove it."
                 )
     return Inputs(keys, x, base, td.batch_size)
 
 
-def _same_dtype_device(fn: str, k: Key, b: torch.Tensor, v: torch.Tensor, what: str) -> None:
+def _same_dtype_device(k: Key, b: torch.Tensor, v: torch.Tensor, what: str) -> None:
     """A baseline tensor ``b`` (td entry or ``baselines=``) must have the dtype and device of ``v`` (``what``)."""
     if b.device != v.device or b.dtype != v.dtype:
         raise AttributionError(
-            f"{fn}: baseline for {_show(k)} has dtype {b.dtype} on {b.device} but {what} has dtype "
+            f"baseline for {_show(k)} has dtype {b.dtype} on {b.device} but {what} has dtype "
             f"{v.dtype} on {v.device}; convert it with .to(input)."
         )
 
 
-def shared_baselines(fn: str, baselines: object, keys: list) -> dict | None:
+def shared_baselines(baselines: object, keys: list) -> dict | None:
     """A method's ``baselines=`` argument as key -> value (None when not given; see :func:`shared_baseline`)."""
     if baselines is None:
         return None
     return per_input(
-        fn, "baselines", baselines, keys, "baseline (a number or a tensor broadcastable to the input)", AttributionError
+        "baselines", baselines, keys, "baseline (a number or a tensor broadcastable to the input)", AttributionError
     )
 
 
-def shared_baseline(fn: str, k: Key, b: object, v: torch.Tensor, what: str = "the input") -> torch.Tensor:
+def shared_baseline(k: Key, b: object, v: torch.Tensor, what: str = "the input") -> torch.Tensor:
     """One baseline shared across the batch, broadcast to the input ``v`` as captum does.
 
     A Python number (a tensor of ``v``'s dtype filled with it), or a tensor of ``v``'s dtype broadcastable to
@@ -279,33 +278,33 @@ def shared_baseline(fn: str, k: Key, b: object, v: torch.Tensor, what: str = "th
         fits = v.is_floating_point() or (float(b) in (0.0, 1.0) if v.dtype == torch.bool else float(b).is_integer())
         if not fits or not math.isfinite(b):
             raise AttributionError(
-                f"{fn}: baseline for {_show(k)} is {b!r} but {what} has dtype {v.dtype}; give a finite value of "
+                f"baseline for {_show(k)} is {b!r} but {what} has dtype {v.dtype}; give a finite value of "
                 f"{what}'s dtype (for token ids an integer, e.g. the pad token id; for a bool mask True or False)."
             )
         return torch.full((), b, dtype=v.dtype, device=v.device).expand(v.shape)
     if not isinstance(b, torch.Tensor):
         raise AttributionError(
-            f"{fn}: baseline for {_show(k)} must be a number or a tensor broadcastable to {what} "
+            f"baseline for {_show(k)} must be a number or a tensor broadcastable to {what} "
             f"{shape_str(v.shape)}, got {type(b).__name__}."
         )
-    _same_dtype_device(fn, k, b, v, what)
-    _finite_input(fn, f"baseline for {_show(k)}", b, False)
+    _same_dtype_device(k, b, v, what)
+    _finite_input(f"baseline for {_show(k)}", b, False)
     if not broadcasts_to(b.shape, v.shape):
         raise AttributionError(
-            f"{fn}: baseline for {_show(k)} has shape {shape_str(b.shape)} but {what} has shape "
+            f"baseline for {_show(k)} has shape {shape_str(b.shape)} but {what} has shape "
             f"{shape_str(v.shape)}; give a baseline broadcastable to {what}: a number, the feature shape "
             f"{shape_str(v.shape[1:]) if v.dim() else '()'}, (1, ...) or {what}'s shape."
         )
     return b.expand(v.shape)
 
 
-def _finite_input(fn: str, what: str, v: torch.Tensor, allow_inf: bool) -> None:
+def _finite_input(what: str, v: torch.Tensor, allow_inf: bool) -> None:
     if allow_inf and readable(v) and not bool(torch.isnan(v).any()):
         return
-    check_finite(fn, what, v, AttributionError, NONFINITE_FIX)
+    check_finite(what, v, AttributionError, NONFINITE_FIX)
 
 
-def check_rows_as_targets(fn: str, k: int | None, batch: torch.Size, xs: dict, lead: int = 0) -> None:
+def check_rows_as_targets(k: int | None, batch: torch.Size, xs: dict, lead: int = 0) -> None:
     """An eager ``td`` with an empty batch size whose inputs all have ``k`` rows, where ``f`` returned ``(k,)``:
     the rows were meant as examples, not ``k`` targets of one example (inside transforms: not checked)."""
     if k is None or len(batch) or not xs or not all(readable(x) for x in xs.values()):
@@ -314,22 +313,21 @@ def check_rows_as_targets(fn: str, k: int | None, batch: torch.Size, xs: dict, l
     if all(len(s) >= 2 and s[0] == k for s in rows.values()):
         shapes = ", ".join(f"{_show(key)}: {shape_str(s)}" for key, s in rows.items())
         raise AttributionError(
-            f"{fn}: td has an empty batch size but f returned shape ({k},) and every input has {k} rows ({shapes}), "
+            f"td has an empty batch size but f returned shape ({k},) and every input has {k} rows ({shapes}), "
             f"so the rows would be read as {k} targets of one example. Give td its batch size "
             f"(TensorDict({{...}}, batch_size=[{k}])); for one example with {k} targets, add a batch dim of 1 "
             "(x[None], batch_size=[1])."
         )
 
 
-def tensor_output(fn: str, f: Callable, batch: torch.Size) -> Callable:
+def tensor_output(f: Callable, batch: torch.Size) -> Callable:
     """``f`` with its output checked to be a tensor before a transform (vmap, vjp) sees it."""
 
     def checked(td: TensorDictBase) -> torch.Tensor:
         y = f(td)
         if not isinstance(y, torch.Tensor):
             raise AttributionError(
-                f"{fn}: f must return a tensor of shape batch {shape_str(batch)} or batch + (K,), "
-                f"got {type(y).__name__}."
+                f"f must return a tensor of shape batch {shape_str(batch)} or batch + (K,), got {type(y).__name__}."
             )
         return y
 
@@ -344,9 +342,7 @@ def with_inputs(td: TensorDictBase, xs: dict) -> TensorDictBase:
     return out
 
 
-def check_output(
-    fn: str, y: object, batch: torch.Size, xs: dict | None = None, *, batch_value: bool = False
-) -> int | None:
+def check_output(y: object, batch: torch.Size, xs: dict | None = None, *, batch_value: bool = False) -> int | None:
     """Number of targets K from ``f``'s output shape, or None for one target per example.
 
     ``xs`` (the attributed inputs): also refuse an empty batch size whose rows look like examples.
@@ -354,7 +350,7 @@ def check_output(
     """
     if not isinstance(y, torch.Tensor):
         raise AttributionError(
-            f"{fn}: f must return a tensor of shape batch {shape_str(batch)} or batch + (K,), got {type(y).__name__}."
+            f"f must return a tensor of shape batch {shape_str(batch)} or batch + (K,), got {type(y).__name__}."
         )
     n = len(batch)
     if batch_value and y.dim() == 0:
@@ -362,20 +358,20 @@ def check_output(
     if tuple(y.shape[:n]) == tuple(batch) and y.dim() in (n, n + 1):
         k = None if y.dim() == n else int(y.shape[-1])
         if xs is not None:
-            check_rows_as_targets(fn, k, batch, xs)
+            check_rows_as_targets(k, batch, xs)
         return k
     raise AttributionError(
-        f"{fn}: f returned shape {shape_str(y.shape)}, but td has batch shape {shape_str(batch)}; f must return "
+        f"f returned shape {shape_str(y.shape)}, but td has batch shape {shape_str(batch)}; f must return "
         f"one value per example {shape_str(batch)} or K per example ({''.join(f'{int(n)}, ' for n in batch)}K). "
         "Select the target inside f, e.g. lambda td: model(td['x']).gather(-1, labels[:, None])[:, 0]."
     )
 
 
-def check_float_output(fn: str, y: object) -> Any:
+def check_float_output(y: object) -> Any:
     """``y`` itself; a pinned error when ``f`` returned an integer / bool tensor (no gradient can flow)."""
     if isinstance(y, torch.Tensor) and not (y.is_floating_point() or y.is_complex()):
         raise AttributionError(
-            f"{fn}: f returned a tensor of dtype {y.dtype}; gradients need a floating-point output (a logit, a "
+            f"f returned a tensor of dtype {y.dtype}; gradients need a floating-point output (a logit, a "
             "probability, a loss). Return a float tensor (e.g. the logits, not logits.argmax(-1)), or cast it "
             "with .float() if its values are meant."
         )
@@ -383,7 +379,7 @@ def check_float_output(fn: str, y: object) -> Any:
 
 
 def grads_per_target(
-    fn: str, g: Callable, xs: dict, lead: int, batch: torch.Size, reduce: Callable | None = None
+    g: Callable, xs: dict, lead: int, batch: torch.Size, reduce: Callable | None = None
 ) -> tuple[torch.Tensor, dict, int | None]:
     """One forward ``y = g(xs)``, then one vector-Jacobian product per target.
 
@@ -396,15 +392,15 @@ def grads_per_target(
     """
 
     def floating(xs: dict) -> torch.Tensor:
-        return check_float_output(fn, g(xs))
+        return check_float_output(g(xs))
 
     y, pull = vjp(floating, xs)  # type: ignore[misc]  # no has_aux: a pair
     if torch.compiler.is_compiling():
-        _check_compiled(fn, y.device.type != "cpu" if isinstance(y, torch.Tensor) else False)
+        _check_compiled(y.device.type != "cpu" if isinstance(y, torch.Tensor) else False)
     if not isinstance(y, torch.Tensor):
-        check_output(fn, y, batch)
-    k = check_output(fn, y[(0,) * lead] if lead else y, batch)
-    check_rows_as_targets(fn, k, batch, xs, lead)
+        check_output(y, batch)
+    k = check_output(y[(0,) * lead] if lead else y, batch)
+    check_rows_as_targets(k, batch, xs, lead)
     red = (lambda gs: gs) if reduce is None else (lambda gs: {key: reduce(key, v) for key, v in gs.items()})
     if k is None:
         return y, red(pull(torch.ones_like(y))[0]), None
@@ -418,20 +414,20 @@ def grads_per_target(
     return y, grads, k
 
 
-def input_gradients(fn: str, g: Callable, td: TensorDictBase, p: Inputs) -> tuple[dict, int | None]:
+def input_gradients(g: Callable, td: TensorDictBase, p: Inputs) -> tuple[dict, int | None]:
     """Every target's gradient of ``g`` (a function of ``td``) at the inputs ``p.x``: key -> ``batch (+ K) +
     feature shape``, and K (one forward, K vjps: :func:`grads_per_target`)."""
-    _, grads, k = grads_per_target(fn, lambda xs: g(with_inputs(td, xs)), p.x, 0, p.batch)
+    _, grads, k = grads_per_target(lambda xs: g(with_inputs(td, xs)), p.x, 0, p.batch)
     n = len(p.batch)
     return {key: move_target_dim(gr, k, n) for key, gr in grads.items()}, k
 
 
-def result(batch: torch.Size, attrs: dict, extra: dict | None = None, *, fn: str = "") -> TensorDict:
-    """The result TensorDict; with ``fn``, a :class:`tdfunc.NonFiniteWarning` for a non-finite map."""
+def result(batch: torch.Size, attrs: dict, extra: dict | None = None, *, warn: bool = False) -> TensorDict:
+    """The result TensorDict; with ``warn``, a :class:`tdfunc.NonFiniteWarning` for a non-finite map."""
     out = TensorDict({}, batch_size=batch)
     for k, v in attrs.items():
-        if fn:
-            warn_nonfinite(fn, repr(("attr", *k)), v)
+        if warn:
+            warn_nonfinite(repr(("attr", *k)), v)
         out.set(("attr", *k), v)
     for k, v in (extra or {}).items():
         out.set(k, v)

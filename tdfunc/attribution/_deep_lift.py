@@ -10,10 +10,10 @@ import torch
 from tensordict import TensorDict, TensorDictBase
 from torch import nn
 
-from .._call import intervene
+from .._call import _intervene as intervene
 from .._checks import check_bool
 from .._edits import rule
-from .._errors import shape_str
+from .._errors import TdfuncTypeError, public, shape_str
 from .._rewrite import record_then_rewrite
 from .._types import InKeys
 from ._common import (
@@ -37,7 +37,6 @@ DeepLiftRule = Literal["rescale", "reveal_cancel"]
 
 
 def _core(
-    fn: str,
     f: Callable,
     td: TensorDictBase,
     module: nn.Module,
@@ -51,19 +50,19 @@ def _core(
     """DeepLift of ``f`` at ``td``; baselines from ``baselines`` (already of the inputs' shapes) or from ``td``."""
     if rule_name not in ("rescale", "reveal_cancel"):
         raise AttributionError(
-            f"{fn}: unknown rule {rule_name!r}; choose 'rescale' (captum's DeepLift) or 'reveal_cancel' (Shrikumar "
+            f"unknown rule {rule_name!r}; choose 'rescale' (captum's DeepLift) or 'reveal_cancel' (Shrikumar "
             "et al. 2017, §3.5.3: activations fed by an nn.Linear / nn.ConvNd)."
         )
-    check_bool(fn, "multiply_by_inputs", multiply_by_inputs, AttributionError)
-    check_bool(fn, "return_convergence_delta", return_convergence_delta, AttributionError)
+    check_bool("multiply_by_inputs", multiply_by_inputs, AttributionError)
+    check_bool("return_convergence_delta", return_convergence_delta, AttributionError)
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
         raise AttributionError(
-            f"{fn}: eps must be a non-negative float (input changes below it keep the plain gradient), got {eps!r}."
+            f"eps must be a non-negative float (input changes below it keep the plain gradient), got {eps!r}."
         )
-    rescaled, refused = _module_sites(fn, module)
-    p = prepare(fn, td, in_keys, f=f, baselines=baselines is None)
+    rescaled, refused = _module_sites(module)
+    p = prepare(td, in_keys, f=f, baselines=baselines is None)
     base = p.baseline if baselines is None else baselines
-    f = tensor_output(fn, f, p.batch)
+    f = tensor_output(f, p.batch)
     nb = len(p.batch)
     one = nb == 0  # an unbatched td runs as a batch of one
     td1 = td.unsqueeze(0) if one else td
@@ -81,18 +80,18 @@ def _core(
         from ._reveal_cancel import RevealCancel, reveal_cancel_edits
 
         edits: dict = reveal_cancel_edits(module, rescaled, stash)
-        sites = {s: RevealCancel(fn, s, module, stash, rows, float(eps), one_pass) for s in rescaled}
+        sites = {s: RevealCancel(s, module, stash, rows, float(eps), one_pass) for s in rescaled}
     else:
         edits = {f"{s}:input": _stashing(stash, s) for s in rescaled}
-        sites = {s: _Rescale(fn, s, stash, rows, float(eps), one_pass) for s in rescaled}
-    edits.update({s: rule(_refuse(fn, s, why)) for s, why in refused.items()})
+        sites = {s: _Rescale(s, stash, rows, float(eps), one_pass) for s in rescaled}
+    edits.update({s: rule(_refuse(s, why)) for s, why in refused.items()})
     f_paired = intervene(f, module, edits=edits, strict=False) if edits else f
-    rewritten = record_then_rewrite(fn, f_paired, module, sites, (paired(x1),))
+    rewritten = record_then_rewrite(f_paired, module, sites, (paired(x1),))
 
     def halves(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if y.dim() == 0 or y.shape[0] != 2 * rows:
             raise AttributionError(
-                f"{fn}: f returned shape {shape_str(y.shape)} for a td of batch shape "
+                f"f returned shape {shape_str(y.shape)} for a td of batch shape "
                 f"{shape_str(torch.Size([2 * rows, *td1.batch_size[1:]]))} (the inputs, then their baselines); f must "
                 "return one value per example, or K per example, and take per-example data (labels) from td, not "
                 "from its closure."
@@ -103,7 +102,7 @@ def _core(
         y = halves(rewritten(paired({k: v.unsqueeze(0) for k, v in xs.items()} if one else xs)))[0]
         return y[0] if one else y
 
-    _, grads, k = grads_per_target(fn, g, p.x, 0, p.batch)
+    _, grads, k = grads_per_target(g, p.x, 0, p.batch)
     attrs = {}
     for key, gr in grads.items():
         gr = move_target_dim(gr, k, nb)
@@ -116,9 +115,10 @@ def _core(
         lead = nb + (k is not None)
         summed = sum(a.reshape(*a.shape[:lead], -1).sum(-1) for a in attrs.values())
         extra["convergence_delta"] = summed - (at_x - at_base)
-    return result(td.batch_size, attrs, extra, fn=fn)
+    return result(td.batch_size, attrs, extra, warn=True)
 
 
+@public("tdfunc.deep_lift")
 def deep_lift(
     f: Callable[[TensorDictBase], torch.Tensor],
     td: TensorDictBase,
@@ -209,12 +209,10 @@ def deep_lift(
     Composes with: ``vmap`` (over examples or targets), ``grad`` (double backward: exact),
     ``torch.compile(fullgraph=True)``.
     """
-    return _core(
-        "tdfunc.deep_lift", f, td, module, in_keys, multiply_by_inputs, return_convergence_delta, eps, rule_name=rule
-    )
+    return _core(f, td, module, in_keys, multiply_by_inputs, return_convergence_delta, eps, rule_name=rule)
 
 
-def check_baseline_distribution(fn: str, baselines: object, p_keys: list, xs: dict, nb: int) -> dict:
+def check_baseline_distribution(baselines: object, p_keys: list, xs: dict, nb: int) -> dict:
     """``baselines``: a TensorDict of batch ``(N,)`` holding, per attributed key, ``N`` baselines of the
     input's feature shape.  Returns key -> tensor ``(N, *feature shape)``."""
     if not isinstance(baselines, TensorDictBase) or len(baselines.batch_size) != 1 or baselines.batch_size[0] < 1:
@@ -224,32 +222,31 @@ def check_baseline_distribution(fn: str, baselines: object, p_keys: list, xs: di
             else f"{type(baselines).__name__} ({baselines!r:.60})"
         )
         raise AttributionError(
-            f"{fn}: baselines must be a TensorDict of batch shape (N,) with N >= 1 baselines per attributed input, "
+            f"baselines must be a TensorDict of batch shape (N,) with N >= 1 baselines per attributed input, "
             f"got {got}; e.g. TensorDict({{'x': refs}}, batch_size=[len(refs)])."
         )
     out = {}
     for key in p_keys:
         x = xs[key]
         if key not in baselines.keys(include_nested=True, leaves_only=True):
-            raise AttributionError(
-                f"{fn}: baselines has no entry {_show(key)}; give N baselines for every attributed input."
-            )
+            raise AttributionError(f"baselines has no entry {_show(key)}; give N baselines for every attributed input.")
         b = baselines.get(key)
         feat = x.shape[nb:]
         if b.shape[1:] != feat:
             raise AttributionError(
-                f"{fn}: baselines for {_show(key)} have shape {shape_str(b.shape)}, expected (N, *feature shape) = "
+                f"baselines for {_show(key)} have shape {shape_str(b.shape)}, expected (N, *feature shape) = "
                 f"{shape_str(torch.Size([baselines.batch_size[0], *feat]))} for an input of shape {shape_str(x.shape)}."
             )
         if b.dtype != x.dtype or b.device != x.device:
             raise AttributionError(
-                f"{fn}: baselines for {_show(key)} have dtype {b.dtype} on {b.device} but the input has dtype "
+                f"baselines for {_show(key)} have dtype {b.dtype} on {b.device} but the input has dtype "
                 f"{x.dtype} on {x.device}; convert them with .to(input)."
             )
         out[key] = b
     return out
 
 
+@public("tdfunc.deep_lift_shap")
 def deep_lift_shap(
     f: Callable[[TensorDictBase], torch.Tensor],
     td: TensorDictBase,
@@ -300,21 +297,20 @@ def deep_lift_shap(
     Composes with: ``vmap`` (over examples or targets), ``grad`` (double backward: exact),
     ``torch.compile(fullgraph=True)``.
     """
-    fn = "tdfunc.deep_lift_shap"
     if not isinstance(td, TensorDictBase):
-        raise TypeError(
-            f"{fn}: td must be a TensorDict holding the inputs, got {type(td).__name__}; "
+        raise TdfuncTypeError(
+            f"td must be a TensorDict holding the inputs, got {type(td).__name__}; "
             "e.g. TensorDict({'x': x}, batch_size=[len(x)])."
         )
     held = [k for k in td.keys(include_nested=True, leaves_only=True) if isinstance(k, tuple) and k[0] == BASELINE]
     if held:
         raise AttributionError(
-            f"{fn}: td holds the baseline entry {held[0]!r}, but deep_lift_shap takes its baselines from the "
+            f"td holds the baseline entry {held[0]!r}, but deep_lift_shap takes its baselines from the "
             "baselines TensorDict (N per input); remove the entry from td."
         )
-    p = prepare(fn, td, in_keys, f=f, baselines=False)
+    p = prepare(td, in_keys, f=f, baselines=False)
     nb = len(p.batch)
-    refs = check_baseline_distribution(fn, baselines, p.keys, p.x, nb)
+    refs = check_baseline_distribution(baselines, p.keys, p.x, nb)
     n, numel = baselines.batch_size[0], p.batch.numel()
     # (N, *batch) pairs of (example, baseline), flattened to one batch dim
     flat = td.expand(n, *p.batch).reshape(n * numel)
@@ -323,7 +319,7 @@ def deep_lift_shap(
         for k, b in refs.items()
     }
     out = _core(
-        fn, f, flat, module, p.keys, multiply_by_inputs, return_convergence_delta, eps, baselines=bases, rule_name=rule
+        f, flat, module, p.keys, multiply_by_inputs, return_convergence_delta, eps, baselines=bases, rule_name=rule
     )
 
     def mean(t: torch.Tensor) -> torch.Tensor:
@@ -331,9 +327,10 @@ def deep_lift_shap(
 
     attrs = {k: mean(out.get(("attr", *k))) for k in p.keys}
     extra = {"convergence_delta": mean(out.get("convergence_delta"))} if return_convergence_delta else {}
-    return result(td.batch_size, attrs, extra, fn=fn)
+    return result(td.batch_size, attrs, extra, warn=True)
 
 
+@public("tdfunc.layer_deep_lift")
 def layer_deep_lift(
     f: Callable[[TensorDictBase], torch.Tensor],
     td: TensorDictBase,
@@ -390,17 +387,16 @@ def layer_deep_lift(
     """
     from ._layer import _check, _run
 
-    fn = "tdfunc.layer_deep_lift"
-    check_bool(fn, "multiply_by_inputs", multiply_by_inputs, AttributionError)
-    check_bool(fn, "return_convergence_delta", return_convergence_delta, AttributionError)
+    check_bool("multiply_by_inputs", multiply_by_inputs, AttributionError)
+    check_bool("return_convergence_delta", return_convergence_delta, AttributionError)
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
         raise AttributionError(
-            f"{fn}: eps must be a non-negative float (input changes below it keep the plain gradient), got {eps!r}."
+            f"eps must be a non-negative float (input changes below it keep the plain gradient), got {eps!r}."
         )
-    _check(fn, td, module, site)
-    rescaled, refused = _module_sites(fn, module)
-    p = prepare(fn, td, in_keys, f=f)
-    f = tensor_output(fn, f, p.batch)
+    _check(td, module, site)
+    rescaled, refused = _module_sites(module)
+    p = prepare(td, in_keys, f=f)
+    f = tensor_output(f, p.batch)
     nb = len(p.batch)
     one = nb == 0
     td1 = td.unsqueeze(0) if one else td
@@ -409,7 +405,7 @@ def layer_deep_lift(
     rows = td1.batch_size[0]
     pair: TensorDictBase = torch.cat([with_inputs(td1, x1), with_inputs(td1, b1)], 0)  # type: ignore[assignment]  # TensorDicts cat to one
 
-    y, caps = _run(fn, f, module, pair, None, [site])
+    y, caps = _run(f, module, pair, None, [site])
     a = caps[site]
     if not isinstance(a, torch.Tensor) or not a.is_floating_point() or a.dim() == 0 or a.shape[0] != 2 * rows:
         what = (
@@ -418,7 +414,7 @@ def layer_deep_lift(
             else f"a value of type {type(a).__name__}"
         )
         raise AttributionError(
-            f"{fn}: the value at site {site!r} has {what}; layer DeepLift needs a floating-point tensor whose first "
+            f"the value at site {site!r} has {what}; layer DeepLift needs a floating-point tensor whose first "
             f"dim is the {2 * rows} stacked rows (the inputs, then their baselines). Attribute another site."
         )
     holder = {"d": torch.zeros_like(a)}
@@ -427,11 +423,11 @@ def layer_deep_lift(
     inner = intervene(f, module, edits={site: add}) if at_input else f  # before the activation's input is kept
     stash: dict = {}
     edits: dict = {f"{s}:input": _stashing(stash, s) for s in rescaled}
-    edits.update({s: rule(_refuse(fn, s, why)) for s, why in refused.items()})
+    edits.update({s: rule(_refuse(s, why)) for s, why in refused.items()})
     f_paired = intervene(inner, module, edits=edits, strict=False) if edits else inner
     one_pass = not torch.is_grad_enabled()
-    sites = {s: _Rescale(fn, s, stash, rows, float(eps), one_pass) for s in rescaled}
-    rewritten = record_then_rewrite(fn, f_paired, module, sites, (pair,))
+    sites = {s: _Rescale(s, stash, rows, float(eps), one_pass) for s in rescaled}
+    rewritten = record_then_rewrite(f_paired, module, sites, (pair,))
     outer = rewritten if at_input else intervene(rewritten, module, edits={site: add})  # after the rewrite
 
     def g(xs: dict) -> torch.Tensor:
@@ -439,7 +435,7 @@ def layer_deep_lift(
         out = outer(pair)
         return out[:rows]
 
-    _, grads, k = grads_per_target(fn, g, {"d": torch.zeros_like(a)}, 0, td1.batch_size)
+    _, grads, k = grads_per_target(g, {"d": torch.zeros_like(a)}, 0, td1.batch_size)
     holder["d"] = torch.zeros_like(a)  # drop the traced delta
     gr = grads["d"]
     gr = gr[:rows] if k is None else gr[:, :rows]

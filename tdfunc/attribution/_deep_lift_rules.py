@@ -7,7 +7,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from .._errors import shape_str
+from .._errors import TdfuncTypeError, here, shape_str
 from .._rewrite import Rewrite, main_output
 from ._common import AttributionError
 
@@ -72,13 +72,13 @@ REFUSED: tuple[type[nn.Module], ...] = (
 )
 
 
-def _module_sites(fn: str, module: nn.Module) -> tuple[list[str], dict[str, str]]:
+def _module_sites(module: nn.Module) -> tuple[list[str], dict[str, str]]:
     """The names of ``module``'s elementwise activations, and its refused modules (name -> why)."""
     if not isinstance(module, nn.Module):
-        raise TypeError(f"{fn}: expected an nn.Module as the module, got {type(module).__name__} ({module!r:.60}).")
+        raise TdfuncTypeError(f"expected an nn.Module as the module, got {type(module).__name__} ({module!r:.60}).")
     if isinstance(module, RESCALED + REFUSED):
         raise AttributionError(
-            f"{fn}: module is itself an {type(module).__name__}; pass the model that calls it ({fn} rewrites the "
+            f"module is itself an {type(module).__name__}; pass the model that calls it ({here()} rewrites the "
             "activation modules inside module)."
         )
     rescaled, refused = [], {}
@@ -92,7 +92,7 @@ def _module_sites(fn: str, module: nn.Module) -> tuple[list[str], dict[str, str]
     return rescaled, refused
 
 
-def _refuse(fn: str, name: str, why: str) -> Callable:
+def _refuse(name: str, why: str) -> Callable:
     def refuse(module, args, kwargs, out):
         if (
             isinstance(module, nn.modules.batchnorm._BatchNorm)
@@ -101,7 +101,7 @@ def _refuse(fn: str, name: str, why: str) -> Callable:
         ):
             return out  # eval-mode BatchNorm is affine: its plain gradient is DeepLift's multiplier
         raise AttributionError(
-            f"{fn}: f reached the {type(module).__name__} module {name!r}, which DeepLift cannot handle here: {why}. "
+            f"f reached the {type(module).__name__} module {name!r}, which DeepLift cannot handle here: {why}. "
             "Return what comes before it from f (e.g. logits instead of softmax probabilities), or use "
             "tdfunc.integrated_gradients, which needs no rule per module."
         )
@@ -113,8 +113,8 @@ class _Rescale(Rewrite):
     """The rescale rule at one activation: ``y`` becomes ``y0 + m (x - x0)`` where the input moved, ``m`` the
     multiplier ``(y - y') / (x - x')`` of the pair (input row, baseline row), ``x0, y0`` the recorded values."""
 
-    def __init__(self, fn: str, name: str, stash: dict, rows: int, eps: float, one_pass: bool):
-        self.fn, self.name, self.stash, self.rows, self.eps, self.one_pass = fn, name, stash, rows, eps, one_pass
+    def __init__(self, name: str, stash: dict, rows: int, eps: float, one_pass: bool):
+        self.name, self.stash, self.rows, self.eps, self.one_pass = name, stash, rows, eps, one_pass
 
     def record(self, module, args, kwargs, out):
         x, y = self.stash[self.name], main_output(out)
@@ -122,7 +122,7 @@ class _Rescale(Rewrite):
             x = x.detach()
         if x.shape != y.shape or x.dim() == 0 or x.shape[0] != 2 * self.rows:
             raise AttributionError(
-                f"{self.fn}: the {type(module).__name__} module {self.name!r} got an input of shape "
+                f"the {type(module).__name__} module {self.name!r} got an input of shape "
                 f"{shape_str(x.shape)} (output {shape_str(y.shape)}); DeepLift runs f once on the inputs and their "
                 f"baselines stacked along the first batch dim ({self.rows} rows, then {self.rows}) and pairs them at "
                 f"every activation by that dim, so its first dim must be {2 * self.rows}. Modules that put another dim "

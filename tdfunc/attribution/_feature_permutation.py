@@ -15,7 +15,7 @@ import torch
 from tensordict import TensorDict, TensorDictBase
 
 from .._checks import check_bool, check_callable, check_chunk_size, check_generator, check_randomness
-from .._errors import shape_str
+from .._errors import public, shape_str
 from .._types import InKeys, PerKey
 from ._common import AttributionError, check_output, prepare, result
 from ._perturb_common import feature_masks, run_perturbed
@@ -34,7 +34,7 @@ def _draw_permutations(n_feat: int, n: int, generator: torch.Generator | None) -
     return torch.stack(rows) if rows else torch.zeros(0, n, dtype=torch.long)
 
 
-def _check_permutations(fn: str, perms, n_feat: int, n: int) -> torch.Tensor:
+def _check_permutations(perms, n_feat: int, n: int) -> torch.Tensor:
     want = shape_str((n_feat, n))
     if (
         not isinstance(perms, torch.Tensor)
@@ -43,19 +43,18 @@ def _check_permutations(fn: str, perms, n_feat: int, n: int) -> torch.Tensor:
         or perms.dtype == torch.bool
     ):
         got = type(perms).__name__ if not isinstance(perms, torch.Tensor) else f"a {perms.dtype} tensor"
-        raise AttributionError(f"{fn}: permutations must be an integer tensor of shape {want}, got {got}.")
+        raise AttributionError(f"permutations must be an integer tensor of shape {want}, got {got}.")
     if tuple(perms.shape) != (n_feat, n):
         raise AttributionError(
-            f"{fn}: permutations has shape {shape_str(perms.shape)}; expected {want} (n_features, batch size)."
+            f"permutations has shape {shape_str(perms.shape)}; expected {want} (n_features, batch size)."
         )
     if not torch.compiler.is_compiling() and torch._C._functorch.maybe_current_level() is None:  # values readable
         if not bool((perms.sort(1).values == torch.arange(n, device=perms.device)).all()):
-            raise AttributionError(
-                f"{fn}: every row of permutations must hold each example index 0 .. {n - 1} exactly once."
-            )
+            raise AttributionError(f"every row of permutations must hold each example index 0 .. {n - 1} exactly once.")
     return perms
 
 
+@public("tdfunc.feature_permutation")
 def feature_permutation(
     f: Callable[[TensorDictBase], torch.Tensor],
     td: TensorDictBase,
@@ -128,20 +127,19 @@ def feature_permutation(
     Composes with: ``vmap`` and ``torch.compile(fullgraph=True)`` given ``permutations`` and the default
     mask, ``grad`` (double backward).
     """
-    fn = "tdfunc.feature_permutation"
-    check_callable(fn, "f", f, AttributionError, expected="f(td) -> Tensor")
-    check_chunk_size(fn, chunk_size, AttributionError)
-    check_generator(fn, generator, AttributionError)
-    check_bool(fn, "progress", progress, AttributionError)
-    check_randomness(fn, randomness, AttributionError)
-    p = prepare(fn, td, in_keys, baselines=False, integer_inputs=True)
+    check_callable("f", f, AttributionError, expected="f(td) -> Tensor")
+    check_chunk_size(chunk_size, AttributionError)
+    check_generator(generator, AttributionError)
+    check_bool("progress", progress, AttributionError)
+    check_randomness(randomness, AttributionError)
+    p = prepare(td, in_keys, baselines=False, integer_inputs=True)
     if not len(p.batch) or p.batch[0] < 2:
         raise AttributionError(
-            f"{fn}: td has batch shape {shape_str(p.batch)}; permuting a feature needs at least 2 examples along the "
+            f"td has batch shape {shape_str(p.batch)}; permuting a feature needs at least 2 examples along the "
             "first batch dim. Attribute a batch (TensorDict({...}, batch_size=[n]) with n >= 2)."
         )
     nb, n_ex = len(p.batch), int(p.batch[0])
-    masks = feature_masks(fn, feature_mask, p)
+    masks = feature_masks(feature_mask, p)
     dev = next(iter(p.x.values())).device
     if feature_mask is None:
         ids = torch.arange(sum(math.prod(p.x[key].shape[nb:]) for key in p.keys), device=dev)
@@ -151,9 +149,9 @@ def feature_permutation(
     if permutations is None:
         perms = _draw_permutations(n, n_ex, generator).to(dev)
     else:
-        perms = _check_permutations(fn, permutations, n, n_ex).to(dev)
+        perms = _check_permutations(permutations, n, n_ex).to(dev)
     y0 = f(td)
-    k = check_output(fn, y0, p.batch, p.x, batch_value=True)
+    k = check_output(y0, p.batch, p.x, batch_value=True)
 
     def masks_for(lo, hi):
         cur = ids[lo:hi]
@@ -163,11 +161,11 @@ def feature_permutation(
         return {key: x[perms[lo:hi]] for key, x in p.x.items()}
 
     _, total = run_perturbed(
-        f, td, p, n, chunk_size, masks_for, y0, progress=progress, fn=fn, randomness=randomness, values_for=values_for
+        f, td, p, n, chunk_size, masks_for, y0, progress=progress, randomness=randomness, values_for=values_for
     )
     attrs = {}
     for key, t in total.items():
         x = p.x[key]
         want = (*x.shape[:nb], *(() if k is None else (k,)), *x.shape[nb:])
         attrs[key] = t.expand(want) if tuple(t.shape) != want else t
-    return result(td.batch_size, attrs, fn=fn)
+    return result(td.batch_size, attrs, warn=True)

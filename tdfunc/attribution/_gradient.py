@@ -7,19 +7,21 @@ from collections.abc import Callable
 import torch
 from tensordict import TensorDict, TensorDictBase
 
+from .._errors import public
 from .._types import InKeys
 from ._common import input_gradients, per_target, prepare, result, tensor_output
 
 __all__ = ["saliency", "input_x_gradient"]
 
 
-def _gradients(fn: str, f: Callable, td: TensorDictBase, in_keys):
-    p = prepare(fn, td, in_keys, baselines=False, f=f)
-    f = tensor_output(fn, f, p.batch)
-    grads, k = input_gradients(fn, f, td, p)
+def _gradients(f: Callable, td: TensorDictBase, in_keys):
+    p = prepare(td, in_keys, baselines=False, f=f)
+    f = tensor_output(f, p.batch)
+    grads, k = input_gradients(f, td, p)
     return p, grads, k
 
 
+@public("tdfunc.saliency")
 def saliency(
     f: Callable[[TensorDictBase], torch.Tensor],
     td: TensorDictBase,
@@ -57,10 +59,11 @@ def saliency(
 
     Composes with: ``vmap``, ``grad`` (double backward), ``torch.compile(fullgraph=True)``.
     """
-    _, grads, _ = _gradients("tdfunc.saliency", f, td, in_keys)
-    return result(td.batch_size, {k: g.abs() if abs else g for k, g in grads.items()}, fn="tdfunc.saliency")
+    _, grads, _ = _gradients(f, td, in_keys)
+    return result(td.batch_size, {k: g.abs() if abs else g for k, g in grads.items()}, warn=True)
 
 
+@public("tdfunc.input_x_gradient")
 def input_x_gradient(
     f: Callable[[TensorDictBase], torch.Tensor],
     td: TensorDictBase,
@@ -87,8 +90,6 @@ def input_x_gradient(
 
     Composes with: ``vmap``, ``grad`` (double backward), ``torch.compile(fullgraph=True)``.
     """
-    p, grads, k = _gradients("tdfunc.input_x_gradient", f, td, in_keys)
+    p, grads, k = _gradients(f, td, in_keys)
     n = len(p.batch)
-    return result(
-        td.batch_size, {key: per_target(p.x[key], k, n) * g for key, g in grads.items()}, fn="tdfunc.input_x_gradient"
-    )
+    return result(td.batch_size, {key: per_target(p.x[key], k, n) * g for key, g in grads.items()}, warn=True)

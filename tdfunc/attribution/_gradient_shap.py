@@ -11,7 +11,7 @@ from torch.func import vmap
 
 from .._checks import check_bool, check_chunk_size, check_generator, check_int, check_randomness, random_op_error
 from .._edits import delta
-from .._errors import shape_str
+from .._errors import TdfuncTypeError, here, public, shape_str
 from .._finite import readable
 from .._types import InKeys, Key
 from ._common import (
@@ -31,7 +31,7 @@ __all__ = ["gradient_shap", "layer_gradient_shap"]
 
 
 def _sample_tensor(
-    fn: str, name: str, v: object, want: tuple, dtype_ok: Callable[[torch.dtype], bool], what: str, device: torch.device
+    name: str, v: object, want: tuple, dtype_ok: Callable[[torch.dtype], bool], what: str, device: torch.device
 ) -> torch.Tensor:
     if not isinstance(v, torch.Tensor) or tuple(v.shape) != want or not dtype_ok(v.dtype) or v.device != device:
         got = (
@@ -40,12 +40,13 @@ def _sample_tensor(
             else f"{type(v).__name__} ({v!r:.60})"
         )
         raise AttributionError(
-            f"{fn}: {name} must be a tensor of shape (n_samples, *batch) = {shape_str(torch.Size(want))} of {what} "
+            f"{name} must be a tensor of shape (n_samples, *batch) = {shape_str(torch.Size(want))} of {what} "
             f"on {device}, got {got}."
         )
     return v
 
 
+@public("tdfunc.gradient_shap")
 def gradient_shap(
     f: Callable[[TensorDictBase], torch.Tensor],
     td: TensorDictBase,
@@ -124,9 +125,7 @@ def gradient_shap(
     Composes with: ``vmap`` (with pre-drawn samples, or a ``randomness`` flag), ``grad`` (double
     backward), ``torch.compile(fullgraph=True)`` (with pre-drawn samples).
     """
-    fn = "tdfunc.gradient_shap"
     p, f, refs, std, eps, a, idx = _samples(
-        fn,
         f,
         td,
         baselines,
@@ -157,20 +156,19 @@ def gradient_shap(
             return (gr * diffs[key] if multiply_by_inputs else gr).sum(0)
 
         try:
-            _, grads, k_targets = grads_per_target(fn, g, points, 1, p.batch, reduce=weigh)
+            _, grads, k_targets = grads_per_target(g, points, 1, p.batch, reduce=weigh)
         except RuntimeError as e:
-            err = random_op_error(fn, e, AttributionError)
+            err = random_op_error(e, AttributionError)
             if err is None:
                 raise
             raise err from e
         for key, contrib in grads.items():
             total[key] = contrib if key not in total else total[key] + contrib
     attrs = {key: move_target_dim(t / s, k_targets, nb) for key, t in total.items()}
-    return result(td.batch_size, attrs, fn=fn)
+    return result(td.batch_size, attrs, warn=True)
 
 
 def _samples(
-    fn: str,
     f,
     td,
     baselines,
@@ -186,44 +184,43 @@ def _samples(
     randomness,
 ):
     """Validated inputs and the samples: ``(p, refs, std, eps, alphas, baseline_index)``; ``f`` checked."""
-    check_int(fn, "n_samples", n_samples, AttributionError)
-    check_chunk_size(fn, chunk_size, AttributionError)
-    check_generator(fn, generator, AttributionError)
-    check_bool(fn, "multiply_by_inputs", multiply_by_inputs, AttributionError)
-    check_randomness(fn, randomness, AttributionError)
+    check_int("n_samples", n_samples, AttributionError)
+    check_chunk_size(chunk_size, AttributionError)
+    check_generator(generator, AttributionError)
+    check_bool("multiply_by_inputs", multiply_by_inputs, AttributionError)
+    check_randomness(randomness, AttributionError)
     if not isinstance(td, TensorDictBase):
-        raise TypeError(
-            f"{fn}: td must be a TensorDict holding the inputs, got {type(td).__name__}; "
+        raise TdfuncTypeError(
+            f"td must be a TensorDict holding the inputs, got {type(td).__name__}; "
             "e.g. TensorDict({'x': x}, batch_size=[len(x)])."
         )
     held = [k for k in td.keys(include_nested=True, leaves_only=True) if isinstance(k, tuple) and k[0] == BASELINE]
     if held:
         raise AttributionError(
-            f"{fn}: td holds the baseline entry {held[0]!r}, but {fn[7:]} draws its baselines from the "
+            f"td holds the baseline entry {held[0]!r}, but {here()[7:]} draws its baselines from the "
             "baselines TensorDict (N per input); remove the entry from td."
         )
-    p = prepare(fn, td, in_keys, f=f, baselines=False)
-    f = tensor_output(fn, f, p.batch)
+    p = prepare(td, in_keys, f=f, baselines=False)
+    f = tensor_output(f, p.batch)
     nb = len(p.batch)
-    refs = check_baseline_distribution(fn, baselines, p.keys, p.x, nb)
+    refs = check_baseline_distribution(baselines, p.keys, p.x, nb)
     n_base = baselines.batch_size[0]
-    std = _stdevs(fn, stdevs, p.keys)
+    std = _stdevs(stdevs, p.keys)
     x0 = p.x[p.keys[0]]
     s = n_samples
     want = (s, *p.batch)
     if noise is None and all(v == 0.0 for v in std.values()):
         eps = {k: torch.zeros((s, *p.x[k].shape), dtype=p.x[k].dtype, device=p.x[k].device) for k in p.keys}
     else:
-        eps = _draws(fn, noise, generator if noise is None else None, p.keys, p.x, s)
+        eps = _draws(noise, generator if noise is None else None, p.keys, p.x, s)
     if alphas is None:
         dev = generator.device if generator is not None else x0.device
         alphas = torch.rand(want, generator=generator, dtype=x0.dtype, device=dev).to(x0.device)
-    a = _sample_tensor(fn, "alphas", alphas, want, lambda d: d == x0.dtype, f"dtype {x0.dtype} in [0, 1]", x0.device)
+    a = _sample_tensor("alphas", alphas, want, lambda d: d == x0.dtype, f"dtype {x0.dtype} in [0, 1]", x0.device)
     if baseline_index is None:
         dev = generator.device if generator is not None else x0.device
         baseline_index = torch.randint(n_base, want, generator=generator, device=dev).to(x0.device)
     idx = _sample_tensor(
-        fn,
         "baseline_index",
         baseline_index,
         want,
@@ -233,7 +230,7 @@ def _samples(
     )
     if idx.numel() and readable(idx.double()) and (int(idx.min()) < 0 or int(idx.max()) >= n_base):
         raise AttributionError(
-            f"{fn}: baseline_index holds {int(idx.min()) if int(idx.min()) < 0 else int(idx.max())}, outside "
+            f"baseline_index holds {int(idx.min()) if int(idx.min()) < 0 else int(idx.max())}, outside "
             f"[0, {n_base}) for the {n_base} baselines."
         )
     return p, f, refs, std, eps, a, idx
@@ -253,6 +250,7 @@ def _points(p, refs, std, eps, a, idx, sl: slice) -> tuple[dict, dict, dict]:
     return points, noisy, bases
 
 
+@public("tdfunc.layer_gradient_shap")
 def layer_gradient_shap(
     f: Callable[[TensorDictBase], torch.Tensor],
     td: TensorDictBase,
@@ -309,10 +307,8 @@ def layer_gradient_shap(
     """
     from ._layer import _activation, _check, _run
 
-    fn = "tdfunc.layer_gradient_shap"
-    _check(fn, td, module, site)
+    _check(td, module, site)
     p, f, refs, std, eps, a, idx = _samples(
-        fn,
         f,
         td,
         baselines,
@@ -328,14 +324,14 @@ def layer_gradient_shap(
         randomness,
     )
     nb = len(p.batch)
-    _, act = _activation(fn, f, module, td, site)
+    _, act = _activation(f, module, td, site)
     points, noisy, bases = _points(p, refs, std, eps, a, idx, slice(None))
-    one = lambda d, pts: _run(fn, f, module, with_inputs(td, pts), {site: delta(d)}, None)  # noqa: E731
+    one = lambda d, pts: _run(f, module, with_inputs(td, pts), {site: delta(d)}, None)  # noqa: E731
     g = lambda xs: vmap(one, randomness=randomness)(xs["d"], points)  # noqa: E731
-    cap = lambda pts: _run(fn, f, module, with_inputs(td, pts), None, [site])[1][site]  # noqa: E731
+    cap = lambda pts: _run(f, module, with_inputs(td, pts), None, [site])[1][site]  # noqa: E731
     try:
         _, grads, k = grads_per_target(
-            fn, g, {"d": torch.zeros((n_samples, *act.shape), dtype=act.dtype, device=act.device)}, 1, p.batch
+            g, {"d": torch.zeros((n_samples, *act.shape), dtype=act.dtype, device=act.device)}, 1, p.batch
         )
         diff = (
             vmap(cap, randomness=randomness)(noisy) - vmap(cap, randomness=randomness)(bases)
@@ -343,7 +339,7 @@ def layer_gradient_shap(
             else None
         )
     except RuntimeError as e:
-        err = random_op_error(fn, e, AttributionError)
+        err = random_op_error(e, AttributionError)
         if err is None:
             raise
         raise err from e

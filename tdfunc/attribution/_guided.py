@@ -10,8 +10,8 @@ import torch.nn.functional as F
 from tensordict import TensorDict, TensorDictBase
 from torch import nn
 
-from .._call import intervene
-from .._errors import TdfuncError, shape_str
+from .._call import _intervene as intervene
+from .._errors import TdfuncError, TdfuncTypeError, here, public, shape_str
 from .._rewrite import Rewrite, main_output, record_then_rewrite
 from .._types import InKeys
 from ._common import AttributionError, _show, input_gradients, prepare, result
@@ -98,27 +98,28 @@ def _stashing(stash: dict, name: str) -> Callable:
     return keep
 
 
-def relu_sites(fn: str, module: nn.Module) -> list[str]:
+def relu_sites(module: nn.Module) -> list[str]:
     """Names of the ``nn.ReLU`` submodules of ``module`` (a shared module once)."""
     if not isinstance(module, nn.Module):
-        raise TypeError(f"{fn}: expected an nn.Module as the module, got {type(module).__name__} ({module!r:.60}).")
+        raise TdfuncTypeError(f"expected an nn.Module as the module, got {type(module).__name__} ({module!r:.60}).")
     names = [name for name, m in module.named_modules() if isinstance(m, nn.ReLU)]
     if not names:
         raise AttributionError(
-            f"{fn}: module {type(module).__name__} has no nn.ReLU submodule, so there is no ReLU backward to "
-            f"{'rewrite' if fn.endswith('deconvolution') else 'guide'}. ReLUs applied as functions inside forward "
+            f"module {type(module).__name__} has no nn.ReLU submodule, so there is no ReLU backward to "
+            f"{'rewrite' if here().endswith('deconvolution') else 'guide'}. ReLUs applied as functions inside forward "
             "(F.relu, torch.relu, .relu()) are not modules and "
             "cannot be rewritten (captum's GuidedBackprop has the same limit): make them nn.ReLU modules, or "
             "use tdfunc.saliency(f, td, abs=False) for the plain gradient."
         )
     if names == [""]:
         raise AttributionError(
-            f"{fn}: module is itself an nn.ReLU; pass the model that calls it ({fn[7:]} rewrites the "
+            f"module is itself an nn.ReLU; pass the model that calls it ({here()[7:]} rewrites the "
             "nn.ReLU submodules of module)."
         )
     return [n for n in names if n]
 
 
+@public("tdfunc.guided_backprop")
 def guided_backprop(
     f: Callable[[TensorDictBase], torch.Tensor],
     td: TensorDictBase,
@@ -183,18 +184,18 @@ def guided_backprop(
     ``smooth_grad`` over it): torch <= 2.13 cannot compile a vmapped ``autograd.Function``
     (pytorch/pytorch#129845).
     """
-    fn = "tdfunc.guided_backprop"
-    sites = relu_sites(fn, module)
-    p = prepare(fn, td, in_keys, baselines=False, f=f)
+    sites = relu_sites(module)
+    p = prepare(td, in_keys, baselines=False, f=f)
     # First forward, outside the vjp: every ReLU output v as a function of the outer variables only (under no_grad,
     # where nothing can differentiate the map, v is recorded in the same forward). Non-strict: an nn.ReLU of module
     # that f does not run is simply not rewritten (as in captum).
-    guided = record_then_rewrite(fn, f, module, dict.fromkeys(sites, _Guided()), (td,))
+    guided = record_then_rewrite(f, module, dict.fromkeys(sites, _Guided()), (td,))
     # second forward: each ReLU output becomes v + guide(out - v)
-    grads, _ = input_gradients(fn, guided, td, p)
-    return result(td.batch_size, grads, fn=fn)
+    grads, _ = input_gradients(guided, td, p)
+    return result(td.batch_size, grads, warn=True)
 
 
+@public("tdfunc.deconvolution")
 def deconvolution(
     f: Callable[[TensorDictBase], torch.Tensor],
     td: TensorDictBase,
@@ -241,17 +242,17 @@ def deconvolution(
     Composes with: ``vmap`` (over examples or targets), ``grad`` (double backward: exact),
     ``torch.compile(fullgraph=True)`` (after :func:`tdfunc.install_sites`).
     """
-    fn = "tdfunc.deconvolution"
-    sites = relu_sites(fn, module)
-    p = prepare(fn, td, in_keys, baselines=False, f=f)
+    sites = relu_sites(module)
+    p = prepare(td, in_keys, baselines=False, f=f)
     stash: dict = {}
     stashing = intervene(f, module, edits={f"{s}:input": _stashing(stash, s) for s in sites}, strict=False)
     one_pass = not torch.is_grad_enabled()  # record_then_rewrite's choice: one forward under no_grad
-    rewritten = record_then_rewrite(fn, stashing, module, {s: _Deconvolved(s, stash, one_pass) for s in sites}, (td,))
-    grads, _ = input_gradients(fn, rewritten, td, p)
-    return result(td.batch_size, grads, fn=fn)
+    rewritten = record_then_rewrite(stashing, module, {s: _Deconvolved(s, stash, one_pass) for s in sites}, (td,))
+    grads, _ = input_gradients(rewritten, td, p)
+    return result(td.batch_size, grads, warn=True)
 
 
+@public("tdfunc.guided_grad_cam")
 def guided_grad_cam(
     f: Callable[[TensorDictBase], torch.Tensor],
     td: TensorDictBase,
@@ -308,20 +309,19 @@ def guided_grad_cam(
     """
     from ._layer import grad_cam
 
-    fn = "tdfunc.guided_grad_cam"
     if interpolate_mode not in _MODES:
         raise AttributionError(
-            f"{fn}: unknown interpolate_mode {interpolate_mode!r}; choose one of {list(_MODES)} "
+            f"unknown interpolate_mode {interpolate_mode!r}; choose one of {list(_MODES)} "
             "(torch.nn.functional.interpolate's modes)."
         )
-    relu_sites(fn, module)
-    p = prepare(fn, td, in_keys, baselines=False, f=f)
+    relu_sites(module)
+    p = prepare(td, in_keys, baselines=False, f=f)
     nb = len(p.batch)
     try:
         guided = guided_backprop(f, td, module, in_keys=p.keys)
         cam = grad_cam(f, td, module, site, relu_attributions=True).get(("attr", site))
     except TdfuncError as e:  # the inner method's message, with the function the user called in front
-        raise type(e)(f"{fn}: {e}") from e
+        raise type(e)(f"{e}") from e
     attrs = {}
     for key in p.keys:
         gb = guided.get(("attr", *key))
@@ -330,7 +330,7 @@ def guided_grad_cam(
         maps = cam.shape[lead + 1 :]
         if len(spatial) != len(maps) or len(spatial) == 0 or len(spatial) > 3:
             raise AttributionError(
-                f"{fn}: input {_show(key)} has feature shape {shape_str(p.x[key].shape[nb:])}, but the Grad-CAM map "
+                f"input {_show(key)} has feature shape {shape_str(p.x[key].shape[nb:])}, but the Grad-CAM map "
                 f"at {site!r} has spatial shape {shape_str(maps)}; guided_grad_cam upsamples the map to each input's "
                 "spatial dims (feature shape (C, *spatial), as many spatial dims as the map, 1 to 3). Attribute only "
                 "such inputs (in_keys=[...]) or use tdfunc.guided_backprop for the others."
@@ -338,7 +338,7 @@ def guided_grad_cam(
         flat = cam.reshape(-1, 1, *maps)
         up = flat if tuple(maps) == tuple(spatial) else F.interpolate(flat, size=tuple(spatial), mode=interpolate_mode)
         attrs[key] = gb * up.reshape(*cam.shape[: lead + 1], *spatial)
-    return result(td.batch_size, attrs, fn=fn)
+    return result(td.batch_size, attrs, warn=True)
 
 
 _MODES: tuple[InterpolateMode, ...] = ("nearest", "linear", "bilinear", "bicubic", "trilinear", "area", "nearest-exact")

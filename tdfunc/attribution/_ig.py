@@ -9,6 +9,7 @@ from tensordict import TensorDict, TensorDictBase
 from torch.func import vmap
 
 from .._checks import check_bool, check_randomness, random_op_error
+from .._errors import here, public
 from .._progress import progress_bar
 from .._types import IGMethod, IGStrategy, InKeys
 from ._common import (
@@ -28,6 +29,7 @@ from ._quadrature import check_path_options, quadrature
 __all__ = ["integrated_gradients", "quadrature"]
 
 
+@public("tdfunc.integrated_gradients")
 def integrated_gradients(
     f: Callable[[TensorDictBase], torch.Tensor],
     td: TensorDictBase,
@@ -111,18 +113,17 @@ def integrated_gradients(
     Composes with: ``vmap`` (over examples or targets), ``grad`` (double backward: attribution
     penalties in a loss), ``torch.compile(fullgraph=True)``.
     """
-    fn = "tdfunc.integrated_gradients"
-    check_path_options(fn, n_steps, method, chunk_size, strategy)
-    check_bool(fn, "progress", progress, AttributionError)
-    check_randomness(fn, randomness, AttributionError)
-    p = prepare(fn, td, in_keys, f=f, baselines_arg=baselines)
-    f = tensor_output(fn, f, p.batch)
+    check_path_options(n_steps, method, chunk_size, strategy)
+    check_bool("progress", progress, AttributionError)
+    check_randomness(randomness, AttributionError)
+    p = prepare(td, in_keys, f=f, baselines_arg=baselines)
+    f = tensor_output(f, p.batch)
     nb = len(p.batch)
     alphas64, weights64 = quadrature(method, n_steps)
     chunk = n_steps if chunk_size is None else min(chunk_size, n_steps)
     total: dict = {}
     k_targets = None
-    for start in progress_bar(range(0, n_steps, chunk), enabled=progress, desc=fn, unit="chunk"):
+    for start in progress_bar(range(0, n_steps, chunk), enabled=progress, desc=here(), unit="chunk"):
         stop = min(start + chunk, n_steps)
         s = stop - start
         scaled = {}
@@ -142,9 +143,9 @@ def integrated_gradients(
         path_sum = lambda key, gr: torch.tensordot(w.to(gr.dtype).to(gr.device), gr, dims=1)  # noqa: E731
         # the weighted sum over the path is taken per target, before the K targets are stacked
         try:
-            _, grads, k_targets = grads_per_target(fn, g, scaled, 1, p.batch, reduce=path_sum)
+            _, grads, k_targets = grads_per_target(g, scaled, 1, p.batch, reduce=path_sum)
         except RuntimeError as e:
-            err = random_op_error(fn, e, AttributionError)
+            err = random_op_error(e, AttributionError)
             if err is None:
                 raise
             raise err from e
@@ -159,11 +160,11 @@ def integrated_gradients(
     extra = {}
     if return_convergence_delta:
         at_x, at_base = f(td), f(with_inputs(td, p.baseline))
-        check_output(fn, at_x, p.batch)
+        check_output(at_x, p.batch)
         lead = nb + (k_targets is not None)
         summed = sum(a.reshape(*a.shape[:lead], -1).sum(-1) for a in attrs.values())
         extra["convergence_delta"] = summed - (at_x - at_base)
-    return result(td.batch_size, attrs, extra, fn=fn)
+    return result(td.batch_size, attrs, extra, warn=True)
 
 
 def _unfold(y: torch.Tensor, s: int, batch: torch.Size) -> torch.Tensor:

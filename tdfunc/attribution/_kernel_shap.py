@@ -14,6 +14,7 @@ import torch
 from tensordict import TensorDict, TensorDictBase
 
 from .._checks import check_callable
+from .._errors import public
 from .._types import InKeys, PerKey
 from ._common import AttributionError, Baselines, check_output, result
 from ._perturb_common import check_draws, per_position, run_perturbed, sampling_setup
@@ -43,12 +44,12 @@ def _draw_coalitions(n_samples: int, n_feat: int, generator: torch.Generator | N
     return torch.stack(rows)
 
 
-def _check_coalitions(fn: str, coal, n_samples: int, n_feat: int) -> torch.Tensor:
+def _check_coalitions(coal, n_samples: int, n_feat: int) -> torch.Tensor:
     ok = lambda t: not (t.is_floating_point() or t.is_complex())  # noqa: E731
-    coal = check_draws(fn, "coalitions", coal, n_samples, n_feat, "a bool or integer 0/1 tensor", ok)
+    coal = check_draws("coalitions", coal, n_samples, n_feat, "a bool or integer 0/1 tensor", ok)
     if coal.dtype != torch.bool:
         if not torch.compiler.is_compiling() and bool(((coal != 0) & (coal != 1)).any()):
-            raise AttributionError(f"{fn}: coalitions must hold only 0 and 1 (1: the feature keeps its input value).")
+            raise AttributionError("coalitions must hold only 0 and 1 (1: the feature keeps its input value).")
         coal = coal != 0
     return coal
 
@@ -72,6 +73,7 @@ def _solver(coal: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return (pinv * sw[None, :]) @ center
 
 
+@public("tdfunc.kernel_shap")
 def kernel_shap(
     f: Callable[[TensorDictBase], torch.Tensor],
     td: TensorDictBase,
@@ -148,15 +150,14 @@ def kernel_shap(
     Composes with: ``vmap`` and ``torch.compile(fullgraph=True)`` given ``coalitions`` and the
     default mask, ``grad`` (double backward: the fit is a constant linear map of the outputs).
     """
-    fn = "tdfunc.kernel_shap"
-    check_callable(fn, "f", f, AttributionError, expected="f(td) -> Tensor")
+    check_callable("f", f, AttributionError, expected="f(td) -> Tensor")
     p, masks, dev, n_feat = sampling_setup(
-        fn, td, in_keys, feature_mask, n_samples, chunk_size, generator, progress, randomness, baselines
+        td, in_keys, feature_mask, n_samples, chunk_size, generator, progress, randomness, baselines
     )
     if coalitions is None:
         coal = _draw_coalitions(n_samples, n_feat, generator).to(dev)
     else:
-        coal = _check_coalitions(fn, coalitions, n_samples, n_feat).to(dev)
+        coal = _check_coalitions(coalitions, n_samples, n_feat).to(dev)
 
     def masks_for(lo, hi):  # True: set to the baseline (the feature is out of the coalition)
         c = coal[lo:hi]
@@ -170,13 +171,13 @@ def kernel_shap(
         chunk_size,
         masks_for,
         progress=progress,
-        fn=fn,  # (S, *batch (+ K))
+        # (S, *batch (+ K))
         randomness=randomness,
     )
-    k = check_output(fn, ys[0], p.batch, p.x, batch_value=True)
+    k = check_output(ys[0], p.batch, p.x, batch_value=True)
     wide = torch.float64 if dev.type != "mps" else torch.float32
     solve = _solver(coal, wide).to(ys.dtype)  # (F, S), solved in float64
     phi = torch.tensordot(solve, ys, dims=([1], [0])).movedim(0, -1)  # (*batch (+ K), F)
     if ys.dim() == 1 and len(p.batch):  # one value per batch: one map of the batch, for every example
         phi = phi.expand(*p.batch, n_feat)
-    return result(td.batch_size, per_position(phi, masks, p, k), fn=fn)
+    return result(td.batch_size, per_position(phi, masks, p, k), warn=True)

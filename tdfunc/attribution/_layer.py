@@ -20,7 +20,7 @@ from torch import nn
 from .. import _runtime
 from .._checks import check_callable, type_error
 from .._edits import delta
-from .._errors import shape_str
+from .._errors import TdfuncTypeError, here, public, shape_str
 from .._finite import check_finite, warn_nonfinite
 from .._plan import make_plan
 from .._sites import ALL_CALLS, parse_site
@@ -38,125 +38,126 @@ from ._common import (
 __all__ = ["grad_cam", "layer_gradient_x_activation"]
 
 
-def _check(fn: str, td: object, module: object, site: object) -> None:
+def _check(td: object, module: object, site: object) -> None:
     if not isinstance(module, nn.Module):
-        raise TypeError(
-            f"{fn}: module must be the nn.Module whose site is attributed, got {type(module).__name__} "
-            f"({module!r:.60}); pass the model itself, e.g. {fn}(f, td, model, 'layer1')."
+        raise TdfuncTypeError(
+            f"module must be the nn.Module whose site is attributed, got {type(module).__name__} "
+            f"({module!r:.60}); pass the model itself, e.g. {here()}(f, td, model, 'layer1')."
         )
     if not isinstance(td, TensorDictBase):
-        raise TypeError(
-            f"{fn}: td must be a TensorDict holding the inputs, got {type(td).__name__} ({td!r:.60}); "
+        raise TdfuncTypeError(
+            f"td must be a TensorDict holding the inputs, got {type(td).__name__} ({td!r:.60}); "
             "e.g. TensorDict({'x': x}, batch_size=[len(x)])."
         )
-    spec = parse_site(fn, site)
+    spec = parse_site(site)
     if spec.is_glob or spec.call == ALL_CALLS:
         raise AttributionError(
-            f"{fn}: site {site!r} names several values; attribute one site at a time "
+            f"site {site!r} names several values; attribute one site at a time "
             "(no globs; '@k' for the k-th call of a module that runs several times)."
         )
 
 
-def _check_sites(fn: str, td: object, module: object, site: object) -> list[str]:
+def _check_sites(td: object, module: object, site: object) -> list[str]:
     """``site`` as a list of site strings: one site (checked by :func:`_check`), or a non-empty list / tuple of
     distinct sites attributed jointly (captum's list of layers)."""
     if not isinstance(site, (list, tuple)):
-        _check(fn, td, module, site)
+        _check(td, module, site)
         return [site]  # type: ignore[list-item]  # _check refused every other type
     if not site or not all(isinstance(s, str) for s in site):
         raise type_error(AttributionError)(
-            f"{fn}: site must be a site string or a non-empty list of site strings, got {site!r:.80}; "
+            f"site must be a site string or a non-empty list of site strings, got {site!r:.80}; "
             "e.g. 'layer1' or ['emb.word', 'emb.pos']."
         )
     repeated = sorted({s for s in site if site.count(s) > 1})
     if repeated:
-        raise AttributionError(
-            f"{fn}: the sites {list(site)!r:.120} name {repeated!r} more than once; list each site once."
-        )
+        raise AttributionError(f"the sites {list(site)!r:.120} name {repeated!r} more than once; list each site once.")
     for s in site:
-        _check(fn, td, module, s)
+        _check(td, module, s)
     return list(site)
 
 
-def _run(fn: str, f: Callable, module: nn.Module, td: TensorDictBase, edits: dict | None, capture: list | None):
+def _run(f: Callable, module: nn.Module, td: TensorDictBase, edits: dict | None, capture: list | None):
     """``f(td)`` with ``edits`` / ``capture`` at sites of ``module`` (intervene, errors naming ``fn``)."""
-    out, caps = _runtime.run_plan(make_plan(fn, module, edits, capture), f, td)
+    out, caps = _runtime.run_plan(make_plan(module, edits, capture), f, td)
     return out if capture is None else (out, caps)
 
 
-def _activation(fn: str, f: Callable, module: nn.Module, td: TensorDictBase, site: str):
+def _activation(f: Callable, module: nn.Module, td: TensorDictBase, site: str):
     """One forward: ``(f(td), value at site)``; the value must be batch-first."""
-    y, (a,) = _activations(fn, f, module, td, [site])
+    y, (a,) = _activations(f, module, td, [site])
     return y, a
 
 
-def _activations(fn: str, f: Callable, module: nn.Module, td: TensorDictBase, sites: list[str]):
+def _activations(f: Callable, module: nn.Module, td: TensorDictBase, sites: list[str]):
     """One forward: ``(f(td), [value at each site])``; every value must be batch-first."""
-    y, caps = _run(fn, f, module, td, None, sites)
-    check_output(fn, y, td.batch_size)
-    return y, [_batch_first(fn, caps[site], td.batch_size, site) for site in sites]
+    y, caps = _run(f, module, td, None, sites)
+    check_output(y, td.batch_size)
+    return y, [_batch_first(caps[site], td.batch_size, site) for site in sites]
 
 
-def _batch_first(fn: str, a: object, batch: torch.Size, site: str) -> torch.Tensor:
+def _batch_first(a: object, batch: torch.Size, site: str) -> torch.Tensor:
     if not isinstance(a, torch.Tensor) or not a.is_floating_point():
         what = f"dtype {a.dtype}" if isinstance(a, torch.Tensor) else f"a value of type {type(a).__name__}"
         raise AttributionError(
-            f"{fn}: site {site!r} holds {what}; layer attribution needs a floating-point tensor there. "
+            f"site {site!r} holds {what}; layer attribution needs a floating-point tensor there. "
             "Attribute another site (e.g. ':output.N' for one element of a tuple output)."
         )
     if tuple(a.shape[: len(batch)]) != tuple(batch):
         raise AttributionError(
-            f"{fn}: the value at site {site!r} has shape {shape_str(a.shape)}, which does not start with td's "
+            f"the value at site {site!r} has shape {shape_str(a.shape)}, which does not start with td's "
             f"batch shape {shape_str(batch)}; the site must hold one activation per example, batch dims first. "
             "Give td the batch shape the model sees, or attribute another site."
         )
     return a
 
 
-def _site_gradient(fn: str, f: Callable, td: TensorDictBase, module: nn.Module, site: str, channels: bool = False):
+def _site_gradient(f: Callable, td: TensorDictBase, module: nn.Module, site: str, channels: bool = False):
     """(activation, gradient of every target at the site, K): two forwards + K vjps."""
-    _check(fn, td, module, site)
-    acts, grads, k = _sites_gradient(fn, f, td, module, [site], channels)
+    _check(td, module, site)
+    acts, grads, k = _sites_gradient(f, td, module, [site], channels)
     return acts[0], grads[0], k
 
 
-def _sites_gradient(fn: str, f: Callable, td: TensorDictBase, module: nn.Module, sites: list, channels: bool = False):
+def _sites_gradient(f: Callable, td: TensorDictBase, module: nn.Module, sites: list, channels: bool = False):
     """([activation], [gradient of every target at each site], K) for checked sites: two forwards + K vjps (a zero
     delta at every site: each site's gradient is its full gradient, through the other sites too)."""
-    check_callable(fn, "f", f, AttributionError, expected="f(td) -> Tensor")
+    check_callable("f", f, AttributionError, expected="f(td) -> Tensor")
     for key in td.keys(include_nested=True, leaves_only=True):  # f may read any entry: every float one is an input
         if td.get(key).is_floating_point():
-            check_finite(fn, f"input {_show(_norm(key))}", td.get(key), AttributionError, NONFINITE_FIX)
-    _, acts = _activations(fn, f, module, td, sites)
+            check_finite(f"input {_show(_norm(key))}", td.get(key), AttributionError, NONFINITE_FIX)
+    _, acts = _activations(f, module, td, sites)
     for site, act in zip(sites, acts):
         if channels and act.dim() <= len(td.batch_size):
             raise AttributionError(
-                f"{fn}: the value at site {site!r} has shape {shape_str(act.shape)}, with no channel dim after td's "
+                f"the value at site {site!r} has shape {shape_str(act.shape)}, with no channel dim after td's "
                 f"batch shape {shape_str(td.batch_size)}; Grad-CAM needs batch + (C, *spatial). Attribute another "
                 "site."
             )
     names = [f"d{i}" for i in range(len(sites))]
-    g = lambda xs: _run(fn, f, module, td, {s: delta(xs[n]) for s, n in zip(sites, names)}, None)  # noqa: E731
-    _, grads, k = grads_per_target(fn, g, {n: torch.zeros_like(a) for n, a in zip(names, acts)}, 0, td.batch_size)
+    g = lambda xs: _run(f, module, td, {s: delta(xs[n]) for s, n in zip(sites, names)}, None)  # noqa: E731
+    _, grads, k = grads_per_target(g, {n: torch.zeros_like(a) for n, a in zip(names, acts)}, 0, td.batch_size)
     return acts, [grads[n] for n in names], k
 
 
-def _out(td: TensorDictBase, site: str, value: torch.Tensor, extra: dict | None = None, *, fn: str = "") -> TensorDict:
-    return _outs(td, {site: value}, extra, fn=fn)
+def _out(
+    td: TensorDictBase, site: str, value: torch.Tensor, extra: dict | None = None, *, warn: bool = False
+) -> TensorDict:
+    return _outs(td, {site: value}, extra, warn=warn)
 
 
-def _outs(td: TensorDictBase, values: dict, extra: dict | None = None, *, fn: str = "") -> TensorDict:
+def _outs(td: TensorDictBase, values: dict, extra: dict | None = None, *, warn: bool = False) -> TensorDict:
     """The result: ``("attr", site)`` for each site -> value, and the ``extra`` entries."""
     out = TensorDict({}, batch_size=td.batch_size)
     for site, value in values.items():
-        if fn:
-            warn_nonfinite(fn, repr(("attr", site)), value)
+        if warn:
+            warn_nonfinite(repr(("attr", site)), value)
         out.set(("attr", site), value)
     for k, v in (extra or {}).items():
         out.set(k, v)
     return out
 
 
+@public("tdfunc.grad_cam")
 def grad_cam(
     f: Callable[[TensorDictBase], torch.Tensor],
     td: TensorDictBase,
@@ -213,8 +214,7 @@ def grad_cam(
     Composes with: ``vmap`` (over examples or targets), ``grad`` (double backward),
     ``torch.compile(fullgraph=True)`` after ``tdfunc.install_sites(module, site)``.
     """
-    fn = "tdfunc.grad_cam"
-    act, grad, k = _site_gradient(fn, f, td, module, site, channels=True)
+    act, grad, k = _site_gradient(f, td, module, site, channels=True)
     nb = len(td.batch_size)
     c = nb + (k is not None)  # the channel dim of the (K,) + act-shaped gradient
     spatial = tuple(range(c + 1, grad.dim()))
@@ -224,9 +224,10 @@ def grad_cam(
         cam = cam.sum(c, keepdim=True)
     if relu_attributions:
         cam = torch.relu(cam)
-    return _out(td, site, move_target_dim(cam, k, nb), fn=fn)
+    return _out(td, site, move_target_dim(cam, k, nb), warn=True)
 
 
+@public("tdfunc.layer_gradient_x_activation")
 def layer_gradient_x_activation(
     f: Callable[[TensorDictBase], torch.Tensor],
     td: TensorDictBase,
@@ -268,12 +269,11 @@ def layer_gradient_x_activation(
     Composes with: ``vmap`` (over examples or targets), ``grad`` (double backward),
     ``torch.compile(fullgraph=True)`` after ``tdfunc.install_sites(module, site)``.
     """
-    fn = "tdfunc.layer_gradient_x_activation"
-    sites = _check_sites(fn, td, module, site)
-    acts, grads, k = _sites_gradient(fn, f, td, module, sites)
+    sites = _check_sites(td, module, site)
+    acts, grads, k = _sites_gradient(f, td, module, sites)
     nb = len(td.batch_size)
     out = {}
     for s, act, grad in zip(sites, acts, grads):
         grad = move_target_dim(grad, k, nb)
         out[s] = grad * per_target(act, k, nb) if multiply_by_inputs else grad
-    return _outs(td, out, fn=fn)
+    return _outs(td, out, warn=True)

@@ -15,6 +15,7 @@ from tensordict import TensorDict, TensorDictBase
 from torch import nn
 
 from .._checks import check_bool, check_callable, check_chunk_size, check_randomness
+from .._errors import public
 from .._finite import check_finite
 from .._types import PerKey
 from ._common import NONFINITE_FIX, AttributionError, Inputs, _norm, _show, check_output, result, shared_baseline
@@ -24,6 +25,7 @@ from ._perturb_common import feature_masks, run_perturbed
 __all__ = ["layer_feature_ablation"]
 
 
+@public("tdfunc.layer_feature_ablation")
 def layer_feature_ablation(
     f: Callable[[TensorDictBase], torch.Tensor],
     td: TensorDictBase,
@@ -87,21 +89,20 @@ def layer_feature_ablation(
     Composes with: ``vmap``, ``grad`` (double backward), ``torch.compile(fullgraph=True)`` after
     ``tdfunc.install_sites(module, site)`` with the default mask.
     """
-    fn = "tdfunc.layer_feature_ablation"
-    _check(fn, td, module, site)
-    check_callable(fn, "f", f, AttributionError, expected="f(td) -> Tensor")
-    check_chunk_size(fn, chunk_size, AttributionError)
-    check_bool(fn, "progress", progress, AttributionError)
-    check_randomness(fn, randomness, AttributionError)
+    _check(td, module, site)
+    check_callable("f", f, AttributionError, expected="f(td) -> Tensor")
+    check_chunk_size(chunk_size, AttributionError)
+    check_bool("progress", progress, AttributionError)
+    check_randomness(randomness, AttributionError)
     for key in td.keys(include_nested=True, leaves_only=True):  # f may read any entry
         if td.get(key).is_floating_point():
-            check_finite(fn, f"input {_show(_norm(key))}", td.get(key), AttributionError, NONFINITE_FIX)
-    y0, caps = _run(fn, f, module, td, None, [site])
+            check_finite(f"input {_show(_norm(key))}", td.get(key), AttributionError, NONFINITE_FIX)
+    y0, caps = _run(f, module, td, None, [site])
     batch = td.batch_size
-    k = check_output(fn, y0, batch, batch_value=True)
-    a = _batch_first(fn, caps[site], batch, site)
+    k = check_output(y0, batch, batch_value=True)
+    a = _batch_first(caps[site], batch, site)
     key = (site,)
-    base = torch.zeros_like(a) if baselines is None else shared_baseline(fn, key, baselines, a, "the site's value")
+    base = torch.zeros_like(a) if baselines is None else shared_baseline(key, baselines, a, "the site's value")
     p = Inputs([key], {key: a}, {key: base}, batch)
     nb = len(batch)
     given = (
@@ -109,7 +110,7 @@ def layer_feature_ablation(
         if feature_mask is None
         else ({key: feature_mask} if isinstance(feature_mask, torch.Tensor) else feature_mask)
     )
-    masks = feature_masks(fn, given, p, "the site's value")
+    masks = feature_masks(given, p, "the site's value")
     if feature_mask is None:
         ids = torch.arange(math.prod(a.shape[nb:]), device=a.device)
     else:
@@ -120,11 +121,9 @@ def layer_feature_ablation(
         cur = ids[lo:hi]
         return {key: m.unsqueeze(0) == cur.view(-1, *([1] * m.dim())) for key, m in masks.items()}
 
-    at_site = lambda t: _run(fn, f, module, td, {site: t.get(key)}, None)  # noqa: E731
+    at_site = lambda t: _run(f, module, td, {site: t.get(key)}, None)  # noqa: E731
     holder = TensorDict({key: a}, batch_size=batch)
-    _, total = run_perturbed(
-        at_site, holder, p, n, chunk_size, masks_for, y0, progress=progress, fn=fn, randomness=randomness
-    )
+    _, total = run_perturbed(at_site, holder, p, n, chunk_size, masks_for, y0, progress=progress, randomness=randomness)
     t = total[key]
     want = (*a.shape[:nb], *(() if k is None else (k,)), *a.shape[nb:])
-    return result(batch, {key: t.expand(want) if tuple(t.shape) != want else t}, fn=fn)
+    return result(batch, {key: t.expand(want) if tuple(t.shape) != want else t}, warn=True)

@@ -18,6 +18,7 @@ from torch.func import vmap
 
 from .._checks import check_callable, check_randomness, random_op_error
 from .._edits import delta
+from .._errors import public
 from .._types import IGMethod, InKeys
 from ._common import (
     BASELINE,
@@ -39,6 +40,7 @@ from ._quadrature import quadrature
 __all__ = ["internal_influence", "layer_conductance", "layer_integrated_gradients"]
 
 
+@public("tdfunc.layer_integrated_gradients")
 def layer_integrated_gradients(
     f: Callable[[TensorDictBase], torch.Tensor],
     td: TensorDictBase,
@@ -148,20 +150,19 @@ def layer_integrated_gradients(
     Composes with: ``vmap`` (over examples or targets), ``grad`` (double backward),
     ``torch.compile(fullgraph=True)`` after ``tdfunc.install_sites(module, site)``.
     """
-    fn = "tdfunc.layer_integrated_gradients"
-    _check_options(fn, n_steps, method, chunk_size, "vmap")
-    check_randomness(fn, randomness, AttributionError)
-    sites = _check_sites(fn, td, module, site)
-    check_callable(fn, "f", f, AttributionError, expected="f(td) -> Tensor")
-    keys = _lig_keys(fn, td, in_keys, baselines)
-    p = prepare(fn, td, keys, f=f, baselines_arg=baselines, integer_inputs=True)
+    _check_options(n_steps, method, chunk_size, "vmap")
+    check_randomness(randomness, AttributionError)
+    sites = _check_sites(td, module, site)
+    check_callable("f", f, AttributionError, expected="f(td) -> Tensor")
+    keys = _lig_keys(td, in_keys, baselines)
+    p = prepare(td, keys, f=f, baselines_arg=baselines, integer_inputs=True)
     nb = len(p.batch)
-    y_x, a_x = _activations(fn, f, module, td, sites)
-    y_b, a_b = _activations(fn, f, module, with_inputs(td, p.baseline), sites)
+    y_x, a_x = _activations(f, module, td, sites)
+    y_b, a_b = _activations(f, module, with_inputs(td, p.baseline), sites)
     alphas64, weights64 = quadrature(method, n_steps)
     chunk = n_steps if chunk_size is None else min(chunk_size, n_steps)
     names = [f"a{i}" for i in range(len(sites))]  # every site on the one path: its values substituted jointly
-    substituted = lambda xs: _run(fn, f, module, td, {s: xs[n] for s, n in zip(sites, names)}, None)  # noqa: E731
+    substituted = lambda xs: _run(f, module, td, {s: xs[n] for s, n in zip(sites, names)}, None)  # noqa: E731
     g = lambda xs: vmap(substituted, randomness=randomness)(xs)  # noqa: E731
     total: dict = {}
     k = None
@@ -173,9 +174,9 @@ def layer_integrated_gradients(
             alpha = alphas64[start:stop].to(ax.dtype).to(ax.device).view(s, *([1] * ax.dim()))
             points[n] = ab + alpha * (ax - ab)
         try:
-            _, grads, k = grads_per_target(fn, g, points, 1, p.batch)
+            _, grads, k = grads_per_target(g, points, 1, p.batch)
         except RuntimeError as e:
-            err = random_op_error(fn, e, AttributionError)
+            err = random_op_error(e, AttributionError)
             if err is None:
                 raise
             raise err from e
@@ -194,10 +195,10 @@ def layer_integrated_gradients(
         lead = nb + (k is not None)
         summed = sum(a.reshape(*a.shape[:lead], -1).sum(-1) for a in attrs.values())
         extra["convergence_delta"] = summed - (y_x - y_b)
-    return _outs(td, attrs, extra, fn=fn)
+    return _outs(td, attrs, extra, warn=True)
 
 
-def _lig_keys(fn: str, td: TensorDictBase, in_keys: InKeys | None, baselines: object) -> InKeys:
+def _lig_keys(td: TensorDictBase, in_keys: InKeys | None, baselines: object) -> InKeys:
     """The inputs layer IG sends to their baselines; integer inputs (token ids) need integer baselines."""
     leaves = [_norm(k) for k in td.keys(include_nested=True, leaves_only=True)]
     inputs = [k for k in leaves if k[0] != BASELINE]
@@ -209,7 +210,7 @@ def _lig_keys(fn: str, td: TensorDictBase, in_keys: InKeys | None, baselines: ob
         if not keys:
             ids = next((k for k in inputs if not td.get(k).is_floating_point()), ("input_ids",))
             raise AttributionError(
-                f"{fn}: td has no floating-point entry and no entry given a baseline (entries: {_show_all(leaves)}), "
+                f"td has no floating-point entry and no entry given a baseline (entries: {_show_all(leaves)}), "
                 f"so nothing says which inputs go to a baseline; name them with in_keys=[{_show(ids)}] (integer token "
                 f"ids too: their baseline is ids of the same dtype, e.g. baselines=<pad token id> or a "
                 f"{(BASELINE, *ids)!r} entry; zeros when absent)."
@@ -225,7 +226,7 @@ def _lig_keys(fn: str, td: TensorDictBase, in_keys: InKeys | None, baselines: ob
         if isinstance(b, torch.Tensor) and (b.is_floating_point() or b.is_complex()):
             v = td.get(k)
             raise AttributionError(
-                f"{fn}: baseline for {_show(k)} has dtype {b.dtype} but the input has dtype {v.dtype}; the baseline "
+                f"baseline for {_show(k)} has dtype {b.dtype} but the input has dtype {v.dtype}; the baseline "
                 f"of integer inputs (token ids) is ids of the same dtype (e.g. the pad token id): the path runs "
                 "between the site's values for the baseline ids and for the input ids. Give integer ids "
                 f"(baselines=<pad token id>, or a {(BASELINE, *k)!r} entry of dtype {v.dtype}); for a baseline in "
@@ -235,7 +236,6 @@ def _lig_keys(fn: str, td: TensorDictBase, in_keys: InKeys | None, baselines: ob
 
 
 def _path_at_site(
-    fn: str,
     f: Callable,
     td: TensorDictBase,
     module: nn.Module,
@@ -247,34 +247,35 @@ def _path_at_site(
 ):
     """At each input-path point ``x' + alpha (x - x')``: every target's gradient at ``site`` (shape ``(K,)? + (S,)
     + site value``), and with ``values`` the site's values there (``(S,) + site value``); also the batch and K."""
-    _check(fn, td, module, site)
-    check_randomness(fn, randomness, AttributionError)
-    p = prepare(fn, td, in_keys, f=f)
-    _, a_x = _activation(fn, f, module, td, site)
+    _check(td, module, site)
+    check_randomness(randomness, AttributionError)
+    p = prepare(td, in_keys, f=f)
+    _, a_x = _activation(f, module, td, site)
     s = alphas64.shape[0]
     points = {}
     for key in p.keys:
         x, b = p.x[key], p.baseline[key]
         a = alphas64.to(x.dtype).to(x.device).view(s, *([1] * x.dim()))
         points[key] = b + a * (x - b)
-    one = lambda d, pts: _run(fn, f, module, with_inputs(td, pts), {site: delta(d)}, None)  # noqa: E731
+    one = lambda d, pts: _run(f, module, with_inputs(td, pts), {site: delta(d)}, None)  # noqa: E731
     g = lambda xs: vmap(one, randomness=randomness)(xs["d"], points)  # noqa: E731
     try:
         _, grads, k = grads_per_target(
-            fn, g, {"d": torch.zeros((s, *a_x.shape), dtype=a_x.dtype, device=a_x.device)}, 1, p.batch
+            g, {"d": torch.zeros((s, *a_x.shape), dtype=a_x.dtype, device=a_x.device)}, 1, p.batch
         )
         vals = None
         if values:
-            cap = lambda pts: _run(fn, f, module, with_inputs(td, pts), None, [site])[1][site]  # noqa: E731
+            cap = lambda pts: _run(f, module, with_inputs(td, pts), None, [site])[1][site]  # noqa: E731
             vals = vmap(cap, randomness=randomness)(points)
     except RuntimeError as e:
-        err = random_op_error(fn, e, AttributionError)
+        err = random_op_error(e, AttributionError)
         if err is None:
             raise
         raise err from e
     return grads["d"], vals, p.batch, k
 
 
+@public("tdfunc.internal_influence")
 def internal_influence(
     f: Callable[[TensorDictBase], torch.Tensor],
     td: TensorDictBase,
@@ -324,15 +325,15 @@ def internal_influence(
     Composes with: ``vmap`` (over examples or targets), ``grad`` (double backward),
     ``torch.compile(fullgraph=True)`` after ``tdfunc.install_sites(module, site)``.
     """
-    fn = "tdfunc.internal_influence"
-    _check_options(fn, n_steps, method, None, "vmap")
+    _check_options(n_steps, method, None, "vmap")
     alphas64, weights64 = quadrature(method, n_steps)
-    grads, _, batch, k = _path_at_site(fn, f, td, module, site, in_keys, alphas64, randomness, values=False)
+    grads, _, batch, k = _path_at_site(f, td, module, site, in_keys, alphas64, randomness, values=False)
     step = 0 if k is None else 1  # the path dim: after the target dim when there is one
     w = weights64.to(grads.dtype).to(grads.device).view(n_steps, *([1] * (grads.dim() - step - 1)))
-    return _out(td, site, move_target_dim((grads * w).sum(step), k, len(batch)), fn=fn)
+    return _out(td, site, move_target_dim((grads * w).sum(step), k, len(batch)), warn=True)
 
 
+@public("tdfunc.layer_conductance")
 def layer_conductance(
     f: Callable[[TensorDictBase], torch.Tensor],
     td: TensorDictBase,
@@ -389,15 +390,14 @@ def layer_conductance(
     Composes with: ``vmap`` (over examples or targets), ``grad`` (double backward),
     ``torch.compile(fullgraph=True)`` after ``tdfunc.install_sites(module, site)``.
     """
-    fn = "tdfunc.layer_conductance"
-    _check_options(fn, n_steps, method, None, "vmap")
+    _check_options(n_steps, method, None, "vmap")
     if not isinstance(return_convergence_delta, bool):
         raise AttributionError(
-            f"{fn}: return_convergence_delta must be True or False, got {type(return_convergence_delta).__name__} "
+            f"return_convergence_delta must be True or False, got {type(return_convergence_delta).__name__} "
             f"({return_convergence_delta!r:.60})."
         )
     alphas64, _ = quadrature(method, n_steps + 1)
-    grads, vals, batch, k = _path_at_site(fn, f, td, module, site, in_keys, alphas64, randomness, values=True)
+    grads, vals, batch, k = _path_at_site(f, td, module, site, in_keys, alphas64, randomness, values=True)
     dvals = vals[1:] - vals[:-1]  # values=True: the site's values along the path
     if k is None:
         attr = (grads[:-1] * dvals).sum(0)
@@ -405,8 +405,8 @@ def layer_conductance(
         attr = move_target_dim((grads[:, :-1] * dvals).sum(1), k, len(batch))
     extra = {}
     if return_convergence_delta:
-        p = prepare(fn, td, in_keys, f=f)
+        p = prepare(td, in_keys, f=f)
         y_x, y_b = f(td), f(with_inputs(td, p.baseline))
         lead = len(batch) + (k is not None)
         extra["convergence_delta"] = attr.reshape(*attr.shape[:lead], -1).sum(-1) - (y_x - y_b)
-    return _out(td, site, attr, extra, fn=fn)
+    return _out(td, site, attr, extra, warn=True)

@@ -17,6 +17,7 @@ import torch
 from tensordict import TensorDict, TensorDictBase
 
 from .._checks import check_callable, check_int
+from .._errors import public
 from .._finite import readable
 from .._types import InKeys, PerKey
 from ._common import AttributionError, Baselines, check_output, result
@@ -35,12 +36,12 @@ def _draw_samples(n_samples: int, n_feat: int, generator: torch.Generator | None
     return torch.stack(rows).bool() if rows else torch.zeros(0, n_feat, dtype=torch.bool)
 
 
-def _check_samples(fn: str, samples, n_samples: int, n_feat: int) -> torch.Tensor:
+def _check_samples(samples, n_samples: int, n_feat: int) -> torch.Tensor:
     ok = lambda t: not (t.is_floating_point() or t.is_complex())  # noqa: E731
-    z = check_draws(fn, "samples", samples, n_samples, n_feat, "a bool or integer 0/1 tensor", ok)
+    z = check_draws("samples", samples, n_samples, n_feat, "a bool or integer 0/1 tensor", ok)
     if z.dtype != torch.bool:
         if not torch.compiler.is_compiling() and bool(((z != 0) & (z != 1)).any()):
-            raise AttributionError(f"{fn}: samples must hold only 0 and 1 (1: the feature keeps its input value).")
+            raise AttributionError("samples must hold only 0 and 1 (1: the feature keeps its input value).")
         z = z != 0
     return z
 
@@ -129,6 +130,7 @@ def _lasso(gram: torch.Tensor, rhs: torch.Tensor, alpha: float, max_iter: int, t
     return c
 
 
+@public("tdfunc.lime")
 def lime(
     f: Callable[[TensorDictBase], torch.Tensor],
     td: TensorDictBase,
@@ -219,15 +221,14 @@ def lime(
     Composes with: ``vmap`` and ``torch.compile(fullgraph=True)`` given ``samples`` and the default mask
     (``"lasso"`` then runs all ``max_iter`` steps), ``grad`` (double backward; through the fit).
     """
-    fn = "tdfunc.lime"
-    check_callable(fn, "f", f, AttributionError, expected="f(td) -> Tensor")
+    check_callable("f", f, AttributionError, expected="f(td) -> Tensor")
     if interpretable_model not in _MODELS or not isinstance(interpretable_model, str):
         raise AttributionError(
-            f"{fn}: interpretable_model must be 'lasso', 'ridge' or 'linear' (sklearn's Lasso, Ridge, "
+            f"interpretable_model must be 'lasso', 'ridge' or 'linear' (sklearn's Lasso, Ridge, "
             f"LinearRegression), got {interpretable_model!r}."
         )
     if distance not in _DISTANCES or not isinstance(distance, str):
-        raise AttributionError(f"{fn}: distance must be 'cosine' or 'euclidean', got {distance!r}.")
+        raise AttributionError(f"distance must be 'cosine' or 'euclidean', got {distance!r}.")
     for name, v, lo in (("alpha", alpha, "a number >= 0"), ("kernel_width", kernel_width, "a number > 0")):
         if (
             isinstance(v, bool)
@@ -236,15 +237,15 @@ def lime(
             or v != v
             or v == float("inf")
         ):
-            raise AttributionError(f"{fn}: {name} must be {lo}, got {v!r}.")
-    check_int(fn, "max_iter", max_iter, AttributionError)
+            raise AttributionError(f"{name} must be {lo}, got {v!r}.")
+    check_int("max_iter", max_iter, AttributionError)
     p, masks, dev, n_feat = sampling_setup(
-        fn, td, in_keys, feature_mask, n_samples, chunk_size, generator, progress, randomness, baselines
+        td, in_keys, feature_mask, n_samples, chunk_size, generator, progress, randomness, baselines
     )
     if samples is None:
         z = _draw_samples(n_samples, n_feat, generator).to(dev)
     else:
-        z = _check_samples(fn, samples, n_samples, n_feat).to(dev)
+        z = _check_samples(samples, n_samples, n_feat).to(dev)
 
     def masks_for(lo, hi):  # True: set to the baseline (z = 0)
         c = z[lo:hi]
@@ -258,10 +259,10 @@ def lime(
         chunk_size,
         masks_for,
         progress=progress,
-        fn=fn,  # (S, *batch (+ K))
+        # (S, *batch (+ K))
         randomness=randomness,
     )
-    k = check_output(fn, ys[0], p.batch, p.x, batch_value=True)
+    k = check_output(ys[0], p.batch, p.x, batch_value=True)
     whole = ys.dim() == 1 and len(p.batch) > 0  # one value per batch: one fit, the whole batch's similarity
     dtype = ys.dtype if ys.is_floating_point() else torch.get_default_dtype()
     ys = ys.to(dtype)
@@ -277,4 +278,4 @@ def lime(
         if whole
         else coef.reshape(*p.batch, *(() if k is None else (k,)), n_feat)
     )
-    return result(td.batch_size, per_position(phi, masks, p, k), fn=fn)
+    return result(td.batch_size, per_position(phi, masks, p, k), warn=True)

@@ -17,7 +17,7 @@ from torch.func import vjp
 
 from .._checks import check_callable
 from .._edits import delta
-from .._errors import NotReachedError
+from .._errors import NotReachedError, TdfuncTypeError, here, public
 from .._finite import check_finite, readable
 from .._rewrite import Rewrite, record_then_rewrite
 from .._types import InKeys
@@ -37,7 +37,8 @@ from ._common import (
     with_inputs,
 )
 from ._layer import _activations, _check_sites, _outs, _run
-from ._lrp_assign import Composite, CompositeName, plan
+from ._lrp_assign import plan
+from ._lrp_composites import Composite, CompositeName
 from ._lrp_rules import Rule
 from ._lrp_watch import watched
 
@@ -99,6 +100,7 @@ def _times(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     return torch.where(torch.isinf(x) & (g == 0), torch.zeros_like(x), x) * g
 
 
+@public("tdfunc.lrp")
 def lrp(
     f: Callable[[TensorDictBase], torch.Tensor],
     td: TensorDictBase,
@@ -261,99 +263,100 @@ def lrp(
     Composes with: ``vmap`` (over examples or targets), ``grad`` (double backward, exact),
     ``torch.compile(fullgraph=True)`` after :func:`tdfunc.install_sites`.
     """
-    fn = "tdfunc.lrp"
-    at = None if site is None else _check_sites(fn, td, module, site)
+    at = None if site is None else _check_sites(td, module, site)
     if at is not None and in_keys is not None:
         raise AttributionError(
-            f"{fn}: in_keys={in_keys!r:.60} and site={site!r:.60} were both given; with site the relevance is "
+            f"in_keys={in_keys!r:.60} and site={site!r:.60} were both given; with site the relevance is "
             "taken at the site, not at inputs: drop in_keys."
         )
-    assigned, coverage = plan(fn, module, rules, composite)
+    assigned, coverage = plan(module, rules, composite)
     sites = {s: _Site(s, r) for s, r in assigned.items()}
-    watch = None if coverage is None or torch.compiler.is_compiling() else watched(fn, module, coverage)
+    watch = None if coverage is None or torch.compiler.is_compiling() else watched(module, coverage)
     if at is None:
-        p = prepare(fn, td, in_keys, baselines=False, f=f, allow_inf=True)
+        p = prepare(td, in_keys, baselines=False, f=f, allow_inf=True)
     else:
-        _site_inputs(fn, f, td, site, sites, check_conservation)
-    tol = _tolerance(fn, check_conservation)
+        _site_inputs(f, td, site, sites, check_conservation)
+    tol = _tolerance(check_conservation)
     # two forwards (constants recorded in the first); one under no_grad, where nothing can differentiate the result
     first: list = []
     zsites = [st for st in sites.values() if st.zero_terms]
     with torch.enable_grad() if zsites else contextlib.nullcontext():  # zero-input probes need the recorded shapes
         rewritten = record_then_rewrite(
-            fn, f, module, sites, (td,), first if output_relevance is not None else None, watch=watch
+            f, module, sites, (td,), first if output_relevance is not None else None, watch=watch
         )
-    weight = None if output_relevance is None else _cotangent(fn, output_relevance, first[0])
+    weight = None if output_relevance is None else _cotangent(output_relevance, first[0])
     if at is not None:  # the site's value x the rewritten gradient there (an additive zero delta at each site)
-        return _at_sites(fn, rewritten, td, module, at, weight, sites)
+        return _at_sites(rewritten, td, module, at, weight, sites)
     g = lambda xs: rewritten(with_inputs(td, xs))  # noqa: E731
     if weight is not None:
         nb = len(p.batch)
         g = lambda xs: (rewritten(with_inputs(td, xs)) * weight).reshape(*p.batch, -1).sum(nb)  # noqa: E731
     zgrads: dict | None = None
     if zsites and any(st.in_shapes for st in zsites):
-        grads, zgrads, k = _grads_with_zero_inputs(fn, g, p.x, p.batch, zsites)
+        grads, zgrads, k = _grads_with_zero_inputs(g, p.x, p.batch, zsites)
     else:
-        _, grads, k = grads_per_target(fn, g, p.x, 0, p.batch)
-    _check_reached(fn, module, sites)
+        _, grads, k = grads_per_target(g, p.x, 0, p.batch)
+    _check_reached(module, sites)
     n = len(p.batch)
     attrs = {key: _times(per_target(p.x[key], k, n), move_target_dim(gr, k, n)) for key, gr in grads.items()}
     if zgrads is not None:  # + the relevance of zero layer inputs, pulled back by the gradient
         attrs = {key: a + move_target_dim(zgrads[key], k, n) for key, a in attrs.items()}
     if tol is not None and sites and readable(next(iter(p.x.values()), None)):
-        _check_conservation(fn, rewritten, td, p.x, sites, weight, k, tol)
-    return result(td.batch_size, attrs, fn=fn)
+        _check_conservation(rewritten, td, p.x, sites, weight, k, tol)
+    return result(td.batch_size, attrs, warn=True)
 
 
-def _check_reached(fn: str, module: nn.Module, sites: dict) -> None:
+def _check_reached(module: nn.Module, sites: dict) -> None:
     if sites and not torch.compiler.is_compiling() and not any(s.calls for s in sites.values()):
         names = ", ".join(repr(s) for s in list(sites)[:3]) + (", ..." if len(sites) > 3 else "")
         raise NotReachedError(
-            f"{fn}: f never called module ({type(module).__name__}): none of its {len(sites)} rewritten submodules "
+            f"f never called module ({type(module).__name__}): none of its {len(sites)} rewritten submodules "
             f"({names}) ran, so the result would be plain input x gradient. f must call the module passed as "
-            f"module (not a copy of it), e.g. {fn}(lambda t: model(t['x']), td, model)."
+            f"module (not a copy of it), e.g. {here()}(lambda t: model(t['x']), td, model)."
         )
 
 
-def _site_inputs(fn: str, f, td: TensorDictBase, site, sites: dict, check_conservation) -> None:
+def _site_inputs(f, td: TensorDictBase, site, sites: dict, check_conservation) -> None:
     """``lrp(..., site=...)``'s checks: ``f``, finite float inputs (any may be read), no zero-input rules."""
-    check_callable(fn, "f", f, AttributionError, expected="f(td) -> Tensor")
+    check_callable("f", f, AttributionError, expected="f(td) -> Tensor")
     for key in td.keys(include_nested=True, leaves_only=True):
         if td.get(key).is_floating_point():
-            check_finite(fn, f"input {_show(_norm(key))}", td.get(key), AttributionError, NONFINITE_FIX)
+            check_finite(f"input {_show(_norm(key))}", td.get(key), AttributionError, NONFINITE_FIX)
     if check_conservation is not False:
         raise AttributionError(
-            f"{fn}: check_conservation={check_conservation!r:.40} with site={site!r:.60}: the check follows the "
+            f"check_conservation={check_conservation!r:.40} with site={site!r:.60}: the check follows the "
             "relevance down to the inputs; run it on the input attribution (lrp without site)."
         )
     zero = [n for n, st in sites.items() if st.zero_terms]
     if zero:
         raise AttributionError(
-            f"{fn}: site={site!r:.60} with the rule {sites[zero[0]].rule!r} at {zero[0]!r}: flat, w² and zᴮ give "
+            f"site={site!r:.60} with the rule {sites[zero[0]].rule!r} at {zero[0]!r}: flat, w² and zᴮ give "
             "zero layer inputs relevance through probes, which relevance at a site does not carry; use rules "
             "without constant input modifiers (epsilon, zplus, alpha_beta, gamma) there, or attribute the inputs."
         )
 
 
-def _at_sites(fn: str, rewritten, td: TensorDictBase, module: nn.Module, at: list, weight, sites: dict) -> TensorDict:
+def _at_sites(rewritten, td: TensorDictBase, module: nn.Module, at: list, weight, sites: dict) -> TensorDict:
     """``("attr", site)``: each site's value x the gradient of the rewritten ``f`` there (a zero delta at every site;
     one forward for the values, one more + K vjps for the gradients)."""
-    _, acts = _activations(fn, rewritten, module, td, at)
+    _, acts = _activations(rewritten, module, td, at)
     names = [f"d{i}" for i in range(len(at))]
 
     def g(ds: dict) -> torch.Tensor:
-        y = _run(fn, rewritten, module, td, {s: delta(ds[d]) for s, d in zip(at, names)}, None)
+        y = _run(rewritten, module, td, {s: delta(ds[d]) for s, d in zip(at, names)}, None)
         return y if weight is None else (y * weight).reshape(*td.batch_size, -1).sum(len(td.batch_size))
 
-    _, grads, k = grads_per_target(fn, g, {d: torch.zeros_like(a) for d, a in zip(names, acts)}, 0, td.batch_size)
-    _check_reached(fn, module, sites)
+    _, grads, k = grads_per_target(g, {d: torch.zeros_like(a) for d, a in zip(names, acts)}, 0, td.batch_size)
+    _check_reached(module, sites)
     n = len(td.batch_size)
     return _outs(
-        td, {s: _times(per_target(a, k, n), move_target_dim(grads[d], k, n)) for s, d, a in zip(at, names, acts)}, fn=fn
+        td,
+        {s: _times(per_target(a, k, n), move_target_dim(grads[d], k, n)) for s, d, a in zip(at, names, acts)},
+        warn=True,
     )
 
 
-def _grads_with_zero_inputs(fn: str, g, xs: dict, batch: torch.Size, zsites: list) -> tuple[dict, dict, int | None]:
+def _grads_with_zero_inputs(g, xs: dict, batch: torch.Size, zsites: list) -> tuple[dict, dict, int | None]:
     """Per target: the gradient ``g_x`` (as :func:`grads_per_target`) and, in a second dict, the relevance
     flat / w² / zᴮ give layer inputs that are exactly 0 (the gradient w.r.t. each call's zero probe ``P``),
     pulled back to the attributed inputs by the gradient of the layer input (zennit's relevance there)."""
@@ -363,18 +366,18 @@ def _grads_with_zero_inputs(fn: str, g, xs: dict, batch: torch.Size, zsites: lis
         for st, ps in zip(zsites, probes):
             st.probes, st.inputs = ps, []
         try:
-            y = check_float_output(fn, g(xs))
+            y = check_float_output(g(xs))
             return y, [u for st in zsites for u in st.inputs]
         finally:
             for st in zsites:
                 st.probes, st.inputs = None, []
 
     (y, us), pull = vjp(h, xs, probes)  # type: ignore[misc]  # no has_aux: a pair
-    k = check_output(fn, y, batch)
-    check_rows_as_targets(fn, k, batch, xs)
+    k = check_output(y, batch)
+    check_rows_as_targets(k, batch, xs)
     if len(us) != sum(len(ps) for ps in probes):
         raise NotReachedError(
-            f"{fn}: f called the layers under flat / w² / zᴮ rules a different number of times than "
+            "f called the layers under flat / w² / zᴮ rules a different number of times than "
             "in its first forward; f must be deterministic."
         )
     zero_us = [torch.zeros_like(u) for u in us]
@@ -393,7 +396,7 @@ def _grads_with_zero_inputs(fn: str, g, xs: dict, batch: torch.Size, zsites: lis
     return stack(0), stack(1), k
 
 
-def _tolerance(fn: str, check) -> tuple[float, float] | None:
+def _tolerance(check) -> tuple[float, float] | None:
     if check is False:
         return None
     if check is True:
@@ -405,37 +408,37 @@ def _tolerance(fn: str, check) -> tuple[float, float] | None:
     ):
         return (float(check[0]), float(check[1]))
     raise AttributionError(
-        f"{fn}: check_conservation must be True, False or (atol, rtol) with two numbers >= 0, got {check!r:.80}."
+        f"check_conservation must be True, False or (atol, rtol) with two numbers >= 0, got {check!r:.80}."
     )
 
 
-def _cotangent(fn: str, rel, z) -> torch.Tensor:
+def _cotangent(rel, z) -> torch.Tensor:
     """``R / z`` for the output relevance ``R`` (0 where both are 0): the vector whose vjp propagates ``R``."""
     if not isinstance(z, torch.Tensor):
-        raise AttributionError(f"{fn}: output_relevance needs f to return a tensor, got {type(z).__name__}.")
+        raise AttributionError(f"output_relevance needs f to return a tensor, got {type(z).__name__}.")
     if callable(rel) and not isinstance(rel, torch.Tensor):
         rel = rel(z)
     if not isinstance(rel, torch.Tensor):
-        raise TypeError(
-            f"{fn}: output_relevance must be a tensor of f's output shape or a function of f's output returning "
+        raise TdfuncTypeError(
+            f"output_relevance must be a tensor of f's output shape or a function of f's output returning "
             f"one, got {type(rel).__name__} ({rel!r:.60})."
         )
     if rel.shape != z.shape:
         raise AttributionError(
-            f"{fn}: output_relevance has shape {tuple(rel.shape)} but f returns shape {tuple(z.shape)}; give one "
+            f"output_relevance has shape {tuple(rel.shape)} but f returns shape {tuple(z.shape)}; give one "
             "relevance per output entry (e.g. output_relevance=lambda y: y * onehot)."
         )
     zero = z == 0
     if readable(rel) and readable(z) and bool((zero & (rel != 0)).any()):
         raise AttributionError(
-            f"{fn}: output_relevance is nonzero where f's output is exactly 0 ({int((zero & (rel != 0)).sum())} "
+            f"output_relevance is nonzero where f's output is exactly 0 ({int((zero & (rel != 0)).sum())} "
             "entries); relevance is carried as value x gradient, so an output of 0 cannot hold any. Give those "
             "entries relevance 0."
         )
     return torch.where(zero, torch.zeros_like(z), rel.to(z.dtype) / torch.where(zero, torch.ones_like(z), z))
 
 
-def _check_conservation(fn: str, rewritten, td, xs: dict, sites: dict, weight, k: int | None, tol) -> None:
+def _check_conservation(rewritten, td, xs: dict, sites: dict, weight, k: int | None, tol) -> None:
     """Σ R_in = Σ R_out at every rewritten module call, per target (summed over the batch): one more forward."""
     atol, rtol = tol
     for s in sites.values():
@@ -471,7 +474,7 @@ def _check_conservation(fn: str, rewritten, td, xs: dict, sites: dict, weight, k
                         rule = sites[name].rule
                         where = "" if k is None else f" for target {j}"
                         raise AttributionError(
-                            f"{fn}: relevance is not conserved at {name!r} (call {i + 1}, rule {rule!r}){where}: its "
+                            f"relevance is not conserved at {name!r} (call {i + 1}, rule {rule!r}){where}: its "
                             f"inputs get {float(r_in.detach()):.6g} of the "
                             f"{float(r_out.detach()):.6g} its output holds (summed over the "
                             f"batch; atol={atol:g}, rtol={rtol:g}). A bias, ε, or a non-conservative rule absorbs "

@@ -1,4 +1,6 @@
-"""AttnLRP for ``nn.MultiheadAttention``: its forward recomputed with ε projections and uniform-ε matmuls.
+"""AttnLRP pieces: ``nn.MultiheadAttention``'s forward recomputed with ε projections and uniform-ε matmuls
+(:func:`attention`), and the uniform-ε rule for products of input-dependent values (:func:`uniform`), which
+composite ``'attnlrp'`` puts on a transformers model's attention matmuls and gated-MLP product.
 
 * matmul ``O = A B`` (QKᵀ, A·V), uniform ε rule, AttnLRP Prop. 3.3, ``R_A = A ⊙ ((R / stab(2 O)) Bᵀ)``: the
   product-rule Jacobian with the output gradient scaled by ``r = O / stab(2 O)``: ``O − r O + r ⊙ (A B)``;
@@ -14,15 +16,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .._errors import public
+from .._rewrite import main_output
 from .._types import SoftmaxMode
 from ._common import AttributionError
-from ._lrp_rules import Rule, check_float, stab
+from ._lrp_rules import PRODUCT_OPS, Rule, check_float, stab
 
-__all__ = ["attention"]
+__all__ = ["attention", "uniform"]
 
 _SOFTMAX_MODES: tuple[SoftmaxMode, ...] = ("attnlrp", "constant")
 
 
+@public("tdfunc.lrp_rules.attention")
 def attention(eps: float = 1e-6, softmax: SoftmaxMode = "attnlrp") -> Rule:
     """AttnLRP for ``nn.MultiheadAttention``: the module's forward recomputed with every piece rewritten.
 
@@ -77,11 +82,10 @@ def attention(eps: float = 1e-6, softmax: SoftmaxMode = "attnlrp") -> Rule:
     Composes with: ``vmap`` (over examples or targets), ``grad`` (double backward, exact),
     ``torch.compile(fullgraph=True)`` after :func:`tdfunc.install_sites`.
     """
-    fn = "tdfunc.lrp_rules.attention"
-    e = check_float(fn, "eps", eps)
+    e = check_float("eps", eps)
     if not isinstance(softmax, str) or softmax not in _SOFTMAX_MODES:
         raise AttributionError(
-            f"{fn}: softmax must be 'attnlrp' (relevance through the softmax, AttnLRP) or 'constant' (attention "
+            f"softmax must be 'attnlrp' (relevance through the softmax, AttnLRP) or 'constant' (attention "
             f"probabilities held constant, CP-LRP), got {softmax!r}."
         )
     return _Attention(e, softmax)
@@ -243,3 +247,85 @@ class _Attention(Rule):
             s = _uniform_apply(rec["s"], qh, kh.transpose(-2, -1))
             o = _uniform_apply(rec["o"], torch.softmax(s if rec["mask"] is None else s + rec["mask"], -1), vh)
         return _mha_layout(_eps_apply(rec["y"], _merge(o), m.out_proj.weight), layout)
+
+
+class _Uniform(Rule):
+    modules, ops, _public = (), PRODUCT_OPS, "uniform"
+    targets = "operation sites of products of two tensors (matmul, bmm, mul, einsum)"
+
+    def __init__(self, eps: float):
+        self.eps = eps
+
+    def record(self, module, args, kwargs, out):
+        ts = [a for a in (args[1:] if args and isinstance(args[0], str) else args) if isinstance(a, torch.Tensor)]
+        if len(ts) == 1 and isinstance(args[-1], (list, tuple)):  # einsum("...", [a, b])
+            ts = [a for a in args[-1] if isinstance(a, torch.Tensor)]
+        if len(ts) != 2:
+            raise AttributionError(
+                f"needs a product of two tensors, got {len(ts)} tensor operand(s); give that operation "
+                "tdfunc.lrp_rules.gradient() (a product with a constant is linear: its gradient is the rule)."
+            )
+        z = main_output(out)
+        # z / stab(2 z): each factor gets half the relevance (ε absorbs some); ε = 0: exactly 1/2, also where z = 0
+        if self.eps == 0:
+            return 0.5, 0.5 * z
+        ratio = z / stab(2 * z, self.eps)
+        return ratio, z - ratio * z
+
+    def rewrite(self, module, args, kwargs, out, constants):
+        ratio, c = constants  # c = z − r ⊙ z: value z, Jacobian ratio ⊙ (the op's own Jacobian), nothing recomputed
+        return c + ratio * main_output(out)
+
+
+@public("tdfunc.lrp_rules.uniform")
+def uniform(eps: float = 1e-6) -> Rule:
+    """The uniform-ε rule of AttnLRP (Prop. 3.3) for a product of two tensors at an operation site.
+
+    .. math::  O = A B:\\quad R_A = A ⊙ \\big((R / \\mathrm{stab}(2 O))\\, B^\\top\\big),\\quad
+        R_B = B ⊙ \\big(A^\\top (R / \\mathrm{stab}(2 O))\\big),\\qquad \\mathrm{stab}(z) = z + ε\\,\\mathrm{sign}\\,z
+
+    Each factor gets half of the product's relevance (``ε`` absorbs a little, as in the ε rule).  In the
+    input × gradient form that is the product's own Jacobian scaled by ``r = O / stab(2 O)``: the rewrite is
+    ``O − r ⊙ O₁ + r ⊙ O`` (``O₁``, ``r`` from the first forward), so nothing is recomputed.  It applies to
+    operation sites — ``matmul`` (``@``), ``bmm``, ``einsum`` with two operands and elementwise ``mul``
+    (``*``) — named in ``rules`` as ``"path/op"`` (every call of ``op`` by that module's forward), e.g. the
+    attention matmuls ``"model.layers.*.self_attn/matmul"`` (QKᵀ and A·V) or the gated-MLP product
+    ``"model.layers.*.mlp/mul"``; composite ``'attnlrp'`` puts it there on transformers models.  With
+    ``eps=0`` the ratio is exactly ``1/2`` (LXT's efficient mode, which halves the gradient).  A product
+    with a constant (``x * 0.5``, a rotary ``q * cos``) is linear: keep its gradient.
+
+    Args:
+        eps: the stabilizer ``ε >= 0``.
+
+    Returns:
+        A :class:`Rule` for operation sites of ``matmul``, ``bmm``, ``mul`` and ``einsum``.
+
+    Raises:
+        AttributionError: a negative or non-finite ``eps``; from :func:`tdfunc.lrp`: a call of the operation
+            that is not a product of two tensors.
+        TypeError: ``eps`` not a number.
+
+    Example:
+        >>> import torch, tdfunc
+        >>> from tensordict import TensorDict
+        >>> class Gated(torch.nn.Module):
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.a, self.b = torch.nn.Linear(3, 4, bias=False), torch.nn.Linear(3, 4, bias=False)
+        ...     def forward(self, x):
+        ...         return (self.a(x) * self.b(x)).sum(-1)
+        >>> net = torch.nn.Sequential(Gated()).double()
+        >>> td = TensorDict({"x": torch.randn(5, 3, dtype=torch.float64)}, batch_size=[5])
+        >>> rules = {"0/mul": tdfunc.lrp_rules.uniform(0.0), torch.nn.Linear: tdfunc.lrp_rules.epsilon(0.0)}
+        >>> r = tdfunc.lrp(lambda t: net(t["x"]), td, net, rules=rules, composite=None)["attr", "x"]
+        >>> torch.allclose(r.sum(-1), net(td["x"]))          # conserved: half the relevance through each factor
+        True
+
+    References:
+        Achtibat, Hatefi, Dreyer, Jain, Wiegand, Lapuschkin, Samek. AttnLRP: Attention-Aware
+        Layer-Wise Relevance Propagation for Transformers. ICML 2024 (Prop. 3.3).
+
+    Composes with: ``vmap``, ``grad`` (double backward, exact), ``torch.compile(fullgraph=True)`` after
+    :func:`tdfunc.install_sites` with the operation sites.
+    """
+    return _Uniform(check_float("eps", eps))

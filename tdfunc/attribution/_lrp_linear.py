@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .._errors import TdfuncTypeError, public
 from ._common import AttributionError
 from ._lrp_rules import Rule, check_float, stab
 
@@ -301,7 +302,7 @@ class _ZBox(_Layer):
         return [r, -r, -r]
 
 
-def _zero(fn: str, zero_params) -> dict:
+def _zero(zero_params) -> dict:
     """``zero_params`` (zennit's): ``("bias",)`` drops the bias from the rule's denominators; shown in the repr."""
     try:
         names = (zero_params,) if isinstance(zero_params, str) else tuple(zero_params)
@@ -309,12 +310,13 @@ def _zero(fn: str, zero_params) -> dict:
         names = (zero_params,)
     if any(n != "bias" for n in names):
         raise AttributionError(
-            f"{fn}: zero_params names the parameters the rule treats as zero; only 'bias' is supported (a zero weight "
+            f"zero_params names the parameters the rule treats as zero; only 'bias' is supported (a zero weight "
             f"gives no relevance at all), got {zero_params!r}; e.g. zero_params=('bias',)."
         )
     return {"zero_params": ("bias",)} if names else {}
 
 
+@public("tdfunc.lrp_rules.epsilon")
 def epsilon(eps: float = 1e-6, *, zero_params: Sequence[str] = ()) -> Rule:
     """LRP-ε: ``R_i = Σ_j x_i w_ij R_j / (z_j + ε sign z_j)``; ``eps=0`` gives LRP-0 (Bach et al., 2015).
 
@@ -328,11 +330,10 @@ def epsilon(eps: float = 1e-6, *, zero_params: Sequence[str] = ()) -> Rule:
         >>> tdfunc.lrp_rules.epsilon(0.1)   # for nn.Linear / nn.Conv2d (zennit's Epsilon)
         tdfunc.lrp_rules.epsilon(eps=0.1)
     """
-    return _Epsilon(
-        eps=check_float("tdfunc.lrp_rules.epsilon", "eps", eps), **_zero("tdfunc.lrp_rules.epsilon", zero_params)
-    )
+    return _Epsilon(eps=check_float("eps", eps), **_zero(zero_params))
 
 
+@public("tdfunc.lrp_rules.zplus")
 def zplus(stabilizer: float = 1e-6, *, zero_params: Sequence[str] = ()) -> Rule:
     """LRP-z⁺ (αβ with α=1, β=0): ``R_i = Σ_j (x_i⁺ w_ij⁺ + x_i⁻ w_ij⁻) R_j / z_j'`` (Montavon et al., 2017).
 
@@ -344,11 +345,12 @@ def zplus(stabilizer: float = 1e-6, *, zero_params: Sequence[str] = ()) -> Rule:
         tdfunc.lrp_rules.zplus(stabilizer=1e-06)
     """
     return _ZPlus(
-        stabilizer=check_float("tdfunc.lrp_rules.zplus", "stabilizer", stabilizer),
-        **_zero("tdfunc.lrp_rules.zplus", zero_params),
+        stabilizer=check_float("stabilizer", stabilizer),
+        **_zero(zero_params),
     )
 
 
+@public("tdfunc.lrp_rules.alpha_beta")
 def alpha_beta(
     alpha: float = 2.0, beta: float = 1.0, stabilizer: float = 1e-6, *, zero_params: Sequence[str] = ()
 ) -> Rule:
@@ -361,16 +363,16 @@ def alpha_beta(
         >>> tdfunc.lrp_rules.alpha_beta(2, 1)   # zennit's AlphaBeta
         tdfunc.lrp_rules.alpha_beta(alpha=2.0, beta=1.0, stabilizer=1e-06)
     """
-    fn = "tdfunc.lrp_rules.alpha_beta"
-    a, b = check_float(fn, "alpha", alpha), check_float(fn, "beta", beta)
+    a, b = check_float("alpha", alpha), check_float("beta", beta)
     if abs(a - b - 1.0) > 1e-12:
         raise AttributionError(
-            f"{fn}: alpha - beta must be 1 (relevance conservation), got alpha={alpha!r}, beta={beta!r}; "
+            f"alpha - beta must be 1 (relevance conservation), got alpha={alpha!r}, beta={beta!r}; "
             "e.g. alpha=2, beta=1 or alpha=1, beta=0."
         )
-    return _AlphaBeta(alpha=a, beta=b, stabilizer=check_float(fn, "stabilizer", stabilizer), **_zero(fn, zero_params))
+    return _AlphaBeta(alpha=a, beta=b, stabilizer=check_float("stabilizer", stabilizer), **_zero(zero_params))
 
 
+@public("tdfunc.lrp_rules.gamma")
 def gamma(gamma: float = 0.25, stabilizer: float = 1e-6, *, zero_params: Sequence[str] = ()) -> Rule:
     """LRP-γ (generalised, zennit's ``Gamma``): weights ``w + γ w⁺`` favour positive contributions.
 
@@ -381,14 +383,14 @@ def gamma(gamma: float = 0.25, stabilizer: float = 1e-6, *, zero_params: Sequenc
         >>> tdfunc.lrp_rules.gamma(0.3)
         tdfunc.lrp_rules.gamma(gamma=0.3, stabilizer=1e-06)
     """
-    fn = "tdfunc.lrp_rules.gamma"
     return _Gamma(
-        gamma=check_float(fn, "gamma", gamma),
-        stabilizer=check_float(fn, "stabilizer", stabilizer),
-        **_zero(fn, zero_params),
+        gamma=check_float("gamma", gamma),
+        stabilizer=check_float("stabilizer", stabilizer),
+        **_zero(zero_params),
     )
 
 
+@public("tdfunc.lrp_rules.flat")
 def flat(stabilizer: float = 1e-6, *, zero_params: Sequence[str] = ()) -> Rule:
     """LRP-flat: relevance spread uniformly over each output's receptive field (Lapuschkin et al., 2019).
 
@@ -400,11 +402,12 @@ def flat(stabilizer: float = 1e-6, *, zero_params: Sequence[str] = ()) -> Rule:
         tdfunc.lrp_rules.flat(stabilizer=1e-06)
     """
     return _Flat(
-        stabilizer=check_float("tdfunc.lrp_rules.flat", "stabilizer", stabilizer),
-        **_zero("tdfunc.lrp_rules.flat", zero_params),
+        stabilizer=check_float("stabilizer", stabilizer),
+        **_zero(zero_params),
     )
 
 
+@public("tdfunc.lrp_rules.wsquare")
 def wsquare(stabilizer: float = 1e-6, *, zero_params: Sequence[str] = ()) -> Rule:
     """LRP-w²: ``R_i = Σ_j w_ij² R_j / Σ_i' w_i'j²`` (Montavon et al., 2017).
 
@@ -416,25 +419,26 @@ def wsquare(stabilizer: float = 1e-6, *, zero_params: Sequence[str] = ()) -> Rul
         tdfunc.lrp_rules.wsquare(stabilizer=1e-06)
     """
     return _WSquare(
-        stabilizer=check_float("tdfunc.lrp_rules.wsquare", "stabilizer", stabilizer),
-        **_zero("tdfunc.lrp_rules.wsquare", zero_params),
+        stabilizer=check_float("stabilizer", stabilizer),
+        **_zero(zero_params),
     )
 
 
-def _check_bound(fn: str, name: str, v):
+def _check_bound(name: str, v):
     if isinstance(v, torch.Tensor):
         if not v.is_floating_point():
-            raise TypeError(f"{fn}: {name} must be a float or a floating-point tensor, got a {v.dtype} tensor.")
+            raise TdfuncTypeError(f"{name} must be a float or a floating-point tensor, got a {v.dtype} tensor.")
         if not bool(torch.isfinite(v).all()):
-            raise AttributionError(f"{fn}: {name} must be finite everywhere, got a tensor with inf or nan entries.")
+            raise AttributionError(f"{name} must be finite everywhere, got a tensor with inf or nan entries.")
         return v.detach()
     if isinstance(v, bool) or not isinstance(v, (int, float)):
-        raise TypeError(f"{fn}: {name} must be a float or a floating-point tensor, got {type(v).__name__} ({v!r:.60}).")
+        raise TdfuncTypeError(f"{name} must be a float or a floating-point tensor, got {type(v).__name__} ({v!r:.60}).")
     if not math.isfinite(v):
-        raise AttributionError(f"{fn}: {name} must be finite, got {v!r}.")
+        raise AttributionError(f"{name} must be finite, got {v!r}.")
     return float(v)
 
 
+@public("tdfunc.lrp_rules.zbox")
 def zbox(
     low: float | torch.Tensor, high: float | torch.Tensor, stabilizer: float = 1e-6, *, zero_params: Sequence[str] = ()
 ) -> Rule:
@@ -453,12 +457,11 @@ def zbox(
         >>> tdfunc.lrp_rules.zbox(-1.0, 1.0)    # e.g. rules={"conv1": ...} for inputs in [-1, 1]
         tdfunc.lrp_rules.zbox(low=-1.0, high=1.0, stabilizer=1e-06)
     """
-    fn = "tdfunc.lrp_rules.zbox"
-    lo, hi = _check_bound(fn, "low", low), _check_bound(fn, "high", high)
+    lo, hi = _check_bound("low", low), _check_bound("high", high)
     try:
         bad = bool((torch.as_tensor(lo) > torch.as_tensor(hi)).any())
     except RuntimeError as e:
-        raise AttributionError(f"{fn}: low and high must broadcast against each other: {e}") from None
+        raise AttributionError(f"low and high must broadcast against each other: {e}") from None
     if bad:
-        raise AttributionError(f"{fn}: low must be <= high everywhere (the box the inputs lie in), got low > high.")
-    return _ZBox(low=lo, high=hi, stabilizer=check_float(fn, "stabilizer", stabilizer), **_zero(fn, zero_params))
+        raise AttributionError("low must be <= high everywhere (the box the inputs lie in), got low > high.")
+    return _ZBox(low=lo, high=hi, stabilizer=check_float("stabilizer", stabilizer), **_zero(zero_params))

@@ -25,11 +25,11 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from .._errors import TdfuncTypeError, public
 from .._rewrite import Rewrite, main_output
 from ._common import AttributionError
-from ._guided import _Deconv  # deconvnet: the identity whose backward is relu(g)
 
-__all__ = ["Rule", "gradient", "identity", "passthrough", "ignore", "softmax", "norm", "uniform"]
+__all__ = ["Rule", "gradient", "identity", "passthrough", "ignore", "softmax", "norm"]
 
 #: the elementwise operations the identity rule rewrites at operation sites (``"mlp/gelu"``)
 ELEMENTWISE_OPS: tuple[str, ...] = ("gelu", "silu", "tanh", "sigmoid", "exp", "relu")
@@ -53,11 +53,11 @@ def stab(d: torch.Tensor, eps: float) -> torch.Tensor:
     return torch.where(d >= 0, d + eps, d - eps)
 
 
-def check_float(fn: str, name: str, v, *, low: float = 0.0) -> float:
+def check_float(name: str, v, *, low: float = 0.0) -> float:
     if isinstance(v, bool) or not isinstance(v, (int, float)):
-        raise TypeError(f"{fn}: {name} must be a float, got {type(v).__name__} ({v!r:.60}).")
+        raise TdfuncTypeError(f"{name} must be a float, got {type(v).__name__} ({v!r:.60}).")
     if not math.isfinite(v) or v < low:
-        raise AttributionError(f"{fn}: {name} must be a finite number >= {low:g}, got {v!r}.")
+        raise AttributionError(f"{name} must be a finite number >= {low:g}, got {v!r}.")
     return float(v)
 
 
@@ -238,87 +238,7 @@ class _Norm(Rule):
         return z - s + self._map(module, self._centred(module, args[0]), inv)
 
 
-class _Uniform(Rule):
-    modules, ops, _public = (), PRODUCT_OPS, "uniform"
-    targets = "operation sites of products of two tensors (matmul, bmm, mul, einsum)"
-
-    def __init__(self, eps: float):
-        self.eps = eps
-
-    def record(self, module, args, kwargs, out):
-        ts = [a for a in (args[1:] if args and isinstance(args[0], str) else args) if isinstance(a, torch.Tensor)]
-        if len(ts) == 1 and isinstance(args[-1], (list, tuple)):  # einsum("...", [a, b])
-            ts = [a for a in args[-1] if isinstance(a, torch.Tensor)]
-        if len(ts) != 2:
-            raise AttributionError(
-                f"needs a product of two tensors, got {len(ts)} tensor operand(s); give that operation "
-                "tdfunc.lrp_rules.gradient() (a product with a constant is linear: its gradient is the rule)."
-            )
-        z = main_output(out)
-        # z / stab(2 z): each factor gets half the relevance (ε absorbs some); ε = 0: exactly 1/2, also where z = 0
-        if self.eps == 0:
-            return 0.5, 0.5 * z
-        ratio = z / stab(2 * z, self.eps)
-        return ratio, z - ratio * z
-
-    def rewrite(self, module, args, kwargs, out, constants):
-        ratio, c = constants  # c = z − r ⊙ z: value z, Jacobian ratio ⊙ (the op's own Jacobian), nothing recomputed
-        return c + ratio * main_output(out)
-
-
-def uniform(eps: float = 1e-6) -> Rule:
-    """The uniform-ε rule of AttnLRP (Prop. 3.3) for a product of two tensors at an operation site.
-
-    .. math::  O = A B:\\quad R_A = A ⊙ \\big((R / \\mathrm{stab}(2 O))\\, B^\\top\\big),\\quad
-        R_B = B ⊙ \\big(A^\\top (R / \\mathrm{stab}(2 O))\\big),\\qquad \\mathrm{stab}(z) = z + ε\\,\\mathrm{sign}\\,z
-
-    Each factor gets half of the product's relevance (``ε`` absorbs a little, as in the ε rule).  In the
-    input × gradient form that is the product's own Jacobian scaled by ``r = O / stab(2 O)``: the rewrite is
-    ``O − r ⊙ O₁ + r ⊙ O`` (``O₁``, ``r`` from the first forward), so nothing is recomputed.  It applies to
-    operation sites — ``matmul`` (``@``), ``bmm``, ``einsum`` with two operands and elementwise ``mul``
-    (``*``) — named in ``rules`` as ``"path/op"`` (every call of ``op`` by that module's forward), e.g. the
-    attention matmuls ``"model.layers.*.self_attn/matmul"`` (QKᵀ and A·V) or the gated-MLP product
-    ``"model.layers.*.mlp/mul"``; composite ``'attnlrp'`` puts it there on transformers models.  With
-    ``eps=0`` the ratio is exactly ``1/2`` (LXT's efficient mode, which halves the gradient).  A product
-    with a constant (``x * 0.5``, a rotary ``q * cos``) is linear: keep its gradient.
-
-    Args:
-        eps: the stabilizer ``ε >= 0``.
-
-    Returns:
-        A :class:`Rule` for operation sites of ``matmul``, ``bmm``, ``mul`` and ``einsum``.
-
-    Raises:
-        AttributionError: a negative or non-finite ``eps``; from :func:`tdfunc.lrp`: a call of the operation
-            that is not a product of two tensors.
-        TypeError: ``eps`` not a number.
-
-    Example:
-        >>> import torch, tdfunc
-        >>> from tensordict import TensorDict
-        >>> class Gated(torch.nn.Module):
-        ...     def __init__(self):
-        ...         super().__init__()
-        ...         self.a, self.b = torch.nn.Linear(3, 4, bias=False), torch.nn.Linear(3, 4, bias=False)
-        ...     def forward(self, x):
-        ...         return (self.a(x) * self.b(x)).sum(-1)
-        >>> net = torch.nn.Sequential(Gated()).double()
-        >>> td = TensorDict({"x": torch.randn(5, 3, dtype=torch.float64)}, batch_size=[5])
-        >>> rules = {"0/mul": tdfunc.lrp_rules.uniform(0.0), torch.nn.Linear: tdfunc.lrp_rules.epsilon(0.0)}
-        >>> r = tdfunc.lrp(lambda t: net(t["x"]), td, net, rules=rules, composite=None)["attr", "x"]
-        >>> torch.allclose(r.sum(-1), net(td["x"]))          # conserved: half the relevance through each factor
-        True
-
-    References:
-        Achtibat, Hatefi, Dreyer, Jain, Wiegand, Lapuschkin, Samek. AttnLRP: Attention-Aware
-        Layer-Wise Relevance Propagation for Transformers. ICML 2024 (Prop. 3.3).
-
-    Composes with: ``vmap``, ``grad`` (double backward, exact), ``torch.compile(fullgraph=True)`` after
-    :func:`tdfunc.install_sites` with the operation sites.
-    """
-    return _Uniform(check_float("tdfunc.lrp_rules.uniform", "eps", eps))
-
-
+@public("tdfunc.lrp_rules.gradient")
 def gradient() -> Rule:
     """No rewrite: the module keeps its plain gradient, so relevance crosses it as input × gradient does.
 
@@ -346,6 +266,7 @@ def gradient() -> Rule:
     return _Gradient()
 
 
+@public("tdfunc.lrp_rules.identity")
 def identity() -> Rule:
     """Identity rule for elementwise modules (AttnLRP Prop. 3.4): ``R_in = R_out``.
 
@@ -384,6 +305,7 @@ def identity() -> Rule:
     return _Identity()
 
 
+@public("tdfunc.lrp_rules.ignore")
 def ignore() -> Rule:
     """No relevance flows through the module: its output is held constant (taken from the first forward).
 
@@ -421,6 +343,7 @@ def ignore() -> Rule:
     return _Ignore()
 
 
+@public("tdfunc.lrp_rules.softmax")
 def softmax() -> Rule:
     """The softmax rule of AttnLRP (Prop. 3.1) for ``nn.Softmax`` modules: ``R_in = x ⊙ (R − s Σ R)``.
 
@@ -452,6 +375,7 @@ def softmax() -> Rule:
     return _Softmax()
 
 
+@public("tdfunc.lrp_rules.norm")
 def norm() -> Rule:
     """The LN rule for ``nn.LayerNorm`` / ``nn.RMSNorm``: relevance through the normalisation with ``1 / std`` fixed.
 
@@ -486,6 +410,7 @@ def norm() -> Rule:
     return _Norm()
 
 
+@public("tdfunc.lrp_rules.passthrough")
 def passthrough() -> Rule:
     """zennit's and tdhook's ``Pass``: relevance crosses an elementwise module unchanged, ``R_in = R_out``.
 
@@ -516,135 +441,3 @@ def passthrough() -> Rule:
     Composes with: ``vmap``, ``grad`` (double backward, exact), ``torch.compile(fullgraph=True)``.
     """
     return _Pass()
-
-
-# --- deconvnet and beta_smooth: zennit's ReLUDeconvNet and ReLUBetaSmooth (its DeconvNet / BetaSmooth composites) ---
-
-
-def _relu_inplace(rule: Rule, name: str, module: nn.Module) -> str | None:  # deconvnet, beta_smooth
-    if getattr(module, "inplace", False):
-        return (
-            f"{rule!r} at {name!r} needs the input of nn.ReLU(inplace=True), which the module overwrites; build it "
-            "with inplace=False (tdfunc.deconvolution handles in-place ReLUs)."
-        )
-    return None
-
-
-class _DeconvNet(Rule):  # deconvnet
-    modules, targets, _public = (nn.ReLU,), "nn.ReLU", "deconvnet"
-
-    def check(self, name, module):
-        return _relu_inplace(self, name, module)
-
-    def record(self, module, args, kwargs, out):
-        return _first_input(args, kwargs), main_output(out).clone()
-
-    def rewrite(self, module, args, kwargs, out, constants):
-        x0, v = constants  # v + deconv(x - x0): value v, the gradient reaches x as relu(g)
-        return v + _Deconv.apply(_first_input(args, kwargs) - x0)
-
-
-class _BetaSmooth(Rule):  # beta_smooth
-    modules, targets, _public = (nn.ReLU,), "nn.ReLU", "beta_smooth"
-
-    def __init__(self, beta: float):
-        self.beta = beta
-
-    def check(self, name, module):
-        return _relu_inplace(self, name, module)
-
-    def record(self, module, args, kwargs, out):
-        x = _first_input(args, kwargs)
-        s = torch.sigmoid(self.beta * x)  # softplus_beta'(x)
-        return main_output(out).clone(), s, s * x
-
-    def rewrite(self, module, args, kwargs, out, constants):
-        v, s, sx = constants  # v - S + s ⊙ x: value v, Jacobian diag(sigmoid(beta x))
-        return v - sx + s * _first_input(args, kwargs)
-
-
-def deconvnet() -> Rule:
-    """zennit's ``ReLUDeconvNet`` (DeconvNet, Zeiler & Fergus 2014): a ReLU's backward passes ``max(g, 0)``.
-
-    .. math::  y = \\max(x, 0):\\qquad g_x = \\max(g_y, 0)
-
-    The forward mask ``[x > 0]`` of the plain gradient is dropped.  The rule of the composite
-    ``"deconvnet"`` (zennit's ``DeconvNet``), which leaves every other module on its plain gradient;
-    ``tdfunc.lrp`` returns ``x ⊙`` that modified gradient (zennit's ``Gradient`` attributor returns the
-    gradient itself, as :func:`tdfunc.deconvolution` does).  Written as a rewrite ``v + d(x - x₀)`` with
-    ``v``, ``x₀`` the ReLU's output and input recorded in the first forward and ``d`` the identity whose
-    backward is ``max(g, 0)``: the value is unchanged and outer derivatives see ``v`` and ``x₀`` as functions
-    of the weights.
-
-    Returns:
-        A :class:`Rule` for ``nn.ReLU``.
-
-    Raises:
-        AttributionError (from :func:`tdfunc.lrp`): an ``nn.ReLU(inplace=True)`` (its input is overwritten).
-
-    Example:
-        >>> import torch, tdfunc
-        >>> from tensordict import TensorDict
-        >>> net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
-        >>> td = TensorDict({"x": torch.randn(5, 3)}, batch_size=[5])
-        >>> a = tdfunc.lrp(lambda t: net(t["x"]), td, net, composite="deconvnet")["attr", "x"]
-        >>> b = tdfunc.deconvolution(lambda t: net(t["x"]), td, net)["attr", "x"]
-        >>> torch.allclose(a, td["x"][:, None] * b)             # x ⊙ the deconvnet gradient
-        True
-
-    References:
-        Zeiler, Fergus. Visualizing and Understanding Convolutional Networks. ECCV 2014.
-
-    Composes with: ``vmap``, ``grad`` (double backward), ``torch.compile(fullgraph=True)``.
-    """
-    return _DeconvNet()
-
-
-def beta_smooth(beta: float = 10.0) -> Rule:
-    """zennit's ``ReLUBetaSmooth`` (Dombrowski et al. 2019): a ReLU's gradient becomes softplus_β's.
-
-    .. math::  y = \\max(x, 0):\\qquad g_x = \\sigma(\\beta x)\\, g_y
-
-    (``σ(βx)`` is the derivative of ``softplus_β(x) = log(1 + e^{βx}) / β``): a smooth surrogate gradient,
-    e.g. for meaningful second derivatives through ReLU networks.  The rule of the composite
-    ``"beta_smooth"`` (zennit's ``BetaSmooth``, ``β = 10``), which leaves every other module on its plain
-    gradient; for another β give ``rules={nn.ReLU: tdfunc.lrp_rules.beta_smooth(β)}``.  Written as
-    ``v − S + s ⊙ x`` with ``s = σ(βx)`` and ``S = s ⊙ x`` recorded in the first forward.
-
-    Args:
-        beta: β of the softplus whose gradient replaces the ReLU's (zennit's ``beta_smooth``; > 0).
-
-    Returns:
-        A :class:`Rule` for ``nn.ReLU``.
-
-    Raises:
-        TypeError: ``beta`` is not a number.  AttributionError: ``beta`` not finite or not > 0; (from
-        :func:`tdfunc.lrp`) an ``nn.ReLU(inplace=True)``.
-
-    Example:
-        >>> import torch, tdfunc
-        >>> from tensordict import TensorDict
-        >>> net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
-        >>> td = TensorDict({"x": torch.randn(5, 3)}, batch_size=[5])
-        >>> r = tdfunc.lrp(lambda t: net(t["x"])[:, 0], td, net, composite="beta_smooth")["attr", "x"]
-        >>> s = torch.sigmoid(10.0 * net[0](td["x"]))           # softplus_10' at the ReLU's input
-        >>> torch.allclose(r, td["x"] * ((s * net[2].weight[0]) @ net[0].weight))
-        True
-
-    References:
-        Dombrowski, Alber, Anders, Ackermann, Müller, Kessel. Explanations can be manipulated and geometry
-        is to blame. NeurIPS 2019.
-
-    Composes with: ``vmap``, ``grad`` (double backward, exact: ``s`` is a function of the weights in
-    outer derivatives), ``torch.compile(fullgraph=True)``.
-    """
-    beta = check_float("tdfunc.lrp_rules.beta_smooth", "beta", beta)
-    if beta == 0:
-        raise AttributionError(
-            "tdfunc.lrp_rules.beta_smooth: beta must be > 0, got 0.0 (sigmoid(0 * x) = 1/2 everywhere); "
-            "zennit's default is 10."
-        )
-    return _BetaSmooth(beta)
-
-
-__all__ += ["deconvnet", "beta_smooth"]

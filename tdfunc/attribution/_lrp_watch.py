@@ -78,11 +78,11 @@ class _Watch(torch.overrides.TorchFunctionMode):
         return out
 
 
-def _advice(fn: str, comp: str, name: str, module: nn.Module, op: str, calls: int) -> str:
+def _advice(comp: str, name: str, module: nn.Module, op: str, calls: int) -> str:
     where = f"the {op!r} called by {name!r} ({type(module).__name__}){f' ({calls} calls)' if calls > 1 else ''}"
     if op == "scaled_dot_product_attention":
         return (
-            f"{fn}: composite {comp!r} cannot reach inside {where}: the attention matmuls and softmax run in one "
+            f"composite {comp!r} cannot reach inside {where}: the attention matmuls and softmax run in one "
             "fused kernel. Load the model with eager attention (transformers: from_pretrained(..., "
             "attn_implementation='eager'), or model.set_attn_implementation('eager')), whose matmuls the rules reach."
         )
@@ -96,13 +96,13 @@ def _advice(fn: str, comp: str, name: str, module: nn.Module, op: str, calls: in
         "identity() if it is elementwise)"
     )
     return (
-        f"{fn}: composite {comp!r} has no rule for {where}, {what}; its plain gradient would be used silently. "
+        f"composite {comp!r} has no rule for {where}, {what}; its plain gradient would be used silently. "
         f"Give it a rule, e.g. rules={{{f'{name}/{op}'!r}: tdfunc.lrp_rules.{rule}()}}, or "
         "tdfunc.lrp_rules.gradient() there to keep the plain gradient on purpose."
     )
 
 
-def watched(fn: str, module: nn.Module, cov: Coverage) -> Callable[[Callable], Callable] | None:
+def watched(module: nn.Module, cov: Coverage) -> Callable[[Callable], Callable] | None:
     """A wrapper for ``f``'s first forward that checks coverage (None: this model passed already, or compiling)."""
     key = (frozenset(cov.modules), frozenset(cov.ops))  # what the check depends on (not the composite object)
     if key in _CHECKED.get(module, ()):
@@ -147,7 +147,7 @@ def watched(fn: str, module: nn.Module, cov: Coverage) -> Callable[[Callable], C
             if found:
                 name, m, op = found[0]
                 calls = sum(1 for x in found if x[0] == name and x[2] == op)
-                raise AttributionError(_advice(fn, cov.composite.name, name, m, op, calls))
+                raise AttributionError(_advice(cov.composite.name, name, m, op, calls))
             _CHECKED.setdefault(module, set()).add(key)
             return out
 

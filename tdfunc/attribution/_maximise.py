@@ -10,7 +10,7 @@ from tensordict import TensorDict, TensorDictBase
 from torch.func import grad
 
 from .._checks import check_int
-from .._errors import shape_str
+from .._errors import public, shape_str
 from .._optim import adam_init, adam_update
 from .._types import InKeys, Optimizer
 from ._common import AttributionError, prepare, with_inputs
@@ -24,33 +24,32 @@ def _number(x) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
-def _check_options(fn, steps, lr, optimizer, betas, eps, l2, tv, clamp, regulariser) -> None:
-    check_int(fn, "steps", steps, AttributionError)
+def _check_options(steps, lr, optimizer, betas, eps, l2, tv, clamp, regulariser) -> None:
+    check_int("steps", steps, AttributionError)
     if not _number(lr) or lr <= 0:
-        raise AttributionError(f"{fn}: lr must be a finite number > 0, got {lr!r}; the step size of the ascent.")
+        raise AttributionError(f"lr must be a finite number > 0, got {lr!r}; the step size of the ascent.")
     if optimizer not in OPTIMIZERS:
         raise AttributionError(
-            f"{fn}: unknown optimizer {optimizer!r}; choose 'adam' (default), 'sgd' (x + lr * grad, as tdhook) "
+            f"unknown optimizer {optimizer!r}; choose 'adam' (default), 'sgd' (x + lr * grad, as tdhook) "
             "or 'sign' (x + lr * sign(grad))."
         )
     if not (isinstance(betas, (tuple, list)) and len(betas) == 2 and all(_number(b) and 0 <= b < 1 for b in betas)):
-        raise AttributionError(f"{fn}: betas must be two numbers in [0, 1), got {betas!r}.")
+        raise AttributionError(f"betas must be two numbers in [0, 1), got {betas!r}.")
     if not _number(eps) or eps <= 0:
-        raise AttributionError(f"{fn}: eps must be a finite number > 0, got {eps!r}.")
+        raise AttributionError(f"eps must be a finite number > 0, got {eps!r}.")
     for name, w in (("l2", l2), ("tv", tv)):
         if not _number(w) or w < 0:
-            raise AttributionError(f"{fn}: {name} must be a finite number >= 0 (a penalty weight), got {w!r}.")
+            raise AttributionError(f"{name} must be a finite number >= 0 (a penalty weight), got {w!r}.")
     if clamp is not None and not (
         isinstance(clamp, (tuple, list))
         and len(clamp) == 2
         and all(isinstance(c, (int, float)) and not isinstance(c, bool) for c in clamp)
         and clamp[0] < clamp[1]
     ):
-        raise AttributionError(f"{fn}: clamp must be None or a pair (low, high) with low < high, got {clamp!r}.")
+        raise AttributionError(f"clamp must be None or a pair (low, high) with low < high, got {clamp!r}.")
     if regulariser is not None and not callable(regulariser):
         raise AttributionError(
-            f"{fn}: regulariser must be None or a callable td -> Tensor of shape batch, "
-            f"got {type(regulariser).__name__}."
+            f"regulariser must be None or a callable td -> Tensor of shape batch, got {type(regulariser).__name__}."
         )
 
 
@@ -65,6 +64,7 @@ def _tv(x: torch.Tensor, nb: int) -> torch.Tensor:
     return total
 
 
+@public("tdfunc.activation_maximisation")
 def activation_maximisation(
     f: Callable[[TensorDictBase], torch.Tensor],
     td: TensorDictBase,
@@ -135,13 +135,12 @@ def activation_maximisation(
     Composes with: ``vmap`` (over examples or units), ``grad`` (through the unrolled ascent),
     ``torch.compile(fullgraph=True)``.
     """
-    fn = "tdfunc.activation_maximisation"
-    _check_options(fn, steps, lr, optimizer, betas, eps, l2, tv, clamp, regulariser)
+    _check_options(steps, lr, optimizer, betas, eps, l2, tv, clamp, regulariser)
     if in_keys is None and isinstance(td, TensorDictBase) and "objective" in td.keys():
         leaves = [k if isinstance(k, tuple) else (k,) for k in td.keys(include_nested=True, leaves_only=True)]
         in_keys = [k for k in leaves if k[0] not in ("objective", "baseline") and td.get(k).is_floating_point()]
         in_keys = in_keys or None  # let prepare() report a td with nothing to optimise
-    p = prepare(fn, td, in_keys, baselines=False, f=f)
+    p = prepare(td, in_keys, baselines=False, f=f)
     nb = len(p.batch)
 
     def value(xs):
@@ -150,7 +149,7 @@ def activation_maximisation(
         if not isinstance(y, torch.Tensor) or tuple(y.shape) != tuple(p.batch):
             got = shape_str(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__
             raise AttributionError(
-                f"{fn}: f must return one objective per example, shape {shape_str(p.batch)}, got {got}. "
+                f"f must return one objective per example, shape {shape_str(p.batch)}, got {got}. "
                 "Select or combine the units inside f, e.g. lambda td: acts(td)[:, unit] or .sum(-1)."
             )
         j = y
@@ -163,7 +162,7 @@ def activation_maximisation(
             if not isinstance(r, torch.Tensor) or tuple(r.shape) != tuple(p.batch):
                 got = shape_str(r.shape) if isinstance(r, torch.Tensor) else type(r).__name__
                 raise AttributionError(
-                    f"{fn}: regulariser must return one penalty per example, shape {shape_str(p.batch)}, got {got}."
+                    f"regulariser must return one penalty per example, shape {shape_str(p.batch)}, got {got}."
                 )
             j = j - r
         return j.sum(), y

@@ -11,7 +11,7 @@ from tensordict import TensorDictBase
 from torch.func import vmap
 
 from .._checks import check_chunk_size, check_generator, check_int, check_randomness, random_op_error
-from .._errors import shape_str
+from .._errors import public, shape_str
 from .._types import InKeys, KeyedTensors
 from ._common import AttributionError, _norm, _show, check_output, per_target, prepare, with_inputs
 from ._noise import with_randomness
@@ -22,23 +22,23 @@ __all__ = ["infidelity", "sensitivity_max"]
 INFIDELITY_STD = 0.003
 
 
-def _check_common(fn: str, n_perturb_samples, chunk_size, generator) -> None:
-    check_int(fn, "n_perturb_samples", n_perturb_samples, AttributionError)
-    check_chunk_size(fn, chunk_size, AttributionError)
-    check_generator(fn, generator, AttributionError)
+def _check_common(n_perturb_samples, chunk_size, generator) -> None:
+    check_int("n_perturb_samples", n_perturb_samples, AttributionError)
+    check_chunk_size(chunk_size, AttributionError)
+    check_generator(generator, AttributionError)
 
 
-def _attr_keys(fn: str, attributions, in_keys) -> list:
+def _attr_keys(attributions, in_keys) -> list:
     if not isinstance(attributions, TensorDictBase):
         raise AttributionError(
-            f"{fn}: attributions must be the TensorDict returned by a tdfunc attribution method "
+            f"attributions must be the TensorDict returned by a tdfunc attribution method "
             f"(entries ('attr', key)), got {type(attributions).__name__}."
         )
     have = [_norm(k)[1:] for k in attributions.keys(include_nested=True, leaves_only=True) if _norm(k)[0] == "attr"]
     if in_keys is None:
         if not have:
             raise AttributionError(
-                f"{fn}: attributions has no ('attr', key) entry (entries: "
+                f"attributions has no ('attr', key) entry (entries: "
                 f"{[k for k in attributions.keys(include_nested=True, leaves_only=True)]}); pass the "
                 "TensorDict returned by a tdfunc attribution method."
             )
@@ -47,13 +47,13 @@ def _attr_keys(fn: str, attributions, in_keys) -> list:
     for k in keys:
         if k not in have:
             raise AttributionError(
-                f"{fn}: attributions has no entry {('attr', *k)!r} for the input {_show(k)}; it has "
+                f"attributions has no entry {('attr', *k)!r} for the input {_show(k)}; it has "
                 f"{[('attr', *h) for h in have]}. Attribute that input too, or leave it out of in_keys."
             )
     return keys
 
 
-def _n_targets(fn: str, key, a: torch.Tensor, x: torch.Tensor, nb: int, k: int | str | None, what: str) -> int | None:
+def _n_targets(key, a: torch.Tensor, x: torch.Tensor, nb: int, k: int | str | None, what: str) -> int | None:
     """Check an attribution's shape against its input: batch (+ K) + feature shape (k="infer": find K)."""
     feat = tuple(x.shape[nb:])
     batch = tuple(x.shape[:nb])
@@ -74,28 +74,28 @@ def _n_targets(fn: str, key, a: torch.Tensor, x: torch.Tensor, nb: int, k: int |
         else " and f returns " + ("one target per example" if k is None else f"{k} targets per example")
     )
     raise AttributionError(
-        f"{fn}: {what} {('attr', *key)!r} has shape {shape_str(a.shape)}, but the input {_show(key)} has shape "
+        f"{what} {('attr', *key)!r} has shape {shape_str(a.shape)}, but the input {_show(key)} has shape "
         f"{shape_str(x.shape)}{targets}; expected {expected} (batch (+ K) + feature shape)."
     )
 
 
-def _get(fn: str, out, key, what: str, want: torch.Size) -> torch.Tensor:
+def _get(out, key, what: str, want: torch.Size) -> torch.Tensor:
     if isinstance(out, TensorDictBase):
         v = out.get(key, None)
     elif isinstance(out, Mapping):
         v = out.get(key, out.get(key[0])) if len(key) == 1 else out.get(key)
     else:
         raise AttributionError(
-            f"{fn}: perturb_fn must return {what} as a TensorDict or dict keyed like td, got {type(out).__name__}."
+            f"perturb_fn must return {what} as a TensorDict or dict keyed like td, got {type(out).__name__}."
         )
     if not isinstance(v, torch.Tensor):
         raise AttributionError(
-            f"{fn}: perturb_fn returned {what} without a tensor for the input {_show(key)} "
+            f"perturb_fn returned {what} without a tensor for the input {_show(key)} "
             f"(got {type(v).__name__}); return one for every attributed input."
         )
     if tuple(v.shape) != tuple(want):
         raise AttributionError(
-            f"{fn}: perturb_fn returned {what} of shape {shape_str(v.shape)} for {_show(key)}; expected "
+            f"perturb_fn returned {what} of shape {shape_str(v.shape)} for {_show(key)}; expected "
             f"{shape_str(want)} (n_perturb_samples + the input's shape)."
         )
     return v
@@ -105,18 +105,19 @@ def _flat_sum(t: torch.Tensor, lead: int) -> torch.Tensor:
     return t.reshape(*t.shape[:lead], -1).sum(-1)
 
 
-def _vmap_samples(fn: str, g, perturbed, chunk_size: int | None, randomness: str):
+def _vmap_samples(g, perturbed, chunk_size: int | None, randomness: str):
     """``g`` vmapped over the perturbed samples; a random op in ``f`` under ``randomness="error"`` becomes
     the family's message (a plain function, not a context manager: dynamo traces it under fullgraph)."""
     try:
         return vmap(g, chunk_size=chunk_size, randomness=randomness)(perturbed)
     except RuntimeError as e:
-        err = random_op_error(fn, e, AttributionError)
+        err = random_op_error(e, AttributionError)
         if err is None:
             raise
         raise err from e
 
 
+@public("tdfunc.infidelity")
 def infidelity(
     f: Callable[[TensorDictBase], torch.Tensor],
     td: TensorDictBase,
@@ -189,20 +190,19 @@ def infidelity(
     follow its ``randomness`` rule), ``grad`` (w.r.t. attributions, inputs or parameters; double
     backward), ``torch.compile(fullgraph=True)``.
     """
-    fn = "tdfunc.infidelity"
-    _check_common(fn, n_perturb_samples, chunk_size, generator)
-    check_randomness(fn, randomness, AttributionError)
+    _check_common(n_perturb_samples, chunk_size, generator)
+    check_randomness(randomness, AttributionError)
     if perturb_fn is not None and not callable(perturb_fn):
-        raise AttributionError(f"{fn}: perturb_fn must be None or a callable, got {type(perturb_fn).__name__}.")
-    keys = _attr_keys(fn, attributions, in_keys)
-    p = prepare(fn, td, keys, baselines=False, f=f)
+        raise AttributionError(f"perturb_fn must be None or a callable, got {type(perturb_fn).__name__}.")
+    keys = _attr_keys(attributions, in_keys)
+    p = prepare(td, keys, baselines=False, f=f)
     nb, n = len(p.batch), n_perturb_samples
     y0 = f(td)
-    k = check_output(fn, y0, p.batch)
+    k = check_output(y0, p.batch)
     attrs = {}
     for key in keys:
         a = attributions.get(("attr", *key))
-        _n_targets(fn, key, a, p.x[key], nb, k, "attributions")
+        _n_targets(key, a, p.x[key], nb, k, "attributions")
         attrs[key] = a
 
     if perturb_fn is None:
@@ -215,14 +215,14 @@ def infidelity(
         out = perturb_fn(td.expand(n, *p.batch), generator)
         if not isinstance(out, (tuple, list)) or len(out) != 2:
             raise AttributionError(
-                f"{fn}: perturb_fn must return a pair (perturbations, perturbed_inputs), got "
+                f"perturb_fn must return a pair (perturbations, perturbed_inputs), got "
                 f"{type(out).__name__}{f' of length {len(out)}' if isinstance(out, (tuple, list)) else ''}."
             )
         want = {key: torch.Size((n, *x.shape)) for key, x in p.x.items()}
-        pert = {key: _get(fn, out[0], key, "perturbations", want[key]) for key in keys}
-        perturbed = {key: _get(fn, out[1], key, "perturbed inputs", want[key]) for key in keys}
+        pert = {key: _get(out[0], key, "perturbations", want[key]) for key in keys}
+        perturbed = {key: _get(out[1], key, "perturbed inputs", want[key]) for key in keys}
 
-    y = _vmap_samples(fn, lambda xs: f(with_inputs(td, xs)), perturbed, chunk_size, randomness)
+    y = _vmap_samples(lambda xs: f(with_inputs(td, xs)), perturbed, chunk_size, randomness)
     lead = 1 + nb + (k is not None)
     # I^T Phi per (sample, example, target), summed over every input's features
     dot = sum(_flat_sum(per_target(pert[key], k, nb + 1) * attrs[key], lead) for key in keys)
@@ -234,6 +234,7 @@ def infidelity(
     return (dot - diff).square().mean(0)
 
 
+@public("tdfunc.sensitivity_max")
 def sensitivity_max(
     method: Callable[..., TensorDictBase],
     f: Callable[[TensorDictBase], torch.Tensor],
@@ -305,40 +306,39 @@ def sensitivity_max(
     Composes with: ``vmap`` (with a deterministic ``perturb_fn``), ``grad`` (double backward),
     ``torch.compile(fullgraph=True)``.
     """
-    fn = "tdfunc.sensitivity_max"
-    _check_common(fn, n_perturb_samples, chunk_size, generator)
-    check_randomness(fn, randomness, AttributionError)
+    _check_common(n_perturb_samples, chunk_size, generator)
+    check_randomness(randomness, AttributionError)
     method_kwargs = with_randomness(method, method_kwargs, randomness)
     if not callable(method):
         raise AttributionError(
-            f"{fn}: method must be an attribution method such as tdfunc.saliency, got {type(method).__name__}."
+            f"method must be an attribution method such as tdfunc.saliency, got {type(method).__name__}."
         )
     r = perturb_radius
     if isinstance(r, bool) or not isinstance(r, (int, float)) or not math.isfinite(r) or r < 0:
-        raise AttributionError(f"{fn}: perturb_radius must be a finite number >= 0, got {r!r}.")
+        raise AttributionError(f"perturb_radius must be a finite number >= 0, got {r!r}.")
     if not (norm_ord == "fro" or (isinstance(norm_ord, (int, float)) and not isinstance(norm_ord, bool))):
         raise AttributionError(
-            f"{fn}: norm_ord must be 'fro' or a number (the vector p-norm, inf allowed), got {norm_ord!r}."
+            f"norm_ord must be 'fro' or a number (the vector p-norm, inf allowed), got {norm_ord!r}."
         )
     if perturb_fn is not None and not callable(perturb_fn):
-        raise AttributionError(f"{fn}: perturb_fn must be None or a callable, got {type(perturb_fn).__name__}.")
+        raise AttributionError(f"perturb_fn must be None or a callable, got {type(perturb_fn).__name__}.")
     if not isinstance(td, TensorDictBase):
-        prepare(fn, td, None)  # raises the shared TypeError
+        prepare(td, None)  # raises the shared TypeError
     base = method(f, td, **method_kwargs)
     name = getattr(method, "__name__", type(method).__name__)
     if not isinstance(base, TensorDictBase):
         raise AttributionError(
-            f"{fn}: method {name} returned {type(base).__name__}; it must return a TensorDict with "
+            f"method {name} returned {type(base).__name__}; it must return a TensorDict with "
             "('attr', key) entries, as tdfunc's attribution methods do."
         )
-    keys = _attr_keys(fn, base, None)
-    p = prepare(fn, td, keys, baselines=False)
+    keys = _attr_keys(base, None)
+    p = prepare(td, keys, baselines=False)
     nb, n = len(p.batch), n_perturb_samples
     first = keys[0]
-    k = _n_targets(fn, first, base.get(("attr", *first)), p.x[first], nb, "infer", "method's attribution")
+    k = _n_targets(first, base.get(("attr", *first)), p.x[first], nb, "infer", "method's attribution")
     attrs = {key: base.get(("attr", *key)) for key in keys}
     for key in keys[1:]:
-        _n_targets(fn, key, attrs[key], p.x[key], nb, k, "method's attribution")
+        _n_targets(key, attrs[key], p.x[key], nb, k, "method's attribution")
 
     if perturb_fn is None:
         perturbed = {}
@@ -348,13 +348,13 @@ def sensitivity_max(
             perturbed[key] = x + noise
     else:
         out = perturb_fn(td.expand(n, *p.batch), generator)
-        perturbed = {key: _get(fn, out, key, "perturbed inputs", torch.Size((n, *x.shape))) for key, x in p.x.items()}
+        perturbed = {key: _get(out, key, "perturbed inputs", torch.Size((n, *x.shape))) for key, x in p.x.items()}
 
     def explain(xs):
         res = method(f, with_inputs(td, xs), **method_kwargs)
         return {key: res.get(("attr", *key)) for key in keys}
 
-    moved = _vmap_samples(fn, explain, perturbed, chunk_size, randomness)
+    moved = _vmap_samples(explain, perturbed, chunk_size, randomness)
     lead = 1 + nb + (k is not None)
     flat = lambda t, lead: t.reshape(*t.shape[:lead], -1)
     delta = torch.cat([flat(moved[key] - attrs[key], lead) for key in keys], dim=-1)

@@ -11,7 +11,7 @@ from torch import nn
 
 from .. import _runtime
 from .._checks import type_error
-from .._errors import shape_str
+from .._errors import public, shape_str
 from .._plan import Plan, make_plan
 from .._state import unwrap as _unwrap
 from ._common import AttributionError
@@ -40,7 +40,7 @@ def _index(sel: object) -> tuple[int | slice, ...] | None:
     return None
 
 
-def _parse(fn: str, selector: object) -> tuple[list[tuple[int | slice, ...]] | None, bool]:
+def _parse(selector: object) -> tuple[list[tuple[int | slice, ...]] | None, bool]:
     """(index tuples, several) for an index selector; ([], False) is never returned — a bad one raises."""
     one = _index(selector)
     if one is not None:
@@ -49,41 +49,41 @@ def _parse(fn: str, selector: object) -> tuple[list[tuple[int | slice, ...]] | N
         many = [_index(s) for s in selector]
         if all(m is not None for m in many):
             return many, True  # type: ignore[return-value]
-    raise AttributionError(f"{fn}: bad neuron selector {selector!r:.80}; {_EXPECTED}.")
+    raise AttributionError(f"bad neuron selector {selector!r:.80}; {_EXPECTED}.")
 
 
-def _select(fn: str, idx: tuple[int | slice, ...], value: torch.Tensor, n: int, site: str) -> torch.Tensor:
+def _select(idx: tuple[int | slice, ...], value: torch.Tensor, n: int, site: str) -> torch.Tensor:
     feat = value.shape[n:]
     if len(idx) > len(feat):
         raise AttributionError(
-            f"{fn}: the neuron selector {idx!r} has {len(idx)} indices but the value at site {site!r} has "
+            f"the neuron selector {idx!r} has {len(idx)} indices but the value at site {site!r} has "
             f"{len(feat)} dims per example (shape {shape_str(value.shape)}, batch dims {n}); give at most "
             f"{len(feat)} indices."
         )
     for d, (i, size) in enumerate(zip(idx, feat)):
         if isinstance(i, int) and not -size <= i < size:
             raise AttributionError(
-                f"{fn}: the neuron selector {idx!r} has index {i} for per-example dim {d} of site {site!r}, "
+                f"the neuron selector {idx!r} has index {i} for per-example dim {d} of site {site!r}, "
                 f"which has size {size} (value shape {shape_str(value.shape)}); give an index in [{-size}, {size})."
             )
     picked = value[(slice(None),) * n + idx]
     return picked.reshape(*value.shape[:n], -1).sum(-1) if picked.dim() > n else picked
 
 
-def selection(fn: str, selector: object) -> Callable[[object, torch.Size, str], torch.Tensor]:
+def selection(selector: object) -> Callable[[object, torch.Size, str], torch.Tensor]:
     """``pick(value, batch, site)``: the selected neuron(s) of a site's value, shape ``batch`` or ``batch + (K,)``.
 
     A bad index selector raises at once; the value's shape and a callable's output are checked per call.
     """
     fun = selector if callable(selector) else None
-    idxs, several = (None, False) if fun is not None else _parse(fn, selector)
+    idxs, several = (None, False) if fun is not None else _parse(selector)
 
     def pick(value: object, batch: torch.Size, site: str) -> torch.Tensor:
         n = len(batch)
         if not isinstance(value, torch.Tensor) or value.shape[:n] != batch:
             got = f"of shape {shape_str(value.shape)}" if isinstance(value, torch.Tensor) else type(value).__name__
             raise AttributionError(
-                f"{fn}: the value at site {site!r} is {got}, but it must start with the td's batch shape "
+                f"the value at site {site!r} is {got}, but it must start with the td's batch shape "
                 f"{shape_str(batch)} so a neuron can be selected per example; pick a site whose value is per example."
             )
         if fun is not None:
@@ -91,16 +91,17 @@ def selection(fn: str, selector: object) -> Callable[[object, torch.Size, str], 
             if not isinstance(out, torch.Tensor) or out.shape[:n] != batch or out.dim() not in (n, n + 1):
                 got = f"shape {shape_str(out.shape)}" if isinstance(out, torch.Tensor) else type(out).__name__
                 raise AttributionError(
-                    f"{fn}: the selector function returned {got} for a site value of shape "
+                    f"the selector function returned {got} for a site value of shape "
                     f"{shape_str(value.shape)}; it must return shape batch {shape_str(batch)} or batch + (K,)."
                 )
             return out
-        picked = [_select(fn, i, value, n, site) for i in idxs]  # type: ignore[union-attr]
+        picked = [_select(i, value, n, site) for i in idxs]  # type: ignore[union-attr]
         return torch.stack(picked, -1) if several else picked[0]
 
     return pick
 
 
+@public("tdfunc.neuron")
 def neuron(
     f: Callable[[TensorDictBase], object],
     module: nn.Module,
@@ -172,8 +173,8 @@ def neuron(
         raise (AttributionError if isinstance(site, str) else type_error(AttributionError))(
             f"{_FN}: site must be one site string (no glob, no '@*'), got {site!r:.80}; e.g. 'fc1' or 'blocks.0.mlp'."
         )
-    pick = selection(_FN, selector)
-    plan = cast(Plan, make_plan(_FN, _unwrap(module), None, [site]))  # a capture: never None
+    pick = selection(selector)
+    plan = cast(Plan, make_plan(_unwrap(module), None, [site]))  # a capture: never None
 
     cap, target = plan.captures[0], plan.sites[0][1]
 
@@ -206,4 +207,4 @@ def neuron(
         value = _runtime.run_plan(plan, f, td)[1][site]
         return pick(value, td.batch_size if isinstance(td, TensorDictBase) else torch.Size([]), site)
 
-    return selected
+    return public("tdfunc.neuron")(selected)  # its errors, raised when a method runs it, name neuron

@@ -19,6 +19,7 @@ from torch.func import vjp, vmap
 
 from .._checks import check_bool, check_callable, check_randomness, random_op_error
 from .._edits import delta
+from .._errors import public
 from .._types import IGMethod, InKeys
 from ._common import (
     AttributionError,
@@ -38,6 +39,7 @@ from ._quadrature import check_path_options, quadrature
 __all__ = ["neuron_conductance"]
 
 
+@public("tdfunc.neuron_conductance")
 def neuron_conductance(
     f: Callable[[TensorDictBase], torch.Tensor],
     td: TensorDictBase,
@@ -122,22 +124,21 @@ def neuron_conductance(
     Composes with: ``vmap`` (over examples or targets), ``grad`` (double backward),
     ``torch.compile(fullgraph=True)`` after ``tdfunc.install_sites(module, site)``.
     """
-    fn = "tdfunc.neuron_conductance"
-    check_path_options(fn, n_steps, method, chunk_size, "vmap")
-    check_bool(fn, "multiply_by_inputs", multiply_by_inputs, AttributionError)
-    check_randomness(fn, randomness, AttributionError)
-    _check(fn, td, module, site)
-    check_callable(fn, "f", f, AttributionError, expected="f(td) -> Tensor")
-    pick = selection(fn, selector)
-    p = prepare(fn, td, in_keys, f=f, baselines_arg=baselines)
+    check_path_options(n_steps, method, chunk_size, "vmap")
+    check_bool("multiply_by_inputs", multiply_by_inputs, AttributionError)
+    check_randomness(randomness, AttributionError)
+    _check(td, module, site)
+    check_callable("f", f, AttributionError, expected="f(td) -> Tensor")
+    pick = selection(selector)
+    p = prepare(td, in_keys, f=f, baselines_arg=baselines)
     batch, nb = p.batch, len(p.batch)
-    _, a_x = _activation(fn, f, module, td, site)
+    _, a_x = _activation(f, module, td, site)
     alphas64, weights64 = quadrature(method, n_steps)
     chunk = n_steps if chunk_size is None else min(chunk_size, n_steps)
 
     def one(d: torch.Tensor, pts: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        y, caps = _run(fn, f, module, with_inputs(td, pts), {site: delta(d)}, [site])
-        return check_float_output(fn, y), caps[site]
+        y, caps = _run(f, module, with_inputs(td, pts), {site: delta(d)}, [site])
+        return check_float_output(y), caps[site]
 
     total: dict = {}
     for start in range(0, n_steps, chunk):
@@ -154,22 +155,22 @@ def neuron_conductance(
             target's gradient at the site: a vjp w.r.t. the site's delta only, so it runs the part of the backward
             after the site (the inputs are constants at its level)."""
             (y, a), pull_d = vjp(lambda d: vmap(one, randomness=randomness)(d, pts), zero)  # type: ignore[misc]
-            k = check_output(fn, y[0], batch)
+            k = check_output(y[0], batch)
             cots = [torch.ones_like(y)] if k is None else [_one_hot(y, t) for t in range(k)]
             return a, (y, [pull_d((c, torch.zeros_like(a)))[0] for c in cots])
 
         try:
             a, pull_x, (y, site_grads) = vjp(through_site, pts, has_aux=True)  # type: ignore[misc]
         except RuntimeError as e:
-            err = random_op_error(fn, e, AttributionError)
+            err = random_op_error(e, AttributionError)
             if err is None:
                 raise
             raise err from e
         if torch.compiler.is_compiling():
-            _check_compiled(fn, y.device.type != "cpu")
-        k = check_output(fn, y[0], batch)
-        check_rows_as_targets(fn, k, batch, pts, 1)
-        units, n_units = _unit_weights(fn, pick, a, batch, site)  # N (or 1) of shape (s, *site value)
+            _check_compiled(y.device.type != "cpu")
+        k = check_output(y[0], batch)
+        check_rows_as_targets(k, batch, pts, 1)
+        units, n_units = _unit_weights(pick, a, batch, site)  # N (or 1) of shape (s, *site value)
         qw = weights64[start:stop].to(a.dtype).to(a.device).view(s, *([1] * a_x.dim()))
         per_target = []
         for g in site_grads:  # each target's gradient at the site, at each path point
@@ -190,11 +191,11 @@ def neuron_conductance(
             dx = p.x[key] - p.baseline[key]
             t = t * dx.view(*batch, *([1] * (t.dim() - dx.dim())), *dx.shape[nb:])
         attrs[key] = t
-    return result(td.batch_size, attrs, fn=fn)
+    return result(td.batch_size, attrs, warn=True)
 
 
 def _unit_weights(
-    fn: str, pick: Callable, a: torch.Tensor, batch: torch.Size, site: str
+    pick: Callable, a: torch.Tensor, batch: torch.Size, site: str
 ) -> tuple[list[torch.Tensor], int | None]:
     """``d sel_n(value) / d value`` at each path point for each neuron ``n`` (an index selector: its 0/1 mask),
     and N (None for one neuron)."""

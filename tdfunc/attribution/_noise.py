@@ -19,7 +19,7 @@ from .._checks import (
     check_randomness,
     random_op_error,
 )
-from .._errors import shape_str
+from .._errors import TdfuncTypeError, here, public, shape_str
 from .._progress import n_chunks, progress_bar, vmap_chunks
 from .._types import Key, NoiseType
 from ._common import AttributionError, _norm, _show, prepare, result, with_inputs
@@ -29,29 +29,29 @@ __all__ = ["smooth_grad"]
 NT_TYPES: tuple[NoiseType, ...] = ("smoothgrad", "smoothgrad_sq", "vargrad")
 
 
-def _check_options(fn: str, method, nt_type, nt_samples, chunk_size, generator) -> None:
+def _check_options(method, nt_type, nt_samples, chunk_size, generator) -> None:
     if not callable(method):
-        raise TypeError(
-            f"{fn}: method must be an attribution function such as tdfunc.saliency or "
+        raise TdfuncTypeError(
+            f"method must be an attribution function such as tdfunc.saliency or "
             f"tdfunc.integrated_gradients, got {type(method).__name__} ({method!r:.60}); pass the function "
             "itself: tdfunc.smooth_grad(tdfunc.saliency, f, td)."
         )
     if nt_type not in NT_TYPES:
-        raise AttributionError(f"{fn}: unknown nt_type {nt_type!r}; choose one of {list(NT_TYPES)}.")
-    check_int(fn, "nt_samples", nt_samples, AttributionError)
-    check_chunk_size(fn, chunk_size, AttributionError)
-    check_generator(fn, generator, AttributionError)
+        raise AttributionError(f"unknown nt_type {nt_type!r}; choose one of {list(NT_TYPES)}.")
+    check_int("nt_samples", nt_samples, AttributionError)
+    check_chunk_size(chunk_size, AttributionError)
+    check_generator(generator, AttributionError)
 
 
 def _names(keys: list) -> str:
     return "[" + ", ".join(_show(k) for k in keys) + "]"
 
 
-def _stdevs(fn: str, stdevs, keys: list) -> dict:
+def _stdevs(stdevs, keys: list) -> dict:
     def one(key, s) -> float:
         if isinstance(s, bool) or not isinstance(s, (int, float)) or not s >= 0:  # `not >=` also catches nan
             raise AttributionError(
-                f"{fn}: stdevs for {_show(key)} must be a non-negative float (the standard deviation of the "
+                f"stdevs for {_show(key)} must be a non-negative float (the standard deviation of the "
                 f"Gaussian noise added to the input), got {s!r}."
             )
         return float(s)
@@ -60,18 +60,18 @@ def _stdevs(fn: str, stdevs, keys: list) -> dict:
         return {k: one(k, stdevs) for k in keys}
     given = {_norm(k): v for k, v in stdevs.items()}
     check_input_keys(
-        fn, "stdevs", list(given), keys, AttributionError, "give one entry per attributed input, or a single float"
+        "stdevs", list(given), keys, AttributionError, "give one entry per attributed input, or a single float"
     )
     missing = [k for k in keys if k not in given]
     if missing:
         raise AttributionError(
-            f"{fn}: stdevs has no entry for input {_show(missing[0])}; give one entry per attributed input "
+            f"stdevs has no entry for input {_show(missing[0])}; give one entry per attributed input "
             f"({_names(keys)}), or a single float."
         )
     return {k: one(k, given[k]) for k in keys}
 
 
-def _draws(fn: str, noise, generator, keys: list, xs: dict, nt_samples: int) -> dict:
+def _draws(noise, generator, keys: list, xs: dict, nt_samples: int) -> dict:
     """Standard-normal draws of shape ``(nt_samples, *x.shape)`` per input, in key order."""
     if noise is None:
         out = {}
@@ -83,18 +83,18 @@ def _draws(fn: str, noise, generator, keys: list, xs: dict, nt_samples: int) -> 
         return out
     if generator is not None:
         raise AttributionError(
-            f"{fn}: got both noise and a generator; the generator only draws noise that is not given. Pass one of them."
+            "got both noise and a generator; the generator only draws noise that is not given. Pass one of them."
         )
     if isinstance(noise, torch.Tensor):
         if len(keys) != 1:
             raise AttributionError(
-                f"{fn}: noise is one tensor but {len(keys)} inputs are attributed ({_names(keys)}); "
+                f"noise is one tensor but {len(keys)} inputs are attributed ({_names(keys)}); "
                 "give a mapping from input key to its noise."
             )
         noise = {keys[0]: noise}
     if not isinstance(noise, Mapping):
-        raise TypeError(
-            f"{fn}: noise must be None, a tensor or a mapping from input key to tensor, got "
+        raise TdfuncTypeError(
+            f"noise must be None, a tensor or a mapping from input key to tensor, got "
             f"{type(noise).__name__} ({noise!r:.60})."
         )
     given = {_norm(k): v for k, v in noise.items()}
@@ -103,23 +103,22 @@ def _draws(fn: str, noise, generator, keys: list, xs: dict, nt_samples: int) -> 
         x, eps = xs[k], given.get(k)  # type: ignore[assignment]  # checked just below
         if not isinstance(eps, torch.Tensor):
             raise AttributionError(
-                f"{fn}: noise has no tensor for input {_show(k)}; give one of shape (nt_samples, *input.shape) "
+                f"noise has no tensor for input {_show(k)}; give one of shape (nt_samples, *input.shape) "
                 f"per attributed input ({_names(keys)})."
             )
         want = (nt_samples, *x.shape)
         if tuple(eps.shape) != want:
             raise AttributionError(
-                f"{fn}: noise for {_show(k)} has shape {shape_str(eps.shape)}, expected (nt_samples, *input.shape) "
+                f"noise for {_show(k)} has shape {shape_str(eps.shape)}, expected (nt_samples, *input.shape) "
                 f"= {shape_str(want)}; draw it with torch.randn({want}) (standard normal: stdevs scales it)."
             )
         if eps.dtype != x.dtype or eps.device != x.device:
             raise AttributionError(
-                f"{fn}: noise for {_show(k)} has dtype {eps.dtype} on {eps.device} but the input has dtype "
+                f"noise for {_show(k)} has dtype {eps.dtype} on {eps.device} but the input has dtype "
                 f"{x.dtype} on {x.device}; convert it with .to(input)."
             )
         out[k] = eps
     check_input_keys(
-        fn,
         "noise",
         list(given),
         keys,
@@ -148,6 +147,7 @@ def _reduce(a: torch.Tensor, nt_type: str) -> torch.Tensor:
     return (a - a.mean(0)).square().mean(0)  # population variance = E[a^2] - E[a]^2 (captum's VarGrad)
 
 
+@public("tdfunc.smooth_grad")
 def smooth_grad(
     method: Callable[..., TensorDictBase],
     f: Callable[[TensorDictBase], torch.Tensor],
@@ -237,26 +237,25 @@ def smooth_grad(
     :func:`tdfunc.guided_backprop`, whose ``autograd.Function`` torch <= 2.13 cannot compile
     under ``vmap``: pytorch/pytorch#129845).
     """
-    fn = "tdfunc.smooth_grad"
-    _check_options(fn, method, nt_type, nt_samples, chunk_size, generator)
-    check_bool(fn, "progress", progress, AttributionError)
-    check_randomness(fn, randomness, AttributionError)
+    _check_options(method, nt_type, nt_samples, chunk_size, generator)
+    check_bool("progress", progress, AttributionError)
+    check_randomness(randomness, AttributionError)
     method_kwargs = with_randomness(method, method_kwargs, randomness)
-    p = prepare(fn, td, method_kwargs.get("in_keys"), baselines=False, f=f)
-    std = _stdevs(fn, stdevs, p.keys)
-    eps = _draws(fn, noise, generator, p.keys, p.x, nt_samples)
+    p = prepare(td, method_kwargs.get("in_keys"), baselines=False, f=f)
+    std = _stdevs(stdevs, p.keys)
+    eps = _draws(noise, generator, p.keys, p.x, nt_samples)
     noisy = {k: p.x[k] + std[k] * eps[k] for k in p.keys}
 
     def one(xs: dict) -> dict:
         out = method(f, with_inputs(td, xs), **method_kwargs)
         if not isinstance(out, TensorDictBase):
             raise AttributionError(
-                f"{fn}: method {getattr(method, '__name__', method)!r} returned {type(out).__name__}, not a "
+                f"method {getattr(method, '__name__', method)!r} returned {type(out).__name__}, not a "
                 "TensorDict; pass a tdfunc attribution method (method(f, td, **kwargs) -> TensorDict)."
             )
         return {_norm(k): out.get(k) for k in out.keys(include_nested=True, leaves_only=True)}
 
-    bar = progress_bar(enabled=progress, desc=fn, total=n_chunks(nt_samples, chunk_size), unit="chunk")
+    bar = progress_bar(enabled=progress, desc=here(), total=n_chunks(nt_samples, chunk_size), unit="chunk")
     try:
         if bar is None:
             per = vmap(one, chunk_size=chunk_size, randomness=randomness)(noisy)
@@ -264,7 +263,7 @@ def smooth_grad(
             with bar:
                 per = vmap_chunks(one, chunk_size, bar, randomness=randomness)(noisy)
     except RuntimeError as e:
-        err = random_op_error(fn, e, AttributionError)
+        err = random_op_error(e, AttributionError)
         if err is None:
             raise
         raise err from e
@@ -275,4 +274,4 @@ def smooth_grad(
             attrs[key[1:]] = _reduce(v, nt_type)
         else:
             extra[key] = v.movedim(0, nb)
-    return result(td.batch_size, attrs, extra, fn=fn)
+    return result(td.batch_size, attrs, extra, warn=True)

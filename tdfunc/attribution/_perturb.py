@@ -15,7 +15,7 @@ import torch
 from tensordict import TensorDict, TensorDictBase
 
 from .._checks import check_bool, check_callable, check_chunk_size, check_randomness, per_input
-from .._errors import shape_str
+from .._errors import public, shape_str
 from .._types import InKeys, Key, PerKey
 from ._common import AttributionError, Baselines, Inputs, _show, check_output, prepare, result, with_inputs
 from ._perturb_common import check_draws, feature_masks, per_position, run_perturbed, sampling_setup
@@ -28,51 +28,51 @@ def _expand_attr(t: torch.Tensor, x: torch.Tensor, k: int | None, nb: int) -> to
     return t.expand(want) if tuple(t.shape) != want else t
 
 
-def _baseline_outputs(fn: str, f: Callable, td: TensorDictBase, p: Inputs):
+def _baseline_outputs(f: Callable, td: TensorDictBase, p: Inputs):
     y0 = f(td)
-    return y0, check_output(fn, y0, p.batch, p.x, batch_value=True)  # also one value for the batch (captum's scalar)
+    return y0, check_output(y0, p.batch, p.x, batch_value=True)  # also one value for the batch (captum's scalar)
 
 
 # ---------------------------------------------------------------------------------------------- occlusion
 
 
-def _as_tuple(fn: str, name: str, v, key, ndim: int) -> tuple:
+def _as_tuple(name: str, v, key, ndim: int) -> tuple:
     if isinstance(v, bool):
-        raise AttributionError(f"{fn}: {name} for {_show(key)} must be a tuple of integers, got {v!r}.")
+        raise AttributionError(f"{name} for {_show(key)} must be a tuple of integers, got {v!r}.")
     if isinstance(v, int) and name == "strides":
         return (v,) * ndim
     if isinstance(v, torch.Size) or (
         isinstance(v, (tuple, list)) and all(isinstance(s, int) and not isinstance(s, bool) for s in v)
     ):
         return tuple(int(s) for s in v)
-    raise AttributionError(f"{fn}: {name} for {_show(key)} must be a tuple of integers, got {v!r}.")
+    raise AttributionError(f"{name} for {_show(key)} must be a tuple of integers, got {v!r}.")
 
 
-def _window_tables(fn: str, key, feat: tuple, window, stride, device) -> tuple[list, list]:
+def _window_tables(key, feat: tuple, window, stride, device) -> tuple[list, list]:
     """Per feature dim, the (count, size) table of which positions each window shift covers."""
-    window = _as_tuple(fn, "sliding_window_shapes", window, key, len(feat))
-    stride = _as_tuple(fn, "strides", 1 if stride is None else stride, key, len(feat))
+    window = _as_tuple("sliding_window_shapes", window, key, len(feat))
+    stride = _as_tuple("strides", 1 if stride is None else stride, key, len(feat))
     if len(window) != len(feat):
         example = shape_str((1,) * len(feat)) if feat else "()"
         raise AttributionError(
-            f"{fn}: sliding window {window!r} for {_show(key)} has {len(window)} dims, but the input's feature "
+            f"sliding window {window!r} for {_show(key)} has {len(window)} dims, but the input's feature "
             f"shape {shape_str(feat)} has {len(feat)}; give one window size per feature dim, e.g. {example}."
         )
     if any(w < 1 or w > d for w, d in zip(window, feat)):
         raise AttributionError(
-            f"{fn}: sliding window {window!r} for {_show(key)} does not fit the feature shape "
+            f"sliding window {window!r} for {_show(key)} does not fit the feature shape "
             f"{shape_str(feat)}; every window size must be between 1 and the feature size."
         )
     if len(stride) != len(feat) or any(s < 1 for s in stride):
         raise AttributionError(
-            f"{fn}: strides {stride!r} for {_show(key)} must be one integer >= 1 per feature dim "
+            f"strides {stride!r} for {_show(key)} must be one integer >= 1 per feature dim "
             f"({len(feat)} dims) or a single integer >= 1."
         )
     tables, counts = [], []
     for i, (d, w, s) in enumerate(zip(feat, window, stride)):
         if w < d and s > w:
             raise AttributionError(
-                f"{fn}: stride {s} exceeds the window size {w} in feature dim {i} of {_show(key)}; the windows "
+                f"stride {s} exceeds the window size {w} in feature dim {i} of {_show(key)}; the windows "
                 "would skip elements (captum's rule): use strides <= window sizes."
             )
         c = math.ceil((d - w) / s) + 1  # captum's shift count; the last window may be cut at the edge
@@ -83,6 +83,7 @@ def _window_tables(fn: str, key, feat: tuple, window, stride, device) -> tuple[l
     return tables, counts
 
 
+@public("tdfunc.occlusion")
 def occlusion(
     f: Callable[[TensorDictBase], torch.Tensor],
     td: TensorDictBase,
@@ -158,28 +159,27 @@ def occlusion(
     Composes with: ``vmap``, ``grad`` (w.r.t. inputs or parameters; double backward),
     ``torch.compile(fullgraph=True)``.
     """
-    fn = "tdfunc.occlusion"
-    check_callable(fn, "f", f, AttributionError, expected="f(td) -> Tensor")
-    check_chunk_size(fn, chunk_size, AttributionError)
-    check_bool(fn, "progress", progress, AttributionError)
-    check_randomness(fn, randomness, AttributionError)
-    check_bool(fn, "keep_window", keep_window, AttributionError)  # keep_window
-    p = prepare(fn, td, in_keys, baselines_arg=baselines, integer_inputs=True)
+    check_callable("f", f, AttributionError, expected="f(td) -> Tensor")
+    check_chunk_size(chunk_size, AttributionError)
+    check_bool("progress", progress, AttributionError)
+    check_randomness(randomness, AttributionError)
+    check_bool("keep_window", keep_window, AttributionError)  # keep_window
+    p = prepare(td, in_keys, baselines_arg=baselines, integer_inputs=True)
     nb = len(p.batch)
-    windows = per_input(fn, "sliding_window_shapes", sliding_window_shapes, p.keys, "window shape", AttributionError)
+    windows = per_input("sliding_window_shapes", sliding_window_shapes, p.keys, "window shape", AttributionError)
     steps = (
-        per_input(fn, "strides", strides, p.keys, "stride", AttributionError)
+        per_input("strides", strides, p.keys, "stride", AttributionError)
         if strides is not None
         else dict.fromkeys(p.keys)
     )
     spans, n = {}, 0
     for key in p.keys:
         x = p.x[key]
-        tables, counts = _window_tables(fn, key, tuple(x.shape[nb:]), windows[key], steps[key], x.device)
+        tables, counts = _window_tables(key, tuple(x.shape[nb:]), windows[key], steps[key], x.device)
         total = math.prod(counts)
         spans[key] = (n, total, tables, counts)
         n += total
-    y0, k = _baseline_outputs(fn, f, td, p)
+    y0, k = _baseline_outputs(f, td, p)
 
     def masks_for(lo, hi):
         out = {}
@@ -197,8 +197,8 @@ def occlusion(
         return out
 
     if keep_window:  # keep_window: zennit's Occlusion
-        return _keep_window(fn, f, td, p, spans, masks_for, chunk_size, progress, randomness)
-    _, total = run_perturbed(f, td, p, n, chunk_size, masks_for, y0, progress=progress, fn=fn, randomness=randomness)
+        return _keep_window(f, td, p, spans, masks_for, chunk_size, progress, randomness)
+    _, total = run_perturbed(f, td, p, n, chunk_size, masks_for, y0, progress=progress, randomness=randomness)
     attrs = {}
     for key, (start, count, tables, counts) in spans.items():
         cover = torch.ones((), dtype=total[key].dtype, device=p.x[key].device)  # f's dtype (the input may be integer)
@@ -206,14 +206,14 @@ def occlusion(
             c = table.sum(0).to(cover.dtype)
             cover = cover.unsqueeze(-1) * c if i else c
         attrs[key] = _expand_attr(total[key] / cover, p.x[key], k, nb)
-    return result(td.batch_size, attrs, fn=fn)
+    return result(td.batch_size, attrs, warn=True)
 
 
-def _keep_window(fn, f, td, p, spans, masks_for, chunk_size, progress, randomness) -> TensorDict:  # keep_window
+def _keep_window(f, td, p, spans, masks_for, chunk_size, progress, randomness) -> TensorDict:  # keep_window
     """zennit's Occlusion: evaluate ``f`` with only each window kept (the rest at the baseline) and give every
     position the sum of the outputs of the windows containing it."""
     nb = len(p.batch)
-    _, k = _baseline_outputs(fn, f, td, p)
+    _, k = _baseline_outputs(f, td, p)
 
     def outside(lo, hi):  # the masks of the windows of this chunk, inverted on the input each window belongs to
         inside = masks_for(lo, hi)
@@ -227,7 +227,7 @@ def _keep_window(fn, f, td, p, spans, masks_for, chunk_size, progress, randomnes
         return out
 
     n = sum(span[1] for span in spans.values())
-    ys, _ = run_perturbed(f, td, p, n, chunk_size, outside, None, progress=progress, fn=fn, randomness=randomness)
+    ys, _ = run_perturbed(f, td, p, n, chunk_size, outside, None, progress=progress, randomness=randomness)
     attrs = {}
     for key, (start, count, tables, counts) in spans.items():
         y = ys[start : start + count]  # (n_windows, *batch (+ K)); window j: dim 0's shift moves fastest
@@ -237,12 +237,13 @@ def _keep_window(fn, f, td, p, spans, masks_for, chunk_size, progress, randomnes
         for table in tables:  # each shift dim against its table: (c_i, *rest) -> (*rest, d_i)
             y = torch.tensordot(y, table.to(y.dtype), dims=([0], [0]))
         attrs[key] = _expand_attr(y, p.x[key], k, nb)
-    return result(td.batch_size, attrs, fn=fn)
+    return result(td.batch_size, attrs, warn=True)
 
 
 # ------------------------------------------------------------------------------------ feature masks
 
 
+@public("tdfunc.feature_ablation")
 def feature_ablation(
     f: Callable[[TensorDictBase], torch.Tensor],
     td: TensorDictBase,
@@ -308,14 +309,13 @@ def feature_ablation(
     Composes with: ``vmap``, ``grad`` (double backward), ``torch.compile(fullgraph=True)`` with the
     default mask (a custom mask's ids are read with ``torch.unique``).
     """
-    fn = "tdfunc.feature_ablation"
-    check_callable(fn, "f", f, AttributionError, expected="f(td) -> Tensor")
-    check_chunk_size(fn, chunk_size, AttributionError)
-    check_bool(fn, "progress", progress, AttributionError)
-    check_randomness(fn, randomness, AttributionError)
-    p = prepare(fn, td, in_keys, baselines_arg=baselines, integer_inputs=True)
+    check_callable("f", f, AttributionError, expected="f(td) -> Tensor")
+    check_chunk_size(chunk_size, AttributionError)
+    check_bool("progress", progress, AttributionError)
+    check_randomness(randomness, AttributionError)
+    p = prepare(td, in_keys, baselines_arg=baselines, integer_inputs=True)
     nb = len(p.batch)
-    masks = feature_masks(fn, feature_mask, p)
+    masks = feature_masks(feature_mask, p)
     dev = next(iter(p.x.values())).device
     if feature_mask is None:
         n = sum(math.prod(p.x[key].shape[nb:]) for key in p.keys)
@@ -323,31 +323,32 @@ def feature_ablation(
     else:
         ids = torch.unique(torch.cat([m.flatten().to(dev) for m in masks.values()]))
         n = int(ids.numel())
-    y0, k = _baseline_outputs(fn, f, td, p)
+    y0, k = _baseline_outputs(f, td, p)
 
     def masks_for(lo, hi):
         cur = ids[lo:hi]
         return {key: m.unsqueeze(0) == cur.view(-1, *([1] * m.dim())) for key, m in masks.items()}
 
-    _, total = run_perturbed(f, td, p, n, chunk_size, masks_for, y0, progress=progress, fn=fn, randomness=randomness)
-    return result(td.batch_size, {key: _expand_attr(t, p.x[key], k, nb) for key, t in total.items()}, fn=fn)
+    _, total = run_perturbed(f, td, p, n, chunk_size, masks_for, y0, progress=progress, randomness=randomness)
+    return result(td.batch_size, {key: _expand_attr(t, p.x[key], k, nb) for key, t in total.items()}, warn=True)
 
 
 # ------------------------------------------------------------------------------------ Shapley values
 
 
-def _check_permutations(fn: str, perms, n_samples: int, n_feat: int) -> torch.Tensor:
+def _check_permutations(perms, n_samples: int, n_feat: int) -> torch.Tensor:
     ok = lambda t: not (t.is_floating_point() or t.is_complex() or t.dtype == torch.bool)  # noqa: E731
-    perms = check_draws(fn, "permutations", perms, n_samples, n_feat, "an integer tensor", ok)
+    perms = check_draws("permutations", perms, n_samples, n_feat, "an integer tensor", ok)
     if not torch.compiler.is_compiling():
         ok = bool((perms.sort(1).values == torch.arange(n_feat, device=perms.device)).all())  # type: ignore[assignment]
         if not ok:  # type: ignore[truthy-function]
             raise AttributionError(
-                f"{fn}: every row of permutations must hold each feature id 0 .. {n_feat - 1} exactly once."
+                f"every row of permutations must hold each feature id 0 .. {n_feat - 1} exactly once."
             )
     return perms
 
 
+@public("tdfunc.shapley_value_sampling")
 def shapley_value_sampling(
     f: Callable[[TensorDictBase], torch.Tensor],
     td: TensorDictBase,
@@ -427,15 +428,14 @@ def shapley_value_sampling(
     draws under ``vmap`` follow its ``randomness`` rule; a compiled region cannot create a
     generator) and the default mask, ``grad`` (double backward).
     """
-    fn = "tdfunc.shapley_value_sampling"
-    check_callable(fn, "f", f, AttributionError, expected="f(td) -> Tensor")
+    check_callable("f", f, AttributionError, expected="f(td) -> Tensor")
     p, masks, dev, n_feat = sampling_setup(
-        fn, td, in_keys, feature_mask, n_samples, chunk_size, generator, progress, randomness, baselines
+        td, in_keys, feature_mask, n_samples, chunk_size, generator, progress, randomness, baselines
     )
     if permutations is None:
         perms = torch.stack([torch.randperm(n_feat, generator=generator) for _ in range(n_samples)]).to(dev)
     else:
-        perms = _check_permutations(fn, permutations, n_samples, n_feat).to(dev)
+        perms = _check_permutations(permutations, n_samples, n_feat).to(dev)
     rank = torch.argsort(perms, dim=1)  # rank[s, g]: the step at which permutation s adds feature g
     s_n = n_samples
 
@@ -449,10 +449,8 @@ def shapley_value_sampling(
         return out
 
     at_base = f(with_inputs(td, p.baseline))
-    k = check_output(fn, at_base, p.batch, p.x, batch_value=True)
-    ys, _ = run_perturbed(
-        f, td, p, s_n * n_feat, chunk_size, masks_for, progress=progress, fn=fn, randomness=randomness
-    )
+    k = check_output(at_base, p.batch, p.x, batch_value=True)
+    ys, _ = run_perturbed(f, td, p, s_n * n_feat, chunk_size, masks_for, progress=progress, randomness=randomness)
     ys = ys.reshape(s_n, n_feat, *ys.shape[1:])
     prev = torch.cat([at_base.expand(s_n, 1, *at_base.shape), ys[:, :-1]], dim=1)
     steps = ys - prev  # (S, F, *batch (+ K)): the gain of the feature added at each step
@@ -460,4 +458,4 @@ def shapley_value_sampling(
     phi = gains.mean(0).movedim(0, -1)  # (*batch (+ K), F)
     if at_base.dim() == 0 and len(p.batch):  # one value per batch: one map of the batch, for every example
         phi = phi.expand(*p.batch, n_feat)
-    return result(td.batch_size, per_position(phi, masks, p, k), fn=fn)
+    return result(td.batch_size, per_position(phi, masks, p, k), warn=True)

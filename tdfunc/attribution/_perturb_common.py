@@ -23,7 +23,7 @@ from .._checks import (
     per_input,
     random_op_error,
 )
-from .._errors import shape_str
+from .._errors import here, shape_str
 from .._progress import progress_bar
 from ._common import AttributionError, Inputs, _show, prepare, with_inputs
 
@@ -40,7 +40,6 @@ def run_perturbed(
     y0=None,
     *,
     progress: bool = False,
-    fn: str = "",
     randomness: str = "error",
     values_for: Callable | None = None,
 ):
@@ -63,13 +62,13 @@ def run_perturbed(
         try:
             return vmapped(xs)
         except RuntimeError as e:
-            err = random_op_error(fn, e, AttributionError)
+            err = random_op_error(e, AttributionError)
             if err is None:
                 raise
             raise err from e
 
     starts = range(0, n, chunk) if n else range(1)  # n == 0 (no feature): one empty chunk, no perturbed call
-    for start in progress_bar(starts, enabled=progress, desc=fn, unit="chunk"):
+    for start in progress_bar(starts, enabled=progress, desc=here(), unit="chunk"):
         masks = masks_for(start, min(start + chunk, n))
         if n == 0:
             y = f(td).unsqueeze(0)[:0]  # an empty stack of f's output
@@ -91,7 +90,7 @@ def run_perturbed(
     return torch.cat(ys) if len(ys) > 1 else ys[0], total
 
 
-def feature_masks(fn: str, feature_mask, p: Inputs, what: str = "the input") -> dict:
+def feature_masks(feature_mask, p: Inputs, what: str = "the input") -> dict:
     """key -> integer mask of the input's number of dims, broadcastable to it (default: one id per scalar)."""
     nb = len(p.batch)
     if feature_mask is None:
@@ -103,14 +102,14 @@ def feature_masks(fn: str, feature_mask, p: Inputs, what: str = "the input") -> 
             out[key] = torch.arange(offset, offset + m, device=x.device).view(*([1] * nb), *feat)
             offset += m
         return out
-    given = per_input(fn, "feature_mask", feature_mask, p.keys, "integer mask", AttributionError)
+    given = per_input("feature_mask", feature_mask, p.keys, "integer mask", AttributionError)
     out = {}
     for key, m in given.items():
         x = p.x[key]
         if not isinstance(m, torch.Tensor) or m.is_floating_point() or m.is_complex() or m.dtype == torch.bool:
             what = type(m).__name__ if not isinstance(m, torch.Tensor) else f"a {m.dtype} tensor"
             raise AttributionError(
-                f"{fn}: feature_mask for {_show(key)} must be an integer tensor of feature ids, got {what}; "
+                f"feature_mask for {_show(key)} must be an integer tensor of feature ids, got {what}; "
                 "e.g. torch.arange(n).view(shape)."
             )
         try:
@@ -119,7 +118,7 @@ def feature_masks(fn: str, feature_mask, p: Inputs, what: str = "the input") -> 
             ok = False
         if not ok:
             raise AttributionError(
-                f"{fn}: feature_mask for {_show(key)} has shape {shape_str(m.shape)} but {what} has shape "
+                f"feature_mask for {_show(key)} has shape {shape_str(m.shape)} but {what} has shape "
                 f"{shape_str(x.shape)}; give an integer mask broadcastable to {what} (batch + feature shape)."
             )
         out[key] = m.to(x.device).reshape(*([1] * (x.dim() - m.dim())), *m.shape)
@@ -139,7 +138,7 @@ def per_position(phi: torch.Tensor, masks: dict, p, k: int | None) -> dict:
     return attrs
 
 
-def n_features(fn: str, feature_mask, masks: dict, p) -> int:
+def n_features(feature_mask, masks: dict, p) -> int:
     """Number of features: every scalar with the default mask, else max id + 1 (ids must be >= 0)."""
     nb = len(p.batch)
     if feature_mask is None:
@@ -147,13 +146,12 @@ def n_features(fn: str, feature_mask, masks: dict, p) -> int:
     lows = [int(m.min()) for m in masks.values() if m.numel()]
     if lows and min(lows) < 0:
         raise AttributionError(
-            f"{fn}: feature_mask has the negative id {min(lows)}; feature ids must be 0 .. n_features - 1."
+            f"feature_mask has the negative id {min(lows)}; feature ids must be 0 .. n_features - 1."
         )
     return max((int(m.max()) for m in masks.values() if m.numel()), default=-1) + 1  # inputs of zero features: 0
 
 
 def sampling_setup(
-    fn: str,
     td: TensorDictBase,
     in_keys,
     feature_mask,
@@ -165,23 +163,23 @@ def sampling_setup(
     baselines=None,
 ):
     """Checks and setup of a sampler over feature coalitions: ``(inputs, masks, device, n_features)``."""
-    check_int(fn, "n_samples", n_samples, AttributionError)
-    check_chunk_size(fn, chunk_size, AttributionError)
-    check_generator(fn, generator, AttributionError)
-    check_bool(fn, "progress", progress, AttributionError)
-    check_randomness(fn, randomness, AttributionError)
-    p = prepare(fn, td, in_keys, baselines_arg=baselines, integer_inputs=True)
-    masks = feature_masks(fn, feature_mask, p)
+    check_int("n_samples", n_samples, AttributionError)
+    check_chunk_size(chunk_size, AttributionError)
+    check_generator(generator, AttributionError)
+    check_bool("progress", progress, AttributionError)
+    check_randomness(randomness, AttributionError)
+    p = prepare(td, in_keys, baselines_arg=baselines, integer_inputs=True)
+    masks = feature_masks(feature_mask, p)
     dev = next(iter(p.x.values())).device
-    return p, masks, dev, n_features(fn, feature_mask, masks, p)
+    return p, masks, dev, n_features(feature_mask, masks, p)
 
 
-def check_draws(fn: str, name: str, t, n_samples: int, n_feat: int, expected: str, ok: Callable) -> torch.Tensor:
+def check_draws(name: str, t, n_samples: int, n_feat: int, expected: str, ok: Callable) -> torch.Tensor:
     """A user's table of draws (coalitions, permutations): a tensor ``ok`` accepts, of shape (n_samples, n_features)."""
     want = shape_str((n_samples, n_feat))
     if not isinstance(t, torch.Tensor) or not ok(t):
         got = type(t).__name__ if not isinstance(t, torch.Tensor) else f"a {t.dtype} tensor"
-        raise AttributionError(f"{fn}: {name} must be {expected} of shape {want}, got {got}.")
+        raise AttributionError(f"{name} must be {expected} of shape {want}, got {got}.")
     if tuple(t.shape) != (n_samples, n_feat):
-        raise AttributionError(f"{fn}: {name} has shape {shape_str(t.shape)}; expected {want} (n_samples, n_features).")
+        raise AttributionError(f"{name} has shape {shape_str(t.shape)}; expected {want} (n_samples, n_features).")
     return t

@@ -42,16 +42,16 @@ def quadrature(method: str, n_steps: int) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.linspace(start, start + 1 - 1.0 / n, n, dtype=torch.float64), w
 
 
-def check_path_options(fn: str, n_steps, method, chunk_size, strategy) -> None:
+def check_path_options(n_steps, method, chunk_size, strategy) -> None:
     """The options of a path integral (integrated gradients, layer integrated gradients)."""
     if method not in METHODS:
-        raise AttributionError(f"{fn}: unknown method {method!r}; choose one of {list(METHODS)}.")
-    check_int(fn, "n_steps", n_steps, AttributionError)
+        raise AttributionError(f"unknown method {method!r}; choose one of {list(METHODS)}.")
+    check_int("n_steps", n_steps, AttributionError)
     if method == "riemann_trapezoid" and n_steps < 2:
-        raise AttributionError(f"{fn}: method 'riemann_trapezoid' needs n_steps >= 2, got {n_steps}.")
-    check_chunk_size(fn, chunk_size, AttributionError)
+        raise AttributionError(f"method 'riemann_trapezoid' needs n_steps >= 2, got {n_steps}.")
+    check_chunk_size(chunk_size, AttributionError)
     if strategy not in STRATEGIES:
         raise AttributionError(
-            f"{fn}: unknown strategy {strategy!r}; choose 'vmap' (f sees td's batch shape; default) or "
+            f"unknown strategy {strategy!r}; choose 'vmap' (f sees td's batch shape; default) or "
             "'fold' (path steps folded into the batch: f must not close over per-example data)."
         )

@@ -85,8 +85,8 @@ def _derivative(act: nn.Module, at: torch.Tensor) -> torch.Tensor:
 class RevealCancel(Rewrite):
     """The reveal-cancel rule at one activation fed by a linear layer (see the module docstring)."""
 
-    def __init__(self, fn: str, name: str, root: nn.Module, stash: dict, rows: int, eps: float, one_pass: bool):
-        self.fn, self.name, self.root, self.stash = fn, name, root, stash
+    def __init__(self, name: str, root: nn.Module, stash: dict, rows: int, eps: float, one_pass: bool):
+        self.name, self.root, self.stash = name, root, stash
         self.rows, self.eps, self.one_pass = rows, eps, one_pass
 
     def _layer(self) -> str:
@@ -95,7 +95,7 @@ class RevealCancel(Rewrite):
             if key[0] == "out" and v is x_in:
                 return key[1]
         raise AttributionError(
-            f"{self.fn}: rule='reveal_cancel' splits an activation's input change into positive and negative parts "
+            f"rule='reveal_cancel' splits an activation's input change into positive and negative parts "
             f"by the linear layer that computes it, but the input of the activation {self.name!r} is not the output "
             "of an nn.Linear / nn.Conv1d / nn.Conv2d / nn.Conv3d module (something else is in between, or it is "
             "computed by a function). Use rule='rescale', or make the linear layer feed the activation directly."
@@ -110,7 +110,7 @@ class RevealCancel(Rewrite):
         b = self.rows
         if u.dim() == 0 or u.shape[0] != 2 * b or x.shape != y.shape:
             raise AttributionError(
-                f"{self.fn}: the {type(lin).__name__} module {layer!r} feeding the activation {self.name!r} got an "
+                f"the {type(lin).__name__} module {layer!r} feeding the activation {self.name!r} got an "
                 f"input of shape {shape_str(u.shape)}; DeepLift stacks the inputs and their baselines along the first "
                 f"batch dim, so its first dim must be {2 * b}."
             )

@@ -18,6 +18,7 @@ from torch.func import grad, vmap
 from .._call import functional_call
 from .._checks import check_callable, check_chunk_size, check_module, renamed, type_error
 from .._edits import delta
+from .._errors import public
 from .._finite import readable, warn_nonfinite
 from .._types import Over
 from ._common import PatchError
@@ -29,23 +30,23 @@ from ._units import forward as unit_forward
 __all__ = ["attribution_patching"]
 
 
-def _scalar(fn: str, r: Any) -> torch.Tensor:
+def _scalar(r: Any) -> torch.Tensor:
     if not isinstance(r, torch.Tensor) or r.dim() != 0:
         got = f"shape {tuple(r.shape)}" if isinstance(r, torch.Tensor) else type(r).__name__
         raise PatchError(
-            f"{fn}: metric must return a scalar (0-dim) tensor, got {got}; reduce it inside metric "
+            f"metric must return a scalar (0-dim) tensor, got {got}; reduce it inside metric "
             "(e.g. logits[0, -1, a] - logits[0, -1, b], or .mean())."
         )
     return r
 
 
-def _per_unit(fn: str, k: str, view: Units | int, e: torch.Tensor) -> torch.Tensor:
+def _per_unit(k: str, view: Units | int, e: torch.Tensor) -> torch.Tensor:
     """Sum ``e`` (clean - corrupted) * gradient within each unit: a vector over the units of site ``k``."""
     if isinstance(view, Units):
-        e = unit_forward(fn, k, view, e)
+        e = unit_forward(k, view, e)
         d = view.unit_dim % e.dim()
     else:
-        d = unit_dim(fn, k, view, e) % e.dim()
+        d = unit_dim(k, view, e) % e.dim()
     return e.sum(dim=[i for i in range(e.dim()) if i != d])
 
 
@@ -73,21 +74,21 @@ def _qk_ops(parent: str) -> dict[str, str]:
     }
 
 
-def _qk_check(fn: str, parent: str, ops: dict[str, str], caps: Any) -> None:
+def _qk_check(parent: str, ops: dict[str, str], caps: Any) -> None:
     q, kt, m, z, a = (caps[ops[n]] for n in ("q", "kt", "m", "z", "a"))
     b, h, t, d = q.shape if q.dim() == 4 else (None,) * 4
     ok = q.dim() == 4 and tuple(kt.shape[:3]) == (b, h, d) and kt.dim() == 4
     ok = ok and tuple(m.shape) == (b, h, t, kt.shape[-1]) and z.shape == m.shape and a.shape == m.shape
     if not ok:
         raise PatchError(
-            f"{fn}: qk_fix recomputes the attention pattern of {parent!r} from its first matmul (q @ k^T, "
+            f"qk_fix recomputes the attention pattern of {parent!r} from its first matmul (q @ k^T, "
             f"(B, H, T, D) @ (B, H, D, S)) and its softmax, but they have shapes {tuple(q.shape)} @ "
             f"{tuple(kt.shape)} -> {tuple(m.shape)} and softmax {tuple(z.shape)} -> {tuple(a.shape)}; load the "
             "model with eager attention (attn_implementation='eager'), or pass qk_fix=False."
         )
 
 
-def _qk_scale(fn: str, parent: str, ops: dict[str, str], clean: Any, corr: Any) -> torch.Tensor:
+def _qk_scale(parent: str, ops: dict[str, str], clean: Any, corr: Any) -> torch.Tensor:
     """The factor ``s`` in softmax input = s * (q @ k^T) + bias, fitted on the two runs' unmasked scores.
 
     The bias (causal / padding mask, ALiBi) is the same in both runs, so the change of the softmax input
@@ -104,14 +105,14 @@ def _qk_scale(fn: str, parent: str, ops: dict[str, str], clean: Any, corr: Any) 
         resid = float((dz - scale * dm).detach().abs().max())
         if resid > 1e-3 * top + 1e-6:
             raise PatchError(
-                f"{fn}: qk_fix recomputes the attention pattern of {parent!r} as softmax(s * (q @ k^T) + bias), "
+                f"qk_fix recomputes the attention pattern of {parent!r} as softmax(s * (q @ k^T) + bias), "
                 f"but its softmax input is not such a function of the product (fitted s = {float(scale.detach()):.4g}, "
                 f"largest misfit {resid:.3g} of changes up to {top:.3g}; e.g. logit soft-capping); pass qk_fix=False."
             )
     return scale
 
 
-def _qk_select(fn: str, k: str, view: Units | int, v: torch.Tensor, heads: int, dh: int) -> torch.Tensor:
+def _qk_select(k: str, view: Units | int, v: torch.Tensor, heads: int, dh: int) -> torch.Tensor:
     """Per unit, the (batch, attention head, position) blocks of the site ``k`` it covers: (U, B, heads, T).
 
     The site's last dim holds the projection's heads side by side, ``dh`` wide (as q_proj / k_proj
@@ -119,11 +120,11 @@ def _qk_select(fn: str, k: str, view: Units | int, v: torch.Tensor, heads: int, 
     """
     if v.dim() != 3 or v.shape[-1] % dh or heads % (v.shape[-1] // dh):
         raise PatchError(
-            f"{fn}: qk_fix needs the query / key projection's output (B, T, heads * {dh}) at site {k!r}, got "
+            f"qk_fix needs the query / key projection's output (B, T, heads * {dh}) at site {k!r}, got "
             f"shape {tuple(v.shape)} for {heads} attention heads of width {dh}; pass qk_fix=False."
         )
     if isinstance(view, Units):
-        w = unit_forward(fn, k, view, v)
+        w = unit_forward(k, view, v)
         d = view.unit_dim % w.dim()
         n = w.shape[d]
         shape = [1] * w.dim()
@@ -133,7 +134,7 @@ def _qk_select(fn: str, k: str, view: Units | int, v: torch.Tensor, heads: int, 
         )
         sel = vmap(lambda o: unit_backward(view, o.expand(w.shape).to(v.dtype)))(onehot)
     else:
-        d = unit_dim(fn, k, view, v) % v.dim()
+        d = unit_dim(k, view, v) % v.dim()
         n = v.shape[d]
         shape = [1] * v.dim()
         shape[d] = n
@@ -143,7 +144,7 @@ def _qk_select(fn: str, k: str, view: Units | int, v: torch.Tensor, heads: int, 
     covered = blocks.sum(-1)
     if readable(covered) and not bool(((covered == 0) | (covered == dh)).all()):
         raise PatchError(
-            f"{fn}: qk_fix patches whole (position, head) blocks of a query / key, but a unit of over at site "
+            f"qk_fix patches whole (position, head) blocks of a query / key, but a unit of over at site "
             f"{k!r} covers part of a head; sweep over='positions', 'heads' or units('b t (h d) -> b t h d', h=H)."
         )
     out = (covered > 0).permute(0, 1, 3, 2)  # (U, B, n_heads, T)
@@ -151,7 +152,7 @@ def _qk_select(fn: str, k: str, view: Units | int, v: torch.Tensor, heads: int, 
 
 
 def _qk_rows(
-    fn: str, k: str, role: int, view: Units | int, clean: Any, corr: Any, ops: dict[str, str], chunk: int | None
+    k: str, role: int, view: Units | int, clean: Any, corr: Any, ops: dict[str, str], chunk: int | None
 ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """AtP*'s QK fix for a query (role 0) or key (role 1) site: ``g -> (U,)`` estimates given dmetric/dpattern.
 
@@ -161,7 +162,7 @@ def _qk_rows(
     q, kt = corr[ops["q"]], corr[ops["kt"]]
     z, a = corr[ops["z"]], corr[ops["a"]]
     dq, dkt = clean[ops["q"]] - q, clean[ops["kt"]] - kt
-    sel = _qk_select(fn, k, view, corr[k], q.shape[1], q.shape[-1])
+    sel = _qk_select(k, view, corr[k], q.shape[1], q.shape[-1])
 
     def rows(g: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         def one(s: torch.Tensor) -> torch.Tensor:  # s: (B, heads, L) blocks of one unit
@@ -175,6 +176,7 @@ def _qk_rows(
     return rows
 
 
+@public("tdfunc.latent.attribution_patching")
 def attribution_patching(
     module: torch.nn.Module,
     state: TensorDictBase | None,
@@ -272,21 +274,18 @@ def attribution_patching(
         Kramár, Lieberum, Shah, Nanda. AtP*: An efficient and scalable method for localizing LLM
         behaviour to components. 2024.
     """
-    fn = "tdfunc.latent.attribution_patching"
-    check_module(fn, module, PatchError, fix=MODULE_FIX)
-    names = _as_list(fn, sites)
-    view = sweep_units(fn, module, over)
-    drops = None if grad_drop is None else _as_list(fn, grad_drop)
-    check_chunk_size(fn, chunk_size, PatchError)
-    check_callable(fn, "metric", metric, PatchError, expected="metric(output) -> scalar tensor")
+    check_module(module, PatchError, fix=MODULE_FIX)
+    names = _as_list(sites)
+    view = sweep_units(module, over)
+    drops = None if grad_drop is None else _as_list(grad_drop)
+    check_chunk_size(chunk_size, PatchError)
+    check_callable("metric", metric, PatchError, expected="metric(output) -> scalar tensor")
     if not isinstance(qk_fix, bool):
-        raise type_error(PatchError)(
-            f"{fn}: qk_fix must be True or False, got {type(qk_fix).__name__} ({qk_fix!r:.60})."
-        )
-    _check_runs(fn, clean_args, corrupted_args)
-    with renamed(fn):
+        raise type_error(PatchError)(f"qk_fix must be True or False, got {type(qk_fix).__name__} ({qk_fix!r:.60}).")
+    _check_runs(clean_args, corrupted_args)
+    with renamed():
         _, clean = functional_call(module, state, clean_args, kwargs, capture=names)
-    keys = _match(fn, names, clean)
+    keys = _match(names, clean)
     zeros = {k: torch.zeros_like(clean[k]) for k in keys}
     qk: dict[str, tuple[int, dict[str, str]]] = {}
     ops_clean: Any = {}
@@ -297,32 +296,32 @@ def attribution_patching(
                 qk[k] = (role[0], _qk_ops(role[1]))
         if not qk:
             raise PatchError(
-                f"{fn}: qk_fix applies to query / key projection sites (a module named "
+                f"qk_fix applies to query / key projection sites (a module named "
                 f"{' / '.join(sorted(_QK_ROLES))} inside an attention module, e.g. 'model.layers.*.self_attn.k_proj'), "
                 f"but none of the sites {keys} is one; add them, or pass qk_fix=False."
             )
         op_sites = sorted({o for _, ops in qk.values() for o in ops.values()})
-        with renamed(fn):
+        with renamed():
             _, ops_clean = functional_call(module, state, clean_args, kwargs, capture=op_sites, strict=False)
         for _, ops in qk.values():
             missing = [o for o in ops.values() if o not in ops_clean.keys()]
             if missing:
                 raise PatchError(
-                    f"{fn}: qk_fix recomputes the attention pattern of {ops['q'].split('/')[0]!r} from its q @ k^T "
+                    f"qk_fix recomputes the attention pattern of {ops['q'].split('/')[0]!r} from its q @ k^T "
                     f"matmul and softmax, but this forward reaches no {missing[0]!r}: load the model with "
                     "attn_implementation='eager' (sdpa never materialises the pattern), or pass qk_fix=False."
                 )
-            _qk_check(fn, ops["q"].split("/")[0], ops, ops_clean)
+            _qk_check(ops["q"].split("/")[0], ops, ops_clean)
             zeros[ops["a"]] = torch.zeros_like(ops_clean[ops["a"]])  # the gradient at the attention pattern
     drop_keys: list[str] = []
     corr_drop: dict[str, torch.Tensor] = {}
     if drops is not None:
-        with renamed(fn):
+        with renamed():
             _, cd = functional_call(module, state, corrupted_args, kwargs, capture=drops)
-        drop_keys = _match(fn, drops, cd)
+        drop_keys = _match(drops, cd)
         if len(drop_keys) < 2:
             raise PatchError(
-                f"{fn}: grad_drop must match at least two sites (the layers whose gradients are dropped "
+                f"grad_drop must match at least two sites (the layers whose gradients are dropped "
                 f"one at a time, averaged over L - 1), got {drop_keys}; pass e.g. 'model.layers.*.mlp'."
             )
         corr_drop = {k: cd[k] for k in drop_keys}
@@ -336,9 +335,9 @@ def attribution_patching(
                 # the value is unchanged; with m[j] no gradient flows through it (the constant corrupted value)
                 d = deltas.get(k)
                 edits[k] = lambda v, j=j, c=corr_drop[k], d=d: torch.where(m[j], c, v if d is None else v + d)
-        with renamed(fn):
+        with renamed():
             out, caps = functional_call(module, state, corrupted_args, kwargs, edits=edits, capture=list(capture))
-        return _scalar(fn, metric(out)), caps
+        return _scalar(metric(out)), caps
 
     def grads(m: torch.Tensor | None) -> tuple[dict[str, torch.Tensor], Any]:
         return grad(lambda d: run(d, m), has_aux=True)(zeros)
@@ -350,10 +349,10 @@ def attribution_patching(
         for k in keys:
             if k in qk:
                 role, ops = qk[k]
-                scale = _qk_scale(fn, ops["q"].split("/")[0], ops, ops_clean, corr)
-                rows.append(_qk_rows(fn, k, role, view, ops_clean, corr, ops, chunk_size)(g[ops["a"]], scale))
+                scale = _qk_scale(ops["q"].split("/")[0], ops, ops_clean, corr)
+                rows.append(_qk_rows(k, role, view, ops_clean, corr, ops, chunk_size)(g[ops["a"]], scale))
             else:
-                rows.append(_per_unit(fn, k, view, (clean[k] - corr[k]) * g[k]))
+                rows.append(_per_unit(k, view, (clean[k] - corr[k]) * g[k]))
         return rows
 
     if drops is None:
@@ -370,8 +369,8 @@ def attribution_patching(
     units = {k: r.shape[0] for k, r in zip(keys, rows)}
     if len(set(units.values())) != 1:
         raise PatchError(
-            f"{fn}: the sites have different numbers of units ({units}); estimate sites of one unit count per call."
+            f"the sites have different numbers of units ({units}); estimate sites of one unit count per call."
         )
     out = torch.stack(rows)
-    warn_nonfinite(fn, "", out)
+    warn_nonfinite("", out)
     return out

@@ -21,6 +21,7 @@ from torch.distributed import ProcessGroup
 
 from .._call import functional_call
 from .._checks import check_bool, check_int, check_module, check_position_dim, type_error
+from .._errors import public
 from .._progress import progress_bar
 from .._state import unwrap
 from .._types import Reduction
@@ -59,7 +60,7 @@ def _reducer(reduce, mask_key) -> Callable | None:
     if isinstance(reduce, str) and reduce in REDUCTIONS:
 
         def named(v: torch.Tensor, key: str, batch: TensorDictBase, i: int) -> torch.Tensor:
-            check_position_dim(FN, f"reduce={reduce!r}", key, v, CacheError)  # (B, D): dim 1 is the features
+            check_position_dim(f"reduce={reduce!r}", key, v, CacheError)  # (B, D): dim 1 is the features
             if reduce == "last":
                 return v[:, -1]
             if reduce == "mean":
@@ -228,6 +229,7 @@ def _open(path: str, ident: dict, n_batches: int | None, batches: Iterable) -> t
 # ---------------------------------------------------------------------------------------------- public
 
 
+@public("tdfunc.latent.cache_activations")
 def cache_activations(
     module: nn.Module,
     state: Any,
@@ -336,7 +338,7 @@ def cache_activations(
     Composes with: any site :func:`tdfunc.functional_call` captures; the result feeds
     :func:`tdfunc.latent.cka`, :func:`tdfunc.latent.twonn_dimension` and SAE training (``sae_init``).
     """
-    check_module(FN, module, CacheError, fix="; pass the model itself (the nn.Module to run)")
+    check_module(module, CacheError, fix="; pass the model itself (the nn.Module to run)")
     module = unwrap(module)  # DistributedDataParallel, DataParallel, torch.compile: the model inside
     if not (
         isinstance(mask_key, str)
@@ -348,9 +350,9 @@ def cache_activations(
         )
     reducer = _reducer(reduce, mask_key)
     _check_sites(sites)
-    check_int(FN, "total", total, CacheError, optional=True)
-    check_bool(FN, "progress", progress, CacheError)
-    check_bool(FN, "stop_early", stop_early, CacheError)  # stop_early
+    check_int("total", total, CacheError, optional=True)
+    check_bool("progress", progress, CacheError)
+    check_bool("stop_early", stop_early, CacheError)  # stop_early
     if stop_early and any(str(x).endswith("@*") for x in ([sites] if isinstance(sites, str) else sites)):  # stop_early
         raise CacheError(
             f"{FN}: stop_early=True cannot tell when the forward has made its last call of an '@*' site "

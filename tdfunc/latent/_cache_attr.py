@@ -20,6 +20,7 @@ from tensordict import TensorDict, TensorDictBase
 from torch.distributed import ProcessGroup
 
 from .._checks import check_bool, check_callable, check_int
+from .._errors import public
 from . import _cache_shard as shard
 from ._cache import _check_batch, _key_str, _leaves, _Lost, drive
 from ._cache_id import fingerprint
@@ -72,6 +73,7 @@ def _reworded(msg: str) -> str:
     return msg
 
 
+@public("tdfunc.latent.cache_attributions")
 def cache_attributions(
     method: Callable[..., TensorDictBase],
     f: Callable[[TensorDictBase], torch.Tensor],
@@ -131,10 +133,10 @@ def cache_attributions(
     Composes with: every tdfunc attribution method; the result feeds :mod:`tdfunc.plot` and the
     attribution metrics.  (A loop over data: no ``vmap`` / ``grad`` / ``compile`` of the whole call.)
     """
-    check_callable(FN, "method", method, CacheError, expected="method(f, td, **options) -> TensorDict")
-    check_callable(FN, "f", f, CacheError, expected="f(td) -> Tensor")
-    check_int(FN, "total", total, CacheError, optional=True)
-    check_bool(FN, "progress", progress, CacheError)
+    check_callable("method", method, CacheError, expected="method(f, td, **options) -> TensorDict")
+    check_callable("f", f, CacheError, expected="f(td) -> Tensor")
+    check_int("total", total, CacheError, optional=True)
+    check_bool("progress", progress, CacheError)
     explicit = group is not None and group is not False
     group, _, size = shard.world(group)
     name = f"{getattr(method, '__module__', '')}.{getattr(method, '__qualname__', type(method).__name__)}"

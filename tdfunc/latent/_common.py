@@ -20,18 +20,18 @@ class PatchError(LatentError):
     """Bad input to a patching or steering function (sites, positions, metric, activations)."""
 
 
-def position_mask(fn: str, site: str, positions: Any, value: torch.Tensor) -> torch.Tensor:
+def position_mask(site: str, positions: Any, value: torch.Tensor) -> torch.Tensor:
     """Boolean mask of shape (T, 1, ..., 1) selecting ``positions`` along dim 1 of ``value``."""
     if value.dim() < 2:
         raise PatchError(
-            f"{fn}: positions index dim 1, but site {site!r} has shape {tuple(value.shape)}; "
+            f"positions index dim 1, but site {site!r} has shape {tuple(value.shape)}; "
             "pass positions=None to patch the whole site, or a patch_fn."
         )
     t = value.shape[1]
     if isinstance(positions, torch.Tensor) and positions.dtype == torch.bool:
         if positions.shape != (t,):
             raise PatchError(
-                f"{fn}: the boolean positions mask has shape {tuple(positions.shape)} but site "
+                f"the boolean positions mask has shape {tuple(positions.shape)} but site "
                 f"{site!r} has {t} positions along dim 1; give a mask of shape ({t},)."
             )
         mask = positions.to(value.device)
@@ -44,13 +44,13 @@ def position_mask(fn: str, site: str, positions: Any, value: torch.Tensor) -> to
             idx = list(positions)
         else:
             raise PatchError(
-                f"{fn}: positions must be None, an int, a list of ints, an integer tensor or a boolean "
+                f"positions must be None, an int, a list of ints, an integer tensor or a boolean "
                 f"mask of shape (T,), got {positions!r}."
             )
         for p in idx:
             if not -t <= p < t:
                 raise PatchError(
-                    f"{fn}: position {p} is out of range for site {site!r} with {t} positions along "
+                    f"position {p} is out of range for site {site!r} with {t} positions along "
                     f"dim 1; give positions in [{-t}, {t})."
                 )
         mask = torch.zeros(t, dtype=torch.bool, device=value.device)
@@ -59,7 +59,7 @@ def position_mask(fn: str, site: str, positions: Any, value: torch.Tensor) -> to
     return mask.reshape(t, *([1] * (value.dim() - 2)))
 
 
-def check_input_ids(fn: str, input_ids: Any) -> None:
+def check_input_ids(input_ids: Any) -> None:
     """``input_ids`` must be a 2-D non-float tensor of tokens ``(B, T)`` (``generate`` and ``generate_greedy``)."""
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype.is_floating_point:
         got = (
@@ -67,4 +67,4 @@ def check_input_ids(fn: str, input_ids: Any) -> None:
             if isinstance(input_ids, torch.Tensor)
             else type(input_ids).__name__
         )
-        raise PatchError(f"{fn}: input_ids must be a 2-D integer tensor (B, T) of tokens, got {got}.")
+        raise PatchError(f"input_ids must be a 2-D integer tensor (B, T) of tokens, got {got}.")

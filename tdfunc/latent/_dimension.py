@@ -10,6 +10,7 @@ import torch
 from tensordict import TensorDict, TensorDictBase
 
 from .._checks import check_bool
+from .._errors import public
 from .._finite import readable
 from ._geometry import GeometryError, _check_duplicates, _check_int, _knn, _neighbourhoods, _per_rep
 
@@ -40,6 +41,7 @@ def twonn_dimension(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]: ...
 
 
+@public("tdfunc.latent.twonn_dimension")
 def twonn_dimension(
     x: torch.Tensor | TensorDictBase, *, discard_fraction: float = 0.1, return_xy: bool = False
 ) -> (
@@ -93,25 +95,24 @@ def twonn_dimension(
 
     Composes with: ``vmap`` (over point clouds), ``grad`` (w.r.t. the points), ``torch.compile``.
     """
-    fn = "tdfunc.latent.twonn_dimension"
     if (
         isinstance(discard_fraction, bool)
         or not isinstance(discard_fraction, (int, float))
         or not 0 <= discard_fraction < 1
     ):
-        raise GeometryError(f"{fn}: discard_fraction must be a number in [0, 1), got {discard_fraction!r}.")
-    check_bool(fn, "return_xy", return_xy, GeometryError)
+        raise GeometryError(f"discard_fraction must be a number in [0, 1), got {discard_fraction!r}.")
+    check_bool("return_xy", return_xy, GeometryError)
 
     def body(p: torch.Tensor) -> torch.Tensor:
         n = p.shape[-2]
         m = min(n - 1, int(math.floor((1 - discard_fraction) * n)))
         if m < 2:
             raise GeometryError(
-                f"{fn}: discard_fraction={discard_fraction!r} keeps {m} of N={n} ratios; keep at "
+                f"discard_fraction={discard_fraction!r} keeps {m} of N={n} ratios; keep at "
                 "least 2 (lower discard_fraction or pass more points)."
             )
         d2, _ = _knn(p, 2)
-        _check_duplicates(fn, d2[..., 0], n, "the ratio r2 / r1 is undefined")
+        _check_duplicates(d2[..., 0], n, "the ratio r2 / r1 is undefined")
         logmu = (0.5 * (d2[..., 1].log() - d2[..., 0].log())).sort(-1).values[..., :m]
         y = -torch.log1p(-torch.arange(1, m + 1, dtype=p.dtype, device=p.device) / n)
         d = (logmu * y).sum(-1) / logmu.square().sum(-1)
@@ -119,7 +120,7 @@ def twonn_dimension(
             return d
         return torch.cat([d[:, None], logmu, y.expand_as(logmu)], -1)  # (R, 1 + 2m), split below
 
-    out = _per_rep(fn, x, body, 3, "TwoNN (two neighbours per point)")
+    out = _per_rep(x, body, 3, "TwoNN (two neighbours per point)")
     if not return_xy:
         return out
 
@@ -142,6 +143,7 @@ def mle_dimension(x: TensorDictBase, *, k: int = ...) -> TensorDict: ...
 def mle_dimension(x: torch.Tensor, *, k: int = ...) -> torch.Tensor: ...
 
 
+@public("tdfunc.latent.mle_dimension")
 def mle_dimension(x: torch.Tensor | TensorDictBase, *, k: int = 10) -> torch.Tensor | TensorDict:
     """Levina–Bickel maximum-likelihood intrinsic dimension from k nearest neighbours, batched.
 
@@ -177,16 +179,15 @@ def mle_dimension(x: torch.Tensor | TensorDictBase, *, k: int = 10) -> torch.Ten
 
     Composes with: ``vmap`` (over point clouds), ``grad`` (w.r.t. the points), ``torch.compile``.
     """
-    fn = "tdfunc.latent.mle_dimension"
-    _check_int(fn, "k", k, 2)
+    _check_int("k", k, 2)
 
     def body(p: torch.Tensor) -> torch.Tensor:
         d2 = _knn(p, k)[0]
-        _check_duplicates(fn, d2[..., 0], p.shape[-2], "log T_1 is -inf and the estimate degenerates to 0 or NaN")
+        _check_duplicates(d2[..., 0], p.shape[-2], "log T_1 is -inf and the estimate degenerates to 0 or NaN")
         logt = 0.5 * d2.log()
         return ((k - 1) / (logt[..., -1:] - logt[..., :-1]).sum(-1)).mean(-1)
 
-    return _per_rep(fn, x, body, k + 1, f"k={k}")
+    return _per_rep(x, body, k + 1, f"k={k}")
 
 
 @overload
@@ -195,6 +196,7 @@ def local_knn_dimension(x: TensorDictBase, *, k: int = ..., per_point: bool = ..
 def local_knn_dimension(x: torch.Tensor, *, k: int = ..., per_point: bool = ...) -> torch.Tensor: ...
 
 
+@public("tdfunc.latent.local_knn_dimension")
 def local_knn_dimension(
     x: torch.Tensor | TensorDictBase, *, k: int = 5, per_point: bool = False
 ) -> torch.Tensor | TensorDict:
@@ -236,26 +238,25 @@ def local_knn_dimension(
 
     Composes with: ``vmap`` (over point clouds), ``grad`` (w.r.t. the points), ``torch.compile``.
     """
-    fn = "tdfunc.latent.local_knn_dimension"
-    _check_int(fn, "k", k, 2)
-    check_bool(fn, "per_point", per_point, GeometryError)
+    _check_int("k", k, 2)
+    check_bool("per_point", per_point, GeometryError)
 
     def body(p: torch.Tensor) -> torch.Tensor:
         n = p.shape[-2]
         d2 = _knn(p, 2 * k)[0]
-        _check_duplicates(fn, d2[..., 0], n, "R_k can be 0 and log(R_2k / R_k) is undefined")
+        _check_duplicates(d2[..., 0], n, "R_k can be 0 and log(R_2k / R_k) is undefined")
         log_ratio = 0.5 * (d2[..., 2 * k - 1].log() - d2[..., k - 1].log())
         if readable(log_ratio) and bool((log_ratio == 0).any()):
             ties = int((log_ratio == 0).sum())
             raise GeometryError(
-                f"{fn}: {ties} of the N={n} points have their k-th and 2k-th neighbours (k={k}) at the "
+                f"{ties} of the N={n} points have their k-th and 2k-th neighbours (k={k}) at the "
                 "same distance, where log(R_2k / R_k) = 0 and the estimate is infinite; pick another k "
                 "or break the ties (e.g. add tiny noise to lattice data)."
             )
         d = math.log(2) / log_ratio
         return d if per_point else d.mean(-1)
 
-    return _per_rep(fn, x, body, 2 * k + 1, f"k={k} (the 2k-th neighbour)")
+    return _per_rep(x, body, 2 * k + 1, f"k={k} (the 2k-th neighbour)")
 
 
 @overload
@@ -280,6 +281,7 @@ def local_pca_dimension(
 ) -> torch.Tensor: ...
 
 
+@public("tdfunc.latent.local_pca_dimension")
 def local_pca_dimension(
     x: torch.Tensor | TensorDictBase,
     *,
@@ -334,15 +336,14 @@ def local_pca_dimension(
 
     Composes with: ``vmap`` (over point clouds), ``torch.compile``.
     """
-    fn = "tdfunc.latent.local_pca_dimension"
-    _check_int(fn, "k", k, 1)
+    _check_int("k", k, 1)
     if isinstance(variance, bool) or not isinstance(variance, (int, float)) or not 0 < variance <= 1:
-        raise GeometryError(f"{fn}: variance must be a number in (0, 1], got {variance!r}.")
+        raise GeometryError(f"variance must be a number in (0, 1], got {variance!r}.")
     if criterion not in PCA_CRITERIA:
-        raise GeometryError(f"{fn}: unknown criterion {criterion!r}; choose one of {list(PCA_CRITERIA)}.")
+        raise GeometryError(f"unknown criterion {criterion!r}; choose one of {list(PCA_CRITERIA)}.")
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 < alpha < 1:
-        raise GeometryError(f"{fn}: alpha must be a number in (0, 1), got {alpha!r}.")
-    check_bool(fn, "per_point", per_point, GeometryError)
+        raise GeometryError(f"alpha must be a number in (0, 1), got {alpha!r}.")
+    check_bool("per_point", per_point, GeometryError)
 
     def body(p: torch.Tensor) -> torch.Tensor:
         nb = torch.cat([p.unsqueeze(2), _neighbourhoods(p, _knn(p, k)[1])], 2)  # (R, N, k+1, D)
@@ -363,7 +364,7 @@ def local_pca_dimension(
         d = d.to(p.dtype)
         return d if per_point else d.mean(-1)
 
-    return _per_rep(fn, x, body, k + 1, f"k={k}")
+    return _per_rep(x, body, k + 1, f"k={k}")
 
 
 @overload
@@ -372,6 +373,7 @@ def ca_pca_dimension(x: TensorDictBase, *, k: int = ..., per_point: bool = ...) 
 def ca_pca_dimension(x: torch.Tensor, *, k: int = ..., per_point: bool = ...) -> torch.Tensor: ...
 
 
+@public("tdfunc.latent.ca_pca_dimension")
 def ca_pca_dimension(
     x: torch.Tensor | TensorDictBase, *, k: int = 20, per_point: bool = False
 ) -> torch.Tensor | TensorDict:
@@ -412,16 +414,15 @@ def ca_pca_dimension(
 
     Composes with: ``vmap`` (over point clouds), ``torch.compile``.
     """
-    fn = "tdfunc.latent.ca_pca_dimension"
-    _check_int(fn, "k", k, 1)
-    check_bool(fn, "per_point", per_point, GeometryError)
+    _check_int("k", k, 1)
+    check_bool("per_point", per_point, GeometryError)
 
     def body(p: torch.Tensor) -> torch.Tensor:
         d2, idx = _knn(p, k + 1)
         r = 0.5 * (d2[..., k - 1].sqrt() + d2[..., k].sqrt())
         if readable(r) and bool((r == 0).any()):
             raise GeometryError(
-                f"{fn}: {int((r == 0).sum())} of the N={p.shape[-2]} points have k + 1 = {k + 1} "
+                f"{int((r == 0).sum())} of the N={p.shape[-2]} points have k + 1 = {k + 1} "
                 "duplicates (neighbourhood radius 0), where the rescaled spectrum lambda / r^2 is "
                 "undefined; remove duplicate points first (e.g. torch.unique(x, dim=0)) or raise k."
             )
@@ -439,4 +440,4 @@ def ca_pca_dimension(
         d = (score.argmin(-1) + 1).to(p.dtype)
         return d if per_point else d.mean(-1)
 
-    return _per_rep(fn, x, body, k + 2, f"k={k} (k + 1 neighbours)")
+    return _per_rep(x, body, k + 2, f"k={k} (k + 1 neighbours)")

@@ -20,9 +20,10 @@ from typing import Any
 import torch
 from tensordict import TensorDictBase
 
-from .._call import intervene
+from .._call import _intervene as intervene
 from .._checks import broadcasts_to, check_module, renamed, type_error
 from .._edits import Delta, Rule
+from .._errors import public
 from .._state import flat_state
 from .._types import Edits
 from ._common import PatchError, check_input_ids
@@ -32,26 +33,26 @@ __all__ = ["generate"]
 _POSITIONS = "None, an int, a list / range of ints, a 1-D integer tensor or a slice of ints (step 1)"
 
 
-def _positions(fn: str, positions: Any) -> list[int] | slice | None:
+def _positions(positions: Any) -> list[int] | slice | None:
     """``positions`` as a list of ints or a slice (ints or None, step 1); None stays None."""
     if positions is None:
         return None
     if isinstance(positions, slice):
         parts = (positions.start, positions.stop)
         if positions.step not in (None, 1) or not all(p is None or _is_int(p) for p in parts):
-            raise PatchError(f"{fn}: positions must be {_POSITIONS}, got {positions!r}.")
+            raise PatchError(f"positions must be {_POSITIONS}, got {positions!r}.")
         return positions
     if _is_int(positions):
         return [positions]
     if isinstance(positions, torch.Tensor) and not positions.dtype.is_floating_point and positions.dtype != torch.bool:
         if positions.dim() > 1:
-            raise PatchError(f"{fn}: positions must be {_POSITIONS}, got a tensor of shape {tuple(positions.shape)}.")
+            raise PatchError(f"positions must be {_POSITIONS}, got a tensor of shape {tuple(positions.shape)}.")
         return [int(p) for p in positions.reshape(-1).tolist()]
     if isinstance(positions, (Sequence, range)) and not isinstance(positions, str):
         if all(_is_int(p) for p in positions):
             return list(positions)
     raise type_error(PatchError)(
-        f"{fn}: positions must be {_POSITIONS}, got {type(positions).__name__} ({positions!r:.60}); negative "
+        f"positions must be {_POSITIONS}, got {type(positions).__name__} ({positions!r:.60}); negative "
         "positions count from the end of each row's prompt (-1: its last token)."
     )
 
@@ -97,19 +98,19 @@ class _Step:
             self.valid = torch.ones(b, t, dtype=torch.bool, device=x.device)
 
 
-def _mask(fn: str, site: str, spec: list[int] | slice, step: _Step, value: Any) -> torch.Tensor:
+def _mask(site: str, spec: list[int] | slice, step: _Step, value: Any) -> torch.Tensor:
     """Boolean mask (b, t, 1, ..., 1) of the addressed positions among the tokens this forward runs."""
     pos, valid = step.pos, step.valid
     if pos is None or valid is None:
         raise PatchError(
-            f"{fn}: positions need the tokens of each forward, but the model was called without a 2-D "
+            "positions need the tokens of each forward, but the model was called without a 2-D "
             "input_ids / inputs_embeds; pass positions=None and put the position logic into the edit."
         )
     b, t = pos.shape
     if not isinstance(value, torch.Tensor) or value.dim() < 2 or tuple(value.shape[:2]) != (b, t):
         got = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
         raise PatchError(
-            f"{fn}: positions index dims (batch, token) of a site's value, but site {site!r} has shape {got} "
+            f"positions index dims (batch, token) of a site's value, but site {site!r} has shape {got} "
             f"while this forward runs {b} rows of {t} tokens; edit a site whose value is (batch, tokens, ...) "
             "(a block's output, a residual stream), or pass positions=None."
         )
@@ -117,7 +118,7 @@ def _mask(fn: str, site: str, spec: list[int] | slice, step: _Step, value: Any) 
     if b != lengths.shape[0]:
         if b % lengths.shape[0]:
             raise PatchError(
-                f"{fn}: the model ran {b} rows but input_ids had {lengths.shape[0]}; positions can follow "
+                f"the model ran {b} rows but input_ids had {lengths.shape[0]}; positions can follow "
                 "rows repeated per prompt (beams, num_return_sequences), not other batch changes."
             )
         lengths = lengths.repeat_interleave(b // lengths.shape[0])
@@ -139,11 +140,11 @@ def _absolute(p: int, lengths: torch.Tensor) -> torch.Tensor:
     return lengths + p if p < 0 else torch.full_like(lengths, p)
 
 
-def _masked(fn: str, site: str, edit: Any, spec: list[int] | slice, step: _Step) -> Any:
+def _masked(site: str, edit: Any, spec: list[int] | slice, step: _Step) -> Any:
     """The edit applied only at the addressed positions (the value elsewhere unchanged)."""
     if not isinstance(edit, (torch.Tensor, Delta)) and (type(edit).__module__ == Rule.__module__ or not callable(edit)):
         raise PatchError(
-            f"{fn}: positions apply to tensor, delta and callable edits, but the edit at site {site!r} is a "
+            f"positions apply to tensor, delta and callable edits, but the edit at site {site!r} is a "
             f"{type(edit).__name__}; pass positions=None and select positions inside it."
         )
 
@@ -151,7 +152,7 @@ def _masked(fn: str, site: str, edit: Any, spec: list[int] | slice, step: _Step)
         shape = tuple(new.shape) if isinstance(new, torch.Tensor) else None
         if shape is None or not broadcasts_to(shape, v.shape):
             raise PatchError(
-                f"{fn}: {what} at site {site!r} has shape {shape if shape is not None else type(new).__name__} but "
+                f"{what} at site {site!r} has shape {shape if shape is not None else type(new).__name__} but "
                 f"the site's value in this step has shape {tuple(v.shape)}; give an edit that fits the value of "
                 "every step (under the KV cache a step runs only the new tokens), e.g. a vector of shape "
                 f"({v.shape[-1]},)."
@@ -159,7 +160,7 @@ def _masked(fn: str, site: str, edit: Any, spec: list[int] | slice, step: _Step)
         return new
 
     def apply(v: Any, new: Any) -> Any:
-        return torch.where(_mask(fn, site, spec, step, v), new, v)
+        return torch.where(_mask(site, spec, step, v), new, v)
 
     if isinstance(edit, Delta):
         t = edit.tensor
@@ -169,6 +170,7 @@ def _masked(fn: str, site: str, edit: Any, spec: list[int] | slice, step: _Step)
     return lambda v: apply(v, fits(v, edit(v), "the edit function's result"))
 
 
+@public("tdfunc.latent.generate")
 def generate(
     module: torch.nn.Module,
     state: TensorDictBase | Mapping[str, torch.Tensor] | None,
@@ -246,30 +248,29 @@ def generate(
     Composes with: any edits (steering, patching, ablations) and any transformers decoding; not with
     ``vmap`` / ``grad`` (generation stops on data).
     """
-    fn = "tdfunc.latent.generate"
-    check_module(fn, module, PatchError, fix="; pass the model itself (the nn.Module to run)")
+    check_module(module, PatchError, fix="; pass the model itself (the nn.Module to run)")
     gen = getattr(module, "generate", None)
     if not callable(gen):
         raise type_error(PatchError)(
-            f"{fn}: expected a model with a generate method (a transformers GenerationMixin model), got "
+            f"expected a model with a generate method (a transformers GenerationMixin model), got "
             f"{type(module).__name__}, which has none; use tdfunc.latent.generate_greedy for a plain module."
         )
-    check_input_ids(fn, input_ids)
+    check_input_ids(input_ids)
     if edits is not None and not isinstance(edits, Mapping):
         raise type_error(PatchError)(
-            f"{fn}: edits must be a mapping {{site: edit}} or None, got {type(edits).__name__} ({edits!r:.60})."
+            f"edits must be a mapping {{site: edit}} or None, got {type(edits).__name__} ({edits!r:.60})."
         )
-    spec = _positions(fn, positions)
+    spec = _positions(positions)
     if spec is not None and not edits:
         raise PatchError(
-            f"{fn}: positions={positions!r} given without edits; pass edits=... (e.g. tdfunc.latent.steer(v, 4.0)) "
+            f"positions={positions!r} given without edits; pass edits=... (e.g. tdfunc.latent.steer(v, 4.0)) "
             "for the positions to select, or drop positions."
         )
     for site, e in (edits or {}).items():
         per_call = getattr(e, "_tdfunc_steer_positions", None)
         if per_call is not None:
             raise PatchError(
-                f"{fn}: the edit at site {site!r} comes from tdfunc.latent.steer(..., positions="
+                f"the edit at site {site!r} comes from tdfunc.latent.steer(..., positions="
                 f"{per_call!r}), whose positions count the tokens of each forward (under the "
                 "KV cache only the new ones); pass steer(v, scale) and positions=... to generate instead."
             )
@@ -284,13 +285,13 @@ def generate(
             short = int(lengths.min()) if lengths.numel() else 0
             if p < -short:
                 raise PatchError(
-                    f"{fn}: position {p} is before the first token of a row whose prompt has {short} tokens; "
+                    f"position {p} is before the first token of a row whose prompt has {short} tokens; "
                     f"negative positions count from the end of each row's prompt: give positions >= {-short}."
                 )
-    params = flat_state(fn, module, state)
+    params = flat_state(module, state)
     run = edits
     if spec is not None and edits:
-        run = {site: _masked(fn, site, e, spec, step) for site, e in edits.items()}
+        run = {site: _masked(site, e, spec, step) for site, e in edits.items()}
     owner = threading.get_ident()
 
     def pre(_module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
@@ -304,7 +305,7 @@ def generate(
                 stack.enter_context(torch.nn.utils.stateless._reparametrize_module(module, params, tie_weights=True))
             if not run:
                 return gen(input_ids, **generate_kwargs)
-            with renamed(fn):
+            with renamed():
                 return intervene(lambda: gen(input_ids, **generate_kwargs), module, edits=run)()
     finally:
         if handle is not None:

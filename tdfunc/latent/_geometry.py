@@ -31,38 +31,38 @@ class GeometryError(LatentError):
 # ---------------------------------------------------------------------------------------------- checks
 
 
-def _check_points(fn: str, x, what: str, promote: torch.dtype | None = None) -> torch.Tensor:
+def _check_points(x, what: str, promote: torch.dtype | None = None) -> torch.Tensor:
     """A floating (..., N, D) tensor; ``promote``: cast integer / bool points to this dtype instead of refusing them."""
     if not isinstance(x, torch.Tensor):
         raise GeometryError(
-            f"{fn}: {what} must be a tensor (N, D), a stack (..., N, D) or a TensorDict of (N, D) "
+            f"{what} must be a tensor (N, D), a stack (..., N, D) or a TensorDict of (N, D) "
             f"representations, got {type(x).__name__}."
         )
     if x.dim() < 2:
         raise GeometryError(
-            f"{fn}: {what} has shape {tuple(x.shape)} but a representation is N points (N, D) or a stack "
+            f"{what} has shape {tuple(x.shape)} but a representation is N points (N, D) or a stack "
             f"(..., N, D); for N scalar features use {what}.unsqueeze(-1)."
         )
     if promote is not None and not x.is_floating_point() and not x.is_complex():
         x = x.to(promote)
     if not x.is_floating_point():
-        raise GeometryError(f"{fn}: {what} has dtype {x.dtype}; pass a floating tensor ({what}.float()).")
-    check_finite(fn, what, x, GeometryError, "replace them (e.g. torch.nan_to_num) or drop those points")
+        raise GeometryError(f"{what} has dtype {x.dtype}; pass a floating tensor ({what}.float()).")
+    check_finite(what, x, GeometryError, "replace them (e.g. torch.nan_to_num) or drop those points")
     return x
 
 
-def _check_int(fn: str, name: str, v, lo: int) -> None:
-    check_int(fn, name, v, GeometryError, lo=lo)
+def _check_int(name: str, v, lo: int) -> None:
+    check_int(name, v, GeometryError, lo=lo)
 
 
-def _check_n(fn: str, n: int, need: int, why: str, fix: str = "lower k") -> None:
+def _check_n(n: int, need: int, why: str, fix: str = "lower k") -> None:
     if n < need:
         raise GeometryError(
-            f"{fn}: {why} needs at least {need} points per representation, got N={n}; pass more points or {fix}."
+            f"{why} needs at least {need} points per representation, got N={n}; pass more points or {fix}."
         )
 
 
-def _per_rep(fn: str, x, body, need: int, why: str):
+def _per_rep(x, body, need: int, why: str):
     """``body((R, N, D)) -> (R, *rest)`` over a tensor (..., N, D) (result ``(..., *rest)``) or a TensorDict
     (same keys).
 
@@ -71,41 +71,41 @@ def _per_rep(fn: str, x, body, need: int, why: str):
     if isinstance(x, TensorDictBase):
         out = TensorDict({}, batch_size=[])
         for key in x.keys(include_nested=True, leaves_only=True):
-            out.set(key, _one(fn, x.get(key), body, need, why, f"x[{key!r}]"))
+            out.set(key, _one(x.get(key), body, need, why, f"x[{key!r}]"))
         return out
-    return _one(fn, x, body, need, why, "x")
+    return _one(x, body, need, why, "x")
 
 
-def _one(fn, x, body, need, why, what):
-    x = _check_points(fn, x, what)
-    _check_n(fn, x.shape[-2], need, why)
+def _one(x, body, need, why, what):
+    x = _check_points(x, what)
+    _check_n(x.shape[-2], need, why)
     lead = x.shape[:-2]
     out = body(x.reshape(-1, *x.shape[-2:]))
     return out.reshape((*lead, *out.shape[1:]))
 
 
-def _stack_of(fn: str, x, what: str, prep, promote: torch.dtype | None = None) -> tuple[torch.Tensor, tuple]:
+def _stack_of(x, what: str, prep, promote: torch.dtype | None = None) -> tuple[torch.Tensor, tuple]:
     """``prep((R, N, D)) -> (R, N, N)`` for a tensor (..., N, D) or a TensorDict of (N, D) leaves."""
     if isinstance(x, TensorDictBase):
         mats = []
         for key in x.keys(include_nested=True, leaves_only=True):
-            t = _check_points(fn, x.get(key), f"{what}[{key!r}]", promote)
+            t = _check_points(x.get(key), f"{what}[{key!r}]", promote)
             if t.dim() != 2:
                 raise GeometryError(
-                    f"{fn}: {what}[{key!r}] has shape {tuple(t.shape)}; TensorDict entries must be "
+                    f"{what}[{key!r}] has shape {tuple(t.shape)}; TensorDict entries must be "
                     "single representations (N, D) — pass a stacked tensor for (R, N, D)."
                 )
             mats.append(t)
         if not mats:
-            raise GeometryError(f"{fn}: {what} is an empty TensorDict; give at least one representation.")
+            raise GeometryError(f"{what} is an empty TensorDict; give at least one representation.")
         ns = {m.shape[0] for m in mats}
         if len(ns) > 1:
             raise GeometryError(
-                f"{fn}: the entries of {what} have different N {sorted(ns)}; every representation "
+                f"the entries of {what} have different N {sorted(ns)}; every representation "
                 "must hold the same N inputs."
             )
         return torch.cat([prep(m[None]) for m in mats]), (len(mats),)
-    x = _check_points(fn, x, what, promote)
+    x = _check_points(x, what, promote)
     return prep(x.reshape(-1, *x.shape[-2:])), tuple(x.shape[:-2])
 
 
@@ -127,10 +127,10 @@ def _promoted_dtype(*xs) -> torch.dtype:
     return out
 
 
-def _same_n(fn: str, nx: int, ny: int) -> None:
+def _same_n(nx: int, ny: int) -> None:
     if nx != ny:
         raise GeometryError(
-            f"{fn}: x has N={nx} points but y has N={ny}; x and y must be representations of the "
+            f"x has N={nx} points but y has N={ny}; x and y must be representations of the "
             "same N inputs, in the same order."
         )
 
@@ -147,12 +147,12 @@ def _sqdist(x: torch.Tensor) -> torch.Tensor:
     return d2.clamp_min(0).masked_fill(eye, 0)
 
 
-def _check_duplicates(fn: str, nearest: torch.Tensor, n: int, why: str) -> None:
+def _check_duplicates(nearest: torch.Tensor, n: int, why: str) -> None:
     """Refuse points whose nearest neighbour is at distance 0 (``nearest``: (R, N) distances), where ``why``."""
     if readable(nearest) and bool((nearest == 0).any()):
         dup = int((nearest == 0).sum())
         raise GeometryError(
-            f"{fn}: {dup} of the N={n} points have a duplicate (a nearest neighbour at distance 0), "
+            f"{dup} of the N={n} points have a duplicate (a nearest neighbour at distance 0), "
             f"where {why}; remove duplicate points first (e.g. torch.unique(x, dim=0))."
         )
 

@@ -15,6 +15,7 @@ from tensordict import TensorDictBase
 
 from .._call import functional_call
 from .._checks import check_module, renamed
+from .._errors import public
 from .._finite import check_finite
 from .._match import site_match
 from ._common import PatchError, position_mask
@@ -32,6 +33,7 @@ __all__ = ["PatchError", "patch", "patching_sweep", "path_patch"]
 # ------------------------------------------------------------------------------------------------ patch
 
 
+@public("tdfunc.latent.patch")
 def patch(
     module: torch.nn.Module,
     state: TensorDictBase | None,
@@ -85,72 +87,68 @@ def patch(
 
     Composes with: ``vmap`` (over clean values, corrupted inputs, states), ``grad``, ``torch.compile``.
     """
-    fn = "tdfunc.latent.patch"
-    check_module(fn, module, PatchError, fix=MODULE_FIX)
-    _check_runs(fn, None, corrupted_args)
-    edits = _patch_edits(fn, clean_captures, sites, positions, patch_fn, _units_of(fn, module, units, index), index)
-    with renamed(fn):
+    check_module(module, PatchError, fix=MODULE_FIX)
+    _check_runs(None, corrupted_args)
+    edits = _patch_edits(clean_captures, sites, positions, patch_fn, _units_of(module, units, index), index)
+    with renamed():
         return functional_call(module, state, corrupted_args, kwargs, edits=edits)
 
 
-def _units_of(fn: str, module: Any, units: Any, index: Any) -> Units | None:
+def _units_of(module: Any, units: Any, index: Any) -> Units | None:
     """``units=`` / ``index=`` of patch and path_patch checked together."""
     if units is None:
         if index is not None:
             raise PatchError(
-                f"{fn}: index={index!r} selects units of a unit view, but units is None; pass "
+                f"index={index!r} selects units of a unit view, but units is None; pass "
                 "units='heads' or units=tdfunc.latent.units(...) with it."
             )
         return None
     if index is None:
         raise PatchError(
-            f"{fn}: units={units!r} needs index= (the units to patch, e.g. index=3 for head 3); leave "
+            f"units={units!r} needs index= (the units to patch, e.g. index=3 for head 3); leave "
             "units=None to patch the whole site."
         )
     if isinstance(index, bool) or not isinstance(index, (int, list, tuple, torch.Tensor)):
-        raise PatchError(f"{fn}: index must be an int, a list of ints or a boolean mask of the units, got {index!r}.")
+        raise PatchError(f"index must be an int, a list of ints or a boolean mask of the units, got {index!r}.")
     if units == "heads":
-        return heads_of(fn, module)
+        return heads_of(module)
     if not isinstance(units, Units):
-        raise PatchError(f"{fn}: units must be None, 'heads' or a tdfunc.latent.units(...) view, got {units!r}.")
+        raise PatchError(f"units must be None, 'heads' or a tdfunc.latent.units(...) view, got {units!r}.")
     return units
 
 
-def _patch_edits(fn: str, clean_captures, sites, positions, patch_fn, view=None, index=None) -> dict:
+def _patch_edits(clean_captures, sites, positions, patch_fn, view=None, index=None) -> dict:
     """``{site: clean value or edit}`` substituting the clean values (at ``positions``, through ``patch_fn``)."""
     if patch_fn is not None and not callable(patch_fn):
         raise PatchError(
-            f"{fn}: patch_fn must be None or a callable patch_fn(corrupted_value, clean_value) -> value, "
+            f"patch_fn must be None or a callable patch_fn(corrupted_value, clean_value) -> value, "
             f"got {type(patch_fn).__name__} ({patch_fn!r:.60})."
         )
     edits = {}
-    for site in _match(fn, sites, clean_captures):
+    for site in _match(sites, clean_captures):
         clean = clean_captures[site]
         if isinstance(clean, torch.Tensor) and clean.is_floating_point():
             check_finite(
-                fn,
                 f"clean_captures[{site!r}]",
                 clean,
                 PatchError,
                 "replace them (e.g. torch.nan_to_num) or capture a finite clean run",
             )
-        mask = None if positions is None else position_mask(fn, site, positions, clean)
+        mask = None if positions is None else position_mask(site, positions, clean)
         if patch_fn is None and mask is None and view is None:
             edits[site] = clean
         else:
 
             def edit(v, c=clean, m=mask, site=site):
                 if isinstance(c, torch.Tensor) and isinstance(v, torch.Tensor):
-                    _checked_clean(fn, site, c, v)
+                    _checked_clean(site, c, v)
                     if c.device != v.device:  # a model spread over devices: the clean value on the site's
                         c = c.to(v.device)
                         m = None if m is None else m.to(v.device)
                 new = c if patch_fn is None else patch_fn(v, c)
                 if view is not None:  # only the index units of the view
-                    w = unit_forward(fn, site, view, v)
-                    new = unit_backward(
-                        view, torch.where(unit_mask(fn, view, w, index), unit_forward(fn, site, view, new), w)
-                    )
+                    w = unit_forward(site, view, v)
+                    new = unit_backward(view, torch.where(unit_mask(view, w, index), unit_forward(site, view, new), w))
                 return new if m is None else torch.where(m, new, v)
 
             edits[site] = edit
@@ -160,6 +158,7 @@ def _patch_edits(fn: str, clean_captures, sites, positions, patch_fn, view=None,
 # ------------------------------------------------------------------------------------------ path patch
 
 
+@public("tdfunc.latent.path_patch")
 def path_patch(
     module: torch.nn.Module,
     state: TensorDictBase | None,
@@ -231,26 +230,25 @@ def path_patch(
         Indirect Object Identification in GPT-2 small. 2022. Goldowsky-Dill, MacLeod, Sato, Arora.
         Localizing Model Behavior with Path Patching. 2023.
     """
-    fn = "tdfunc.latent.path_patch"
-    check_module(fn, module, PatchError, fix=MODULE_FIX)
-    send, recv = _as_list(fn, senders), _as_list(fn, receivers)
-    frz = [] if freeze is None else _as_list(fn, freeze)
+    check_module(module, PatchError, fix=MODULE_FIX)
+    send, recv = _as_list(senders), _as_list(receivers)
+    frz = [] if freeze is None else _as_list(freeze)
     received = lambda k: any(site_match(r, k) for r in recv)  # noqa: E731
-    _check_runs(fn, clean_args, corrupted_args)
-    with renamed(fn):
+    _check_runs(clean_args, corrupted_args)
+    with renamed():
         _, clean = functional_call(module, state, clean_args, kwargs, capture=send)
-    edits = _patch_edits(fn, clean, send, positions, patch_fn, _units_of(fn, module, units, index), index)
+    edits = _patch_edits(clean, send, positions, patch_fn, _units_of(module, units, index), index)
     both = [k for k in edits if received(k)]
     if both:
         raise PatchError(
-            f"{fn}: site(s) {both} are both senders and receivers; a receiver must be a later site than "
+            f"site(s) {both} are both senders and receivers; a receiver must be a later site than "
             "the senders (e.g. senders='blocks.0.attn', receivers='blocks.2.attn:input')."
         )
-    with renamed(fn):
+    with renamed():
         if frz:
             _, corr = functional_call(module, state, corrupted_args, kwargs, capture=frz)
-            edits.update({k: corr[k] for k in _match(fn, frz, corr) if k not in edits and not received(k)})
+            edits.update({k: corr[k] for k in _match(frz, corr) if k not in edits and not received(k)})
         _, seen = functional_call(module, state, corrupted_args, kwargs, edits=edits, capture=recv)
-    keys = _match(fn, recv, seen)
-    with renamed(fn):
+    keys = _match(recv, seen)
+    with renamed():
         return functional_call(module, state, corrupted_args, kwargs, edits={k: seen[k] for k in keys})

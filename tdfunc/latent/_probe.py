@@ -18,6 +18,7 @@ from tensordict import TensorDict, TensorDictBase
 from torch.func import grad
 
 from .._checks import check_bool, check_generator, check_int
+from .._errors import here, public
 from .._optim import adam_init, adam_update
 from .._progress import progress_bar
 from .._types import ProbeKind
@@ -49,15 +50,15 @@ _DECAYED = ("weight", "u", "v")  # weight decay skips biases and class means
 # ----------------------------------------------------------------------------------- init and apply
 
 
-def _init(fn, kind, d_in, n_classes, rank, generator, dtype, device) -> dict:
-    _check_kind(fn, kind, rank)
-    check_generator(fn, generator, ProbeError)
-    _check_int(fn, "n_classes", n_classes, 2)
+def _init(kind, d_in, n_classes, rank, generator, dtype, device) -> dict:
+    _check_kind(kind, rank)
+    check_generator(generator, ProbeError)
+    _check_int("n_classes", n_classes, 2)
     dims = tuple(d_in) if isinstance(d_in, (tuple, list)) else (d_in,)
     if len(dims) not in (1, 2) or any(isinstance(d, bool) or not isinstance(d, int) or d < 1 for d in dims):
-        raise ProbeError(f"{fn}: d_in must be an integer >= 1 (or a pair (d1, d2) for bilinear kinds), got {d_in!r}.")
+        raise ProbeError(f"d_in must be an integer >= 1 (or a pair (d1, d2) for bilinear kinds), got {d_in!r}.")
     if len(dims) == 2 and kind in ("linear", "mean_difference"):
-        raise ProbeError(f"{fn}: kind {kind!r} takes one width d_in, got the pair {d_in!r}.")
+        raise ProbeError(f"kind {kind!r} takes one width d_in, got the pair {d_in!r}.")
     d1, d2 = dims[0], dims[-1]
     kw = dict(dtype=dtype or torch.get_default_dtype(), device=device)
     c = n_classes
@@ -76,6 +77,7 @@ def _init(fn, kind, d_in, n_classes, rank, generator, dtype, device) -> dict:
     return {"means": torch.zeros(c, d1, **kw)}
 
 
+@public("tdfunc.latent.probe_init")
 def probe_init(
     kind: ProbeKind,
     d_in: int | tuple[int, int],
@@ -124,40 +126,39 @@ def probe_init(
 
     Composes with: ``probe_apply`` under ``vmap`` / ``grad`` / ``torch.compile``.
     """
-    return TensorDict(
-        _init("tdfunc.latent.probe_init", kind, d_in, n_classes, rank, generator, dtype, device), batch_size=[]
-    )
+    return TensorDict(_init(kind, d_in, n_classes, rank, generator, dtype, device), batch_size=[])
 
 
-def _apply(fn: str, params, x) -> torch.Tensor:
+def _apply(params, x) -> torch.Tensor:
     if not isinstance(params, (Mapping, TensorDictBase)):
         raise ProbeError(
-            f"{fn}: params must be a TensorDict (or dict) from tdfunc.latent.probe_init / probe_fit, "
+            f"params must be a TensorDict (or dict) from tdfunc.latent.probe_init / probe_fit, "
             f"got {type(params).__name__}."
         )
     keys = set(params.keys())
     if keys == {"weight", "bias"} and params["weight"].dim() == 2:
-        return _check_x(fn, x) @ params["weight"].mT + params["bias"]
+        return _check_x(x) @ params["weight"].mT + params["bias"]
     if keys == {"weight", "bias"} and params["weight"].dim() == 3:
-        x1, x2 = _pair(fn, x)
+        x1, x2 = _pair(x)
         return torch.einsum("...i,cij,...j->...c", x1, params["weight"], x2) + params["bias"]
     if keys == {"u", "v", "bias"}:
-        x1, x2 = _pair(fn, x)
+        x1, x2 = _pair(x)
         a = torch.einsum("...i,cir->...cr", x1, params["u"])
         b = torch.einsum("...j,cjr->...cr", x2, params["v"])
         return (a * b).sum(-1) + params["bias"]
     if keys == {"means"}:
         m = params["means"]
-        return _check_x(fn, x) @ m.mT - 0.5 * m.square().sum(-1)
+        return _check_x(x) @ m.mT - 0.5 * m.square().sum(-1)
     if keys == {"means", "scale"}:  # normalize=True: logits divided by |mu_1 - mu_0|
         m = params["means"]
-        return (_check_x(fn, x) @ m.mT - 0.5 * m.square().sum(-1)) * params["scale"]
+        return (_check_x(x) @ m.mT - 0.5 * m.square().sum(-1)) * params["scale"]
     raise ProbeError(
-        f"{fn}: params have keys {sorted(keys)}, which match no probe kind; pass the "
+        f"params have keys {sorted(keys)}, which match no probe kind; pass the "
         "TensorDict of tdfunc.latent.probe_init / probe_fit (weight+bias, u+v+bias or means)."
     )
 
 
+@public("tdfunc.latent.probe_apply")
 def probe_apply(
     params: TensorDictBase | Mapping[str, torch.Tensor], x: torch.Tensor | tuple[torch.Tensor, torch.Tensor]
 ) -> torch.Tensor:
@@ -198,14 +199,14 @@ def probe_apply(
     Composes with: ``vmap`` (over inputs or stacked params), ``grad`` w.r.t. ``x`` and ``params``
     (double backward), ``torch.compile(fullgraph=True)``.
     """
-    return _apply("tdfunc.latent.probe_apply", params, x)
+    return _apply(params, x)
 
 
 # ------------------------------------------------------------------------------------------- fitting
 
 
-def _loss(fn, params, x, y, weight_decay: float) -> torch.Tensor:
-    loss = _cross_entropy(_apply(fn, params, x), y)
+def _loss(params, x, y, weight_decay: float) -> torch.Tensor:
+    loss = _cross_entropy(_apply(params, x), y)
     if weight_decay:
         loss = loss + 0.5 * weight_decay * sum(v.square().sum() for k, v in params.items() if k in _DECAYED)
     return loss
@@ -220,19 +221,19 @@ def _class_means(x: torch.Tensor, y: torch.Tensor, n_classes: int, normalize: bo
     return {"means": means, "scale": torch.where(gap > 0, 1 / torch.where(gap > 0, gap, 1), 1)}
 
 
-def _check_normalize(fn: str, normalize, kind) -> None:
-    check_bool(fn, "normalize", normalize, ProbeError)
+def _check_normalize(normalize, kind) -> None:
+    check_bool("normalize", normalize, ProbeError)
     if normalize and kind != "mean_difference":
         raise ProbeError(
-            f"{fn}: normalize=True rescales the mean-difference probe, but kind={kind!r}; use "
+            f"normalize=True rescales the mean-difference probe, but kind={kind!r}; use "
             "kind='mean_difference' or drop normalize."
         )
 
 
-def _check_normalize_classes(fn: str, normalize: bool, c: int) -> None:
+def _check_normalize_classes(normalize: bool, c: int) -> None:
     if normalize and c != 2:
         raise ProbeError(
-            f"{fn}: normalize=True divides by the norm of the mean difference mu_1 - mu_0, which needs "
+            f"normalize=True divides by the norm of the mean difference mu_1 - mu_0, which needs "
             f"exactly 2 classes, got n_classes={c}; use normalize=False with {c} classes."
         )
 
@@ -252,9 +253,8 @@ def _adam(loss, params: dict, steps: int, lr: float, bar=None) -> dict:
     return params
 
 
-def _check_train_options(fn, steps, lr, weight_decay) -> None:
+def _check_train_options(steps, lr, weight_decay) -> None:
     check_int(
-        fn,
         "steps",
         steps,
         ProbeError,
@@ -263,19 +263,20 @@ def _check_train_options(fn, steps, lr, weight_decay) -> None:
     )
     for name, v, ok in (("lr", lr, lambda v: v > 0), ("weight_decay", weight_decay, lambda v: v >= 0)):
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not ok(v):
-            raise ProbeError(f"{fn}: {name} must be a number {'> 0' if name == 'lr' else '>= 0'}, got {v!r}.")
+            raise ProbeError(f"{name} must be a number {'> 0' if name == 'lr' else '>= 0'}, got {v!r}.")
 
 
-def _check_means_counts(fn: str, y: torch.Tensor, n_classes: int) -> None:
+def _check_means_counts(y: torch.Tensor, n_classes: int) -> None:
     counts = torch.bincount(y, minlength=n_classes)
     if bool((counts == 0).any()):
         empty = torch.nonzero(counts == 0).flatten().tolist()
         raise ProbeError(
-            f"{fn}: kind 'mean_difference' needs an example of every class, but classes {empty} have "
+            f"kind 'mean_difference' needs an example of every class, but classes {empty} have "
             "none in the training data; pass n_classes equal to the classes present, or more data."
         )
 
 
+@public("tdfunc.latent.probe_fit")
 def probe_fit(
     kind: ProbeKind,
     x: torch.Tensor | tuple[torch.Tensor, torch.Tensor],
@@ -346,17 +347,16 @@ def probe_fit(
 
     Composes with: the returned TensorDict goes into ``probe_apply`` under ``vmap`` / ``grad`` / compile.
     """
-    fn = "tdfunc.latent.probe_fit"
-    _check_kind(fn, kind, rank)
-    check_generator(fn, generator, ProbeError)
-    _check_train_options(fn, steps, lr, weight_decay)
-    check_bool(fn, "progress", progress, ProbeError)
-    _check_normalize(fn, normalize, kind)
+    _check_kind(kind, rank)
+    check_generator(generator, ProbeError)
+    _check_train_options(steps, lr, weight_decay)
+    check_bool("progress", progress, ProbeError)
+    _check_normalize(normalize, kind)
     if kind in ("bilinear", "low_rank_bilinear"):
-        x1, x2 = _pair(fn, x)
+        x1, x2 = _pair(x)
         if x1.dim() != 2 or x2.dim() != 2 or x1.shape[0] != x2.shape[0]:
             raise ProbeError(
-                f"{fn}: x1 and x2 must be (N, D1) and (N, D2) with the same N, got shapes "
+                f"x1 and x2 must be (N, D1) and (N, D2) with the same N, got shapes "
                 f"{tuple(x1.shape)} and {tuple(x2.shape)}."
             )
         x, d_in = (x1.detach(), x2.detach()), (x1.shape[1], x2.shape[1])
@@ -364,28 +364,29 @@ def probe_fit(
     else:
         if isinstance(x, (tuple, list)):
             raise ProbeError(
-                f"{fn}: kind {kind!r} takes one tensor x (N, D), got a {type(x).__name__}; pairs "
+                f"kind {kind!r} takes one tensor x (N, D), got a {type(x).__name__}; pairs "
                 "(x1, x2) are for 'bilinear' and 'low_rank_bilinear'."
             )
-        x = _check_x(fn, x)
+        x = _check_x(x)
         if x.dim() != 2:
-            raise ProbeError(f"{fn}: x has shape {tuple(x.shape)}; pass activations (N, D) (x.flatten(1)).")
+            raise ProbeError(f"x has shape {tuple(x.shape)}; pass activations (N, D) (x.flatten(1)).")
         x, d_in, ref = x.detach(), x.shape[1], x  # type: ignore[assignment]
-    y = _check_labels(fn, y, ref.shape[0])
-    c = _n_classes(fn, y, n_classes)
+    y = _check_labels(y, ref.shape[0])
+    c = _n_classes(y, n_classes)
     if kind == "mean_difference":
-        _check_normalize_classes(fn, normalize, c)
-        _check_means_counts(fn, y, c)
+        _check_normalize_classes(normalize, c)
+        _check_means_counts(y, c)
         return TensorDict(_class_means(x, y, c, normalize), batch_size=[])  # type: ignore[arg-type]  # one tensor here
-    params = _init(fn, kind, d_in, c, rank, generator, ref.dtype, ref.device)
-    loss = lambda p: _loss(fn, p, x, y, weight_decay)  # noqa: E731
-    bar = progress_bar(enabled=progress, desc=fn, total=steps, unit="step")
+    params = _init(kind, d_in, c, rank, generator, ref.dtype, ref.device)
+    loss = lambda p: _loss(p, x, y, weight_decay)  # noqa: E731
+    bar = progress_bar(enabled=progress, desc=here(), total=steps, unit="step")
     if bar is None:
         return TensorDict(_adam(loss, params, steps, lr), batch_size=[])
     with bar:
         return TensorDict(_adam(loss, params, steps, lr, bar), batch_size=[])
 
 
+@public("tdfunc.latent.probe_evaluate")
 def probe_evaluate(
     params: TensorDictBase | Mapping[str, torch.Tensor],
     x: torch.Tensor | tuple[torch.Tensor, torch.Tensor],
@@ -417,6 +418,5 @@ def probe_evaluate(
 
     Composes with: ``vmap`` over stacked params / inputs, ``grad`` of ``loss``, ``torch.compile``.
     """
-    fn = "tdfunc.latent.probe_evaluate"
-    logits = _apply(fn, params, x)
-    return _metrics(logits, _check_labels(fn, y, logits.shape[0]))
+    logits = _apply(params, x)
+    return _metrics(logits, _check_labels(y, logits.shape[0]))

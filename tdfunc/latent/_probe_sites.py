@@ -7,6 +7,7 @@ from tensordict import TensorDict, TensorDictBase
 from torch.func import vmap
 
 from .._checks import check_bool, check_generator
+from .._errors import here, public
 from .._progress import progress_bar
 from .._types import ProbeKind
 from ._probe import (
@@ -34,6 +35,7 @@ from ._probe_sklearn import fit_sklearn_probes as fit_sklearn_probes
 __all__ = ["fit_probes"]
 
 
+@public("tdfunc.latent.fit_probes")
 def fit_probes(
     acts: TensorDictBase,
     y: torch.Tensor,
@@ -97,23 +99,22 @@ def fit_probes(
     Composes with: ``tdfunc.functional_call(..., capture=[...])`` for ``acts``; the fitted
     ``("params", site)`` go into ``probe_apply``.
     """
-    fn = "tdfunc.latent.fit_probes"
-    _check_kind(fn, kind, rank)
-    check_generator(fn, generator, ProbeError)
-    _check_train_options(fn, steps, lr, weight_decay)
-    check_bool(fn, "progress", progress, ProbeError)
-    _check_normalize(fn, normalize, kind)
-    keys = _sites(fn, acts)
-    train, test = _split(fn, acts, keys, y, test_fraction, generator)
-    c = _n_classes(fn, y, n_classes)
+    _check_kind(kind, rank)
+    check_generator(generator, ProbeError)
+    _check_train_options(steps, lr, weight_decay)
+    check_bool("progress", progress, ProbeError)
+    _check_normalize(normalize, kind)
+    keys = _sites(acts)
+    train, test = _split(acts, keys, y, test_fraction, generator)
+    c = _n_classes(y, n_classes)
     y_tr, y_te = y[train], y[test]
     xs = {k: acts.get(k).detach() for k in keys}
     if kind == "mean_difference":
-        _check_normalize_classes(fn, normalize, c)
-        _check_means_counts(fn, y_tr, c)
+        _check_normalize_classes(normalize, c)
+        _check_means_counts(y_tr, c)
         inits = None
     else:
-        inits = {k: _init(fn, kind, xs[k].shape[1], c, rank, generator, xs[k].dtype, xs[k].device) for k in keys}
+        inits = {k: _init(kind, xs[k].shape[1], c, rank, generator, xs[k].dtype, xs[k].device) for k in keys}
     groups: dict = {}
     for k in keys:
         groups.setdefault((xs[k].shape[1], xs[k].dtype, xs[k].device), []).append(k)
@@ -121,7 +122,7 @@ def fit_probes(
     bar = (
         None
         if kind == "mean_difference"
-        else progress_bar(enabled=progress, desc=fn, total=steps * len(groups), unit="step")
+        else progress_bar(enabled=progress, desc=here(), total=steps * len(groups), unit="step")
     )
     try:
         for group in groups.values():
@@ -133,13 +134,13 @@ def fit_probes(
                     name: torch.stack([inits[k][name] for k in group])  # type: ignore[index]
                     for name in inits[group[0]]  # type: ignore[index]
                 }
-                site_loss = lambda p, xx: _loss(fn, p, xx, y_tr, weight_decay)  # noqa: E731
+                site_loss = lambda p, xx: _loss(p, xx, y_tr, weight_decay)  # noqa: E731
                 fitted = _adam(lambda p: vmap(site_loss)(p, x_tr).sum(), stacked, steps, lr, bar)
             for i, k in enumerate(group):
                 p = TensorDict({name: v[i] for name, v in fitted.items()}, batch_size=[])
                 out.set(("params",) + _key(k), p)
-                out.set(("train",) + _key(k), _metrics(_apply(fn, p, xs[k][train]), y_tr))
-                out.set(("test",) + _key(k), _metrics(_apply(fn, p, xs[k][test]), y_te))
+                out.set(("train",) + _key(k), _metrics(_apply(p, xs[k][train]), y_tr))
+                out.set(("test",) + _key(k), _metrics(_apply(p, xs[k][test]), y_te))
     finally:
         if bar is not None:
             bar.close()

@@ -8,11 +8,13 @@ from typing import Any
 import torch
 from tensordict import TensorDict, TensorDictBase
 
+from .._errors import here, public
 from ._probe_common import ProbeError, _key, _n_classes, _sites, _split
 
 __all__ = ["fit_sklearn_probes"]
 
 
+@public("tdfunc.latent.fit_sklearn_probes")
 def fit_sklearn_probes(
     acts: TensorDictBase,
     y: torch.Tensor,
@@ -60,21 +62,20 @@ def fit_sklearn_probes(
 
     Composes with: ``fit_probes`` (same split for the same seed).
     """
-    fn = "tdfunc.latent.fit_sklearn_probes"
     try:
         from sklearn.base import clone
         from sklearn.linear_model import LogisticRegression
     except ImportError as e:
         raise ImportError(
-            f"{fn} needs scikit-learn; install the probing extra: pip install 'tdfunc[probing]' "
+            f"{here()} needs scikit-learn; install the probing extra: pip install 'tdfunc[probing]' "
             "(or pip install scikit-learn)."
         ) from e
     if random_state is not None and (isinstance(random_state, bool) or not isinstance(random_state, int)):
-        raise ProbeError(f"{fn}: random_state must be None or an integer seed, got {random_state!r}.")
-    keys = _sites(fn, acts)
+        raise ProbeError(f"random_state must be None or an integer seed, got {random_state!r}.")
+    keys = _sites(acts)
     gen = None if random_state is None else torch.Generator().manual_seed(random_state)
-    train, test = _split(fn, acts, keys, y, test_fraction, gen)
-    _n_classes(fn, y, None)
+    train, test = _split(acts, keys, y, test_fraction, gen)
+    _n_classes(y, None)
     estimator = LogisticRegression(max_iter=1000) if estimator is None else estimator
     y_np = y.cpu().numpy()
     out = TensorDict({"train_index": train, "test_index": test}, batch_size=[])

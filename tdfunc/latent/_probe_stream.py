@@ -19,7 +19,8 @@ from tensordict import TensorDict, TensorDictBase
 from torch import nn
 from torch.func import grad
 
-from .._checks import check_bool, check_generator
+from .._checks import check_bool, check_generator, renamed
+from .._errors import here, public
 from .._progress import progress_bar
 from .._types import ProbeKind, Reduction
 from ._cache import cache_activations
@@ -35,13 +36,13 @@ def _transformed() -> bool:
     return torch.compiler.is_compiling() or torch._C._functorch.maybe_current_level() is not None
 
 
-def _state_kind(fn: str, state: Any) -> str:
+def _state_kind(state: Any) -> str:
     if isinstance(state, TensorDictBase) and "sums" in state.keys() and "counts" in state.keys():
         return "mean_difference"
     if isinstance(state, TensorDictBase) and {"params", "m", "v", "step"} <= set(state.keys()):
         return "trained"
     raise ProbeError(
-        f"{fn}: state must be the TensorDict of tdfunc.latent.probe_stream_init (or of "
+        f"state must be the TensorDict of tdfunc.latent.probe_stream_init (or of "
         f"probe_stream_update), got {type(state).__name__}"
         + (f" with keys {sorted(state.keys())}" if isinstance(state, TensorDictBase) else "")
         + "."
@@ -59,6 +60,7 @@ def _sites_of(state: TensorDictBase, kind: str) -> list[tuple]:
     )
 
 
+@public("tdfunc.latent.probe_stream_init")
 def probe_stream_init(
     kind: ProbeKind,
     acts: TensorDictBase,
@@ -104,11 +106,10 @@ def probe_stream_init(
     Composes with: its result is the state of :func:`probe_stream_update` (``vmap`` / ``grad`` /
     ``torch.compile``).
     """
-    fn = "tdfunc.latent.probe_stream_init"
-    _check_kind(fn, kind, rank)
-    check_generator(fn, generator, ProbeError)
-    _check_int(fn, "n_classes", n_classes, 2)
-    keys = _sites(fn, acts)
+    _check_kind(kind, rank)
+    check_generator(generator, ProbeError)
+    _check_int("n_classes", n_classes, 2)
+    keys = _sites(acts)
     first = acts.get(keys[0])
     out = TensorDict({}, batch_size=[])
     if kind == "mean_difference":
@@ -120,7 +121,7 @@ def probe_stream_init(
     for k in keys:
         x = acts.get(k)
         d_in = x.shape[1] if kind == "linear" else (x.shape[1], x.shape[1])
-        for name, v in _init(fn, kind, d_in, n_classes, rank, generator, x.dtype, x.device).items():
+        for name, v in _init(kind, d_in, n_classes, rank, generator, x.dtype, x.device).items():
             out.set(("params",) + _key(k) + (name,), v)
             out.set(("m",) + _key(k) + (name,), torch.zeros_like(v))
             out.set(("v",) + _key(k) + (name,), torch.zeros_like(v))
@@ -128,30 +129,30 @@ def probe_stream_init(
     return out
 
 
-def _batch(fn: str, state: TensorDictBase, kind: str, acts: Any, y: Any) -> tuple[list[tuple], torch.Tensor, int]:
+def _batch(state: TensorDictBase, kind: str, acts: Any, y: Any) -> tuple[list[tuple], torch.Tensor, int]:
     sites = _sites_of(state, kind)
     if not isinstance(acts, TensorDictBase):
         raise ProbeError(
-            f"{fn}: acts must be a TensorDict {{site: (B, D_site)}} with the state's sites, got {type(acts).__name__}."
+            f"acts must be a TensorDict {{site: (B, D_site)}} with the state's sites, got {type(acts).__name__}."
         )
     have = {_key(k) for k in acts.keys(include_nested=True, leaves_only=True)}
     missing = [s for s in sites if s not in have]
     if missing:
         raise ProbeError(
-            f"{fn}: acts lacks the state's sites {['.'.join(s) for s in missing]} (it has "
+            f"acts lacks the state's sites {['.'.join(s) for s in missing]} (it has "
             f"{sorted('.'.join(s) for s in have)}); pass the activations of the sites the state was "
             "initialised with."
         )
-    _sites(fn, acts.select(*sites))  # floating (B, D) leaves, finite
+    _sites(acts.select(*sites))  # floating (B, D) leaves, finite
     n = acts.get(sites[0]).shape[0]
-    y = _check_labels(fn, y, n, f"acts[{'.'.join(sites[0])!r}]")
+    y = _check_labels(y, n, f"acts[{'.'.join(sites[0])!r}]")
     c = state["counts"].shape[0] if kind == "mean_difference" else None
     if c is None:
         p0 = state["params"].get(sites[0])
         c = p0["bias"].shape[0] if "bias" in p0.keys() else p0["means"].shape[0]
     if not _transformed() and y.numel() and (int(y.min()) < 0 or int(y.max()) >= c):
         raise ProbeError(
-            f"{fn}: y holds labels in [{int(y.min())}, {int(y.max())}] but the state has n_classes={c}; "
+            f"y holds labels in [{int(y.min())}, {int(y.max())}] but the state has n_classes={c}; "
             f"labels are class indices 0..{c - 1}."
         )
     for s in sites:
@@ -163,12 +164,13 @@ def _batch(fn: str, state: TensorDictBase, kind: str, acts: Any, y: Any) -> tupl
         )
         if width != want:
             raise ProbeError(
-                f"{fn}: acts[{'.'.join(s)!r}] has width {width} but the state's probe there has width "
+                f"acts[{'.'.join(s)!r}] has width {width} but the state's probe there has width "
                 f"{want}; pass the same sites, reduced the same way, for every batch."
             )
     return sites, y, c
 
 
+@public("tdfunc.latent.probe_stream_update")
 def probe_stream_update(
     state: TensorDictBase,
     acts: TensorDictBase,
@@ -219,15 +221,14 @@ def probe_stream_update(
     Composes with: ``vmap`` (over stacked batches or states), ``grad`` (w.r.t. the activations and
     the state), ``torch.compile(fullgraph=True)``.
     """
-    fn = "tdfunc.latent.probe_stream_update"
-    kind = _state_kind(fn, state)
+    kind = _state_kind(state)
     for name, v, ok, want in (
         ("lr", lr, lambda v: v > 0, "> 0"),
         ("weight_decay", weight_decay, lambda v: v >= 0, ">= 0"),
     ):
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not ok(v):
-            raise ProbeError(f"{fn}: {name} must be a number {want}, got {v!r}.")
-    sites, y, c = _batch(fn, state, kind, acts, y)
+            raise ProbeError(f"{name} must be a number {want}, got {v!r}.")
+    sites, y, c = _batch(state, kind, acts, y)
     out = state.copy()
     if kind == "mean_difference":
         first = acts.get(sites[0])
@@ -241,7 +242,7 @@ def probe_stream_update(
 
     def total(p: dict) -> torch.Tensor:  # the sites' losses are independent: one gradient for all
         return sum(
-            (_loss(fn, p[s], xs[s], y, weight_decay) for s in sites),
+            (_loss(p[s], xs[s], y, weight_decay) for s in sites),
             torch.zeros((), dtype=xs[sites[0]].dtype, device=xs[sites[0]].device),
         )
 
@@ -261,6 +262,7 @@ def probe_stream_update(
     return out
 
 
+@public("tdfunc.latent.probe_stream_params")
 def probe_stream_params(state: TensorDictBase, *, normalize: bool = False) -> TensorDict:
     """The probes of a streaming state, ``{site: params}`` for :func:`tdfunc.latent.probe_apply`.
 
@@ -292,20 +294,19 @@ def probe_stream_params(state: TensorDictBase, *, normalize: bool = False) -> Te
     Composes with: ``vmap``, ``grad``, ``torch.compile`` (the class check reads the counts outside
     transforms only).
     """
-    fn = "tdfunc.latent.probe_stream_params"
-    kind = _state_kind(fn, state)
-    _check_normalize(fn, normalize, "mean_difference" if kind == "mean_difference" else "linear")
+    kind = _state_kind(state)
+    _check_normalize(normalize, "mean_difference" if kind == "mean_difference" else "linear")
     out = TensorDict({}, batch_size=[])
     if kind != "mean_difference":
         for s in _sites_of(state, kind):
             out.set(s, state["params"].get(s).copy())
         return out
     counts = state["counts"]
-    _check_normalize_classes(fn, normalize, counts.shape[0])
+    _check_normalize_classes(normalize, counts.shape[0])
     if not _transformed() and bool((counts == 0).any()):
         empty = torch.nonzero(counts == 0).flatten().tolist()
         raise ProbeError(
-            f"{fn}: classes {empty} had no example in the batches streamed so far, so their mean is "
+            f"classes {empty} had no example in the batches streamed so far, so their mean is "
             "undefined; stream more data or initialise with n_classes equal to the classes present."
         )
     for s in _sites_of(state, kind):
@@ -327,29 +328,29 @@ def _acts(module, mstate, batch, sites, reduce, input_key, inputs) -> TensorDict
     return out
 
 
-def _labels(fn: str, batch: Any, label_key: str | tuple[str, ...]) -> torch.Tensor:
+def _labels(batch: Any, label_key: str | tuple[str, ...]) -> torch.Tensor:
     if not isinstance(batch, TensorDictBase) or label_key not in batch.keys(include_nested=True):
         have = sorted(map(str, batch.keys())) if isinstance(batch, TensorDictBase) else type(batch).__name__
         raise ProbeError(
-            f"{fn}: every batch must be a TensorDict holding the labels at label_key={label_key!r}, got "
+            f"every batch must be a TensorDict holding the labels at label_key={label_key!r}, got "
             f"{have}; pass label_key= naming the labels' entry."
         )
     return batch.get(label_key)
 
 
-def _evaluate(fn, module, mstate, params, batches, sites, label_key, reduce, input_key, inputs, bar) -> TensorDict:
+def _evaluate(module, mstate, params, batches, sites, label_key, reduce, input_key, inputs, bar) -> TensorDict:
     """Accuracy and mean cross-entropy over every row of ``batches`` (equal to probe_evaluate on their
     concatenation)."""
     correct: dict = {}
     loss: dict = {}
     n = 0
     for batch in batches:
-        y = _labels(fn, batch, label_key)
+        y = _labels(batch, label_key)
         acts = _acts(module, mstate, batch, sites, reduce, input_key, inputs)
         keys = [_key(k) for k in params.keys(include_nested=True, leaves_only=True)]
         for s in dict.fromkeys(k[:-1] for k in keys):
-            logits = _apply(fn, params.get(s), acts.get(s))
-            y = _check_labels(fn, y, logits.shape[0])
+            logits = _apply(params.get(s), acts.get(s))
+            y = _check_labels(y, logits.shape[0])
             correct[s] = correct.get(s, 0) + (logits.argmax(-1) == y).to(logits.dtype).sum()
             loss[s] = loss.get(s, 0) + _cross_entropy(logits, y) * y.shape[0]
         n += int(y.shape[0])
@@ -361,6 +362,7 @@ def _evaluate(fn, module, mstate, params, batches, sites, label_key, reduce, inp
     return out
 
 
+@public("tdfunc.latent.stream_probes")
 def stream_probes(
     module: nn.Module,
     state: Any,
@@ -437,50 +439,49 @@ def stream_probes(
     Composes with: :func:`probe_stream_init` / :func:`probe_stream_update` / :func:`probe_stream_params`
     (the pure steps it drives), :func:`tdfunc.latent.probe_apply` for the fitted probes.
     """
-    fn = "tdfunc.latent.stream_probes"
-    _check_kind(fn, kind, rank)
-    check_generator(fn, generator, ProbeError)
-    _check_int(fn, "n_classes", n_classes, 2)
-    _check_int(fn, "epochs", epochs, 1)
-    _check_normalize(fn, normalize, kind)
-    _check_normalize_classes(fn, normalize, n_classes)
-    check_bool(fn, "progress", progress, ProbeError)
+    _check_kind(kind, rank)
+    check_generator(generator, ProbeError)
+    _check_int("n_classes", n_classes, 2)
+    _check_int("epochs", epochs, 1)
+    _check_normalize(normalize, kind)
+    _check_normalize_classes(normalize, n_classes)
+    check_bool("progress", progress, ProbeError)
     for name, v, ok, want in (
         ("lr", lr, lambda v: v > 0, "> 0"),
         ("weight_decay", weight_decay, lambda v: v >= 0, ">= 0"),
     ):
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not ok(v):
-            raise ProbeError(f"{fn}: {name} must be a number {want}, got {v!r}.")
+            raise ProbeError(f"{name} must be a number {want}, got {v!r}.")
     total = None
     if hasattr(batches, "__len__"):
         total = len(batches) * (epochs + 1)  # type: ignore[arg-type]
         if eval_batches is not None and hasattr(eval_batches, "__len__"):
             total += len(eval_batches)  # type: ignore[arg-type]
-    bar = progress_bar(enabled=progress, desc=fn, total=total, unit="batch")
+    bar = progress_bar(enabled=progress, desc=here(), total=total, unit="batch")
     try:
         pstate: TensorDict | None = None
         for _ in range(epochs):
             for batch in batches:
-                y = _labels(fn, batch, label_key)
+                y = _labels(batch, label_key)
                 acts = _acts(module, state, batch, sites, reduce, input_key, inputs)
                 current = (
                     pstate
                     if pstate is not None
                     else probe_stream_init(kind, acts, n_classes, rank=rank, generator=generator)
                 )
-                pstate = _renamed(fn, lambda: probe_stream_update(current, acts, y, lr=lr, weight_decay=weight_decay))
+                pstate = _renamed(lambda: probe_stream_update(current, acts, y, lr=lr, weight_decay=weight_decay))
                 if bar is not None:
                     bar.update(1)
         if pstate is None:
-            raise ProbeError(f"{fn}: batches is empty; pass at least one batch (a re-iterable list or DataLoader).")
+            raise ProbeError("batches is empty; pass at least one batch (a re-iterable list or DataLoader).")
         final = pstate
-        params = _renamed(fn, lambda: probe_stream_params(final, normalize=normalize))
+        params = _renamed(lambda: probe_stream_params(final, normalize=normalize))
         out = TensorDict({"params": params}, batch_size=[])
-        out.set("fit", _evaluate(fn, module, state, params, batches, sites, label_key, reduce, input_key, inputs, bar))
+        out.set("fit", _evaluate(module, state, params, batches, sites, label_key, reduce, input_key, inputs, bar))
         if eval_batches is not None:
             out.set(
                 "predict",
-                _evaluate(fn, module, state, params, eval_batches, sites, label_key, reduce, input_key, inputs, bar),
+                _evaluate(module, state, params, eval_batches, sites, label_key, reduce, input_key, inputs, bar),
             )
     finally:
         if bar is not None:
@@ -488,13 +489,7 @@ def stream_probes(
     return out
 
 
-def _renamed(fn: str, call: Callable[[], Any]) -> Any:
+def _renamed(call: Callable[[], Any]) -> Any:
     """Run a public step inside the driver, its errors naming the driver."""
-    try:
+    with renamed(("tdfunc.latent.probe_stream_update: ", "tdfunc.latent.probe_stream_params: ")):
         return call()
-    except ProbeError as e:
-        msg = str(e)
-        for inner in ("tdfunc.latent.probe_stream_update: ", "tdfunc.latent.probe_stream_params: "):
-            if msg.startswith(inner):
-                raise ProbeError(f"{fn}: " + msg[len(inner) :]) from e
-        raise

@@ -7,6 +7,7 @@ import math
 import torch
 from tensordict import TensorDictBase
 
+from .._errors import public
 from .._types import Kernel
 from ._geometry import GeometryError, _check_int, _check_n, _minkowski, _promoted_dtype, _same_n, _sqdist, _stack_of
 
@@ -34,6 +35,7 @@ def _gram(kernel: str, sigma):
     return prep
 
 
+@public("tdfunc.latent.cka")
 def cka(
     x: torch.Tensor | TensorDictBase,
     y: torch.Tensor | TensorDictBase,
@@ -97,19 +99,18 @@ def cka(
     Composes with: ``vmap`` (over batches of point clouds), ``grad`` (w.r.t. both representations;
     CKA losses), ``torch.compile``.
     """
-    fn = "tdfunc.latent.cka"
     if kernel not in KERNELS:
-        raise GeometryError(f"{fn}: unknown kernel {kernel!r}; choose one of {list(KERNELS)}.")
+        raise GeometryError(f"unknown kernel {kernel!r}; choose one of {list(KERNELS)}.")
     if sigma is not None and (isinstance(sigma, bool) or not isinstance(sigma, (int, float)) or not sigma > 0):
-        raise GeometryError(f"{fn}: sigma must be None (median heuristic) or a number > 0, got {sigma!r}.")
-    _pre_n(fn, x, y)
+        raise GeometryError(f"sigma must be None (median heuristic) or a number > 0, got {sigma!r}.")
+    _pre_n(x, y)
     prep = _gram(kernel, sigma)
     promote = _promoted_dtype(x, y)
-    k, kb = _stack_of(fn, x, "x", prep, promote)
-    l, lb = _stack_of(fn, y, "y", prep, promote)
+    k, kb = _stack_of(x, "x", prep, promote)
+    l, lb = _stack_of(y, "y", prep, promote)
     n = k.shape[-1]
     if debiased:
-        _check_n(fn, n, 4, "debiased=True (the unbiased HSIC)", "use debiased=False")
+        _check_n(n, 4, "debiased=True (the unbiased HSIC)", "use debiased=False")
         kt, lt = (m * ~torch.eye(n, dtype=torch.bool, device=m.device) for m in (k, l))
         hxy = _uhsic(kt[:, None], lt[None])
         hxx, hyy = _uhsic(kt, kt), _uhsic(lt, lt)
@@ -141,15 +142,16 @@ def _n_of(v) -> int | None:
     return v.shape[-2] if isinstance(v, torch.Tensor) and v.dim() >= 2 else None
 
 
-def _pre_n(fn: str, x, y) -> None:
+def _pre_n(x, y) -> None:
     nx, ny = _n_of(x), _n_of(y)
     if nx is not None and ny is not None:
-        _same_n(fn, nx, ny)
+        _same_n(nx, ny)
 
 
 # -------------------------------------------------------------------------------- information imbalance
 
 
+@public("tdfunc.latent.information_imbalance")
 def information_imbalance(
     x: torch.Tensor | TensorDictBase, y: torch.Tensor | TensorDictBase, *, k: int = 1, p: float = 2.0
 ) -> torch.Tensor:
@@ -202,16 +204,15 @@ def information_imbalance(
 
     Composes with: ``vmap`` (over batches of point clouds), ``torch.compile``.
     """
-    fn = "tdfunc.latent.information_imbalance"
-    _check_int(fn, "k", k, 1)
+    _check_int("k", k, 1)
     if isinstance(p, bool) or not isinstance(p, (int, float)) or not p > 0:
-        raise GeometryError(f"{fn}: p must be a number > 0 (the Minkowski order; 2 is Euclidean), got {p!r}.")
-    _pre_n(fn, x, y)
+        raise GeometryError(f"p must be a number > 0 (the Minkowski order; 2 is Euclidean), got {p!r}.")
+    _pre_n(x, y)
     promote = _promoted_dtype(x, y)
-    da, ab = _stack_of(fn, x, "x", _minkowski(p), promote)
-    db, bb = _stack_of(fn, y, "y", _minkowski(p), promote)
+    da, ab = _stack_of(x, "x", _minkowski(p), promote)
+    db, bb = _stack_of(y, "y", _minkowski(p), promote)
     n = da.shape[-1]
-    _check_n(fn, n, k + 1, f"k={k}")
+    _check_n(n, k + 1, f"k={k}")
     eye = torch.eye(n, dtype=torch.bool, device=da.device)
     if k == 1:  # argmin returns the first (lowest-index) of tied minima
         nn_a = da.masked_fill(eye, math.inf).argmin(-1, keepdim=True)

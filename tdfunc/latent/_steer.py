@@ -15,6 +15,7 @@ from tensordict import TensorDict, TensorDictBase
 from .._call import functional_call
 from .._checks import check_int, check_module, renamed
 from .._edits import delta
+from .._errors import public
 from .._finite import check_finite
 from .._types import Edits
 from ._common import PatchError, check_input_ids, position_mask
@@ -22,28 +23,28 @@ from ._common import PatchError, check_input_ids, position_mask
 __all__ = ["steering_vector", "steer", "generate_greedy"]
 
 
-def _diff(fn: str, pos: Any, neg: Any, pooled: bool, what: str) -> torch.Tensor:
+def _diff(pos: Any, neg: Any, pooled: bool, what: str) -> torch.Tensor:
     for name, x in (("acts_pos", pos), ("acts_neg", neg)):
         if not isinstance(x, torch.Tensor) or x.dim() < 2 or not x.is_floating_point():
             got = f"shape {tuple(x.shape)} dtype {x.dtype}" if isinstance(x, torch.Tensor) else type(x).__name__
-            raise PatchError(f"{fn}: {name}{what} must be a floating tensor (N, ..., D) of activations, got {got}.")
+            raise PatchError(f"{name}{what} must be a floating tensor (N, ..., D) of activations, got {got}.")
     if pos.shape[0] != neg.shape[0]:
         raise PatchError(
-            f"{fn}: acts_pos{what} has N={pos.shape[0]} rows but acts_neg{what} has N={neg.shape[0]}; "
+            f"acts_pos{what} has N={pos.shape[0]} rows but acts_neg{what} has N={neg.shape[0]}; "
             "give paired examples (one negative per positive, the same N in both)."
         )
     if pos.shape[1:] != neg.shape[1:]:
         raise PatchError(
-            f"{fn}: acts_pos{what} has shape {tuple(pos.shape)} but acts_neg{what} has shape "
+            f"acts_pos{what} has shape {tuple(pos.shape)} but acts_neg{what} has shape "
             f"{tuple(neg.shape)}; give activations of one shape (pad or pool positions first)."
         )
     if pos.shape[0] == 0:
         raise PatchError(
-            f"{fn}: acts_pos{what} and acts_neg{what} hold no examples (N=0, shape {tuple(pos.shape)}); "
+            f"acts_pos{what} and acts_neg{what} hold no examples (N=0, shape {tuple(pos.shape)}); "
             "the mean difference of an empty set is undefined: pass at least one pair of activations."
         )
     for name, x in (("acts_pos", pos), ("acts_neg", neg)):
-        check_finite(fn, f"{name}{what}", x, PatchError, "replace them (e.g. torch.nan_to_num) or drop those examples")
+        check_finite(f"{name}{what}", x, PatchError, "replace them (e.g. torch.nan_to_num) or drop those examples")
     v = (pos - neg).mean(0)
     return v.mean(tuple(range(v.dim() - 1))) if pooled and v.dim() > 1 else v
 
@@ -60,6 +61,7 @@ def steering_vector(
 def steering_vector(acts_pos: torch.Tensor, acts_neg: torch.Tensor, *, pooled: bool = ...) -> torch.Tensor: ...
 
 
+@public("tdfunc.latent.steering_vector")
 def steering_vector(acts_pos: Any, acts_neg: Any, *, pooled: bool = True) -> torch.Tensor | TensorDict:
     """Mean-difference steering vector(s) from paired positive / negative activations.
 
@@ -91,22 +93,22 @@ def steering_vector(acts_pos: Any, acts_neg: Any, *, pooled: bool = True) -> tor
 
     Composes with: ``vmap`` (over stacked activation sets), ``grad`` (w.r.t. the activations).
     """
-    fn = "tdfunc.latent.steering_vector"
     if isinstance(acts_pos, (Mapping, TensorDictBase)) or isinstance(acts_neg, (Mapping, TensorDictBase)):
         if not (isinstance(acts_pos, (Mapping, TensorDictBase)) and isinstance(acts_neg, (Mapping, TensorDictBase))):
             raise PatchError(
-                f"{fn}: acts_pos is a {type(acts_pos).__name__} but acts_neg is a "
+                f"acts_pos is a {type(acts_pos).__name__} but acts_neg is a "
                 f"{type(acts_neg).__name__}; pass two tensors or two TensorDicts with the same sites."
             )
         kp, kn = sorted(acts_pos.keys()), sorted(acts_neg.keys())
         if kp != kn:
-            raise PatchError(f"{fn}: acts_pos has sites {kp} but acts_neg has sites {kn}; give both the same sites.")
+            raise PatchError(f"acts_pos has sites {kp} but acts_neg has sites {kn}; give both the same sites.")
         return TensorDict(
-            {k: _diff(fn, acts_pos[k], acts_neg[k], pooled, f"[{k!r}]") for k in acts_pos.keys()}, batch_size=[]
+            {k: _diff(acts_pos[k], acts_neg[k], pooled, f"[{k!r}]") for k in acts_pos.keys()}, batch_size=[]
         )
-    return _diff(fn, acts_pos, acts_neg, pooled, "")
+    return _diff(acts_pos, acts_neg, pooled, "")
 
 
+@public("tdfunc.latent.steer")
 def steer(
     vectors: TensorDictBase | Mapping[str, torch.Tensor],
     scale: float | torch.Tensor = 1.0,
@@ -147,12 +149,11 @@ def steer(
 
     Composes with: ``vmap`` (over scales or vectors), ``grad`` (w.r.t. the vector or scale), ``compile``.
     """
-    fn = "tdfunc.latent.steer"
     if not isinstance(vectors, (Mapping, TensorDictBase)) or not all(
         isinstance(k, str) and isinstance(vectors[k], torch.Tensor) for k in vectors.keys()
     ):
         raise PatchError(
-            f"{fn}: vectors must be a mapping {{site: tensor}} (e.g. from tdfunc.latent.steering_vector), got "
+            f"vectors must be a mapping {{site: tensor}} (e.g. from tdfunc.latent.steering_vector), got "
             f"{type(vectors).__name__}; wrap a single vector as {{'site': v}}."
         )
     edits: dict[str, Any] = {}
@@ -164,13 +165,15 @@ def steer(
 
             def edit(h, v=v, site=site):
                 v = v.to(h.device)  # a model across devices: the vector goes to its site (a copy), as delta's do
-                return h + torch.where(position_mask(fn, site, positions, h), v, torch.zeros_like(v))
+                return h + torch.where(position_mask(site, positions, h), v, torch.zeros_like(v))
 
-            edit._tdfunc_steer_positions = positions  # type: ignore[attr-defined]  # generate refuses these
-            edits[site] = edit
+            named = public("tdfunc.latent.steer")(edit)  # its errors, raised inside a call, name steer
+            named._tdfunc_steer_positions = positions  # type: ignore[attr-defined]  # generate refuses these
+            edits[site] = named
     return edits
 
 
+@public("tdfunc.latent.generate_greedy")
 def generate_greedy(
     module: torch.nn.Module,
     state: TensorDictBase | None,
@@ -213,13 +216,12 @@ def generate_greedy(
 
     Composes with: any edits (steering, patching, ablations); fine for short sequences (quadratic cost).
     """
-    fn = "tdfunc.latent.generate_greedy"
-    check_module(fn, module, PatchError, fix="; pass the model itself (the nn.Module to run)")
-    check_input_ids(fn, input_ids)
-    check_int(fn, "n_tokens", n_tokens, PatchError, lo=0)
+    check_module(module, PatchError, fix="; pass the model itself (the nn.Module to run)")
+    check_input_ids(input_ids)
+    check_int("n_tokens", n_tokens, PatchError, lo=0)
     ids = input_ids
     for _ in range(n_tokens):
-        with renamed(fn):
+        with renamed():
             out = functional_call(module, state, (ids,), edits=dict(edits) if edits else None)
         logits = out.logits if hasattr(out, "logits") else out
         ids = torch.cat([ids, logits[:, -1].argmax(-1, keepdim=True).to(ids.dtype)], dim=1)

@@ -23,6 +23,7 @@ from .._checks import (
     random_op_error,
     renamed,
 )
+from .._errors import here, public
 from .._finite import warn_nonfinite
 from .._progress import n_chunks, progress_bar, vmap_chunks
 from .._types import Over
@@ -36,32 +37,32 @@ from ._units import forward as unit_forward
 __all__ = ["patching_sweep", "sweep_units", "unit_dim"]
 
 
-def sweep_units(fn: str, module: Any, over: Any) -> Units | int:
+def sweep_units(module: Any, over: Any) -> Units | int:
     """``over`` checked: a :class:`Units` view (``"heads"`` from the model's config) or an int unit dim."""
     if isinstance(over, Units):
         return over
     if over == "heads":
-        return heads_of(fn, module)
+        return heads_of(module)
     if over == "positions":
         return 1
     if isinstance(over, int) and not isinstance(over, bool):
         return over
     raise PatchError(
-        f"{fn}: over must be 'positions', 'heads', a tdfunc.latent.units(...) view or an int dim of the "
+        f"over must be 'positions', 'heads', a tdfunc.latent.units(...) view or an int dim of the "
         f"sites' values, got {over!r}."
     )
 
 
-def unit_dim(fn: str, site: str, dim: int, v: torch.Tensor) -> int:
+def unit_dim(site: str, dim: int, v: torch.Tensor) -> int:
     """An int ``over`` checked against the site's value; a negative one that lands on the positions is refused."""
     if not -v.dim() <= dim < v.dim():
         raise PatchError(
-            f"{fn}: unit dim {dim} is out of range for site {site!r} of shape {tuple(v.shape)}; "
+            f"unit dim {dim} is out of range for site {site!r} of shape {tuple(v.shape)}; "
             f"give over in [{-v.dim()}, {v.dim()})."
         )
     if dim < 0 and dim % v.dim() == 1:
         raise PatchError(
-            f"{fn}: over={dim} is dim 1 of site {site!r} of shape {tuple(v.shape)}, its positions, not "
+            f"over={dim} is dim 1 of site {site!r} of shape {tuple(v.shape)}, its positions, not "
             "its heads (an int over indexes the dims of the value as captured, and a (B, T, H * Dh) value "
             "has no head dim); pass over='heads' or over=tdfunc.latent.units('b t (h d) -> b t h d', h=H) "
             "to sweep heads, or over='positions' to sweep positions."
@@ -69,17 +70,18 @@ def unit_dim(fn: str, site: str, dim: int, v: torch.Tensor) -> int:
     return dim
 
 
-def _scalar(fn: str, r: Any) -> torch.Tensor:
+def _scalar(r: Any) -> torch.Tensor:
     """The metric's value of one patch, checked: a 0-dim tensor."""
     if not isinstance(r, torch.Tensor) or r.dim() != 0:
         got = f"shape {tuple(r.shape)}" if isinstance(r, torch.Tensor) else type(r).__name__
         raise PatchError(
-            f"{fn}: metric must return a scalar (0-dim) tensor per patch, got {got}; reduce it "
+            f"metric must return a scalar (0-dim) tensor per patch, got {got}; reduce it "
             "inside metric (e.g. logits[0, -1, a] - logits[0, -1, b], or .mean())."
         )
     return r
 
 
+@public("tdfunc.latent.patching_sweep")
 def patching_sweep(
     module: torch.nn.Module,
     state: TensorDictBase | None,
@@ -175,32 +177,33 @@ def patching_sweep(
     Composes with: ``grad`` (w.r.t. state or inputs through the sweep), outer ``vmap`` over states
     (``reuse_prefix``: ``grad`` w.r.t. the state).
     """
-    fn = "tdfunc.latent.patching_sweep"
-    check_module(fn, module, PatchError, fix=MODULE_FIX)
-    names = _as_list(fn, sites)
-    view = sweep_units(fn, module, over)
-    check_chunk_size(fn, chunk_size, PatchError)
-    check_bool(fn, "progress", progress, PatchError)
-    check_callable(fn, "metric", metric, PatchError, expected="metric(output) -> scalar tensor")
-    check_randomness(fn, randomness, PatchError)
-    check_bool(fn, "reuse_prefix", reuse_prefix, PatchError)
+    check_module(module, PatchError, fix=MODULE_FIX)
+    names = _as_list(sites)
+    view = sweep_units(module, over)
+    check_chunk_size(chunk_size, PatchError)
+    check_bool("progress", progress, PatchError)
+    check_callable("metric", metric, PatchError, expected="metric(output) -> scalar tensor")
+    check_randomness(randomness, PatchError)
+    check_bool("reuse_prefix", reuse_prefix, PatchError)
     if reuse_prefix and view != 1:
         raise PatchError(
-            f"{fn}: reuse_prefix=True skips the positions before each patched position, so it sweeps positions "
+            f"reuse_prefix=True skips the positions before each patched position, so it sweeps positions "
             f"only, got over={over!r} (a unit that spans every position has no prefix to reuse); pass "
             "over='positions' or leave reuse_prefix=False."
         )
-    _check_runs(fn, clean_args, corrupted_args)
+    _check_runs(clean_args, corrupted_args)
     kw = {} if kwargs is None else dict(kwargs)
-    ids = check_prefix_model(fn, module, corrupted_args, kw) if reuse_prefix else None
-    with renamed(fn):
+    ids = check_prefix_model(module, corrupted_args, kw) if reuse_prefix else None
+    with renamed():
         _, caps = functional_call(module, state, clean_args, kwargs, capture=names)
-    keys = _match(fn, names, caps)
+    keys = _match(names, caps)
     if ids is not None:
         t = ids.shape[1]
-        bar = progress_bar(enabled=progress, desc=fn, total=len(keys) * n_prefix_chunks(t, chunk_size), unit="chunk")
+        bar = progress_bar(
+            enabled=progress, desc=here(), total=len(keys) * n_prefix_chunks(t, chunk_size), unit="chunk"
+        )
         run = lambda b: prefix_sweep(  # noqa: E731
-            fn, module, state, keys, caps, ids, metric, lambda r: _scalar(fn, r),
+            module, state, keys, caps, ids, metric, lambda r: _scalar(r),
             chunk_size=chunk_size, kwargs=kw, bar=b, randomness=randomness,
         )  # fmt: skip
         if bar is None:
@@ -208,16 +211,16 @@ def patching_sweep(
         else:
             with bar:
                 out = run(bar)
-        warn_nonfinite(fn, "", out)
+        warn_nonfinite("", out)
         return out
     shapes, units, cleans = [], [], []
     for k in keys:
         v = caps[k]
         if isinstance(view, Units):  # the sweep runs in the unit view: the clean view, one-hot along its unit axis
-            v = unit_forward(fn, k, view, v)
+            v = unit_forward(k, view, v)
             dim = view.unit_dim
         else:
-            dim = unit_dim(fn, k, view, v)
+            dim = unit_dim(k, view, v)
         d = dim % v.dim()
         cleans.append(v)
         units.append(v.shape[d])
@@ -225,7 +228,7 @@ def patching_sweep(
     if len(set(units)) != 1:
         found = dict(zip(keys, units))
         raise PatchError(
-            f"{fn}: the sites have different numbers of units along dim {dim} ({found}); sweep sites "
+            f"the sites have different numbers of units along dim {dim} ({found}); sweep sites "
             "of one unit count per call."
         )
     n_u = units[0]
@@ -235,12 +238,12 @@ def patching_sweep(
     def per_site(k: str, shape: list, clean: torch.Tensor, bar=None) -> torch.Tensor:
         def one(m):  # m: (n_units,) one-hot; only site k is edited, so upstream of k stays unbatched
             if isinstance(view, Units):
-                edit = lambda v: unit_backward(view, torch.where(m.reshape(shape), clean, unit_forward(fn, k, view, v)))  # noqa: E731
+                edit = lambda v: unit_backward(view, torch.where(m.reshape(shape), clean, unit_forward(k, view, v)))  # noqa: E731
             else:
                 edit = lambda v: torch.where(m.reshape(shape), clean, v)  # noqa: E731
-            with renamed(fn):
+            with renamed():
                 out = functional_call(module, state, corrupted_args, kwargs, edits={k: edit})
-            return _scalar(fn, metric(out))
+            return _scalar(metric(out))
 
         try:
             masks = masks_on[clean.device]
@@ -249,14 +252,14 @@ def patching_sweep(
             # the same chunks, a Python loop ticking the bar
             return vmap_chunks(one, chunk_size, bar, randomness=randomness)(masks)
         except RuntimeError as e:
-            err = random_op_error(fn, e, PatchError, "the model (or metric)")
+            err = random_op_error(e, PatchError, "the model (or metric)")
             if err is None:
                 raise
             raise err from e
 
     bar = progress_bar(
         enabled=progress,
-        desc=fn,
+        desc=here(),
         total=len(keys) * n_chunks(n_u, chunk_size),
         unit="site" if chunk_size is None else "chunk",
     )
@@ -265,5 +268,5 @@ def patching_sweep(
     else:
         with bar:
             out = torch.stack([per_site(k, shapes[i], cleans[i], bar) for i, k in enumerate(keys)])
-    warn_nonfinite(fn, "", out)
+    warn_nonfinite("", out)
     return out

@@ -58,7 +58,7 @@ def n_prefix_chunks(t: int, chunk_size: int | None) -> int:
     return -(-t // chunk_of(t, chunk_size))
 
 
-def check_prefix_model(fn: str, module: torch.nn.Module, corrupted_args: Any, kwargs: dict) -> torch.Tensor:
+def check_prefix_model(module: torch.nn.Module, corrupted_args: Any, kwargs: dict) -> torch.Tensor:
     """The causal LM and its one input of token ids, or a PatchError naming ``reuse_prefix``."""
     params: Mapping[str, Any]
     try:
@@ -68,7 +68,7 @@ def check_prefix_model(fn: str, module: torch.nn.Module, corrupted_args: Any, kw
     takes_all = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())  # passes them on
     if not takes_all and ("past_key_values" not in params or "use_cache" not in params):
         raise PatchError(
-            f"{fn}: {OPTION} reuses the corrupted run's keys and values through the model's KV cache, but "
+            f"{OPTION} reuses the corrupted run's keys and values through the model's KV cache, but "
             f"{type(module).__name__}.forward takes no past_key_values / use_cache; pass a transformers causal LM "
             "(e.g. GPT2LMHeadModel, LlamaForCausalLM) or leave reuse_prefix=False."
         )
@@ -76,26 +76,26 @@ def check_prefix_model(fn: str, module: torch.nn.Module, corrupted_args: Any, kw
     if not flags or not all(flags):
         what = "has no attention module marked is_causal" if not flags else "has non-causal (bidirectional) attention"
         raise PatchError(
-            f"{fn}: {OPTION} needs causal attention (a patch at position p must leave the positions before p as "
+            f"{OPTION} needs causal attention (a patch at position p must leave the positions before p as "
             f"the corrupted run computed them), but {type(module).__name__} {what}; leave reuse_prefix=False."
         )
     args = [corrupted_args] if isinstance(corrupted_args, torch.Tensor) else list(corrupted_args)
     if len(args) != 1 or not isinstance(args[0], torch.Tensor) or args[0].dim() != 2 or args[0].is_floating_point():
         got = [tuple(a.shape) if isinstance(a, torch.Tensor) else type(a).__name__ for a in args]
         raise PatchError(
-            f"{fn}: {OPTION} takes the prompts as one positional tensor of token ids of shape (batch, T) each, "
+            f"{OPTION} takes the prompts as one positional tensor of token ids of shape (batch, T) each, "
             f"got {got}; pass clean_args=(clean_ids,), corrupted_args=(corrupted_ids,)."
         )
     other = [k for k in kwargs if k not in KWARGS]
     if other:
         raise PatchError(
-            f"{fn}: {OPTION} knows how to cut the keyword inputs {list(KWARGS)} to the suffix, not {other}; "
+            f"{OPTION} knows how to cut the keyword inputs {list(KWARGS)} to the suffix, not {other}; "
             "leave reuse_prefix=False to pass them."
         )
     return args[0]
 
 
-def _kept(fn: str, keep: Any, t: int, device: torch.device) -> torch.Tensor:
+def _kept(keep: Any, t: int, device: torch.device) -> torch.Tensor:
     """The positions whose logits the model returns under ``logits_to_keep`` (0 or absent: all)."""
     if keep is None or (isinstance(keep, int) and not isinstance(keep, bool) and keep == 0):
         return torch.arange(t, device=device)
@@ -103,26 +103,26 @@ def _kept(fn: str, keep: Any, t: int, device: torch.device) -> torch.Tensor:
         return torch.arange(t - keep, t, device=device)
     if isinstance(keep, torch.Tensor) and keep.dim() == 1 and not keep.is_floating_point() and keep.dtype != torch.bool:
         if keep.numel() and not bool(((keep >= -t) & (keep < t)).all()):
-            raise PatchError(f"{fn}: logits_to_keep holds positions outside [{-t}, {t}): {keep.tolist()}.")
+            raise PatchError(f"logits_to_keep holds positions outside [{-t}, {t}): {keep.tolist()}.")
         return (keep % t).to(device)
     raise PatchError(
-        f"{fn}: with {OPTION}, logits_to_keep must be an int in [0, {t}] or a 1-D integer tensor of positions, "
+        f"with {OPTION}, logits_to_keep must be an int in [0, {t}] or a 1-D integer tensor of positions, "
         f"got {keep!r:.60}; pass e.g. kwargs={{'logits_to_keep': 1}} for the last position."
     )
 
 
-def _logits(fn: str, out: Any) -> torch.Tensor:
+def _logits(out: Any) -> torch.Tensor:
     logits = getattr(out, "logits", None)
     if not isinstance(logits, torch.Tensor):
         raise PatchError(
-            f"{fn}: {OPTION} rebuilds the metric's output from the logits of the suffix, but the model returned "
+            f"{OPTION} rebuilds the metric's output from the logits of the suffix, but the model returned "
             f"{type(out).__name__} with no .logits tensor; return a ModelOutput (return_dict=True) or leave "
             "reuse_prefix=False."
         )
     return logits
 
 
-def _head(fn: str, module: torch.nn.Module, state: Any) -> tuple[str, torch.nn.Module, dict] | None:
+def _head(module: torch.nn.Module, state: Any) -> tuple[str, torch.nn.Module, dict] | None:
     """``(site of the final hidden states, LM head, its tensors under state)`` of a transformers LM, or None.
 
     The head's tensors come from ``state`` under the head's own names or a name tied to them (GPT-2's
@@ -138,7 +138,7 @@ def _head(fn: str, module: torch.nn.Module, state: Any) -> tuple[str, torch.nn.M
     name = next((n for n, m in module.named_modules() if m is head), None)
     if name is None or name.startswith(prefix + "."):
         return None
-    flat = flat_state(fn, module, state)
+    flat = flat_state(module, state)
     tensors: dict[str, torch.Tensor] = dict(module.named_parameters(remove_duplicate=False))
     tensors.update(module.named_buffers(remove_duplicate=False))
     params: dict[str, torch.Tensor] = {}
@@ -156,7 +156,6 @@ def _vocab(head: tuple[str, torch.nn.Module, dict]) -> int:
 
 
 def prefix_sweep(
-    fn: str,
     module: torch.nn.Module,
     state: Any,
     keys: list[str],
@@ -177,15 +176,15 @@ def prefix_sweep(
         if not isinstance(v, torch.Tensor) or v.dim() < 2 or v.shape[0] != b or v.shape[1] != t:
             got = tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
             raise PatchError(
-                f"{fn}: {OPTION} patches one position of a per-position site (batch, T, ...), but site {k!r} "
+                f"{OPTION} patches one position of a per-position site (batch, T, ...), but site {k!r} "
                 f"holds {got} for token ids of shape {(b, t)}; sweep per-position sites (block outputs, attention "
                 "or MLP outputs, o_proj:input) or leave reuse_prefix=False."
             )
-    keep = _kept(fn, kwargs.get("logits_to_keep"), t, ids.device)
+    keep = _kept(kwargs.get("logits_to_keep"), t, ids.device)
     pos_ids = kwargs.get("position_ids")
-    with renamed(fn):
+    with renamed():
         full = functional_call(module, state, (ids,), {**kwargs, "use_cache": True})
-    corr_logits = _logits(fn, full)  # (B, len(keep), V)
+    corr_logits = _logits(full)  # (B, len(keep), V)
     cache = getattr(full, "past_key_values", None)
     try:
         kv = [(k_, v_) for k_, v_, *rest in cache if not any(r is not None for r in rest)]  # type: ignore[union-attr]
@@ -194,7 +193,7 @@ def prefix_sweep(
         ok, kv = False, []
     if not ok or any(not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[-2] != t for kv_ in kv for x in kv_):
         raise PatchError(
-            f"{fn}: {OPTION} needs the corrupted run's keys and values as a DynamicCache of full-attention layers "
+            f"{OPTION} needs the corrupted run's keys and values as a DynamicCache of full-attention layers "
             f"({t} positions each), but {type(module).__name__} returned {type(cache).__name__}; leave "
             "reuse_prefix=False for this model."
         )
@@ -203,7 +202,7 @@ def prefix_sweep(
     size = chunk_of(t, chunk_size)
     # the head apart only where the check below can compare it with the model's own (not under vmap / grad /
     # compile); None: the LM head runs inside each suffix call, as the model computes it
-    head = _head(fn, module, state) if readable(corr_logits) else None
+    head = _head(module, state) if readable(corr_logits) else None
 
     def run_suffix(a: int, edits: dict) -> torch.Tensor:
         """The suffix ``a .. T-1`` (with ``edits``): its final hidden states at the kept positions from ``a`` on
@@ -217,10 +216,10 @@ def prefix_sweep(
         late = keep[keep >= a] - a
         if head is None:
             kw["logits_to_keep"] = late
-            with renamed(fn):
-                return _logits(fn, functional_call(module, state, (ids[:, a:],), kw, edits=edits))
+            with renamed():
+                return _logits(functional_call(module, state, (ids[:, a:],), kw, edits=edits))
         kw["logits_to_keep"] = late[:0]  # no logits here: the head runs once over every patch's hidden states
-        with renamed(fn):
+        with renamed():
             _, got = functional_call(module, state, (ids[:, a:],), kw, edits=edits, capture=[head[0]])
         return got[head[0]][:, late.to(got[head[0]].device)]
 
@@ -246,7 +245,7 @@ def prefix_sweep(
         tol = 1e-3 if corr_logits.dtype in (torch.float32, torch.float16, torch.bfloat16) else 1e-9
         if err > tol * scale:
             raise PatchError(
-                f"{fn}: {OPTION}: {type(module).__name__} run from position {a0} on its KV cache does not reproduce "
+                f"{OPTION}: {type(module).__name__} run from position {a0} on its KV cache does not reproduce "
                 f"its full run (max |logit difference| {err:.3g}, scale {scale:.3g}): its attention is not causal, "
                 "or its positions or cache do not continue; leave reuse_prefix=False for this model."
             )
@@ -262,7 +261,7 @@ def prefix_sweep(
                 else vmap_chunks(f, None, tick, randomness=randomness)(x)
             )
         except RuntimeError as e:
-            err_ = random_op_error(fn, e, PatchError, "the model (or metric)")
+            err_ = random_op_error(e, PatchError, "the model (or metric)")
             if err_ is None:
                 raise
             raise err_ from e
@@ -282,7 +281,7 @@ def prefix_sweep(
                 def edit(v):
                     if v.dim() < 2 or v.shape[1] != n:
                         raise PatchError(
-                            f"{fn}: with {OPTION} site {k!r} held {tuple(v.shape)} in the suffix run from position "
+                            f"with {OPTION} site {k!r} held {tuple(v.shape)} in the suffix run from position "
                             f"{a} ({n} positions expected along dim 1): it is not a per-position site; leave "
                             "reuse_prefix=False."
                         )

@@ -18,6 +18,7 @@ import torch
 from tensordict import TensorDict, TensorDictBase
 
 from .._edits import Delta
+from .._errors import public
 from ._common import PatchError
 
 __all__ = ["Units", "units", "unit_view", "unit_edit", "heads_of"]
@@ -51,6 +52,7 @@ class Units:
         return i
 
 
+@public("tdfunc.latent.units")
 def units(pattern: str, unit: str | None = None, **sizes: int) -> Units:
     """A unit-level view of a site: ``pattern`` (einops ``rearrange``) splits its value into units.
 
@@ -85,42 +87,41 @@ def units(pattern: str, unit: str | None = None, **sizes: int) -> Units:
 
     Composes with: everything (a description, no computation).
     """
-    fn = "tdfunc.latent.units"
     if not isinstance(pattern, str) or pattern.count("->") != 1:
         raise PatchError(
-            f"{fn}: pattern must be an einops rearrange pattern 'left -> right', got {pattern!r}; e.g. "
+            f"pattern must be an einops rearrange pattern 'left -> right', got {pattern!r}; e.g. "
             "'b t (h d) -> b t h d' with h=12."
         )
     left, right = (s.strip() for s in pattern.split("->"))
     axes = right.split()
     if not axes or any(not (a == "..." or _NAME.match(a)) for a in axes) or len(set(axes)) != len(axes):
         raise PatchError(
-            f"{fn}: the right side of the pattern (the view) must list distinct plain axis names (and "
+            f"the right side of the pattern (the view) must list distinct plain axis names (and "
             f"'...'), got {right!r}; put the composition on the left, e.g. 'b t (h d) -> b t h d'."
         )
     for k, v in sizes.items():
         if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-            raise PatchError(f"{fn}: the size of axis {k!r} must be a positive int, got {v!r}.")
+            raise PatchError(f"the size of axis {k!r} must be a positive int, got {v!r}.")
     named = [a for a in axes if a != "..."]
     if unit is None:
         if len(sizes) != 1:
             raise PatchError(
-                f"{fn}: give unit= (one of {named}) when not exactly one axis size is given, got sizes "
+                f"give unit= (one of {named}) when not exactly one axis size is given, got sizes "
                 f"{dict(sizes)}; e.g. units('b t (h d) -> b t h d', h=12) or unit='h'."
             )
         unit = next(iter(sizes))
     if unit not in named:
-        raise PatchError(f"{fn}: unit axis {unit!r} is not an axis of the view {right!r}; name one of {named}.")
+        raise PatchError(f"unit axis {unit!r} is not an axis of the view {right!r}; name one of {named}.")
     return Units(f"{left} -> {right}", unit, dict(sizes))
 
 
-def heads_of(fn: str, module: Any) -> Units:
+def heads_of(module: Any) -> Units:
     """``over="heads"``: ``"... (h d) -> ... h d"`` with ``h`` from the module's (transformers) config."""
     config = getattr(module, "config", None)
     h = getattr(config, "num_attention_heads", None) if config is not None else None
     if not isinstance(h, int) or isinstance(h, bool) or h < 1:
         raise PatchError(
-            f"{fn}: over='heads' reads the number of heads from module.config.num_attention_heads, "
+            f"over='heads' reads the number of heads from module.config.num_attention_heads, "
             f"which {type(module).__name__} does not have; pass over=tdfunc.latent.units('b t (h d) -> "
             "b t h d', h=H) with your model's head count H."
         )
@@ -132,13 +133,13 @@ def _inverse(u: Units) -> str:
     return f"{right.strip()} -> {left.strip()}"
 
 
-def forward(fn: str, site: str, u: Units, v: torch.Tensor) -> torch.Tensor:
+def forward(site: str, u: Units, v: torch.Tensor) -> torch.Tensor:
     """The view of ``v``; einops' errors become the family's, naming the site and its shape."""
     try:
         return einops.rearrange(v, u.pattern, **u.sizes)
     except einops.EinopsError as e:
         raise PatchError(
-            f"{fn}: site {site!r} of shape {tuple(v.shape)} does not fit the unit pattern "
+            f"site {site!r} of shape {tuple(v.shape)} does not fit the unit pattern "
             f"{u.pattern!r} with sizes {dict(u.sizes)} (einops: {str(e).strip().splitlines()[-1].strip()}); "
             "give a pattern that "
             "matches the site's value (for heads, the (B, T, H * Dh) input of the output projection)."
@@ -150,7 +151,7 @@ def backward(u: Units, w: torch.Tensor) -> torch.Tensor:
     return einops.rearrange(w, _inverse(u))
 
 
-def unit_mask(fn: str, u: Units, w: torch.Tensor, index: Any) -> torch.Tensor:
+def unit_mask(u: Units, w: torch.Tensor, index: Any) -> torch.Tensor:
     """Boolean mask broadcastable to the view ``w`` selecting ``index`` along the unit axis."""
     # Same skeleton as _common.position_mask, kept apart: no integer tensors here, and messages name the unit axis.
     d = u.unit_dim % w.dim()
@@ -158,7 +159,7 @@ def unit_mask(fn: str, u: Units, w: torch.Tensor, index: Any) -> torch.Tensor:
     if isinstance(index, torch.Tensor) and index.dtype == torch.bool:
         if index.shape != (n,):
             raise PatchError(
-                f"{fn}: the boolean unit mask has shape {tuple(index.shape)} but the view has {n} units "
+                f"the boolean unit mask has shape {tuple(index.shape)} but the view has {n} units "
                 f"along axis {u.unit!r}; give a mask of shape ({n},)."
             )
         m = index.to(w.device)
@@ -169,12 +170,12 @@ def unit_mask(fn: str, u: Units, w: torch.Tensor, index: Any) -> torch.Tensor:
             idx = list(index)
         else:
             raise PatchError(
-                f"{fn}: index must be None, an int, a list of ints or a boolean mask of the units, got {index!r}."
+                f"index must be None, an int, a list of ints or a boolean mask of the units, got {index!r}."
             )
         for i in idx:
             if not -n <= i < n:
                 raise PatchError(
-                    f"{fn}: unit {i} is out of range for {n} units along axis {u.unit!r}; give units in [{-n}, {n})."
+                    f"unit {i} is out of range for {n} units along axis {u.unit!r}; give units in [{-n}, {n})."
                 )
         m = torch.zeros(n, dtype=torch.bool, device=w.device)
         if idx:
@@ -182,10 +183,10 @@ def unit_mask(fn: str, u: Units, w: torch.Tensor, index: Any) -> torch.Tensor:
     return m.reshape([n if i == d else 1 for i in range(w.dim())])
 
 
-def _check_units(fn: str, u: Any) -> Units:
+def _check_units(u: Any) -> Units:
     if not isinstance(u, Units):
         raise PatchError(
-            f"{fn}: units must be a tdfunc.latent.units(...) view, got {type(u).__name__} ({u!r:.60}); "
+            f"units must be a tdfunc.latent.units(...) view, got {type(u).__name__} ({u!r:.60}); "
             "build one with tdfunc.latent.units('b t (h d) -> b t h d', h=H)."
         )
     return u
@@ -197,6 +198,7 @@ def unit_view(x: torch.Tensor, units: Units) -> torch.Tensor: ...
 def unit_view(x: TensorDictBase | Mapping[str, torch.Tensor], units: Units) -> TensorDict: ...
 
 
+@public("tdfunc.latent.unit_view")
 def unit_view(x: torch.Tensor | TensorDictBase | Mapping[str, torch.Tensor], units: Units) -> Any:
     """The unit-level view of a captured value (or of every entry of a TensorDict of captures).
 
@@ -222,23 +224,23 @@ def unit_view(x: torch.Tensor | TensorDictBase | Mapping[str, torch.Tensor], uni
 
     Composes with: ``vmap``, ``grad``, ``torch.compile`` (einops' ``rearrange``).
     """
-    fn = "tdfunc.latent.unit_view"
-    u = _check_units(fn, units)
+    u = _check_units(units)
     if isinstance(x, torch.Tensor):
-        return forward(fn, "value", u, x)
+        return forward("value", u, x)
     if isinstance(x, (TensorDictBase, Mapping)):
         out = {}
         for k, v in x.items():
             if not isinstance(v, torch.Tensor):
                 raise PatchError(
-                    f"{fn}: entry {k!r} of x is a {type(v).__name__}, not a tensor; pass a flat "
+                    f"entry {k!r} of x is a {type(v).__name__}, not a tensor; pass a flat "
                     "TensorDict of captures (functional_call(..., capture=sites)[1])."
                 )
-            out[k] = forward(fn, str(k), u, v)
+            out[k] = forward(str(k), u, v)
         return TensorDict(out, batch_size=[])
-    raise PatchError(f"{fn}: x must be a tensor or a TensorDict / mapping of captures, got {type(x).__name__}.")
+    raise PatchError(f"x must be a tensor or a TensorDict / mapping of captures, got {type(x).__name__}.")
 
 
+@public("tdfunc.latent.unit_edit")
 def unit_edit(
     units: Units,
     edit: torch.Tensor | Delta | Callable[[torch.Tensor], torch.Tensor],
@@ -280,20 +282,17 @@ def unit_edit(
 
     Composes with: ``vmap`` (over the edit's tensor), ``grad`` (through a ``delta``), ``torch.compile``.
     """
-    fn = "tdfunc.latent.unit_edit"
-    u = _check_units(fn, units)
+    u = _check_units(units)
     if not (isinstance(edit, (torch.Tensor, Delta)) or callable(edit)):
         raise PatchError(
-            f"{fn}: edit must be a tensor of view values, a tdfunc.delta(t) or a callable fn(view) -> "
+            f"edit must be a tensor of view values, a tdfunc.delta(t) or a callable fn(view) -> "
             f"view, got {type(edit).__name__} ({edit!r:.60})."
         )
     if index is not None and not (isinstance(index, (int, list, tuple, torch.Tensor)) and not isinstance(index, bool)):
-        raise PatchError(
-            f"{fn}: index must be None, an int, a list of ints or a boolean mask of the units, got {index!r}."
-        )
+        raise PatchError(f"index must be None, an int, a list of ints or a boolean mask of the units, got {index!r}.")
 
     def edited(v: torch.Tensor) -> torch.Tensor:
-        w = forward(fn, "edited", u, v)
+        w = forward("edited", u, v)
         if isinstance(edit, torch.Tensor):
             new = edit.expand_as(w) if edit.shape != w.shape else edit
         elif isinstance(edit, Delta):
@@ -301,7 +300,7 @@ def unit_edit(
         else:
             new = edit(w)
         if index is not None:
-            new = torch.where(unit_mask(fn, u, w, index), new, w)
+            new = torch.where(unit_mask(u, w, index), new, w)
         return backward(u, new)
 
-    return edited
+    return public("tdfunc.latent.unit_edit")(edited)  # its errors, raised inside a call, name unit_edit

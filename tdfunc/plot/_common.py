@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from tensordict import TensorDictBase
 
-from .._errors import TdfuncError, shape_str, suggest
+from .._errors import TdfuncError, TdfuncTypeError, public, shape_str, suggest
 from .._types import Sign, UpsampleMode
 
 __all__ = ["PlotError", "normalize_attribution", "upsample"]
@@ -29,37 +29,37 @@ class PlotError(TdfuncError, ValueError):
     """A value given to a ``tdfunc.plot`` function cannot be drawn (shape, length, unknown option)."""
 
 
-def tensor(fn: str, name: str, x: object) -> torch.Tensor:
+def tensor(name: str, x: object) -> torch.Tensor:
     """``x`` (a tensor on any device and dtype, or a NumPy array) as a detached float64 CPU tensor."""
     if isinstance(x, np.ndarray):
         x = torch.from_numpy(x)
     if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{fn}: {name} is a {type(x).__name__}; give a torch.Tensor (any device and dtype).")
+        raise TdfuncTypeError(f"{name} is a {type(x).__name__}; give a torch.Tensor (any device and dtype).")
     if x.is_complex():
-        raise TypeError(f"{fn}: {name} is complex ({x.dtype}); give a real tensor (e.g. x.abs() or x.real).")
+        raise TdfuncTypeError(f"{name} is complex ({x.dtype}); give a real tensor (e.g. x.abs() or x.real).")
     return x.detach().to(device="cpu", dtype=torch.float64)
 
 
-def values(fn: str, name: str, x: object) -> torch.Tensor:
+def values(name: str, x: object) -> torch.Tensor:
     """A tensor, array or sequence of numbers as a detached float64 CPU tensor (for curves)."""
     if isinstance(x, (torch.Tensor, np.ndarray)):
-        return tensor(fn, name, x)
+        return tensor(name, x)
     if isinstance(x, Sequence) and not isinstance(x, str):
         try:
             return torch.tensor(x, dtype=torch.float64)
         except (TypeError, ValueError, RuntimeError):
             pass
-    raise TypeError(f"{fn}: {name} is a {type(x).__name__}; give a torch.Tensor or a sequence of numbers.")
+    raise TdfuncTypeError(f"{name} is a {type(x).__name__}; give a torch.Tensor or a sequence of numbers.")
 
 
-def attr_entry(fn: str, name: str, x: object, key: object) -> torch.Tensor:
+def attr_entry(name: str, x: object, key: object) -> torch.Tensor:
     """A tensor, or the ``("attr", key)`` entry of a tdfunc attribution result."""
     if not isinstance(x, TensorDictBase):
         if key is not None:
-            raise TypeError(
-                f"{fn}: key={key!r} is only for a TensorDict result, but {name} is a {type(x).__name__}; drop key=."
+            raise TdfuncTypeError(
+                f"key={key!r} is only for a TensorDict result, but {name} is a {type(x).__name__}; drop key=."
             )
-        return tensor(fn, name, x)
+        return tensor(name, x)
     found = {
         k[1] if len(k) == 2 else k[1:]: k
         for k in x.keys(include_nested=True, leaves_only=True)
@@ -67,50 +67,50 @@ def attr_entry(fn: str, name: str, x: object, key: object) -> torch.Tensor:
     }
     if not found:
         raise PlotError(
-            f"{fn}: {name} holds no ('attr', key) entry (keys: {sorted(map(str, x.keys()))}); "
+            f"{name} holds no ('attr', key) entry (keys: {sorted(map(str, x.keys()))}); "
             "give the result of a tdfunc attribution method or a tensor."
         )
     if key is None:
         if len(found) > 1:
-            raise PlotError(f"{fn}: {name} holds attributions for {list(found)}; pick one with key=.")
+            raise PlotError(f"{name} holds attributions for {list(found)}; pick one with key=.")
         key = next(iter(found))
     if key not in found:
         names = [str(k) for k in found]
         raise PlotError(
-            f"{fn}: key={key!r} is not in {name} (it holds attributions for {list(found)}).{suggest(str(key), names)}"
+            f"key={key!r} is not in {name} (it holds attributions for {list(found)}).{suggest(str(key), names)}"
         )
-    return tensor(fn, name, x.get(found[key]))
+    return tensor(name, x.get(found[key]))
 
 
-def choice(fn: str, name: str, value: object, options: Sequence[_S]) -> _S:
+def choice(name: str, value: object, options: Sequence[_S]) -> _S:
     if not isinstance(value, str):
-        raise TypeError(f"{fn}: {name} is a {type(value).__name__}; give one of {', '.join(map(repr, options))}.")
+        raise TdfuncTypeError(f"{name} is a {type(value).__name__}; give one of {', '.join(map(repr, options))}.")
     if value not in options:
         raise PlotError(
-            f"{fn}: unknown {name} {value!r}; give one of {', '.join(map(repr, options))}.{suggest(value, options)}"
+            f"unknown {name} {value!r}; give one of {', '.join(map(repr, options))}.{suggest(value, options)}"
         )
     return cast(_S, value)
 
 
-def check_outlier_perc(fn: str, outlier_perc: object) -> float:
+def check_outlier_perc(outlier_perc: object) -> float:
     if isinstance(outlier_perc, bool) or not isinstance(outlier_perc, (int, float)):
-        raise TypeError(f"{fn}: outlier_perc is a {type(outlier_perc).__name__}; give a number in [0, 100).")
+        raise TdfuncTypeError(f"outlier_perc is a {type(outlier_perc).__name__}; give a number in [0, 100).")
     if not 0 <= outlier_perc < 100:
         raise PlotError(
-            f"{fn}: outlier_perc={outlier_perc!r} is outside [0, 100); give the percentage of the total "
+            f"outlier_perc={outlier_perc!r} is outside [0, 100); give the percentage of the total "
             "|attribution| to saturate (0: scale to the largest value)."
         )
     return float(outlier_perc)
 
 
-def labels(fn: str, name: str, given: object, n: int, what: str) -> list[str] | None:
+def labels(name: str, given: object, n: int, what: str) -> list[str] | None:
     """Tick or title labels: None, or a sequence of ``n`` things shown with ``str``."""
     if given is None:
         return None
     if isinstance(given, (str, bytes)) or not isinstance(given, Sequence):
-        raise TypeError(f"{fn}: {name} is a {type(given).__name__}; give a list of {n} strings (one per {what}).")
+        raise TdfuncTypeError(f"{name} is a {type(given).__name__}; give a list of {n} strings (one per {what}).")
     if len(given) != n:
-        raise PlotError(f"{fn}: {name} has {len(given)} labels but there are {n} {what}s; give one label per {what}.")
+        raise PlotError(f"{name} has {len(given)} labels but there are {n} {what}s; give one label per {what}.")
     return [str(g) for g in given]
 
 
@@ -139,12 +139,12 @@ def threshold(magnitude: torch.Tensor, outlier_perc: float) -> float:
     return float(s[min(i, s.numel() - 1)])
 
 
-def scale(fn: str, x: torch.Tensor, sign: str, outlier_perc: float) -> tuple[torch.Tensor, float]:
+def scale(x: torch.Tensor, sign: str, outlier_perc: float) -> tuple[torch.Tensor, float]:
     """``(shown values, limit)``: the sign's part of ``x`` and the magnitude that saturates the colours (> 0)."""
     bad = int((~torch.isfinite(x)).sum())
     if bad:
         raise PlotError(
-            f"{fn}: the attribution has {bad} non-finite values (nan or inf); replace them first, "
+            f"the attribution has {bad} non-finite values (nan or inf); replace them first, "
             "e.g. with torch.nan_to_num(attr)."
         )
     shown = sign_transform(x, sign)
@@ -157,6 +157,7 @@ def clim(sign: str, lim: float) -> tuple[float, float]:
     return {"all": (-lim, lim), "negative": (-lim, 0.0)}.get(sign, (0.0, lim))
 
 
+@public("tdfunc.plot.normalize_attribution")
 def normalize_attribution(attr: torch.Tensor, *, sign: Sign = "all", outlier_perc: float = 2.0) -> torch.Tensor:
     """The attribution scaled into [-1, 1] the way it is coloured (captum's ``_normalize_attr``).
 
@@ -184,10 +185,9 @@ def normalize_attribution(attr: torch.Tensor, *, sign: Sign = "all", outlier_per
         >>> tdfunc.plot.normalize_attribution(torch.tensor([-2.0, 1.0, 4.0]), outlier_perc=0)
         tensor([-0.5000,  0.2500,  1.0000])
     """
-    fn = "tdfunc.plot.normalize_attribution"
-    x = tensor(fn, "attr", attr)
-    sign = choice(fn, "sign", sign, SIGNS)
-    shown, lim = scale(fn, x, sign, check_outlier_perc(fn, outlier_perc))
+    x = tensor("attr", attr)
+    sign = choice("sign", sign, SIGNS)
+    shown, lim = scale(x, sign, check_outlier_perc(outlier_perc))
     if sign == "negative":
         lim = -lim
     out = (shown / lim).clamp(-1, 1)
@@ -196,6 +196,7 @@ def normalize_attribution(attr: torch.Tensor, *, sign: Sign = "all", outlier_per
     return out
 
 
+@public("tdfunc.plot.upsample")
 def upsample(x: torch.Tensor, size: int | tuple[int, int], *, mode: UpsampleMode = "bilinear") -> torch.Tensor:
     """Resize maps ``(..., h, w)`` to ``(..., H, W)`` (a Grad-CAM map to the input's size).
 
@@ -220,29 +221,28 @@ def upsample(x: torch.Tensor, size: int | tuple[int, int], *, mode: UpsampleMode
         >>> tdfunc.plot.upsample(cam, (8, 8), mode="nearest").shape
         torch.Size([2, 3, 1, 8, 8])
     """
-    fn = "tdfunc.plot.upsample"
     if not isinstance(x, torch.Tensor) or not x.is_floating_point():
         what = f"a {x.dtype} tensor" if isinstance(x, torch.Tensor) else f"a {type(x).__name__}"
-        raise TypeError(f"{fn}: x is {what}; give a floating-point torch.Tensor (e.g. x.float()).")
+        raise TdfuncTypeError(f"x is {what}; give a floating-point torch.Tensor (e.g. x.float()).")
     if x.dim() < 2:
-        raise PlotError(f"{fn}: x has shape {shape_str(x.shape)}; give maps with at least 2 dims (..., h, w).")
-    mode = choice(fn, "mode", mode, UPSAMPLE_MODES)
+        raise PlotError(f"x has shape {shape_str(x.shape)}; give maps with at least 2 dims (..., h, w).")
+    mode = choice("mode", mode, UPSAMPLE_MODES)
     hw = (size, size) if isinstance(size, int) else tuple(size) if isinstance(size, Sequence) else None
     if hw is None or len(hw) != 2 or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in hw):
-        raise PlotError(f"{fn}: size={size!r}; give (H, W) as two positive ints, e.g. image.shape[-2:].")
+        raise PlotError(f"size={size!r}; give (H, W) as two positive ints, e.g. image.shape[-2:].")
     lead = x.shape[:-2]
     out = F.interpolate(x.reshape(-1, 1, *x.shape[-2:]), size=hw, mode=mode)
     return out.reshape(*lead, *hw)
 
 
-def new_axes(ax: object, figsize: tuple[float, float], fn: str) -> tuple[Any, Any]:
+def new_axes(ax: object, figsize: tuple[float, float]) -> tuple[Any, Any]:
     """``(fig, ax)``: the given axes and its figure, or a new pyplot figure with constrained layout."""
     if ax is None:
         return plt.subplots(figsize=figsize, layout="constrained")
     from matplotlib.axes import Axes
 
     if not isinstance(ax, Axes):
-        raise TypeError(f"{fn}: ax is a {type(ax).__name__}; give a matplotlib Axes (or None for a new figure).")
+        raise TdfuncTypeError(f"ax is a {type(ax).__name__}; give a matplotlib Axes (or None for a new figure).")
     return ax.figure, ax
 
 

@@ -13,7 +13,7 @@ from matplotlib.colors import Colormap
 from matplotlib.figure import Figure
 from tensordict import TensorDictBase
 
-from .._errors import shape_str
+from .._errors import TdfuncTypeError, public, shape_str
 from .._types import Key, PlotMethod, Sign, UpsampleMode
 from ._common import (
     CMAPS,
@@ -36,49 +36,49 @@ __all__ = ["grad_cam_overlay", "image_attribution", "image_attribution_grid"]
 METHODS: tuple[PlotMethod, ...] = ("heat_map", "blended_heat_map", "masked_image")
 
 
-def _check_channel_dim(fn: str, channel_dim: object) -> int:
+def _check_channel_dim(channel_dim: object) -> int:
     if isinstance(channel_dim, bool) or not isinstance(channel_dim, int):
-        raise TypeError(f"{fn}: channel_dim is a {type(channel_dim).__name__}; give an int in [-3, 2].")
+        raise TdfuncTypeError(f"channel_dim is a {type(channel_dim).__name__}; give an int in [-3, 2].")
     if not -3 <= channel_dim <= 2:
         raise PlotError(
-            f"{fn}: channel_dim={channel_dim} is outside [-3, 2]; give the channel dim of a (C, H, W) map "
+            f"channel_dim={channel_dim} is outside [-3, 2]; give the channel dim of a (C, H, W) map "
             "(0) or of an (H, W, C) map (-1)."
         )
     return channel_dim
 
 
-def _one_map(fn: str, x: torch.Tensor, channel_dim: int, name: str = "attr") -> torch.Tensor:
+def _one_map(x: torch.Tensor, channel_dim: int, name: str = "attr") -> torch.Tensor:
     """(H, W) from (H, W) or (C, H, W) (channels summed over ``channel_dim``)."""
     if x.dim() == 3:
         return x.sum(channel_dim)
     if x.dim() == 2:
         return x
     raise PlotError(
-        f"{fn}: {name} has shape {shape_str(x.shape)} ({x.dim()} dims); give one map of shape (H, W) or "
+        f"{name} has shape {shape_str(x.shape)} ({x.dim()} dims); give one map of shape (H, W) or "
         "(C, H, W) (channels are summed over channel_dim): index one example (and class) first, e.g. "
         f"{name}[0]."
     )
 
 
-def _image(fn: str, image: Any, channel_dim: int, hw: tuple[int, ...], name: str = "image") -> np.ndarray:
+def _image(image: Any, channel_dim: int, hw: tuple[int, ...], name: str = "image") -> np.ndarray:
     """(H, W) grey or (H, W, 3) RGB in [0, 1] (scaled by its min and max)."""
-    x = tensor(fn, name, image)
+    x = tensor(name, image)
     if x.dim() == 3:
         x = x.movedim(channel_dim, -1)
         if x.shape[-1] == 1:
             x = x[..., 0]
         elif x.shape[-1] != 3:
             raise PlotError(
-                f"{fn}: {name} has {x.shape[-1]} channels (shape {shape_str(image.shape)}); give 1 or 3 "
+                f"{name} has {x.shape[-1]} channels (shape {shape_str(image.shape)}); give 1 or 3 "
                 "channels along channel_dim, or an (H, W) image."
             )
     elif x.dim() != 2:
         raise PlotError(
-            f"{fn}: {name} has shape {shape_str(x.shape)} ({x.dim()} dims); give (H, W) or (C, H, W) with C = 1 or 3."
+            f"{name} has shape {shape_str(x.shape)} ({x.dim()} dims); give (H, W) or (C, H, W) with C = 1 or 3."
         )
     if tuple(x.shape[:2]) != tuple(hw):
         raise PlotError(
-            f"{fn}: {name} is {x.shape[0]}x{x.shape[1]} but the attribution is {hw[0]}x{hw[1]}; give "
+            f"{name} is {x.shape[0]}x{x.shape[1]} but the attribution is {hw[0]}x{hw[1]}; give "
             f"maps of the image's size (coarse maps: tdfunc.plot.upsample(attr, {tuple(x.shape[:2])}))."
         )
     lo, hi = x.min(), x.max()
@@ -86,19 +86,17 @@ def _image(fn: str, image: Any, channel_dim: int, hw: tuple[int, ...], name: str
     return x.numpy()
 
 
-def _check_common(
-    fn: str, method: object, sign: object, outlier_perc: object, alpha: object
-) -> tuple[PlotMethod, Sign, float]:
-    method = choice(fn, "method", method, METHODS)
-    sign = choice(fn, "sign", sign, SIGNS)
+def _check_common(method: object, sign: object, outlier_perc: object, alpha: object) -> tuple[PlotMethod, Sign, float]:
+    method = choice("method", method, METHODS)
+    sign = choice("sign", sign, SIGNS)
     if method == "masked_image" and sign == "all":
         raise PlotError(
-            f"{fn}: method='masked_image' weights the image by the attribution's magnitude, which "
+            "method='masked_image' weights the image by the attribution's magnitude, which "
             "sign='all' does not give; use sign='positive', 'negative' or 'absolute_value'."
         )
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 <= alpha <= 1:
-        raise PlotError(f"{fn}: alpha={alpha!r}; give the heat map's opacity in [0, 1].")
-    return method, sign, check_outlier_perc(fn, outlier_perc)
+        raise PlotError(f"alpha={alpha!r}; give the heat map's opacity in [0, 1].")
+    return method, sign, check_outlier_perc(outlier_perc)
 
 
 def _draw(
@@ -129,18 +127,18 @@ def _draw(
 
 
 def _image_attribution(
-    fn, attr, image, *, key, method, sign, channel_dim, outlier_perc, cmap, alpha, colorbar, title, ax, figsize
+    attr, image, *, key, method, sign, channel_dim, outlier_perc, cmap, alpha, colorbar, title, ax, figsize
 ):
-    method, sign, outlier_perc = _check_common(fn, method, sign, outlier_perc, alpha)
-    channel_dim = _check_channel_dim(fn, channel_dim)
-    a = _one_map(fn, attr_entry(fn, "attr", attr, key), channel_dim)
+    method, sign, outlier_perc = _check_common(method, sign, outlier_perc, alpha)
+    channel_dim = _check_channel_dim(channel_dim)
+    a = _one_map(attr_entry("attr", attr, key), channel_dim)
     if image is None and method != "heat_map":
         raise PlotError(
-            f"{fn}: method={method!r} draws over the image, but image is None; pass image= or use method='heat_map'."
+            f"method={method!r} draws over the image, but image is None; pass image= or use method='heat_map'."
         )
-    img = None if image is None else _image(fn, image, channel_dim, tuple(a.shape))
-    shown, lim = scale(fn, a, sign, outlier_perc)
-    fig, ax = new_axes(ax, figsize, fn)
+    img = None if image is None else _image(image, channel_dim, tuple(a.shape))
+    shown, lim = scale(a, sign, outlier_perc)
+    fig, ax = new_axes(ax, figsize)
     im = _draw(ax, shown, lim, sign, method, img, cmap, alpha)
     if colorbar and im is not None:
         fig.colorbar(im, ax=ax, shrink=0.8)
@@ -149,6 +147,7 @@ def _image_attribution(
     return fig, ax
 
 
+@public("tdfunc.plot.image_attribution")
 def image_attribution(
     attr: torch.Tensor | TensorDictBase,
     image: torch.Tensor | None = None,
@@ -214,7 +213,6 @@ def image_attribution(
     to one example (and class).
     """
     return _image_attribution(
-        "tdfunc.plot.image_attribution",
         attr,
         image,
         key=key,
@@ -231,6 +229,7 @@ def image_attribution(
     )
 
 
+@public("tdfunc.plot.image_attribution_grid")
 def image_attribution_grid(
     attr: torch.Tensor | TensorDictBase,
     images: torch.Tensor | None = None,
@@ -288,32 +287,31 @@ def image_attribution_grid(
     Composes with: ``tdfunc.integrated_gradients``, ``tdfunc.saliency``, ... of a ``(B, K)``-valued ``f``
     (every class from one call); ``tdfunc.grad_cam`` through :func:`upsample`.
     """
-    fn = "tdfunc.plot.image_attribution_grid"
-    method, sign, outlier_perc = _check_common(fn, method, sign, outlier_perc, alpha)
-    a = attr_entry(fn, "attr", attr, key)
+    method, sign, outlier_perc = _check_common(method, sign, outlier_perc, alpha)
+    a = attr_entry("attr", attr, key)
     if a.dim() == 5:
         a = a.sum(2)
     elif a.dim() != 4:
         raise PlotError(
-            f"{fn}: attr has shape {shape_str(a.shape)} ({a.dim()} dims); give (B, K, C, H, W) or "
+            f"attr has shape {shape_str(a.shape)} ({a.dim()} dims); give (B, K, C, H, W) or "
             "(B, K, H, W): examples x classes (one class: attr.unsqueeze(1))."
         )
     b, k, h, w = a.shape
     if images is None and method != "heat_map":
         raise PlotError(
-            f"{fn}: method={method!r} draws over the images, but images is None; pass images= or use method='heat_map'."
+            f"method={method!r} draws over the images, but images is None; pass images= or use method='heat_map'."
         )
     imgs = None
     if images is not None:
-        x = tensor(fn, "images", images)
+        x = tensor("images", images)
         if x.dim() not in (3, 4) or x.shape[0] != b:
             raise PlotError(
-                f"{fn}: images has shape {shape_str(x.shape)} but attr holds {b} examples; give "
+                f"images has shape {shape_str(x.shape)} but attr holds {b} examples; give "
                 f"({b}, H, W) or ({b}, C, H, W)."
             )
-        imgs = [_image(fn, x[i], 0, (h, w), name="images[i]") for i in range(b)]
-    rows = labels(fn, "row_labels", row_labels, b, "example")
-    cols = labels(fn, "col_labels", col_labels, k, "class")
+        imgs = [_image(x[i], 0, (h, w), name="images[i]") for i in range(b)]
+    rows = labels("row_labels", row_labels, b, "example")
+    cols = labels("col_labels", col_labels, k, "class")
     ncol = k + (imgs is not None)
     if axes is None:
         size = figsize or (1.15 * ncol + (0.9 if colorbar else 0.2), 1.3 * b + (0.3 if cols else 0.1))
@@ -322,12 +320,12 @@ def image_attribution_grid(
         axes = np.asarray(axes, dtype=object).reshape(-1, ncol) if np.size(axes) == b * ncol else None
         if axes is None or not all(isinstance(x, Axes) for x in axes.flat):
             raise PlotError(
-                f"{fn}: axes must be {b * ncol} matplotlib Axes ({b} rows x {ncol} columns); give "
+                f"axes must be {b * ncol} matplotlib Axes ({b} rows x {ncol} columns); give "
                 f"plt.subplots({b}, {ncol})[1] or None."
             )
         fig = axes[0, 0].figure
     if shared:
-        shown, lim = scale(fn, a, sign, outlier_perc)
+        shown, lim = scale(a, sign, outlier_perc)
     im = None
     for i in range(b):
         if imgs is not None:
@@ -338,7 +336,7 @@ def image_attribution_grid(
             if shared:
                 s, lim_ij = shown[i, j], lim
             else:
-                s, lim_ij = scale(fn, a[i, j], sign, outlier_perc)
+                s, lim_ij = scale(a[i, j], sign, outlier_perc)
                 s, lim_ij = s / lim_ij, 1.0
             img = imgs[i] if imgs is not None else None
             im = _draw(axes[i, j + ncol - k], s, lim_ij, sign, method, img, cmap, alpha) or im
@@ -353,6 +351,7 @@ def image_attribution_grid(
     return fig, axes
 
 
+@public("tdfunc.plot.grad_cam_overlay")
 def grad_cam_overlay(
     cam: torch.Tensor | TensorDictBase,
     image: torch.Tensor,
@@ -399,24 +398,22 @@ def grad_cam_overlay(
 
     Composes with: ``tdfunc.grad_cam(f, td, module, site)`` (index one example and class).
     """
-    fn = "tdfunc.plot.grad_cam_overlay"
-    m = attr_entry(fn, "cam", cam, key)
+    m = attr_entry("cam", cam, key)
     if m.dim() == 3 and m.shape[0] == 1:
         m = m[0]
     if m.dim() != 2:
         raise PlotError(
-            f"{fn}: cam has shape {shape_str(m.shape)}; give one map (h, w) or (1, h, w): index one "
+            f"cam has shape {shape_str(m.shape)}; give one map (h, w) or (1, h, w): index one "
             "example (and class) of tdfunc.grad_cam's result first, e.g. cam[0, k]."
         )
-    mode = choice(fn, "mode", mode, UPSAMPLE_MODES)
-    x = tensor(fn, "image", image)
+    mode = choice("mode", mode, UPSAMPLE_MODES)
+    x = tensor("image", image)
     if x.dim() not in (2, 3):
         raise PlotError(
-            f"{fn}: image has shape {shape_str(x.shape)} ({x.dim()} dims); give (H, W) or (C, H, W) with C = 1 or 3."
+            f"image has shape {shape_str(x.shape)} ({x.dim()} dims); give (H, W) or (C, H, W) with C = 1 or 3."
         )
     up = upsample(m, cast("tuple[int, int]", tuple(int(s) for s in x.shape[-2:])), mode=mode)
     return _image_attribution(
-        fn,
         up,
         x,
         key=None,

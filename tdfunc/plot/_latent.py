@@ -12,7 +12,7 @@ from matplotlib.colors import Colormap
 from matplotlib.figure import Figure
 from tensordict import TensorDictBase
 
-from .._errors import shape_str, suggest
+from .._errors import TdfuncTypeError, public, shape_str, suggest
 from ._common import PlotError, new_axes, no_math, tensor, values
 from ._common import labels as _labels
 
@@ -27,6 +27,7 @@ def _slanted(names: Sequence[str]) -> dict[str, Any]:
     return {"rotation": 45, "ha": "right", "rotation_mode": "anchor"} if max(map(len, names)) > 3 else {}
 
 
+@public("tdfunc.plot.patching_heatmap")
 def patching_heatmap(
     result: torch.Tensor,
     *,
@@ -75,25 +76,24 @@ def patching_heatmap(
 
     Composes with: ``tdfunc.latent.patching_sweep`` (``over="positions"`` or heads).
     """
-    fn = "tdfunc.plot.patching_heatmap"
-    r = tensor(fn, "result", result)
+    r = tensor("result", result)
     if r.dim() != 2:
         raise PlotError(
-            f"{fn}: result has shape {shape_str(r.shape)} ({r.dim()} dims); give (n_sites, n_units) as "
+            f"result has shape {shape_str(r.shape)} ({r.dim()} dims); give (n_sites, n_units) as "
             "tdfunc.latent.patching_sweep returns (one sweep: r.view(1, -1))."
         )
     n_s, n_u = r.shape
-    site_labels = _labels(fn, "sites", sites, n_s, "site")
-    unit_labels = _labels(fn, "units", units, n_u, "unit")
+    site_labels = _labels("sites", sites, n_s, "site")
+    unit_labels = _labels("units", units, n_u, "unit")
     if not isinstance(annotate, (bool, str)):
-        raise TypeError(f"{fn}: annotate is a {type(annotate).__name__}; give True or a format string like '{{:.2f}}'.")
+        raise TdfuncTypeError(f"annotate is a {type(annotate).__name__}; give True or a format string like '{{:.2f}}'.")
     finite = r[torch.isfinite(r)]
     lim = float(finite.abs().max()) if finite.numel() else 1.0
     lim = lim if lim > 0 else 1.0
     shown = r.T if transpose else r
     ny, nx = shown.shape
     fig, ax = new_axes(
-        ax, figsize or (min(14.0, 2.0 + 0.45 * nx + (1.0 if colorbar else 0.0)), min(10.0, 1.0 + 0.3 * ny)), fn
+        ax, figsize or (min(14.0, 2.0 + 0.45 * nx + (1.0 if colorbar else 0.0)), min(10.0, 1.0 + 0.3 * ny))
     )
     im = ax.imshow(shown.numpy(), cmap=cmap, vmin=-lim, vmax=lim, aspect="auto", interpolation="nearest")
     xl, yl = (site_labels, unit_labels) if transpose else (unit_labels, site_labels)
@@ -126,6 +126,7 @@ def patching_heatmap(
     return fig, ax
 
 
+@public("tdfunc.plot.probe_accuracy")
 def probe_accuracy(
     result: TensorDictBase,
     *,
@@ -174,19 +175,18 @@ def probe_accuracy(
 
     Composes with: ``tdfunc.latent.cache_activations`` then ``tdfunc.latent.fit_probes``.
     """
-    fn = "tdfunc.plot.probe_accuracy"
     if not isinstance(result, TensorDictBase):
-        raise TypeError(
-            f"{fn}: result is a {type(result).__name__}; give the TensorDict of "
+        raise TdfuncTypeError(
+            f"result is a {type(result).__name__}; give the TensorDict of "
             "tdfunc.latent.fit_probes (or fit_sklearn_probes)."
         )
     if isinstance(splits, str) or not isinstance(splits, Sequence) or not splits:
-        raise TypeError(f"{fn}: splits is {splits!r}; give a non-empty list of split names, e.g. ('train', 'test').")
+        raise TdfuncTypeError(f"splits is {splits!r}; give a non-empty list of split names, e.g. ('train', 'test').")
     held = [k for k in result.keys() if isinstance(result.get(k), TensorDictBase)]
     for split in splits:
         if split not in held:
             raise PlotError(
-                f"{fn}: the result holds no split {split!r} (it holds {held}); give splits from those."
+                f"the result holds no split {split!r} (it holds {held}); give splits from those."
                 f"{suggest(str(split), held)}"
             )
     names = list(result[splits[-1]].keys()) if sites is None else list(sites)
@@ -195,18 +195,18 @@ def probe_accuracy(
         for s in names:
             if s not in have:
                 raise PlotError(
-                    f"{fn}: the result holds no site {s!r} under {split!r} (sites: {have}).{suggest(str(s), have)}"
+                    f"the result holds no site {s!r} under {split!r} (sites: {have}).{suggest(str(s), have)}"
                 )
             if metric not in result[split, s].keys():
                 raise PlotError(
-                    f"{fn}: the result holds no metric {metric!r} for {split!r}/{s!r} (metrics: "
+                    f"the result holds no metric {metric!r} for {split!r}/{s!r} (metrics: "
                     f"{list(result[split, s].keys())}); give one of those."
                 )
-    ticks = _labels(fn, "labels", labels, len(names), "site") or names
+    ticks = _labels("labels", labels, len(names), "site") or names
     if tick_every is not None and (isinstance(tick_every, bool) or not isinstance(tick_every, int) or tick_every < 1):
-        raise PlotError(f"{fn}: tick_every={tick_every!r}; give a positive int (label every n-th site) or None.")
+        raise PlotError(f"tick_every={tick_every!r}; give a positive int (label every n-th site) or None.")
     step = tick_every or max(1, math.ceil(len(names) / 16))
-    fig, ax = new_axes(ax, figsize, fn)
+    fig, ax = new_axes(ax, figsize)
     x = list(range(len(names)))
     for k, split in enumerate(splits):
         y = [float(result[split, s, metric]) for s in names]
@@ -223,6 +223,7 @@ def probe_accuracy(
     return fig, ax
 
 
+@public("tdfunc.plot.sweep_curve")
 def sweep_curve(
     x: torch.Tensor | Sequence[float],
     y: torch.Tensor | Sequence[float] | Mapping[str, torch.Tensor | Sequence[float]],
@@ -271,35 +272,34 @@ def sweep_curve(
     Composes with: ``vmap`` over ``tdfunc.latent.steer`` scales, ``tdfunc.weights.task_vector_sweep``,
     ``tdfunc.weights.prune_masks`` amounts.
     """
-    fn = "tdfunc.plot.sweep_curve"
-    xs = values(fn, "x", x)
+    xs = values("x", x)
     if xs.dim() != 1:
-        raise PlotError(f"{fn}: x has shape {shape_str(xs.shape)}; give the swept values as one dim (n,).")
+        raise PlotError(f"x has shape {shape_str(xs.shape)}; give the swept values as one dim (n,).")
     if isinstance(y, Mapping):
         keys = [str(k) for k in y]
-        ys = [values(fn, f"y[{k!r}]", v) for k, v in y.items()]
+        ys = [values(f"y[{k!r}]", v) for k, v in y.items()]
         labels = keys if labels is None else labels
     else:
-        yt = values(fn, "y", y)
+        yt = values("y", y)
         if yt.dim() not in (1, 2):
-            raise PlotError(f"{fn}: y has shape {shape_str(yt.shape)}; give (n,) or (m, n) (one curve per row).")
+            raise PlotError(f"y has shape {shape_str(yt.shape)}; give (n,) or (m, n) (one curve per row).")
         ys = [yt] if yt.dim() == 1 else list(yt)
     for k, yk in enumerate(ys):
         if yk.shape != xs.shape:
             raise PlotError(
-                f"{fn}: curve {k} has shape {shape_str(yk.shape)} but x has {xs.shape[0]} values; give "
+                f"curve {k} has shape {shape_str(yk.shape)} but x has {xs.shape[0]} values; give "
                 f"{xs.shape[0]} values per curve."
             )
-    names = _labels(fn, "labels", labels, len(ys), "curve")
+    names = _labels("labels", labels, len(ys), "curve")
     cols = None
     if colors is not None:
         if isinstance(colors, str) or not isinstance(colors, Sequence) or len(colors) != len(ys):
             raise PlotError(
-                f"{fn}: colors={colors!r} does not give one colour per curve ({len(ys)}); give a list "
+                f"colors={colors!r} does not give one colour per curve ({len(ys)}); give a list "
                 f"of {len(ys)} matplotlib colours or None."
             )
         cols = list(colors)
-    fig, ax = new_axes(ax, figsize, fn)
+    fig, ax = new_axes(ax, figsize)
     kw = {"marker": "o", **plot_kw}
     for k, yk in enumerate(ys):
         extra: dict[str, Any] = {"color": cols[k]} if cols is not None else {}

@@ -14,7 +14,7 @@ from matplotlib.figure import Figure
 from matplotlib.transforms import offset_copy
 from tensordict import TensorDictBase
 
-from .._errors import shape_str
+from .._errors import TdfuncTypeError, public, shape_str
 from .._types import Key
 from ._common import PlotError, attr_entry, check_outlier_perc, new_axes, scale
 
@@ -28,32 +28,32 @@ class TokenHTML(str):
         return str(self)
 
 
-def _scores(fn: str, tokens: object, scores: object, key: object, outlier_perc: object, cmap: object):
+def _scores(tokens: object, scores: object, key: object, outlier_perc: object, cmap: object):
     """(tokens, scores (T,), Normalize centred at 0, colour map)."""
     if isinstance(tokens, (str, bytes)) or not isinstance(tokens, Sequence):
-        raise TypeError(
-            f"{fn}: tokens is a {type(tokens).__name__}; give a list of strings (one per position), "
+        raise TdfuncTypeError(
+            f"tokens is a {type(tokens).__name__}; give a list of strings (one per position), "
             "e.g. [tok.decode(i) for i in input_ids[0]]."
         )
-    s = attr_entry(fn, "scores", scores, key)
+    s = attr_entry("scores", scores, key)
     if s.dim() == 2:
         s = s.sum(-1)  # (T, D) embedding attributions: one score per token
     if s.dim() != 1:
         raise PlotError(
-            f"{fn}: scores has shape {shape_str(s.shape)}; give one score per token (T,) or (T, D) "
+            f"scores has shape {shape_str(s.shape)}; give one score per token (T,) or (T, D) "
             "(summed over D): index one example first, e.g. scores[0]."
         )
     if len(tokens) != s.shape[0]:
         raise PlotError(
-            f"{fn}: {len(tokens)} tokens but {s.shape[0]} scores; give one score per token (same "
+            f"{len(tokens)} tokens but {s.shape[0]} scores; give one score per token (same "
             "length, e.g. tokens of the same input_ids the attribution was computed for)."
         )
-    _, lim = scale(fn, s, "all", check_outlier_perc(fn, outlier_perc))
+    _, lim = scale(s, "all", check_outlier_perc(outlier_perc))
     try:
         cm = cmap if isinstance(cmap, Colormap) else colormaps[cmap]  # type: ignore[index]
     except (KeyError, TypeError):
         raise PlotError(
-            f"{fn}: unknown cmap {cmap!r}; give a matplotlib colour map name (e.g. 'RdBu_r') or a Colormap."
+            f"unknown cmap {cmap!r}; give a matplotlib colour map name (e.g. 'RdBu_r') or a Colormap."
         ) from None
     return [str(t) for t in tokens], s, Normalize(-lim, lim), cm
 
@@ -68,6 +68,7 @@ def _visible(token: str) -> str:
     return token.replace("\n", "\\n").replace("\t", "\\t")
 
 
+@public("tdfunc.plot.token_attribution")
 def token_attribution(
     tokens: Sequence[str],
     scores: torch.Tensor | TensorDictBase,
@@ -120,14 +121,13 @@ def token_attribution(
     Composes with: ``tdfunc.integrated_gradients`` / ``tdfunc.layer_integrated_gradients`` on the
     embeddings (sum over the width), :func:`token_attribution_html` for notebooks.
     """
-    fn = "tdfunc.plot.token_attribution"
-    tokens, s, norm, cm = _scores(fn, tokens, scores, key, outlier_perc, cmap)
+    tokens, s, norm, cm = _scores(tokens, scores, key, outlier_perc, cmap)
     own = ax is None
     if own:
         fig = plt.figure(figsize=(width, 1.0))
         ax = fig.add_axes((0.0, 0.0, 1.0, 1.0))
     else:
-        fig, ax = new_axes(ax, (width, 1.0), fn)
+        fig, ax = new_axes(ax, (width, 1.0))
     ax.set_axis_off()
     if colorbar:  # before the layout: it takes its room from the axes
         from matplotlib.cm import ScalarMappable
@@ -175,6 +175,7 @@ def token_attribution(
     return fig, ax
 
 
+@public("tdfunc.plot.token_attribution_html")
 def token_attribution_html(
     tokens: Sequence[str],
     scores: torch.Tensor | TensorDictBase,
@@ -204,8 +205,7 @@ def token_attribution_html(
         >>> "&lt;b&gt;" in page, "background-color:#67001f" in page
         (True, True)
     """
-    fn = "tdfunc.plot.token_attribution_html"
-    tokens, s, norm, cm = _scores(fn, tokens, scores, key, outlier_perc, cmap)
+    tokens, s, norm, cm = _scores(tokens, scores, key, outlier_perc, cmap)
     spans = []
     for tok, v in zip(tokens, s.tolist()):
         rgba = cm(norm(v))

@@ -11,7 +11,7 @@ from tensordict import TensorDict, TensorDictBase
 
 from .._checks import check_generator, check_int
 from .._edits import FromSite, from_site
-from .._errors import EditError, shape_str, suggest
+from .._errors import EditError, TdfuncTypeError, here, public, shape_str, suggest
 from .._types import Key
 from ._common import (
     TD,
@@ -41,10 +41,10 @@ __all__ = [
 _SAE_KEYS = ("W_enc", "b_enc", "W_dec", "b_dec")
 
 
-def _check_dims(fn: str, generator: Any = None, **dims: Any) -> None:
+def _check_dims(generator: Any = None, **dims: Any) -> None:
     for name, v in dims.items():
-        check_int(fn, name, v, WeightError)
-    check_generator(fn, generator, WeightError)
+        check_int(name, v, WeightError)
+    check_generator(generator, WeightError)
 
 
 def _init(d_in: int, d_hidden: int, d_out: int, generator, dtype, device) -> TensorDict:
@@ -58,6 +58,7 @@ def _init(d_in: int, d_hidden: int, d_out: int, generator, dtype, device) -> Ten
     return TensorDict({"W_enc": w_enc, "b_enc": z(d_hidden), "W_dec": w_dec, "b_dec": z(d_out)}, batch_size=[])
 
 
+@public("tdfunc.weights.sae_init")
 def sae_init(
     d_in: int,
     d_hidden: int,
@@ -96,10 +97,11 @@ def sae_init(
 
     Composes with: ``grad`` (train in your own loop), ``vmap`` (stacked SAEs), ``torch.compile``.
     """
-    _check_dims("tdfunc.weights.sae_init", generator, d_in=d_in, d_hidden=d_hidden)
+    _check_dims(generator, d_in=d_in, d_hidden=d_hidden)
     return _init(d_in, d_hidden, d_in, generator, dtype, device)
 
 
+@public("tdfunc.weights.transcoder_init")
 def transcoder_init(
     d_in: int,
     d_hidden: int,
@@ -141,16 +143,16 @@ def transcoder_init(
 
     Composes with: ``grad``, ``vmap``, ``torch.compile`` (through :func:`tdfunc.weights.transcoder_edit`).
     """
-    _check_dims("tdfunc.weights.transcoder_init", generator, d_in=d_in, d_hidden=d_hidden, d_out=d_out)
+    _check_dims(generator, d_in=d_in, d_hidden=d_hidden, d_out=d_out)
     return _init(d_in, d_hidden, d_out, generator, dtype, device)
 
 
-def _check_sae(fn: str, s: Any) -> TensorDictBase:
-    s = check_td(fn, "the adapter state", s)
+def _check_sae(s: Any) -> TensorDictBase:
+    s = check_td("the adapter state", s)
     missing = [k for k in _SAE_KEYS if k not in s.keys()]
     if missing:
         raise WeightError(
-            f"{fn}: the adapter state lacks {missing} (has {sorted(map(str, s.keys()))}); build it with "
+            f"the adapter state lacks {missing} (has {sorted(map(str, s.keys()))}); build it with "
             "tdfunc.weights.sae_init(d_in, d_hidden) or tdfunc.weights.transcoder_init(d_in, d_hidden, d_out)."
         )
     we, be, wd, bd = (s.get(k) for k in _SAE_KEYS)
@@ -163,12 +165,13 @@ def _check_sae(fn: str, s: Any) -> TensorDictBase:
     )
     if not ok:
         raise WeightError(
-            f"{fn}: inconsistent adapter shapes W_enc {shape_str(we.shape)}, b_enc {shape_str(be.shape)}, "
+            f"inconsistent adapter shapes W_enc {shape_str(we.shape)}, b_enc {shape_str(be.shape)}, "
             f"W_dec {shape_str(wd.shape)}, b_dec {shape_str(bd.shape)}; expected (d_in, h), (h,), (h, d_out), (d_out,)."
         )
     return s
 
 
+@public("tdfunc.weights.sae_encode")
 def sae_encode(sae_state: TensorDictBase, x: torch.Tensor) -> torch.Tensor:
     """Feature activations of an SAE or transcoder.
 
@@ -191,10 +194,11 @@ def sae_encode(sae_state: TensorDictBase, x: torch.Tensor) -> torch.Tensor:
 
     Composes with: ``grad`` over the SAE state, ``vmap``, ``torch.compile``.
     """
-    _check_codec_args("tdfunc.weights.sae_encode", sae_state, x, "x")
+    _check_codec_args(sae_state, x, "x")
     return torch.relu(x @ sae_state.get("W_enc") + sae_state.get("b_enc"))
 
 
+@public("tdfunc.weights.sae_decode")
 def sae_decode(sae_state: TensorDictBase, f: torch.Tensor) -> torch.Tensor:
     """Reconstruction from feature activations: ``f W_dec + b_dec`` (see :func:`tdfunc.weights.sae_encode`).
 
@@ -214,32 +218,33 @@ def sae_decode(sae_state: TensorDictBase, f: torch.Tensor) -> torch.Tensor:
 
     Composes with: ``grad``, ``vmap``, ``torch.compile``.
     """
-    _check_codec_args("tdfunc.weights.sae_decode", sae_state, f, "f")
+    _check_codec_args(sae_state, f, "f")
     return f @ sae_state.get("W_dec") + sae_state.get("b_dec")
 
 
-def _check_codec_args(fn: str, s: Any, x: Any, name: str) -> None:
+def _check_codec_args(s: Any, x: Any, name: str) -> None:
     """Types only (a hot path: no value checks)."""
-    check_td(fn, "sae_state", s)
+    check_td("sae_state", s)
     if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{fn}: {name} must be a tensor (..., D), got {type(x).__name__} ({x!r:.60}).")
+        raise TdfuncTypeError(f"{name} must be a tensor (..., D), got {type(x).__name__} ({x!r:.60}).")
 
 
-def _codec(fn: str, s: TensorDictBase, site: str) -> Callable[[torch.Tensor], torch.Tensor]:
+def _codec(s: TensorDictBase, site: str) -> Callable[[torch.Tensor], torch.Tensor]:
     d_in = s.get("W_enc").shape[0]
 
     def run(v: torch.Tensor) -> torch.Tensor:
         if not isinstance(v, torch.Tensor) or v.dim() < 1 or v.shape[-1] != d_in:
             got = f"shape {shape_str(v.shape)}" if isinstance(v, torch.Tensor) else f"a {type(v).__name__}"
             raise EditError(
-                f"{fn}: the adapter reads width d_in={d_in}, but the value at {site} has {got}; build the adapter "
+                f"the adapter reads width d_in={d_in}, but the value at {site} has {got}; build the adapter "
                 f"for that width (last dim) or use it at a site of width {d_in}."
             )
         return sae_decode(s, sae_encode(s, v))
 
-    return run
+    return public(here())(run)  # its errors, raised inside a later call, name sae_edit / transcoder_edit
 
 
+@public("tdfunc.weights.sae_edit")
 def sae_edit(sae_state: TensorDictBase) -> Callable[[torch.Tensor], torch.Tensor]:
     """An edit that replaces a site's value by its SAE reconstruction ``decode(encode(x))``.
 
@@ -269,17 +274,17 @@ def sae_edit(sae_state: TensorDictBase) -> Callable[[torch.Tensor], torch.Tensor
     Composes with: ``grad`` over the SAE state (double backward), ``vmap`` (stacked SAEs),
     ``torch.compile``.
     """
-    fn = "tdfunc.weights.sae_edit"
-    s = _check_sae(fn, sae_state)
+    s = _check_sae(sae_state)
     if s.get("W_enc").shape[0] != s.get("W_dec").shape[1]:
         raise WeightError(
-            f"{fn}: this adapter reads width {s.get('W_enc').shape[0]} and writes width "
+            f"this adapter reads width {s.get('W_enc').shape[0]} and writes width "
             f"{s.get('W_dec').shape[1]}; an SAE "
             "edit must write what it reads. Use tdfunc.weights.transcoder_edit(state, source_site) for a transcoder."
         )
-    return _codec(fn, s, "the edited site")
+    return _codec(s, "the edited site")
 
 
+@public("tdfunc.weights.transcoder_edit")
 def transcoder_edit(tc_state: TensorDictBase, source_site: str) -> FromSite:
     """An edit that sets a site's value to a transcoder applied to the value at ``source_site``.
 
@@ -313,33 +318,33 @@ def transcoder_edit(tc_state: TensorDictBase, source_site: str) -> FromSite:
 
     Composes with: ``grad`` over the transcoder state, ``vmap``, ``torch.compile``.
     """
-    fn = "tdfunc.weights.transcoder_edit"
-    s = _check_sae(fn, tc_state)
+    s = _check_sae(tc_state)
     if not isinstance(source_site, str):
-        raise TypeError(
-            f"{fn}: source_site must be a site string, got {type(source_site).__name__} ({source_site!r:.60})."
+        raise TdfuncTypeError(
+            f"source_site must be a site string, got {type(source_site).__name__} ({source_site!r:.60})."
         )
-    return from_site(source_site, _codec(fn, s, f"source site {source_site!r}"))
+    return from_site(source_site, _codec(s, f"source site {source_site!r}"))
 
 
-def _weight_key(fn: str, flat: dict, key: Any) -> tuple:
-    k = parse_key(fn, "keys", key)
+def _weight_key(flat: dict, key: Any) -> tuple:
+    k = parse_key("keys", key)
     if k not in flat and k + ("weight",) in flat:
         k = k + ("weight",)  # a module name: its weight
     if k not in flat:
         names = known_names(flat)
         raise WeightError(
-            f"{fn}: unknown key {dotted(k)!r}: the state has no such entry.{suggest(dotted(k), names)} "
+            f"unknown key {dotted(k)!r}: the state has no such entry.{suggest(dotted(k), names)} "
             "Name Linear weights as in the state ('fc1.weight') or by module ('fc1')."
         )
     if flat[k].dim() != 2 or not flat[k].is_floating_point():
         raise WeightError(
-            f"{fn}: {dotted(k)!r} has shape {shape_str(flat[k].shape)} and dtype {flat[k].dtype}; LoRA adapts "
+            f"{dotted(k)!r} has shape {shape_str(flat[k].shape)} and dtype {flat[k].dtype}; LoRA adapts "
             "floating-point 2-D (Linear) weights of shape (out, in)."
         )
     return k
 
 
+@public("tdfunc.weights.lora_init")
 def lora_init(
     state: TensorDictBase, keys: Key | Sequence[Key], rank: int, *, generator: torch.Generator | None = None
 ) -> TensorDict:
@@ -375,16 +380,15 @@ def lora_init(
 
     Composes with: ``grad`` over the LoRA state in your training loop, ``vmap`` (stacked adapters).
     """
-    fn = "tdfunc.weights.lora_init"
-    flat = leaves(check_td(fn, "state", state))
-    _check_dims(fn, generator, rank=rank)
+    flat = leaves(check_td("state", state))
+    _check_dims(generator, rank=rank)
     if isinstance(keys, (str, tuple)):
         keys = [keys]
     if not keys:
-        raise WeightError(f"{fn}: keys is empty; name at least one Linear weight, e.g. ['fc1'].")
+        raise WeightError("keys is empty; name at least one Linear weight, e.g. ['fc1'].")
     out = {}
     for key in keys:
-        k = _weight_key(fn, flat, key)
+        k = _weight_key(flat, key)
         w = flat[k]
         n_out, n_in = w.shape
         bound = 1.0 / math.sqrt(n_in)
@@ -394,6 +398,7 @@ def lora_init(
     return from_leaves(out)
 
 
+@public("tdfunc.weights.apply_lora")
 def apply_lora(state: TD, lora_state: TensorDictBase, scale: float | torch.Tensor = 1.0) -> TD:
     """A new state with ``W + scale · B @ A`` for every weight that ``lora_state`` adapts.
 
@@ -424,15 +429,14 @@ def apply_lora(state: TD, lora_state: TensorDictBase, scale: float | torch.Tenso
     Composes with: ``grad`` w.r.t. the LoRA state (double backward), ``vmap`` (stacked adapters),
     ``torch.compile``.
     """
-    fn = "tdfunc.weights.apply_lora"
-    flat = leaves(check_td(fn, "state", state))
-    flat_l = leaves(check_td(fn, "lora_state", lora_state))
-    scale = check_scale(fn, "scale", scale)
+    flat = leaves(check_td("state", state))
+    flat_l = leaves(check_td("lora_state", lora_state))
+    scale = check_scale("scale", scale)
     groups: dict[tuple, dict] = {}
     for k, v in flat_l.items():
         if k[-1] not in ("A", "B") or len(k) < 2:
             raise WeightError(
-                f"{fn}: lora_state entry {dotted(k)!r} is neither an 'A' nor a 'B' factor; "
+                f"lora_state entry {dotted(k)!r} is neither an 'A' nor a 'B' factor; "
                 "build it with tdfunc.weights.lora_init."
             )
         groups.setdefault(k[:-1], {})[k[-1]] = v
@@ -440,20 +444,17 @@ def apply_lora(state: TD, lora_state: TensorDictBase, scale: float | torch.Tenso
     for k, g in groups.items():
         if k not in flat:
             raise missing_entry(
-                fn,
                 k,
                 flat,
                 f"lora_state adapts {dotted(k)!r}, which is not in the state.",
                 "Build the adapter with tdfunc.weights.lora_init(state, keys, rank) on the same state.",
             )
         if set(g) != {"A", "B"}:
-            raise WeightError(
-                f"{fn}: lora_state has only factor {sorted(g)} for {dotted(k)!r}; it needs both 'A' and 'B'."
-            )
+            raise WeightError(f"lora_state has only factor {sorted(g)} for {dotted(k)!r}; it needs both 'A' and 'B'.")
         a, b, w = g["A"], g["B"], flat[k]
         if a.dim() != 2 or b.dim() != 2 or b.shape[1] != a.shape[0] or (b.shape[0], a.shape[1]) != tuple(w.shape):
             raise WeightError(
-                f"{fn}: LoRA factors for {dotted(k)!r} have B {shape_str(b.shape)} and A {shape_str(a.shape)}, "
+                f"LoRA factors for {dotted(k)!r} have B {shape_str(b.shape)} and A {shape_str(a.shape)}, "
                 "but the weight "
                 f"has shape {shape_str(w.shape)}; expected B (out, r) and A (r, in) "
                 f"with (out, in) = {shape_str(w.shape)}."

@@ -8,7 +8,7 @@ from typing import Any, TypeVar
 import torch
 from tensordict import TensorDict, TensorDictBase
 
-from .._errors import TdfuncError, shape_str, suggest
+from .._errors import TdfuncError, TdfuncTypeError, shape_str, suggest
 from .._finite import check_finite
 from .._match import entry_match
 
@@ -28,10 +28,10 @@ def dotted(key: Key) -> str:
     return ".".join(key)
 
 
-def check_td(fn: str, what: str, td: Any) -> TensorDictBase:
+def check_td(what: str, td: Any) -> TensorDictBase:
     if not isinstance(td, TensorDictBase):
-        raise TypeError(
-            f"{fn}: {what} must be a TensorDict (e.g. tdfunc.state(model)), got {type(td).__name__} ({td!r:.60})."
+        raise TdfuncTypeError(
+            f"{what} must be a TensorDict (e.g. tdfunc.state(model)), got {type(td).__name__} ({td!r:.60})."
         )
     return td
 
@@ -56,13 +56,13 @@ def float_keys(flat: dict[Key, torch.Tensor]) -> list[Key]:
     return [k for k, v in flat.items() if v.is_floating_point()]
 
 
-def parse_key(fn: str, what: str, key: Any) -> Key:
+def parse_key(what: str, key: Any) -> Key:
     if isinstance(key, str) and key:
         return tuple(key.split("."))
     if isinstance(key, tuple) and key and all(isinstance(s, str) for s in key):
         return key
-    raise TypeError(
-        f"{fn}: each entry of {what} must be a dotted name ('fc1.weight') or a tuple of strings "
+    raise TdfuncTypeError(
+        f"each entry of {what} must be a dotted name ('fc1.weight') or a tuple of strings "
         f"(('fc1', 'weight')), got {type(key).__name__} ({key!r:.60})."
     )
 
@@ -77,18 +77,18 @@ def known_names(flat: dict[Key, torch.Tensor]) -> list[str]:
     return out
 
 
-def select(fn: str, what: str, flat: dict[Key, torch.Tensor], patterns: Sequence | str) -> list[Key]:
+def select(what: str, flat: dict[Key, torch.Tensor], patterns: Sequence | str) -> list[Key]:
     """Leaves whose dotted name, or a module holding them, matches one of the patterns (``tdfunc._match``)."""
     if isinstance(patterns, (str, tuple)):
         patterns = [patterns]
     names = known_names(flat)
     chosen: list[Key] = []
     for p in patterns:
-        segs = list(parse_key(fn, what, p))
+        segs = list(parse_key(what, p))
         hit = [k for k in flat if entry_match(segs, k)]
         if not hit:
             raise WeightError(
-                f"{fn}: {what} entry {dotted(tuple(segs))!r} matches no entry of the state."
+                f"{what} entry {dotted(tuple(segs))!r} matches no entry of the state."
                 f"{suggest(dotted(tuple(segs)), names)}"
                 " Use dotted names as in the state ('fc1.weight'), a module name ('fc1') or globs ('**.weight')."
             )
@@ -96,17 +96,16 @@ def select(fn: str, what: str, flat: dict[Key, torch.Tensor], patterns: Sequence
     return [k for k in flat if k in chosen]  # state order
 
 
-def missing_entry(fn: str, k: Key, tree: dict, what: str, fix: str) -> WeightError:
+def missing_entry(k: Key, tree: dict, what: str, fix: str) -> WeightError:
     """The error for a key ``k`` that ``tree`` lacks: ``what`` happened, the nearest names in ``tree``, ``fix``."""
-    return WeightError(f"{fn}: {what}{suggest(dotted(k), [dotted(j) for j in tree])} {fix}")
+    return WeightError(f"{what}{suggest(dotted(k), [dotted(j) for j in tree])} {fix}")
 
 
-def check_same_tree(fn: str, a_name: str, a: dict, b_name: str, b: dict, keys: list[Key]) -> None:
+def check_same_tree(a_name: str, a: dict, b_name: str, b: dict, keys: list[Key]) -> None:
     """Every key is in both trees with the same shape."""
     for k in keys:
         if k not in b:
             raise missing_entry(
-                fn,
                 k,
                 b,
                 f"{a_name} has entry {dotted(k)!r} but {b_name} has not.",
@@ -114,12 +113,12 @@ def check_same_tree(fn: str, a_name: str, a: dict, b_name: str, b: dict, keys: l
             )
         if a[k].shape != b[k].shape:
             raise WeightError(
-                f"{fn}: entry {dotted(k)!r} has shape {shape_str(a[k].shape)} in {a_name} but "
+                f"entry {dotted(k)!r} has shape {shape_str(a[k].shape)} in {a_name} but "
                 f"{shape_str(b[k].shape)} in {b_name}; both must come from the same architecture."
             )
 
 
-def check_alphas(fn: str, alphas: Any, like: torch.Tensor) -> torch.Tensor:
+def check_alphas(alphas: Any, like: torch.Tensor) -> torch.Tensor:
     """A 1-D tensor of interpolation / scaling coefficients in ``like``'s dtype and device."""
     if isinstance(alphas, torch.Tensor):
         t = alphas
@@ -128,31 +127,31 @@ def check_alphas(fn: str, alphas: Any, like: torch.Tensor) -> torch.Tensor:
     ):
         t = torch.tensor(alphas, dtype=like.dtype, device=like.device)
     else:
-        raise TypeError(
-            f"{fn}: alphas must be a 1-D tensor or a list of numbers, got {type(alphas).__name__} ({alphas!r:.60})."
+        raise TdfuncTypeError(
+            f"alphas must be a 1-D tensor or a list of numbers, got {type(alphas).__name__} ({alphas!r:.60})."
         )
     if t.dim() != 1 or t.shape[0] == 0:
         raise WeightError(
-            f"{fn}: alphas must be 1-D and non-empty, got shape {shape_str(t.shape)}; pass e.g. "
+            f"alphas must be 1-D and non-empty, got shape {shape_str(t.shape)}; pass e.g. "
             "torch.linspace(0, 1, 11) (one state per alpha)."
         )
     if not t.is_floating_point():
         t = t.to(like.dtype)
-    check_finite(fn, "alphas", t, WeightError, "give finite coefficients, e.g. torch.linspace(0, 1, 11)")
+    check_finite("alphas", t, WeightError, "give finite coefficients, e.g. torch.linspace(0, 1, 11)")
     return t
 
 
-def check_scale(fn: str, what: str, a: Any) -> Any:
+def check_scale(what: str, a: Any) -> Any:
     if isinstance(a, torch.Tensor):
         if a.dim() != 0:
             raise WeightError(
-                f"{fn}: {what} must be a number or a 0-d tensor, got shape {shape_str(a.shape)}; to sweep several "
+                f"{what} must be a number or a 0-d tensor, got shape {shape_str(a.shape)}; to sweep several "
                 f"values, vmap over a 1-D tensor of them."
             )
         return a
     if isinstance(a, (int, float)) and not isinstance(a, bool):
         return a
-    raise TypeError(f"{fn}: {what} must be a number or a 0-d tensor, got {type(a).__name__} ({a!r:.60}).")
+    raise TdfuncTypeError(f"{what} must be a number or a 0-d tensor, got {type(a).__name__} ({a!r:.60}).")
 
 
 def rebuild(base: TD, new: dict[Key, torch.Tensor]) -> TD:

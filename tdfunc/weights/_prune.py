@@ -9,7 +9,7 @@ import torch
 from tensordict import TensorDict, TensorDictBase
 from torch.func import grad
 
-from .._errors import shape_str, suggest
+from .._errors import TdfuncTypeError, public, shape_str, suggest
 from .._types import PruneScope
 from ._common import TD, WeightError, check_td, dotted, float_keys, from_leaves, leaves, missing_entry, rebuild, select
 
@@ -18,6 +18,7 @@ __all__ = ["magnitude_scores", "snip_scores", "prune_masks", "apply_masks"]
 SCOPES: tuple[PruneScope, ...] = ("global", "module")
 
 
+@public("tdfunc.weights.magnitude_scores")
 def magnitude_scores(state: TensorDictBase) -> TensorDict:
     """Magnitude importance: ``|w|`` for every floating-point entry of the state.
 
@@ -38,11 +39,12 @@ def magnitude_scores(state: TensorDictBase) -> TensorDict:
 
     Composes with: ``vmap`` (stacked states), ``grad``, ``torch.compile``.
     """
-    state = check_td("tdfunc.weights.magnitude_scores", "state", state)
+    state = check_td("state", state)
     flat = leaves(state)
     return from_leaves({k: flat[k].abs() for k in float_keys(flat)}, state.batch_size)
 
 
+@public("tdfunc.weights.snip_scores")
 def snip_scores(loss_fn: Callable[[TensorDictBase], torch.Tensor], state: TensorDictBase) -> TensorDict:
     """SNIP connection sensitivity: ``|dL/dw ⊙ w|`` with ``torch.func.grad`` over the state.
 
@@ -77,12 +79,11 @@ def snip_scores(loss_fn: Callable[[TensorDictBase], torch.Tensor], state: Tensor
     Composes with: ``vmap`` (over data or stacked states), ``grad`` (double backward),
     ``torch.compile``.
     """
-    fn = "tdfunc.weights.snip_scores"
     if not callable(loss_fn):
-        raise TypeError(
-            f"{fn}: expected a callable loss_fn(state) -> scalar, got {type(loss_fn).__name__} ({loss_fn!r:.60})."
+        raise TdfuncTypeError(
+            f"expected a callable loss_fn(state) -> scalar, got {type(loss_fn).__name__} ({loss_fn!r:.60})."
         )
-    state = check_td(fn, "state", state)
+    state = check_td("state", state)
     flat = leaves(state)
     keys = float_keys(flat)
 
@@ -90,44 +91,44 @@ def snip_scores(loss_fn: Callable[[TensorDictBase], torch.Tensor], state: Tensor
         out = loss_fn(rebuild(state, ws))
         if not isinstance(out, torch.Tensor) or out.dim() != 0:
             got = f"shape {shape_str(out.shape)}" if isinstance(out, torch.Tensor) else type(out).__name__
-            raise WeightError(f"{fn}: loss_fn must return a scalar tensor, got {got}; reduce it (e.g. .mean()).")
+            raise WeightError(f"loss_fn must return a scalar tensor, got {got}; reduce it (e.g. .mean()).")
         return out
 
     g = grad(loss)({k: flat[k] for k in keys})
     return from_leaves({k: (g[k] * flat[k]).abs() for k in keys}, state.batch_size)
 
 
-def _check_amount(fn: str, amount: Any) -> list[float] | float:
+def _check_amount(amount: Any) -> list[float] | float:
     def one(a: Any) -> float:
         if isinstance(a, bool) or not isinstance(a, (int, float)):
-            raise TypeError(
-                f"{fn}: amount must be a Python number in [0, 1] (or a list of them), "
+            raise TdfuncTypeError(
+                f"amount must be a Python number in [0, 1] (or a list of them), "
                 f"got {type(a).__name__} ({a!r:.60}); "
                 "the number of pruned entries fixes the mask, so it cannot be a traced tensor."
             )
         if not 0.0 <= float(a) <= 1.0:
             raise WeightError(
-                f"{fn}: amount must be a fraction in [0, 1], got {a!r}; e.g. amount=0.3 prunes 30% of the selected "
+                f"amount must be a fraction in [0, 1], got {a!r}; e.g. amount=0.3 prunes 30% of the selected "
                 "entries (unlike torch.nn.utils.prune, an int is not a count)."
             )
         return float(a)
 
     if isinstance(amount, (list, tuple)):
         if not amount:
-            raise WeightError(f"{fn}: amount is an empty {type(amount).__name__}; give a fraction or a non-empty list.")
+            raise WeightError(f"amount is an empty {type(amount).__name__}; give a fraction or a non-empty list.")
         return [one(a) for a in amount]
     return one(amount)
 
 
-def _structured(fn: str, name: str, s: torch.Tensor, amount: float, dim: int, p: float) -> torch.Tensor:
+def _structured(name: str, s: torch.Tensor, amount: float, dim: int, p: float) -> torch.Tensor:
     if s.dim() < 2:
         raise WeightError(
-            f"{fn}: structured pruning needs tensors with >= 2 dims, but {name!r} has shape {shape_str(s.shape)}; "
+            f"structured pruning needs tensors with >= 2 dims, but {name!r} has shape {shape_str(s.shape)}; "
             "leave it out with include=[...]."
         )
     if not -s.dim() <= dim < s.dim():
         raise WeightError(
-            f"{fn}: structured_dim={dim} is out of range for {name!r} of shape {shape_str(s.shape)}; "
+            f"structured_dim={dim} is out of range for {name!r} of shape {shape_str(s.shape)}; "
             f"give a dim in [{-s.dim()}, {s.dim() - 1}] (0: output units of a Linear/Conv weight)."
         )
     dim = dim % s.dim()
@@ -152,9 +153,9 @@ def _unstructured(s: torch.Tensor, amount: float) -> torch.Tensor:
     return torch.ones_like(flat, dtype=torch.bool).scatter(0, drop, False)
 
 
-def _masks_one(fn, flat_scores, keys, amount, scope, structured_dim, p) -> dict:
+def _masks_one(flat_scores, keys, amount, scope, structured_dim, p) -> dict:
     if structured_dim is not None:
-        return {k: _structured(fn, dotted(k), flat_scores[k], amount, structured_dim, p) for k in keys}
+        return {k: _structured(dotted(k), flat_scores[k], amount, structured_dim, p) for k in keys}
     if scope == "module":
         return {k: _unstructured(flat_scores[k], amount).view(flat_scores[k].shape) for k in keys}
     vec = torch.cat([flat_scores[k].reshape(-1) for k in keys])  # parameters_to_vector order
@@ -167,6 +168,7 @@ def _masks_one(fn, flat_scores, keys, amount, scope, structured_dim, p) -> dict:
     return out
 
 
+@public("tdfunc.weights.prune_masks")
 def prune_masks(
     state: TensorDictBase,
     scores: TensorDictBase,
@@ -228,23 +230,21 @@ def prune_masks(
     Composes with: ``vmap`` (over scores or stacked states; amounts are Python numbers), ``torch.compile``;
     masks stacked over amounts vmap through :func:`tdfunc.weights.apply_masks`.
     """
-    fn = "tdfunc.weights.prune_masks"
-    state = check_td(fn, "state", state)
-    scores = check_td(fn, "scores", scores)
-    amounts = _check_amount(fn, amount)
+    state = check_td("state", state)
+    scores = check_td("scores", scores)
+    amounts = _check_amount(amount)
     if scope not in SCOPES:
         raise WeightError(
-            f"{fn}: unknown scope {scope!r}; choose 'global' (all selected entries together) or 'module' (per tensor)."
+            f"unknown scope {scope!r}; choose 'global' (all selected entries together) or 'module' (per tensor)."
         )
     if structured_dim is not None:
         if isinstance(structured_dim, bool) or not isinstance(structured_dim, int):
-            raise TypeError(
-                f"{fn}: structured_dim must be an int or None, "
-                f"got {type(structured_dim).__name__} ({structured_dim!r:.60})."
+            raise TdfuncTypeError(
+                f"structured_dim must be an int or None, got {type(structured_dim).__name__} ({structured_dim!r:.60})."
             )
         if scope != "module":
             raise WeightError(
-                f"{fn}: structured pruning (structured_dim={structured_dim}) ranks slices within each tensor; "
+                f"structured pruning (structured_dim={structured_dim}) ranks slices within each tensor; "
                 "pass scope='module'."
             )
     flat = leaves(state)
@@ -252,29 +252,30 @@ def prune_masks(
         keys = [k for k, v in flat.items() if v.is_floating_point() and v.dim() >= 2]
         if not keys:
             raise WeightError(
-                f"{fn}: the state has no floating-point tensor with >= 2 dims; name the entries with include=[...]."
+                "the state has no floating-point tensor with >= 2 dims; name the entries with include=[...]."
             )
     else:
-        keys = [k for k in select(fn, "include", flat, include) if flat[k].is_floating_point()]
+        keys = [k for k in select("include", flat, include) if flat[k].is_floating_point()]
     flat_scores = leaves(scores)
     for k in keys:
         if k not in flat_scores:
             raise WeightError(
-                f"{fn}: scores has no entry {dotted(k)!r}, which is selected for pruning."
+                f"scores has no entry {dotted(k)!r}, which is selected for pruning."
                 f"{suggest(dotted(k), [dotted(j) for j in flat_scores])} "
                 "Compute scores on the same state (tdfunc.weights.magnitude_scores(state)) or narrow include=[...]."
             )
         if flat_scores[k].shape != flat[k].shape:
             raise WeightError(
-                f"{fn}: scores for {dotted(k)!r} have shape {shape_str(flat_scores[k].shape)} but the state entry has "
+                f"scores for {dotted(k)!r} have shape {shape_str(flat_scores[k].shape)} but the state entry has "
                 f"shape {shape_str(flat[k].shape)}; give one score per weight."
             )
     if isinstance(amounts, list):
-        per = [_masks_one(fn, flat_scores, keys, a, scope, structured_dim, p) for a in amounts]
+        per = [_masks_one(flat_scores, keys, a, scope, structured_dim, p) for a in amounts]
         return from_leaves({k: torch.stack([m[k] for m in per]) for k in keys}, (len(amounts),))
-    return from_leaves(_masks_one(fn, flat_scores, keys, amounts, scope, structured_dim, p))
+    return from_leaves(_masks_one(flat_scores, keys, amounts, scope, structured_dim, p))
 
 
+@public("tdfunc.weights.apply_masks")
 def apply_masks(state: TD, masks: TensorDictBase) -> TD:
     """A new state with the masked entries multiplied by their masks (others unchanged).
 
@@ -307,15 +308,13 @@ def apply_masks(state: TD, masks: TensorDictBase) -> TD:
     Composes with: ``vmap`` (over stacked masks or states), ``grad`` (w.r.t. state or float masks,
     double backward), ``torch.compile``.
     """
-    fn = "tdfunc.weights.apply_masks"
-    state = check_td(fn, "state", state)
-    masks = check_td(fn, "masks", masks)
+    state = check_td("state", state)
+    masks = check_td("masks", masks)
     flat, flat_m = leaves(state), leaves(masks)
     new = {}
     for k, m in flat_m.items():
         if k not in flat:
             raise missing_entry(
-                fn,
                 k,
                 flat,
                 f"masks has entry {dotted(k)!r}, which is not in the state.",
@@ -323,11 +322,11 @@ def apply_masks(state: TD, masks: TensorDictBase) -> TD:
             )
         t = flat[k]
         if m.dtype != torch.bool and not m.is_floating_point():
-            raise WeightError(f"{fn}: mask for {dotted(k)!r} has dtype {m.dtype}; use a bool or floating-point mask.")
+            raise WeightError(f"mask for {dotted(k)!r} has dtype {m.dtype}; use a bool or floating-point mask.")
         ok = m.dim() <= t.dim() and all(a == b or a == 1 for a, b in zip(m.shape[::-1], t.shape[::-1]))
         if not ok:
             raise WeightError(
-                f"{fn}: mask for {dotted(k)!r} has shape {shape_str(m.shape)} but the state entry has shape "
+                f"mask for {dotted(k)!r} has shape {shape_str(m.shape)} but the state entry has shape "
                 f"{shape_str(t.shape)}; masks must mirror the state's tree and shapes (to apply stacked masks, "
                 "vmap over them: torch.func.vmap(tdfunc.weights.apply_masks, in_dims=(None, 0)))."
             )

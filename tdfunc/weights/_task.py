@@ -11,7 +11,7 @@ from torch import nn
 from torch.func import vmap
 
 from .._checks import check_bool, check_chunk_size, check_module, check_randomness, random_op_error
-from .._errors import shape_str
+from .._errors import TdfuncTypeError, here, public, shape_str
 from .._finite import warn_nonfinite
 from .._progress import n_chunks, progress_bar, vmap_chunks
 from .._state import flat_state
@@ -31,6 +31,7 @@ from ._common import (
 __all__ = ["task_vector", "apply_task_vector", "ties_merge", "task_vector_sweep", "interpolate"]
 
 
+@public("tdfunc.weights.task_vector")
 def task_vector(finetuned: TensorDictBase, pretrained: TensorDictBase) -> TensorDict:
     """The task vector ``θ_ft − θ_pre`` over the floating-point entries of two states.
 
@@ -63,15 +64,15 @@ def task_vector(finetuned: TensorDictBase, pretrained: TensorDictBase) -> Tensor
 
     Composes with: ``vmap`` (stacked states), ``grad``, ``torch.compile``; TensorDict ``+``, ``-``, ``*``.
     """
-    fn = "tdfunc.weights.task_vector"
-    ft = leaves(check_td(fn, "finetuned", finetuned))
-    pre = leaves(check_td(fn, "pretrained", pretrained))
+    ft = leaves(check_td("finetuned", finetuned))
+    pre = leaves(check_td("pretrained", pretrained))
     keys_ft, keys_pre = float_keys(ft), float_keys(pre)
-    check_same_tree(fn, "finetuned", ft, "pretrained", pre, keys_ft)
-    check_same_tree(fn, "pretrained", pre, "finetuned", ft, keys_pre)
+    check_same_tree("finetuned", ft, "pretrained", pre, keys_ft)
+    check_same_tree("pretrained", pre, "finetuned", ft, keys_pre)
     return from_leaves({k: ft[k] - pre[k] for k in keys_ft}, pretrained.batch_size)
 
 
+@public("tdfunc.weights.apply_task_vector")
 def apply_task_vector(pretrained: TD, tv: TensorDictBase, alpha: float | torch.Tensor = 1.0) -> TD:
     """A new state ``θ_pre + α·τ`` (entries absent from ``τ`` are copied from ``pretrained``).
 
@@ -101,37 +102,37 @@ def apply_task_vector(pretrained: TD, tv: TensorDictBase, alpha: float | torch.T
     Composes with: ``vmap`` (over alphas, task vectors or states), ``grad`` (w.r.t. alpha or the
     task vector, double backward), ``torch.compile``.
     """
-    fn = "tdfunc.weights.apply_task_vector"
-    pre = leaves(check_td(fn, "pretrained", pretrained))
-    flat_tv = leaves(check_td(fn, "tv", tv))
-    alpha = check_scale(fn, "alpha", alpha)
-    check_same_tree(fn, "tv", flat_tv, "pretrained", pre, list(flat_tv))
+    pre = leaves(check_td("pretrained", pretrained))
+    flat_tv = leaves(check_td("tv", tv))
+    alpha = check_scale("alpha", alpha)
+    check_same_tree("tv", flat_tv, "pretrained", pre, list(flat_tv))
     return rebuild(pretrained, {k: pre[k] + alpha * v for k, v in flat_tv.items()})
 
 
-def _stack_tvs(fn: str, task_vectors: Any) -> tuple[list, dict]:
+def _stack_tvs(task_vectors: Any) -> tuple[list, dict]:
     if isinstance(task_vectors, TensorDictBase):
         if task_vectors.batch_dims < 1:
             raise WeightError(
-                f"{fn}: a single TensorDict of task vectors must be stacked on a leading task dim, got batch_size "
+                f"a single TensorDict of task vectors must be stacked on a leading task dim, got batch_size "
                 f"{list(task_vectors.batch_size)}; pass a list of task vectors or torch.stack([...])."
             )
         flat = leaves(task_vectors)
         return list(flat), flat
     if not isinstance(task_vectors, (list, tuple)) or not task_vectors:
-        raise TypeError(
-            f"{fn}: task_vectors must be a non-empty list of TensorDicts (tdfunc.weights.task_vector(...)) "
+        raise TdfuncTypeError(
+            f"task_vectors must be a non-empty list of TensorDicts (tdfunc.weights.task_vector(...)) "
             "or one stacked "
             f"TensorDict, got {type(task_vectors).__name__} ({task_vectors!r:.60})."
         )
-    flats = [leaves(check_td(fn, f"task_vectors[{i}]", t)) for i, t in enumerate(task_vectors)]
+    flats = [leaves(check_td(f"task_vectors[{i}]", t)) for i, t in enumerate(task_vectors)]
     keys = list(flats[0])
     for i, f in enumerate(flats[1:], 1):
-        check_same_tree(fn, "task_vectors[0]", flats[0], f"task_vectors[{i}]", f, keys)
-        check_same_tree(fn, f"task_vectors[{i}]", f, "task_vectors[0]", flats[0], list(f))
+        check_same_tree("task_vectors[0]", flats[0], f"task_vectors[{i}]", f, keys)
+        check_same_tree(f"task_vectors[{i}]", f, "task_vectors[0]", flats[0], list(f))
     return keys, {k: torch.stack([f[k] for f in flats]) for k in keys}
 
 
+@public("tdfunc.weights.ties_merge")
 def ties_merge(
     task_vectors: Sequence[TensorDictBase] | TensorDictBase,
     *,
@@ -177,13 +178,10 @@ def ties_merge(
     Composes with: ``vmap`` (over stacked sets of task vectors), ``grad`` (w.r.t. the task vectors and
     ``lambda_``, piecewise), ``torch.compile``.
     """
-    fn = "tdfunc.weights.ties_merge"
     if isinstance(density, bool) or not isinstance(density, (int, float)) or not 0.0 < float(density) <= 1.0:
-        raise WeightError(
-            f"{fn}: density must be a fraction in (0, 1], got {density!r}; e.g. density=0.2 keeps the top 20%."
-        )
-    lambda_ = check_scale(fn, "lambda_", lambda_)
-    keys, stacked = _stack_tvs(fn, task_vectors)
+        raise WeightError(f"density must be a fraction in (0, 1], got {density!r}; e.g. density=0.2 keeps the top 20%.")
+    lambda_ = check_scale("lambda_", lambda_)
+    keys, stacked = _stack_tvs(task_vectors)
     n_tasks = stacked[keys[0]].shape[0]
     flat = torch.cat([stacked[k].reshape(n_tasks, -1) for k in keys], dim=1)  # (T, d)
     d = flat.shape[1]
@@ -207,6 +205,7 @@ def ties_merge(
     return from_leaves(out)
 
 
+@public("tdfunc.weights.task_vector_sweep")
 def task_vector_sweep(
     module: nn.Module,
     pretrained: TensorDictBase,
@@ -269,21 +268,20 @@ def task_vector_sweep(
     Composes with: ``vmap`` (over data the metric closes over), ``grad`` (of the metric values),
     ``torch.compile``.
     """
-    fn = "tdfunc.weights.task_vector_sweep"
-    check_module(fn, module, WeightError)
-    check_chunk_size(fn, chunk_size, WeightError)
-    check_bool(fn, "progress", progress, WeightError)
-    check_randomness(fn, randomness, WeightError)
-    pretrained = check_td(fn, "pretrained", pretrained)
-    tv = check_td(fn, "tv", tv)
-    flat_state(fn, module, pretrained)
-    flat_state(fn, module, tv)
+    check_module(module, WeightError)
+    check_chunk_size(chunk_size, WeightError)
+    check_bool("progress", progress, WeightError)
+    check_randomness(randomness, WeightError)
+    pretrained = check_td("pretrained", pretrained)
+    tv = check_td("tv", tv)
+    flat_state(module, pretrained)
+    flat_state(module, tv)
     for what, f in (("metric", metric), ("constraint", constraint)):
         if f is not None and not callable(f):
-            raise TypeError(f"{fn}: {what} must be callable(state) -> Tensor, got {type(f).__name__} ({f!r:.60}).")
+            raise TdfuncTypeError(f"{what} must be callable(state) -> Tensor, got {type(f).__name__} ({f!r:.60}).")
     pre = leaves(pretrained)
     like = next((v for v in pre.values() if v.is_floating_point()), torch.zeros(()))
-    alphas = check_alphas(fn, alphas, like)
+    alphas = check_alphas(alphas, like)
 
     def one(a: torch.Tensor):
         s = apply_task_vector(pretrained, tv, a)
@@ -292,12 +290,10 @@ def task_vector_sweep(
         for what, v in (("metric", m), ("constraint", c)):
             if not isinstance(v, torch.Tensor) or v.dim() != 0:
                 got = f"shape {shape_str(v.shape)}" if isinstance(v, torch.Tensor) else type(v).__name__
-                raise WeightError(
-                    f"{fn}: {what} must return a scalar tensor per state, got {got}; reduce it (e.g. .mean())."
-                )
+                raise WeightError(f"{what} must return a scalar tensor per state, got {got}; reduce it (e.g. .mean()).")
         return m, c.to(torch.bool)
 
-    bar = progress_bar(enabled=progress, desc=fn, total=n_chunks(alphas.shape[0], chunk_size), unit="chunk")
+    bar = progress_bar(enabled=progress, desc=here(), total=n_chunks(alphas.shape[0], chunk_size), unit="chunk")
     try:
         if bar is None:
             values, feasible = vmap(one, chunk_size=chunk_size, randomness=randomness)(alphas)
@@ -305,11 +301,11 @@ def task_vector_sweep(
             with bar:
                 values, feasible = vmap_chunks(one, chunk_size, bar, randomness=randomness)(alphas)
     except RuntimeError as e:
-        err = random_op_error(fn, e, WeightError, "metric")
+        err = random_op_error(e, WeightError, "metric")
         if err is None:
             raise
         raise err from e
-    warn_nonfinite(fn, '"metric"', values)
+    warn_nonfinite('"metric"', values)
     masked = torch.where(feasible & ~values.isnan(), values, torch.full_like(values, float("-inf")))
     idx = masked.argmax()
     any_ok = feasible.any()
@@ -322,6 +318,7 @@ def task_vector_sweep(
     )
 
 
+@public("tdfunc.weights.interpolate")
 def interpolate(state_a: TensorDictBase, state_b: TensorDictBase, alphas: Sequence[float] | torch.Tensor) -> TensorDict:
     """States along the straight line from ``state_a`` to ``state_b``, stacked on a leading dim.
 
@@ -359,14 +356,13 @@ def interpolate(state_a: TensorDictBase, state_b: TensorDictBase, alphas: Sequen
     Composes with: ``vmap`` (over the path, nested), ``grad`` (w.r.t. both states and alphas),
     ``torch.compile``.
     """
-    fn = "tdfunc.weights.interpolate"
-    fa = leaves(check_td(fn, "state_a", state_a))
-    fb = leaves(check_td(fn, "state_b", state_b))
+    fa = leaves(check_td("state_a", state_a))
+    fb = leaves(check_td("state_b", state_b))
     keys = float_keys(fa)
-    check_same_tree(fn, "state_a", fa, "state_b", fb, keys)
-    check_same_tree(fn, "state_b", fb, "state_a", fa, float_keys(fb))
+    check_same_tree("state_a", fa, "state_b", fb, keys)
+    check_same_tree("state_b", fb, "state_a", fa, float_keys(fb))
     like = fa[keys[0]] if keys else torch.zeros(())
-    alphas = check_alphas(fn, alphas, like)
+    alphas = check_alphas(alphas, like)
     n = alphas.shape[0]
     out = {}
     for k, a in fa.items():
