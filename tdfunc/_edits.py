@@ -168,7 +168,8 @@ def grad_edit(fn: Callable[[torch.Tensor], torch.Tensor]) -> GradEdit:
         TypeError: ``fn`` is not callable.
         EditError (during the call / backward): the site holds no floating-point tensor, or ``fn``
             returned something that is not a tensor of the gradient's shape and dtype.
-        NotImplementedError (torch's): forward-mode differentiation (``jvp``, ``jacfwd``) through the site.
+        EditError: forward-mode differentiation (``jvp``, ``jacfwd``) reaching the site (not defined: the
+            edit changes the backward only; use ``grad`` / ``vjp`` / ``jacrev``).
 
     Example:
         >>> import torch, tdfunc

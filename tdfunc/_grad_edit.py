@@ -9,8 +9,8 @@ Higher derivatives: ``E``'s backward is an ordinary differentiable computation, 
 first-order result flows through ``fn`` (to ``g`` and to the tensors ``fn`` closes over, e.g. a mask),
 and ``E`` applies ``fn`` to every gradient that flows back through the site, in every backward pass
 (one autograd node serves the first-order cotangent and the later passes alike).  No ``jvp``: forward
-mode through the site fails with torch's NotImplementedError (a custom ``jvp`` would break dynamo's
-tracing of the Function under ``torch.compile``).  For a linear
+mode reaching the site is refused with an ``EditError`` (torch's NotImplementedError, renamed; a custom
+``jvp`` would break dynamo's tracing of the Function under ``torch.compile``).  For a linear
 ``fn(g) = g * m`` the site is the straight-through map ``stop(v) + m * (v - stop(v))`` in every order.
 
 The runtime applies a gradient edit after every value edit at its site, of every active call (see
@@ -69,4 +69,13 @@ def apply_grad_edit(site: str, edit_fn: Callable, value: Any) -> Any:
             f"tdfunc.grad_edit at site {site!r}: the site's value has dtype {value.dtype}, which carries no "
             "gradient; edit the gradient at a floating-point site."
         )
-    return _GradEdit.apply(value, edit_fn, (here(), site))
+    try:
+        return _GradEdit.apply(value, edit_fn, (here(), site))
+    except NotImplementedError as e:  # forward mode reached the edit (a custom jvp would break dynamo's tracing)
+        if "jvp" not in str(e):
+            raise
+        raise EditError(
+            f"forward-mode differentiation (torch.func.jvp, jacfwd) reached the tdfunc.grad_edit at site {site!r}, "
+            "where it is not defined: the edit changes the backward only, so a forward-mode derivative would "
+            "ignore it; use reverse mode (torch.func.grad, vjp, jacrev)."
+        ) from e

@@ -289,8 +289,15 @@ def test_errors():
         r"\(3, 2\), dtype torch\.float64 for a gradient of shape \(3, 6\), dtype torch\.float64; it must return",
     ):
         grad(lambda x: bad(x).sum())(x)
-    with pytest.raises(NotImplementedError, match="implement the jvp function"):  # forward mode: torch's error
-        torch.func.jvp(lambda x: bad(x), (x,), (x,))
+    forward_mode = (
+        "tdfunc.functional_call: forward-mode differentiation (torch.func.jvp, jacfwd) reached the tdfunc.grad_edit "
+        "at site '1', where it is not defined: the edit changes the backward only, so a forward-mode derivative "
+        "would ignore it; use reverse mode (torch.func.grad, vjp, jacrev)."
+    )
+    for forward in (lambda: torch.func.jvp(bad, (x,), (x,)), lambda: torch.func.jacfwd(bad)(x)):
+        with pytest.raises(tdfunc.EditError) as info:
+            forward()
+        assert str(info.value) == forward_mode
     emb = nn.Sequential(nn.Identity(), nn.Embedding(5, 3))
     with pytest.raises(tdfunc.EditError, match=r"grad_edit at site '0': the site's value has dtype torch\.int64"):
         tdfunc.functional_call(emb, None, (torch.tensor([1, 2]),), edits={"0": tdfunc.grad_edit(torch.abs)})

@@ -98,15 +98,16 @@ def _stashing(stash: dict, name: str) -> Callable:
     return keep
 
 
-def relu_sites(module: nn.Module) -> list[str]:
-    """Names of the ``nn.ReLU`` submodules of ``module`` (a shared module once)."""
+def relu_sites(module: nn.Module, verb: str = "guide") -> list[str]:
+    """Names of the ``nn.ReLU`` submodules of ``module`` (a shared module once); ``verb`` says what the method
+    does to their backward (``"guide"``, or ``"rewrite"`` for deconvolution)."""
     if not isinstance(module, nn.Module):
         raise TdfuncTypeError(f"expected an nn.Module as the module, got {type(module).__name__} ({module!r:.60}).")
     names = [name for name, m in module.named_modules() if isinstance(m, nn.ReLU)]
     if not names:
         raise AttributionError(
             f"module {type(module).__name__} has no nn.ReLU submodule, so there is no ReLU backward to "
-            f"{'rewrite' if here().endswith('deconvolution') else 'guide'}. ReLUs applied as functions inside forward "
+            f"{verb}. ReLUs applied as functions inside forward "
             "(F.relu, torch.relu, .relu()) are not modules and "
             "cannot be rewritten (captum's GuidedBackprop has the same limit): make them nn.ReLU modules, or "
             "use tdfunc.saliency(f, td, abs=False) for the plain gradient."
@@ -242,7 +243,7 @@ def deconvolution(
     Composes with: ``vmap`` (over examples or targets), ``grad`` (double backward: exact),
     ``torch.compile(fullgraph=True)`` (after :func:`tdfunc.install_sites`).
     """
-    sites = relu_sites(module)
+    sites = relu_sites(module, "rewrite")
     p = prepare(td, in_keys, baselines=False, f=f)
     stash: dict = {}
     stashing = intervene(f, module, edits={f"{s}:input": _stashing(stash, s) for s in sites}, strict=False)
